@@ -1,0 +1,1529 @@
+#!/usr/bin/env python3
+"""chatctl: a terminal chat system in one module.
+
+    chatctl serve                      # a threaded chat server on port 7001
+    chatctl who                        # who is online (a table, or --json)
+    chatctl send -u bot "build green"  # one message from a script, with exit codes
+
+The wire protocol is the seed project's (``USER|name`` -> ``USER_OK``,
+``MSG|text`` -> ``MSG_OK``, ``DIR`` -> ``Users logged in: a, b``), kept byte
+for byte for clients that never announce themselves, plus documented
+extensions (direct messages, ids and timestamps, errors with stable codes,
+capability negotiation).  README.md has the full protocol.
+
+Contents, in dependency order (search for the banner to jump):
+
+    1. Constants and limits   every tunable number, with its default
+    2. Errors                 ChatError and one subclass per section
+    3. Protocol codec         bytes in, dataclasses out; no sockets
+    4. Config                 chatctl.toml, CHATCTL_* and flags, in one place
+    5. Server                 ChatServer, ClientSession, OutboundQueue, Writer
+    6. Client                 ChatConnection, used by every client command
+    7. Rendering              what reaches a terminal, neutralised
+    8. CLI                    thin click commands over the objects above
+    9. main()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import re
+import select
+import selectors
+import socket
+import sys
+import threading
+import time
+import unicodedata
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+__version__ = "0.1.0"
+
+# =============================================================================
+# 1. Constants and limits
+# =============================================================================
+# Each limit here is also a config key (section 4); these are the defaults.
+
+PROTOCOL_NAME = "chatctl/1"          # what our own clients announce in HELLO
+DEFAULT_PORT = 7001                  # the seed's port
+DEFAULT_SERVER_HOST = "0.0.0.0"      # a LAN chat: listen on every interface
+DEFAULT_CLIENT_HOST = "127.0.0.1"
+
+MAX_FRAME_BYTES = 8192               # longest frame accepted, line end excluded
+MAX_NAME_CHARS = 32                  # longest user name
+SENDQ_BYTES = 1 << 20                # outbound bytes queued for one client before it is dropped
+IDLE_TIMEOUT = 600.0                 # seconds without input before a client is dropped
+REGISTER_TIMEOUT = 60.0              # seconds to send USER after connecting
+UNFRAMED_PAUSE = 0.05                # quiet time that ends a frame written without a line end
+MAX_ERRORS_IN_A_ROW = 20             # consecutive bad frames before the server gives up
+CLIENT_TIMEOUT = 10.0                # seconds a one-shot client waits for the server
+
+RECV_CHUNK = 65536                   # bytes per recv(); transient, never kept past a frame
+LISTEN_BACKLOG = 1024
+THREAD_STACK_BYTES = 256 * 1024      # per-connection threads need little stack
+REAPER_INTERVAL = 1.0                # how often timeouts are checked
+
+EXIT_OK = 0
+EXIT_ERROR = 1                       # anything not listed below
+EXIT_USAGE = 2                       # bad flags or arguments (click's own code)
+EXIT_CONFIG = 3                      # bad config file, key, value or environment variable
+EXIT_CONNECT = 4                     # server unreachable, connection lost, timed out
+EXIT_REJECTED = 5                    # the server answered ERR (name taken, unknown user, ...)
+
+# =============================================================================
+# 2. Errors
+# =============================================================================
+
+
+class ChatError(Exception):
+    """Root of every error chatctl raises on purpose; the CLI shows it as one line."""
+
+    exit_code = EXIT_ERROR
+
+
+class ProtocolError(ChatError):
+    """A frame the protocol cannot accept; the server answers ``ERR|code|text``."""
+
+    def __init__(self, code: str, text: str, *, fatal: bool = False):
+        super().__init__(text)
+        self.code = code
+        self.text = text
+        self.fatal = fatal  # the connection is closed after the ERR line
+
+
+class ConfigError(ChatError):
+    """A bad config file, key, value or environment variable."""
+
+    exit_code = EXIT_CONFIG
+
+
+class ServerError(ChatError):
+    """The server cannot start (address in use, permission denied, ...)."""
+
+
+class ClientError(ChatError):
+    """A client could not reach the server or lost it."""
+
+    exit_code = EXIT_CONNECT
+
+
+class RejectedError(ClientError):
+    """The server answered a client's request with ``ERR``."""
+
+    exit_code = EXIT_REJECTED
+
+    def __init__(self, code: str, text: str):
+        super().__init__(f"server refused: {text} ({code})")
+        self.code = code
+
+
+# =============================================================================
+# 3. Protocol codec
+# =============================================================================
+# One frame per line.  Requests are ``VERB`` or ``VERB|argument``; the text of
+# a message is the last field, so it may contain ``|``.  Inside message text
+# a newline travels as the two characters ``\n`` and a backslash as ``\\``.
+
+ERROR_CODES = {
+    "not-registered": "send USER|<name> first",
+    "already-registered": "this connection already has a name",
+    "name-taken": "that name is in use",
+    "invalid-name": "names are 1-32 letters, digits, '_', '-' or '.'",
+    "unknown-user": "no user of that name is online",
+    "unknown-command": "unknown command",
+    "missing-argument": "the command needs an argument",
+    "empty-message": "the message is empty",
+    "frame-too-long": "frame longer than the limit; it was dropped",
+    "bad-encoding": "frame is not valid UTF-8; it was dropped",
+    "too-many-errors": "too many bad frames in a row",
+    "register-timeout": "no USER in time",
+}
+
+SEED_DIR_PREFIX = "Users logged in: "
+
+# Characters that never reach another client: C0 and C1 controls (the newline
+# is escaped, not sent raw), DEL, and the bidirectional controls that can
+# reorder what a terminal shows.
+_BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+_SANITISE_TABLE = {c: "\ufffd" for c in itertools.chain(range(0x20), range(0x7F, 0xA0))}
+_SANITISE_TABLE.update({ord("\n"): "\n", ord("\t"): " ", ord("\r"): None})
+_SANITISE_TABLE.update({ord(c): None for c in _BIDI_CONTROLS})
+_NAME_PUNCTUATION = frozenset("_-.")
+_UNESCAPE_RE = re.compile(r"\\([\\n])")
+
+
+def escape_text(text: str) -> str:
+    """Make message text fit on one line: backslash and newline get escapes."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def unescape_text(text: str) -> str:
+    """Inverse of escape_text; a backslash before anything else stays literal."""
+    if "\\" not in text:
+        return text
+    return _UNESCAPE_RE.sub(lambda m: "\n" if m.group(1) == "n" else "\\", text)
+
+
+def sanitise_text(text: str) -> str:
+    """Neutralise controls in message text: they show as U+FFFD; tabs become spaces."""
+    if text.isprintable():
+        return text
+    return text.translate(_SANITISE_TABLE)
+
+
+def validate_name(name: str | None, max_chars: int = MAX_NAME_CHARS) -> str:
+    """Return the NFC form of a valid user name, or raise ProtocolError."""
+    if name is None:
+        raise ProtocolError("missing-argument", "USER needs a name: USER|<name>")
+    name = unicodedata.normalize("NFC", name.strip())
+    if not name or len(name) > max_chars:
+        raise ProtocolError("invalid-name", f"names are 1 to {max_chars} characters")
+    for ch in name:
+        if ch in _NAME_PUNCTUATION:
+            continue
+        if unicodedata.category(ch)[0] not in "LN":
+            raise ProtocolError(
+                "invalid-name",
+                f"character {ch!r} is not allowed in names (letters, digits, '_', '-', '.')",
+            )
+    return name
+
+
+def name_key(name: str) -> str:
+    """Names are unique regardless of case."""
+    return name.casefold()
+
+
+def format_timestamp(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def parse_timestamp(text: str) -> float:
+    import calendar
+
+    try:
+        return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
+    except ValueError:
+        raise ProtocolError("bad-frame", f"bad timestamp {text!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One frame from a client: ``verb`` upper-cased, ``arg`` everything after the first ``|``."""
+
+    verb: str
+    arg: str | None = None
+
+
+def decode_request(frame: bytes) -> Request:
+    """Bytes of one frame (line end removed) to a Request."""
+    try:
+        line = frame.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("bad-encoding", ERROR_CODES["bad-encoding"]) from None
+    verb, sep, arg = line.partition("|")
+    return Request(verb.strip().upper(), arg if sep else None)
+
+
+def encode_request(verb: str, *fields: str) -> bytes:
+    """A client's frame: fields joined by ``|``; message text must already be escaped."""
+    return "|".join((verb, *fields)).encode("utf-8") + b"\n"
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames without ever holding more than ``max_frame`` bytes.
+
+    A connection is *framed* once a line end arrives: frames end at ``\\n``
+    (a ``\\r`` before it is dropped).  A connection whose first frame comes
+    with no line end is *unframed* (the seed's socket scripts): there a frame
+    also ends when the writer falls quiet, which the reader reports by
+    calling ``end_of_write()``.
+    """
+
+    UNDECIDED, FRAMED, UNFRAMED = "undecided", "framed", "unframed"
+
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES):
+        self.max_frame = max_frame
+        self.mode = self.UNDECIDED
+        self._partial = bytearray()
+        self._discarding = False  # inside a frame already reported too long
+
+    @property
+    def waiting_for_pause(self) -> bool:
+        """True when a quiet pause would end the pending bytes as a frame."""
+        return self.mode != self.FRAMED and (bool(self._partial) or self._discarding)
+
+    def feed(self, data: bytes) -> list[bytes | ProtocolError]:
+        """Frames completed by ``data``, in order, with an error for each over-long one."""
+        out: list[bytes | ProtocolError] = []
+        start = 0
+        find = data.find
+        while (nl := find(b"\n", start)) >= 0:
+            if self.mode == self.UNDECIDED:
+                self.mode = self.FRAMED
+            if self._discarding:
+                self._discarding = False  # its error was reported when it crossed the limit
+            else:
+                if self._partial:
+                    if len(self._partial) + nl - start > self.max_frame + 1:
+                        out.append(self._too_long())
+                        self._partial.clear()
+                        start = nl + 1
+                        continue
+                    self._partial += data[start:nl]
+                    frame = bytes(self._partial)
+                    self._partial.clear()
+                else:
+                    frame = data[start:nl]
+                if frame.endswith(b"\r"):
+                    frame = frame[:-1]
+                if len(frame) > self.max_frame:
+                    out.append(self._too_long())
+                elif frame:
+                    out.append(frame)
+            start = nl + 1
+        if start < len(data) and not self._discarding:
+            if len(self._partial) + len(data) - start > self.max_frame + 1:
+                # +1 leaves room for the \r of a \r\n that has not arrived yet
+                out.append(self._too_long())
+                self._partial.clear()
+                self._discarding = True
+            else:
+                self._partial += data[start:]
+        return out
+
+    def end_of_write(self) -> list[bytes | ProtocolError]:
+        """The peer fell quiet: in unframed mode the pending bytes are one frame."""
+        if self.mode == self.FRAMED:
+            return []
+        self.mode = self.UNFRAMED
+        if self._discarding:
+            self._discarding = False
+            return []
+        frame = bytes(self._partial).rstrip(b"\r")
+        self._partial.clear()
+        if len(frame) > self.max_frame:
+            return [self._too_long()]
+        return [frame] if frame else []
+
+    def _too_long(self) -> ProtocolError:
+        return ProtocolError(
+            "frame-too-long", f"frame longer than {self.max_frame} bytes; it was dropped"
+        )
+
+
+# --- What the server sends ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """A message as the server accepted it.  ``kind`` is msg, me (an action) or dm."""
+
+    id: int
+    ts: float
+    sender: str
+    text: str
+    kind: str = "msg"
+    recipient: str | None = None
+
+
+def encode_message(msg: ChatMessage) -> bytes:
+    """``MSG|id|ts|sender|text``, ``ME|...`` or ``DM|id|ts|sender|recipient|text``."""
+    text = escape_text(msg.text)
+    ts = format_timestamp(msg.ts)
+    if msg.kind == "dm":
+        line = f"DM|{msg.id}|{ts}|{msg.sender}|{msg.recipient}|{text}\n"
+    else:
+        line = f"{msg.kind.upper()}|{msg.id}|{ts}|{msg.sender}|{text}\n"
+    return line.encode("utf-8")
+
+
+def encode_line(*fields: object) -> bytes:
+    return "|".join(str(f) for f in fields).encode("utf-8") + b"\n"
+
+
+def encode_error(code: str, text: str) -> bytes:
+    return encode_line("ERR", code, text.replace("\n", " "))
+
+
+@dataclass(frozen=True, slots=True)
+class UserInfo:
+    name: str
+    since: float   # when the user registered, UTC seconds
+    idle: int      # seconds since the user last sent anything
+
+
+def encode_users(users: Iterable[UserInfo], structured: bool) -> bytes:
+    """The DIR reply: the seed's sentence, or ``USERS|name since idle|...`` after HELLO."""
+    if not structured:
+        return (SEED_DIR_PREFIX + ", ".join(u.name for u in users) + "\n").encode("utf-8")
+    fields = [f"{u.name} {format_timestamp(u.since)} {u.idle}" for u in users]
+    return encode_line("USERS", *fields)
+
+
+# --- What a client reads ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    message: ChatMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Acknowledged:
+    """``MSG_OK``; after HELLO it carries the message's id and timestamp."""
+
+    id: int | None = None
+    ts: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """``HELLO|chatctl/1|server-version``: the server speaks the extended protocol."""
+
+    protocol: str
+    server: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserList:
+    users: tuple[UserInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    ts: float
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Left:
+    ts: float
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    code: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye:
+    """``BYE|reason``: the server is closing this connection."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownLine:
+    line: str
+
+
+ServerEvent = (
+    Delivered | Acknowledged | Registered | Welcome | UserList | Joined | Left
+    | ErrorReply | Pong | Goodbye | UnknownLine
+)
+
+
+def parse_event(line: str) -> ServerEvent:
+    """One line from the server (line end removed) to an event; never raises."""
+    try:
+        return _parse_event(line)
+    except (ValueError, ProtocolError):
+        return UnknownLine(line)
+
+
+def _parse_event(line: str) -> ServerEvent:
+    verb, _, rest = line.partition("|")
+    if verb in ("MSG", "ME"):
+        mid, ts, sender, text = rest.split("|", 3)
+        return Delivered(ChatMessage(int(mid), parse_timestamp(ts), sender,
+                                     unescape_text(text), verb.lower()))
+    if verb == "DM":
+        mid, ts, sender, recipient, text = rest.split("|", 4)
+        return Delivered(ChatMessage(int(mid), parse_timestamp(ts), sender,
+                                     unescape_text(text), "dm", recipient))
+    if verb == "MSG_OK":
+        if not rest:
+            return Acknowledged()
+        mid, ts = rest.split("|", 1)
+        return Acknowledged(int(mid), parse_timestamp(ts))
+    if line == "USER_OK":
+        return Registered()
+    if verb == "HELLO":
+        protocol, server = rest.split("|", 1)
+        return Welcome(protocol, server)
+    if verb == "USERS":
+        users = []
+        for entry in rest.split("|") if rest else ():
+            name, since, idle = entry.split(" ")
+            users.append(UserInfo(name, parse_timestamp(since), int(idle)))
+        return UserList(tuple(users))
+    if line.startswith(SEED_DIR_PREFIX.rstrip()):
+        names = line[len(SEED_DIR_PREFIX):].split(", ")
+        return UserList(tuple(UserInfo(n, 0.0, 0) for n in names if n))
+    if verb == "JOIN":
+        ts, name = rest.split("|", 1)
+        return Joined(parse_timestamp(ts), name)
+    if verb == "LEAVE":
+        ts, name, reason = rest.split("|", 2)
+        return Left(parse_timestamp(ts), name, reason)
+    if verb == "ERR":
+        code, _, text = rest.partition("|")
+        return ErrorReply(code, text)
+    if verb == "PONG":
+        return Pong(rest)
+    if verb == "BYE":
+        return Goodbye(rest)
+    return UnknownLine(line)
+
+
+# =============================================================================
+# 4. Config
+# =============================================================================
+# Precedence, resolved only in load_config(): flag > CHATCTL_<KEY> > --config
+# file > ./chatctl.toml > the user config directory > the defaults below.
+# Files are layered: a later file overrides only the keys it sets.
+
+CONFIG_FILE_NAME = "chatctl.toml"
+ENV_PREFIX = "CHATCTL_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _key(default, help: str, *, min=None, max=None, choices=None):
+    return field(default=default,
+                 metadata={"help": help, "min": min, "max": max, "choices": choices})
+
+
+@dataclass
+class ServerConfig:
+    """``[server]``: what ``chatctl serve`` reads."""
+
+    host: str = _key(DEFAULT_SERVER_HOST, "address to listen on (0.0.0.0: every interface)")
+    port: int = _key(DEFAULT_PORT, "TCP port to listen on (0: any free port)", min=0, max=65535)
+    max_frame: int = _key(MAX_FRAME_BYTES, "longest frame in bytes; longer ones get ERR|frame-too-long",
+                          min=64, max=1 << 24)
+    max_name: int = _key(MAX_NAME_CHARS, "longest user name in characters", min=1, max=256)
+    sendq: int = _key(SENDQ_BYTES, "bytes queued for one slow client before it is disconnected",
+                      min=1024)
+    idle_timeout: float = _key(IDLE_TIMEOUT, "seconds without input before a client is dropped (0: never)",
+                               min=0)
+    register_timeout: float = _key(REGISTER_TIMEOUT,
+                                   "seconds a connection may stay without a name (0: forever)", min=0)
+    unframed_pause: float = _key(UNFRAMED_PAUSE, "quiet seconds that end a frame sent without a line end",
+                                 min=0.001, max=5)
+    max_errors: int = _key(MAX_ERRORS_IN_A_ROW, "bad frames in a row before a client is dropped", min=1)
+    log_level: str = _key("info", "debug, info, warning or error", choices=LOG_LEVELS)
+    # Where the values came from, for the start-up log line; not a key.
+    files: tuple[Path, ...] = field(default=(), repr=False, metadata={"internal": True})
+
+
+@dataclass
+class ClientConfig:
+    """``[client]``: what ``join``, ``send`` and ``who`` read."""
+
+    host: str = _key(DEFAULT_CLIENT_HOST, "server to connect to")
+    port: int = _key(DEFAULT_PORT, "server port", min=1, max=65535)
+    user: str = _key("", "your user name (empty: ask, or require -u)")
+    timeout: float = _key(CLIENT_TIMEOUT, "seconds to wait for the server", min=0.1)
+    files: tuple[Path, ...] = field(default=(), repr=False, metadata={"internal": True})
+
+
+CONFIG_SECTIONS: dict[str, type] = {"server": ServerConfig, "client": ClientConfig}
+
+
+def config_keys(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+
+
+def user_config_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("chatctl", appauthor=False))
+
+
+def user_data_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("chatctl", appauthor=False))
+
+
+def _convert(f: dataclasses.Field, value: object, where: str) -> object:
+    """Check one value against its key's type and range; ``where`` names its source."""
+    kind = type(f.default)
+    if isinstance(value, str) and kind is not str:
+        try:
+            value = kind(value.strip())
+        except ValueError:
+            raise ConfigError(f"{where}: expected {_type_word(kind)}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {_type_word(kind)}, got {value!r}")
+    meta = f.metadata
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ConfigError(f"{where}: expected one of {', '.join(meta['choices'])}, got {value!r}")
+    if meta["min"] is not None and value < meta["min"]:
+        raise ConfigError(f"{where}: must be at least {meta['min']}, got {value!r}")
+    if meta["max"] is not None and value > meta["max"]:
+        raise ConfigError(f"{where}: must be at most {meta['max']}, got {value!r}")
+    return value
+
+
+def _type_word(kind: type) -> str:
+    return {int: "a whole number", float: "a number", str: "a string"}[kind]
+
+
+def _read_config_file(path: Path) -> dict[str, dict[str, object]]:
+    """Parse and check every section of one file; values converted, unknown keys refused."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            table = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    checked: dict[str, dict[str, object]] = {}
+    for section, values in table.items():
+        cls = CONFIG_SECTIONS.get(section)
+        if cls is None or not isinstance(values, dict):
+            raise ConfigError(f"{path}: unknown section [{section}] (known: server, client)")
+        keys = config_keys(cls)
+        for key, value in values.items():
+            if key not in keys:
+                raise ConfigError(f"{path}: unknown key [{section}] {key}")
+            checked.setdefault(section, {})[key] = _convert(keys[key], value, f"{path}: [{section}] {key}")
+    return checked
+
+
+def config_files(explicit: str | os.PathLike | None) -> list[Path]:
+    """The config files that apply, lowest precedence first."""
+    candidates = [user_config_dir() / CONFIG_FILE_NAME, Path.cwd() / CONFIG_FILE_NAME]
+    found = [p for p in candidates if p.is_file()]
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        found.append(path)
+    unique: dict[Path, Path] = {}
+    for p in found:  # a file named twice counts once, at its highest place
+        unique.pop(p.resolve(), None)
+        unique[p.resolve()] = p
+    return list(unique.values())
+
+
+def load_config(section: str, flags: dict[str, object] | None = None,
+                config_file: str | os.PathLike | None = None,
+                environ: dict[str, str] | None = None) -> ServerConfig | ClientConfig:
+    """The one place config precedence is resolved."""
+    cls = CONFIG_SECTIONS[section]
+    keys = config_keys(cls)
+    environ = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    files = config_files(config_file)
+    for path in files:
+        values.update(_read_config_file(path).get(section, {}))
+    for key, f in keys.items():
+        var = ENV_PREFIX + key.upper()
+        if var in environ:
+            values[key] = _convert(f, environ[var], f"environment variable {var}")
+    for key, value in (flags or {}).items():
+        if value is not None:
+            values[key] = _convert(keys[key], value, f"--{key.replace('_', '-')}")
+    return cls(**values, files=tuple(files))
+
+
+# =============================================================================
+# 5. Server
+# =============================================================================
+# One reader thread per connection parses frames and handles commands.  Every
+# write to a client goes through that client's OutboundQueue and is done by
+# the single Writer thread, which sends whatever has queued up in one call:
+# a slow client only ever fills its own queue, and a burst of deliveries to
+# one client costs one system call, not one per message.
+
+log = logging.getLogger("chatctl")
+
+
+class OutboundQueue:
+    """Bytes waiting to be written to one client, bounded like an IRC server's SendQ."""
+
+    __slots__ = ("_chunks", "_lock", "limit", "overflowed", "size")
+
+    def __init__(self, limit: int):
+        self._chunks: list[bytes] = []
+        self.size = 0
+        self.limit = limit
+        self.overflowed = False
+        self._lock = threading.Lock()
+
+    def put(self, data: bytes, force: bool = False) -> bool:
+        """Queue ``data``; True when the writer needs to hear of this queue.
+
+        Past the limit the data is dropped and the queue marked overflowed
+        (the writer then disconnects the client); ``force`` is for the final
+        line that tells a client why it is being dropped.
+        """
+        with self._lock:
+            if self.size + len(data) > self.limit and not force:
+                first = not self.overflowed
+                self.overflowed = True
+                return first
+            self._chunks.append(data)
+            self.size += len(data)
+            return len(self._chunks) == 1
+
+    def take(self) -> bytes:
+        """Everything queued, as one bytes object (the writer's batch)."""
+        with self._lock:
+            chunks, self._chunks = self._chunks, []
+        if not chunks:
+            return b""
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def sent(self, data: bytes, count: int) -> None:
+        """``count`` bytes of a batch from take() went out; keep the rest at the front."""
+        with self._lock:
+            if count < len(data):
+                self._chunks.insert(0, data[count:])
+            self.size -= count
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class Writer:
+    """The thread that writes to every client socket, without ever blocking on one."""
+
+    def __init__(self, name: str = "chatctl-writer"):
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._ready: list[ClientSession] = []
+        self._lock = threading.Lock()
+        self._sleeping = False
+        self._stopping = False
+        self._waiting: set[ClientSession] = set()  # registered for EVENT_WRITE
+        self._open: set[ClientSession] = set()      # every session not yet closed here
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def adopt(self, session: ClientSession) -> None:
+        with self._lock:
+            self._open.add(session)
+
+    def schedule(self, session: ClientSession) -> None:
+        with self._lock:
+            self._ready.append(session)
+            wake, self._sleeping = self._sleeping, False
+        if wake:
+            self._wake()
+
+    def schedule_many(self, sessions: list[ClientSession]) -> None:
+        if not sessions:
+            return
+        with self._lock:
+            self._ready.extend(sessions)
+            wake, self._sleeping = self._sleeping, False
+        if wake:
+            self._wake()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            self._stopping = True
+        self._wake()
+        self.thread.join(timeout)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already awake enough: the pipe is full of wake-ups
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    ready, self._ready = self._ready, []
+                    idle = not ready
+                    if idle and self._stopping:
+                        break
+                    self._sleeping = idle
+                if idle or self._waiting:
+                    for key, _ in self._selector.select(None if idle else 0):
+                        if key.data is None:
+                            try:
+                                self._wake_r.recv(4096)
+                            except BlockingIOError:
+                                pass
+                        else:
+                            ready.append(key.data)
+                for session in ready:
+                    self._flush(session)
+        finally:
+            for session in list(self._open):
+                self._flush(session, final=True)
+            self._selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _flush(self, session: ClientSession, final: bool = False) -> None:
+        if session not in self._open:
+            return  # already closed; a late wake-up
+        queue = session.outbound
+        if queue.overflowed and session.leave_reason is None:
+            session.disconnect("sendq exceeded", level=logging.WARNING)
+        data = queue.take()
+        if data:
+            try:
+                count = session.sock.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                count = 0
+            except OSError:
+                count = len(data)  # the peer is gone; the reader will notice and clean up
+            queue.sent(data, count)
+        if session.closing or final:
+            self._close(session)
+        elif queue.size and session not in self._waiting:
+            self._selector.register(session.sock, selectors.EVENT_WRITE, session)
+            self._waiting.add(session)
+        elif not queue.size and session in self._waiting:
+            self._selector.unregister(session.sock)
+            self._waiting.discard(session)
+
+    def _close(self, session: ClientSession) -> None:
+        if session in self._waiting:
+            self._selector.unregister(session.sock)
+            self._waiting.discard(session)
+        with self._lock:
+            self._open.discard(session)
+        try:
+            session.sock.close()
+        except OSError:
+            pass
+
+
+class ClientSession:
+    """One connected client: its reader thread, its name and its outbound queue."""
+
+    def __init__(self, server: ChatServer, sock: socket.socket, address: tuple, number: int):
+        self.server = server
+        self.sock = sock
+        self.peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        self.name: str | None = None
+        self.key: str | None = None
+        self.extended = False           # sent HELLO: gets the richer replies
+        self.connected_at = time.monotonic()
+        self.last_active = self.connected_at
+        self.registered_at = 0.0        # wall clock, for USERS
+        self.outbound = OutboundQueue(server.config.sendq)
+        self.decoder = FrameDecoder(server.config.max_frame)
+        self.errors_in_a_row = 0
+        self.leave_reason: str | None = None
+        self.closing = False            # the reader is done; the writer closes the socket
+        self.thread = threading.Thread(target=self.run, name=f"chatctl-conn-{number}", daemon=True)
+
+    def __repr__(self) -> str:
+        return f"<ClientSession {self.name or '-'} {self.peer}>"
+
+    # --- reading ---------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._read_loop()
+        except OSError:
+            self.leave_reason = self.leave_reason or "connection reset"
+        finally:
+            self.server.release(self)
+
+    def _read_loop(self) -> None:
+        sock, decoder = self.sock, self.decoder
+        pause_ms = int(self.server.config.unframed_pause * 1000)
+        poller = None
+        while self.leave_reason is None:
+            if decoder.waiting_for_pause:
+                if poller is None:
+                    poller = select.poll()
+                    poller.register(sock, select.POLLIN)
+                if not poller.poll(pause_ms):
+                    self.process(decoder.end_of_write())
+                    continue
+            data = sock.recv(RECV_CHUNK)
+            if not data:
+                self.leave_reason = self.leave_reason or "connection closed"
+                break
+            self.last_active = time.monotonic()
+            self.process(decoder.feed(data))
+
+    def process(self, items: list[bytes | ProtocolError]) -> None:
+        """Handle decoded frames in order; only protocol errors are caught."""
+        for item in items:
+            try:
+                if isinstance(item, ProtocolError):
+                    raise item
+                request = decode_request(item)
+                handler = COMMAND_HANDLERS.get(request.verb)
+                if handler is None:
+                    shown = sanitise_text(request.verb[:32])
+                    raise ProtocolError("unknown-command",
+                                        f"unknown command {shown!r} (try USER, MSG, DM, DIR, PING, QUIT)")
+                handler(self, request.arg)
+                self.errors_in_a_row = 0
+            except ProtocolError as exc:
+                self.reply(encode_error(exc.code, exc.text))
+                self.errors_in_a_row += 1
+                if exc.fatal or self.errors_in_a_row >= self.server.config.max_errors:
+                    reason = exc.code if exc.fatal else "too many errors"
+                    self.disconnect(reason)
+            if self.leave_reason is not None:
+                break
+
+    # --- writing ---------------------------------------------------------------
+
+    def reply(self, data: bytes) -> None:
+        if self.outbound.put(data):
+            self.server.writer.schedule(self)
+
+    def disconnect(self, reason: str, level: int = logging.INFO) -> None:
+        """Tell the client why, then close; safe to call from any thread."""
+        if self.leave_reason is not None:
+            return
+        self.leave_reason = reason
+        log.log(level, "dropping %s from %s: %s", self.name or "unregistered client", self.peer, reason)
+        self.outbound.put(encode_line("BYE", reason), force=True)
+        self.server.writer.schedule(self)
+        try:
+            self.sock.shutdown(socket.SHUT_RD)  # wakes the reader thread
+        except OSError:
+            pass
+
+    # --- command handlers (dispatched through COMMAND_HANDLERS) -----------------
+
+    def handle_hello(self, arg: str | None) -> None:
+        self.extended = True
+        self.reply(encode_line("HELLO", PROTOCOL_NAME, f"chatctl {__version__}"))
+
+    def handle_user(self, arg: str | None) -> None:
+        if self.name is not None:
+            raise ProtocolError("already-registered", f"already registered as {self.name}")
+        self.server.register(self, validate_name(arg, self.server.config.max_name))
+
+    def handle_msg(self, arg: str | None) -> None:
+        self._publish("msg", arg)
+
+    def handle_me(self, arg: str | None) -> None:
+        self._publish("me", arg)
+
+    def handle_dm(self, arg: str | None) -> None:
+        target, sep, text = (arg or "").partition("|")
+        if not sep or not target:
+            raise ProtocolError("missing-argument", "DM needs a user and a text: DM|<user>|<text>")
+        self._publish("dm", text, target)
+
+    def handle_dir(self, arg: str | None) -> None:
+        self.reply(encode_users(self.server.users(), structured=self.extended))
+
+    def handle_ping(self, arg: str | None) -> None:
+        self.reply(b"PONG\n" if arg is None else encode_line("PONG", sanitise_text(arg)))
+
+    def handle_quit(self, arg: str | None) -> None:
+        self.leave_reason = "quit" + (f": {sanitise_text(arg)}" if arg else "")
+        self.reply(b"BYE|goodbye\n")
+
+    def _publish(self, kind: str, arg: str | None, recipient: str | None = None) -> None:
+        if self.name is None:
+            raise ProtocolError("not-registered", "register first: USER|<name>")
+        text = sanitise_text(unescape_text(arg or ""))
+        if not text.strip():
+            raise ProtocolError("empty-message", "the message is empty")
+        msg = self.server.publish(self, kind, text, recipient)
+        if self.extended:
+            self.reply(encode_line("MSG_OK", msg.id, format_timestamp(msg.ts)))
+        else:
+            self.reply(b"MSG_OK\n")
+
+
+Handler = Callable[[ClientSession, "str | None"], None]
+
+COMMAND_HANDLERS: dict[str, Handler] = {
+    "HELLO": ClientSession.handle_hello,
+    "USER": ClientSession.handle_user,
+    "MSG": ClientSession.handle_msg,
+    "ME": ClientSession.handle_me,
+    "DM": ClientSession.handle_dm,
+    "DIR": ClientSession.handle_dir,
+    "PING": ClientSession.handle_ping,
+    "QUIT": ClientSession.handle_quit,
+}
+
+
+class ChatServer:
+    """The chat server: start it, read ``port``, and ``shutdown()`` it in one call.
+
+    Threads: ``chatctl-accept`` accepts, ``chatctl-writer`` writes,
+    ``chatctl-reaper`` enforces timeouts, and one ``chatctl-conn-N`` per
+    client reads.  All of them end in ``shutdown()``.
+    """
+
+    def __init__(self, config: ServerConfig | None = None):
+        self.config = config or ServerConfig()
+        self.writer = Writer()
+        self._ids = itertools.count(1)
+        self._conn_numbers = itertools.count(1)
+        self._by_key: dict[str, ClientSession] = {}
+        self._members: tuple[ClientSession, ...] = ()   # registered, in join order; replaced, never mutated
+        self._sessions: set[ClientSession] = set()
+        self._registry_lock = threading.Lock()
+        self._fanout_lock = threading.Lock()            # keeps every client's stream in id order
+        self._stopping = threading.Event()
+        self._stopped = False
+        self._threads: list[threading.Thread] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._listener = self._bind()
+
+    def _bind(self) -> socket.socket:
+        host, port = self.config.host, self.config.port
+        try:
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+            family, _, _, _, addr = infos[0]
+            listener = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ServerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(addr)
+            listener.listen(LISTEN_BACKLOG)
+        except OSError as exc:
+            listener.close()
+            raise ServerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        return listener
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._listener.getsockname()[:2]
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    # --- life cycle ------------------------------------------------------------
+
+    def start(self) -> ChatServer:
+        threading.stack_size(THREAD_STACK_BYTES)
+        self.writer.start()
+        for name, target in (("chatctl-accept", self._accept_loop), ("chatctl-reaper", self._reap_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def serve_forever(self) -> None:
+        """Start and block until shutdown() or KeyboardInterrupt (which SIGTERM raises in serve)."""
+        self.start()
+        while not self._stopping.wait(0.5):
+            pass
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Tell every client, close every socket, end every thread; idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stopping.set()
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+        for thread in self._threads:
+            thread.join(timeout)
+        self.server_close()
+        with self._registry_lock:
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.disconnect("server shutting down")
+        deadline = time.monotonic() + timeout
+        for session in sessions:
+            session.thread.join(max(0.0, deadline - time.monotonic()))
+        self.writer.stop(timeout)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def server_close(self) -> None:
+        self._listener.close()
+
+    def __enter__(self) -> ChatServer:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+    # --- accepting ---------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._listener, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while not self._stopping.is_set():
+                for key, _ in selector.select():
+                    if key.fileobj is self._wake_r:
+                        return
+                    try:
+                        sock, address = self._listener.accept()
+                    except OSError as exc:  # EMFILE and friends: back off, keep serving
+                        log.error("accept failed: %s", exc.strerror or exc)
+                        self._stopping.wait(0.1)
+                        continue
+                    self._start_session(sock, address)
+
+    def wrap_connection(self, sock: socket.socket, address: tuple) -> socket.socket:
+        """Every accepted socket passes here before it is served (TLS hooks in here)."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        return sock
+
+    def _start_session(self, sock: socket.socket, address: tuple) -> None:
+        session = ClientSession(self, self.wrap_connection(sock, address), address,
+                                next(self._conn_numbers))
+        with self._registry_lock:
+            self._sessions.add(session)
+        self.writer.adopt(session)
+        log.debug("connection from %s", session.peer)
+        session.thread.start()
+
+    # --- the registry --------------------------------------------------------------
+
+    def register(self, session: ClientSession, name: str) -> None:
+        key = name_key(name)
+        with self._registry_lock:
+            if key in self._by_key:
+                raise ProtocolError("name-taken", f"the name {name!r} is in use")
+            session.name, session.key = name, key
+            session.registered_at = time.time()
+            self._by_key[key] = session
+            with self._fanout_lock:
+                self._members = (*self._members, session)
+                session.reply(b"USER_OK\n")
+                self._broadcast(encode_line("JOIN", format_timestamp(time.time()), name), session)
+        log.info("%s joined from %s", name, session.peer)
+
+    def release(self, session: ClientSession) -> None:
+        """The reader of ``session`` ended: forget it, tell the others, let the writer close it."""
+        reason = session.leave_reason or "connection closed"
+        with self._registry_lock:
+            self._sessions.discard(session)
+            registered = session.key is not None and self._by_key.get(session.key) is session
+            if registered:
+                del self._by_key[session.key]
+                with self._fanout_lock:
+                    self._members = tuple(s for s in self._members if s is not session)
+                    if not self._stopping.is_set():
+                        self._broadcast(
+                            encode_line("LEAVE", format_timestamp(time.time()), session.name, reason),
+                            session)
+        if registered:
+            log.info("%s left (%s)", session.name, reason)
+        session.closing = True
+        self.writer.schedule(session)
+
+    def users(self) -> list[UserInfo]:
+        now = time.monotonic()
+        return [UserInfo(s.name, s.registered_at, int(now - s.last_active)) for s in self._members]
+
+    # --- fan-out -----------------------------------------------------------------------
+
+    def publish(self, sender: ClientSession, kind: str, text: str,
+                recipient: str | None = None) -> ChatMessage:
+        """The one place every accepted message passes: it gets its id and time, then fans out."""
+        target = None
+        if recipient is not None:
+            target = self._by_key.get(name_key(recipient))
+            if target is None:
+                raise ProtocolError("unknown-user", f"no user named {sanitise_text(recipient)!r} is online")
+        with self._fanout_lock:
+            msg = ChatMessage(next(self._ids), time.time(), sender.name, text, kind,
+                              target.name if target else None)
+            data = encode_message(msg)
+            if target is not None:
+                if target.outbound.put(data):
+                    self.writer.schedule(target)
+            else:
+                self._broadcast(data, sender)
+        return msg
+
+    def _broadcast(self, data: bytes, sender: ClientSession | None) -> None:
+        """Queue ``data`` for every member but ``sender``; caller holds the fan-out lock."""
+        ready = [s for s in self._members if s is not sender and s.outbound.put(data)]
+        self.writer.schedule_many(ready)
+
+    # --- timeouts ----------------------------------------------------------------------
+
+    def _reap_loop(self) -> None:
+        config = self.config
+        while not self._stopping.wait(REAPER_INTERVAL):
+            now = time.monotonic()
+            with self._registry_lock:
+                sessions = list(self._sessions)
+            for s in sessions:
+                unnamed_for = now - s.connected_at if s.name is None else 0.0
+                if config.register_timeout and unnamed_for > config.register_timeout:
+                    s.reply(encode_error("register-timeout", "no USER in time"))
+                    s.disconnect("register timeout")
+                elif config.idle_timeout and now - s.last_active > config.idle_timeout:
+                    s.disconnect("idle timeout")
+
+
+def serve_until_signalled(server: ChatServer) -> None:
+    """Run ``server`` in the foreground; Ctrl-C or SIGTERM shut it down cleanly."""
+    import signal
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    host, port = server.address
+    files = ", ".join(str(p) for p in server.config.files) or "none, built-in defaults"
+    log.info("chatctl %s listening on %s:%d (config: %s)", __version__, host, port, files)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        log.info("shutting down")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not interrupt the goodbyes
+        server.shutdown()
+        log.info("stopped")
+
+
+# =============================================================================
+# 6. Client
+# =============================================================================
+
+
+class ChatConnection:
+    """A client's connection: one request at a time, events that arrive meanwhile kept in ``pending``."""
+
+    MAX_LINE = 1 << 20  # a server line longer than this is a broken server
+
+    def __init__(self, host: str, port: int, timeout: float = CLIENT_TIMEOUT):
+        self.address = f"{host}:{port}"
+        self.timeout = timeout
+        try:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+        except TimeoutError:
+            raise ClientError(f"cannot connect to {self.address}: timed out") from None
+        except OSError as exc:
+            raise ClientError(f"cannot connect to {self.address}: {exc.strerror or exc}") from None
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buffer = bytearray()
+        self.extended = False
+        self.server_version = ""
+        self.pending: list[ServerEvent] = []
+
+    def __enter__(self) -> ChatConnection:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # --- frames ------------------------------------------------------------------
+
+    def send(self, verb: str, *fields: str) -> None:
+        try:
+            self.sock.sendall(encode_request(verb, *fields))
+        except OSError as exc:
+            raise ClientError(f"lost the connection to {self.address}: {exc.strerror or exc}") from None
+
+    def read_line(self, timeout: float | None = None) -> str:
+        """The next line from the server, without its line end."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while (nl := self._buffer.find(b"\n")) < 0:
+            if len(self._buffer) > self.MAX_LINE:
+                raise ClientError(f"{self.address} sent a line longer than {self.MAX_LINE} bytes")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ClientError(f"no answer from {self.address} in time")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(RECV_CHUNK)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                raise ClientError(f"lost the connection to {self.address}: {exc.strerror or exc}") from None
+            if not data:
+                raise ClientError(f"{self.address} closed the connection")
+            self._buffer += data
+        line = self._buffer[:nl].rstrip(b"\r").decode("utf-8", errors="replace")
+        del self._buffer[:nl + 1]
+        return line
+
+    def read_event(self, timeout: float | None = None) -> ServerEvent:
+        return parse_event(self.read_line(timeout))
+
+    def request(self, verb: str, *fields: str, expect: tuple[type, ...]) -> ServerEvent:
+        """Send one frame and wait for its reply; ERR raises RejectedError."""
+        self.send(verb, *fields)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            event = self.read_event(max(0.0, deadline - time.monotonic()))
+            if isinstance(event, expect):
+                return event
+            if isinstance(event, ErrorReply):
+                raise RejectedError(event.code, event.text)
+            if isinstance(event, Goodbye):
+                raise ClientError(f"{self.address} closed the connection: {event.reason}")
+            self.pending.append(event)
+
+    # --- requests ---------------------------------------------------------------------
+
+    def hello(self) -> None:
+        """Announce chatctl; a seed server answers ERR and we keep to the seed's protocol."""
+        try:
+            welcome = self.request("HELLO", PROTOCOL_NAME, expect=(Welcome,))
+        except RejectedError:
+            return
+        self.extended = True
+        self.server_version = welcome.server
+
+    def register(self, name: str) -> None:
+        self.request("USER", name, expect=(Registered,))
+
+    def post(self, text: str, to: str | None = None, kind: str = "msg") -> Acknowledged:
+        body = escape_text(text)
+        if to is not None:
+            return self.request("DM", to, body, expect=(Acknowledged,))
+        return self.request(kind.upper(), body, expect=(Acknowledged,))
+
+    def users(self) -> tuple[UserInfo, ...]:
+        return self.request("DIR", expect=(UserList,)).users
+
+    def close(self) -> None:
+        """Say QUIT and close; the server's BYE is awaited briefly so nothing is cut off."""
+        try:
+            self.sock.sendall(b"QUIT\n")
+            deadline = time.monotonic() + 1.0
+            while not isinstance(self.read_event(max(0.0, deadline - time.monotonic())), Goodbye):
+                pass
+        except (OSError, ClientError):
+            pass
+        finally:
+            self.sock.close()
+
+
+def connect(config: ClientConfig) -> ChatConnection:
+    """An announced connection to the configured server."""
+    conn = ChatConnection(config.host, config.port, config.timeout)
+    try:
+        conn.hello()
+    except ChatError:
+        conn.sock.close()
+        raise
+    return conn
+
+
+def send_one(config: ClientConfig, name: str, text: str, to: str | None = None,
+             kind: str = "msg") -> Acknowledged:
+    """Register as ``name``, send one message and wait for its MSG_OK."""
+    with connect(config) as conn:
+        conn.register(name)
+        return conn.post(text, to=to, kind=kind)
+
+
+def fetch_users(config: ClientConfig) -> tuple[UserInfo, ...]:
+    """Who is online, without registering (so the asker is not listed)."""
+    with connect(config) as conn:
+        return conn.users()
+
+
+# =============================================================================
+# 7. Rendering
+# =============================================================================
+# Everything another person sent is shown literally: controls become U+FFFD
+# (so no escape sequence reaches the terminal) and rich markup is escaped.
+
+_DISPLAY_TABLE = {c: "\ufffd" for c in itertools.chain(range(0x20), range(0x7F, 0xA0))}
+_DISPLAY_TABLE.update({ord(c): "\ufffd" for c in _BIDI_CONTROLS})
+
+
+def display_text(text: str) -> str:
+    """Text from the network made safe for a terminal and for rich markup."""
+    from rich.markup import escape
+
+    if not text.isprintable():
+        text = text.translate(_DISPLAY_TABLE)
+    return escape(text)
+
+
+def format_idle(seconds: int) -> str:
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def local_time(ts: float, with_date: bool = False) -> str:
+    return time.strftime("%Y-%m-%d %H:%M" if with_date else "%H:%M", time.localtime(ts))
+
+
+def stdout_console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def render_user_table(users: tuple[UserInfo, ...]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{len(users)} online", title_justify="left")
+    table.add_column("Name", style="bold")
+    table.add_column("Online since")
+    table.add_column("Idle", justify="right")
+    for u in users:
+        table.add_row(display_text(u.name),
+                      local_time(u.since, with_date=True) if u.since else "-",
+                      format_idle(u.idle) if u.since else "-")
+    stdout_console().print(table)
+
+
+def users_as_json(users: tuple[UserInfo, ...]) -> str:
+    import json
+
+    return json.dumps([{"name": u.name, "since": format_timestamp(u.since) if u.since else None,
+                        "idle": u.idle} for u in users])
+
+
+# =============================================================================
+# 8. CLI
+# =============================================================================
+# Callbacks parse, build a config and call into the objects above.  ChatError
+# becomes a one-line ClickException here, at the boundary, with its exit code.
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  success
+  1  other error
+  2  bad usage (flags, arguments)
+  3  bad config file, key, value or CHATCTL_* variable
+  4  cannot reach the server, or lost it
+  5  the server refused (name taken, unknown user, ...)"""
+
+
+class ChatGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ChatError as exc:
+            error = click.ClickException(str(exc))
+            error.exit_code = exc.exit_code
+            raise error from None
+
+
+def connection_options(section_help: str):
+    """--host, --port and --config, which every command takes."""
+    def decorate(f):
+        f = click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                         envvar="CHATCTL_CONFIG", help="Config file (layered over ./chatctl.toml).")(f)
+        f = click.option("--port", "-p", type=int, help=f"Port {section_help}.")(f)
+        f = click.option("--host", "-H", help=f"Host {section_help}.")(f)
+        return f
+    return decorate
+
+
+@click.group(cls=ChatGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, prog_name="chatctl")
+def cli() -> None:
+    """chatctl: terminal chat for a LAN or a team."""
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@connection_options("to listen on")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), help="Log verbosity (default info).")
+def serve(host, port, config_file, log_level) -> None:
+    """Run the chat server in the foreground (Ctrl-C stops it)."""
+    config = load_config("server", {"host": host, "port": port, "log_level": log_level}, config_file)
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    serve_until_signalled(ChatServer(config))
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@connection_options("of the server")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout.")
+def who(host, port, config_file, as_json) -> None:
+    """List the users logged in."""
+    config = load_config("client", {"host": host, "port": port}, config_file)
+    users = fetch_users(config)
+    if as_json:
+        click.echo(users_as_json(users))
+    else:
+        render_user_table(users)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@connection_options("of the server")
+@click.option("--user", "-u", help="Name to send as (or CHATCTL_USER, [client] user).")
+@click.option("--to", metavar="USER", help="Send a direct message to USER only.")
+@click.option("--me", "action", is_flag=True, help="Send as an action, like /me.")
+@click.option("--json", "as_json", is_flag=True, help="Print the acknowledgement as JSON.")
+@click.argument("message", nargs=-1, required=True)
+def send(host, port, config_file, user, to, action, as_json, message) -> None:
+    """Send one MESSAGE ('-' reads it from stdin) and wait for MSG_OK.
+
+    \b
+    Example:
+      chatctl send -u deploybot "build 42 is green"
+      make test 2>&1 | tail -5 | chatctl send -u ci -
+    """
+    config = load_config("client", {"host": host, "port": port, "user": user}, config_file)
+    if not config.user:
+        raise click.UsageError("no user name: pass -u NAME, set CHATCTL_USER or [client] user")
+    if message == ("-",):
+        text = sys.stdin.buffer.read().decode("utf-8", errors="replace")
+    else:
+        text = " ".join(message)
+    text = text.replace("\r\n", "\n").rstrip("\n")
+    if not text.strip():
+        raise click.UsageError("the message is empty")
+    ack = send_one(config, config.user, text, to=to, kind="me" if action else "msg")
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"id": ack.id, "ts": format_timestamp(ack.ts) if ack.ts else None}))
+
+
+# =============================================================================
+# 9. main()
+# =============================================================================
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="chatctl")
+
+
+if __name__ == "__main__":
+    main()

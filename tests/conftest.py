@@ -1,0 +1,180 @@
+"""Shared fixtures: a running server, raw socket clients, an isolated HOME, the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import chatctl
+
+ROOT = Path(__file__).resolve().parent.parent
+CHATCTL = [sys.executable, str(ROOT / "chatctl.py")]
+
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+class RawClient:
+    """A bare socket client, as the seed's scripts and netcat are."""
+
+    def __init__(self, port: int, timeout: float = 5.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.timeout = timeout
+        self.buffer = b""
+        self.seen: list[str] = []  # every line read, skipped ones included
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self, deadline: float) -> bool:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        self.sock.settimeout(remaining)
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return False
+        if not data:
+            raise EOFError("server closed the connection")
+        self.buffer += data
+        return True
+
+    def line(self, timeout: float | None = None) -> str:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while b"\n" not in self.buffer:
+            if not self._fill(deadline):
+                raise AssertionError(f"no line within {timeout or self.timeout}s; buffer={self.buffer!r}")
+        raw, self.buffer = self.buffer.split(b"\n", 1)
+        text = raw.decode("utf-8")
+        self.seen.append(text)
+        return text
+
+    def expect(self, prefix: str, timeout: float | None = None) -> str:
+        """The next line starting with ``prefix``; lines before it (notices) are skipped."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while True:
+            text = self.line(max(0.01, deadline - time.monotonic()))
+            if text.startswith(prefix):
+                return text
+
+    def silent(self, within: float = 0.3) -> bool:
+        """True if nothing at all arrives within ``within`` seconds."""
+        return not self.buffer and not self._fill(time.monotonic() + within)
+
+    def wait_closed(self, timeout: float = 5.0) -> list[str]:
+        """Read until the server closes; returns the lines that came first."""
+        deadline = time.monotonic() + timeout
+        lines = []
+        try:
+            while time.monotonic() < deadline:
+                while b"\n" in self.buffer:
+                    lines.append(self.line())
+                if not self._fill(deadline):
+                    break
+        except (EOFError, ConnectionResetError):
+            lines.extend(self.buffer.decode("utf-8", "replace").splitlines())
+            return lines
+        raise AssertionError(f"connection still open after {timeout}s; lines={lines}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def make_server():
+    """Start ChatServer instances on free loopback ports; all are shut down afterwards."""
+    servers = []
+
+    def factory(**overrides) -> chatctl.ChatServer:
+        config = chatctl.ServerConfig(host="127.0.0.1", port=0, **overrides)
+        server = chatctl.ChatServer(config).start()
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        server.shutdown()
+
+
+@pytest.fixture
+def server(make_server) -> chatctl.ChatServer:
+    return make_server()
+
+
+@pytest.fixture
+def connect(server):
+    """Open raw clients to ``server``; closed at teardown."""
+    clients = []
+
+    def factory(port: int | None = None) -> RawClient:
+        client = RawClient(port or server.port)
+        clients.append(client)
+        return client
+
+    yield factory
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def user(connect):
+    """A raw client registered under ``name`` (USER_OK already read)."""
+
+    def factory(name: str, hello: bool = False) -> RawClient:
+        client = connect()
+        if hello:
+            client.send(b"HELLO|chatctl/1\n")
+            assert client.line().startswith("HELLO|chatctl/1|")
+        client.send(f"USER|{name}\n".encode())
+        assert client.line() == "USER_OK"
+        return client
+
+    return factory
+
+
+@pytest.fixture
+def isolated_home(tmp_path, monkeypatch) -> dict[str, str]:
+    """HOME, config and data directories under tmp_path, no CHATCTL_* variables, cwd in tmp_path.
+
+    Returns the environment for CLI subprocesses.
+    """
+    home = tmp_path / "home"
+    work = tmp_path / "work"
+    for d in (home, work):
+        d.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
+    monkeypatch.setenv("NO_COLOR", "1")
+    for var in list(os.environ):
+        if var.startswith("CHATCTL_"):
+            monkeypatch.delenv(var)
+    monkeypatch.chdir(work)
+    return dict(os.environ)
+
+
+def run_cli(*args: str, env: dict[str, str], input: str | None = None,
+            timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """Run chatctl as a real subprocess in the current directory."""
+    return subprocess.run([*CHATCTL, *args], env=env, input=input, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def chatctl_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("chatctl-")]

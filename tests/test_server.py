@@ -1,0 +1,322 @@
+"""The server over real loopback sockets: seed compatibility, extensions, errors, limits."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+import chatctl
+from conftest import RawClient, chatctl_threads, wait_until
+
+# --- the seed's protocol, byte for byte ------------------------------------------------
+
+
+def test_seed_replies_are_byte_exact(connect):
+    ana, bob = connect(), connect()
+    ana.send(b"USER|ana\n")
+    assert ana.sock.recv(100) == b"USER_OK\n"
+    bob.send(b"USER|bob\n")
+    assert bob.line() == "USER_OK"
+    ana.send(b"DIR\n")
+    assert ana.expect("Users") == "Users logged in: ana, bob"
+    bob.send(b"MSG|hello\n")
+    assert bob.line() == "MSG_OK"
+
+
+def test_unframed_seed_script_works_unchanged(connect):
+    """The seed's clients: one frame per sendall(), no line end, then wait for the reply."""
+    ana = connect()
+    ana.send(b"USER|ana")
+    assert ana.line() == "USER_OK"
+    ana.send(b"DIR")
+    assert ana.line() == "Users logged in: ana"
+    listener = connect()
+    listener.send(b"USER|lis")
+    assert listener.line() == "USER_OK"
+    ana.send(b"MSG|hello from a script")
+    assert ana.expect("MSG_OK") == "MSG_OK"
+    delivered = listener.expect("MSG|")
+    assert delivered.endswith("|ana|hello from a script")
+
+
+def test_netcat_style_session(connect):
+    """A person at nc: lines end in \\n (or \\r\\n), commands in any case, blank lines ignored."""
+    ana, bob = connect(), connect()
+    ana.send(b"user|ana\r\n")
+    assert ana.line() == "USER_OK"
+    bob.send(b"USER|bob\n\n")
+    assert bob.line() == "USER_OK"
+    assert ana.expect("JOIN|").endswith("|bob")
+    ana.send(b"msg|hi bob, a | is fine\r\n")
+    assert ana.line() == "MSG_OK"
+    line = bob.expect("MSG|")
+    mid, ts, sender, text = line.split("|", 4)[1:]
+    assert int(mid) >= 1 and ts.endswith("Z") and sender == "ana" and text == "hi bob, a | is fine"
+    bob.send(b"QUIT\n")
+    assert bob.wait_closed() == ["BYE|goodbye"]
+    assert ana.expect("LEAVE|").endswith("|bob|quit")
+
+
+def test_dir_before_user_does_not_list_the_asker(connect, user):
+    user("ana")
+    asker = connect()
+    asker.send(b"DIR\n")
+    assert asker.line() == "Users logged in: ana"
+
+
+# --- extensions ---------------------------------------------------------------------------
+
+
+def test_hello_gets_ids_in_acks_and_structured_user_lists(user):
+    ana = user("ana", hello=True)
+    bob = user("bob")
+    ana.send(b"MSG|one\n")
+    ack = ana.expect("MSG_OK")
+    _, mid, ts = ack.split("|")
+    delivered = bob.expect("MSG|")
+    assert delivered.startswith(f"MSG|{mid}|{ts}|ana|one")
+    ana.send(b"DIR\n")
+    users = chatctl.parse_event(ana.expect("USERS|"))
+    assert [u.name for u in users.users] == ["ana", "bob"]
+    assert all(u.since > 0 for u in users.users)
+
+
+def test_direct_message_reaches_only_its_recipient(user):
+    ana, bob, eve = user("ana"), user("bob"), user("eve")
+    ana.send(b"DM|BOB|for your eyes only\n")
+    assert ana.expect("MSG_OK") == "MSG_OK"
+    line = bob.expect("DM|")
+    assert line.endswith("|ana|bob|for your eyes only")
+    eve.send(b"PING|sync\n")
+    assert eve.expect("PONG") == "PONG|sync"
+    assert not any("eyes" in seen for seen in eve.seen)
+
+
+def test_action_messages(user):
+    ana, bob = user("ana"), user("bob")
+    ana.send(b"ME|waves\n")
+    assert ana.expect("MSG_OK") == "MSG_OK"
+    assert bob.expect("ME|").endswith("|ana|waves")
+
+
+def test_newline_and_pipes_survive_and_controls_do_not(user):
+    ana, bob = user("ana"), user("bob")
+    ana.send(b"MSG|line one\\nline | two \x1b[2J\x07 \xe2\x80\xaeevil\n")
+    event = chatctl.parse_event(bob.expect("MSG|"))
+    assert event.message.text == "line one\nline | two \ufffd[2J\ufffd evil"
+
+
+def test_ping_pong_and_quit_with_reason(user):
+    ana, bob = user("ana"), user("bob")
+    ana.send(b"PING\n")
+    assert ana.expect("PONG") == "PONG"
+    ana.send(b"QUIT|lunch\n")
+    assert "BYE|goodbye" in ana.wait_closed()
+    assert bob.expect("LEAVE|").endswith("|ana|quit: lunch")
+
+
+# --- every error code ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("frames", "code"), [
+    (b"MSG|hi\n", "not-registered"),
+    (b"DM|bob|hi\n", "not-registered"),
+    (b"USER|two words\n", "invalid-name"),
+    (b"USER|\n", "invalid-name"),
+    (b"USER\n", "missing-argument"),
+    (b"USER|x\nUSER|y\n", "already-registered"),
+    (b"FROB|x\n", "unknown-command"),
+    (b"USER|x\nDM|nobody|hi\n", "unknown-user"),
+    (b"USER|x\nDM|nobody\n", "missing-argument"),
+    (b"USER|x\nMSG|   \n", "empty-message"),
+    (b"MSG|\xff\xfe\n", "bad-encoding"),
+])
+def test_error_codes(connect, frames, code):
+    client = connect()
+    client.send(frames)
+    line = client.expect("ERR|")
+    assert line.startswith(f"ERR|{code}|")
+    assert len(line.split("|")) >= 3
+    client.send(b"PING\n")  # the connection goes on
+    assert client.expect("PONG") == "PONG"
+
+
+def test_names_are_unique_regardless_of_case(user, connect):
+    user("Ana")
+    other = connect()
+    other.send(b"USER|aNA\n")
+    assert other.line().startswith("ERR|name-taken|")
+    other.send(b"USER|ana2\n")
+    assert other.line() == "USER_OK"
+
+
+def test_name_is_free_again_after_its_owner_leaves(user, connect, server):
+    ana = user("ana")
+    ana.send(b"QUIT\n")
+    ana.wait_closed()
+    again = connect()
+    wait_until(lambda: not server.users())
+    again.send(b"USER|ana\n")
+    assert again.line() == "USER_OK"
+
+
+def test_over_long_frame_gets_err_and_the_connection_goes_on(make_server):
+    server = make_server(max_frame=1024)
+    client = RawClient(server.port)
+    client.send(b"USER|ana\n")
+    assert client.line() == "USER_OK"
+    client.send(b"MSG|" + b"x" * 200_000)  # no line end: the server must not buffer it
+    assert client.line().startswith("ERR|frame-too-long|")
+    client.send(b"x" * 200_000 + b"\nMSG|after\n")
+    assert client.expect("MSG_OK") == "MSG_OK"
+    client.close()
+
+
+def test_garbage_closes_after_too_many_errors_and_others_are_untouched(make_server):
+    server = make_server(max_errors=5)
+    ana, bob = RawClient(server.port), RawClient(server.port)
+    for c, n in ((ana, "ana"), (bob, "bob")):
+        c.send(f"USER|{n}\n".encode())
+        assert c.line() == "USER_OK"
+    junk = RawClient(server.port)
+    junk.send(bytes(range(256)) * 4 + b"\n" + b"\x00\x01\n" * 10)
+    lines = junk.wait_closed()
+    assert lines[-1] == "BYE|too many errors"
+    assert all(line.startswith(("ERR|", "BYE|")) for line in lines)
+    ana.send(b"MSG|still here\n")
+    assert bob.expect("MSG|").endswith("|ana|still here")
+    for c in (ana, bob, junk):
+        c.close()
+
+
+def test_abrupt_disconnect_is_a_leave(user, server):
+    ana, bob = user("ana"), user("bob")
+    bob.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    bob.close()  # RST
+    assert ana.expect("LEAVE|").split("|")[2] == "bob"
+    ana.send(b"MSG|anyone?\n")
+    assert ana.expect("MSG_OK") == "MSG_OK"
+    assert [u.name for u in server.users()] == ["ana"]
+
+
+def test_idle_and_registration_timeouts(make_server):
+    server = make_server(idle_timeout=1.5, register_timeout=1.0)
+    lurker = RawClient(server.port)
+    assert lurker.wait_closed(timeout=5) == ["ERR|register-timeout|no USER in time",
+                                              "BYE|register timeout"]
+    idle = RawClient(server.port)
+    idle.send(b"USER|sleepy\n")
+    assert idle.line() == "USER_OK"
+    assert idle.wait_closed(timeout=5)[-1] == "BYE|idle timeout"
+    for c in (lurker, idle):
+        c.close()
+
+
+# --- many clients, slow clients --------------------------------------------------------------
+
+
+def test_fifty_clients_get_every_message_exactly_once_in_order(server):
+    n, per_sender = 50, 20
+    clients = []
+    for i in range(n):
+        c = RawClient(server.port, timeout=15)
+        c.send(f"USER|u{i}\n".encode())
+        assert c.line() == "USER_OK"
+        clients.append(c)
+    wait_until(lambda: len(server.users()) == n)
+
+    def blast(i):
+        c = clients[i]
+        for k in range(per_sender):
+            c.send(f"MSG|{i}:{k}\n".encode())
+
+    threads = [threading.Thread(target=blast, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+    expected_each = (n - 1) * per_sender
+    for i, c in enumerate(clients):
+        got: dict[int, list[int]] = {}
+        received = acks = 0
+        deadline = time.monotonic() + 30
+        while (received < expected_each or acks < per_sender) and time.monotonic() < deadline:
+            line = c.line(timeout=max(0.1, deadline - time.monotonic()))
+            if line == "MSG_OK":
+                acks += 1
+            elif line.startswith("MSG|"):
+                sender, seq = line.split("|", 4)[4].split(":")
+                got.setdefault(int(sender), []).append(int(seq))
+                received += 1
+        assert acks == per_sender
+        assert sorted(got) == [j for j in range(n) if j != i]
+        assert all(seqs == list(range(per_sender)) for seqs in got.values()), f"client {i}"
+        assert c.silent(0.05)  # and nothing twice
+    for c in clients:
+        c.close()
+
+
+def test_a_client_that_never_reads_is_dropped_and_others_get_everything(make_server, caplog):
+    server = make_server(sendq=64 * 1024)
+    stalled = RawClient(server.port)
+    stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.send(b"USER|stalled\n")
+    assert stalled.line() == "USER_OK"
+    sender, reader = RawClient(server.port, timeout=20), RawClient(server.port, timeout=20)
+    for c, name in ((sender, "sender"), (reader, "reader")):
+        c.send(f"USER|{name}\n".encode())
+        assert c.line() == "USER_OK"
+    payload = "x" * 4000
+    count = 2500  # 10 MB: far past the stalled client's queue and socket buffers
+    received = 0
+
+    def read_all():
+        nonlocal received
+        while received < count:
+            if reader.expect("MSG|").endswith(payload):
+                received += 1
+
+    t = threading.Thread(target=read_all)
+    t.start()
+    for k in range(count):
+        wait_until(lambda k=k: received >= k - 8, timeout=20, interval=0.001)  # stay a few ahead
+        sender.send(f"MSG|{payload}\n".encode())
+    t.join(30)
+    assert received == count
+    leave = [line for line in reader.seen if line.startswith("LEAVE|")] or [reader.expect("LEAVE|")]
+    assert leave[0].split("|")[2:] == ["stalled", "sendq exceeded"]
+    assert "stalled" not in [u.name for u in server.users()]
+    assert any("sendq exceeded" in r.getMessage() for r in caplog.records)
+    for c in (stalled, sender, reader):
+        c.close()
+
+
+# --- life cycle ---------------------------------------------------------------------------------
+
+
+def test_shutdown_tells_clients_and_ends_every_thread():
+    server = chatctl.ChatServer(chatctl.ServerConfig(host="127.0.0.1", port=0)).start()
+    clients = [RawClient(server.port) for _ in range(5)]
+    for i, c in enumerate(clients):
+        c.send(f"USER|c{i}\n".encode())
+        assert c.line() == "USER_OK"
+    half = RawClient(server.port)
+    half.send(b"USER|half")  # mid-frame, unframed
+    assert len(chatctl_threads()) >= 3 + 6
+    server.shutdown()
+    for c in clients:
+        assert c.wait_closed()[-1] == "BYE|server shutting down"
+    wait_until(lambda: not chatctl_threads(), timeout=5)
+    with pytest.raises(OSError):
+        RawClient(server.port, timeout=1)
+    server.shutdown()  # idempotent
+
+
+def test_port_in_use_is_a_clear_error(server):
+    with pytest.raises(chatctl.ServerError, match="cannot listen on 127.0.0.1"):
+        chatctl.ChatServer(chatctl.ServerConfig(host="127.0.0.1", port=server.port))
