@@ -68,7 +68,8 @@ CLIENT_TIMEOUT = 10.0                # seconds a one-shot client waits for the s
 RECV_CHUNK = 65536                   # bytes per recv(); transient, never kept past a frame
 LISTEN_BACKLOG = 1024
 THREAD_STACK_BYTES = 256 * 1024      # per-connection threads need little stack
-REAPER_INTERVAL = 1.0                # how often timeouts are checked
+REAPER_INTERVAL = 0.5                # how often timeouts are checked
+DISCONNECT_LINGER = 2.0              # after BYE, how long a client may take to close its end
 
 EXIT_OK = 0
 EXIT_ERROR = 1                       # anything not listed below
@@ -809,7 +810,15 @@ class Writer:
             queue.sent(data, count)
         if session.closing or final:
             self._close(session)
-        elif queue.size and session not in self._waiting:
+            return
+        if session.leave_reason is not None and not queue.size and not session.write_shut:
+            # BYE is out: a half-close lets the client read it before the socket goes
+            session.write_shut = True
+            try:
+                session.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        if queue.size and session not in self._waiting:
             self._selector.register(session.sock, selectors.EVENT_WRITE, session)
             self._waiting.add(session)
         elif not queue.size and session in self._waiting:
@@ -845,6 +854,8 @@ class ClientSession:
         self.decoder = FrameDecoder(server.config.max_frame)
         self.errors_in_a_row = 0
         self.leave_reason: str | None = None
+        self.leave_at = 0.0             # monotonic time the server decided to drop the client
+        self.write_shut = False         # the writer half-closed after the final BYE
         self.closing = False            # the reader is done; the writer closes the socket
         self.thread = threading.Thread(target=self.run, name=f"chatctl-conn-{number}", daemon=True)
 
@@ -865,8 +876,8 @@ class ClientSession:
         sock, decoder = self.sock, self.decoder
         pause_ms = int(self.server.config.unframed_pause * 1000)
         poller = None
-        while self.leave_reason is None:
-            if decoder.waiting_for_pause:
+        while True:
+            if decoder.waiting_for_pause and self.leave_reason is None:
                 if poller is None:
                     poller = select.poll()
                     poller.register(sock, select.POLLIN)
@@ -877,6 +888,8 @@ class ClientSession:
             if not data:
                 self.leave_reason = self.leave_reason or "connection closed"
                 break
+            if self.leave_reason is not None:
+                continue  # leaving: read and drop until the client closes, so it gets its BYE
             self.last_active = time.monotonic()
             self.process(decoder.feed(data))
 
@@ -909,16 +922,31 @@ class ClientSession:
         if self.outbound.put(data):
             self.server.writer.schedule(self)
 
-    def disconnect(self, reason: str, level: int = logging.INFO) -> None:
-        """Tell the client why, then close; safe to call from any thread."""
+    def leave(self, reason: str, bye: bytes) -> bool:
+        """End the session: last line ``bye``, out of the registry now; False if already leaving.
+
+        The writer half-closes after ``bye`` and the reader drains until the
+        client closes, so the client gets to read it; a client that does not
+        close within DISCONNECT_LINGER is cut off by abort().
+        """
         if self.leave_reason is not None:
-            return
+            return False
+        self.leave_at = time.monotonic()
         self.leave_reason = reason
-        log.log(level, "dropping %s from %s: %s", self.name or "unregistered client", self.peer, reason)
-        self.outbound.put(encode_line("BYE", reason), force=True)
+        self.outbound.put(bye, force=True)
         self.server.writer.schedule(self)
+        self.server.depart(self)
+        return True
+
+    def disconnect(self, reason: str, level: int = logging.INFO) -> None:
+        """The server drops this client, telling it why; safe to call from any thread."""
+        if self.leave(reason, encode_line("BYE", reason)):
+            log.log(level, "dropped %s from %s: %s", self.name or "unregistered client", self.peer, reason)
+
+    def abort(self) -> None:
+        """Wake the reader thread now, whatever the client does."""
         try:
-            self.sock.shutdown(socket.SHUT_RD)  # wakes the reader thread
+            self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -952,8 +980,7 @@ class ClientSession:
         self.reply(b"PONG\n" if arg is None else encode_line("PONG", sanitise_text(arg)))
 
     def handle_quit(self, arg: str | None) -> None:
-        self.leave_reason = "quit" + (f": {sanitise_text(arg)}" if arg else "")
-        self.reply(b"BYE|goodbye\n")
+        self.leave("quit" + (f": {sanitise_text(arg)}" if arg else ""), b"BYE|goodbye\n")
 
     def _publish(self, kind: str, arg: str | None, recipient: str | None = None) -> None:
         if self.name is None:
@@ -1066,8 +1093,12 @@ class ChatServer:
             sessions = list(self._sessions)
         for session in sessions:
             session.disconnect("server shutting down")
+        deadline = time.monotonic() + min(timeout, DISCONNECT_LINGER)
+        for session in sessions:  # give clients a moment to read their BYE and close
+            session.thread.join(max(0.0, deadline - time.monotonic()))
         deadline = time.monotonic() + timeout
         for session in sessions:
+            session.abort()
             session.thread.join(max(0.0, deadline - time.monotonic()))
         self.writer.stop(timeout)
         self._wake_r.close()
@@ -1131,11 +1162,10 @@ class ChatServer:
                 self._broadcast(encode_line("JOIN", format_timestamp(time.time()), name), session)
         log.info("%s joined from %s", name, session.peer)
 
-    def release(self, session: ClientSession) -> None:
-        """The reader of ``session`` ended: forget it, tell the others, let the writer close it."""
+    def depart(self, session: ClientSession) -> None:
+        """Take ``session`` off the member list and tell the others; once per session."""
         reason = session.leave_reason or "connection closed"
         with self._registry_lock:
-            self._sessions.discard(session)
             registered = session.key is not None and self._by_key.get(session.key) is session
             if registered:
                 del self._by_key[session.key]
@@ -1147,6 +1177,12 @@ class ChatServer:
                             session)
         if registered:
             log.info("%s left (%s)", session.name, reason)
+
+    def release(self, session: ClientSession) -> None:
+        """The reader of ``session`` ended: forget it and let the writer close the socket."""
+        self.depart(session)
+        with self._registry_lock:
+            self._sessions.discard(session)
         session.closing = True
         self.writer.schedule(session)
 
@@ -1189,6 +1225,10 @@ class ChatServer:
             with self._registry_lock:
                 sessions = list(self._sessions)
             for s in sessions:
+                if s.leave_reason is not None:
+                    if s.leave_at and now - s.leave_at > DISCONNECT_LINGER:
+                        s.abort()
+                    continue
                 unnamed_for = now - s.connected_at if s.name is None else 0.0
                 if config.register_timeout and unnamed_for > config.register_timeout:
                     s.reply(encode_error("register-timeout", "no USER in time"))
@@ -1480,8 +1520,10 @@ def who(host, port, config_file, as_json) -> None:
     users = fetch_users(config)
     if as_json:
         click.echo(users_as_json(users))
-    else:
+    elif users:
         render_user_table(users)
+    else:
+        click.echo("No one is online.", err=True)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

@@ -307,7 +307,7 @@ def test_shutdown_tells_clients_and_ends_every_thread():
         assert c.line() == "USER_OK"
     half = RawClient(server.port)
     half.send(b"USER|half")  # mid-frame, unframed
-    assert len(chatctl_threads()) >= 3 + 6
+    wait_until(lambda: len(chatctl_threads()) >= 3 + 6)
     server.shutdown()
     for c in clients:
         assert c.wait_closed()[-1] == "BYE|server shutting down"

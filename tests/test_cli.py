@@ -1,0 +1,175 @@
+"""who, send and serve as real subprocesses: output, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+
+import chatctl
+from conftest import CHATCTL, RawClient, run_cli, wait_until
+
+
+def test_who_lists_users_as_a_table_and_as_json(isolated_home, server, user):
+    user("ana")
+    user("bob")
+    table = run_cli("who", "-p", str(server.port), env=isolated_home)
+    assert table.returncode == 0, table.stderr
+    assert "2 online" in table.stdout
+    assert re.search(r"ana .*\d\d:\d\d", table.stdout) and "bob" in table.stdout
+    assert "\x1b[" not in table.stdout  # not a terminal: no colour
+    data = json.loads(run_cli("who", "-p", str(server.port), "--json", env=isolated_home).stdout)
+    assert [u["name"] for u in data] == ["ana", "bob"]
+    assert all(u["since"].endswith("Z") and u["idle"] >= 0 for u in data)
+
+
+def test_who_with_nobody_online(isolated_home, server):
+    result = run_cli("who", "-p", str(server.port), env=isolated_home)
+    assert result.returncode == 0
+    assert "No one is online" in result.stderr
+    assert result.stdout == ""
+
+
+def test_send_delivers_and_exits_zero(isolated_home, server, user):
+    bob = user("bob")
+    result = run_cli("send", "-p", str(server.port), "-u", "deploybot", "build 42 is green",
+                     env=isolated_home)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and result.stderr == ""
+    assert bob.expect("MSG|").endswith("|deploybot|build 42 is green")
+
+
+def test_send_reads_a_multi_line_message_from_stdin(isolated_home, server, user):
+    bob = user("bob")
+    result = run_cli("send", "-p", str(server.port), "-u", "ci", "--json", "-",
+                     input="line one\r\nline | two\n", env=isolated_home)
+    assert result.returncode == 0, result.stderr
+    ack = json.loads(result.stdout)
+    event = chatctl.parse_event(bob.expect("MSG|"))
+    assert event.message.text == "line one\nline | two"
+    assert event.message.id == ack["id"]
+
+
+def test_send_direct_message_and_user_from_environment(isolated_home, server, user):
+    bob, eve = user("bob"), user("eve")
+    env = {**isolated_home, "CHATCTL_USER": "ana", "CHATCTL_PORT": str(server.port)}
+    result = run_cli("send", "--to", "bob", "just", "for", "you", env=env)
+    assert result.returncode == 0, result.stderr
+    assert bob.expect("DM|").endswith("|ana|bob|just for you")
+    eve.send(b"PING\n")
+    eve.expect("PONG")
+    assert not any("just for you" in line for line in eve.seen)
+
+
+def test_send_failures_have_exit_codes_and_one_line(isolated_home, server, user):
+    user("taken")
+    cases = [
+        (("send", "-p", "1", "-u", "x", "hi"), chatctl.EXIT_CONNECT, "cannot connect to 127.0.0.1:1"),
+        (("send", "-p", str(server.port), "-u", "taken", "hi"), chatctl.EXIT_REJECTED, "name-taken"),
+        (("send", "-p", str(server.port), "-u", "bad name", "hi"), chatctl.EXIT_REJECTED, "invalid-name"),
+        (("send", "-p", str(server.port), "-u", "x", "--to", "ghost", "hi"), chatctl.EXIT_REJECTED,
+         "unknown-user"),
+        (("send", "-p", str(server.port), "hi"), chatctl.EXIT_USAGE, "no user name"),
+        (("send", "-p", str(server.port), "-u", "x", "  "), chatctl.EXIT_USAGE, "the message is empty"),
+    ]
+    for args, code, text in cases:
+        result = run_cli(*args, env=isolated_home)
+        assert result.returncode == code, (args, result.stderr)
+        assert text in result.stderr
+        assert "Traceback" not in result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1 and text in errors[0]
+        if code != chatctl.EXIT_USAGE:  # click shows usage lines before a usage error
+            assert result.stderr == errors[0] + "\n"
+
+
+def test_send_to_a_silent_server_times_out(isolated_home):
+    import socket
+
+    with socket.socket() as silent:  # accepts (backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        env = {**isolated_home, "CHATCTL_TIMEOUT": "0.5"}
+        result = run_cli("send", "-p", str(port), "-u", "x", "hi", env=env)
+    assert result.returncode == chatctl.EXIT_CONNECT
+    assert "no answer from" in result.stderr
+
+
+def test_help_lists_exit_codes(isolated_home):
+    result = run_cli("send", "--help", env=isolated_home)
+    assert result.returncode == 0
+    assert "Exit codes:" in result.stdout and "5  the server refused" in result.stdout
+
+
+def start_serve(env, *args):
+    proc = subprocess.Popen([*CHATCTL, "serve", "--host", "127.0.0.1", "--port", "0", *args],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    match = re.search(r"listening on 127\.0\.0\.1:(\d+) \(config: (.*)\)", line)
+    assert match, line
+    return proc, int(match.group(1))
+
+
+def test_serve_stops_cleanly_on_sigterm(isolated_home):
+    proc, port = start_serve(isolated_home)
+    try:
+        client = RawClient(port)
+        client.send(b"USER|ana\n")
+        assert client.line() == "USER_OK"
+        proc.send_signal(signal.SIGTERM)
+        assert client.wait_closed()[-1] == "BYE|server shutting down"
+        assert proc.wait(10) == 0
+        err = proc.stderr.read()
+        assert "Traceback" not in err
+        assert "shutting down" in err and "stopped" in err
+        assert "ana joined from 127.0.0.1" in err
+    finally:
+        proc.kill()
+
+
+def test_serve_stops_cleanly_on_ctrl_c(isolated_home):
+    proc, port = start_serve(isolated_home, "--log-level", "debug")
+    try:
+        RawClient(port).send(b"USER|x")
+        wait_until(lambda: proc.poll() is None)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+
+
+def test_serve_reports_its_config_files(isolated_home, tmp_path):
+    conf = tmp_path / "s.toml"
+    conf.write_text("[server]\nmax_frame = 4096\n")
+    proc, port = start_serve(isolated_home, "--config", str(conf))
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+
+
+def test_serve_on_a_busy_port_is_one_line(isolated_home, server):
+    result = run_cli("serve", "--host", "127.0.0.1", "--port", str(server.port), env=isolated_home)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"Error: cannot listen on 127.0.0.1:{server.port}: Address already in use"
+
+
+def test_runs_as_python_module_file_too(isolated_home):
+    result = subprocess.run([*CHATCTL, "--version"], capture_output=True, text=True, env=isolated_home)
+    assert result.returncode == 0 and chatctl.__version__ in result.stdout
+
+
+def test_display_text_is_literal():
+    shown = chatctl.display_text("[bold red]x[/bold red] \x1b[2J\x07")
+    assert "\x1b" not in shown and "\x07" not in shown
+    from rich.console import Console
+
+    console = Console(record=True, width=80, color_system=None)
+    console.print(shown)
+    assert console.export_text().strip() == "[bold red]x[/bold red] \ufffd[2J\ufffd"
