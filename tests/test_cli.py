@@ -146,7 +146,7 @@ def test_serve_stops_cleanly_on_ctrl_c(isolated_home):
 def test_serve_reports_its_config_files(isolated_home, tmp_path):
     conf = tmp_path / "s.toml"
     conf.write_text("[server]\nmax_frame = 4096\n")
-    proc, port = start_serve(isolated_home, "--config", str(conf))
+    proc, _ = start_serve(isolated_home, "--config", str(conf))
     try:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0

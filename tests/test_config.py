@@ -78,7 +78,7 @@ def test_bad_environment_value_names_the_variable(isolated_home, monkeypatch):
 
 
 def test_missing_config_file(isolated_home):
-    with pytest.raises(ConfigError, match="nope.toml: config file not found"):
+    with pytest.raises(ConfigError, match=r"nope\.toml: config file not found"):
         load_config("client", config_file="nope.toml")
 
 

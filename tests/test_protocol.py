@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,7 +21,6 @@ from chatctl import (
     unescape_text,
     validate_name,
 )
-
 
 # --- escaping ----------------------------------------------------------------------
 
@@ -136,7 +137,7 @@ def test_any_split_of_a_stream_gives_the_same_frames(frames, cuts):
     positions = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
     d = FrameDecoder(max_frame=256)
     got = []
-    for a, b in zip(positions, positions[1:], strict=False):
+    for a, b in itertools.pairwise(positions):
         got.extend(d.feed(stream[a:b]))
     assert got == expected
 

@@ -318,5 +318,5 @@ def test_shutdown_tells_clients_and_ends_every_thread():
 
 
 def test_port_in_use_is_a_clear_error(server):
-    with pytest.raises(chatctl.ServerError, match="cannot listen on 127.0.0.1"):
+    with pytest.raises(chatctl.ServerError, match=r"cannot listen on 127\.0\.0\.1"):
         chatctl.ChatServer(chatctl.ServerConfig(host="127.0.0.1", port=server.port))
