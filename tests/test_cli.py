@@ -110,12 +110,14 @@ def start_serve(env, *args):
     line = proc.stderr.readline()
     match = re.search(r"listening on 127\.0\.0\.1:(\d+) \(config: (.*)\)", line)
     assert match, line
+    proc.config_shown = match.group(2)
     return proc, int(match.group(1))
 
 
 def test_serve_stops_cleanly_on_sigterm(isolated_home):
     proc, port = start_serve(isolated_home)
     try:
+        assert proc.config_shown == "none, built-in defaults"
         client = RawClient(port)
         client.send(b"USER|ana\n")
         assert client.line() == "USER_OK"
@@ -148,6 +150,7 @@ def test_serve_reports_its_config_files(isolated_home, tmp_path):
     conf.write_text("[server]\nmax_frame = 4096\n")
     proc, _ = start_serve(isolated_home, "--config", str(conf))
     try:
+        assert proc.config_shown == str(conf)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:
