@@ -64,6 +64,10 @@ REGISTER_TIMEOUT = 60.0              # seconds to send USER after connecting
 UNFRAMED_PAUSE = 0.05                # quiet time that ends a frame written without a line end
 MAX_ERRORS_IN_A_ROW = 20             # consecutive bad frames before the server gives up
 CLIENT_TIMEOUT = 10.0                # seconds a one-shot client waits for the server
+KEEPALIVE_INTERVAL = 30.0            # join pings a server that has been quiet this long
+RECONNECT_MIN, RECONNECT_MAX = 0.5, 30.0  # join's reconnect backoff, seconds
+PASTE_CONFIRM_LINES = 5              # a pasted message longer than this asks before sending
+BELL_MODES = ("off", "mentions", "all")  # join rings on nothing, mentions and DMs, or everything
 
 RECV_CHUNK = 65536                   # bytes per recv(); transient, never kept past a frame
 LISTEN_BACKLOG = 1024
@@ -113,6 +117,10 @@ class ClientError(ChatError):
     """A client could not reach the server or lost it."""
 
     exit_code = EXIT_CONNECT
+
+
+class ServerTimeout(ClientError):
+    """The server did not answer in time."""
 
 
 class RejectedError(ClientError):
@@ -546,6 +554,8 @@ class ClientConfig:
     port: int = _key(DEFAULT_PORT, "server port", min=1, max=65535)
     user: str = _key("", "your user name (empty: ask, or require -u)")
     timeout: float = _key(CLIENT_TIMEOUT, "seconds to wait for the server", min=0.1)
+    bell: str = _key("mentions", "join rings the bell on: off, mentions (and DMs) or all",
+                     choices=BELL_MODES)
     files: tuple[Path, ...] = field(default=(), repr=False, metadata={"internal": True})
 
 
@@ -848,7 +858,8 @@ class ClientSession:
         self.key: str | None = None
         self.extended = False           # sent HELLO: gets the richer replies
         self.connected_at = time.monotonic()
-        self.last_active = self.connected_at
+        self.last_active = self.connected_at  # any input: for the idle timeout
+        self.last_spoke = self.connected_at   # last message sent: the idle time USERS shows
         self.registered_at = 0.0        # wall clock, for USERS
         self.outbound = OutboundQueue(server.config.sendq)
         self.decoder = FrameDecoder(server.config.max_frame)
@@ -989,6 +1000,7 @@ class ClientSession:
         if not text.strip():
             raise ProtocolError("empty-message", "the message is empty")
         msg = self.server.publish(self, kind, text, recipient)
+        self.last_spoke = time.monotonic()
         if self.extended:
             self.reply(encode_line("MSG_OK", msg.id, format_timestamp(msg.ts)))
         else:
@@ -1155,6 +1167,7 @@ class ChatServer:
                 raise ProtocolError("name-taken", f"the name {name!r} is in use")
             session.name, session.key = name, key
             session.registered_at = time.time()
+            session.last_spoke = time.monotonic()
             self._by_key[key] = session
             with self._fanout_lock:
                 self._members = (*self._members, session)
@@ -1188,7 +1201,7 @@ class ChatServer:
 
     def users(self) -> list[UserInfo]:
         now = time.monotonic()
-        return [UserInfo(s.name, s.registered_at, int(now - s.last_active)) for s in self._members]
+        return [UserInfo(s.name, s.registered_at, int(now - s.last_spoke)) for s in self._members]
 
     # --- fan-out -----------------------------------------------------------------------
 
@@ -1305,7 +1318,7 @@ class ChatConnection:
                 raise ClientError(f"{self.address} sent a line longer than {self.MAX_LINE} bytes")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ClientError(f"no answer from {self.address} in time")
+                raise ServerTimeout(f"no answer from {self.address} in time")
             self.sock.settimeout(remaining)
             try:
                 data = self.sock.recv(RECV_CHUNK)
@@ -1398,6 +1411,163 @@ def fetch_users(config: ClientConfig) -> tuple[UserInfo, ...]:
         return conn.users()
 
 
+# --- join: input lines and a connection that outlives the server's restarts ----------
+
+JOIN_COMMANDS = {
+    "/msg": "/msg USER TEXT    a direct message to USER",
+    "/reply": "/reply TEXT       a direct message to whoever last sent you one",
+    "/me": "/me ACTION        an action: * you ACTION",
+    "/who": "/who              who is online",
+    "/ignore": "/ignore [USER]    hide USER's messages (no USER: list who is ignored)",
+    "/unignore": "/unignore USER    show USER's messages again",
+    "/quit": "/quit [REASON]    leave (Ctrl-D and Ctrl-C too)",
+    "/help": "/help             this list",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class InputCommand:
+    """What a line typed into join asks for; ``action`` is a JOIN_COMMANDS word without the slash,
+    or msg, usage (``text`` is the usage line) or unknown (``text`` is the word)."""
+
+    action: str
+    target: str | None = None
+    text: str = ""
+
+
+def parse_input(line: str) -> InputCommand:
+    """A typed line to a command; ``//text`` sends ``/text`` as a message."""
+    if not line.startswith("/"):
+        return InputCommand("msg", text=line)
+    if line.startswith("//"):
+        return InputCommand("msg", text=line[1:])
+    word, _, rest = line.partition(" ")
+    word = word.lower()
+    if word not in JOIN_COMMANDS:
+        return InputCommand("unknown", text=word)
+    action = word[1:]
+    if action == "msg":
+        target, _, text = rest.lstrip().partition(" ")
+        if not target or not text.strip():
+            return InputCommand("usage", text=JOIN_COMMANDS[word])
+        return InputCommand("msg-to", target, text)
+    if action in ("reply", "me", "unignore") and not rest.strip():
+        return InputCommand("usage", text=JOIN_COMMANDS[word])
+    if action in ("ignore", "unignore"):
+        return InputCommand(action, rest.strip() or None)
+    return InputCommand(action, text=rest)
+
+
+class LiveSession:
+    """join's membership: registers, keeps the link alive, and reconnects with backoff.
+
+    Events go to ``on_event`` and link changes to ``on_status``, both called
+    from the ``chatctl-join-reader`` thread.
+    """
+
+    def __init__(self, config: ClientConfig, name: str,
+                 on_event: Callable[[ServerEvent], None],
+                 on_status: Callable[[str, tuple[UserInfo, ...]], None]):
+        self.config = config
+        self.name = name
+        self.on_event = on_event
+        self.on_status = on_status
+        self._conn: ChatConnection | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="chatctl-join-reader", daemon=True)
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def start(self) -> tuple[UserInfo, ...]:
+        """Connect and register; errors of this first attempt go to the caller."""
+        users = self._open()
+        self._thread.start()
+        return users
+
+    def send(self, verb: str, *fields: str) -> bool:
+        """False when there is no connection right now."""
+        with self._lock:
+            conn = self._conn
+        if conn is None:
+            return False
+        try:
+            conn.send(verb, *fields)
+        except ClientError:
+            return False
+        return True
+
+    def close(self, reason: str = "") -> None:
+        self._stop.set()
+        if self.send("QUIT", sanitise_text(reason)) if reason else self.send("QUIT"):
+            self._thread.join(2.0)  # the reader sees BYE, then EOF
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.sock.close()
+
+    def _open(self) -> tuple[UserInfo, ...]:
+        conn = connect(self.config)
+        try:
+            conn.register(self.name)
+            users = conn.users()
+        except ChatError:
+            conn.sock.close()
+            raise
+        with self._lock:
+            self._conn = conn
+        for event in conn.pending:
+            self.on_event(event)
+        conn.pending.clear()
+        return users
+
+    def _run(self) -> None:
+        backoff = RECONNECT_MIN
+        while not self._stop.is_set():
+            with self._lock:
+                conn = self._conn
+            if conn is not None:
+                reason = self._read(conn)
+                with self._lock:
+                    self._conn = None
+                conn.sock.close()
+                if self._stop.is_set():
+                    return
+                self.on_status(f"{reason}; reconnecting", ())
+            if self._stop.wait(backoff):
+                return
+            try:
+                users = self._open()
+            except ChatError:
+                backoff = min(backoff * 2, RECONNECT_MAX)
+                continue
+            backoff = RECONNECT_MIN
+            self.on_status(f"reconnected to {self.config.host}:{self.config.port} as {self.name}", users)
+
+    def _read(self, conn: ChatConnection) -> str:
+        """Hand events on until the connection ends; returns why it ended."""
+        pinged = False
+        while True:
+            try:
+                event = conn.read_event(KEEPALIVE_INTERVAL)
+            except ServerTimeout:
+                if pinged:
+                    return "the server stopped answering"
+                pinged = True
+                conn.send("PING", "keepalive")
+                continue
+            except ClientError as exc:
+                return str(exc)
+            pinged = False
+            if event == Pong("keepalive"):
+                continue
+            self.on_event(event)
+            if isinstance(event, Goodbye):
+                return f"the server closed the connection: {event.reason}"
+
+
 # =============================================================================
 # 7. Rendering
 # =============================================================================
@@ -1454,6 +1624,351 @@ def users_as_json(users: tuple[UserInfo, ...]) -> str:
 
     return json.dumps([{"name": u.name, "since": format_timestamp(u.since) if u.since else None,
                         "idle": u.idle} for u in users])
+
+
+# --- join's terminal UI ---------------------------------------------------------------
+
+USER_COLOURS = ("cyan", "green", "yellow", "magenta", "blue", "red", "bright_cyan",
+                "bright_green", "bright_yellow", "bright_magenta", "bright_blue", "bright_red")
+
+
+def user_colour(name: str) -> str:
+    """The same name always gets the same colour."""
+    import zlib
+
+    return USER_COLOURS[zlib.crc32(name_key(name).encode("utf-8")) % len(USER_COLOURS)]
+
+
+class ChatView:
+    """Turns events into terminal lines: literal, neutralised, coloured or not.
+
+    Marks that matter survive monochrome: ``[DM]`` on direct messages and
+    ``!`` on lines that mention you.  Continuation lines of a multi-line
+    message start with ``│`` so no message can pass for a line of its own.
+    """
+
+    CONTINUATION = "      │ "
+
+    def __init__(self, me: str, color: bool, width: int | None = None):
+        from rich.console import Console
+
+        self.me = me
+        self.color = color
+        self._mention = re.compile(r"(?<!\w)" + re.escape(me) + r"(?!\w)", re.IGNORECASE)
+        self._console = Console(color_system="standard" if color else None, force_terminal=color,
+                                no_color=not color, width=width or 200, highlight=False,
+                                emoji=False, soft_wrap=True)
+
+    def _render(self, markup: str) -> str:
+        with self._console.capture() as capture:
+            self._console.print(markup, end="")
+        return capture.get()
+
+    def mentions_me(self, msg: ChatMessage) -> bool:
+        return name_key(msg.sender) != name_key(self.me) and bool(self._mention.search(msg.text))
+
+    def _name(self, name: str, own: bool = False) -> str:
+        style = "bold reverse" if own else f"bold {user_colour(name)}"
+        return f"[{style}]{display_text(name)}[/]"
+
+    def message(self, msg: ChatMessage, own: bool = False) -> str:
+        mention = not own and self.mentions_me(msg)
+        lines = msg.text.split("\n")
+        stamp = f"[dim]{local_time(msg.ts)}[/]"
+        mark = "[bold yellow]![/] " if mention else ""
+        body = display_text(lines[0])
+        if mention:
+            body = f"[bold yellow]{body}[/]"
+        if msg.kind == "me":
+            head = f"{stamp} {mark}* {self._name(msg.sender, own)} {body}"
+        elif msg.kind == "dm":
+            tag = f"[DM → {display_text(msg.recipient or '')}]" if own else "[DM]"
+            tag = f"[bold magenta]{display_text(tag)}[/]"
+            head = f"{stamp} {mark}{tag} <{self._name(msg.sender, own)}> {body}"
+        else:
+            head = f"{stamp} {mark}<{self._name(msg.sender, own)}> {body}"
+        rest = [f"[dim]{self.CONTINUATION}[/]{display_text(line)}" for line in lines[1:]]
+        return self._render("\n".join([head, *rest]))
+
+    def notice(self, text: str, style: str = "dim") -> str:
+        """A line from chatctl itself; ``text`` is markup, network text in it already escaped."""
+        return self._render(f"[dim]{time.strftime('%H:%M')}[/] [{style}]-- {text}[/]")
+
+    def error(self, text: str) -> str:
+        return self.notice(text, "bold red")
+
+    def user_table(self, users: tuple[UserInfo, ...]) -> str:
+        from rich.table import Table
+
+        table = Table(title=f"{len(users)} online", title_justify="left")
+        for column in ("Name", "Online since", "Idle"):
+            table.add_column(column)
+        for u in users:
+            table.add_row(self._name(u.name, u.name == self.me),
+                          local_time(u.since, with_date=True) if u.since else "-",
+                          format_idle(u.idle) if u.since else "-")
+        with self._console.capture() as capture:
+            self._console.print(table, end="")
+        return capture.get()
+
+
+class NotConnected(ClientError):
+    """join has no connection right now; the typed line is kept."""
+
+
+class JoinClient:
+    """``chatctl join``: an interactive prompt_toolkit UI, or plain lines when stdin is not a terminal."""
+
+    def __init__(self, config: ClientConfig, name: str, color: bool, bell: str,
+                 interactive: bool):
+        self.name = name
+        self.bell = bell
+        self.interactive = interactive
+        self.view = ChatView(name, color)
+        self.session = LiveSession(config, name, self.on_event, self.on_status)
+        self.online: dict[str, str] = {}          # key -> name, in join order
+        self.ignored: dict[str, str] = {}
+        self.last_dm_from: str | None = None
+        self.outbox: list[tuple[str, str | None, str]] = []  # sent, waiting for MSG_OK or ERR
+        self.failures = 0
+        self.quitting = False
+        self._lock = threading.RLock()
+        self._settled = threading.Condition(self._lock)
+
+    # --- output (any thread) --------------------------------------------------------------
+
+    def show(self, text: str, bell: bool = False, data: bool = True) -> None:
+        """Print one display line; in plain mode notices (``data=False``) go to stderr."""
+        stream = sys.stdout if self.interactive or data else sys.stderr
+        with self._lock:
+            stream.write(text + ("\a" if bell else "") + "\n")
+            stream.flush()
+
+    def note(self, markup: str, style: str = "dim") -> None:
+        """A notice from chatctl itself (stderr in plain mode); network text in it escaped."""
+        self.show(self.view.notice(markup, style), data=False)
+
+    def warn(self, markup: str) -> None:
+        self.note(markup, "bold red")
+
+    def on_status(self, text: str, users: tuple[UserInfo, ...]) -> None:
+        if users:
+            self._set_online(users)
+        self.note(display_text(text), "bold yellow")
+
+    def _set_online(self, users: tuple[UserInfo, ...]) -> None:
+        with self._lock:
+            self.online = {name_key(u.name): u.name for u in users}
+
+    def on_event(self, event: ServerEvent) -> None:
+        if isinstance(event, Delivered):
+            self._delivered(event.message)
+        elif isinstance(event, Acknowledged | ErrorReply):
+            self._settle(event)
+        elif isinstance(event, Joined):
+            with self._lock:
+                self.online[name_key(event.name)] = event.name
+            self.note(f"{display_text(event.name)} joined")
+        elif isinstance(event, Left):
+            with self._lock:
+                self.online.pop(name_key(event.name), None)
+            self.note(f"{display_text(event.name)} left ({display_text(event.reason)})")
+        elif isinstance(event, UserList):
+            self._set_online(event.users)
+            self.show(self.view.user_table(event.users))
+        elif isinstance(event, UnknownLine):
+            self.show(self.view.notice(display_text(event.line)))
+
+    def _delivered(self, msg: ChatMessage) -> None:
+        if name_key(msg.sender) in self.ignored:
+            return
+        if msg.kind == "dm":
+            self.last_dm_from = msg.sender
+        own = name_key(msg.sender) == name_key(self.name)
+        personal = msg.kind == "dm" or self.view.mentions_me(msg)
+        ring = self.bell == "all" or (self.bell == "mentions" and personal)
+        self.show(self.view.message(msg, own=own), bell=ring and not own and self.interactive)
+
+    def _settle(self, event: Acknowledged | ErrorReply) -> None:
+        with self._lock:
+            sent = self.outbox.pop(0) if self.outbox else None
+            if isinstance(event, ErrorReply) and sent is not None:
+                self.failures += 1
+            self._settled.notify_all()
+        if isinstance(event, ErrorReply):
+            prefix = "not sent: " if sent else "server: "
+            self.warn(prefix + display_text(f"{event.text} ({event.code})"))
+        elif sent is not None and self.interactive:
+            kind, target, text = sent
+            msg = ChatMessage(event.id or 0, event.ts or time.time(), self.name, text,
+                              kind.lower(), target)
+            self.show(self.view.message(msg, own=True))
+
+    # --- input (the main thread) ----------------------------------------------------------
+
+    def post(self, kind: str, text: str, target: str | None = None) -> None:
+        text = text.replace("\r\n", "\n")
+        with self._lock:
+            self.outbox.append((kind, target, text))
+            fields = (target, escape_text(text)) if target is not None else (escape_text(text),)
+            if not self.session.send(kind, *fields):
+                self.outbox.pop()
+                raise NotConnected("not connected")
+
+    def handle_line(self, line: str) -> bool:
+        """Act on one input line; False means quit."""
+        command = parse_input(line)
+        action = command.action
+        if action == "msg":
+            self.post("MSG", command.text)
+        elif action == "msg-to":
+            self.post("DM", command.text, command.target)
+        elif action == "me":
+            self.post("ME", command.text)
+        elif action == "reply":
+            if self.last_dm_from is None:
+                self.warn("nobody has sent you a direct message yet")
+            else:
+                self.post("DM", command.text, self.last_dm_from)
+        elif action == "who":
+            if not self.session.send("DIR"):
+                raise NotConnected("not connected")
+        elif action in ("ignore", "unignore"):
+            self._ignore(action, command.target)
+        elif action == "quit":
+            self.quit_reason = command.text.strip()
+            return False
+        elif action == "help":
+            self.note("commands:\n" + "\n".join(JOIN_COMMANDS.values()))
+        elif action == "usage":
+            self.warn(f"usage: {display_text(command.text)}")
+        else:
+            self.warn(f"unknown command {display_text(command.text)} (try /help)")
+        return True
+
+    def _ignore(self, action: str, target: str | None) -> None:
+        if target is None:
+            names = ", ".join(self.ignored.values()) or "nobody"
+            self.note(f"ignoring: {display_text(names)}")
+        elif action == "ignore":
+            self.ignored[name_key(target)] = target
+            self.note(f"ignoring {display_text(target)}")
+        else:
+            self.ignored.pop(name_key(target), None)
+            self.note(f"no longer ignoring {display_text(target)}")
+
+    def wait_settled(self, timeout: float) -> bool:
+        """Wait until every sent message got MSG_OK or ERR."""
+        deadline = time.monotonic() + timeout
+        with self._settled:
+            while self.outbox:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._settled.wait(remaining):
+                    return not self.outbox
+        return True
+
+    # --- the two modes -----------------------------------------------------------------------
+
+    quit_reason = ""
+
+    def start(self) -> None:
+        users = self.session.start()
+        self._set_online(users)
+        names = ", ".join(u.name for u in users)
+        config = self.session.config
+        self.note(f"connected to {display_text(config.host)}:{config.port} "
+                  f"as [bold]{display_text(self.name)}[/]; online: {display_text(names)}"
+                  + ("  (/help for commands)" if self.interactive else ""))
+
+    def run_interactive(self) -> None:
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.patch_stdout import patch_stdout
+
+        prompt = PromptSession(completer=name_completer(self), complete_while_typing=False,
+                               erase_when_done=True)
+        kept = ""
+        with patch_stdout(raw=True):
+            try:
+                while True:
+                    try:
+                        line = prompt.prompt(f"{self.name}> ", default=kept)
+                    except (EOFError, KeyboardInterrupt):
+                        break
+                    kept = ""
+                    if not line.strip():
+                        continue
+                    lines = line.count("\n") + 1
+                    if lines > PASTE_CONFIRM_LINES and not self._confirm(prompt, lines):
+                        kept = line
+                        continue
+                    try:
+                        if not self.handle_line(line):
+                            break
+                    except NotConnected:
+                        kept = line
+                        self.warn("not connected: your line is kept; press Enter to send it once reconnected")
+            finally:
+                self.quitting = True
+                self.session.close(self.quit_reason)
+
+    def _confirm(self, prompt, lines: int) -> bool:
+        try:
+            answer = prompt.prompt(f"send these {lines} lines as one message? [y/N] ", default="")
+        except (EOFError, KeyboardInterrupt):
+            return False
+        return answer.strip().lower() in ("y", "yes")
+
+    def run_plain(self, stream, timeout: float) -> int:
+        """Each input line is a message; returns an exit code once all are acknowledged."""
+        try:
+            for raw in stream:
+                line = raw.rstrip("\r\n")
+                if not line.strip():
+                    continue
+                for _ in range(2):  # on a dropped link, wait for the reconnect once
+                    try:
+                        keep_going = self.handle_line(line)
+                        break
+                    except NotConnected:
+                        self._wait_connected(timeout)
+                else:
+                    raise ClientError("lost the connection to the server")
+                if not keep_going:
+                    break
+            if not self.wait_settled(timeout):
+                raise ServerTimeout("the server did not acknowledge every message in time")
+        finally:
+            self.quitting = True
+            self.session.close(self.quit_reason)
+        return EXIT_REJECTED if self.failures else EXIT_OK
+
+    def _wait_connected(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.session.connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def name_completer(client: JoinClient):
+    """Tab completes /commands and the names of people online (``name: `` at the start of a line)."""
+    from prompt_toolkit.completion import Completer, Completion
+
+    class NameCompleter(Completer):
+        def get_completions(self, document, complete_event):
+            text = document.text_before_cursor
+            if text.startswith("/") and " " not in text:
+                for command in JOIN_COMMANDS:
+                    if command.startswith(text.lower()):
+                        yield Completion(command + " ", start_position=-len(text), display=command)
+                return
+            word = document.get_word_before_cursor(WORD=True)
+            suffix = ": " if text == word else ""
+            with client._lock:
+                names = [n for n in client.online.values() if name_key(n) != name_key(client.name)]
+            for name in names:
+                if name_key(name).startswith(name_key(word)):
+                    yield Completion(name + suffix, start_position=-len(word), display=name)
+
+    return NameCompleter()
 
 
 # =============================================================================
@@ -1556,6 +2071,47 @@ def send(host, port, config_file, user, to, action, as_json, message) -> None:
         import json
 
         click.echo(json.dumps({"id": ack.id, "ts": format_timestamp(ack.ts) if ack.ts else None}))
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@connection_options("of the server")
+@click.option("--user", "-u", help="Your name (or CHATCTL_USER, [client] user; asked if unset).")
+@click.option("--no-color", is_flag=True, help="Monochrome display (NO_COLOR does the same).")
+@click.option("--bell", type=click.Choice(BELL_MODES),
+              help="Ring the bell on: nothing, mentions and DMs (default), or everything.")
+def join(host, port, config_file, user, no_color, bell) -> None:
+    """Chat interactively; with stdin not a terminal, send each input line as a message.
+
+    \b
+    Example:
+      chatctl join -u ana
+      printf 'deploy started\\ndeploy done\\n' | chatctl join -u bot
+    """
+    config = load_config("client", {"host": host, "port": port, "user": user, "bell": bell}, config_file)
+    interactive = sys.stdin.isatty()
+    name = config.user
+    if not name:
+        if not interactive:
+            raise click.UsageError("no user name: pass -u NAME, set CHATCTL_USER or [client] user")
+        name = click.prompt("Your name")
+    color = not no_color and "NO_COLOR" not in os.environ and sys.stdout.isatty()
+    client = JoinClient(config, name, color, config.bell, interactive)
+    while True:
+        try:
+            client.start()
+            break
+        except RejectedError as exc:
+            if not interactive or exc.code not in ("name-taken", "invalid-name"):
+                raise
+            click.echo(f"{exc}", err=True)
+            name = click.prompt("Another name")
+            client = JoinClient(config, name, color, config.bell, interactive)
+    if interactive:
+        client.run_interactive()
+    else:
+        code = client.run_plain(sys.stdin, config.timeout)
+        if code:
+            sys.exit(code)
 
 
 # =============================================================================
