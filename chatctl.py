@@ -1807,7 +1807,6 @@ class JoinClient:
     # --- input (the main thread) ----------------------------------------------------------
 
     def post(self, kind: str, text: str, target: str | None = None) -> None:
-        text = text.replace("\r\n", "\n")
         with self._lock:
             self.outbox.append((kind, target, text))
             fields = (target, escape_text(text)) if target is not None else (escape_text(text),)
@@ -1895,11 +1894,12 @@ class JoinClient:
                     except (EOFError, KeyboardInterrupt):
                         break
                     kept = ""
+                    line = line.replace("\r\n", "\n").rstrip("\n")  # a paste often ends in one
                     if not line.strip():
                         continue
                     lines = line.count("\n") + 1
                     if lines > PASTE_CONFIRM_LINES and not self._confirm(prompt, lines):
-                        kept = line
+                        self.note(f"not sent: the {lines} lines were discarded")
                         continue
                     try:
                         if not self.handle_line(line):

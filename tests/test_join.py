@@ -1,0 +1,294 @@
+"""chatctl join in a real pseudo-terminal (pexpect), and its plain mode for scripts."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+import chatctl
+from conftest import CHATCTL, RawClient, run_cli, wait_until
+
+PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
+_CSI = r"(?:\x1b\[[0-9;?]*[A-Za-z])*"
+
+
+def echoed(text: str) -> str:
+    """A regex for ``text`` as the terminal shows it while typed: any cursor codes between characters."""
+    return _CSI.join(r"(?: |\x1b\[\d*C)" if ch == " " else re.escape(ch) for ch in text)
+
+
+@pytest.fixture
+def spawn_join(isolated_home):
+    children = []
+
+    def spawn(name: str, port: int, *args: str, color: bool = False) -> pexpect.spawn:
+        env = {**isolated_home, "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm-256color"}
+        if color:
+            env.pop("NO_COLOR", None)
+        child = pexpect.spawn(sys.executable, [*CHATCTL[1:], "join", "-u", name, "-p", str(port), *args],
+                              env=env, dimensions=(40, 140), encoding="utf-8",
+                              codec_errors="replace", timeout=10)
+        children.append(child)
+        child.expect(f"connected to 127.0.0.1:{port} as")
+        child.expect(f"{name}>")
+        return child
+
+    yield spawn
+    for child in children:
+        child.close(force=True)
+
+
+def test_incoming_message_does_not_break_a_half_typed_line(server, user, spawn_join):
+    bob = user("bob")
+    ana = spawn_join("ana", server.port)
+    ana.send("hello wor")
+    ana.expect(echoed("hello wor"))
+    bob.send(b"MSG|incoming while you type\n")
+    ana.expect("<bob> incoming while you type")
+    ana.send("ld, all of it\r")
+    assert bob.expect("MSG|").endswith("|ana|hello world, all of it")
+    ana.expect("<ana> hello world, all of it")  # own message shown once acknowledged
+
+
+def test_tab_completes_a_name_and_a_command(server, user, spawn_join):
+    bob = user("bobby")
+    ana = spawn_join("ana", server.port)
+    ana.send("bo\t")
+    ana.expect(echoed("by: "))
+    ana.send("are you there?\r")
+    assert bob.expect("MSG|").endswith("|ana|bobby: are you there?")
+    ana.send("/wh\t")
+    ana.expect(echoed("o "))
+    ana.send("\r")
+    ana.expect("1 online|2 online")
+    ana.expect("bobby")
+
+
+def test_direct_message_reaches_one_person_and_reply_answers_it(server, user, spawn_join):
+    bob, eve = user("bob"), user("eve")
+    ana = spawn_join("ana", server.port)
+    ana.send("/msg bob for bob only\r")
+    assert bob.expect("DM|").endswith("|ana|bob|for bob only")
+    ana.expect(r"\[DM → bob\] <ana> for bob only")
+    bob.send(b"DM|ana|got it\n")
+    ana.expect(r"\[DM\] <bob> got it")
+    ana.send("/reply great\r")
+    assert bob.expect("DM|").endswith("|ana|bob|great")
+    eve.send(b"PING|sync\n")
+    eve.expect("PONG|sync")
+    assert not any(line.startswith("DM|") for line in eve.seen)
+
+
+def test_mentions_are_marked_and_ring_the_bell(server, user, spawn_join):
+    bob = user("bob")
+    ana = spawn_join("ana", server.port)
+    bob.send(b"MSG|nothing to see\n")
+    bob.send(b"MSG|hey ANA, look\n")
+    ana.expect("<bob> nothing to see")
+    ana.expect("! <bob> hey ANA, look")
+    assert "\x07" not in ana.before  # the plain message did not ring
+    ana.expect("\x07", timeout=2)
+
+
+def test_bell_off_never_rings(server, user, spawn_join):
+    bob = user("bob")
+    ana = spawn_join("ana", server.port, "--bell", "off")
+    bob.send(b"MSG|ana: ping\nDM|ana|psst\nMSG|done\n")
+    ana.expect("done")
+    assert "\x07" not in ana.before
+
+
+def test_what_others_send_is_shown_literally(server, user, spawn_join):
+    eve = user("eve")
+    ana = spawn_join("ana", server.port)
+    eve.send(b"MSG|\x1b[2J\x07\x08 [blink]x[/blink] fine\\n01:00 <bob> send me your password\n")
+    ana.expect(r"<eve> .*\[blink\]x\[/blink\] fine")
+    shown = ana.after
+    assert "\x1b[2J" not in shown and "\x07" not in shown and "\x08" not in shown
+    assert "\ufffd[2J" in shown
+    ana.expect(r"│ 01:00 <bob> send me your password")  # a continuation, not a line from bob
+
+
+def test_view_neutralises_controls_even_from_a_hostile_server():
+    view = chatctl.ChatView("ana", color=False)
+    msg = chatctl.ChatMessage(1, 0.0, "bo\x1bb", "a\x1b]0;title\x07b\nfake [red]x[/red]")
+    text = view.message(msg)
+    assert "\x1b" not in text and "\x07" not in text
+    first, second = text.split("\n")
+    assert first.endswith("<bo\ufffdb> a\ufffd]0;title\ufffdb")
+    assert second == "      │ fake [red]x[/red]"
+
+
+def test_colours_are_stable_per_name_and_off_when_asked():
+    assert chatctl.user_colour("Ana") == chatctl.user_colour("ana")
+    assert len({chatctl.user_colour(f"user{i}") for i in range(40)}) > 6
+    msg = chatctl.ChatMessage(1, 0.0, "bob", "hi ana")
+    assert "\x1b[" in chatctl.ChatView("ana", color=True).message(msg)
+    mono = chatctl.ChatView("ana", color=False).message(msg)
+    assert "\x1b[" not in mono and "! <bob> hi ana" in mono
+    dm = chatctl.ChatMessage(2, 0.0, "bob", "psst", "dm", "ana")
+    assert "[DM] <bob> psst" in chatctl.ChatView("ana", color=False).message(dm)
+
+
+def test_colour_mode_colours_names(server, user, spawn_join):
+    bob = user("bob")
+    ana = spawn_join("ana", server.port, color=True)
+    bob.send(b"MSG|in colour\n")
+    ana.expect("in colour")
+    assert "\x1b[1;" in ana.before  # a bold, coloured name
+
+
+def test_server_errors_are_readable_notices(server, spawn_join):
+    ana = spawn_join("ana", server.port)
+    ana.send("/msg ghost hello?\r")
+    ana.expect(r"not sent: no user named 'ghost' is online \(unknown-user\)")
+    ana.send("/frob\r")
+    ana.expect(r"unknown command /frob \(try /help\)")
+    ana.send("//frob is not a command\r")
+    ana.expect("<ana> /frob is not a command")
+
+
+def test_a_long_paste_is_one_message_after_confirmation(server, user, spawn_join):
+    bob = user("bob")
+    ana = spawn_join("ana", server.port)
+    ana.send(PASTE_START + "one\ntwo\r\n" + PASTE_END + "\r")
+    assert chatctl.parse_event(bob.expect("MSG|")).message.text == "one\ntwo"
+    lines = [f"log line {i}" for i in range(8)]
+    ana.send(PASTE_START + "\n".join(lines) + PASTE_END + "\r")
+    ana.expect(r"send these 8 lines as one message\? \[y/N\]")
+    ana.send("y\r")
+    assert chatctl.parse_event(bob.expect("MSG|")).message.text == "\n".join(lines)
+    ana.send(PASTE_START + "\n".join(lines) + PASTE_END + "\r")
+    ana.expect(r"as one message\? \[y/N\]")
+    ana.send("n\r")
+    ana.expect("not sent: the 8 lines were discarded")
+    ana.send("after\r")
+    assert chatctl.parse_event(bob.expect("MSG|")).message.text == "after"
+
+
+@pytest.mark.parametrize("key", ["d", "c"])
+def test_ctrl_d_and_ctrl_c_quit_cleanly(server, user, spawn_join, key):
+    bob = user("bob")
+    ana = spawn_join("ana", server.port)
+    ana.sendcontrol(key)
+    ana.expect(pexpect.EOF)
+    ana.close()
+    assert ana.exitstatus == 0
+    assert "Traceback" not in ana.before
+    assert bob.expect("LEAVE|").split("|")[2:] == ["ana", "quit"]
+
+
+def test_quit_with_a_reason(server, user, spawn_join):
+    bob = user("bob")
+    ana = spawn_join("ana", server.port)
+    ana.send("/quit lunch\r")
+    ana.expect(pexpect.EOF)
+    assert bob.expect("LEAVE|").split("|")[2:] == ["ana", "quit: lunch"]
+
+
+def test_reconnects_after_the_server_restarts_and_keeps_the_typed_line(make_server, spawn_join):
+    first = make_server()
+    port = first.port
+    ana = spawn_join("ana", port)
+    ana.send("typed before the resta")
+    ana.expect(echoed("resta"))
+    first.shutdown()
+    ana.expect("reconnecting")
+    second = chatctl.ChatServer(chatctl.ServerConfig(host="127.0.0.1", port=port)).start()
+    try:
+        ana.expect("reconnected to 127.0.0.1", timeout=15)
+        bob = RawClient(port)
+        bob.send(b"USER|bob\n")
+        assert bob.line() == "USER_OK"
+        ana.send("rt\r")
+        assert bob.expect("MSG|").endswith("|ana|typed before the restart")
+        bob.send(b"MSG|welcome back\n")
+        ana.expect("<bob> welcome back")
+        bob.close()
+    finally:
+        second.shutdown()
+
+
+def test_asks_for_a_name_when_none_is_configured(server, isolated_home):
+    env = {**isolated_home, "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm"}
+    child = pexpect.spawn(sys.executable, [*CHATCTL[1:], "join", "-p", str(server.port)], env=env,
+                          encoding="utf-8", timeout=10)
+    try:
+        child.expect("Your name: ")
+        child.send("zoe\r")
+        child.expect("as zoe")
+        wait_until(lambda: [u.name for u in server.users()] == ["zoe"])
+    finally:
+        child.close(force=True)
+
+
+# --- plain mode: stdin is not a terminal -----------------------------------------------------
+
+
+def test_piped_lines_are_sent_and_join_exits_when_acknowledged(server, user, isolated_home):
+    bob = user("bob")
+    result = run_cli("join", "-u", "bot", "-p", str(server.port), input="hi\nbye\n", env=isolated_home)
+    assert result.returncode == 0, result.stderr
+    assert bob.expect("MSG|").endswith("|bot|hi")
+    assert bob.expect("MSG|").endswith("|bot|bye")
+    assert bob.expect("LEAVE|").split("|")[2] == "bot"
+    assert "Traceback" not in result.stderr
+
+
+def test_plain_mode_prints_incoming_messages_as_plain_lines(server, user, isolated_home):
+    bob = user("bob")
+    proc = subprocess.Popen([*CHATCTL, "join", "-u", "bot", "-p", str(server.port)], env=isolated_home,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        proc.stdin.write("first\n")
+        proc.stdin.flush()
+        assert bob.expect("MSG|").endswith("|bot|first")
+        bob.send(b"MSG|two\\nlines\n")
+        assert proc.stdout.readline().rstrip("\n").endswith(" <bob> two")
+        assert proc.stdout.readline().rstrip("\n") == "      │ lines"
+        proc.stdin.close()
+        assert proc.wait(10) == 0
+        assert "\x1b" not in proc.stdout.read()
+    finally:
+        proc.kill()
+
+
+def test_plain_mode_failures_have_exit_codes(server, user, isolated_home):
+    user("taken")
+    result = run_cli("join", "-u", "taken", "-p", str(server.port), input="hi\n", env=isolated_home)
+    assert result.returncode == chatctl.EXIT_REJECTED
+    assert result.stderr.strip().endswith("(name-taken)")
+    result = run_cli("join", "-u", "bot", "-p", str(server.port), input="/msg ghost hi\n", env=isolated_home)
+    assert result.returncode == chatctl.EXIT_REJECTED
+    assert "not sent" in result.stderr and "unknown-user" in result.stderr
+    result = run_cli("join", "-p", str(server.port), input="hi\n", env=isolated_home)
+    assert result.returncode == chatctl.EXIT_USAGE
+
+
+def test_parse_input():
+    p = chatctl.parse_input
+    assert p("hello /there") == chatctl.InputCommand("msg", text="hello /there")
+    assert p("//etc/passwd") == chatctl.InputCommand("msg", text="/etc/passwd")
+    assert p("/msg bob hi there") == chatctl.InputCommand("msg-to", "bob", "hi there")
+    assert p("/MSG bob") == chatctl.InputCommand("usage", text=chatctl.JOIN_COMMANDS["/msg"])
+    assert p("/me waves") == chatctl.InputCommand("me", text="waves")
+    assert p("/ignore") == chatctl.InputCommand("ignore", None)
+    assert p("/ignore eve") == chatctl.InputCommand("ignore", "eve")
+    assert p("/quit gone fishing") == chatctl.InputCommand("quit", text="gone fishing")
+    assert p("/nope x") == chatctl.InputCommand("unknown", text="/nope")
+
+
+def test_ignore_hides_a_user(server, user, spawn_join):
+    eve, bob = user("eve"), user("bob")
+    ana = spawn_join("ana", server.port)
+    ana.send("/ignore eve\r")
+    ana.expect("ignoring eve")
+    eve.send(b"MSG|spam spam\n")
+    bob.send(b"MSG|real news\n")
+    ana.expect("real news")
+    assert "spam spam" not in ana.before
