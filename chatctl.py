@@ -17,11 +17,12 @@ Contents, in dependency order (search for the banner to jump):
     2. Errors                 ChatError and one subclass per section
     3. Protocol codec         bytes in, dataclasses out; no sockets
     4. Config                 chatctl.toml, CHATCTL_* and flags, in one place
-    5. Server                 ChatServer, ClientSession, OutboundQueue, Writer
-    6. Client                 ChatConnection, used by every client command
-    7. Rendering              what reaches a terminal, neutralised
-    8. CLI                    thin click commands over the objects above
-    9. main()
+    5. Storage                HistoryStore: SQLite history with group commit
+    6. Server                 ChatServer, ClientSession, OutboundQueue, Writer
+    7. Client                 ChatConnection, LiveSession (join's link), one-shot helpers
+    8. Rendering              what reaches a terminal, neutralised; join's UI
+    9. CLI                    thin click commands over the objects above
+   10. main()
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import queue
 import re
 import select
 import selectors
@@ -109,6 +111,10 @@ class ConfigError(ChatError):
     exit_code = EXIT_CONFIG
 
 
+class StorageError(ChatError):
+    """The history database cannot be opened, locked or written."""
+
+
 class ServerError(ChatError):
     """The server cannot start (address in use, permission denied, ...)."""
 
@@ -121,6 +127,10 @@ class ClientError(ChatError):
 
 class ServerTimeout(ClientError):
     """The server did not answer in time."""
+
+
+class NotConnected(ClientError):
+    """join has no connection right now; the typed line is kept."""
 
 
 class RejectedError(ClientError):
@@ -153,6 +163,10 @@ ERROR_CODES = {
     "bad-encoding": "frame is not valid UTF-8; it was dropped",
     "too-many-errors": "too many bad frames in a row",
     "register-timeout": "no USER in time",
+    "bad-argument": "an argument is not what the command takes",
+    "history-off": "this server keeps no history",
+    "history-failed": "the history could not be read",
+    "storage-failed": "the message could not be stored, so it was not sent",
 }
 
 SEED_DIR_PREFIX = "Users logged in: "
@@ -443,13 +457,21 @@ class Goodbye:
 
 
 @dataclass(frozen=True, slots=True)
+class EndOfList:
+    """``END|HISTORY|n`` or ``END|SEARCH|n``: the n messages before it answered that request."""
+
+    kind: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
 class UnknownLine:
     line: str
 
 
 ServerEvent = (
     Delivered | Acknowledged | Registered | Welcome | UserList | Joined | Left
-    | ErrorReply | Pong | Goodbye | UnknownLine
+    | ErrorReply | Pong | Goodbye | EndOfList | UnknownLine
 )
 
 
@@ -503,6 +525,9 @@ def _parse_event(line: str) -> ServerEvent:
         return Pong(rest)
     if verb == "BYE":
         return Goodbye(rest)
+    if verb == "END":
+        kind, count = rest.split("|")
+        return EndOfList(kind, int(count))
     return UnknownLine(line)
 
 
@@ -541,6 +566,10 @@ class ServerConfig:
     unframed_pause: float = _key(UNFRAMED_PAUSE, "quiet seconds that end a frame sent without a line end",
                                  min=0.001, max=5)
     max_errors: int = _key(MAX_ERRORS_IN_A_ROW, "bad frames in a row before a client is dropped", min=1)
+    history: bool = _key(True, "keep a message history in SQLite")
+    db: str = _key("", "history database file (empty: history.db in the user data directory)")
+    history_max_messages: int = _key(0, "keep at most this many messages (0: no limit)", min=0)
+    history_max_days: float = _key(0.0, "keep messages at most this many days (0: no limit)", min=0)
     log_level: str = _key("info", "debug, info, warning or error", choices=LOG_LEVELS)
     # Where the values came from, for the start-up log line; not a key.
     files: tuple[Path, ...] = field(default=(), repr=False, metadata={"internal": True})
@@ -556,6 +585,8 @@ class ClientConfig:
     timeout: float = _key(CLIENT_TIMEOUT, "seconds to wait for the server", min=0.1)
     bell: str = _key("mentions", "join rings the bell on: off, mentions (and DMs) or all",
                      choices=BELL_MODES)
+    backlog: int = _key(20, "messages join shows from the history when it enters (0: none)",
+                        min=0, max=500)
     files: tuple[Path, ...] = field(default=(), repr=False, metadata={"internal": True})
 
 
@@ -581,6 +612,12 @@ def user_data_dir() -> Path:
 def _convert(f: dataclasses.Field, value: object, where: str) -> object:
     """Check one value against its key's type and range; ``where`` names its source."""
     kind = type(f.default)
+    if kind is bool:
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if isinstance(value, str) and kind is not str:
         try:
             value = kind(value.strip())
@@ -598,6 +635,10 @@ def _convert(f: dataclasses.Field, value: object, where: str) -> object:
     if meta["max"] is not None and value > meta["max"]:
         raise ConfigError(f"{where}: must be at most {meta['max']}, got {value!r}")
     return value
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+               "false": False, "no": False, "off": False, "0": False}
 
 
 def _type_word(kind: type) -> str:
@@ -666,7 +707,312 @@ def load_config(section: str, flags: dict[str, object] | None = None,
 
 
 # =============================================================================
-# 5. Server
+# 5. Storage
+# =============================================================================
+# History lives in SQLite (WAL).  One writer thread commits messages in
+# batches (group commit): MSG_OK and delivery wait for the commit, so an
+# acknowledged message survives kill -9, and a burst shares one commit.
+# Readers use their own connection and never wait for the writer.
+
+SCHEMA_VERSION = 2
+HISTORY_BATCH_MAX = 1024             # messages per commit at most
+HISTORY_PAGE_MAX = 500               # messages per HISTORY or SEARCH reply at most
+PRUNE_INTERVAL = 30.0                # seconds between retention passes
+PRUNE_CHUNK = 2000                   # rows one retention pass deletes at most
+
+# Each entry brings a database from the version before it to its own number.
+MIGRATIONS: dict[int, str] = {
+    1: """
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            sender TEXT NOT NULL,
+            recipient TEXT,
+            text TEXT NOT NULL
+        );
+    """,
+    2: """
+        ALTER TABLE messages ADD COLUMN kind TEXT NOT NULL DEFAULT 'msg';
+        ALTER TABLE messages ADD COLUMN sender_key TEXT;
+        ALTER TABLE messages ADD COLUMN recipient_key TEXT;
+        UPDATE messages SET sender_key = casefold(sender), recipient_key = casefold(recipient),
+                            kind = CASE WHEN recipient IS NULL THEN 'msg' ELSE 'dm' END;
+        CREATE INDEX messages_by_sender ON messages(sender_key, id) WHERE recipient_key IS NOT NULL;
+        CREATE INDEX messages_by_recipient ON messages(recipient_key, id) WHERE recipient_key IS NOT NULL;
+        CREATE INDEX messages_by_ts ON messages(ts);
+        CREATE VIRTUAL TABLE messages_fts USING fts5(text, content='messages', content_rowid='id');
+        INSERT INTO messages_fts(messages_fts) VALUES ('rebuild');
+        CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
+            INSERT INTO messages_fts(rowid, text) VALUES (new.id, new.text);
+        END;
+        CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
+            INSERT INTO messages_fts(messages_fts, rowid, text) VALUES ('delete', old.id, old.text);
+        END;
+    """,
+}
+
+_VISIBLE = "(recipient_key IS NULL OR sender_key = :viewer OR recipient_key = :viewer)"
+_COLUMNS = "id, ts, sender, text, kind, recipient"
+
+
+@dataclass(slots=True)
+class PendingMessage:
+    """A message waiting for its commit, and the session to acknowledge once it is in."""
+
+    message: ChatMessage
+    sender: object  # the ClientSession; storage does not need to know its type
+
+
+class HistoryStore:
+    """The history database: one writer thread that commits in batches, and a reader connection."""
+
+    def __init__(self, path: str | os.PathLike, max_messages: int = 0, max_days: float = 0.0):
+        import sqlite3
+
+        self.path = Path(path)
+        self.max_messages = max_messages
+        self.max_days = max_days
+        self._lock_file = self._take_lock()
+        try:
+            self._writer = self._connect()
+            self._migrate()
+            self._reader = self._connect()
+            self.last_id = self._writer.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            self._release_lock()
+            raise StorageError(f"{self.path}: cannot use the history database: {exc}") from None
+        self._reader_lock = threading.Lock()
+        self._queue: queue.SimpleQueue[PendingMessage | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def _take_lock(self):
+        """One server per database file: an exclusive lock on ``<db>.lock`` for as long as it runs."""
+        import fcntl
+
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock_path, "a+")  # held open for the store's lifetime
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot open the history database: {exc.strerror}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise StorageError(f"{self.path} is in use by another chatctl server (pid {owner})") from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        return handle
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def _connect(self):
+        import sqlite3
+
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.path}: cannot open the history database: {exc}") from None
+        db.create_function("casefold", 1, lambda s: s.casefold() if s is not None else None,
+                           deterministic=True)
+        db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: a commit is in the WAL file (the OS has it) before MSG_OK, so it survives
+        # a crash of the server process; only a power cut can lose the last commits.
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    def _migrate(self) -> None:
+        db = self._writer
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StorageError(f"{self.path}: schema version {version} is newer than this chatctl "
+                               f"understands ({SCHEMA_VERSION}); upgrade chatctl")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _split_sql(MIGRATIONS[target]):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {target}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            if version:
+                log.info("history database %s migrated to schema version %d", self.path, target)
+
+    # --- writing (the chatctl-history thread) ---------------------------------------------
+
+    def start(self, on_commit: Callable[[list[PendingMessage]], None],
+              on_failure: Callable[[list[PendingMessage], str], None]) -> None:
+        self._on_commit, self._on_failure = on_commit, on_failure
+        self._thread = threading.Thread(target=self._write_loop, name="chatctl-history", daemon=True)
+        self._thread.start()
+
+    def append(self, pending: PendingMessage) -> None:
+        """Queue a message for the next commit; callers append in id order."""
+        self._queue.put(pending)
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+        self._writer.close()
+        self._reader.close()
+        self._release_lock()
+
+    def _write_loop(self) -> None:
+        import sqlite3
+
+        next_prune = time.monotonic() + PRUNE_INTERVAL
+        while True:
+            try:
+                first = self._queue.get(timeout=max(0.01, next_prune - time.monotonic()))
+            except queue.Empty:
+                first = ...
+            if first is None:
+                return
+            batch = [] if first is ... else [first]
+            stop = False
+            while len(batch) < HISTORY_BATCH_MAX:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            if batch:
+                try:
+                    self._insert(batch)
+                except sqlite3.Error as exc:
+                    log.error("history write failed, %d message(s) refused: %s", len(batch), exc)
+                    self._on_failure(batch, str(exc))
+                else:
+                    self._on_commit(batch)
+            if stop:
+                return
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + PRUNE_INTERVAL
+                self.prune()
+
+    def _insert(self, batch: list[PendingMessage]) -> None:
+        rows = [(m.id, m.ts, m.sender, name_key(m.sender), m.recipient,
+                 name_key(m.recipient) if m.recipient is not None else None, m.kind, m.text)
+                for m in (p.message for p in batch)]
+        db = self._writer
+        db.execute("BEGIN")
+        try:
+            db.executemany("INSERT INTO messages (id, ts, sender, sender_key, recipient, recipient_key,"
+                           " kind, text) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def prune(self) -> int:
+        """Apply retention, a chunk at a time so chat never waits long; returns rows deleted."""
+        import sqlite3
+
+        cutoffs = []
+        if self.max_messages:
+            cutoffs.append(("id <= (SELECT coalesce(max(id), 0) FROM messages) - ?", self.max_messages))
+        if self.max_days:
+            cutoffs.append(("ts < ?", time.time() - self.max_days * 86400))
+        deleted = 0
+        for condition, value in cutoffs:
+            while True:
+                try:
+                    cursor = self._writer.execute(
+                        f"DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE {condition} "
+                        f"ORDER BY id LIMIT {PRUNE_CHUNK})", (value,))
+                except sqlite3.Error as exc:
+                    log.error("history retention failed: %s", exc)
+                    return deleted
+                deleted += cursor.rowcount
+                if cursor.rowcount < PRUNE_CHUNK:
+                    break
+        if deleted:
+            log.info("history retention removed %d message(s)", deleted)
+        return deleted
+
+    # --- reading (any thread) ------------------------------------------------------------------
+
+    def recent(self, viewer: str | None, limit: int, *, before: int | None = None,
+               after: int | None = None, upto: int | None = None) -> list[ChatMessage]:
+        """Messages ``viewer`` may see, oldest first: the last ``limit`` (before an id), or the
+        first ``limit`` after an id.  ``upto`` hides what is committed but not yet delivered."""
+        where = [_VISIBLE]
+        params: dict[str, object] = {"viewer": name_key(viewer) if viewer else None, "limit": limit}
+        if before is not None:
+            where.append("id < :before")
+            params["before"] = before
+        if upto is not None:
+            where.append("id <= :upto")
+            params["upto"] = upto
+        if after is not None:
+            where.append("id > :after")
+            params["after"] = after
+            sql = f"SELECT {_COLUMNS} FROM messages WHERE {' AND '.join(where)} ORDER BY id LIMIT :limit"
+            return self._query(sql, params)
+        sql = f"SELECT {_COLUMNS} FROM messages WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT :limit"
+        return self._query(sql, params)[::-1]
+
+    def search(self, viewer: str | None, text: str, limit: int, upto: int | None = None) -> list[ChatMessage]:
+        """Visible messages containing every word of ``text``, newest ``limit`` of them, oldest first."""
+        words = re.findall(r"\w+", text)
+        if not words:
+            return []
+        match = " ".join('"' + w.replace('"', '""') + '"' for w in words)
+        params = {"viewer": name_key(viewer) if viewer else None, "match": match, "limit": limit,
+                  "upto": upto if upto is not None else self.last_id}
+        sql = (f"SELECT {_COLUMNS} FROM messages WHERE id IN "
+               "(SELECT rowid FROM messages_fts WHERE messages_fts MATCH :match) "
+               f"AND {_VISIBLE} AND id <= :upto ORDER BY id DESC LIMIT :limit")
+        return self._query(sql, params)[::-1]
+
+    def count(self) -> int:
+        return self._query_value("SELECT count(*) FROM messages")
+
+    def _query(self, sql: str, params: dict) -> list[ChatMessage]:
+        import sqlite3
+
+        try:
+            with self._reader_lock:
+                rows = self._reader.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            log.error("history read failed: %s", exc)
+            raise ProtocolError("history-failed", "the history could not be read") from None
+        return [ChatMessage(*row) for row in rows]
+
+    def _query_value(self, sql: str):
+        with self._reader_lock:
+            return self._reader.execute(sql).fetchone()[0]
+
+
+def _split_sql(script: str) -> list[str]:
+    """Statements of a migration script; triggers keep their inner semicolons."""
+    import sqlite3
+
+    statements, current = [], ""
+    for line in script.strip().splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip():
+        statements.append(current.strip())
+    return statements
+
+
+# =============================================================================
+# 6. Server
 # =============================================================================
 # One reader thread per connection parses frames and handles commands.  Every
 # write to a client goes through that client's OutboundQueue and is done by
@@ -914,8 +1260,8 @@ class ClientSession:
                 handler = COMMAND_HANDLERS.get(request.verb)
                 if handler is None:
                     shown = sanitise_text(request.verb[:32])
-                    raise ProtocolError("unknown-command",
-                                        f"unknown command {shown!r} (try USER, MSG, DM, DIR, PING, QUIT)")
+                    raise ProtocolError("unknown-command", f"unknown command {shown!r} "
+                                        "(try USER, MSG, DM, ME, DIR, HISTORY, SEARCH, PING, QUIT)")
                 handler(self, request.arg)
                 self.errors_in_a_row = 0
             except ProtocolError as exc:
@@ -999,12 +1345,52 @@ class ClientSession:
         text = sanitise_text(unescape_text(arg or ""))
         if not text.strip():
             raise ProtocolError("empty-message", "the message is empty")
-        msg = self.server.publish(self, kind, text, recipient)
+        self.server.publish(self, kind, text, recipient)
         self.last_spoke = time.monotonic()
+
+    def acknowledge(self, msg: ChatMessage) -> None:
+        """MSG_OK: the message is committed (with history) and queued for its readers."""
         if self.extended:
             self.reply(encode_line("MSG_OK", msg.id, format_timestamp(msg.ts)))
         else:
             self.reply(b"MSG_OK\n")
+
+    def handle_history(self, arg: str | None) -> None:
+        mode, _, rest = (arg or "LAST").partition("|")
+        mode = mode.strip().upper()
+        numbers = [_parse_number(n, "HISTORY") for n in rest.split("|")] if rest else []
+        viewer = self.name
+        if mode == "LAST" and len(numbers) <= 1:
+            limit = numbers[0] if numbers else HISTORY_PAGE_MAX
+            self.server.send_history(self, "HISTORY", lambda store, upto: store.recent(
+                viewer, min(limit, HISTORY_PAGE_MAX), upto=upto))
+        elif mode in ("BEFORE", "AFTER") and len(numbers) in (1, 2):
+            anchor, limit = numbers[0], min(numbers[1] if len(numbers) == 2 else HISTORY_PAGE_MAX,
+                                            HISTORY_PAGE_MAX)
+            where = {mode.lower(): anchor}
+            self.server.send_history(self, "HISTORY", lambda store, upto: store.recent(
+                viewer, limit, upto=upto, **where))
+        else:
+            raise ProtocolError("bad-argument",
+                                "use HISTORY|LAST|<n>, HISTORY|BEFORE|<id>|<n> or HISTORY|AFTER|<id>|<n>")
+
+    def handle_search(self, arg: str | None) -> None:
+        count, sep, text = (arg or "").partition("|")
+        if not sep or not text.strip():
+            raise ProtocolError("missing-argument", "use SEARCH|<n>|<words>")
+        limit = min(_parse_number(count, "SEARCH"), HISTORY_PAGE_MAX)
+        viewer = self.name
+        self.server.send_history(self, "SEARCH", lambda store, upto: store.search(viewer, text, limit, upto))
+
+
+def _parse_number(text: str, command: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ProtocolError("bad-argument", f"{command} takes whole numbers, not {text[:20]!r}") from None
+    if value < 0:
+        raise ProtocolError("bad-argument", f"{command} takes numbers of 0 or more")
+    return value
 
 
 Handler = Callable[[ClientSession, "str | None"], None]
@@ -1018,6 +1404,8 @@ COMMAND_HANDLERS: dict[str, Handler] = {
     "DIR": ClientSession.handle_dir,
     "PING": ClientSession.handle_ping,
     "QUIT": ClientSession.handle_quit,
+    "HISTORY": ClientSession.handle_history,
+    "SEARCH": ClientSession.handle_search,
 }
 
 
@@ -1032,7 +1420,6 @@ class ChatServer:
     def __init__(self, config: ServerConfig | None = None):
         self.config = config or ServerConfig()
         self.writer = Writer()
-        self._ids = itertools.count(1)
         self._conn_numbers = itertools.count(1)
         self._by_key: dict[str, ClientSession] = {}
         self._members: tuple[ClientSession, ...] = ()   # registered, in join order; replaced, never mutated
@@ -1044,6 +1431,20 @@ class ChatServer:
         self._threads: list[threading.Thread] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._listener = self._bind()
+        try:
+            self.history = self._open_history()
+        except StorageError:
+            self._listener.close()
+            raise
+        self._ids = itertools.count((self.history.last_id if self.history else 0) + 1)
+        self._delivered_upto = self.history.last_id if self.history else 0
+        self._accept_lock = threading.Lock()             # ids reach the history in id order
+
+    def _open_history(self) -> HistoryStore | None:
+        if not self.config.history:
+            return None
+        path = Path(self.config.db).expanduser() if self.config.db else user_data_dir() / "history.db"
+        return HistoryStore(path, self.config.history_max_messages, self.config.history_max_days)
 
     def _bind(self) -> socket.socket:
         host, port = self.config.host, self.config.port
@@ -1076,6 +1477,8 @@ class ChatServer:
     def start(self) -> ChatServer:
         threading.stack_size(THREAD_STACK_BYTES)
         self.writer.start()
+        if self.history is not None:
+            self.history.start(self._committed, self._not_stored)
         for name, target in (("chatctl-accept", self._accept_loop), ("chatctl-reaper", self._reap_loop)):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -1112,6 +1515,8 @@ class ChatServer:
         for session in sessions:
             session.abort()
             session.thread.join(max(0.0, deadline - time.monotonic()))
+        if self.history is not None:
+            self.history.close(timeout)  # commits and acknowledges what is queued
         self.writer.stop(timeout)
         self._wake_r.close()
         self._wake_w.close()
@@ -1205,24 +1610,62 @@ class ChatServer:
 
     # --- fan-out -----------------------------------------------------------------------
 
-    def publish(self, sender: ClientSession, kind: str, text: str,
-                recipient: str | None = None) -> ChatMessage:
-        """The one place every accepted message passes: it gets its id and time, then fans out."""
-        target = None
+    def publish(self, sender: ClientSession, kind: str, text: str, recipient: str | None = None) -> None:
+        """The one place every accepted message passes.
+
+        It gets its id and time here.  Without history it fans out at once;
+        with history it is committed first (group commit on the history
+        thread), then fanned out and acknowledged by _committed().
+        """
         if recipient is not None:
             target = self._by_key.get(name_key(recipient))
             if target is None:
                 raise ProtocolError("unknown-user", f"no user named {sanitise_text(recipient)!r} is online")
+            recipient = target.name
+        if self.history is None:
+            with self._fanout_lock:
+                msg = ChatMessage(next(self._ids), time.time(), sender.name, text, kind, recipient)
+                self._fan_out(msg, sender)
+            return
+        with self._accept_lock:
+            msg = ChatMessage(next(self._ids), time.time(), sender.name, text, kind, recipient)
+            self.history.append(PendingMessage(msg, sender))
+
+    def _committed(self, batch: list[PendingMessage]) -> None:
         with self._fanout_lock:
-            msg = ChatMessage(next(self._ids), time.time(), sender.name, text, kind,
-                              target.name if target else None)
-            data = encode_message(msg)
-            if target is not None:
-                if target.outbound.put(data):
-                    self.writer.schedule(target)
-            else:
-                self._broadcast(data, sender)
-        return msg
+            for pending in batch:
+                self._fan_out(pending.message, pending.sender)
+
+    def _not_stored(self, batch: list[PendingMessage], error: str) -> None:
+        for pending in batch:
+            pending.sender.reply(encode_error("storage-failed", ERROR_CODES["storage-failed"]))
+
+    def _fan_out(self, msg: ChatMessage, sender: ClientSession) -> None:
+        """Queue ``msg`` for its readers and acknowledge it; caller holds the fan-out lock."""
+        data = encode_message(msg)
+        if msg.recipient is not None:
+            target = self._by_key.get(name_key(msg.recipient))
+            if target is not None and target.outbound.put(data):
+                self.writer.schedule(target)
+        else:
+            self._broadcast(data, sender)
+        self._delivered_upto = msg.id
+        sender.acknowledge(msg)
+
+    def send_history(self, session: ClientSession, kind: str,
+                     query: Callable[[HistoryStore, int], list[ChatMessage]]) -> None:
+        """Reply with stored messages and ``END|kind|count`` as one block.
+
+        Under the fan-out lock and bounded by what was already delivered, so
+        the block and the live stream neither overlap nor leave a gap.
+        """
+        if self.history is None:
+            raise ProtocolError("history-off", ERROR_CODES["history-off"])
+        with self._fanout_lock:
+            messages = query(self.history, self._delivered_upto)
+            block = b"".join(map(encode_message, messages)) + encode_line("END", kind, len(messages))
+            if session.outbound.put(block, force=True):  # bounded: HISTORY_PAGE_MAX frames
+                self.writer.schedule(session)
 
     def _broadcast(self, data: bytes, sender: ClientSession | None) -> None:
         """Queue ``data`` for every member but ``sender``; caller holds the fan-out lock."""
@@ -1260,8 +1703,12 @@ def serve_until_signalled(server: ChatServer) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
     host, port = server.address
     files = ", ".join(str(p) for p in server.config.files) or "none, built-in defaults"
-    log.info("chatctl %s listening on %s:%d (config: %s)", __version__, host, port, files)
     try:
+        if server.history is not None:
+            log.info("history in %s (%d messages)", server.history.path, server.history.count())
+        else:
+            log.info("history is off")
+        log.info("chatctl %s listening on %s:%d (config: %s)", __version__, host, port, files)
         server.serve_forever()
     except KeyboardInterrupt:
         log.info("shutting down")
@@ -1272,7 +1719,7 @@ def serve_until_signalled(server: ChatServer) -> None:
 
 
 # =============================================================================
-# 6. Client
+# 7. Client
 # =============================================================================
 
 
@@ -1373,6 +1820,30 @@ class ChatConnection:
     def users(self) -> tuple[UserInfo, ...]:
         return self.request("DIR", expect=(UserList,)).users
 
+    def history(self, *fields: str) -> list[ChatMessage]:
+        """``HISTORY|LAST|n``, ``HISTORY|BEFORE|id|n`` or ``HISTORY|AFTER|id|n``: oldest first."""
+        return self._listing("HISTORY", *fields)
+
+    def search(self, text: str, limit: int) -> list[ChatMessage]:
+        return self._listing("SEARCH", str(limit), escape_text(text))
+
+    def _listing(self, verb: str, *fields: str) -> list[ChatMessage]:
+        self.request(verb, *fields, expect=(EndOfList,))
+        # The reply is one block; a live message that came just before it is in it too.
+        found = {e.message.id: e.message for e in self.pending if isinstance(e, Delivered)}
+        self.pending = [e for e in self.pending if not isinstance(e, Delivered)]
+        return [found[i] for i in sorted(found)]
+
+    def missed_since(self, last_id: int) -> list[ChatMessage]:
+        """Everything visible after ``last_id``, page by page."""
+        missed: list[ChatMessage] = []
+        while True:
+            page = self.history("AFTER", str(last_id), str(HISTORY_PAGE_MAX))
+            missed.extend(page)
+            if len(page) < HISTORY_PAGE_MAX:
+                return missed
+            last_id = page[-1].id
+
     def close(self) -> None:
         """Say QUIT and close; the server's BYE is awaited briefly so nothing is cut off."""
         try:
@@ -1409,6 +1880,22 @@ def fetch_users(config: ClientConfig) -> tuple[UserInfo, ...]:
     """Who is online, without registering (so the asker is not listed)."""
     with connect(config) as conn:
         return conn.users()
+
+
+def fetch_history(config: ClientConfig, name: str | None = None, limit: int = 20,
+                  before: int | None = None, after: int | None = None,
+                  search: str | None = None) -> list[ChatMessage]:
+    """Stored messages, oldest first; registering as ``name`` adds that user's direct messages."""
+    with connect(config) as conn:
+        if name:
+            conn.register(name)
+        if search is not None:
+            return conn.search(search, limit)
+        if before is not None:
+            return conn.history("BEFORE", str(before), str(limit))
+        if after is not None:
+            return conn.history("AFTER", str(after), str(limit))
+        return conn.history("LAST", str(limit))
 
 
 # --- join: input lines and a connection that outlives the server's restarts ----------
@@ -1458,11 +1945,21 @@ def parse_input(line: str) -> InputCommand:
     return InputCommand(action, text=rest)
 
 
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """Stored messages join shows: the last few on entering, or what it missed while away."""
+
+    messages: tuple[ChatMessage, ...]
+    missed: bool
+
+
 class LiveSession:
     """join's membership: registers, keeps the link alive, and reconnects with backoff.
 
     Events go to ``on_event`` and link changes to ``on_status``, both called
-    from the ``chatctl-join-reader`` thread.
+    from the ``chatctl-join-reader`` thread.  After a reconnect it asks for
+    everything after the last message id it saw, so nothing is missed twice
+    or skipped.
     """
 
     def __init__(self, config: ClientConfig, name: str,
@@ -1476,6 +1973,7 @@ class LiveSession:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="chatctl-join-reader", daemon=True)
+        self.last_id = 0  # the newest message id seen; 0 before the first
 
     @property
     def connected(self) -> bool:
@@ -1513,15 +2011,44 @@ class LiveSession:
         try:
             conn.register(self.name)
             users = conn.users()
+            backlog = self._backlog(conn)
         except ChatError:
             conn.sock.close()
             raise
         with self._lock:
             self._conn = conn
+        if backlog is not None:
+            self.on_event(backlog)
         for event in conn.pending:
+            self._note_id(event)
             self.on_event(event)
         conn.pending.clear()
         return users
+
+    def _backlog(self, conn: ChatConnection) -> Backlog | None:
+        if not conn.extended:
+            return None
+        missed = self.last_id > 0
+        try:
+            if missed:
+                messages = conn.missed_since(self.last_id)
+            elif self.config.backlog:
+                messages = conn.history("LAST", str(self.config.backlog))
+            else:
+                return None
+        except RejectedError as exc:
+            if exc.code == "history-off":
+                return None
+            raise
+        if messages:
+            self.last_id = max(self.last_id, messages[-1].id)
+        return Backlog(tuple(messages), missed)
+
+    def _note_id(self, event: ServerEvent) -> None:
+        if isinstance(event, Delivered):
+            self.last_id = max(self.last_id, event.message.id)
+        elif isinstance(event, Acknowledged) and event.id:  # our own message is history too
+            self.last_id = max(self.last_id, event.id)
 
     def _run(self) -> None:
         backoff = RECONNECT_MIN
@@ -1563,13 +2090,14 @@ class LiveSession:
             pinged = False
             if event == Pong("keepalive"):
                 continue
+            self._note_id(event)
             self.on_event(event)
             if isinstance(event, Goodbye):
                 return f"the server closed the connection: {event.reason}"
 
 
 # =============================================================================
-# 7. Rendering
+# 8. Rendering
 # =============================================================================
 # Everything another person sent is shown literally: controls become U+FFFD
 # (so no escape sequence reaches the terminal) and rich markup is escaped.
@@ -1617,6 +2145,30 @@ def render_user_table(users: tuple[UserInfo, ...]) -> None:
                       local_time(u.since, with_date=True) if u.since else "-",
                       format_idle(u.idle) if u.since else "-")
     stdout_console().print(table)
+
+
+def render_history_table(messages: list[ChatMessage]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{len(messages)} message(s)", title_justify="left")
+    table.add_column("Id", justify="right", style="dim")
+    table.add_column("Time")
+    table.add_column("From", style="bold")
+    table.add_column("To")
+    table.add_column("Text", overflow="fold")
+    for m in messages:
+        text = "\n".join(display_text(line) for line in m.text.split("\n"))
+        table.add_row(str(m.id), local_time(m.ts, with_date=True), display_text(m.sender),
+                      display_text(m.recipient) if m.recipient else "",
+                      f"* {text}" if m.kind == "me" else text)
+    stdout_console().print(table)
+
+
+def message_as_json(m: ChatMessage) -> str:
+    import json
+
+    return json.dumps({"id": m.id, "ts": format_timestamp(m.ts), "kind": m.kind, "from": m.sender,
+                       "to": m.recipient, "text": m.text})
 
 
 def users_as_json(users: tuple[UserInfo, ...]) -> str:
@@ -1671,10 +2223,12 @@ class ChatView:
         style = "bold reverse" if own else f"bold {user_colour(name)}"
         return f"[{style}]{display_text(name)}[/]"
 
-    def message(self, msg: ChatMessage, own: bool = False) -> str:
-        mention = not own and self.mentions_me(msg)
+    def message(self, msg: ChatMessage, own: bool = False, backlog: bool = False) -> str:
+        """One message; ``backlog`` ones (from the history) are dim and dated when not from today."""
+        mention = not own and not backlog and self.mentions_me(msg)
         lines = msg.text.split("\n")
-        stamp = f"[dim]{local_time(msg.ts)}[/]"
+        today = time.localtime(msg.ts)[:3] == time.localtime()[:3]
+        stamp = f"[dim]{local_time(msg.ts, with_date=backlog and not today)}[/]"
         mark = "[bold yellow]![/] " if mention else ""
         body = display_text(lines[0])
         if mention:
@@ -1688,6 +2242,8 @@ class ChatView:
         else:
             head = f"{stamp} {mark}<{self._name(msg.sender, own)}> {body}"
         rest = [f"[dim]{self.CONTINUATION}[/]{display_text(line)}" for line in lines[1:]]
+        if backlog:
+            return self._render("\n".join(f"[dim]{line}[/]" for line in [head, *rest]))
         return self._render("\n".join([head, *rest]))
 
     def notice(self, text: str, style: str = "dim") -> str:
@@ -1712,10 +2268,6 @@ class ChatView:
         return capture.get()
 
 
-class NotConnected(ClientError):
-    """join has no connection right now; the typed line is kept."""
-
-
 class JoinClient:
     """``chatctl join``: an interactive prompt_toolkit UI, or plain lines when stdin is not a terminal."""
 
@@ -1732,6 +2284,7 @@ class JoinClient:
         self.outbox: list[tuple[str, str | None, str]] = []  # sent, waiting for MSG_OK or ERR
         self.failures = 0
         self.quitting = False
+        self._shown_ids: set[int] = set()  # a message is never shown twice (backlog, then live)
         self._lock = threading.RLock()
         self._settled = threading.Condition(self._lock)
 
@@ -1760,9 +2313,11 @@ class JoinClient:
         with self._lock:
             self.online = {name_key(u.name): u.name for u in users}
 
-    def on_event(self, event: ServerEvent) -> None:
+    def on_event(self, event: ServerEvent | Backlog) -> None:
         if isinstance(event, Delivered):
             self._delivered(event.message)
+        elif isinstance(event, Backlog):
+            self._backlog(event)
         elif isinstance(event, Acknowledged | ErrorReply):
             self._settle(event)
         elif isinstance(event, Joined):
@@ -1779,8 +2334,29 @@ class JoinClient:
         elif isinstance(event, UnknownLine):
             self.show(self.view.notice(display_text(event.line)))
 
+    def _first_sight(self, msg: ChatMessage) -> bool:
+        with self._lock:
+            if msg.id in self._shown_ids:
+                return False
+            if len(self._shown_ids) > 10_000:
+                self._shown_ids = {i for i in self._shown_ids if i > msg.id - 5_000}
+            self._shown_ids.add(msg.id)
+            return True
+
+    def _backlog(self, backlog: Backlog) -> None:
+        messages = [m for m in backlog.messages
+                    if self._first_sight(m) and name_key(m.sender) not in self.ignored]
+        if backlog.missed:
+            self.note(f"missed while away: {len(messages)} message(s)")
+        elif messages:
+            self.note(f"the last {len(messages)} message(s) from the history:")
+        for msg in messages:
+            self.show(self.view.message(msg, own=name_key(msg.sender) == name_key(self.name), backlog=True))
+        if messages and not backlog.missed:
+            self.note("end of history")
+
     def _delivered(self, msg: ChatMessage) -> None:
-        if name_key(msg.sender) in self.ignored:
+        if name_key(msg.sender) in self.ignored or not self._first_sight(msg):
             return
         if msg.kind == "dm":
             self.last_dm_from = msg.sender
@@ -1802,6 +2378,8 @@ class JoinClient:
             kind, target, text = sent
             msg = ChatMessage(event.id or 0, event.ts or time.time(), self.name, text,
                               kind.lower(), target)
+            if event.id:
+                self._first_sight(msg)
             self.show(self.view.message(msg, own=True))
 
     # --- input (the main thread) ----------------------------------------------------------
@@ -1972,7 +2550,7 @@ def name_completer(client: JoinClient):
 
 
 # =============================================================================
-# 8. CLI
+# 9. CLI
 # =============================================================================
 # Callbacks parse, build a config and call into the objects above.  ChatError
 # becomes a one-line ClickException here, at the boundary, with its exit code.
@@ -2018,9 +2596,12 @@ def cli() -> None:
 @cli.command(epilog=EXIT_CODES_HELP)
 @connection_options("to listen on")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), help="Log verbosity (default info).")
-def serve(host, port, config_file, log_level) -> None:
+@click.option("--db", type=click.Path(dir_okay=False), help="History database file.")
+@click.option("--history/--no-history", default=None, help="Keep a message history (default: on).")
+def serve(host, port, config_file, log_level, db, history) -> None:
     """Run the chat server in the foreground (Ctrl-C stops it)."""
-    config = load_config("server", {"host": host, "port": port, "log_level": log_level}, config_file)
+    flags = {"host": host, "port": port, "log_level": log_level, "db": db, "history": history}
+    config = load_config("server", flags, config_file)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     serve_until_signalled(ChatServer(config))
@@ -2075,6 +2656,36 @@ def send(host, port, config_file, user, to, action, as_json, message) -> None:
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @connection_options("of the server")
+@click.option("--limit", "-n", default=20, show_default=True, type=click.IntRange(1, HISTORY_PAGE_MAX),
+              help="How many messages.")
+@click.option("--before", type=click.IntRange(1), metavar="ID", help="Page back: messages before ID.")
+@click.option("--after", type=click.IntRange(0), metavar="ID", help="Messages after ID.")
+@click.option("--search", metavar="TEXT", help="Messages containing every word of TEXT.")
+@click.option("--user", "-u", help="Also show USER's direct messages (registers as USER briefly).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line on stdout.")
+def history(host, port, config_file, limit, before, after, search, user, as_json) -> None:
+    """Show stored messages, oldest first.
+
+    \b
+    Example:
+      chatctl history -n 50
+      chatctl history --search "deploy failed" --json
+    """
+    if sum(x is not None for x in (before, after, search)) > 1:
+        raise click.UsageError("use at most one of --before, --after and --search")
+    config = load_config("client", {"host": host, "port": port}, config_file)
+    messages = fetch_history(config, user, limit, before, after, search)
+    if as_json:
+        for m in messages:
+            click.echo(message_as_json(m))
+    elif messages:
+        render_history_table(messages)
+    else:
+        click.echo("No messages.", err=True)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@connection_options("of the server")
 @click.option("--user", "-u", help="Your name (or CHATCTL_USER, [client] user; asked if unset).")
 @click.option("--no-color", is_flag=True, help="Monochrome display (NO_COLOR does the same).")
 @click.option("--bell", type=click.Choice(BELL_MODES),
@@ -2115,7 +2726,7 @@ def join(host, port, config_file, user, no_color, bell) -> None:
 
 
 # =============================================================================
-# 9. main()
+# 10. main()
 # =============================================================================
 
 

@@ -97,11 +97,15 @@ class RawClient:
 
 
 @pytest.fixture
-def make_server():
-    """Start ChatServer instances on free loopback ports; all are shut down afterwards."""
+def make_server(tmp_path):
+    """Start ChatServer instances on free loopback ports; all are shut down afterwards.
+
+    History is on, as it is by default, in a database of its own under tmp_path.
+    """
     servers = []
 
     def factory(**overrides) -> chatctl.ChatServer:
+        overrides.setdefault("db", str(tmp_path / f"history-{len(servers)}.db"))
         config = chatctl.ServerConfig(host="127.0.0.1", port=0, **overrides)
         server = chatctl.ChatServer(config).start()
         servers.append(server)

@@ -107,7 +107,11 @@ def test_help_lists_exit_codes(isolated_home):
 def start_serve(env, *args):
     proc = subprocess.Popen([*CHATCTL, "serve", "--host", "127.0.0.1", "--port", "0", *args],
                             env=env, stderr=subprocess.PIPE, text=True)
-    line = proc.stderr.readline()
+    line = ""
+    for _ in range(5):  # the history line comes first
+        line = proc.stderr.readline()
+        if "listening" in line:
+            break
     match = re.search(r"listening on 127\.0\.0\.1:(\d+) \(config: (.*)\)", line)
     assert match, line
     proc.config_shown = match.group(2)
