@@ -1981,9 +1981,18 @@ class LiveSession:
 
     def start(self) -> tuple[UserInfo, ...]:
         """Connect and register; errors of this first attempt go to the caller."""
-        users = self._open()
-        self._thread.start()
+        users, self._held = self._open()
         return users
+
+    def run(self) -> None:
+        """Hand on the backlog and what came while registering, then live events, from now on."""
+        self._hand_on(self._held)
+        self._thread.start()
+
+    def _hand_on(self, events: list[ServerEvent | Backlog]) -> None:
+        for event in events:
+            self._note_id(event)
+            self.on_event(event)
 
     def send(self, verb: str, *fields: str) -> bool:
         """False when there is no connection right now."""
@@ -2006,7 +2015,8 @@ class LiveSession:
         if conn is not None:
             conn.sock.close()
 
-    def _open(self) -> tuple[UserInfo, ...]:
+    def _open(self) -> tuple[tuple[UserInfo, ...], list[ServerEvent | Backlog]]:
+        """A registered connection; returns who is online and the events to hand on first."""
         conn = connect(self.config)
         try:
             conn.register(self.name)
@@ -2017,13 +2027,9 @@ class LiveSession:
             raise
         with self._lock:
             self._conn = conn
-        if backlog is not None:
-            self.on_event(backlog)
-        for event in conn.pending:
-            self._note_id(event)
-            self.on_event(event)
+        held = [backlog, *conn.pending] if backlog is not None else list(conn.pending)
         conn.pending.clear()
-        return users
+        return users, held
 
     def _backlog(self, conn: ChatConnection) -> Backlog | None:
         if not conn.extended:
@@ -2040,15 +2046,15 @@ class LiveSession:
             if exc.code == "history-off":
                 return None
             raise
-        if messages:
-            self.last_id = max(self.last_id, messages[-1].id)
         return Backlog(tuple(messages), missed)
 
-    def _note_id(self, event: ServerEvent) -> None:
+    def _note_id(self, event: ServerEvent | Backlog) -> None:
         if isinstance(event, Delivered):
             self.last_id = max(self.last_id, event.message.id)
         elif isinstance(event, Acknowledged) and event.id:  # our own message is history too
             self.last_id = max(self.last_id, event.id)
+        elif isinstance(event, Backlog) and event.messages:
+            self.last_id = max(self.last_id, event.messages[-1].id)
 
     def _run(self) -> None:
         backoff = RECONNECT_MIN
@@ -2066,12 +2072,13 @@ class LiveSession:
             if self._stop.wait(backoff):
                 return
             try:
-                users = self._open()
+                users, held = self._open()
             except ChatError:
                 backoff = min(backoff * 2, RECONNECT_MAX)
                 continue
             backoff = RECONNECT_MIN
             self.on_status(f"reconnected to {self.config.host}:{self.config.port} as {self.name}", users)
+            self._hand_on(held)
 
     def _read(self, conn: ChatConnection) -> str:
         """Hand events on until the connection ends; returns why it ended."""
@@ -2456,6 +2463,7 @@ class JoinClient:
         self.note(f"connected to {display_text(config.host)}:{config.port} "
                   f"as [bold]{display_text(self.name)}[/]; online: {display_text(names)}"
                   + ("  (/help for commands)" if self.interactive else ""))
+        self.session.run()
 
     def run_interactive(self) -> None:
         from prompt_toolkit import PromptSession

@@ -292,3 +292,61 @@ def test_ignore_hides_a_user(server, user, spawn_join):
     bob.send(b"MSG|real news\n")
     ana.expect("real news")
     assert "spam spam" not in ana.before
+
+
+# --- history in join -----------------------------------------------------------------------------
+
+
+def test_join_shows_the_backlog_when_it_enters(server, user, spawn_join):
+    bob = user("bob")
+    for i in range(25):
+        bob.send(f"MSG|old {i}\n".encode())
+        bob.expect("MSG_OK")
+    ana = spawn_join("ana", server.port)
+    shown = ana.before  # between "connected" and the prompt
+    assert re.search(r"the last 20 message\(s\) from the history:.*<bob> old 5\r\n.*<bob> old 24\r\n"
+                     r".*end of history", shown, re.S), shown
+    assert "old 4\r" not in shown
+    bob.send(b"MSG|live now\n")
+    ana.expect("<bob> live now")
+
+
+def test_after_a_reconnect_join_shows_exactly_what_it_missed(make_server, spawn_join):
+    first = make_server()
+    port, db = first.port, first.config.db
+    bob = RawClient(port)
+    bob.send(b"USER|bob\nMSG|seen before\n")
+    bob.expect("MSG_OK")
+    ana = spawn_join("ana", port)
+    assert "<bob> seen before" in ana.before  # the backlog
+    bob.close()
+    first.shutdown()
+    ana.expect("reconnecting")
+    second = chatctl.ChatServer(chatctl.ServerConfig(host="127.0.0.1", port=port, db=db)).start()
+    try:
+        carol = RawClient(port)  # ana's first retry is 0.5 s away: these two land before it
+        carol.send(b"USER|carol\nMSG|while you were away 1\nMSG|while you were away 2\n")
+        carol.expect("MSG_OK")
+        carol.expect("MSG_OK")
+        ana.expect("reconnected to 127.0.0.1", timeout=15)
+        ana.expect(r"missed while away: 2 message\(s\)")
+        ana.expect("<carol> while you were away 1")
+        ana.expect("<carol> while you were away 2")
+        carol.send(b"MSG|live again\n")
+        ana.expect("<carol> live again")
+        assert "seen before" not in ana.before  # nothing shown twice
+        carol.close()
+    finally:
+        second.shutdown()
+
+
+def test_join_with_backlog_off(make_server, user, spawn_join, isolated_home):
+    server = make_server(history=False)
+    bob = RawClient(server.port)
+    bob.send(b"USER|bob\nMSG|not kept\n")
+    bob.expect("MSG_OK")
+    ana = spawn_join("ana", server.port)
+    bob.send(b"MSG|live\n")
+    ana.expect("<bob> live")
+    assert "not kept" not in ana.before and "history" not in ana.before
+    bob.close()
