@@ -96,6 +96,14 @@ class RawClient:
         self.sock.close()
 
 
+@pytest.fixture(autouse=True)
+def _no_real_data_dir(tmp_path_factory, monkeypatch):
+    """No test writes to the real user data or config directory (history.db lives there)."""
+    base = tmp_path_factory.mktemp("xdg")
+    monkeypatch.setenv("XDG_DATA_HOME", str(base / "data"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(base / "config"))
+
+
 @pytest.fixture
 def make_server(tmp_path):
     """Start ChatServer instances on free loopback ports; all are shut down afterwards.

@@ -329,3 +329,61 @@ def test_history_command_table_json_search_and_paging(server, user, isolated_hom
     assert "private note" in [json.loads(x)["text"] for x in mine.stdout.splitlines()]
     both = run_cli("history", "-p", port, "--before", "3", "--search", "x", env=isolated_home)
     assert both.returncode == chatctl.EXIT_USAGE
+
+
+def test_search_covers_indexed_and_not_yet_indexed_messages(make_server, monkeypatch):
+    monkeypatch.setattr(chatctl, "FTS_CHUNK", 5)
+    monkeypatch.setattr(chatctl, "FTS_MAX_LAG", 8)
+    server = make_server()
+    ana = RawClient(server.port)
+    ana.send(b"USER|ana\n")
+    ana.expect("USER_OK")
+    for i in range(12):
+        ana.send(f"MSG|needle {i} haystack\n".encode())
+        ana.expect("MSG_OK")
+    wait_until(lambda: server.history.fts_upto == server.history.last_id)  # indexed when quiet
+    ana.send(b"MSG|needle late\n")  # in the tail, not yet indexed
+    ana.expect("MSG_OK")
+    found, _ = history_of(ana, b"SEARCH|50|NEEDLE\n")
+    assert [m.text for m in found] == [f"needle {i} haystack" for i in range(12)] + ["needle late"]
+    found, _ = history_of(ana, b"SEARCH|2|needle\n")
+    assert [m.text for m in found] == ["needle 11 haystack", "needle late"]
+    ana.close()
+
+
+def test_batched_fan_out_mixes_broadcasts_and_direct_messages_correctly(server):
+    n, per_sender = 10, 40
+    clients = []
+    for i in range(n):
+        c = RawClient(server.port, timeout=20)
+        c.send(f"HELLO|chatctl/1\nUSER|u{i}\n".encode())
+        c.expect("USER_OK")
+        clients.append(c)
+    wait_until(lambda: len(server.users()) == n)
+
+    def frames(i):  # even: to everyone; odd: a DM to the next client
+        return b"".join((f"MSG|{i}:{k}\n" if k % 2 == 0 else f"DM|u{(i + 1) % n}|{i}:{k}\n").encode()
+                        for k in range(per_sender))
+
+    threads = [threading.Thread(target=clients[i].send, args=(frames(i),)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    for i, c in enumerate(clients):
+        expected_in = {f"{j}:{k}" for j in range(n) if j != i for k in range(0, per_sender, 2)}
+        expected_in |= {f"{(i - 1) % n}:{k}" for k in range(1, per_sender, 2)}
+        got, acks, ids = [], 0, []
+        while len(got) < len(expected_in) or acks < per_sender:
+            event = chatctl.parse_event(c.line())
+            if isinstance(event, chatctl.Acknowledged):
+                acks += 1
+                ids.append(event.id)
+            elif isinstance(event, chatctl.Delivered):
+                got.append(event.message.text)
+                ids.append(event.message.id)
+        assert sorted(got) == sorted(expected_in) and len(got) == len(set(got))
+        assert ids == sorted(ids)  # one stream, in id order, acks included
+        assert c.silent(0.1)
+    for c in clients:
+        c.close()
