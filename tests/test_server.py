@@ -320,3 +320,13 @@ def test_shutdown_tells_clients_and_ends_every_thread():
 def test_port_in_use_is_a_clear_error(server):
     with pytest.raises(chatctl.ServerError, match=r"cannot listen on 127\.0\.0\.1"):
         chatctl.ChatServer(chatctl.ServerConfig(host="127.0.0.1", port=server.port))
+
+
+def test_a_server_that_never_started_shuts_down_cleanly(tmp_path):
+    server = chatctl.ChatServer(chatctl.ServerConfig(host="127.0.0.1", port=0, db=str(tmp_path / "h.db")))
+    port = server.port
+    server.shutdown()
+    with pytest.raises(OSError):
+        RawClient(port, timeout=1)
+    again = chatctl.ChatServer(chatctl.ServerConfig(host="127.0.0.1", port=0, db=str(tmp_path / "h.db")))
+    again.shutdown()  # the history lock was released
