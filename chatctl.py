@@ -2233,7 +2233,8 @@ def stdout_console():
     return Console(highlight=False)
 
 
-def render_user_table(users: tuple[UserInfo, ...]) -> None:
+def user_table(users: tuple[UserInfo, ...], name_cell: Callable[[str], str] = display_text):
+    """The table of who is online, for ``who`` and join's ``/who``."""
     from rich.table import Table
 
     table = Table(title=f"{len(users)} online", title_justify="left")
@@ -2241,10 +2242,14 @@ def render_user_table(users: tuple[UserInfo, ...]) -> None:
     table.add_column("Online since")
     table.add_column("Idle", justify="right")
     for u in users:
-        table.add_row(display_text(u.name),
+        table.add_row(name_cell(u.name),
                       local_time(u.since, with_date=True) if u.since else "-",
                       format_idle(u.idle) if u.since else "-")
-    stdout_console().print(table)
+    return table
+
+
+def render_user_table(users: tuple[UserInfo, ...]) -> None:
+    stdout_console().print(user_table(users))
 
 
 def render_history_table(messages: list[ChatMessage]) -> None:
@@ -2354,15 +2359,7 @@ class ChatView:
         return self.notice(text, "bold red")
 
     def user_table(self, users: tuple[UserInfo, ...]) -> str:
-        from rich.table import Table
-
-        table = Table(title=f"{len(users)} online", title_justify="left")
-        for column in ("Name", "Online since", "Idle"):
-            table.add_column(column)
-        for u in users:
-            table.add_row(self._name(u.name, u.name == self.me),
-                          local_time(u.since, with_date=True) if u.since else "-",
-                          format_idle(u.idle) if u.since else "-")
+        table = user_table(users, lambda name: self._name(name, name_key(name) == name_key(self.me)))
         with self._console.capture() as capture:
             self._console.print(table, end="")
         return capture.get()

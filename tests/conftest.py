@@ -188,5 +188,16 @@ def run_cli(*args: str, env: dict[str, str], input: str | None = None,
                           text=True, timeout=timeout)
 
 
+def register_many(port: int, names: list[str], hello: bool = False, timeout: float = 20) -> list[RawClient]:
+    """Raw clients registered under ``names``, USER_OK read (and HELLO sent first if asked)."""
+    clients = []
+    for name in names:
+        client = RawClient(port, timeout=timeout)
+        client.send((b"HELLO|chatctl/1\n" if hello else b"") + f"USER|{name}\n".encode())
+        client.expect("USER_OK")
+        clients.append(client)
+    return clients
+
+
 def chatctl_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("chatctl-")]

@@ -13,7 +13,7 @@ import threading
 import pytest
 
 import chatctl
-from conftest import CHATCTL, RawClient, run_cli, wait_until
+from conftest import CHATCTL, RawClient, register_many, run_cli, wait_until
 
 
 def history_of(client: RawClient, request: bytes) -> tuple[list[chatctl.ChatMessage], str]:
@@ -109,12 +109,7 @@ def test_history_off(make_server):
 
 def test_fifty_concurrent_senders_no_loss_no_duplicates_ids_in_commit_order(server):
     n, per_sender = 50, 20
-    clients = []
-    for i in range(n):
-        c = RawClient(server.port, timeout=20)
-        c.send(f"HELLO|chatctl/1\nUSER|s{i}\n".encode())
-        c.expect("USER_OK")
-        clients.append(c)
+    clients = register_many(server.port, [f"s{i}" for i in range(n)], hello=True)
     acks: dict[int, list[int]] = {}
 
     def send_all(i):
@@ -353,12 +348,7 @@ def test_search_covers_indexed_and_not_yet_indexed_messages(make_server, monkeyp
 
 def test_batched_fan_out_mixes_broadcasts_and_direct_messages_correctly(server):
     n, per_sender = 10, 40
-    clients = []
-    for i in range(n):
-        c = RawClient(server.port, timeout=20)
-        c.send(f"HELLO|chatctl/1\nUSER|u{i}\n".encode())
-        c.expect("USER_OK")
-        clients.append(c)
+    clients = register_many(server.port, [f"u{i}" for i in range(n)], hello=True)
     wait_until(lambda: len(server.users()) == n)
 
     def frames(i):  # even: to everyone; odd: a DM to the next client

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import chatctl
-from conftest import RawClient, chatctl_threads, wait_until
+from conftest import RawClient, chatctl_threads, register_many, wait_until
 
 # --- the seed's protocol, byte for byte ------------------------------------------------
 
@@ -221,12 +221,7 @@ def test_idle_and_registration_timeouts(make_server):
 
 def test_fifty_clients_get_every_message_exactly_once_in_order(server):
     n, per_sender = 50, 20
-    clients = []
-    for i in range(n):
-        c = RawClient(server.port, timeout=15)
-        c.send(f"USER|u{i}\n".encode())
-        assert c.line() == "USER_OK"
-        clients.append(c)
+    clients = register_many(server.port, [f"u{i}" for i in range(n)])
     wait_until(lambda: len(server.users()) == n)
 
     def blast(i):
