@@ -2818,7 +2818,10 @@ def join(host, port, config_file, user, no_color, bell) -> None:
     if interactive:
         client.run_interactive()
     else:
-        code = client.run_plain(sys.stdin, config.timeout)
+        import io
+
+        lines = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+        code = client.run_plain(lines, config.timeout)
         if code:
             sys.exit(code)
 

@@ -258,6 +258,14 @@ def test_plain_mode_prints_incoming_messages_as_plain_lines(server, user, isolat
         proc.kill()
 
 
+def test_plain_mode_survives_invalid_utf8_input(server, user, isolated_home):
+    bob = user("bob")
+    result = subprocess.run([*CHATCTL, "join", "-u", "bot", "-p", str(server.port)], env=isolated_home,
+                            input=b"ok \xff\xfe bytes\n", capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert bob.expect("MSG|").endswith("|bot|ok \ufffd\ufffd bytes")
+
+
 def test_plain_mode_failures_have_exit_codes(server, user, isolated_home):
     user("taken")
     result = run_cli("join", "-u", "taken", "-p", str(server.port), input="hi\n", env=isolated_home)
