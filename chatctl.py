@@ -1740,7 +1740,7 @@ class ChatServer:
             if target is not None and target.outbound.put(data):
                 ready.append(target)
         else:
-            ready.extend([s for s in self._members if s is not sender and s.outbound.put(data)])
+            ready.extend(self._queue_for_members(data, sender))
         self._delivered_upto = msg.id
         if sender.outbound.put(sender.acknowledgement(msg)):
             ready.append(sender)
@@ -1760,10 +1760,13 @@ class ChatServer:
             if session.outbound.put(block, force=True):  # bounded: HISTORY_PAGE_MAX frames
                 self.writer.schedule(session)
 
+    def _queue_for_members(self, data: bytes, sender: ClientSession | None) -> list[ClientSession]:
+        """Queue ``data`` for every member but ``sender``; returns the queues the writer must
+        hear of.  The caller holds the fan-out lock."""
+        return [s for s in self._members if s is not sender and s.outbound.put(data)]
+
     def _broadcast(self, data: bytes, sender: ClientSession | None) -> None:
-        """Queue ``data`` for every member but ``sender``; caller holds the fan-out lock."""
-        ready = [s for s in self._members if s is not sender and s.outbound.put(data)]
-        self.writer.schedule_many(ready)
+        self.writer.schedule_many(self._queue_for_members(data, sender))
 
     # --- timeouts ----------------------------------------------------------------------
 
