@@ -98,11 +98,10 @@ class ChatError(Exception):
 class ProtocolError(ChatError):
     """A frame the protocol cannot accept; the server answers ``ERR|code|text``."""
 
-    def __init__(self, code: str, text: str, *, fatal: bool = False):
+    def __init__(self, code: str, text: str):
         super().__init__(text)
         self.code = code
         self.text = text
-        self.fatal = fatal  # the connection is closed after the ERR line
 
 
 class ConfigError(ChatError):
@@ -1125,9 +1124,6 @@ class OutboundQueue:
                 self._chunks.insert(0, data[count:])
             self.size -= count
 
-    def __len__(self) -> int:
-        return self.size
-
 
 class Writer:
     """The thread that writes to every client socket, without ever blocking on one."""
@@ -1331,9 +1327,8 @@ class ClientSession:
             except ProtocolError as exc:
                 self.reply(encode_error(exc.code, exc.text))
                 self.errors_in_a_row += 1
-                if exc.fatal or self.errors_in_a_row >= self.server.config.max_errors:
-                    reason = exc.code if exc.fatal else "too many errors"
-                    self.disconnect(reason)
+                if self.errors_in_a_row >= self.server.config.max_errors:
+                    self.disconnect("too many errors")
             if self.leave_reason is not None:
                 break
 
@@ -1697,43 +1692,16 @@ class ChatServer:
             self.history.append(PendingMessage(msg, sender))
 
     def _committed(self, batch: list[PendingMessage]) -> None:
-        """Fan out a committed batch: each reader gets its part of it in one queue write.
-
-        Members that neither sent nor received a direct message in the batch
-        all get the same bytes (every broadcast); the others get their own
-        list, in id order, without their own messages and with their MSG_OKs.
-        """
         with self._fanout_lock:
-            shared: list[bytes] = []
-            own: dict[ClientSession, list[bytes]] = {}
-            for pending in batch:
-                msg, sender = pending.message, pending.sender
-                line = encode_message(msg)
-                if sender not in own:
-                    own[sender] = list(shared)
-                if msg.recipient is None:
-                    shared.append(line)
-                    for session, chunks in own.items():
-                        if session is not sender:
-                            chunks.append(line)
-                else:
-                    target = self._by_key.get(name_key(msg.recipient))
-                    if target is not None:
-                        own.setdefault(target, list(shared)).append(line)
-                own[sender].append(sender.acknowledgement(msg))
-                self._delivered_upto = msg.id
-            everyone = b"".join(shared)
-            ready = [s for s in self._members if s not in own and everyone and s.outbound.put(everyone)]
-            ready += [s for s, chunks in own.items() if chunks and s.outbound.put(b"".join(chunks))]
-        self.writer.schedule_many(ready)
-
-    def _not_stored(self, batch: list[PendingMessage], error: str) -> None:
-        for pending in batch:
-            pending.sender.reply(encode_error("storage-failed", ERROR_CODES["storage-failed"]))
+            ready = self._fan_out_batch(batch)
+        self.writer.schedule_many(ready)  # one wake-up for the whole batch
 
     def _fan_out(self, msg: ChatMessage, sender: ClientSession, ready: list[ClientSession]) -> None:
-        """Queue ``msg`` for its readers and its MSG_OK for the sender; caller holds the fan-out
-        lock and hands ``ready`` (the queues that need the writer) to the writer afterwards."""
+        """One message without history: queue it for its readers and its MSG_OK for the sender,
+        adding the queues that need the writer to ``ready``.  The caller holds the fan-out lock.
+
+        A batch of one through _fan_out_batch would do the same at about 20% less throughput.
+        """
         data = encode_message(msg)
         if msg.recipient is not None:
             target = self._by_key.get(name_key(msg.recipient))
@@ -1744,6 +1712,41 @@ class ChatServer:
         self._delivered_upto = msg.id
         if sender.outbound.put(sender.acknowledgement(msg)):
             ready.append(sender)
+
+    def _fan_out_batch(self, batch: list[PendingMessage]) -> list[ClientSession]:
+        """A committed batch: each reader gets its part of it in one queue write; returns the
+        queues that need the writer.  The caller holds the fan-out lock.
+
+        Members that neither sent nor received a direct message in the batch
+        all get the same bytes (every broadcast); the others get their own
+        list, in id order, without their own messages and with their MSG_OKs.
+        """
+        shared: list[bytes] = []
+        own: dict[ClientSession, list[bytes]] = {}
+        for pending in batch:
+            msg, sender = pending.message, pending.sender
+            line = encode_message(msg)
+            if sender not in own:
+                own[sender] = list(shared)
+            if msg.recipient is None:
+                shared.append(line)
+                for session, chunks in own.items():
+                    if session is not sender:
+                        chunks.append(line)
+            else:
+                target = self._by_key.get(name_key(msg.recipient))
+                if target is not None:
+                    own.setdefault(target, list(shared)).append(line)
+            own[sender].append(sender.acknowledgement(msg))
+            self._delivered_upto = msg.id
+        everyone = b"".join(shared)
+        ready = [s for s in self._members if s not in own and everyone and s.outbound.put(everyone)]
+        ready += [s for s, chunks in own.items() if chunks and s.outbound.put(b"".join(chunks))]
+        return ready
+
+    def _not_stored(self, batch: list[PendingMessage], error: str) -> None:
+        for pending in batch:
+            pending.sender.reply(encode_error("storage-failed", ERROR_CODES["storage-failed"]))
 
     def send_history(self, session: ClientSession, kind: str,
                      query: Callable[[HistoryStore, int], list[ChatMessage]]) -> None:
@@ -1836,7 +1839,6 @@ class ChatConnection:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buffer = bytearray()
         self.extended = False
-        self.server_version = ""
         self.pending: list[ServerEvent] = []
 
     def __enter__(self) -> ChatConnection:
@@ -1898,11 +1900,10 @@ class ChatConnection:
     def hello(self) -> None:
         """Announce chatctl; a seed server answers ERR and we keep to the seed's protocol."""
         try:
-            welcome = self.request("HELLO", PROTOCOL_NAME, expect=(Welcome,))
+            self.request("HELLO", PROTOCOL_NAME, expect=(Welcome,))
         except RejectedError:
             return
         self.extended = True
-        self.server_version = welcome.server
 
     def register(self, name: str) -> None:
         self.request("USER", name, expect=(Registered,))
@@ -2383,7 +2384,7 @@ class JoinClient:
         self.last_dm_from: str | None = None
         self.outbox: list[tuple[str, str | None, str]] = []  # sent, waiting for MSG_OK or ERR
         self.failures = 0
-        self.quitting = False
+        self.quit_reason = ""  # what /quit said; sent with QUIT
         self._shown_ids: set[int] = set()  # a message is never shown twice (backlog, then live)
         self._lock = threading.RLock()
         self._settled = threading.Condition(self._lock)
@@ -2546,8 +2547,6 @@ class JoinClient:
 
     # --- the two modes -----------------------------------------------------------------------
 
-    quit_reason = ""
-
     def start(self) -> None:
         users = self.session.start()
         self._set_online(users)
@@ -2587,7 +2586,6 @@ class JoinClient:
                         kept = line
                         self.warn("not connected: your line is kept; press Enter to send it once reconnected")
             finally:
-                self.quitting = True
                 self.session.close(self.quit_reason)
 
     def _confirm(self, prompt, lines: int) -> bool:
@@ -2617,7 +2615,6 @@ class JoinClient:
             if not self.wait_settled(timeout):
                 raise ServerTimeout("the server did not acknowledge every message in time")
         finally:
-            self.quitting = True
             self.session.close(self.quit_reason)
         return EXIT_REJECTED if self.failures else EXIT_OK
 

@@ -16,6 +16,13 @@ import chatctl
 from conftest import CHATCTL, RawClient, register_many, run_cli, wait_until
 
 
+def post_all(client: RawClient, texts) -> None:
+    """Send each text as a message and wait for its MSG_OK, one at a time."""
+    for text in texts:
+        client.send(f"MSG|{text}\n".encode())
+        client.expect("MSG_OK")
+
+
 def history_of(client: RawClient, request: bytes) -> tuple[list[chatctl.ChatMessage], str]:
     """Send a HISTORY or SEARCH request; the messages of the reply and its END line."""
     client.send(request)
@@ -31,9 +38,7 @@ def history_of(client: RawClient, request: bytes) -> tuple[list[chatctl.ChatMess
 
 def test_history_pages_and_ends_with_a_marker(server, user):
     ana = user("ana")
-    for i in range(1, 31):
-        ana.send(f"MSG|m{i}\n".encode())
-        ana.expect("MSG_OK")
+    post_all(ana, (f"m{i}" for i in range(1, 31)))
     messages, end = history_of(ana, b"HISTORY|LAST|10\n")
     assert [m.text for m in messages] == [f"m{i}" for i in range(21, 31)]
     assert end == "END|HISTORY|10"
@@ -78,9 +83,7 @@ def test_direct_messages_are_visible_only_to_their_two_parties(server, user, con
 
 def test_search_matches_words_and_survives_odd_queries(server, user):
     ana = user("ana")
-    for text in ("deploy failed on web1", "deploy ok", "lunch?", "web1 is back"):
-        ana.send(f"MSG|{text}\n".encode())
-        ana.expect("MSG_OK")
+    post_all(ana, ("deploy failed on web1", "deploy ok", "lunch?", "web1 is back"))
     found, end = history_of(ana, b"SEARCH|10|deploy web1\n")
     assert [m.text for m in found] == ["deploy failed on web1"]
     found, end = history_of(ana, b'SEARCH|10|"unbalanced AND (\n')
@@ -142,12 +145,8 @@ def test_fifty_concurrent_senders_no_loss_no_duplicates_ids_in_commit_order(serv
 def test_retention_keeps_the_newest_messages(make_server, monkeypatch):
     monkeypatch.setattr(chatctl, "PRUNE_INTERVAL", 0.2)
     server = make_server(history_max_messages=10)
-    ana = RawClient(server.port)
-    ana.send(b"USER|ana\n")
-    ana.expect("USER_OK")
-    for i in range(25):
-        ana.send(f"MSG|m{i}\n".encode())
-        ana.expect("MSG_OK")
+    [ana] = register_many(server.port, ["ana"])
+    post_all(ana, (f"m{i}" for i in range(25)))
     wait_until(lambda: server.history.count() == 10)
     messages, _ = history_of(ana, b"HISTORY|LAST|50\n")
     assert [m.text for m in messages] == [f"m{i}" for i in range(15, 25)]
@@ -298,9 +297,7 @@ def test_every_acknowledged_message_survives_kill_9(tmp_path, isolated_home):
 def test_history_command_table_json_search_and_paging(server, user, isolated_home):
     ana = user("ana")
     bob = user("bob")
-    for text in ("first [bold]not bold[/bold]", "second", "third deploy"):
-        ana.send(f"MSG|{text}\n".encode())
-        ana.expect("MSG_OK")
+    post_all(ana, ("first [bold]not bold[/bold]", "second", "third deploy"))
     bob.send(b"DM|ana|private note\n")
     bob.expect("MSG_OK")
     port = str(server.port)
@@ -330,12 +327,8 @@ def test_search_covers_indexed_and_not_yet_indexed_messages(make_server, monkeyp
     monkeypatch.setattr(chatctl, "FTS_CHUNK", 5)
     monkeypatch.setattr(chatctl, "FTS_MAX_LAG", 8)
     server = make_server()
-    ana = RawClient(server.port)
-    ana.send(b"USER|ana\n")
-    ana.expect("USER_OK")
-    for i in range(12):
-        ana.send(f"MSG|needle {i} haystack\n".encode())
-        ana.expect("MSG_OK")
+    [ana] = register_many(server.port, ["ana"])
+    post_all(ana, (f"needle {i} haystack" for i in range(12)))
     wait_until(lambda: server.history.fts_upto == server.history.last_id)  # indexed when quiet
     ana.send(b"MSG|needle late\n")  # in the tail, not yet indexed
     ana.expect("MSG_OK")
