@@ -17,12 +17,13 @@ Contents, in dependency order (search for the banner to jump):
     2. Errors                 ChatError and one subclass per section
     3. Protocol codec         bytes in, dataclasses out; no sockets
     4. Config                 chatctl.toml, CHATCTL_* and flags, in one place
-    5. Storage                HistoryStore: SQLite history with group commit
-    6. Server                 ChatServer, ClientSession, OutboundQueue, Writer
-    7. Client                 ChatConnection, LiveSession (join's link), one-shot helpers
-    8. Rendering              what reaches a terminal, neutralised; join's UI
-    9. CLI                    thin click commands over the objects above
-   10. main()
+    5. Storage                HistoryStore (SQLite, group commit), AccountStore
+    6. Security               passwords, rate limits, certificates, TLS channels, pins
+    7. Server                 ChatServer, ClientSession, OutboundQueue, Writer
+    8. Client                 ChatConnection, LiveSession (join's link), one-shot helpers
+    9. Rendering              what reaches a terminal, neutralised; join's UI
+   10. CLI                    thin click commands over the objects above
+   11. main()
 """
 
 from __future__ import annotations
@@ -71,11 +72,29 @@ RECONNECT_MIN, RECONNECT_MAX = 0.5, 30.0  # join's reconnect backoff, seconds
 PASTE_CONFIRM_LINES = 5              # a pasted message longer than this asks before sending
 BELL_MODES = ("off", "mentions", "all")  # join rings on nothing, mentions and DMs, or everything
 
+# Abuse limits: generous enough that a pasted burst, a bot posting a build log
+# and a LAN behind one NAT address never notice them; 0 switches one off.
+MAX_CONNECTIONS = 4096               # connections held at once
+MAX_PER_ADDRESS = 64                 # connections from one IP address
+RATE_PER_SECOND = 20.0               # frames a client may send per second, on average
+RATE_BURST = 100                     # frames a client may send at once (the bucket's size)
+FLOOD_LIMIT = 100                    # rate-limited frames in a row before the client is dropped
+AUTH_DELAY = 1.0                     # seconds a failed password waits before its ERR
+AUTH_MAX_FAILURES = 5                # failed passwords from one address before it is locked out
+AUTH_LOCKOUT = 60.0                  # seconds such an address stays locked out
+MIN_PASSWORD_CHARS = 8               # shortest password that protects a name
+MAX_PASSWORD_BYTES = 1024            # longest password (scrypt's cost grows with it)
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1  # about 16 MiB and 50 ms per hash
+TLS_HANDSHAKE_BYTE = 0x16            # the first byte of every TLS ClientHello
+TAKEN_OVER = "taken over"            # BYE reason prefix: the owner logged in elsewhere; do not reconnect
+
 RECV_CHUNK = 65536                   # bytes per recv(); transient, never kept past a frame
 LISTEN_BACKLOG = 1024
 THREAD_STACK_BYTES = 256 * 1024      # per-connection threads need little stack
 REAPER_INTERVAL = 0.5                # how often timeouts are checked
 DISCONNECT_LINGER = 2.0              # after BYE, how long a client may take to close its end
+
+log = logging.getLogger("chatctl")
 
 EXIT_OK = 0
 EXIT_ERROR = 1                       # anything not listed below
@@ -83,6 +102,7 @@ EXIT_USAGE = 2                       # bad flags or arguments (click's own code)
 EXIT_CONFIG = 3                      # bad config file, key, value or environment variable
 EXIT_CONNECT = 4                     # server unreachable, connection lost, timed out
 EXIT_REJECTED = 5                    # the server answered ERR (name taken, unknown user, ...)
+EXIT_TLS = 6                         # the server's certificate failed verification or its pin
 
 # =============================================================================
 # 2. Errors
@@ -96,12 +116,17 @@ class ChatError(Exception):
 
 
 class ProtocolError(ChatError):
-    """A frame the protocol cannot accept; the server answers ``ERR|code|text``."""
+    """A frame the protocol cannot accept; the server answers ``ERR|code|text``.
 
-    def __init__(self, code: str, text: str):
+    ``closes``: the server drops the connection after the ERR (a wrong server
+    password, plain text where TLS is required).
+    """
+
+    def __init__(self, code: str, text: str, closes: bool = False):
         super().__init__(text)
         self.code = code
         self.text = text
+        self.closes = closes
 
 
 class ConfigError(ChatError):
@@ -116,6 +141,12 @@ class StorageError(ChatError):
 
 class ServerError(ChatError):
     """The server cannot start (address in use, permission denied, ...)."""
+
+
+class TlsError(ChatError):
+    """A certificate cannot be made or loaded, or a server's does not match its pin."""
+
+    exit_code = EXIT_TLS
 
 
 class ClientError(ChatError):
@@ -166,6 +197,16 @@ ERROR_CODES = {
     "history-off": "this server keeps no history",
     "history-failed": "the history could not be read",
     "storage-failed": "the message could not be stored, so it was not sent",
+    "password-required": "this server needs PASS|<password> first",
+    "bad-password": "wrong password",
+    "auth-locked": "too many failed passwords from this address; try again later",
+    "name-protected": "that name is protected: USER|<name>|<password>",
+    "not-owner": "only the owner of a protected name can change it",
+    "weak-password": "passwords are 8 to 1024 bytes",
+    "accounts-off": "this server keeps no accounts",
+    "rate-limited": "too many frames too fast; this one was dropped",
+    "tls-required": "this server only speaks TLS; connect with --tls",
+    "too-many-connections": "the server or your address has too many connections",
 }
 
 SEED_DIR_PREFIX = "Users logged in: "
@@ -464,13 +505,21 @@ class EndOfList:
 
 
 @dataclass(frozen=True, slots=True)
+class Confirmed:
+    """``PASS_OK``, ``REGISTER_OK|name`` or ``UNREGISTER_OK|name``."""
+
+    verb: str
+    arg: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class UnknownLine:
     line: str
 
 
 ServerEvent = (
     Delivered | Acknowledged | Registered | Welcome | UserList | Joined | Left
-    | ErrorReply | Pong | Goodbye | EndOfList | UnknownLine
+    | ErrorReply | Pong | Goodbye | EndOfList | Confirmed | UnknownLine
 )
 
 
@@ -499,6 +548,8 @@ def _parse_event(line: str) -> ServerEvent:
         return Acknowledged(int(mid), parse_timestamp(ts))
     if line == "USER_OK":
         return Registered()
+    if verb in ("PASS_OK", "REGISTER_OK", "UNREGISTER_OK"):
+        return Confirmed(verb[:-3], rest)
     if verb == "HELLO":
         protocol, server = rest.split("|", 1)
         return Welcome(protocol, server)
@@ -570,6 +621,26 @@ class ServerConfig:
     history_max_messages: int = _key(0, "keep at most this many messages (0: no limit)", min=0)
     history_max_days: float = _key(0.0, "keep messages at most this many days (0: no limit)", min=0)
     log_level: str = _key("info", "debug, info, warning or error", choices=LOG_LEVELS)
+    # Security: see README.md, Security.
+    password: str = _key("", "password every client sends (PASS) before USER (empty: none); "
+                         "better set CHATCTL_PASSWORD than write it here")
+    tls: bool = _key(False, "accept TLS on the same port as plain text")
+    tls_required: bool = _key(False, "refuse plain-text clients (with tls on)")
+    tls_cert: str = _key("", "certificate file, PEM (empty: a self-signed one made in the data directory)")
+    tls_key: str = _key("", "private key file, PEM (empty: the one made with the certificate)")
+    accounts_db: str = _key("", "protected names file (empty: accounts.db in the user data directory)")
+    max_connections: int = _key(MAX_CONNECTIONS, "connections held at once (0: no limit)", min=0)
+    max_per_address: int = _key(MAX_PER_ADDRESS, "connections from one IP address (0: no limit)", min=0)
+    rate: float = _key(RATE_PER_SECOND, "frames per second one client may send on average (0: no limit)",
+                       min=0)
+    burst: int = _key(RATE_BURST, "frames one client may send at once, above the rate", min=1)
+    flood_limit: int = _key(FLOOD_LIMIT, "rate-limited frames in a row before the client is dropped",
+                            min=1)
+    auth_delay: float = _key(AUTH_DELAY, "seconds a wrong password waits before its ERR", min=0, max=30)
+    auth_max_failures: int = _key(AUTH_MAX_FAILURES,
+                                  "wrong passwords from one address before it is locked out (0: never)",
+                                  min=0)
+    auth_lockout: float = _key(AUTH_LOCKOUT, "seconds a locked-out address must wait", min=0)
     # Where the values came from, for the start-up log line; not a key.
     files: tuple[Path, ...] = field(default=(), repr=False, metadata={"internal": True})
 
@@ -586,6 +657,11 @@ class ClientConfig:
                      choices=BELL_MODES)
     backlog: int = _key(20, "messages join shows from the history when it enters (0: none)",
                         min=0, max=500)
+    tls: bool = _key(False, "connect with TLS")
+    cafile: str = _key("", "CA certificates to verify the server with (empty: pin on first use)")
+    tls_fingerprint: str = _key("", "the server certificate's SHA-256 fingerprint, pinned up front")
+    password: str = _key("", "the server's password, if it has one; better set CHATCTL_PASSWORD")
+    user_password: str = _key("", "the password of your protected name; better set CHATCTL_USER_PASSWORD")
     files: tuple[Path, ...] = field(default=(), repr=False, metadata={"internal": True})
 
 
@@ -1069,17 +1145,408 @@ def _split_sql(script: str) -> list[str]:
     return statements
 
 
+class AccountStore:
+    """Protected names and their password hashes, in a small SQLite file of their own.
+
+    Apart from the history, so that a server without history still protects
+    names, and an operator can wipe the one without the other.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        import sqlite3
+
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA busy_timeout = 5000")
+            self._db.execute("CREATE TABLE IF NOT EXISTS accounts (key TEXT PRIMARY KEY, name TEXT NOT NULL, "
+                             "hash TEXT NOT NULL, created REAL NOT NULL)")
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError(f"{self.path}: cannot use the accounts database: {exc}") from None
+        self._lock = threading.Lock()
+
+    def password_hash(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT hash FROM accounts WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def protect(self, key: str, name: str, password_hash: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO accounts VALUES (?, ?, ?, ?)",
+                             (key, name, password_hash, time.time()))
+
+    def unprotect(self, key: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM accounts WHERE key = ?", (key,))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
 # =============================================================================
-# 6. Server
+# 6. Security
+# =============================================================================
+# TLS runs over memory buffers (ssl.MemoryBIO), never ssl.SSLSocket: OpenSSL
+# forbids reading and writing one connection from two threads at once, and
+# the server reads each client in its reader thread and writes it in the
+# writer thread.  TlsChannel serialises the two with a lock.  Passwords are
+# kept only as salted scrypt hashes and compared in constant time.
+
+KNOWN_SERVERS_FILE = "known_servers"   # in the user config directory: host:port fingerprint
+CERT_FILE, KEY_FILE = "server-cert.pem", "server-key.pem"   # made in the user data directory
+CERT_DAYS = 3650
+
+
+def hash_password(password: str) -> str:
+    """``scrypt$n$r$p$salt$hash``, salt and hash in base64."""
+    import base64
+    import hashlib
+
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
+    b64 = base64.b64encode
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    import base64
+    import hashlib
+    import hmac
+
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        expected = base64.b64decode(digest)
+        actual = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r),
+                                p=int(p), dklen=len(expected), maxmem=256 << 20)
+    except (ValueError, TypeError):
+        return False
+    return scheme == "scrypt" and hmac.compare_digest(actual, expected)
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """Constant time, whatever the lengths (digests of equal size are compared)."""
+    import hashlib
+    import hmac
+
+    return hmac.compare_digest(hashlib.sha256(given.encode()).digest(),
+                               hashlib.sha256(expected.encode()).digest())
+
+
+class AuthThrottle:
+    """Failed passwords per IP address: each is counted, and too many lock the address out."""
+
+    MAX_TRACKED = 10000  # addresses remembered at once; the oldest are forgotten first
+
+    def __init__(self, max_failures: int, lockout: float):
+        self.max_failures = max_failures
+        self.lockout = lockout
+        self._failures: dict[str, tuple[int, float]] = {}  # host -> (count, time of the last)
+        self._lock = threading.Lock()
+
+    def locked_for(self, host: str) -> float:
+        """Seconds ``host`` must still wait (0: it may try)."""
+        with self._lock:
+            count, last = self._failures.get(host, (0, 0.0))
+        if not self.max_failures or count < self.max_failures:
+            return 0.0
+        return max(0.0, last + self.lockout - time.monotonic())
+
+    def failed(self, host: str) -> int:
+        now = time.monotonic()
+        with self._lock:
+            count, last = self._failures.pop(host, (0, 0.0))
+            if now - last > self.lockout:
+                count = 0  # an old streak is forgiven
+            self._failures[host] = (count + 1, now)
+            while len(self._failures) > self.MAX_TRACKED:
+                del self._failures[next(iter(self._failures))]
+            return count + 1
+
+    def succeeded(self, host: str) -> None:
+        with self._lock:
+            self._failures.pop(host, None)
+
+
+class TokenBucket:
+    """``rate`` tokens a second up to ``burst``; a frame takes one.  rate 0: no limit."""
+
+    __slots__ = ("burst", "last", "rate", "tokens")
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.last = time.monotonic()
+
+    def take(self) -> bool:
+        if not self.rate:
+            return True
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+# --- certificates and fingerprints ---------------------------------------------------
+
+
+def certificate_fingerprint(der: bytes) -> str:
+    """``SHA256:`` and the base64 digest of a DER certificate, as ssh shows host keys."""
+    import base64
+    import hashlib
+
+    return "SHA256:" + base64.b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
+
+
+def parse_fingerprint(text: str) -> str:
+    """A fingerprint as the user gives it (``SHA256:base64`` or hex, colons allowed), normalised."""
+    import base64
+    import binascii
+
+    text = text.strip()
+    body = text[7:] if text.upper().startswith("SHA256:") else text
+    hexed = body.replace(":", "")
+    try:
+        if len(hexed) == 64:
+            digest = bytes.fromhex(hexed)
+        else:
+            digest = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    except (ValueError, binascii.Error):
+        digest = b""
+    if len(digest) != 32:
+        raise TlsError(f"not a SHA-256 fingerprint: {text!r} (expected SHA256:<base64> or 64 hex digits)")
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def generate_certificate(cert_path: Path, key_path: Path) -> None:
+    """A self-signed certificate for this host (P-256, valid for CERT_DAYS), key file mode 0600."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    host = socket.gethostname()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.UTC)
+    names = [x509.DNSName(host), x509.DNSName("localhost"),
+             x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    try:
+        key_path.parent.mkdir(parents=True, exist_ok=True)
+        cert_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key_pem)
+        os.chmod(key_path, 0o600)  # O_CREAT's mode does not apply to a file that was there
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    except OSError as exc:
+        raise TlsError(f"cannot write the TLS certificate: {exc.strerror or exc}: "
+                       f"{exc.filename or cert_path}") from None
+
+
+def server_tls_context(cert: str, key: str):
+    """The server's SSLContext and its certificate's fingerprint.
+
+    With neither file configured, the certificate made on first start in the
+    data directory is used (and made if it is not there yet).
+    """
+    import ssl
+
+    if not cert and not key:
+        cert_path, key_path = user_data_dir() / CERT_FILE, user_data_dir() / KEY_FILE
+        if not cert_path.exists() or not key_path.exists():
+            generate_certificate(cert_path, key_path)
+            log.info("made a self-signed TLS certificate: %s (key %s)", cert_path, key_path)
+    elif not cert or not key:
+        raise TlsError("set both tls_cert and tls_key, or neither (to use a generated certificate)")
+    else:
+        cert_path, key_path = Path(cert).expanduser(), Path(key).expanduser()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_path, key_path)
+        der = ssl.PEM_cert_to_DER_cert(cert_path.read_text())
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        raise TlsError(f"cannot load the TLS certificate {cert_path} or key {key_path}: "
+                       f"{getattr(exc, 'strerror', None) or exc}") from None
+    return context, certificate_fingerprint(der)
+
+
+class TlsChannel:
+    """One TLS connection over memory buffers: ciphertext in and out, plaintext to and from us.
+
+    Safe for one reading thread (receive) and one writing thread (seal) at
+    once.  Plaintext sealed before the handshake completes waits for it.
+    """
+
+    def __init__(self, context, server_side: bool, server_hostname: str | None = None):
+        import ssl
+
+        self._ssl = ssl
+        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._obj = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
+                                     server_hostname=server_hostname)
+        self._lock = threading.Lock()
+        self._held = bytearray()
+        self.handshaken = False
+        self.peer_closed = False
+        self.unsent = b""  # ciphertext a non-blocking send did not take (the server's writer keeps it)
+
+    def start(self) -> None:
+        """A client's first move: its ClientHello goes to the outgoing buffer."""
+        with self._lock:
+            self._handshake()
+
+    def _handshake(self) -> None:
+        try:
+            self._obj.do_handshake()
+        except self._ssl.SSLWantReadError:
+            return
+        self.handshaken = True
+        if self._held:
+            self._obj.write(bytes(self._held))
+            self._held.clear()
+
+    def receive(self, data: bytes) -> bytes:
+        """Ciphertext from the peer; the plaintext it completes (often b'').  Raises ssl.SSLError."""
+        with self._lock:
+            self._incoming.write(data)
+            if not self.handshaken:
+                self._handshake()
+                if not self.handshaken:
+                    return b""
+            chunks = []
+            while True:
+                try:
+                    chunk = self._obj.read(RECV_CHUNK)
+                except self._ssl.SSLWantReadError:
+                    break
+                except self._ssl.SSLZeroReturnError:
+                    self.peer_closed = True
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    @property
+    def has_output(self) -> bool:
+        return self._outgoing.pending > 0
+
+    def seal(self, plain: bytes) -> bytes:
+        """Encrypt ``plain``; returns every ciphertext byte due to the peer, handshake records included."""
+        with self._lock:
+            if plain:
+                if self.handshaken:
+                    self._obj.write(plain)
+                else:
+                    self._held += plain
+            return self._outgoing.read()
+
+    def close_notify(self) -> bytes:
+        with self._lock:
+            try:
+                self._obj.unwrap()
+            except self._ssl.SSLError:
+                pass  # the peer's close_notify has not come; ours is in the buffer all the same
+            return self._outgoing.read()
+
+    def peer_certificate(self) -> bytes:
+        return self._obj.getpeercert(binary_form=True) or b""
+
+
+class KnownServers:
+    """Pinned server certificates, one ``host:port fingerprint`` line each, like ssh's known_hosts."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or user_config_dir() / KNOWN_SERVERS_FILE
+
+    def _lines(self) -> list[str]:
+        try:
+            return self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise TlsError(f"cannot read {self.path}: {exc.strerror}") from None
+
+    def lookup(self, address: str) -> tuple[str, int] | None:
+        """The recorded fingerprint of ``address`` and its line number, or None."""
+        for number, line in enumerate(self._lines(), 1):
+            fields = line.split()
+            if len(fields) == 2 and fields[0] == address:
+                return fields[1], number
+        return None
+
+    def record(self, address: str, fingerprint: str) -> None:
+        lines = [ln for ln in self._lines() if ln.split()[:1] != [address]]
+        lines.append(f"{address} {fingerprint}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_name(self.path.name + ".tmp")
+            temporary.write_text("\n".join(lines) + "\n")
+            os.replace(temporary, self.path)
+        except OSError as exc:
+            raise TlsError(f"cannot record the server's certificate in {self.path}: {exc.strerror}") from None
+
+
+def check_pin(address: str, fingerprint: str, pinned: str, known: KnownServers,
+              ask: Callable[[str, str], bool] | None) -> str | None:
+    """Trust on first use: pass, or raise TlsError.  Returns a notice for the user, if any.
+
+    ``pinned`` (--tls-fingerprint) must match and then replaces the record;
+    this is also how a new certificate is accepted on purpose.  An unknown
+    server is recorded, after ``ask`` agrees when there is someone to ask.
+    """
+    if pinned:
+        pinned = parse_fingerprint(pinned)
+        if fingerprint != pinned:
+            raise TlsError(f"the certificate of {address} is {fingerprint}, not the pinned {pinned}; "
+                           "refusing to connect")
+        known.record(address, fingerprint)
+        return None
+    entry = known.lookup(address)
+    if entry is not None:
+        recorded, line = entry
+        if recorded == fingerprint:
+            return None
+        raise TlsError(
+            f"WARNING: THE TLS CERTIFICATE OF {address} HAS CHANGED!\n"
+            f"  recorded:  {recorded}  ({known.path}, line {line})\n"
+            f"  presented: {fingerprint}\n"
+            "Someone may be intercepting this connection, or the server's certificate was replaced.\n"
+            "Refusing to connect.  If the operator confirms the new fingerprint, accept it with:\n"
+            f"  --tls-fingerprint {fingerprint}")
+    if ask is not None and not ask(address, fingerprint):
+        raise TlsError(f"did not trust {address} ({fingerprint})")
+    known.record(address, fingerprint)
+    if ask is None:
+        return f"recorded the certificate of {address} ({fingerprint}) in {known.path}"
+    return None
+
+# =============================================================================
+# 7. Server
 # =============================================================================
 # One reader thread per connection parses frames and handles commands.  Every
 # write to a client goes through that client's OutboundQueue and is done by
 # the single Writer thread, which sends whatever has queued up in one call:
 # a slow client only ever fills its own queue, and a burst of deliveries to
 # one client costs one system call, not one per message.
-
-log = logging.getLogger("chatctl")
-
 
 class OutboundQueue:
     """Bytes waiting to be written to one client, bounded like an IRC server's SendQ."""
@@ -1212,34 +1679,47 @@ class Writer:
     def _flush(self, session: ClientSession, final: bool = False) -> None:
         if session not in self._open:
             return  # already closed; a late wake-up
-        queue = session.outbound
+        queue, tls = session.outbound, session.tls
         if queue.overflowed and session.leave_reason is None:
             session.disconnect("sendq exceeded", level=logging.WARNING)
         data = queue.take()
+        if tls is not None:  # the queue holds plaintext; what is sealed is owed to the peer as is
+            queue.sent(data, len(data))
+            data = tls.unsent + tls.seal(data)
         if data:
-            try:
-                count = session.sock.send(data, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                count = 0
-            except OSError:
-                count = len(data)  # the peer is gone; the reader will notice and clean up
-            queue.sent(data, count)
+            count = self._send(session.sock, data)
+            if tls is None:
+                queue.sent(data, count)
+            else:
+                tls.unsent = data[count:]
         if session.closing or final:
             self._close(session)
             return
-        if session.leave_reason is not None and not queue.size and not session.write_shut:
+        backlog = queue.size or (tls is not None and tls.unsent)
+        if session.leave_reason is not None and not backlog and not session.write_shut:
             # BYE is out: a half-close lets the client read it before the socket goes
             session.write_shut = True
+            if tls is not None and tls.handshaken:
+                self._send(session.sock, tls.close_notify())
             try:
                 session.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
-        if queue.size and session not in self._waiting:
+        if backlog and session not in self._waiting:
             self._selector.register(session.sock, selectors.EVENT_WRITE, session)
             self._waiting.add(session)
-        elif not queue.size and session in self._waiting:
+        elif not backlog and session in self._waiting:
             self._selector.unregister(session.sock)
             self._waiting.discard(session)
+
+    @staticmethod
+    def _send(sock: socket.socket, data: bytes) -> int:
+        try:
+            return sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            return len(data)  # the peer is gone; the reader will notice and clean up
 
     def _close(self, session: ClientSession) -> None:
         if session in self._waiting:
@@ -1260,6 +1740,12 @@ class ClientSession:
         self.server = server
         self.sock = sock
         self.peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        self.host = address[0] if isinstance(address, tuple) else str(address)
+        self.tls: TlsChannel | None = None   # set by the first bytes, if they open a TLS handshake
+        self.authorized = not server.config.password  # PASS done, where the server wants one
+        self.owner = False                  # proved the password of its protected name
+        self.bucket = TokenBucket(server.config.rate, server.config.burst)
+        self.limited_in_a_row = 0
         self.name: str | None = None
         self.key: str | None = None
         self.extended = False           # sent HELLO: gets the richer replies
@@ -1293,6 +1779,8 @@ class ClientSession:
         sock, decoder = self.sock, self.decoder
         pause_ms = int(self.server.config.unframed_pause * 1000)
         poller = None
+        if not self._open_transport():
+            return
         while True:
             if decoder.waiting_for_pause and self.leave_reason is None:
                 if poller is None:
@@ -1308,29 +1796,85 @@ class ClientSession:
             if self.leave_reason is not None:
                 continue  # leaving: read and drop until the client closes, so it gets its BYE
             self.last_active = time.monotonic()
+            if self.tls is not None and not (data := self._decrypt(data)):
+                if self.tls.peer_closed or self.leave_reason is not None:
+                    break
+                continue
             self.process(decoder.feed(data))
+
+    def _open_transport(self) -> bool:
+        """Look at the first bytes: a TLS handshake, or plain text (refused where TLS is required).
+
+        The bytes are peeked, not read, so plain text goes through the usual
+        path; False when the connection is over before it began.
+        """
+        config = self.server.config
+        if not config.tls:
+            return True
+        first = self.sock.recv(1, socket.MSG_PEEK)
+        if not first:
+            self.leave_reason = "connection closed"
+            return False
+        if first[0] == TLS_HANDSHAKE_BYTE:
+            self.tls = TlsChannel(self.server.tls_context, server_side=True)
+        elif config.tls_required:
+            self.reply(encode_error("tls-required", ERROR_CODES["tls-required"]))
+            self.disconnect("plain text where TLS is required")
+        return True
+
+    def _decrypt(self, data: bytes) -> bytes:
+        import ssl
+
+        try:
+            plain = self.tls.receive(data)
+        except ssl.SSLError as exc:
+            log.warning("TLS from %s failed: %s", self.peer, exc.reason or exc)
+            self.leave_reason = "TLS error"
+            return b""
+        if self.tls.has_output:
+            self.server.writer.schedule(self)
+        return plain
 
     def process(self, items: list[bytes | ProtocolError]) -> None:
         """Handle decoded frames in order; only protocol errors are caught."""
         for item in items:
-            try:
-                if isinstance(item, ProtocolError):
-                    raise item
-                request = decode_request(item)
-                handler = COMMAND_HANDLERS.get(request.verb)
-                if handler is None:
-                    shown = sanitise_text(request.verb[:32])
-                    raise ProtocolError("unknown-command", f"unknown command {shown!r} "
-                                        "(try USER, MSG, DM, ME, DIR, HISTORY, SEARCH, PING, QUIT)")
-                handler(self, request.arg)
-                self.errors_in_a_row = 0
-            except ProtocolError as exc:
-                self.reply(encode_error(exc.code, exc.text))
-                self.errors_in_a_row += 1
-                if self.errors_in_a_row >= self.server.config.max_errors:
-                    self.disconnect("too many errors")
+            if not self.bucket.take():
+                self._rate_limited()
+            else:
+                self.limited_in_a_row = 0
+                try:
+                    self.dispatch(item)
+                    self.errors_in_a_row = 0
+                except ProtocolError as exc:
+                    self.reply(encode_error(exc.code, exc.text))
+                    self.errors_in_a_row += 1
+                    if exc.closes:
+                        self.disconnect(exc.code)
+                    elif self.errors_in_a_row >= self.server.config.max_errors:
+                        self.disconnect("too many errors")
             if self.leave_reason is not None:
                 break
+
+    def dispatch(self, item: bytes | ProtocolError) -> None:
+        if isinstance(item, ProtocolError):
+            raise item
+        request = decode_request(item)
+        handler = COMMAND_HANDLERS.get(request.verb)
+        if handler is None:
+            shown = sanitise_text(request.verb[:32])
+            raise ProtocolError("unknown-command", f"unknown command {shown!r} "
+                                "(try USER, MSG, DM, ME, DIR, HISTORY, SEARCH, PING, QUIT)")
+        if not self.authorized and request.verb not in BEFORE_PASS_COMMANDS:
+            raise ProtocolError("password-required", ERROR_CODES["password-required"], closes=True)
+        handler(self, request.arg)
+
+    def _rate_limited(self) -> None:
+        self.limited_in_a_row += 1
+        if self.limited_in_a_row >= self.server.config.flood_limit:
+            self.disconnect("flooding", level=logging.WARNING)
+        elif self.limited_in_a_row == 1 or self.outbound.size < self.server.config.sendq // 2:
+            # a flood does not get to fill its own queue with our ERRs
+            self.reply(encode_error("rate-limited", ERROR_CODES["rate-limited"]))
 
     # --- writing ---------------------------------------------------------------
 
@@ -1372,10 +1916,37 @@ class ClientSession:
         self.extended = True
         self.reply(encode_line("HELLO", PROTOCOL_NAME, f"chatctl {__version__}"))
 
+    def handle_pass(self, arg: str | None) -> None:
+        expected = self.server.config.password
+        if expected and not same_secret(arg or "", expected):
+            self.server.auth_failed(self, "wrong server password")
+            raise ProtocolError("bad-password", "wrong server password", closes=True)
+        self.authorized = True
+        self.reply(b"PASS_OK\n")
+
     def handle_user(self, arg: str | None) -> None:
         if self.name is not None:
             raise ProtocolError("already-registered", f"already registered as {self.name}")
-        self.server.register(self, validate_name(arg, self.server.config.max_name))
+        name, sep, password = (arg or "").partition("|")
+        self.server.register(self, validate_name(name if arg is not None else None,
+                                                 self.server.config.max_name),
+                             password if sep else None)
+
+    def handle_register(self, arg: str | None) -> None:
+        """``REGISTER|password``: protect the name this session holds (or change its password)."""
+        if self.name is None:
+            raise ProtocolError("not-registered", "register first: USER|<name>")
+        password = arg or ""
+        if not (MIN_PASSWORD_CHARS <= len(password) and len(password.encode()) <= MAX_PASSWORD_BYTES):
+            raise ProtocolError("weak-password", ERROR_CODES["weak-password"])
+        self.server.protect(self, password)
+        self.reply(encode_line("REGISTER_OK", self.name))
+
+    def handle_unregister(self, arg: str | None) -> None:
+        if self.name is None:
+            raise ProtocolError("not-registered", "register first: USER|<name>")
+        self.server.unprotect(self)
+        self.reply(encode_line("UNREGISTER_OK", self.name))
 
     def handle_msg(self, arg: str | None) -> None:
         self._publish("msg", arg)
@@ -1455,7 +2026,10 @@ Handler = Callable[[ClientSession, "str | None"], None]
 
 COMMAND_HANDLERS: dict[str, Handler] = {
     "HELLO": ClientSession.handle_hello,
+    "PASS": ClientSession.handle_pass,
     "USER": ClientSession.handle_user,
+    "REGISTER": ClientSession.handle_register,
+    "UNREGISTER": ClientSession.handle_unregister,
     "MSG": ClientSession.handle_msg,
     "ME": ClientSession.handle_me,
     "DM": ClientSession.handle_dm,
@@ -1465,6 +2039,8 @@ COMMAND_HANDLERS: dict[str, Handler] = {
     "HISTORY": ClientSession.handle_history,
     "SEARCH": ClientSession.handle_search,
 }
+
+BEFORE_PASS_COMMANDS = frozenset({"HELLO", "PASS", "PING", "QUIT"})
 
 
 class ChatServer:
@@ -1494,6 +2070,19 @@ class ChatServer:
         except StorageError:
             self._listener.close()
             raise
+        try:
+            self.accounts = self._open_accounts()
+            self.tls_context, self.tls_fingerprint = None, ""
+            if self.config.tls:
+                self.tls_context, self.tls_fingerprint = server_tls_context(self.config.tls_cert,
+                                                                            self.config.tls_key)
+        except ChatError:
+            self._listener.close()
+            if self.history is not None:
+                self.history.close()
+            raise
+        self.throttle = AuthThrottle(self.config.auth_max_failures, self.config.auth_lockout)
+        self._per_address: dict[str, int] = {}
         self._ids = itertools.count((self.history.last_id if self.history else 0) + 1)
         self._delivered_upto = self.history.last_id if self.history else 0
         self._accept_lock = threading.Lock()             # ids reach the history in id order
@@ -1503,6 +2092,10 @@ class ChatServer:
             return None
         path = Path(self.config.db).expanduser() if self.config.db else user_data_dir() / "history.db"
         return HistoryStore(path, self.config.history_max_messages, self.config.history_max_days)
+
+    def _open_accounts(self) -> AccountStore:
+        path = self.config.accounts_db
+        return AccountStore(Path(path).expanduser() if path else user_data_dir() / "accounts.db")
 
     def _bind(self) -> socket.socket:
         host, port = self.config.host, self.config.port
@@ -1575,6 +2168,7 @@ class ChatServer:
             session.thread.join(max(0.0, deadline - time.monotonic()))
         if self.history is not None:
             self.history.close(timeout)  # commits and acknowledges what is queued
+        self.accounts.close()
         self.writer.stop(timeout)
         self._wake_r.close()
         self._wake_w.close()
@@ -1607,36 +2201,110 @@ class ChatServer:
                     self._start_session(sock, address)
 
     def wrap_connection(self, sock: socket.socket, address: tuple) -> socket.socket:
-        """Every accepted socket passes here before it is served (TLS hooks in here)."""
+        """Every accepted socket passes here before it is served (TLS is told apart in the reader)."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         return sock
+
+    def _over_limit(self, host: str) -> str | None:
+        """Why one more connection from ``host`` is refused, or None.  Holds the registry lock."""
+        config = self.config
+        if config.max_connections and len(self._sessions) >= config.max_connections:
+            return f"the server is full ({config.max_connections} connections)"
+        if config.max_per_address and self._per_address.get(host, 0) >= config.max_per_address:
+            return f"too many connections from {host} (at most {config.max_per_address})"
+        return None
 
     def _start_session(self, sock: socket.socket, address: tuple) -> None:
         session = ClientSession(self, self.wrap_connection(sock, address), address,
                                 next(self._conn_numbers))
         with self._registry_lock:
-            self._sessions.add(session)
+            refused = self._over_limit(session.host)
+            if refused is None:
+                self._sessions.add(session)
+                self._per_address[session.host] = self._per_address.get(session.host, 0) + 1
+        if refused is not None:
+            log.warning("refused a connection from %s: %s", session.peer, refused)
+            Writer._send(sock, encode_error("too-many-connections", refused))
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            sock.close()
+            return
         self.writer.adopt(session)
         log.debug("connection from %s", session.peer)
         session.thread.start()
 
     # --- the registry --------------------------------------------------------------
 
-    def register(self, session: ClientSession, name: str) -> None:
+    def auth_failed(self, session: ClientSession, what: str) -> None:
+        """Log a wrong password, count it against the address, and make the client wait for its ERR."""
+        failures = self.throttle.failed(session.host)
+        log.warning("authentication failed from %s: %s (%d in a row)", session.peer, what, failures)
+        if self.config.auth_delay:
+            self._stopping.wait(self.config.auth_delay)
+
+    def _check_owner(self, session: ClientSession, name: str, password: str | None) -> bool:
+        """Whether ``name`` is protected; raises unless ``password`` is its password."""
+        stored = self.accounts.password_hash(name_key(name))
+        if stored is None:
+            return False
+        if password is None:
+            raise ProtocolError("name-protected", f"the name {name!r} is protected: USER|{name}|<password>")
+        wait = self.throttle.locked_for(session.host)
+        if wait:
+            raise ProtocolError("auth-locked", f"too many failed passwords from {session.host}; "
+                                f"try again in {int(wait) + 1} s")
+        if not verify_password(password, stored):
+            self.auth_failed(session, f"wrong password for {name}")
+            raise ProtocolError("bad-password", f"wrong password for {name!r}")
+        self.throttle.succeeded(session.host)
+        return True
+
+    def register(self, session: ClientSession, name: str, password: str | None = None) -> None:
+        """Give ``session`` the name; the owner of a protected name takes it over from a stale session."""
         key = name_key(name)
-        with self._registry_lock:
-            if key in self._by_key:
+        owner = self._check_owner(session, name, password)
+        for _ in range(2):
+            with self._registry_lock:
+                holder = self._by_key.get(key)
+                if holder is None:
+                    self._add_member(session, name, key)
+                    break
+            if not owner:
                 raise ProtocolError("name-taken", f"the name {name!r} is in use")
-            session.name, session.key = name, key
-            session.registered_at = time.time()
-            session.last_spoke = time.monotonic()
-            self._by_key[key] = session
-            with self._fanout_lock:
-                self._members = (*self._members, session)
-                session.reply(b"USER_OK\n")
-                self._broadcast(encode_line("JOIN", format_timestamp(time.time()), name), session)
+            log.info("%s logged in again from %s; closing the one from %s", name, session.peer, holder.peer)
+            holder.disconnect(f"{TAKEN_OVER}: {name} logged in again from {session.host}")
+        else:
+            raise ProtocolError("name-taken", f"the name {name!r} is in use")
+        session.owner = owner
         log.info("%s joined from %s", name, session.peer)
+
+    def protect(self, session: ClientSession, password: str) -> None:
+        if self.accounts.password_hash(session.key) is not None and not session.owner:
+            raise ProtocolError("not-owner", ERROR_CODES["not-owner"])
+        self.accounts.protect(session.key, session.name, hash_password(password))
+        session.owner = True
+        log.info("%s protected their name", session.name)
+
+    def unprotect(self, session: ClientSession) -> None:
+        if not session.owner:
+            raise ProtocolError("not-owner", ERROR_CODES["not-owner"])
+        self.accounts.unprotect(session.key)
+        session.owner = False
+        log.info("%s dropped the protection of their name", session.name)
+
+    def _add_member(self, session: ClientSession, name: str, key: str) -> None:
+        """The name is free: make ``session`` a member.  The caller holds the registry lock."""
+        session.name, session.key = name, key
+        session.registered_at = time.time()
+        session.last_spoke = time.monotonic()
+        self._by_key[key] = session
+        with self._fanout_lock:
+            self._members = (*self._members, session)
+            session.reply(b"USER_OK\n")
+            self._broadcast(encode_line("JOIN", format_timestamp(time.time()), name), session)
 
     def depart(self, session: ClientSession) -> None:
         """Take ``session`` off the member list and tell the others; once per session."""
@@ -1658,7 +2326,13 @@ class ChatServer:
         """The reader of ``session`` ended: forget it and let the writer close the socket."""
         self.depart(session)
         with self._registry_lock:
-            self._sessions.discard(session)
+            if session in self._sessions:
+                self._sessions.discard(session)
+                left = self._per_address[session.host] - 1
+                if left:
+                    self._per_address[session.host] = left
+                else:
+                    del self._per_address[session.host]
         session.closing = True
         self.writer.schedule(session)
 
@@ -1818,7 +2492,7 @@ def serve_until_signalled(server: ChatServer) -> None:
 
 
 # =============================================================================
-# 7. Client
+# 8. Client
 # =============================================================================
 
 
@@ -2201,7 +2875,7 @@ class LiveSession:
 
 
 # =============================================================================
-# 8. Rendering
+# 9. Rendering
 # =============================================================================
 # Everything another person sent is shown literally: controls become U+FFFD
 # (so no escape sequence reaches the terminal) and rich markup is escaped.
@@ -2648,7 +3322,7 @@ def name_completer(client: JoinClient):
 
 
 # =============================================================================
-# 9. CLI
+# 10. CLI
 # =============================================================================
 # Callbacks parse, build a config and call into the objects above.  ChatError
 # becomes a one-line ClickException here, at the boundary, with its exit code.
@@ -2827,7 +3501,7 @@ def join(host, port, config_file, user, no_color, bell) -> None:
 
 
 # =============================================================================
-# 10. main()
+# 11. main()
 # =============================================================================
 
 

@@ -248,8 +248,9 @@ def test_a_failing_write_refuses_the_message_and_the_server_goes_on(server, user
 
 
 def start_server_process(env, db):
+    """``chatctl serve`` without a rate limit: the tests here pipeline hundreds of messages."""
     proc = subprocess.Popen([*CHATCTL, "serve", "-H", "127.0.0.1", "-p", "0", "--db", str(db)],
-                            env=env, stderr=subprocess.PIPE, text=True)
+                            env={**env, "CHATCTL_RATE": "0"}, stderr=subprocess.PIPE, text=True)
     for _ in range(5):
         line = proc.stderr.readline()
         match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)

@@ -257,7 +257,7 @@ def test_fifty_clients_get_every_message_exactly_once_in_order(server):
 
 
 def test_a_client_that_never_reads_is_dropped_and_others_get_everything(make_server, caplog):
-    server = make_server(sendq=64 * 1024)
+    server = make_server(sendq=64 * 1024, rate=0)
     stalled = RawClient(server.port)
     stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.send(b"USER|stalled\n")
