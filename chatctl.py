@@ -2481,6 +2481,11 @@ def serve_until_signalled(server: ChatServer) -> None:
             log.info("history in %s (%d messages)", server.history.path, server.history.count())
         else:
             log.info("history is off")
+        if server.tls_context is not None:
+            log.info("TLS %s; certificate fingerprint %s", "required" if server.config.tls_required else "on",
+                     server.tls_fingerprint)
+        if server.config.password:
+            log.info("clients need the server password")
         log.info("chatctl %s listening on %s:%d (config: %s)", __version__, host, port, files)
         server.serve_forever()
     except KeyboardInterrupt:
@@ -2496,21 +2501,138 @@ def serve_until_signalled(server: ChatServer) -> None:
 # =============================================================================
 
 
+class TlsSocket:
+    """A client's TLS over a blocking socket, with the socket methods ChatConnection uses.
+
+    join reads in one thread and writes in another; the TlsChannel keeps
+    OpenSSL to one at a time, and the send lock keeps ciphertext in order.
+    """
+
+    def __init__(self, sock: socket.socket, channel: TlsChannel):
+        self.sock, self.channel = sock, channel
+        self._send_lock = threading.Lock()
+
+    def handshake(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self.channel.start()
+        while True:
+            self._flush()
+            if self.channel.handshaken:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(RECV_CHUNK)
+            if not data:
+                raise ConnectionResetError("the server closed the connection during the TLS handshake")
+            self.channel.receive(data)
+
+    def _flush(self) -> None:
+        with self._send_lock:
+            out = self.channel.seal(b"")
+            if out:
+                self.sock.sendall(out)
+
+    def sendall(self, data: bytes) -> None:
+        with self._send_lock:
+            self.sock.sendall(self.channel.seal(data))
+
+    def recv(self, size: int) -> bytes:
+        """Plaintext (possibly more than ``size``); b'' once the server has closed."""
+        while True:
+            data = self.sock.recv(RECV_CHUNK)
+            if not data:
+                return b""
+            plain = self.channel.receive(data)
+            if self.channel.has_output:
+                self._flush()
+            if plain:
+                return plain
+            if self.channel.peer_closed:
+                return b""
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.sock.settimeout(timeout)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class ClientTls:
+    """How a client checks the server: against a CA (``cafile``), or by pinning its certificate."""
+
+    cafile: str = ""
+    fingerprint: str = ""                                  # --tls-fingerprint: pinned up front
+    ask: Callable[[str, str], bool] | None = None          # asks before trusting a new server
+    notify: Callable[[str], None] | None = None            # hears of a certificate recorded unasked
+
+    def wrap(self, sock: socket.socket, host: str, port: int, timeout: float) -> TlsSocket:
+        import ssl
+
+        address = f"{host}:{port}"
+        if self.cafile:
+            try:
+                context = ssl.create_default_context(cafile=self.cafile)
+            except (OSError, ssl.SSLError) as exc:
+                raise TlsError(f"cannot load the CA file {self.cafile}: "
+                               f"{getattr(exc, 'strerror', None) or exc}") from None
+        else:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE  # the pin below is the check
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        channel = TlsChannel(context, server_side=False, server_hostname=host)
+        secured = TlsSocket(sock, channel)
+        try:
+            secured.handshake(timeout)
+        except ssl.SSLCertVerificationError as exc:
+            raise TlsError(f"the certificate of {address} failed verification: "
+                           f"{exc.verify_message}") from None
+        except ssl.SSLError as exc:
+            raise ClientError(f"TLS with {address} failed: {exc.reason or exc} "
+                              "(does the server run with --tls?)") from None
+        fingerprint = certificate_fingerprint(channel.peer_certificate())
+        if self.cafile:
+            if self.fingerprint and parse_fingerprint(self.fingerprint) != fingerprint:
+                raise TlsError(f"the certificate of {address} is {fingerprint}, not the pinned "
+                               f"{parse_fingerprint(self.fingerprint)}; refusing to connect")
+            return secured
+        notice = check_pin(address, fingerprint, self.fingerprint, KnownServers(), self.ask)
+        if notice and self.notify is not None:
+            self.notify(notice)
+        return secured
+
+
 class ChatConnection:
     """A client's connection: one request at a time, events that arrive meanwhile kept in ``pending``."""
 
     MAX_LINE = 1 << 20  # a server line longer than this is a broken server
 
-    def __init__(self, host: str, port: int, timeout: float = CLIENT_TIMEOUT):
+    def __init__(self, host: str, port: int, timeout: float = CLIENT_TIMEOUT, tls: ClientTls | None = None):
         self.address = f"{host}:{port}"
         self.timeout = timeout
         try:
-            self.sock = socket.create_connection((host, port), timeout=timeout)
+            sock = socket.create_connection((host, port), timeout=timeout)
         except TimeoutError:
             raise ClientError(f"cannot connect to {self.address}: timed out") from None
         except OSError as exc:
             raise ClientError(f"cannot connect to {self.address}: {exc.strerror or exc}") from None
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock: socket.socket | TlsSocket = sock
+        if tls is not None:
+            try:
+                self.sock = tls.wrap(sock, host, port, timeout)
+            except TimeoutError:
+                sock.close()
+                raise ServerTimeout(f"no TLS handshake from {self.address} in time") from None
+            except OSError as exc:
+                sock.close()
+                raise ClientError(f"lost the connection to {self.address}: {exc.strerror or exc}") from None
+            except ChatError:
+                sock.close()
+                raise
         self._buffer = bytearray()
         self.extended = False
         self.pending: list[ServerEvent] = []
@@ -2564,6 +2686,9 @@ class ChatConnection:
             if isinstance(event, expect):
                 return event
             if isinstance(event, ErrorReply):
+                if event.code == "password-required":
+                    raise RejectedError(event.code, "the server needs a password: "
+                                        "set CHATCTL_PASSWORD or [client] password")
                 raise RejectedError(event.code, event.text)
             if isinstance(event, Goodbye):
                 raise ClientError(f"{self.address} closed the connection: {event.reason}")
@@ -2575,12 +2700,28 @@ class ChatConnection:
         """Announce chatctl; a seed server answers ERR and we keep to the seed's protocol."""
         try:
             self.request("HELLO", PROTOCOL_NAME, expect=(Welcome,))
-        except RejectedError:
+        except RejectedError as exc:
+            if exc.code in REFUSALS:
+                raise
             return
         self.extended = True
 
-    def register(self, name: str) -> None:
-        self.request("USER", name, expect=(Registered,))
+    def authenticate(self, password: str) -> None:
+        """``PASS``: the server's password, before anything else."""
+        self.request("PASS", password, expect=(Confirmed,))
+
+    def register(self, name: str, password: str | None = None) -> None:
+        """``USER``; ``password`` proves a protected name (and takes it over from a stale session)."""
+        if password is None:
+            self.request("USER", name, expect=(Registered,))
+        else:
+            self.request("USER", name, password, expect=(Registered,))
+
+    def protect(self, password: str) -> None:
+        self.request("REGISTER", password, expect=(Confirmed,))
+
+    def unprotect(self) -> None:
+        self.request("UNREGISTER", expect=(Confirmed,))
 
     def post(self, text: str, to: str | None = None, kind: str = "msg") -> Acknowledged:
         body = escape_text(text)
@@ -2628,28 +2769,77 @@ class ChatConnection:
             self.sock.close()
 
 
-def connect(config: ClientConfig) -> ChatConnection:
-    """An announced connection to the configured server."""
-    conn = ChatConnection(config.host, config.port, config.timeout)
+PasswordPrompt = Callable[[str], str]   # asked for the password of a protected name
+REFUSALS = ("too-many-connections", "tls-required", "auth-locked")  # ERRs that answer any first frame
+FINAL_REFUSALS = ("bad-password", "name-protected", "password-required", "tls-required")
+
+
+def connect(config: ClientConfig, ask_trust: Callable[[str, str], bool] | None = None,
+            notify: Callable[[str], None] | None = None) -> ChatConnection:
+    """An announced (and, with a server password, authenticated) connection to the configured server.
+
+    ``ask_trust`` is asked before a new TLS certificate is pinned; without it
+    the certificate is pinned and ``notify`` hears of it.
+    """
+    tls = ClientTls(config.cafile, config.tls_fingerprint, ask_trust, notify) if config.tls else None
+    conn = ChatConnection(config.host, config.port, config.timeout, tls)
     try:
         conn.hello()
+        if config.password:
+            conn.authenticate(config.password)
     except ChatError:
         conn.sock.close()
         raise
     return conn
 
 
+def register_as(conn: ChatConnection, name: str, password: str,
+                ask_password: PasswordPrompt | None) -> str:
+    """Register; for a protected name, with ``password`` or what ``ask_password`` gets.
+
+    Returns the password that worked (empty if none was needed).
+    """
+    try:
+        conn.register(name, password or None)
+        return password
+    except RejectedError as exc:
+        if exc.code != "name-protected" or password:
+            raise
+        if ask_password is None:
+            raise RejectedError(exc.code, f"the name {name!r} is protected: set CHATCTL_USER_PASSWORD "
+                                "to its password") from None
+    password = ask_password(name)
+    conn.register(name, password)
+    return password
+
+
 def send_one(config: ClientConfig, name: str, text: str, to: str | None = None,
-             kind: str = "msg") -> Acknowledged:
+             kind: str = "msg", ask_password: PasswordPrompt | None = None) -> Acknowledged:
     """Register as ``name``, send one message and wait for its MSG_OK."""
-    with connect(config) as conn:
-        conn.register(name)
+    with connect(config, notify=client_notice) as conn:
+        register_as(conn, name, config.user_password, ask_password)
         return conn.post(text, to=to, kind=kind)
+
+
+def set_protection(config: ClientConfig, name: str, new_password: str | None,
+                   ask_password: PasswordPrompt | None = None) -> None:
+    """Protect ``name`` with ``new_password`` (or change it); None drops the protection."""
+    with connect(config, notify=client_notice) as conn:
+        register_as(conn, name, config.user_password, ask_password)
+        if new_password is None:
+            conn.unprotect()
+        else:
+            conn.protect(new_password)
+
+
+def client_notice(text: str) -> None:
+    """A notice for whoever runs a one-shot command: stderr, never stdout (which carries data)."""
+    click.echo(f"chatctl: {text}", err=True)
 
 
 def fetch_users(config: ClientConfig) -> tuple[UserInfo, ...]:
     """Who is online, without registering (so the asker is not listed)."""
-    with connect(config) as conn:
+    with connect(config, notify=client_notice) as conn:
         return conn.users()
 
 
@@ -2657,9 +2847,9 @@ def fetch_history(config: ClientConfig, name: str | None = None, limit: int = 20
                   before: int | None = None, after: int | None = None,
                   search: str | None = None) -> list[ChatMessage]:
     """Stored messages, oldest first; registering as ``name`` adds that user's direct messages."""
-    with connect(config) as conn:
+    with connect(config, notify=client_notice) as conn:
         if name:
-            conn.register(name)
+            register_as(conn, name, config.user_password, None)
         if search is not None:
             return conn.search(search, limit)
         if before is not None:
@@ -2678,6 +2868,8 @@ JOIN_COMMANDS = {
     "/who": "/who              who is online",
     "/ignore": "/ignore [USER]    hide USER's messages (no USER: list who is ignored)",
     "/unignore": "/unignore USER    show USER's messages again",
+    "/register": "/register         protect your name with a password (asked twice, hidden)",
+    "/unregister": "/unregister       drop the protection of your name",
     "/quit": "/quit [REASON]    leave (Ctrl-D and Ctrl-C too)",
     "/help": "/help             this list",
 }
@@ -2735,11 +2927,17 @@ class LiveSession:
 
     def __init__(self, config: ClientConfig, name: str,
                  on_event: Callable[[ServerEvent], None],
-                 on_status: Callable[[str, tuple[UserInfo, ...]], None]):
+                 on_status: Callable[[str, tuple[UserInfo, ...]], None],
+                 ask_password: PasswordPrompt | None = None,
+                 ask_trust: Callable[[str, str], bool] | None = None):
         self.config = config
         self.name = name
         self.on_event = on_event
         self.on_status = on_status
+        self.ask_password = ask_password  # asked on the first connection only; reconnects reuse it
+        self.ask_trust = ask_trust
+        self.password = config.user_password
+        self.ended = False                # the server ended this membership for good (taken over, TLS pin)
         self._conn: ChatConnection | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -2788,9 +2986,10 @@ class LiveSession:
 
     def _open(self) -> tuple[tuple[UserInfo, ...], list[ServerEvent | Backlog]]:
         """A registered connection; returns who is online and the events to hand on first."""
-        conn = connect(self.config)
+        first = not self._thread.is_alive()
+        conn = connect(self.config, self.ask_trust if first else None, notify=self._recorded)
         try:
-            conn.register(self.name)
+            self.password = register_as(conn, self.name, self.password, self.ask_password if first else None)
             users = conn.users()
             backlog = self._backlog(conn)
         except ChatError:
@@ -2819,6 +3018,9 @@ class LiveSession:
             raise
         return Backlog(tuple(messages), missed)
 
+    def _recorded(self, notice: str) -> None:
+        self.on_status(notice, ())
+
     def _note_id(self, event: ServerEvent | Backlog) -> None:
         if isinstance(event, Delivered):
             self.last_id = max(self.last_id, event.message.id)
@@ -2839,17 +3041,32 @@ class LiveSession:
                 conn.sock.close()
                 if self._stop.is_set():
                     return
+                if TAKEN_OVER in reason:
+                    self._end(f"{reason}; not reconnecting")
+                    return
                 self.on_status(f"{reason}; reconnecting", ())
             if self._stop.wait(backoff):
                 return
             try:
                 users, held = self._open()
+            except TlsError as exc:  # trying again would not change the answer
+                self._end(f"{exc}; not reconnecting")
+                return
+            except RejectedError as exc:
+                if exc.code in FINAL_REFUSALS:
+                    self._end(f"{exc}; not reconnecting")
+                    return
+                backoff = min(backoff * 2, RECONNECT_MAX)
             except ChatError:
                 backoff = min(backoff * 2, RECONNECT_MAX)
                 continue
             backoff = RECONNECT_MIN
             self.on_status(f"reconnected to {self.config.host}:{self.config.port} as {self.name}", users)
             self._hand_on(held)
+
+    def _end(self, text: str) -> None:
+        self.ended = True
+        self.on_status(text, ())
 
     def _read(self, conn: ChatConnection) -> str:
         """Hand events on until the connection ends; returns why it ended."""
@@ -3047,12 +3264,14 @@ class JoinClient:
     """``chatctl join``: an interactive prompt_toolkit UI, or plain lines when stdin is not a terminal."""
 
     def __init__(self, config: ClientConfig, name: str, color: bool, bell: str,
-                 interactive: bool):
+                 interactive: bool, ask_password: PasswordPrompt | None = None,
+                 ask_trust: Callable[[str, str], bool] | None = None):
         self.name = name
         self.bell = bell
         self.interactive = interactive
         self.view = ChatView(name, color)
-        self.session = LiveSession(config, name, self.on_event, self.on_status)
+        self.session = LiveSession(config, name, self.on_event, self.on_status, ask_password, ask_trust)
+        self._prompt = None  # the PromptSession, while run_interactive runs
         self.online: dict[str, str] = {}          # key -> name, in join order
         self.ignored: dict[str, str] = {}
         self.last_dm_from: str | None = None
@@ -3082,7 +3301,15 @@ class JoinClient:
     def on_status(self, text: str, users: tuple[UserInfo, ...]) -> None:
         if users:
             self._set_online(users)
-        self.note(display_text(text), "bold yellow")
+        self.note(display_text(text), "bold red" if self.session.ended else "bold yellow")
+        if self.session.ended and self._prompt is not None:
+            app = self._prompt.app  # leave the prompt as Ctrl-D would: this membership is over
+            if app.is_running and app.loop is not None:
+                app.loop.call_soon_threadsafe(self._leave_prompt)
+
+    def _leave_prompt(self) -> None:
+        if self._prompt is not None and self._prompt.app.is_running:
+            self._prompt.app.exit(exception=EOFError)
 
     def _set_online(self, users: tuple[UserInfo, ...]) -> None:
         with self._lock:
@@ -3093,7 +3320,7 @@ class JoinClient:
             self._delivered(event.message)
         elif isinstance(event, Backlog):
             self._backlog(event)
-        elif isinstance(event, Acknowledged | ErrorReply):
+        elif isinstance(event, Acknowledged) or (isinstance(event, ErrorReply) and self.outbox):
             self._settle(event)
         elif isinstance(event, Joined):
             with self._lock:
@@ -3106,6 +3333,12 @@ class JoinClient:
         elif isinstance(event, UserList):
             self._set_online(event.users)
             self.show(self.view.user_table(event.users))
+        elif isinstance(event, Confirmed) and event.verb in ("REGISTER", "UNREGISTER"):
+            protected = event.verb == "REGISTER"
+            self.note(f"the name {display_text(event.arg)} is "
+                      + ("now protected by your password" if protected else "no longer protected"))
+        elif isinstance(event, ErrorReply):
+            self.warn("server: " + display_text(f"{event.text} ({event.code})"))
         elif isinstance(event, UnknownLine):
             self.show(self.view.notice(display_text(event.line)))
 
@@ -3187,6 +3420,11 @@ class JoinClient:
                 raise NotConnected("not connected")
         elif action in ("ignore", "unignore"):
             self._ignore(action, command.target)
+        elif action == "register":
+            self._register()
+        elif action == "unregister":
+            if not self.session.send("UNREGISTER"):
+                raise NotConnected("not connected")
         elif action == "quit":
             self.quit_reason = command.text.strip()
             return False
@@ -3197,6 +3435,24 @@ class JoinClient:
         else:
             self.warn(f"unknown command {display_text(command.text)} (try /help)")
         return True
+
+    def _register(self) -> None:
+        """Protect our name: the new password is asked twice, hidden, and never echoed."""
+        if self._prompt is None:
+            self.warn("/register needs a terminal; use chatctl register")
+            return
+        try:
+            first = self._prompt.prompt("new password for your name: ", is_password=True)
+            again = self._prompt.prompt("the same again: ", is_password=True)
+        except (EOFError, KeyboardInterrupt):
+            self.note("not changed")
+            return
+        if first != again:
+            self.warn("the two passwords differ; nothing changed")
+            return
+        if not self.session.send("REGISTER", first):
+            raise NotConnected("not connected")
+        self.session.password = first  # reconnects prove the name with it
 
     def _ignore(self, action: str, target: str | None) -> None:
         if target is None:
@@ -3235,8 +3491,8 @@ class JoinClient:
         from prompt_toolkit import PromptSession
         from prompt_toolkit.patch_stdout import patch_stdout
 
-        prompt = PromptSession(completer=name_completer(self), complete_while_typing=False,
-                               erase_when_done=True)
+        prompt = self._prompt = PromptSession(completer=name_completer(self), complete_while_typing=False,
+                                              erase_when_done=True)
         kept = ""
         with patch_stdout(raw=True):
             try:
@@ -3334,7 +3590,8 @@ Exit codes:
   2  bad usage (flags, arguments)
   3  bad config file, key, value or CHATCTL_* variable
   4  cannot reach the server, or lost it
-  5  the server refused (name taken, unknown user, ...)"""
+  5  the server refused (name taken, wrong password, unknown user, ...)
+  6  the server's TLS certificate failed verification or its pin"""
 
 
 class ChatGroup(click.Group):
@@ -3358,6 +3615,33 @@ def connection_options(section_help: str):
     return decorate
 
 
+def tls_options(f):
+    """--tls, --cafile and --tls-fingerprint, which every client command takes."""
+    f = click.option("--tls-fingerprint", metavar="SHA256:...",
+                     help="Pin the server's certificate up front (also accepts a changed one).")(f)
+    f = click.option("--cafile", type=click.Path(dir_okay=False),
+                     help="Verify the server against these CA certificates instead of pinning.")(f)
+    f = click.option("--tls", is_flag=True, default=None, help="Connect with TLS.")(f)
+    return f
+
+
+def tls_flags(tls, cafile, tls_fingerprint) -> dict[str, object]:
+    """--cafile or --tls-fingerprint imply --tls."""
+    on = True if (tls or cafile or tls_fingerprint) else None
+    return {"tls": on, "cafile": cafile, "tls_fingerprint": tls_fingerprint}
+
+
+def ask_password(name: str) -> str:
+    return click.prompt(f"Password for {name}", hide_input=True, err=True)
+
+
+def ask_trust(address: str, fingerprint: str) -> bool:
+    """First contact with a TLS server, at a terminal: show the fingerprint and ask, as ssh does."""
+    click.echo(f"The server {address} presents a certificate not seen before:\n  {fingerprint}\n"
+               "Compare it with the one the server printed when it started.", err=True)
+    return click.confirm("Trust it and remember it?", default=False, err=True)
+
+
 @click.group(cls=ChatGroup, context_settings={"help_option_names": ["-h", "--help"]},
              epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="chatctl")
@@ -3370,9 +3654,15 @@ def cli() -> None:
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), help="Log verbosity (default info).")
 @click.option("--db", type=click.Path(dir_okay=False), help="History database file.")
 @click.option("--history/--no-history", default=None, help="Keep a message history (default: on).")
-def serve(host, port, config_file, log_level, db, history) -> None:
-    """Run the chat server in the foreground (Ctrl-C stops it)."""
-    flags = {"host": host, "port": port, "log_level": log_level, "db": db, "history": history}
+@click.option("--tls", is_flag=True, default=None,
+              help="Accept TLS too, on the same port (a certificate is made on first start).")
+def serve(host, port, config_file, log_level, db, history, tls) -> None:
+    """Run the chat server in the foreground (Ctrl-C stops it).
+
+    The server password, if any, comes from CHATCTL_PASSWORD or [server]
+    password, never from the command line.
+    """
+    flags = {"host": host, "port": port, "log_level": log_level, "db": db, "history": history, "tls": tls}
     config = load_config("server", flags, config_file)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
@@ -3381,10 +3671,12 @@ def serve(host, port, config_file, log_level, db, history) -> None:
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @connection_options("of the server")
+@tls_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout.")
-def who(host, port, config_file, as_json) -> None:
+def who(host, port, config_file, tls, cafile, tls_fingerprint, as_json) -> None:
     """List the users logged in."""
-    config = load_config("client", {"host": host, "port": port}, config_file)
+    config = load_config("client", {"host": host, "port": port, **tls_flags(tls, cafile, tls_fingerprint)},
+                         config_file)
     users = fetch_users(config)
     if as_json:
         click.echo(users_as_json(users))
@@ -3396,20 +3688,25 @@ def who(host, port, config_file, as_json) -> None:
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @connection_options("of the server")
+@tls_options
 @click.option("--user", "-u", help="Name to send as (or CHATCTL_USER, [client] user).")
 @click.option("--to", metavar="USER", help="Send a direct message to USER only.")
 @click.option("--me", "action", is_flag=True, help="Send as an action, like /me.")
 @click.option("--json", "as_json", is_flag=True, help="Print the acknowledgement as JSON.")
 @click.argument("message", nargs=-1, required=True)
-def send(host, port, config_file, user, to, action, as_json, message) -> None:
+def send(host, port, config_file, tls, cafile, tls_fingerprint, user, to, action, as_json, message) -> None:
     """Send one MESSAGE ('-' reads it from stdin) and wait for MSG_OK.
+
+    A protected name's password comes from CHATCTL_USER_PASSWORD, or is asked
+    for at a terminal.
 
     \b
     Example:
       chatctl send -u deploybot "build 42 is green"
       make test 2>&1 | tail -5 | chatctl send -u ci -
     """
-    config = load_config("client", {"host": host, "port": port, "user": user}, config_file)
+    config = load_config("client", {"host": host, "port": port, "user": user,
+                                    **tls_flags(tls, cafile, tls_fingerprint)}, config_file)
     if not config.user:
         raise click.UsageError("no user name: pass -u NAME, set CHATCTL_USER or [client] user")
     if message == ("-",):
@@ -3419,7 +3716,8 @@ def send(host, port, config_file, user, to, action, as_json, message) -> None:
     text = text.replace("\r\n", "\n").rstrip("\n")
     if not text.strip():
         raise click.UsageError("the message is empty")
-    ack = send_one(config, config.user, text, to=to, kind="me" if action else "msg")
+    ack = send_one(config, config.user, text, to=to, kind="me" if action else "msg",
+                   ask_password=ask_password if sys.stdin.isatty() else None)
     if as_json:
         import json
 
@@ -3435,7 +3733,9 @@ def send(host, port, config_file, user, to, action, as_json, message) -> None:
 @click.option("--search", metavar="TEXT", help="Messages containing every word of TEXT.")
 @click.option("--user", "-u", help="Also show USER's direct messages (registers as USER briefly).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line on stdout.")
-def history(host, port, config_file, limit, before, after, search, user, as_json) -> None:
+@tls_options
+def history(host, port, config_file, limit, before, after, search, user, as_json,
+            tls, cafile, tls_fingerprint) -> None:
     """Show stored messages, oldest first.
 
     \b
@@ -3445,7 +3745,8 @@ def history(host, port, config_file, limit, before, after, search, user, as_json
     """
     if sum(x is not None for x in (before, after, search)) > 1:
         raise click.UsageError("use at most one of --before, --after and --search")
-    config = load_config("client", {"host": host, "port": port}, config_file)
+    config = load_config("client", {"host": host, "port": port, **tls_flags(tls, cafile, tls_fingerprint)},
+                         config_file)
     messages = fetch_history(config, user, limit, before, after, search)
     if as_json:
         for m in messages:
@@ -3462,7 +3763,8 @@ def history(host, port, config_file, limit, before, after, search, user, as_json
 @click.option("--no-color", is_flag=True, help="Monochrome display (NO_COLOR does the same).")
 @click.option("--bell", type=click.Choice(BELL_MODES),
               help="Ring the bell on: nothing, mentions and DMs (default), or everything.")
-def join(host, port, config_file, user, no_color, bell) -> None:
+@tls_options
+def join(host, port, config_file, user, no_color, bell, tls, cafile, tls_fingerprint) -> None:
     """Chat interactively; with stdin not a terminal, send each input line as a message.
 
     \b
@@ -3470,15 +3772,17 @@ def join(host, port, config_file, user, no_color, bell) -> None:
       chatctl join -u ana
       printf 'deploy started\\ndeploy done\\n' | chatctl join -u bot
     """
-    config = load_config("client", {"host": host, "port": port, "user": user, "bell": bell}, config_file)
+    config = load_config("client", {"host": host, "port": port, "user": user, "bell": bell,
+                                    **tls_flags(tls, cafile, tls_fingerprint)}, config_file)
     interactive = sys.stdin.isatty()
+    asking = {"ask_password": ask_password, "ask_trust": ask_trust} if interactive else {}
     name = config.user
     if not name:
         if not interactive:
             raise click.UsageError("no user name: pass -u NAME, set CHATCTL_USER or [client] user")
         name = click.prompt("Your name")
     color = not no_color and "NO_COLOR" not in os.environ and sys.stdout.isatty()
-    client = JoinClient(config, name, color, config.bell, interactive)
+    client = JoinClient(config, name, color, config.bell, interactive, **asking)
     while True:
         try:
             client.start()
@@ -3488,7 +3792,7 @@ def join(host, port, config_file, user, no_color, bell) -> None:
                 raise
             click.echo(f"{exc}", err=True)
             name = click.prompt("Another name")
-            client = JoinClient(config, name, color, config.bell, interactive)
+            client = JoinClient(config, name, color, config.bell, interactive, **asking)
     if interactive:
         client.run_interactive()
     else:
@@ -3498,6 +3802,40 @@ def join(host, port, config_file, user, no_color, bell) -> None:
         code = client.run_plain(lines, config.timeout)
         if code:
             sys.exit(code)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@connection_options("of the server")
+@tls_options
+@click.option("--user", "-u", help="The name to protect (or CHATCTL_USER, [client] user).")
+@click.option("--drop", is_flag=True, help="Drop the protection instead.")
+def register(host, port, config_file, tls, cafile, tls_fingerprint, user, drop) -> None:
+    """Protect a user name with a password, change it, or --drop it.
+
+    The name must not be in use (in join, type /register instead).  The new
+    password is asked twice at a terminal, or read as one line from stdin;
+    to change a password, the current one comes from CHATCTL_USER_PASSWORD
+    or is asked for.
+
+    \b
+    Example:
+      chatctl register -u ana
+      printf '%s\\n' "$NEW" | CHATCTL_USER_PASSWORD="$OLD" chatctl register -u ana
+    """
+    config = load_config("client", {"host": host, "port": port, "user": user,
+                                    **tls_flags(tls, cafile, tls_fingerprint)}, config_file)
+    if not config.user:
+        raise click.UsageError("no user name: pass -u NAME, set CHATCTL_USER or [client] user")
+    interactive = sys.stdin.isatty()
+    new_password = None
+    if not drop:
+        if interactive:
+            new_password = click.prompt(f"New password for {config.user}", hide_input=True,
+                                        confirmation_prompt=True, err=True)
+        else:
+            new_password = sys.stdin.readline().rstrip("\r\n")
+    set_protection(config, config.user, new_password, ask_password if interactive else None)
+    click.echo(f"{config.user} is {'no longer' if drop else 'now'} protected.", err=True)
 
 
 # =============================================================================
