@@ -845,6 +845,7 @@ class PendingMessage:
 
     message: ChatMessage
     sender: object  # the ClientSession; storage does not need to know its type
+    after: list[bytes] = field(default_factory=list)  # replies to later frames, due after its MSG_OK
 
 
 class HistoryStore:
@@ -1696,7 +1697,8 @@ class Writer:
             self._close(session)
             return
         backlog = queue.size or (tls is not None and tls.unsent)
-        if session.leave_reason is not None and not backlog and not session.write_shut:
+        if (session.leave_reason is not None and not backlog and not session.write_shut
+                and session.last_pending is None):
             # BYE is out: a half-close lets the client read it before the socket goes
             session.write_shut = True
             if tls is not None and tls.handshaken:
@@ -1745,6 +1747,7 @@ class ClientSession:
         self.authorized = not server.config.password  # PASS done, where the server wants one
         self.owner = False                  # proved the password of its protected name
         self.bucket = TokenBucket(server.config.rate, server.config.burst)
+        self.last_pending: PendingMessage | None = None  # our newest message not yet committed
         self.limited_in_a_row = 0
         self.name: str | None = None
         self.key: str | None = None
@@ -1878,8 +1881,15 @@ class ClientSession:
 
     # --- writing ---------------------------------------------------------------
 
-    def reply(self, data: bytes) -> None:
-        if self.outbound.put(data):
+    def reply(self, data: bytes, force: bool = False) -> None:
+        """Queue a reply; behind the MSG_OK of a message still being committed, so replies keep order."""
+        if self.last_pending is not None:
+            with self.server._fanout_lock:
+                pending = self.last_pending
+                if pending is not None:
+                    pending.after.append(data)
+                    return
+        if self.outbound.put(data, force):
             self.server.writer.schedule(self)
 
     def leave(self, reason: str, bye: bytes) -> bool:
@@ -1893,8 +1903,7 @@ class ClientSession:
             return False
         self.leave_at = time.monotonic()
         self.leave_reason = reason
-        self.outbound.put(bye, force=True)
-        self.server.writer.schedule(self)
+        self.reply(bye, force=True)
         self.server.depart(self)
         return True
 
@@ -2363,7 +2372,10 @@ class ChatServer:
             return
         with self._accept_lock:
             msg = ChatMessage(next(self._ids), time.time(), sender.name, text, kind, recipient)
-            self.history.append(PendingMessage(msg, sender))
+            pending = PendingMessage(msg, sender)
+            with self._fanout_lock:
+                sender.last_pending = pending
+            self.history.append(pending)
 
     def _committed(self, batch: list[PendingMessage]) -> None:
         with self._fanout_lock:
@@ -2412,6 +2424,9 @@ class ChatServer:
                 if target is not None:
                     own.setdefault(target, list(shared)).append(line)
             own[sender].append(sender.acknowledgement(msg))
+            own[sender].extend(pending.after)
+            if sender.last_pending is pending:
+                sender.last_pending = None
             self._delivered_upto = msg.id
         everyone = b"".join(shared)
         ready = [s for s in self._members if s not in own and everyone and s.outbound.put(everyone)]
@@ -2419,8 +2434,16 @@ class ChatServer:
         return ready
 
     def _not_stored(self, batch: list[PendingMessage], error: str) -> None:
-        for pending in batch:
-            pending.sender.reply(encode_error("storage-failed", ERROR_CODES["storage-failed"]))
+        ready = []
+        with self._fanout_lock:
+            for pending in batch:
+                sender = pending.sender
+                if sender.last_pending is pending:
+                    sender.last_pending = None
+                data = encode_error("storage-failed", ERROR_CODES["storage-failed"]) + b"".join(pending.after)
+                if sender.outbound.put(data):
+                    ready.append(sender)
+        self.writer.schedule_many(ready)
 
     def send_history(self, session: ClientSession, kind: str,
                      query: Callable[[HistoryStore, int], list[ChatMessage]]) -> None:
@@ -2434,7 +2457,9 @@ class ChatServer:
         with self._fanout_lock:
             messages = query(self.history, self._delivered_upto)
             block = b"".join(map(encode_message, messages)) + encode_line("END", kind, len(messages))
-            if session.outbound.put(block, force=True):  # bounded: HISTORY_PAGE_MAX frames
+            if session.last_pending is not None:  # after the MSG_OK of an earlier message
+                session.last_pending.after.append(block)
+            elif session.outbound.put(block, force=True):  # bounded: HISTORY_PAGE_MAX frames
                 self.writer.schedule(session)
 
     def _queue_for_members(self, data: bytes, sender: ClientSession | None) -> list[ClientSession]:

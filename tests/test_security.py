@@ -1,0 +1,449 @@
+"""TLS on the shared port, certificate pinning, the server password, protected names, abuse limits."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sqlite3
+import ssl
+import stat
+import threading
+import time
+
+import pytest
+
+import chatctl
+from conftest import RawClient, register_many, run_cli, wait_until
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """A certificate and key made the way the server makes its own, and a second, different pair."""
+    base = tmp_path_factory.mktemp("tls")
+    pairs = []
+    for n in (1, 2):
+        cert, key = base / f"cert{n}.pem", base / f"key{n}.pem"
+        chatctl.generate_certificate(cert, key)
+        pairs.append((cert, key))
+    return pairs
+
+
+@pytest.fixture
+def tls_server(make_server, tls_files):
+    def factory(**overrides):
+        cert, key = tls_files[0]
+        return make_server(tls=True, tls_cert=str(cert), tls_key=str(key), **overrides)
+
+    return factory
+
+
+class TlsClient(RawClient):
+    """RawClient over TLS, verifying nothing: what a pinned client sees, one thread at a time."""
+
+    def __init__(self, port: int, timeout: float = 5.0):
+        super().__init__(port, timeout)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        self.sock = context.wrap_socket(self.sock, server_hostname="127.0.0.1")
+
+    def fingerprint(self) -> str:
+        return chatctl.certificate_fingerprint(self.sock.getpeercert(binary_form=True))
+
+
+# --- TLS --------------------------------------------------------------------------------------
+
+
+def test_tls_and_plain_clients_share_one_port(tls_server, tls_files):
+    server = tls_server()
+    secure, plain = TlsClient(server.port), RawClient(server.port)
+    secure.send(b"USER|ana\n")
+    assert secure.line() == "USER_OK"
+    assert secure.fingerprint() == server.tls_fingerprint
+    plain.send(b"USER|bob")  # the seed's client, unchanged: one frame per write, no newline
+    assert plain.line() == "USER_OK"
+    secure.send(b"MSG|over tls\n")
+    assert plain.expect("MSG|").endswith("|ana|over tls")
+    plain.send(b"MSG|in the clear")
+    assert secure.expect("MSG|").endswith("|bob|in the clear")
+    big = "x" * 6000  # several TLS records, and a batch the writer encrypts in one go
+    carl = register_many(server.port, ["carl"])[0]
+    carl.send(f"MSG|{big}\n".encode() * 20)
+    for _ in range(20):
+        assert secure.expect("MSG|").endswith(big)
+
+
+def test_tls_required_refuses_plain_text_with_one_err(tls_server):
+    server = tls_server(tls_required=True)
+    plain = RawClient(server.port)
+    plain.send(b"USER|bob\n")
+    lines = plain.wait_closed()
+    assert lines[0].startswith("ERR|tls-required|")
+    assert all(not line.startswith("USER_OK") for line in lines)
+    secure = TlsClient(server.port)
+    secure.send(b"USER|ana\n")
+    assert secure.line() == "USER_OK"
+
+
+def test_garbage_handshake_is_refused_and_others_are_served(tls_server, caplog):
+    server = tls_server()
+    good = TlsClient(server.port)
+    good.send(b"USER|ana\n")
+    assert good.line() == "USER_OK"
+    with caplog.at_level(logging.WARNING, logger="chatctl"):
+        for garbage in (b"\x16\x03\x01\x02\x00" + os.urandom(600), b"\x16" + b"\xff" * 5000):
+            bad = RawClient(server.port)
+            bad.send(garbage)
+            bad.wait_closed()
+        wait_until(lambda: "TLS from 127.0.0.1" in caplog.text)
+    good.send(b"MSG|still here\n")
+    assert good.expect("MSG_OK")
+    other = TlsClient(server.port)
+    other.send(b"USER|bob\n")
+    assert other.line() == "USER_OK"
+
+
+def test_first_start_makes_a_certificate_with_a_private_key(make_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    server = make_server(tls=True)
+    cert = tmp_path / "data" / "chatctl" / chatctl.CERT_FILE
+    key = tmp_path / "data" / "chatctl" / chatctl.KEY_FILE
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert server.tls_fingerprint == chatctl.certificate_fingerprint(ssl.PEM_cert_to_DER_cert(cert.read_text()))
+    assert TlsClient(server.port).fingerprint() == server.tls_fingerprint
+    again = make_server(tls=True)  # the second start reuses it
+    assert again.tls_fingerprint == server.tls_fingerprint
+
+
+def test_cli_pins_on_first_use_and_refuses_a_changed_certificate(tls_server, tls_files, isolated_home):
+    server = tls_server()
+    port = str(server.port)
+    first = run_cli("send", "--tls", "-p", port, "-u", "bot", "hello", env=isolated_home)
+    assert first.returncode == 0, first.stderr
+    assert f"recorded the certificate of 127.0.0.1:{port} ({server.tls_fingerprint})" in first.stderr
+    known = chatctl.KnownServers()
+    assert known.lookup(f"127.0.0.1:{port}") == (server.tls_fingerprint, 1)
+    second = run_cli("who", "--tls", "-p", port, "--json", env=isolated_home)
+    assert (second.returncode, second.stdout.strip(), second.stderr) == (0, "[]", "")
+
+    # The server's certificate changes (or someone sits in between).
+    server.shutdown()
+    cert, key = tls_files[1]
+    imposter = chatctl.ChatServer(chatctl.ServerConfig(
+        host="127.0.0.1", port=int(port), tls=True, tls_cert=str(cert), tls_key=str(key),
+        history=False)).start()
+    try:
+        refused = run_cli("send", "--tls", "-p", port, "-u", "bot", "secret", env=isolated_home)
+        assert refused.returncode == chatctl.EXIT_TLS
+        assert "HAS CHANGED" in refused.stderr
+        assert server.tls_fingerprint in refused.stderr and imposter.tls_fingerprint in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert imposter.users() == []  # nothing was sent to it
+        # Accepting the new certificate on purpose: pin it once.
+        accepted = run_cli("send", "-p", port, "-u", "bot", "hi", "--tls-fingerprint",
+                           imposter.tls_fingerprint, env=isolated_home)
+        assert accepted.returncode == 0, accepted.stderr
+        assert known.lookup(f"127.0.0.1:{port}") == (imposter.tls_fingerprint, 1)
+        wrong_pin = run_cli("who", "-p", port, "--tls-fingerprint", server.tls_fingerprint, env=isolated_home)
+        assert wrong_pin.returncode == chatctl.EXIT_TLS
+        assert "not the pinned" in wrong_pin.stderr
+    finally:
+        imposter.shutdown()
+
+
+def test_cli_verifies_against_a_ca_file(tls_server, tls_files, isolated_home):
+    server = tls_server()
+    ok = run_cli("who", "-p", str(server.port), "--cafile", str(tls_files[0][0]), "--json", env=isolated_home)
+    assert ok.returncode == 0, ok.stderr
+    assert not chatctl.KnownServers().path.exists()  # a CA needs no pin
+    wrong = run_cli("who", "-p", str(server.port), "--cafile", str(tls_files[1][0]), env=isolated_home)
+    assert wrong.returncode == chatctl.EXIT_TLS
+    assert "failed verification" in wrong.stderr
+
+
+def test_tls_client_against_a_plain_server_is_one_clear_error(server, isolated_home):
+    result = run_cli("who", "--tls", "-p", str(server.port), env=isolated_home)
+    assert result.returncode == chatctl.EXIT_CONNECT
+    assert "TLS with 127.0.0.1" in result.stderr and "--tls" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+
+
+def test_live_session_over_tls_reads_and_writes_from_two_threads(tls_server):
+    server = tls_server(rate=0)
+    events = []
+    config = chatctl.ClientConfig(port=server.port, tls=True, backlog=0)
+    session = chatctl.LiveSession(config, "ana", events.append, lambda text, users: None)
+    session.start()
+    session.run()
+    bob = register_many(server.port, ["bob"])[0]
+    for i in range(200):  # ana writes while her reader thread reads bob's messages
+        assert session.send("MSG", f"from ana {i}")
+        bob.send(f"MSG|from bob {i}\n".encode())
+    for i in range(200):
+        assert bob.expect("MSG|").endswith(f"|ana|from ana {i}")
+    wait_until(lambda: sum(isinstance(e, chatctl.Delivered) for e in events) == 200)
+    texts = [e.message.text for e in events if isinstance(e, chatctl.Delivered)]
+    assert texts == [f"from bob {i}" for i in range(200)]
+    session.close()
+
+
+# --- the server password ------------------------------------------------------------------------
+
+
+def test_server_password_is_required_before_user(make_server, caplog):
+    server = make_server(password="letmein-please", auth_delay=0)
+    missing = RawClient(server.port)
+    missing.send(b"USER|ana\n")
+    assert missing.wait_closed()[0].startswith("ERR|password-required|")
+    with caplog.at_level(logging.WARNING, logger="chatctl"):
+        wrong = RawClient(server.port)
+        wrong.send(b"PASS|guess\nUSER|ana\n")
+        lines = wrong.wait_closed()
+    assert lines[0].startswith("ERR|bad-password|") and "USER_OK" not in lines
+    assert "authentication failed from 127.0.0.1:" in caplog.text
+    right = RawClient(server.port)
+    right.send(b"PASS|letmein-please\nUSER|ana\n")
+    assert right.line() == "PASS_OK"
+    assert right.line() == "USER_OK"
+    assert not chatctl.same_secret("letmein", "letmein-please") and chatctl.same_secret("a|b", "a|b")
+
+
+def test_cli_takes_the_server_password_from_the_environment(make_server, isolated_home):
+    server = make_server(password="letmein-please", auth_delay=0)
+    refused = run_cli("send", "-p", str(server.port), "-u", "ci", "hi", env=isolated_home)
+    assert refused.returncode == chatctl.EXIT_REJECTED
+    assert "CHATCTL_PASSWORD" in refused.stderr
+    env = {**isolated_home, "CHATCTL_PASSWORD": "letmein-please"}
+    assert run_cli("send", "-p", str(server.port), "-u", "ci", "hi", env=env).returncode == 0
+    assert run_cli("who", "-p", str(server.port), "--json", env=env).stdout.strip() == "[]"
+
+
+# --- protected names ------------------------------------------------------------------------------
+
+
+def protect(port: int, name: str, password: str) -> RawClient:
+    owner = register_many(port, [name])[0]
+    owner.send(f"REGISTER|{password}\n".encode())
+    assert owner.line() == f"REGISTER_OK|{name}"
+    return owner
+
+
+def test_a_protected_name_needs_its_password_even_while_its_owner_is_away(make_server, tmp_path):
+    server = make_server(auth_delay=0, accounts_db=str(tmp_path / "accounts.db"))
+    owner = protect(server.port, "ana", "correct horse")
+    owner.send(b"QUIT\n")
+    owner.wait_closed()
+    mallory = RawClient(server.port)
+    mallory.send(b"USER|ana\n")
+    assert mallory.line().startswith("ERR|name-protected|")
+    mallory.send(b"USER|ANA|battery staple\n")  # names are matched without case
+    assert mallory.line().startswith("ERR|bad-password|")
+    assert server.users() == []
+    back = RawClient(server.port)
+    back.send(b"USER|ana|correct horse\n")
+    assert back.line() == "USER_OK"
+    stored = sqlite3.connect(tmp_path / "accounts.db").execute("SELECT key, hash FROM accounts").fetchall()
+    assert stored[0][0] == "ana" and stored[0][1].startswith("scrypt$")
+    assert b"correct horse" not in (tmp_path / "accounts.db").read_bytes()
+
+
+def test_protection_survives_a_restart_and_can_be_dropped(make_server, tmp_path):
+    accounts = str(tmp_path / "accounts.db")
+    first = make_server(accounts_db=accounts)
+    protect(first.port, "ana", "correct horse").send(b"QUIT\n")
+    first.shutdown()
+    second = make_server(accounts_db=accounts)
+    client = RawClient(second.port)
+    client.send(b"USER|ana\n")
+    assert client.line().startswith("ERR|name-protected|")
+    client.send(b"USER|ana|correct horse\nREGISTER|short\nUNREGISTER\n")
+    assert client.line() == "USER_OK"
+    assert client.line().startswith("ERR|weak-password|")
+    assert client.line() == "UNREGISTER_OK|ana"
+    client.send(b"QUIT\n")
+    client.wait_closed()
+    anyone = RawClient(second.port)
+    anyone.send(b"USER|ana\n")
+    assert anyone.line() == "USER_OK"
+
+
+def test_impersonating_an_online_owner_fails_and_the_owner_takes_over_a_stale_session(make_server, caplog):
+    server = make_server(auth_delay=0)
+    stale = protect(server.port, "ana", "correct horse")  # her laptop dropped off; the server does not know
+    watcher = register_many(server.port, ["bob"])[0]
+    stale.expect("JOIN|")
+    mallory = RawClient(server.port)
+    mallory.send(b"USER|ana\nUSER|ana|guess one\n")
+    assert mallory.line().startswith("ERR|name-protected|")
+    assert mallory.line().startswith("ERR|bad-password|")
+    assert stale.silent(0.2)  # the owner was not disturbed
+    with caplog.at_level(logging.INFO, logger="chatctl"):
+        again = RawClient(server.port)
+        again.send(b"USER|ana|correct horse\n")
+        assert again.line() == "USER_OK"
+    lines = stale.wait_closed()
+    assert lines[-1].startswith("BYE|taken over: ana logged in again from 127.0.0.1")
+    assert watcher.expect("LEAVE|").endswith("|ana|taken over: ana logged in again from 127.0.0.1")
+    assert watcher.expect("JOIN|").endswith("|ana")
+    again.send(b"MSG|it is me\n")
+    assert watcher.expect("MSG|").endswith("|ana|it is me")
+    assert [u.name for u in server.users()] == ["bob", "ana"]
+
+
+def test_failed_passwords_are_slowed_down_and_then_locked_out(make_server, caplog):
+    server = make_server(auth_delay=0.2, auth_max_failures=3, auth_lockout=60)
+    protect(server.port, "ana", "correct horse").send(b"QUIT\n")
+    client = RawClient(server.port)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="chatctl"):
+        for attempt in range(3):
+            client.send(f"USER|ana|guess {attempt}\n".encode())
+            assert client.line().startswith("ERR|bad-password|")
+    assert time.monotonic() - started >= 0.6  # each failure waited auth_delay
+    assert caplog.text.count("authentication failed from 127.0.0.1:") == 3
+    other = RawClient(server.port)  # a new connection from the same address is locked out too
+    other.send(b"USER|ana|correct horse\n")
+    assert other.line().startswith("ERR|auth-locked|")
+
+
+def test_live_session_does_not_fight_back_after_a_takeover(make_server):
+    server = make_server(auth_delay=0)
+    protect(server.port, "ana", "correct horse").send(b"QUIT\n")
+    statuses = []
+    config = chatctl.ClientConfig(port=server.port, user_password="correct horse", backlog=0)
+    session = chatctl.LiveSession(config, "ana", lambda e: None, lambda text, users: statuses.append(text))
+    session.start()
+    session.run()
+    laptop = RawClient(server.port)
+    laptop.send(b"USER|ana|correct horse\n")
+    assert laptop.line() == "USER_OK"
+    wait_until(lambda: session.ended)
+    assert "not reconnecting" in statuses[-1]
+    assert laptop.silent(chatctl.RECONNECT_MIN * 3)  # nobody took the name back
+    session.close()
+
+
+def test_cli_register_then_send_needs_the_password(make_server, isolated_home):
+    server = make_server(auth_delay=0)
+    port = str(server.port)
+    made = run_cli("register", "-p", port, "-u", "deploybot", input="s3cret-pass\n", env=isolated_home)
+    assert made.returncode == 0, made.stderr
+    refused = run_cli("send", "-p", port, "-u", "deploybot", "hi", env=isolated_home)
+    assert refused.returncode == chatctl.EXIT_REJECTED
+    assert "CHATCTL_USER_PASSWORD" in refused.stderr
+    env = {**isolated_home, "CHATCTL_USER_PASSWORD": "s3cret-pass"}
+    assert run_cli("send", "-p", port, "-u", "deploybot", "build green", env=env).returncode == 0
+    wrong = run_cli("send", "-p", port, "-u", "deploybot", "hi",
+                    env={**isolated_home, "CHATCTL_USER_PASSWORD": "nope-nope"})
+    assert wrong.returncode == chatctl.EXIT_REJECTED and "wrong password" in wrong.stderr
+
+
+# --- abuse limits -----------------------------------------------------------------------------------
+
+
+def test_connections_per_address_and_in_total_are_limited(make_server):
+    server = make_server(max_per_address=2)
+    first, second = RawClient(server.port), RawClient(server.port)
+    wait_until(lambda: len(server._sessions) == 2)
+    third = RawClient(server.port)
+    assert third.wait_closed()[0].startswith("ERR|too-many-connections|too many connections from 127.0.0.1")
+    first.close()
+    wait_until(lambda: len(server._sessions) == 1)
+    fourth = RawClient(server.port)
+    fourth.send(b"USER|ana\n")
+    assert fourth.line() == "USER_OK"
+
+    full = make_server(max_connections=1, max_per_address=0)
+    one = RawClient(full.port)
+    one.send(b"USER|one\n")
+    assert one.line() == "USER_OK"
+    assert RawClient(full.port).wait_closed()[0].startswith("ERR|too-many-connections|the server is full")
+
+
+def test_default_rate_limit_lets_a_pasted_burst_through(server):
+    client = register_many(server.port, ["paster"])[0]
+    client.send(b"".join(f"MSG|line {i}\n".encode() for i in range(99)))
+    for _ in range(99):
+        assert client.line() == "MSG_OK"
+
+
+def test_excess_frames_get_rate_limited_and_a_flood_is_dropped(make_server):
+    server = make_server(rate=5, burst=10, flood_limit=50)
+    client, watcher = register_many(server.port, ["fast", "watch"])
+    client.expect("JOIN|")
+    client.send(b"".join(f"MSG|m{i}\n".encode() for i in range(30)))
+    replies = [client.line() for _ in range(30)]
+    accepted = replies.count("MSG_OK")
+    assert replies[:accepted] == ["MSG_OK"] * accepted  # replies keep the order of the frames
+    assert 9 <= accepted <= 12  # the burst (one token went on USER), plus what refilled meanwhile
+    assert replies.count("ERR|rate-limited|" + chatctl.ERROR_CODES["rate-limited"]) == 30 - accepted
+    time.sleep(0.5)  # tokens come back at the configured rate
+    client.send(b"MSG|later\n")
+    assert client.line() == "MSG_OK"
+    client.send(b"MSG|flood\n" * 200)
+    assert client.wait_closed()[-1] == "BYE|flooding"
+    watcher.send(b"MSG|unaffected\n")
+    assert watcher.expect("MSG_OK")
+
+
+# --- hostile clients -----------------------------------------------------------------------------------
+
+
+def resident_kib() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+
+
+def test_hostile_clients_do_not_hurt_two_well_behaved_ones(make_server, tls_files):
+    cert, key = tls_files[0]
+    server = make_server(tls=True, tls_cert=str(cert), tls_key=str(key), sendq=256 * 1024,
+                         max_per_address=0)
+    ana, bob = register_many(server.port, ["ana", "bob"], timeout=30)
+    before = resident_kib()
+    stop = threading.Event()
+    rng = __import__("random").Random(5)
+
+    def hostile(kind: int) -> None:
+        try:
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            if kind == 5:  # registers, then asks for everything and never reads
+                sock.sendall(f"USER|sink{rng.randrange(10**6)}\n".encode())
+            while not stop.is_set():
+                if kind == 0:
+                    sock.sendall(os.urandom(rng.randrange(1, 4096)))
+                elif kind == 1:
+                    sock.sendall(b"MSG|half a fra")
+                    stop.wait(0.05)
+                elif kind == 2:
+                    sock.sendall(b"A" * 65536)  # a frame that never ends
+                elif kind == 3:
+                    for byte in b"USER|slow\nDIR\n":
+                        sock.send(bytes([byte]))
+                elif kind == 4:
+                    sock.sendall(b"\x16\x03\x01" + os.urandom(300))
+                else:
+                    sock.sendall(b"DIR\nHISTORY|LAST|500\n" * 50)
+        except OSError:
+            pass  # dropped by the server, as it should be
+
+    threads = [threading.Thread(target=hostile, args=(i % 6,), daemon=True) for i in range(48)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(60):
+            ana.send(f"MSG|ana {i}\n".encode())
+            bob.send(f"MSG|bob {i}\n".encode())
+        for i in range(60):
+            assert bob.expect("MSG|").endswith(f"|ana|ana {i}")
+            assert ana.expect("MSG|").endswith(f"|bob|bob {i}")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    grown = resident_kib() - before
+    print(f"\nresident memory: {before} KiB before, grew by {grown} KiB under 48 hostile connections")
+    assert grown < 150 * 1024
+    ana.send(b"DIR\n")
+    assert ana.expect("Users logged in:")
