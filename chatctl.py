@@ -2449,18 +2449,18 @@ class ChatServer:
                      query: Callable[[HistoryStore, int], list[ChatMessage]]) -> None:
         """Reply with stored messages and ``END|kind|count`` as one block.
 
-        Under the fan-out lock and bounded by what was already delivered, so
-        the block and the live stream neither overlap nor leave a gap.
+        Bounded by what was already delivered, so the block and the live
+        stream neither overlap nor leave a gap.  The query runs outside the
+        fan-out lock (a client asking for history again and again must not
+        stall everyone's messages), so a live message may come before the
+        block; clients merge by id.  A client that asks for more than it
+        reads overflows its SendQ like any other.
         """
         if self.history is None:
             raise ProtocolError("history-off", ERROR_CODES["history-off"])
-        with self._fanout_lock:
-            messages = query(self.history, self._delivered_upto)
-            block = b"".join(map(encode_message, messages)) + encode_line("END", kind, len(messages))
-            if session.last_pending is not None:  # after the MSG_OK of an earlier message
-                session.last_pending.after.append(block)
-            elif session.outbound.put(block, force=True):  # bounded: HISTORY_PAGE_MAX frames
-                self.writer.schedule(session)
+        messages = query(self.history, self._delivered_upto)
+        block = b"".join(map(encode_message, messages)) + encode_line("END", kind, len(messages))
+        session.reply(block)
 
     def _queue_for_members(self, data: bytes, sender: ClientSession | None) -> list[ClientSession]:
         """Queue ``data`` for every member but ``sender``; returns the queues the writer must

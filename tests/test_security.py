@@ -12,6 +12,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import chatctl
 from conftest import RawClient, register_many, run_cli, wait_until
@@ -447,3 +449,48 @@ def test_hostile_clients_do_not_hurt_two_well_behaved_ones(make_server, tls_file
     assert grown < 150 * 1024
     ana.send(b"DIR\n")
     assert ana.expect("Users logged in:")
+
+
+# --- fuzzing the decoder and the dispatcher ------------------------------------------------------------
+
+VERBS = [*chatctl.COMMAND_HANDLERS, "NOPE", "user", ""]
+frame_bytes = st.one_of(
+    st.binary(max_size=300),
+    st.builds(lambda verb, arg, end: f"{verb}|{arg}".encode("utf-8", "surrogatepass") + end,
+              st.sampled_from(VERBS), st.text(max_size=120), st.sampled_from([b"\n", b"\r\n", b""])),
+    st.builds(lambda verb, end: verb.encode() + end, st.sampled_from(VERBS), st.sampled_from([b"\n", b""])),
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fuzz")
+    server = chatctl.ChatServer(chatctl.ServerConfig(
+        host="127.0.0.1", port=0, db=str(base / "history.db"), accounts_db=str(base / "accounts.db"),
+        max_frame=256, rate=0, auth_delay=0, password="")).start()
+    yield server
+    server.shutdown()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(frame_bytes, max_size=25), st.data())
+def test_dispatcher_survives_any_bytes_split_anywhere(fuzz_server, frames, data):
+    """Whatever arrives, in whatever pieces, the session handles it: no exception escapes process()."""
+    stream = b"".join(frames)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    ours, theirs = socket.socketpair()
+    session = chatctl.ClientSession(fuzz_server, ours, ("127.0.0.1", 9), 0)
+    with fuzz_server._registry_lock:
+        fuzz_server._sessions.add(session)
+        fuzz_server._per_address["127.0.0.1"] = fuzz_server._per_address.get("127.0.0.1", 0) + 1
+    fuzz_server.writer.adopt(session)
+    try:
+        for start, end in zip([0, *cuts], [*cuts, len(stream)]):
+            session.process(session.decoder.feed(stream[start:end]))
+            if session.leave_reason is not None:
+                break
+        session.process(session.decoder.end_of_write())
+        assert len(session.decoder._partial) <= fuzz_server.config.max_frame + 1
+    finally:
+        fuzz_server.release(session)
+        theirs.close()
