@@ -358,3 +358,60 @@ def test_join_with_backlog_off(make_server, user, spawn_join, isolated_home):
     ana.expect("<bob> live")
     assert "not kept" not in ana.before and "history" not in ana.before
     bob.close()
+
+
+def spawn_raw_join(env: dict, *args: str) -> pexpect.spawn:
+    return pexpect.spawn(sys.executable, [*CHATCTL[1:], "join", *args],
+                         env={**env, "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm-256color"},
+                         dimensions=(40, 140), encoding="utf-8", codec_errors="replace", timeout=10)
+
+
+def test_first_tls_connection_shows_the_fingerprint_and_asks(make_server, isolated_home, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    chatctl.generate_certificate(cert, key)
+    server = make_server(tls=True, tls_cert=str(cert), tls_key=str(key))
+    refused = spawn_raw_join(isolated_home, "-u", "ana", "-p", str(server.port), "--tls")
+    refused.expect("presents a certificate not seen before")
+    refused.expect(re.escape(server.tls_fingerprint))
+    refused.expect(r"Trust it and remember it\? \[y/N\]")
+    refused.sendline("n")
+    refused.expect("did not trust")
+    refused.expect(pexpect.EOF)
+    assert not chatctl.KnownServers().path.exists()
+    child = spawn_raw_join(isolated_home, "-u", "ana", "-p", str(server.port), "--tls")
+    child.expect(r"Trust it and remember it\?")
+    child.sendline("y")
+    child.expect(f"connected to 127.0.0.1:{server.port} as")
+    child.expect("ana>")
+    assert chatctl.KnownServers().lookup(f"127.0.0.1:{server.port}")[0] == server.tls_fingerprint
+    bob = RawClient(server.port)
+    bob.send(b"USER|bob\nMSG|hi over the wire\n")
+    child.expect("<bob> hi over the wire")
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF)
+
+
+def test_register_protects_the_name_and_join_asks_for_its_password(make_server, isolated_home):
+    server = make_server(auth_delay=0)
+    child = spawn_raw_join(isolated_home, "-u", "ana", "-p", str(server.port))
+    child.expect("ana>")
+    child.send("/register\r")
+    child.expect("new password for your name:")
+    child.send("correct horse\r")
+    child.expect("the same again:")
+    assert "correct horse" not in child.before  # typed hidden, never echoed
+    child.send("correct horse\r")
+    child.expect("now protected by your password")
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF)
+
+    impostor = RawClient(server.port)
+    impostor.send(b"USER|ana\n")
+    assert impostor.line().startswith("ERR|name-protected|")
+    again = spawn_raw_join(isolated_home, "-u", "ana", "-p", str(server.port))
+    again.expect("Password for ana:")
+    again.sendline("correct horse")
+    again.expect(f"connected to 127.0.0.1:{server.port} as")
+    again.expect("ana>")
+    again.sendcontrol("d")
+    again.expect(pexpect.EOF)
