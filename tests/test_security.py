@@ -112,7 +112,8 @@ def test_first_start_makes_a_certificate_with_a_private_key(make_server, tmp_pat
     cert = tmp_path / "data" / "chatctl" / chatctl.CERT_FILE
     key = tmp_path / "data" / "chatctl" / chatctl.KEY_FILE
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    assert server.tls_fingerprint == chatctl.certificate_fingerprint(ssl.PEM_cert_to_DER_cert(cert.read_text()))
+    der = ssl.PEM_cert_to_DER_cert(cert.read_text())
+    assert server.tls_fingerprint == chatctl.certificate_fingerprint(der)
     assert TlsClient(server.port).fingerprint() == server.tls_fingerprint
     again = make_server(tls=True)  # the second start reuses it
     assert again.tls_fingerprint == server.tls_fingerprint
@@ -346,7 +347,7 @@ def test_cli_register_then_send_needs_the_password(make_server, isolated_home):
 
 def test_connections_per_address_and_in_total_are_limited(make_server):
     server = make_server(max_per_address=2)
-    first, second = RawClient(server.port), RawClient(server.port)
+    first, _second = RawClient(server.port), RawClient(server.port)
     wait_until(lambda: len(server._sessions) == 2)
     third = RawClient(server.port)
     assert third.wait_closed()[0].startswith("ERR|too-many-connections|too many connections from 127.0.0.1")
@@ -485,7 +486,7 @@ def test_dispatcher_survives_any_bytes_split_anywhere(fuzz_server, frames, data)
         fuzz_server._per_address["127.0.0.1"] = fuzz_server._per_address.get("127.0.0.1", 0) + 1
     fuzz_server.writer.adopt(session)
     try:
-        for start, end in zip([0, *cuts], [*cuts, len(stream)]):
+        for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
             session.process(session.decoder.feed(stream[start:end]))
             if session.leave_reason is not None:
                 break
