@@ -1735,6 +1735,51 @@ class Writer:
             pass
 
 
+class Sequencer:
+    """Fan-out without history: messages queue here in id order and go out in batches.
+
+    The same path as the history's group commit, without the commit: a
+    thread takes every message waiting and fans the batch out, so a burst
+    reaches each reader as one queue write and one send.
+    """
+
+    def __init__(self, name: str = "chatctl-fanout"):
+        self._queue: queue.SimpleQueue[PendingMessage | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._name = name
+
+    def start(self, on_commit: Callable[[list[PendingMessage]], None]) -> None:
+        self._on_commit = on_commit
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def append(self, pending: PendingMessage) -> None:
+        self._queue.put(pending)
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        while True:
+            item = get()
+            batch = []
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= HISTORY_BATCH_MAX:
+                    break
+                try:
+                    item = get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._on_commit(batch)
+            if item is None:
+                return
+
+
 class ClientSession:
     """One connected client: its reader thread, its name and its outbound queue."""
 
@@ -2091,6 +2136,7 @@ class ChatServer:
                 self.history.close()
             raise
         self.throttle = AuthThrottle(self.config.auth_max_failures, self.config.auth_lockout)
+        self.pipeline = self.history if self.history is not None else Sequencer()
         self._per_address: dict[str, int] = {}
         self._ids = itertools.count((self.history.last_id if self.history else 0) + 1)
         self._delivered_upto = self.history.last_id if self.history else 0
@@ -2139,6 +2185,8 @@ class ChatServer:
         self.writer.start()
         if self.history is not None:
             self.history.start(self._committed, self._not_stored)
+        else:
+            self.pipeline.start(self._committed)
         for name, target in (("chatctl-accept", self._accept_loop), ("chatctl-reaper", self._reap_loop)):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -2175,8 +2223,7 @@ class ChatServer:
         for session in sessions:
             session.abort()
             session.thread.join(max(0.0, deadline - time.monotonic()))
-        if self.history is not None:
-            self.history.close(timeout)  # commits and acknowledges what is queued
+        self.pipeline.close(timeout)  # commits (with history) and acknowledges what is queued
         self.accounts.close()
         self.writer.stop(timeout)
         self._wake_r.close()
@@ -2363,41 +2410,17 @@ class ChatServer:
             if target is None:
                 raise ProtocolError("unknown-user", f"no user named {sanitise_text(recipient)!r} is online")
             recipient = target.name
-        if self.history is None:
-            ready: list[ClientSession] = []
-            with self._fanout_lock:
-                msg = ChatMessage(next(self._ids), time.time(), sender.name, text, kind, recipient)
-                self._fan_out(msg, sender, ready)
-            self.writer.schedule_many(ready)
-            return
         with self._accept_lock:
             msg = ChatMessage(next(self._ids), time.time(), sender.name, text, kind, recipient)
             pending = PendingMessage(msg, sender)
             with self._fanout_lock:
                 sender.last_pending = pending
-            self.history.append(pending)
+            self.pipeline.append(pending)
 
     def _committed(self, batch: list[PendingMessage]) -> None:
         with self._fanout_lock:
             ready = self._fan_out_batch(batch)
         self.writer.schedule_many(ready)  # one wake-up for the whole batch
-
-    def _fan_out(self, msg: ChatMessage, sender: ClientSession, ready: list[ClientSession]) -> None:
-        """One message without history: queue it for its readers and its MSG_OK for the sender,
-        adding the queues that need the writer to ``ready``.  The caller holds the fan-out lock.
-
-        A batch of one through _fan_out_batch would do the same at about 20% less throughput.
-        """
-        data = encode_message(msg)
-        if msg.recipient is not None:
-            target = self._by_key.get(name_key(msg.recipient))
-            if target is not None and target.outbound.put(data):
-                ready.append(target)
-        else:
-            ready.extend(self._queue_for_members(data, sender))
-        self._delivered_upto = msg.id
-        if sender.outbound.put(sender.acknowledgement(msg)):
-            ready.append(sender)
 
     def _fan_out_batch(self, batch: list[PendingMessage]) -> list[ClientSession]:
         """A committed batch: each reader gets its part of it in one queue write; returns the
