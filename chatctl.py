@@ -2101,8 +2101,9 @@ class ChatServer:
     """The chat server: start it, read ``port``, and ``shutdown()`` it in one call.
 
     Threads: ``chatctl-accept`` accepts, ``chatctl-writer`` writes,
-    ``chatctl-reaper`` enforces timeouts, and one ``chatctl-conn-N`` per
-    client reads.  All of them end in ``shutdown()``.
+    ``chatctl-reaper`` enforces timeouts, ``chatctl-history`` (or, without
+    history, ``chatctl-fanout``) batches messages out, and one
+    ``chatctl-conn-N`` per client reads.  All of them end in ``shutdown()``.
     """
 
     def __init__(self, config: ServerConfig | None = None):
@@ -2401,9 +2402,11 @@ class ChatServer:
     def publish(self, sender: ClientSession, kind: str, text: str, recipient: str | None = None) -> None:
         """The one place every accepted message passes.
 
-        It gets its id and time here.  Without history it fans out at once;
-        with history it is committed first (group commit on the history
-        thread), then fanned out and acknowledged by _committed().
+        It gets its id and time here and joins the pipeline: the history's
+        group commit, or without history the Sequencer.  Either hands it on
+        in a batch to _committed(), which fans the batch out and acknowledges
+        it: each reader gets a whole batch in one queue write, and the
+        reader threads never wait for one another's fan-out.
         """
         if recipient is not None:
             target = self._by_key.get(name_key(recipient))
