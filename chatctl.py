@@ -2910,6 +2910,220 @@ def fetch_history(config: ClientConfig, name: str | None = None, limit: int = 20
         return conn.history("LAST", str(limit))
 
 
+# --- chatctl bench: a load generator for operators -------------------------------------------
+
+BENCH_MARKER = b"|~B"        # starts the text of every bench message: counted, never parsed, by most readers
+BENCH_WINDOW = 16            # unacknowledged messages a sender may have out (unpaced runs)
+BENCH_DRAIN = 2.0            # seconds without progress after the last send before the rest count as lost
+
+
+@dataclass
+class BenchResult:
+    clients: int
+    senders: int
+    messages: int
+    payload: int
+    rate: float
+    sent: int = 0
+    expected: int = 0
+    received: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    disconnects: int = 0
+    rate_limited: int = 0
+    duration_s: float = 0.0
+    deliveries_per_s: float = 0.0
+    messages_per_s: float = 0.0
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+
+class _BenchClient:
+    """One connection of the load: its socket (and TLS channel), what it owes the server, what it got."""
+
+    __slots__ = ("acked", "channel", "index", "out", "received", "sent", "sock", "tail")
+
+    def __init__(self, index: int, conn: ChatConnection):
+        self.index = index
+        if isinstance(conn.sock, TlsSocket):
+            self.sock, self.channel = conn.sock.sock, conn.sock.channel
+        else:
+            self.sock, self.channel = conn.sock, None
+        self.sock.setblocking(False)
+        self.out = bytearray()
+        self.tail = b""           # the last bytes of the previous read: a marker may straddle two reads
+        self.received = self.sent = self.acked = 0
+
+
+class LoadGenerator:
+    """Connects ``clients`` clients, lets ``senders`` of them send ``messages`` each, and counts.
+
+    Every client counts the bench messages it reads with bytes.count(), with
+    no Python loop per delivery; one client (the probe) also parses each
+    line for latency and duplicates.  Unpaced, a sender keeps BENCH_WINDOW
+    messages unacknowledged; with ``rate`` the senders share that many
+    messages a second between them.
+    """
+
+    def __init__(self, config: ClientConfig, clients: int, senders: int, messages: int,
+                 payload: int = 64, rate: float = 0.0, time_limit: float = 120.0):
+        self.config = config
+        self.result = BenchResult(clients, min(senders, clients), messages, payload, rate)
+        self.time_limit = time_limit
+        self.prefix = f"bench{os.getpid() % 100000}x"
+
+    def connect(self, progress: Callable[[str, int, int], None] | None = None) -> list[_BenchClient]:
+        config, n = self.config, self.result.clients
+        tls = ClientTls(config.cafile, config.tls_fingerprint, None, None) if config.tls else None
+        clients = []
+        try:
+            for i in range(n):
+                conn = ChatConnection(config.host, config.port, config.timeout, tls)
+                clients.append(conn)
+                if config.password:
+                    conn.authenticate(config.password)
+                conn.register(f"{self.prefix}{i}")
+                if progress is not None:
+                    progress("connecting", i + 1, n)
+        except ChatError:
+            for conn in clients:
+                conn.sock.close()
+            raise
+        return [_BenchClient(i, conn) for i, conn in enumerate(clients)]
+
+    def run(self, progress: Callable[[str, int, int], None] | None = None) -> BenchResult:
+        clients = self.connect(progress)
+        try:
+            return self._drive(clients, progress)
+        finally:
+            for c in clients:
+                c.sock.close()
+
+    def _message(self, sender: int, seq: int) -> bytes:
+        head = f"MSG|~B{sender}.{seq}.{time.monotonic_ns()}.".encode()
+        return head + b"x" * max(0, self.result.payload - len(head) + 4) + b"\n"
+
+    def _drive(self, clients: list[_BenchClient], progress) -> BenchResult:
+        r = self.result
+        senders = clients[:r.senders]
+        probe = clients[-1]                       # a reader that is not a sender, if there is one
+        r.expected = r.senders * r.messages * (r.clients - 1)
+        latencies: list[int] = []
+        seen: set[tuple[int, int]] = set()
+        probe_buffer = b""
+        selector = selectors.DefaultSelector()
+        for c in clients:
+            selector.register(c.sock, selectors.EVENT_READ, c)
+        started = last_progress = time.monotonic()
+        deadline = started + self.time_limit
+        shown = 0.0
+        while True:
+            now = time.monotonic()
+            for s in senders:   # top up each sender: its window, or its share of the rate
+                allowed = r.messages
+                if r.rate:
+                    allowed = min(allowed, int((now - started) * r.rate / r.senders) + 1)
+                else:
+                    allowed = min(allowed, s.acked + BENCH_WINDOW)
+                if s.sent < allowed:
+                    chunk = b"".join(self._message(s.index, q) for q in range(s.sent, allowed))
+                    s.out += chunk if s.channel is None else s.channel.seal(chunk)
+                    r.sent += allowed - s.sent
+                    s.sent = allowed
+                if s.out:
+                    self._flush(s)
+            for key, _ in selector.select(0.01 if r.rate else 0.05):
+                c = key.data
+                data = self._read(c)
+                if data is None:
+                    selector.unregister(c.sock)
+                    r.disconnects += 1
+                    continue
+                both = c.tail + data
+                count = both.count(BENCH_MARKER)
+                if count:
+                    c.received += count
+                    last_progress = now
+                if c.index < r.senders:
+                    settled = both.count(b"MSG_OK") + both.count(b"ERR|")  # a refused message is settled too
+                    c.acked += settled - c.tail.count(b"MSG_OK") - c.tail.count(b"ERR|")
+                    r.rate_limited += both.count(b"rate-limited") - c.tail.count(b"rate-limited")
+                c.tail = both[-16:]
+                if c is probe:
+                    probe_buffer = self._probe(probe_buffer + data, latencies, seen, r)
+            r.received = sum(c.received for c in clients)
+            if progress is not None and now - shown > 0.1:
+                progress("delivering", r.received, r.expected)
+                shown = now
+            done_sending = r.sent >= r.senders * r.messages and not any(s.out for s in senders)
+            if r.received >= r.expected and done_sending:
+                break
+            if (done_sending and now - last_progress > BENCH_DRAIN) or now > deadline:
+                break
+            if r.rate_limited and r.received == 0 and now - started > BENCH_DRAIN:
+                break  # the server refuses everything: say so rather than wait
+        finish = last_progress if r.received else time.monotonic()
+        selector.close()
+        r.duration_s = max(finish - started, 1e-9)
+        r.lost = max(0, r.expected - r.received)
+        r.duplicates = max(r.duplicates, r.received - r.expected)
+        r.deliveries_per_s = r.received / r.duration_s
+        r.messages_per_s = r.sent / r.duration_s
+        if latencies:
+            latencies.sort()
+            pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] / 1e6  # noqa: E731
+            r.latency_ms = {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99),
+                            "max": latencies[-1] / 1e6}
+        return r
+
+    @staticmethod
+    def _flush(c: _BenchClient) -> None:
+        try:
+            sent = c.sock.send(c.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            c.out.clear()
+            return
+        del c.out[:sent]
+
+    @staticmethod
+    def _read(c: _BenchClient) -> bytes | None:
+        try:
+            data = c.sock.recv(1 << 18)
+        except (BlockingIOError, InterruptedError):
+            return b""
+        except OSError:
+            return None
+        if not data:
+            return None
+        if c.channel is not None:
+            import ssl
+
+            try:
+                data = c.channel.receive(data)
+            except ssl.SSLError:
+                return None
+            if c.channel.has_output:
+                c.out += c.channel.seal(b"")
+        return data
+
+    @staticmethod
+    def _probe(buffer: bytes, latencies: list[int], seen: set, r: BenchResult) -> bytes:
+        now = time.monotonic_ns()
+        *lines, rest = buffer.split(b"\n")
+        for line in lines:
+            at = line.find(BENCH_MARKER)
+            if at < 0:
+                continue
+            sender, seq, sent_ns, _ = line[at + 3:].split(b".", 3)
+            key = (int(sender), int(seq))
+            if key in seen:
+                r.duplicates += 1  # exact for the probe; the others are counted in total below
+            seen.add(key)
+            latencies.append(now - int(sent_ns))
+        return rest
+
+
 # --- join: input lines and a connection that outlives the server's restarts ----------
 
 JOIN_COMMANDS = {
@@ -3179,6 +3393,12 @@ def stdout_console():
     return Console(highlight=False)
 
 
+def stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
 def user_table(users: tuple[UserInfo, ...], name_cell: Callable[[str], str] = display_text):
     """The table of who is online, for ``who`` and join's ``/who``."""
     from rich.table import Table
@@ -3227,6 +3447,26 @@ def users_as_json(users: tuple[UserInfo, ...]) -> str:
 
     return json.dumps([{"name": u.name, "since": format_timestamp(u.since) if u.since else None,
                         "idle": u.idle} for u in users])
+
+
+def render_bench(r: BenchResult) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"chatctl bench: {r.clients} clients, {r.senders} senders, {r.messages} messages "
+                        f"each, {r.payload}-byte payload" + (f", {r.rate:g} msg/s offered" if r.rate else ""),
+                  show_header=False)
+    table.add_column(justify="right", style="bold")
+    table.add_column(justify="right")
+    rows = [("deliveries/s", f"{r.deliveries_per_s:,.0f}"), ("messages/s", f"{r.messages_per_s:,.0f}"),
+            ("deliveries", f"{r.received:,} of {r.expected:,}"), ("lost", f"{r.lost:,}"),
+            ("duplicates", f"{r.duplicates:,}"), ("disconnects", f"{r.disconnects:,}"),
+            ("duration", f"{r.duration_s:.2f} s")]
+    rows += [(f"latency {k}", f"{v:.2f} ms") for k, v in r.latency_ms.items()]
+    if r.rate_limited:
+        rows.append(("rate-limited", f"{r.rate_limited:,} (set [server] rate = 0 for load tests)"))
+    for row in rows:
+        table.add_row(*row)
+    stdout_console().print(table)
 
 
 # --- join's terminal UI ---------------------------------------------------------------
@@ -3853,6 +4093,60 @@ def join(host, port, config_file, user, no_color, bell, tls, cafile, tls_fingerp
         code = client.run_plain(lines, config.timeout)
         if code:
             sys.exit(code)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@connection_options("of the server")
+@tls_options
+@click.option("--clients", "-n", default=100, show_default=True, type=click.IntRange(2, 100_000),
+              help="Connected clients.")
+@click.option("--senders", "-s", default=10, show_default=True, type=click.IntRange(1),
+              help="Clients that send (at most --clients).")
+@click.option("--messages", "-m", default=1000, show_default=True, type=click.IntRange(1),
+              help="Messages per sender.")
+@click.option("--rate", "-r", default=0.0, type=click.FloatRange(0), help="Total messages/s offered (0: as "
+              f"fast as the server acknowledges, {BENCH_WINDOW} in flight per sender).")
+@click.option("--payload", "-b", default=64, show_default=True, type=click.IntRange(32, 4096),
+              help="Message size in bytes.")
+@click.option("--time-limit", default=120.0, show_default=True, type=click.FloatRange(1),
+              help="Stop after this many seconds whatever happens.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def bench(host, port, config_file, tls, cafile, tls_fingerprint, clients, senders, messages, rate, payload,
+          time_limit, as_json) -> None:
+    """Measure a server's fan-out: deliveries/s, latency, lost and duplicate deliveries.
+
+    Run it against a server whose abuse limits are off (max_per_address = 0,
+    rate = 0), or it measures the limits.
+
+    \b
+    Example:
+      chatctl bench -n 100 -s 10 -m 1000
+      chatctl bench -n 100 -s 10 -m 1000 --rate 1000 --json
+    """
+    if senders > clients:
+        raise click.UsageError("--senders cannot exceed --clients")
+    config = load_config("client", {"host": host, "port": port, **tls_flags(tls, cafile, tls_fingerprint)},
+                         config_file)
+    generator = LoadGenerator(config, clients, senders, messages, payload, rate, time_limit)
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                  console=stderr_console(), transient=True,
+                  disable=as_json or not sys.stderr.isatty()) as bar:
+        task = bar.add_task("connecting", total=clients)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            bar.update(task, description=stage, completed=done, total=total)
+
+        result = generator.run(progress)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(dataclasses.asdict(result)))
+    else:
+        render_bench(result)
+    if result.lost or result.disconnects:
+        sys.exit(EXIT_ERROR)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
