@@ -2517,6 +2517,22 @@ class ChatServer:
                     s.disconnect("idle timeout")
 
 
+def raise_open_file_limit() -> int:
+    """Lift the soft limit on open files to the hard one (each client is a socket); the new limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def serve_until_signalled(server: ChatServer) -> None:
     """Run ``server`` in the foreground; Ctrl-C or SIGTERM shut it down cleanly."""
     import signal
@@ -2525,6 +2541,10 @@ def serve_until_signalled(server: ChatServer) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    files_limit = raise_open_file_limit()
+    if server.config.max_connections > files_limit - 32:
+        log.warning("the open-file limit (%d) is below max_connections: clients past it are refused",
+                    files_limit)
     host, port = server.address
     files = ", ".join(str(p) for p in server.config.files) or "none, built-in defaults"
     try:
