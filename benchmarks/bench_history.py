@@ -6,7 +6,7 @@ each with a fresh database), drives it with the C load generator chatload
 (../shared/chatbench, `seed` adapter) pinned to the other core, and prints
 every run, the medians, and the ratio on/off.
 
-    python benchmarks/bench_history.py                     # 10 clients, 10 senders, 3000 messages each, 5 rounds
+    python benchmarks/bench_history.py              # 10 clients, 10 senders, 3000 messages each, 5 rounds
     python benchmarks/bench_history.py -n 100 -s 10 -m 1000 --rounds 3
 
 Loopback only; every run stops by itself (chatload's --time-limit).

@@ -1,0 +1,305 @@
+#!/usr/bin/env python3
+"""The performance targets of chatctl serve, each measured against a baseline in the same run.
+
+    python benchmarks/bench_performance.py all            # everything below, about 4 minutes
+    python benchmarks/bench_performance.py fanout         # deliveries/s against the naive server
+    python benchmarks/bench_performance.py latency        # p99 at 100 clients, 10 senders, 1000 msg/s
+    python benchmarks/bench_performance.py scale          # 2000 connections, memory per idle one
+    python benchmarks/bench_performance.py slow-reader    # one stalled client among 100
+    python benchmarks/bench_performance.py history        # history on against off
+    python benchmarks/bench_performance.py startup        # chatctl send against python -c 'import socket'
+    python benchmarks/bench_performance.py agreement      # chatctl bench against the C generator
+
+The server runs on core 0 and the load on core 1 (taskset), with the abuse
+limits off and a 64 MiB SendQ, as load tests run.  The load is chatload, the C
+generator in ../shared/chatbench (built to /tmp/chatload if missing), and the
+baseline is its naive_seed_server.py.  Figures are medians of --rounds runs,
+servers alternating.  Loopback only; every run stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import selectors
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHATBENCH = ROOT.parent / "shared" / "chatbench"
+CHATLOAD = Path("/tmp/chatload")
+LOAD_CONFIG = """[server]
+sendq = 67108864
+idle_timeout = 0.0
+register_timeout = 0.0
+max_connections = 0
+max_per_address = 0
+rate = 0
+log_level = "warning"
+"""
+FANOUT_ROWS = [(10, 10, 3000), (100, 10, 300), (100, 100, 30), (1000, 1, 300)]  # N, S, M for the naive server
+
+
+def pinned(core: int) -> list[str]:
+    return ["taskset", "-c", str(core)] if shutil.which("taskset") and os.cpu_count() >= 2 else []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+
+
+@contextmanager
+def chatctl_server(workdir: Path, history: bool = False, extra: str = ""):
+    """``chatctl serve`` on a free port, pinned to core 0; yields (pid, port)."""
+    conf = workdir / "load.toml"
+    conf.write_text(LOAD_CONFIG + extra)
+    db = workdir / f"history-{time.monotonic_ns()}.db"
+    env = {**os.environ, "XDG_DATA_HOME": str(workdir / "data")}
+    proc = subprocess.Popen(
+        [*pinned(0), sys.executable, str(ROOT / "chatctl.py"), "serve", "-H", "127.0.0.1", "-p", "0",
+         "--config", str(conf), "--db", str(db), "--history" if history else "--no-history",
+         "--log-level", "info"], stderr=subprocess.PIPE, text=True, env=env, cwd=workdir)
+    try:
+        for _ in range(10):
+            match = re.search(r"listening on 127\.0\.0\.1:(\d+)", proc.stderr.readline())
+            if match:
+                break
+        else:
+            raise SystemExit("chatctl serve did not start")
+        # keep reading its log, or a full pipe would stall the server mid-run
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        yield proc.pid, int(match.group(1))
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+@contextmanager
+def naive_server():
+    port = free_port()
+    proc = subprocess.Popen([*pinned(0), sys.executable, str(CHATBENCH / "naive_seed_server.py"),
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield proc.pid, port
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def chatload(pid: int, port: int, n: int, s: int, m: int, *extra: str) -> dict:
+    out = subprocess.run([*pinned(1), str(CHATLOAD), "--proto", "seed", "--port", str(port), "-n", str(n),
+                          "-s", str(s), "-m", str(m), "--server-pid", str(pid), "--time-limit", "120",
+                          *extra], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def chatctl_bench(port: int, n: int, s: int, m: int, *extra: str) -> dict:
+    out = subprocess.run([*pinned(1), sys.executable, str(ROOT / "chatctl.py"), "bench", "-p", str(port),
+                          "-n", str(n), "-s", str(s), "-m", str(m), "--json", *extra],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def mega(x: float) -> str:
+    return f"{x / 1e6:.2f} M"
+
+
+# --- the targets ------------------------------------------------------------------------------
+
+
+def fanout(args, workdir: Path) -> None:
+    print(f"\n## Fan-out: deliveries/s, medians of {args.rounds} rounds (chatctl runs 5x the messages)")
+    print("| N / S | naive | chatctl | ratio | lost | disconnects | chatctl p99 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for n, s, m in FANOUT_ROWS:
+        naive, ours, trouble, p99 = [], [], [0, 0], []
+        for _ in range(args.rounds):
+            with naive_server() as (pid, port):
+                naive.append(chatload(pid, port, n, s, m)["deliveries_per_s"])
+            with chatctl_server(workdir) as (pid, port):
+                result = chatload(pid, port, n, s, m * 5)
+            ours.append(result["deliveries_per_s"])
+            trouble[0] += result["lost"]
+            trouble[1] += result["disconnects"]
+            p99.append(result["latency_us"]["p99"] / 1000)
+        print(f"| {n} / {s} | {mega(median(naive))} | {mega(median(ours))} | "
+              f"{median(ours) / median(naive):.1f}x | {trouble[0]} | {trouble[1]} | {median(p99):.1f} ms |",
+              flush=True)
+
+
+def latency(args, workdir: Path) -> None:
+    print(f"\n## Latency at 100 clients, 10 senders, 1000 messages/s offered (medians of {args.rounds})")
+    rows = []
+    for _ in range(args.rounds):
+        with chatctl_server(workdir) as (pid, port):
+            r = chatload(pid, port, 100, 10, 500, "-r", "1000")
+            rows.append((r["latency_us"]["p50"], r["latency_us"]["p99"], r["latency_us"]["max"],
+                         r["deliveries_per_s"], r["lost"]))
+    p50, p99, worst, rate, lost = (median(c) for c in zip(*rows, strict=True))
+    print(f"p50 {p50 / 1000:.2f} ms, p99 {p99 / 1000:.2f} ms, max {worst / 1000:.2f} ms, "
+          f"{rate:,.0f} deliveries/s, lost {lost:.0f}")
+
+
+def scale(args, workdir: Path) -> None:
+    import resource
+
+    clients = args.connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, clients + 100)), hard))
+    print(f"\n## Scale: {clients} connections held by one server")
+    with chatctl_server(workdir) as (pid, port):
+        time.sleep(0.5)
+        before = rss_kib(pid)
+        socks = []
+        for i in range(clients):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(f"USER|idle{i}\n".encode())
+            socks.append(sock)
+        pending = set(socks)
+        sel = selectors.DefaultSelector()
+        for sock in socks:
+            sock.setblocking(False)
+            sel.register(sock, selectors.EVENT_READ)
+        buffers = {sock: b"" for sock in socks}
+        deadline = time.monotonic() + 60
+        while pending and time.monotonic() < deadline:
+            for key, _ in sel.select(1):
+                data = key.fileobj.recv(1 << 16)
+                buffers[key.fileobj] += data
+                if b"USER_OK" in buffers[key.fileobj]:
+                    pending.discard(key.fileobj)
+        time.sleep(1)
+        after = rss_kib(pid)
+        per = (after - before) / clients
+        print(f"registered {clients - len(pending)} of {clients}; server RSS {before} KiB idle, {after} KiB "
+              f"with them: {per:.1f} KiB per idle connection")
+        for sock in socks:
+            buffers[sock] = b""
+        for k in range(10):
+            socks[0].setblocking(True)
+            socks[0].sendall(f"MSG|scale check {k}\n".encode())
+        got = {sock: 0 for sock in socks[1:]}
+        deadline = time.monotonic() + 60
+        while any(v < 10 for v in got.values()) and time.monotonic() < deadline:
+            for key, _ in sel.select(1):
+                if key.fileobj is socks[0]:
+                    key.fileobj.recv(1 << 16)
+                    continue
+                got[key.fileobj] += key.fileobj.recv(1 << 16).count(b"scale check")
+        complete = sum(v == 10 for v in got.values())
+        print(f"10 messages from one client: {complete} of {clients - 1} others got all 10")
+        for sock in socks:
+            sock.close()
+
+
+def slow_reader(args, workdir: Path) -> None:
+    print("\n## A stalled client among 100 (100 clients, 10 senders, default 1 MiB SendQ; "
+          f"{args.rounds} rounds)")
+    free, stalled, dropped = [], [], []
+    for _ in range(args.rounds):
+        with chatctl_server(workdir, extra="sendq = 1048576\n") as (pid, port):
+            free.append(chatload(pid, port, 100, 10, 1000)["deliveries_per_s"])
+            staller = socket.create_connection(("127.0.0.1", port))
+            staller.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            staller.sendall(b"USER|staller\n")
+            time.sleep(0.3)
+            result = chatload(pid, port, 100, 10, 1000)
+            stalled.append(result["deliveries_per_s"])
+            dropped.append(result["lost"])
+            staller.close()
+    print(f"without: {mega(median(free))}, with one stalled client: {mega(median(stalled))} "
+          f"deliveries/s; ratio {median(stalled) / median(free):.2f}; lost {sum(dropped)}")
+
+
+def history(args, workdir: Path) -> None:
+    print(f"\n## History on against off (10 clients, 10 senders, 3000 messages each; {args.rounds} rounds)")
+    off, on = [], []
+    for _ in range(args.rounds):
+        for flag, into in ((False, off), (True, on)):
+            with chatctl_server(workdir, history=flag) as (pid, port):
+                into.append(chatload(pid, port, 10, 10, 3000)["messages_per_s"])
+    print(f"off {median(off):,.0f} msg/s, on {median(on):,.0f} msg/s: ratio {median(on) / median(off):.2f}")
+
+
+def startup(args, workdir: Path) -> None:
+    script = Path(sys.executable).parent / "chatctl"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "chatctl"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # as users run it
+    env["XDG_CONFIG_HOME"] = str(workdir / "config")
+    subprocess.run([sys.executable, "-c", "import chatctl"], env=env, check=True, cwd=ROOT)  # the .pyc
+    print(f"\n## chatctl send start-up: {' '.join(command)} send ..., median of {args.runs} runs each")
+    with chatctl_server(workdir) as (_, port):
+        bare, send = [], []
+        for i in range(args.runs):
+            for argv, into in (([sys.executable, "-c", "import socket"], bare),
+                               ([*command, "send", "-p", str(port), "-u", f"s{i}", "hi"], send)):
+                started = time.perf_counter()
+                subprocess.run(argv, env=env, check=True, capture_output=True)
+                into.append(time.perf_counter() - started)
+    print(f"python3 -c 'import socket': {median(bare) * 1000:.1f} ms; chatctl send: "
+          f"{median(send) * 1000:.1f} ms; ratio {median(send) / median(bare):.2f}")
+
+
+def agreement(args, workdir: Path) -> None:
+    print(f"\n## chatctl bench against chatload on the same server (100 / 10 / 1000; {args.rounds} rounds)")
+    ours, theirs = [], []
+    with chatctl_server(workdir) as (pid, port):
+        for _ in range(args.rounds):
+            theirs.append(chatload(pid, port, 100, 10, 1000)["deliveries_per_s"])
+            ours.append(chatctl_bench(port, 100, 10, 1000)["deliveries_per_s"])
+    print(f"chatload {mega(median(theirs))}, chatctl bench {mega(median(ours))} deliveries/s: "
+          f"ratio {median(ours) / median(theirs):.2f}")
+
+
+TARGETS = {"fanout": fanout, "latency": latency, "scale": scale, "slow-reader": slow_reader,
+           "history": history, "startup": startup, "agreement": agreement}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("target", choices=[*TARGETS, "all"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=21, help="start-up runs of each command")
+    ap.add_argument("--connections", type=int, default=2000)
+    args = ap.parse_args()
+    if not CHATLOAD.exists():
+        subprocess.run(["sh", str(CHATBENCH / "build.sh"), str(CHATLOAD)], check=True)
+    with open("/proc/cpuinfo") as fh:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "?")
+    print(f"# {os.cpu_count()} cores ({cpu}), Python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}")
+    with tempfile.TemporaryDirectory(prefix="chatctl-bench-") as tmp:
+        for name, run in TARGETS.items():
+            if args.target in (name, "all"):
+                run(args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
