@@ -2960,10 +2960,11 @@ class BenchResult:
 class _BenchClient:
     """One connection of the load: its socket (and TLS channel), what it owes the server, what it got."""
 
-    __slots__ = ("acked", "channel", "index", "out", "received", "sent", "sock", "tail")
+    __slots__ = ("acked", "channel", "index", "lines", "out", "received", "sent", "sock", "tail")
 
     def __init__(self, index: int, conn: ChatConnection):
         self.index = index
+        self.lines = conn._buffer.count(b"\n")  # JOIN notices read along with USER_OK
         if isinstance(conn.sock, TlsSocket):
             self.sock, self.channel = conn.sock.sock, conn.sock.channel
         else:
@@ -2972,6 +2973,12 @@ class _BenchClient:
         self.out = bytearray()
         self.tail = b""           # the last bytes of the previous read: a marker may straddle two reads
         self.received = self.sent = self.acked = 0
+
+
+def _count(tail: bytes, data: bytes, token: bytes) -> int:
+    """Occurrences of ``token`` in ``data``, and those that began at the end of the read before it."""
+    k = len(token) - 1
+    return data.count(token) + (tail[-k:] + data[:k]).count(token)
 
 
 class LoadGenerator:
@@ -3008,7 +3015,28 @@ class LoadGenerator:
             for conn in clients:
                 conn.sock.close()
             raise
-        return [_BenchClient(i, conn) for i, conn in enumerate(clients)]
+        return self._settle([_BenchClient(i, conn) for i, conn in enumerate(clients)])
+
+    def _settle(self, clients: list[_BenchClient]) -> list[_BenchClient]:
+        """Read the JOIN notices of the clients that registered later, so what follows is all load."""
+        selector = selectors.DefaultSelector()
+        waiting = {}
+        for c in clients:
+            c.lines -= len(clients) - 1 - c.index  # the notices still to come, as a negative count
+            if c.lines < 0:
+                selector.register(c.sock, selectors.EVENT_READ, c)
+                waiting[c.index] = c
+        deadline = time.monotonic() + self.config.timeout
+        while waiting and time.monotonic() < deadline:
+            for key, _ in selector.select(0.1):
+                c = key.data
+                data = self._read(c)
+                c.lines += data.count(b"\n") if data else 0
+                if data is None or c.lines >= 0:
+                    selector.unregister(c.sock)
+                    waiting.pop(c.index)
+        selector.close()
+        return clients
 
     def run(self, progress: Callable[[str, int, int], None] | None = None) -> BenchResult:
         clients = self.connect(progress)
@@ -3030,12 +3058,15 @@ class LoadGenerator:
         latencies: list[int] = []
         seen: set[tuple[int, int]] = set()
         probe_buffer = b""
+        received = 0
         selector = selectors.DefaultSelector()
         for c in clients:
             selector.register(c.sock, selectors.EVENT_READ, c)
         started = last_progress = time.monotonic()
         deadline = started + self.time_limit
         shown = 0.0
+        buffer = bytearray(1 << 18)
+        plain_readers = {c for c in clients[r.senders:] if c.channel is None and c is not probe}
         while True:
             now = time.monotonic()
             for s in senders:   # top up each sender: its window, or its share of the rate
@@ -3053,24 +3084,39 @@ class LoadGenerator:
                     self._flush(s)
             for key, _ in selector.select(0.01 if r.rate else 0.05):
                 c = key.data
+                if c in plain_readers:  # every line is a delivery: count newlines, copy nothing
+                    try:
+                        size = c.sock.recv_into(buffer)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:
+                        size = 0
+                    if size:
+                        count = buffer.count(b"\n", 0, size)
+                        c.received += count
+                        received += count
+                        last_progress = now
+                        continue
+                    selector.unregister(c.sock)
+                    r.disconnects += 1
+                    continue
                 data = self._read(c)
                 if data is None:
                     selector.unregister(c.sock)
                     r.disconnects += 1
                     continue
-                both = c.tail + data
-                count = both.count(BENCH_MARKER)
+                count = _count(c.tail, data, BENCH_MARKER)
                 if count:
                     c.received += count
+                    received += count
                     last_progress = now
-                if c.index < r.senders:
-                    settled = both.count(b"MSG_OK") + both.count(b"ERR|")  # a refused message is settled too
-                    c.acked += settled - c.tail.count(b"MSG_OK") - c.tail.count(b"ERR|")
-                    r.rate_limited += both.count(b"rate-limited") - c.tail.count(b"rate-limited")
-                c.tail = both[-16:]
+                if c.index < r.senders:  # a refused message is settled too
+                    c.acked += _count(c.tail, data, b"MSG_OK") + _count(c.tail, data, b"ERR|")
+                    r.rate_limited += _count(c.tail, data, b"rate-limited")
+                c.tail = (c.tail + data)[-16:] if len(data) < 16 else data[-16:]
                 if c is probe:
                     probe_buffer = self._probe(probe_buffer + data, latencies, seen, r)
-            r.received = sum(c.received for c in clients)
+            r.received = received
             if progress is not None and now - shown > 0.1:
                 progress("delivering", r.received, r.expected)
                 shown = now

@@ -180,3 +180,33 @@ def test_display_text_is_literal():
     console = Console(record=True, width=80, color_system=None)
     console.print(shown)
     assert console.export_text().strip() == "[bold red]x[/bold red] \ufffd[2J\ufffd"
+
+
+def test_bench_counts_every_delivery_and_reports_json(make_server, isolated_home):
+    server = make_server(rate=0, max_per_address=0, history=False)
+    result = run_cli("bench", "-p", str(server.port), "-n", "6", "-s", "3", "-m", "200", "--json",
+                     env=isolated_home)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["sent"] == 600
+    assert report["expected"] == report["received"] == 600 * 5
+    assert (report["lost"], report["duplicates"], report["disconnects"]) == (0, 0, 0)
+    assert report["deliveries_per_s"] > 0
+    assert 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p99"] <= report["latency_ms"]["max"]
+    assert server.users() == []  # the load's clients are gone
+
+
+def test_bench_paced_run_and_table(make_server, isolated_home):
+    server = make_server(rate=0, max_per_address=0)
+    started = time.monotonic()
+    result = run_cli("bench", "-p", str(server.port), "-n", "4", "-s", "2", "-m", "20", "--rate", "40",
+                     env=isolated_home)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started >= 0.9  # 40 messages at 40 a second
+    assert "deliveries/s" in result.stdout and "120 of 120" in result.stdout
+
+
+def test_bench_against_default_limits_says_it_was_rate_limited(server, isolated_home):
+    result = run_cli("bench", "-p", str(server.port), "-n", "2", "-s", "1", "-m", "150", env=isolated_home)
+    assert result.returncode == 1
+    assert "rate-limited" in result.stdout and "rate = 0" in result.stdout
