@@ -110,10 +110,14 @@ def naive_server():
         proc.wait(15)
 
 
+RUNS = iter(range(1, 1 << 30))
+
+
 def chatload(pid: int, port: int, n: int, s: int, m: int, *extra: str) -> dict:
+    prefix = f"cb{next(RUNS)}x"  # names of a run that just ended may still be leaving
     out = subprocess.run([*pinned(1), str(CHATLOAD), "--proto", "seed", "--port", str(port), "-n", str(n),
                           "-s", str(s), "-m", str(m), "--server-pid", str(pid), "--time-limit", "120",
-                          *extra], capture_output=True, text=True, check=True)
+                          "--name-prefix", prefix, *extra], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 
@@ -222,20 +226,23 @@ def scale(args, workdir: Path) -> None:
 
 def slow_reader(args, workdir: Path) -> None:
     print("\n## A stalled client among 100 (100 clients, 10 senders, default 1 MiB SendQ; "
-          f"{args.rounds} rounds)")
+          f"{args.rounds * 2} rounds, alternating which comes first)")
     free, stalled, dropped = [], [], []
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds * 2):
         with chatctl_server(workdir, sendq=1 << 20) as (pid, port):
-            chatload(pid, port, 100, 10, 300)  # a warm-up, not counted: both runs below meet a warm server
-            free.append(chatload(pid, port, 100, 10, 1000)["deliveries_per_s"])
-            staller = socket.create_connection(("127.0.0.1", port))
-            staller.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            staller.sendall(b"USER|staller\n")
-            time.sleep(0.3)
-            result = chatload(pid, port, 100, 10, 1000)
-            stalled.append(result["deliveries_per_s"])
-            dropped.append(result["lost"])
-            staller.close()
+            chatload(pid, port, 100, 10, 300)  # a warm-up, not counted
+            for with_staller in ((False, True) if round_ % 2 else (True, False)):
+                staller = None
+                if with_staller:  # registered, and never reads a byte
+                    staller = socket.create_connection(("127.0.0.1", port))
+                    staller.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    staller.sendall(f"USER|staller{round_}\n".encode())
+                    time.sleep(0.3)
+                result = chatload(pid, port, 100, 10, 1000)
+                (stalled if with_staller else free).append(result["deliveries_per_s"])
+                dropped.append(result["lost"])
+                if staller is not None:
+                    staller.close()
     print(f"without: {mega(median(free))}, with one stalled client: {mega(median(stalled))} "
           f"deliveries/s; ratio {median(stalled) / median(free):.2f}; lost {sum(dropped)}")
 
