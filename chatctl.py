@@ -264,8 +264,19 @@ def name_key(name: str) -> str:
     return name.casefold()
 
 
+_last_stamp: tuple[int, str] = (-1, "")
+
+
 def format_timestamp(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    """UTC to the second; the last second's text is kept, as a busy server stamps many messages in it."""
+    global _last_stamp
+    second = int(ts)
+    cached = _last_stamp
+    if cached[0] == second:
+        return cached[1]
+    text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+    _last_stamp = (second, text)
+    return text
 
 
 def parse_timestamp(text: str) -> float:
