@@ -3669,7 +3669,8 @@ class JoinClient:
     def on_status(self, text: str, users: tuple[UserInfo, ...]) -> None:
         if users:
             self._set_online(users)
-        self.note(display_text(text), "bold red" if self.session.ended else "bold yellow")
+        for line in text.splitlines():  # a pin warning has several
+            self.note(display_text(line), "bold red" if self.session.ended else "bold yellow")
         if self.session.ended and self._prompt is not None:
             app = self._prompt.app  # leave the prompt as Ctrl-D would: this membership is over
             if app.is_running and app.loop is not None:
