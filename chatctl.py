@@ -1983,6 +1983,7 @@ class ClientSession:
 
     def handle_pass(self, arg: str | None) -> None:
         expected = self.server.config.password
+        self.server.check_lockout(self)
         if expected and not same_secret(arg or "", expected):
             self.server.auth_failed(self, "wrong server password")
             raise ProtocolError("bad-password", "wrong server password", closes=True)
@@ -2313,6 +2314,12 @@ class ChatServer:
         if self.config.auth_delay:
             self._stopping.wait(self.config.auth_delay)
 
+    def check_lockout(self, session: ClientSession) -> None:
+        wait = self.throttle.locked_for(session.host)
+        if wait:
+            raise ProtocolError("auth-locked", f"too many failed passwords from {session.host}; "
+                                f"try again in {int(wait) + 1} s", closes=True)
+
     def _check_owner(self, session: ClientSession, name: str, password: str | None) -> bool:
         """Whether ``name`` is protected; raises unless ``password`` is its password."""
         stored = self.accounts.password_hash(name_key(name))
@@ -2320,10 +2327,7 @@ class ChatServer:
             return False
         if password is None:
             raise ProtocolError("name-protected", f"the name {name!r} is protected: USER|{name}|<password>")
-        wait = self.throttle.locked_for(session.host)
-        if wait:
-            raise ProtocolError("auth-locked", f"too many failed passwords from {session.host}; "
-                                f"try again in {int(wait) + 1} s")
+        self.check_lockout(session)
         if not verify_password(password, stored):
             self.auth_failed(session, f"wrong password for {name}")
             raise ProtocolError("bad-password", f"wrong password for {name!r}")
