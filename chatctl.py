@@ -1517,6 +1517,14 @@ class KnownServers:
             raise TlsError(f"cannot record the server's certificate in {self.path}: {exc.strerror}") from None
 
 
+def require_pin(address: str, fingerprint: str, pinned: str) -> None:
+    """Refuse unless the presented ``fingerprint`` is the one pinned up front."""
+    pinned = parse_fingerprint(pinned)
+    if fingerprint != pinned:
+        raise TlsError(f"the certificate of {address} is {fingerprint}, not the pinned {pinned}; "
+                       "refusing to connect")
+
+
 def check_pin(address: str, fingerprint: str, pinned: str, known: KnownServers,
               ask: Callable[[str, str], bool] | None) -> str | None:
     """Trust on first use: pass, or raise TlsError.  Returns a notice for the user, if any.
@@ -1526,10 +1534,7 @@ def check_pin(address: str, fingerprint: str, pinned: str, known: KnownServers,
     server is recorded, after ``ask`` agrees when there is someone to ask.
     """
     if pinned:
-        pinned = parse_fingerprint(pinned)
-        if fingerprint != pinned:
-            raise TlsError(f"the certificate of {address} is {fingerprint}, not the pinned {pinned}; "
-                           "refusing to connect")
+        require_pin(address, fingerprint, pinned)
         known.record(address, fingerprint)
         return None
     entry = known.lookup(address)
@@ -1993,9 +1998,8 @@ class ClientSession:
     def handle_user(self, arg: str | None) -> None:
         if self.name is not None:
             raise ProtocolError("already-registered", f"already registered as {self.name}")
-        name, sep, password = (arg or "").partition("|")
-        self.server.register(self, validate_name(name if arg is not None else None,
-                                                 self.server.config.max_name),
+        name, sep, password = arg.partition("|") if arg is not None else (None, "", "")
+        self.server.register(self, validate_name(name, self.server.config.max_name),
                              password if sep else None)
 
     def handle_register(self, arg: str | None) -> None:
@@ -2681,9 +2685,8 @@ class ClientTls:
                               "(does the server run with --tls?)") from None
         fingerprint = certificate_fingerprint(channel.peer_certificate())
         if self.cafile:
-            if self.fingerprint and parse_fingerprint(self.fingerprint) != fingerprint:
-                raise TlsError(f"the certificate of {address} is {fingerprint}, not the pinned "
-                               f"{parse_fingerprint(self.fingerprint)}; refusing to connect")
+            if self.fingerprint:
+                require_pin(address, fingerprint, self.fingerprint)
             return secured
         notice = check_pin(address, fingerprint, self.fingerprint, KnownServers(), self.ask)
         if notice and self.notify is not None:
