@@ -297,6 +297,7 @@ def test_ignore_hides_a_user(server, user, spawn_join):
     ana.send("/ignore eve\r")
     ana.expect("ignoring eve")
     eve.send(b"MSG|spam spam\n")
+    eve.expect("MSG_OK")  # queued for ana before anything sent from now on: ana sees it first
     bob.send(b"MSG|real news\n")
     ana.expect("real news")
     assert "spam spam" not in ana.before
