@@ -10,7 +10,7 @@ import pexpect
 import pytest
 
 import chatctl
-from conftest import CHATCTL, RawClient, run_cli, wait_until
+from conftest import CHATCTL, RawClient, read_line, run_cli, wait_until
 
 PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
 _CSI = r"(?:\x1b\[[0-9;?]*[A-Za-z])*"
@@ -249,8 +249,8 @@ def test_plain_mode_prints_incoming_messages_as_plain_lines(server, user, isolat
         proc.stdin.flush()
         assert bob.expect("MSG|").endswith("|bot|first")
         bob.send(b"MSG|two\\nlines\n")
-        assert proc.stdout.readline().rstrip("\n").endswith(" <bob> two")
-        assert proc.stdout.readline().rstrip("\n") == "      │ lines"
+        assert read_line(proc.stdout).rstrip("\n").endswith(" <bob> two")
+        assert read_line(proc.stdout).rstrip("\n") == "      │ lines"
         proc.stdin.close()
         assert proc.wait(10) == 0
         assert "\x1b" not in proc.stdout.read()
