@@ -457,6 +457,7 @@ def test_hostile_clients_do_not_hurt_two_well_behaved_ones(make_server, tls_file
         stop.set()
         for t in threads:
             t.join(10)
+    assert not [t for t in threads if t.is_alive()], "a hostile client is still running"
     grown = resident_kib() - before
     print(f"\nresident memory: {before} KiB before, grew by {grown} KiB under 48 hostile connections")
     assert grown < 150 * 1024
