@@ -29,6 +29,17 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01):
     raise AssertionError(f"condition not met within {timeout}s")
 
 
+def read_line(stream, timeout: float = 10.0) -> str:
+    """One line from a subprocess pipe; fail after ``timeout`` (a bare readline() may wait forever)."""
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive():
+        raise AssertionError(f"no line within {timeout}s")
+    return got[0]
+
+
 class RawClient:
     """A bare socket client, as the seed's scripts and netcat are."""
 

@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import chatctl
-from conftest import CHATCTL, RawClient, run_cli, wait_until
+from conftest import CHATCTL, RawClient, read_line, run_cli, wait_until
 
 
 def test_who_lists_users_as_a_table_and_as_json(isolated_home, server, user):
@@ -108,10 +108,14 @@ def start_serve(env, *args):
     proc = subprocess.Popen([*CHATCTL, "serve", "--host", "127.0.0.1", "--port", "0", *args],
                             env=env, stderr=subprocess.PIPE, text=True)
     line = ""
-    for _ in range(5):  # the history line comes first
-        line = proc.stderr.readline()
-        if "listening" in line:
-            break
+    try:
+        for _ in range(5):  # the history line comes first
+            line = read_line(proc.stderr)
+            if "listening" in line:
+                break
+    finally:
+        if "listening" not in line:
+            proc.kill()
     match = re.search(r"listening on 127\.0\.0\.1:(\d+) \(config: (.*)\)", line)
     assert match, line
     proc.config_shown = match.group(2)
@@ -139,12 +143,14 @@ def test_serve_stops_cleanly_on_sigterm(isolated_home):
 def test_serve_stops_cleanly_on_ctrl_c(isolated_home):
     proc, port = start_serve(isolated_home, "--log-level", "debug")
     try:
-        RawClient(port).send(b"USER|x")
-        wait_until(lambda: proc.poll() is None)
-        time.sleep(0.1)
+        client = RawClient(port)
+        client.send(b"USER|x")  # connected, mid-frame
+        wait_until(lambda: "connection from 127.0.0.1" in read_line(proc.stderr))  # the server has it
         proc.send_signal(signal.SIGINT)
+        client.wait_closed()
         assert proc.wait(10) == 0
-        assert "Traceback" not in proc.stderr.read()
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "stopped" in err
     finally:
         proc.kill()
 

@@ -13,7 +13,7 @@ import threading
 import pytest
 
 import chatctl
-from conftest import CHATCTL, RawClient, register_many, run_cli, wait_until
+from conftest import CHATCTL, RawClient, read_line, register_many, run_cli, wait_until
 
 
 def post_all(client: RawClient, texts) -> None:
@@ -125,6 +125,7 @@ def test_fifty_concurrent_senders_no_loss_no_duplicates_ids_in_commit_order(serv
         t.start()
     for t in threads:
         t.join(60)
+        assert not t.is_alive(), "a sender is still waiting for its acknowledgements"
     all_acked = sorted(i for ids in acks.values() for i in ids)
     assert len(all_acked) == n * per_sender == len(set(all_acked))
     stored, _ = server.history.recent(None, 5000)
@@ -252,7 +253,10 @@ def start_server_process(env, db):
     proc = subprocess.Popen([*CHATCTL, "serve", "-H", "127.0.0.1", "-p", "0", "--db", str(db)],
                             env={**env, "CHATCTL_RATE": "0"}, stderr=subprocess.PIPE, text=True)
     for _ in range(5):
-        line = proc.stderr.readline()
+        try:
+            line = read_line(proc.stderr)
+        except AssertionError:
+            break
         match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
         if match:
             return proc, int(match.group(1))
@@ -354,6 +358,7 @@ def test_batched_fan_out_mixes_broadcasts_and_direct_messages_correctly(server):
         t.start()
     for t in threads:
         t.join(20)
+        assert not t.is_alive(), "a sender is still sending"
     for i, c in enumerate(clients):
         expected_in = {f"{j}:{k}" for j in range(n) if j != i for k in range(0, per_sender, 2)}
         expected_in |= {f"{(i - 1) % n}:{k}" for k in range(1, per_sender, 2)}

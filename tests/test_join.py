@@ -10,7 +10,7 @@ import pexpect
 import pytest
 
 import chatctl
-from conftest import CHATCTL, RawClient, run_cli, wait_until
+from conftest import CHATCTL, RawClient, read_line, run_cli, wait_until
 
 PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
 _CSI = r"(?:\x1b\[[0-9;?]*[A-Za-z])*"
@@ -249,8 +249,8 @@ def test_plain_mode_prints_incoming_messages_as_plain_lines(server, user, isolat
         proc.stdin.flush()
         assert bob.expect("MSG|").endswith("|bot|first")
         bob.send(b"MSG|two\\nlines\n")
-        assert proc.stdout.readline().rstrip("\n").endswith(" <bob> two")
-        assert proc.stdout.readline().rstrip("\n") == "      │ lines"
+        assert read_line(proc.stdout).rstrip("\n").endswith(" <bob> two")
+        assert read_line(proc.stdout).rstrip("\n") == "      │ lines"
         proc.stdin.close()
         assert proc.wait(10) == 0
         assert "\x1b" not in proc.stdout.read()
@@ -297,6 +297,7 @@ def test_ignore_hides_a_user(server, user, spawn_join):
     ana.send("/ignore eve\r")
     ana.expect("ignoring eve")
     eve.send(b"MSG|spam spam\n")
+    eve.expect("MSG_OK")  # queued for ana before anything sent from now on: ana sees it first
     bob.send(b"MSG|real news\n")
     ana.expect("real news")
     assert "spam spam" not in ana.before
@@ -337,12 +338,15 @@ def test_after_a_reconnect_join_shows_exactly_what_it_missed(make_server, spawn_
         carol.expect("MSG_OK")
         carol.expect("MSG_OK")
         ana.expect("reconnected to 127.0.0.1", timeout=15)
-        ana.expect(r"missed while away: 2 message\(s\)")
-        ana.expect("<carol> while you were away 1")
-        ana.expect("<carol> while you were away 2")
+        shown = ""  # everything since the reconnect
+        for line in (r"missed while away: 2 message\(s\)", "<carol> while you were away 1",
+                     "<carol> while you were away 2"):
+            ana.expect(line)
+            shown += ana.before + ana.after
         carol.send(b"MSG|live again\n")
         ana.expect("<carol> live again")
-        assert "seen before" not in ana.before  # nothing shown twice
+        shown += ana.before
+        assert "seen before" not in shown and shown.count("while you were away 1") == 1, shown  # none twice
         carol.close()
     finally:
         second.shutdown()
@@ -354,9 +358,11 @@ def test_join_with_backlog_off(make_server, user, spawn_join, isolated_home):
     bob.send(b"USER|bob\nMSG|not kept\n")
     bob.expect("MSG_OK")
     ana = spawn_join("ana", server.port)
+    shown = ana.before  # between "connected" and the prompt, where a backlog would be
     bob.send(b"MSG|live\n")
     ana.expect("<bob> live")
-    assert "not kept" not in ana.before and "history" not in ana.before
+    shown += ana.before
+    assert "not kept" not in shown and "history" not in shown, shown
     bob.close()
 
 

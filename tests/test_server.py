@@ -232,6 +232,7 @@ def test_fifty_clients_get_every_message_exactly_once_in_order(server):
         t.start()
     for t in threads:
         t.join(30)
+        assert not t.is_alive(), "a sender is still sending"
 
     expected_each = (n - 1) * per_sender
     for i, c in enumerate(clients):
@@ -280,7 +281,7 @@ def test_a_client_that_never_reads_is_dropped_and_others_get_everything(make_ser
         wait_until(lambda k=k: received >= k - 8, timeout=20, interval=0.001)  # stay a few ahead
         sender.send(f"MSG|{payload}\n".encode())
     t.join(30)
-    assert received == count
+    assert not t.is_alive() and received == count
     leave = [line for line in reader.seen if line.startswith("LEAVE|")] or [reader.expect("LEAVE|")]
     assert leave[0].split("|")[2:] == ["stalled", "sendq exceeded"]
     assert "stalled" not in [u.name for u in server.users()]
