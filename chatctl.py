@@ -70,6 +70,7 @@ MAX_ERRORS_IN_A_ROW = 20             # consecutive bad frames before the server 
 CLIENT_TIMEOUT = 10.0                # seconds a one-shot client waits for the server
 KEEPALIVE_INTERVAL = 30.0            # join pings a server that has been quiet this long
 RECONNECT_MIN, RECONNECT_MAX = 0.5, 30.0  # join's reconnect backoff, seconds
+MISSED_MAX = 5000                    # messages join fetches after a reconnect at most
 PASTE_CONFIRM_LINES = 5              # a pasted message longer than this asks before sending
 BELL_MODES = ("off", "mentions", "all")  # join rings on nothing, mentions and DMs, or everything
 
@@ -611,10 +612,12 @@ class Goodbye:
 
 @dataclass(frozen=True, slots=True)
 class EndOfList:
-    """``END|HISTORY|n`` or ``END|SEARCH|n``: the n messages before it answered that request."""
+    """``END|HISTORY|n`` or ``END|SEARCH|n``: the n messages before it answered that request;
+    ``more`` (``END|HISTORY|n|more``): the reply was full, ask again after its last id."""
 
     kind: str
     count: int
+    more: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -689,8 +692,8 @@ def _parse_event(line: str) -> ServerEvent:
     if verb == "BYE":
         return Goodbye(rest)
     if verb == "END":
-        kind, count = rest.split("|")
-        return EndOfList(kind, int(count))
+        kind, count, *flags = rest.split("|")
+        return EndOfList(kind, int(count), "more" in flags)
     return UnknownLine(line)
 
 
@@ -3263,10 +3266,11 @@ class ChatConnection:
 
     # --- requests ---------------------------------------------------------------------
 
-    def hello(self) -> None:
-        """Announce chatctl; a seed server answers ERR and we keep to the seed's protocol."""
+    def hello(self, quiet: bool = False) -> None:
+        """Announce chatctl (``quiet``: a script, without presence notices); a seed server answers
+        ERR and we keep to the seed's protocol."""
         try:
-            self.request("HELLO", PROTOCOL_NAME, expect=(Welcome,))
+            self.request("HELLO", PROTOCOL_NAME, *(["quiet"] if quiet else []), expect=(Welcome,))
         except RejectedError as exc:
             if exc.code in REFUSALS:
                 raise
@@ -3307,21 +3311,26 @@ class ChatConnection:
         return self._listing("SEARCH", str(limit), escape_text(text))
 
     def _listing(self, verb: str, *fields: str) -> list[ChatMessage]:
-        self.request(verb, *fields, expect=(EndOfList,))
+        return self._page(verb, *fields)[0]
+
+    def _page(self, verb: str, *fields: str) -> tuple[list[ChatMessage], EndOfList]:
+        end = self.request(verb, *fields, expect=(EndOfList,))
         # The reply is one block; a live message that came just before it is in it too.
         found = {e.message.id: e.message for e in self.pending if isinstance(e, Delivered)}
         self.pending = [e for e in self.pending if not isinstance(e, Delivered)]
-        return [found[i] for i in sorted(found)]
+        return [found[i] for i in sorted(found)], end
 
-    def missed_since(self, last_id: int) -> list[ChatMessage]:
-        """Everything visible after ``last_id``, page by page."""
+    def missed_since(self, last_id: int, most: int = MISSED_MAX) -> tuple[list[ChatMessage], bool]:
+        """What is visible after ``last_id``, page by page (each page fits the SendQ), up to ``most``
+        messages; and whether there was more than that."""
         missed: list[ChatMessage] = []
-        while True:
-            page = self.history("AFTER", str(last_id), str(HISTORY_PAGE_MAX))
+        while len(missed) < most:
+            page, end = self._page("HISTORY", "AFTER", str(last_id), str(HISTORY_PAGE_MAX))
             missed.extend(page)
-            if len(page) < HISTORY_PAGE_MAX:
-                return missed
+            if not page or not (end.more or end.count >= HISTORY_PAGE_MAX):
+                return missed, False
             last_id = page[-1].id
+        return missed, True
 
     def close(self) -> None:
         """Say QUIT and close; the server's BYE is awaited briefly so nothing is cut off."""
@@ -3342,16 +3351,17 @@ FINAL_REFUSALS = ("bad-password", "name-protected", "password-required", "tls-re
 
 
 def connect(config: ClientConfig, ask_trust: Callable[[str, str], bool] | None = None,
-            notify: Callable[[str], None] | None = None) -> ChatConnection:
+            notify: Callable[[str], None] | None = None, quiet: bool = False) -> ChatConnection:
     """An announced (and, with a server password, authenticated) connection to the configured server.
 
     ``ask_trust`` is asked before a new TLS certificate is pinned; without it
-    the certificate is pinned and ``notify`` hears of it.
+    the certificate is pinned and ``notify`` hears of it.  ``quiet``: a
+    one-shot client, which nobody sees join or leave.
     """
     tls = ClientTls(config.cafile, config.tls_fingerprint, ask_trust, notify) if config.tls else None
     conn = ChatConnection(config.host, config.port, config.timeout, tls)
     try:
-        conn.hello()
+        conn.hello(quiet)
         if config.password:
             conn.authenticate(config.password)
     except ChatError:
@@ -3383,7 +3393,7 @@ def register_as(conn: ChatConnection, name: str, password: str,
 def send_one(config: ClientConfig, name: str, text: str, to: str | None = None,
              kind: str = "msg", ask_password: PasswordPrompt | None = None) -> Acknowledged:
     """Register as ``name``, send one message and wait for its MSG_OK."""
-    with connect(config, notify=client_notice) as conn:
+    with connect(config, notify=client_notice, quiet=True) as conn:
         register_as(conn, name, config.user_password, ask_password)
         return conn.post(text, to=to, kind=kind)
 
@@ -3391,7 +3401,7 @@ def send_one(config: ClientConfig, name: str, text: str, to: str | None = None,
 def set_protection(config: ClientConfig, name: str, new_password: str | None,
                    ask_password: PasswordPrompt | None = None) -> None:
     """Protect ``name`` with ``new_password`` (or change it); None drops the protection."""
-    with connect(config, notify=client_notice) as conn:
+    with connect(config, notify=client_notice, quiet=True) as conn:
         register_as(conn, name, config.user_password, ask_password)
         if new_password is None:
             conn.unprotect()
@@ -3413,8 +3423,12 @@ def fetch_users(config: ClientConfig) -> tuple[UserInfo, ...]:
 def fetch_history(config: ClientConfig, name: str | None = None, limit: int = 20,
                   before: int | None = None, after: int | None = None,
                   search: str | None = None) -> list[ChatMessage]:
-    """Stored messages, oldest first; registering as ``name`` adds that user's direct messages."""
-    with connect(config, notify=client_notice) as conn:
+    """Stored messages, oldest first; registering as ``name`` adds that user's direct messages.
+
+    The registration is quiet: the owner of a protected name reads their
+    direct messages while their own session stays online.
+    """
+    with connect(config, notify=client_notice, quiet=True) as conn:
         if name:
             register_as(conn, name, config.user_password, None)
         if search is not None:
@@ -3696,6 +3710,7 @@ JOIN_COMMANDS = {
     "/ignore": "/ignore [USER]    hide USER's messages (no USER: list who is ignored)",
     "/unignore": "/unignore USER    show USER's messages again",
     "/register": "/register         protect your name with a password (asked twice, hidden)",
+    "/nick": "/nick NAME        use another name (while yours is taken by someone else)",
     "/unregister": "/unregister       drop the protection of your name",
     "/quit": "/quit [REASON]    leave (Ctrl-D and Ctrl-C too)",
     "/help": "/help             this list",
@@ -3728,7 +3743,7 @@ def parse_input(line: str) -> InputCommand:
         if not target or not text.strip():
             return InputCommand("usage", text=JOIN_COMMANDS[word])
         return InputCommand("msg-to", target, text)
-    if action in ("reply", "me", "unignore") and not rest.strip():
+    if action in ("reply", "me", "unignore", "nick") and not rest.strip():
         return InputCommand("usage", text=JOIN_COMMANDS[word])
     if action in ("ignore", "unignore"):
         return InputCommand(action, rest.strip() or None)
@@ -3741,6 +3756,7 @@ class Backlog:
 
     messages: tuple[ChatMessage, ...]
     missed: bool
+    more: bool = False   # missed more than MISSED_MAX: the rest is in the history
 
 
 class LiveSession:
@@ -3765,6 +3781,8 @@ class LiveSession:
         self.ask_trust = ask_trust
         self.password = config.user_password
         self.ended = False                # the server ended this membership for good (taken over, TLS pin)
+        self._told_taken: str | None = None  # the name we last said was taken, so it is said once
+        self._retry = threading.Event()   # set by rename(): try again now
         self._conn: ChatConnection | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -3831,10 +3849,10 @@ class LiveSession:
     def _backlog(self, conn: ChatConnection) -> Backlog | None:
         if not conn.extended:
             return None
-        missed = self.last_id > 0
+        missed, more = self.last_id > 0, False
         try:
             if missed:
-                messages = conn.missed_since(self.last_id)
+                messages, more = conn.missed_since(self.last_id)
             elif self.config.backlog:
                 messages = conn.history("LAST", str(self.config.backlog))
             else:
@@ -3843,7 +3861,7 @@ class LiveSession:
             if exc.code == "history-off":
                 return None
             raise
-        return Backlog(tuple(messages), missed)
+        return Backlog(tuple(messages), missed, more)
 
     def _recorded(self, notice: str) -> None:
         self.on_status(notice, ())
@@ -3872,8 +3890,9 @@ class LiveSession:
                     self._end(f"{reason}; not reconnecting")
                     return
                 self.on_status(f"{reason}; reconnecting", ())
-            if self._stop.wait(backoff):
+            if self._wait_retry(backoff):
                 return
+            self._retry.clear()
             try:
                 users, held = self._open()
             except TlsError as exc:  # trying again would not change the answer
@@ -3883,13 +3902,37 @@ class LiveSession:
                 if exc.code in FINAL_REFUSALS:
                     self._end(f"{exc}; not reconnecting")
                     return
+                if exc.code == "name-taken" and self._told_taken != self.name:
+                    self._told_taken = self.name  # once per name, not once per attempt
+                    self.on_status(f"the name {self.name} is taken by someone else; still trying, less and "
+                                   "less often (/nick NAME to use another)", ())
                 backoff = min(backoff * 2, RECONNECT_MAX)
+                continue
             except ChatError:
                 backoff = min(backoff * 2, RECONNECT_MAX)
                 continue
             backoff = RECONNECT_MIN
+            self._told_taken = None
             self.on_status(f"reconnected to {self.config.host}:{self.config.port} as {self.name}", users)
             self._hand_on(held)
+
+    def _wait_retry(self, seconds: float) -> bool:
+        """Wait before the next attempt (cut short by rename()); True when the session is closing."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._retry.wait(min(remaining, 0.5)):
+                return False
+        return True
+
+    def rename(self, name: str) -> bool:
+        """Use ``name`` from the next attempt on, and make it now; False while connected."""
+        if self.connected:
+            return False
+        self.name = name
+        self.password = ""  # a password belongs to the name it protects
+        self._retry.set()
+        return True
 
     def _end(self, text: str) -> None:
         self.ended = True
@@ -3925,16 +3968,49 @@ class LiveSession:
 # (so no escape sequence reaches the terminal) and rich markup is escaped.
 
 _DISPLAY_TABLE = {c: "\ufffd" for c in itertools.chain(range(0x20), range(0x7F, 0xA0))}
-_DISPLAY_TABLE.update({ord(c): "\ufffd" for c in _BIDI_CONTROLS})
+_DISPLAY_TABLE.update({ord(c): "\ufffd" for c in _BIDI_CONTROLS + "\u2028\u2029"})
 
 
 def display_text(text: str) -> str:
     """Text from the network made safe for a terminal and for rich markup."""
     from rich.markup import escape
 
-    if not text.isprintable():
-        text = text.translate(_DISPLAY_TABLE)
+    return escape(neutralise(text))
+
+
+def escape_markup(text: str) -> str:
+    from rich.markup import escape
+
     return escape(text)
+
+
+def neutralise(text: str) -> str:
+    """Controls, bidirectional controls and line separators to U+FFFD: nothing a terminal acts on."""
+    return text if text.isprintable() else text.translate(_DISPLAY_TABLE)
+
+
+def wrap_cells(text: str, first: int, rest: int) -> list[str]:
+    """Rows of at most ``first`` (then ``rest``) terminal cells, broken after a space where one fits."""
+    from rich.cells import cell_len
+
+    rows, width = [], max(1, first)
+    while cell_len(text) > width:
+        cut = used = 0
+        for ch in text:
+            used += cell_len(ch)
+            if used > width:
+                break
+            cut += 1
+        space = text.rfind(" ", 0, cut + 1)
+        if space > 0:
+            rows.append(text[:space])
+            text = text[space + 1:]
+        else:
+            rows.append(text[:max(1, cut)])
+            text = text[max(1, cut):]
+        width = max(1, rest)
+    rows.append(text)
+    return rows
 
 
 def format_idle(seconds: int) -> str:
@@ -4054,11 +4130,12 @@ class ChatView:
 
     CONTINUATION = "      │ "
 
-    def __init__(self, me: str, color: bool, width: int | None = None):
+    def __init__(self, me: str, color: bool, width: int | None = None, wrap: bool = False):
         from rich.console import Console
 
         self.me = me
         self.color = color
+        self.wrap = wrap  # fit every row to the terminal (interactive join)
         self._mention = re.compile(r"(?<!\w)" + re.escape(me) + r"(?!\w)", re.IGNORECASE)
         self._console = Console(color_system="standard" if color else None, force_terminal=color,
                                 no_color=not color, width=width or 200, highlight=False,
@@ -4077,24 +4154,43 @@ class ChatView:
         return f"[{style}]{display_text(name)}[/]"
 
     def message(self, msg: ChatMessage, own: bool = False, backlog: bool = False) -> str:
-        """One message; ``backlog`` ones (from the history) are dim and dated when not from today."""
+        """One message; ``backlog`` ones (from the history) are dim and dated when not from today.
+
+        With ``wrap``, every row fits the terminal and each row after the
+        first starts with the continuation mark: a message padded to the
+        terminal's width cannot make its tail pass for a line of its own.
+        """
+        from rich.cells import cell_len
+        from rich.text import Text
+
         mention = not own and not backlog and self.mentions_me(msg)
-        lines = msg.text.split("\n")
+        lines = [neutralise(line) for line in msg.text.split("\n")]
         today = time.localtime(msg.ts)[:3] == time.localtime()[:3]
         stamp = f"[dim]{local_time(msg.ts, with_date=backlog and not today)}[/]"
         mark = "[bold yellow]![/] " if mention else ""
-        body = display_text(lines[0])
-        if mention:
-            body = f"[bold yellow]{body}[/]"
         if msg.kind == "me":
-            head = f"{stamp} {mark}* {self._name(msg.sender, own)} {body}"
+            head = f"{stamp} {mark}* {self._name(msg.sender, own)} "
         elif msg.kind == "dm":
             tag = f"[DM → {display_text(msg.recipient or '')}]" if own else "[DM]"
             tag = f"[bold magenta]{display_text(tag)}[/]"
-            head = f"{stamp} {mark}{tag} <{self._name(msg.sender, own)}> {body}"
+            head = f"{stamp} {mark}{tag} <{self._name(msg.sender, own)}> "
         else:
-            head = f"{stamp} {mark}<{self._name(msg.sender, own)}> {body}"
-        rest = [f"[dim]{self.CONTINUATION}[/]{display_text(line)}" for line in lines[1:]]
+            head = f"{stamp} {mark}<{self._name(msg.sender, own)}> "
+        rows = [lines[0]]
+        continued = lines[1:]
+        if self.wrap:
+            import shutil
+
+            width = shutil.get_terminal_size((80, 24)).columns - 1
+            narrow = width - cell_len(self.CONTINUATION)
+            first, *spill = wrap_cells(lines[0], width - Text.from_markup(head).cell_len, narrow)
+            rows = [first]
+            continued = spill + [row for line in lines[1:] for row in wrap_cells(line, narrow, narrow)]
+        body = escape_markup(rows[0])
+        if mention:
+            body = f"[bold yellow]{body}[/]"
+        head += body
+        rest = [f"[dim]{self.CONTINUATION}[/]{escape_markup(line)}" for line in continued]
         if backlog:
             return self._render("\n".join(f"[dim]{line}[/]" for line in [head, *rest]))
         return self._render("\n".join([head, *rest]))
@@ -4122,7 +4218,7 @@ class JoinClient:
         self.name = name
         self.bell = bell
         self.interactive = interactive
-        self.view = ChatView(name, color)
+        self.view = ChatView(name, color, wrap=interactive)
         self.session = LiveSession(config, name, self.on_event, self.on_status, ask_password, ask_trust)
         self._prompt = None  # the PromptSession, while run_interactive runs
         self.online: dict[str, str] = {}          # key -> name, in join order
@@ -4209,7 +4305,9 @@ class JoinClient:
         messages = [m for m in backlog.messages
                     if self._first_sight(m) and name_key(m.sender) not in self.ignored]
         if backlog.missed:
-            self.note(f"missed while away: {len(messages)} message(s)")
+            self.note(f"missed while away: {len(messages)} message(s)"
+                      + (" and more: chatctl history --after "
+                         f"{backlog.messages[-1].id} shows the rest" if backlog.more else ""))
         elif messages:
             self.note(f"the last {len(messages)} message(s) from the history:")
         for msg in messages:
@@ -4276,6 +4374,8 @@ class JoinClient:
             self._ignore(action, command.target)
         elif action == "register":
             self._register()
+        elif action == "nick":
+            self._rename(command.text.strip())
         elif action == "unregister":
             if not self.session.send("UNREGISTER"):
                 raise NotConnected("not connected")
@@ -4289,6 +4389,15 @@ class JoinClient:
         else:
             self.warn(f"unknown command {display_text(command.text)} (try /help)")
         return True
+
+    def _rename(self, name: str) -> None:
+        if not self.session.rename(name):
+            self.warn("/nick works while your name is taken by someone else; you are connected as "
+                      f"{display_text(self.name)}")
+            return
+        self.name = name
+        self.view = ChatView(name, self.view.color, wrap=self.view.wrap)
+        self.note(f"trying again as {display_text(name)}")
 
     def _register(self) -> None:
         """Protect our name: the new password is asked twice, hidden, and never echoed."""

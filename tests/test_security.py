@@ -60,13 +60,13 @@ class TlsClient(RawClient):
 def test_tls_and_plain_clients_share_one_port(tls_server, tls_files):
     server = tls_server()
     secure, plain = TlsClient(server.port), RawClient(server.port)
-    secure.send(b"USER|ana\n")
-    assert secure.line() == "USER_OK"
+    secure.send(b"HELLO|chatctl/1\nUSER|ana\n")
+    assert secure.expect("USER_OK") == "USER_OK"
     assert secure.fingerprint() == server.tls_fingerprint
     plain.send(b"USER|bob")  # the seed's client, unchanged: one frame per write, no newline
     assert plain.line() == "USER_OK"
     secure.send(b"MSG|over tls\n")
-    assert plain.expect("MSG|").endswith("|ana|over tls")
+    assert plain.expect("ana: ") == "ana: over tls"
     plain.send(b"MSG|in the clear")
     assert secure.expect("MSG|").endswith("|bob|in the clear")
     big = "x" * 6000  # several TLS records, and a batch the writer encrypts in one go
@@ -179,7 +179,7 @@ def test_live_session_over_tls_reads_and_writes_from_two_threads(tls_server):
     session = chatctl.LiveSession(config, "ana", events.append, lambda text, users: None)
     session.start()
     session.run()
-    bob = register_many(server.port, ["bob"])[0]
+    bob = register_many(server.port, ["bob"], hello=True)[0]
     for i in range(200):  # ana writes while her reader thread reads bob's messages
         assert session.send("MSG", f"from ana {i}")
         bob.send(f"MSG|from bob {i}\n".encode())
@@ -226,7 +226,7 @@ def test_cli_takes_the_server_password_from_the_environment(make_server, isolate
 
 
 def protect(port: int, name: str, password: str) -> RawClient:
-    owner = register_many(port, [name])[0]
+    owner = register_many(port, [name], hello=True)[0]
     owner.send(f"REGISTER|{password}\n".encode())
     assert owner.line() == f"REGISTER_OK|{name}"
     return owner
@@ -274,7 +274,7 @@ def test_protection_survives_a_restart_and_can_be_dropped(make_server, tmp_path)
 def test_impersonating_an_online_owner_fails_and_the_owner_takes_over_a_stale_session(make_server, caplog):
     server = make_server(auth_delay=0)
     stale = protect(server.port, "ana", "correct horse")  # her laptop dropped off; the server does not know
-    watcher = register_many(server.port, ["bob"])[0]
+    watcher = register_many(server.port, ["bob"], hello=True)[0]
     stale.expect("JOIN|")
     mallory = RawClient(server.port)
     mallory.send(b"USER|ana\nUSER|ana|guess one\n")
@@ -385,7 +385,6 @@ def test_default_rate_limit_lets_a_pasted_burst_through(server):
 def test_excess_frames_get_rate_limited_and_a_flood_is_dropped(make_server):
     server = make_server(rate=5, burst=10, flood_limit=50)
     client, watcher = register_many(server.port, ["fast", "watch"])
-    client.expect("JOIN|")
     client.send(b"".join(f"MSG|m{i}\n".encode() for i in range(30)))
     replies = [client.line() for _ in range(30)]
     accepted = replies.count("MSG_OK")
@@ -451,8 +450,8 @@ def test_hostile_clients_do_not_hurt_two_well_behaved_ones(make_server, tls_file
             ana.send(f"MSG|ana {i}\n".encode())
             bob.send(f"MSG|bob {i}\n".encode())
         for i in range(60):
-            assert bob.expect("MSG|").endswith(f"|ana|ana {i}")
-            assert ana.expect("MSG|").endswith(f"|bob|bob {i}")
+            assert bob.expect("ana: ") == f"ana: ana {i}"
+            assert ana.expect("bob: ") == f"bob: bob {i}"
     finally:
         stop.set()
         for t in threads:
