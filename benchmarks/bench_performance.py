@@ -122,7 +122,7 @@ def chatload(pid: int, port: int, n: int, s: int, m: int, *extra: str) -> dict:
 
 
 def chatctl_bench(port: int, n: int, s: int, m: int, *extra: str) -> dict:
-    out = subprocess.run([*pinned(1), sys.executable, str(ROOT / "chatctl.py"), "bench", "-p", str(port),
+    out = subprocess.run([*pinned(1), sys.executable, str(ROOT / "chatctl.py"), "bench", "--yes", "-p", str(port),
                           "-n", str(n), "-s", str(s), "-m", str(m), "--json", *extra],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout)

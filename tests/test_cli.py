@@ -33,16 +33,17 @@ def test_who_with_nobody_online(isolated_home, server):
 
 
 def test_send_delivers_and_exits_zero(isolated_home, server, user):
-    bob = user("bob")
+    bob = user("bob", hello=True)
     result = run_cli("send", "-p", str(server.port), "-u", "deploybot", "build 42 is green",
                      env=isolated_home)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "" and result.stderr == ""
-    assert bob.expect("MSG|").endswith("|deploybot|build 42 is green")
+    assert bob.line().endswith("|deploybot|build 42 is green")  # the message, and no JOIN before it
+    assert bob.silent(0.3)  # nor a LEAVE after it: a script posts without presence notices
 
 
 def test_send_reads_a_multi_line_message_from_stdin(isolated_home, server, user):
-    bob = user("bob")
+    bob = user("bob", hello=True)
     result = run_cli("send", "-p", str(server.port), "-u", "ci", "--json", "-",
                      input="line one\r\nline | two\n", env=isolated_home)
     assert result.returncode == 0, result.stderr
@@ -53,7 +54,7 @@ def test_send_reads_a_multi_line_message_from_stdin(isolated_home, server, user)
 
 
 def test_send_direct_message_and_user_from_environment(isolated_home, server, user):
-    bob, eve = user("bob"), user("eve")
+    bob, eve = user("bob", hello=True), user("eve")
     env = {**isolated_home, "CHATCTL_USER": "ana", "CHATCTL_PORT": str(server.port)}
     result = run_cli("send", "--to", "bob", "just", "for", "you", env=env)
     assert result.returncode == 0, result.stderr
@@ -98,10 +99,13 @@ def test_send_to_a_silent_server_times_out(isolated_home):
     assert "no answer from" in result.stderr
 
 
-def test_help_lists_exit_codes(isolated_home):
-    result = run_cli("send", "--help", env=isolated_home)
-    assert result.returncode == 0
-    assert "Exit codes:" in result.stdout and "5  the server refused" in result.stdout
+def test_help_lists_each_commands_own_exit_codes(isolated_home):
+    send = run_cli("send", "--help", env=isolated_home)
+    assert send.returncode == 0
+    assert "Exit codes:" in send.stdout and "5   the server refused" in send.stdout
+    serve = run_cli("serve", "--help", env=isolated_home)
+    assert "1   cannot listen" in serve.stdout
+    assert "the server refused" not in serve.stdout and "TLS certificate" not in serve.stdout
 
 
 def start_serve(env, *args):
@@ -190,7 +194,7 @@ def test_display_text_is_literal():
 
 def test_bench_counts_every_delivery_and_reports_json(make_server, isolated_home):
     server = make_server(rate=0, max_per_address=0, history=False)
-    result = run_cli("bench", "-p", str(server.port), "-n", "6", "-s", "3", "-m", "200", "--json",
+    result = run_cli("bench", "--yes", "-p", str(server.port), "-n", "6", "-s", "3", "-m", "200", "--json",
                      env=isolated_home)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -205,7 +209,7 @@ def test_bench_counts_every_delivery_and_reports_json(make_server, isolated_home
 def test_bench_paced_run_and_table(make_server, isolated_home):
     server = make_server(rate=0, max_per_address=0)
     started = time.monotonic()
-    result = run_cli("bench", "-p", str(server.port), "-n", "4", "-s", "2", "-m", "20", "--rate", "40",
+    result = run_cli("bench", "--yes", "-p", str(server.port), "-n", "4", "-s", "2", "-m", "20", "--rate", "40",
                      env=isolated_home)
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started >= 0.9  # 40 messages at 40 a second
@@ -213,6 +217,18 @@ def test_bench_paced_run_and_table(make_server, isolated_home):
 
 
 def test_bench_against_default_limits_says_it_was_rate_limited(server, isolated_home):
-    result = run_cli("bench", "-p", str(server.port), "-n", "2", "-s", "1", "-m", "150", env=isolated_home)
-    assert result.returncode == 1
+    result = run_cli("bench", "--yes", "-p", str(server.port), "-n", "2", "-s", "1", "-m", "150",
+                     env=isolated_home)
+    assert result.returncode == 0, result.stdout  # refused is not lost
     assert "rate-limited" in result.stdout and "rate = 0" in result.stdout
+    refused = int(re.search(r"refused\s+│\s+(\d+) message", result.stdout).group(1))
+    lost = int(re.search(r"lost\s+│\s+(\d+)", result.stdout).group(1))
+    assert refused > 0 and lost == 0
+
+
+def test_bench_asks_before_posting_to_a_server_with_people_on_it(server, user, isolated_home):
+    bob = user("bob", hello=True)
+    result = run_cli("bench", "-p", str(server.port), "-n", "2", "-s", "1", "-m", "5", env=isolated_home)
+    assert result.returncode == 2
+    assert "reach the 1 people online" in result.stderr and "--yes" in result.stderr
+    assert bob.silent(0.3)  # nothing was posted
