@@ -16,6 +16,12 @@ PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
 _CSI = r"(?:\x1b\[[0-9;?]*[A-Za-z])*"
 
 
+
+@pytest.fixture
+def user(user):
+    """Raw clients here read what join's users see: the extended protocol's lines."""
+    return lambda name, hello=True: user(name, hello)
+
 def echoed(text: str) -> str:
     """A regex for ``text`` as the terminal shows it while typed: any cursor codes between characters."""
     return _CSI.join(r"(?: |\x1b\[\d*C)" if ch == " " else re.escape(ch) for ch in text)
@@ -202,8 +208,8 @@ def test_reconnects_after_the_server_restarts_and_keeps_the_typed_line(make_serv
     try:
         ana.expect("reconnected to 127.0.0.1", timeout=15)
         bob = RawClient(port)
-        bob.send(b"USER|bob\n")
-        assert bob.line() == "USER_OK"
+        bob.send(b"HELLO|chatctl/1\nUSER|bob\n")
+        assert bob.expect("USER_OK") == "USER_OK"
         ana.send("rt\r")
         assert bob.expect("MSG|").endswith("|ana|typed before the restart")
         bob.send(b"MSG|welcome back\n")
