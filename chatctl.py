@@ -28,6 +28,11 @@ Contents, in dependency order (search for the banner to jump):
 
 from __future__ import annotations
 
+import sys
+
+if sys.version_info < (3, 11):  # before anything that would fail with a traceback on an older Python
+    sys.exit(f"chatctl needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+
 import dataclasses
 import itertools
 import logging
@@ -37,7 +42,6 @@ import re
 import select
 import selectors
 import socket
-import sys
 import threading
 import time
 import unicodedata
@@ -475,6 +479,12 @@ class FrameDecoder:
         if len(frame) > self.max_frame:
             return [self._too_long()]
         return [frame] if frame else []
+
+    def end_of_input(self) -> list[bytes | ProtocolError]:
+        """The peer closed its end: whatever is pending is the last frame, framed or not."""
+        if self.mode == self.FRAMED:
+            self.mode = self.UNFRAMED
+        return self.end_of_write()
 
     def _too_long(self) -> ProtocolError:
         return ProtocolError(
@@ -2086,7 +2096,7 @@ class Writer:
             if not backlog or time.monotonic() >= deadline:
                 self._close(session)
                 return
-        if (session.leave_reason is not None and not backlog and not session.write_shut
+        if (session.leave_at and not backlog and not session.write_shut
                 and session.last_pending is None):
             # BYE is out: a half-close lets the client read it before the socket goes
             session.write_shut = True
@@ -2241,8 +2251,8 @@ class ClientSession:
                     continue
             data = sock.recv(RECV_CHUNK)
             if not data:
-                if self.leave_reason is None:  # end of input: the last unframed frame is whole now
-                    self.process(decoder.end_of_write())
+                if self.leave_reason is None:  # end of input: a last frame without a line end is whole now
+                    self.process(decoder.end_of_input())
                 self.leave_reason = self.leave_reason or "connection closed"
                 break
             if self.leave_reason is not None:
@@ -4942,8 +4952,6 @@ def register(host, port, config_file, tls, cafile, tls_fingerprint, user, drop) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    if sys.version_info < (3, 11):  # noqa: UP036 -- pyproject says so, but `python chatctl.py` does not read it
-        sys.exit(f"chatctl needs Python 3.11 or newer; this is {sys.version.split()[0]}")
     cli.main(args=argv, prog_name="chatctl")
 
 

@@ -7,6 +7,9 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
+
+import pytest
 
 import chatctl
 from conftest import CHATCTL, RawClient, read_line, run_cli, wait_until
@@ -209,7 +212,8 @@ def test_bench_counts_every_delivery_and_reports_json(make_server, isolated_home
 def test_bench_paced_run_and_table(make_server, isolated_home):
     server = make_server(rate=0, max_per_address=0)
     started = time.monotonic()
-    result = run_cli("bench", "--yes", "-p", str(server.port), "-n", "4", "-s", "2", "-m", "20", "--rate", "40",
+    result = run_cli("bench", "--yes", "-p", str(server.port), "-n", "4", "-s", "2", "-m", "20",
+                     "--rate", "40",
                      env=isolated_home)
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started >= 0.9  # 40 messages at 40 a second
@@ -232,3 +236,54 @@ def test_bench_asks_before_posting_to_a_server_with_people_on_it(server, user, i
     assert result.returncode == 2
     assert "reach the 1 people online" in result.stderr and "--yes" in result.stderr
     assert bob.silent(0.3)  # nothing was posted
+
+
+# --- issue 10: small ones --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "text"), [
+    (("send", "-p", "99999", "-u", "x", "hi"), "99999 is not in the range"),
+    (("who", "--tls-fingerprint", "SHA256:nope"), "not a SHA-256 fingerprint"),
+    (("send", "-u", "x", "--me", "--to", "bob", "waves"), "--me and --to do not combine"),
+])
+def test_bad_flags_are_usage_errors(isolated_home, args, text):
+    result = run_cli(*args, env=isolated_home)
+    assert result.returncode == chatctl.EXIT_USAGE
+    assert text in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_string_where_the_config_wants_a_number_is_an_error(isolated_home):
+    (Path.cwd() / "chatctl.toml").write_text('[client]\nport = "17001"\n')
+    result = run_cli("who", env=isolated_home)
+    assert result.returncode == chatctl.EXIT_CONFIG
+    assert "[client] port: expected a whole number, got '17001'" in result.stderr
+
+
+def test_history_as_a_protected_name_while_its_owner_is_online(make_server, isolated_home):
+    server = make_server(auth_delay=0)
+    bob = RawClient(server.port)
+    bob.send(b"HELLO|chatctl/1\nUSER|bob\nREGISTER|correct horse\n")
+    bob.expect("REGISTER_OK")
+    ana = RawClient(server.port)
+    ana.send(b"USER|ana\nDM|bob|for bob\n")
+    ana.expect("MSG_OK")
+    env = {**isolated_home, "CHATCTL_USER_PASSWORD": "correct horse"}
+    result = run_cli("history", "-p", str(server.port), "-u", "bob", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["text"] == "for bob"
+    assert [u.name for u in server.users()] == ["bob", "ana"]  # bob stayed online, nobody saw a JOIN
+    assert not [line for line in bob.seen if line.startswith(("JOIN|", "LEAVE|", "BYE|"))]
+
+
+def test_an_older_python_gets_one_line(isolated_home):
+    import glob
+    import shutil
+
+    found = [p for p in (shutil.which("python3.10"), *glob.glob("/root/.pyenv/versions/3.10*/bin/python3.10"))
+             if p and subprocess.run([p, "-c", ""], capture_output=True).returncode == 0]
+    if not found:
+        pytest.skip("no working python3.10 on this machine")
+    old = found[0]
+    result = subprocess.run([old, str(CHATCTL[1]), "who"], capture_output=True, text=True, env=isolated_home)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"chatctl needs Python 3.11 or newer; this is {result.stderr.split()[-1]}"

@@ -7,8 +7,10 @@ import os
 import re
 import signal
 import sqlite3
+import stat
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -183,7 +185,8 @@ def test_migrates_a_version_1_database(tmp_path):
     store = chatctl.HistoryStore(path)
     assert store._writer.execute("PRAGMA user_version").fetchone()[0] == chatctl.SCHEMA_VERSION
     assert store.last_id == 2
-    assert [(m.kind, m.text) for m in store.recent("bob", 10)[0]] == [("msg", "old news"), ("dm", "old secret")]
+    bobs = store.recent("bob", 10)[0]
+    assert [(m.kind, m.text) for m in bobs] == [("msg", "old news"), ("dm", "old secret")]
     assert [m.text for m in store.recent("eve", 10)[0]] == ["old news"]
     assert [m.text for m in store.search("BOB", "secret", 10)[0]] == ["old secret"]
     store.close()
@@ -376,3 +379,51 @@ def test_batched_fan_out_mixes_broadcasts_and_direct_messages_correctly(server):
         assert c.silent(0.1)
     for c in clients:
         c.close()
+
+
+# --- issue 10 ----------------------------------------------------------------------------------------
+
+
+def test_numbers_past_sqlite_integers_are_a_bad_argument(server):
+    [ana] = register_many(server.port, ["ana"], hello=True)
+    ana.send(b"HISTORY|BEFORE|9223372036854775808|5\n")
+    assert ana.line().startswith("ERR|bad-argument|")
+    ana.send(b"PING\n")
+    assert ana.line() == "PONG"  # the connection goes on
+
+
+def test_search_takes_snake_case_words_zero_and_caps_the_unindexed_tail(server):
+    [ana] = register_many(server.port, ["ana"], hello=True)
+    post_all(ana, [f"fix snake_case number {i}" for i in range(40)])
+    messages, end = history_of(ana, b"SEARCH|5|snake_case\n")
+    assert [m.text for m in messages] == [f"fix snake_case number {i}" for i in range(35, 40)]
+    messages, end = history_of(ana, b"SEARCH|0|snake\n")
+    assert messages == [] and end == "END|SEARCH|0"
+
+
+def test_data_files_are_private_and_lock_files_go_at_a_clean_stop(isolated_home, tmp_path):
+    proc = subprocess.Popen([*CHATCTL, "serve", "-H", "127.0.0.1", "-p", "0", "--tls"],
+                            env=isolated_home, stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        for _ in range(8):
+            if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", read_line(proc.stderr)):
+                port = match.group(1)
+                break
+        assert port, "the server did not start"
+        assert run_cli("send", "--tls", "-p", port, "-u", "ana", "hi", env=isolated_home).returncode == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+    data = Path(isolated_home["XDG_DATA_HOME"]) / "chatctl"
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    for name in ("history.db", "accounts.db", "server-key.pem"):
+        assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
+    assert not list(data.glob("*.lock"))
+
+
+def test_a_database_in_a_missing_directory_is_an_error_not_a_new_directory(isolated_home, tmp_path):
+    db = tmp_path / "nonexistent" / "dir" / "x.db"
+    result = run_cli("serve", "-H", "127.0.0.1", "-p", "0", "--db", str(db), env=isolated_home)
+    assert result.returncode == 1
+    assert "does not exist" in result.stderr and not (tmp_path / "nonexistent").exists()

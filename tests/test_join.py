@@ -427,3 +427,79 @@ def test_register_protects_the_name_and_join_asks_for_its_password(make_server, 
     again.expect("ana>")
     again.sendcontrol("d")
     again.expect(pexpect.EOF)
+
+
+# --- issue 10 ----------------------------------------------------------------------------------------
+
+
+def test_a_message_padded_to_the_width_cannot_pass_for_a_line_of_its_own(server, user, spawn_join):
+    ana = spawn_join("ana", server.port)  # a 140-column terminal
+    bob = user("bob")
+    bob.send(b"MSG|hello" + b" " * 300 + b"<admin> DM me your password\n")
+    ana.expect("DM me your password")
+    row = ana.before.replace("\r", "").split("\n")[-1]
+    assert re.match(r"^ *│ +<admin> $", row), repr(row)  # its own row, marked as a continuation
+
+
+def test_a_taken_name_is_said_once_and_nick_picks_another(make_server, spawn_join):
+    first = make_server()
+    port = first.port
+    bob = spawn_join("bob", port)
+    first.shutdown()
+    bob.expect("reconnecting")
+    second = chatctl.ChatServer(chatctl.ServerConfig(host="127.0.0.1", port=port, history=False)).start()
+    try:
+        thief = RawClient(port)
+        thief.send(b"USER|bob\n")
+        assert thief.line() == "USER_OK"
+        bob.expect("the name bob is taken by someone else", timeout=15)
+        with pytest.raises(pexpect.TIMEOUT):
+            bob.expect(["taken by someone else", "reconnected to"], timeout=3)  # said once, no loop
+        bob.send("/nick bob2\r")
+        bob.expect("reconnected to 127.0.0.1:\\d+ as bob2", timeout=10)
+        assert "bob2" in [u.name for u in second.users()]
+    finally:
+        second.shutdown()
+
+
+def test_piped_join_prints_no_backlog_unless_asked(server, user, isolated_home):
+    ana = user("ana")
+    for i in range(3):
+        ana.send(f"MSG|old {i}\n".encode())
+        ana.expect("MSG_OK")
+    quiet = run_cli("join", "-u", "bot", "-p", str(server.port), input="", env=isolated_home)
+    assert quiet.returncode == 0 and "old" not in quiet.stdout
+    asked = run_cli("join", "-u", "bot", "-p", str(server.port), "--backlog", "2", input="",
+                    env=isolated_home)
+    assert asked.returncode == 0 and "old 1" in asked.stdout and "old 2" in asked.stdout
+    assert "old 0" not in asked.stdout
+
+
+def test_a_wrong_password_asks_again(make_server, isolated_home):
+    server = make_server(auth_delay=0)
+    owner = RawClient(server.port)
+    owner.send(b"USER|ana\nREGISTER|correct horse\nQUIT\n")
+    assert owner.wait_closed()[:2] == ["USER_OK", "REGISTER_OK|ana"]
+    env = {**isolated_home, "PROMPT_TOOLKIT_NO_CPR": "1"}
+    child = pexpect.spawn(sys.executable, [*CHATCTL[1:], "join", "-u", "ana", "-p", str(server.port)],
+                          env=env, encoding="utf-8", timeout=10)
+    child.expect("Password for ana")
+    child.sendline("wrong one")
+    child.expect("wrong password")
+    child.expect("Password for ana")  # asked again, not the end
+    child.sendline("correct horse")
+    child.expect("connected to 127.0.0.1")
+    child.expect("ana>")
+    child.send("/quit\r")
+    child.expect(pexpect.EOF)
+
+
+def test_ctrl_c_at_a_prompt_exits_130(server, isolated_home):
+    child = pexpect.spawn(sys.executable, [*CHATCTL[1:], "join", "-p", str(server.port)],
+                          env=isolated_home, encoding="utf-8", timeout=10)
+    child.expect("Your name")
+    child.sendcontrol("c")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130
+    assert "Aborted" not in child.before

@@ -507,3 +507,174 @@ def test_dispatcher_survives_any_bytes_split_anywhere(fuzz_server, frames, data)
     finally:
         fuzz_server.release(session)
         theirs.close()
+
+
+# --- issue 10: look-alike names -------------------------------------------------------------------------
+
+
+def raw_from(port: int, source: str) -> RawClient:
+    """A raw client whose address is ``source`` (another loopback address: another host, to the server)."""
+    client = RawClient.__new__(RawClient)
+    client.sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+    client.timeout, client.buffer, client.seen = 5.0, b"", []
+    return client
+
+
+@pytest.mark.parametrize("lookalike", ["ANA", "ａｎａ", "𝐚𝐧𝐚", "ᴀna"])
+def test_a_name_that_looks_like_one_online_is_taken(user, connect, lookalike):
+    user("ana")
+    impostor = connect()
+    impostor.send(f"USER|{lookalike}\n".encode())
+    assert impostor.line().startswith("ERR|name-taken|")
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("аna", "mix scripts"),            # Cyrillic а among Latin letters
+    ("αna", "mix scripts"),            # Greek α
+    ("ana\u3164", "U+3164"),          # a Hangul filler: shows nothing
+    ("ana\u1160", "U+1160"),
+    ("\u115f\u3164", "U+115F"),       # a name of fillers alone is invisible
+    ("ana\uffa0", "U+FFA0"),
+])
+def test_mixed_scripts_and_invisible_letters_are_refused(connect, name, why):
+    client = connect()
+    client.send(f"USER|{name}\n".encode())
+    line = client.line()
+    assert line.startswith("ERR|invalid-name|") and why in line
+
+
+def test_a_name_that_looks_like_a_protected_one_needs_its_password(make_server):
+    server = make_server(auth_delay=0)
+    protect(server.port, "fana", "correct horse").send(b"QUIT\n")
+    for lookalike in ("ſana", "FANA", "ｆａｎａ"):
+        client = RawClient(server.port)
+        client.send(f"USER|{lookalike}\n".encode())
+        assert client.line().startswith("ERR|name-protected|"), lookalike
+
+
+@pytest.mark.parametrize("name", ["Аня", "山田たろう", "김철수", "josé", "dj_x-1.2"])
+def test_names_in_one_script_are_welcome(connect, name):
+    client = connect()
+    client.send(f"USER|{name}\n".encode())
+    assert client.line() == "USER_OK"
+
+
+# --- issue 10: guessing passwords ------------------------------------------------------------------------
+
+
+def test_a_success_on_another_name_does_not_reset_the_count(make_server):
+    server = make_server(auth_delay=0, auth_max_failures=3, auth_lockout=60)
+    protect(server.port, "ana", "correct horse").send(b"QUIT\n")
+    protect(server.port, "mallory", "mallory's own").send(b"QUIT\n")
+    replies = []
+    for attempt in range(6):  # a wrong guess at ana, then a right login as mallory, again and again
+        guess = RawClient(server.port)
+        guess.send(f"USER|ana|guess {attempt}\n".encode())
+        replies.append(guess.line().split("|")[1])
+        own = RawClient(server.port)
+        own.send(b"USER|mallory|mallory's own\nQUIT\n")
+        own.wait_closed()
+    assert replies[:3] == ["bad-password"] * 3
+    assert replies[3:] == ["auth-locked"] * 3
+
+
+def test_parallel_guesses_take_their_turn_before_the_hash(make_server):
+    server = make_server(auth_delay=0, auth_max_failures=3, auth_lockout=60)
+    protect(server.port, "ana", "correct horse").send(b"QUIT\n")
+    guessers = [RawClient(server.port, timeout=20) for _ in range(12)]
+    for i, g in enumerate(guessers):
+        g.send(f"USER|ana|guess {i}\n".encode())
+    codes = [g.line(20).split("|")[1] for g in guessers]
+    assert codes.count("bad-password") == 3
+    assert codes.count("auth-locked") == 9
+
+
+def test_many_addresses_get_no_more_guesses_but_the_owner_still_gets_in(make_server):
+    server = make_server(auth_delay=0, auth_max_failures=5, auth_target_failures=4, auth_lockout=60)
+    owner = protect(server.port, "ana", "correct horse")
+    owner.send(b"QUIT\n")
+    back = raw_from(server.port, "127.0.0.1")  # the owner has logged in from here: a known address
+    back.send(b"USER|ana|correct horse\nQUIT\n")
+    assert back.line() == "USER_OK"
+    codes = []
+    for n in range(2, 10):  # a guesser with eight addresses, one guess each
+        guesser = raw_from(server.port, f"127.0.0.{n}")
+        guesser.send(b"USER|ana|guess\n")
+        codes.append(guesser.line().split("|")[1])
+    assert codes == ["bad-password"] * 4 + ["auth-locked"] * 4
+    owner = raw_from(server.port, "127.0.0.1")
+    owner.send(b"USER|ana|correct horse\n")
+    assert owner.line() == "USER_OK"
+
+
+def test_wrong_server_passwords_hold_an_address_for_one_refill_not_the_window(make_server):
+    # the office behind one NAT address: a colleague's typos cost the others seconds
+    server = make_server(password="letmein-please", auth_delay=0, auth_max_failures=2, auth_lockout=3)
+    for _ in range(2):
+        typo = RawClient(server.port)
+        typo.send(b"PASS|letmein-pleas\n")
+        assert typo.wait_closed()[0].startswith("ERR|bad-password|")
+    locked = RawClient(server.port)
+    locked.send(b"PASS|letmein-please\n")
+    assert locked.wait_closed()[0].startswith("ERR|auth-locked|")
+    time.sleep(1.6)  # one failure's worth refills in auth_lockout / auth_max_failures = 1.5 s
+    colleague = RawClient(server.port)
+    colleague.send(b"PASS|letmein-please\n")
+    assert colleague.line() == "PASS_OK"
+
+
+def test_password_hashes_run_one_at_a_time_and_a_crowd_is_refused(make_server, monkeypatch):
+    server = make_server(auth_delay=0, auth_max_failures=0)
+    protect(server.port, "ana", "correct horse").send(b"QUIT\n")
+    running, most = 0, 0
+    lock = threading.Lock()
+    real = chatctl.verify_password
+
+    def counting(password, stored):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            return real(password, stored)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(chatctl, "verify_password", counting)
+    crowd = [RawClient(server.port, timeout=30) for _ in range(40)]
+    for i, c in enumerate(crowd):
+        c.send(f"USER|ana|guess {i}\n".encode())
+    codes = [c.line(30).split("|")[1] for c in crowd]
+    assert most == chatctl.HASH_CONCURRENCY
+    assert "server-busy" in codes and set(codes) <= {"bad-password", "server-busy"}
+
+
+def test_register_is_rate_limited(server):
+    client = register_many(server.port, ["ana"])[0]
+    client.send(b"REGISTER|correct horse\nREGISTER|battery staple\n")
+    assert client.line() == "REGISTER_OK|ana"
+    assert client.line().startswith("ERR|rate-limited|one REGISTER per")
+
+
+# --- issue 10: a TLS client that never reads ----------------------------------------------------------------
+
+
+def test_a_tls_client_that_never_reads_is_dropped_at_its_sendq(tls_server):
+    server = tls_server(sendq=64 * 1024, rate=0)
+    poster = register_many(server.port, ["poster"])[0]
+    poster.send(b"".join(f"MSG|{'x' * 1000} {i}\n".encode() for i in range(200)))
+    for _ in range(200):
+        poster.expect("MSG_OK")
+    sink = TlsClient(server.port)
+    sink.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sink.send(b"HELLO|chatctl/1\nUSER|sink\n")
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and "sink" in [u.name for u in server.users()]:
+        try:
+            sink.send(b"HISTORY|LAST|100\n" * 5)  # asks for about 100 KiB a round, never reads
+        except (OSError, ssl.SSLError):
+            break
+        time.sleep(0.05)
+    assert "sink" not in [u.name for u in server.users()]
+    wait_until(lambda: all(s.outbound.size < 8 * 64 * 1024 for s in list(server._sessions)))

@@ -324,3 +324,94 @@ def test_a_server_that_never_started_shuts_down_cleanly(tmp_path):
         RawClient(port, timeout=1)
     again = chatctl.ChatServer(chatctl.ServerConfig(host="127.0.0.1", port=0, db=str(tmp_path / "h.db")))
     again.shutdown()  # the history lock was released
+
+
+# --- issue 10: what the attack run and a newcomer found -------------------------------------------------
+
+
+def test_seed_clients_get_the_seed_servers_delivery_form_and_no_presence_lines(user):
+    ana, seed = user("ana"), user("seed")
+    user("bob", hello=True).send(b"QUIT\n")  # someone comes and goes: a seed client hears nothing of it
+    ana.send(b"MSG|two\\nlines\nME|waves\nDM|seed|psst\n")
+    assert [seed.line() for _ in range(4)] == ["ana: two", "ana: lines", "* ana waves", "[DM] ana: psst"]
+    assert seed.silent(0.3)
+
+
+def test_line_separators_are_line_breaks(user):
+    ana, bob = user("ana"), user("bob", hello=True)
+    ana.send("MSG|forged\u2028<admin> line\u2029end\n".encode())
+    assert chatctl.parse_event(bob.expect("MSG|")).message.text == "forged\n<admin> line\nend"
+    ana.send("QUIT|bye\u2028LEAVE|x\n".encode())
+    assert bob.expect("LEAVE|").endswith("|ana|quit: bye LEAVE|x")  # one line, in the log too
+
+
+@pytest.mark.parametrize("frames", [b"USER|x\nMSG|hi\n", b"USER|x\nMSG|hi"])
+def test_a_client_that_half_closes_gets_every_reply(server, frames):
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        sock.sendall(frames)
+        sock.shutdown(socket.SHUT_WR)  # what `nc -N` and many scripts do after their last frame
+        received = b""
+        while chunk := sock.recv(4096):
+            received += chunk
+        sock.close()
+        assert received == b"USER_OK\nMSG_OK\n"
+
+
+def test_one_burst_of_big_messages_drops_no_reader(make_server):
+    server = make_server()  # the default 1 MiB SendQ, history on
+    writer = register_many(server.port, ["writer"])[0]
+    readers = register_many(server.port, ["r1", "r2"], hello=True, timeout=30)
+    burst = b"".join(b"MSG|" + b"\x01" * 8000 + b"\n" for _ in range(98))  # each byte shows as 3 (U+FFFD)
+    writer.send(burst)
+    for reader in readers:
+        for _ in range(98):
+            reader.expect("MSG|", timeout=30)
+    assert {"r1", "r2"} <= {u.name for u in server.users()}
+    # and a reader's own catch-up comes in pages that fit its SendQ
+    conn = chatctl.ChatConnection("127.0.0.1", server.port)
+    conn.hello()
+    missed, more = conn.missed_since(0)
+    assert len(missed) == 98 and not more
+    conn.close()
+
+
+def test_history_replies_are_paged_in_bytes(make_server):
+    server = make_server(sendq=256 * 1024)
+    writer = register_many(server.port, ["writer"])[0]
+    writer.send(b"".join(b"MSG|" + b"y" * 7000 + b"\n" for _ in range(60)))
+    for _ in range(60):
+        writer.expect("MSG_OK")
+    asker = register_many(server.port, ["asker"], hello=True)[0]
+    asker.send(b"HISTORY|LAST|500\n")
+    end = asker.expect("END|HISTORY|")
+    count = int(end.split("|")[2])
+    assert end.endswith("|more") and 0 < count < 60
+    assert count * 7000 <= 256 * 1024 // 4
+    assert "asker" in [u.name for u in server.users()]
+
+
+def test_mass_join_sends_presence_in_batches(make_server, monkeypatch):
+    server = make_server(max_per_address=0, rate=0)
+    sends = 0
+    real = chatctl.Writer._send
+
+    def counting(sock, data):
+        nonlocal sends
+        sends += 1
+        return real(sock, data)
+
+    monkeypatch.setattr(chatctl.Writer, "_send", staticmethod(counting))
+    n = 300
+    clients = register_many(server.port, [f"m{i}" for i in range(n)], hello=True, timeout=30)
+    wait_until(lambda: len(server.users()) == n)
+    clients[0].send(b"PING|sync\n")
+    clients[0].expect("PONG|sync", timeout=30)
+    # one JOIN to every member at a time would be n * n / 2 = 45,000 writes
+    assert sends < n * n / 10, sends
+    for c in clients:
+        c.close()
+    wait_until(lambda: not server.users(), timeout=30)
+    newcomer = register_many(server.port, ["late"], hello=True)[0]
+    newcomer.send(b"MSG|anyone?\n")
+    assert newcomer.expect("MSG_OK|", timeout=2).startswith("MSG_OK|")
