@@ -669,10 +669,11 @@ def test_a_tls_client_that_never_reads_is_dropped_at_its_sendq(tls_server):
     sink = TlsClient(server.port)
     sink.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sink.send(b"HELLO|chatctl/1\nUSER|sink\n")
+    wait_until(lambda: "sink" in [u.name for u in server.users()])
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and "sink" in [u.name for u in server.users()]:
         try:
-            sink.send(b"HISTORY|LAST|100\n" * 5)  # asks for about 100 KiB a round, never reads
+            sink.send(b"HISTORY|LAST|10\n" * 5)  # each reply fits the SendQ; together they do not
         except (OSError, ssl.SSLError):
             break
         time.sleep(0.05)
