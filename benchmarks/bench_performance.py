@@ -9,6 +9,7 @@
     python benchmarks/bench_performance.py history        # history on against off
     python benchmarks/bench_performance.py startup        # chatctl send against python -c 'import socket'
     python benchmarks/bench_performance.py agreement      # chatctl bench against the C generator
+    python benchmarks/bench_performance.py presence       # 4096 join, then leave, at once (vs a revision)
 
 The server runs on core 0 and the load on core 1 (taskset), with the abuse
 limits off and a 64 MiB SendQ, as load tests run.  The load is chatload, the C
@@ -66,14 +67,16 @@ def rss_kib(pid: int) -> int:
 
 
 @contextmanager
-def chatctl_server(workdir: Path, history: bool = False, sendq: int = 64 << 20):
-    """``chatctl serve`` on a free port, pinned to core 0; yields (pid, port)."""
+def chatctl_server(workdir: Path, history: bool = False, sendq: int = 64 << 20, script: Path | None = None):
+    """``chatctl serve`` (``script``: another revision's chatctl.py) on a free port, pinned to core 0;
+    yields (pid, port)."""
     conf = workdir / "load.toml"
     conf.write_text(LOAD_CONFIG.replace("sendq = 67108864", f"sendq = {sendq}"))
     db = workdir / f"history-{time.monotonic_ns()}.db"
     env = {**os.environ, "XDG_DATA_HOME": str(workdir / "data")}
     proc = subprocess.Popen(
-        [*pinned(0), sys.executable, str(ROOT / "chatctl.py"), "serve", "-H", "127.0.0.1", "-p", "0",
+        [*pinned(0), sys.executable, str(script or ROOT / "chatctl.py"), "serve", "-H", "127.0.0.1",
+         "-p", "0",
          "--config", str(conf), "--db", str(db), "--history" if history else "--no-history",
          "--log-level", "info"], stderr=subprocess.PIPE, text=True, env=env, cwd=workdir)
     try:
@@ -122,8 +125,8 @@ def chatload(pid: int, port: int, n: int, s: int, m: int, *extra: str) -> dict:
 
 
 def chatctl_bench(port: int, n: int, s: int, m: int, *extra: str) -> dict:
-    out = subprocess.run([*pinned(1), sys.executable, str(ROOT / "chatctl.py"), "bench", "--yes", "-p", str(port),
-                          "-n", str(n), "-s", str(s), "-m", str(m), "--json", *extra],
+    out = subprocess.run([*pinned(1), sys.executable, str(ROOT / "chatctl.py"), "bench", "--yes",
+                          "-p", str(port), "-n", str(n), "-s", str(s), "-m", str(m), "--json", *extra],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
@@ -287,8 +290,75 @@ def agreement(args, workdir: Path) -> None:
           f"ratio {median(ours) / median(theirs):.2f}")
 
 
+def mass_presence(port: int, n: int, time_limit: float = 120.0) -> tuple[float, float]:
+    """``n`` clients (HELLO, USER) registering at once, then all closing at once.
+
+    Returns the seconds until every one had its USER_OK, and the seconds from
+    the mass close until a newcomer's message is acknowledged.  The clients
+    read and drop whatever comes (the JOIN notices), as a client would.
+    """
+    selector = selectors.DefaultSelector()
+    socks = []
+    started = time.monotonic()
+    for i in range(n):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(f"HELLO|chatctl/1\nUSER|p{i}x{os.getpid()}\n".encode())
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ, [b"", False])
+        socks.append(sock)
+    waiting = n
+    deadline = started + time_limit
+    while waiting and time.monotonic() < deadline:
+        for key, _ in selector.select(1.0):
+            state = key.data
+            try:
+                data = key.fileobj.recv(1 << 16)
+            except BlockingIOError:
+                continue
+            if not state[1]:
+                state[0] = (state[0] + data)[-64:]
+                if b"USER_OK\n" in state[0]:
+                    state[1] = True
+                    waiting -= 1
+    joined = time.monotonic() - started
+    selector.close()
+    for sock in socks:
+        sock.close()
+    left = time.monotonic()
+    newcomer = socket.create_connection(("127.0.0.1", port), timeout=time_limit)
+    newcomer.sendall(b"USER|late\nMSG|anyone?\n")
+    received = b""
+    while b"MSG_OK" not in received:
+        chunk = newcomer.recv(4096)
+        if not chunk:
+            break
+        received += chunk
+    answered = time.monotonic() - left
+    newcomer.close()
+    return (joined if not waiting else float("inf")), answered
+
+
+def presence(args, workdir: Path) -> None:
+    old = workdir / "baseline" / "chatctl.py"
+    old.parent.mkdir(exist_ok=True)
+    old.write_bytes(subprocess.run(["git", "-C", str(ROOT), "show", f"{args.baseline}:chatctl.py"],
+                                   capture_output=True, check=True).stdout)
+    n = args.presence_clients
+    print(f"\n## presence: {n} clients joining at once, then leaving at once "
+          f"(this tree against {args.baseline}; medians of {args.rounds})")
+    results: dict[str, list[tuple[float, float]]] = {"baseline": [], "chatctl": []}
+    for _ in range(args.rounds):
+        for label, script in (("baseline", old), ("chatctl", None)):
+            with chatctl_server(workdir, sendq=1 << 20, script=script) as (_pid, port):
+                results[label].append(mass_presence(port, n))
+    print("| server | all joined | newcomer answered after the mass leave |\n|---|---:|---:|")
+    for label, runs in results.items():
+        print(f"| {label} | {median(r[0] for r in runs):.2f} s | {median(r[1] for r in runs):.2f} s |")
+
+
 TARGETS = {"fanout": fanout, "latency": latency, "scale": scale, "slow-reader": slow_reader,
-           "history": history, "startup": startup, "agreement": agreement}
+           "history": history, "startup": startup, "agreement": agreement,
+           "presence": presence}
 
 
 def main() -> None:
@@ -298,6 +368,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=21, help="start-up runs of each command")
     ap.add_argument("--connections", type=int, default=2000)
+    ap.add_argument("--presence-clients", type=int, default=4096)
+    ap.add_argument("--baseline", default="88fe70d", help="the revision presence compares against")
     args = ap.parse_args()
     if not CHATLOAD.exists():
         subprocess.run(["sh", str(CHATBENCH / "build.sh"), str(CHATLOAD)], check=True)
