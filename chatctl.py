@@ -36,6 +36,7 @@ if sys.version_info < (3, 11):  # before anything that would fail with a traceba
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import queue
 import re
@@ -66,7 +67,7 @@ DEFAULT_CLIENT_HOST = "127.0.0.1"
 MAX_FRAME_BYTES = 8192               # longest frame accepted, line end excluded
 MAX_NAME_CHARS = 32                  # longest user name
 SENDQ_BYTES = 1 << 20                # bytes a client has not read before it is dropped (the SendQ)
-SENDQ_HARD_FACTOR = 4                # a queue the writer has not reached yet may hold this many SendQs
+SENDQ_HARD_FACTOR = 1.5              # a queue the writer has not reached yet may hold this many SendQs
 IDLE_TIMEOUT = 600.0                 # seconds without input before a client is dropped
 REGISTER_TIMEOUT = 60.0              # seconds to send USER after connecting
 UNFRAMED_PAUSE = 0.05                # quiet time that ends a frame written without a line end
@@ -86,6 +87,8 @@ MAX_PER_ADDRESS = 64                 # connections from one IP address
 RATE_PER_SECOND = 20.0               # frames a client may send per second, on average
 RATE_BURST = 100                     # frames a client may send at once (the bucket's size)
 FLOOD_LIMIT = 100                    # rate-limited frames in a row before the client is dropped
+ADDRESS_BYTE_RATE = 256 * 1024       # bytes of messages one IP address may fan out per second, on average
+ADDRESS_BYTE_BURST = 256 * 1024      # ... and at once (a quarter of the SendQ: a reader keeps up)
 AUTH_DELAY = 1.0                     # seconds a failed password waits before its ERR
 AUTH_MAX_FAILURES = 5                # failed passwords from one address per auth_lockout window
 AUTH_TARGET_FAILURES = 20            # failed passwords for one name (or the server password) per window
@@ -238,9 +241,9 @@ _SANITISE_TABLE.update({ord(c): None for c in _BIDI_CONTROLS})
 _NAME_PUNCTUATION = frozenset("_-.")
 # Letters that show nothing: a name of them is invisible, and one padded with them looks like another.
 NAME_INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u17b4\u17b5")
-# The scripts one name may mix (TR39's "highly restrictive" level); any single script is fine.
-_SCRIPT_MIXES = ({"LATIN", "HAN", "HIRAGANA", "KATAKANA"}, {"LATIN", "HAN", "BOPOMOFO"},
-                 {"LATIN", "HAN", "HANGUL"})
+# The scripts one name may mix; any single script is fine.  TR39's "highly restrictive" level also
+# lets Latin go with these, but 一 ー ㅡ 丨 ㅇ then pass for - - - l o: here they do not.
+_SCRIPT_MIXES = ({"HAN", "HIRAGANA", "KATAKANA"}, {"HAN", "BOPOMOFO"}, {"HAN", "HANGUL"})
 _UNESCAPE_RE = re.compile(r"\\([\\n])")
 
 
@@ -282,7 +285,7 @@ def validate_name(name: str | None, max_chars: int = MAX_NAME_CHARS) -> str:
     name = unicodedata.normalize("NFC", name.strip())
     if not name or len(name) > max_chars:
         raise ProtocolError("invalid-name", f"names are 1 to {max_chars} characters")
-    for ch in name:
+    for ch in name + unicodedata.normalize("NFKC", name):  # ﷺ is one letter, but NFKC makes it words
         if ch in _NAME_PUNCTUATION:
             continue
         if unicodedata.category(ch)[0] not in "LN" or ch in NAME_INVISIBLE:
@@ -343,13 +346,16 @@ def confusable_key(name: str) -> str:
     """What a name looks like: two names with the same key pass for each other on screen.
 
     TR39's skeleton (each character to its prototype) with NFKC and case
-    folding, repeated until nothing changes: ``аna`` (Cyrillic а), ``ａｎａ``,
-    ``𝐚𝐧𝐚`` and ``ᴀna`` all come to ``ana``.  The server keys names by it.
+    folding, repeated until nothing changes, and without accents (a dot
+    below, an acute, pass unseen in a small font): ``аna`` (Cyrillic а),
+    ``ａｎａ``, ``𝐚𝐧𝐚``, ``ᴀna`` and ``anạ`` all come to ``ana``.  The server
+    keys names by it.
     """
     table = _prototypes()
     key = name
     for _ in range(4):  # each round maps and folds; two are enough for every name seen so far
-        mapped = "".join(table.get(ch, ch) for ch in unicodedata.normalize("NFD", key))
+        mapped = "".join(table.get(ch, ch) for ch in unicodedata.normalize("NFD", key)
+                         if not unicodedata.combining(ch))
         folded = unicodedata.normalize("NFKC", mapped).casefold()
         if folded == key:
             break
@@ -762,6 +768,10 @@ class ServerConfig:
     rate: float = _key(RATE_PER_SECOND, "frames per second one client may send on average (0: no limit)",
                        min=0)
     burst: int = _key(RATE_BURST, "frames one client may send at once, above the rate", min=1)
+    address_byte_rate: int = _key(ADDRESS_BYTE_RATE, "bytes of messages per second from one IP address "
+                                  "(0, or rate = 0: no limit)", min=0)
+    address_byte_burst: int = _key(ADDRESS_BYTE_BURST, "bytes of messages one IP address may send at once",
+                                   min=1024)
     flood_limit: int = _key(FLOOD_LIMIT, "rate-limited frames in a row before the client is dropped",
                             min=1)
     auth_delay: float = _key(AUTH_DELAY, "seconds a wrong password waits before its ERR", min=0, max=30)
@@ -837,6 +847,8 @@ def _convert(f: dataclasses.Field, value: object, where: str, text: bool = True)
             raise ConfigError(f"{where}: expected {_type_word(kind)}, got {value!r}") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ConfigError(f"{where}: expected {_type_word(kind)}, got {value!r}")
     meta = f.metadata
@@ -1351,6 +1363,12 @@ class HistoryStore:
             return self._reader.execute(sql).fetchone()[0]
 
 
+def fan_out_cost(sender: str, text: str) -> int:
+    """The most bytes one reader may get for a message: its text, and a prefix for every line
+    (the seed's delivery form repeats the sender's name on each)."""
+    return len(text.encode("utf-8")) + (text.count("\n") + 1) * (len(sender.encode("utf-8")) + 64)
+
+
 def wire_size(msg: ChatMessage) -> int:
     """At most the bytes ``msg`` takes on the wire, without encoding it (controls count as U+FFFD)."""
     return 3 * len(msg.text) + 4 * len(msg.sender) + 64
@@ -1576,11 +1594,17 @@ class AuthThrottle:
             for bucket, depth in buckets:
                 if bucket is not None:
                     bucket[0] = min(float(depth), bucket[0] + 1)
-            if ok:
-                self._known.pop((attempt.target, attempt.host), None)
-                self._known[(attempt.target, attempt.host)] = time.monotonic()
-                while len(self._known) > self.MAX_TRACKED:
-                    del self._known[next(iter(self._known))]
+        if ok:
+            self.known(attempt.target, attempt.host)
+
+    def known(self, target: str, host: str) -> None:
+        """``host`` proved ``target`` (a login, or protecting the name): the target's bucket does not
+        hold it."""
+        with self._lock:
+            self._known.pop((target, host), None)
+            self._known[(target, host)] = time.monotonic()
+            while len(self._known) > self.MAX_TRACKED:
+                del self._known[next(iter(self._known))]
 
 
 @dataclass(slots=True)
@@ -1631,7 +1655,7 @@ class PasswordHasher:
 
 
 class TokenBucket:
-    """``rate`` tokens a second up to ``burst``; a frame takes one.  rate 0: no limit."""
+    """``rate`` tokens a second up to ``burst``; a frame takes one, a message its bytes.  rate 0: no limit."""
 
     __slots__ = ("burst", "last", "rate", "tokens")
 
@@ -1640,16 +1664,42 @@ class TokenBucket:
         self.tokens = float(burst)
         self.last = time.monotonic()
 
-    def take(self) -> bool:
+    def take(self, cost: float = 1) -> bool:
         if not self.rate:
             return True
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
         self.last = now
-        if self.tokens < 1:
+        if self.tokens < cost:
             return False
-        self.tokens -= 1
+        self.tokens -= cost
         return True
+
+
+class AddressBudget:
+    """The bytes of messages each IP address may have fanned out: one TokenBucket per address.
+
+    Readers are bounded by their SendQ; this keeps one address (many
+    connections, reconnecting ones too) from sending faster than a reader on
+    a good link can read.  Guarded by ``_lock``; reader threads charge it.
+    """
+
+    MAX_TRACKED = 10000
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self._buckets: dict[str, TokenBucket] = {}
+        self._lock = threading.Lock()
+
+    def charge(self, host: str, cost: int) -> bool:
+        if not self.rate:
+            return True
+        with self._lock:
+            bucket = self._buckets.pop(host, None) or TokenBucket(self.rate, self.burst)
+            self._buckets[host] = bucket  # most recently used last: the oldest go first
+            while len(self._buckets) > self.MAX_TRACKED:
+                del self._buckets[next(iter(self._buckets))]
+            return bucket.take(cost)
 
 
 # --- certificates and fingerprints ---------------------------------------------------
@@ -1715,7 +1765,10 @@ def generate_certificate(cert_path: Path, key_path: Path) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(key_pem)
         os.chmod(key_path, 0o600)  # O_CREAT's mode does not apply to a file that was there
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        fd = os.open(cert_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(cert.public_bytes(serialization.Encoding.PEM))
+        os.chmod(cert_path, 0o644)  # whatever the umask: readable, never writable by others
     except OSError as exc:
         raise TlsError(f"cannot write the TLS certificate: {exc.strerror or exc}: "
                        f"{exc.filename or cert_path}") from None
@@ -1931,7 +1984,7 @@ class OutboundQueue:
         self._chunks: list[bytes] = []
         self.size = 0
         self.limit = limit
-        self.hard_limit = limit * SENDQ_HARD_FACTOR
+        self.hard_limit = int(limit * SENDQ_HARD_FACTOR)
         self.overflowed = False
         self._lock = threading.Lock()
 
@@ -2301,19 +2354,21 @@ class ClientSession:
         """Handle decoded frames in order; only protocol errors are caught."""
         for item in items:
             if not self.bucket.take():
-                self._rate_limited()
+                self._rate_limited(ERROR_CODES["rate-limited"])
             else:
-                self.limited_in_a_row = 0
                 try:
                     self.dispatch(item)
-                    self.errors_in_a_row = 0
+                    self.errors_in_a_row = self.limited_in_a_row = 0
                 except ProtocolError as exc:
-                    self.reply(encode_error(exc.code, exc.text))
-                    self.errors_in_a_row += 1
-                    if exc.closes:
-                        self.disconnect(exc.code)
-                    elif self.errors_in_a_row >= self.server.config.max_errors:
-                        self.disconnect("too many errors")
+                    if exc.code == "rate-limited":  # over a byte budget: counted as a flood, not an error
+                        self._rate_limited(exc.text)
+                    else:
+                        self.reply(encode_error(exc.code, exc.text))
+                        self.errors_in_a_row += 1
+                        if exc.closes:
+                            self.disconnect(exc.code)
+                        elif self.errors_in_a_row >= self.server.config.max_errors:
+                            self.disconnect("too many errors")
             if self.leave_reason is not None:
                 break
 
@@ -2330,13 +2385,13 @@ class ClientSession:
             raise ProtocolError("password-required", ERROR_CODES["password-required"], closes=True)
         handler(self, request.arg)
 
-    def _rate_limited(self) -> None:
+    def _rate_limited(self, text: str) -> None:
         self.limited_in_a_row += 1
         if self.limited_in_a_row >= self.server.config.flood_limit:
             self.disconnect("flooding", level=logging.WARNING)
         elif self.limited_in_a_row == 1 or self.outbound.size < self.server.config.sendq // 2:
             # a flood does not get to fill its own queue with our ERRs
-            self.reply(encode_error("rate-limited", ERROR_CODES["rate-limited"]))
+            self.reply(encode_error("rate-limited", text))
 
     # --- writing ---------------------------------------------------------------
 
@@ -2441,7 +2496,7 @@ class ClientSession:
         self.reply(encode_users(self.server.users(), structured=self.extended))
 
     def handle_ping(self, arg: str | None) -> None:
-        self.reply(b"PONG\n" if arg is None else encode_line("PONG", sanitise_text(arg)))
+        self.reply(b"PONG\n" if arg is None else encode_line("PONG", sanitise_line(arg)))
 
     def handle_quit(self, arg: str | None) -> None:
         self.leave("quit" + (f": {sanitise_line(arg)}" if arg else ""), b"BYE|goodbye\n")
@@ -2449,9 +2504,13 @@ class ClientSession:
     def _publish(self, kind: str, arg: str | None, recipient: str | None = None) -> None:
         if self.name is None:
             raise ProtocolError("not-registered", "register first: USER|<name>")
+        self.server.check_quiet_name(self)
         text = sanitise_text(unescape_text(arg or ""))
         if not text.strip():
             raise ProtocolError("empty-message", "the message is empty")
+        if not self.server.address_budget.charge(self.host, fan_out_cost(self.name, text)):
+            raise ProtocolError("rate-limited", f"too many bytes from {self.host} too fast; "
+                                "this message was dropped")
         self.server.publish(self, kind, text, recipient)
         self.last_spoke = time.monotonic()
 
@@ -2491,10 +2550,10 @@ class ClientSession:
 
 
 def _parse_number(text: str, command: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise ProtocolError("bad-argument", f"{command} takes whole numbers, not {text[:20]!r}") from None
+    if not (text.isascii() and text.isdigit()):  # int() would take "٣", "1_0", "+2" and " 2"
+        shown = sanitise_line(text[:20])
+        raise ProtocolError("bad-argument", f"{command} takes whole numbers, not {shown!r}")
+    value = int(text)
     if not 0 <= value <= MAX_ID:
         raise ProtocolError("bad-argument", f"{command} takes numbers from 0 to {MAX_ID}")
     return value
@@ -2564,7 +2623,10 @@ class ChatServer:
             raise
         self.throttle = AuthThrottle(self.config.auth_max_failures, self.config.auth_target_failures,
                                      self.config.auth_lockout)
+        validate_name(confusable_key("ready"))  # load the name tables now, not in a thousand first logins
         self.hasher = PasswordHasher(HASH_CONCURRENCY, HASH_QUEUE)
+        self.address_budget = AddressBudget(self.config.address_byte_rate if self.config.rate else 0,
+                                            self.config.address_byte_burst)
         self.reply_bytes = self.config.sendq // 4          # the most one reply or one fan-out batch holds
         self.pipeline = self.history if self.history is not None else Sequencer(batch_bytes=self.reply_bytes)
         self._per_address: dict[str, int] = {}
@@ -2764,6 +2826,7 @@ class ChatServer:
         if self.accounts.password_hash(session.key) is not None and not session.owner:
             raise ProtocolError("not-owner", ERROR_CODES["not-owner"])
         self.accounts.protect(session.key, session.name, self.hasher.run(hash_password, password))
+        self.throttle.known(session.key, session.host)  # its owner's address, as after a login
         session.owner = True
         log.info("%s protected their name", session.name)
 
@@ -2852,6 +2915,11 @@ class ChatServer:
                     del self._per_address[session.host]
         session.closing = True
         self.writer.schedule(session)
+
+    def check_quiet_name(self, session: ClientSession) -> None:
+        """A quiet session with a name nobody protects may act only while nobody online holds it."""
+        if session.quiet and not session.owner and self._by_key.get(session.key) is not None:
+            raise ProtocolError("name-taken", f"the name {session.name!r} is in use by someone online")
 
     def members(self) -> tuple[ClientSession, ...]:
         """Everyone holding a name, in join order: derived from the registry, cached until it changes."""
@@ -3015,6 +3083,11 @@ class ChatServer:
         """
         if self.history is None:
             raise ProtocolError("history-off", ERROR_CODES["history-off"])
+        if session.name is not None:
+            self.check_quiet_name(session)
+        if session.outbound.size > session.outbound.limit:  # it has not read what it asked for before
+            session.disconnect("sendq exceeded", level=logging.WARNING)
+            return
         messages, more = query(self.history, self._delivered_upto, self.reply_bytes)
         end = encode_line("END", kind, len(messages), *(["more"] if more else []))
         session.reply(b"".join(map(encode_message, messages)) + end)

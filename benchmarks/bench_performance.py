@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,20 +73,18 @@ def chatctl_server(workdir: Path, history: bool = False, sendq: int = 64 << 20, 
     conf.write_text(LOAD_CONFIG.replace("sendq = 67108864", f"sendq = {sendq}"))
     db = workdir / f"history-{time.monotonic_ns()}.db"
     env = {**os.environ, "XDG_DATA_HOME": str(workdir / "data")}
-    proc = subprocess.Popen(
-        [*pinned(0), sys.executable, str(script or ROOT / "chatctl.py"), "serve", "-H", "127.0.0.1",
-         "-p", "0",
-         "--config", str(conf), "--db", str(db), "--history" if history else "--no-history",
-         "--log-level", "info"], stderr=subprocess.PIPE, text=True, env=env, cwd=workdir)
+    log = workdir / f"serve-{time.monotonic_ns()}.log"  # a file, not a pipe: logging never waits for us
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(
+            [*pinned(0), sys.executable, str(script or ROOT / "chatctl.py"), "serve", "-H", "127.0.0.1",
+             "-p", "0", "--config", str(conf), "--db", str(db), "--history" if history else "--no-history",
+             "--log-level", "info"], stderr=log_file, env=env, cwd=workdir)
     try:
-        for _ in range(10):
-            match = re.search(r"listening on 127\.0\.0\.1:(\d+)", proc.stderr.readline())
-            if match:
-                break
-        else:
-            raise SystemExit("chatctl serve did not start")
-        # keep reading its log, or a full pipe would stall the server mid-run
-        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        deadline = time.monotonic() + 30
+        while not (match := re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit("chatctl serve did not start: " + log.read_text()[-500:])
+            time.sleep(0.05)
         yield proc.pid, int(match.group(1))
     finally:
         proc.terminate()
@@ -316,10 +313,11 @@ def mass_presence(port: int, n: int, time_limit: float = 120.0) -> tuple[float, 
             except BlockingIOError:
                 continue
             if not state[1]:
-                state[0] = (state[0] + data)[-64:]
-                if b"USER_OK\n" in state[0]:
+                seen = state[0] + data
+                if b"USER_OK\n" in seen:
                     state[1] = True
                     waiting -= 1
+                state[0] = seen[-16:]  # USER_OK may straddle two reads
     joined = time.monotonic() - started
     selector.close()
     for sock in socks:
