@@ -107,6 +107,9 @@ REAPER_INTERVAL = 0.5                # how often timeouts are checked
 DISCONNECT_LINGER = 2.0              # after BYE, how long a client may take to close its end
 PENDING_WAIT = 5.0                   # at end of input, the reader's wait for its last message's commit
 PRESENCE_INTERVAL = 0.05             # JOIN and LEAVE notices are sent together, at most this often
+DEPARTURES_BATCH = 4096              # ended connections forgotten under one registry lock at most
+PRESENCE_FLOOD = 100                 # this many waiting make a mass join or leave: sent once it calms,
+PRESENCE_MAX_DELAY = 1.0             # ... or after this long at the most
 MAX_ID = (1 << 63) - 1               # message ids (and numbers in requests) are SQLite integers
 REGISTER_INTERVAL = 10.0             # one REGISTER per connection this often (each hashes a password)
 HASH_CONCURRENCY = 1                 # password hashes (16 MiB, 50 ms each) running at once
@@ -302,10 +305,20 @@ def validate_name(name: str | None, max_chars: int = MAX_NAME_CHARS) -> str:
 
 
 def name_scripts(name: str) -> set[str]:
-    """The scripts of a name's letters (digits and ``_-.`` are common to all), after NFKC."""
+    """The scripts of a name's letters (digits and ``_-.`` are common to all), after NFKC.
+
+    The few letters Unicode files under no script are the kana marks (ー, 〆),
+    so they count as Katakana: ``aーb`` mixes scripts like ``a一b``.
+    """
     from confusable_homoglyphs import categories
 
-    return categories.unique_aliases(unicodedata.normalize("NFKC", name)) - {"COMMON", "INHERITED"}
+    scripts = set()
+    for ch in unicodedata.normalize("NFKC", name):
+        script = categories.aliases_categories(ch)[0]
+        if script == "COMMON" and unicodedata.category(ch)[0] == "L":
+            script = "KATAKANA"
+        scripts.add(script)
+    return scripts - {"COMMON", "INHERITED"}
 
 
 def name_key(name: str) -> str:
@@ -2598,8 +2611,15 @@ class ChatServer:
         self._sessions: set[ClientSession] = set()
         self._registry_lock = threading.Lock()
         self._fanout_lock = threading.Lock()            # keeps every client's stream in id order
-        self._presence: list[tuple[bytes, ClientSession]] = []  # JOIN/LEAVE lines not sent yet (fan-out lock)
+        # JOIN/LEAVE lines not sent yet, and the sessions whose JOIN is among them: under _presence_lock,
+        # a leaf lock (held for an append or a swap), so that no registry change waits for a fan-out.
+        self._presence: list[tuple[bytes, ClientSession]] = []
+        self._joined_unannounced: set[ClientSession] = set()
+        self._presence_lock = threading.Lock()
         self._presence_due = threading.Event()
+        self._departures: queue.SimpleQueue[ClientSession | None] = queue.SimpleQueue()  # ended readers
+        self._departures_thread = threading.Thread(target=self._departures_loop, name="chatctl-departures",
+                                                   daemon=True)
         self._stopping = threading.Event()
         self._stopped = False
         self._threads: list[threading.Thread] = []
@@ -2677,6 +2697,7 @@ class ChatServer:
     def start(self) -> ChatServer:
         threading.stack_size(THREAD_STACK_BYTES)
         self.writer.start()
+        self._departures_thread.start()
         if self.history is not None:
             self.history.start(self._committed, self._not_stored)
         else:
@@ -2719,6 +2740,9 @@ class ChatServer:
         for session in sessions:
             session.abort()
             session.thread.join(max(0.0, deadline - time.monotonic()))
+        if self._departures_thread.is_alive():
+            self._departures.put(None)  # after every reader: each has queued its own departure
+            self._departures_thread.join(timeout)
         self.pipeline.close(timeout)  # commits (with history) and acknowledges what is queued
         self.accounts.close()
         self.writer.stop(timeout)
@@ -2875,27 +2899,45 @@ class ChatServer:
             return
         self._by_key[key] = session
         self._member_cache = None
-        with self._fanout_lock:
-            session.reply(b"USER_OK\n")
-            self._announce(encode_line("JOIN", format_timestamp(time.time()), name), session)
+        session.reply(b"USER_OK\n")  # before any presence line: those are queued by the presence flush
+        self._announce((encode_line("JOIN", format_timestamp(time.time()), name), session), joined=True)
 
-    def depart(self, session: ClientSession) -> None:
-        """Take ``session`` off the member list and tell the others; once per session."""
-        reason = session.leave_reason or "connection closed"
+    def depart(self, *sessions: ClientSession, forget: bool = False) -> None:
+        """Take ``sessions`` off the member list and tell the others; once per session.
+
+        ``forget``: their readers have ended, so they leave the connection
+        counts too, and the writer closes them once their queues are out.
+        One registry lock for the lot: a thousand clients leaving at once do
+        not queue up on it one by one.
+        """
+        now = format_timestamp(time.time())
+        leaving = [(s, sanitise_line(s.leave_reason or "connection closed")) for s in sessions]
+        departed = []
         with self._registry_lock:
-            registered = session.key is not None and self._by_key.get(session.key) is session
-            if registered:
-                del self._by_key[session.key]
+            for session, reason in leaving:
+                if session.key is not None and self._by_key.get(session.key) is session:
+                    del self._by_key[session.key]
+                    departed.append((session, reason))
+                if forget and session in self._sessions:
+                    self._sessions.discard(session)
+                    left = self._per_address[session.host] - 1
+                    if left:
+                        self._per_address[session.host] = left
+                    else:
+                        del self._per_address[session.host]
+            if departed:
                 self._member_cache = None
                 if not self._stopping.is_set():
-                    with self._fanout_lock:
-                        self._announce(encode_line("LEAVE", format_timestamp(time.time()), session.name,
-                                                   sanitise_line(reason)), session)
-        if registered:
-            log.info("%s left (%s)", session.name, sanitise_line(reason))
+                    self._announce(*[(encode_line("LEAVE", now, s.name, why), s) for s, why in departed])
+        for session, reason in departed:
+            log.info("%s left (%s)", session.name, reason)
+        if forget:
+            for session in sessions:
+                session.closing = True
+            self.writer.schedule_many(list(sessions))
 
     def release(self, session: ClientSession) -> None:
-        """The reader of ``session`` ended: forget it and let the writer close the socket.
+        """The reader of ``session`` ended (a callback of its thread): the departures thread forgets it.
 
         A client that ended its input right after a message still gets its
         MSG_OK: the reader waits (at most PENDING_WAIT) for that message's
@@ -2904,17 +2946,26 @@ class ChatServer:
         deadline = time.monotonic() + PENDING_WAIT
         while session.last_pending is not None and time.monotonic() < deadline:
             time.sleep(0.002)
-        self.depart(session)
-        with self._registry_lock:
-            if session in self._sessions:
-                self._sessions.discard(session)
-                left = self._per_address[session.host] - 1
-                if left:
-                    self._per_address[session.host] = left
-                else:
-                    del self._per_address[session.host]
-        session.closing = True
-        self.writer.schedule(session)
+        self._departures.put(session)
+
+    def _departures_loop(self) -> None:
+        """Forget sessions whose readers ended, as many at a time as have ended; ends at a None."""
+        get, get_nowait = self._departures.get, self._departures.get_nowait
+        while True:
+            try:
+                batch = [get(timeout=1.0)]
+            except queue.Empty:
+                continue
+            while batch[-1] is not None and len(batch) < DEPARTURES_BATCH:
+                try:
+                    batch.append(get_nowait())
+                except queue.Empty:
+                    break
+            sessions = [s for s in batch if s is not None]
+            if sessions:
+                self.depart(*sessions, forget=True)
+            if batch[-1] is None:
+                return
 
     def check_quiet_name(self, session: ClientSession) -> None:
         """A quiet session with a name nobody protects may act only while nobody online holds it."""
@@ -2935,10 +2986,15 @@ class ChatServer:
 
     # --- presence ----------------------------------------------------------------------
 
-    def _announce(self, line: bytes, subject: ClientSession) -> None:
-        """Queue a JOIN or LEAVE line; the presence thread sends them together.  Holds the fan-out lock."""
-        self._presence.append((line, subject))
-        if len(self._presence) == 1:
+    def _announce(self, *items: tuple[bytes, ClientSession], joined: bool = False) -> None:
+        """Queue JOIN or LEAVE lines, each with its subject; the presence thread sends them together.
+        The caller holds the registry lock, so the lines keep the registry's order."""
+        with self._presence_lock:
+            first = not self._presence
+            self._presence.extend(items)
+            if joined:
+                self._joined_unannounced.update(subject for _, subject in items)
+        if first:
             self._presence_due.set()
 
     def _presence_loop(self) -> None:
@@ -2951,8 +3007,17 @@ class ChatServer:
             if not self._presence_due.wait(1.0):
                 continue
             self._presence_due.clear()
+            started = time.monotonic()
             if self._stopping.wait(PRESENCE_INTERVAL):
                 return
+            # A mass join or leave is sent once it calms (or after PRESENCE_MAX_DELAY): members that
+            # leave meanwhile need none of it, and the rest get it in a few writes.
+            while len(self._presence) >= PRESENCE_FLOOD and time.monotonic() - started < PRESENCE_MAX_DELAY:
+                waiting = len(self._presence)
+                if self._stopping.wait(PRESENCE_INTERVAL):
+                    return
+                if len(self._presence) == waiting:
+                    break
             members = self.members()
             with self._fanout_lock:
                 ready = self._flush_presence(members)
@@ -2964,7 +3029,9 @@ class ChatServer:
 
         A member that joined among these lines gets only those after its own.
         """
-        items, self._presence = self._presence, []
+        with self._presence_lock:
+            items, self._presence = self._presence, []
+            self._joined_unannounced.clear()
         if not items:
             return []
         blob = b"".join(line for line, _ in items)
@@ -3009,7 +3076,9 @@ class ChatServer:
     def _committed(self, batch: list[PendingMessage]) -> None:
         members = self.members()
         with self._fanout_lock:
-            ready = self._flush_presence(members)  # a JOIN before the messages of whoever joined
+            ready = []
+            if self._joined_unannounced and any(p.sender in self._joined_unannounced for p in batch):
+                ready = self._flush_presence(members)  # a JOIN before the messages of whoever joined
             ready += self._fan_out_batch(batch, members)
         self.writer.schedule_many(ready)  # one wake-up for the whole batch
 

@@ -110,3 +110,10 @@ def test_cli_reads_cwd_config_and_flag_wins(isolated_home, server):
     result = run_cli("who", "--json", "--port", "1", env=isolated_home)
     assert result.returncode == chatctl.EXIT_CONNECT
     assert "127.0.0.1:1" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e400"])
+def test_numbers_must_be_finite(isolated_home, value):
+    result = run_cli("who", env={**isolated_home, "CHATCTL_TIMEOUT": value})
+    assert result.returncode == chatctl.EXIT_CONFIG
+    assert "expected a finite number" in result.stderr and "Traceback" not in result.stderr

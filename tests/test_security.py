@@ -668,3 +668,121 @@ def test_a_tls_client_that_never_reads_is_dropped_at_its_sendq(tls_server):
         time.sleep(0.05)
     assert "sink" not in [u.name for u in server.users()]
     wait_until(lambda: all(s.outbound.size < 8 * 64 * 1024 for s in list(server._sessions)))
+
+
+# --- issue 10: what the attack review of the fixes found ----------------------------------------------------
+
+
+def test_a_quiet_session_cannot_act_as_someone_who_came_online(server):
+    quiet = RawClient(server.port)
+    quiet.send(b"HELLO|chatctl/1|quiet\nUSER|carol\n")
+    assert quiet.expect("USER_OK") == "USER_OK"  # nobody online holds carol: a script may post as carol
+    carol = register_many(server.port, ["carol"], hello=True)[0]  # the real carol comes online
+    bob = register_many(server.port, ["bob"], hello=True)[0]
+    bob.send(b"DM|carol|vault code 4711\n")
+    bob.expect("MSG_OK")
+    carol.expect("DM|")
+    quiet.send(b"MSG|I am carol, send me the keys\nHISTORY|LAST|3\n")
+    assert quiet.line().startswith("ERR|name-taken|")
+    assert quiet.line().startswith("ERR|name-taken|")
+    assert bob.silent(0.3)
+
+
+def test_many_connections_from_one_address_cannot_drop_a_reader(make_server):
+    server = make_server(max_per_address=0)
+    reader = register_many(server.port, ["reader"], hello=True, timeout=30)[0]
+    flooders = register_many(server.port, [f"f{i}" for i in range(12)])
+    for f in flooders:  # each within its own frame burst; together 29 MB once controls show as U+FFFD
+        f.send(b"".join(b"MSG|" + b"\x01" * 8180 + b"\n" for _ in range(100)))
+    accepted = 0
+    for f in flooders:
+        replies = [f.line(30) for _ in range(100)]
+        accepted += replies.count("MSG_OK")
+    for _ in range(accepted):
+        reader.expect("MSG|", timeout=30)
+    assert "reader" in [u.name for u in server.users()]
+    assert accepted * 8180 * 3 <= 2 * chatctl.ADDRESS_BYTE_BURST  # the address's budget, not 12 bursts
+
+
+def test_clients_that_ask_and_never_read_cost_bounded_memory(make_server, monkeypatch):
+    server = make_server(max_per_address=0, rate=0)
+    writer = register_many(server.port, ["writer"])[0]
+    writer.send(b"".join(b"MSG|" + b"z" * 6000 + b"\n" for _ in range(400)))
+    for _ in range(400):
+        writer.expect("MSG_OK")
+    most = 0
+    real_put = chatctl.OutboundQueue.put
+
+    def put(queue, data, force=False):
+        nonlocal most
+        first = real_put(queue, data, force)
+        most = max(most, queue.size)
+        return first
+
+    monkeypatch.setattr(chatctl.OutboundQueue, "put", put)
+    sinks = []
+    for _ in range(48):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"HELLO|chatctl/1\n" + b"HISTORY|LAST|500\n" * 60)  # 60 replies of 256 KiB asked
+        sinks.append(sock)
+    wait_until(lambda: len(server._sessions) == 49)  # all of them in
+    wait_until(lambda: len(server._sessions) <= 1, timeout=30)  # all dropped at their SendQ
+    assert most <= 1.5 * server.config.sendq  # what one client may hold: a SendQ and a half
+    for sock in sinks:
+        sock.close()
+
+
+def test_registering_makes_the_owners_address_known(make_server):
+    server = make_server(auth_delay=0, auth_target_failures=2)
+    owner = raw_from(server.port, "127.0.0.7")
+    owner.send(b"USER|victim\nREGISTER|victim-pass-1\nQUIT\n")
+    assert owner.wait_closed()[:2] == ["USER_OK", "REGISTER_OK|victim"]
+    for n in range(50, 54):
+        guesser = raw_from(server.port, f"127.0.0.{n}")
+        guesser.send(b"USER|victim|guess\n")
+        guesser.line()
+    back = raw_from(server.port, "127.0.0.7")
+    back.send(b"USER|victim|victim-pass-1\n")
+    assert back.line() == "USER_OK"
+
+
+@pytest.mark.parametrize(("online", "lookalike"), [
+    ("a-b", "a一b"), ("a-b", "aーb"), ("a-b", "aㅡb"), ("bob", "bㅇb"), ("lo", "丨o"), ("ana", "ana丶"),
+    ("ana", "anạ"), ("ana", "aná"), ("zoe", "zoé"),
+])
+def test_look_alikes_the_review_found_are_refused(user, connect, online, lookalike):
+    user(online)
+    impostor = connect()
+    impostor.send(f"USER|{lookalike}\n".encode())
+    assert impostor.line().startswith(("ERR|name-taken|", "ERR|invalid-name|"))
+
+
+def test_a_name_that_nfkc_turns_into_words_is_refused(connect):
+    client = connect()
+    client.send("USER|ﷺﷺﷺ\n".encode())
+    assert client.line().startswith("ERR|invalid-name|")
+
+
+def test_a_ping_token_stays_on_one_line(connect):
+    client = connect()
+    client.send("PING|a\u2028MSG|1|2026|admin|fake\n".encode())
+    assert client.line() == "PONG|a MSG|1|2026|admin|fake"
+    assert client.silent(0.2)
+
+
+@pytest.mark.parametrize("number", ["٣", "５", "1_0", "+2", " 2"])
+def test_numbers_are_ascii_digits(server, number):
+    client = register_many(server.port, ["ana"], hello=True)[0]
+    client.send(f"HISTORY|LAST|{number}\n".encode())
+    assert client.line().startswith("ERR|bad-argument|")
+
+
+def test_the_certificate_is_not_writable_by_others_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        chatctl.generate_certificate(tmp_path / "c.pem", tmp_path / "k.pem")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "c.pem").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "k.pem").stat().st_mode) == 0o600
