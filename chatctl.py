@@ -33,6 +33,7 @@ import sys
 if sys.version_info < (3, 11):  # before anything that would fail with a traceback on an older Python
     sys.exit(f"chatctl needs Python 3.11 or newer; this is {sys.version.split()[0]}")
 
+import bisect
 import dataclasses
 import itertools
 import logging
@@ -104,6 +105,7 @@ RECV_CHUNK = 65536                   # bytes per recv(); transient, never kept p
 LISTEN_BACKLOG = 1024
 THREAD_STACK_BYTES = 256 * 1024      # per-connection threads need little stack
 REAPER_INTERVAL = 0.5                # how often timeouts are checked
+READER_IDLE = 60.0                   # seconds a reader thread waits for its next connection before it ends
 DISCONNECT_LINGER = 2.0              # after BYE, how long a client may take to close its end
 PENDING_WAIT = 5.0                   # at end of input, the reader's wait for its last message's commit
 PRESENCE_INTERVAL = 0.05             # JOIN and LEAVE notices are sent together, at most this often
@@ -2201,6 +2203,74 @@ class Writer:
             pass
 
 
+class ReaderPool:
+    """The reader threads: one per connection while it lasts, kept for the next one afterwards.
+
+    ``serve`` hands a session to an idle reader, or starts a new one; a
+    reader idle for READER_IDLE seconds ends.  So a thousand clients leaving
+    at once do not make a thousand threads exit (each exit takes a global
+    lock of the threading module), and a newcomer gets a reader at once.
+    ``_idle`` (the readers waiting in ``_work.get``) is guarded by ``_lock``.
+    """
+
+    def __init__(self):
+        self._work: queue.SimpleQueue[ClientSession | None] = queue.SimpleQueue()
+        self._idle = 0
+        self._running: set[threading.Thread] = set()
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._numbers = itertools.count(1)
+
+    def serve(self, session: ClientSession) -> None:
+        with self._lock:
+            handed = self._idle > 0
+            if handed:
+                self._idle -= 1  # that reader is ours now: it takes the next item of _work
+            else:
+                thread = threading.Thread(target=self._run, args=(session,), daemon=True,
+                                          name=f"chatctl-reader-{next(self._numbers)}")
+                self._running.add(thread)
+        if handed:
+            self._work.put(session)
+        else:
+            thread.start()
+
+    def _run(self, session: ClientSession | None) -> None:
+        try:
+            while session is not None:
+                session.run()
+                session = self._next()
+        finally:
+            with self._lock:
+                self._running.discard(threading.current_thread())
+
+    def _next(self) -> ClientSession | None:
+        with self._lock:
+            if self._stopping:
+                return None
+            self._idle += 1
+        try:
+            return self._work.get(timeout=READER_IDLE)
+        except queue.Empty:
+            with self._lock:
+                if self._idle > 0:  # nobody counted on this reader: it may end
+                    self._idle -= 1
+                    return None
+            return self._work.get()  # serve() or stop() claimed it just now: its item is on the way
+
+    def stop(self, timeout: float) -> None:
+        """End every idle reader (the busy ones end with their connections)."""
+        with self._lock:
+            self._stopping = True
+            idle, self._idle = self._idle, 0
+            running = list(self._running)
+        for _ in range(idle):
+            self._work.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in running:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
 class Sequencer:
     """Fan-out without history: messages queue here in id order and go out in batches.
 
@@ -2252,7 +2322,7 @@ class Sequencer:
 class ClientSession:
     """One connected client: its reader thread, its name and its outbound queue.
 
-    The reader thread (``chatctl-conn-N``) owns the parsing state and sets
+    Its reader thread (a ``chatctl-reader-N`` of the pool) owns the parsing state and sets
     ``name``, ``extended`` and ``quiet`` while it handles frames; the server
     owns membership (under its registry lock); the writer owns the socket's
     sending side.  ``leave_reason`` is set once, by whichever thread ends the
@@ -2274,6 +2344,7 @@ class ClientSession:
         self.key: str | None = None
         self.extended = False           # sent HELLO: gets the richer replies and presence notices
         self.quiet = False              # HELLO|chatctl/1|quiet: a script (not listed, no presence)
+        self.presence_seq = 0           # the sequence number of its own JOIN line (presence lines after it)
         self.last_register = -REGISTER_INTERVAL  # monotonic time of the last REGISTER
         self.connected_at = time.monotonic()
         self.last_active = self.connected_at  # any input: for the idle timeout
@@ -2286,7 +2357,7 @@ class ClientSession:
         self.leave_at = 0.0             # monotonic time the server decided to drop the client
         self.write_shut = False         # the writer half-closed after the final BYE
         self.closing = False            # the reader is done; the writer closes the socket
-        self.thread = threading.Thread(target=self.run, name=f"chatctl-conn-{number}", daemon=True)
+        self.finished = threading.Event()  # run() has returned
 
     def __repr__(self) -> str:
         return f"<ClientSession {self.name or '-'} {self.peer}>"
@@ -2294,12 +2365,14 @@ class ClientSession:
     # --- reading ---------------------------------------------------------------
 
     def run(self) -> None:
+        """Read and handle frames until the connection ends (called by a reader thread of the pool)."""
         try:
             self._read_loop()
         except OSError:
             self.leave_reason = self.leave_reason or "connection reset"
         finally:
             self.server.release(self)
+            self.finished.set()
 
     def _read_loop(self) -> None:
         sock, decoder = self.sock, self.decoder
@@ -2599,12 +2672,13 @@ class ChatServer:
     Threads: ``chatctl-accept`` accepts, ``chatctl-writer`` writes,
     ``chatctl-reaper`` enforces timeouts, ``chatctl-history`` (or, without
     history, ``chatctl-fanout``) batches messages out, and one
-    ``chatctl-conn-N`` per client reads.  All of them end in ``shutdown()``.
+    ``chatctl-reader-N`` per client (a ReaderPool) reads.  All of them end in ``shutdown()``.
     """
 
     def __init__(self, config: ServerConfig | None = None):
         self.config = config or ServerConfig()
         self.writer = Writer()
+        self.readers = ReaderPool()
         self._conn_numbers = itertools.count(1)
         self._by_key: dict[str, ClientSession] = {}      # confusable_key -> the member holding the name
         self._member_cache: tuple[ClientSession, ...] | None = None  # members(), until _by_key changes
@@ -2613,7 +2687,8 @@ class ChatServer:
         self._fanout_lock = threading.Lock()            # keeps every client's stream in id order
         # JOIN/LEAVE lines not sent yet, and the sessions whose JOIN is among them: under _presence_lock,
         # a leaf lock (held for an append or a swap), so that no registry change waits for a fan-out.
-        self._presence: list[tuple[bytes, ClientSession]] = []
+        self._presence: list[tuple[int, bytes, ClientSession]] = []  # (sequence number, line, subject)
+        self._presence_seq = itertools.count(1)
         self._joined_unannounced: set[ClientSession] = set()
         self._presence_lock = threading.Lock()
         self._presence_due = threading.Event()
@@ -2735,11 +2810,12 @@ class ChatServer:
             session.disconnect("server shutting down")
         deadline = time.monotonic() + min(timeout, DISCONNECT_LINGER)
         for session in sessions:  # give clients a moment to read their BYE and close
-            session.thread.join(max(0.0, deadline - time.monotonic()))
+            session.finished.wait(max(0.0, deadline - time.monotonic()))
         deadline = time.monotonic() + timeout
         for session in sessions:
             session.abort()
-            session.thread.join(max(0.0, deadline - time.monotonic()))
+            session.finished.wait(max(0.0, deadline - time.monotonic()))
+        self.readers.stop(max(0.0, deadline - time.monotonic()))
         if self._departures_thread.is_alive():
             self._departures.put(None)  # after every reader: each has queued its own departure
             self._departures_thread.join(timeout)
@@ -2810,7 +2886,7 @@ class ChatServer:
             return
         self.writer.adopt(session)
         log.debug("connection from %s", session.peer)
-        session.thread.start()
+        self.readers.serve(session)
 
     # --- passwords -------------------------------------------------------------------
 
@@ -2991,9 +3067,12 @@ class ChatServer:
         The caller holds the registry lock, so the lines keep the registry's order."""
         with self._presence_lock:
             first = not self._presence
-            self._presence.extend(items)
-            if joined:
-                self._joined_unannounced.update(subject for _, subject in items)
+            for line, subject in items:
+                seq = next(self._presence_seq)
+                self._presence.append((seq, line, subject))
+                if joined:
+                    subject.presence_seq = seq  # it hears only of what comes after its own JOIN
+                    self._joined_unannounced.add(subject)
         if first:
             self._presence_due.set()
 
@@ -3023,29 +3102,39 @@ class ChatServer:
                 ready = self._flush_presence(members)
             self.writer.schedule_many(ready)
 
-    def _flush_presence(self, members: tuple[ClientSession, ...]) -> list[ClientSession]:
-        """Queue the waiting presence lines for every member that speaks the extended protocol; returns
-        the queues the writer must hear of.  Holds the fan-out lock.
+    def _flush_presence(self, members: tuple[ClientSession, ...],
+                        keys: set[str] | None = None) -> list[ClientSession]:
+        """Queue the waiting presence lines (only those about ``keys``, if given) for every member that
+        speaks the extended protocol; returns the queues the writer must hear of.  Holds the fan-out lock.
 
-        A member that joined among these lines gets only those after its own.
+        A member gets only the lines after its own JOIN (``presence_seq``),
+        whenever they are sent.  Lines about one name keep their order
+        whatever is taken.
         """
         with self._presence_lock:
-            items, self._presence = self._presence, []
-            self._joined_unannounced.clear()
+            if keys is None:
+                items, self._presence = self._presence, []
+                self._joined_unannounced.clear()
+            else:
+                items = [item for item in self._presence if item[2].key in keys]
+                self._presence = [item for item in self._presence if item[2].key not in keys]
+                self._joined_unannounced = {s for s in self._joined_unannounced if s.key not in keys}
         if not items:
             return []
-        blob = b"".join(line for line, _ in items)
-        skip: dict[ClientSession, int] = {}
-        position = 0
-        for line, subject in items:
-            position += len(line)
-            skip[subject] = position
+        blob = b"".join(line for _, line, _ in items)
+        first_seq = items[0][0]
+        offsets = list(itertools.accumulate((len(line) for _, line, _ in items), initial=0))
+        seqs = [seq for seq, _, _ in items]
         ready = []
         for s in members:
-            if s.extended:
-                start = skip.get(s, 0)
-                if start < len(blob) and s.outbound.put(blob[start:] if start else blob):
-                    ready.append(s)
+            if not s.extended:
+                continue
+            if s.presence_seq < first_seq:  # the common case: it was there before all of these
+                data = blob
+            else:
+                data = blob[offsets[bisect.bisect_right(seqs, s.presence_seq)]:]
+            if data and s.outbound.put(data):
+                ready.append(s)
         return ready
 
     # --- fan-out -----------------------------------------------------------------------
@@ -3077,8 +3166,9 @@ class ChatServer:
         members = self.members()
         with self._fanout_lock:
             ready = []
-            if self._joined_unannounced and any(p.sender in self._joined_unannounced for p in batch):
-                ready = self._flush_presence(members)  # a JOIN before the messages of whoever joined
+            joiners = {p.sender.key for p in batch if p.sender in self._joined_unannounced}
+            if joiners:  # their JOIN before their messages; the rest waits for the presence thread
+                ready = self._flush_presence(members, joiners)
             ready += self._fan_out_batch(batch, members)
         self.writer.schedule_many(ready)  # one wake-up for the whole batch
 

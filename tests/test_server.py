@@ -419,3 +419,14 @@ def test_mass_join_sends_presence_in_batches(make_server, monkeypatch):
     newcomer = register_many(server.port, ["late"], hello=True)[0]
     newcomer.send(b"MSG|anyone?\n")
     assert newcomer.expect("MSG_OK|", timeout=2).startswith("MSG_OK|")
+
+
+def test_readers_are_kept_for_the_next_connection(server):
+    for i in range(30):  # one after another: each new client gets the reader the last one left
+        client = RawClient(server.port)
+        client.send(f"USER|c{i}\nQUIT\n".encode())
+        assert client.wait_closed()[-1] == "BYE|goodbye"
+        client.close()
+        wait_until(lambda: not server._sessions)
+    readers = [t for t in chatctl_threads() if t.name.startswith("chatctl-reader-")]
+    assert 1 <= len(readers) <= 3
