@@ -1977,11 +1977,14 @@ def check_pin(address: str, fingerprint: str, pinned: str, known: KnownServers,
 # =============================================================================
 # 7. Server
 # =============================================================================
-# One reader thread per connection parses frames and handles commands.  Every
-# write to a client goes through that client's OutboundQueue and is done by
-# the single Writer thread, which sends whatever has queued up in one call:
-# a slow client only ever fills its own queue, and a burst of deliveries to
-# one client costs one system call, not one per message.
+# One reader thread per connection (from a ReaderPool, kept for the next
+# connection) parses frames and handles commands.  Every write to a client
+# goes through that client's OutboundQueue and is done by the single Writer
+# thread, which sends whatever has queued up in one call: a slow client only
+# ever fills its own queue, and a burst of deliveries to one client costs one
+# system call, not one per message.  Locks, outermost first: the registry
+# lock (who holds which name), the fan-out lock (every client's stream in
+# order), and the leaf locks (presence lines, each queue, the throttles).
 
 class OutboundQueue:
     """Bytes waiting to be written to one client, bounded like an IRC server's SendQ.
