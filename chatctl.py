@@ -798,6 +798,12 @@ class ServerConfig:
                                      "addresses per auth_lockout window", min=1)
     auth_lockout: float = _key(AUTH_LOCKOUT, "the window over which those failures are allowed (seconds)",
                                min=1)
+    password_hashes: int = _key(HASH_CONCURRENCY, "password hashes (16 MiB, 50 ms each) run at once", min=1,
+                                max=64)
+    password_queue: int = _key(HASH_QUEUE, "password checks that may wait for their turn; past that: "
+                               "ERR|server-busy", min=0)
+    register_interval: float = _key(REGISTER_INTERVAL, "seconds between two REGISTERs on one connection",
+                                    min=0)
     # Where the values came from, for the start-up log line; not a key.
     files: tuple[Path, ...] = field(default=(), repr=False, metadata={"internal": True})
 
@@ -2348,7 +2354,7 @@ class ClientSession:
         self.extended = False           # sent HELLO: gets the richer replies and presence notices
         self.quiet = False              # HELLO|chatctl/1|quiet: a script (not listed, no presence)
         self.presence_seq = 0           # the sequence number of its own JOIN line (presence lines after it)
-        self.last_register = -REGISTER_INTERVAL  # monotonic time of the last REGISTER
+        self.last_register = -math.inf  # monotonic time of the last REGISTER
         self.connected_at = time.monotonic()
         self.last_active = self.connected_at  # any input: for the idle timeout
         self.last_spoke = self.connected_at   # last message sent: the idle time USERS shows
@@ -2557,8 +2563,9 @@ class ClientSession:
         if not (MIN_PASSWORD_CHARS <= len(password) and len(password.encode()) <= MAX_PASSWORD_BYTES):
             raise ProtocolError("weak-password", ERROR_CODES["weak-password"])
         now = time.monotonic()
-        if now - self.last_register < REGISTER_INTERVAL:  # each one costs a password hash
-            raise ProtocolError("rate-limited", f"one REGISTER per {REGISTER_INTERVAL:g} s")
+        interval = self.server.config.register_interval
+        if now - self.last_register < interval:  # each one costs a password hash
+            raise ProtocolError("rate-limited", f"one REGISTER per {interval:g} s")
         self.last_register = now
         self.server.protect(self, password)
         self.reply(encode_line("REGISTER_OK", self.name))
@@ -2722,7 +2729,7 @@ class ChatServer:
         self.throttle = AuthThrottle(self.config.auth_max_failures, self.config.auth_target_failures,
                                      self.config.auth_lockout)
         validate_name(confusable_key("ready"))  # load the name tables now, not in a thousand first logins
-        self.hasher = PasswordHasher(HASH_CONCURRENCY, HASH_QUEUE)
+        self.hasher = PasswordHasher(self.config.password_hashes, self.config.password_queue)
         self.address_budget = AddressBudget(self.config.address_byte_rate if self.config.rate else 0,
                                             self.config.address_byte_burst)
         self.reply_bytes = self.config.sendq // 4          # the most one reply or one fan-out batch holds
