@@ -88,6 +88,7 @@ MAX_PER_ADDRESS = 64                 # connections from one IP address
 RATE_PER_SECOND = 20.0               # frames a client may send per second, on average
 RATE_BURST = 100                     # frames a client may send at once (the bucket's size)
 FLOOD_LIMIT = 100                    # rate-limited frames in a row before the client is dropped
+MAX_SECONDS = 1e6                    # the longest timeout or window a config key takes (about 11 days)
 ADDRESS_BYTE_RATE = 256 * 1024       # bytes of messages one IP address may fan out per second, on average
 ADDRESS_BYTE_BURST = 256 * 1024      # ... and at once (a quarter of the SendQ: a reader keeps up)
 AUTH_DELAY = 1.0                     # seconds a failed password waits before its ERR
@@ -99,9 +100,11 @@ MAX_PASSWORD_BYTES = 1024            # longest password (scrypt's cost grows wit
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1  # about 16 MiB and 50 ms per hash
 TLS_HANDSHAKE_BYTE = 0x16            # the first byte of every TLS ClientHello
 TAKEN_OVER = "taken over"            # BYE reason prefix: the owner logged in elsewhere; do not reconnect
+MAX_QUIT_REASON = 200                # characters of a QUIT reason that reach the LEAVE line and the log
 SERVER_PASSWORD = ""                 # the throttle's target for the server password (no name is empty)
 
 RECV_CHUNK = 65536                   # bytes per recv(); transient, never kept past a frame
+TLS_SEAL_BYTES = 65536               # plaintext the writer encrypts for one client at a time
 LISTEN_BACKLOG = 1024
 THREAD_STACK_BYTES = 256 * 1024      # per-connection threads need little stack
 REAPER_INTERVAL = 0.5                # how often timeouts are checked
@@ -360,11 +363,12 @@ def _prototypes() -> dict[str, str]:
 def confusable_key(name: str) -> str:
     """What a name looks like: two names with the same key pass for each other on screen.
 
-    TR39's skeleton (each character to its prototype) with NFKC and case
+    TR39's skeleton (each character to its prototype) on the name as typed
+    (so Greek and Cyrillic capitals meet Latin ones), then NFKC and case
     folding, repeated until nothing changes, and without accents (a dot
     below, an acute, pass unseen in a small font): ``аna`` (Cyrillic а),
-    ``ａｎａ``, ``𝐚𝐧𝐚``, ``ᴀna`` and ``anạ`` all come to ``ana``.  The server
-    keys names by it.
+    ``ａｎａ``, ``𝐚𝐧𝐚``, ``ᴀna`` and ``anạ`` all come to ``ana``, ``ΜΙΧ`` to
+    ``mix``.  The server keys names by it.
     """
     table = _prototypes()
     key = name
@@ -375,7 +379,9 @@ def confusable_key(name: str) -> str:
         if folded == key:
             break
         key = folded
-    return key
+    # Names ignore case, and a capital I passes for an l: so i and l are one letter here
+    # (``TIM`` is ``tim``, and ``TlNA`` is ``tina``).
+    return key.replace("i", "l")
 
 
 _last_stamp: tuple[int, str] = (-1, "")
@@ -877,8 +883,9 @@ def _convert(f: dataclasses.Field, value: object, where: str, text: bool = True)
         raise ConfigError(f"{where}: expected one of {', '.join(meta['choices'])}, got {value!r}")
     if meta["min"] is not None and value < meta["min"]:
         raise ConfigError(f"{where}: must be at least {meta['min']}, got {value!r}")
-    if meta["max"] is not None and value > meta["max"]:
-        raise ConfigError(f"{where}: must be at most {meta['max']}, got {value!r}")
+    upper = meta["max"] if meta["max"] is not None else (MAX_SECONDS if kind is float else None)
+    if upper is not None and value > upper:
+        raise ConfigError(f"{where}: must be at most {upper:g}, got {value!r}")
     if meta.get("parse") is not None and value:
         try:
             value = meta["parse"](value)
@@ -2028,10 +2035,19 @@ class OutboundQueue:
             self.size += len(data)
             return len(self._chunks) == 1
 
-    def take(self) -> bytes:
-        """Everything queued, as one bytes object (the writer's batch)."""
+    def take(self, most: int = 0) -> bytes:
+        """Everything queued (or the first chunks, ``most`` bytes or just over), as one bytes object."""
         with self._lock:
-            chunks, self._chunks = self._chunks, []
+            if not most:
+                chunks, self._chunks = self._chunks, []
+            else:
+                count = size = 0
+                for chunk in self._chunks:
+                    count += 1
+                    size += len(chunk)
+                    if size >= most:
+                        break
+                chunks, self._chunks = self._chunks[:count], self._chunks[count:]
         if not chunks:
             return b""
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -2153,8 +2169,8 @@ class Writer:
         else:
             # The queue keeps its plaintext until the ciphertext before it is out, so a TLS
             # client that does not read fills its SendQ like any other.
-            if not tls.unsent:
-                data = queue.take()
+            if not tls.unsent:  # a chunk at a time: the ciphertext waiting is never more than about one
+                data = queue.take(TLS_SEAL_BYTES)
                 queue.sent(data, len(data))
                 tls.unsent = tls.seal(data)
             if tls.unsent:
@@ -2595,7 +2611,13 @@ class ClientSession:
         self.reply(b"PONG\n" if arg is None else encode_line("PONG", sanitise_line(arg)))
 
     def handle_quit(self, arg: str | None) -> None:
-        self.leave("quit" + (f": {sanitise_line(arg)}" if arg else ""), b"BYE|goodbye\n")
+        """``QUIT|reason``: the reason, cut to MAX_QUIT_REASON characters, goes into everyone's LEAVE
+        line and the log, so its bytes are charged like a message's (over the budget: no reason)."""
+        reason = sanitise_line(arg or "")[:MAX_QUIT_REASON]
+        if reason and self.name is not None and not self.quiet \
+                and not self.server.address_budget.charge(self.host, fan_out_cost(self.name, reason)):
+            reason = ""
+        self.leave("quit" + (f": {reason}" if reason else ""), b"BYE|goodbye\n")
 
     def _publish(self, kind: str, arg: str | None, recipient: str | None = None) -> None:
         if self.name is None:
@@ -2959,6 +2981,9 @@ class ChatServer:
         """
         key = confusable_key(name)
         owner = self._check_owner(session, name, key, password)
+        if not session.quiet and not self.address_budget.charge(session.host, 2 * fan_out_cost(name, "")):
+            # a JOIN and a LEAVE for every member: joining and leaving in a loop is a flood too
+            raise ProtocolError("rate-limited", f"too many joins from {session.host} too fast")
         for _ in range(2):
             with self._registry_lock:
                 holder = self._by_key.get(key)

@@ -117,3 +117,9 @@ def test_numbers_must_be_finite(isolated_home, value):
     result = run_cli("who", env={**isolated_home, "CHATCTL_TIMEOUT": value})
     assert result.returncode == chatctl.EXIT_CONFIG
     assert "expected a finite number" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_huge_timeout_is_a_config_error(isolated_home):
+    result = run_cli("who", env={**isolated_home, "CHATCTL_TIMEOUT": "1e12"})
+    assert result.returncode == chatctl.EXIT_CONFIG
+    assert "must be at most" in result.stderr and "Traceback" not in result.stderr

@@ -786,3 +786,71 @@ def test_the_certificate_is_not_writable_by_others_whatever_the_umask(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "c.pem").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "k.pem").stat().st_mode) == 0o600
+
+
+# --- issue 10: the second attack review ----------------------------------------------------------------------
+
+
+def test_long_quit_reasons_from_one_address_drop_no_reader(make_server):
+    server = make_server(max_per_address=0)
+    reader = register_many(server.port, ["reader"], hello=True, timeout=30)[0]
+    for i in range(200):  # join and leave with the longest reason a frame holds, again and again
+        quitter = RawClient(server.port)
+        quitter.send(f"USER|q{i}\nQUIT|".encode() + b"\x01" * 8180 + b"\n")
+        quitter.wait_closed()
+        quitter.close()
+    reader.expect("LEAVE|", timeout=30)
+    while "|q199|" not in reader.seen[-1]:  # they come in order; the last one ends the flood
+        reader.expect("LEAVE|", timeout=30)
+    leaves = [line for line in reader.seen if line.startswith("LEAVE|")]
+    assert leaves and all(len(line) < 1000 for line in leaves)  # each reason cut to 200 characters
+    assert "reader" in [u.name for u in server.users()]
+
+
+@pytest.mark.parametrize(("online", "lookalike"), [
+    ("tim", "TIM"), ("alice", "ALICE"), ("mix", "ΜΙΧ"), ("ian", "lan"), ("io", "ΙΟ"),
+])
+def test_capital_look_alikes_are_the_same_name(user, connect, online, lookalike):
+    user(online)
+    impostor = connect()
+    impostor.send(f"USER|{lookalike}\n".encode())
+    assert impostor.line().startswith("ERR|name-taken|")
+
+
+def test_a_protected_name_in_capitals_needs_its_password(make_server):
+    server = make_server(auth_delay=0)
+    protect(server.port, "tina", "correct horse")  # online
+    for lookalike in ("TINA", "TlNA"):
+        client = RawClient(server.port)
+        client.send(f"USER|{lookalike}\n".encode())
+        assert client.line().startswith("ERR|name-protected|"), lookalike
+
+
+def test_a_tls_client_that_never_reads_holds_little_ciphertext(tls_server, monkeypatch):
+    server = tls_server(rate=0)
+    poster = register_many(server.port, ["poster"])[0]
+    poster.send(b"".join(b"MSG|" + b"y" * 8000 + b"\n" for _ in range(200)))
+    for _ in range(200):
+        poster.expect("MSG_OK")
+    most = 0
+    real_seal = chatctl.TlsChannel.seal
+
+    def seal(channel, plain):
+        nonlocal most
+        most = max(most, len(plain))
+        return real_seal(channel, plain)
+
+    monkeypatch.setattr(chatctl.TlsChannel, "seal", seal)
+    sink = TlsClient(server.port)
+    sink.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sink.send(b"HELLO|chatctl/1\nUSER|sink\n")
+    wait_until(lambda: "sink" in [u.name for u in server.users()])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and "sink" in [u.name for u in server.users()]:
+        try:
+            sink.send(b"HISTORY|LAST|500\n" * 2)  # asks and never reads
+        except (OSError, ssl.SSLError):
+            break
+        time.sleep(0.05)
+    assert "sink" not in [u.name for u in server.users()]  # dropped at its SendQ
+    assert most <= server.reply_bytes + chatctl.TLS_SEAL_BYTES  # never the whole queue at once
