@@ -788,7 +788,7 @@ def test_the_certificate_is_not_writable_by_others_whatever_the_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "k.pem").stat().st_mode) == 0o600
 
 
-# --- issue 10: the second attack review ----------------------------------------------------------------------
+# --- issue 10: the second attack review -----------------------------------------------------------------
 
 
 def test_long_quit_reasons_from_one_address_drop_no_reader(make_server):
