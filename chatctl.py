@@ -2784,8 +2784,7 @@ class ChatServer:
             raise ServerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(addr)
-            listener.listen(LISTEN_BACKLOG)
+            listener.bind(addr)  # now: a busy port fails before anything is opened (listen() in start())
         except OSError as exc:
             listener.close()
             raise ServerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -2803,6 +2802,11 @@ class ChatServer:
 
     def start(self) -> ChatServer:
         threading.stack_size(THREAD_STACK_BYTES)
+        try:  # only now: whoever finds the port open finds the history, accounts and certificate ready
+            self._listener.listen(LISTEN_BACKLOG)
+        except OSError as exc:
+            host, port = self.address
+            raise ServerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self.writer.start()
         self._departures_thread.start()
         if self.history is not None:

@@ -430,3 +430,22 @@ def test_readers_are_kept_for_the_next_connection(server):
         wait_until(lambda: not server._sessions)
     readers = [t for t in chatctl_threads() if t.name.startswith("chatctl-reader-")]
     assert 1 <= len(readers) <= 3
+
+
+def test_the_port_accepts_only_once_the_server_is_ready(make_server, tmp_path):
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    chatctl.generate_certificate(cert, key)
+    config = chatctl.ServerConfig(host="127.0.0.1", port=0, db=str(tmp_path / "h.db"),
+                                  accounts_db=str(tmp_path / "a.db"), tls=True, tls_cert=str(cert),
+                                  tls_key=str(key))
+    server = chatctl.ChatServer(config)  # bound, with history, accounts and certificate open
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=2)
+        server.start()
+        client = RawClient(server.port)
+        client.send(b"USER|ana\n")
+        assert client.line() == "USER_OK"
+        client.close()
+    finally:
+        server.shutdown()
