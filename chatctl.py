@@ -1063,6 +1063,7 @@ class PendingMessage:
     sender: object  # the ClientSession; storage does not need to know its type
     target: object = None  # a direct message's recipient session, chosen when the message was accepted
     after: list[bytes] = field(default_factory=list)  # replies to later frames, due after its MSG_OK
+    forced: bool = False   # one of ``after`` is a final BYE: queued even past the SendQ
 
 
 class HistoryStore:
@@ -2383,6 +2384,7 @@ class ClientSession:
         self.write_shut = False         # the writer half-closed after the final BYE
         self.closing = False            # the reader is done; the writer closes the socket
         self.finished = threading.Event()  # run() has returned
+        self._ending = threading.Lock()    # leave_reason is set once, by one thread
 
     def __repr__(self) -> str:
         return f"<ClientSession {self.name or '-'} {self.peer}>"
@@ -2417,7 +2419,8 @@ class ClientSession:
             if not data:
                 if self.leave_reason is None:  # end of input: a last frame without a line end is whole now
                     self.process(decoder.end_of_input())
-                self.leave_reason = self.leave_reason or "connection closed"
+                with self._ending:
+                    self.leave_reason = self.leave_reason or "connection closed"
                 break
             if self.leave_reason is not None:
                 continue  # leaving: read and drop until the client closes, so it gets its BYE
@@ -2513,6 +2516,7 @@ class ClientSession:
                 pending = self.last_pending
                 if pending is not None:
                     pending.after.append(data)
+                    pending.forced |= force  # a BYE behind a message keeps its right past the SendQ
                     return
         if self.outbound.put(data, force):
             self.server.writer.schedule(self)
@@ -2524,10 +2528,11 @@ class ClientSession:
         client closes, so the client gets to read it; a client that does not
         close within DISCONNECT_LINGER is cut off by abort().
         """
-        if self.leave_reason is not None:
-            return False
-        self.leave_at = time.monotonic()
-        self.leave_reason = reason
+        with self._ending:  # the reader, the reaper, the writer, a takeover and shutdown may all call this
+            if self.leave_reason is not None:
+                return False
+            self.leave_at = time.monotonic()
+            self.leave_reason = reason
         self.reply(bye, force=True)
         self.server.depart(self)
         return True
@@ -3225,6 +3230,7 @@ class ChatServer:
         shared: list[bytes] = []
         shared_seed: list[bytes] = []
         own: dict[ClientSession, list[bytes]] = {}
+        forced: set[ClientSession] = set()  # their BYE is in their part: it goes in whatever the SendQ
         for pending in batch:
             msg, sender = pending.message, pending.sender
             line = encode_message(msg)
@@ -3243,6 +3249,8 @@ class ChatServer:
                 own[target].append(line if target.extended else encode_seed_delivery(msg))
             own[sender].append(sender.acknowledgement(msg))
             own[sender].extend(pending.after)
+            if pending.forced:
+                forced.add(sender)
             if sender.last_pending is pending:
                 sender.last_pending = None
             self._delivered_upto = msg.id
@@ -3253,7 +3261,7 @@ class ChatServer:
                 data = everyone if s.extended else everyone_seed
                 if data and s.outbound.put(data):
                     ready.append(s)
-        ready += [s for s, chunks in own.items() if chunks and s.outbound.put(b"".join(chunks))]
+        ready += [s for s, chunks in own.items() if chunks and s.outbound.put(b"".join(chunks), s in forced)]
         return ready
 
     def _not_stored(self, batch: list[PendingMessage], error: str) -> None:
@@ -3264,7 +3272,7 @@ class ChatServer:
                 if sender.last_pending is pending:
                     sender.last_pending = None
                 data = encode_error("storage-failed", ERROR_CODES["storage-failed"]) + b"".join(pending.after)
-                if sender.outbound.put(data):
+                if sender.outbound.put(data, pending.forced):
                     ready.append(sender)
         self.writer.schedule_many(ready)
 
