@@ -94,7 +94,7 @@ ADDRESS_BYTE_BURST = 256 * 1024      # ... and at once (a quarter of the SendQ: 
 AUTH_DELAY = 1.0                     # seconds a failed password waits before its ERR
 AUTH_MAX_FAILURES = 5                # failed passwords from one address per auth_lockout window
 AUTH_TARGET_FAILURES = 20            # failed passwords for one name (or the server password) per window
-AUTH_LOCKOUT = 60.0                  # seconds such an address stays locked out
+AUTH_LOCKOUT = 60.0                  # the window those failures refill over, in seconds
 MIN_PASSWORD_CHARS = 8               # shortest password that protects a name
 MAX_PASSWORD_BYTES = 1024            # longest password (scrypt's cost grows with it)
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1  # about 16 MiB and 50 ms per hash
@@ -283,8 +283,8 @@ def validate_name(name: str | None, max_chars: int = MAX_NAME_CHARS) -> str:
     """Return the NFC form of a valid user name, or raise ProtocolError.
 
     Letters and digits of one script (Latin, Cyrillic, ...; Han may go with
-    kana, Bopomofo or Hangul, and any of them with Latin, as Unicode TR39's
-    "highly restrictive" level allows), plus ``_-.``.  Letters that show
+    kana, Bopomofo or Hangul, but none of them with Latin: see
+    _SCRIPT_MIXES), plus ``_-.``, also after NFKC.  Letters that show
     nothing (the Hangul fillers) are refused.  A name unique in this sense
     can still look like another one: ``confusable_key`` catches that.
     """
@@ -1201,7 +1201,7 @@ class HistoryStore:
             if first is None:
                 return
             batch = [] if first is ... else [first]
-            size = batch_size(batch)
+            size = wire_size(first.message) if batch else 0
             stop = False
             while len(batch) < HISTORY_BATCH_MAX and size < self.batch_bytes:
                 try:
@@ -1401,10 +1401,6 @@ def fan_out_cost(sender: str, text: str) -> int:
 def wire_size(msg: ChatMessage) -> int:
     """At most the bytes ``msg`` takes on the wire, without encoding it (controls count as U+FFFD)."""
     return 3 * len(msg.text) + 4 * len(msg.sender) + 64
-
-
-def batch_size(batch: list[PendingMessage]) -> int:
-    return sum(wire_size(p.message) for p in batch)
 
 
 def message_size(msg: ChatMessage) -> int:
@@ -2004,8 +2000,8 @@ class OutboundQueue:
     """Bytes waiting to be written to one client, bounded like an IRC server's SendQ.
 
     Reader threads and the fan-out put; the writer takes.  The SendQ limit is
-    on what the client has not read: the writer checks it after offering the
-    queue to the socket (``over_limit``), so a burst that a reading client
+    on what the client has not read: the writer checks it (``Writer._flush``)
+    after offering the queue to the socket, so a burst that a reading client
     takes at once never drops it.  ``put`` only refuses past ``hard_limit``,
     which bounds the memory of a client the writer has not reached yet.
     """
@@ -2355,7 +2351,7 @@ class ClientSession:
     session first (``leave``).
     """
 
-    def __init__(self, server: ChatServer, sock: socket.socket, address: tuple, number: int):
+    def __init__(self, server: ChatServer, sock: socket.socket, address: tuple):
         self.server = server
         self.sock = sock
         self.peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
@@ -2708,15 +2704,17 @@ class ChatServer:
 
     Threads: ``chatctl-accept`` accepts, ``chatctl-writer`` writes,
     ``chatctl-reaper`` enforces timeouts, ``chatctl-history`` (or, without
-    history, ``chatctl-fanout``) batches messages out, and one
-    ``chatctl-reader-N`` per client (a ReaderPool) reads.  All of them end in ``shutdown()``.
+    history, ``chatctl-fanout``) batches messages out, ``chatctl-presence``
+    sends JOIN and LEAVE lines, ``chatctl-departures`` forgets ended
+    connections, and one ``chatctl-reader-N`` per client (a ReaderPool)
+    reads.  All of them end in ``shutdown()``.
     """
 
     def __init__(self, config: ServerConfig | None = None):
         self.config = config or ServerConfig()
+        self.reply_bytes = self.config.sendq // 4  # the most one reply or one fan-out batch holds
         self.writer = Writer()
         self.readers = ReaderPool()
-        self._conn_numbers = itertools.count(1)
         self._by_key: dict[str, ClientSession] = {}      # confusable_key -> the member holding the name
         self._member_cache: tuple[ClientSession, ...] | None = None  # members(), until _by_key changes
         self._sessions: set[ClientSession] = set()
@@ -2759,7 +2757,6 @@ class ChatServer:
         self.hasher = PasswordHasher(self.config.password_hashes, self.config.password_queue)
         self.address_budget = AddressBudget(self.config.address_byte_rate if self.config.rate else 0,
                                             self.config.address_byte_burst)
-        self.reply_bytes = self.config.sendq // 4          # the most one reply or one fan-out batch holds
         self.pipeline = self.history if self.history is not None else Sequencer(batch_bytes=self.reply_bytes)
         self._per_address: dict[str, int] = {}
         self._ids = itertools.count((self.history.last_id if self.history else 0) + 1)
@@ -2772,7 +2769,7 @@ class ChatServer:
         db = self.config.db
         path = Path(db).expanduser() if db else private_dir(user_data_dir()) / "history.db"
         return HistoryStore(path, self.config.history_max_messages, self.config.history_max_days,
-                            batch_bytes=self.config.sendq // 4)
+                            batch_bytes=self.reply_bytes)
 
     def _open_accounts(self) -> AccountStore:
         path = self.config.accounts_db
@@ -2909,8 +2906,7 @@ class ChatServer:
         return None
 
     def _start_session(self, sock: socket.socket, address: tuple) -> None:
-        session = ClientSession(self, self.wrap_connection(sock, address), address,
-                                next(self._conn_numbers))
+        session = ClientSession(self, self.wrap_connection(sock, address), address)
         with self._registry_lock:
             refused = self._over_limit(session.host)
             if refused is None:
@@ -4280,9 +4276,7 @@ _DISPLAY_TABLE.update({ord(c): "\ufffd" for c in _BIDI_CONTROLS + "\u2028\u2029"
 
 def display_text(text: str) -> str:
     """Text from the network made safe for a terminal and for rich markup."""
-    from rich.markup import escape
-
-    return escape(neutralise(text))
+    return escape_markup(neutralise(text))
 
 
 def escape_markup(text: str) -> str:
@@ -4485,17 +4479,15 @@ class ChatView:
             head = f"{stamp} {mark}{tag} <{self._name(msg.sender, own)}> "
         else:
             head = f"{stamp} {mark}<{self._name(msg.sender, own)}> "
-        rows = [lines[0]]
-        continued = lines[1:]
+        first, continued = lines[0], lines[1:]
         if self.wrap:
             import shutil
 
             width = shutil.get_terminal_size((80, 24)).columns - 1
             narrow = width - cell_len(self.CONTINUATION)
-            first, *spill = wrap_cells(lines[0], width - Text.from_markup(head).cell_len, narrow)
-            rows = [first]
+            first, *spill = wrap_cells(first, width - Text.from_markup(head).cell_len, narrow)
             continued = spill + [row for line in lines[1:] for row in wrap_cells(line, narrow, narrow)]
-        body = escape_markup(rows[0])
+        body = escape_markup(first)
         if mention:
             body = f"[bold yellow]{body}[/]"
         head += body

@@ -481,7 +481,7 @@ def test_dispatcher_survives_any_bytes_split_anywhere(fuzz_server, frames, data)
     stream = b"".join(frames)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
     ours, theirs = socket.socketpair()
-    session = chatctl.ClientSession(fuzz_server, ours, ("127.0.0.1", 9), 0)
+    session = chatctl.ClientSession(fuzz_server, ours, ("127.0.0.1", 9))
     with fuzz_server._registry_lock:
         fuzz_server._sessions.add(session)
         fuzz_server._per_address["127.0.0.1"] = fuzz_server._per_address.get("127.0.0.1", 0) + 1
