@@ -18,8 +18,8 @@ Contents, in dependency order (search for the banner to jump):
     3. Protocol codec         bytes in, dataclasses out; no sockets
     4. Config                 chatctl.toml, CHATCTL_* and flags, in one place
     5. Storage                HistoryStore (SQLite, group commit), AccountStore
-    6. Security               passwords, rate limits, certificates, TLS channels, pins
-    7. Server                 ChatServer, ClientSession, OutboundQueue, Writer
+    6. Security               passwords (AuthThrottle, PasswordHasher), rate limits, certificates, TLS, pins
+    7. Server                 ChatServer, ClientSession, OutboundQueue, Writer, ReaderPool
     8. Client                 ChatConnection, LiveSession (join's link), one-shot helpers
     9. Rendering              what reaches a terminal, neutralised; join's UI
    10. CLI                    thin click commands over the objects above
