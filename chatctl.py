@@ -35,6 +35,7 @@ if sys.version_info < (3, 11):  # before anything that would fail with a traceba
 
 import bisect
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -119,6 +120,14 @@ MAX_ID = (1 << 63) - 1               # message ids (and numbers in requests) are
 REGISTER_INTERVAL = 10.0             # one REGISTER per connection this often (each hashes a password)
 HASH_CONCURRENCY = 1                 # password hashes (16 MiB, 50 ms each) running at once
 HASH_QUEUE = 16                      # password checks waiting for their turn; past that: ERR|server-busy
+
+# Rooms: #main always exists and is where every client starts (and where the seed's clients stay).
+MAIN_ROOM = "main"                   # room names are kept without their '#'
+MAX_ROOMS = 1000                     # rooms the server keeps, empty ones included
+MAX_ROOMS_PER_USER = 50              # rooms one connection may be in at once
+MAX_TOPIC_CHARS = 300                # longest room topic
+UNREAD_MAX = 9999                    # unread and mention counts stop here ("9999+")
+JOIN_WAIT = 1.0                      # a JOIN's reply waits at most this long for messages already in flight
 
 log = logging.getLogger("chatctl")
 
@@ -235,6 +244,13 @@ ERROR_CODES = {
     "tls-required": "this server only speaks TLS; connect with --tls",
     "too-many-connections": "the server or your address has too many connections",
     "server-busy": "the server is busy checking passwords; try again in a moment",
+    "invalid-room": "room names are # and 1-30 of a-z, 0-9, '_' or '-', starting with a letter or digit",
+    "unknown-room": "no room of that name",
+    "not-in-room": "join the room first: JOIN|#room",
+    "too-many-rooms": "too many rooms",
+    "room-not-empty": "only an empty room can be closed",
+    "not-allowed": "only the room's creator or an operator may do that",
+    "hello-required": "rooms need HELLO|chatctl/1 first",
 }
 
 SEED_DIR_PREFIX = "Users logged in: "
@@ -307,6 +323,26 @@ def validate_name(name: str | None, max_chars: int = MAX_NAME_CHARS) -> str:
         raise ProtocolError("invalid-name", "a name may not mix scripts "
                             f"({', '.join(sorted(s.lower() for s in scripts))})")
     return name
+
+
+_ROOM_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,29}")
+
+
+def validate_room(text: str | None) -> str:
+    """A room name as typed (``#deploys``, ``Deploys``, ``deploys``) to its stored form, ``deploys``."""
+    if not text:
+        raise ProtocolError("missing-argument", "the command needs a room: #name")
+    name = text.strip()
+    name = (name[1:] if name.startswith("#") else name).lower()
+    if not (name.isascii() and _ROOM_RE.fullmatch(name)):
+        shown = sanitise_line(text[:40])
+        raise ProtocolError("invalid-room", f"{shown!r} is not a room name: {ERROR_CODES['invalid-room']}")
+    return name
+
+
+def room_field(text: str) -> bool:
+    """Whether a request's field names a room (starts with ``#``): how optional room fields are told apart."""
+    return text.startswith("#")
 
 
 def name_scripts(name: str) -> set[str]:
@@ -532,16 +568,17 @@ class ChatMessage:
     text: str
     kind: str = "msg"
     recipient: str | None = None
+    room: str = MAIN_ROOM  # the room of a msg or me; a direct message has none (its room is unused)
 
 
 def encode_message(msg: ChatMessage) -> bytes:
-    """``MSG|id|ts|sender|text``, ``ME|...`` or ``DM|id|ts|sender|recipient|text``."""
+    """``MSG|#room|id|ts|sender|text``, ``ME|#room|...`` or ``DM|id|ts|sender|recipient|text``."""
     text = escape_text(msg.text)
     ts = format_timestamp(msg.ts)
     if msg.kind == "dm":
         line = f"DM|{msg.id}|{ts}|{msg.sender}|{msg.recipient}|{text}\n"
     else:
-        line = f"{msg.kind.upper()}|{msg.id}|{ts}|{msg.sender}|{text}\n"
+        line = f"{msg.kind.upper()}|#{msg.room}|{msg.id}|{ts}|{msg.sender}|{text}\n"
     return line.encode("utf-8")
 
 
@@ -576,12 +613,17 @@ class UserInfo:
     idle: int      # seconds since the user last sent anything
 
 
-def encode_users(users: Iterable[UserInfo], structured: bool) -> bytes:
-    """The DIR reply: the seed's sentence, or ``USERS|name since idle|...`` after HELLO."""
+def encode_users(users: Iterable[UserInfo], structured: bool, room: str | None = None) -> bytes:
+    """The DIR reply: the seed's sentence, or ``USERS|name since idle|...`` after HELLO;
+    with ``room``, the NAMES reply ``NAMES|#room|name since idle|...``."""
     if not structured:
         return (SEED_DIR_PREFIX + ", ".join(u.name for u in users) + "\n").encode("utf-8")
     fields = [f"{u.name} {format_timestamp(u.since)} {u.idle}" for u in users]
-    return encode_line("USERS", *fields)
+    return encode_line("USERS", *fields) if room is None else encode_line("NAMES", f"#{room}", *fields)
+
+
+def encode_topic(room: str, ts: float, setter: str, text: str) -> bytes:
+    return encode_line("TOPIC", f"#{room}", format_timestamp(ts) if ts else "", setter, escape_text(text))
 
 
 # --- What a client reads ----------------------------------------------------------
@@ -668,14 +710,71 @@ class Confirmed:
 
 
 @dataclass(frozen=True, slots=True)
+class RoomInfo:
+    """One line of the ROOMS reply: ``ROOM|#name|joined|online|messages|unread|mentions|last|topic``.
+
+    ``unread`` and ``mentions`` count from the asker's read marker (0 for a
+    client with no name); ``last`` is the time of the newest message (0: none).
+    """
+
+    name: str
+    joined: bool
+    online: int
+    messages: int
+    unread: int
+    mentions: int
+    last: float
+    topic: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoomNames:
+    """``NAMES|#room|name since idle|...``: who is in a room."""
+
+    room: str
+    users: tuple[UserInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """``TOPIC|#room|ts|setter|text``: a room's topic (empty setter and text: none), set or asked for."""
+
+    room: str
+    ts: float
+    setter: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Entered:
+    """``ENTER|#room|ts|name``: someone joined a room you are in."""
+
+    room: str
+    ts: float
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Exited:
+    """``EXIT|#room|ts|name|reason``: someone left a room you are in (and stayed online)."""
+
+    room: str
+    ts: float
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class UnknownLine:
     line: str
 
 
 ServerEvent = (
     Delivered | Acknowledged | Registered | Welcome | UserList | Joined | Left
-    | ErrorReply | Pong | Goodbye | EndOfList | Confirmed | UnknownLine
+    | ErrorReply | Pong | Goodbye | EndOfList | Confirmed | RoomInfo | RoomNames | Topic
+    | Entered | Exited | UnknownLine
 )
+CONFIRMATIONS = ("PASS_OK", "REGISTER_OK", "UNREGISTER_OK", "JOIN_OK", "PART_OK", "MARK_OK", "CLOSE_OK")
 
 
 def parse_event(line: str) -> ServerEvent:
@@ -689,9 +788,13 @@ def parse_event(line: str) -> ServerEvent:
 def _parse_event(line: str) -> ServerEvent:
     verb, _, rest = line.partition("|")
     if verb in ("MSG", "ME"):
+        room = MAIN_ROOM
+        if room_field(rest):  # servers before rooms sent MSG|id|...: those messages are #main's
+            room, rest = rest.split("|", 1)
+            room = room[1:]
         mid, ts, sender, text = rest.split("|", 3)
         return Delivered(ChatMessage(int(mid), parse_timestamp(ts), sender,
-                                     unescape_text(text), verb.lower()))
+                                     unescape_text(text), verb.lower(), None, room))
     if verb == "DM":
         mid, ts, sender, recipient, text = rest.split("|", 4)
         return Delivered(ChatMessage(int(mid), parse_timestamp(ts), sender,
@@ -703,17 +806,13 @@ def _parse_event(line: str) -> ServerEvent:
         return Acknowledged(int(mid), parse_timestamp(ts))
     if line == "USER_OK":
         return Registered()
-    if verb in ("PASS_OK", "REGISTER_OK", "UNREGISTER_OK"):
+    if verb in CONFIRMATIONS:
         return Confirmed(verb[:-3], rest)
     if verb == "HELLO":
         protocol, server = rest.split("|", 1)
         return Welcome(protocol, server)
     if verb == "USERS":
-        users = []
-        for entry in rest.split("|") if rest else ():
-            name, since, idle = entry.split(" ")
-            users.append(UserInfo(name, parse_timestamp(since), int(idle)))
-        return UserList(tuple(users))
+        return UserList(_parse_users(rest))
     if line.startswith(SEED_DIR_PREFIX.rstrip()):
         names = line[len(SEED_DIR_PREFIX):].split(", ")
         return UserList(tuple(UserInfo(n, 0.0, 0) for n in names if n))
@@ -733,7 +832,37 @@ def _parse_event(line: str) -> ServerEvent:
     if verb == "END":
         kind, count, *flags = rest.split("|")
         return EndOfList(kind, int(count), "more" in flags)
+    if verb == "ROOM":
+        room, joined, online, messages, unread, mentions, last, topic = rest.split("|", 7)
+        return RoomInfo(_room_name(room), joined == "1", int(online), int(messages), int(unread),
+                        int(mentions), parse_timestamp(last) if last else 0.0, unescape_text(topic))
+    if verb == "NAMES":
+        room, _, entries = rest.partition("|")
+        return RoomNames(_room_name(room), _parse_users(entries))
+    if verb == "TOPIC":
+        room, ts, setter, text = rest.split("|", 3)
+        return Topic(_room_name(room), parse_timestamp(ts) if ts else 0.0, setter, unescape_text(text))
+    if verb == "ENTER":
+        room, ts, name = rest.split("|", 2)
+        return Entered(_room_name(room), parse_timestamp(ts), name)
+    if verb == "EXIT":
+        room, ts, name, reason = rest.split("|", 3)
+        return Exited(_room_name(room), parse_timestamp(ts), name, reason)
     return UnknownLine(line)
+
+
+def _room_name(field_text: str) -> str:
+    if not room_field(field_text):
+        raise ValueError(f"not a room: {field_text!r}")
+    return field_text[1:]
+
+
+def _parse_users(entries: str) -> tuple[UserInfo, ...]:
+    users = []
+    for entry in entries.split("|") if entries else ():
+        name, since, idle = entry.split(" ")
+        users.append(UserInfo(name, parse_timestamp(since), int(idle)))
+    return tuple(users)
 
 
 # =============================================================================
@@ -810,6 +939,13 @@ class ServerConfig:
                                "ERR|server-busy", min=0)
     register_interval: float = _key(REGISTER_INTERVAL, "seconds between two REGISTERs on one connection",
                                     min=0)
+    # Rooms: see README.md, Rooms.
+    rooms: tuple[str, ...] = _key((), "rooms made at start, each \"#name\" or \"#name: topic\" "
+                                  "(#main always exists)", parse=lambda value: parse_room_specs(value))
+    operators: tuple[str, ...] = _key((), "protected names that may close any empty room and set any topic")
+    max_rooms: int = _key(MAX_ROOMS, "rooms the server keeps, empty ones included", min=1)
+    max_rooms_per_user: int = _key(MAX_ROOMS_PER_USER, "rooms one connection may be in at once", min=1)
+    max_topic: int = _key(MAX_TOPIC_CHARS, "longest room topic in characters", min=1, max=4096)
     # Where the values came from, for the start-up log line; not a key.
     files: tuple[Path, ...] = field(default=(), repr=False, metadata={"internal": True})
 
@@ -861,6 +997,18 @@ def _convert(f: dataclasses.Field, value: object, where: str, text: bool = True)
     parsed; a file's values have TOML types, and a string is not a number.
     """
     kind = type(f.default)
+    if kind is tuple:  # a list of strings: a TOML array in a file, comma-separated as text
+        if text and isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        value = tuple(value)
+        if f.metadata.get("parse") is not None and value:
+            try:
+                value = f.metadata["parse"](value)
+            except ChatError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        return value
     if kind is bool:
         if text and isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
             return _BOOL_WORDS[value.strip().lower()]
@@ -896,6 +1044,18 @@ def _convert(f: dataclasses.Field, value: object, where: str, text: bool = True)
 
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
                "false": False, "no": False, "off": False, "0": False}
+
+
+def parse_room_specs(specs: tuple[str, ...]) -> tuple[str, ...]:
+    """``rooms``: each ``#name`` or ``#name: topic``, checked, to ``name: topic`` (names in stored form)."""
+    out = []
+    for spec in specs:
+        name, _, topic = spec.partition(":")
+        try:
+            out.append(f"{validate_room(name)}: {sanitise_line(topic.strip())}")
+        except ProtocolError as exc:
+            raise ConfigError(exc.text) from None
+    return tuple(out)
 
 
 def _type_word(kind: type) -> str:
@@ -975,7 +1135,7 @@ def load_config(section: str, flags: dict[str, object] | None = None,
 # cheaper so than row by row) and in quiet moments, unless FTS_MAX_LAG rows
 # wait for it; a search reads the index and scans the rows not yet in it.
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 HISTORY_BATCH_MAX = 1024             # messages per commit at most
 HISTORY_PAGE_MAX = 500               # messages per HISTORY or SEARCH reply at most
 PRUNE_INTERVAL = 30.0                # seconds between retention passes
@@ -1018,13 +1178,37 @@ MIGRATIONS: dict[int, str] = {
         UPDATE messages SET sender_key = name_key(sender), recipient_key = name_key(recipient)
         WHERE recipient_key IS NOT NULL;
     """,
+    # Rooms: every message from before them was #main's; direct messages have no room.
+    4: """
+        ALTER TABLE messages ADD COLUMN room TEXT;
+        UPDATE messages SET room = 'main' WHERE recipient_key IS NULL;
+        CREATE INDEX messages_by_room ON messages(room, id);
+        CREATE TABLE rooms (
+            name TEXT PRIMARY KEY,
+            created_by TEXT NOT NULL DEFAULT '',
+            created_ts REAL NOT NULL DEFAULT 0,
+            topic TEXT NOT NULL DEFAULT '',
+            topic_by TEXT NOT NULL DEFAULT '',
+            topic_ts REAL NOT NULL DEFAULT 0
+        );
+        CREATE TABLE read_markers (
+            user_key TEXT NOT NULL,
+            room TEXT NOT NULL,
+            last_read INTEGER NOT NULL,
+            PRIMARY KEY (user_key, room)
+        ) WITHOUT ROWID;
+    """,
 }
 
-_VISIBLE = "(recipient_key IS NULL OR sender_key = :viewer OR recipient_key = :viewer)"
-_INSERT = "INSERT INTO messages (id, ts, sender, sender_key, recipient, recipient_key, kind, text) VALUES "
-_INSERT_ONE = _INSERT + "(?, ?, ?, ?, ?, ?, ?, ?)"
-_INSERT_MANY = _INSERT + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * INSERT_ROWS)
-_COLUMNS = "id, ts, sender, text, kind, recipient"
+# What a viewer sees of the history: a room's messages, or (no room) #main's and their own direct messages.
+_IN_ROOM = "room = :room"
+_MAIN_AND_DMS = ("(room = 'main' OR (recipient_key IS NOT NULL AND "
+                 "(sender_key = :viewer OR recipient_key = :viewer)))")
+_INSERT = ("INSERT INTO messages (id, ts, sender, sender_key, recipient, recipient_key, kind, text, room) "
+           "VALUES ")
+_INSERT_ONE = _INSERT + "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_MANY = _INSERT + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * INSERT_ROWS)
+_COLUMNS = "id, ts, sender, text, kind, recipient, coalesce(room, 'main')"
 
 
 def private_dir(path: Path) -> Path:
@@ -1057,24 +1241,34 @@ def private_file(path: Path) -> None:
 
 @dataclass(slots=True)
 class PendingMessage:
-    """A message waiting for its commit, and the session to acknowledge once it is in."""
+    """A message waiting for its commit, and the session to acknowledge once it is in.
+
+    ``message`` is a draft (id 0) until the commit log gives it its id and
+    time.  ``audience`` is who receives it, fixed when it was accepted: a
+    room's members then, or a direct message's recipient session; storage
+    does not need to know the sessions' type.
+    """
 
     message: ChatMessage
-    sender: object  # the ClientSession; storage does not need to know its type
-    target: object = None  # a direct message's recipient session, chosen when the message was accepted
+    sender: object
+    audience: tuple = ()
     after: list[bytes] = field(default_factory=list)  # replies to later frames, due after its MSG_OK
     forced: bool = False   # one of ``after`` is a final BYE: queued even past the SendQ
 
 
 class HistoryStore:
-    """The history database: one writer thread that commits in batches, and a reader connection."""
+    """The history database: messages, rooms and read markers.
 
-    def __init__(self, path: str | os.PathLike, max_messages: int = 0, max_days: float = 0.0,
-                 batch_bytes: int = SENDQ_BYTES // 4):
+    The commit log's thread writes messages (``insert``, ``upkeep``) on its
+    own connection; rooms and read markers are written by reader threads on
+    a second one (``_meta``, under ``_meta_lock``); queries read on a third
+    (``_reader``, under ``_reader_lock``).  WAL lets them all work at once.
+    """
+
+    def __init__(self, path: str | os.PathLike, max_messages: int = 0, max_days: float = 0.0):
         import sqlite3
 
         self.path = Path(path)
-        self.batch_bytes = batch_bytes
         self.max_messages = max_messages
         self.max_days = max_days
         self._lock_file = self._take_lock()
@@ -1082,6 +1276,7 @@ class HistoryStore:
             self._writer = self._connect()
             self._migrate()
             self._reader = self._connect()
+            self._meta = self._connect()
             db = self._writer
             self.last_id = db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
             self.fts_upto = db.execute("SELECT value FROM meta WHERE key = 'fts_upto'").fetchone()[0]
@@ -1089,8 +1284,8 @@ class HistoryStore:
             self._release_lock()
             raise StorageError(f"{self.path}: cannot use the history database: {exc}") from None
         self._reader_lock = threading.Lock()
-        self._queue: queue.SimpleQueue[PendingMessage | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._meta_lock = threading.Lock()
+        self._next_prune = time.monotonic() + PRUNE_INTERVAL
 
     def _take_lock(self):
         """One server per database file: an exclusive lock on ``<db>.lock`` for as long as it runs."""
@@ -1139,6 +1334,7 @@ class HistoryStore:
                            deterministic=True)  # migration 3
         db.create_function("has_words", 2, lambda text, words: set(words.split()) <= set(search_words(text)),
                            deterministic=True)
+        db.create_function("mentions", 2, mentions, deterministic=True)
         db.execute("PRAGMA journal_mode=WAL")
         # NORMAL: a commit is in the WAL file (the OS has it) before MSG_OK, so it survives
         # a crash of the server process; only a power cut can lose the last commits.
@@ -1164,76 +1360,41 @@ class HistoryStore:
             if version:
                 log.info("history database %s migrated to schema version %d", self.path, target)
 
-    # --- writing (the chatctl-history thread) ---------------------------------------------
-
-    def start(self, on_commit: Callable[[list[PendingMessage]], None],
-              on_failure: Callable[[list[PendingMessage], str], None]) -> None:
-        self._on_commit, self._on_failure = on_commit, on_failure
-        self._thread = threading.Thread(target=self._write_loop, name="chatctl-history", daemon=True)
-        self._thread.start()
-
-    def append(self, pending: PendingMessage) -> None:
-        """Queue a message for the next commit; callers append in id order."""
-        self._queue.put(pending)
-
-    def close(self, timeout: float = 5.0) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout)
-        self._writer.close()
-        self._reader.close()
+    def close(self) -> None:
+        for db in (self._writer, self._reader, self._meta):
+            db.close()
         self._release_lock()
 
-    def _write_loop(self) -> None:
+    # --- writing messages (the commit log's thread) ----------------------------------------
+
+    def insert(self, batch: list[PendingMessage]) -> None:
+        """Commit a batch in one transaction; StorageError if it is not in."""
         import sqlite3
 
-        next_prune = time.monotonic() + PRUNE_INTERVAL
-        while True:
-            wait = max(0.01, next_prune - time.monotonic())
-            if self.fts_upto < self.last_id:
-                wait = min(wait, 0.2)  # a quiet moment is the time to index
-            try:
-                first = self._queue.get(timeout=wait)
-            except queue.Empty:
-                first = ...
-                if self.fts_upto < self.last_id:
-                    self._index_chunk()
-            if first is None:
-                return
-            batch = [] if first is ... else [first]
-            size = wire_size(first.message) if batch else 0
-            stop = False
-            while len(batch) < HISTORY_BATCH_MAX and size < self.batch_bytes:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-                size += wire_size(item.message)
-            if batch:
-                try:
-                    self._insert(batch)
-                except sqlite3.Error as exc:
-                    log.error("history write failed, %d message(s) refused: %s", len(batch), exc)
-                    self._on_failure(batch, str(exc))
-                else:
-                    self._on_commit(batch)
-                    if self.last_id - self.fts_upto >= FTS_MAX_LAG:
-                        self._index_chunk()
-            if stop:
-                return
-            if time.monotonic() >= next_prune:
-                next_prune = time.monotonic() + PRUNE_INTERVAL
-                self.prune()
+        try:
+            self._insert(batch)
+        except sqlite3.Error as exc:
+            raise StorageError(str(exc)) from None
+
+    def idle_wait(self) -> float:
+        """How long the log may wait for messages before ``upkeep`` has work."""
+        if self.fts_upto < self.last_id:
+            return 0.2  # a quiet moment is the time to index
+        return max(0.01, self._next_prune - time.monotonic())
+
+    def upkeep(self, quiet: bool) -> None:
+        """Index behind the commits (when ``quiet``, or when far behind) and apply retention when due."""
+        if self.fts_upto < self.last_id and (quiet or self.last_id - self.fts_upto >= FTS_MAX_LAG):
+            self._index_chunk()
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + PRUNE_INTERVAL
+            self.prune()
 
     def _insert(self, batch: list[PendingMessage]) -> None:
         # sender_key and recipient_key serve only to find direct messages: NULL for the rest
-        rows = [(m.id, m.ts, m.sender, None, None, None, m.kind, m.text) if m.recipient is None else
+        rows = [(m.id, m.ts, m.sender, None, None, None, m.kind, m.text, m.room) if m.recipient is None else
                 (m.id, m.ts, m.sender, confusable_key(m.sender), m.recipient, confusable_key(m.recipient),
-                 m.kind, m.text)
+                 m.kind, m.text, None)
                 for m in (p.message for p in batch)]
         whole = len(rows) - len(rows) % INSERT_ROWS
         db = self._writer
@@ -1301,17 +1462,19 @@ class HistoryStore:
 
     # --- reading (any thread) ------------------------------------------------------------------
 
-    def recent(self, viewer: str | None, limit: int, *, before: int | None = None,
+    def recent(self, viewer: str | None, limit: int, *, room: str | None = None, before: int | None = None,
                after: int | None = None, upto: int | None = None,
                max_bytes: int = 0) -> tuple[list[ChatMessage], bool]:
-        """Messages ``viewer`` may see, oldest first: the last ``limit`` (before an id), or the
-        first ``limit`` after an id.  ``upto`` hides what is committed but not yet delivered.
+        """Messages of ``room`` (no room: #main's and ``viewer``'s direct messages), oldest first:
+        the last ``limit`` (before an id), or the first ``limit`` after an id.  ``upto`` hides
+        what is committed but not yet delivered.
 
         With ``max_bytes``, no more than that much text: the newest (or, after
         an id, the first) are kept.  Also returns whether more were left out.
         """
-        where = [_VISIBLE]
-        params: dict[str, object] = {"viewer": confusable_key(viewer) if viewer else None, "limit": limit}
+        where = [_IN_ROOM if room is not None else _MAIN_AND_DMS]
+        params: dict[str, object] = {"viewer": confusable_key(viewer) if viewer else None, "limit": limit,
+                                     "room": room}
         if before is not None:
             where.append("id < :before")
             params["before"] = before
@@ -1327,7 +1490,7 @@ class HistoryStore:
         return (found if after is not None else found[::-1]), more
 
     def search(self, viewer: str | None, text: str, limit: int, upto: int | None = None,
-               max_bytes: int = 0) -> tuple[list[ChatMessage], bool]:
+               max_bytes: int = 0, room: str | None = None) -> tuple[list[ChatMessage], bool]:
         """Visible messages containing every word of ``text``, newest ``limit`` of them, oldest first.
 
         Words are runs of letters and digits, as the full-text index sees
@@ -1337,15 +1500,16 @@ class HistoryStore:
         words = sorted({w.casefold() for w in search_words(text)})
         if not words or limit <= 0:
             return [], False
-        params = {"viewer": confusable_key(viewer) if viewer else None, "limit": limit,
+        params = {"viewer": confusable_key(viewer) if viewer else None, "limit": limit, "room": room,
                   "match": " ".join('"' + w + '"' for w in words), "words": " ".join(words),
                   "upto": upto if upto is not None else self.last_id}
+        visible = _IN_ROOM if room is not None else _MAIN_AND_DMS
         tail = (f"SELECT {_COLUMNS} FROM messages WHERE id > (SELECT value FROM meta WHERE key = 'fts_upto') "
-                f"AND {_VISIBLE} AND id <= :upto AND has_words(text, :words) "
+                f"AND {visible} AND id <= :upto AND has_words(text, :words) "
                 "ORDER BY id DESC LIMIT :limit")
         indexed = (f"SELECT {_COLUMNS} FROM messages WHERE id IN "
                    "(SELECT rowid FROM messages_fts WHERE messages_fts MATCH :match) "
-                   f"AND {_VISIBLE} AND id <= :upto ORDER BY id DESC LIMIT :limit")
+                   f"AND {visible} AND id <= :upto ORDER BY id DESC LIMIT :limit")
         (recent, more_recent), (found, more_found) = self._query([tail, indexed], params, max_bytes)
         newest = sorted({m.id: m for m in recent + found}.values(), key=lambda m: m.id, reverse=True)
         kept, size = [], 0
@@ -1358,6 +1522,79 @@ class HistoryStore:
 
     def count(self) -> int:
         return self._query_value("SELECT count(*) FROM messages")
+
+    # --- rooms and read markers (reader threads, on their own connection) -----------------------
+
+    def rooms(self) -> list[RoomRecord]:
+        """Every stored room, with its message count and the time of its newest message."""
+        rows = self._read_rows(
+            "SELECT r.name, r.created_by, r.created_ts, r.topic, r.topic_by, r.topic_ts, "
+            "coalesce(m.n, 0), coalesce(m.last, 0), coalesce(m.last_id, 0) FROM rooms r LEFT JOIN "
+            "(SELECT room, count(*) AS n, max(ts) AS last, max(id) AS last_id FROM messages "
+            "WHERE room IS NOT NULL "
+            "GROUP BY room) m ON m.room = r.name", {})
+        return [RoomRecord(*row) for row in rows]
+
+    def save_room(self, record: RoomRecord) -> None:
+        self._write("INSERT OR REPLACE INTO rooms (name, created_by, created_ts, topic, topic_by, topic_ts) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", (record.name, record.created_by, record.created_ts,
+                                                  record.topic, record.topic_by, record.topic_ts))
+
+    def delete_room(self, name: str) -> None:
+        """A closed room goes with its messages and read markers (a new room of its name starts empty)."""
+        self._write("DELETE FROM rooms WHERE name = ?", (name,),
+                    "DELETE FROM messages WHERE room = ?", "DELETE FROM read_markers WHERE room = ?")
+
+    def markers(self, user_key: str) -> dict[str, int]:
+        """The read markers of a protected name: room -> the last id read there."""
+        return dict(self._read_rows("SELECT room, last_read FROM read_markers WHERE user_key = :key",
+                                    {"key": user_key}))
+
+    def set_marker(self, user_key: str, room: str, last_read: int) -> None:
+        self._write("INSERT INTO read_markers (user_key, room, last_read) VALUES (?, ?, ?) "
+                    "ON CONFLICT (user_key, room) DO UPDATE SET "
+                    "last_read = max(last_read, excluded.last_read)",
+                    (user_key, room, last_read))
+
+    def unread(self, room: str, after: int, name: str, upto: int) -> tuple[int, int]:
+        """Messages in ``room`` after id ``after`` (up to ``upto``), and how many of them mention ``name``;
+        both counted to UNREAD_MAX at most."""
+        rows = self._read_rows(
+            "SELECT count(*), coalesce(sum(mentions(text, :name) AND sender != :name), 0) FROM "
+            "(SELECT text, sender FROM messages WHERE room = :room AND id > :after AND id <= :upto "
+            "ORDER BY id LIMIT :most)",
+            {"room": room, "after": after, "upto": upto, "name": name, "most": UNREAD_MAX})
+        return rows[0]
+
+    def _read_rows(self, sql: str, params: dict) -> list[tuple]:
+        import sqlite3
+
+        try:
+            with self._reader_lock:
+                return self._reader.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            log.error("history read failed: %s", exc)
+            raise ProtocolError("history-failed", "the history could not be read") from None
+
+    def _write(self, sql: str, params: tuple, *more: str) -> None:
+        """One statement (and ``more`` with the same first parameter) in one transaction."""
+        import sqlite3
+
+        try:
+            with self._meta_lock:
+                db = self._meta
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.execute(sql, params)
+                    for statement in more:
+                        db.execute(statement, params[:1])
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as exc:
+            log.error("history write failed: %s", exc)
+            raise ProtocolError("storage-failed", "the change could not be stored") from None
 
     def _query(self, statements: list[str], params: dict,
                max_bytes: int = 0) -> list[tuple[list[ChatMessage], bool]]:
@@ -1390,6 +1627,31 @@ class HistoryStore:
     def _query_value(self, sql: str):
         with self._reader_lock:
             return self._reader.execute(sql).fetchone()[0]
+
+
+@dataclass(frozen=True, slots=True)
+class RoomRecord:
+    """A room as the database keeps it (message count and newest time are derived, not stored)."""
+
+    name: str
+    created_by: str = ""     # the confusable_key of its creator ("" for #main and configured rooms)
+    created_ts: float = 0.0
+    topic: str = ""
+    topic_by: str = ""
+    topic_ts: float = 0.0
+    messages: int = 0
+    last_ts: float = 0.0
+    last_id: int = 0
+
+
+def mentions(text: str, name: str) -> bool:
+    """Whether ``text`` names ``name`` as a word of its own (any case), as join highlights it."""
+    return mention_pattern(name).search(text) is not None
+
+
+@functools.lru_cache(maxsize=1024)
+def mention_pattern(name: str) -> re.Pattern:
+    return re.compile(r"(?<!\w)" + re.escape(name) + r"(?!\w)", re.IGNORECASE)
 
 
 def fan_out_cost(sender: str, text: str) -> int:
@@ -1496,6 +1758,111 @@ class AccountStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+# --- The commit log: where a message gets its id and its place in the order -----------------
+
+
+class CommitLog:
+    """The one place every accepted message gets its id, its time and its place in the order.
+
+    Callers (the server) use ``start``, ``submit``, ``close`` and ``last_id``;
+    ``on_commit`` and ``on_failure`` are the server's callbacks.  ``submit``
+    returns at once; the log fills in ``pending.message``'s id and time, and
+    later hands the message on, in id order and in batches, to exactly one
+    of ``on_commit(batch)`` (committed: now it may be delivered and
+    acknowledged) or ``on_failure(batch, reason)`` (not stored: nobody may be
+    told it was sent), both called from the log's own thread.  LocalLog is a
+    server's own log; a log shared by several servers is another
+    implementation of these four.
+    """
+
+    last_id: int = 0  # the newest id given so far
+
+    def start(self, on_commit: Callable[[list[PendingMessage]], None],
+              on_failure: Callable[[list[PendingMessage], str], None]) -> None:
+        raise NotImplementedError
+
+    def submit(self, pending: PendingMessage) -> None:
+        raise NotImplementedError
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Commit and hand on everything submitted, then stop."""
+        raise NotImplementedError
+
+
+class LocalLog(CommitLog):
+    """Ids from a counter after the history's last; one ``chatctl-commit`` thread stores (with a
+    history) and hands on whatever has queued up, so a burst shares one commit and one fan-out.
+
+    ``submit`` (reader threads) numbers messages and queues them under
+    ``_lock``, so they reach the queue in id order; the thread owns the
+    history's writing side.
+    """
+
+    def __init__(self, store: HistoryStore | None = None, batch_bytes: int = SENDQ_BYTES // 4):
+        self.store = store
+        self.batch_bytes = batch_bytes
+        self.last_id = store.last_id if store is not None else 0
+        self._ids = itertools.count(self.last_id + 1)
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[PendingMessage | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self, on_commit, on_failure) -> None:
+        self._on_commit, self._on_failure = on_commit, on_failure
+        self._thread = threading.Thread(target=self._run, name="chatctl-commit", daemon=True)
+        self._thread.start()
+
+    def submit(self, pending: PendingMessage) -> None:
+        draft = pending.message
+        with self._lock:
+            self.last_id = next(self._ids)
+            pending.message = ChatMessage(self.last_id, time.time(), draft.sender, draft.text, draft.kind,
+                                          draft.recipient, draft.room)
+            self._queue.put(pending)
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+        if self.store is not None:
+            self.store.close()
+
+    def _run(self) -> None:
+        store = self.store
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        while True:
+            try:
+                first = get(timeout=store.idle_wait() if store is not None else None)
+            except queue.Empty:
+                store.upkeep(quiet=True)
+                continue
+            if first is None:
+                return
+            batch, size, stop = [first], wire_size(first.message), False
+            while len(batch) < HISTORY_BATCH_MAX and size < self.batch_bytes:
+                try:
+                    item = get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+                size += wire_size(item.message)
+            try:
+                if store is not None:
+                    store.insert(batch)
+            except StorageError as exc:
+                log.error("history write failed, %d message(s) refused: %s", len(batch), exc)
+                self._on_failure(batch, str(exc))
+            else:
+                self._on_commit(batch)
+            if store is not None:
+                store.upkeep(quiet=False)
+            if stop:
+                return
 
 
 # =============================================================================
@@ -2219,6 +2586,7 @@ class Writer:
         self._lingering.pop(session, None)
         with self._lock:
             self._open.discard(session)
+        session.advance(SessionState.CLOSED)
         try:
             session.sock.close()
         except OSError:
@@ -2293,62 +2661,266 @@ class ReaderPool:
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
-class Sequencer:
-    """Fan-out without history: messages queue here in id order and go out in batches.
+class Room:
+    """A room: name, topic, and who is in it.
 
-    The same path as the history's group commit, without the commit: a
-    thread takes every message waiting and fans the batch out, so a burst
-    reaches each reader as one queue write and one send.
+    ``_members`` (insertion-ordered) is written by the Registry, under the
+    registry lock and this room's leaf lock ``_lock``; ``members`` is a
+    tuple derived from it and cached until it changes, so the fan-out and
+    the presence flush read it without the registry lock.  The topic is
+    written under the registry lock; ``messages``, ``last_ts`` and
+    ``last_id`` by the commit log's thread (``ChatServer._committed``).
     """
 
-    def __init__(self, name: str = "chatctl-fanout", batch_bytes: int = SENDQ_BYTES // 4):
-        self.batch_bytes = batch_bytes
-        self._queue: queue.SimpleQueue[PendingMessage | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._name = name
+    __slots__ = (
+        "_cache",
+        "_lock",
+        "_members",
+        "created_by",
+        "created_ts",
+        "last_id",
+        "last_ts",
+        "messages",
+        "name",
+        "topic",
+        "topic_by",
+        "topic_ts",
+    )
 
-    def start(self, on_commit: Callable[[list[PendingMessage]], None]) -> None:
-        self._on_commit = on_commit
-        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-        self._thread.start()
+    def __init__(self, record: RoomRecord):
+        self.name = record.name
+        self.created_by, self.created_ts = record.created_by, record.created_ts
+        self.topic, self.topic_by, self.topic_ts = record.topic, record.topic_by, record.topic_ts
+        self.messages, self.last_ts, self.last_id = record.messages, record.last_ts, record.last_id
+        self._members: dict[ClientSession, None] = {}
+        self._cache: tuple[ClientSession, ...] | None = ()
+        self._lock = threading.Lock()
 
-    def append(self, pending: PendingMessage) -> None:
-        self._queue.put(pending)
+    def __repr__(self) -> str:
+        return f"<Room #{self.name}>"
 
-    def close(self, timeout: float = 5.0) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout)
+    @property
+    def members(self) -> tuple[ClientSession, ...]:
+        """Who is in the room, in join order; the same tuple object until someone joins or leaves."""
+        members = self._cache
+        if members is None:
+            with self._lock:
+                members = self._cache = tuple(self._members)
+        return members
 
-    def _run(self) -> None:
-        get, get_nowait = self._queue.get, self._queue.get_nowait
-        while True:
-            item = get()
-            batch = []
-            size = 0
-            while item is not None:
-                batch.append(item)
-                size += wire_size(item.message)
-                if len(batch) >= HISTORY_BATCH_MAX or size >= self.batch_bytes:
-                    break
-                try:
-                    item = get_nowait()
-                except queue.Empty:
-                    break
-            if batch:
-                self._on_commit(batch)
-            if item is None:
-                return
+    def record(self) -> RoomRecord:
+        return RoomRecord(self.name, self.created_by, self.created_ts, self.topic, self.topic_by,
+                          self.topic_ts)
+
+    def _add(self, session: ClientSession) -> None:
+        with self._lock:
+            self._members[session] = None
+            self._cache = None
+
+    def _remove(self, session: ClientSession) -> bool:
+        with self._lock:
+            if self._members.pop(session, ...) is ...:
+                return False
+            self._cache = None
+            return True
+
+
+class Registry:
+    """Who is connected, who holds which name, and who is in which room: one owner, one lock.
+
+    Every field is written under ``lock``, by the methods below (reader
+    threads, the departures thread, shutdown); readers get derived tuples
+    (``members()``, ``Room.members``) and a session's ``rooms`` mapping,
+    each replaced whole when it changes, so they read without the lock.
+    ``announce`` is the server's callback for JOIN and LEAVE lines, called
+    under the lock so the lines keep the registry's order.
+    """
+
+    def __init__(self, config: ServerConfig, announce: Callable[..., None]):
+        self.config = config
+        self.announce = announce
+        self.lock = threading.Lock()
+        self._sessions: set[ClientSession] = set()            # every connection, named or not
+        self._per_address: dict[str, int] = {}
+        self._by_key: dict[str, ClientSession] = {}           # confusable_key -> the member holding the name
+        self._member_cache: tuple[ClientSession, ...] | None = None
+        self.rooms: dict[str, Room] = {}                       # replaced whole when a room comes or goes
+
+    # --- connections and names ------------------------------------------------------
+
+    def connect(self, session: ClientSession) -> str | None:
+        """Count a new connection in; why it is refused, or None."""
+        config = self.config
+        with self.lock:
+            if config.max_connections and len(self._sessions) >= config.max_connections:
+                return f"the server is full ({config.max_connections} connections)"
+            if config.max_per_address and self._per_address.get(session.host, 0) >= config.max_per_address:
+                return f"too many connections from {session.host} (at most {config.max_per_address})"
+            self._sessions.add(session)
+            self._per_address[session.host] = self._per_address.get(session.host, 0) + 1
+        return None
+
+    def sessions(self) -> list[ClientSession]:
+        with self.lock:
+            return list(self._sessions)
+
+    def holder(self, key: str) -> ClientSession | None:
+        """The member holding the name of ``key`` (a confusable_key), if any."""
+        return self._by_key.get(key)
+
+    def claim(self, session: ClientSession, name: str, key: str, owner: bool,
+              on_claimed: Callable[[], None]) -> ClientSession | None:
+        """Give ``session`` the name unless a member holds it (returned); a quiet session that owns
+        the name takes it beside its holder.  A member enters #main; ``on_claimed`` runs under the
+        lock, before the JOIN line is queued."""
+        with self.lock:
+            holder = self._by_key.get(key)
+            if holder is not None and not (session.quiet and owner):
+                return holder
+            session.name, session.key, session.owner = name, key, owner
+            session.registered_at = time.time()
+            session.last_spoke = time.monotonic()
+            session.advance(SessionState.REGISTERED)
+            if not session.quiet:
+                self._by_key[key] = session
+                self._member_cache = None
+                main = self.rooms[MAIN_ROOM]
+                main._add(session)
+                session.rooms = {MAIN_ROOM: main}
+            on_claimed()
+            if not session.quiet:
+                self.announce((encode_line("JOIN", format_timestamp(time.time()), name), session, None),
+                              joined=True)
+        return None
+
+    def depart(self, sessions: Iterable[ClientSession], forget: bool, quiet: bool) -> list[ClientSession]:
+        """Take ``sessions`` off the member list and out of their rooms; the ones that were members.
+        ``forget``: their readers ended, so they leave the connection counts too.  ``quiet``: no LEAVE."""
+        now = format_timestamp(time.time())
+        departed = []
+        with self.lock:
+            for session in sessions:
+                if session.key is not None and self._by_key.get(session.key) is session:
+                    del self._by_key[session.key]
+                    departed.append(session)
+                for room in session.rooms.values():
+                    room._remove(session)
+                session.rooms = {}
+                if forget and session in self._sessions:
+                    self._sessions.discard(session)
+                    left = self._per_address[session.host] - 1
+                    if left:
+                        self._per_address[session.host] = left
+                    else:
+                        del self._per_address[session.host]
+            if departed:
+                self._member_cache = None
+                if not quiet:
+                    why = [sanitise_line(s.leave_reason or "connection closed") for s in departed]
+                    self.announce(*[(encode_line("LEAVE", now, s.name, reason), s, None)
+                                    for s, reason in zip(departed, why, strict=True)])
+        return departed
+
+    def members(self) -> tuple[ClientSession, ...]:
+        """Everyone holding a name, in join order: derived from ``_by_key``, cached until it changes."""
+        members = self._member_cache
+        if members is None:
+            with self.lock:
+                members = self._member_cache = tuple(self._by_key.values())
+        return members
+
+    def connection_count(self) -> int:
+        return len(self._sessions)
+
+    # --- rooms ------------------------------------------------------------------------
+
+    def add_room(self, record: RoomRecord) -> Room:
+        """A room from the database or the config (no limit: they exist already)."""
+        with self.lock:
+            room = self.rooms.get(record.name)
+            if room is None:
+                room = Room(record)
+                self.rooms = {**self.rooms, record.name: room}
+            return room
+
+    def enter(self, session: ClientSession, name: str,
+              create: Callable[[Room], None]) -> tuple[Room, bool]:
+        """Put ``session`` in room ``name``, made if missing (``create`` stores it, under the lock);
+        returns the room and whether the session was new to it."""
+        config = self.config
+        with self.lock:
+            if session.leave_reason is not None:
+                raise ProtocolError("not-registered", "this connection is closing")
+            room = self.rooms.get(name)
+            if room is not None and name in session.rooms:
+                return room, False
+            if len(session.rooms) >= config.max_rooms_per_user:
+                raise ProtocolError("too-many-rooms", f"you are in {len(session.rooms)} rooms, the most "
+                                    f"one connection may be in; PART one first")
+            if room is None:
+                if len(self.rooms) >= config.max_rooms:
+                    raise ProtocolError("too-many-rooms", f"the server has {len(self.rooms)} rooms, its "
+                                        "limit; an empty one must be closed first")
+                room = Room(RoomRecord(name, session.key or "", time.time()))
+                create(room)
+                self.rooms = {**self.rooms, name: room}
+            room._add(session)
+            session.rooms = {**session.rooms, name: room}
+            self.announce((encode_line("ENTER", f"#{name}", format_timestamp(time.time()), session.name),
+                           session, room))
+            return room, True
+
+    def part(self, session: ClientSession, name: str, reason: str) -> Room:
+        with self.lock:
+            room = session.rooms.get(name)
+            if room is None:
+                raise ProtocolError("not-in-room", f"you are not in #{name}")
+            room._remove(session)
+            session.rooms = {k: v for k, v in session.rooms.items() if k != name}
+            self.announce((encode_line("EXIT", f"#{name}", format_timestamp(time.time()), session.name,
+                                       reason), session, room))
+            return room
+
+    def close_room(self, name: str, allowed: Callable[[Room], None], delete: Callable[[str], None]) -> None:
+        with self.lock:
+            room = self.rooms.get(name)
+            if room is None:
+                raise ProtocolError("unknown-room", f"there is no room #{name}")
+            allowed(room)
+            if room.members:
+                raise ProtocolError("room-not-empty", f"#{name} has {len(room.members)} member(s); only "
+                                    "an empty room can be closed")
+            delete(name)
+            self.rooms = {k: v for k, v in self.rooms.items() if k != name}
+
+    def set_topic(self, room: Room, setter: str, text: str, store: Callable[[Room], None]) -> None:
+        with self.lock:
+            room.topic, room.topic_by, room.topic_ts = text, setter, time.time()
+            store(room)
+
+
+class SessionState:
+    """A connection's life: each step happens once, in this order (LEAVING may come from any earlier)."""
+
+    CONNECTING = "connecting"   # before PASS, where the server has a password
+    AUTHORISED = "authorised"   # may register
+    REGISTERED = "registered"   # holds a name
+    LEAVING = "leaving"         # ended: out of the registry, its BYE (if any) queued
+    CLOSED = "closed"           # the writer closed the socket
+
+    ORDER = (CONNECTING, AUTHORISED, REGISTERED, LEAVING, CLOSED)
 
 
 class ClientSession:
-    """One connected client: its reader thread, its name and its outbound queue.
+    """One connected client: its reader thread, its name, its rooms and its outbound queue.
 
-    Its reader thread (a ``chatctl-reader-N`` of the pool) owns the parsing state and sets
-    ``name``, ``extended`` and ``quiet`` while it handles frames; the server
-    owns membership (under its registry lock); the writer owns the socket's
-    sending side.  ``leave_reason`` is set once, by whichever thread ends the
-    session first (``leave``).
+    Its reader thread (a ``chatctl-reader-N`` of the pool) owns the parsing
+    state and sets ``extended``, ``quiet`` and ``markers`` while it handles
+    frames; the Registry writes ``name``, ``key``, ``owner`` and ``rooms``
+    (under its lock; ``rooms`` is replaced whole); the writer owns the
+    socket's sending side.  ``state`` moves forward through SessionState,
+    each step once, under ``_ending`` (``advance``); ``leave_reason`` is set
+    with the step to LEAVING, by whichever thread ends the session first.
     """
 
     def __init__(self, server: ChatServer, sock: socket.socket, address: tuple):
@@ -2357,7 +2929,9 @@ class ClientSession:
         self.peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
         self.host = address[0] if isinstance(address, tuple) else str(address)
         self.tls: TlsChannel | None = None   # set by the first bytes, if they open a TLS handshake
-        self.authorized = not server.config.password  # PASS done, where the server wants one
+        self.state = SessionState.CONNECTING if server.config.password else SessionState.AUTHORISED
+        self.rooms: dict[str, Room] = {}    # the rooms it is in (a member starts in #main)
+        self.markers: dict[str, int] = {}   # room -> last id read (a protected name's are also stored)
         self.owner = False                  # proved the password of its protected name
         self.bucket = TokenBucket(server.config.rate, server.config.burst)
         self.last_pending: PendingMessage | None = None  # our newest message not yet committed
@@ -2384,6 +2958,19 @@ class ClientSession:
 
     def __repr__(self) -> str:
         return f"<ClientSession {self.name or '-'} {self.peer}>"
+
+    @property
+    def authorized(self) -> bool:
+        return self.state != SessionState.CONNECTING
+
+    def advance(self, state: str) -> bool:
+        """Move to ``state`` if it lies ahead; False if the session is there or past it already."""
+        order = SessionState.ORDER
+        with self._ending:
+            if order.index(state) <= order.index(self.state):
+                return False
+            self.state = state
+            return True
 
     # --- reading ---------------------------------------------------------------
 
@@ -2417,6 +3004,7 @@ class ClientSession:
                     self.process(decoder.end_of_input())
                 with self._ending:
                     self.leave_reason = self.leave_reason or "connection closed"
+                self.advance(SessionState.LEAVING)
                 break
             if self.leave_reason is not None:
                 continue  # leaving: read and drop until the client closes, so it gets its BYE
@@ -2490,7 +3078,8 @@ class ClientSession:
         if handler is None:
             shown = sanitise_text(request.verb[:32])
             raise ProtocolError("unknown-command", f"unknown command {shown!r} "
-                                "(try USER, MSG, DM, ME, DIR, HISTORY, SEARCH, PING, QUIT)")
+                                "(try USER, MSG, DM, ME, DIR, JOIN, PART, ROOMS, HISTORY, SEARCH, PING, "
+                                "QUIT)")
         if not self.authorized and request.verb not in BEFORE_PASS_COMMANDS:
             raise ProtocolError("password-required", ERROR_CODES["password-required"], closes=True)
         handler(self, request.arg)
@@ -2525,8 +3114,9 @@ class ClientSession:
         close within DISCONNECT_LINGER is cut off by abort().
         """
         with self._ending:  # the reader, the reaper, the writer, a takeover and shutdown may all call this
-            if self.leave_reason is not None:
+            if self.leave_reason is not None or self.state in (SessionState.LEAVING, SessionState.CLOSED):
                 return False
+            self.state = SessionState.LEAVING
             self.leave_at = time.monotonic()
             self.leave_reason = reason
         self.reply(bye, force=True)
@@ -2562,7 +3152,7 @@ class ClientSession:
         if expected and not self.server.check_password(
                 self, SERVER_PASSWORD, lambda: same_secret(arg or "", expected), "wrong server password"):
             raise ProtocolError("bad-password", "wrong server password", closes=True)
-        self.authorized = True
+        self.advance(SessionState.AUTHORISED)
         self.reply(b"PASS_OK\n")
 
     def handle_user(self, arg: str | None) -> None:
@@ -2594,16 +3184,24 @@ class ClientSession:
         self.reply(encode_line("UNREGISTER_OK", self.name))
 
     def handle_msg(self, arg: str | None) -> None:
-        self._publish("msg", arg)
+        """``MSG|text`` to #main; after HELLO, ``MSG|#room|text`` to a room (the seed's clients
+        never name a room: their text is all text)."""
+        self._publish("msg", *self._room_and_text(arg))
 
     def handle_me(self, arg: str | None) -> None:
-        self._publish("me", arg)
+        self._publish("me", *self._room_and_text(arg))
+
+    def _room_and_text(self, arg: str | None) -> tuple[str | None, str]:
+        if self.extended and arg is not None and room_field(arg):
+            room, _, text = arg.partition("|")
+            return validate_room(room), text
+        return MAIN_ROOM, arg
 
     def handle_dm(self, arg: str | None) -> None:
         target, sep, text = (arg or "").partition("|")
         if not sep or not target:
             raise ProtocolError("missing-argument", "DM needs a user and a text: DM|<user>|<text>")
-        self._publish("dm", text, target)
+        self._publish("dm", None, text, target)
 
     def handle_dir(self, arg: str | None) -> None:
         self.reply(encode_users(self.server.users(), structured=self.extended))
@@ -2620,7 +3218,7 @@ class ClientSession:
             reason = ""
         self.leave("quit" + (f": {reason}" if reason else ""), b"BYE|goodbye\n")
 
-    def _publish(self, kind: str, arg: str | None, recipient: str | None = None) -> None:
+    def _publish(self, kind: str, room: str | None, arg: str | None, recipient: str | None = None) -> None:
         if self.name is None:
             raise ProtocolError("not-registered", "register first: USER|<name>")
         self.server.check_quiet_name(self)
@@ -2630,7 +3228,7 @@ class ClientSession:
         if not self.server.address_budget.charge(self.host, fan_out_cost(self.name, text)):
             raise ProtocolError("rate-limited", f"too many bytes from {self.host} too fast; "
                                 "this message was dropped")
-        self.server.publish(self, kind, text, recipient)
+        self.server.publish(self, kind, text, room=room, recipient=recipient)
         self.last_spoke = time.monotonic()
 
     def acknowledgement(self, msg: ChatMessage) -> bytes:
@@ -2640,32 +3238,108 @@ class ClientSession:
         return b"MSG_OK\n"
 
     def handle_history(self, arg: str | None) -> None:
+        """``HISTORY[|#room]|LAST|n``, ``|BEFORE|id|n`` or ``|AFTER|id|n``; no room: #main and your DMs."""
+        room, arg = _optional_room(arg)
         mode, _, rest = (arg or "LAST").partition("|")
         mode = mode.strip().upper()
         numbers = [_parse_number(n, "HISTORY") for n in rest.split("|")] if rest else []
         viewer = self.name
         if mode == "LAST" and len(numbers) <= 1:
             limit = numbers[0] if numbers else HISTORY_PAGE_MAX
-            self.server.send_history(self, "HISTORY", lambda store, upto, size: store.recent(
-                viewer, min(limit, HISTORY_PAGE_MAX), upto=upto, max_bytes=size))
+            self.server.send_history(self, "HISTORY", room, lambda store, upto, size: store.recent(
+                viewer, min(limit, HISTORY_PAGE_MAX), room=room, upto=upto, max_bytes=size))
         elif mode in ("BEFORE", "AFTER") and len(numbers) in (1, 2):
             anchor, limit = numbers[0], min(numbers[1] if len(numbers) == 2 else HISTORY_PAGE_MAX,
                                             HISTORY_PAGE_MAX)
             where = {mode.lower(): anchor}
-            self.server.send_history(self, "HISTORY", lambda store, upto, size: store.recent(
-                viewer, limit, upto=upto, max_bytes=size, **where))
+            self.server.send_history(self, "HISTORY", room, lambda store, upto, size: store.recent(
+                viewer, limit, room=room, upto=upto, max_bytes=size, **where))
         else:
-            raise ProtocolError("bad-argument",
-                                "use HISTORY|LAST|<n>, HISTORY|BEFORE|<id>|<n> or HISTORY|AFTER|<id>|<n>")
+            raise ProtocolError("bad-argument", "use HISTORY[|#room]|LAST|<n>, "
+                                "HISTORY[|#room]|BEFORE|<id>|<n> or HISTORY[|#room]|AFTER|<id>|<n>")
 
     def handle_search(self, arg: str | None) -> None:
+        """``SEARCH[|#room]|n|words``."""
+        room, arg = _optional_room(arg)
         count, sep, text = (arg or "").partition("|")
         if not sep or not text.strip():
-            raise ProtocolError("missing-argument", "use SEARCH|<n>|<words>")
+            raise ProtocolError("missing-argument", "use SEARCH[|#room]|<n>|<words>")
         limit = min(_parse_number(count, "SEARCH"), HISTORY_PAGE_MAX)
         viewer = self.name
-        self.server.send_history(self, "SEARCH", lambda store, upto, size: store.search(
-            viewer, text, limit, upto, max_bytes=size))
+        self.server.send_history(self, "SEARCH", room, lambda store, upto, size: store.search(
+            viewer, text, limit, upto, max_bytes=size, room=room))
+
+    # --- rooms (after HELLO) -------------------------------------------------------------
+
+    def _room_command(self, verb: str, named: bool = True) -> None:
+        if not self.extended:
+            raise ProtocolError("hello-required", ERROR_CODES["hello-required"])
+        if named and self.name is None:
+            raise ProtocolError("not-registered", "register first: USER|<name>")
+        if named and self.quiet:
+            raise ProtocolError("bad-argument", f"{verb} is for members; a quiet session posts to a room "
+                                "with MSG|#room|text without joining it")
+
+    def handle_join(self, arg: str | None) -> None:
+        """``JOIN|#a|#b`` (or ``#a,#b``): for each room its topic (if set), NAMES, then ``JOIN_OK|#room``."""
+        self._room_command("JOIN")
+        names = [validate_room(part) for part in re.split(r"[|,]", arg or "") if part.strip()]
+        if not names:
+            raise ProtocolError("missing-argument", "use JOIN|#room")
+        for name in dict.fromkeys(names):
+            self.server.enter_room(self, name)
+
+    def handle_part(self, arg: str | None) -> None:
+        """``PART|#room[|reason]``: ``PART_OK|#room``, and ``EXIT`` to the members still there."""
+        self._room_command("PART")
+        room, _, reason = (arg or "").partition("|")
+        self.server.part_room(self, validate_room(room), sanitise_line(reason)[:MAX_QUIT_REASON])
+
+    def handle_rooms(self, arg: str | None) -> None:
+        """``ROOMS``: one ``ROOM|...`` line per room, then ``END|ROOMS|n``."""
+        self._room_command("ROOMS", named=False)
+        self.server.send_rooms(self)
+
+    def handle_names(self, arg: str | None) -> None:
+        """``NAMES[|#room]``: who is in a room (#main without one)."""
+        self._room_command("NAMES", named=False)
+        room = self.server.room(validate_room(arg) if arg else MAIN_ROOM)
+        self.reply(encode_users(self.server.users(room.members), structured=True, room=room.name))
+
+    def handle_topic(self, arg: str | None) -> None:
+        """``TOPIC|#room`` asks; ``TOPIC|#room|text`` sets it (members), and every member hears it."""
+        self._room_command("TOPIC", named=arg is not None and "|" in arg)
+        name, sep, text = (arg or "").partition("|")
+        room = self.server.room(validate_room(name))
+        if not sep:
+            self.reply(encode_topic(room.name, room.topic_ts, room.topic_by, room.topic))
+            return
+        self.server.set_topic(self, room, sanitise_line(unescape_text(text)).strip())
+
+    def handle_mark(self, arg: str | None) -> None:
+        """``MARK|#room|id``: read up to ``id`` in the room (a protected name's marker is stored)."""
+        self._room_command("MARK")
+        name, sep, number = (arg or "").partition("|")
+        if not sep:
+            raise ProtocolError("missing-argument", "use MARK|#room|<id>")
+        room = self.server.room(validate_room(name))
+        self.server.mark_read(self, room, _parse_number(number, "MARK"))
+        self.reply(encode_line("MARK_OK", f"#{room.name}", self.markers.get(room.name, 0)))
+
+    def handle_close(self, arg: str | None) -> None:
+        """``CLOSE|#room``: an empty room goes, with its history (its creator or an operator)."""
+        self._room_command("CLOSE")
+        name = validate_room(arg)
+        self.server.close_room(self, name)
+        self.reply(encode_line("CLOSE_OK", f"#{name}"))
+
+
+def _optional_room(arg: str | None) -> tuple[str | None, str | None]:
+    """A request whose first field may be a room: (room or None, the rest)."""
+    if arg is not None and room_field(arg):
+        room, _, rest = arg.partition("|")
+        return validate_room(room), rest or None
+    return None, arg
 
 
 def _parse_number(text: str, command: str) -> int:
@@ -2694,6 +3368,13 @@ COMMAND_HANDLERS: dict[str, Handler] = {
     "QUIT": ClientSession.handle_quit,
     "HISTORY": ClientSession.handle_history,
     "SEARCH": ClientSession.handle_search,
+    "JOIN": ClientSession.handle_join,
+    "PART": ClientSession.handle_part,
+    "ROOMS": ClientSession.handle_rooms,
+    "NAMES": ClientSession.handle_names,
+    "TOPIC": ClientSession.handle_topic,
+    "MARK": ClientSession.handle_mark,
+    "CLOSE": ClientSession.handle_close,
 }
 
 BEFORE_PASS_COMMANDS = frozenset({"HELLO", "PASS", "PING", "QUIT"})
@@ -2715,14 +3396,12 @@ class ChatServer:
         self.reply_bytes = self.config.sendq // 4  # the most one reply or one fan-out batch holds
         self.writer = Writer()
         self.readers = ReaderPool()
-        self._by_key: dict[str, ClientSession] = {}      # confusable_key -> the member holding the name
-        self._member_cache: tuple[ClientSession, ...] | None = None  # members(), until _by_key changes
-        self._sessions: set[ClientSession] = set()
-        self._registry_lock = threading.Lock()
+        self.registry = Registry(self.config, self._announce)
         self._fanout_lock = threading.Lock()            # keeps every client's stream in id order
         # JOIN/LEAVE lines not sent yet, and the sessions whose JOIN is among them: under _presence_lock,
         # a leaf lock (held for an append or a swap), so that no registry change waits for a fan-out.
-        self._presence: list[tuple[int, bytes, ClientSession]] = []  # (sequence number, line, subject)
+        # (sequence number, line, subject, room: None for JOIN and LEAVE, which every member hears)
+        self._presence: list[tuple[int, bytes, ClientSession, Room | None]] = []
         self._presence_seq = itertools.count(1)
         self._joined_unannounced: set[ClientSession] = set()
         self._presence_lock = threading.Lock()
@@ -2757,19 +3436,17 @@ class ChatServer:
         self.hasher = PasswordHasher(self.config.password_hashes, self.config.password_queue)
         self.address_budget = AddressBudget(self.config.address_byte_rate if self.config.rate else 0,
                                             self.config.address_byte_burst)
-        self.pipeline = self.history if self.history is not None else Sequencer(batch_bytes=self.reply_bytes)
-        self._per_address: dict[str, int] = {}
-        self._ids = itertools.count((self.history.last_id if self.history else 0) + 1)
-        self._delivered_upto = self.history.last_id if self.history else 0
-        self._accept_lock = threading.Lock()             # ids reach the history in id order
+        self.log: CommitLog = LocalLog(self.history, batch_bytes=self.reply_bytes)
+        self._delivered_upto = self.log.last_id           # the newest id fanned out (the commit thread's)
+        self._delivered = threading.Condition()           # JOIN waits on it for messages in flight
+        self._load_rooms()
 
     def _open_history(self) -> HistoryStore | None:
         if not self.config.history:
             return None
         db = self.config.db
         path = Path(db).expanduser() if db else private_dir(user_data_dir()) / "history.db"
-        return HistoryStore(path, self.config.history_max_messages, self.config.history_max_days,
-                            batch_bytes=self.reply_bytes)
+        return HistoryStore(path, self.config.history_max_messages, self.config.history_max_days)
 
     def _open_accounts(self) -> AccountStore:
         path = self.config.accounts_db
@@ -2811,10 +3488,7 @@ class ChatServer:
             raise ServerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self.writer.start()
         self._departures_thread.start()
-        if self.history is not None:
-            self.history.start(self._committed, self._not_stored)
-        else:
-            self.pipeline.start(self._committed)
+        self.log.start(self._committed, self._not_stored)
         for name, target in (("chatctl-accept", self._accept_loop), ("chatctl-reaper", self._reap_loop),
                              ("chatctl-presence", self._presence_loop)):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -2842,8 +3516,7 @@ class ChatServer:
         for thread in self._threads:
             thread.join(timeout)
         self.server_close()
-        with self._registry_lock:
-            sessions = list(self._sessions)
+        sessions = self.registry.sessions()
         for session in sessions:
             session.disconnect("server shutting down")
         deadline = time.monotonic() + min(timeout, DISCONNECT_LINGER)
@@ -2857,7 +3530,7 @@ class ChatServer:
         if self._departures_thread.is_alive():
             self._departures.put(None)  # after every reader: each has queued its own departure
             self._departures_thread.join(timeout)
-        self.pipeline.close(timeout)  # commits (with history) and acknowledges what is queued
+        self.log.close(timeout)  # commits (with history) and acknowledges what is queued
         self.accounts.close()
         self.writer.stop(timeout)
         self._wake_r.close()
@@ -2896,22 +3569,9 @@ class ChatServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         return sock
 
-    def _over_limit(self, host: str) -> str | None:
-        """Why one more connection from ``host`` is refused, or None.  Holds the registry lock."""
-        config = self.config
-        if config.max_connections and len(self._sessions) >= config.max_connections:
-            return f"the server is full ({config.max_connections} connections)"
-        if config.max_per_address and self._per_address.get(host, 0) >= config.max_per_address:
-            return f"too many connections from {host} (at most {config.max_per_address})"
-        return None
-
     def _start_session(self, sock: socket.socket, address: tuple) -> None:
         session = ClientSession(self, self.wrap_connection(sock, address), address)
-        with self._registry_lock:
-            refused = self._over_limit(session.host)
-            if refused is None:
-                self._sessions.add(session)
-                self._per_address[session.host] = self._per_address.get(session.host, 0) + 1
+        refused = self.registry.connect(session)
         if refused is not None:
             log.warning("refused a connection from %s: %s", session.peer, refused)
             Writer._send(sock, encode_error("too-many-connections", refused))
@@ -2989,12 +3649,12 @@ class ChatServer:
         if not session.quiet and not self.address_budget.charge(session.host, 2 * fan_out_cost(name, "")):
             # a JOIN and a LEAVE for every member: joining and leaving in a loop is a flood too
             raise ProtocolError("rate-limited", f"too many joins from {session.host} too fast")
+        markers = self.history.markers(key) if owner and self.history is not None else {}
         for _ in range(2):
-            with self._registry_lock:
-                holder = self._by_key.get(key)
-                if holder is None or (session.quiet and owner):
-                    self._add_member(session, name, key, owner)
-                    break
+            holder = self.registry.claim(session, name, key, owner,
+                                         lambda: self._registered(session, markers))
+            if holder is None:
+                break
             if not owner:
                 looks = f" (it looks like {holder.name!r}, who is online)" if holder.name != name else ""
                 raise ProtocolError("name-taken", f"the name {name!r} is in use{looks}")
@@ -3005,48 +3665,24 @@ class ChatServer:
         if not session.quiet:
             log.info("%s joined from %s", name, session.peer)
 
-    def _add_member(self, session: ClientSession, name: str, key: str, owner: bool) -> None:
-        """The name is free: make ``session`` a member (a quiet one: only named).  Holds the registry lock."""
-        session.name, session.key, session.owner = name, key, owner
-        session.registered_at = time.time()
-        session.last_spoke = time.monotonic()
-        if session.quiet:
-            session.reply(b"USER_OK\n")
-            return
-        self._by_key[key] = session
-        self._member_cache = None
-        session.reply(b"USER_OK\n")  # before any presence line: those are queued by the presence flush
-        self._announce((encode_line("JOIN", format_timestamp(time.time()), name), session), joined=True)
+    def _registered(self, session: ClientSession, markers: dict[str, int]) -> None:
+        """The name is ``session``'s (under the registry lock): USER_OK before any presence line."""
+        session.markers = markers
+        if not session.quiet:
+            session.markers.setdefault(MAIN_ROOM, self.registry.rooms[MAIN_ROOM].last_id)
+        session.reply(b"USER_OK\n")
 
     def depart(self, *sessions: ClientSession, forget: bool = False) -> None:
-        """Take ``sessions`` off the member list and tell the others; once per session.
+        """Take ``sessions`` off the member list and out of their rooms, and tell the others; once each.
 
         ``forget``: their readers have ended, so they leave the connection
         counts too, and the writer closes them once their queues are out.
         One registry lock for the lot: a thousand clients leaving at once do
         not queue up on it one by one.
         """
-        now = format_timestamp(time.time())
-        leaving = [(s, sanitise_line(s.leave_reason or "connection closed")) for s in sessions]
-        departed = []
-        with self._registry_lock:
-            for session, reason in leaving:
-                if session.key is not None and self._by_key.get(session.key) is session:
-                    del self._by_key[session.key]
-                    departed.append((session, reason))
-                if forget and session in self._sessions:
-                    self._sessions.discard(session)
-                    left = self._per_address[session.host] - 1
-                    if left:
-                        self._per_address[session.host] = left
-                    else:
-                        del self._per_address[session.host]
-            if departed:
-                self._member_cache = None
-                if not self._stopping.is_set():
-                    self._announce(*[(encode_line("LEAVE", now, s.name, why), s) for s, why in departed])
-        for session, reason in departed:
-            log.info("%s left (%s)", session.name, reason)
+        departed = self.registry.depart(sessions, forget, quiet=self._stopping.is_set())
+        for session in departed:
+            log.info("%s left (%s)", session.name, sanitise_line(session.leave_reason or "connection closed"))
         if forget:
             for session in sessions:
                 session.closing = True
@@ -3085,31 +3721,30 @@ class ChatServer:
 
     def check_quiet_name(self, session: ClientSession) -> None:
         """A quiet session with a name nobody protects may act only while nobody online holds it."""
-        if session.quiet and not session.owner and self._by_key.get(session.key) is not None:
+        if session.quiet and not session.owner and self.registry.holder(session.key) is not None:
             raise ProtocolError("name-taken", f"the name {session.name!r} is in use by someone online")
 
     def members(self) -> tuple[ClientSession, ...]:
-        """Everyone holding a name, in join order: derived from the registry, cached until it changes."""
-        members = self._member_cache
-        if members is None:
-            with self._registry_lock:
-                members = self._member_cache = tuple(self._by_key.values())
-        return members
+        """Everyone holding a name, in join order."""
+        return self.registry.members()
 
-    def users(self) -> list[UserInfo]:
+    def users(self, sessions: Iterable[ClientSession] | None = None) -> list[UserInfo]:
+        """What DIR (everyone online) or NAMES (``sessions``: a room's members) shows of each."""
         now = time.monotonic()
-        return [UserInfo(s.name, s.registered_at, int(now - s.last_spoke)) for s in self.members()]
+        return [UserInfo(s.name, s.registered_at, int(now - s.last_spoke))
+                for s in (self.members() if sessions is None else sessions)]
 
     # --- presence ----------------------------------------------------------------------
 
-    def _announce(self, *items: tuple[bytes, ClientSession], joined: bool = False) -> None:
-        """Queue JOIN or LEAVE lines, each with its subject; the presence thread sends them together.
-        The caller holds the registry lock, so the lines keep the registry's order."""
+    def _announce(self, *items: tuple[bytes, ClientSession, Room | None], joined: bool = False) -> None:
+        """Queue presence lines, each with its subject and room (None: JOIN or LEAVE, for every member);
+        the presence thread sends them together.  The Registry calls this under its lock, so the
+        lines keep the registry's order."""
         with self._presence_lock:
             first = not self._presence
-            for line, subject in items:
+            for line, subject, room in items:
                 seq = next(self._presence_seq)
-                self._presence.append((seq, line, subject))
+                self._presence.append((seq, line, subject, room))
                 if joined:
                     subject.presence_seq = seq  # it hears only of what comes after its own JOIN
                     self._joined_unannounced.add(subject)
@@ -3117,7 +3752,7 @@ class ChatServer:
             self._presence_due.set()
 
     def _presence_loop(self) -> None:
-        """Send JOIN and LEAVE lines at most every PRESENCE_INTERVAL, all waiting ones as one write.
+        """Send presence lines at most every PRESENCE_INTERVAL, all waiting ones as one write.
 
         A thousand clients joining at once cost each member a few writes,
         not a thousand.
@@ -3147,9 +3782,10 @@ class ChatServer:
         """Queue the waiting presence lines (only those about ``keys``, if given) for every member that
         speaks the extended protocol; returns the queues the writer must hear of.  Holds the fan-out lock.
 
-        A member gets only the lines after its own JOIN (``presence_seq``),
-        whenever they are sent.  Lines about one name keep their order
-        whatever is taken.
+        A member gets only the JOIN and LEAVE lines after its own JOIN
+        (``presence_seq``), whenever they are sent, and a room's lines if it
+        is in the room when they are sent.  Lines about one name keep their
+        order whatever is taken.
         """
         with self._presence_lock:
             if keys is None:
@@ -3161,10 +3797,21 @@ class ChatServer:
                 self._joined_unannounced = {s for s in self._joined_unannounced if s.key not in keys}
         if not items:
             return []
-        blob = b"".join(line for _, line, _ in items)
-        first_seq = items[0][0]
-        offsets = list(itertools.accumulate((len(line) for _, line, _ in items), initial=0))
-        seqs = [seq for seq, _, _ in items]
+        everyone = [item for item in items if item[3] is None]
+        by_room: dict[Room, list[bytes]] = {}
+        for _, line, _, room in items:
+            if room is not None:
+                by_room.setdefault(room, []).append(line)
+        extra: dict[ClientSession, list[bytes]] = {}
+        for room, lines in by_room.items():
+            blob = b"".join(lines)
+            for s in room.members:
+                if s.extended:
+                    extra.setdefault(s, []).append(blob)
+        blob = b"".join(line for _, line, _, _ in everyone)
+        first_seq = everyone[0][0] if everyone else 0
+        offsets = list(itertools.accumulate((len(item[1]) for item in everyone), initial=0))
+        seqs = [item[0] for item in everyone]
         ready = []
         for s in members:
             if not s.extended:
@@ -3173,94 +3820,212 @@ class ChatServer:
                 data = blob
             else:
                 data = blob[offsets[bisect.bisect_right(seqs, s.presence_seq)]:]
+            if s in extra:
+                data += b"".join(extra.pop(s))
             if data and s.outbound.put(data):
                 ready.append(s)
         return ready
 
+    # --- rooms --------------------------------------------------------------------------
+
+    def _load_rooms(self) -> None:
+        """#main, the rooms in the history, and the configured ones (made and stored if new)."""
+        records = self.history.rooms() if self.history is not None else []
+        known = {r.name for r in records}
+        for record in records:
+            self.registry.add_room(record)
+        for spec in (f"{MAIN_ROOM}: ", *self.config.rooms):
+            name, _, topic = spec.partition(": ")
+            if name in known:
+                continue
+            record = RoomRecord(name, "", time.time(), topic, "" if not topic else "config",
+                                time.time() if topic else 0.0)
+            self.registry.add_room(record)
+            if self.history is not None:
+                self.history.save_room(record)
+
+    def room(self, name: str) -> Room:
+        room = self.registry.rooms.get(name)
+        if room is None:
+            raise ProtocolError("unknown-room", f"there is no room #{name} (JOIN|#{name} makes it)")
+        return room
+
+    def enter_room(self, session: ClientSession, name: str) -> None:
+        """Put ``session`` in a room (made if new), and reply with its topic, its names and ``JOIN_OK``.
+
+        The reply waits (at most JOIN_WAIT) for messages accepted before the
+        join to go out, so a HISTORY asked after JOIN_OK and the live stream
+        leave no gap between them.
+        """
+        def create(room: Room) -> None:
+            if self.history is not None:
+                self.history.save_room(room.record())
+            log.info("%s made the room #%s", session.name, room.name)
+
+        room, new = self.registry.enter(session, name, create)
+        if new:
+            session.markers.setdefault(name, room.last_id)
+            if session.owner and self.history is not None and name not in self.history.markers(session.key):
+                self.history.set_marker(session.key, name, session.markers[name])
+        self._wait_delivered(self.log.last_id, JOIN_WAIT)
+        topic = encode_topic(room.name, room.topic_ts, room.topic_by, room.topic) if room.topic else b""
+        session.reply(topic + encode_users(self.users(room.members), structured=True, room=name)
+                      + encode_line("JOIN_OK", f"#{name}"))
+
+    def part_room(self, session: ClientSession, name: str, reason: str) -> None:
+        self.registry.part(session, name, reason)
+        session.reply(encode_line("PART_OK", f"#{name}"))
+
+    def set_topic(self, session: ClientSession, room: Room, text: str) -> None:
+        if room.name not in session.rooms and not self._operator(session):
+            raise ProtocolError("not-in-room", f"join #{room.name} to set its topic")
+        text = text[:self.config.max_topic]
+        if not self.address_budget.charge(session.host, fan_out_cost(session.name, text)):
+            raise ProtocolError("rate-limited", f"too many bytes from {session.host} too fast")
+        store = self.history.save_room if self.history is not None else None
+        self.registry.set_topic(room, session.name, text, lambda r: store and store(r.record()))
+        line = encode_topic(room.name, room.topic_ts, room.topic_by, room.topic)
+        with self._fanout_lock:
+            ready = [s for s in room.members if s.extended and s is not session and s.outbound.put(line)]
+        self.writer.schedule_many(ready)
+        session.reply(line)
+        log.info("%s set the topic of #%s", session.name, room.name)
+
+    def mark_read(self, session: ClientSession, room: Room, upto: int) -> None:
+        upto = min(upto, self._delivered_upto)
+        if upto <= session.markers.get(room.name, 0):
+            return
+        session.markers[room.name] = upto
+        if session.owner and self.history is not None:
+            self.history.set_marker(session.key, room.name, upto)
+
+    def close_room(self, session: ClientSession, name: str) -> None:
+        def allowed(room: Room) -> None:
+            if name == MAIN_ROOM:
+                raise ProtocolError("not-allowed", "#main is where everyone starts; it cannot be closed")
+            if not self._operator(session) and not (room.created_by and room.created_by == session.key):
+                raise ProtocolError("not-allowed", ERROR_CODES["not-allowed"])
+
+        self.registry.close_room(name, allowed,
+                                 lambda n: self.history.delete_room(n) if self.history is not None else None)
+        log.info("%s closed the room #%s", session.name, name)
+
+    def _operator(self, session: ClientSession) -> bool:
+        return session.owner and any(confusable_key(n) == session.key for n in self.config.operators)
+
+    def send_rooms(self, session: ClientSession) -> None:
+        """``ROOM|#name|joined|online|messages|unread|mentions|last|topic`` for each room, then END."""
+        lines = []
+        upto = self._delivered_upto
+        rooms = sorted(self.registry.rooms.values(), key=lambda r: r.name)
+        for room in rooms:
+            joined = room.name in session.rooms
+            unread = mentioned = 0
+            if session.name is not None and self.history is not None and room.name in session.markers:
+                marker = session.markers[room.name]
+                if marker < room.last_id:
+                    unread, mentioned = self.history.unread(room.name, marker, session.name, upto)
+            lines.append(encode_line("ROOM", f"#{room.name}", int(joined), len(room.members), room.messages,
+                                     unread, mentioned,
+                                     format_timestamp(room.last_ts) if room.last_ts else "",
+                                     escape_text(room.topic)))
+        session.reply(b"".join(lines) + encode_line("END", "ROOMS", len(lines)))
+
     # --- fan-out -----------------------------------------------------------------------
 
-    def publish(self, sender: ClientSession, kind: str, text: str, recipient: str | None = None) -> None:
+    def publish(self, sender: ClientSession, kind: str, text: str, *, room: str | None = MAIN_ROOM,
+                recipient: str | None = None) -> None:
         """The one place every accepted message passes.
 
-        It gets its id, its time and (a direct message) its one recipient
-        session here, and joins the pipeline: the history's group commit, or
-        without history the Sequencer.  Either hands it on in a batch to
-        _committed(), which fans the batch out and acknowledges it: each
-        reader gets a whole batch in one queue write, and the reader threads
-        never wait for one another's fan-out.
+        Here it gets its audience, fixed now: the room's members, or a
+        direct message's one recipient session.  The commit log gives it its
+        id and order, and hands it on in a batch to _committed(), which fans
+        the batch out and acknowledges it: each reader gets a whole batch in
+        one queue write, and the reader threads never wait for one another's
+        fan-out.
         """
-        target = None
         if recipient is not None:
-            target = self._by_key.get(confusable_key(recipient))
+            target = self.registry.holder(confusable_key(recipient))
             if target is None:
                 raise ProtocolError("unknown-user", f"no user named {sanitise_line(recipient)!r} is online")
-            recipient = target.name
-        with self._accept_lock:
-            msg = ChatMessage(next(self._ids), time.time(), sender.name, text, kind, recipient)
-            pending = PendingMessage(msg, sender, target)
-            with self._fanout_lock:
-                sender.last_pending = pending
-            self.pipeline.append(pending)
+            recipient, audience, room = target.name, (target,), MAIN_ROOM
+        else:
+            where = self.room(room)
+            if room not in sender.rooms and not sender.quiet:
+                raise ProtocolError("not-in-room", f"you are not in #{room}: JOIN|#{room} first")
+            audience = where.members
+        draft = ChatMessage(0, 0.0, sender.name, text, kind, recipient, room)
+        pending = PendingMessage(draft, sender, audience)
+        with self._fanout_lock:
+            sender.last_pending = pending
+        self.log.submit(pending)
 
     def _committed(self, batch: list[PendingMessage]) -> None:
+        """The commit log's callback: ``batch`` is committed; deliver and acknowledge it."""
         members = self.members()
+        rooms = self.registry.rooms
+        for pending in batch:
+            msg = pending.message
+            if msg.kind != "dm" and (room := rooms.get(msg.room)) is not None:
+                room.messages += 1
+                room.last_ts, room.last_id = msg.ts, msg.id
         with self._fanout_lock:
             ready = []
             joiners = {p.sender.key for p in batch if p.sender in self._joined_unannounced}
             if joiners:  # their JOIN before their messages; the rest waits for the presence thread
                 ready = self._flush_presence(members, joiners)
-            ready += self._fan_out_batch(batch, members)
+            ready += self._fan_out_batch(batch)
         self.writer.schedule_many(ready)  # one wake-up for the whole batch
+        self._mark_delivered(batch[-1].message.id)
 
-    def _fan_out_batch(self, batch: list[PendingMessage],
-                       members: tuple[ClientSession, ...]) -> list[ClientSession]:
+    def _fan_out_batch(self, batch: list[PendingMessage]) -> list[ClientSession]:
         """A committed batch: each reader gets its part of it in one queue write; returns the
         queues that need the writer.  The caller holds the fan-out lock.
 
-        Members that neither sent nor received a direct message in the batch
-        all get the same bytes (every broadcast, in their protocol's form); the
-        others get their own list, in id order, without their own messages and
-        with their MSG_OKs.
+        Messages come in runs with one audience (a busy room's members, the
+        same tuple until someone joins or leaves): every member of a run that
+        sent nothing in the batch gets the run's bytes as one piece; senders
+        get their list message by message, in id order, with their MSG_OKs in
+        place of their own messages.
         """
-        seed_readers = any(not s.extended for s in members)
-        shared: list[bytes] = []
-        shared_seed: list[bytes] = []
-        own: dict[ClientSession, list[bytes]] = {}
+        senders = {p.sender for p in batch}
+        parts: dict[ClientSession, list[bytes]] = {}
         forced: set[ClientSession] = set()  # their BYE is in their part: it goes in whatever the SendQ
-        for pending in batch:
-            msg, sender = pending.message, pending.sender
-            line = encode_message(msg)
-            seed_line = encode_seed_delivery(msg) if seed_readers else b""
-            if sender not in own:
-                own[sender] = list(shared if sender.extended else shared_seed)
-            if msg.recipient is None:
-                shared.append(line)
-                shared_seed.append(seed_line)
-                for session, chunks in own.items():
-                    if session is not sender:
-                        chunks.append(line if session.extended else seed_line)
-            elif (target := pending.target) is not None:
-                if target not in own:
-                    own[target] = list(shared if target.extended else shared_seed)
-                own[target].append(line if target.extended else encode_seed_delivery(msg))
-            own[sender].append(sender.acknowledgement(msg))
-            own[sender].extend(pending.after)
-            if pending.forced:
-                forced.add(sender)
-            if sender.last_pending is pending:
-                sender.last_pending = None
-            self._delivered_upto = msg.id
-        everyone, everyone_seed = b"".join(shared), b"".join(shared_seed)
-        ready = []
-        for s in members:
-            if s not in own:
-                data = everyone if s.extended else everyone_seed
-                if data and s.outbound.put(data):
-                    ready.append(s)
-        ready += [s for s, chunks in own.items() if chunks and s.outbound.put(b"".join(chunks), s in forced)]
-        return ready
+        start, count = 0, len(batch)
+        while start < count:
+            audience = batch[start].audience
+            end = start + 1
+            while end < count and batch[end].audience is audience:
+                end += 1
+            run = batch[start:end]
+            lines = [encode_message(p.message) for p in run]
+            seed_lines = ([encode_seed_delivery(p.message) for p in run]
+                          if any(not s.extended for s in audience) else [])
+            blob, seed_blob = b"".join(lines), b"".join(seed_lines)
+            run_senders = []
+            for s in audience:
+                if s in senders:
+                    run_senders.append(s)
+                else:
+                    parts.setdefault(s, []).append(blob if s.extended else seed_blob)
+            for i, pending in enumerate(run):
+                sender = pending.sender
+                for s in run_senders:
+                    if s is not sender:
+                        parts.setdefault(s, []).append(lines[i] if s.extended else seed_lines[i])
+                own = parts.setdefault(sender, [])
+                own.append(sender.acknowledgement(pending.message))
+                own.extend(pending.after)
+                if pending.forced:
+                    forced.add(sender)
+                if sender.last_pending is pending:
+                    sender.last_pending = None
+            start = end
+        return [s for s, chunks in parts.items()
+                if s.outbound.put(chunks[0] if len(chunks) == 1 else b"".join(chunks), s in forced)]
 
     def _not_stored(self, batch: list[PendingMessage], error: str) -> None:
+        """The commit log's callback: ``batch`` could not be stored, so it goes to nobody."""
         ready = []
         with self._fanout_lock:
             for pending in batch:
@@ -3271,8 +4036,18 @@ class ChatServer:
                 if sender.outbound.put(data, pending.forced):
                     ready.append(sender)
         self.writer.schedule_many(ready)
+        self._mark_delivered(batch[-1].message.id)
 
-    def send_history(self, session: ClientSession, kind: str,
+    def _mark_delivered(self, upto: int) -> None:
+        with self._delivered:
+            self._delivered_upto = upto
+            self._delivered.notify_all()
+
+    def _wait_delivered(self, upto: int, timeout: float) -> None:
+        with self._delivered:
+            self._delivered.wait_for(lambda: self._delivered_upto >= upto, timeout)
+
+    def send_history(self, session: ClientSession, kind: str, room: str | None,
                      query: Callable[[HistoryStore, int, int], tuple[list[ChatMessage], bool]]) -> None:
         """Reply with stored messages and ``END|kind|count`` (``|more`` when some were left out) as one block.
 
@@ -3285,6 +4060,8 @@ class ChatServer:
         """
         if self.history is None:
             raise ProtocolError("history-off", ERROR_CODES["history-off"])
+        if room is not None:
+            self.room(room)
         if session.name is not None:
             self.check_quiet_name(session)
         if session.outbound.size > session.outbound.limit:  # it has not read what it asked for before
@@ -3300,9 +4077,7 @@ class ChatServer:
         config = self.config
         while not self._stopping.wait(REAPER_INTERVAL):
             now = time.monotonic()
-            with self._registry_lock:
-                sessions = list(self._sessions)
-            for s in sessions:
+            for s in self.registry.sessions():
                 if s.leave_reason is not None:
                     if s.leave_at and now - s.leave_at > DISCONNECT_LINGER:
                         s.abort()

@@ -139,7 +139,7 @@ def test_fifty_concurrent_senders_no_loss_no_duplicates_ids_in_commit_order(serv
     reader = clients[0]
     while sum(line.startswith("MSG|") for line in reader.seen) < (n - 1) * per_sender:
         reader.line()
-    seen = [int(line.split("|")[1]) for line in reader.seen if line.startswith("MSG|")]
+    seen = [int(line.split("|")[2]) for line in reader.seen if line.startswith("MSG|")]
     assert seen == sorted(seen)
     for c in clients:
         c.close()
@@ -160,14 +160,12 @@ def test_retention_keeps_the_newest_messages(make_server, monkeypatch):
 
 def test_retention_by_age(tmp_path):
     store = chatctl.HistoryStore(tmp_path / "h.db", max_days=1)
-    store.start(lambda batch: None, lambda batch, error: None)
     import time
 
     now = time.time()
-    for i, age_days in enumerate([3, 2, 0.5, 0]):
-        store.append(chatctl.PendingMessage(chatctl.ChatMessage(i + 1, now - age_days * 86400, "a", f"m{i}"),
-                                            None))
-    wait_until(lambda: store.count() == 4)
+    store.insert([chatctl.PendingMessage(chatctl.ChatMessage(i + 1, now - age * 86400, "a", f"m{i}"), None)
+                  for i, age in enumerate([3, 2, 0.5, 0])])
+    assert store.count() == 4
     assert store.prune() == 2
     assert [m.text for m in store.recent(None, 10)[0]] == ["m2", "m3"]
     store.close()
@@ -243,7 +241,7 @@ def test_a_failing_write_refuses_the_message_and_the_server_goes_on(server, user
     ana.send(b"MSG|after the disk was freed\n")
     assert ana.expect("MSG_OK") == "MSG_OK"
     lines = [bob.expect("MSG|") for _ in range(2)]
-    assert [line.split("|", 4)[4] for line in lines] == ["fits", "after the disk was freed"]
+    assert [line.split("|", 5)[5] for line in lines] == ["fits", "after the disk was freed"]
     messages, _ = history_of(bob, b"HISTORY|LAST|10\n")
     assert [m.text for m in messages] == ["fits", "after the disk was freed"]
 

@@ -171,7 +171,7 @@ def test_message_lines_round_trip(text, kind):
 
 def test_message_line_is_readable_at_netcat():
     msg = ChatMessage(7, 1_764_000_000.0, "ana", "hi | there\nsecond line")
-    assert encode_message(msg) == b"MSG|7|2025-11-24T16:00:00Z|ana|hi | there\\nsecond line\n"
+    assert encode_message(msg) == b"MSG|#main|7|2025-11-24T16:00:00Z|ana|hi | there\\nsecond line\n"
 
 
 def test_seed_user_list_is_byte_exact():

@@ -348,11 +348,11 @@ def test_cli_register_then_send_needs_the_password(make_server, isolated_home):
 def test_connections_per_address_and_in_total_are_limited(make_server):
     server = make_server(max_per_address=2)
     first, _second = RawClient(server.port), RawClient(server.port)
-    wait_until(lambda: len(server._sessions) == 2)
+    wait_until(lambda: len(server.registry.sessions()) == 2)
     third = RawClient(server.port)
     assert third.wait_closed()[0].startswith("ERR|too-many-connections|too many connections from 127.0.0.1")
     first.close()
-    wait_until(lambda: len(server._sessions) == 1)
+    wait_until(lambda: len(server.registry.sessions()) == 1)
     fourth = RawClient(server.port)
     fourth.send(b"USER|ana\n")
     assert fourth.line() == "USER_OK"
@@ -482,9 +482,7 @@ def test_dispatcher_survives_any_bytes_split_anywhere(fuzz_server, frames, data)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
     ours, theirs = socket.socketpair()
     session = chatctl.ClientSession(fuzz_server, ours, ("127.0.0.1", 9))
-    with fuzz_server._registry_lock:
-        fuzz_server._sessions.add(session)
-        fuzz_server._per_address["127.0.0.1"] = fuzz_server._per_address.get("127.0.0.1", 0) + 1
+    assert fuzz_server.registry.connect(session) is None
     fuzz_server.writer.adopt(session)
     try:
         for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
@@ -682,7 +680,7 @@ def test_a_tls_client_that_never_reads_is_dropped_at_its_sendq(tls_server):
     for _ in range(200):
         poster.expect("MSG_OK")
     ask_over_tls_and_never_read(server, b"HISTORY|LAST|10\n" * 5)  # each reply fits the SendQ; not all
-    wait_until(lambda: all(s.outbound.size < 8 * 64 * 1024 for s in list(server._sessions)))
+    wait_until(lambda: all(s.outbound.size < 8 * 64 * 1024 for s in server.registry.sessions()))
 
 
 # --- issue 10: what the attack review of the fixes found ----------------------------------------------------
@@ -738,8 +736,8 @@ def test_clients_that_ask_and_never_read_cost_bounded_memory(make_server, monkey
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.sendall(b"HELLO|chatctl/1\n" + b"HISTORY|LAST|500\n" * 60)  # 60 replies of 256 KiB asked
         sinks.append(sock)
-    wait_until(lambda: len(server._sessions) == 48)  # all of them in (the poster is gone)
-    wait_until(lambda: not server._sessions, timeout=30)  # all dropped at their SendQ
+    wait_until(lambda: len(server.registry.sessions()) == 48)  # all of them in (the poster is gone)
+    wait_until(lambda: not server.registry.sessions(), timeout=30)  # all dropped at their SendQ
     assert most <= 1.5 * server.config.sendq  # what one client may hold: a SendQ and a half
     for sock in sinks:
         sock.close()

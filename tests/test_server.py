@@ -75,7 +75,7 @@ def test_hello_gets_ids_in_acks_and_structured_user_lists(user):
     ack = ana.expect("MSG_OK")
     _, mid, ts = ack.split("|")
     delivered = bob.expect("MSG|")
-    assert delivered.startswith(f"MSG|{mid}|{ts}|ana|one")
+    assert delivered.startswith(f"MSG|#main|{mid}|{ts}|ana|one")
     ana.send(b"DIR\n")
     users = chatctl.parse_event(ana.expect("USERS|"))
     assert [u.name for u in users.users] == ["ana", "bob"]
@@ -244,7 +244,7 @@ def test_fifty_clients_get_every_message_exactly_once_in_order(server):
             if line.startswith("MSG_OK|"):
                 acks += 1
             elif line.startswith("MSG|"):
-                sender, seq = line.split("|", 4)[4].split(":")
+                sender, seq = line.split("|", 5)[5].split(":")
                 got.setdefault(int(sender), []).append(int(seq))
                 received += 1
         assert acks == per_sender
@@ -427,7 +427,7 @@ def test_readers_are_kept_for_the_next_connection(server):
         client.send(f"USER|c{i}\nQUIT\n".encode())
         assert client.wait_closed()[-1] == "BYE|goodbye"
         client.close()
-        wait_until(lambda: not server._sessions)
+        wait_until(lambda: not server.registry.sessions())
     readers = [t for t in chatctl_threads() if t.name.startswith("chatctl-reader-")]
     assert 1 <= len(readers) <= 3
 
@@ -453,7 +453,7 @@ def test_the_port_accepts_only_once_the_server_is_ready(make_server, tmp_path):
 
 def test_one_bye_and_one_leave_when_three_threads_end_a_session_at_once(server, user, monkeypatch):
     watcher, victim = user("watcher", hello=True), user("victim")
-    session = next(s for s in list(server._sessions) if s.name == "victim")
+    session = next(s for s in server.registry.sessions() if s.name == "victim")
     meet = threading.Barrier(3, timeout=1)
     racing = threading.local()
     real_monotonic = time.monotonic
