@@ -1197,6 +1197,7 @@ MIGRATIONS: dict[int, str] = {
             last_read INTEGER NOT NULL,
             PRIMARY KEY (user_key, room)
         ) WITHOUT ROWID;
+        INSERT INTO rooms (name) VALUES ('main');
     """,
 }
 
@@ -3798,16 +3799,18 @@ class ChatServer:
         if not items:
             return []
         everyone = [item for item in items if item[3] is None]
-        by_room: dict[Room, list[bytes]] = {}
-        for _, line, _, room in items:
+        by_room: dict[Room, list[tuple[bytes, ClientSession]]] = {}
+        for _, line, subject, room in items:
             if room is not None:
-                by_room.setdefault(room, []).append(line)
+                by_room.setdefault(room, []).append((line, subject))
         extra: dict[ClientSession, list[bytes]] = {}
-        for room, lines in by_room.items():
-            blob = b"".join(lines)
+        for room, lines in by_room.items():  # a room's lines to its members, but not to their subjects
+            blob = b"".join(line for line, _ in lines)
+            subjects = {subject for _, subject in lines}
             for s in room.members:
                 if s.extended:
-                    extra.setdefault(s, []).append(blob)
+                    data = blob if s not in subjects else b"".join(line for line, who in lines if who is not s)
+                    extra.setdefault(s, []).append(data)
         blob = b"".join(line for _, line, _, _ in everyone)
         first_seq = everyone[0][0] if everyone else 0
         offsets = list(itertools.accumulate((len(item[1]) for item in everyone), initial=0))

@@ -1,0 +1,288 @@
+"""Rooms over the wire: join, part, topics, names, unread markers, the seed's clients kept in #main."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+
+import chatctl
+from conftest import RawClient, wait_until
+
+
+def join(client: RawClient, *rooms: str) -> list[str]:
+    """JOIN rooms; the lines of the reply up to the last JOIN_OK."""
+    client.send(("JOIN|" + "|".join(rooms) + "\n").encode())
+    lines = []
+    for room in rooms:
+        while True:
+            line = client.line()
+            lines.append(line)
+            if line == f"JOIN_OK|#{room.lstrip('#').lower()}":
+                break
+    return lines
+
+
+def rooms_of(client: RawClient) -> dict[str, chatctl.RoomInfo]:
+    client.send(b"ROOMS\n")
+    found = {}
+    while True:
+        event = chatctl.parse_event(client.line())
+        if isinstance(event, chatctl.EndOfList):
+            assert event.kind == "ROOMS" and event.count == len(found)
+            return found
+        if isinstance(event, chatctl.RoomInfo):
+            found[event.name] = event
+
+
+def test_room_messages_reach_only_the_rooms_members(user):
+    ana, bob, cat = (user(n, hello=True) for n in ("ana", "bob", "cat"))
+    join(ana, "#deploys")
+    join(bob, "#Deploys")  # names are case-insensitive
+    ana.send(b"MSG|#deploys|build 42 is green\n")
+    mid = ana.expect("MSG_OK|").split("|")[1]
+    line = bob.expect("MSG|")
+    assert line.startswith(f"MSG|#deploys|{mid}|") and line.endswith("|ana|build 42 is green")
+    cat.send(b"PING|x\n")
+    assert cat.expect("PONG") == "PONG|x"
+    assert not any(line.startswith("MSG|") for line in cat.seen)  # cat is not in #deploys
+    ana.send(b"MSG|for everyone\n")  # no room: #main
+    assert cat.expect("MSG|").startswith("MSG|#main|")
+
+
+def test_the_seed_clients_live_in_main_and_see_nothing_of_other_rooms(user, connect):
+    ana = user("ana", hello=True)
+    join(ana, "#ops")
+    seed = connect()
+    seed.send(b"USER|old")  # one frame per write, no newline: the seed's socket scripts
+    assert seed.line() == "USER_OK"
+    ana.send(b"MSG|#ops|secret ops talk\nME|#ops|deploys\n")
+    ana.expect("MSG_OK|")
+    ana.expect("MSG_OK|")
+    ana.send(b"MSG|hello main\n")
+    ana.expect("MSG_OK|")
+    assert seed.line() == "ana: hello main"  # the #ops lines never came, so this is the first
+    seed.send(b"MSG|#ops|not a room to me")
+    assert seed.line() == "MSG_OK"
+    assert ana.expect("MSG|").endswith("|old|#ops|not a room to me")  # all of it text, in #main
+    seed.send(b"DIR")
+    assert seed.line() == "Users logged in: ana, old"
+    seed.send(b"JOIN|#ops")
+    assert seed.line().startswith("ERR|hello-required|")
+
+
+def test_join_shows_topic_and_names_and_members_hear_it(user):
+    ana, bob = user("ana", hello=True), user("bob", hello=True)
+    join(ana, "#deploys")
+    ana.send(b"TOPIC|#deploys|builds and releases\n")
+    topic = chatctl.parse_event(ana.expect("TOPIC|"))
+    assert (topic.room, topic.setter, topic.text) == ("deploys", "ana", "builds and releases")
+    lines = join(bob, "#deploys")
+    assert chatctl.parse_event(lines[0]).text == "builds and releases"
+    names = chatctl.parse_event(lines[1])
+    assert isinstance(names, chatctl.RoomNames) and [u.name for u in names.users] == ["ana", "bob"]
+    entered = chatctl.parse_event(ana.expect("ENTER|"))
+    assert (entered.room, entered.name) == ("deploys", "bob")
+    bob.send(b"TOPIC|#deploys|now with rollbacks\n")
+    assert chatctl.parse_event(ana.expect("TOPIC|")).text == "now with rollbacks"
+    bob.send(b"PART|#deploys|lunch\n")
+    assert bob.expect("PART_OK") == "PART_OK|#deploys"
+    exited = chatctl.parse_event(ana.expect("EXIT|"))
+    assert (exited.name, exited.reason) == ("bob", "lunch")
+    bob.send(b"MSG|#deploys|still here?\n")
+    assert bob.expect("ERR|").startswith("ERR|not-in-room|")
+
+
+@pytest.mark.parametrize("frame, code", [
+    (b"JOIN|#Bad Room\n", "invalid-room"),
+    (b"JOIN|#-dash\n", "invalid-room"),
+    (b"JOIN|#" + b"x" * 31 + b"\n", "invalid-room"),
+    (b"JOIN|#caf\xc3\xa9\n", "invalid-room"),
+    (b"JOIN\n", "missing-argument"),
+    (b"PART|#nowhere\n", "not-in-room"),
+    (b"NAMES|#nowhere\n", "unknown-room"),
+    (b"TOPIC|#nowhere\n", "unknown-room"),
+    (b"HISTORY|#nowhere|LAST|5\n", "unknown-room"),
+    (b"MSG|#nowhere|hi\n", "unknown-room"),
+    (b"MARK|#main|x\n", "bad-argument"),
+    (b"CLOSE|#main\n", "not-allowed"),
+])
+def test_bad_room_requests_get_a_stable_code_and_the_connection_goes_on(user, frame, code):
+    ana = user("ana", hello=True)
+    ana.send(frame)
+    assert ana.expect("ERR|").split("|")[1] == code
+    ana.send(b"PING|still\n")
+    assert ana.expect("PONG") == "PONG|still"
+
+
+def test_room_limits_per_user_and_per_server(make_server):
+    server = make_server(max_rooms_per_user=3, max_rooms=4)  # #main counts in both
+    ana = RawClient(server.port)
+    ana.send(b"HELLO|chatctl/1\nUSER|ana\n")
+    ana.expect("USER_OK")
+    join(ana, "#a", "#b")
+    ana.send(b"JOIN|#c\n")
+    assert ana.expect("ERR|").startswith("ERR|too-many-rooms|you are in 3 rooms")
+    ana.send(b"PART|#a\n")
+    ana.expect("PART_OK")
+    join(ana, "#c")  # #main, #a, #b, #c: the server's four
+    ana.send(b"PART|#c\nJOIN|#d\n")
+    ana.expect("PART_OK")
+    assert ana.expect("ERR|").startswith("ERR|too-many-rooms|the server has 4 rooms")
+    ana.send(b"CLOSE|#c\n")  # empty now, and ana made it
+    assert ana.expect("CLOSE_OK") == "CLOSE_OK|#c"
+    join(ana, "#d")
+    ana.close()
+
+
+def test_only_the_creator_or_an_operator_closes_and_only_an_empty_room(make_server):
+    server = make_server(operators=("root",))
+    server.accounts.protect(chatctl.confusable_key("root"), "root", chatctl.hash_password("rootpass1"))
+    ana, bob, root = (RawClient(server.port) for _ in range(3))
+    for client, frame in ((ana, b"USER|ana"), (bob, b"USER|bob"), (root, b"USER|root|rootpass1")):
+        client.send(b"HELLO|chatctl/1\n" + frame + b"\n")
+        client.expect("USER_OK")
+    join(ana, "#tmp")
+    ana.send(b"CLOSE|#tmp\n")
+    assert ana.expect("ERR|").startswith("ERR|room-not-empty|")
+    ana.send(b"PART|#tmp\n")
+    ana.expect("PART_OK")
+    bob.send(b"CLOSE|#tmp\n")
+    assert bob.expect("ERR|").startswith("ERR|not-allowed|")
+    root.send(b"CLOSE|#tmp\n")
+    assert root.expect("CLOSE_OK") == "CLOSE_OK|#tmp"
+    assert "tmp" not in rooms_of(bob)
+
+
+def test_a_quiet_script_posts_to_an_existing_room_without_joining(user, connect):
+    ana = user("ana", hello=True)
+    join(ana, "#deploys")
+    bot = connect()
+    bot.send(b"HELLO|chatctl/1|quiet\nUSER|ci\nMSG|#deploys|build 7 ok\nMSG|#nope|x\n")
+    bot.expect("MSG_OK|")
+    assert bot.expect("ERR|").startswith("ERR|unknown-room|")
+    assert ana.expect("MSG|").endswith("|ci|build 7 ok")
+
+
+def test_history_and_search_per_room(user):
+    ana = user("ana", hello=True)
+    join(ana, "#deploys")
+    ana.send(b"MSG|main talk about deploys\nMSG|#deploys|deploys talk\n")
+    ana.expect("MSG_OK|")
+    ana.expect("MSG_OK|")
+    ana.send(b"HISTORY|#deploys|LAST|10\n")
+    first = chatctl.parse_event(ana.expect("MSG|"))
+    assert (first.message.room, first.message.text) == ("deploys", "deploys talk")
+    assert ana.expect("END|") == "END|HISTORY|1"
+    ana.send(b"HISTORY|LAST|10\n")  # no room: #main (and your direct messages)
+    assert chatctl.parse_event(ana.expect("MSG|")).message.text == "main talk about deploys"
+    assert ana.expect("END|") == "END|HISTORY|1"
+    ana.send(b"SEARCH|#deploys|10|talk\n")
+    assert chatctl.parse_event(ana.expect("MSG|")).message.room == "deploys"
+    assert ana.expect("END|") == "END|SEARCH|1"
+
+
+def test_rooms_list_counts_unread_and_mentions_from_the_marker(user):
+    ana, bob = user("ana", hello=True), user("bob", hello=True)
+    join(ana, "#deploys")
+    join(bob, "#deploys")
+    for text in (b"one", b"two for ana", b"three"):
+        bob.send(b"MSG|#deploys|" + text + b"\n")
+        bob.expect("MSG_OK|")
+    last = [chatctl.parse_event(ana.expect("MSG|")).message.id for _ in range(3)]
+    info = rooms_of(ana)
+    assert (info["deploys"].unread, info["deploys"].mentions, info["deploys"].messages) == (3, 1, 3)
+    assert info["deploys"].joined and info["deploys"].online == 2 and info["main"].unread == 0
+    ana.send(f"MARK|#deploys|{last[1]}\n".encode())
+    assert ana.expect("MARK_OK") == f"MARK_OK|#deploys|{last[1]}"
+    assert (rooms_of(ana)["deploys"].unread, rooms_of(ana)["deploys"].mentions) == (1, 0)
+
+
+def test_unread_of_a_protected_name_survives_a_reconnect_and_a_restart(make_server, tmp_path):
+    db, accounts = str(tmp_path / "h.db"), str(tmp_path / "a.db")
+    server = make_server(db=db, accounts_db=accounts)
+    ana = RawClient(server.port)
+    ana.send(b"HELLO|chatctl/1\nUSER|ana\nREGISTER|anapass123\n")
+    ana.expect("REGISTER_OK")
+    join(ana, "#deploys")
+    ana.send(b"QUIT\n")
+    ana.wait_closed()
+    bob = RawClient(server.port)
+    bob.send(b"HELLO|chatctl/1\nUSER|bob\n")
+    bob.expect("USER_OK")
+    join(bob, "#deploys")
+    for text in (b"ana: look", b"two"):
+        bob.send(b"MSG|#deploys|" + text + b"\n")
+        bob.expect("MSG_OK|")
+    bob.close()
+    server.shutdown()
+
+    again = make_server(db=db, accounts_db=accounts)
+    ana = RawClient(again.port)
+    ana.send(b"HELLO|chatctl/1\nUSER|ana|anapass123\n")
+    ana.expect("USER_OK")
+    info = rooms_of(ana)["deploys"]
+    assert (info.unread, info.mentions, info.joined, info.messages) == (2, 1, False, 2)
+    ana.close()
+
+
+def test_a_database_from_before_rooms_keeps_every_message_in_main(tmp_path):
+    path = tmp_path / "v3.db"
+    db = sqlite3.connect(path)
+    db.create_function("casefold", 1, lambda s: s.casefold() if s is not None else None)
+    db.create_function("name_key", 1, lambda s: chatctl.confusable_key(s) if s is not None else None)
+    for version in (1, 2, 3):
+        db.executescript(chatctl.MIGRATIONS[version])
+    db.execute("INSERT INTO messages (id, ts, sender, text, kind) VALUES (1, 1700000000.0, 'ana', 'old', 'msg')")
+    db.execute("INSERT INTO messages (id, ts, sender, sender_key, recipient, recipient_key, text, kind) "
+               "VALUES (2, 1700000001.0, 'ana', 'ana', 'bob', 'bob', 'psst', 'dm')")
+    db.execute("PRAGMA user_version = 3")
+    db.commit()
+    db.close()
+    store = chatctl.HistoryStore(path)
+    assert [(m.text, m.room) for m in store.recent(None, 10, room="main")[0]] == [("old", "main")]
+    assert [m.text for m in store.recent("bob", 10)[0]] == ["old", "psst"]
+    assert [(r.name, r.messages) for r in store.rooms()] == [("main", 1)]
+    store.close()
+    server = chatctl.ChatServer(chatctl.ServerConfig(host="127.0.0.1", port=0, db=str(path)))
+    try:
+        assert server.registry.rooms["main"].messages == 1
+    finally:
+        server.shutdown()
+
+
+def test_configured_rooms_exist_at_start_with_their_topics(make_server):
+    server = make_server(rooms=chatctl.parse_room_specs(("#deploys: builds and releases", "random")))
+    ana = RawClient(server.port)
+    ana.send(b"HELLO|chatctl/1\nUSER|ana\n")
+    ana.expect("USER_OK")
+    info = rooms_of(ana)
+    assert set(info) == {"main", "deploys", "random"}
+    assert info["deploys"].topic == "builds and releases" and not info["deploys"].joined
+    ana.close()
+
+
+def test_a_dm_goes_to_the_session_addressed_when_it_was_accepted(server, user):
+    """The DM-after-rename race: the recipient leaves, a newcomer takes the name before the commit."""
+    ana, bob = user("ana", hello=True), user("bob", hello=True)
+    gate = threading.Event()
+    real_insert = server.history.insert
+
+    def held_insert(batch):  # hold the commit until the name has changed hands
+        gate.wait(5)
+        real_insert(batch)
+
+    server.history.insert = held_insert
+    accepted = server.log.last_id
+    ana.send(b"DM|bob|for the old bob only\n")
+    wait_until(lambda: server.log.last_id > accepted)  # addressed and numbered; its commit is held
+    bob.send(b"QUIT\n")
+    bob.wait_closed()
+    wait_until(lambda: server.registry.holder(chatctl.confusable_key("bob")) is None)
+    newcomer = user("bob", hello=True)
+    gate.set()
+    ana.expect("MSG_OK|")
+    newcomer.send(b"PING|after\n")
+    assert newcomer.expect("PONG") == "PONG|after"
+    assert not any(line.startswith("DM|") for line in newcomer.seen)
