@@ -4370,21 +4370,47 @@ class ChatConnection:
     def unprotect(self) -> None:
         self.request("UNREGISTER", expect=(Confirmed,))
 
-    def post(self, text: str, to: str | None = None, kind: str = "msg") -> Acknowledged:
+    def post(self, text: str, to: str | None = None, kind: str = "msg", room: str | None = None) -> Acknowledged:
         body = escape_text(text)
         if to is not None:
             return self.request("DM", to, body, expect=(Acknowledged,))
-        return self.request(kind.upper(), body, expect=(Acknowledged,))
+        return self.request(kind.upper(), *room_fields(room), body, expect=(Acknowledged,))
 
     def users(self) -> tuple[UserInfo, ...]:
         return self.request("DIR", expect=(UserList,)).users
 
-    def history(self, *fields: str) -> list[ChatMessage]:
-        """``HISTORY|LAST|n``, ``HISTORY|BEFORE|id|n`` or ``HISTORY|AFTER|id|n``: oldest first."""
-        return self._listing("HISTORY", *fields)
+    def names(self, room: str) -> tuple[UserInfo, ...]:
+        return self.request("NAMES", f"#{room}", expect=(RoomNames,)).users
 
-    def search(self, text: str, limit: int) -> list[ChatMessage]:
-        return self._listing("SEARCH", str(limit), escape_text(text))
+    def rooms(self) -> list[RoomInfo]:
+        self.request("ROOMS", expect=(EndOfList,))
+        found = [e for e in self.pending if isinstance(e, RoomInfo)]
+        self.pending = [e for e in self.pending if not isinstance(e, RoomInfo)]
+        return found
+
+    def join_rooms(self, *rooms: str) -> list[ServerEvent]:
+        """``JOIN`` each room; returns what came with the JOIN_OKs (topics, names), the rest stays pending."""
+        self.send("JOIN", *(f"#{room}" for room in rooms))
+        waiting, replies = set(rooms), []
+        deadline = time.monotonic() + self.timeout
+        while waiting:
+            event = self.read_event(max(0.0, deadline - time.monotonic()))
+            if isinstance(event, Confirmed) and event.verb == "JOIN":
+                waiting.discard(event.arg.lstrip("#"))
+            elif isinstance(event, (Topic, RoomNames)):
+                replies.append(event)
+            elif isinstance(event, ErrorReply):
+                raise RejectedError(event.code, event.text)
+            else:
+                self.pending.append(event)
+        return replies
+
+    def history(self, *fields: str, room: str | None = None) -> list[ChatMessage]:
+        """``HISTORY|LAST|n``, ``HISTORY|BEFORE|id|n`` or ``HISTORY|AFTER|id|n`` (of ``room``): oldest first."""
+        return self._listing("HISTORY", *room_fields(room), *fields)
+
+    def search(self, text: str, limit: int, room: str | None = None) -> list[ChatMessage]:
+        return self._listing("SEARCH", *room_fields(room), str(limit), escape_text(text))
 
     def _listing(self, verb: str, *fields: str) -> list[ChatMessage]:
         return self._page(verb, *fields)[0]
@@ -4396,12 +4422,13 @@ class ChatConnection:
         self.pending = [e for e in self.pending if not isinstance(e, Delivered)]
         return [found[i] for i in sorted(found)], end
 
-    def missed_since(self, last_id: int, most: int = MISSED_MAX) -> tuple[list[ChatMessage], bool]:
-        """What is visible after ``last_id``, page by page (each page fits the SendQ), up to ``most``
-        messages; and whether there was more than that."""
+    def missed_since(self, last_id: int, most: int = MISSED_MAX,
+                     room: str | None = None) -> tuple[list[ChatMessage], bool]:
+        """What is visible after ``last_id`` (in ``room``; no room: #main and your direct messages),
+        page by page (each page fits the SendQ), up to ``most`` messages; and whether there was more."""
         missed: list[ChatMessage] = []
         while len(missed) < most:
-            page, end = self._page("HISTORY", "AFTER", str(last_id), str(HISTORY_PAGE_MAX))
+            page, end = self._page("HISTORY", *room_fields(room), "AFTER", str(last_id), str(HISTORY_PAGE_MAX))
             missed.extend(page)
             if not page or not (end.more or end.count >= HISTORY_PAGE_MAX):
                 return missed, False
@@ -4419,6 +4446,11 @@ class ChatConnection:
             pass
         finally:
             self.sock.close()
+
+
+def room_fields(room: str | None) -> tuple[str, ...]:
+    """The optional room field of a request: ``#room``, or nothing (the server's default, #main)."""
+    return (f"#{room}",) if room is not None else ()
 
 
 PasswordPrompt = Callable[[str], str]   # asked for the password of a protected name
@@ -4467,11 +4499,12 @@ def register_as(conn: ChatConnection, name: str, password: str,
 
 
 def send_one(config: ClientConfig, name: str, text: str, to: str | None = None,
-             kind: str = "msg", ask_password: PasswordPrompt | None = None) -> Acknowledged:
-    """Register as ``name``, send one message and wait for its MSG_OK."""
+             kind: str = "msg", ask_password: PasswordPrompt | None = None,
+             room: str | None = None) -> Acknowledged:
+    """Register as ``name``, send one message (to ``room``, which must exist) and wait for its MSG_OK."""
     with connect(config, notify=client_notice, quiet=True) as conn:
         register_as(conn, name, config.user_password, ask_password)
-        return conn.post(text, to=to, kind=kind)
+        return conn.post(text, to=to, kind=kind, room=room)
 
 
 def set_protection(config: ClientConfig, name: str, new_password: str | None,
@@ -4490,16 +4523,25 @@ def client_notice(text: str) -> None:
     click.echo(f"chatctl: {text}", err=True)
 
 
-def fetch_users(config: ClientConfig) -> tuple[UserInfo, ...]:
-    """Who is online, without registering (so the asker is not listed)."""
+def fetch_users(config: ClientConfig, room: str | None = None) -> tuple[UserInfo, ...]:
+    """Who is online (or in ``room``), without registering (so the asker is not listed)."""
     with connect(config, notify=client_notice) as conn:
-        return conn.users()
+        return conn.users() if room is None else conn.names(room)
+
+
+def fetch_rooms(config: ClientConfig, name: str | None = None) -> list[RoomInfo]:
+    """Every room; registering (quietly) as ``name``, a protected name, adds its unread counts."""
+    with connect(config, notify=client_notice, quiet=True) as conn:
+        if name:
+            register_as(conn, name, config.user_password, None)
+        return conn.rooms()
 
 
 def fetch_history(config: ClientConfig, name: str | None = None, limit: int = 20,
                   before: int | None = None, after: int | None = None,
-                  search: str | None = None) -> list[ChatMessage]:
-    """Stored messages, oldest first; registering as ``name`` adds that user's direct messages.
+                  search: str | None = None, room: str | None = None) -> list[ChatMessage]:
+    """Stored messages of ``room`` (or #main), oldest first; registering as ``name`` (no room) adds
+    that user's direct messages.
 
     The registration is quiet: the owner of a protected name reads their
     direct messages while their own session stays online.
@@ -4508,12 +4550,12 @@ def fetch_history(config: ClientConfig, name: str | None = None, limit: int = 20
         if name:
             register_as(conn, name, config.user_password, None)
         if search is not None:
-            return conn.search(search, limit)
+            return conn.search(search, limit, room=room)
         if before is not None:
-            return conn.history("BEFORE", str(before), str(limit))
+            return conn.history("BEFORE", str(before), str(limit), room=room)
         if after is not None:
-            return conn.history("AFTER", str(after), str(limit))
-        return conn.history("LAST", str(limit))
+            return conn.history("AFTER", str(after), str(limit), room=room)
+        return conn.history("LAST", str(limit), room=room)
 
 
 # --- chatctl bench: a load generator for operators -------------------------------------------
@@ -4784,6 +4826,12 @@ class LoadGenerator:
 # --- join: input lines and a connection that outlives the server's restarts ----------
 
 JOIN_COMMANDS = {
+    "/join": "/join #ROOM...    join rooms (a new one is made) and switch to the first",
+    "/part": "/part [#ROOM]     leave a room (this one without #ROOM)",
+    "/rooms": "/rooms            every room, with your unread lines and mentions",
+    "/next": "/next             switch to the room with the oldest unread line (Alt-n too)",
+    "/topic": "/topic [TEXT]     show this room's topic, or set it",
+    "/names": "/names            who is in this room",
     "/msg": "/msg USER TEXT    a direct message to USER",
     "/reply": "/reply TEXT       a direct message to whoever last sent you one",
     "/me": "/me ACTION        an action: * you ACTION",
@@ -4824,7 +4872,7 @@ def parse_input(line: str) -> InputCommand:
         if not target or not text.strip():
             return InputCommand("usage", text=JOIN_COMMANDS[word])
         return InputCommand("msg-to", target, text)
-    if action in ("reply", "me", "unignore", "nick") and not rest.strip():
+    if action in ("reply", "me", "unignore", "nick", "join") and not rest.strip():
         return InputCommand("usage", text=JOIN_COMMANDS[word])
     if action in ("ignore", "unignore"):
         return InputCommand(action, rest.strip() or None)
@@ -4838,6 +4886,98 @@ class Backlog:
     messages: tuple[ChatMessage, ...]
     missed: bool
     more: bool = False   # missed more than MISSED_MAX: the rest is in the history
+
+
+@dataclass
+class RoomView:
+    """What a client knows of one room it is in."""
+
+    topic: str = ""
+    unread: int = 0          # lines that came while another room was current
+    mentions: int = 0
+    first_unread: int = 0    # the id of the oldest of them (0: none)
+    last_id: int = 0         # the newest id seen in it
+
+
+class RoomsModel:
+    """A chat client's rooms, with no terminal in it: the rooms it is in (in the order joined), the
+    current one (where plain text goes), and for each its topic and what came while it was not current.
+
+    join is a front-end over it (and tui and web will be).  Events arrive on
+    the connection's reader thread and the user switches on the input
+    thread: every method takes ``_lock``.
+    """
+
+    def __init__(self, start: str = MAIN_ROOM):
+        self._lock = threading.Lock()
+        self.rooms: dict[str, RoomView] = {MAIN_ROOM: RoomView()}
+        self.current = MAIN_ROOM
+        self.start = start
+        self.known: set[str] = {MAIN_ROOM}   # every room heard of (for completion)
+
+    def joined(self) -> list[str]:
+        with self._lock:
+            return list(self.rooms)
+
+    def entered(self, room: str) -> None:
+        with self._lock:
+            self.rooms.setdefault(room, RoomView())
+            self.known.add(room)
+
+    def left(self, room: str) -> str:
+        """Out of ``room``; the current room afterwards (#main, or the first still joined)."""
+        with self._lock:
+            self.rooms.pop(room, None)
+            if self.current == room:
+                self.current = MAIN_ROOM if MAIN_ROOM in self.rooms else next(iter(self.rooms), MAIN_ROOM)
+            return self.current
+
+    def set_topic(self, room: str, text: str) -> None:
+        with self._lock:
+            if room in self.rooms:
+                self.rooms[room].topic = text
+            self.known.add(room)
+
+    def topic(self, room: str) -> str:
+        with self._lock:
+            view = self.rooms.get(room)
+            return view.topic if view else ""
+
+    def heard_of(self, rooms: Iterable[str]) -> None:
+        with self._lock:
+            self.known.update(rooms)
+
+    def arrived(self, msg: ChatMessage, mention: bool) -> bool:
+        """A message of a room was shown; True if it is in the current room (so it is read)."""
+        with self._lock:
+            view = self.rooms.get(msg.room)
+            if view is None:
+                return False
+            view.last_id = max(view.last_id, msg.id)
+            if msg.room == self.current:
+                return True
+            view.unread += 1
+            view.mentions += mention
+            view.first_unread = view.first_unread or msg.id
+            return False
+
+    def switch(self, room: str) -> int:
+        """Make ``room`` current; returns the newest id seen there (read now)."""
+        with self._lock:
+            view = self.rooms[room]
+            self.current = room
+            view.unread = view.mentions = view.first_unread = 0
+            return view.last_id
+
+    def next_unread(self) -> str | None:
+        """The room whose oldest unread line is the oldest of all, if any has one."""
+        with self._lock:
+            waiting = [(v.first_unread, name) for name, v in self.rooms.items() if v.first_unread]
+            return min(waiting)[1] if waiting else None
+
+    def unread(self) -> dict[str, tuple[int, int]]:
+        with self._lock:
+            return {name: (v.unread, v.mentions) for name, v in self.rooms.items()}
 
 
 class LiveSession:
@@ -4869,6 +5009,8 @@ class LiveSession:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="chatctl-join-reader", daemon=True)
         self.last_id = 0  # the newest message id seen; 0 before the first
+        self.rooms: list[str] = []  # rooms besides #main it is in: joined again after a reconnect
+        self.start_room = MAIN_ROOM  # the room whose last messages come first
 
     @property
     def connected(self) -> bool:
@@ -4917,13 +5059,14 @@ class LiveSession:
         try:
             self.password = register_as(conn, self.name, self.password, self.ask_password if first else None)
             users = conn.users()
+            rejoined = conn.join_rooms(*self.rooms) if self.rooms and conn.extended else []
             backlog = self._backlog(conn)
         except ChatError:
             conn.sock.close()
             raise
         with self._lock:
             self._conn = conn
-        held = [backlog, *conn.pending] if backlog is not None else list(conn.pending)
+        held = [*rejoined, backlog, *conn.pending] if backlog is not None else [*rejoined, *conn.pending]
         conn.pending.clear()
         return users, held
 
@@ -4932,10 +5075,16 @@ class LiveSession:
             return None
         missed, more = self.last_id > 0, False
         try:
-            if missed:
-                messages, more = conn.missed_since(self.last_id)
+            if missed:  # each room's gap by id (ids are the server's, one sequence for every room)
+                messages = []
+                for room in (None, *self.rooms):
+                    found, cut = conn.missed_since(self.last_id, room=room)
+                    messages += found
+                    more |= cut
+                messages = sorted({m.id: m for m in messages}.values(), key=lambda m: m.id)
             elif self.config.backlog:
-                messages = conn.history("LAST", str(self.config.backlog))
+                room = None if self.start_room == MAIN_ROOM else self.start_room
+                messages = conn.history("LAST", str(self.config.backlog), room=room)
             else:
                 return None
         except RejectedError as exc:
@@ -4948,6 +5097,12 @@ class LiveSession:
         self.on_status(notice, ())
 
     def _note_id(self, event: ServerEvent | Backlog) -> None:
+        if isinstance(event, Confirmed) and event.verb in ("JOIN", "PART"):
+            room = event.arg.lstrip("#")
+            if event.verb == "JOIN" and room != MAIN_ROOM and room not in self.rooms:
+                self.rooms.append(room)
+            elif event.verb == "PART" and room in self.rooms:
+                self.rooms.remove(room)
         if isinstance(event, Delivered):
             self.last_id = max(self.last_id, event.message.id)
         elif isinstance(event, Acknowledged) and event.id:  # our own message is history too
@@ -5147,7 +5302,7 @@ def render_history_table(messages: list[ChatMessage]) -> None:
     for m in messages:
         text = "\n".join(display_text(line) for line in m.text.split("\n"))
         table.add_row(str(m.id), local_time(m.ts, with_date=True), display_text(m.sender),
-                      display_text(m.recipient) if m.recipient else "",
+                      display_text(m.recipient) if m.recipient else f"#{m.room}",
                       f"* {text}" if m.kind == "me" else text)
     stdout_console().print(table)
 
@@ -5156,7 +5311,40 @@ def message_as_json(m: ChatMessage) -> str:
     import json
 
     return json.dumps({"id": m.id, "ts": format_timestamp(m.ts), "kind": m.kind, "from": m.sender,
-                       "to": m.recipient, "text": m.text})
+                       "to": m.recipient, "room": None if m.kind == "dm" else m.room, "text": m.text})
+
+
+def rooms_as_json(rooms: list[RoomInfo]) -> str:
+    import json
+
+    return json.dumps([{"room": f"#{r.name}", "joined": r.joined, "online": r.online, "messages": r.messages,
+                        "unread": r.unread, "mentions": r.mentions,
+                        "last": format_timestamp(r.last) if r.last else None, "topic": r.topic}
+                       for r in rooms])
+
+
+def render_rooms_table(rooms: list[RoomInfo], with_unread: bool) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{len(rooms)} room(s)", title_justify="left")
+    table.add_column("Room", style="bold")
+    table.add_column("Online", justify="right")
+    table.add_column("Messages", justify="right")
+    if with_unread:
+        table.add_column("Unread", justify="right")
+        table.add_column("Mentions", justify="right")
+    table.add_column("Last activity")
+    table.add_column("Topic", overflow="fold")
+    for r in rooms:
+        unread = [count_text(r.unread), count_text(r.mentions)] if with_unread else []
+        table.add_row(f"#{r.name}", str(r.online), str(r.messages), *unread,
+                      local_time(r.last, with_date=True) if r.last else "-", display_text(r.topic))
+    stdout_console().print(table)
+
+
+def count_text(count: int) -> str:
+    """An unread or mention count as shown: empty for none, ``9999+`` at the cap."""
+    return "" if not count else f"{count}+" if count >= UNREAD_MAX else str(count)
 
 
 def users_as_json(users: tuple[UserInfo, ...]) -> str:
@@ -5234,7 +5422,8 @@ class ChatView:
         style = "bold reverse" if own else f"bold {user_colour(name)}"
         return f"[{style}]{display_text(name)}[/]"
 
-    def message(self, msg: ChatMessage, own: bool = False, backlog: bool = False) -> str:
+    def message(self, msg: ChatMessage, own: bool = False, backlog: bool = False,
+                room: str | None = None) -> str:
         """One message; ``backlog`` ones (from the history) are dim and dated when not from today.
 
         With ``wrap``, every row fits the terminal and each row after the
@@ -5249,6 +5438,8 @@ class ChatView:
         today = time.localtime(msg.ts)[:3] == time.localtime()[:3]
         stamp = f"[dim]{local_time(msg.ts, with_date=backlog and not today)}[/]"
         mark = "[bold yellow]![/] " if mention else ""
+        if room is not None:  # a line from a room other than the current one says which
+            mark = f"[cyan]\\[#{room}][/] " + mark
         if msg.kind == "me":
             head = f"{stamp} {mark}* {self._name(msg.sender, own)} "
         elif msg.kind == "dm":
@@ -5293,17 +5484,24 @@ class JoinClient:
 
     def __init__(self, config: ClientConfig, name: str, color: bool, bell: str,
                  interactive: bool, ask_password: PasswordPrompt | None = None,
-                 ask_trust: Callable[[str, str], bool] | None = None):
+                 ask_trust: Callable[[str, str], bool] | None = None, room: str = MAIN_ROOM):
         self.name = name
+        self.model = RoomsModel(room)
         self.bell = bell
         self.interactive = interactive
         self.view = ChatView(name, color, wrap=interactive)
         self.session = LiveSession(config, name, self.on_event, self.on_status, ask_password, ask_trust)
+        if room != MAIN_ROOM:
+            self.session.rooms, self.session.start_room = [room], room
+        self._switch_on_join: str | None = room if room != MAIN_ROOM else None  # /join's first room
+        self._room_list: list[RoomInfo] = []     # ROOM lines until their END
+        self._marks: dict[str, int] = {}         # read markers not sent yet (one MARK a second at most)
+        self._mark_timer: threading.Timer | None = None
         self._prompt = None  # the PromptSession, while run_interactive runs
         self.online: dict[str, str] = {}          # key -> name, in join order
         self.ignored: dict[str, str] = {}
         self.last_dm_from: str | None = None
-        self.outbox: list[tuple[str, str | None, str]] = []  # sent, waiting for MSG_OK or ERR
+        self.outbox: list[tuple[str, str | None, str, str]] = []  # (kind, to, text, room) awaiting MSG_OK/ERR
         self.failures = 0
         self.quit_reason = ""  # what /quit said; sent with QUIT
         self._shown_ids: set[int] = set()  # a message is never shown twice (backlog, then live)
@@ -5362,6 +5560,11 @@ class JoinClient:
         elif isinstance(event, UserList):
             self._set_online(event.users)
             self.show(self.view.user_table(event.users))
+        elif isinstance(event, (Confirmed, Topic, RoomNames, RoomInfo, Entered, Exited)) \
+                and self._room_event(event):
+            pass
+        elif isinstance(event, EndOfList) and event.kind == "ROOMS":
+            self._show_rooms()
         elif isinstance(event, Confirmed) and event.verb in ("REGISTER", "UNREGISTER"):
             protected = event.verb == "REGISTER"
             self.note(f"the name {display_text(event.arg)} is "
@@ -5370,6 +5573,98 @@ class JoinClient:
             self.warn("server: " + display_text(f"{event.text} ({event.code})"))
         elif isinstance(event, UnknownLine):
             self.show(self.view.notice(display_text(event.line)))
+
+    # --- rooms -------------------------------------------------------------------------------
+
+    def _room_event(self, event) -> bool:
+        """Handle an event about rooms; False if it is not one (a REGISTER_OK, say)."""
+        if isinstance(event, Confirmed):
+            room = event.arg.lstrip("#")
+            if event.verb == "JOIN":
+                self.model.entered(room)
+                if self._switch_on_join == room:
+                    self._switch_on_join = None
+                    self._switch(room)
+                return True
+            if event.verb == "PART":
+                now = self.model.left(room)
+                self.note(f"you left #{display_text(room)}; now in #{display_text(now)}")
+                return True
+            return event.verb in ("MARK", "CLOSE")
+        if isinstance(event, Topic):
+            self.model.set_topic(event.room, event.text)
+            if event.text:
+                by = f" (set by {display_text(event.setter)})" if event.setter else ""
+                self.note(f"#{display_text(event.room)} topic: {display_text(event.text)}{by}")
+        elif isinstance(event, RoomNames):
+            names = ", ".join(u.name for u in event.users) or "nobody"
+            self.note(f"in #{display_text(event.room)}: {display_text(names)}")
+        elif isinstance(event, RoomInfo):
+            self._room_list.append(event)
+        elif isinstance(event, Entered):
+            if name_key(event.name) != name_key(self.name):
+                self.note(f"{display_text(event.name)} joined #{display_text(event.room)}")
+        elif isinstance(event, Exited):
+            why = f" ({display_text(event.reason)})" if event.reason else ""
+            self.note(f"{display_text(event.name)} left #{display_text(event.room)}{why}")
+        return True
+
+    def _show_rooms(self) -> None:
+        rooms, self._room_list = self._room_list, []
+        self.model.heard_of(r.name for r in rooms)
+        seen_here = self.model.unread()
+        lines = []
+        for r in rooms:
+            here = seen_here.get(r.name)
+            unread, mentioned = (here if here and here[0] else (r.unread, r.mentions)) if r.joined else (0, 0)
+            mark = "*" if r.name == self.model.current else ("+" if r.joined else " ")
+            counts = f"{count_text(unread)} unread" if unread else ""
+            counts += f", {count_text(mentioned)} mention(s)" if mentioned else ""
+            topic = f"  {display_text(r.topic)}" if r.topic else ""
+            lines.append(f"{mark} #{display_text(r.name)}  {r.online} online  {counts}{topic}")
+        self.note("rooms (* current, + joined):\n" + "\n".join(lines))
+
+    def _switch(self, room: str) -> None:
+        last = self.model.switch(room)
+        if last:
+            self._mark(room, last)
+        topic = self.model.topic(room)
+        self.note(f"now in #{display_text(room)}" + (f": {display_text(topic)}" if topic else ""))
+        self._refresh_prompt()
+
+    def _refresh_prompt(self) -> None:
+        if self._prompt is not None and self._prompt.app.is_running:
+            self._prompt.app.invalidate()
+
+    def prompt_text(self) -> str:
+        return f"#{self.model.current}> "
+
+    def next_room(self) -> None:
+        room = self.model.next_unread()
+        if room is None:
+            self.note("no unread lines in other rooms")
+        else:
+            self._switch(room)
+
+    def _mark(self, room: str, last_id: int) -> None:
+        """Advance ``room``'s read marker to ``last_id``: at most one MARK a second (a busy room
+        must not make us flood), the last one always sent."""
+        with self._lock:
+            self._marks[room] = max(self._marks.get(room, 0), last_id)
+            if self._mark_timer is not None:
+                return
+            self._mark_timer = threading.Timer(1.0, self._send_marks)
+            self._mark_timer.daemon = True
+        self._send_marks(first=True)
+        self._mark_timer.start()
+
+    def _send_marks(self, first: bool = False) -> None:
+        with self._lock:
+            marks, self._marks = self._marks, {}
+            if not first:
+                self._mark_timer = None
+        for room, last_id in marks.items():
+            self.session.send("MARK", f"#{room}", str(last_id))
 
     def _first_sight(self, msg: ChatMessage) -> bool:
         with self._lock:
@@ -5390,7 +5685,8 @@ class JoinClient:
         elif messages:
             self.note(f"the last {len(messages)} message(s) from the history:")
         for msg in messages:
-            self.show(self.view.message(msg, own=name_key(msg.sender) == name_key(self.name), backlog=True))
+            self.show(self.view.message(msg, own=name_key(msg.sender) == name_key(self.name), backlog=True,
+                                        room=self._room_tag(msg)))
         if messages and not backlog.missed:
             self.note("end of history")
 
@@ -5402,7 +5698,14 @@ class JoinClient:
         own = name_key(msg.sender) == name_key(self.name)
         personal = msg.kind == "dm" or self.view.mentions_me(msg)
         ring = self.bell == "all" or (self.bell == "mentions" and personal)
-        self.show(self.view.message(msg, own=own), bell=ring and not own and self.interactive)
+        tag = self._room_tag(msg)
+        if msg.kind != "dm" and self.model.arrived(msg, personal):
+            self._mark(msg.room, msg.id)
+        self.show(self.view.message(msg, own=own, room=tag), bell=ring and not own and self.interactive)
+
+    def _room_tag(self, msg: ChatMessage) -> str | None:
+        """The room to show beside a message: its own, unless it is the current room's."""
+        return None if msg.kind == "dm" or msg.room == self.model.current else msg.room
 
     def _settle(self, event: Acknowledged | ErrorReply) -> None:
         with self._lock:
@@ -5414,19 +5717,23 @@ class JoinClient:
             prefix = "not sent: " if sent else "server: "
             self.warn(prefix + display_text(f"{event.text} ({event.code})"))
         elif sent is not None and self.interactive:
-            kind, target, text = sent
+            kind, target, text, room = sent
             msg = ChatMessage(event.id or 0, event.ts or time.time(), self.name, text,
-                              kind.lower(), target)
+                              kind.lower(), target, room)
             if event.id:
                 self._first_sight(msg)
-            self.show(self.view.message(msg, own=True))
+                if kind != "DM" and self.model.arrived(msg, False):
+                    self._mark(room, msg.id)
+            self.show(self.view.message(msg, own=True, room=self._room_tag(msg)))
 
     # --- input (the main thread) ----------------------------------------------------------
 
     def post(self, kind: str, text: str, target: str | None = None) -> None:
+        """Send to ``target`` (a DM), or to the current room."""
         with self._lock:
-            self.outbox.append((kind, target, text))
-            fields = (target, escape_text(text)) if target is not None else (escape_text(text),)
+            room = self.model.current
+            self.outbox.append((kind, target, text, room))
+            fields = (target, escape_text(text)) if target is not None else (f"#{room}", escape_text(text))
             if not self.session.send(kind, *fields):
                 self.outbox.pop()
                 raise NotConnected("not connected")
@@ -5447,8 +5754,26 @@ class JoinClient:
             else:
                 self.post("DM", command.text, self.last_dm_from)
         elif action == "who":
-            if not self.session.send("DIR"):
-                raise NotConnected("not connected")
+            self._request("DIR")
+        elif action == "join":
+            self._join(command.text.split())
+        elif action == "part":
+            word, _, reason = command.text.strip().partition(" ")
+            try:
+                room = validate_room(word) if word else self.model.current
+            except ProtocolError as exc:
+                self.warn(display_text(exc.text))
+                return True
+            self._request("PART", f"#{room}", *([sanitise_line(reason)] if reason.strip() else []))
+        elif action == "rooms":
+            self._request("ROOMS")
+        elif action == "names":
+            self._request("NAMES", f"#{self.model.current}")
+        elif action == "topic":
+            text = command.text.strip()
+            self._request("TOPIC", f"#{self.model.current}", *([escape_text(text)] if text else []))
+        elif action == "next":
+            self.next_room()
         elif action in ("ignore", "unignore"):
             self._ignore(action, command.target)
         elif action == "register":
@@ -5468,6 +5793,26 @@ class JoinClient:
         else:
             self.warn(f"unknown command {display_text(command.text)} (try /help)")
         return True
+
+    def _request(self, verb: str, *fields: str) -> None:
+        if not self.session.send(verb, *fields):
+            raise NotConnected("not connected")
+
+    def _join(self, words: list[str]) -> None:
+        try:
+            rooms = [validate_room(w) for w in words]
+        except ProtocolError as exc:
+            self.warn(display_text(exc.text))
+            return
+        joined = self.model.joined()
+        if rooms[0] in joined:  # already there: just switch
+            self._switch(rooms[0])
+            rooms = [r for r in rooms[1:] if r not in joined]
+            if not rooms:
+                return
+        else:
+            self._switch_on_join = rooms[0]
+        self._request("JOIN", *(f"#{r}" for r in rooms))
 
     def _rename(self, name: str) -> None:
         if not self.session.rename(name):
@@ -5521,6 +5866,11 @@ class JoinClient:
 
     def start(self) -> None:
         users = self.session.start()
+        for room in self.session.rooms:  # join --room: joined while connecting
+            self.model.entered(room)
+        if self._switch_on_join in self.session.rooms:
+            self.model.switch(self._switch_on_join)
+            self._switch_on_join = None
         self._set_online(users)
         names = ", ".join(u.name for u in users)
         config = self.session.config
@@ -5531,16 +5881,23 @@ class JoinClient:
 
     def run_interactive(self) -> None:
         from prompt_toolkit import PromptSession
+        from prompt_toolkit.key_binding import KeyBindings
         from prompt_toolkit.patch_stdout import patch_stdout
 
+        keys = KeyBindings()
+
+        @keys.add("escape", "n")  # Alt-n: the room with the oldest unread line
+        def _(event):
+            self.next_room()
+
         prompt = self._prompt = PromptSession(completer=name_completer(self), complete_while_typing=False,
-                                              erase_when_done=True)
+                                              erase_when_done=True, key_bindings=keys)
         kept = ""
         with patch_stdout(raw=True):
             try:
                 while True:
                     try:
-                        line = prompt.prompt(f"{self.name}> ", default=kept)
+                        line = prompt.prompt(self.prompt_text, default=kept)
                     except (EOFError, KeyboardInterrupt):
                         break
                     kept = ""
@@ -5597,7 +5954,8 @@ class JoinClient:
 
 
 def name_completer(client: JoinClient):
-    """Tab completes /commands and the names of people online (``name: `` at the start of a line)."""
+    """Tab completes /commands, room names (after /join and /part, or a word starting with #) and
+    the names of people online (``name: `` at the start of a line)."""
     from prompt_toolkit.completion import Completer, Completion
 
     class NameCompleter(Completer):
@@ -5609,6 +5967,14 @@ def name_completer(client: JoinClient):
                         yield Completion(command + " ", start_position=-len(text), display=command)
                 return
             word = document.get_word_before_cursor(WORD=True)
+            if word.startswith("#") or text.split(" ", 1)[0] in ("/join", "/part"):
+                with client.model._lock:
+                    rooms = sorted(client.model.known | set(client.model.rooms))
+                typed = word.lstrip("#").lower()
+                for room in rooms:
+                    if room.startswith(typed):
+                        yield Completion(f"#{room} ", start_position=-len(word), display=f"#{room}")
+                return
             suffix = ": " if text == word else ""
             with client._lock:
                 names = [n for n in client.online.values() if name_key(n) != name_key(client.name)]
@@ -5681,6 +6047,20 @@ def connection_options(section_help: str):
     return decorate
 
 
+def _room_flag(ctx, param, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return validate_room(value)
+    except ProtocolError as exc:
+        raise click.BadParameter(exc.text) from None
+
+
+def room_option(help: str):
+    """--room/-r ROOM (the # is optional), checked here; without it: #main."""
+    return click.option("--room", "-r", metavar="ROOM", callback=_room_flag, help=help)
+
+
 def tls_options(f):
     """--tls, --cafile and --tls-fingerprint, which every client command takes."""
     f = click.option("--tls-fingerprint", metavar="SHA256:...", callback=_fingerprint_flag,
@@ -5749,11 +6129,12 @@ def serve(host, port, config_file, log_level, db, history, tls) -> None:
 @connection_options("of the server")
 @tls_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout.")
-def who(host, port, config_file, tls, cafile, tls_fingerprint, as_json) -> None:
-    """List the users logged in."""
+@room_option("List the members of ROOM instead of everyone online.")
+def who(host, port, config_file, tls, cafile, tls_fingerprint, as_json, room) -> None:
+    """List the users logged in (or in one room)."""
     config = load_config("client", {"host": host, "port": port, **tls_flags(tls, cafile, tls_fingerprint)},
                          config_file)
-    users = fetch_users(config)
+    users = fetch_users(config, room)
     if as_json:
         click.echo(users_as_json(users))
     elif users:
@@ -5770,8 +6151,10 @@ def who(host, port, config_file, tls, cafile, tls_fingerprint, as_json) -> None:
 @click.option("--to", metavar="USER", help="Send a direct message to USER only.")
 @click.option("--me", "action", is_flag=True, help="Send as an action, like /me.")
 @click.option("--json", "as_json", is_flag=True, help="Print the acknowledgement as JSON.")
+@room_option("Send to ROOM (it must exist) instead of #main.")
 @click.argument("message", nargs=-1, required=True)
-def send(host, port, config_file, tls, cafile, tls_fingerprint, user, to, action, as_json, message) -> None:
+def send(host, port, config_file, tls, cafile, tls_fingerprint, user, to, action, as_json, room,
+         message) -> None:
     """Send one MESSAGE ('-' reads it from stdin) and wait for MSG_OK.
 
     A protected name's password comes from CHATCTL_USER_PASSWORD, or is asked
@@ -5779,7 +6162,7 @@ def send(host, port, config_file, tls, cafile, tls_fingerprint, user, to, action
 
     \b
     Example:
-      chatctl send -u deploybot "build 42 is green"
+      chatctl send -u deploybot --room deploys "build 42 is green"
       make test 2>&1 | tail -5 | chatctl send -u ci -
     """
     config = load_config("client", {"host": host, "port": port, "user": user,
@@ -5788,6 +6171,8 @@ def send(host, port, config_file, tls, cafile, tls_fingerprint, user, to, action
         raise click.UsageError("no user name: pass -u NAME, set CHATCTL_USER or [client] user")
     if action and to:
         raise click.UsageError("--me and --to do not combine: an action goes to everyone")
+    if room and to:
+        raise click.UsageError("--room and --to do not combine: a direct message is in no room")
     if message == ("-",):
         text = sys.stdin.buffer.read().decode("utf-8", errors="replace")
     else:
@@ -5796,11 +6181,34 @@ def send(host, port, config_file, tls, cafile, tls_fingerprint, user, to, action
     if not text.strip():
         raise click.UsageError("the message is empty")
     ack = send_one(config, config.user, text, to=to, kind="me" if action else "msg",
-                   ask_password=ask_password if sys.stdin.isatty() else None)
+                   ask_password=ask_password if sys.stdin.isatty() else None, room=room)
     if as_json:
         import json
 
         click.echo(json.dumps({"id": ack.id, "ts": format_timestamp(ack.ts) if ack.ts else None}))
+
+
+@cli.command(epilog=exit_codes_help(*CLIENT_EXITS))
+@connection_options("of the server")
+@click.option("--user", "-u", help="Add the unread and mention counts of USER, a protected name "
+              "(its password from CHATCTL_USER_PASSWORD).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout.")
+@tls_options
+def rooms(host, port, config_file, user, as_json, tls, cafile, tls_fingerprint) -> None:
+    """List the rooms: members online, messages, last activity and topic.
+
+    \b
+    Example:
+      chatctl rooms
+      chatctl rooms -u ana --json
+    """
+    config = load_config("client", {"host": host, "port": port, **tls_flags(tls, cafile, tls_fingerprint)},
+                         config_file)
+    found = fetch_rooms(config, user)
+    if as_json:
+        click.echo(rooms_as_json(found))
+    else:
+        render_rooms_table(found, with_unread=bool(user))
 
 
 @cli.command(epilog=exit_codes_help(*CLIENT_EXITS))
@@ -5812,21 +6220,22 @@ def send(host, port, config_file, tls, cafile, tls_fingerprint, user, to, action
 @click.option("--search", metavar="TEXT", help="Messages containing every word of TEXT.")
 @click.option("--user", "-u", help="Also show USER's direct messages (registers as USER briefly).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line on stdout.")
+@room_option("The messages of ROOM (without it: #main, and your direct messages with -u).")
 @tls_options
-def history(host, port, config_file, limit, before, after, search, user, as_json,
+def history(host, port, config_file, limit, before, after, search, user, as_json, room,
             tls, cafile, tls_fingerprint) -> None:
     """Show stored messages, oldest first.
 
     \b
     Example:
       chatctl history -n 50
-      chatctl history --search "deploy failed" --json
+      chatctl history --room deploys --search "deploy failed" --json
     """
     if sum(x is not None for x in (before, after, search)) > 1:
         raise click.UsageError("use at most one of --before, --after and --search")
     config = load_config("client", {"host": host, "port": port, **tls_flags(tls, cafile, tls_fingerprint)},
                          config_file)
-    messages = fetch_history(config, user, limit, before, after, search)
+    messages = fetch_history(config, user, limit, before, after, search, room)
     if as_json:
         for m in messages:
             click.echo(message_as_json(m))
@@ -5845,14 +6254,16 @@ def history(host, port, config_file, limit, before, after, search, user, as_json
 @click.option("--backlog", type=click.IntRange(0, HISTORY_PAGE_MAX),
               help="Show this many stored messages first (default: [client] backlog at a terminal, "
                    "none when stdin is piped).")
+@room_option("Start in ROOM (joined, and made if new) instead of #main.")
 @tls_options
-def join(host, port, config_file, user, no_color, bell, backlog, tls, cafile, tls_fingerprint) -> None:
+def join(host, port, config_file, user, no_color, bell, backlog, room, tls, cafile, tls_fingerprint) -> None:
     """Chat interactively; with stdin not a terminal, send each input line as a message.
 
     \b
     Example:
       chatctl join -u ana
-      printf 'deploy started\\ndeploy done\\n' | chatctl join -u bot
+      chatctl join -u ana --room deploys
+      printf 'deploy started\\ndeploy done\\n' | chatctl join -u bot --room deploys
     """
     interactive = sys.stdin.isatty()
     if backlog is None and not interactive:
@@ -5866,7 +6277,7 @@ def join(host, port, config_file, user, no_color, bell, backlog, tls, cafile, tl
             raise click.UsageError("no user name: pass -u NAME, set CHATCTL_USER or [client] user")
         name = click.prompt("Your name")
     color = not no_color and "NO_COLOR" not in os.environ and sys.stdout.isatty()
-    client = JoinClient(config, name, color, config.bell, interactive, **asking)
+    client = JoinClient(config, name, color, config.bell, interactive, **asking, room=room or MAIN_ROOM)
     wrong_passwords = 0
     while True:
         try:
@@ -5883,7 +6294,8 @@ def join(host, port, config_file, user, no_color, bell, backlog, tls, cafile, tl
                 config = dataclasses.replace(config, user_password="")  # ask again, not reuse it
             else:
                 name = click.prompt("Another name")
-            client = JoinClient(config, name, color, config.bell, interactive, **asking)
+            client = JoinClient(config, name, color, config.bell, interactive, **asking,
+                                room=room or MAIN_ROOM)
     if interactive:
         client.run_interactive()
     else:

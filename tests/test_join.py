@@ -40,7 +40,7 @@ def spawn_join(isolated_home):
                               codec_errors="replace", timeout=10)
         children.append(child)
         child.expect(f"connected to 127.0.0.1:{port} as")
-        child.expect(f"{name}>")
+        child.expect(r"#[a-z0-9_-]+>")  # the prompt: the current room
         return child
 
     yield spawn
@@ -394,7 +394,7 @@ def test_first_tls_connection_shows_the_fingerprint_and_asks(make_server, isolat
     child.expect(r"Trust it and remember it\?")
     child.sendline("y")
     child.expect(f"connected to 127.0.0.1:{server.port} as")
-    child.expect("ana>")
+    child.expect("#main>")
     assert chatctl.KnownServers().lookup(f"127.0.0.1:{server.port}")[0] == server.tls_fingerprint
     bob = RawClient(server.port)
     bob.send(b"USER|bob\nMSG|hi over the wire\n")
@@ -406,7 +406,7 @@ def test_first_tls_connection_shows_the_fingerprint_and_asks(make_server, isolat
 def test_register_protects_the_name_and_join_asks_for_its_password(make_server, isolated_home):
     server = make_server(auth_delay=0)
     child = spawn_raw_join(isolated_home, "-u", "ana", "-p", str(server.port))
-    child.expect("ana>")
+    child.expect("#main>")
     child.send("/register\r")
     child.expect("new password for your name:")
     child.send("correct horse\r")
@@ -424,7 +424,7 @@ def test_register_protects_the_name_and_join_asks_for_its_password(make_server, 
     again.expect("Password for ana:")
     again.sendline("correct horse")
     again.expect(f"connected to 127.0.0.1:{server.port} as")
-    again.expect("ana>")
+    again.expect("#main>")
     again.sendcontrol("d")
     again.expect(pexpect.EOF)
 
@@ -489,7 +489,7 @@ def test_a_wrong_password_asks_again(make_server, isolated_home):
     child.expect("Password for ana")  # asked again, not the end
     child.sendline("correct horse")
     child.expect("connected to 127.0.0.1")
-    child.expect("ana>")
+    child.expect("#main>")
     child.send("/quit\r")
     child.expect(pexpect.EOF)
 
