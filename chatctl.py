@@ -3809,7 +3809,8 @@ class ChatServer:
             subjects = {subject for _, subject in lines}
             for s in room.members:
                 if s.extended:
-                    data = blob if s not in subjects else b"".join(line for line, who in lines if who is not s)
+                    data = blob if s not in subjects else b"".join(
+                        line for line, who in lines if who is not s)
                     extra.setdefault(s, []).append(data)
         blob = b"".join(line for _, line, _, _ in everyone)
         first_seq = everyone[0][0] if everyone else 0
@@ -4370,7 +4371,8 @@ class ChatConnection:
     def unprotect(self) -> None:
         self.request("UNREGISTER", expect=(Confirmed,))
 
-    def post(self, text: str, to: str | None = None, kind: str = "msg", room: str | None = None) -> Acknowledged:
+    def post(self, text: str, to: str | None = None, kind: str = "msg",
+             room: str | None = None) -> Acknowledged:
         body = escape_text(text)
         if to is not None:
             return self.request("DM", to, body, expect=(Acknowledged,))
@@ -4406,7 +4408,7 @@ class ChatConnection:
         return replies
 
     def history(self, *fields: str, room: str | None = None) -> list[ChatMessage]:
-        """``HISTORY|LAST|n``, ``HISTORY|BEFORE|id|n`` or ``HISTORY|AFTER|id|n`` (of ``room``): oldest first."""
+        """``HISTORY|LAST|n``, ``|BEFORE|id|n`` or ``|AFTER|id|n`` (of ``room``): oldest first."""
         return self._listing("HISTORY", *room_fields(room), *fields)
 
     def search(self, text: str, limit: int, room: str | None = None) -> list[ChatMessage]:
@@ -4428,7 +4430,8 @@ class ChatConnection:
         page by page (each page fits the SendQ), up to ``most`` messages; and whether there was more."""
         missed: list[ChatMessage] = []
         while len(missed) < most:
-            page, end = self._page("HISTORY", *room_fields(room), "AFTER", str(last_id), str(HISTORY_PAGE_MAX))
+            page, end = self._page("HISTORY", *room_fields(room), "AFTER", str(last_id),
+                                   str(HISTORY_PAGE_MAX))
             missed.extend(page)
             if not page or not (end.more or end.count >= HISTORY_PAGE_MAX):
                 return missed, False

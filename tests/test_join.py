@@ -503,3 +503,56 @@ def test_ctrl_c_at_a_prompt_exits_130(server, isolated_home):
     child.close()
     assert child.exitstatus == 130
     assert "Aborted" not in child.before
+
+
+def test_rooms_in_join_prompt_tags_next_topic_and_part(server, spawn_join, user):
+    ana = spawn_join("ana", server.port, "--room", "deploys")
+    assert ana.after == "#deploys>"  # the prompt names the current room
+    bob = user("bob")
+    bob.send(b"JOIN|#deploys|#random\n")
+    bob.expect("JOIN_OK|#random")
+    ana.expect("bob joined #deploys")
+    ana.send("hello deploys\r")
+    assert bob.expect("MSG|").startswith("MSG|#deploys|") and bob.seen[-1].endswith("|ana|hello deploys")
+    bob.send(b"MSG|#main|over in main\n")
+    ana.expect(re.escape("[#main]") + r".*<bob> over in main")  # another room's line says its room
+    ana.send("/next\r")
+    ana.expect("now in #main")
+    ana.expect_exact("#main>")
+    ana.send("/join #random\r")
+    ana.expect("now in #random")
+    ana.send("/topic random things\r")
+    assert chatctl.parse_event(bob.expect("TOPIC|")).text == "random things"
+    ana.send("/rooms\r")
+    ana.expect(r"\+ #deploys")  # sorted by name; + joined, * current
+    ana.expect(r"\* #random")
+    ana.send("/part\r")
+    ana.expect("you left #random; now in #main")
+    assert chatctl.parse_event(bob.expect("EXIT|")).room == "random"
+    ana.send("/join #bad!room\r")
+    ana.expect("is not a room name")
+    ana.sendcontrol("d")
+    ana.expect(pexpect.EOF)
+
+
+def test_join_rejoins_its_rooms_after_a_restart_and_fills_each_gap(make_server, spawn_join):
+    first = make_server()
+    port, db = first.port, first.config.db
+    ana = spawn_join("ana", port, "--room", "deploys")
+    assert ana.after == "#deploys>"
+    first.shutdown()
+    ana.expect("reconnecting")
+    second = chatctl.ChatServer(chatctl.ServerConfig(host="127.0.0.1", port=port, db=db, auth_delay=0))
+    second.start()
+    try:
+        bob = RawClient(port)
+        bob.send(b"HELLO|chatctl/1\nUSER|bob\nJOIN|#deploys\nMSG|#deploys|while ana was away\n")
+        bob.expect("MSG_OK|")
+        ana.expect("reconnected to 127.0.0.1", timeout=15)
+        ana.expect("while ana was away")
+        wait_until(lambda: any(s.name == "ana" and "deploys" in s.rooms for s in second.registry.sessions()))
+        bob.send(b"MSG|#deploys|live again\n")
+        ana.expect("<bob> live again")
+        bob.close()
+    finally:
+        second.shutdown()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 
 import pytest
 
 import chatctl
-from conftest import RawClient, wait_until
+from conftest import RawClient, run_cli, wait_until
 
 
 def join(client: RawClient, *rooms: str) -> list[str]:
@@ -234,7 +235,8 @@ def test_a_database_from_before_rooms_keeps_every_message_in_main(tmp_path):
     db.create_function("name_key", 1, lambda s: chatctl.confusable_key(s) if s is not None else None)
     for version in (1, 2, 3):
         db.executescript(chatctl.MIGRATIONS[version])
-    db.execute("INSERT INTO messages (id, ts, sender, text, kind) VALUES (1, 1700000000.0, 'ana', 'old', 'msg')")
+    db.execute("INSERT INTO messages (id, ts, sender, text, kind) "
+               "VALUES (1, 1700000000.0, 'ana', 'old', 'msg')")
     db.execute("INSERT INTO messages (id, ts, sender, sender_key, recipient, recipient_key, text, kind) "
                "VALUES (2, 1700000001.0, 'ana', 'ana', 'bob', 'bob', 'psst', 'dm')")
     db.execute("PRAGMA user_version = 3")
@@ -286,3 +288,44 @@ def test_a_dm_goes_to_the_session_addressed_when_it_was_accepted(server, user):
     newcomer.send(b"PING|after\n")
     assert newcomer.expect("PONG") == "PONG|after"
     assert not any(line.startswith("DM|") for line in newcomer.seen)
+
+
+# --- the commands ---------------------------------------------------------------------------
+
+def test_send_history_who_and_rooms_take_a_room(isolated_home, server, user):
+    ana = user("ana", hello=True)
+    join(ana, "#deploys")
+    ana.send(b"TOPIC|#deploys|builds\n")
+    ana.expect("TOPIC|")
+    port = str(server.port)
+    sent = run_cli("send", "-p", port, "-u", "ci", "--room", "#deploys", "--json", "build 42 is green",
+                   env=isolated_home)
+    assert sent.returncode == 0, sent.stderr
+    line = ana.expect("MSG|")
+    assert line.startswith(f"MSG|#deploys|{json.loads(sent.stdout)['id']}|")
+    assert run_cli("send", "-p", port, "-u", "ci", "main talk", env=isolated_home).returncode == 0
+    listing = run_cli("history", "-p", port, "-r", "deploys", "--json", env=isolated_home)
+    rows = [json.loads(x) for x in listing.stdout.splitlines()]
+    assert [(r["room"], r["text"]) for r in rows] == [("deploys", "build 42 is green")]
+    members = run_cli("who", "-p", port, "--room", "deploys", "--json", env=isolated_home)
+    assert [u["name"] for u in json.loads(members.stdout)] == ["ana"]
+    rooms = run_cli("rooms", "-p", port, "--json", env=isolated_home)
+    found = {r["room"]: r for r in json.loads(rooms.stdout)}
+    assert found["#deploys"]["topic"] == "builds" and found["#deploys"]["messages"] == 1
+    assert found["#deploys"]["online"] == 1 and found["#main"]["messages"] == 1
+    table = run_cli("rooms", "-p", port, env=isolated_home)
+    assert "#deploys" in table.stdout and "builds" in table.stdout
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["send", "-u", "ci", "--room", "nowhere", "hi"], 5, "no room #nowhere"),
+    (["send", "-u", "ci", "--room", "Bad Room", "hi"], 2, "is not a room name"),
+    (["send", "-u", "ci", "--room", "deploys", "--to", "bob", "hi"], 2, "do not combine"),
+    (["history", "--room", "nowhere"], 5, "no room #nowhere"),
+    (["who", "--room", "nowhere"], 5, "no room #nowhere"),
+])
+def test_room_errors_are_one_line_with_an_exit_code(isolated_home, server, args, code, message):
+    result = run_cli(*args, "-p", str(server.port), env=isolated_home)
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 or code == 2
