@@ -17,10 +17,12 @@ Contents, in dependency order (search for the banner to jump):
     2. Errors                 ChatError and one subclass per section
     3. Protocol codec         bytes in, dataclasses out; no sockets
     4. Config                 chatctl.toml, CHATCTL_* and flags, in one place
-    5. Storage                HistoryStore (SQLite, group commit), AccountStore
+    5. Storage                HistoryStore (SQLite: messages, rooms, read markers), AccountStore,
+                              CommitLog and LocalLog (where a message gets its id and order)
     6. Security               passwords (AuthThrottle, PasswordHasher), rate limits, certificates, TLS, pins
-    7. Server                 ChatServer, ClientSession, OutboundQueue, Writer, ReaderPool
-    8. Client                 ChatConnection, LiveSession (join's link), one-shot helpers
+    7. Server                 OutboundQueue, Writer, ReaderPool, Room, Registry, ClientSession
+                              (its SessionState), ChatServer
+    8. Client                 ChatConnection, RoomsModel, LiveSession (join's link), one-shot helpers
     9. Rendering              what reaches a terminal, neutralised; join's UI
    10. CLI                    thin click commands over the objects above
    11. main()
@@ -2360,9 +2362,12 @@ def check_pin(address: str, fingerprint: str, pinned: str, known: KnownServers,
 # goes through that client's OutboundQueue and is done by the single Writer
 # thread, which sends whatever has queued up in one call: a slow client only
 # ever fills its own queue, and a burst of deliveries to one client costs one
-# system call, not one per message.  Locks, outermost first: the registry
-# lock (who holds which name), the fan-out lock (every client's stream in
-# order), and the leaf locks (presence lines, each queue, the throttles).
+# system call, not one per message.  Messages are numbered and committed by
+# the commit log (section 5) and fanned out to the audience fixed when each
+# was accepted.  Locks, outermost first: the Registry's lock (who holds which
+# name, who is in which room), the fan-out lock (every client's stream in
+# order), and the leaf locks (presence lines, each room's member cache, each
+# session's life cycle, each queue, the throttles).
 
 class OutboundQueue:
     """Bytes waiting to be written to one client, bounded like an IRC server's SendQ.
@@ -3385,11 +3390,18 @@ class ChatServer:
     """The chat server: start it, read ``port``, and ``shutdown()`` it in one call.
 
     Threads: ``chatctl-accept`` accepts, ``chatctl-writer`` writes,
-    ``chatctl-reaper`` enforces timeouts, ``chatctl-history`` (or, without
-    history, ``chatctl-fanout``) batches messages out, ``chatctl-presence``
+    ``chatctl-reaper`` enforces timeouts, ``chatctl-commit`` (the commit log's)
+    stores and fans messages out in batches, ``chatctl-presence``
     sends JOIN and LEAVE lines, ``chatctl-departures`` forgets ended
     connections, and one ``chatctl-reader-N`` per client (a ReaderPool)
     reads.  All of them end in ``shutdown()``.
+
+    Callers use ``start``, ``serve_forever``, ``shutdown``, ``address`` and
+    ``port``; sessions call ``register``, ``publish``, the room methods and
+    ``send_history``; ``_committed`` and ``_not_stored`` are the commit log's
+    callbacks, and ``wrap_connection`` is the hook every accepted socket
+    passes through.  ``registry`` owns who is online and where; the commit
+    log (``log``) owns ids and order.
     """
 
     def __init__(self, config: ServerConfig | None = None):

@@ -10,6 +10,8 @@
     python benchmarks/bench_performance.py startup        # chatctl send against python -c 'import socket'
     python benchmarks/bench_performance.py agreement      # chatctl bench against the C generator
     python benchmarks/bench_performance.py presence       # 4096 join, then leave, at once (vs a revision)
+    python benchmarks/bench_performance.py rooms          # 1000 clients in 100 rooms of 10, all sending
+    python benchmarks/bench_performance.py room-scale     # 10,000 connections, each in two rooms
 
 The server runs on core 0 and the load on core 1 (taskset), with the abuse
 limits off and a 64 MiB SendQ, as load tests run.  The load is chatload, the C
@@ -354,9 +356,185 @@ def presence(args, workdir: Path) -> None:
         print(f"| {label} | {median(r[0] for r in runs):.2f} s | {median(r[1] for r in runs):.2f} s |")
 
 
+_PROBE = re.compile(rb"~P(\d+)\.")
+
+
+def room_load(port: int, clients: int, room_size: int, messages: int, window: int = 8,
+              time_limit: float = 120.0) -> dict:
+    """``clients`` connections (HELLO, USER, JOIN #rK, K = index // room_size), each sending
+    ``messages`` messages to its room, at most ``window`` of them not yet acknowledged; every client
+    reads everything.  Deliveries are counted by a marker (bytes.count, so the generator keeps up);
+    one message in 8 carries its send time, for the latency."""
+    selector = selectors.DefaultSelector()
+    tag = f"{os.getpid()}x{time.monotonic_ns() % 100000}"
+    state = []
+    for i in range(clients):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        room = f"r{i // room_size}"
+        sock.sendall(f"HELLO|chatctl/1\nUSER|rl{i}x{tag}\nJOIN|#{room}\n".encode())
+        sock.setblocking(False)
+        entry = {"sock": sock, "room": room.encode(), "tail": b"", "joined": False, "sent": 0, "acked": 0,
+                 "got": 0}
+        selector.register(sock, selectors.EVENT_READ, entry)
+        state.append(entry)
+    deadline = time.monotonic() + time_limit
+    waiting = clients
+    while waiting and time.monotonic() < deadline:  # everyone in their room before anyone sends
+        for key, _ in selector.select(1.0):
+            entry = key.data
+            data = entry["tail"] + key.fileobj.recv(1 << 16)
+            if not entry["joined"] and b"JOIN_OK|" in data:
+                entry["joined"] = True
+                waiting -= 1
+            entry["tail"] = data[-32:]
+    if waiting:
+        raise SystemExit(f"{waiting} clients never got their JOIN_OK")
+
+    def send_more(entry: dict) -> None:
+        frames = []
+        while entry["sent"] < messages and entry["sent"] - entry["acked"] < window:
+            seq = entry["sent"]
+            probe = f"~P{time.monotonic_ns()}." if seq % 8 == 0 else ""
+            frames.append(b"MSG|#" + entry["room"] + f"|~B{seq}.{probe}{'x' * 48}\n".encode())
+            entry["sent"] += 1
+        if frames:
+            entry["sock"].sendall(b"".join(frames))  # a few hundred bytes: the socket buffer takes it
+
+    latencies: list[int] = []
+    started = time.monotonic()
+    for entry in state:
+        send_more(entry)
+    expected = clients * messages * (room_size - 1)
+    received, last_progress = 0, time.monotonic()
+    while received < expected and time.monotonic() - last_progress < 3.0 and time.monotonic() < deadline:
+        for key, _ in selector.select(0.5):
+            entry = key.data
+            try:
+                data = key.fileobj.recv(1 << 18)
+            except BlockingIOError:
+                continue
+            data = entry["tail"] + data
+            cut = data.rfind(b"\n") + 1
+            whole, entry["tail"] = data[:cut], data[cut:]
+            got = whole.count(b"|~B")
+            acks = whole.count(b"MSG_OK|")
+            if got:
+                received += got
+                now = time.monotonic_ns()
+                latencies.extend(now - int(ns) for ns in _PROBE.findall(whole))
+                last_progress = time.monotonic()
+            if acks:
+                entry["acked"] += acks
+                send_more(entry)
+    elapsed = (last_progress if received < expected else time.monotonic()) - started
+    for entry in state:
+        entry["sock"].close()
+    selector.close()
+    latencies.sort()
+    p99 = latencies[int(len(latencies) * 0.99)] / 1e6 if latencies else float("nan")
+    return {"deliveries_per_s": received / elapsed, "p99_ms": p99, "lost": expected - received,
+            "seconds": elapsed}
+
+
+def rooms(args, workdir: Path) -> None:
+    print(f"\n## Rooms: 1000 clients in 100 rooms of 10, every client sending, history on "
+          f"(medians of {args.rounds}); beside it the same generator on 10 clients in one room")
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    rows: dict[str, list[dict]] = {"1000 in 100 rooms of 10": [], "10 in 1 room": []}
+    for _ in range(args.rounds):
+        with chatctl_server(workdir, history=True) as (_pid, port):
+            rows["10 in 1 room"].append(room_load(port, 10, 10, 3000))
+        with chatctl_server(workdir, history=True) as (_pid, port):
+            rows["1000 in 100 rooms of 10"].append(room_load(port, 1000, 10, 40))
+    print("| load | deliveries/s | p99 | lost |\n|---|---:|---:|---:|")
+    for label, runs in rows.items():
+        print(f"| {label} | {mega(median(r['deliveries_per_s'] for r in runs))} | "
+              f"{median(r['p99_ms'] for r in runs):.1f} ms | {sum(r['lost'] for r in runs)} |", flush=True)
+
+
+def room_scale(args, workdir: Path) -> None:
+    """``--connections`` clients (10,000 by default here), each HELLO, USER and JOIN of a second room
+    (#main is the first): the time until all are in, RSS per idle connection, one message per room
+    reaching every member, then the time until a newcomer is answered after they all leave at once."""
+    import resource
+
+    n = args.connections if args.connections != 2000 else 10_000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, n + 200)), hard))
+    print(f"\n## Room scale: {n} connections, each registered and in #main and one of {n // 100} rooms")
+    conf_sendq = 1 << 20
+    with chatctl_server(workdir, sendq=conf_sendq) as (pid, port):
+        time.sleep(0.5)
+        before = rss_kib(pid)
+        selector = selectors.DefaultSelector()
+        socks = []
+        started = time.monotonic()
+        for i in range(n):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            sock.sendall(f"HELLO|chatctl/1\nUSER|sc{i}\nJOIN|#s{i % (n // 100)}\n".encode())
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ, {"tail": b"", "in": False, "got": 0, "i": i})
+            socks.append(sock)
+        waiting, deadline = n, time.monotonic() + 300
+        while waiting and time.monotonic() < deadline:
+            for key, _ in selector.select(1.0):
+                entry = key.data
+                try:
+                    data = entry["tail"] + key.fileobj.recv(1 << 18)
+                except BlockingIOError:
+                    continue
+                if not entry["in"] and b"JOIN_OK|" in data:
+                    entry["in"] = True
+                    waiting -= 1
+                entry["tail"] = data[-32:]
+        joined = time.monotonic() - started
+        settle = time.monotonic() + 60  # drain the JOIN and ENTER notices until quiet
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 2.0 and time.monotonic() < settle:
+            for key, _ in selector.select(0.5):
+                try:
+                    key.fileobj.recv(1 << 18)
+                    quiet_since = time.monotonic()
+                except BlockingIOError:
+                    pass
+        after = rss_kib(pid)
+        print(f"all {n - waiting} of {n} registered and in their second room after {joined:.1f} s; "
+              f"notices drained after {time.monotonic() - started:.1f} s")
+        print(f"server RSS {before} KiB idle, {after} KiB with them: {(after - before) / n:.1f} KiB per "
+              "connection")
+        for r in range(n // 100):  # the first member of each room speaks once
+            socks[r].sendall(f"MSG|#s{r}|scale check\n".encode())
+        got, deadline = 0, time.monotonic() + 60
+        expected = n - n // 100  # the others of each room
+        while got < expected and time.monotonic() < deadline:
+            for key, _ in selector.select(1.0):
+                try:
+                    got += key.fileobj.recv(1 << 18).count(b"|scale check")
+                except BlockingIOError:
+                    pass
+        print(f"one message in each room: {got} of {expected} deliveries arrived")
+        selector.close()
+        left = time.monotonic()
+        for sock in socks:
+            sock.close()
+        newcomer = socket.create_connection(("127.0.0.1", port), timeout=120)
+        newcomer.sendall(b"USER|late\nMSG|anyone?\n")
+        received = b""
+        while b"MSG_OK" not in received:
+            chunk = newcomer.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+        print(f"all {n} closed at once: a newcomer was answered {time.monotonic() - left:.2f} s later")
+        newcomer.close()
+
+
 TARGETS = {"fanout": fanout, "latency": latency, "scale": scale, "slow-reader": slow_reader,
            "history": history, "startup": startup, "agreement": agreement,
-           "presence": presence}
+           "presence": presence, "rooms": rooms, "room-scale": room_scale}
 
 
 def main() -> None:
