@@ -129,7 +129,11 @@ MAX_ROOMS = 1000                     # rooms the server keeps, empty ones includ
 MAX_ROOMS_PER_USER = 50              # rooms one connection may be in at once
 MAX_TOPIC_CHARS = 300                # longest room topic
 UNREAD_MAX = 9999                    # unread and mention counts stop here ("9999+")
+MAX_ROOMS_PAGES = 1000               # ROOMS replies a client asks for at most (a page holds dozens of rooms)
 JOIN_WAIT = 1.0                      # a JOIN's reply waits at most this long for messages already in flight
+CLOSE_WAIT = 10.0                    # closing a room waits at most this long for its messages in flight
+ROOM_CREATIONS = 20                  # rooms one IP address may make per hour (0: no limit)
+OPERATOR_PASSWORD = "#operator"      # the throttle's target for OPER (no name starts with '#')
 
 log = logging.getLogger("chatctl")
 
@@ -253,6 +257,7 @@ ERROR_CODES = {
     "room-not-empty": "only an empty room can be closed",
     "not-allowed": "only the room's creator or an operator may do that",
     "hello-required": "rooms need HELLO|chatctl/1 first",
+    "no-operators": "this server has no operator password",
 }
 
 SEED_DIR_PREFIX = "Users logged in: "
@@ -335,8 +340,8 @@ def validate_room(text: str | None) -> str:
     if not text:
         raise ProtocolError("missing-argument", "the command needs a room: #name")
     name = text.strip()
-    name = (name[1:] if name.startswith("#") else name).lower()
-    if not (name.isascii() and _ROOM_RE.fullmatch(name)):
+    name = name[1:] if name.startswith("#") else name
+    if not (name.isascii() and _ROOM_RE.fullmatch(name := name.lower())):
         shown = sanitise_line(text[:40])
         raise ProtocolError("invalid-room", f"{shown!r} is not a room name: {ERROR_CODES['invalid-room']}")
     return name
@@ -944,7 +949,11 @@ class ServerConfig:
     # Rooms: see README.md, Rooms.
     rooms: tuple[str, ...] = _key((), "rooms made at start, each \"#name\" or \"#name: topic\" "
                                   "(#main always exists)", parse=lambda value: parse_room_specs(value))
-    operators: tuple[str, ...] = _key((), "protected names that may close any empty room and set any topic")
+    operator_password: str = _key("", "password that makes a connection an operator (OPER): closes any empty "
+                                  "room, sets any topic (empty: no operators); better set "
+                                  "CHATCTL_OPERATOR_PASSWORD")
+    room_creations: int = _key(ROOM_CREATIONS, "rooms one IP address may make per hour (0, or rate = 0: no "
+                               "limit)", min=0)
     max_rooms: int = _key(MAX_ROOMS, "rooms the server keeps, empty ones included", min=1)
     max_rooms_per_user: int = _key(MAX_ROOMS_PER_USER, "rooms one connection may be in at once", min=1)
     max_topic: int = _key(MAX_TOPIC_CHARS, "longest room topic in characters", min=1, max=4096)
@@ -1562,14 +1571,16 @@ class HistoryStore:
         return [RoomRecord(*row) for row in rows]
 
     def save_room(self, record: RoomRecord) -> None:
-        self._write("INSERT OR REPLACE INTO rooms (name, created_by, created_ts, topic, topic_by, topic_ts) "
-                    "VALUES (?, ?, ?, ?, ?, ?)", (record.name, record.created_by, record.created_ts,
-                                                  record.topic, record.topic_by, record.topic_ts))
+        self._write(("INSERT OR REPLACE INTO rooms (name, created_by, created_ts, topic, topic_by, topic_ts) "
+                     "VALUES (?, ?, ?, ?, ?, ?)", (record.name, record.created_by, record.created_ts,
+                                                   record.topic, record.topic_by, record.topic_ts)))
 
-    def delete_room(self, name: str) -> None:
-        """A closed room goes with its messages and read markers (a new room of its name starts empty)."""
-        self._write("DELETE FROM rooms WHERE name = ?", (name,),
-                    "DELETE FROM messages WHERE room = ?", "DELETE FROM read_markers WHERE room = ?")
+    def delete_room(self, name: str, upto: int, created_ts: float) -> None:
+        """A closed room goes with its messages (up to id ``upto``) and read markers; a new room that
+        has its name meanwhile keeps its row and its messages."""
+        self._write(("DELETE FROM rooms WHERE name = ? AND created_ts = ?", (name, created_ts)),
+                    ("DELETE FROM messages WHERE room = ? AND id <= ?", (name, upto)),
+                    ("DELETE FROM read_markers WHERE room = ?", (name,)))
 
     def markers(self, user_key: str) -> dict[str, int]:
         """The read markers of a protected name: room -> the last id read there."""
@@ -1577,10 +1588,9 @@ class HistoryStore:
                                     {"key": user_key}))
 
     def set_marker(self, user_key: str, room: str, last_read: int) -> None:
-        self._write("INSERT INTO read_markers (user_key, room, last_read) VALUES (?, ?, ?) "
-                    "ON CONFLICT (user_key, room) DO UPDATE SET "
-                    "last_read = max(last_read, excluded.last_read)",
-                    (user_key, room, last_read))
+        self._write(("INSERT INTO read_markers (user_key, room, last_read) VALUES (?, ?, ?) "
+                     "ON CONFLICT (user_key, room) DO UPDATE SET "
+                     "last_read = max(last_read, excluded.last_read)", (user_key, room, last_read)))
 
     def unread(self, room: str, after: int, name: str, upto: int) -> tuple[int, int]:
         """Messages in ``room`` after id ``after`` (up to ``upto``), and how many of them mention ``name``;
@@ -1602,8 +1612,8 @@ class HistoryStore:
             log.error("history read failed: %s", exc)
             raise ProtocolError("history-failed", "the history could not be read") from None
 
-    def _write(self, sql: str, params: tuple, *more: str) -> None:
-        """One statement (and ``more`` with the same first parameter) in one transaction."""
+    def _write(self, *statements: tuple[str, tuple]) -> None:
+        """Statements (SQL and parameters) in one transaction."""
         import sqlite3
 
         try:
@@ -1611,9 +1621,8 @@ class HistoryStore:
                 db = self._meta
                 db.execute("BEGIN IMMEDIATE")
                 try:
-                    db.execute(sql, params)
-                    for statement in more:
-                        db.execute(statement, params[:1])
+                    for sql, params in statements:
+                        db.execute(sql, params)
                     db.execute("COMMIT")
                 except BaseException:
                     db.execute("ROLLBACK")
@@ -2091,11 +2100,13 @@ class TokenBucket:
 
 
 class AddressBudget:
-    """The bytes of messages each IP address may have fanned out: one TokenBucket per address.
+    """A budget per IP address, one TokenBucket each: the bytes of messages it may have fanned out,
+    or the rooms it may make.
 
     Readers are bounded by their SendQ; this keeps one address (many
     connections, reconnecting ones too) from sending faster than a reader on
-    a good link can read.  Guarded by ``_lock``; reader threads charge it.
+    a good link can read, or from filling the server with rooms.  Guarded by
+    ``_lock``; reader threads charge it.
     """
 
     MAX_TRACKED = 10000
@@ -2695,22 +2706,12 @@ class Room:
     the presence flush read it without the registry lock.  The topic is
     written under the registry lock; ``messages``, ``last_ts`` and
     ``last_id`` by the commit log's thread (``ChatServer._committed``).
+    ``closed`` is set once, under ``posting``, which a message holds while it
+    is accepted into the room: after that no message can enter it.
     """
 
-    __slots__ = (
-        "_cache",
-        "_lock",
-        "_members",
-        "created_by",
-        "created_ts",
-        "last_id",
-        "last_ts",
-        "messages",
-        "name",
-        "topic",
-        "topic_by",
-        "topic_ts",
-    )
+    __slots__ = ("_cache", "_lock", "_members", "closed", "created_by", "created_ts", "last_id", "last_ts",
+                 "messages", "name", "posting", "topic", "topic_by", "topic_ts")
 
     def __init__(self, record: RoomRecord):
         self.name = record.name
@@ -2720,6 +2721,14 @@ class Room:
         self._members: dict[ClientSession, None] = {}
         self._cache: tuple[ClientSession, ...] | None = ()
         self._lock = threading.Lock()
+        self.posting = threading.Lock()
+        self.closed = False
+
+    @property
+    def unused(self) -> bool:
+        """Nothing to keep: no member, no message, no topic (#main is never unused)."""
+        return (self.name != MAIN_ROOM and not self._members and not self.messages and not self.last_id
+                and not self.topic)
 
     def __repr__(self) -> str:
         return f"<Room #{self.name}>"
@@ -2770,6 +2779,8 @@ class Registry:
         self._by_key: dict[str, ClientSession] = {}           # confusable_key -> the member holding the name
         self._member_cache: tuple[ClientSession, ...] | None = None
         self.rooms: dict[str, Room] = {}                       # replaced whole when a room comes or goes
+        self.config_rooms = frozenset(spec.partition(":")[0] for spec in config.rooms)  # never forgotten
+        self.emptied: set[Room] = set()   # rooms departures left unused: the departures thread forgets them
 
     # --- connections and names ------------------------------------------------------
 
@@ -2830,6 +2841,8 @@ class Registry:
                     departed.append(session)
                 for room in session.rooms.values():
                     room._remove(session)
+                    if room.unused:
+                        self.emptied.add(room)
                 session.rooms = {}
                 if forget and session in self._sessions:
                     self._sessions.discard(session)
@@ -2843,7 +2856,7 @@ class Registry:
                 if not quiet:
                     why = [sanitise_line(s.leave_reason or "connection closed") for s in departed]
                     self.announce(*[(encode_line("LEAVE", now, s.name, reason), s, None)
-                                    for s, reason in zip(departed, why, strict=True)])
+                                    for s, reason in zip(departed, why, strict=True)], leaving=True)
         return departed
 
     def members(self) -> tuple[ClientSession, ...]:
@@ -2886,7 +2899,8 @@ class Registry:
                 if len(self.rooms) >= config.max_rooms:
                     raise ProtocolError("too-many-rooms", f"the server has {len(self.rooms)} rooms, its "
                                         "limit; an empty one must be closed first")
-                room = Room(RoomRecord(name, session.key or "", time.time()))
+                # a creator's right to close the room is only worth something for a name nobody else can take
+                room = Room(RoomRecord(name, session.key if session.owner else "", time.time()))
                 create(room)
                 self.rooms = {**self.rooms, name: room}
             room._add(session)
@@ -2895,7 +2909,8 @@ class Registry:
                            session, room))
             return room, True
 
-    def part(self, session: ClientSession, name: str, reason: str) -> Room:
+    def part(self, session: ClientSession, name: str, reason: str) -> Room | None:
+        """Take ``session`` out of room ``name``; returns the room if that left it unused (and forgotten)."""
         with self.lock:
             room = session.rooms.get(name)
             if room is None:
@@ -2904,9 +2919,30 @@ class Registry:
             session.rooms = {k: v for k, v in session.rooms.items() if k != name}
             self.announce((encode_line("EXIT", f"#{name}", format_timestamp(time.time()), session.name,
                                        reason), session, room))
-            return room
+            return self._forget_if_unused(room)
 
-    def close_room(self, name: str, allowed: Callable[[Room], None], delete: Callable[[str], None]) -> None:
+    def forget_emptied(self) -> list[Room]:
+        """Forget the rooms departures left unused; returns them."""
+        with self.lock:
+            rooms, self.emptied = self.emptied, set()
+            return [room for room in rooms if self._forget_if_unused(room) is not None]
+
+    def _forget_if_unused(self, room: Room) -> Room | None:
+        if not room.unused or self.rooms.get(room.name) is not room or room.name in self.config_rooms:
+            return None
+        self.rooms = {k: v for k, v in self.rooms.items() if k != room.name}
+        return room
+
+    def restore(self, room: Room) -> bool:
+        """Put a forgotten room back (a message came into it after all), unless its name is taken now."""
+        with self.lock:
+            if room.name in self.rooms:
+                return False
+            self.rooms = {**self.rooms, room.name: room}
+            return True
+
+    def close_room(self, name: str, allowed: Callable[[Room], None]) -> Room:
+        """Take an empty room out of the registry, if ``allowed`` (which raises otherwise) lets us."""
         with self.lock:
             room = self.rooms.get(name)
             if room is None:
@@ -2915,8 +2951,8 @@ class Registry:
             if room.members:
                 raise ProtocolError("room-not-empty", f"#{name} has {len(room.members)} member(s); only "
                                     "an empty room can be closed")
-            delete(name)
             self.rooms = {k: v for k, v in self.rooms.items() if k != name}
+            return room
 
     def set_topic(self, room: Room, setter: str, text: str, store: Callable[[Room], None]) -> None:
         with self.lock:
@@ -2958,6 +2994,7 @@ class ClientSession:
         self.rooms: dict[str, Room] = {}    # the rooms it is in (a member starts in #main)
         self.markers: dict[str, int] = {}   # room -> last id read (a protected name's are also stored)
         self.owner = False                  # proved the password of its protected name
+        self.operator = False               # gave the operator password (OPER)
         self.bucket = TokenBucket(server.config.rate, server.config.burst)
         self.last_pending: PendingMessage | None = None  # our newest message not yet committed
         self.limited_in_a_row = 0
@@ -2987,6 +3024,12 @@ class ClientSession:
     @property
     def authorized(self) -> bool:
         return self.state != SessionState.CONNECTING
+
+    def wait_pending(self, timeout: float = PENDING_WAIT) -> None:
+        """Wait (bounded) until this session's last message is committed and out (its reader thread only)."""
+        deadline = time.monotonic() + timeout
+        while self.last_pending is not None and time.monotonic() < deadline:
+            time.sleep(0.002)
 
     def advance(self, state: str) -> bool:
         """Move to ``state`` if it lies ahead; False if the session is there or past it already."""
@@ -3321,9 +3364,15 @@ class ClientSession:
         self.server.part_room(self, validate_room(room), sanitise_line(reason)[:MAX_QUIT_REASON])
 
     def handle_rooms(self, arg: str | None) -> None:
-        """``ROOMS``: one ``ROOM|...`` line per room, then ``END|ROOMS|n``."""
+        """``ROOMS[|#after]``: one ``ROOM|...`` line per room (after that one), then ``END|ROOMS|n``
+        (``|more``: the reply was full; ask again after its last room)."""
         self._room_command("ROOMS", named=False)
-        self.server.send_rooms(self)
+        self.server.send_rooms(self, validate_room(arg) if arg else "")
+
+    def handle_oper(self, arg: str | None) -> None:
+        """``OPER|password``: the server's operator password makes this connection an operator."""
+        self.server.make_operator(self, arg or "")
+        self.reply(b"OPER_OK\n")
 
     def handle_names(self, arg: str | None) -> None:
         """``NAMES[|#room]``: who is in a room (#main without one)."""
@@ -3400,6 +3449,7 @@ COMMAND_HANDLERS: dict[str, Handler] = {
     "TOPIC": ClientSession.handle_topic,
     "MARK": ClientSession.handle_mark,
     "CLOSE": ClientSession.handle_close,
+    "OPER": ClientSession.handle_oper,
 }
 
 BEFORE_PASS_COMMANDS = frozenset({"HELLO", "PASS", "PING", "QUIT"})
@@ -3435,7 +3485,7 @@ class ChatServer:
         # (sequence number, line, subject, room: None for JOIN and LEAVE, which every member hears)
         self._presence: list[tuple[int, bytes, ClientSession, Room | None]] = []
         self._presence_seq = itertools.count(1)
-        self._joined_unannounced: set[ClientSession] = set()
+        self._unflushed: set[ClientSession] = set()   # the subjects of the lines in _presence
         self._presence_lock = threading.Lock()
         self._presence_due = threading.Event()
         self._departures: queue.SimpleQueue[ClientSession | None] = queue.SimpleQueue()  # ended readers
@@ -3468,6 +3518,8 @@ class ChatServer:
         self.hasher = PasswordHasher(self.config.password_hashes, self.config.password_queue)
         self.address_budget = AddressBudget(self.config.address_byte_rate if self.config.rate else 0,
                                             self.config.address_byte_burst)
+        self.room_budget = AddressBudget(self.config.room_creations / 3600 if self.config.rate else 0,
+                                         self.config.room_creations)
         self.log: CommitLog = LocalLog(self.history, batch_bytes=self.reply_bytes)
         self._delivered_upto = self.log.last_id           # the newest id fanned out (the commit thread's)
         self._delivered = threading.Condition()           # JOIN waits on it for messages in flight
@@ -3748,6 +3800,8 @@ class ChatServer:
             sessions = [s for s in batch if s is not None]
             if sessions:
                 self.depart(*sessions, forget=True)
+                for room in self.registry.forget_emptied():
+                    self._retire(room, closing=False)
             if batch[-1] is None:
                 return
 
@@ -3768,18 +3822,23 @@ class ChatServer:
 
     # --- presence ----------------------------------------------------------------------
 
-    def _announce(self, *items: tuple[bytes, ClientSession, Room | None], joined: bool = False) -> None:
+    def _announce(self, *items: tuple[bytes, ClientSession, Room | None], joined: bool = False,
+                  leaving: bool = False) -> None:
         """Queue presence lines, each with its subject and room (None: JOIN or LEAVE, for every member);
         the presence thread sends them together.  The Registry calls this under its lock, so the
-        lines keep the registry's order."""
+        lines keep the registry's order.  ``leaving`` (LEAVE lines): the subjects' room lines still
+        waiting are dropped, since LEAVE takes them out of every room."""
         with self._presence_lock:
             first = not self._presence
+            if leaving:
+                gone = {subject for _, subject, _ in items}
+                self._presence = [item for item in self._presence if item[3] is None or item[2] not in gone]
             for line, subject, room in items:
                 seq = next(self._presence_seq)
                 self._presence.append((seq, line, subject, room))
+                self._unflushed.add(subject)
                 if joined:
                     subject.presence_seq = seq  # it hears only of what comes after its own JOIN
-                    self._joined_unannounced.add(subject)
         if first:
             self._presence_due.set()
 
@@ -3822,11 +3881,11 @@ class ChatServer:
         with self._presence_lock:
             if keys is None:
                 items, self._presence = self._presence, []
-                self._joined_unannounced.clear()
+                self._unflushed.clear()
             else:
                 items = [item for item in self._presence if item[2].key in keys]
                 self._presence = [item for item in self._presence if item[2].key not in keys]
-                self._joined_unannounced = {s for s in self._joined_unannounced if s.key not in keys}
+                self._unflushed = {s for s in self._unflushed if s.key not in keys}
         if not items:
             return []
         everyone = [item for item in items if item[3] is None]
@@ -3893,6 +3952,9 @@ class ChatServer:
         leave no gap between them.
         """
         def create(room: Room) -> None:
+            if not self.room_budget.charge(session.host, 1):
+                raise ProtocolError("rate-limited", f"{session.host} has made {self.config.room_creations} "
+                                    "rooms in the last hour, the most one address may")
             if self.history is not None:
                 self.history.save_room(room.record())
             log.info("%s made the room #%s", session.name, room.name)
@@ -3908,20 +3970,26 @@ class ChatServer:
                       + encode_line("JOIN_OK", f"#{name}"))
 
     def part_room(self, session: ClientSession, name: str, reason: str) -> None:
-        self.registry.part(session, name, reason)
+        session.wait_pending()  # its messages in the room go out before its EXIT
+        forgotten = self.registry.part(session, name, reason)
         session.reply(encode_line("PART_OK", f"#{name}"))
+        if forgotten is not None:
+            self._retire(forgotten, closing=False)
 
     def set_topic(self, session: ClientSession, room: Room, text: str) -> None:
         if room.name not in session.rooms and not self._operator(session):
             raise ProtocolError("not-in-room", f"join #{room.name} to set its topic")
         text = text[:self.config.max_topic]
+        session.wait_pending()  # its messages before the new topic
         if not self.address_budget.charge(session.host, fan_out_cost(session.name, text)):
             raise ProtocolError("rate-limited", f"too many bytes from {session.host} too fast")
         store = self.history.save_room if self.history is not None else None
         self.registry.set_topic(room, session.name, text, lambda r: store and store(r.record()))
         line = encode_topic(room.name, room.topic_ts, room.topic_by, room.topic)
-        with self._fanout_lock:
-            ready = [s for s in room.members if s.extended and s is not session and s.outbound.put(line)]
+        members = self.members()
+        with self._fanout_lock:  # the setter's own JOIN and ENTER first
+            ready = self._flush_presence(members, {session.key}) if session in self._unflushed else []
+            ready += [s for s in room.members if s.extended and s is not session and s.outbound.put(line)]
         self.writer.schedule_many(ready)
         session.reply(line)
         log.info("%s set the topic of #%s", session.name, room.name)
@@ -3941,18 +4009,43 @@ class ChatServer:
             if not self._operator(session) and not (room.created_by and room.created_by == session.key):
                 raise ProtocolError("not-allowed", ERROR_CODES["not-allowed"])
 
-        self.registry.close_room(name, allowed,
-                                 lambda n: self.history.delete_room(n) if self.history is not None else None)
+        self._retire(self.registry.close_room(name, allowed), closing=True)
         log.info("%s closed the room #%s", session.name, name)
 
-    def _operator(self, session: ClientSession) -> bool:
-        return session.owner and any(confusable_key(n) == session.key for n in self.config.operators)
+    def _retire(self, room: Room, closing: bool) -> None:
+        """``room`` is out of the registry (closed, or forgotten unused): no message may enter it now;
+        once those accepted before have gone out, its rows go.  A forgotten room that got a message
+        after all comes back instead (an acknowledged message is never deleted unasked)."""
+        with room.posting:
+            room.closed = True
+            upto = self.log.last_id
+        self._wait_delivered(upto, CLOSE_WAIT)
+        if not closing and room.messages:
+            room.closed = False
+            if self.registry.restore(room):
+                return
+        if self.history is not None:
+            self.history.delete_room(room.name, upto, room.created_ts)
 
-    def send_rooms(self, session: ClientSession) -> None:
-        """``ROOM|#name|joined|online|messages|unread|mentions|last|topic`` for each room, then END."""
-        lines = []
+    def _operator(self, session: ClientSession) -> bool:
+        return session.operator
+
+    def make_operator(self, session: ClientSession, password: str) -> None:
+        expected = self.config.operator_password
+        if not expected:
+            raise ProtocolError("no-operators", ERROR_CODES["no-operators"])
+        if not self.check_password(session, OPERATOR_PASSWORD, lambda: same_secret(password, expected),
+                                   "wrong operator password"):
+            raise ProtocolError("bad-password", "wrong operator password")
+        session.operator = True
+        log.info("%s from %s is an operator", session.name or "an unnamed client", session.peer)
+
+    def send_rooms(self, session: ClientSession, after: str) -> None:
+        """``ROOM|#name|joined|online|messages|unread|mentions|last|topic`` for each room after ``after``
+        (by name), then END; at most a reply's bytes, with ``|more`` when some were left out."""
+        lines, size, more = [], 0, False
         upto = self._delivered_upto
-        rooms = sorted(self.registry.rooms.values(), key=lambda r: r.name)
+        rooms = sorted((r for r in self.registry.rooms.values() if r.name > after), key=lambda r: r.name)
         for room in rooms:
             joined = room.name in session.rooms
             unread = mentioned = 0
@@ -3960,11 +4053,15 @@ class ChatServer:
                 marker = session.markers[room.name]
                 if marker < room.last_id:
                     unread, mentioned = self.history.unread(room.name, marker, session.name, upto)
-            lines.append(encode_line("ROOM", f"#{room.name}", int(joined), len(room.members), room.messages,
-                                     unread, mentioned,
-                                     format_timestamp(room.last_ts) if room.last_ts else "",
-                                     escape_text(room.topic)))
-        session.reply(b"".join(lines) + encode_line("END", "ROOMS", len(lines)))
+            line = encode_line("ROOM", f"#{room.name}", int(joined), len(room.members), room.messages,
+                               unread, mentioned, format_timestamp(room.last_ts) if room.last_ts else "",
+                               escape_text(room.topic))
+            size += len(line)
+            if size > self.reply_bytes and lines:
+                more = True
+                break
+            lines.append(line)
+        session.reply(b"".join(lines) + encode_line("END", "ROOMS", len(lines), *(["more"] if more else [])))
 
     # --- fan-out -----------------------------------------------------------------------
 
@@ -3983,7 +4080,7 @@ class ChatServer:
             target = self.registry.holder(confusable_key(recipient))
             if target is None:
                 raise ProtocolError("unknown-user", f"no user named {sanitise_line(recipient)!r} is online")
-            recipient, audience, room = target.name, (target,), MAIN_ROOM
+            recipient, audience, room, where = target.name, (target,), MAIN_ROOM, None
         else:
             where = self.room(room)
             if room not in sender.rooms and not sender.quiet:
@@ -3991,8 +4088,17 @@ class ChatServer:
             audience = where.members
         draft = ChatMessage(0, 0.0, sender.name, text, kind, recipient, room)
         pending = PendingMessage(draft, sender, audience)
+        if where is None:
+            self._accept(pending)
+            return
+        with where.posting:  # a room being closed takes no more messages
+            if where.closed:
+                raise ProtocolError("unknown-room", f"#{room} was just closed")
+            self._accept(pending)
+
+    def _accept(self, pending: PendingMessage) -> None:
         with self._fanout_lock:
-            sender.last_pending = pending
+            pending.sender.last_pending = pending
         self.log.submit(pending)
 
     def _committed(self, batch: list[PendingMessage]) -> None:
@@ -4006,9 +4112,9 @@ class ChatServer:
                 room.last_ts, room.last_id = msg.ts, msg.id
         with self._fanout_lock:
             ready = []
-            joiners = {p.sender.key for p in batch if p.sender in self._joined_unannounced}
-            if joiners:  # their JOIN before their messages; the rest waits for the presence thread
-                ready = self._flush_presence(members, joiners)
+            subjects = {p.sender.key for p in batch if p.sender in self._unflushed}
+            if subjects:  # their JOIN or ENTER before their messages; the rest waits for the presence thread
+                ready = self._flush_presence(members, subjects)
             ready += self._fan_out_batch(batch)
         self.writer.schedule_many(ready)  # one wake-up for the whole batch
         self._mark_delivered(batch[-1].message.id)
@@ -4416,9 +4522,17 @@ class ChatConnection:
         return self.request("NAMES", f"#{room}", expect=(RoomNames,)).users
 
     def rooms(self) -> list[RoomInfo]:
-        self.request("ROOMS", expect=(EndOfList,))
-        found = [e for e in self.pending if isinstance(e, RoomInfo)]
-        self.pending = [e for e in self.pending if not isinstance(e, RoomInfo)]
+        """Every room, page by page (each page fits the SendQ)."""
+        found: list[RoomInfo] = []
+        after: tuple[str, ...] = ()
+        for _ in range(MAX_ROOMS_PAGES):
+            end = self.request("ROOMS", *after, expect=(EndOfList,))
+            page = [e for e in self.pending if isinstance(e, RoomInfo)]
+            self.pending = [e for e in self.pending if not isinstance(e, RoomInfo)]
+            found += page
+            if not end.more or not page:
+                break
+            after = (f"#{page[-1].name}",)
         return found
 
     def join_rooms(self, *rooms: str) -> list[ServerEvent]:

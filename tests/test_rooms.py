@@ -118,17 +118,20 @@ def test_bad_room_requests_get_a_stable_code_and_the_connection_goes_on(user, fr
 
 
 def test_room_limits_per_user_and_per_server(make_server):
-    server = make_server(max_rooms_per_user=3, max_rooms=4)  # #main counts in both
+    server = make_server(max_rooms_per_user=3, max_rooms=4, auth_delay=0)  # #main counts in both
     ana = RawClient(server.port)
-    ana.send(b"HELLO|chatctl/1\nUSER|ana\n")
-    ana.expect("USER_OK")
+    ana.send(b"HELLO|chatctl/1\nUSER|ana\nREGISTER|anapass12\n")
+    ana.expect("REGISTER_OK")
     join(ana, "#a", "#b")
+    ana.send(b"MSG|#a|kept\nMSG|#b|kept\n")  # a room with a message is kept when it empties
+    ana.expect("MSG_OK|")
+    ana.expect("MSG_OK|")
     ana.send(b"JOIN|#c\n")
     assert ana.expect("ERR|").startswith("ERR|too-many-rooms|you are in 3 rooms")
     ana.send(b"PART|#a\n")
     ana.expect("PART_OK")
     join(ana, "#c")  # #main, #a, #b, #c: the server's four
-    ana.send(b"PART|#c\nJOIN|#d\n")
+    ana.send(b"TOPIC|#c|kept too\nPART|#c\nJOIN|#d\n")
     ana.expect("PART_OK")
     assert ana.expect("ERR|").startswith("ERR|too-many-rooms|the server has 4 rooms")
     ana.send(b"CLOSE|#c\n")  # empty now, and ana made it
@@ -138,14 +141,14 @@ def test_room_limits_per_user_and_per_server(make_server):
 
 
 def test_only_the_creator_or_an_operator_closes_and_only_an_empty_room(make_server):
-    server = make_server(operators=("root",))
-    server.accounts.protect(chatctl.confusable_key("root"), "root", chatctl.hash_password("rootpass1"))
+    server = make_server(operator_password="opensesame", auth_delay=0)
     ana, bob, root = (RawClient(server.port) for _ in range(3))
-    for client, frame in ((ana, b"USER|ana"), (bob, b"USER|bob"), (root, b"USER|root|rootpass1")):
+    for client, frame in ((ana, b"USER|ana\nREGISTER|anapass12"), (bob, b"USER|bob"),
+                          (root, b"USER|root\nOPER|opensesame")):
         client.send(b"HELLO|chatctl/1\n" + frame + b"\n")
         client.expect("USER_OK")
     join(ana, "#tmp")
-    ana.send(b"CLOSE|#tmp\n")
+    ana.send(b"MSG|#tmp|history to keep\nCLOSE|#tmp\n")
     assert ana.expect("ERR|").startswith("ERR|room-not-empty|")
     ana.send(b"PART|#tmp\n")
     ana.expect("PART_OK")
@@ -329,3 +332,117 @@ def test_room_errors_are_one_line_with_an_exit_code(isolated_home, server, args,
     assert result.returncode == code, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 or code == 2
+
+
+# --- what the attack run found ---------------------------------------------------------------
+
+def test_a_closed_room_keeps_none_of_its_messages_not_even_those_in_flight(server, user, connect):
+    ana = user("ana", hello=True)
+    ana.send(b"REGISTER|anapass12\n")  # a protected creator may close the room
+    ana.expect("REGISTER_OK")
+    join(ana, "#tmp")
+    ana.send(b"TOPIC|#tmp|temporary\nPART|#tmp\n")
+    ana.expect("PART_OK")
+    gate = threading.Event()
+    real_insert = server.history.insert
+    server.history.insert = lambda batch: (gate.wait(5), real_insert(batch))
+    bot = connect()
+    bot.send(b"HELLO|chatctl/1|quiet\nUSER|bot\n")
+    bot.expect("USER_OK")
+    accepted = server.log.last_id
+    bot.send(b"MSG|#tmp|confidential\n")
+    wait_until(lambda: server.log.last_id > accepted)  # accepted; its commit is held
+    ana.send(b"CLOSE|#tmp\n")
+    threading.Timer(0.3, gate.set).start()
+    assert ana.expect("CLOSE_OK", timeout=10) == "CLOSE_OK|#tmp"
+    eve = user("eve", hello=True)
+    join(eve, "#tmp")  # a new room of the old name
+    eve.send(b"HISTORY|#tmp|LAST|50\n")
+    assert eve.expect("END|") == "END|HISTORY|0"
+
+
+def test_presence_lines_keep_the_order_of_the_frames_behind_them(user, connect):
+    ana = user("ana", hello=True)
+    join(ana, "#x")
+    bob = connect()
+    bob.send(b"HELLO|chatctl/1\nUSER|bob\nJOIN|#x\nMSG|#x|hi\nTOPIC|#x|new\nPART|#x\nJOIN|#x\nQUIT\n")
+    bob.wait_closed()
+    wanted = ("JOIN|", "ENTER|", "MSG|", "TOPIC|", "EXIT|", "LEAVE|")
+    seen = []
+    while not seen or seen[-1] != "LEAVE":
+        line = ana.line()
+        if line.startswith(wanted):
+            seen.append(line.split("|")[0])
+    # bob's EXIT and second ENTER may be dropped as stale: LEAVE means out of every room
+    assert [x for x in seen if x != "EXIT"] == ["JOIN", "ENTER", "MSG", "TOPIC", "LEAVE"]
+    assert seen[-2:] == ["EXIT", "LEAVE"] or "EXIT" not in seen
+    assert ana.silent(0.3)
+
+
+def test_operator_rights_come_from_the_operator_password_not_a_name(make_server):
+    server = make_server(operator_password="opensesame", auth_delay=0)
+    ana, root = RawClient(server.port), RawClient(server.port)
+    ana.send(b"HELLO|chatctl/1\nUSER|ana\nJOIN|#anas\nTOPIC|#anas|kept\nPART|#anas\n")
+    ana.expect("PART_OK")
+    root.send(b"HELLO|chatctl/1\nUSER|root\nREGISTER|rootpass1\nCLOSE|#anas\n")
+    root.expect("REGISTER_OK")
+    assert root.expect("ERR|").startswith("ERR|not-allowed|")  # a protected name is no operator
+    root.send(b"OPER|guess\n")
+    assert root.expect("ERR|").startswith("ERR|bad-password|")
+    root.send(b"OPER|opensesame\nCLOSE|#anas\n")
+    assert root.expect("OPER_OK") == "OPER_OK"
+    assert root.expect("CLOSE_OK") == "CLOSE_OK|#anas"
+
+
+def test_only_a_protected_creator_may_close_their_room(make_server):
+    server = make_server(auth_delay=0)
+    dave = RawClient(server.port)
+    dave.send(b"HELLO|chatctl/1\nUSER|dave\nJOIN|#daves\nTOPIC|#daves|mine\nPART|#daves\n")
+    dave.expect("PART_OK")
+    dave.send(b"CLOSE|#daves\n")  # unprotected: anyone could take the name and do this
+    assert dave.expect("ERR|").startswith("ERR|not-allowed|")
+    dave.send(b"REGISTER|davepass1\nJOIN|#protected\nTOPIC|#protected|x\nPART|#protected\nCLOSE|#protected\n")
+    assert dave.expect("CLOSE_OK") == "CLOSE_OK|#protected"
+
+
+def test_one_address_cannot_fill_the_server_with_rooms(make_server):
+    server = make_server(room_creations=5)
+    squatter = RawClient(server.port)
+    squatter.send(b"HELLO|chatctl/1\nUSER|sq\n")
+    squatter.expect("USER_OK")
+    join(squatter, *(f"#sq{i}" for i in range(5)))
+    squatter.send(b"JOIN|#sq5\n")
+    assert squatter.expect("ERR|").startswith("ERR|rate-limited|")
+    for i in range(5):  # a room nobody used (no message, no topic) is forgotten when it empties
+        squatter.send(f"PART|#sq{i}\n".encode())
+        squatter.expect("PART_OK")
+    assert not any(name.startswith("sq") for name in rooms_of(squatter))
+
+
+def test_the_rooms_reply_is_paged_to_fit_the_sendq(make_server):
+    server = make_server(sendq=16384, rate=0)
+    ana = RawClient(server.port)
+    ana.send(b"HELLO|chatctl/1\nUSER|ana\n")
+    ana.expect("USER_OK")
+    topic = "t" * 300
+    for i in range(40):
+        ana.send(f"JOIN|#r{i:02}\nTOPIC|#r{i:02}|{topic}\nPART|#r{i:02}\n".encode())
+        ana.expect("PART_OK")
+    ana.send(b"ROOMS\n")
+    size, names = 0, []
+    while not (line := ana.line()).startswith("END|"):
+        size += len(line) + 1
+        names.append(chatctl.parse_event(line).name)
+    assert line.startswith("END|ROOMS|") and line.endswith("|more") and size <= 16384 // 4
+    ana.send(f"ROOMS|#{names[-1]}\n".encode())
+    assert chatctl.parse_event(ana.line()).name > names[-1]
+    everything = chatctl.ChatConnection("127.0.0.1", server.port)
+    everything.hello()
+    assert len(everything.rooms()) == 41  # the client pages through: every room, #main included
+    everything.close()
+
+
+def test_a_room_name_is_ascii_before_it_is_lower_case(user):
+    ana = user("ana", hello=True)
+    ana.send("JOIN|#\u212a\n".encode())  # the Kelvin sign lower-cases to k
+    assert ana.expect("ERR|").startswith("ERR|invalid-room|")
