@@ -607,7 +607,10 @@ def encode_seed_delivery(msg: ChatMessage) -> bytes:
         prefix = f"[DM] {msg.sender}: "
     else:
         prefix = f"{msg.sender}: "
-    return "".join(prefix + line + "\n" for line in msg.text.split("\n")).encode("utf-8")
+    text = msg.text
+    if "\n" not in text:  # nearly always: no generator for one line
+        return (prefix + text + "\n").encode("utf-8")
+    return "".join(prefix + line + "\n" for line in text.split("\n")).encode("utf-8")
 
 
 def encode_line(*fields: object) -> bytes:
@@ -1199,7 +1202,7 @@ MIGRATIONS: dict[int, str] = {
     4: """
         ALTER TABLE messages ADD COLUMN room TEXT;
         UPDATE messages SET room = 'main' WHERE recipient_key IS NULL;
-        CREATE INDEX messages_by_room ON messages(room, id);
+        CREATE INDEX messages_by_room ON messages(room, id) WHERE room != 'main';
         CREATE TABLE rooms (
             name TEXT PRIMARY KEY,
             created_by TEXT NOT NULL DEFAULT '',
@@ -1219,7 +1222,10 @@ MIGRATIONS: dict[int, str] = {
 }
 
 # What a viewer sees of the history: a room's messages, or (no room) #main's and their own direct messages.
-_IN_ROOM = "room = :room"
+# #main's messages are most of them and are read in id order: only the other rooms' are indexed by room,
+# and a query names ``room != 'main'`` so that SQLite may use that partial index.
+_IN_MAIN = "room = 'main'"
+_IN_ROOM = "room = :room AND room != 'main'"
 _MAIN_AND_DMS = ("(room = 'main' OR (recipient_key IS NOT NULL AND "
                  "(sender_key = :viewer OR recipient_key = :viewer)))")
 _INSERT = ("INSERT INTO messages (id, ts, sender, sender_key, recipient, recipient_key, kind, text, room) "
@@ -1431,24 +1437,28 @@ class HistoryStore:
 
     def _insert(self, batch: list[PendingMessage]) -> None:
         # sender_key and recipient_key serve only to find direct messages: NULL for the rest
-        rows = [(m.id, m.ts, m.sender, None, None, None, m.kind, m.text, m.room) if m.recipient is None else
-                (m.id, m.ts, m.sender, confusable_key(m.sender), m.recipient, confusable_key(m.recipient),
-                 m.kind, m.text, None)
-                for m in (p.message for p in batch)]
-        whole = len(rows) - len(rows) % INSERT_ROWS
+        flat: list = []  # every row's values in one list: INSERT_ROWS rows a statement
+        add = flat.extend
+        for m in (p.message for p in batch):
+            if m.recipient is None:
+                add((m.id, m.ts, m.sender, None, None, None, m.kind, m.text, m.room))
+            else:
+                add((m.id, m.ts, m.sender, confusable_key(m.sender), m.recipient, confusable_key(m.recipient),
+                     m.kind, m.text, None))
+        width = 9 * INSERT_ROWS
+        whole = len(flat) - len(flat) % width
         db = self._writer
         db.execute("BEGIN")
         try:
             if whole:
-                db.executemany(_INSERT_MANY, [tuple(itertools.chain.from_iterable(rows[i:i + INSERT_ROWS]))
-                                              for i in range(0, whole, INSERT_ROWS)])
-            if whole < len(rows):
-                db.executemany(_INSERT_ONE, rows[whole:])
+                db.executemany(_INSERT_MANY, [flat[i:i + width] for i in range(0, whole, width)])
+            if whole < len(flat):
+                db.executemany(_INSERT_ONE, [flat[i:i + 9] for i in range(whole, len(flat), 9)])
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        self.last_id = rows[-1][0]
+        self.last_id = batch[-1].message.id
 
     def _index_chunk(self) -> bool:
         """Add the next rows to the full-text index, in one transaction; False if that failed."""
@@ -1512,7 +1522,7 @@ class HistoryStore:
         With ``max_bytes``, no more than that much text: the newest (or, after
         an id, the first) are kept.  Also returns whether more were left out.
         """
-        where = [_IN_ROOM if room is not None else _MAIN_AND_DMS]
+        where = [_room_filter(room)]
         params: dict[str, object] = {"viewer": confusable_key(viewer) if viewer else None, "limit": limit,
                                      "room": room}
         if before is not None:
@@ -1543,7 +1553,7 @@ class HistoryStore:
         params = {"viewer": confusable_key(viewer) if viewer else None, "limit": limit, "room": room,
                   "match": " ".join('"' + w + '"' for w in words), "words": " ".join(words),
                   "upto": upto if upto is not None else self.last_id}
-        visible = _IN_ROOM if room is not None else _MAIN_AND_DMS
+        visible = _room_filter(room)
         tail = (f"SELECT {_COLUMNS} FROM messages WHERE id > (SELECT value FROM meta WHERE key = 'fts_upto') "
                 f"AND {visible} AND id <= :upto AND has_words(text, :words) "
                 "ORDER BY id DESC LIMIT :limit")
@@ -1584,7 +1594,7 @@ class HistoryStore:
         """A closed room goes with its messages (up to id ``upto``) and read markers; a new room that
         has its name meanwhile keeps its row and its messages."""
         self._write(("DELETE FROM rooms WHERE name = ? AND created_ts = ?", (name, created_ts)),
-                    ("DELETE FROM messages WHERE room = ? AND id <= ?", (name, upto)),
+                    ("DELETE FROM messages WHERE room = ? AND room != 'main' AND id <= ?", (name, upto)),
                     ("DELETE FROM read_markers WHERE room = ?", (name,)))
 
     def markers(self, user_key: str) -> dict[str, int]:
@@ -1602,7 +1612,7 @@ class HistoryStore:
         both counted to UNREAD_MAX at most."""
         rows = self._read_rows(
             "SELECT count(*), coalesce(sum(mentions(text, :name) AND sender != :name), 0) FROM "
-            "(SELECT text, sender FROM messages WHERE room = :room AND id > :after AND id <= :upto "
+            f"(SELECT text, sender FROM messages WHERE {_room_filter(room)} AND id > :after AND id <= :upto "
             "ORDER BY id LIMIT :most)",
             {"room": room, "after": after, "upto": upto, "name": name, "most": UNREAD_MAX})
         return rows[0]
@@ -1692,6 +1702,13 @@ def mentions(text: str, name: str) -> bool:
 @functools.lru_cache(maxsize=1024)
 def mention_pattern(name: str) -> re.Pattern:
     return re.compile(r"(?<!\w)" + re.escape(name) + r"(?!\w)", re.IGNORECASE)
+
+
+def _room_filter(room: str | None) -> str:
+    """The WHERE clause for ``room``'s messages (no room: #main's and the viewer's direct messages)."""
+    if room is None:
+        return _MAIN_AND_DMS
+    return _IN_MAIN if room == MAIN_ROOM else _IN_ROOM
 
 
 def fan_out_cost(sender: str, text: str) -> int:
