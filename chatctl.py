@@ -1149,18 +1149,20 @@ def load_config(section: str, flags: dict[str, object] | None = None,
 # History lives in SQLite (WAL).  One writer thread commits messages in
 # batches (group commit): MSG_OK and delivery wait for the commit, so an
 # acknowledged message survives kill -9, and a burst shares one commit.
-# Readers use their own connection and never wait for the writer.  Everything
-# else that writes (the full-text index, WAL checkpoints, retention) is done
-# by an upkeep thread, off the commit path, in short transactions.  The index
-# is built behind the commits, in bulk (FTS5 is ten times cheaper so than row
-# by row); a search reads the index and scans the rows not yet in it.
+# Readers use their own connection and never wait for the writer.  The
+# full-text index is built behind the commits by the same thread, in bulk
+# (FTS5 is ten times cheaper so than row by row) and in small chunks: in quiet
+# moments, or between batches once FTS_MAX_LAG rows wait; a search reads the
+# index and scans the rows not yet in it.  WAL checkpoints and retention are
+# an upkeep thread's, off the commit path.
 
 SCHEMA_VERSION = 4
 HISTORY_BATCH_MAX = 1024             # messages per commit at most
 HISTORY_PAGE_MAX = 500               # messages per HISTORY or SEARCH reply at most
 PRUNE_INTERVAL = 30.0                # seconds between retention passes
 PRUNE_CHUNK = 2000                   # rows one retention pass deletes at most
-FTS_CHUNK = 1000                     # rows indexed in one transaction (a commit may wait for one)
+FTS_CHUNK = 500                      # rows indexed in one transaction (a few ms)
+FTS_MAX_LAG = 50000                  # rows not yet indexed that make a busy commit thread index anyway
 INSERT_ROWS = 32                     # rows per INSERT statement (fewer round trips through sqlite3)
 UPKEEP_INTERVAL = 1.0                # seconds between the upkeep thread's rounds: index, checkpoint, prune
 
@@ -1283,13 +1285,13 @@ class PendingMessage:
 class HistoryStore:
     """The history database: messages, rooms and read markers.
 
-    The commit log's thread writes messages (``insert``) on its own
-    connection; rooms and read markers are written by reader threads on a
-    second one (``_meta``, under ``_meta_lock``); queries read on a third
-    (``_reader``, under ``_reader_lock``); and after ``start()`` the
-    ``chatctl-upkeep`` thread indexes, checkpoints the WAL and prunes on a
-    fourth (``_upkeep_db``; ``fts_upto`` is its), so no commit waits for
-    them (a checkpoint or an index pass in line was the slowest 1% of
+    The commit log's thread writes messages (``insert``) and indexes them
+    (``index_step``; ``fts_upto`` is its) on its own connection; rooms and
+    read markers are written by reader threads on a second one (``_meta``,
+    under ``_meta_lock``); queries read on a third (``_reader``, under
+    ``_reader_lock``); and after ``start()`` the ``chatctl-upkeep`` thread
+    checkpoints the WAL and prunes on a fourth (``_upkeep_db``), so no
+    commit waits for a checkpoint (in line, they were the slowest 1% of
     commits).  WAL lets them all work at once.
     """
 
@@ -1329,12 +1331,9 @@ class HistoryStore:
             self.upkeep()
 
     def upkeep(self) -> None:
-        """Index what the commits left behind, a chunk at a time; checkpoint; apply retention when due."""
+        """Checkpoint the WAL; apply retention when due (the upkeep thread)."""
         import sqlite3
 
-        while self.fts_upto < self.last_id and not self._closing.is_set():
-            if not self._index_chunk():
-                break
         try:
             self._upkeep_db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as exc:
@@ -1460,12 +1459,18 @@ class HistoryStore:
             raise
         self.last_id = batch[-1].message.id
 
-    def _index_chunk(self) -> bool:
-        """Add the next rows to the full-text index, in one transaction; False if that failed."""
+    @property
+    def index_lag(self) -> int:
+        """Rows committed but not yet in the full-text index."""
+        return self.last_id - self.fts_upto
+
+    def index_step(self) -> bool:
+        """Add the next FTS_CHUNK rows to the full-text index, in one transaction (the commit
+        thread, between batches); False if that failed."""
         import sqlite3
 
         upto = min(self.last_id, self.fts_upto + FTS_CHUNK)
-        db = self._upkeep_db
+        db = self._writer
         try:
             db.execute("BEGIN")
             try:
@@ -1891,7 +1896,11 @@ class LocalLog(CommitLog):
         store = self.store
         get, get_nowait = self._queue.get, self._queue.get_nowait
         while True:
-            first = get()
+            try:  # a quiet moment (or at once, far behind): index a chunk between batches
+                first = get(timeout=0.2) if store is not None and store.index_lag else get()
+            except queue.Empty:
+                store.index_step()
+                continue
             if first is None:
                 return
             batch, size, stop = [first], wire_size(first.message), False
@@ -1913,6 +1922,8 @@ class LocalLog(CommitLog):
                 self._on_failure(batch, str(exc))
             else:
                 self._on_commit(batch)
+            if store is not None and store.index_lag >= FTS_MAX_LAG:
+                store.index_step()
             if stop:
                 return
 
