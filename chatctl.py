@@ -2668,30 +2668,34 @@ class ReaderPool:
     reader idle for READER_IDLE seconds ends.  So a thousand clients leaving
     at once do not make a thousand threads exit (each exit takes a global
     lock of the threading module), and a newcomer gets a reader at once.
-    ``_idle`` (the readers waiting in ``_work.get``) is guarded by ``_lock``.
+    A reader waiting for work puts a token in ``_idle``; ``serve`` takes one
+    for each session it hands over, so the tokens count the idle readers not
+    yet promised a session.  Both are SimpleQueues, with no Python-level lock
+    between them: ten thousand readers finishing at once do not queue up on
+    one, each handing the interpreter lock on twice more.  ``_running`` (the
+    threads, for ``stop``) is guarded by ``_lock``, taken when a thread
+    starts or ends.
     """
 
     def __init__(self):
         self._work: queue.SimpleQueue[ClientSession | None] = queue.SimpleQueue()
-        self._idle = 0
+        self._idle: queue.SimpleQueue[bool] = queue.SimpleQueue()
         self._running: set[threading.Thread] = set()
         self._stopping = False
         self._lock = threading.Lock()
         self._numbers = itertools.count(1)
 
     def serve(self, session: ClientSession) -> None:
-        with self._lock:
-            handed = self._idle > 0
-            if handed:
-                self._idle -= 1  # that reader is ours now: it takes the next item of _work
-            else:
-                thread = threading.Thread(target=self._run, args=(session,), daemon=True,
-                                          name=f"chatctl-reader-{next(self._numbers)}")
+        try:
+            self._idle.get_nowait()  # a waiting reader is ours now: it takes the next item of _work
+        except queue.Empty:
+            thread = threading.Thread(target=self._run, args=(session,), daemon=True,
+                                      name=f"chatctl-reader-{next(self._numbers)}")
+            with self._lock:
                 self._running.add(thread)
-        if handed:
-            self._work.put(session)
-        else:
             thread.start()
+        else:
+            self._work.put(session)
 
     def _run(self, session: ClientSession | None) -> None:
         try:
@@ -2703,26 +2707,28 @@ class ReaderPool:
                 self._running.discard(threading.current_thread())
 
     def _next(self) -> ClientSession | None:
-        with self._lock:
-            if self._stopping:
-                return None
-            self._idle += 1
+        if self._stopping:
+            return None
+        self._idle.put(True)
         try:
             return self._work.get(timeout=READER_IDLE)
         except queue.Empty:
-            with self._lock:
-                if self._idle > 0:  # nobody counted on this reader: it may end
-                    self._idle -= 1
-                    return None
-            return self._work.get()  # serve() or stop() claimed it just now: its item is on the way
+            try:
+                self._idle.get_nowait()  # take a token back: no session was promised to this reader
+                return None
+            except queue.Empty:
+                return self._work.get()  # serve() or stop() took our token: its item is on the way
 
     def stop(self, timeout: float) -> None:
         """End every idle reader (the busy ones end with their connections)."""
+        self._stopping = True
         with self._lock:
-            self._stopping = True
-            idle, self._idle = self._idle, 0
             running = list(self._running)
-        for _ in range(idle):
+        while True:
+            try:
+                self._idle.get_nowait()
+            except queue.Empty:
+                break
             self._work.put(None)
         deadline = time.monotonic() + timeout
         for thread in running:
