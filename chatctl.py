@@ -4149,8 +4149,9 @@ class ChatServer:
             if subjects:  # their JOIN or ENTER before their messages; the rest waits for the presence thread
                 ready = self._flush_presence(members, subjects)
             ready += self._fan_out_batch(batch)
+            # before anyone can read it: a HISTORY asked after a delivery must include it
+            self._mark_delivered(batch[-1].message.id)
         self.writer.schedule_many(ready)  # one wake-up for the whole batch
-        self._mark_delivered(batch[-1].message.id)
 
     def _fan_out_batch(self, batch: list[PendingMessage]) -> list[ClientSession]:
         """A committed batch: each reader gets its part of it in one queue write; returns the
@@ -4215,10 +4216,11 @@ class ChatServer:
                 data = encode_error("storage-failed", ERROR_CODES["storage-failed"]) + b"".join(pending.after)
                 if sender.outbound.put(data, pending.forced):
                     ready.append(sender)
+            self._mark_delivered(batch[-1].message.id)
         self.writer.schedule_many(ready)
-        self._mark_delivered(batch[-1].message.id)
 
     def _mark_delivered(self, upto: int) -> None:
+        """Everything up to id ``upto`` is out (queued to its readers).  Holds the fan-out lock."""
         with self._delivered:
             self._delivered_upto = upto
             self._delivered.notify_all()
