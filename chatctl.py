@@ -130,6 +130,7 @@ MAX_ROOMS_PER_USER = 50              # rooms one connection may be in at once
 MAX_TOPIC_CHARS = 300                # longest room topic
 UNREAD_MAX = 9999                    # unread and mention counts stop here ("9999+")
 MAX_ROOMS_PAGES = 1000               # ROOMS replies a client asks for at most (a page holds dozens of rooms)
+ROOM_LIST_FRESH = 10.0               # join asks for the room list again when Tab needs one older than this
 JOIN_WAIT = 1.0                      # a JOIN's reply waits at most this long for messages already in flight
 CLOSE_WAIT = 10.0                    # closing a room waits at most this long for its messages in flight
 ROOM_CREATIONS = 20                  # rooms one IP address may make per hour (0: no limit)
@@ -3619,8 +3620,10 @@ class ChatServer:
         return self
 
     def serve_forever(self) -> None:
-        """Start and block until shutdown() or KeyboardInterrupt (which SIGTERM raises in serve)."""
-        self.start()
+        """Start (unless started) and block until shutdown() or KeyboardInterrupt (which SIGTERM
+        raises in serve)."""
+        if not self._threads:
+            self.start()
         while not self._stopping.wait(0.5):
             pass
 
@@ -3980,7 +3983,7 @@ class ChatServer:
     def room(self, name: str) -> Room:
         room = self.registry.rooms.get(name)
         if room is None:
-            raise ProtocolError("unknown-room", f"there is no room #{name} (JOIN|#{name} makes it)")
+            raise ProtocolError("unknown-room", f"there is no room #{name}")
         return room
 
     def enter_room(self, session: ClientSession, name: str) -> None:
@@ -4123,7 +4126,7 @@ class ChatServer:
         else:
             where = self.room(room)
             if room not in sender.rooms and not sender.quiet:
-                raise ProtocolError("not-in-room", f"you are not in #{room}: JOIN|#{room} first")
+                raise ProtocolError("not-in-room", f"you are not in #{room}; join it first")
             audience = where.members
         draft = ChatMessage(0, 0.0, sender.name, text, kind, recipient, room)
         pending = PendingMessage(draft, sender, audience)
@@ -4312,6 +4315,7 @@ def serve_until_signalled(server: ChatServer) -> None:
                      server.tls_fingerprint)
         if server.config.password:
             log.info("clients need the server password")
+        server.start()  # listening from here on: only now may the log line say so
         log.info("chatctl %s listening on %s:%d (config: %s)", __version__, host, port, files)
         server.serve_forever()
     except KeyboardInterrupt:
@@ -5133,8 +5137,9 @@ class RoomsModel:
             return view.topic if view else ""
 
     def heard_of(self, rooms: Iterable[str]) -> None:
+        """The server's room list: what completion offers (with the rooms we are in)."""
         with self._lock:
-            self.known.update(rooms)
+            self.known = {*rooms, *self.rooms}
 
     def arrived(self, msg: ChatMessage, mention: bool) -> bool:
         """A message of a room was shown; True if it is in the current room (so it is read)."""
@@ -5204,6 +5209,12 @@ class LiveSession:
     @property
     def connected(self) -> bool:
         return self._conn is not None
+
+    @property
+    def extended(self) -> bool:
+        """Connected to a server that speaks chatctl's protocol (rooms and all)."""
+        conn = self._conn
+        return conn is not None and conn.extended
 
     def start(self) -> tuple[UserInfo, ...]:
         """Connect and register; errors of this first attempt go to the caller."""
@@ -5513,11 +5524,13 @@ def message_as_json(m: ChatMessage) -> str:
                        "to": m.recipient, "room": None if m.kind == "dm" else m.room, "text": m.text})
 
 
-def rooms_as_json(rooms: list[RoomInfo]) -> str:
+def rooms_as_json(rooms: list[RoomInfo], with_unread: bool = True) -> str:
+    """``unread`` and ``mentions`` are null without a user: they are someone's counts."""
     import json
 
     return json.dumps([{"room": f"#{r.name}", "joined": r.joined, "online": r.online, "messages": r.messages,
-                        "unread": r.unread, "mentions": r.mentions,
+                        "unread": r.unread if with_unread else None,
+                        "mentions": r.mentions if with_unread else None,
                         "last": format_timestamp(r.last) if r.last else None, "topic": r.topic}
                        for r in rooms])
 
@@ -5694,6 +5707,8 @@ class JoinClient:
             self.session.rooms, self.session.start_room = [room], room
         self._switch_on_join: str | None = room if room != MAIN_ROOM else None  # /join's first room
         self._room_list: list[RoomInfo] = []     # ROOM lines until their END
+        self._rooms_quietly = 0                  # ROOMS replies to take in without showing them
+        self._rooms_learned = 0.0                # when the room list was last asked for
         self._marks: dict[str, int] = {}         # read markers not sent yet (one MARK a second at most)
         self._mark_timer: threading.Timer | None = None
         self._prompt = None  # the PromptSession, while run_interactive runs
@@ -5724,8 +5739,9 @@ class JoinClient:
         self.note(markup, "bold red")
 
     def on_status(self, text: str, users: tuple[UserInfo, ...]) -> None:
-        if users:
+        if users:  # (re)connected
             self._set_online(users)
+            self._learn_rooms()
         for line in text.splitlines():  # a pin warning has several
             self.note(display_text(line), "bold red" if self.session.ended else "bold yellow")
         if self.session.ended and self._prompt is not None:
@@ -5808,9 +5824,18 @@ class JoinClient:
             self.note(f"{display_text(event.name)} left #{display_text(event.room)}{why}")
         return True
 
+    def _learn_rooms(self) -> None:
+        """Ask for the room list without showing it, so Tab knows the rooms there are."""
+        self._rooms_learned = time.monotonic()
+        if self.session.extended and self.session.send("ROOMS"):
+            self._rooms_quietly += 1
+
     def _show_rooms(self) -> None:
         rooms, self._room_list = self._room_list, []
         self.model.heard_of(r.name for r in rooms)
+        if self._rooms_quietly > 0:  # asked for completion's sake, not by the user
+            self._rooms_quietly -= 1
+            return
         seen_here = self.model.unread()
         lines = []
         for r in rooms:
@@ -5884,8 +5909,10 @@ class JoinClient:
         elif messages:
             self.note(f"the last {len(messages)} message(s) from the history:")
         for msg in messages:
-            self.show(self.view.message(msg, own=name_key(msg.sender) == name_key(self.name), backlog=True,
-                                        room=self._room_tag(msg)))
+            own = name_key(msg.sender) == name_key(self.name)
+            if backlog.missed and msg.kind != "dm" and not own:  # missed in another room: unread there
+                self.model.arrived(msg, self.view.mentions_me(msg))
+            self.show(self.view.message(msg, own=own, backlog=True, room=self._room_tag(msg)))
         if messages and not backlog.missed:
             self.note("end of history")
 
@@ -5963,6 +5990,9 @@ class JoinClient:
             except ProtocolError as exc:
                 self.warn(display_text(exc.text))
                 return True
+            if self.model.joined() == [room]:
+                self.warn(f"#{display_text(room)} is the only room you are in: /join another first, or /quit")
+                return True
             self._request("PART", f"#{room}", *([sanitise_line(reason)] if reason.strip() else []))
         elif action == "rooms":
             self._request("ROOMS")
@@ -5970,7 +6000,10 @@ class JoinClient:
             self._request("NAMES", f"#{self.model.current}")
         elif action == "topic":
             text = command.text.strip()
-            self._request("TOPIC", f"#{self.model.current}", *([escape_text(text)] if text else []))
+            if not text and not self.model.topic(self.model.current):
+                self.note(f"#{display_text(self.model.current)} has no topic (/topic TEXT sets one)")
+            else:
+                self._request("TOPIC", f"#{self.model.current}", *([escape_text(text)] if text else []))
         elif action == "next":
             self.next_room()
         elif action in ("ignore", "unignore"):
@@ -6071,6 +6104,7 @@ class JoinClient:
             self.model.switch(self._switch_on_join)
             self._switch_on_join = None
         self._set_online(users)
+        self._learn_rooms()
         names = ", ".join(u.name for u in users)
         config = self.session.config
         self.note(f"connected to {display_text(config.host)}:{config.port} "
@@ -6167,6 +6201,8 @@ def name_completer(client: JoinClient):
                 return
             word = document.get_word_before_cursor(WORD=True)
             if word.startswith("#") or text.split(" ", 1)[0] in ("/join", "/part"):
+                if time.monotonic() - client._rooms_learned > ROOM_LIST_FRESH:
+                    client._learn_rooms()  # for the next Tab: rooms come and go
                 with client.model._lock:
                     rooms = sorted(client.model.known | set(client.model.rooms))
                 typed = word.lstrip("#").lower()
@@ -6405,7 +6441,7 @@ def rooms(host, port, config_file, user, as_json, tls, cafile, tls_fingerprint) 
                          config_file)
     found = fetch_rooms(config, user)
     if as_json:
-        click.echo(rooms_as_json(found))
+        click.echo(rooms_as_json(found, with_unread=bool(user)))
     else:
         render_rooms_table(found, with_unread=bool(user))
 

@@ -506,12 +506,12 @@ def test_ctrl_c_at_a_prompt_exits_130(server, isolated_home):
 
 
 def test_rooms_in_join_prompt_tags_next_topic_and_part(server, spawn_join, user):
-    ana = spawn_join("ana", server.port, "--room", "deploys")
-    assert ana.after == "#deploys>"  # the prompt names the current room
     bob = user("bob")
     bob.send(b"JOIN|#deploys|#random\n")
     bob.expect("JOIN_OK|#random")
-    ana.expect("bob joined #deploys")
+    ana = spawn_join("ana", server.port, "--room", "deploys")
+    assert ana.after == "#deploys>"  # the prompt names the current room
+    assert chatctl.parse_event(bob.expect("ENTER|")).name == "ana"
     ana.send("hello deploys\r")
     assert bob.expect("MSG|").startswith("MSG|#deploys|") and bob.seen[-1].endswith("|ana|hello deploys")
     bob.send(b"MSG|#main|over in main\n")
@@ -519,8 +519,12 @@ def test_rooms_in_join_prompt_tags_next_topic_and_part(server, spawn_join, user)
     ana.send("/next\r")
     ana.expect("now in #main")
     ana.expect_exact("#main>")
-    ana.send("/join #random\r")
+    ana.send("/join #ra\t")  # Tab knows the rooms on the server, not only those seen
+    ana.expect(re.escape("#random"))
+    ana.send("\r")
     ana.expect("now in #random")
+    ana.send("/topic\r")
+    ana.expect("#random has no topic")
     ana.send("/topic random things\r")
     assert chatctl.parse_event(bob.expect("TOPIC|")).text == "random things"
     ana.send("/rooms\r")
@@ -529,6 +533,10 @@ def test_rooms_in_join_prompt_tags_next_topic_and_part(server, spawn_join, user)
     ana.send("/part\r")
     ana.expect("you left #random; now in #main")
     assert chatctl.parse_event(bob.expect("EXIT|")).room == "random"
+    ana.send("/part #deploys\r")
+    ana.expect("you left #deploys")
+    ana.send("/part\r")  # #main is the last room left
+    ana.expect("the only room you are in")
     ana.send("/join #bad!room\r")
     ana.expect("is not a room name")
     ana.sendcontrol("d")
@@ -556,3 +564,17 @@ def test_join_rejoins_its_rooms_after_a_restart_and_fills_each_gap(make_server, 
         bob.close()
     finally:
         second.shutdown()
+
+
+def test_the_rooms_model_counts_what_came_elsewhere_and_next_takes_the_oldest():
+    model = chatctl.RoomsModel()
+    for room in ("deploys", "random"):
+        model.entered(room)
+    lines = [chatctl.ChatMessage(i, 0.0, "bob", "x", "msg", None, room)
+             for i, room in ((5, "random"), (6, "deploys"), (7, "main"), (8, "random"))]
+    assert [model.arrived(m, mention=m.id == 8) for m in lines] == [False, False, True, False]
+    assert model.unread() == {"main": (0, 0), "deploys": (1, 0), "random": (2, 1)}
+    assert model.next_unread() == "random"  # its oldest unread line (5) is the oldest of all
+    assert model.switch("random") == 8
+    assert model.next_unread() == "deploys"
+    assert model.left("random") == "main"
