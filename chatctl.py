@@ -109,7 +109,9 @@ SERVER_PASSWORD = ""                 # the throttle's target for the server pass
 RECV_CHUNK = 65536                   # bytes per recv(); transient, never kept past a frame
 TLS_SEAL_BYTES = 65536               # plaintext the writer encrypts for one client at a time
 LISTEN_BACKLOG = 1024
-THREAD_STACK_BYTES = 256 * 1024      # per-connection threads need little stack
+THREAD_STACK_BYTES = 256 * 1024      # reader threads need little stack
+MAX_READERS = 256                    # reader threads at most: turns queue behind them
+READS_PER_TURN = 4                   # recv()s one turn makes at most before others get theirs
 REAPER_INTERVAL = 0.5                # how often timeouts are checked
 READER_IDLE = 60.0                   # seconds a reader thread waits for its next connection before it ends
 DISCONNECT_LINGER = 2.0              # after BYE, how long a client may take to close its end
@@ -2663,77 +2665,201 @@ class Writer:
 
 
 class ReaderPool:
-    """The reader threads: one per connection while it lasts, kept for the next one afterwards.
+    """The reader threads: each takes a readable session from ``_work`` and handles what it sent.
 
-    ``serve`` hands a session to an idle reader, or starts a new one; a
-    reader idle for READER_IDLE seconds ends.  So a thousand clients leaving
-    at once do not make a thousand threads exit (each exit takes a global
-    lock of the threading module), and a newcomer gets a reader at once.
-    A reader waiting for work puts a token in ``_idle``; ``serve`` takes one
-    for each session it hands over, so the tokens count the idle readers not
-    yet promised a session.  Both are SimpleQueues, with no Python-level lock
-    between them: ten thousand readers finishing at once do not queue up on
-    one, each handing the interpreter lock on twice more.  ``_running`` (the
-    threads, for ``stop``) is guarded by ``_lock``, taken when a thread
-    starts or ends.
+    ``serve`` queues a session's turn (the ReadPoller calls it when a socket
+    is readable or an unframed frame's pause is up) for an idle thread, or
+    starts a thread for it, up to ``most``; past that, turns queue.  A
+    thousand connections need a handful of threads, and a thousand of them
+    ending at once are a queue of turns, not a thousand threads fighting
+    over the interpreter lock.  A thread idle for READER_IDLE seconds ends.
+    ``_idle`` counts the idle threads not yet promised a turn: ``serve``
+    promises one (the turn is marked so) before it starts a thread, so a
+    burst never waits behind one thread while another could run.  ``_idle``
+    and ``_running`` are guarded by ``_lock``, and a turn is queued under it,
+    so a thread that ends never leaves one behind.
     """
 
-    def __init__(self):
-        self._work: queue.SimpleQueue[ClientSession | None] = queue.SimpleQueue()
-        self._idle: queue.SimpleQueue[bool] = queue.SimpleQueue()
+    def __init__(self, most: int = MAX_READERS):
+        self.most = most
+        self._work: queue.SimpleQueue[tuple[ClientSession, bool, bool] | None] = queue.SimpleQueue()
+        self._idle = 0
         self._running: set[threading.Thread] = set()
         self._stopping = False
         self._lock = threading.Lock()
         self._numbers = itertools.count(1)
 
-    def serve(self, session: ClientSession) -> None:
-        try:
-            self._idle.get_nowait()  # a waiting reader is ours now: it takes the next item of _work
-        except queue.Empty:
-            thread = threading.Thread(target=self._run, args=(session,), daemon=True,
-                                      name=f"chatctl-reader-{next(self._numbers)}")
-            with self._lock:
+    def serve(self, session: ClientSession, paused: bool = False) -> None:
+        """Queue a turn of ``session``: readable now, or (``paused``) its unframed frame is complete."""
+        thread = None
+        with self._lock:
+            if self._idle > 0:
+                self._idle -= 1  # an idle thread is this turn's
+                self._work.put((session, paused, True))
+            elif len(self._running) < self.most and not self._stopping:
+                thread = threading.Thread(target=self._run, args=(session, paused), daemon=True,
+                                          name=f"chatctl-reader-{next(self._numbers)}")
                 self._running.add(thread)
+            else:
+                self._work.put((session, paused, False))  # every thread is busy: the next free one
+        if thread is not None:
             thread.start()
-        else:
-            self._work.put(session)
 
-    def _run(self, session: ClientSession | None) -> None:
+    def _run(self, session: ClientSession, paused: bool) -> None:
         try:
-            while session is not None:
-                session.run()
-                session = self._next()
+            session.take_turn(paused)
+            while (item := self._next()) is not None:
+                session, paused, _ = item
+                session.take_turn(paused)
         finally:
             with self._lock:
                 self._running.discard(threading.current_thread())
 
-    def _next(self) -> ClientSession | None:
-        if self._stopping:
-            return None
-        self._idle.put(True)
-        try:
-            return self._work.get(timeout=READER_IDLE)
-        except queue.Empty:
-            try:
-                self._idle.get_nowait()  # take a token back: no session was promised to this reader
+    def _next(self) -> tuple[ClientSession, bool, bool] | None:
+        with self._lock:
+            if self._stopping and self._work.empty():
                 return None
-            except queue.Empty:
-                return self._work.get()  # serve() or stop() took our token: its item is on the way
+            self._idle += 1
+        try:
+            item = self._work.get(timeout=READER_IDLE)
+        except queue.Empty:
+            with self._lock:
+                if self._idle > 0 and self._work.empty():  # no turn was promised to us: end
+                    self._idle -= 1
+                    return None
+            item = self._work.get()  # a turn was promised just now, or one is queued: take it
+        if item is not None and not item[2]:
+            with self._lock:  # a queued turn: nobody counted this thread out of _idle
+                self._idle -= 1
+        return item
 
     def stop(self, timeout: float) -> None:
-        """End every idle reader (the busy ones end with their connections)."""
-        self._stopping = True
+        """End every reader thread once the turns queued are done."""
         with self._lock:
+            self._stopping = True
             running = list(self._running)
-        while True:
-            try:
-                self._idle.get_nowait()
-            except queue.Empty:
-                break
+        for _ in running:
             self._work.put(None)
         deadline = time.monotonic() + timeout
         for thread in running:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+class ReadPoller:
+    """The ``chatctl-poller`` thread: it watches every connection's socket (epoll, one-shot) and
+    hands a readable one to the ReaderPool for a turn, so no thread waits on an idle connection.
+
+    Callers use ``watch`` (a new connection), ``arm`` (a turn is over: watch
+    again, with the deadline of an unframed frame's pause if one is
+    pending) and ``forget`` (the connection is over).  A session is in one
+    turn at a time: ``session.serving`` is set here when a turn is queued
+    and cleared by ``arm``, both under ``_lock``, which also guards
+    ``_sessions`` and ``_deadlines``.
+    """
+
+    def __init__(self, readers: ReaderPool):
+        self.readers = readers
+        self._epoll = select.epoll()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._sessions: dict[int, ClientSession] = {}
+        self._deadlines: list[tuple[float, int, ClientSession]] = []  # a heap: (when, sequence, session)
+        self._sequence = itertools.count()
+        self._lock = threading.Lock()
+        self._stopping = False
+        self.thread = threading.Thread(target=self._run, name="chatctl-poller", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def watch(self, session: ClientSession) -> None:
+        fd = session.sock.fileno()
+        with self._lock:
+            self._sessions[fd] = session
+            self._epoll.register(fd, select.EPOLLIN | select.EPOLLONESHOT)
+
+    def arm(self, session: ClientSession, pause: float | None) -> None:
+        """The turn is over: wake on input again, or (``pause``) once that many seconds pass quietly."""
+        with self._lock:
+            session.serving = False
+            fd = session.fd
+            if self._sessions.get(fd) is not session:
+                return
+            self._epoll.modify(fd, select.EPOLLIN | select.EPOLLONESHOT)
+            if pause is not None:
+                deadline = time.monotonic() + pause
+                session.pause_due = deadline
+                first = not self._deadlines or deadline < self._deadlines[0][0]
+                import heapq
+
+                heapq.heappush(self._deadlines, (deadline, next(self._sequence), session))
+            else:
+                first = False
+        if first:
+            self._wake()
+
+    def forget(self, session: ClientSession) -> None:
+        with self._lock:
+            if self._sessions.get(session.fd) is session:
+                del self._sessions[session.fd]
+                try:
+                    self._epoll.unregister(session.fd)
+                except OSError:
+                    pass
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        self._wake()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+        self._epoll.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        import heapq
+
+        wake = self._wake_r.fileno()
+        while not self._stopping:
+            with self._lock:
+                timeout = max(0.0, self._deadlines[0][0] - time.monotonic()) if self._deadlines else -1
+            try:
+                events = self._epoll.poll(timeout)
+            except OSError:
+                if self._stopping:
+                    return
+                raise
+            turns: list[tuple[ClientSession, bool]] = []
+            with self._lock:
+                for fd, _ in events:
+                    if fd == wake:
+                        try:
+                            self._wake_r.recv(4096)
+                        except BlockingIOError:
+                            pass
+                        continue
+                    session = self._sessions.get(fd)
+                    if session is not None and not session.serving:
+                        session.serving, session.pause_due = True, None
+                        turns.append((session, False))
+                now = time.monotonic()
+                while self._deadlines and self._deadlines[0][0] <= now:
+                    deadline, _, session = heapq.heappop(self._deadlines)
+                    if session.pause_due == deadline and not session.serving:
+                        # quiet for the whole pause: the frame is complete (and no input may start a turn too)
+                        self._epoll.modify(session.fd, select.EPOLLONESHOT)
+                        session.serving, session.pause_due = True, None
+                        turns.append((session, True))
+            for session, paused in turns:
+                self.readers.serve(session, paused)
 
 
 class Room:
@@ -3054,7 +3180,11 @@ class ClientSession:
         self.leave_at = 0.0             # monotonic time the server decided to drop the client
         self.write_shut = False         # the writer half-closed after the final BYE
         self.closing = False            # the reader is done; the writer closes the socket
-        self.finished = threading.Event()  # run() has returned
+        self.finished = threading.Event()  # its last turn is over and the server has released it
+        self.fd = sock.fileno()            # the poller's key (the socket's number, kept after close)
+        self.serving = False               # a turn is queued or running (the poller's, under its lock)
+        self.pause_due: float | None = None  # when a quiet pause completes an unframed frame
+        self._opened = False               # the first bytes were looked at (TLS or not)
         self._ending = threading.Lock()    # leave_reason is set once, by one thread
 
     def __repr__(self) -> str:
@@ -3081,46 +3211,57 @@ class ClientSession:
 
     # --- reading ---------------------------------------------------------------
 
-    def run(self) -> None:
-        """Read and handle frames until the connection ends (called by a reader thread of the pool)."""
+    def take_turn(self, paused: bool) -> None:
+        """Handle what the client sent since the last turn (a reader thread of the pool, when the
+        poller saw input, or ``paused``: an unframed frame's quiet time is up); then watch again,
+        or, once the connection is over, let the server forget it."""
         try:
-            self._read_loop()
+            going_on = self._turn(paused)
         except OSError:
             self.leave_reason = self.leave_reason or "connection reset"
-        finally:
-            self.server.release(self)
-            self.finished.set()
-
-    def _read_loop(self) -> None:
-        sock, decoder = self.sock, self.decoder
-        pause_ms = int(self.server.config.unframed_pause * 1000)
-        poller = None
-        if not self._open_transport():
+            going_on = False
+        poller = self.server.poller
+        if going_on:
+            waiting = self.decoder.waiting_for_pause and self.leave_reason is None
+            poller.arm(self, self.server.config.unframed_pause if waiting else None)
             return
-        while True:
+        poller.forget(self)
+        self.server.release(self)
+        self.finished.set()
+
+    def _turn(self, paused: bool) -> bool:
+        """Read what is there (a few reads at most, so one busy client cannot keep a reader to
+        itself) and handle it; False when the connection is over."""
+        if not self._opened:
+            self._opened = True
+            if not self._open_transport():
+                return False
+        decoder = self.decoder
+        if paused:
             if decoder.waiting_for_pause and self.leave_reason is None:
-                if poller is None:
-                    poller = select.poll()
-                    poller.register(sock, select.POLLIN)
-                if not poller.poll(pause_ms):
-                    self.process(decoder.end_of_write())
-                    continue
-            data = sock.recv(RECV_CHUNK)
+                self.process(decoder.end_of_write())
+            return True
+        for _ in range(READS_PER_TURN):
+            try:
+                data = self.sock.recv(RECV_CHUNK, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return True
             if not data:
                 if self.leave_reason is None:  # end of input: a last frame without a line end is whole now
                     self.process(decoder.end_of_input())
                 with self._ending:
                     self.leave_reason = self.leave_reason or "connection closed"
                 self.advance(SessionState.LEAVING)
-                break
+                return False
             if self.leave_reason is not None:
                 continue  # leaving: read and drop until the client closes, so it gets its BYE
             self.last_active = time.monotonic()
             if self.tls is not None and not (data := self._decrypt(data)):
                 if self.tls.peer_closed or self.leave_reason is not None:
-                    break
+                    return False
                 continue
             self.process(decoder.feed(data))
+        return True  # more may be waiting: the poller, armed again, says so at once
 
     def _open_transport(self) -> bool:
         """Look at the first bytes: a TLS handshake, or plain text (refused where TLS is required).
@@ -3517,6 +3658,7 @@ class ChatServer:
         self.reply_bytes = self.config.sendq // 4  # the most one reply or one fan-out batch holds
         self.writer = Writer()
         self.readers = ReaderPool()
+        self.poller = ReadPoller(self.readers)
         self.registry = Registry(self.config, self._announce)
         self._fanout_lock = threading.Lock()            # keeps every client's stream in id order
         # JOIN/LEAVE lines not sent yet, and the sessions whose JOIN is among them: under _presence_lock,
@@ -3610,6 +3752,7 @@ class ChatServer:
             host, port = self.address
             raise ServerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self.writer.start()
+        self.poller.start()
         self._departures_thread.start()
         self.log.start(self._committed, self._not_stored)
         for name, target in (("chatctl-accept", self._accept_loop), ("chatctl-reaper", self._reap_loop),
@@ -3652,6 +3795,7 @@ class ChatServer:
             session.abort()
             session.finished.wait(max(0.0, deadline - time.monotonic()))
         self.readers.stop(max(0.0, deadline - time.monotonic()))
+        self.poller.stop(timeout)
         if self._departures_thread.is_alive():
             self._departures.put(None)  # after every reader: each has queued its own departure
             self._departures_thread.join(timeout)
@@ -3708,7 +3852,7 @@ class ChatServer:
             return
         self.writer.adopt(session)
         log.debug("connection from %s", session.peer)
-        self.readers.serve(session)
+        self.poller.watch(session)
 
     # --- passwords -------------------------------------------------------------------
 
