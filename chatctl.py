@@ -20,8 +20,8 @@ Contents, in dependency order (search for the banner to jump):
     5. Storage                HistoryStore (SQLite: messages, rooms, read markers), AccountStore,
                               CommitLog and LocalLog (where a message gets its id and order)
     6. Security               passwords (AuthThrottle, PasswordHasher), rate limits, certificates, TLS, pins
-    7. Server                 OutboundQueue, Writer, ReaderPool, Room, Registry, ClientSession
-                              (its SessionState), ChatServer
+    7. Server                 OutboundQueue, Writer, ReaderPool, ReadPoller, Room, Registry,
+                              ClientSession (its SessionState), ChatServer
     8. Client                 ChatConnection, RoomsModel, LiveSession (join's link), one-shot helpers
     9. Rendering              what reaches a terminal, neutralised; join's UI
    10. CLI                    thin click commands over the objects above
@@ -2422,8 +2422,10 @@ def check_pin(address: str, fingerprint: str, pinned: str, known: KnownServers,
 # =============================================================================
 # 7. Server
 # =============================================================================
-# One reader thread per connection (from a ReaderPool, kept for the next
-# connection) parses frames and handles commands.  Every write to a client
+# No thread waits on an idle connection: the ReadPoller watches every socket
+# and hands a readable one to a reader thread of the ReaderPool (a capped
+# pool) for a turn, which reads what is there, parses frames and handles the
+# commands, then hands the socket back to the poller.  Every write to a client
 # goes through that client's OutboundQueue and is done by the single Writer
 # thread, which sends whatever has queued up in one call: a slow client only
 # ever fills its own queue, and a burst of deliveries to one client costs one
@@ -3638,12 +3640,14 @@ BEFORE_PASS_COMMANDS = frozenset({"HELLO", "PASS", "PING", "QUIT"})
 class ChatServer:
     """The chat server: start it, read ``port``, and ``shutdown()`` it in one call.
 
-    Threads: ``chatctl-accept`` accepts, ``chatctl-writer`` writes,
+    Threads: ``chatctl-accept`` accepts, ``chatctl-poller`` watches for
+    input, ``chatctl-writer`` writes,
     ``chatctl-reaper`` enforces timeouts, ``chatctl-commit`` (the commit log's)
     stores and fans messages out in batches, ``chatctl-presence``
     sends JOIN and LEAVE lines, ``chatctl-departures`` forgets ended
-    connections, and one ``chatctl-reader-N`` per client (a ReaderPool)
-    reads.  All of them end in ``shutdown()``.
+    connections, and the ``chatctl-reader-N`` threads of the ReaderPool
+    (at most MAX_READERS) take turns reading the clients that sent something.
+    All of them end in ``shutdown()``.
 
     Callers use ``start``, ``serve_forever``, ``shutdown``, ``address`` and
     ``port``; sessions call ``register``, ``publish``, the room methods and
