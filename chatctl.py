@@ -38,6 +38,7 @@ if sys.version_info < (3, 11):  # before anything that would fail with a traceba
 import bisect
 import dataclasses
 import functools
+import heapq
 import itertools
 import logging
 import math
@@ -2794,8 +2795,6 @@ class ReadPoller:
                 deadline = time.monotonic() + pause
                 session.pause_due = deadline
                 first = not self._deadlines or deadline < self._deadlines[0][0]
-                import heapq
-
                 heapq.heappush(self._deadlines, (deadline, next(self._sequence), session))
             else:
                 first = False
@@ -2804,6 +2803,7 @@ class ReadPoller:
 
     def forget(self, session: ClientSession) -> None:
         with self._lock:
+            session.pause_due = None
             if self._sessions.get(session.fd) is session:
                 del self._sessions[session.fd]
                 try:
@@ -2827,8 +2827,6 @@ class ReadPoller:
             pass
 
     def _run(self) -> None:
-        import heapq
-
         wake = self._wake_r.fileno()
         while not self._stopping:
             with self._lock:
@@ -2855,7 +2853,9 @@ class ReadPoller:
                 now = time.monotonic()
                 while self._deadlines and self._deadlines[0][0] <= now:
                     deadline, _, session = heapq.heappop(self._deadlines)
-                    if session.pause_due == deadline and not session.serving:
+                    # (a forgotten session's number may be a new connection's now: not ours to touch)
+                    if (session.pause_due == deadline and not session.serving
+                            and self._sessions.get(session.fd) is session):
                         # quiet for the whole pause: the frame is complete (and no input may start a turn too)
                         self._epoll.modify(session.fd, select.EPOLLONESHOT)
                         session.serving, session.pause_due = True, None
