@@ -92,6 +92,8 @@ MAX_PER_ADDRESS = 64                 # connections from one IP address
 RATE_PER_SECOND = 20.0               # frames a client may send per second, on average
 RATE_BURST = 100                     # frames a client may send at once (the bucket's size)
 FLOOD_LIMIT = 100                    # rate-limited frames in a row before the client is dropped
+MAX_IN_FLIGHT = 256                  # one connection's messages waiting for their commit; past it, its reader
+                                     # waits (with the rate limit off, a flood must not queue without end)
 MAX_SECONDS = 1e6                    # the longest timeout or window a config key takes (about 11 days)
 ADDRESS_BYTE_RATE = 256 * 1024       # bytes of messages one IP address may fan out per second, on average
 ADDRESS_BYTE_BURST = 256 * 1024      # ... and at once (a quarter of the SendQ: a reader keeps up)
@@ -943,6 +945,8 @@ class ServerConfig:
                                    min=1024)
     flood_limit: int = _key(FLOOD_LIMIT, "rate-limited frames in a row before the client is dropped",
                             min=1)
+    max_in_flight: int = _key(MAX_IN_FLIGHT, "messages one connection may have waiting for their commit; "
+                              "past that its input waits", min=1)
     auth_delay: float = _key(AUTH_DELAY, "seconds a wrong password waits before its ERR", min=0, max=30)
     auth_max_failures: int = _key(AUTH_MAX_FAILURES,
                                   "wrong passwords from one address per auth_lockout window (0: no limit)",
@@ -1893,6 +1897,9 @@ class LocalLog(CommitLog):
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout)
+            if self._thread.is_alive():  # still committing: its connection must not close under it
+                log.warning("the commit log did not finish in %g s; the history closes at exit", timeout)
+                return
         if self.store is not None:
             self.store.close()
 
@@ -3164,6 +3171,7 @@ class ClientSession:
         self.operator = False               # gave the operator password (OPER)
         self.bucket = TokenBucket(server.config.rate, server.config.burst)
         self.last_pending: PendingMessage | None = None  # our newest message not yet committed
+        self.in_flight = 0                  # its messages accepted, not yet committed (fan-out lock)
         self.limited_in_a_row = 0
         self.name: str | None = None
         self.key: str | None = None
@@ -4276,6 +4284,8 @@ class ChatServer:
             if room not in sender.rooms and not sender.quiet:
                 raise ProtocolError("not-in-room", f"you are not in #{room}; join it first")
             audience = where.members
+        if sender.in_flight >= self.config.max_in_flight:
+            self._wait_in_flight(sender)
         draft = ChatMessage(0, 0.0, sender.name, text, kind, recipient, room)
         pending = PendingMessage(draft, sender, audience)
         if where is None:
@@ -4289,7 +4299,17 @@ class ChatServer:
     def _accept(self, pending: PendingMessage) -> None:
         with self._fanout_lock:
             pending.sender.last_pending = pending
+            pending.sender.in_flight += 1
         self.log.submit(pending)
+
+    def _wait_in_flight(self, session: ClientSession) -> None:
+        """Hold a connection that has max_in_flight messages waiting for their commit (its reader
+        thread waits; TCP pushes back on the client), so no connection queues without end."""
+        limit = self.config.max_in_flight
+        deadline = time.monotonic() + PENDING_WAIT
+        while session.in_flight >= limit and time.monotonic() < deadline \
+                and not self._stopping.is_set():
+            time.sleep(0.001)
 
     def _committed(self, batch: list[PendingMessage]) -> None:
         """The commit log's callback: ``batch`` is committed; deliver and acknowledge it."""
@@ -4346,6 +4366,7 @@ class ChatServer:
                     if s is not sender:
                         chunks.append(form[i])
                 own = parts.setdefault(sender, [])
+                sender.in_flight -= 1
                 own.append(sender.acknowledgement(pending.message))
                 own.extend(pending.after)
                 if pending.forced:
@@ -4362,6 +4383,7 @@ class ChatServer:
         with self._fanout_lock:
             for pending in batch:
                 sender = pending.sender
+                sender.in_flight -= 1
                 if sender.last_pending is pending:
                     sender.last_pending = None
                 data = encode_error("storage-failed", ERROR_CODES["storage-failed"]) + b"".join(pending.after)

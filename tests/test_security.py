@@ -469,7 +469,7 @@ def fuzz_server(tmp_path_factory):
     base = tmp_path_factory.mktemp("fuzz")
     server = chatctl.ChatServer(chatctl.ServerConfig(
         host="127.0.0.1", port=0, db=str(base / "history.db"), accounts_db=str(base / "accounts.db"),
-        max_frame=256, rate=0, auth_delay=0, password="")).start()
+        max_frame=256, rate=0, auth_delay=0, password="", max_per_address=0)).start()  # sessions end async
     yield server
     server.shutdown()
 
@@ -850,3 +850,20 @@ def test_a_tls_client_that_never_reads_holds_little_ciphertext(tls_server, monke
     monkeypatch.setattr(chatctl.TlsChannel, "seal", seal)
     ask_over_tls_and_never_read(server, b"HISTORY|LAST|500\n" * 2)
     assert most <= server.reply_bytes + chatctl.TLS_SEAL_BYTES  # never the whole queue at once
+
+
+def test_a_flood_waits_for_its_commits_instead_of_queueing_without_end(make_server):
+    """With the rate limit off, one connection may still have only max_in_flight messages waiting."""
+    server = make_server(rate=0, max_in_flight=8)
+    gate = threading.Event()
+    real_insert = server.history.insert
+    server.history.insert = lambda batch: (gate.wait(5), real_insert(batch))
+    flooder, other = register_many(server.port, ["flooder", "other"])
+    before = server.log.last_id
+    flooder.send(b"".join(f"MSG|flood {i}\n".encode() for i in range(50)))
+    wait_until(lambda: server.log.last_id - before >= 8)
+    other.send(b"PING|still here\n")  # another connection is served meanwhile
+    assert other.expect("PONG") == "PONG|still here"
+    assert server.log.last_id - before <= 9  # 8 waiting, and one being committed at most
+    gate.set()
+    assert [flooder.expect("MSG_OK") for _ in range(50)] == ["MSG_OK"] * 50
