@@ -3041,9 +3041,6 @@ class Registry:
                 members = self._member_cache = tuple(self._by_key.values())
         return members
 
-    def connection_count(self) -> int:
-        return len(self._sessions)
-
     # --- rooms ------------------------------------------------------------------------
 
     def add_room(self, record: RoomRecord) -> Room:
@@ -5271,11 +5268,10 @@ class RoomsModel:
     thread: every method takes ``_lock``.
     """
 
-    def __init__(self, start: str = MAIN_ROOM):
+    def __init__(self):
         self._lock = threading.Lock()
         self.rooms: dict[str, RoomView] = {MAIN_ROOM: RoomView()}
         self.current = MAIN_ROOM
-        self.start = start
         self.known: set[str] = {MAIN_ROOM}   # every room heard of (for completion)
 
     def joined(self) -> list[str]:
@@ -5868,7 +5864,7 @@ class JoinClient:
                  interactive: bool, ask_password: PasswordPrompt | None = None,
                  ask_trust: Callable[[str, str], bool] | None = None, room: str = MAIN_ROOM):
         self.name = name
-        self.model = RoomsModel(room)
+        self.model = RoomsModel()
         self.bell = bell
         self.interactive = interactive
         self.view = ChatView(name, color, wrap=interactive)
