@@ -322,6 +322,11 @@ def mass_presence(port: int, n: int, time_limit: float = 120.0) -> tuple[float, 
                 state[0] = seen[-16:]  # USER_OK may straddle two reads
     joined = time.monotonic() - started
     selector.close()
+    return (joined if not waiting else float("inf")), close_all_then_ask(port, socks, time_limit)
+
+
+def close_all_then_ask(port: int, socks: list[socket.socket], time_limit: float = 120.0) -> float:
+    """Close every one of ``socks`` at once; the seconds until a newcomer's message is acknowledged."""
     for sock in socks:
         sock.close()
     left = time.monotonic()
@@ -333,9 +338,8 @@ def mass_presence(port: int, n: int, time_limit: float = 120.0) -> tuple[float, 
         if not chunk:
             break
         received += chunk
-    answered = time.monotonic() - left
     newcomer.close()
-    return (joined if not waiting else float("inf")), answered
+    return time.monotonic() - left
 
 
 def presence(args, workdir: Path) -> None:
@@ -517,19 +521,8 @@ def room_scale(args, workdir: Path) -> None:
                     pass
         print(f"one message in each room: {got} of {expected} deliveries arrived")
         selector.close()
-        left = time.monotonic()
-        for sock in socks:
-            sock.close()
-        newcomer = socket.create_connection(("127.0.0.1", port), timeout=120)
-        newcomer.sendall(b"USER|late\nMSG|anyone?\n")
-        received = b""
-        while b"MSG_OK" not in received:
-            chunk = newcomer.recv(4096)
-            if not chunk:
-                break
-            received += chunk
-        print(f"all {n} closed at once: a newcomer was answered {time.monotonic() - left:.2f} s later")
-        newcomer.close()
+        answered = close_all_then_ask(port, socks)
+        print(f"all {n} closed at once: a newcomer was answered {answered:.2f} s later")
 
 
 TARGETS = {"fanout": fanout, "latency": latency, "scale": scale, "slow-reader": slow_reader,
