@@ -3973,9 +3973,7 @@ class ChatServer:
         MSG_OK: the reader waits (at most PENDING_WAIT) for that message's
         commit, and the writer closes only once everything queued is out.
         """
-        deadline = time.monotonic() + PENDING_WAIT
-        while session.last_pending is not None and time.monotonic() < deadline:
-            time.sleep(0.002)
+        session.wait_pending()
         self._departures.put(session)
 
     def _departures_loop(self) -> None:
@@ -4172,7 +4170,7 @@ class ChatServer:
             self._retire(forgotten, closing=False)
 
     def set_topic(self, session: ClientSession, room: Room, text: str) -> None:
-        if room.name not in session.rooms and not self._operator(session):
+        if room.name not in session.rooms and not session.operator:
             raise ProtocolError("not-in-room", f"join #{room.name} to set its topic")
         text = text[:self.config.max_topic]
         session.wait_pending()  # its messages before the new topic
@@ -4201,7 +4199,7 @@ class ChatServer:
         def allowed(room: Room) -> None:
             if name == MAIN_ROOM:
                 raise ProtocolError("not-allowed", "#main is where everyone starts; it cannot be closed")
-            if not self._operator(session) and not (room.created_by and room.created_by == session.key):
+            if not session.operator and not (room.created_by and room.created_by == session.key):
                 raise ProtocolError("not-allowed", ERROR_CODES["not-allowed"])
 
         self._retire(self.registry.close_room(name, allowed), closing=True)
@@ -4221,9 +4219,6 @@ class ChatServer:
                 return
         if self.history is not None:
             self.history.delete_room(room.name, upto, room.created_ts)
-
-    def _operator(self, session: ClientSession) -> bool:
-        return session.operator
 
     def make_operator(self, session: ClientSession, password: str) -> None:
         expected = self.config.operator_password
