@@ -20,12 +20,13 @@ Contents, in dependency order (search for the banner to jump):
     5. Storage                HistoryStore (SQLite: messages, rooms, read markers), AccountStore,
                               CommitLog and LocalLog (where a message gets its id and order)
     6. Security               passwords (AuthThrottle, PasswordHasher), rate limits, certificates, TLS, pins
-    7. Server                 OutboundQueue, Writer, ReaderPool, ReadPoller, Room, Registry,
+    7. Cluster                RedisBus (--bus: the shared log and shared state in Redis), RemoteMember
+    8. Server                 OutboundQueue, Writer, ReaderPool, ReadPoller, Room, Registry,
                               ClientSession (its SessionState), ChatServer
-    8. Client                 ChatConnection, RoomsModel, LiveSession (join's link), one-shot helpers
-    9. Rendering              what reaches a terminal, neutralised; join's UI
-   10. CLI                    thin click commands over the objects above
-   11. main()
+    9. Client                 ChatConnection, RoomsModel, LiveSession (join's link), one-shot helpers
+   10. Rendering              what reaches a terminal, neutralised; join's UI
+   11. CLI                    thin click commands over the objects above
+   12. main()
 """
 
 from __future__ import annotations
@@ -141,6 +142,15 @@ CLOSE_WAIT = 10.0                    # closing a room waits at most this long fo
 ROOM_CREATIONS = 20                  # rooms one IP address may make per hour (0: no limit)
 OPERATOR_PASSWORD = "#operator"      # the throttle's target for OPER (no name starts with '#')
 
+# The cluster (--bus): several servers sharing one chat through Redis (section 7).
+BUS_CLUSTER = "chatctl"              # the default cluster name: several chats can share one Redis
+BUS_LOG_LENGTH = 1_000_000           # entries the shared log keeps (about); older ones are trimmed
+BUS_HEARTBEAT = 2.0                  # seconds between a server's heartbeats
+BUS_SERVER_TIMEOUT = 10.0            # a server silent this long is gone: its users leave everywhere
+BUS_TIMEOUT = 5.0                    # seconds one Redis call may take before Redis counts as gone
+BUS_BACKOFF_MIN, BUS_BACKOFF_MAX = 0.2, 5.0  # reconnecting: the first wait, doubled up to this
+BUS_READ_COUNT = 1000                # log entries read per call at most
+
 log = logging.getLogger("chatctl")
 
 EXIT_OK = 0
@@ -189,6 +199,10 @@ class StorageError(ChatError):
 
 class ServerError(ChatError):
     """The server cannot start (address in use, permission denied, ...)."""
+
+
+class BusError(ChatError):
+    """The cluster's Redis cannot be reached at start (later, clients get ERR|bus-unavailable)."""
 
 
 class TlsError(ChatError):
@@ -264,6 +278,7 @@ ERROR_CODES = {
     "not-allowed": "only the room's creator or an operator may do that",
     "hello-required": "rooms need HELLO|chatctl/1 first",
     "no-operators": "this server has no operator password",
+    "bus-unavailable": "the cluster's Redis is not answering; nothing was sent, try again shortly",
 }
 
 SEED_DIR_PREFIX = "Users logged in: "
@@ -749,6 +764,18 @@ class RoomInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerStatus:
+    """``SERVER|id|address|users|beat age|lag|this``: one server of the cluster (SERVERS)."""
+
+    server_id: str
+    address: str
+    users: int
+    beat_age: float      # seconds since its last heartbeat
+    lag: int             # messages of the shared log it had not read at that heartbeat
+    this: bool           # the server that answered
+
+
+@dataclass(frozen=True, slots=True)
 class RoomNames:
     """``NAMES|#room|name since idle|...``: who is in a room."""
 
@@ -857,6 +884,9 @@ def _parse_event(line: str) -> ServerEvent:
         room, joined, online, messages, unread, mentions, last, topic = rest.split("|", 7)
         return RoomInfo(_room_name(room), joined == "1", int(online), int(messages), int(unread),
                         int(mentions), parse_timestamp(last) if last else 0.0, unescape_text(topic))
+    if verb == "SERVER":
+        server_id, address, users, age, lag, this = rest.split("|", 5)
+        return ServerStatus(server_id, address, int(users), float(age), int(lag), this == "1")
     if verb == "NAMES":
         room, _, entries = rest.partition("|")
         return RoomNames(_room_name(room), _parse_users(entries))
@@ -973,6 +1003,15 @@ class ServerConfig:
     max_rooms: int = _key(MAX_ROOMS, "rooms the server keeps, empty ones included", min=1)
     max_rooms_per_user: int = _key(MAX_ROOMS_PER_USER, "rooms one connection may be in at once", min=1)
     max_topic: int = _key(MAX_TOPIC_CHARS, "longest room topic in characters", min=1, max=4096)
+    # The cluster: see README.md, Scale-out.
+    bus: str = _key("", "redis:// or rediss:// URL of the Redis that several servers share (empty: this "
+                    "server alone); a password in it is better set with CHATCTL_BUS",
+                    parse=lambda text: validate_bus_url(text))
+    cluster: str = _key(BUS_CLUSTER, "cluster name: the chats sharing one Redis each have their own",
+                        parse=lambda text: validate_cluster(text))
+    server_id: str = _key("", "this server's name in the cluster (empty: host name and port)")
+    bus_log_length: int = _key(BUS_LOG_LENGTH, "entries the shared log keeps; a server further behind "
+                               "than that logs a gap", min=1000)
     # Where the values came from, for the start-up log line; not a key.
     files: tuple[Path, ...] = field(default=(), repr=False, metadata={"internal": True})
 
@@ -1071,6 +1110,24 @@ def _convert(f: dataclasses.Field, value: object, where: str, text: bool = True)
 
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
                "false": False, "no": False, "off": False, "0": False}
+
+
+def validate_cluster(text: str) -> str:
+    """A cluster name: it goes into Redis key names, so letters, digits, '_', '-' and '.' only."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", text):
+        raise ConfigError("a cluster name is 1-64 of A-Z, a-z, 0-9, '_', '-' or '.'")
+    return text
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, for logs."""
+    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+
+
+def validate_bus_url(text: str) -> str:
+    if not re.match(r"(redis|rediss|unix)://", text):
+        raise ConfigError(f"expected a redis://, rediss:// or unix:// URL, got {redact_url(text)!r}")
+    return text
 
 
 def parse_room_specs(specs: tuple[str, ...]) -> tuple[str, ...]:
@@ -1841,7 +1898,8 @@ class CommitLog:
     returns at once; the log fills in ``pending.message``'s id and time, and
     later hands the message on, in id order and in batches, to exactly one
     of ``on_commit(batch)`` (committed: now it may be delivered and
-    acknowledged) or ``on_failure(batch, reason)`` (not stored: nobody may be
+    acknowledged) or ``on_failure(batch, code)`` (not stored, ``code`` an
+    ERROR_CODES key: nobody may be
     told it was sent), both called from the log's own thread.  LocalLog is a
     server's own log; a log shared by several servers is another
     implementation of these four.
@@ -1930,7 +1988,7 @@ class LocalLog(CommitLog):
                     store.insert(batch)
             except StorageError as exc:
                 log.error("history write failed, %d message(s) refused: %s", len(batch), exc)
-                self._on_failure(batch, str(exc))
+                self._on_failure(batch, "storage-failed")
             else:
                 self._on_commit(batch)
             if store is not None and store.index_lag >= FTS_MAX_LAG:
@@ -2428,7 +2486,689 @@ def check_pin(address: str, fingerprint: str, pinned: str, known: KnownServers,
     return None
 
 # =============================================================================
-# 7. Server
+# 7. Cluster
+# =============================================================================
+# With ``--bus redis://...`` several servers share one chat through Redis.
+# Every message goes through one Redis Stream, the shared log: a Lua script
+# gives a whole batch its ids (a counter, one past the highest id anyone has
+# seen) and appends it in one round trip, so ids are unique and increasing
+# across the cluster and every server reads the messages in one order.  Each
+# server reads the whole log, stores every message in its own history and
+# fans it out to its own clients; its own messages are acknowledged when they
+# come back from the log, so MSG_OK means "in the log and in my history".
+# Who is online, in which rooms, the rooms' topics, protected names and read
+# markers live in Redis hashes; every change to them is made by a script that
+# also appends an event to the same stream, so the servers apply presence in
+# the log's order too.  A server heartbeats every BUS_HEARTBEAT seconds; one
+# silent for BUS_SERVER_TIMEOUT is reaped by whichever server notices first
+# (one script: its names go, with a LEAVE event each).  The server holds the
+# others' users as RemoteMember entries in its own Registry, so every list,
+# name check and direct message works as it does on one server.
+
+BUS_KEY_PREFIX = "chatctl"
+
+
+class RemoteMember:
+    """Someone online on another server of the cluster, as this server's Registry holds them.
+
+    Made and applied only by the bus's reader thread (and at start); the
+    Registry writes ``rooms`` under its lock, as for a ClientSession.  It has
+    the fields the Registry, the fan-out and the presence flush read; its
+    queue takes nothing, since its own server delivers to it.
+    """
+
+    __slots__ = ("host", "key", "last_spoke", "leave_reason", "name", "owner", "presence_seq",
+                 "registered_at", "rooms", "server_id", "state", "token")
+    extended = True         # the fan-out gives it the extended form (and it discards it)
+    quiet = False
+    closing = False
+    outbound = None         # set below: a queue that takes nothing
+
+    def __init__(self, key: str, name: str, token: str, server_id: str, since: float, owner: bool):
+        self.key, self.name, self.token, self.server_id = key, name, token, server_id
+        self.registered_at, self.owner = since, owner
+        self.host = server_id
+        self.last_spoke = time.monotonic()
+        self.rooms: dict[str, Room] = {}
+        self.leave_reason: str | None = None
+        self.presence_seq = 0
+        self.state = SessionState.CONNECTING
+
+    def __repr__(self) -> str:
+        return f"<RemoteMember {self.name} on {self.server_id}>"
+
+    def advance(self, state: str) -> bool:
+        self.state = state
+        return True
+
+
+class _NoQueue:
+    """A RemoteMember's outbound queue: its own server delivers to it, so nothing is queued here."""
+
+    size = 0
+    limit = 0
+
+    @staticmethod
+    def put(data: bytes, force: bool = False) -> bool:
+        return False
+
+
+RemoteMember.outbound = _NoQueue()
+
+
+# Every script gets the same keys; ARGV[1] is the stream's length cap, ARGV[2] the calling server's id.
+_LUA_PRELUDE = """
+local SEQ, LOG, NAMES, ROOMS, SERVERS, INFO = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local function emit(origin, payload)
+  local seq = redis.call('GET', SEQ) or '0'
+  redis.call('XADD', LOG, 'MAXLEN', '~', ARGV[1], seq .. '-*', 'o', origin, 'e', payload)
+end
+"""
+
+_LUA = {
+    # ARGV[3]: the caller's highest id; ARGV[4..]: messages.  Returns the id of the first.
+    "append": """
+local seq = tonumber(redis.call('GET', SEQ) or '0')
+local floor = tonumber(ARGV[3])
+if floor > seq then seq = floor end
+local last = redis.call('XREVRANGE', LOG, '+', '-', 'COUNT', 1)
+if #last > 0 then
+  local ms = tonumber(string.match(last[1][1], '^(%d+)'))
+  if ms > seq then seq = ms end
+end
+local first = seq + 1
+for i = 4, #ARGV do
+  seq = seq + 1
+  redis.call('XADD', LOG, 'MAXLEN', '~', ARGV[1], seq .. '-0', 'o', ARGV[2], 'm', ARGV[i])
+end
+redis.call('SET', SEQ, seq)
+return first
+""",
+    # ARGV[3]: the caller's highest id.
+    "floor": """
+local seq = tonumber(redis.call('GET', SEQ) or '0')
+if tonumber(ARGV[3]) > seq then redis.call('SET', SEQ, ARGV[3]) end
+return 1
+""",
+    # ARGV[3]: key, [4]: entry (JSON), [5]: '1' to take the name over, [6]: the JOIN event, less its
+    # last field (the token it replaces).  Returns {1, replaced token} or {0, the holder's name}.
+    "claim": """
+local cur = redis.call('HGET', NAMES, ARGV[3])
+local replaces = ''
+if cur then
+  local holder = cjson.decode(cur)
+  if ARGV[5] ~= '1' then return {0, holder.name} end
+  replaces = holder.token
+end
+redis.call('HSET', NAMES, ARGV[3], ARGV[4])
+emit(ARGV[2], ARGV[6] .. '|' .. replaces)
+return {1, replaces}
+""",
+    # ARGV[3..]: key, token, reason, ... Each name goes only if that token still holds it.
+    "release": """
+local n = 0
+for i = 3, #ARGV, 3 do
+  local cur = redis.call('HGET', NAMES, ARGV[i])
+  if cur and cjson.decode(cur).token == ARGV[i + 1] then
+    redis.call('HDEL', NAMES, ARGV[i])
+    emit(ARGV[2], 'l|' .. ARGV[i] .. '|' .. ARGV[i + 1] .. '|' .. ARGV[i + 2])
+    n = n + 1
+  end
+end
+return n
+""",
+    # ARGV[3]: key, [4]: token, [5]: 'n' (enter) or 'x' (exit), [6]: room, [7]: the event,
+    # [8]: the room's record (JSON) when the enter made it, else ''.
+    "move": """
+local cur = redis.call('HGET', NAMES, ARGV[3])
+if not cur then return 0 end
+local entry = cjson.decode(cur)
+if entry.token ~= ARGV[4] then return 0 end
+local rooms = {}
+for _, r in ipairs(entry.rooms or {}) do if r ~= ARGV[6] then rooms[#rooms + 1] = r end end
+if ARGV[5] == 'n' then rooms[#rooms + 1] = ARGV[6] end
+entry.rooms = rooms
+redis.call('HSET', NAMES, ARGV[3], cjson.encode(entry))
+if ARGV[8] ~= '' then redis.call('HSETNX', ROOMS, ARGV[6], ARGV[8]) end
+emit(ARGV[2], ARGV[7])
+return 1
+""",
+    # ARGV[3]: room, [4]: its record (JSON), or '' when it is closed, [5]: the event.
+    "room": """
+if ARGV[4] == '' then redis.call('HDEL', ROOMS, ARGV[3]) else redis.call('HSET', ROOMS, ARGV[3], ARGV[4]) end
+emit(ARGV[2], ARGV[5])
+return 1
+""",
+    # ARGV[3]: this server's status (JSON), [4]: how long (ms) a server may be silent.  Reaps the
+    # silent ones: their names go, each with a LEAVE event any server applies (origin '*').
+    # Returns {1 if this server was not listed (new, or reaped itself), the reaped servers}.
+    "beat": """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local fresh = redis.call('ZADD', SERVERS, now, ARGV[2])
+redis.call('HSET', INFO, ARGV[2], ARGV[3])
+local dead = redis.call('ZRANGEBYSCORE', SERVERS, '-inf', now - tonumber(ARGV[4]))
+if #dead > 0 then
+  local gone = {}
+  for _, d in ipairs(dead) do
+    gone[d] = true
+    redis.call('ZREM', SERVERS, d)
+    redis.call('HDEL', INFO, d)
+  end
+  local all = redis.call('HGETALL', NAMES)
+  for i = 1, #all, 2 do
+    local e = cjson.decode(all[i + 1])
+    if gone[e.server] then
+      redis.call('HDEL', NAMES, all[i])
+      emit('*', 'l|' .. all[i] .. '|' .. e.token .. '|its server ' .. e.server .. ' stopped answering')
+    end
+  end
+end
+return {fresh, dead}
+""",
+    # ARGV[3]: every name this server holds (JSON list of entries), [4]: the reason its other names
+    # go.  Makes the hash say what the server holds, with an event for each difference; returns the
+    # tokens whose names another server holds now (the server drops those sessions).
+    "resync": """
+local mine = cjson.decode(ARGV[3])
+local want = {}
+for _, e in ipairs(mine) do want[e.key] = e end
+local all = redis.call('HGETALL', NAMES)
+for i = 1, #all, 2 do
+  local cur = cjson.decode(all[i + 1])
+  if cur.server == ARGV[2] and (not want[all[i]] or want[all[i]].token ~= cur.token) then
+    redis.call('HDEL', NAMES, all[i])
+    emit(ARGV[2], 'l|' .. all[i] .. '|' .. cur.token .. '|' .. ARGV[4])
+  end
+end
+local lost = {}
+for _, e in ipairs(mine) do
+  local raw = redis.call('HGET', NAMES, e.key)
+  local have = {}
+  if raw then
+    local cur = cjson.decode(raw)
+    if cur.token ~= e.token then
+      lost[#lost + 1] = e.token
+    else
+      for _, r in ipairs(cur.rooms or {}) do have[r] = true end
+    end
+  else
+    emit(ARGV[2], 'j|' .. e.key .. '|' .. e.name .. '|' .. e.token .. '|' .. ARGV[2] .. '|' .. e.since
+         .. '|' .. e.owner .. '|')
+    have['main'] = true
+  end
+  if not raw or cjson.decode(raw).token == e.token then
+    local now = {}
+    for _, r in ipairs(e.rooms) do
+      now[r] = true
+      if not have[r] then emit(ARGV[2], 'n|' .. e.key .. '|' .. e.token .. '|' .. r .. '||0') end
+    end
+    for r, _ in pairs(have) do
+      if not now[r] then emit(ARGV[2], 'x|' .. e.key .. '|' .. e.token .. '|' .. r .. '|' .. ARGV[4]) end
+    end
+    redis.call('HSET', NAMES, e.key, cjson.encode({name = e.name, token = e.token, server = ARGV[2],
+      since = e.since, owner = e.owner, rooms = e.rooms}))
+  end
+end
+return lost
+""",
+    # Everything a server needs to join in: names, rooms, the log's last entry, the counter.
+    "snapshot": """
+local last = redis.call('XREVRANGE', LOG, '+', '-', 'COUNT', 1)
+local lastid = '0-0'
+if #last > 0 then lastid = last[1][1] end
+return {redis.call('HGETALL', NAMES), redis.call('HGETALL', ROOMS), lastid, redis.call('GET', SEQ) or '0'}
+""",
+}
+
+
+def _stream_id(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def encode_bus_message(token: str, msg: ChatMessage) -> str:
+    """A message as the shared log holds it: ``token|kind|room|sender|recipient|ts|text``."""
+    return (f"{token}|{msg.kind}|{msg.room}|{msg.sender}|{msg.recipient or ''}|{msg.ts!r}|"
+            f"{escape_text(msg.text)}")
+
+
+def decode_bus_message(mid: int, payload: str) -> tuple[str, ChatMessage]:
+    token, kind, room, sender, recipient, ts, text = payload.split("|", 6)
+    return token, ChatMessage(mid, float(ts), sender, unescape_text(text), kind, recipient or None, room)
+
+
+class RedisBus(CommitLog):
+    """The cluster's shared log and shared state, in Redis: a CommitLog, and the presence calls.
+
+    Callers (the server) use ``connect`` (before listening), the CommitLog
+    four, and ``claim``, ``release``, ``moved``, ``room_changed``,
+    ``markers``, ``set_marker``, ``password_hash``, ``protect``,
+    ``unprotect`` and ``servers``; ``host`` is the server, whose
+    ``cluster_*`` methods the reader thread calls to apply what others did.
+
+    Threads: ``chatctl-bus-publish`` appends batches (one script call each)
+    and owns ``_queue``; ``chatctl-bus-read`` reads the log, owns the
+    cursor, ``last_id`` and the history's writing side, and is the only one
+    that applies other servers' events; ``chatctl-bus-beat`` heartbeats,
+    reaps silent servers and reconnects.  ``_awaiting`` (token -> our
+    pending message, until it comes back from the log) is under ``_lock``.
+    ``_up`` is set while Redis answers; whoever sees it fail clears it and
+    the beat thread alone brings it back (``_reconnect``).
+    """
+
+    def __init__(self, config: ServerConfig, store: HistoryStore | None, host, server_id: str):
+        import redis  # only a server on the bus pays for it
+
+        self._redis_errors = (redis.RedisError, OSError)
+        self.config, self.store, self.host = config, store, host
+        self.url = config.bus
+        self.server_id = server_id
+        self.cluster = config.cluster
+        prefix = f"{BUS_KEY_PREFIX}:{{{self.cluster}}}"  # one hash tag: every key in one Redis Cluster slot
+        self.keys = [f"{prefix}:{name}" for name in ("seq", "log", "names", "rooms", "servers", "info")]
+        self.accounts_key, self.markers_prefix, self.epoch_key = (f"{prefix}:accounts", f"{prefix}:markers:",
+                                                                  f"{prefix}:epoch")
+        try:
+            self.redis = redis.Redis.from_url(self.url, socket_timeout=BUS_TIMEOUT,
+                                              socket_connect_timeout=BUS_TIMEOUT, health_check_interval=0)
+        except ValueError as exc:
+            raise ConfigError(f"bus: {exc}") from None
+        self.scripts = {name: self.redis.register_script(_LUA_PRELUDE + body) for name, body in _LUA.items()}
+        self.last_id = store.last_id if store is not None else 0
+        self.batch_bytes = SENDQ_BYTES // 4
+        self._tokens = itertools.count(1)
+        self._token_prefix = f"{server_id}/{int(time.time() * 1000):x}/"
+        self._lock = threading.Lock()
+        self._awaiting: dict[str, PendingMessage] = {}
+        self._queue: queue.SimpleQueue[PendingMessage | None] = queue.SimpleQueue()
+        self._up = threading.Event()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._cursor = "0-0"
+        self._presence_from = (0, 0)    # events at or before this entry are in the snapshot applied
+        self._snapshot: list | None = None  # a snapshot the reader must apply before reading on
+        self._epoch = ""
+        self._behind: set[str] = set()   # servers seen, for the log line when the list changes
+
+    # --- connecting ---------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Reach Redis, drop what an earlier run of this server left, and take the cluster's state."""
+        try:
+            self._epoch = self._join_epoch()
+            self._run("floor", self.last_id)
+            self._run("resync", "[]", "its server restarted")
+            self._beat()  # listed from the start: a server that dies before its first heartbeat is reaped too
+            snapshot = self._run("snapshot")
+        except self._redis_errors as exc:
+            raise BusError(f"cannot reach the bus at {redact_url(self.url)}: {exc}") from None
+        self.host.cluster_snapshot(*self._parse_snapshot(snapshot))
+        last = _stream_id(snapshot[2])
+        # from our last stored message, or (no history) from now
+        self._cursor = f"{self.last_id}-0" if self.store is not None else f"{last[0]}-{last[1]}"
+        self._presence_from = last
+        self._up.set()
+
+    def _join_epoch(self) -> str:
+        """The Redis data's identity: a new one means it lost everything (restarted empty)."""
+        self.redis.set(self.epoch_key, os.urandom(8).hex(), nx=True)
+        return (self.redis.get(self.epoch_key) or b"").decode()
+
+    def _run(self, script: str, *args):
+        return self.scripts[script](keys=self.keys, args=[self.config.bus_log_length, self.server_id, *args])
+
+    @staticmethod
+    def _parse_snapshot(snapshot) -> tuple[dict[str, dict], dict[str, dict]]:
+        import json
+        names_raw, rooms_raw = snapshot[0], snapshot[1]
+        names = {names_raw[i].decode(): json.loads(names_raw[i + 1]) for i in range(0, len(names_raw), 2)}
+        rooms = {rooms_raw[i].decode(): json.loads(rooms_raw[i + 1]) for i in range(0, len(rooms_raw), 2)}
+        return names, rooms
+
+    def _lost(self, exc: BaseException) -> None:
+        if self._up.is_set():
+            self._up.clear()
+            log.error("lost the bus at %s: %s; messages get ERR|bus-unavailable until it is back",
+                      redact_url(self.url), exc)
+
+    def _reconnect(self) -> bool:
+        """Once Redis answers again: the same data (resume where we were) or new data (read it all)."""
+        import json
+        try:
+            epoch = self._join_epoch()
+            self._run("floor", self.last_id)
+            lost = self._run("resync", json.dumps(self.host.cluster_entries()), "cut off from the bus")
+            snapshot = self._run("snapshot")
+        except self._redis_errors:
+            return False
+        if epoch != self._epoch:
+            log.error("the bus lost its data (Redis restarted empty): messages not read from the old log "
+                      "before it went are missing here; reading the new log from its start")
+            self._epoch = epoch
+            self._cursor = "0-0"
+        self._snapshot = [snapshot, [t.decode() for t in lost]]
+        self._up.set()
+        log.info("the bus at %s is back; resuming after id %d", redact_url(self.url), self.last_id)
+        return True
+
+    def call(self, fn: Callable, *args):
+        """One Redis call for a client's request: ERR|bus-unavailable when Redis does not answer."""
+        if not self._up.is_set():
+            raise ProtocolError("bus-unavailable", ERROR_CODES["bus-unavailable"])
+        try:
+            return fn(*args)
+        except self._redis_errors as exc:
+            self._lost(exc)
+            raise ProtocolError("bus-unavailable", ERROR_CODES["bus-unavailable"]) from None
+
+    # --- the commit log ------------------------------------------------------------
+
+    def start(self, on_commit, on_failure) -> None:
+        self._on_commit, self._on_failure = on_commit, on_failure
+        if self.store is not None:
+            self.store.start()
+        for name, target in (("chatctl-bus-publish", self._publish_loop),
+                             ("chatctl-bus-read", self._read_loop), ("chatctl-bus-beat", self._beat_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def submit(self, pending: PendingMessage) -> None:
+        pending.message.ts = time.time()
+        self._queue.put(pending)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Append what is queued, wait (bounded) for our messages to come back, say goodbye, stop."""
+        if self._threads:
+            self._queue.put(None)
+            deadline = time.monotonic() + timeout
+            self._threads[0].join(timeout)
+            while self._awaiting and self._up.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if self._up.is_set():
+                try:
+                    self.redis.zrem(self.keys[4], self.server_id)
+                    self.redis.hdel(self.keys[5], self.server_id)
+                except self._redis_errors:
+                    pass
+            self._stopping.set()
+            for thread in self._threads[1:]:
+                thread.join(timeout)
+            self._fail(list(self._awaiting), "bus-unavailable")
+        self.redis.close()
+        if self.store is not None:
+            self.store.close()
+
+    def _publish_loop(self) -> None:
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        while True:
+            first = get()
+            if first is None:
+                return
+            batch, size, stop = [first], wire_size(first.message), False
+            while len(batch) < HISTORY_BATCH_MAX and size < self.batch_bytes:
+                try:
+                    item = get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+                size += wire_size(item.message)
+            self._append(batch)
+            if stop:
+                return
+
+    def _append(self, batch: list[PendingMessage]) -> None:
+        tokens = []
+        with self._lock:
+            for pending in batch:
+                token = self._token_prefix + str(next(self._tokens))
+                self._awaiting[token] = pending
+                tokens.append(token)
+        if self._up.is_set():
+            payloads = [encode_bus_message(t, p.message) for t, p in zip(tokens, batch, strict=True)]
+            try:
+                self._run("append", self.last_id, *payloads)
+                return
+            except self._redis_errors as exc:
+                self._lost(exc)
+        self._fail(tokens, "bus-unavailable")  # nobody may be told it was sent
+
+    def _fail(self, tokens: list[str], code: str) -> None:
+        with self._lock:  # the reader may have taken some: the log had them after all
+            failed = [p for p in (self._awaiting.pop(t, None) for t in tokens) if p is not None]
+        if failed:
+            self._on_failure(failed, code)
+
+    # --- reading the log -----------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        store = self.store
+        while not self._stopping.is_set():
+            if not self._up.wait(0.5):
+                continue
+            if self._snapshot is not None:
+                snapshot, lost = self._snapshot
+                self._snapshot = None
+                self.host.cluster_snapshot(*self._parse_snapshot(snapshot))
+                self._presence_from = _stream_id(snapshot[2])
+                if lost:
+                    self.host.cluster_conflict(lost)
+            idle = store is not None and store.index_lag
+            try:
+                reply = self.redis.xread({self.keys[1]: self._cursor}, count=BUS_READ_COUNT,
+                                         block=200 if idle else 1000)
+            except self._redis_errors as exc:
+                self._lost(exc)
+                continue
+            if not reply:
+                if idle:
+                    store.index_step()
+                continue
+            entries = reply[0][1]
+            self._apply(entries)
+            self._cursor = entries[-1][0].decode()
+            if store is not None and store.index_lag >= FTS_MAX_LAG:
+                store.index_step()
+
+    def _apply(self, entries: list) -> None:
+        """Entries of the log, in order: runs of messages are committed as one batch; events between
+        them are applied where they stand."""
+        batch: list[PendingMessage] = []
+        for entry_id, fields in entries:
+            mid, sub = _stream_id(entry_id)
+            payload = fields.get(b"m")
+            if payload is not None:
+                if mid <= self.last_id:
+                    continue  # we have it (read before a reconnect): never delivered twice
+                if mid > self.last_id + 1 and self.last_id:
+                    log.error("messages %d to %d are not in the log (trimmed, or lost by Redis) and not "
+                              "in this server's history: a gap", self.last_id + 1, mid - 1)
+                batch.append(self._pending(mid, payload.decode()))
+                self.last_id = mid
+                continue
+            if batch:
+                self._commit(batch)
+                batch = []
+            origin = fields.get(b"o", b"").decode()
+            if origin == self.server_id or (mid, sub) <= self._presence_from:
+                continue  # ours (applied when we made it), or in the snapshot we started from
+            try:
+                self.host.cluster_event(fields[b"e"].decode().split("|"))
+            except (ValueError, IndexError, KeyError, ProtocolError) as exc:
+                log.warning("ignored a bus event %s: %s", entry_id, exc)
+        if batch:
+            self._commit(batch)
+
+    def _pending(self, mid: int, payload: str) -> PendingMessage:
+        token, message = decode_bus_message(mid, payload)
+        with self._lock:
+            pending = self._awaiting.pop(token, None)
+        if pending is None:  # another server's (or ours, refused when Redis failed under it)
+            return PendingMessage(message, None, self.host.cluster_audience(message))
+        pending.message.id, pending.message.ts = mid, message.ts
+        return pending
+
+    def _commit(self, batch: list[PendingMessage]) -> None:
+        try:
+            if self.store is not None:
+                self.store.insert(batch)
+        except StorageError as exc:
+            log.error("history write failed, %d message(s) not kept here: %s", len(batch), exc)
+            ours = [p for p in batch if p.sender is not None]
+            if ours:
+                self._on_failure(ours, "storage-failed")
+            others = [p for p in batch if p.sender is None]
+            if not others:
+                return
+            batch = others
+        self._on_commit(batch)
+
+    # --- heartbeats ----------------------------------------------------------------
+
+    def _beat_loop(self) -> None:
+        import json
+        backoff = BUS_BACKOFF_MIN
+        while not self._stopping.wait(BUS_HEARTBEAT if self._up.is_set() else backoff):
+            if not self._up.is_set():
+                backoff = BUS_BACKOFF_MIN if self._reconnect() else min(backoff * 2, BUS_BACKOFF_MAX)
+                continue
+            try:
+                fresh, dead = self._beat()
+                if fresh:  # reaped while cut off: claim our names again
+                    lost = self._run("resync", json.dumps(self.host.cluster_entries()),
+                                     "cut off from the bus")
+                    if lost:
+                        self.host.cluster_conflict([t.decode() for t in lost])
+                seen = set(self.redis.zrange(self.keys[4], 0, -1)) - {self.server_id.encode()}
+            except self._redis_errors as exc:
+                self._lost(exc)
+                continue
+            for server in dead:
+                log.warning("the server %s stopped answering: its users left", server.decode())
+            seen = {s.decode() for s in seen}
+            if seen != self._behind:
+                log.info("servers on the bus besides this one: %s", ", ".join(sorted(seen)) or "none")
+                self._behind = seen
+
+    def _beat(self) -> tuple[int, list[bytes]]:
+        """This server is alive (with its status); reaps the silent ones.  (1 if it was not listed
+        before, the servers reaped)."""
+        import json
+        status = {"address": self.host.cluster_address(), "users": self.host.cluster_user_count(),
+                  "last_id": self.last_id}
+        return self._run("beat", json.dumps(status), int(BUS_SERVER_TIMEOUT * 1000))
+
+    # --- shared state: names, rooms, accounts, markers -------------------------------
+
+    def new_token(self) -> str:
+        return self._token_prefix + "s" + str(next(self._tokens))
+
+    def claim(self, key: str, name: str, token: str, owner: bool) -> tuple[bool, str]:
+        """Take ``name`` cluster-wide: (True, the token it replaced or '') or (False, who holds it)."""
+        import json
+        since = repr(time.time())
+        entry = json.dumps({"name": name, "token": token, "server": self.server_id, "since": since,
+                            "owner": int(owner), "rooms": [MAIN_ROOM]})
+        event = f"j|{key}|{name}|{token}|{self.server_id}|{since}|{int(owner)}"
+        ok, other = self.call(self._run, "claim", key, entry, "1" if owner else "0", event)
+        return bool(ok), other.decode()
+
+    def release(self, sessions: Iterable) -> None:
+        """Names given up here (left, taken over): gone cluster-wide, with a LEAVE event each."""
+        args = []
+        for s in sessions:
+            args += [s.key, s.token, sanitise_line(s.leave_reason or "connection closed").replace("|", "/")]
+        if args and self._up.is_set():
+            try:
+                self._run("release", *args)
+            except self._redis_errors as exc:
+                self._lost(exc)  # the resync after the reconnect lets them go
+
+    def moved(self, session, verb: str, room: Room, reason: str = "", created: bool = False) -> None:
+        """``session`` entered (``verb`` 'n') or left ('x') ``room``."""
+        import json
+        if verb == "n":
+            event = f"n|{session.key}|{session.token}|{room.name}|{room.created_by}|{room.created_ts!r}"
+            record = json.dumps(dataclasses.asdict(room.record())) if created else ""
+        else:
+            event, record = f"x|{session.key}|{session.token}|{room.name}|{reason.replace('|', '/')}", ""
+        if self._up.is_set():
+            try:
+                self._run("move", session.key, session.token, verb, room.name, event, record)
+            except self._redis_errors as exc:
+                self._lost(exc)  # the resync after the reconnect tells the others
+
+    def room_changed(self, room: Room, closed: bool = False) -> None:
+        """A topic set (or a room closed) here: in the shared rooms, and an event for the others."""
+        import json
+        if closed:
+            self.call(self._run, "room", room.name, "", f"c|{room.name}")
+        else:
+            record = json.dumps(dataclasses.asdict(room.record()))
+            self.call(self._run, "room", room.name, record,
+                      f"t|{room.name}|{room.topic_ts!r}|{room.topic_by}|{escape_text(room.topic)}")
+
+    def rooms(self) -> list[RoomRecord]:
+        import json
+        raw = self.call(self.redis.hgetall, self.keys[3])
+        return [RoomRecord(**json.loads(v)) for v in raw.values()]
+
+    def password_hash(self, key: str) -> str | None:
+        import json
+        raw = self.call(self.redis.hget, self.accounts_key, key)
+        return json.loads(raw)["hash"] if raw else None
+
+    def protect(self, key: str, name: str, password_hash: str) -> None:
+        import json
+        self.call(self.redis.hset, self.accounts_key, key, json.dumps({"name": name, "hash": password_hash}))
+
+    def unprotect(self, key: str) -> None:
+        self.call(self.redis.hdel, self.accounts_key, key)
+
+    def markers(self, user_key: str) -> dict[str, int]:
+        raw = self.call(self.redis.hgetall, self.markers_prefix + user_key)
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def set_marker(self, user_key: str, room: str, last_read: int) -> None:
+        if self._up.is_set():
+            try:
+                self.redis.hset(self.markers_prefix + user_key, room, last_read)
+            except self._redis_errors as exc:
+                self._lost(exc)
+
+    def servers(self) -> list[ServerStatus]:
+        """Every server on the bus, from their heartbeats."""
+        import json
+
+        def read():
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zrange(self.keys[4], 0, -1, withscores=True)
+            pipe.hgetall(self.keys[5])
+            pipe.get(self.keys[0])
+            pipe.time()
+            return pipe.execute()
+
+        beats, info, head, (sec, usec) = self.call(read)
+        now = sec + usec / 1e6
+        head = int(head or 0)
+        result = []
+        for server, score in beats:
+            status = json.loads(info.get(server, b"{}"))
+            if server.decode() == self.server_id:  # this one's own figures are live
+                status.update(users=self.host.cluster_user_count(), last_id=self.last_id)
+            result.append(ServerStatus(server.decode(), status.get("address", "?"), status.get("users", 0),
+                                       max(0.0, now - score / 1000), max(0, head - status.get("last_id", 0)),
+                                       server.decode() == self.server_id))
+        return result
+
+
+# =============================================================================
+# 8. Server
 # =============================================================================
 # No thread waits on an idle connection: the ReadPoller watches every socket
 # and hands a readable one to a reader thread of the ReaderPool (a capped
@@ -3125,9 +3865,10 @@ class Registry:
             self.rooms = {k: v for k, v in self.rooms.items() if k != name}
             return room
 
-    def set_topic(self, room: Room, setter: str, text: str, store: Callable[[Room], None]) -> None:
+    def set_topic(self, room: Room, setter: str, text: str, store: Callable[[Room], None],
+                  ts: float | None = None) -> None:
         with self.lock:
-            room.topic, room.topic_by, room.topic_ts = text, setter, time.time()
+            room.topic, room.topic_by, room.topic_ts = text, setter, time.time() if ts is None else ts
             store(room)
 
 
@@ -3172,6 +3913,7 @@ class ClientSession:
         self.limited_in_a_row = 0
         self.name: str | None = None
         self.key: str | None = None
+        self.token = ""                 # its name's claim on the bus (--bus), unique in the cluster
         self.extended = False           # sent HELLO: gets the richer replies and presence notices
         self.quiet = False              # HELLO|chatctl/1|quiet: a script (not listed, no presence)
         self.presence_seq = 0           # the sequence number of its own JOIN line (presence lines after it)
@@ -3556,6 +4298,15 @@ class ClientSession:
         self._room_command("ROOMS", named=False)
         self.server.send_rooms(self, validate_room(arg) if arg else "")
 
+    def handle_servers(self, arg: str | None) -> None:
+        """``SERVERS``: one ``SERVER|id|address|users|beat age|lag|this`` line per server of the
+        cluster (one, without a bus), then ``END|SERVERS|n``."""
+        servers = self.server.servers()
+        lines = [encode_line("SERVER", s.server_id, s.address, s.users, f"{s.beat_age:.1f}", s.lag,
+                             int(s.this))
+                 for s in servers]
+        self.reply(b"".join(lines) + encode_line("END", "SERVERS", len(servers)))
+
     def handle_oper(self, arg: str | None) -> None:
         """``OPER|password``: the server's operator password makes this connection an operator."""
         self.server.make_operator(self, arg or "")
@@ -3632,6 +4383,7 @@ COMMAND_HANDLERS: dict[str, Handler] = {
     "JOIN": ClientSession.handle_join,
     "PART": ClientSession.handle_part,
     "ROOMS": ClientSession.handle_rooms,
+    "SERVERS": ClientSession.handle_servers,
     "NAMES": ClientSession.handle_names,
     "TOPIC": ClientSession.handle_topic,
     "MARK": ClientSession.handle_mark,
@@ -3691,8 +4443,14 @@ class ChatServer:
         except StorageError:
             self._listener.close()
             raise
+        host, port = self.address
+        self._public_address = f"{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{port}"
+        self.bus: RedisBus | None = None
         try:
-            self.accounts = self._open_accounts()
+            if self.config.bus:
+                self.bus = RedisBus(self.config, self.history, self,
+                                    self.config.server_id or f"{socket.gethostname()}:{self.port}")
+            self.accounts = self.bus or self._open_accounts()
             self.tls_context, self.tls_fingerprint = None, ""
             if self.config.tls:
                 self.tls_context, self.tls_fingerprint = server_tls_context(self.config.tls_cert,
@@ -3710,7 +4468,8 @@ class ChatServer:
                                             self.config.address_byte_burst)
         self.room_budget = AddressBudget(self.config.room_creations / 3600 if self.config.rate else 0,
                                          self.config.room_creations)
-        self.log: CommitLog = LocalLog(self.history, batch_bytes=self.reply_bytes)
+        self.log: CommitLog = self.bus or LocalLog(self.history, batch_bytes=self.reply_bytes)
+        self.marker_store = self.bus or self.history  # where a protected name's read markers are kept
         self._delivered_upto = self.log.last_id           # the newest id fanned out (the commit thread's)
         self._delivered = threading.Condition()           # JOIN waits on it for messages in flight
         self._load_rooms()
@@ -3755,6 +4514,8 @@ class ChatServer:
 
     def start(self) -> ChatServer:
         threading.stack_size(THREAD_STACK_BYTES)
+        if self.bus is not None:  # before anyone can connect: the cluster's names and rooms are in
+            self.bus.connect()
         try:  # only now: whoever finds the port open finds the history, accounts and certificate ready
             self._listener.listen(LISTEN_BACKLOG)
         except OSError as exc:
@@ -3809,7 +4570,8 @@ class ChatServer:
             self._departures.put(None)  # after every reader: each has queued its own departure
             self._departures_thread.join(timeout)
         self.log.close(timeout)  # commits (with history) and acknowledges what is queued
-        self.accounts.close()
+        if self.bus is None:
+            self.accounts.close()
         self.writer.stop(timeout)
         self._wake_r.close()
         self._wake_w.close()
@@ -3927,12 +4689,34 @@ class ChatServer:
         if not session.quiet and not self.address_budget.charge(session.host, 2 * fan_out_cost(name, "")):
             # a JOIN and a LEAVE for every member: joining and leaving in a loop is a flood too
             raise ProtocolError("rate-limited", f"too many joins from {session.host} too fast")
-        markers = self.history.markers(key) if owner and self.history is not None else {}
-        for _ in range(2):
+        store = self.marker_store
+        markers = store.markers(key) if owner and store is not None else {}
+        if self.bus is None or session.quiet:
+            self._claim_here(session, name, key, owner, markers)
+        else:  # first the cluster's word: one name, one session
+            session.token = self.bus.new_token()
+            claimed, holder_name = self.bus.claim(key, name, session.token, owner)
+            if not claimed:
+                looks = f" (it looks like {holder_name!r}, who is online)" if holder_name != name else ""
+                raise ProtocolError("name-taken", f"the name {name!r} is in use{looks}")
+            try:
+                self._claim_here(session, name, key, owner, markers)
+            except ProtocolError:
+                self.bus.release([RemoteMember(key, name, session.token, "", 0.0, False)])
+                raise
+        if not session.quiet:
+            log.info("%s joined from %s", name, session.peer)
+
+    def _claim_here(self, session: ClientSession, name: str, key: str, owner: bool,
+                    markers: dict[str, int]) -> None:
+        for _ in range(3):
             holder = self.registry.claim(session, name, key, owner,
                                          lambda: self._registered(session, markers))
             if holder is None:
                 break
+            if isinstance(holder, RemoteMember):  # the bus gave us the name: it is stale here, or taken over
+                self.cluster_drop(holder, f"{TAKEN_OVER}: {name} logged in again" if owner else "left")
+                continue
             if not owner:
                 looks = f" (it looks like {holder.name!r}, who is online)" if holder.name != name else ""
                 raise ProtocolError("name-taken", f"the name {name!r} is in use{looks}")
@@ -3940,8 +4724,6 @@ class ChatServer:
             holder.disconnect(f"{TAKEN_OVER}: {name} logged in again from {session.host}")
         else:
             raise ProtocolError("name-taken", f"the name {name!r} is in use")
-        if not session.quiet:
-            log.info("%s joined from %s", name, session.peer)
 
     def _registered(self, session: ClientSession, markers: dict[str, int]) -> None:
         """The name is ``session``'s (under the registry lock): USER_OK before any presence line."""
@@ -3959,6 +4741,8 @@ class ChatServer:
         not queue up on it one by one.
         """
         departed = self.registry.depart(sessions, forget, quiet=self._stopping.is_set())
+        if self.bus is not None and departed:
+            self.bus.release(departed)
         for session in departed:
             log.info("%s left (%s)", session.name, sanitise_line(session.leave_reason or "connection closed"))
         if forget:
@@ -4152,11 +4936,15 @@ class ChatServer:
                 self.history.save_room(room.record())
             log.info("%s made the room #%s", session.name, room.name)
 
-        room, new = self.registry.enter(session, name, create)
+        made = []
+        room, new = self.registry.enter(session, name, lambda r: (create(r), made.append(r)))
         if new:
+            if self.bus is not None:
+                self.bus.moved(session, "n", room, created=bool(made))
             session.markers.setdefault(name, room.last_id)
-            if session.owner and self.history is not None and name not in self.history.markers(session.key):
-                self.history.set_marker(session.key, name, session.markers[name])
+            store = self.marker_store
+            if session.owner and store is not None and name not in store.markers(session.key):
+                store.set_marker(session.key, name, session.markers[name])
         self._wait_delivered(self.log.last_id, JOIN_WAIT)
         topic = encode_topic(room.name, room.topic_ts, room.topic_by, room.topic) if room.topic else b""
         session.reply(topic + encode_users(self.users(room.members), structured=True, room=name)
@@ -4164,7 +4952,10 @@ class ChatServer:
 
     def part_room(self, session: ClientSession, name: str, reason: str) -> None:
         session.wait_pending()  # its messages in the room go out before its EXIT
+        room = session.rooms.get(name)
         forgotten = self.registry.part(session, name, reason)
+        if self.bus is not None:
+            self.bus.moved(session, "x", room, reason)
         session.reply(encode_line("PART_OK", f"#{name}"))
         if forgotten is not None:
             self._retire(forgotten, closing=False)
@@ -4176,24 +4967,35 @@ class ChatServer:
         session.wait_pending()  # its messages before the new topic
         if not self.address_budget.charge(session.host, fan_out_cost(session.name, text)):
             raise ProtocolError("rate-limited", f"too many bytes from {session.host} too fast")
+        if self.bus is not None:
+            self.bus.call(lambda: None)  # refused now, while Redis is away, rather than set here alone
+        self._change_topic(room, session.name, text, session)
+        if self.bus is not None:
+            self.bus.room_changed(room)
+        log.info("%s set the topic of #%s", session.name, room.name)
+
+    def _change_topic(self, room: Room, setter: str, text: str, session: ClientSession | None = None,
+                      ts: float | None = None) -> None:
+        """Set, store and announce a topic (``session``: the member who set it here, who is answered)."""
         store = self.history.save_room if self.history is not None else None
-        self.registry.set_topic(room, session.name, text, lambda r: store and store(r.record()))
+        self.registry.set_topic(room, setter, text, lambda r: store and store(r.record()), ts)
         line = encode_topic(room.name, room.topic_ts, room.topic_by, room.topic)
         members = self.members()
         with self._fanout_lock:  # the setter's own JOIN and ENTER first
-            ready = self._flush_presence(members, {session.key}) if session in self._unflushed else []
+            ready = (self._flush_presence(members, {session.key})
+                     if session is not None and session in self._unflushed else [])
             ready += [s for s in room.members if s.extended and s is not session and s.outbound.put(line)]
         self.writer.schedule_many(ready)
-        session.reply(line)
-        log.info("%s set the topic of #%s", session.name, room.name)
+        if session is not None:
+            session.reply(line)
 
     def mark_read(self, session: ClientSession, room: Room, upto: int) -> None:
         upto = min(upto, self._delivered_upto)
         if upto <= session.markers.get(room.name, 0):
             return
         session.markers[room.name] = upto
-        if session.owner and self.history is not None:
-            self.history.set_marker(session.key, room.name, upto)
+        if session.owner and self.marker_store is not None:
+            self.marker_store.set_marker(session.key, room.name, upto)
 
     def close_room(self, session: ClientSession, name: str) -> None:
         def allowed(room: Room) -> None:
@@ -4202,7 +5004,12 @@ class ChatServer:
             if not session.operator and not (room.created_by and room.created_by == session.key):
                 raise ProtocolError("not-allowed", ERROR_CODES["not-allowed"])
 
-        self._retire(self.registry.close_room(name, allowed), closing=True)
+        if self.bus is not None:
+            self.bus.call(lambda: None)
+        room = self.registry.close_room(name, allowed)
+        if self.bus is not None:
+            self.bus.room_changed(room, closed=True)
+        self._retire(room, closing=True)
         log.info("%s closed the room #%s", session.name, name)
 
     def _retire(self, room: Room, closing: bool) -> None:
@@ -4252,6 +5059,147 @@ class ChatServer:
                 break
             lines.append(line)
         session.reply(b"".join(lines) + encode_line("END", "ROOMS", len(lines), *(["more"] if more else [])))
+
+
+    # --- the cluster (--bus): what other servers did, applied by the bus's reader thread --------
+
+    def cluster_event(self, fields: list[str]) -> None:
+        """One event of another server from the shared log (see RedisBus's scripts for the fields)."""
+        kind = fields[0]
+        if kind == "j":
+            key, name, token, server_id, since, owner, replaces = fields[1:8]
+            self.cluster_join(RemoteMember(key, name, token, server_id, float(since), owner == "1"), replaces)
+        elif kind == "l":
+            key, token, reason = fields[1:4]
+            holder = self.registry.holder(key)
+            if isinstance(holder, RemoteMember) and holder.token == token:
+                self.cluster_drop(holder, reason)
+        elif kind in ("n", "x"):
+            key, token, room_name = fields[1:4]
+            member = self.registry.holder(key)
+            if not isinstance(member, RemoteMember) or member.token != token:
+                return
+            if kind == "n":
+                created_by, created_ts = fields[4], float(fields[5] or 0)
+                self.registry.enter(member, room_name,
+                                    lambda r: self._made_elsewhere(r, created_by, created_ts))
+            elif room_name in member.rooms:
+                forgotten = self.registry.part(member, room_name, fields[4])
+                if forgotten is not None:
+                    self._retire(forgotten, closing=False)
+        elif kind == "t":
+            room_name, ts, setter = fields[1], float(fields[2]), fields[3]
+            text = unescape_text("|".join(fields[4:]))
+            room = self.registry.rooms.get(room_name) or self.registry.add_room(RoomRecord(room_name, "", ts))
+            self._change_topic(room, setter, text, ts=ts)
+        elif kind == "c":
+            try:
+                room = self.registry.close_room(fields[1], lambda r: None)
+            except ProtocolError as exc:  # someone came in here meanwhile: the room stays on this server
+                log.warning("#%s was closed on another server but not here: %s", fields[1], exc.text)
+                return
+            self._retire(room, closing=True)
+
+    def _made_elsewhere(self, room: Room, created_by: str, created_ts: float) -> None:
+        room.created_by, room.created_ts = created_by, created_ts or room.created_ts
+        if self.history is not None:
+            self.history.save_room(room.record())
+
+    def cluster_join(self, member: RemoteMember, replaces: str = "") -> None:
+        """Someone took a name on another server: whoever held it here (stale, or taken over) goes."""
+        holder = self.registry.holder(member.key)
+        if isinstance(holder, RemoteMember) and holder.token == member.token:
+            return
+        if isinstance(holder, RemoteMember):
+            self.cluster_drop(holder, f"{TAKEN_OVER}: {member.name} logged in again on {member.server_id}")
+        elif holder is not None:
+            holder.disconnect(f"{TAKEN_OVER}: {member.name} logged in again on {member.server_id}")
+        if self.registry.claim(member, member.name, member.key, member.owner, lambda: None) is not None:
+            log.warning("%s joined on %s but is held here too", member.name, member.server_id)
+
+    def cluster_drop(self, member: RemoteMember, reason: str) -> None:
+        member.leave_reason = reason
+        self.registry.depart([member], forget=False, quiet=False)
+        for room in self.registry.forget_emptied():
+            self._retire(room, closing=False)
+
+    def cluster_snapshot(self, names: dict[str, dict], rooms: dict[str, dict]) -> None:
+        """The cluster's state as Redis holds it (at start, and after Redis came back): this
+        server's rooms and remote members are made to match it."""
+        for name, record in rooms.items():
+            room = self.registry.rooms.get(name)
+            if room is None:
+                room = self.registry.add_room(RoomRecord(**record))
+                if self.history is not None:
+                    self.history.save_room(room.record())
+            elif record.get("topic_ts", 0) > room.topic_ts:
+                self._change_topic(room, record["topic_by"], record["topic"], ts=record["topic_ts"])
+        for member in [m for m in self.members() if isinstance(m, RemoteMember)]:
+            entry = names.get(member.key)
+            if entry is None or entry["token"] != member.token:
+                self.cluster_drop(member, "left while this server was cut off from the bus")
+        for key, entry in names.items():
+            if entry["server"] == self.bus.server_id:
+                continue
+            holder = self.registry.holder(key)
+            if not (isinstance(holder, RemoteMember) and holder.token == entry["token"]):
+                self.cluster_join(RemoteMember(key, entry["name"], entry["token"], entry["server"],
+                                               float(entry["since"]), bool(entry["owner"])))
+                holder = self.registry.holder(key)
+                if not isinstance(holder, RemoteMember):
+                    continue
+            wanted = set(entry.get("rooms") or ())
+            for room_name in wanted - set(holder.rooms):
+                try:
+                    self.registry.enter(holder, room_name, lambda r: self._made_elsewhere(r, "", 0.0))
+                except ProtocolError as exc:  # this server's own limits (max_rooms): not listed here
+                    log.warning("%s is in #%s on %s, which this server cannot hold: %s", holder.name,
+                                room_name, holder.server_id, exc.text)
+            for room_name in set(holder.rooms) - wanted:
+                self.registry.part(holder, room_name, "left")
+
+    def cluster_conflict(self, tokens: list[str]) -> None:
+        """Names another server holds now (taken while this one was cut off): their sessions here go."""
+        lost = set(tokens)
+        for member in self.members():
+            if not isinstance(member, RemoteMember) and member.token in lost:
+                member.disconnect("your name was taken on another server while this one was cut off")
+
+    def cluster_entries(self) -> list[dict]:
+        """The names this server holds, as the bus's resync script takes them."""
+        return [{"key": s.key, "name": s.name, "token": s.token, "since": repr(s.registered_at),
+                 "owner": int(s.owner), "rooms": list(s.rooms)}
+                for s in self.members() if not isinstance(s, RemoteMember) and s.token]
+
+    def cluster_audience(self, message: ChatMessage) -> tuple:
+        """Who here gets another server's message: the room's members, or the recipient if here."""
+        if message.kind == "dm":
+            holder = self.registry.holder(confusable_key(message.recipient or ""))
+            return () if holder is None or isinstance(holder, RemoteMember) else (holder,)
+        room = self.registry.rooms.get(message.room)
+        if room is None:
+            room = self.registry.add_room(RoomRecord(message.room, "", message.ts))
+            if self.history is not None:
+                self.history.save_room(room.record())
+        sender = self.registry.holder(self._sender_key(message.sender))
+        if isinstance(sender, RemoteMember):
+            sender.last_spoke = time.monotonic()
+        return room.members
+
+    _sender_key = staticmethod(functools.lru_cache(maxsize=4096)(confusable_key))  # a name per message
+
+    def cluster_address(self) -> str:
+        """Where clients reach this server, as the other servers list it."""
+        return self._public_address
+
+    def cluster_user_count(self) -> int:
+        return sum(1 for s in self.members() if not isinstance(s, RemoteMember))
+
+    def servers(self) -> list[ServerStatus]:
+        """The servers of the cluster (just this one, without a bus)."""
+        if self.bus is not None:
+            return self.bus.servers()
+        return [ServerStatus("standalone", self.cluster_address(), self.cluster_user_count(), 0.0, 0, True)]
 
     # --- fan-out -----------------------------------------------------------------------
 
@@ -4308,7 +5256,7 @@ class ChatServer:
         members = self.members()
         with self._fanout_lock:
             ready = []
-            subjects = {p.sender.key for p in batch if p.sender in self._unflushed}
+            subjects = {p.sender.key for p in batch if p.sender is not None and p.sender in self._unflushed}
             if subjects:  # their JOIN or ENTER before their messages; the rest waits for the presence thread
                 ready = self._flush_presence(members, subjects)
             ready += self._fan_out_batch(batch)
@@ -4357,6 +5305,8 @@ class ChatServer:
                 for s, chunks, form in run_senders:
                     if s is not sender:
                         chunks.append(form[i])
+                if sender is None:  # another server's message (with --bus): its own server answers
+                    continue
                 own = parts.setdefault(sender, [])
                 sender.in_flight -= 1
                 own.append(sender.acknowledgement(pending.message))
@@ -4369,8 +5319,9 @@ class ChatServer:
         return [s for s, chunks in parts.items()
                 if s.outbound.put(chunks[0] if len(chunks) == 1 else b"".join(chunks), s in forced)]
 
-    def _not_stored(self, batch: list[PendingMessage], error: str) -> None:
-        """The commit log's callback: ``batch`` could not be stored, so it goes to nobody."""
+    def _not_stored(self, batch: list[PendingMessage], code: str) -> None:
+        """The commit log's callback: ``batch`` could not be stored (``code``: why, an ERROR_CODES
+        key), so it goes to nobody."""
         ready = []
         with self._fanout_lock:
             for pending in batch:
@@ -4378,7 +5329,7 @@ class ChatServer:
                 sender.in_flight -= 1
                 if sender.last_pending is pending:
                     sender.last_pending = None
-                data = encode_error("storage-failed", ERROR_CODES["storage-failed"]) + b"".join(pending.after)
+                data = encode_error(code, ERROR_CODES[code]) + b"".join(pending.after)
                 if sender.outbound.put(data, pending.forced):
                     ready.append(sender)
             self._mark_delivered(batch[-1].message.id)
@@ -4387,7 +5338,7 @@ class ChatServer:
     def _mark_delivered(self, upto: int) -> None:
         """Everything up to id ``upto`` is out (queued to its readers).  Holds the fan-out lock."""
         with self._delivered:
-            self._delivered_upto = upto
+            self._delivered_upto = max(self._delivered_upto, upto)
             self._delivered.notify_all()
 
     def _wait_delivered(self, upto: int, timeout: float) -> None:
@@ -4477,6 +5428,9 @@ def serve_until_signalled(server: ChatServer) -> None:
                      server.tls_fingerprint)
         if server.config.password:
             log.info("clients need the server password")
+        if server.bus is not None:
+            log.info("on the bus %s as %s, cluster %r", redact_url(server.bus.url), server.bus.server_id,
+                     server.bus.cluster)
         server.start()  # listening from here on: only now may the log line say so
         log.info("chatctl %s listening on %s:%d (config: %s)", __version__, host, port, files)
         server.serve_forever()
@@ -4489,7 +5443,7 @@ def serve_until_signalled(server: ChatServer) -> None:
 
 
 # =============================================================================
-# 8. Client
+# 9. Client
 # =============================================================================
 
 
@@ -4742,6 +5696,12 @@ class ChatConnection:
             after = (f"#{page[-1].name}",)
         return found
 
+    def servers(self) -> list[ServerStatus]:
+        self.request("SERVERS", expect=(EndOfList,))
+        found = [e for e in self.pending if isinstance(e, ServerStatus)]
+        self.pending = [e for e in self.pending if not isinstance(e, ServerStatus)]
+        return found
+
     def join_rooms(self, *rooms: str) -> list[ServerEvent]:
         """``JOIN`` each room; returns what came with the JOIN_OKs (topics, names), the rest stays pending."""
         self.send("JOIN", *(f"#{room}" for room in rooms))
@@ -4890,6 +5850,11 @@ def fetch_rooms(config: ClientConfig, name: str | None = None) -> list[RoomInfo]
         if name:
             register_as(conn, name, config.user_password, None)
         return conn.rooms()
+
+
+def fetch_servers(config: ClientConfig) -> list[ServerStatus]:
+    with connect(config, notify=client_notice, quiet=True) as conn:
+        return conn.servers()
 
 
 def fetch_history(config: ClientConfig, name: str | None = None, limit: int = 20,
@@ -5569,7 +6534,7 @@ class LiveSession:
 
 
 # =============================================================================
-# 9. Rendering
+# 10. Rendering
 # =============================================================================
 # Everything another person sent is shown literally: controls become U+FFFD
 # (so no escape sequence reaches the terminal) and rich markup is escaped.
@@ -5712,6 +6677,28 @@ def render_rooms_table(rooms: list[RoomInfo], with_unread: bool) -> None:
         unread = [count_text(r.unread), count_text(r.mentions)] if with_unread else []
         table.add_row(f"#{r.name}", str(r.online), str(r.messages), *unread,
                       local_time(r.last, with_date=True) if r.last else "-", display_text(r.topic))
+    stdout_console().print(table)
+
+
+def servers_as_json(servers: list[ServerStatus]) -> str:
+    import json
+
+    return json.dumps([{"server": s.server_id, "address": s.address, "users": s.users,
+                        "heartbeat_age": s.beat_age, "lag": s.lag, "answered": s.this} for s in servers])
+
+
+def render_servers_table(servers: list[ServerStatus]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{len(servers)} server(s)", title_justify="left")
+    table.add_column("Server", style="bold")
+    table.add_column("Address")
+    table.add_column("Users", justify="right")
+    table.add_column("Last heartbeat", justify="right")
+    table.add_column("Behind the log", justify="right")
+    for s in servers:
+        table.add_row(display_text(s.server_id) + (" (this one)" if s.this else ""), display_text(s.address),
+                      str(s.users), f"{s.beat_age:.1f} s ago", f"{s.lag} message(s)")
     stdout_console().print(table)
 
 
@@ -6382,7 +7369,7 @@ def name_completer(client: JoinClient):
 
 
 # =============================================================================
-# 10. CLI
+# 11. CLI
 # =============================================================================
 # Callbacks parse, build a config and call into the objects above.  ChatError
 # becomes a one-line ClickException here, at the boundary, with its exit code.
@@ -6508,13 +7495,18 @@ def cli() -> None:
 @click.option("--history/--no-history", default=None, help="Keep a message history (default: on).")
 @click.option("--tls", is_flag=True, default=None,
               help="Accept TLS too, on the same port (a certificate is made on first start).")
-def serve(host, port, config_file, log_level, db, history, tls) -> None:
+@click.option("--bus", metavar="URL", help="Share one chat with other servers through this Redis "
+              "(redis://host:6379/0, rediss:// for TLS; a password is better in CHATCTL_BUS).")
+@click.option("--cluster", "cluster_name", metavar="NAME",
+              help="The cluster's name on that Redis (default chatctl).")
+def serve(host, port, config_file, log_level, db, history, tls, bus, cluster_name) -> None:
     """Run the chat server in the foreground (Ctrl-C stops it).
 
     The server password, if any, comes from CHATCTL_PASSWORD or [server]
     password, never from the command line.
     """
-    flags = {"host": host, "port": port, "log_level": log_level, "db": db, "history": history, "tls": tls}
+    flags = {"host": host, "port": port, "log_level": log_level, "db": db, "history": history, "tls": tls,
+             "bus": bus, "cluster": cluster_name}
     config = load_config("server", flags, config_file)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
@@ -6605,6 +7597,24 @@ def rooms(host, port, config_file, user, as_json, tls, cafile, tls_fingerprint) 
         click.echo(rooms_as_json(found, with_unread=bool(user)))
     else:
         render_rooms_table(found, with_unread=bool(user))
+
+
+@cli.command(epilog=exit_codes_help(*CLIENT_EXITS))
+@connection_options("of the server")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout.")
+@tls_options
+def cluster(host, port, config_file, as_json, tls, cafile, tls_fingerprint) -> None:
+    """List the servers sharing this chat (serve --bus): users, last heartbeat, lag behind the log.
+
+    A server without a bus lists itself alone.
+    """
+    config = load_config("client", {"host": host, "port": port, **tls_flags(tls, cafile, tls_fingerprint)},
+                         config_file)
+    servers = fetch_servers(config)
+    if as_json:
+        click.echo(servers_as_json(servers))
+    else:
+        render_servers_table(servers)
 
 
 @cli.command(epilog=exit_codes_help(*CLIENT_EXITS))
@@ -6804,7 +7814,7 @@ def register(host, port, config_file, tls, cafile, tls_fingerprint, user, drop) 
 
 
 # =============================================================================
-# 11. main()
+# 12. main()
 # =============================================================================
 
 

@@ -212,3 +212,116 @@ def register_many(port: int, names: list[str], hello: bool = False, timeout: flo
 
 def chatctl_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("chatctl-")]
+
+
+# --- Redis, for the cluster tests (serve --bus) ----------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisProcess:
+    """A real redis-server on a free loopback port, with its data in ``directory``; stop and start
+    it again (same port, same data unless ``empty``) to play an outage."""
+
+    def __init__(self, binary: str, directory: Path, appendonly: bool = True):
+        self.binary, self.directory, self.appendonly = binary, directory, appendonly
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, empty: bool = False) -> RedisProcess:
+        if empty:
+            for f in self.directory.rglob("*"):
+                if f.is_file():
+                    f.unlink()
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+             "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
+             "--protected-mode", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self.answers, timeout=10)
+        return self
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: redis-server flushes its append-only file and exits
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A redis-server of our own (Debian's redis-server); skipped where it is missing, except in CI."""
+    import shutil
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is missing in CI (.ci/run installs it with apt-get)")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    redis = RedisProcess(binary, directory).start()
+    yield redis
+    redis.stop()
+
+
+class Forwarder:
+    """A TCP load balancer in one object: connections to ``port`` go to the backend port of the
+    moment (``switch``), as HAProxy in ``mode tcp`` would send them."""
+
+    def __init__(self, backend: int):
+        self.backend = backend
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def switch(self, backend: int) -> None:
+        self.backend = backend
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.backend), timeout=2)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()

@@ -1,0 +1,350 @@
+"""Several servers sharing one chat through a real redis-server (serve --bus)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pexpect
+import pytest
+
+import chatctl
+from conftest import CHATCTL, Forwarder, RawClient, free_port, run_cli, wait_until
+
+
+@pytest.fixture
+def node(redis_server, make_server):  # in this order: the servers stop before their Redis
+    """Servers on one bus: ``node("a")`` starts one named a."""
+
+    def factory(server_id: str, **overrides) -> chatctl.ChatServer:
+        return make_server(bus=redis_server.url, server_id=server_id, **overrides)
+
+    return factory
+
+
+def member(port: int, name: str, password: str | None = None) -> RawClient:
+    """An extended client (HELLO) registered as ``name``."""
+    client = RawClient(port, timeout=10)
+    client.send(b"HELLO|chatctl/1\n" + f"USER|{name}{'|' + password if password else ''}\n".encode())
+    client.expect("USER_OK")
+    return client
+
+
+def messages(client: RawClient, count: int, timeout: float = 10) -> list[list[str]]:
+    """The next ``count`` MSG/DM lines, split into fields."""
+    return [client.expect(("MSG|", "DM|", "ME|"), timeout).split("|") for _ in range(count)]
+
+
+def names_on(port: int) -> list[str]:
+    client = RawClient(port)
+    client.send(b"HELLO|chatctl/1|quiet\nDIR\n")
+    line = client.expect("USERS")
+    client.close()
+    return sorted(entry.split(" ")[0] for entry in line.split("|")[1:] if entry)
+
+
+def test_a_message_from_a_reaches_b_and_c_in_one_order(node):
+    a, b, c = node("a"), node("b"), node("c")
+    ana, bob, cat = member(a.port, "ana"), member(b.port, "bob"), member(c.port, "cat")
+    for i in range(30):  # two senders on two servers at once: every server must show one order
+        ana.send(f"MSG|from a {i}\n".encode())
+        bob.send(f"MSG|from b {i}\n".encode())
+    seen = {}
+    for name, client in (("ana", ana), ("bob", bob), ("cat", cat)):
+        got = []
+        while len(got) < 60:
+            line = client.expect(("MSG|", "MSG_OK|"))
+            if line.startswith("MSG_OK|"):
+                got.append(int(line.split("|")[1]))  # one's own message, by its id
+            else:
+                got.append(int(line.split("|")[2]))
+        seen[name] = got
+    assert seen["ana"] == seen["bob"] == seen["cat"]
+    assert seen["cat"] == sorted(seen["cat"]) and len(set(seen["cat"])) == 60  # ids unique, increasing
+    with_ids = {int(f[2]): f[5] for f in (line.split("|") for line in cat.seen if line.startswith("MSG|"))}
+    assert [with_ids[i] for i in seen["cat"] if with_ids[i].startswith("from a")] == \
+        [f"from a {i}" for i in range(30)]  # each sender's messages in the order sent
+
+
+def test_direct_messages_both_ways_across_servers(node):
+    a, b = node("a"), node("b")
+    ana, bob = member(a.port, "ana"), member(b.port, "bob")
+    wait_until(lambda: names_on(a.port) == ["ana", "bob"])
+    ana.send(b"DM|bob|psst from a\n")
+    ana.expect("MSG_OK|")
+    assert bob.expect("DM|").split("|")[3:] == ["ana", "bob", "psst from a"]
+    bob.send(b"DM|Ana|and back\n")  # any spelling of the name that passes for it
+    bob.expect("MSG_OK|")
+    assert ana.expect("DM|").split("|")[3:] == ["bob", "ana", "and back"]
+    bob.send(b"DM|nobody|hello?\n")
+    assert bob.expect("ERR|").startswith("ERR|unknown-user|")
+
+
+def test_a_name_is_one_session_across_servers(node):
+    a, b = node("a"), node("b")
+    cop = member(a.port, "cop")
+    for attempt in ("cop", "COP", "сор"):  # the last is all Cyrillic
+        other = RawClient(b.port)
+        other.send(f"USER|{attempt}\n".encode())
+        assert other.expect("ERR|").startswith("ERR|name-taken|"), attempt
+        other.close()
+    cop.send(b"QUIT\n")
+    cop.wait_closed()
+    wait_until(lambda: names_on(b.port) == [])
+    member(b.port, "cop")  # free again once its holder left
+    assert names_on(a.port) == ["cop"]
+
+
+def test_everyone_online_is_listed_on_every_server(node, isolated_home):
+    a, b = node("a"), node("b")
+    clients = [member(a.port, "ana"), member(b.port, "bob")]  # held: a client that is collected leaves
+    seed = RawClient(b.port)
+    seed.send(b"USER|sam\n")
+    seed.expect("USER_OK")
+    wait_until(lambda: names_on(a.port) == ["ana", "bob", "sam"])
+    seed.send(b"DIR\n")
+    assert seed.expect("Users logged in: ") == "Users logged in: ana, bob, sam"
+    who = run_cli("who", "--json", "-p", str(a.port), env=isolated_home)
+    assert who.returncode == 0, who.stderr
+    assert sorted(u["name"] for u in json.loads(who.stdout)) == ["ana", "bob", "sam"]
+
+    def listed():  # a's figures are from its last heartbeat (every 2 s)
+        listing = run_cli("cluster", "--json", "-p", str(b.port), env=isolated_home)
+        assert listing.returncode == 0, listing.stderr
+        servers = {s["server"]: s for s in json.loads(listing.stdout)}
+        return servers if servers["a"]["users"] == 1 else None
+
+    servers = wait_until(listed, timeout=10, interval=0.5)
+    assert set(servers) == {"a", "b"} and servers["b"]["answered"] and servers["b"]["users"] == 2
+    assert servers["a"]["heartbeat_age"] < 10 and servers["a"]["lag"] == 0
+    assert len(clients) == 2
+
+
+def test_rooms_topics_and_members_are_shared(node, isolated_home):
+    a, b = node("a"), node("b")
+    ana, bob = member(a.port, "ana"), member(b.port, "bob")
+    ana.send(b"JOIN|#deploys\n")
+    ana.expect("JOIN_OK|#deploys")
+    ana.send(b"TOPIC|#deploys|release at five\n")
+    ana.expect("TOPIC|#deploys|")
+    wait_until(lambda: "deploys" in b.registry.rooms and b.registry.rooms["deploys"].topic)
+    bob.send(b"JOIN|#deploys\n")
+    assert bob.expect("TOPIC|#deploys|").endswith("|ana|release at five")
+    assert bob.expect("NAMES|#deploys|").count("|") == 3  # ana (on a) and bob
+    assert ana.expect("ENTER|#deploys|").endswith("|bob")
+    bob.send(b"MSG|#deploys|shipping\n")
+    assert ana.expect("MSG|#deploys|").endswith("|bob|shipping")
+    rooms = run_cli("rooms", "--json", "-p", str(a.port), env=isolated_home)
+    deploys = next(r for r in json.loads(rooms.stdout) if r["room"] == "#deploys")
+    assert deploys["online"] == 2 and deploys["messages"] == 1 and deploys["topic"] == "release at five"
+
+
+def test_protected_names_and_takeover_across_servers(node):
+    a, b = node("a", auth_delay=0), node("b", auth_delay=0)
+    ana = member(a.port, "ana")
+    ana.send(b"REGISTER|correct horse\n")
+    ana.expect("REGISTER_OK|ana")
+    thief = RawClient(b.port)
+    thief.send(b"USER|ana\n")
+    assert thief.expect("ERR|").startswith("ERR|name-protected|")
+    thief.send(b"USER|ana|wrong password\n")
+    assert thief.expect("ERR|").startswith("ERR|bad-password|")
+    owner = member(b.port, "ana", "correct horse")  # takes the name over from the session on a
+    assert ana.expect("BYE|").startswith(f"BYE|{chatctl.TAKEN_OVER}")
+    wait_until(lambda: names_on(a.port) == ["ana"] and names_on(b.port) == ["ana"])
+    owner.send(b"MSG|it is me\n")
+    owner.expect("MSG_OK|")
+
+
+def test_a_killed_server_s_users_leave_the_others_and_nothing_acknowledged_is_lost(
+        node, redis_server, tmp_path, isolated_home):
+    a = node("a")
+    port = free_port()
+    env = {**isolated_home, "CHATCTL_SERVER_ID": "c"}
+    proc = subprocess.Popen([*CHATCTL, "serve", "--host", "127.0.0.1", "-p", str(port),
+                             "--bus", redis_server.url, "--db", str(tmp_path / "c.db")],
+                            env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _listening(port), timeout=15)
+        ana = member(a.port, "ana")
+        cat = member(port, "cat")
+        assert ana.expect("JOIN|").endswith("|cat")
+        acked = []
+        for i in range(20):
+            cat.send(f"MSG|last words {i}\n".encode())
+            acked.append(int(cat.expect("MSG_OK|").split("|")[1]))
+        os.kill(proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        leave = ana.expect("LEAVE|", timeout=20)
+        assert leave.split("|")[2] == "cat" and "stopped answering" in leave
+        assert time.monotonic() - killed < 15
+        member(a.port, "cat")  # the name is free again
+        client = RawClient(a.port)
+        client.send(b"HELLO|chatctl/1|quiet\nHISTORY|LAST|50\n")
+        stored = {int(line.split("|")[2]) for line in _until_end(client) if line.startswith("MSG|")}
+        assert set(acked) <= stored
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def _listening(port: int) -> bool:
+    try:
+        RawClient(port, timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def _until_end(client: RawClient) -> list[str]:
+    lines = []
+    while not (line := client.line()).startswith("END|"):
+        lines.append(line)
+    return lines
+
+
+def test_redis_stopped_and_restarted_mid_traffic_loses_and_repeats_nothing(node, redis_server):
+    a, b = node("a"), node("b")
+    ana, bob = member(a.port, "ana"), member(b.port, "bob")
+    acked, refused = [], []
+    stop = threading.Event()
+
+    def send() -> None:
+        i = 0
+        while not stop.is_set() and i < 2000:
+            ana.send(f"MSG|n{i}\n".encode())
+            reply = ana.expect(("MSG_OK|", "ERR|"))
+            (acked if reply.startswith("MSG_OK|") else refused).append(f"n{i}")
+            i += 1
+            time.sleep(0.005)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        wait_until(lambda: len(acked) >= 20)
+        redis_server.stop()
+        wait_until(lambda: len(refused) >= 5)  # told, not left waiting
+        redis_server.start()
+        count = len(acked)
+        wait_until(lambda: len(acked) >= count + 20, timeout=20)  # back on its own
+    finally:
+        stop.set()
+        sender.join(20)
+    got = []
+    while True:  # everything bob got, until it has been quiet a while
+        try:
+            line = bob.expect("MSG|", timeout=2)
+        except AssertionError:
+            break
+        got.append(line.split("|")[5])
+    assert refused and all(r not in got for r in refused[1:-1])  # nothing refused was sent (the edges may be)
+    assert sorted(set(acked) - set(got)) == []  # every acknowledged message arrived
+    assert len(got) == len(set(got))  # and none twice
+
+
+def test_redis_restarted_empty_ids_keep_increasing(node, redis_server):
+    a, b = node("a"), node("b")
+    ana, bob = member(a.port, "ana"), member(b.port, "bob")
+    ana.send(b"MSG|before\n")
+    first = int(ana.expect("MSG_OK|").split("|")[1])
+    assert bob.expect("MSG|").endswith("|ana|before")
+    redis_server.stop()
+    redis_server.start(empty=True)
+
+    def sent() -> int | None:
+        ana.send(b"MSG|after\n")
+        reply = ana.expect(("MSG_OK|", "ERR|"))
+        return int(reply.split("|")[1]) if reply.startswith("MSG_OK|") else None
+
+    later = wait_until(sent, timeout=20, interval=0.2)
+    assert later > first
+    assert bob.expect("MSG|").endswith("|ana|after")
+    wait_until(lambda: names_on(b.port) == ["ana", "bob"])  # each server claimed its names again
+    intruder = RawClient(b.port)
+    intruder.send(b"USER|ana\n")
+    assert intruder.expect("ERR|").startswith("ERR|name-taken|")
+
+
+@pytest.fixture
+def spawn_join(isolated_home):
+    children = []
+
+    def spawn(name: str, port: int, *args: str) -> pexpect.spawn:
+        env = {**isolated_home, "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm-256color"}
+        child = pexpect.spawn(sys.executable, [*CHATCTL[1:], "join", "-u", name, "-p", str(port), *args],
+                              env=env, dimensions=(40, 140), encoding="utf-8", codec_errors="replace",
+                              timeout=10)
+        children.append(child)
+        child.expect(r"#[a-z0-9_-]+>")
+        return child
+
+    yield spawn
+    for child in children:
+        child.close(force=True)
+
+
+def test_a_client_moving_to_another_server_fills_its_gap(node, spawn_join):
+    a, b = node("a"), node("b")
+    balancer = Forwarder(a.port)
+    try:
+        bob = member(b.port, "bob")
+        bob.send(b"JOIN|#ops\n")
+        bob.expect("JOIN_OK|#ops")
+        ana = spawn_join("ana", balancer.port, "--room", "ops")
+        bob.send(b"MSG|#ops|seen before\n")
+        ana.expect("<bob> seen before")
+        balancer.switch(b.port)  # the load balancer sends the next connection to b
+        a.shutdown()
+        ana.expect("reconnecting")
+        bob.send(b"MSG|#ops|while you moved 1\nMSG|#main|while you moved 2\n")
+        ana.expect("reconnected to", timeout=20)
+        shown = ""
+        for line in ("while you moved 1", "while you moved 2"):
+            ana.expect(line)
+            shown += ana.before + ana.after
+        bob.send(b"MSG|#ops|live again\n")
+        ana.expect("<bob> live again")
+        shown += ana.before
+        assert "seen before" not in shown and shown.count("while you moved 1") == 1, shown
+    finally:
+        balancer.close()
+
+
+def test_a_seed_client_on_b_talks_with_join_on_a(node, spawn_join):
+    a, b = node("a"), node("b")
+    ana = spawn_join("ana", a.port)
+    seed = RawClient(b.port)
+    seed.send(b"USER|sam")  # one frame per write, no line end, as the seed's client does
+    assert seed.line() == "USER_OK"
+    seed.send(b"MSG|hi from b")
+    assert seed.line() == "MSG_OK"
+    ana.expect("<sam> hi from b")
+    ana.send("hello sam\r")
+    assert seed.expect("ana: ") == "ana: hello sam"
+    seed.send(b"DIR")
+    assert seed.expect("Users logged in: ") == "Users logged in: ana, sam"
+
+
+def test_servers_without_a_bus_list_themselves(server, isolated_home):
+    listing = run_cli("cluster", "--json", "-p", str(server.port), env=isolated_home)
+    assert listing.returncode == 0, listing.stderr
+    assert [s["server"] for s in json.loads(listing.stdout)] == ["standalone"]
+
+
+def test_serve_with_an_unreachable_bus_says_so_in_one_line(isolated_home):
+    dead = free_port()
+    result = run_cli("serve", "-p", "0", "--bus", f"redis://127.0.0.1:{dead}/0", env=isolated_home)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert "cannot reach the bus at redis://127.0.0.1:" in lines[-1] and "Traceback" not in result.stderr
+
+
+def test_a_bad_bus_url_is_a_config_error(isolated_home):
+    result = run_cli("serve", "-p", "0", "--bus", "http://example.invalid", env=isolated_home)
+    assert result.returncode == chatctl.EXIT_CONFIG
+    assert "redis://" in result.stderr and "Traceback" not in result.stderr
