@@ -2848,6 +2848,7 @@ class RedisBus(CommitLog):
                       "before it went are missing here; reading the new log from its start")
             self._epoch = epoch
             self._cursor = "0-0"
+            self._fail_all()  # appended to the log Redis lost: they are never coming back
         self._snapshot = [snapshot, [t.decode() for t in lost]]
         self._up.set()
         log.info("the bus at %s is back; resuming after id %d", redact_url(self.url), self.last_id)
@@ -2896,7 +2897,7 @@ class RedisBus(CommitLog):
             self._stopping.set()
             for thread in self._threads[1:]:
                 thread.join(timeout)
-            self._fail(list(self._awaiting), "bus-unavailable")
+            self._fail_all()
         self.redis.close()
         if self.store is not None:
             self.store.close()
@@ -2937,6 +2938,11 @@ class RedisBus(CommitLog):
             except self._redis_errors as exc:
                 self._lost(exc)
         self._fail(tokens, "bus-unavailable")  # nobody may be told it was sent
+
+    def _fail_all(self) -> None:
+        with self._lock:
+            tokens = list(self._awaiting)
+        self._fail(tokens, "bus-unavailable")
 
     def _fail(self, tokens: list[str], code: str) -> None:
         with self._lock:  # the reader may have taken some: the log had them after all
