@@ -348,3 +348,42 @@ def test_a_bad_bus_url_is_a_config_error(isolated_home):
     result = run_cli("serve", "-p", "0", "--bus", "http://example.invalid", env=isolated_home)
     assert result.returncode == chatctl.EXIT_CONFIG
     assert "redis://" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_rediss_with_a_password_in_the_url(tmp_path, make_server, isolated_home):
+    import shutil
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is missing in CI")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    chatctl.generate_certificate(cert, key)  # self-signed, for 127.0.0.1: its own CA
+    port = free_port()
+    redis = subprocess.Popen([binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                              "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                              "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+                              "--requirepass", "s3cret:@", "--save", "", "--dir", str(tmp_path)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"rediss://:s3cret%3A%40@127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+        a = wait_until(lambda: _started(make_server, url, "a"), timeout=10, interval=0.2)
+        b = make_server(bus=url, server_id="b")
+        ana, bob = member(a.port, "ana"), member(b.port, "bob")
+        ana.send(b"MSG|over tls\n")
+        assert bob.expect("MSG|").endswith("|ana|over tls")
+        wrong = run_cli("serve", "-p", "0", env={**isolated_home,
+                                                 "CHATCTL_BUS": url.replace("s3cret%3A%40", "guess")})
+        assert wrong.returncode == 1 and "cannot reach the bus" in wrong.stderr
+        assert "guess" not in wrong.stderr and "Traceback" not in wrong.stderr  # the password is not shown
+    finally:
+        redis.kill()
+        redis.wait(10)
+
+
+def _started(make_server, url: str, server_id: str):
+    try:
+        return make_server(bus=url, server_id=server_id)
+    except chatctl.BusError:  # redis-server is still starting
+        return None
