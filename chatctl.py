@@ -2788,6 +2788,8 @@ class RedisBus(CommitLog):
         self._threads: list[threading.Thread] = []
         self._cursor = "0-0"
         self._presence_from = (0, 0)    # events at or before this entry are in the snapshot applied
+        self._live_from = (0, 0)        # messages at or before this entry were sent before we started:
+        #                                 catching up, we store them and deliver them to nobody
         self._snapshot: list | None = None  # a snapshot the reader must apply before reading on
         self._epoch = ""
         self._behind: set[str] = set()   # servers seen, for the log line when the list changes
@@ -2808,7 +2810,7 @@ class RedisBus(CommitLog):
         last = _stream_id(snapshot[2])
         # from our last stored message, or (no history) from now
         self._cursor = f"{self.last_id}-0" if self.store is not None else f"{last[0]}-{last[1]}"
-        self._presence_from = last
+        self._presence_from = self._live_from = last
         self._up.set()
 
     def _join_epoch(self) -> str:
@@ -2994,7 +2996,7 @@ class RedisBus(CommitLog):
                 if mid > self.last_id + 1 and self.last_id:
                     log.error("messages %d to %d are not in the log (trimmed, or lost by Redis) and not "
                               "in this server's history: a gap", self.last_id + 1, mid - 1)
-                batch.append(self._pending(mid, payload.decode()))
+                batch.append(self._pending(mid, payload.decode(), live=(mid, sub) > self._live_from))
                 self.last_id = mid
                 continue
             if batch:
@@ -3010,12 +3012,12 @@ class RedisBus(CommitLog):
         if batch:
             self._commit(batch)
 
-    def _pending(self, mid: int, payload: str) -> PendingMessage:
+    def _pending(self, mid: int, payload: str, live: bool) -> PendingMessage:
         token, message = decode_bus_message(mid, payload)
         with self._lock:
             pending = self._awaiting.pop(token, None)
         if pending is None:  # another server's (or ours, refused when Redis failed under it)
-            return PendingMessage(message, None, self.host.cluster_audience(message))
+            return PendingMessage(message, None, self.host.cluster_audience(message) if live else ())
         pending.message.id, pending.message.ts = mid, message.ts
         return pending
 

@@ -387,3 +387,19 @@ def _started(make_server, url: str, server_id: str):
         return make_server(bus=url, server_id=server_id)
     except chatctl.BusError:  # redis-server is still starting
         return None
+
+
+def test_a_server_joining_late_copies_the_log_but_delivers_only_what_is_new(node):
+    a = node("a", rate=0)
+    ana = member(a.port, "ana")
+    ana.send(b"".join(f"MSG|old {i}\n".encode() for i in range(3000)))  # enough for a catch-up that lasts
+    for _ in range(3000):
+        ana.expect("MSG_OK|")
+    b = node("b")  # a new server, an empty history: it copies the log, but those are not news
+    bob = member(b.port, "bob")
+    ana.send(b"MSG|new\n")
+    assert bob.expect("MSG|").endswith("|ana|new")
+    client = RawClient(b.port)
+    client.send(b"HELLO|chatctl/1|quiet\nHISTORY|LAST|3\n")
+    stored = [line.split("|")[5] for line in _until_end(client) if line.startswith("MSG|")]
+    assert stored == ["old 2998", "old 2999", "new"]
