@@ -403,3 +403,59 @@ def test_a_server_joining_late_copies_the_log_but_delivers_only_what_is_new(node
     client.send(b"HELLO|chatctl/1|quiet\nHISTORY|LAST|3\n")
     stored = [line.split("|")[5] for line in _until_end(client) if line.startswith("MSG|")]
     assert stored == ["old 2998", "old 2999", "new"]
+
+
+def rooms_of(client: RawClient) -> dict[str, chatctl.RoomInfo]:
+    client.send(b"ROOMS\n")
+    found = {}
+    while not (line := client.line()).startswith("END|ROOMS"):
+        if line.startswith("ROOM|"):
+            info = chatctl.parse_event(line)
+            found[info.name] = info
+    return found
+
+
+def test_read_markers_of_a_protected_name_follow_it_to_another_server(node):
+    a, b = node("a", auth_delay=0), node("b", auth_delay=0)
+    ana = member(a.port, "ana")
+    ana.send(b"REGISTER|anapass123\nJOIN|#deploys\n")
+    ana.expect("REGISTER_OK")
+    ana.expect("JOIN_OK|#deploys")
+    bob = member(b.port, "bob")
+    bob.send(b"JOIN|#deploys\n")
+    bob.expect("JOIN_OK")
+    for text in (b"one", b"ana: two", b"three"):
+        bob.send(b"MSG|#deploys|" + text + b"\n")
+        bob.expect("MSG_OK|")
+    ids = [int(ana.expect("MSG|#deploys|").split("|")[2]) for _ in range(3)]
+    ana.send(f"MARK|#deploys|{ids[0]}\nQUIT\n".encode())
+    ana.expect("MARK_OK")
+    ana.wait_closed()
+    again = member(b.port, "ana", "anapass123")  # the same person, on the other server
+    info = rooms_of(again)["deploys"]
+    assert (info.unread, info.mentions, info.messages) == (2, 1, 3)
+
+
+def test_a_server_behind_a_trimmed_log_logs_the_gap_with_the_ids(node, redis_server, tmp_path, caplog):
+    import redis
+
+    a = node("a")
+    b = node("b", db=str(tmp_path / "b.db"))
+    ana = member(a.port, "ana")
+    ana.send(b"MSG|both have this\n")
+    first = int(ana.expect("MSG_OK|").split("|")[1])
+    wait_until(lambda: b.log.last_id == first)
+    b.shutdown()
+    for text in (b"one", b"two", b"three"):
+        ana.send(b"MSG|" + text + b"\n")
+        ana.expect("MSG_OK|")
+    ana.send(b"MSG|kept\n")
+    kept = int(ana.expect("MSG_OK|").split("|")[1])
+    log_key = "chatctl:{chatctl}:log"
+    client = redis.Redis.from_url(redis_server.url)
+    client.xtrim(log_key, minid=f"{kept}-0", approximate=False)  # as bus_log_length would, while b was away
+    client.close()
+    with caplog.at_level("ERROR", logger="chatctl"):
+        again = node("b", db=str(tmp_path / "b.db"))
+        wait_until(lambda: again.log.last_id == kept)
+    assert f"messages {first + 1} to {kept - 1} are not in the log" in caplog.text
