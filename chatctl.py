@@ -4412,13 +4412,17 @@ class ChatServer:
     sends JOIN and LEAVE lines, ``chatctl-departures`` forgets ended
     connections, and the ``chatctl-reader-N`` threads of the ReaderPool
     (at most MAX_READERS) take turns reading the clients that sent something.
-    All of them end in ``shutdown()``.
+    With ``bus`` set, the RedisBus is the commit log and brings three threads
+    of its own (``chatctl-bus-*``) in place of ``chatctl-commit``.  All of
+    them end in ``shutdown()``.
 
     Callers use ``start``, ``serve_forever``, ``shutdown``, ``address`` and
     ``port``; sessions call ``register``, ``publish``, the room methods and
     ``send_history``; ``_committed`` and ``_not_stored`` are the commit log's
     callbacks, and ``wrap_connection`` is the hook every accepted socket
-    passes through.  ``registry`` owns who is online and where; the commit
+    passes through.  On the bus, the bus's threads call the ``cluster_*``
+    methods to apply what other servers did; remote users are RemoteMember
+    entries in the same Registry.  ``registry`` owns who is online and where; the commit
     log (``log``) owns ids and order.
     """
 

@@ -263,9 +263,8 @@ class RedisProcess:
         self.proc = None
 
 
-@pytest.fixture
-def redis_server(tmp_path):
-    """A redis-server of our own (Debian's redis-server); skipped where it is missing, except in CI."""
+def redis_binary() -> str:
+    """Debian's redis-server; the test is skipped where it is missing, except in CI (CI=true)."""
     import shutil
 
     binary = shutil.which("redis-server")
@@ -273,9 +272,15 @@ def redis_server(tmp_path):
         if os.environ.get("CI") == "true":
             pytest.fail("redis-server is missing in CI (.ci/run installs it with apt-get)")
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    return binary
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A redis-server of our own on a free loopback port, stopped at teardown."""
     directory = tmp_path / "redis"
     directory.mkdir()
-    redis = RedisProcess(binary, directory).start()
+    redis = RedisProcess(redis_binary(), directory).start()
     yield redis
     redis.stop()
 

@@ -14,7 +14,7 @@ import pexpect
 import pytest
 
 import chatctl
-from conftest import CHATCTL, Forwarder, RawClient, free_port, run_cli, wait_until
+from conftest import CHATCTL, Forwarder, RawClient, free_port, redis_binary, run_cli, wait_until
 
 
 @pytest.fixture
@@ -351,13 +351,7 @@ def test_a_bad_bus_url_is_a_config_error(isolated_home):
 
 
 def test_rediss_with_a_password_in_the_url(tmp_path, make_server, isolated_home):
-    import shutil
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is missing in CI")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    binary = redis_binary()
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     chatctl.generate_certificate(cert, key)  # self-signed, for 127.0.0.1: its own CA
     port = free_port()
