@@ -150,6 +150,7 @@ BUS_SERVER_TIMEOUT = 10.0            # a server silent this long is gone: its us
 BUS_TIMEOUT = 5.0                    # seconds one Redis call may take before Redis counts as gone
 BUS_BACKOFF_MIN, BUS_BACKOFF_MAX = 0.2, 5.0  # reconnecting: the first wait, doubled up to this
 BUS_READ_COUNT = 1000                # log entries read per call at most
+BUS_PIPELINE = 4                     # batches of messages on their way to Redis at once
 
 log = logging.getLogger("chatctl")
 
@@ -2749,7 +2750,9 @@ class RedisBus(CommitLog):
     ``cluster_*`` methods the reader thread calls to apply what others did.
 
     Threads: ``chatctl-bus-publish`` appends batches (one script call each)
-    and owns ``_queue``; ``chatctl-bus-read`` reads the log, owns the
+    and owns ``_queue`` and ``_publisher`` (its connection; the replies
+    thread drops it when it fails); ``chatctl-bus-replies`` reads those
+    calls' replies in order (``_sent``); ``chatctl-bus-read`` reads the log, owns the
     cursor, ``last_id`` and the history's writing side, and is the only one
     that applies other servers' events; ``chatctl-bus-beat`` heartbeats,
     reaps silent servers and reconnects.  ``_awaiting`` (token -> our
@@ -2762,6 +2765,7 @@ class RedisBus(CommitLog):
         import redis  # only a server on the bus pays for it
 
         self._redis_errors = (redis.RedisError, OSError)
+        self._refused = redis.ResponseError
         self.config, self.store, self.host = config, store, host
         self.url = config.bus
         self.server_id = server_id
@@ -2783,6 +2787,10 @@ class RedisBus(CommitLog):
         self._lock = threading.Lock()
         self._awaiting: dict[str, PendingMessage] = {}
         self._queue: queue.SimpleQueue[PendingMessage | None] = queue.SimpleQueue()
+        self._append_script = _LUA_PRELUDE + _LUA["append"]
+        self._publisher = None          # the publishing thread's own connection (replies read elsewhere)
+        self._sent: queue.SimpleQueue = queue.SimpleQueue()  # (connection, tokens) sent, reply not read
+        self._in_flight = threading.Semaphore(BUS_PIPELINE)
         self._up = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -2873,6 +2881,7 @@ class RedisBus(CommitLog):
         if self.store is not None:
             self.store.start()
         for name, target in (("chatctl-bus-publish", self._publish_loop),
+                             ("chatctl-bus-replies", self._replies_loop),
                              ("chatctl-bus-read", self._read_loop), ("chatctl-bus-beat", self._beat_loop)):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -2888,6 +2897,8 @@ class RedisBus(CommitLog):
             self._queue.put(None)
             deadline = time.monotonic() + timeout
             self._threads[0].join(timeout)
+            self._sent.put(None)
+            self._threads[1].join(timeout)
             while self._awaiting and self._up.is_set() and time.monotonic() < deadline:
                 time.sleep(0.01)
             if self._up.is_set():
@@ -2897,7 +2908,7 @@ class RedisBus(CommitLog):
                 except self._redis_errors:
                     pass
             self._stopping.set()
-            for thread in self._threads[1:]:
+            for thread in self._threads[2:]:
                 thread.join(timeout)
             self._fail_all()
         self.redis.close()
@@ -2926,20 +2937,61 @@ class RedisBus(CommitLog):
                 return
 
     def _append(self, batch: list[PendingMessage]) -> None:
+        """Send one batch's script call without waiting for its reply (``chatctl-bus-replies`` reads
+        the replies, in order): up to BUS_PIPELINE batches are on their way at once, in one
+        connection, so Redis runs them in the order sent."""
         tokens = []
         with self._lock:
             for pending in batch:
                 token = self._token_prefix + str(next(self._tokens))
                 self._awaiting[token] = pending
                 tokens.append(token)
-        if self._up.is_set():
-            payloads = [encode_bus_message(t, p.message) for t, p in zip(tokens, batch, strict=True)]
-            try:
-                self._run("append", self.last_id, *payloads)
-                return
-            except self._redis_errors as exc:
-                self._lost(exc)
+        while not self._in_flight.acquire(timeout=0.5):
+            if self._stopping.is_set():
+                break
+        else:
+            if self._up.is_set():
+                payloads = [encode_bus_message(t, p.message) for t, p in zip(tokens, batch, strict=True)]
+                try:
+                    if self._publisher is None:
+                        self._publisher = self.redis.connection_pool.make_connection()
+                    self._publisher.send_command("EVAL", self._append_script, len(self.keys), *self.keys,
+                                                 self.config.bus_log_length, self.server_id, self.last_id,
+                                                 *payloads)
+                    self._sent.put((self._publisher, tokens))
+                    return
+                except self._redis_errors as exc:
+                    self._lost(exc)
+                    self._publisher = None
+            self._in_flight.release()
         self._fail(tokens, "bus-unavailable")  # nobody may be told it was sent
+
+    def _replies_loop(self) -> None:
+        """Read the append calls' replies, in the order sent; a connection that failed fails every
+        batch sent on it (we cannot know which of them Redis ran: nobody is told they were sent)."""
+        broken = set()
+        while True:
+            item = self._sent.get()
+            if item is None:
+                return
+            connection, tokens = item
+            try:
+                if id(connection) in broken:
+                    raise ConnectionError("an earlier call on this connection failed")
+                connection.read_response()
+            except self._refused as exc:  # Redis ran the call and said no (out of memory): in step still
+                log.error("the bus refused %d message(s): %s", len(tokens), exc)
+                self._fail(tokens, "bus-unavailable")
+            except self._redis_errors as exc:
+                if id(connection) not in broken:
+                    broken.add(id(connection))
+                    self._lost(exc)
+                    connection.disconnect()
+                    if self._publisher is connection:
+                        self._publisher = None
+                self._fail(tokens, "bus-unavailable")
+            finally:
+                self._in_flight.release()
 
     def _fail_all(self) -> None:
         with self._lock:
@@ -4527,7 +4579,11 @@ class ChatServer:
     def start(self) -> ChatServer:
         threading.stack_size(THREAD_STACK_BYTES)
         if self.bus is not None:  # before anyone can connect: the cluster's names and rooms are in
-            self.bus.connect()
+            try:
+                self.bus.connect()
+            except BusError:
+                self.shutdown()  # the port, the history and its lock are free again
+                raise
         try:  # only now: whoever finds the port open finds the history, accounts and certificate ready
             self._listener.listen(LISTEN_BACKLOG)
         except OSError as exc:

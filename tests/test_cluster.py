@@ -453,3 +453,11 @@ def test_a_server_behind_a_trimmed_log_logs_the_gap_with_the_ids(node, redis_ser
         again = node("b", db=str(tmp_path / "b.db"))
         wait_until(lambda: again.log.last_id == kept)
     assert f"messages {first + 1} to {kept - 1} are not in the log" in caplog.text
+
+
+def test_a_start_that_cannot_reach_the_bus_leaves_the_history_free(tmp_path):
+    db = str(tmp_path / "h.db")
+    config = chatctl.ServerConfig(host="127.0.0.1", port=0, db=db, bus=f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(chatctl.BusError):
+        chatctl.ChatServer(config).start()
+    chatctl.ChatServer(chatctl.ServerConfig(host="127.0.0.1", port=0, db=db)).start().shutdown()  # not locked
