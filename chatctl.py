@@ -2740,6 +2740,13 @@ def decode_bus_message(mid: int, payload: str) -> tuple[str, ChatMessage]:
     return token, ChatMessage(mid, float(ts), sender, unescape_text(text), kind, recipient or None, room)
 
 
+@dataclass(slots=True)
+class _Release:
+    """Names to give up, queued among the messages to append (RedisBus.release)."""
+
+    args: list[str]
+
+
 class RedisBus(CommitLog):
     """The cluster's shared log and shared state, in Redis: a CommitLog, and the presence calls.
 
@@ -2786,8 +2793,9 @@ class RedisBus(CommitLog):
         self._token_prefix = f"{server_id}/{int(time.time() * 1000):x}/"
         self._lock = threading.Lock()
         self._awaiting: dict[str, PendingMessage] = {}
-        self._queue: queue.SimpleQueue[PendingMessage | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[PendingMessage | _Release | None] = queue.SimpleQueue()
         self._append_script = _LUA_PRELUDE + _LUA["append"]
+        self._release_script = _LUA_PRELUDE + _LUA["release"]
         self._publisher = None          # the publishing thread's own connection (replies read elsewhere)
         self._sent: queue.SimpleQueue = queue.SimpleQueue()  # (connection, tokens) sent, reply not read
         self._in_flight = threading.Semaphore(BUS_PIPELINE)
@@ -2917,24 +2925,28 @@ class RedisBus(CommitLog):
 
     def _publish_loop(self) -> None:
         get, get_nowait = self._queue.get, self._queue.get_nowait
+        item = None
         while True:
-            first = get()
+            first = get() if item is None else item
+            item = None
             if first is None:
                 return
-            batch, size, stop = [first], wire_size(first.message), False
+            if isinstance(first, _Release):
+                self._send(("EVAL", self._release_script, len(self.keys), *self.keys,
+                            self.config.bus_log_length, self.server_id, *first.args), [])
+                continue
+            batch, size = [first], wire_size(first.message)
             while len(batch) < HISTORY_BATCH_MAX and size < self.batch_bytes:
                 try:
                     item = get_nowait()
                 except queue.Empty:
                     break
-                if item is None:
-                    stop = True
-                    break
+                if item is None or isinstance(item, _Release):
+                    break  # the next round takes it, after this batch
                 batch.append(item)
                 size += wire_size(item.message)
+                item = None
             self._append(batch)
-            if stop:
-                return
 
     def _append(self, batch: list[PendingMessage]) -> None:
         """Send one batch's script call without waiting for its reply (``chatctl-bus-replies`` reads
@@ -2946,25 +2958,29 @@ class RedisBus(CommitLog):
                 token = self._token_prefix + str(next(self._tokens))
                 self._awaiting[token] = pending
                 tokens.append(token)
+        payloads = [encode_bus_message(t, p.message) for t, p in zip(tokens, batch, strict=True)]
+        if not self._send(("EVAL", self._append_script, len(self.keys), *self.keys,
+                           self.config.bus_log_length, self.server_id, self.last_id, *payloads), tokens):
+            self._fail(tokens, "bus-unavailable")  # nobody may be told it was sent
+
+    def _send(self, command: tuple, tokens: list[str]) -> bool:
+        """Send one script call on the publishing connection; its reply is read by the replies thread.
+        False if it could not be sent (Redis away): a release is then left to the resync."""
         while not self._in_flight.acquire(timeout=0.5):
             if self._stopping.is_set():
-                break
-        else:
-            if self._up.is_set():
-                payloads = [encode_bus_message(t, p.message) for t, p in zip(tokens, batch, strict=True)]
-                try:
-                    if self._publisher is None:
-                        self._publisher = self.redis.connection_pool.make_connection()
-                    self._publisher.send_command("EVAL", self._append_script, len(self.keys), *self.keys,
-                                                 self.config.bus_log_length, self.server_id, self.last_id,
-                                                 *payloads)
-                    self._sent.put((self._publisher, tokens))
-                    return
-                except self._redis_errors as exc:
-                    self._lost(exc)
-                    self._publisher = None
-            self._in_flight.release()
-        self._fail(tokens, "bus-unavailable")  # nobody may be told it was sent
+                return False
+        if self._up.is_set():
+            try:
+                if self._publisher is None:
+                    self._publisher = self.redis.connection_pool.make_connection()
+                self._publisher.send_command(*command)
+                self._sent.put((self._publisher, tokens))
+                return True
+            except self._redis_errors as exc:
+                self._lost(exc)
+                self._publisher = None
+        self._in_flight.release()
+        return False
 
     def _replies_loop(self) -> None:
         """Read the append calls' replies, in the order sent; a connection that failed fails every
@@ -3039,10 +3055,14 @@ class RedisBus(CommitLog):
         """Entries of the log, in order: runs of messages are committed as one batch; events between
         them are applied where they stand."""
         batch: list[PendingMessage] = []
+        presence = False  # events applied whose JOIN, ENTER, ... lines must go out before the next message
         for entry_id, fields in entries:
             mid, sub = _stream_id(entry_id)
             payload = fields.get(b"m")
             if payload is not None:
+                if presence:
+                    self.host.cluster_presence_out()
+                    presence = False
                 if mid <= self.last_id:
                     continue  # we have it (read before a reconnect): never delivered twice
                 if mid > self.last_id + 1 and self.last_id:
@@ -3059,10 +3079,13 @@ class RedisBus(CommitLog):
                 continue  # ours (applied when we made it), or in the snapshot we started from
             try:
                 self.host.cluster_event(fields[b"e"].decode().split("|"))
+                presence = True
             except (ValueError, IndexError, KeyError, ProtocolError) as exc:
                 log.warning("ignored a bus event %s: %s", entry_id, exc)
         if batch:
             self._commit(batch)
+        if presence:
+            self.host.cluster_presence_out()
 
     def _pending(self, mid: int, payload: str, live: bool) -> PendingMessage:
         token, message = decode_bus_message(mid, payload)
@@ -3139,15 +3162,13 @@ class RedisBus(CommitLog):
         return bool(ok), other.decode()
 
     def release(self, sessions: Iterable) -> None:
-        """Names given up here (left, taken over): gone cluster-wide, with a LEAVE event each."""
+        """Names given up here (left, taken over): gone cluster-wide, with a LEAVE event each.  Queued
+        behind the messages already submitted, so the LEAVE comes after the last of them in the log."""
         args = []
         for s in sessions:
             args += [s.key, s.token, sanitise_line(s.leave_reason or "connection closed").replace("|", "/")]
-        if args and self._up.is_set():
-            try:
-                self._run("release", *args)
-            except self._redis_errors as exc:
-                self._lost(exc)  # the resync after the reconnect lets them go
+        if args:
+            self._queue.put(_Release(args))
 
     def moved(self, session, verb: str, room: Room, reason: str = "", created: bool = False) -> None:
         """``session`` entered (``verb`` 'n') or left ('x') ``room``."""
@@ -5167,6 +5188,14 @@ class ChatServer:
                 log.warning("#%s was closed on another server but not here: %s", fields[1], exc.text)
                 return
             self._retire(room, closing=True)
+
+    def cluster_presence_out(self) -> None:
+        """The presence lines of the events just applied go out now, not with the next presence
+        batch: the messages after them in the log must not overtake them."""
+        members = self.members()
+        with self._fanout_lock:
+            ready = self._flush_presence(members)
+        self.writer.schedule_many(ready)
 
     def _made_elsewhere(self, room: Room, created_by: str, created_ts: float) -> None:
         room.created_by, room.created_ts = created_by, created_ts or room.created_ts

@@ -461,3 +461,26 @@ def test_a_start_that_cannot_reach_the_bus_leaves_the_history_free(tmp_path):
     with pytest.raises(chatctl.BusError):
         chatctl.ChatServer(config).start()
     chatctl.ChatServer(chatctl.ServerConfig(host="127.0.0.1", port=0, db=db)).start().shutdown()  # not locked
+
+
+def test_presence_comes_before_a_newcomer_s_messages_on_every_server(node):
+    a, b = node("a", rate=0), node("b")
+    watcher = member(b.port, "watcher")
+    watcher.send(b"JOIN|#ops\n")
+    watcher.expect("JOIN_OK|#ops")
+    for i in range(5):  # a newcomer on a: joins, talks, enters #ops, talks there, quits
+        newcomer = RawClient(a.port)
+        newcomer.send(b"HELLO|chatctl/1\n" + f"USER|new{i}\n".encode())
+        newcomer.expect("USER_OK")
+        newcomer.send(b"MSG|hello\n")
+        newcomer.expect("MSG_OK|")
+        newcomer.send(b"JOIN|#ops\n")
+        newcomer.expect("JOIN_OK|#ops")
+        newcomer.send(b"MSG|#ops|in ops\nQUIT\n")
+        newcomer.wait_closed()
+    seen: dict[str, list[str]] = {}
+    while sum(len(v) for v in seen.values()) < 25:
+        fields = watcher.expect(("JOIN|", "ENTER|", "MSG|", "LEAVE|")).split("|")
+        who = {"JOIN": fields[-1], "LEAVE": fields[2], "ENTER": fields[-1]}.get(fields[0], fields[-2])
+        seen.setdefault(who, []).append(fields[0] if fields[0] != "MSG" else f"MSG{fields[1]}")
+    assert all(events == ["JOIN", "MSG#main", "ENTER", "MSG#ops", "LEAVE"] for events in seen.values()), seen
