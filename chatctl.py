@@ -151,6 +151,7 @@ BUS_TIMEOUT = 5.0                    # seconds one Redis call may take before Re
 BUS_BACKOFF_MIN, BUS_BACKOFF_MAX = 0.2, 5.0  # reconnecting: the first wait, doubled up to this
 BUS_READ_COUNT = 1000                # log entries read per call at most
 BUS_PIPELINE = 4                     # batches of messages on their way to Redis at once
+BUS_DEADLINE = 3.0                   # a call that reaches Redis later than this does nothing (< BUS_TIMEOUT)
 
 log = logging.getLogger("chatctl")
 
@@ -1840,6 +1841,7 @@ class AccountStore:
             self._db.execute("PRAGMA busy_timeout = 5000")
             self._db.execute("CREATE TABLE IF NOT EXISTS accounts (key TEXT PRIMARY KEY, name TEXT NOT NULL, "
                              "hash TEXT NOT NULL, created REAL NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             if self._db.execute("PRAGMA user_version").fetchone()[0] < self.KEY_VERSION:
                 self._rekey()
         except (OSError, sqlite3.Error) as exc:
@@ -1882,6 +1884,35 @@ class AccountStore:
     def unprotect(self, key: str) -> None:
         with self._lock:
             self._db.execute("DELETE FROM accounts WHERE key = ?", (key,))
+
+    def meta(self, key: str) -> str:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else ""
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def all(self) -> dict[str, tuple[str, str]]:
+        """Every protected name: key -> (name, hash)."""
+        with self._lock:
+            return {key: (name, hashed) for key, name, hashed in
+                    self._db.execute("SELECT key, name, hash FROM accounts").fetchall()}
+
+    def replace_all(self, accounts: dict[str, tuple[str, str]]) -> None:
+        """Make the file hold exactly ``accounts`` (a cluster server's copy of the shared ones)."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM accounts")
+                db.executemany("INSERT INTO accounts VALUES (?, ?, ?, ?)",
+                               [(key, name, hashed, time.time()) for key, (name, hashed) in accounts.items()])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         with self._lock:
@@ -2557,9 +2588,18 @@ class _NoQueue:
 RemoteMember.outbound = _NoQueue()
 
 
-# Every script gets the same keys; ARGV[1] is the stream's length cap, ARGV[2] the calling server's id.
+# Every script gets the same keys; ARGV[1] is the stream's length cap, ARGV[2] the calling server's id,
+# ARGV[3] a deadline on Redis's clock (ms; 0: none): a call that reaches Redis after it does nothing,
+# so a call its server gave up on (and told its client so) cannot take effect later.
 _LUA_PRELUDE = """
-local SEQ, LOG, NAMES, ROOMS, SERVERS, INFO = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local SEQ, LOG, NAMES, ROOMS, SERVERS, INFO, ACCOUNTS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
+  KEYS[6], KEYS[7]
+if tonumber(ARGV[3]) > 0 then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[3]) then
+    return redis.error_reply('LATE the call came after its deadline; nothing was done')
+  end
+end
 local function emit(origin, payload)
   local seq = redis.call('GET', SEQ) or '0'
   redis.call('XADD', LOG, 'MAXLEN', '~', ARGV[1], seq .. '-*', 'o', origin, 'e', payload)
@@ -2567,10 +2607,10 @@ end
 """
 
 _LUA = {
-    # ARGV[3]: the caller's highest id; ARGV[4..]: messages.  Returns the id of the first.
+    # ARGV[4]: the caller's highest id; ARGV[5..]: messages.  Returns the id of the first.
     "append": """
 local seq = tonumber(redis.call('GET', SEQ) or '0')
-local floor = tonumber(ARGV[3])
+local floor = tonumber(ARGV[4])
 if floor > seq then seq = floor end
 local last = redis.call('XREVRANGE', LOG, '+', '-', 'COUNT', 1)
 if #last > 0 then
@@ -2578,37 +2618,37 @@ if #last > 0 then
   if ms > seq then seq = ms end
 end
 local first = seq + 1
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   seq = seq + 1
   redis.call('XADD', LOG, 'MAXLEN', '~', ARGV[1], seq .. '-0', 'o', ARGV[2], 'm', ARGV[i])
 end
 redis.call('SET', SEQ, seq)
 return first
 """,
-    # ARGV[3]: the caller's highest id.
+    # ARGV[4]: the caller's highest id.
     "floor": """
 local seq = tonumber(redis.call('GET', SEQ) or '0')
-if tonumber(ARGV[3]) > seq then redis.call('SET', SEQ, ARGV[3]) end
+if tonumber(ARGV[4]) > seq then redis.call('SET', SEQ, ARGV[4]) end
 return 1
 """,
-    # ARGV[3]: key, [4]: entry (JSON), [5]: '1' to take the name over, [6]: the JOIN event, less its
+    # ARGV[4]: key, [5]: entry (JSON), [6]: '1' to take the name over, [7]: the JOIN event, less its
     # last field (the token it replaces).  Returns {1, replaced token} or {0, the holder's name}.
     "claim": """
-local cur = redis.call('HGET', NAMES, ARGV[3])
+local cur = redis.call('HGET', NAMES, ARGV[4])
 local replaces = ''
 if cur then
   local holder = cjson.decode(cur)
-  if ARGV[5] ~= '1' then return {0, holder.name} end
+  if ARGV[6] ~= '1' then return {0, holder.name} end
   replaces = holder.token
 end
-redis.call('HSET', NAMES, ARGV[3], ARGV[4])
-emit(ARGV[2], ARGV[6] .. '|' .. replaces)
+redis.call('HSET', NAMES, ARGV[4], ARGV[5])
+emit(ARGV[2], ARGV[7] .. '|' .. replaces)
 return {1, replaces}
 """,
-    # ARGV[3..]: key, token, reason, ... Each name goes only if that token still holds it.
+    # ARGV[4..]: key, token, reason, ... Each name goes only if that token still holds it.
     "release": """
 local n = 0
-for i = 3, #ARGV, 3 do
+for i = 4, #ARGV, 3 do
   local cur = redis.call('HGET', NAMES, ARGV[i])
   if cur and cjson.decode(cur).token == ARGV[i + 1] then
     redis.call('HDEL', NAMES, ARGV[i])
@@ -2618,37 +2658,66 @@ for i = 3, #ARGV, 3 do
 end
 return n
 """,
-    # ARGV[3]: key, [4]: token, [5]: 'n' (enter) or 'x' (exit), [6]: room, [7]: the event,
-    # [8]: the room's record (JSON) when the enter made it, else ''.
+    # ARGV[4]: key, [5]: token, [6]: 'n' (enter) or 'x' (exit), [7]: room, [8]: the event,
+    # [9]: the room's record (JSON) when the enter made it, else ''.
     "move": """
-local cur = redis.call('HGET', NAMES, ARGV[3])
+local cur = redis.call('HGET', NAMES, ARGV[4])
 if not cur then return 0 end
 local entry = cjson.decode(cur)
-if entry.token ~= ARGV[4] then return 0 end
+if entry.token ~= ARGV[5] then return 0 end
 local rooms = {}
-for _, r in ipairs(entry.rooms or {}) do if r ~= ARGV[6] then rooms[#rooms + 1] = r end end
-if ARGV[5] == 'n' then rooms[#rooms + 1] = ARGV[6] end
+for _, r in ipairs(entry.rooms or {}) do if r ~= ARGV[7] then rooms[#rooms + 1] = r end end
+if ARGV[6] == 'n' then rooms[#rooms + 1] = ARGV[7] end
 entry.rooms = rooms
-redis.call('HSET', NAMES, ARGV[3], cjson.encode(entry))
-if ARGV[8] ~= '' then redis.call('HSETNX', ROOMS, ARGV[6], ARGV[8]) end
-emit(ARGV[2], ARGV[7])
+redis.call('HSET', NAMES, ARGV[4], cjson.encode(entry))
+if ARGV[9] ~= '' then redis.call('HSETNX', ROOMS, ARGV[7], ARGV[9]) end
+emit(ARGV[2], ARGV[8])
 return 1
 """,
-    # ARGV[3]: room, [4]: its record (JSON), or '' when it is closed, [5]: the event.
+    # ARGV[4]: {"accounts": {key: JSON}, "rooms": {name: JSON}} a server has that Redis may lack (it
+    # lost its data): each one Redis lacked is added, with an event.  Returns how many.
+    "seed": """
+local data = cjson.decode(ARGV[4])
+local added = 0
+for key, value in pairs(data.accounts) do
+  if redis.call('HSETNX', ACCOUNTS, key, value) == 1 then
+    local account = cjson.decode(value)
+    emit(ARGV[2], 'p|' .. key .. '|' .. account.name .. '|' .. account.hash)
+    added = added + 1
+  end
+end
+for name, value in pairs(data.rooms) do
+  if redis.call('HSETNX', ROOMS, name, value) == 1 then
+    emit(ARGV[2], 'r|' .. value)
+    added = added + 1
+  end
+end
+return added
+""",
+    # ARGV[4]: a name's key, [5]: its account (JSON), or '' when it is dropped, [6]: the event.
+    "account": """
+if ARGV[5] == '' then redis.call('HDEL', ACCOUNTS, ARGV[4])
+else redis.call('HSET', ACCOUNTS, ARGV[4], ARGV[5]) end
+emit(ARGV[2], ARGV[6])
+return 1
+""",
+    # ARGV[4]: room, [5]: its record (JSON), or '' when it is closed, [6]: the event.
     "room": """
-if ARGV[4] == '' then redis.call('HDEL', ROOMS, ARGV[3]) else redis.call('HSET', ROOMS, ARGV[3], ARGV[4]) end
-emit(ARGV[2], ARGV[5])
+if ARGV[5] == '' then redis.call('HDEL', ROOMS, ARGV[4]) else redis.call('HSET', ROOMS, ARGV[4], ARGV[5]) end
+emit(ARGV[2], ARGV[6])
 return 1
 """,
-    # ARGV[3]: this server's status (JSON), [4]: how long (ms) a server may be silent.  Reaps the
+    # ARGV[4]: this server's status (JSON), [5]: how long (ms) a server may be silent (0: reap
+    # nobody: the caller has not been connected that long itself, after an outage).  Reaps the
     # silent ones: their names go, each with a LEAVE event any server applies (origin '*').
-    # Returns {1 if this server was not listed (new, or reaped itself), the reaped servers}.
+    # Returns {1 if this server was not listed (new, or reaped itself), the reaped servers, the time}.
     "beat": """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local fresh = redis.call('ZADD', SERVERS, now, ARGV[2])
-redis.call('HSET', INFO, ARGV[2], ARGV[3])
-local dead = redis.call('ZRANGEBYSCORE', SERVERS, '-inf', now - tonumber(ARGV[4]))
+redis.call('HSET', INFO, ARGV[2], ARGV[4])
+local dead = {}
+if tonumber(ARGV[5]) > 0 then dead = redis.call('ZRANGEBYSCORE', SERVERS, '-inf', now - tonumber(ARGV[5])) end
 if #dead > 0 then
   local gone = {}
   for _, d in ipairs(dead) do
@@ -2665,13 +2734,13 @@ if #dead > 0 then
     end
   end
 end
-return {fresh, dead}
+return {fresh, dead, now}
 """,
-    # ARGV[3]: every name this server holds (JSON list of entries), [4]: the reason its other names
+    # ARGV[4]: every name this server holds (JSON list of entries), [5]: the reason its other names
     # go.  Makes the hash say what the server holds, with an event for each difference; returns the
     # tokens whose names another server holds now (the server drops those sessions).
     "resync": """
-local mine = cjson.decode(ARGV[3])
+local mine = cjson.decode(ARGV[4])
 local want = {}
 for _, e in ipairs(mine) do want[e.key] = e end
 local all = redis.call('HGETALL', NAMES)
@@ -2679,7 +2748,7 @@ for i = 1, #all, 2 do
   local cur = cjson.decode(all[i + 1])
   if cur.server == ARGV[2] and (not want[all[i]] or want[all[i]].token ~= cur.token) then
     redis.call('HDEL', NAMES, all[i])
-    emit(ARGV[2], 'l|' .. all[i] .. '|' .. cur.token .. '|' .. ARGV[4])
+    emit(ARGV[2], 'l|' .. all[i] .. '|' .. cur.token .. '|' .. ARGV[5])
   end
 end
 local lost = {}
@@ -2705,7 +2774,7 @@ for _, e in ipairs(mine) do
       if not have[r] then emit(ARGV[2], 'n|' .. e.key .. '|' .. e.token .. '|' .. r .. '||0') end
     end
     for r, _ in pairs(have) do
-      if not now[r] then emit(ARGV[2], 'x|' .. e.key .. '|' .. e.token .. '|' .. r .. '|' .. ARGV[4]) end
+      if not now[r] then emit(ARGV[2], 'x|' .. e.key .. '|' .. e.token .. '|' .. r .. '|' .. ARGV[5]) end
     end
     redis.call('HSET', NAMES, e.key, cjson.encode({name = e.name, token = e.token, server = ARGV[2],
       since = e.since, owner = e.owner, rooms = e.rooms}))
@@ -2768,19 +2837,21 @@ class RedisBus(CommitLog):
     the beat thread alone brings it back (``_reconnect``).
     """
 
-    def __init__(self, config: ServerConfig, store: HistoryStore | None, host, server_id: str):
+    def __init__(self, config: ServerConfig, store: HistoryStore | None, accounts: AccountStore, host,
+                 server_id: str):
         import redis  # only a server on the bus pays for it
 
         self._redis_errors = (redis.RedisError, OSError)
         self._refused = redis.ResponseError
         self.config, self.store, self.host = config, store, host
+        self.local_accounts = accounts  # a copy of the shared ones: Redis may lose its data, we do not
         self.url = config.bus
         self.server_id = server_id
         self.cluster = config.cluster
         prefix = f"{BUS_KEY_PREFIX}:{{{self.cluster}}}"  # one hash tag: every key in one Redis Cluster slot
-        self.keys = [f"{prefix}:{name}" for name in ("seq", "log", "names", "rooms", "servers", "info")]
-        self.accounts_key, self.markers_prefix, self.epoch_key = (f"{prefix}:accounts", f"{prefix}:markers:",
-                                                                  f"{prefix}:epoch")
+        self.keys = [f"{prefix}:{name}" for name in ("seq", "log", "names", "rooms", "servers", "info",
+                                                      "accounts")]
+        self.markers_prefix, self.epoch_key = f"{prefix}:markers:", f"{prefix}:epoch"
         try:
             self.redis = redis.Redis.from_url(self.url, socket_timeout=BUS_TIMEOUT,
                                               socket_connect_timeout=BUS_TIMEOUT, health_check_interval=0)
@@ -2808,6 +2879,8 @@ class RedisBus(CommitLog):
         #                                 catching up, we store them and deliver them to nobody
         self._snapshot: list | None = None  # a snapshot the reader must apply before reading on
         self._epoch = ""
+        self._up_since = time.monotonic()
+        self._clock_offset = 0.0        # Redis's clock minus ours, in ms (from each heartbeat)
         self._behind: set[str] = set()   # servers seen, for the log line when the list changes
 
     # --- connecting ---------------------------------------------------------------
@@ -2816,6 +2889,7 @@ class RedisBus(CommitLog):
         """Reach Redis, drop what an earlier run of this server left, and take the cluster's state."""
         try:
             self._epoch = self._join_epoch()
+            self._share_accounts(self._epoch)
             self._run("floor", self.last_id)
             self._run("resync", "[]", "its server restarted")
             self._beat()  # listed from the start: a server that dies before its first heartbeat is reaped too
@@ -2827,15 +2901,25 @@ class RedisBus(CommitLog):
         # from our last stored message, or (no history) from now
         self._cursor = f"{self.last_id}-0" if self.store is not None else f"{last[0]}-{last[1]}"
         self._presence_from = self._live_from = last
+        self._up_since = time.monotonic()
         self._up.set()
 
     def _join_epoch(self) -> str:
-        """The Redis data's identity: a new one means it lost everything (restarted empty)."""
+        """The Redis data's identity: a new one means it lost everything (restarted empty).  Also
+        takes the measure of Redis's clock, for the calls' deadlines."""
+        sent = time.time() * 1000
+        sec, usec = self.redis.time()
+        self._clock_offset = sec * 1000 + usec / 1000 - (sent + time.time() * 1000) / 2
         self.redis.set(self.epoch_key, os.urandom(8).hex(), nx=True)
         return (self.redis.get(self.epoch_key) or b"").decode()
 
     def _run(self, script: str, *args):
-        return self.scripts[script](keys=self.keys, args=[self.config.bus_log_length, self.server_id, *args])
+        return self.scripts[script](keys=self.keys, args=[self.config.bus_log_length, self.server_id,
+                                                          self._deadline(), *args])
+
+    def _deadline(self) -> int:
+        """BUS_DEADLINE from now, on Redis's clock (ms): a call still queued then does nothing."""
+        return int(time.time() * 1000 + self._clock_offset + BUS_DEADLINE * 1000)
 
     @staticmethod
     def _parse_snapshot(snapshot) -> tuple[dict[str, dict], dict[str, dict]]:
@@ -2856,6 +2940,7 @@ class RedisBus(CommitLog):
         import json
         try:
             epoch = self._join_epoch()
+            self._share_accounts(epoch)
             self._run("floor", self.last_id)
             lost = self._run("resync", json.dumps(self.host.cluster_entries()), "cut off from the bus")
             snapshot = self._run("snapshot")
@@ -2868,6 +2953,7 @@ class RedisBus(CommitLog):
             self._cursor = "0-0"
             self._fail_all()  # appended to the log Redis lost: they are never coming back
         self._snapshot = [snapshot, [t.decode() for t in lost]]
+        self._up_since = time.monotonic()
         self._up.set()
         log.info("the bus at %s is back; resuming after id %d", redact_url(self.url), self.last_id)
         return True
@@ -2878,6 +2964,9 @@ class RedisBus(CommitLog):
             raise ProtocolError("bus-unavailable", ERROR_CODES["bus-unavailable"])
         try:
             return fn(*args)
+        except self._refused as exc:  # it answered, slowly (LATE): nothing was done
+            log.warning("a bus call was refused: %s", exc)
+            raise ProtocolError("bus-unavailable", ERROR_CODES["bus-unavailable"]) from None
         except self._redis_errors as exc:
             self._lost(exc)
             raise ProtocolError("bus-unavailable", ERROR_CODES["bus-unavailable"]) from None
@@ -2933,7 +3022,7 @@ class RedisBus(CommitLog):
                 return
             if isinstance(first, _Release):
                 self._send(("EVAL", self._release_script, len(self.keys), *self.keys,
-                            self.config.bus_log_length, self.server_id, *first.args), [])
+                            self.config.bus_log_length, self.server_id, self._deadline(), *first.args), [])
                 continue
             batch, size = [first], wire_size(first.message)
             while len(batch) < HISTORY_BATCH_MAX and size < self.batch_bytes:
@@ -2959,8 +3048,9 @@ class RedisBus(CommitLog):
                 self._awaiting[token] = pending
                 tokens.append(token)
         payloads = [encode_bus_message(t, p.message) for t, p in zip(tokens, batch, strict=True)]
-        if not self._send(("EVAL", self._append_script, len(self.keys), *self.keys,
-                           self.config.bus_log_length, self.server_id, self.last_id, *payloads), tokens):
+        command = ("EVAL", self._append_script, len(self.keys), *self.keys, self.config.bus_log_length,
+                   self.server_id, self._deadline(), self.last_id, *payloads)
+        if not self._send(command, tokens):
             self._fail(tokens, "bus-unavailable")  # nobody may be told it was sent
 
     def _send(self, command: tuple, tokens: list[str]) -> bool:
@@ -3139,12 +3229,18 @@ class RedisBus(CommitLog):
                 self._behind = seen
 
     def _beat(self) -> tuple[int, list[bytes]]:
-        """This server is alive (with its status); reaps the silent ones.  (1 if it was not listed
-        before, the servers reaped)."""
+        """This server is alive (with its status); reaps the silent ones, once it has itself been
+        connected for BUS_SERVER_TIMEOUT (after an outage, the others need as long to be heard
+        from again).  (1 if it was not listed before, the servers reaped.)"""
         import json
         status = {"address": self.host.cluster_address(), "users": self.host.cluster_user_count(),
                   "last_id": self.last_id}
-        return self._run("beat", json.dumps(status), int(BUS_SERVER_TIMEOUT * 1000))
+        reaping = time.monotonic() - self._up_since >= BUS_SERVER_TIMEOUT
+        sent = time.time() * 1000
+        fresh, dead, now = self._run("beat", json.dumps(status),
+                                     int(BUS_SERVER_TIMEOUT * 1000) if reaping else 0)
+        self._clock_offset = now - (sent + time.time() * 1000) / 2
+        return fresh, dead
 
     # --- shared state: names, rooms, accounts, markers -------------------------------
 
@@ -3201,15 +3297,34 @@ class RedisBus(CommitLog):
 
     def password_hash(self, key: str) -> str | None:
         import json
-        raw = self.call(self.redis.hget, self.accounts_key, key)
+        raw = self.call(self.redis.hget, self.keys[6], key)
         return json.loads(raw)["hash"] if raw else None
 
     def protect(self, key: str, name: str, password_hash: str) -> None:
         import json
-        self.call(self.redis.hset, self.accounts_key, key, json.dumps({"name": name, "hash": password_hash}))
+        self.call(self._run, "account", key, json.dumps({"name": name, "hash": password_hash}),
+                  f"p|{key}|{name}|{password_hash}")
+        self.local_accounts.protect(key, name, password_hash)
 
     def unprotect(self, key: str) -> None:
-        self.call(self.redis.hdel, self.accounts_key, key)
+        self.call(self._run, "account", key, "", f"u|{key}")
+        self.local_accounts.unprotect(key)
+
+    def _share_accounts(self, epoch: str) -> None:
+        """Our copy of the protected names and the shared ones agree.  Redis data we have not seen
+        before (it lost its data, or this server is new to it) gets ours added, and our rooms and
+        topics; then ours becomes what Redis holds, so what another server dropped goes here too."""
+        import json
+        if epoch != self.local_accounts.meta(f"bus-epoch {self.cluster} {self.server_id}"):
+            accounts = {key: json.dumps({"name": name, "hash": hashed})
+                        for key, (name, hashed) in self.local_accounts.all().items()}
+            rooms = {r.name: json.dumps(dataclasses.asdict(r)) for r in self.host.cluster_rooms()}
+            added = self._run("seed", json.dumps({"accounts": accounts, "rooms": rooms}))
+            log.info("data on the bus this server had not seen (it is new here, or Redis lost its data): "
+                     "%d protected name(s) and room(s) it lacked were added from this server", added)
+        shared = {k.decode(): json.loads(v) for k, v in self.redis.hgetall(self.keys[6]).items()}
+        self.local_accounts.replace_all({k: (v["name"], v["hash"]) for k, v in shared.items()})
+        self.local_accounts.set_meta(f"bus-epoch {self.cluster} {self.server_id}", epoch)
 
     def markers(self, user_key: str) -> dict[str, int]:
         raw = self.call(self.redis.hgetall, self.markers_prefix + user_key)
@@ -4532,10 +4647,11 @@ class ChatServer:
         self._public_address = f"{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{port}"
         self.bus: RedisBus | None = None
         try:
+            self.local_accounts = self._open_accounts()
             if self.config.bus:
-                self.bus = RedisBus(self.config, self.history, self,
+                self.bus = RedisBus(self.config, self.history, self.local_accounts, self,
                                     self.config.server_id or f"{socket.gethostname()}:{self.port}")
-            self.accounts = self.bus or self._open_accounts()
+            self.accounts = self.bus or self.local_accounts
             self.tls_context, self.tls_fingerprint = None, ""
             if self.config.tls:
                 self.tls_context, self.tls_fingerprint = server_tls_context(self.config.tls_cert,
@@ -4659,8 +4775,7 @@ class ChatServer:
             self._departures.put(None)  # after every reader: each has queued its own departure
             self._departures_thread.join(timeout)
         self.log.close(timeout)  # commits (with history) and acknowledges what is queued
-        if self.bus is None:
-            self.accounts.close()
+        self.local_accounts.close()
         self.writer.stop(timeout)
         self._wake_r.close()
         self._wake_w.close()
@@ -5154,6 +5269,7 @@ class ChatServer:
 
     def cluster_event(self, fields: list[str]) -> None:
         """One event of another server from the shared log (see RedisBus's scripts for the fields)."""
+        import json
         kind = fields[0]
         if kind == "j":
             key, name, token, server_id, since, owner, replaces = fields[1:8]
@@ -5181,6 +5297,19 @@ class ChatServer:
             text = unescape_text("|".join(fields[4:]))
             room = self.registry.rooms.get(room_name) or self.registry.add_room(RoomRecord(room_name, "", ts))
             self._change_topic(room, setter, text, ts=ts)
+        elif kind == "r":  # a room Redis had lost, given back by another server
+            record = RoomRecord(**json.loads("|".join(fields[1:])))
+            room = self.registry.rooms.get(record.name)
+            if room is None:
+                room = self.registry.add_room(record)
+                if self.history is not None:
+                    self.history.save_room(room.record())
+            elif record.topic_ts > room.topic_ts:
+                self._change_topic(room, record.topic_by, record.topic, ts=record.topic_ts)
+        elif kind == "p":
+            self.local_accounts.protect(fields[1], fields[2], fields[3])
+        elif kind == "u":
+            self.local_accounts.unprotect(fields[1])
         elif kind == "c":
             try:
                 room = self.registry.close_room(fields[1], lambda r: None)
@@ -5284,6 +5413,9 @@ class ChatServer:
         return room.members
 
     _sender_key = staticmethod(functools.lru_cache(maxsize=4096)(confusable_key))  # a name per message
+
+    def cluster_rooms(self) -> list[RoomRecord]:
+        return [room.record() for room in self.registry.rooms.values()]
 
     def cluster_address(self) -> str:
         """Where clients reach this server, as the other servers list it."""

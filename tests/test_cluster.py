@@ -18,10 +18,11 @@ from conftest import CHATCTL, Forwarder, RawClient, free_port, redis_binary, run
 
 
 @pytest.fixture
-def node(redis_server, make_server):  # in this order: the servers stop before their Redis
+def node(redis_server, make_server, tmp_path):  # in this order: the servers stop before their Redis
     """Servers on one bus: ``node("a")`` starts one named a."""
 
     def factory(server_id: str, **overrides) -> chatctl.ChatServer:
+        overrides.setdefault("accounts_db", str(tmp_path / f"accounts-{server_id}.db"))  # as on its own host
         return make_server(bus=redis_server.url, server_id=server_id, **overrides)
 
     return factory
@@ -484,3 +485,61 @@ def test_presence_comes_before_a_newcomer_s_messages_on_every_server(node):
         who = {"JOIN": fields[-1], "LEAVE": fields[2], "ENTER": fields[-1]}.get(fields[0], fields[-2])
         seen.setdefault(who, []).append(fields[0] if fields[0] != "MSG" else f"MSG{fields[1]}")
     assert all(events == ["JOIN", "MSG#main", "ENTER", "MSG#ops", "LEAVE"] for events in seen.values()), seen
+
+
+def test_what_redis_was_too_frozen_to_take_in_time_is_refused_and_stays_undone(node, redis_server):
+    a, b = node("a", auth_delay=0), node("b", auth_delay=0)
+    ana, bob = member(a.port, "ana"), member(b.port, "bob")
+    ana.send(b"REGISTER|anapass123\nMSG|before\n")  # the connections to Redis are open before it hangs
+    ana.expect("REGISTER_OK")
+    ana.expect("MSG_OK|")
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)  # Redis hangs: calls wait, then time out
+    try:
+        ana.send(b"MSG|sent while frozen\n")
+        assert ana.expect(("MSG_OK", "ERR|"), timeout=15).startswith("ERR|bus-unavailable|")
+        ana.send(b"UNREGISTER\n")
+        assert ana.expect(("UNREGISTER_OK", "ERR|"), timeout=15).startswith("ERR|bus-unavailable|")
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+
+    def sent() -> bool:
+        ana.send(b"MSG|after the thaw\n")
+        return ana.expect(("MSG_OK|", "ERR|"), timeout=15).startswith("MSG_OK|")
+
+    wait_until(sent, timeout=30, interval=0.5)
+    texts = []
+    while (line := bob.expect("MSG|", timeout=10)).split("|")[5] != "after the thaw":
+        texts.append(line.split("|")[5])
+    assert "sent while frozen" not in texts  # refused means not sent, even once Redis woke up
+    intruder = RawClient(b.port)
+    intruder.send(b"USER|ana\n")
+    assert intruder.expect("ERR|").split("|")[1] in ("name-protected", "name-taken")  # still protected
+    ana.send(b"QUIT\n")
+    ana.wait_closed()
+    wait_until(lambda: names_on(b.port) == ["bob"])
+    intruder.send(b"USER|ana\n")
+    assert intruder.expect("ERR|").startswith("ERR|name-protected|")
+
+
+def test_protected_names_survive_redis_losing_its_data(node, redis_server):
+    a, b = node("a", auth_delay=0), node("b", auth_delay=0)
+    ana = member(a.port, "ana")
+    ana.send(b"REGISTER|anapass123\nJOIN|#ops\nTOPIC|#ops|kept across\nQUIT\n")
+    ana.wait_closed()
+    redis_server.stop()
+    redis_server.start(empty=True)
+    fresh = node("c", auth_delay=0)  # even a server that starts after the loss
+
+    def refused_on(port: int) -> str:
+        client = RawClient(port)
+        client.send(b"USER|ana\n")
+        reply = client.expect(("USER_OK", "ERR|"))
+        client.close()
+        return reply
+
+    for server in (a, b, fresh):
+        assert wait_until(lambda s=server: refused_on(s.port).startswith("ERR|name-protected|"),
+                          timeout=20, interval=0.3)
+    owner = member(fresh.port, "ana", "anapass123")
+    owner.send(b"TOPIC|#ops\n")
+    assert owner.expect("TOPIC|#ops|").endswith("|ana|kept across")
