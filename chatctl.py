@@ -2853,8 +2853,10 @@ class RedisBus(CommitLog):
                                                       "accounts")]
         self.markers_prefix, self.epoch_key = f"{prefix}:markers:", f"{prefix}:epoch"
         try:
+            # a connection idle for a heartbeat is checked (PING) before use: Redis may have restarted
             self.redis = redis.Redis.from_url(self.url, socket_timeout=BUS_TIMEOUT,
-                                              socket_connect_timeout=BUS_TIMEOUT, health_check_interval=0)
+                                              socket_connect_timeout=BUS_TIMEOUT,
+                                              health_check_interval=BUS_HEARTBEAT)
         except ValueError as exc:
             raise ConfigError(f"bus: {exc}") from None
         self.scripts = {name: self.redis.register_script(_LUA_PRELUDE + body) for name, body in _LUA.items()}
@@ -2938,6 +2940,10 @@ class RedisBus(CommitLog):
     def _reconnect(self) -> bool:
         """Once Redis answers again: the same data (resume where we were) or new data (read it all)."""
         import json
+        self.redis.connection_pool.disconnect()  # every connection of before the outage is dead
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.disconnect()
         try:
             epoch = self._join_epoch()
             self._share_accounts(epoch)

@@ -543,3 +543,35 @@ def test_protected_names_survive_redis_losing_its_data(node, redis_server):
     owner = member(fresh.port, "ana", "anapass123")
     owner.send(b"TOPIC|#ops\n")
     assert owner.expect("TOPIC|#ops|").endswith("|ana|kept across")
+
+
+def test_a_short_redis_outage_keeps_everyone_online_and_the_next_call_works(node, redis_server):
+    a, b = node("a"), node("b")
+    ana, bob = member(a.port, "ana"), member(b.port, "bob")
+    bob.send(b"JOIN|#ops\n")
+    bob.expect("JOIN_OK")
+    wait_until(lambda: names_on(a.port) == ["ana", "bob"])
+    time.sleep(0.5)
+    for client in (ana, bob):
+        lines_until_pong(client)
+    redis_server.stop()
+    time.sleep(8)  # under BUS_SERVER_TIMEOUT: nobody's server stopped answering
+    redis_server.start()
+    wait_until(lambda: a.bus._up.is_set() and b.bus._up.is_set(), timeout=20)
+    time.sleep(3)  # the pool's connections now idle past a heartbeat, and dead since the restart
+    bob.send(b"TOPIC|#ops|right after\n")
+    assert bob.expect(("TOPIC|", "ERR|")).endswith("|bob|right after")
+    time.sleep(12)  # past BUS_SERVER_TIMEOUT since the outage: still nobody reaped
+    assert names_on(a.port) == names_on(b.port) == ["ana", "bob"]
+    for client in (ana, bob):
+        lines = lines_until_pong(client)
+        assert not [line for line in lines if line.startswith(("LEAVE|", "JOIN|"))], lines
+
+
+def lines_until_pong(client: RawClient) -> list[str]:
+    """What the client was sent so far (a PING's PONG marks the end)."""
+    client.send(b"PING|end\n")
+    lines = []
+    while not (line := client.line()).startswith("PONG"):
+        lines.append(line)
+    return lines
