@@ -2891,6 +2891,7 @@ class RedisBus(CommitLog):
         """Reach Redis, drop what an earlier run of this server left, and take the cluster's state."""
         try:
             self._epoch = self._join_epoch()
+            self._check_unique_id()
             self._share_accounts(self._epoch)
             self._run("floor", self.last_id)
             self._run("resync", "[]", "its server restarted")
@@ -2914,6 +2915,18 @@ class RedisBus(CommitLog):
         self._clock_offset = sec * 1000 + usec / 1000 - (sent + time.time() * 1000) / 2
         self.redis.set(self.epoch_key, os.urandom(8).hex(), nx=True)
         return (self.redis.get(self.epoch_key) or b"").decode()
+
+    def _check_unique_id(self) -> None:
+        """Refuse to start as a server that is alive (it heartbeat lately): two servers with one id
+        would drop each other's users."""
+        score = self.redis.zscore(self.keys[4], self.server_id)
+        if score is None:
+            return
+        sec, usec = self.redis.time()
+        age = sec + usec / 1e6 - score / 1000
+        if age < BUS_HEARTBEAT * 2.5:
+            raise BusError(f"a server named {self.server_id!r} is already on this bus (its last heartbeat "
+                           f"was {age:.1f} s ago): give this one another server_id (CHATCTL_SERVER_ID)")
 
     def _run(self, script: str, *args):
         return self.scripts[script](keys=self.keys, args=[self.config.bus_log_length, self.server_id,

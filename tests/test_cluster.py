@@ -575,3 +575,13 @@ def lines_until_pong(client: RawClient) -> list[str]:
     while not (line := client.line()).startswith("PONG"):
         lines.append(line)
     return lines
+
+
+def test_a_second_server_with_the_same_id_is_refused(node):
+    a = node("a")
+    ana = member(a.port, "ana")
+    with pytest.raises(chatctl.BusError, match="already on this bus"):
+        node("a")
+    assert names_on(a.port) == ["ana"]
+    ana.send(b"MSG|still here\n")
+    ana.expect("MSG_OK|")
