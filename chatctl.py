@@ -2602,7 +2602,14 @@ if tonumber(ARGV[3]) > 0 then
 end
 local function emit(origin, payload)
   local seq = redis.call('GET', SEQ) or '0'
-  redis.call('XADD', LOG, 'MAXLEN', '~', ARGV[1], seq .. '-*', 'o', origin, 'e', payload)
+  return redis.call('XADD', LOG, 'MAXLEN', '~', ARGV[1], seq .. '-*', 'o', origin, 'e', payload)
+end
+local function in_use(room)  -- whether anyone on any server is in the room
+  local all = redis.call('HVALS', NAMES)
+  for _, raw in ipairs(all) do
+    for _, r in ipairs(cjson.decode(raw).rooms or {}) do if r == room then return true end end
+  end
+  return false
 end
 """
 
@@ -2659,7 +2666,7 @@ end
 return n
 """,
     # ARGV[4]: key, [5]: token, [6]: 'n' (enter) or 'x' (exit), [7]: room, [8]: the event,
-    # [9]: the room's record (JSON) when the enter made it, else ''.
+    # [9]: the room's record (JSON) on an enter, else ''.
     "move": """
 local cur = redis.call('HGET', NAMES, ARGV[4])
 if not cur then return 0 end
@@ -2670,7 +2677,7 @@ for _, r in ipairs(entry.rooms or {}) do if r ~= ARGV[7] then rooms[#rooms + 1] 
 if ARGV[6] == 'n' then rooms[#rooms + 1] = ARGV[7] end
 entry.rooms = rooms
 redis.call('HSET', NAMES, ARGV[4], cjson.encode(entry))
-if ARGV[9] ~= '' then redis.call('HSETNX', ROOMS, ARGV[7], ARGV[9]) end
+if ARGV[9] ~= '' then redis.call('HSETNX', ROOMS, ARGV[7], ARGV[9]) end  -- (again, if it was closed)
 emit(ARGV[2], ARGV[8])
 return 1
 """,
@@ -2701,10 +2708,21 @@ else redis.call('HSET', ACCOUNTS, ARGV[4], ARGV[5]) end
 emit(ARGV[2], ARGV[6])
 return 1
 """,
-    # ARGV[4]: room, [5]: its record (JSON), or '' when it is closed, [6]: the event.
+    # ARGV[4]: room, [5]: its record (JSON), [6]: the event (a topic).  Returns the event's id: the
+    # topic of the highest id wins on every server, whatever order they set them in.
     "room": """
-if ARGV[5] == '' then redis.call('HDEL', ROOMS, ARGV[4]) else redis.call('HSET', ROOMS, ARGV[4], ARGV[5]) end
-emit(ARGV[2], ARGV[6])
+redis.call('HSET', ROOMS, ARGV[4], ARGV[5])
+return emit(ARGV[2], ARGV[6])
+""",
+    # ARGV[4]: room.  Closes it if nobody on any server is in it: {1, the event's id} or {0, ''}.
+    "close": """
+if in_use(ARGV[4]) then return {0, ''} end
+redis.call('HDEL', ROOMS, ARGV[4])
+return {1, emit(ARGV[2], 'c|' .. ARGV[4])}
+""",
+    # ARGV[4]: a room this server forgot (empty and unused): the others forget it too, once empty.
+    "forget": """
+if not in_use(ARGV[4]) then redis.call('HDEL', ROOMS, ARGV[4]) end
 return 1
 """,
     # ARGV[4]: this server's status (JSON), [5]: how long (ms) a server may be silent (0: reap
@@ -2820,7 +2838,7 @@ class RedisBus(CommitLog):
     """The cluster's shared log and shared state, in Redis: a CommitLog, and the presence calls.
 
     Callers (the server) use ``connect`` (before listening), the CommitLog
-    four, and ``claim``, ``release``, ``moved``, ``room_changed``,
+    four, and ``claim``, ``release``, ``moved``, ``set_topic``, ``close_room``, ``forget_room``,
     ``markers``, ``set_marker``, ``password_hash``, ``protect``,
     ``unprotect`` and ``servers``; ``host`` is the server, whose
     ``cluster_*`` methods the reader thread calls to apply what others did.
@@ -3177,7 +3195,9 @@ class RedisBus(CommitLog):
                 if mid > self.last_id + 1 and self.last_id:
                     log.error("messages %d to %d are not in the log (trimmed, or lost by Redis) and not "
                               "in this server's history: a gap", self.last_id + 1, mid - 1)
-                batch.append(self._pending(mid, payload.decode(), live=(mid, sub) > self._live_from))
+                pending = self._pending(mid, payload.decode(), live=(mid, sub) > self._live_from)
+                if pending is not None:
+                    batch.append(pending)
                 self.last_id = mid
                 continue
             if batch:
@@ -3187,7 +3207,7 @@ class RedisBus(CommitLog):
             if origin == self.server_id or (mid, sub) <= self._presence_from:
                 continue  # ours (applied when we made it), or in the snapshot we started from
             try:
-                self.host.cluster_event(fields[b"e"].decode().split("|"))
+                self.host.cluster_event(fields[b"e"].decode().split("|"), (mid, sub))
                 presence = True
             except (ValueError, IndexError, KeyError, ProtocolError) as exc:
                 log.warning("ignored a bus event %s: %s", entry_id, exc)
@@ -3196,10 +3216,14 @@ class RedisBus(CommitLog):
         if presence:
             self.host.cluster_presence_out()
 
-    def _pending(self, mid: int, payload: str, live: bool) -> PendingMessage:
+    def _pending(self, mid: int, payload: str, live: bool) -> PendingMessage | None:
         token, message = decode_bus_message(mid, payload)
         with self._lock:
             pending = self._awaiting.pop(token, None)
+        if self.host.cluster_closed(message):  # the log closed its room before it: it goes nowhere
+            if pending is not None:
+                self._on_failure([pending], "unknown-room")
+            return None
         if pending is None:  # another server's (or ours, refused when Redis failed under it)
             return PendingMessage(message, None, self.host.cluster_audience(message) if live else ())
         pending.message.id, pending.message.ts = mid, message.ts
@@ -3285,12 +3309,12 @@ class RedisBus(CommitLog):
         if args:
             self._queue.put(_Release(args))
 
-    def moved(self, session, verb: str, room: Room, reason: str = "", created: bool = False) -> None:
+    def moved(self, session, verb: str, room: Room, reason: str = "") -> None:
         """``session`` entered (``verb`` 'n') or left ('x') ``room``."""
         import json
         if verb == "n":
             event = f"n|{session.key}|{session.token}|{room.name}|{room.created_by}|{room.created_ts!r}"
-            record = json.dumps(dataclasses.asdict(room.record())) if created else ""
+            record = json.dumps(dataclasses.asdict(room.record()))
         else:
             event, record = f"x|{session.key}|{session.token}|{room.name}|{reason.replace('|', '/')}", ""
         if self._up.is_set():
@@ -3299,15 +3323,25 @@ class RedisBus(CommitLog):
             except self._redis_errors as exc:
                 self._lost(exc)  # the resync after the reconnect tells the others
 
-    def room_changed(self, room: Room, closed: bool = False) -> None:
-        """A topic set (or a room closed) here: in the shared rooms, and an event for the others."""
+    def set_topic(self, record: RoomRecord) -> tuple[int, int]:
+        """A topic set here: in the shared rooms, and an event for the others; returns the event's
+        place in the log (the newest place wins everywhere)."""
         import json
-        if closed:
-            self.call(self._run, "room", room.name, "", f"c|{room.name}")
-        else:
-            record = json.dumps(dataclasses.asdict(room.record()))
-            self.call(self._run, "room", room.name, record,
-                      f"t|{room.name}|{room.topic_ts!r}|{room.topic_by}|{escape_text(room.topic)}")
+        event = f"t|{record.name}|{record.topic_ts!r}|{record.topic_by}|{escape_text(record.topic)}"
+        record_json = json.dumps(dataclasses.asdict(record))
+        return _stream_id(self.call(self._run, "room", record.name, record_json, event))
+
+    def close_room(self, name: str) -> bool:
+        """Close ``name`` cluster-wide, unless someone on any server is in it (False)."""
+        closed, _ = self.call(self._run, "close", name)
+        return bool(closed)
+
+    def forget_room(self, name: str) -> None:
+        if self._up.is_set():
+            try:
+                self._run("forget", name)
+            except self._redis_errors as exc:
+                self._lost(exc)
 
     def rooms(self) -> list[RoomRecord]:
         import json
@@ -3840,12 +3874,13 @@ class Room:
     """
 
     __slots__ = ("_cache", "_lock", "_members", "closed", "created_by", "created_ts", "last_id", "last_ts",
-                 "messages", "name", "posting", "topic", "topic_by", "topic_ts")
+                 "messages", "name", "posting", "topic", "topic_by", "topic_seq", "topic_ts")
 
     def __init__(self, record: RoomRecord):
         self.name = record.name
         self.created_by, self.created_ts = record.created_by, record.created_ts
         self.topic, self.topic_by, self.topic_ts = record.topic, record.topic_by, record.topic_ts
+        self.topic_seq = (0, 0)  # with a bus: the place in the log of the topic's event (the newest wins)
         self.messages, self.last_ts, self.last_id = record.messages, record.last_ts, record.last_id
         self._members: dict[ClientSession, None] = {}
         self._cache: tuple[ClientSession, ...] | None = ()
@@ -4047,6 +4082,13 @@ class Registry:
                                        reason), session, room))
             return self._forget_if_unused(room)
 
+    def forget_unused(self, keep: set[str]) -> None:
+        """Forget the unused rooms not in ``keep`` (a cluster's rooms, after this server was away)."""
+        with self.lock:
+            for room in list(self.rooms.values()):
+                if room.name not in keep:
+                    self._forget_if_unused(room)
+
     def forget_emptied(self) -> list[Room]:
         """Forget the rooms departures left unused; returns them."""
         with self.lock:
@@ -4081,10 +4123,16 @@ class Registry:
             return room
 
     def set_topic(self, room: Room, setter: str, text: str, store: Callable[[Room], None],
-                  ts: float | None = None) -> None:
+                  ts: float | None = None, seq: tuple[int, int] | None = None) -> bool:
+        """Set the topic, unless ``seq`` (its place in the shared log) is older than the topic's."""
         with self.lock:
+            if seq is not None:
+                if seq <= room.topic_seq:
+                    return False
+                room.topic_seq = seq
             room.topic, room.topic_by, room.topic_ts = text, setter, time.time() if ts is None else ts
             store(room)
+            return True
 
 
 class SessionState:
@@ -5159,11 +5207,10 @@ class ChatServer:
                 self.history.save_room(room.record())
             log.info("%s made the room #%s", session.name, room.name)
 
-        made = []
-        room, new = self.registry.enter(session, name, lambda r: (create(r), made.append(r)))
+        room, new = self.registry.enter(session, name, create)
         if new:
             if self.bus is not None:
-                self.bus.moved(session, "n", room, created=bool(made))
+                self.bus.moved(session, "n", room)
             session.markers.setdefault(name, room.last_id)
             store = self.marker_store
             if session.owner and store is not None and name not in store.markers(session.key):
@@ -5190,18 +5237,22 @@ class ChatServer:
         session.wait_pending()  # its messages before the new topic
         if not self.address_budget.charge(session.host, fan_out_cost(session.name, text)):
             raise ProtocolError("rate-limited", f"too many bytes from {session.host} too fast")
-        if self.bus is not None:
-            self.bus.call(lambda: None)  # refused now, while Redis is away, rather than set here alone
-        self._change_topic(room, session.name, text, session)
-        if self.bus is not None:
-            self.bus.room_changed(room)
+        ts, seq = time.time(), None
+        if self.bus is not None:  # first in the log: its place there decides which topic wins
+            seq = self.bus.set_topic(RoomRecord(room.name, room.created_by, room.created_ts, text,
+                                                session.name, ts))
+        self._change_topic(room, session.name, text, session, ts, seq)
         log.info("%s set the topic of #%s", session.name, room.name)
 
     def _change_topic(self, room: Room, setter: str, text: str, session: ClientSession | None = None,
-                      ts: float | None = None) -> None:
-        """Set, store and announce a topic (``session``: the member who set it here, who is answered)."""
+                      ts: float | None = None, seq: tuple[int, int] | None = None) -> None:
+        """Set, store and announce a topic (``session``: the member who set it here, who is answered);
+        with ``seq``, only if no later topic (in the shared log) was set meanwhile."""
         store = self.history.save_room if self.history is not None else None
-        self.registry.set_topic(room, setter, text, lambda r: store and store(r.record()), ts)
+        if not self.registry.set_topic(room, setter, text, lambda r: store and store(r.record()), ts, seq):
+            if session is not None:  # a later one won: the setter is told which
+                session.reply(encode_topic(room.name, room.topic_ts, room.topic_by, room.topic))
+            return
         line = encode_topic(room.name, room.topic_ts, room.topic_by, room.topic)
         members = self.members()
         with self._fanout_lock:  # the setter's own JOIN and ENTER first
@@ -5227,13 +5278,35 @@ class ChatServer:
             if not session.operator and not (room.created_by and room.created_by == session.key):
                 raise ProtocolError("not-allowed", ERROR_CODES["not-allowed"])
 
-        if self.bus is not None:
-            self.bus.call(lambda: None)
-        room = self.registry.close_room(name, allowed)
-        if self.bus is not None:
-            self.bus.room_changed(room, closed=True)
-        self._retire(room, closing=True)
+        if self.bus is not None:  # empty here, then empty everywhere, at one point in the log
+            room = self.room(name)
+            allowed(room)
+            if room.members or not self.bus.close_room(name):
+                raise ProtocolError("room-not-empty", f"#{name} has members; only an empty room can be "
+                                    "closed")
+            self.cluster_close(name)
+        else:
+            self._retire(self.registry.close_room(name, allowed), closing=True)
         log.info("%s closed the room #%s", session.name, name)
+
+    def cluster_close(self, name: str) -> None:
+        """``name`` was closed in the shared log: it goes here too, with its history; if someone here
+        entered it meanwhile (after the close, in the log), it stays, as a new room without a past."""
+        try:
+            room = self.registry.close_room(name, lambda r: None)
+        except ProtocolError as exc:
+            if exc.code != "room-not-empty":
+                return
+            room = self.registry.rooms[name]
+            upto = self.log.last_id
+            self._wait_delivered(upto, CLOSE_WAIT)
+            if self.history is not None:
+                self.history.delete_room(name, upto, room.created_ts)
+            store = self.history.save_room if self.history is not None else None
+            self.registry.set_topic(room, "", "", lambda r: store and store(r.record()), 0.0)
+            room.messages = room.last_id = 0
+            return
+        self._retire(room, closing=True)
 
     def _retire(self, room: Room, closing: bool) -> None:
         """``room`` is out of the registry (closed, or forgotten unused): no message may enter it now;
@@ -5249,6 +5322,8 @@ class ChatServer:
                 return
         if self.history is not None:
             self.history.delete_room(room.name, upto, room.created_ts)
+        if self.bus is not None and not closing:
+            self.bus.forget_room(room.name)
 
     def make_operator(self, session: ClientSession, password: str) -> None:
         expected = self.config.operator_password
@@ -5286,8 +5361,9 @@ class ChatServer:
 
     # --- the cluster (--bus): what other servers did, applied by the bus's reader thread --------
 
-    def cluster_event(self, fields: list[str]) -> None:
-        """One event of another server from the shared log (see RedisBus's scripts for the fields)."""
+    def cluster_event(self, fields: list[str], at: tuple[int, int]) -> None:
+        """One event of another server from the shared log (see RedisBus's scripts for the fields),
+        at place ``at`` in it."""
         import json
         kind = fields[0]
         if kind == "j":
@@ -5314,8 +5390,9 @@ class ChatServer:
         elif kind == "t":
             room_name, ts, setter = fields[1], float(fields[2]), fields[3]
             text = unescape_text("|".join(fields[4:]))
-            room = self.registry.rooms.get(room_name) or self.registry.add_room(RoomRecord(room_name, "", ts))
-            self._change_topic(room, setter, text, ts=ts)
+            room = self.registry.rooms.get(room_name)
+            if room is not None:
+                self._change_topic(room, setter, text, ts=ts, seq=at)
         elif kind == "r":  # a room Redis had lost, given back by another server
             record = RoomRecord(**json.loads("|".join(fields[1:])))
             room = self.registry.rooms.get(record.name)
@@ -5330,12 +5407,7 @@ class ChatServer:
         elif kind == "u":
             self.local_accounts.unprotect(fields[1])
         elif kind == "c":
-            try:
-                room = self.registry.close_room(fields[1], lambda r: None)
-            except ProtocolError as exc:  # someone came in here meanwhile: the room stays on this server
-                log.warning("#%s was closed on another server but not here: %s", fields[1], exc.text)
-                return
-            self._retire(room, closing=True)
+            self.cluster_close(fields[1])
 
     def cluster_presence_out(self) -> None:
         """The presence lines of the events just applied go out now, not with the next presence
@@ -5379,6 +5451,8 @@ class ChatServer:
                     self.history.save_room(room.record())
             elif record.get("topic_ts", 0) > room.topic_ts:
                 self._change_topic(room, record["topic_by"], record["topic"], ts=record["topic_ts"])
+        in_use = {room for entry in names.values() for room in entry.get("rooms") or ()}
+        self.registry.forget_unused(set(rooms) | in_use)  # forgotten by the others while we were away
         for member in [m for m in self.members() if isinstance(m, RemoteMember)]:
             entry = names.get(member.key)
             if entry is None or entry["token"] != member.token:
@@ -5410,6 +5484,11 @@ class ChatServer:
             if not isinstance(member, RemoteMember) and member.token in lost:
                 member.disconnect("your name was taken on another server while this one was cut off")
 
+    def cluster_closed(self, message: ChatMessage) -> bool:
+        """Whether a message read from the log is for a room that is not here at its place in the log
+        (closed before it): then it goes nowhere, on every server alike."""
+        return message.kind != "dm" and message.room not in self.registry.rooms
+
     def cluster_entries(self) -> list[dict]:
         """The names this server holds, as the bus's resync script takes them."""
         return [{"key": s.key, "name": s.name, "token": s.token, "since": repr(s.registered_at),
@@ -5421,11 +5500,7 @@ class ChatServer:
         if message.kind == "dm":
             holder = self.registry.holder(confusable_key(message.recipient or ""))
             return () if holder is None or isinstance(holder, RemoteMember) else (holder,)
-        room = self.registry.rooms.get(message.room)
-        if room is None:
-            room = self.registry.add_room(RoomRecord(message.room, "", message.ts))
-            if self.history is not None:
-                self.history.save_room(room.record())
+        room = self.registry.rooms[message.room]  # cluster_closed() said it is here
         sender = self.registry.holder(self._sender_key(message.sender))
         if isinstance(sender, RemoteMember):
             sender.last_spoke = time.monotonic()

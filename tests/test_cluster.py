@@ -585,3 +585,89 @@ def test_a_second_server_with_the_same_id_is_refused(node):
     assert names_on(a.port) == ["ana"]
     ana.send(b"MSG|still here\n")
     ana.expect("MSG_OK|")
+
+
+def test_topics_set_at_once_on_two_servers_end_the_same_everywhere(node):
+    a, b, c = node("a"), node("b"), node("c")
+    ana, bob = member(a.port, "ana"), member(b.port, "bob")
+    rooms = [f"#t{i}" for i in range(8)]
+    for client in (ana, bob):
+        client.send(("JOIN|" + ",".join(rooms) + "\n").encode())
+        for _ in rooms:
+            client.expect("JOIN_OK|")
+    wait_until(lambda: all(r[1:] in c.registry.rooms and len(c.registry.rooms[r[1:]].members) == 2
+                           for r in rooms))
+    ana.send(b"".join(f"TOPIC|{r}|from a\n".encode() for r in rooms))
+    bob.send(b"".join(f"TOPIC|{r}|from b\n".encode() for r in rooms))
+    time.sleep(1)
+    topics = [{r: s.registry.rooms[r[1:]].topic for r in rooms} for s in (a, b, c)]
+    assert topics[0] == topics[1] == topics[2], topics
+
+
+def test_closing_a_room_while_someone_joins_it_elsewhere_ends_the_same_everywhere(node):
+    a, b = node("a", auth_delay=0), node("b")
+    ana = member(a.port, "ana", None)
+    ana.send(b"REGISTER|anapass123\n")
+    ana.expect("REGISTER_OK")
+    bob = member(b.port, "bob")
+    for i in range(5):
+        room = f"#race{i}"
+        ana.send(f"JOIN|{room}\nMSG|{room}|old secret\nPART|{room}\n".encode())
+        ana.expect(f"PART_OK|{room}")
+        wait_until(lambda r=room: r[1:] in b.registry.rooms and b.registry.rooms[r[1:]].messages)
+        ana.send(f"CLOSE|{room}\n".encode())
+        bob.send(f"JOIN|{room}\n".encode())
+        ana.expect(("CLOSE_OK", "ERR|"))
+        bob.expect(("JOIN_OK", "ERR|"))
+        time.sleep(0.5)
+        kept = []
+        for server in (a, b):
+            client = RawClient(server.port)
+            client.send(f"HELLO|chatctl/1|quiet\nHISTORY|{room}|LAST|5\n".encode())
+            reply = client.expect(("END|", "ERR|"))
+            kept.append(reply if reply.startswith("ERR|") else reply.split("|")[2])
+            client.close()
+        assert kept[0] == kept[1], (room, kept)  # both kept the history, or neither did
+
+
+def test_a_message_racing_the_close_of_its_room_is_kept_nowhere_or_everywhere(node):
+    a, b, c = node("a", auth_delay=0), node("b", rate=0), node("c")
+    ana = member(a.port, "ana")
+    ana.send(b"REGISTER|anapass123\n")
+    ana.expect("REGISTER_OK")
+    for i in range(3):
+        room = f"#inflight{i}"
+        ana.send(f"JOIN|{room}\nMSG|{room}|first\nPART|{room}\n".encode())
+        ana.expect(f"PART_OK|{room}")
+        wait_until(lambda r=room: b.registry.rooms.get(r[1:]) is not None)
+        script = RawClient(b.port)
+        script.send(b"HELLO|chatctl/1|quiet\nUSER|bot\n")
+        script.expect("USER_OK")
+        script.send(b"".join(f"MSG|{room}|m{n}\n".encode() for n in range(200)))
+        ana.send(f"CLOSE|{room}\n".encode())
+        ana.expect(("CLOSE_OK", "ERR|"))
+        time.sleep(1)
+        stored = []
+        for server in (a, b, c):
+            rows = server.history._read_rows("SELECT id FROM messages WHERE room = :room", {"room": room[1:]})
+            stored.append(sorted(r[0] for r in rows))
+        assert stored[0] == stored[1] == stored[2], (room, [len(s) for s in stored])
+        script.close()
+
+
+def test_a_room_forgotten_everywhere_does_not_come_back_with_a_restarted_server(node, tmp_path):
+    a = node("a")
+    c = node("c", db=str(tmp_path / "c.db"))
+    cat = member(c.port, "cat")
+    cat.send(b"JOIN|#passing\n")
+    cat.expect("JOIN_OK|#passing")
+    wait_until(lambda: "passing" in a.registry.rooms)
+    cat.send(b"PART|#passing\n")  # nobody used it: forgotten
+    cat.expect("PART_OK")
+    wait_until(lambda: "passing" not in a.registry.rooms)
+    c.shutdown()
+    again = node("c", db=str(tmp_path / "c.db"))
+    assert "passing" not in again.registry.rooms and "passing" not in a.registry.rooms
+    script = RawClient(again.port)
+    script.send(b"HELLO|chatctl/1|quiet\nUSER|bot\nMSG|#passing|typo\n")
+    assert script.expect("ERR|").startswith("ERR|unknown-room|")
