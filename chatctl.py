@@ -2720,6 +2720,38 @@ if in_use(ARGV[4]) then return {0, ''} end
 redis.call('HDEL', ROOMS, ARGV[4])
 return {1, emit(ARGV[2], 'c|' .. ARGV[4])}
 """,
+    # Password tries, as AuthThrottle counts them, but cluster-wide.  ARGV[4]: the address's bucket
+    # key, [5]: the target's ('' when the address is known to it), [6], [7]: their depths, [8]: the
+    # window (ms), [9]: 'take' (one try each, unless one is empty: then the wait in ms) or 'give' (back).
+    "auth": """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[8])
+local buckets = {}
+for i = 4, 5 do
+  if ARGV[i] ~= '' then
+    local depth = tonumber(ARGV[i + 2])
+    local b = redis.call('HMGET', ARGV[i], 'tokens', 'at')
+    local refill = (now - (tonumber(b[2]) or now)) * depth / window
+    local tokens = math.min(depth, (tonumber(b[1]) or depth) + refill)
+    buckets[#buckets + 1] = {ARGV[i], tokens, depth}
+  end
+end
+local change = 1
+if ARGV[9] == 'take' then
+  local wait = 0
+  for _, b in ipairs(buckets) do
+    if b[2] < 1 then wait = math.max(wait, (1 - b[2]) * window / b[3]) end
+  end
+  if wait > 0 then return math.ceil(wait) end
+  change = -1
+end
+for _, b in ipairs(buckets) do
+  redis.call('HSET', b[1], 'tokens', tostring(math.min(b[3], b[2] + change)), 'at', now)
+  redis.call('PEXPIRE', b[1], window * 2)
+end
+return 0
+""",
     # ARGV[4]: a room this server forgot (empty and unused): the others forget it too, once empty.
     "forget": """
 if not in_use(ARGV[4]) then redis.call('HDEL', ROOMS, ARGV[4]) end
@@ -2834,6 +2866,37 @@ class _Release:
     args: list[str]
 
 
+class SharedAuthThrottle(AuthThrottle):
+    """AuthThrottle's buckets kept in Redis (``serve --bus``), so that N servers do not give a
+    guesser N times the tries; which address proved which target stays per server."""
+
+    def __init__(self, bus: RedisBus, max_failures: int, target_failures: int, window: float):
+        super().__init__(max_failures, target_failures, window)
+        self.bus = bus
+
+    def begin(self, host: str, target: str) -> AuthAttempt:
+        if not self.max_failures:
+            return AuthAttempt(self, host, target, None, None)
+        now = time.monotonic()
+        with self._lock:
+            known = self._known.get((target, host), -self.KNOWN_FOR) > now - self.KNOWN_FOR
+        wait = self.bus.auth(host, target, known, "take", self)
+        if wait:
+            raise ProtocolError("auth-locked", "too many wrong passwords lately; "
+                                f"try again in {wait // 1000 + 1} s", closes=True)
+        return AuthAttempt(self, host, target, [known], None)
+
+    def _finish(self, attempt: AuthAttempt, ok: bool | None) -> None:
+        if ok is False or attempt.address is None:
+            return
+        try:
+            self.bus.auth(attempt.host, attempt.target, attempt.address[0], "give", self)
+        except ProtocolError:  # Redis went away meanwhile: the try stays counted
+            pass
+        if ok:
+            self.known(attempt.target, attempt.host)
+
+
 class RedisBus(CommitLog):
     """The cluster's shared log and shared state, in Redis: a CommitLog, and the presence calls.
 
@@ -2870,6 +2933,7 @@ class RedisBus(CommitLog):
         self.keys = [f"{prefix}:{name}" for name in ("seq", "log", "names", "rooms", "servers", "info",
                                                       "accounts")]
         self.markers_prefix, self.epoch_key = f"{prefix}:markers:", f"{prefix}:epoch"
+        self.auth_prefix = f"{prefix}:auth:"  # password tries, per address and per target
         try:
             # a connection idle for a heartbeat is checked (PING) before use: Redis may have restarted
             self.redis = redis.Redis.from_url(self.url, socket_timeout=BUS_TIMEOUT,
@@ -3390,6 +3454,14 @@ class RedisBus(CommitLog):
             except self._redis_errors as exc:
                 self._lost(exc)
 
+    def auth(self, host: str, target: str, known: bool, verb: str, throttle: AuthThrottle) -> int:
+        """Take (or give back) one password try for ``host`` at ``target`` across the cluster; the
+        ms to wait when a bucket is empty, else 0."""
+        prefix = self.auth_prefix
+        return int(self.call(self._run, "auth", f"{prefix}host:{host}",
+                             "" if known else f"{prefix}target:{target}", throttle.max_failures,
+                             throttle.target_failures, int(throttle.window * 1000), verb))
+
     def servers(self) -> list[ServerStatus]:
         """Every server on the bus, from their heartbeats."""
         import json
@@ -3400,19 +3472,25 @@ class RedisBus(CommitLog):
             pipe.hgetall(self.keys[5])
             pipe.get(self.keys[0])
             pipe.time()
+            pipe.hvals(self.keys[2])
             return pipe.execute()
 
-        beats, info, head, (sec, usec) = self.call(read)
+        beats, info, head, (sec, usec), names = self.call(read)
+        users: dict[str, int] = {}
+        for raw in names:  # who holds a name where, now (the heartbeats' counts are up to 2 s old)
+            server = json.loads(raw)["server"]
+            users[server] = users.get(server, 0) + 1
         now = sec + usec / 1e6
         head = int(head or 0)
         result = []
         for server, score in beats:
             status = json.loads(info.get(server, b"{}"))
             if server.decode() == self.server_id:  # this one's own figures are live
-                status.update(users=self.host.cluster_user_count(), last_id=self.last_id)
-            result.append(ServerStatus(server.decode(), status.get("address", "?"), status.get("users", 0),
+                status.update(last_id=self.last_id)
+            name = server.decode()
+            result.append(ServerStatus(name, status.get("address", "?"), users.get(name, 0),
                                        max(0.0, now - score / 1000), max(0, head - status.get("last_id", 0)),
-                                       server.decode() == self.server_id))
+                                       name == self.server_id))
         return result
 
 
@@ -4728,7 +4806,8 @@ class ChatServer:
             if self.history is not None:
                 self.history.close()
             raise
-        self.throttle = AuthThrottle(self.config.auth_max_failures, self.config.auth_target_failures,
+        throttle = AuthThrottle if self.bus is None else functools.partial(SharedAuthThrottle, self.bus)
+        self.throttle = throttle(self.config.auth_max_failures, self.config.auth_target_failures,
                                      self.config.auth_lockout)
         validate_name(confusable_key("ready"))  # load the name tables now, not in a thousand first logins
         self.hasher = PasswordHasher(self.config.password_hashes, self.config.password_queue)
