@@ -20,8 +20,9 @@ Contents, in dependency order (search for the banner to jump):
     5. Storage                HistoryStore (SQLite: messages, rooms, read markers), AccountStore,
                               CommitLog and LocalLog (where a message gets its id and order)
     6. Security               passwords (AuthThrottle, PasswordHasher), rate limits, certificates, TLS, pins
-    7. Cluster                RedisBus (--bus: the shared log and shared state in Redis), RemoteMember
-    8. Server                 OutboundQueue, Writer, ReaderPool, ReadPoller, Room, Registry,
+    7. Cluster                RedisBus (--bus: the shared log and shared state in Redis),
+                              SharedAuthThrottle
+    8. Server                 OutboundQueue, Writer, ReaderPool, ReadPoller, Room, RemoteMember, Registry,
                               ClientSession (its SessionState), ChatServer
     9. Client                 ChatConnection, RoomsModel, LiveSession (join's link), one-shot helpers
    10. Rendering              what reaches a terminal, neutralised; join's UI
@@ -2533,59 +2534,11 @@ def check_pin(address: str, fingerprint: str, pinned: str, known: KnownServers,
 # also appends an event to the same stream, so the servers apply presence in
 # the log's order too.  A server heartbeats every BUS_HEARTBEAT seconds; one
 # silent for BUS_SERVER_TIMEOUT is reaped by whichever server notices first
-# (one script: its names go, with a LEAVE event each).  The server holds the
-# others' users as RemoteMember entries in its own Registry, so every list,
-# name check and direct message works as it does on one server.
+# (one script: its names go, with a LEAVE event each).  The server (section 8)
+# holds the others' users as RemoteMember entries in its own Registry, so every
+# list, name check and direct message works as it does on one server.
 
 BUS_KEY_PREFIX = "chatctl"
-
-
-class RemoteMember:
-    """Someone online on another server of the cluster, as this server's Registry holds them.
-
-    Made and applied only by the bus's reader thread (and at start); the
-    Registry writes ``rooms`` under its lock, as for a ClientSession.  It has
-    the fields the Registry, the fan-out and the presence flush read; its
-    queue takes nothing, since its own server delivers to it.
-    """
-
-    __slots__ = ("host", "key", "last_spoke", "leave_reason", "name", "owner", "presence_seq",
-                 "registered_at", "rooms", "server_id", "state", "token")
-    extended = True         # the fan-out gives it the extended form (and it discards it)
-    quiet = False
-    closing = False
-    outbound = None         # set below: a queue that takes nothing
-
-    def __init__(self, key: str, name: str, token: str, server_id: str, since: float, owner: bool):
-        self.key, self.name, self.token, self.server_id = key, name, token, server_id
-        self.registered_at, self.owner = since, owner
-        self.host = server_id
-        self.last_spoke = time.monotonic()
-        self.rooms: dict[str, Room] = {}
-        self.leave_reason: str | None = None
-        self.presence_seq = 0
-        self.state = SessionState.CONNECTING
-
-    def __repr__(self) -> str:
-        return f"<RemoteMember {self.name} on {self.server_id}>"
-
-    def advance(self, state: str) -> bool:
-        self.state = state
-        return True
-
-
-class _NoQueue:
-    """A RemoteMember's outbound queue: its own server delivers to it, so nothing is queued here."""
-
-    size = 0
-    limit = 0
-
-    @staticmethod
-    def put(data: bytes, force: bool = False) -> bool:
-        return False
-
-
-RemoteMember.outbound = _NoQueue()
 
 
 # Every script gets the same keys; ARGV[1] is the stream's length cap, ARGV[2] the calling server's id,
@@ -3999,6 +3952,54 @@ class Room:
                 return False
             self._cache = None
             return True
+
+
+class RemoteMember:
+    """Someone online on another server of the cluster, as this server's Registry holds them.
+
+    Made and applied only by the bus's reader thread (and at start); the
+    Registry writes ``rooms`` under its lock, as for a ClientSession.  It has
+    the fields the Registry, the fan-out and the presence flush read; its
+    queue takes nothing, since its own server delivers to it.
+    """
+
+    __slots__ = ("host", "key", "last_spoke", "leave_reason", "name", "owner", "presence_seq",
+                 "registered_at", "rooms", "server_id", "state", "token")
+    extended = True         # the fan-out gives it the extended form (and it discards it)
+    quiet = False
+    closing = False
+    outbound = None         # set below: a queue that takes nothing
+
+    def __init__(self, key: str, name: str, token: str, server_id: str, since: float, owner: bool):
+        self.key, self.name, self.token, self.server_id = key, name, token, server_id
+        self.registered_at, self.owner = since, owner
+        self.host = server_id
+        self.last_spoke = time.monotonic()
+        self.rooms: dict[str, Room] = {}
+        self.leave_reason: str | None = None
+        self.presence_seq = 0
+        self.state = SessionState.CONNECTING
+
+    def __repr__(self) -> str:
+        return f"<RemoteMember {self.name} on {self.server_id}>"
+
+    def advance(self, state: str) -> bool:
+        self.state = state
+        return True
+
+
+class _NoQueue:
+    """A RemoteMember's outbound queue: its own server delivers to it, so nothing is queued here."""
+
+    size = 0
+    limit = 0
+
+    @staticmethod
+    def put(data: bytes, force: bool = False) -> bool:
+        return False
+
+
+RemoteMember.outbound = _NoQueue()
 
 
 class Registry:
