@@ -3974,7 +3974,7 @@ class RemoteMember:
         self.key, self.name, self.token, self.server_id = key, name, token, server_id
         self.registered_at, self.owner = since, owner
         self.host = server_id
-        self.last_spoke = time.monotonic()
+        self.last_spoke = time.monotonic() - max(0.0, time.time() - since)  # idle since it joined, at least
         self.rooms: dict[str, Room] = {}
         self.leave_reason: str | None = None
         self.presence_seq = 0
@@ -4057,8 +4057,9 @@ class Registry:
             if holder is not None and not (session.quiet and owner):
                 return holder
             session.name, session.key, session.owner = name, key, owner
-            session.registered_at = time.time()
-            session.last_spoke = time.monotonic()
+            if not isinstance(session, RemoteMember):  # one from another server brings its own
+                session.registered_at = time.time()
+                session.last_spoke = time.monotonic()
             session.advance(SessionState.REGISTERED)
             if not session.quiet:
                 self._by_key[key] = session
@@ -5042,6 +5043,7 @@ class ChatServer:
             raise ProtocolError("rate-limited", f"too many joins from {session.host} too fast")
         store = self.marker_store
         markers = store.markers(key) if owner and store is not None else {}
+        unmarked = MAIN_ROOM not in markers
         if self.bus is None or session.quiet:
             self._claim_here(session, name, key, owner, markers)
         else:  # first the cluster's word: one name, one session
@@ -5056,6 +5058,8 @@ class ChatServer:
                 self.bus.release([RemoteMember(key, name, session.token, "", 0.0, False)])
                 raise
         if not session.quiet:
+            if owner and unmarked and store is not None:  # stored, so that `rooms -u` counts from here too
+                store.set_marker(key, MAIN_ROOM, session.markers[MAIN_ROOM])
             log.info("%s joined from %s", name, session.peer)
 
     def _claim_here(self, session: ClientSession, name: str, key: str, owner: bool,
@@ -6636,6 +6640,7 @@ class RoomsModel:
         self.rooms: dict[str, RoomView] = {MAIN_ROOM: RoomView()}
         self.current = MAIN_ROOM
         self.known: set[str] = {MAIN_ROOM}   # every room heard of (for completion)
+        self._topics: dict[str, str] = {}    # topics of rooms not entered yet (a JOIN's TOPIC comes first)
 
     def joined(self) -> list[str]:
         with self._lock:
@@ -6643,7 +6648,8 @@ class RoomsModel:
 
     def entered(self, room: str) -> None:
         with self._lock:
-            self.rooms.setdefault(room, RoomView())
+            view = self.rooms.setdefault(room, RoomView())
+            view.topic = self._topics.pop(room, view.topic)
             self.known.add(room)
 
     def left(self, room: str) -> str:
@@ -6658,6 +6664,10 @@ class RoomsModel:
         with self._lock:
             if room in self.rooms:
                 self.rooms[room].topic = text
+            else:
+                self._topics[room] = text
+                while len(self._topics) > MAX_ROOMS_PER_USER:  # rooms looked at, never entered
+                    del self._topics[next(iter(self._topics))]
             self.known.add(room)
 
     def topic(self, room: str) -> str:
@@ -7461,8 +7471,13 @@ class JoinClient:
             self.note(f"the last {len(messages)} message(s) from the history:")
         for msg in messages:
             own = name_key(msg.sender) == name_key(self.name)
-            if backlog.missed and msg.kind != "dm" and not own:  # missed in another room: unread there
-                self.model.arrived(msg, self.view.mentions_me(msg))
+            if msg.kind != "dm":
+                if backlog.missed and not own:  # missed in another room: unread there
+                    read = self.model.arrived(msg, self.view.mentions_me(msg))
+                else:
+                    read = msg.room == self.model.current
+                if read:  # shown in the room on screen: read, as a live line would be
+                    self._mark(msg.room, msg.id)
             self.show(self.view.message(msg, own=own, backlog=True, room=self._room_tag(msg)))
         if messages and not backlog.missed:
             self.note("end of history")

@@ -681,3 +681,22 @@ def test_password_guesses_are_counted_across_servers(node):
         replies.append(guesser.expect("ERR|").split("|")[1])
         guesser.close()
     assert replies[:5] == ["bad-password"] * 5 and set(replies[5:]) == {"auth-locked"}, replies
+
+
+def test_a_server_started_later_lists_people_since_they_joined(node):
+    a = node("a")
+    ana = member(a.port, "ana")
+    time.sleep(2.2)
+    b = node("b")  # it learns of ana from the shared names
+
+    def since(port: int) -> dict[str, tuple[str, int]]:
+        client = RawClient(port)
+        client.send(b"HELLO|chatctl/1|quiet\nDIR\n")
+        entries = client.expect("USERS").split("|")[1:]
+        client.close()
+        return {e.split(" ")[0]: (e.split(" ")[1], int(e.split(" ")[2])) for e in entries}
+
+    on_a, on_b = since(a.port), since(b.port)
+    assert on_b["ana"][0] == on_a["ana"][0]  # the same "online since" on both
+    assert on_b["ana"][1] >= 2  # idle at least since it joined, not since b started
+    assert ana

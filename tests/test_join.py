@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 
 import pexpect
 import pytest
@@ -578,3 +579,35 @@ def test_the_rooms_model_counts_what_came_elsewhere_and_next_takes_the_oldest():
     assert model.switch("random") == 8
     assert model.next_unread() == "deploys"
     assert model.left("random") == "main"
+
+
+def test_the_topic_that_comes_with_a_join_is_the_room_s_topic(server, user, spawn_join):
+    model = chatctl.RoomsModel()
+    model.set_topic("ops", "ops room")  # a JOIN's TOPIC line comes before its JOIN_OK
+    model.entered("ops")
+    assert model.topic("ops") == "ops room"
+    xena = user("xena", hello=True)
+    xena.send(b"JOIN|#ops\nTOPIC|#ops|ops room\n")
+    xena.expect("TOPIC|#ops|")
+    ana = spawn_join("ana", server.port)
+    ana.sendline("/join #ops")
+    ana.expect("now in #ops")
+    ana.sendline("/topic")
+    ana.expect(r"#ops topic: ops room")
+
+
+def test_the_backlog_shown_on_entering_counts_as_read(make_server, spawn_join, isolated_home):
+    server = make_server(auth_delay=0)
+    bob = RawClient(server.port)
+    bob.send(b"HELLO|chatctl/1\nUSER|bob\nJOIN|#deploys\n")
+    bob.expect("JOIN_OK")
+    bob.send(b"MSG|#deploys|shown on entering\n")
+    bob.expect("MSG_OK|")
+    ana = spawn_join("ana", server.port, "--room", "deploys")
+    assert "shown on entering" in ana.before  # the backlog, before the prompt
+    time.sleep(0.3)
+    ana.sendline("/rooms")
+    ana.expect(r"#deploys")
+    ana.expect(r"#main")  # the listing is done
+    assert "unread" not in ana.before.split("#deploys")[-1].split("\n")[0], ana.before
+    bob.close()
