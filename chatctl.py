@@ -5537,6 +5537,9 @@ class ChatServer:
                 self._change_topic(room, record["topic_by"], record["topic"], ts=record["topic_ts"])
         in_use = {room for entry in names.values() for room in entry.get("rooms") or ()}
         self.registry.forget_unused(set(rooms) | in_use)  # forgotten by the others while we were away
+        gone = set(self.registry.rooms) - set(rooms) - in_use - self.registry.config_rooms - {MAIN_ROOM}
+        for name in gone:  # closed by the others while we were away (Redis knows every room in use)
+            self.cluster_close(name)
         for member in [m for m in self.members() if isinstance(m, RemoteMember)]:
             entry = names.get(member.key)
             if entry is None or entry["token"] != member.token:

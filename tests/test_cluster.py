@@ -700,3 +700,22 @@ def test_a_server_started_later_lists_people_since_they_joined(node):
     assert on_b["ana"][0] == on_a["ana"][0]  # the same "online since" on both
     assert on_b["ana"][1] >= 2  # idle at least since it joined, not since b started
     assert ana
+
+
+def test_a_room_closed_while_a_server_was_down_is_gone_there_too(node, tmp_path):
+    a = node("a", operator_password="operpass1", auth_delay=0)
+    b = node("b", db=str(tmp_path / "b.db"))
+    ana = member(a.port, "ana")
+    ana.send(b"JOIN|#old\nMSG|#old|before the close\nPART|#old\n")
+    ana.expect("PART_OK|#old")
+    wait_until(lambda: "old" in b.registry.rooms and b.registry.rooms["old"].messages == 1)
+    b.shutdown()
+    ana.send(b"OPER|operpass1\nCLOSE|#old\n")
+    ana.expect("OPER_OK")
+    ana.expect("CLOSE_OK|#old")
+    again = node("b", db=str(tmp_path / "b.db"))
+    assert "old" not in again.registry.rooms
+    client = RawClient(again.port)
+    client.send(b"HELLO|chatctl/1|quiet\nHISTORY|#old|LAST|5\n")
+    assert client.expect("ERR|").startswith("ERR|unknown-room|")
+    assert not again.history._read_rows("SELECT id FROM messages WHERE room = 'old'", {})
