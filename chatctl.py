@@ -1877,10 +1877,17 @@ class AccountStore:
             row = self._db.execute("SELECT hash FROM accounts WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def protect(self, key: str, name: str, password_hash: str) -> None:
+    def protect(self, key: str, name: str, password_hash: str, created: float | None = None) -> None:
+        """Protect (or change the password of) ``key``.  ``created``: the protection's age as the
+        cluster has it; an older protection of the key stays (the newer one came after a loss)."""
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO accounts VALUES (?, ?, ?, ?)",
-                             (key, name, password_hash, time.time()))
+            if created is None:
+                row = self._db.execute("SELECT created FROM accounts WHERE key = ?", (key,)).fetchone()
+                created = row[0] if row else time.time()
+            self._db.execute("INSERT INTO accounts VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+                             "name = excluded.name, hash = excluded.hash, created = excluded.created "
+                             "WHERE excluded.created <= accounts.created",
+                             (key, name, password_hash, created))
 
     def unprotect(self, key: str) -> None:
         with self._lock:
@@ -1895,13 +1902,13 @@ class AccountStore:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
-    def all(self) -> dict[str, tuple[str, str]]:
-        """Every protected name: key -> (name, hash)."""
+    def all(self) -> dict[str, tuple[str, str, float]]:
+        """Every protected name: key -> (name, hash, when it was first protected)."""
         with self._lock:
-            return {key: (name, hashed) for key, name, hashed in
-                    self._db.execute("SELECT key, name, hash FROM accounts").fetchall()}
+            return {key: (name, hashed, created) for key, name, hashed, created in
+                    self._db.execute("SELECT key, name, hash, created FROM accounts").fetchall()}
 
-    def replace_all(self, accounts: dict[str, tuple[str, str]]) -> None:
+    def replace_all(self, accounts: dict[str, tuple[str, str, float]]) -> None:
         """Make the file hold exactly ``accounts`` (a cluster server's copy of the shared ones)."""
         with self._lock:
             db = self._db
@@ -1909,7 +1916,8 @@ class AccountStore:
             try:
                 db.execute("DELETE FROM accounts")
                 db.executemany("INSERT INTO accounts VALUES (?, ?, ?, ?)",
-                               [(key, name, hashed, time.time()) for key, (name, hashed) in accounts.items()])
+                               [(key, name, hashed, created)
+                                for key, (name, hashed, created) in accounts.items()])
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -2635,15 +2643,23 @@ emit(ARGV[2], ARGV[8])
 return 1
 """,
     # ARGV[4]: {"accounts": {key: JSON}, "rooms": {name: JSON}} a server has that Redis may lack (it
-    # lost its data): each one Redis lacked is added, with an event.  Returns how many.
+    # lost its data): each one Redis lacked is added, with an event, and a protection older than
+    # Redis's (one made after the loss, by whoever came first) replaces it.  Whoever holds such a
+    # name got it while it was unprotected: the event says "restored", and they are dropped.
+    # Returns {how many were added, the keys whose protection was given back}.
     "seed": """
 local data = cjson.decode(ARGV[4])
-local added = 0
+local added, restored = 0, {}
 for key, value in pairs(data.accounts) do
-  if redis.call('HSETNX', ACCOUNTS, key, value) == 1 then
-    local account = cjson.decode(value)
-    emit(ARGV[2], 'p|' .. key .. '|' .. account.name .. '|' .. account.hash)
+  local account = cjson.decode(value)
+  local raw = redis.call('HGET', ACCOUNTS, key)
+  local newer = raw and (cjson.decode(raw).created or 0) > account.created
+  if not raw or newer then
+    redis.call('HSET', ACCOUNTS, key, value)
+    emit(ARGV[2], 'p|' .. key .. '|' .. account.name .. '|' .. account.hash .. '|'
+         .. tostring(account.created) .. '|restored')
     added = added + 1
+    restored[#restored + 1] = key
   end
 end
 for name, value in pairs(data.rooms) do
@@ -2652,14 +2668,26 @@ for name, value in pairs(data.rooms) do
     added = added + 1
   end
 end
-return added
+return {added, restored}
 """,
-    # ARGV[4]: a name's key, [5]: its account (JSON), or '' when it is dropped, [6]: the event.
+    # ARGV[4]: a name's key, [5]: its name, [6]: its password hash, or '' when the protection is
+    # dropped, [7]: now, [8]: the hash the caller checked ('': none), which must still be there.  A
+    # new password keeps the protection's age ("created"): of two protections of one name, the
+    # older wins (see "seed").  Returns the age kept ('' if the hash had changed: nothing done).
     "account": """
-if ARGV[5] == '' then redis.call('HDEL', ACCOUNTS, ARGV[4])
-else redis.call('HSET', ACCOUNTS, ARGV[4], ARGV[5]) end
-emit(ARGV[2], ARGV[6])
-return 1
+if ARGV[6] == '' then
+  redis.call('HDEL', ACCOUNTS, ARGV[4])
+  emit(ARGV[2], 'u|' .. ARGV[4])
+  return '0'
+end
+local created = ARGV[7]
+local cur = redis.call('HGET', ACCOUNTS, ARGV[4])
+if (cur and cjson.decode(cur).hash or '') ~= ARGV[8] then return '' end
+if cur then created = tostring(cjson.decode(cur).created or ARGV[7]) end
+local account = {name = ARGV[5], hash = ARGV[6], created = tonumber(created)}
+redis.call('HSET', ACCOUNTS, ARGV[4], cjson.encode(account))
+emit(ARGV[2], 'p|' .. ARGV[4] .. '|' .. ARGV[5] .. '|' .. ARGV[6] .. '|' .. created .. '|')
+return created
 """,
     # ARGV[4]: room, [5]: its record (JSON), [6]: the event (a topic).  Returns the event's id: the
     # topic of the highest id wins on every server, whatever order they set them in.
@@ -3370,14 +3398,15 @@ class RedisBus(CommitLog):
         raw = self.call(self.redis.hget, self.keys[6], key)
         return json.loads(raw)["hash"] if raw else None
 
-    def protect(self, key: str, name: str, password_hash: str) -> None:
-        import json
-        self.call(self._run, "account", key, json.dumps({"name": name, "hash": password_hash}),
-                  f"p|{key}|{name}|{password_hash}")
-        self.local_accounts.protect(key, name, password_hash)
+    def protect(self, key: str, name: str, password_hash: str, replaces: str) -> None:
+        """Protect ``key``, or change its password: only if its hash is still ``replaces`` ('': none)."""
+        created = self.call(self._run, "account", key, name, password_hash, repr(time.time()), replaces)
+        if not created:
+            raise ProtocolError("not-owner", "the name's protection changed meanwhile; log in again")
+        self.local_accounts.protect(key, name, password_hash, float(created))
 
     def unprotect(self, key: str) -> None:
-        self.call(self._run, "account", key, "", f"u|{key}")
+        self.call(self._run, "account", key, "", "", "0", "")
         self.local_accounts.unprotect(key)
 
     def _share_accounts(self, epoch: str) -> None:
@@ -3386,14 +3415,18 @@ class RedisBus(CommitLog):
         topics; then ours becomes what Redis holds, so what another server dropped goes here too."""
         import json
         if epoch != self.local_accounts.meta(f"bus-epoch {self.cluster} {self.server_id}"):
-            accounts = {key: json.dumps({"name": name, "hash": hashed})
-                        for key, (name, hashed) in self.local_accounts.all().items()}
+            accounts = {key: json.dumps({"name": name, "hash": hashed, "created": created})
+                        for key, (name, hashed, created) in self.local_accounts.all().items()}
             rooms = {r.name: json.dumps(dataclasses.asdict(r)) for r in self.host.cluster_rooms()}
-            added = self._run("seed", json.dumps({"accounts": accounts, "rooms": rooms}))
-            log.info("data on the bus this server had not seen (it is new here, or Redis lost its data): "
-                     "%d protected name(s) and room(s) it lacked were added from this server", added)
+            added, restored = self._run("seed", json.dumps({"accounts": accounts, "rooms": rooms}))
+            if added:
+                log.info("the bus lacked %d protected name(s) and room(s) this server had (it is new here, "
+                         "or Redis lost its data): given back", added)
+            if restored:
+                self.host.cluster_restored([k.decode() for k in restored])
         shared = {k.decode(): json.loads(v) for k, v in self.redis.hgetall(self.keys[6]).items()}
-        self.local_accounts.replace_all({k: (v["name"], v["hash"]) for k, v in shared.items()})
+        self.local_accounts.replace_all({k: (v["name"], v["hash"], v.get("created", 0.0))
+                                         for k, v in shared.items()})
         self.local_accounts.set_meta(f"bus-epoch {self.cluster} {self.server_id}", epoch)
 
     def markers(self, user_key: str) -> dict[str, int]:
@@ -5012,9 +5045,14 @@ class ChatServer:
         return True
 
     def protect(self, session: ClientSession, password: str) -> None:
-        if self.accounts.password_hash(session.key) is not None and not session.owner:
+        stored = self.accounts.password_hash(session.key)
+        if stored is not None and not session.owner:
             raise ProtocolError("not-owner", ERROR_CODES["not-owner"])
-        self.accounts.protect(session.key, session.name, self.hasher.run(hash_password, password))
+        hashed = self.hasher.run(hash_password, password)
+        if self.bus is not None:  # only over the protection we checked: another may have come meanwhile
+            self.bus.protect(session.key, session.name, hashed, stored or "")
+        else:
+            self.accounts.protect(session.key, session.name, hashed)
         self.throttle.known(session.key, session.host)  # its owner's address, as after a login
         session.owner = True
         log.info("%s protected their name", session.name)
@@ -5487,7 +5525,10 @@ class ChatServer:
             elif record.topic_ts > room.topic_ts:
                 self._change_topic(room, record.topic_by, record.topic, ts=record.topic_ts)
         elif kind == "p":
-            self.local_accounts.protect(fields[1], fields[2], fields[3])
+            key, name, hashed, created = fields[1], fields[2], fields[3], float(fields[4])
+            self.local_accounts.protect(key, name, hashed, created)
+            if fields[5:6] == ["restored"]:
+                self.cluster_restored([key])
         elif kind == "u":
             self.local_accounts.unprotect(fields[1])
         elif kind == "c":
@@ -5563,6 +5604,15 @@ class ChatServer:
                                 room_name, holder.server_id, exc.text)
             for room_name in set(holder.rooms) - wanted:
                 self.registry.part(holder, room_name, "left")
+
+    def cluster_restored(self, keys: list[str]) -> None:
+        """These names' protection was given back after Redis lost it: whoever holds one here got it
+        while it was unprotected (perhaps with a password of their own) and goes."""
+        for key in keys:
+            holder = self.registry.holder(key)
+            if holder is not None and not isinstance(holder, RemoteMember):
+                holder.disconnect("this name's protection was restored (the cluster's Redis had lost it): "
+                                  "log in with its password")
 
     def cluster_conflict(self, tokens: list[str]) -> None:
         """Names another server holds now (taken while this one was cut off): their sessions here go."""

@@ -719,3 +719,26 @@ def test_a_room_closed_while_a_server_was_down_is_gone_there_too(node, tmp_path)
     client.send(b"HELLO|chatctl/1|quiet\nHISTORY|#old|LAST|5\n")
     assert client.expect("ERR|").startswith("ERR|unknown-room|")
     assert not again.history._read_rows("SELECT id FROM messages WHERE room = 'old'", {})
+
+
+def test_a_name_taken_while_redis_had_lost_its_protection_goes_back_to_its_owner(node, redis_server):
+    a = node("a", auth_delay=0)
+    owner = member(a.port, "ana")
+    owner.send(b"REGISTER|anapass123\nQUIT\n")
+    owner.wait_closed()
+    redis_server.stop()
+    time.sleep(3)  # a backs off further and further
+    redis_server.start(empty=True)
+    d = node("d", auth_delay=0)  # a new server, at once: it knows nothing of ana's protection
+    impostor = RawClient(d.port)
+    impostor.send(b"HELLO|chatctl/1\nUSER|ana\n")
+    if impostor.expect(("USER_OK", "ERR|")) == "USER_OK":  # the window before a is back
+        impostor.send(b"REGISTER|evilpass123\n")
+        lines = impostor.wait_closed(timeout=20)
+        assert any(line.startswith("BYE|this name's protection was restored") for line in lines), lines
+    for server in (a, d):
+        wait_until(lambda s=server: s.bus._up.is_set(), timeout=20)
+        wrong = RawClient(server.port)
+        wrong.send(b"USER|ana|evilpass123\n")
+        assert wrong.expect("ERR|").split("|")[1] in ("bad-password", "name-taken")
+        member(server.port, "ana", "anapass123").send(b"QUIT\n")
