@@ -5646,7 +5646,9 @@ class ChatServer:
     _sender_key = staticmethod(functools.lru_cache(maxsize=4096)(confusable_key))  # a name per message
 
     def cluster_rooms(self) -> list[RoomRecord]:
-        return [room.record() for room in self.registry.rooms.values()]
+        """The rooms worth giving a Redis that lost its data (every server has #main: not it, bare)."""
+        return [room.record() for room in self.registry.rooms.values()
+                if not room.unused and (room.name != MAIN_ROOM or room.topic)]
 
     def cluster_address(self) -> str:
         """Where clients reach this server, as the other servers list it."""
