@@ -2882,21 +2882,25 @@ class RedisBus(CommitLog):
     """The cluster's shared log and shared state, in Redis: a CommitLog, and the presence calls.
 
     Callers (the server) use ``connect`` (before listening), the CommitLog
-    four, and ``claim``, ``release``, ``moved``, ``set_topic``, ``close_room``, ``forget_room``,
-    ``markers``, ``set_marker``, ``password_hash``, ``protect``,
-    ``unprotect`` and ``servers``; ``host`` is the server, whose
-    ``cluster_*`` methods the reader thread calls to apply what others did.
+    four, and ``claim``, ``release``, ``moved``, ``set_topic``,
+    ``close_room``, ``forget_room``, ``markers``, ``set_marker``,
+    ``password_hash``, ``protect``, ``unprotect``, ``auth`` and ``servers``;
+    ``host`` is the server, whose ``cluster_*`` methods the reader thread
+    calls to apply what others did.
 
     Threads: ``chatctl-bus-publish`` appends batches (one script call each)
     and owns ``_queue`` and ``_publisher`` (its connection; the replies
     thread drops it when it fails); ``chatctl-bus-replies`` reads those
-    calls' replies in order (``_sent``); ``chatctl-bus-read`` reads the log, owns the
-    cursor, ``last_id`` and the history's writing side, and is the only one
+    calls' replies in order (``_sent``, at most BUS_PIPELINE: ``_in_flight``);
+    ``chatctl-bus-read`` reads the log, owns ``_cursor``, ``last_id``,
+    ``_presence_from`` and the history's writing side, and is the only one
     that applies other servers' events; ``chatctl-bus-beat`` heartbeats,
-    reaps silent servers and reconnects.  ``_awaiting`` (token -> our
-    pending message, until it comes back from the log) is under ``_lock``.
-    ``_up`` is set while Redis answers; whoever sees it fail clears it and
-    the beat thread alone brings it back (``_reconnect``).
+    reaps silent servers and reconnects, and owns ``_epoch``, ``_up_since``
+    and ``_clock_offset`` (set by ``connect`` before it starts), and hands
+    the reader a ``_snapshot`` after a reconnect.  ``_awaiting`` (token ->
+    our pending message, until it comes back from the log) is under
+    ``_lock``.  ``_up`` is set while Redis answers; whoever sees it fail
+    clears it and the beat thread alone brings it back (``_reconnect``).
     """
 
     def __init__(self, config: ServerConfig, store: HistoryStore | None, accounts: AccountStore, host,
