@@ -3032,13 +3032,13 @@ class RedisBus(CommitLog):
             snapshot = self._run("snapshot")
         except self._redis_errors:
             return False
-        if epoch != self._epoch:
+        lost_data = epoch != self._epoch
+        if lost_data:
             log.error("the bus lost its data (Redis restarted empty): messages not read from the old log "
                       "before it went are missing here; reading the new log from its start")
             self._epoch = epoch
-            self._cursor = "0-0"
             self._fail_all()  # appended to the log Redis lost: they are never coming back
-        self._snapshot = [snapshot, [t.decode() for t in lost]]
+        self._snapshot = [snapshot, [t.decode() for t in lost], lost_data]
         self._up_since = time.monotonic()
         self._up.set()
         log.info("the bus at %s is back; resuming after id %d", redact_url(self.url), self.last_id)
@@ -3204,8 +3204,10 @@ class RedisBus(CommitLog):
             if not self._up.wait(0.5):
                 continue
             if self._snapshot is not None:
-                snapshot, lost = self._snapshot
+                snapshot, lost, lost_data = self._snapshot
                 self._snapshot = None
+                if lost_data:  # a new log: from its start
+                    self._cursor = "0-0"
                 self.host.cluster_snapshot(*self._parse_snapshot(snapshot))
                 self._presence_from = _stream_id(snapshot[2])
                 if lost:
