@@ -53,6 +53,7 @@ from bench_performance import (
     ROOT,
     chatload,
     free_port,
+    listening_port,
     median,
     mega,
     pinned,
@@ -145,12 +146,7 @@ def chatctl_node(workdir: Path, core: int = 0, bus: str = "", server_id: str = "
              "--config", str(conf), "--db", str(db), "--history", "--log-level", "info", *bus_args],
             stderr=log_file, env=env, cwd=workdir)
     try:
-        deadline = time.monotonic() + 30
-        while not (match := re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("chatctl serve did not start: " + log.read_text()[-500:])
-            time.sleep(0.05)
-        yield proc.pid, int(match.group(1))
+        yield proc.pid, listening_port(proc, log)
     finally:
         stop(proc, 30)
         label = f"server {server_id}" if bus else "standalone server"

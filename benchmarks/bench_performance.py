@@ -82,15 +82,20 @@ def chatctl_server(workdir: Path, history: bool = False, sendq: int = 64 << 20, 
              "-p", "0", "--config", str(conf), "--db", str(db), "--history" if history else "--no-history",
              "--log-level", "info"], stderr=log_file, env=env, cwd=workdir)
     try:
-        deadline = time.monotonic() + 30
-        while not (match := re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("chatctl serve did not start: " + log.read_text()[-500:])
-            time.sleep(0.05)
-        yield proc.pid, int(match.group(1))
+        yield proc.pid, listening_port(proc, log)
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def listening_port(proc: subprocess.Popen, log: Path, limit: float = 30) -> int:
+    """The port ``chatctl serve`` says it listens on, in its log; exits if it does not start."""
+    deadline = time.monotonic() + limit
+    while not (match := re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit("chatctl serve did not start: " + log.read_text()[-500:])
+        time.sleep(0.05)
+    return int(match.group(1))
 
 
 @contextmanager
