@@ -3260,7 +3260,7 @@ class RedisBus(CommitLog):
             try:
                 self.host.cluster_event(fields[b"e"].decode().split("|"), (mid, sub))
                 presence = True
-            except (ValueError, IndexError, KeyError, ProtocolError) as exc:
+            except (ValueError, IndexError, KeyError, TypeError, ProtocolError) as exc:  # malformed
                 log.warning("ignored a bus event %s: %s", entry_id, exc)
         if batch:
             self._commit(batch)
@@ -5490,55 +5490,75 @@ class ChatServer:
     # --- the cluster (--bus): what other servers did, applied by the bus's reader thread --------
 
     def cluster_event(self, fields: list[str], at: tuple[int, int]) -> None:
-        """One event of another server from the shared log (see RedisBus's scripts for the fields),
-        at place ``at`` in it."""
+        """One event of another server from the shared log, at place ``at`` in it: handed to its
+        handler by its first field (RedisBus's scripts write them)."""
+        handler = self.CLUSTER_EVENTS.get(fields[0])
+        if handler is None:
+            raise ValueError(f"unknown event {fields[0]!r}")
+        handler(self, fields[1:], at)
+
+    def _event_join(self, fields: list[str], at) -> None:
+        """``j|key|name|token|server|since|owner|token it replaces``"""
+        key, name, token, server_id, since, owner, replaces = fields[:7]
+        self.cluster_join(RemoteMember(key, name, token, server_id, float(since), owner == "1"), replaces)
+
+    def _event_leave(self, fields: list[str], at) -> None:
+        """``l|key|token|reason``"""
+        key, token, reason = fields[:3]
+        holder = self.registry.holder(key)
+        if isinstance(holder, RemoteMember) and holder.token == token:
+            self.cluster_drop(holder, reason)
+
+    def _event_enter(self, fields: list[str], at) -> None:
+        """``n|key|token|room|created by|created ts``"""
+        key, token, room_name, created_by, created_ts = fields[:5]
+        member = self.registry.holder(key)
+        if isinstance(member, RemoteMember) and member.token == token:
+            self.registry.enter(member, room_name,
+                                lambda r: self._made_elsewhere(r, created_by, float(created_ts or 0)))
+
+    def _event_exit(self, fields: list[str], at) -> None:
+        """``x|key|token|room|reason``"""
+        key, token, room_name, reason = fields[:4]
+        member = self.registry.holder(key)
+        if isinstance(member, RemoteMember) and member.token == token and room_name in member.rooms:
+            forgotten = self.registry.part(member, room_name, reason)
+            if forgotten is not None:
+                self._retire(forgotten, closing=False)
+
+    def _event_topic(self, fields: list[str], at) -> None:
+        """``t|room|ts|setter|text``: set unless a topic later in the log is set already."""
+        room = self.registry.rooms.get(fields[0])
+        if room is not None:
+            text = unescape_text("|".join(fields[3:]))
+            self._change_topic(room, fields[2], text, ts=float(fields[1]), seq=at)
+
+    def _event_room(self, fields: list[str], at) -> None:
+        """``r|record (JSON)``: a room Redis had lost, given back by another server."""
         import json
-        kind = fields[0]
-        if kind == "j":
-            key, name, token, server_id, since, owner, replaces = fields[1:8]
-            self.cluster_join(RemoteMember(key, name, token, server_id, float(since), owner == "1"), replaces)
-        elif kind == "l":
-            key, token, reason = fields[1:4]
-            holder = self.registry.holder(key)
-            if isinstance(holder, RemoteMember) and holder.token == token:
-                self.cluster_drop(holder, reason)
-        elif kind in ("n", "x"):
-            key, token, room_name = fields[1:4]
-            member = self.registry.holder(key)
-            if not isinstance(member, RemoteMember) or member.token != token:
-                return
-            if kind == "n":
-                created_by, created_ts = fields[4], float(fields[5] or 0)
-                self.registry.enter(member, room_name,
-                                    lambda r: self._made_elsewhere(r, created_by, created_ts))
-            elif room_name in member.rooms:
-                forgotten = self.registry.part(member, room_name, fields[4])
-                if forgotten is not None:
-                    self._retire(forgotten, closing=False)
-        elif kind == "t":
-            room_name, ts, setter = fields[1], float(fields[2]), fields[3]
-            text = unescape_text("|".join(fields[4:]))
-            room = self.registry.rooms.get(room_name)
-            if room is not None:
-                self._change_topic(room, setter, text, ts=ts, seq=at)
-        elif kind == "r":  # a room Redis had lost, given back by another server
-            record = RoomRecord(**json.loads("|".join(fields[1:])))
-            room = self.registry.rooms.get(record.name)
-            if room is None:
-                room = self.registry.add_room(record)
-                if self.history is not None:
-                    self.history.save_room(room.record())
-            elif record.topic_ts > room.topic_ts:
-                self._change_topic(room, record.topic_by, record.topic, ts=record.topic_ts)
-        elif kind == "p":
-            key, name, hashed, created = fields[1], fields[2], fields[3], float(fields[4])
-            self.local_accounts.protect(key, name, hashed, created)
-            if fields[5:6] == ["restored"]:
-                self.cluster_restored([key])
-        elif kind == "u":
-            self.local_accounts.unprotect(fields[1])
-        elif kind == "c":
-            self.cluster_close(fields[1])
+        record = RoomRecord(**json.loads("|".join(fields)))
+        room = self.registry.rooms.get(record.name)
+        if room is None:
+            room = self.registry.add_room(record)
+            if self.history is not None:
+                self.history.save_room(room.record())
+        elif record.topic_ts > room.topic_ts:
+            self._change_topic(room, record.topic_by, record.topic, ts=record.topic_ts)
+
+    def _event_protect(self, fields: list[str], at) -> None:
+        """``p|key|name|hash|created|restored?``"""
+        key, name, hashed, created = fields[:4]
+        self.local_accounts.protect(key, name, hashed, float(created))
+        if fields[4:5] == ["restored"]:
+            self.cluster_restored([key])
+
+    def _event_unprotect(self, fields: list[str], at) -> None:
+        """``u|key``"""
+        self.local_accounts.unprotect(fields[0])
+
+    def _event_close(self, fields: list[str], at) -> None:
+        """``c|room``"""
+        self.cluster_close(fields[0])
 
     def cluster_presence_out(self) -> None:
         """The presence lines of the events just applied go out now, not with the next presence
@@ -5854,6 +5874,13 @@ class ChatServer:
                     s.disconnect("register timeout")
                 elif config.idle_timeout and now - s.last_active > config.idle_timeout:
                     s.disconnect("idle timeout")
+
+
+ChatServer.CLUSTER_EVENTS = {  # the first field of a bus event -> its handler
+    "j": ChatServer._event_join, "l": ChatServer._event_leave, "n": ChatServer._event_enter,
+    "x": ChatServer._event_exit, "t": ChatServer._event_topic, "r": ChatServer._event_room,
+    "p": ChatServer._event_protect, "u": ChatServer._event_unprotect, "c": ChatServer._event_close,
+}
 
 
 def raise_open_file_limit() -> int:
