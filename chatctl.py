@@ -152,6 +152,7 @@ BUS_TIMEOUT = 5.0                    # seconds one Redis call may take before Re
 BUS_BACKOFF_MIN, BUS_BACKOFF_MAX = 0.2, 5.0  # reconnecting: the first wait, doubled up to this
 BUS_READ_COUNT = 1000                # log entries read per call at most
 BUS_PIPELINE = 4                     # batches of messages on their way to Redis at once
+BUS_CONNECTIONS = 32                 # connections one server opens to Redis for calls (more wait)
 BUS_DEADLINE = 3.0                   # a call that reaches Redis later than this does nothing (< BUS_TIMEOUT)
 
 log = logging.getLogger("chatctl")
@@ -2920,12 +2921,17 @@ class RedisBus(CommitLog):
         self.markers_prefix, self.epoch_key = f"{prefix}:markers:", f"{prefix}:epoch"
         self.auth_prefix = f"{prefix}:auth:"  # password tries, per address and per target
         try:
-            # a connection idle for a heartbeat is checked (PING) before use: Redis may have restarted
-            self.redis = redis.Redis.from_url(self.url, socket_timeout=BUS_TIMEOUT,
-                                              socket_connect_timeout=BUS_TIMEOUT,
-                                              health_check_interval=BUS_HEARTBEAT)
+            # At most BUS_CONNECTIONS, and a call waits for a free one rather than fail (a burst of
+            # logins runs as many calls at once as there are reader threads).  A connection idle for
+            # a heartbeat is checked (PING) before use: Redis may have restarted.
+            pool = redis.BlockingConnectionPool.from_url(
+                self.url, max_connections=BUS_CONNECTIONS, timeout=BUS_TIMEOUT, socket_timeout=BUS_TIMEOUT,
+                socket_connect_timeout=BUS_TIMEOUT, health_check_interval=BUS_HEARTBEAT)
         except ValueError as exc:
             raise ConfigError(f"bus: {exc}") from None
+        self.redis = redis.Redis(connection_pool=pool)
+        # the publishing thread's connection is its own, outside the pool, a new one after a failure
+        self._new_connection = functools.partial(pool.connection_class, **pool.connection_kwargs)
         self.scripts = {name: self.redis.register_script(_LUA_PRELUDE + body) for name, body in _LUA.items()}
         self.last_id = store.last_id if store is not None else 0
         self.batch_bytes = SENDQ_BYTES // 4
@@ -3148,7 +3154,7 @@ class RedisBus(CommitLog):
         if self._up.is_set():
             try:
                 if self._publisher is None:
-                    self._publisher = self.redis.connection_pool.make_connection()
+                    self._publisher = self._new_connection()
                 self._publisher.send_command(*command)
                 self._sent.put((self._publisher, tokens))
                 return True
@@ -3160,23 +3166,25 @@ class RedisBus(CommitLog):
 
     def _replies_loop(self) -> None:
         """Read the append calls' replies, in the order sent; a connection that failed fails every
-        batch sent on it (we cannot know which of them Redis ran: nobody is told they were sent)."""
-        broken = set()
+        batch sent on it (we cannot know which of them Redis ran: nobody is told they were sent).
+        The publisher takes a new connection after a failure, so the failed one's calls all come
+        before any of the next one's."""
+        broken = None
         while True:
             item = self._sent.get()
             if item is None:
                 return
             connection, tokens = item
             try:
-                if id(connection) in broken:
+                if connection is broken:
                     raise ConnectionError("an earlier call on this connection failed")
                 connection.read_response()
             except self._refused as exc:  # Redis ran the call and said no (out of memory): in step still
                 log.error("the bus refused %d message(s): %s", len(tokens), exc)
                 self._fail(tokens, "bus-unavailable")
             except self._redis_errors as exc:
-                if id(connection) not in broken:
-                    broken.add(id(connection))
+                if connection is not broken:
+                    broken = connection
                     self._lost(exc)
                     connection.disconnect()
                     if self._publisher is connection:

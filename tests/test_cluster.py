@@ -742,3 +742,17 @@ def test_a_name_taken_while_redis_had_lost_its_protection_goes_back_to_its_owner
         wrong.send(b"USER|ana|evilpass123\n")
         assert wrong.expect("ERR|").split("|")[1] in ("bad-password", "name-taken")
         member(server.port, "ana", "anapass123").send(b"QUIT\n")
+
+
+def test_a_burst_of_registrations_neither_trips_the_bus_nor_wedges_it(node):
+    a, b = node("a", rate=0, max_per_address=0), node("b")
+    clients = [RawClient(a.port, timeout=30) for _ in range(400)]
+    for i, client in enumerate(clients):  # all at once: the reader threads claim names in parallel
+        client.send(f"HELLO|chatctl/1\nUSER|burst{i}\n".encode())
+    replies = [client.expect(("USER_OK", "ERR|"), timeout=30) for client in clients]
+    assert replies == ["USER_OK"] * 400, sorted(set(replies))
+    clients[0].send(b"MSG|still working\n")
+    assert clients[0].expect(("MSG_OK|", "ERR|")).startswith("MSG_OK|")
+    wait_until(lambda: len(names_on(b.port)) == 400, timeout=20)
+    for client in clients:
+        client.close()
