@@ -3402,11 +3402,6 @@ class RedisBus(CommitLog):
             except self._redis_errors as exc:
                 self._lost(exc)
 
-    def rooms(self) -> list[RoomRecord]:
-        import json
-        raw = self.call(self.redis.hgetall, self.keys[3])
-        return [RoomRecord(**json.loads(v)) for v in raw.values()]
-
     def password_hash(self, key: str) -> str | None:
         import json
         raw = self.call(self.redis.hget, self.keys[6], key)
