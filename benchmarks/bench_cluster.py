@@ -54,6 +54,7 @@ from bench_performance import (
     chatload,
     free_port,
     listening_port,
+    machine_line,
     median,
     mega,
     pinned,
@@ -484,11 +485,8 @@ def main() -> None:
         raise SystemExit(f"{sys.executable} has no redis-py: run this with the dev venv's python") from None
     if not CHATLOAD.exists():
         subprocess.run(["sh", str(CHATBENCH / "build.sh"), str(CHATLOAD)], check=True)
-    with open("/proc/cpuinfo") as fh:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "?")
     version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()
-    print(f"# {os.cpu_count()} cores ({cpu}), Python {sys.version.split()[0]}, "
-          f"{' '.join(version[:3])}, {time.strftime('%Y-%m-%d')}")
+    print(machine_line(" ".join(version[:3])))
     with tempfile.TemporaryDirectory(prefix="chatctl-bench-cluster-") as tmp:
         for name, run in TARGETS.items():
             if name in args.targets or "all" in args.targets:

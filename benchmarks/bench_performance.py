@@ -135,6 +135,14 @@ def chatctl_bench(port: int, n: int, s: int, m: int, *extra: str) -> dict:
     return json.loads(out.stdout)
 
 
+def machine_line(*also: str) -> str:
+    """What a run's figures were measured on: cores, CPU, Python (and ``also``), the date."""
+    with open("/proc/cpuinfo") as fh:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "?")
+    return ", ".join([f"# {os.cpu_count()} cores ({cpu})", f"Python {sys.version.split()[0]}", *also,
+                      time.strftime("%Y-%m-%d")])
+
+
 def median(values) -> float:
     return statistics.median(values)
 
@@ -547,9 +555,7 @@ def main() -> None:
     args = ap.parse_args()
     if not CHATLOAD.exists():
         subprocess.run(["sh", str(CHATBENCH / "build.sh"), str(CHATLOAD)], check=True)
-    with open("/proc/cpuinfo") as fh:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "?")
-    print(f"# {os.cpu_count()} cores ({cpu}), Python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}")
+    print(machine_line())
     with tempfile.TemporaryDirectory(prefix="chatctl-bench-") as tmp:
         for name, run in TARGETS.items():
             if name in args.targets or "all" in args.targets:
