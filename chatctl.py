@@ -3050,6 +3050,16 @@ class RedisBus(CommitLog):
         log.info("the bus at %s is back; resuming after id %d", redact_url(self.url), self.last_id)
         return True
 
+    def _if_up(self, fn: Callable, *args) -> None:
+        """A call that may be missed while Redis is away (the resync after the reconnect repairs a
+        room move; a missed read marker is only older): made only while Redis answers, and never
+        an error for the client."""
+        if self._up.is_set():
+            try:
+                fn(*args)
+            except self._redis_errors as exc:
+                self._lost(exc)
+
     def call(self, fn: Callable, *args):
         """One Redis call for a client's request: ERR|bus-unavailable when Redis does not answer."""
         if not self._up.is_set():
@@ -3376,11 +3386,7 @@ class RedisBus(CommitLog):
             record = json.dumps(dataclasses.asdict(room.record()))
         else:
             event, record = f"x|{session.key}|{session.token}|{room.name}|{reason.replace('|', '/')}", ""
-        if self._up.is_set():
-            try:
-                self._run("move", session.key, session.token, verb, room.name, event, record)
-            except self._redis_errors as exc:
-                self._lost(exc)  # the resync after the reconnect tells the others
+        self._if_up(self._run, "move", session.key, session.token, verb, room.name, event, record)
 
     def set_topic(self, record: RoomRecord) -> tuple[int, int]:
         """A topic set here: in the shared rooms, and an event for the others; returns the event's
@@ -3396,11 +3402,7 @@ class RedisBus(CommitLog):
         return bool(closed)
 
     def forget_room(self, name: str) -> None:
-        if self._up.is_set():
-            try:
-                self._run("forget", name)
-            except self._redis_errors as exc:
-                self._lost(exc)
+        self._if_up(self._run, "forget", name)
 
     def password_hash(self, key: str) -> str | None:
         import json
@@ -3443,11 +3445,7 @@ class RedisBus(CommitLog):
         return {k.decode(): int(v) for k, v in raw.items()}
 
     def set_marker(self, user_key: str, room: str, last_read: int) -> None:
-        if self._up.is_set():
-            try:
-                self.redis.hset(self.markers_prefix + user_key, room, last_read)
-            except self._redis_errors as exc:
-                self._lost(exc)
+        self._if_up(self.redis.hset, self.markers_prefix + user_key, room, last_read)
 
     def auth(self, host: str, target: str, known: bool, verb: str, throttle: AuthThrottle) -> int:
         """Take (or give back) one password try for ``host`` at ``target`` across the cluster; the
