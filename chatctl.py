@@ -83,6 +83,7 @@ CLIENT_TIMEOUT = 10.0                # seconds a one-shot client waits for the s
 KEEPALIVE_INTERVAL = 30.0            # join pings a server that has been quiet this long
 RECONNECT_MIN, RECONNECT_MAX = 0.5, 30.0  # join's reconnect backoff, seconds
 MISSED_MAX = 5000                    # messages join fetches after a reconnect at most
+SEARCH_RESULTS = 100                 # matches /search shows at most (the newest)
 PASTE_CONFIRM_LINES = 5              # a pasted message longer than this asks before sending
 JOIN_PASSWORD_TRIES = 3              # wrong passwords join asks again after, before it gives up
 BELL_MODES = ("off", "mentions", "all")  # join rings on nothing, mentions and DMs, or everything
@@ -6651,6 +6652,7 @@ JOIN_COMMANDS = {
     "/msg": "/msg USER TEXT    a direct message to USER",
     "/reply": "/reply TEXT       a direct message to whoever last sent you one",
     "/me": "/me ACTION        an action: * you ACTION",
+    "/search": "/search WORDS     messages of this room that contain WORDS",
     "/who": "/who              who is online",
     "/ignore": "/ignore [USER]    hide USER's messages (no USER: list who is ignored)",
     "/unignore": "/unignore USER    show USER's messages again",
@@ -6688,7 +6690,7 @@ def parse_input(line: str) -> InputCommand:
         if not target or not text.strip():
             return InputCommand("usage", text=JOIN_COMMANDS[word])
         return InputCommand("msg-to", target, text)
-    if action in ("reply", "me", "unignore", "nick", "join") and not rest.strip():
+    if action in ("reply", "me", "unignore", "nick", "join", "search") and not rest.strip():
         return InputCommand("usage", text=JOIN_COMMANDS[word])
     if action in ("ignore", "unignore"):
         return InputCommand(action, rest.strip() or None)
@@ -6706,21 +6708,23 @@ class Backlog:
 
 @dataclass
 class RoomView:
-    """What a client knows of one room it is in."""
+    """What a client knows of one conversation: a room it is in, or (tui) direct messages with one person."""
 
     topic: str = ""
-    unread: int = 0          # lines that came while another room was current
+    unread: int = 0          # lines that came while another conversation was current
     mentions: int = 0
     first_unread: int = 0    # the id of the oldest of them (0: none)
     last_id: int = 0         # the newest id seen in it
+    members: dict[str, str] = field(default_factory=dict)  # key -> name, as the server last said
 
 
 class RoomsModel:
-    """A chat client's rooms, with no terminal in it: the rooms it is in (in the order joined), the
-    current one (where plain text goes), and for each its topic and what came while it was not current.
+    """A chat client's conversations, with no terminal in it: the rooms it is in (in the order joined),
+    then direct-message conversations (``@name``, tui only), the current one (where plain text goes),
+    and for each its topic, members and what came while it was not current.
 
-    join is a front-end over it (and tui and web will be).  Events arrive on
-    the connection's reader thread and the user switches on the input
+    join and tui are front-ends over it (through ChatClient).  Events arrive
+    on the connection's reader thread and the person switches on the input
     thread: every method takes ``_lock``.
     """
 
@@ -6732,8 +6736,19 @@ class RoomsModel:
         self._topics: dict[str, str] = {}    # topics of rooms not entered yet (a JOIN's TOPIC comes first)
 
     def joined(self) -> list[str]:
+        """The rooms we are in, in the order joined (no DM conversations)."""
         with self._lock:
-            return list(self.rooms)
+            return [name for name in self.rooms if not name.startswith("@")]
+
+    def conversations(self) -> list[str]:
+        """Rooms, then DM conversations: the order tui lists them in (and Alt-1..9 counts)."""
+        with self._lock:
+            names = list(self.rooms)
+        return [n for n in names if not n.startswith("@")] + [n for n in names if n.startswith("@")]
+
+    def all_rooms(self) -> list[str]:
+        with self._lock:
+            return sorted(self.known | {n for n in self.rooms if not n.startswith("@")})
 
     def entered(self, room: str) -> None:
         with self._lock:
@@ -6743,10 +6758,15 @@ class RoomsModel:
 
     def left(self, room: str) -> str:
         """Out of ``room``; the current room afterwards (#main, or the first still joined)."""
+        return self.close(room)
+
+    def close(self, conversation: str) -> str:
+        """Forget a conversation; the current one afterwards (#main, or the first room still joined)."""
         with self._lock:
-            self.rooms.pop(room, None)
-            if self.current == room:
-                self.current = MAIN_ROOM if MAIN_ROOM in self.rooms else next(iter(self.rooms), MAIN_ROOM)
+            self.rooms.pop(conversation, None)
+            if self.current == conversation:
+                rooms = [n for n in self.rooms if not n.startswith("@")]
+                self.current = MAIN_ROOM if MAIN_ROOM in self.rooms else next(iter(rooms), MAIN_ROOM)
             return self.current
 
     def set_topic(self, room: str, text: str) -> None:
@@ -6767,32 +6787,61 @@ class RoomsModel:
     def heard_of(self, rooms: Iterable[str]) -> None:
         """The server's room list: what completion offers (with the rooms we are in)."""
         with self._lock:
-            self.known = {*rooms, *self.rooms}
+            self.known = {*rooms, *(n for n in self.rooms if not n.startswith("@"))}
 
-    def arrived(self, msg: ChatMessage, mention: bool) -> bool:
-        """A message of a room was shown; True if it is in the current room (so it is read)."""
+    def set_members(self, room: str, names: Iterable[str]) -> None:
         with self._lock:
-            view = self.rooms.get(msg.room)
+            if room in self.rooms:
+                self.rooms[room].members = {name_key(n): n for n in names}
+
+    def member_entered(self, room: str, name: str) -> None:
+        with self._lock:
+            if room in self.rooms:
+                self.rooms[room].members[name_key(name)] = name
+
+    def member_exited(self, room: str, name: str) -> None:
+        with self._lock:
+            if room in self.rooms:
+                self.rooms[room].members.pop(name_key(name), None)
+
+    def member_gone(self, name: str) -> list[str]:
+        """``name`` went offline: out of every room; returns the rooms they were in."""
+        key = name_key(name)
+        with self._lock:
+            return [room for room, view in self.rooms.items() if view.members.pop(key, None) is not None]
+
+    def members(self, room: str) -> list[str]:
+        with self._lock:
+            view = self.rooms.get(room)
+            return sorted(view.members.values(), key=name_key) if view else []
+
+    def arrived(self, conversation: str, msg_id: int, mention: bool, create: bool = False) -> bool:
+        """A message of a conversation was shown; True if it is the current one (so it is read).
+        ``create``: a conversation not seen before begins (a first direct message)."""
+        with self._lock:
+            view = self.rooms.get(conversation)
             if view is None:
-                return False
-            view.last_id = max(view.last_id, msg.id)
-            if msg.room == self.current:
+                if not create:
+                    return False
+                view = self.rooms[conversation] = RoomView()
+            view.last_id = max(view.last_id, msg_id)
+            if conversation == self.current:
                 return True
-            view.unread += 1
-            view.mentions += mention
-            view.first_unread = view.first_unread or msg.id
+            view.unread = min(view.unread + 1, UNREAD_MAX)
+            view.mentions = min(view.mentions + mention, UNREAD_MAX)
+            view.first_unread = view.first_unread or msg_id
             return False
 
-    def switch(self, room: str) -> int:
-        """Make ``room`` current; returns the newest id seen there (read now)."""
+    def switch(self, conversation: str) -> int:
+        """Make ``conversation`` current; returns the newest id seen there (read now)."""
         with self._lock:
-            view = self.rooms[room]
-            self.current = room
+            view = self.rooms.setdefault(conversation, RoomView())
+            self.current = conversation
             view.unread = view.mentions = view.first_unread = 0
             return view.last_id
 
     def next_unread(self) -> str | None:
-        """The room whose oldest unread line is the oldest of all, if any has one."""
+        """The conversation whose oldest unread line is the oldest of all, if any has one."""
         with self._lock:
             waiting = [(v.first_unread, name) for name, v in self.rooms.items() if v.first_unread]
             return min(waiting)[1] if waiting else None
@@ -7035,11 +7084,10 @@ class LiveSession:
                 return f"the server closed the connection: {event.reason}"
 
 
-# =============================================================================
-# 10. Rendering
-# =============================================================================
+# --- ChatClient: the chat behind join and tui, with no terminal in it --------------------------
 # Everything another person sent is shown literally: controls become U+FFFD
-# (so no escape sequence reaches the terminal) and rich markup is escaped.
+# (so no escape sequence reaches a terminal) and rich markup is escaped.
+# Notices are rich markup, which every front-end (join, tui) renders.
 
 _DISPLAY_TABLE = {c: "\ufffd" for c in itertools.chain(range(0x20), range(0x7F, 0xA0))}
 _DISPLAY_TABLE.update({ord(c): "\ufffd" for c in _BIDI_CONTROLS + "\u2028\u2029"})
@@ -7059,6 +7107,608 @@ def escape_markup(text: str) -> str:
 def neutralise(text: str) -> str:
     """Controls, bidirectional controls and line separators to U+FFFD: nothing a terminal acts on."""
     return text if text.isprintable() else text.translate(_DISPLAY_TABLE)
+
+
+def count_text(count: int) -> str:
+    """An unread or mention count as shown: empty for none, ``9999+`` at the cap."""
+    return "" if not count else f"{count}+" if count >= UNREAD_MAX else str(count)
+
+
+@dataclass
+class Listing:
+    """An older-history or search request on the live connection, and the messages of its answer.
+
+    The answer is one block ending in ``END``; a live message may come just
+    before it, so a message counts as part of the answer only if its id is
+    at most ``ceiling``, the newest id seen when the request was sent.
+    """
+
+    kind: str                 # HISTORY or SEARCH
+    conversation: str         # the room (or @name) it is for
+    purpose: str              # older (scrolled past the top), search, or context (around a search hit)
+    anchor: int = 0           # the id it pages back from, or the search hit it shows in context
+    query: str = ""
+    ceiling: int = 0
+    messages: list[ChatMessage] = field(default_factory=list)
+    more: bool = False        # the server had more than it sent
+    failed: str = ""          # the server's refusal, if it refused
+
+
+class ClientFrontEnd:
+    """What a ChatClient tells the person using it: join and tui implement these hooks.
+
+    Hooks are called from the connection's reader thread (events) and from
+    whichever thread calls ``ChatClient.handle_line`` (commands); a front-end
+    with an event loop of its own hands them on to it.  Arguments named
+    ``markup`` are rich markup whose network text is already escaped.
+    """
+
+    def message(self, msg: ChatMessage, own: bool, backlog: bool = False, ring: bool = False) -> None:
+        """A message to show: live, or (``backlog``) from the history."""
+
+    def notice(self, markup: str, style: str = "dim", room: str | None = None) -> None:
+        """A line from chatctl itself; ``room``: about that room (None: wherever the person is)."""
+
+    def users(self, users: tuple[UserInfo, ...]) -> None:
+        """The answer to /who."""
+
+    def listing(self, listing: Listing) -> None:
+        """A complete answer to ``ChatClient.request_history`` or /search."""
+
+    def changed(self) -> None:
+        """The rooms, the current room, a topic, the members or the unread counts changed."""
+
+    def ended(self) -> None:
+        """The membership is over for good (taken over, or a password or certificate refused)."""
+
+    def protect_name(self) -> None:
+        """/register: ask for a new password, twice and hidden, then call ``ChatClient.protect``."""
+
+
+class ChatClient:
+    """One person's chat: commands in, events out to a ClientFrontEnd; no terminal in it.
+
+    It owns the LiveSession (the link), the RoomsModel (rooms, unread counts,
+    members) and what is waiting for the server: messages sent and not yet
+    acknowledged (``outbox``), history and search requests (``_listings``),
+    read markers not yet sent.  Events arrive on the session's reader thread
+    and commands on the front-end's thread; ``_lock`` guards every field
+    both touch.  ``conversations`` (tui): each conversation is shown apart,
+    so direct messages get one of their own (``@name``), each room's
+    members are kept, and a notice about a room goes to that room.
+    """
+
+    def __init__(self, config: ClientConfig, name: str, front: ClientFrontEnd, *, bell: str = "mentions",
+                 ask_password: PasswordPrompt | None = None,
+                 ask_trust: Callable[[str, str], bool] | None = None, room: str = MAIN_ROOM,
+                 conversations: bool = False, echo_own: bool = True):
+        self.name = name
+        self.front = front
+        self.model = RoomsModel()
+        self.bell = bell
+        self.conversations = conversations
+        self.echo_own = echo_own  # show our own lines once acknowledged (join's plain mode does not)
+        self.session = LiveSession(config, name, self.on_event, self.on_status, ask_password, ask_trust)
+        if room != MAIN_ROOM:
+            self.session.rooms, self.session.start_room = [room], room
+        self._switch_on_join: str | None = room if room != MAIN_ROOM else None  # /join's first room
+        self._room_list: list[RoomInfo] = []     # ROOM lines until their END
+        self._rooms_quietly = 0                  # ROOMS replies to take in without showing them
+        self._names_quietly: set[str] = set()    # rooms whose NAMES reply fills the model, unannounced
+        self.rooms_learned = 0.0                 # when the room list was last asked for
+        self._marks: dict[str, int] = {}         # read markers not sent yet (one MARK a second at most)
+        self._mark_timer: threading.Timer | None = None
+        self._listings: list[Listing] = []       # history and search requests in flight, oldest first
+        self.online: dict[str, str] = {}          # key -> name, in join order
+        self.ignored: dict[str, str] = {}
+        self.last_dm_from: str | None = None
+        self.outbox: list[tuple[str, str | None, str, str]] = []  # (kind, to, text, room) awaiting MSG_OK/ERR
+        self.failures = 0
+        self.quit_reason = ""  # what /quit said; sent with QUIT
+        self._shown_ids: set[int] = set()  # a message is never shown twice (backlog, then live)
+        self._lock = threading.RLock()
+        self._settled = threading.Condition(self._lock)
+
+    # --- for front-ends ----------------------------------------------------------------------
+
+    def mentions_me(self, msg: ChatMessage) -> bool:
+        return not self.is_me(msg.sender) and mentions(msg.text, self.name)
+
+    def is_me(self, name: str) -> bool:
+        return name_key(name) == name_key(self.name)
+
+    def conversation(self, msg: ChatMessage) -> str:
+        """Where a message belongs: its room, or ``@name`` of the other person of a direct message."""
+        if msg.kind != "dm":
+            return msg.room
+        return "@" + (msg.recipient or "" if self.is_me(msg.sender) else msg.sender)
+
+    def room_tag(self, msg: ChatMessage) -> str | None:
+        """The room to show beside a message in one stream (join): its own, unless it is the current one."""
+        return None if msg.kind == "dm" or msg.room == self.model.current else msg.room
+
+    def note(self, markup: str, style: str = "dim", room: str | None = None) -> None:
+        self.front.notice(markup, style, room)
+
+    def warn(self, markup: str) -> None:
+        self.front.notice(markup, "bold red")
+
+    # --- events (the reader thread) ------------------------------------------------------------
+
+    def on_status(self, text: str, users: tuple[UserInfo, ...]) -> None:
+        if users:  # (re)connected
+            self._set_online(users)
+            self._learn_rooms()
+            self._learn_members()
+        for line in text.splitlines():  # a pin warning has several
+            self.note(display_text(line), "bold red" if self.session.ended else "bold yellow")
+        self.front.changed()
+        if self.session.ended:
+            self.front.ended()
+
+    def _set_online(self, users: tuple[UserInfo, ...]) -> None:
+        with self._lock:
+            self.online = {name_key(u.name): u.name for u in users}
+
+    def on_event(self, event: ServerEvent | Backlog) -> None:
+        if isinstance(event, Delivered):
+            if not self._listed(event.message):
+                self._delivered(event.message)
+        elif isinstance(event, Backlog):
+            self._backlog(event)
+        elif isinstance(event, EndOfList) and event.kind in ("HISTORY", "SEARCH") and self._listings:
+            self._listing_done(event)
+        elif isinstance(event, ErrorReply) and event.code == "history-off" and self._listings:
+            self._listing_done(event)
+        elif isinstance(event, Acknowledged) or (isinstance(event, ErrorReply) and self.outbox):
+            self._settle(event)
+        elif isinstance(event, Joined):
+            with self._lock:
+                self.online[name_key(event.name)] = event.name
+            self.model.member_entered(MAIN_ROOM, event.name)
+            self.note(f"{display_text(event.name)} joined", room=MAIN_ROOM)
+            self.front.changed()
+        elif isinstance(event, Left):
+            with self._lock:
+                self.online.pop(name_key(event.name), None)
+            rooms = self.model.member_gone(event.name)
+            text = f"{display_text(event.name)} left ({display_text(event.reason)})"
+            for room in rooms if self.conversations and rooms else [None]:  # join says it once
+                self.note(text, room=room)
+            self.front.changed()
+        elif isinstance(event, UserList):
+            self._set_online(event.users)
+            self.front.users(event.users)
+        elif isinstance(event, (Confirmed, Topic, RoomNames, RoomInfo, Entered, Exited)) \
+                and self._room_event(event):
+            self.front.changed()
+        elif isinstance(event, EndOfList) and event.kind == "ROOMS":
+            self._show_rooms()
+        elif isinstance(event, Confirmed) and event.verb in ("REGISTER", "UNREGISTER"):
+            protected = event.verb == "REGISTER"
+            self.note(f"the name {display_text(event.arg)} is "
+                      + ("now protected by your password" if protected else "no longer protected"))
+        elif isinstance(event, ErrorReply):
+            self.warn("server: " + display_text(f"{event.text} ({event.code})"))
+        elif isinstance(event, UnknownLine):
+            self.note(display_text(event.line))
+
+    def _delivered(self, msg: ChatMessage) -> None:
+        if name_key(msg.sender) in self.ignored or not self._first_sight(msg):
+            return
+        own = self.is_me(msg.sender)
+        if msg.kind == "dm" and not own:
+            self.last_dm_from = msg.sender
+        personal = not own and (msg.kind == "dm" or self.mentions_me(msg))
+        ring = not own and (self.bell == "all" or (self.bell == "mentions" and personal))
+        if self._arrived(msg, personal):
+            self._mark(msg.room, msg.id)
+        self.front.message(msg, own=own, ring=ring)
+        self.front.changed()
+
+    def _arrived(self, msg: ChatMessage, mention: bool) -> bool:
+        """Count the message in its conversation; True if it was read (its room is the current one)."""
+        if msg.kind == "dm":
+            if self.conversations:
+                self.model.arrived(self.conversation(msg), msg.id, mention, create=True)
+            return False
+        return self.model.arrived(msg.room, msg.id, mention)
+
+    def _backlog(self, backlog: Backlog) -> None:
+        messages = [m for m in backlog.messages
+                    if self._first_sight(m) and name_key(m.sender) not in self.ignored]
+        if backlog.missed:
+            self.note(f"missed while away: {len(messages)} message(s)"
+                      + (" and more: chatctl history --after "
+                         f"{backlog.messages[-1].id} shows the rest" if backlog.more else ""))
+        elif messages:
+            self.note(f"the last {len(messages)} message(s) from the history:")
+        for msg in messages:
+            own = self.is_me(msg.sender)
+            if backlog.missed and not own:  # missed in another room: unread there
+                read = self._arrived(msg, self.mentions_me(msg) or msg.kind == "dm")
+            else:
+                read = msg.kind != "dm" and msg.room == self.model.current
+            if read:  # shown in the room on screen: read, as a live line would be
+                self._mark(msg.room, msg.id)
+            self.front.message(msg, own=own, backlog=True)
+        if messages and not backlog.missed:
+            self.note("end of history")
+        self.front.changed()
+
+    def _settle(self, event: Acknowledged | ErrorReply) -> None:
+        with self._lock:
+            sent = self.outbox.pop(0) if self.outbox else None
+            if isinstance(event, ErrorReply) and sent is not None:
+                self.failures += 1
+            self._settled.notify_all()
+        if isinstance(event, ErrorReply):
+            prefix = "not sent: " if sent else "server: "
+            self.warn(prefix + display_text(f"{event.text} ({event.code})"))
+        elif sent is not None and self.echo_own:
+            kind, target, text, room = sent
+            msg = ChatMessage(event.id or 0, event.ts or time.time(), self.name, text,
+                              kind.lower(), target, room)
+            if event.id:
+                self._first_sight(msg)
+                if self._arrived(msg, False):
+                    self._mark(room, msg.id)
+            self.front.message(msg, own=True)
+            self.front.changed()
+
+    def _first_sight(self, msg: ChatMessage) -> bool:
+        with self._lock:
+            if msg.id in self._shown_ids:
+                return False
+            if len(self._shown_ids) > 10_000:
+                self._shown_ids = {i for i in self._shown_ids if i > msg.id - 5_000}
+            self._shown_ids.add(msg.id)
+            return True
+
+    # --- rooms ---------------------------------------------------------------------------------
+
+    def _room_event(self, event) -> bool:
+        """Handle an event about rooms; False if it is not one (a REGISTER_OK, say)."""
+        if isinstance(event, Confirmed):
+            room = event.arg.lstrip("#")
+            if event.verb == "JOIN":
+                self.model.entered(room)
+                if self._switch_on_join == room:
+                    self._switch_on_join = None
+                    self.switch(room)
+                return True
+            if event.verb == "PART":
+                now = self.model.left(room)
+                self.note(f"you left #{display_text(room)}; now in #{display_text(now)}")
+                return True
+            return event.verb in ("MARK", "CLOSE")
+        if isinstance(event, Topic):
+            self.model.set_topic(event.room, event.text)
+            if event.text:
+                by = f" (set by {display_text(event.setter)})" if event.setter else ""
+                self.note(f"#{display_text(event.room)} topic: {display_text(event.text)}{by}",
+                          room=event.room)
+        elif isinstance(event, RoomNames):
+            self.model.set_members(event.room, [u.name for u in event.users])
+            with self._lock:
+                quietly = event.room in self._names_quietly
+                self._names_quietly.discard(event.room)
+            if not quietly:
+                names = ", ".join(u.name for u in event.users) or "nobody"
+                self.note(f"in #{display_text(event.room)}: {display_text(names)}", room=event.room)
+        elif isinstance(event, RoomInfo):
+            self._room_list.append(event)
+        elif isinstance(event, Entered):
+            self.model.member_entered(event.room, event.name)
+            if not self.is_me(event.name):
+                self.note(f"{display_text(event.name)} joined #{display_text(event.room)}", room=event.room)
+        elif isinstance(event, Exited):
+            self.model.member_exited(event.room, event.name)
+            why = f" ({display_text(event.reason)})" if event.reason else ""
+            self.note(f"{display_text(event.name)} left #{display_text(event.room)}{why}", room=event.room)
+        return True
+
+    def _learn_rooms(self) -> None:
+        """Ask for the room list without showing it, so Tab knows the rooms there are."""
+        self.rooms_learned = time.monotonic()
+        if self.session.extended and self.session.send("ROOMS"):
+            self._rooms_quietly += 1
+
+    def _learn_members(self) -> None:
+        """Ask who is in each of our rooms without showing it (tui's member list)."""
+        if not self.conversations or not self.session.extended:
+            return
+        for room in self.model.joined():
+            with self._lock:
+                self._names_quietly.add(room)
+            self.session.send("NAMES", f"#{room}")
+
+    def _show_rooms(self) -> None:
+        rooms, self._room_list = self._room_list, []
+        self.model.heard_of(r.name for r in rooms)
+        if self._rooms_quietly > 0:  # asked for completion's sake, not by the user
+            self._rooms_quietly -= 1
+            return
+        seen_here = self.model.unread()
+        lines = []
+        for r in rooms:
+            here = seen_here.get(r.name)
+            unread, mentioned = (here if here and here[0] else (r.unread, r.mentions)) if r.joined else (0, 0)
+            mark = "*" if r.name == self.model.current else ("+" if r.joined else " ")
+            counts = f"{count_text(unread)} unread" if unread else ""
+            counts += f", {count_text(mentioned)} mention(s)" if mentioned else ""
+            topic = f"  {display_text(r.topic)}" if r.topic else ""
+            lines.append(f"{mark} #{display_text(r.name)}  {r.online} online  {counts}{topic}")
+        self.note("rooms (* current, + joined):\n" + "\n".join(lines))
+
+    def switch(self, conversation: str, quiet: bool = False) -> None:
+        """Make a room (or, with ``conversations``, an ``@name`` conversation) the current one."""
+        last = self.model.switch(conversation)
+        if last and not conversation.startswith("@"):
+            self._mark(conversation, last)
+        if not quiet:
+            topic = self.model.topic(conversation)
+            where = conversation if conversation.startswith("@") else f"#{conversation}"
+            self.note(f"now in {display_text(where)}" + (f": {display_text(topic)}" if topic else ""))
+        self.front.changed()
+
+    def next_room(self) -> None:
+        room = self.model.next_unread()
+        if room is None:
+            self.note("no unread lines in other rooms")
+        else:
+            self.switch(room)
+
+    def _mark(self, room: str, last_id: int) -> None:
+        """Advance ``room``'s read marker to ``last_id``: at most one MARK a second (a busy room
+        must not make us flood), the last one always sent."""
+        with self._lock:
+            self._marks[room] = max(self._marks.get(room, 0), last_id)
+            if self._mark_timer is not None:
+                return
+            self._mark_timer = threading.Timer(1.0, self._send_marks)
+            self._mark_timer.daemon = True
+        self._send_marks(first=True)
+        self._mark_timer.start()
+
+    def _send_marks(self, first: bool = False) -> None:
+        with self._lock:
+            marks, self._marks = self._marks, {}
+            if not first:
+                self._mark_timer = None
+        for room, last_id in marks.items():
+            self.session.send("MARK", f"#{room}", str(last_id))
+
+    # --- history and search on the live connection -----------------------------------------------
+
+    def request_history(self, conversation: str, purpose: str, *, before: int = 0, after: int = 0,
+                        query: str = "", count: int = 50) -> bool:
+        """Ask for a page of ``conversation`` (older than ``before``, newer than ``after``) or search it;
+        the answer reaches ``ClientFrontEnd.listing``.  False when not connected."""
+        room = None if conversation.startswith("@") else conversation
+        fields = room_fields(room)
+        if query:
+            kind, fields = "SEARCH", (*fields, str(count), escape_text(query))
+        elif before:
+            kind, fields = "HISTORY", (*fields, "BEFORE", str(before), str(count))
+        else:
+            kind, fields = "HISTORY", (*fields, "AFTER", str(after), str(count))
+        listing = Listing(kind, conversation, purpose, before or after, query, self.session.last_id)
+        with self._lock:
+            self._listings.append(listing)
+            if self.session.send(kind, *fields):
+                return True
+            self._listings.remove(listing)
+        return False
+
+    def _listed(self, msg: ChatMessage) -> bool:
+        """Whether a delivered message belongs to the answer of the oldest request in flight."""
+        with self._lock:
+            if not self._listings or msg.id > self._listings[0].ceiling:
+                return False
+            self._listings[0].messages.append(msg)
+            return True
+
+    def _listing_done(self, end: EndOfList | ErrorReply) -> None:
+        with self._lock:
+            listing = self._listings.pop(0)
+        if isinstance(end, ErrorReply):
+            listing.failed = display_text(end.text)
+        else:
+            listing.more = end.more
+        if listing.conversation.startswith("@"):  # HISTORY without a room: #main and our DMs
+            listing.messages = [m for m in listing.messages if self.conversation(m) == listing.conversation]
+        listing.messages = [m for m in listing.messages if name_key(m.sender) not in self.ignored]
+        self.front.listing(listing)
+
+    # --- commands (the front-end's thread) ---------------------------------------------------------
+
+    def post(self, kind: str, text: str, target: str | None = None) -> None:
+        """Send to ``target`` (a DM), or to the current conversation."""
+        with self._lock:
+            room = self.model.current
+            if target is None and room.startswith("@"):  # a DM conversation (tui)
+                kind, target = "DM" if kind == "MSG" else kind, room[1:]
+            self.outbox.append((kind, target, text, room))
+            fields = (target, escape_text(text)) if target is not None else (f"#{room}", escape_text(text))
+            if not self.session.send(kind, *fields):
+                self.outbox.pop()
+                raise NotConnected("not connected")
+
+    def handle_line(self, line: str) -> bool:
+        """Act on one input line; False means quit."""
+        command = parse_input(line)
+        action = command.action
+        current = self.model.current
+        if action == "msg":
+            self.post("MSG", command.text)
+        elif action == "msg-to":
+            self.post("DM", command.text, command.target)
+        elif action == "me":
+            if current.startswith("@"):
+                self.warn("/me works in rooms; direct messages have no actions")
+            else:
+                self.post("ME", command.text)
+        elif action == "reply":
+            if self.last_dm_from is None:
+                self.warn("nobody has sent you a direct message yet")
+            else:
+                self.post("DM", command.text, self.last_dm_from)
+        elif action == "who":
+            self._request("DIR")
+        elif action == "join":
+            self._join(command.text.split())
+        elif action == "part":
+            self._part(command.text)
+        elif action == "rooms":
+            self._request("ROOMS")
+        elif action in ("names", "topic", "search") and current.startswith("@"):
+            self.warn(f"/{action} works in rooms; this is a conversation with {display_text(current[1:])}")
+        elif action == "names":
+            self._request("NAMES", f"#{current}")
+        elif action == "topic":
+            text = command.text.strip()
+            if not text and not self.model.topic(current):
+                self.note(f"#{display_text(current)} has no topic (/topic TEXT sets one)")
+            else:
+                self._request("TOPIC", f"#{current}", *([escape_text(text)] if text else []))
+        elif action == "search":
+            if not self.request_history(current, "search", query=command.text.strip(), count=SEARCH_RESULTS):
+                raise NotConnected("not connected")
+        elif action == "next":
+            self.next_room()
+        elif action in ("ignore", "unignore"):
+            self._ignore(action, command.target)
+        elif action == "register":
+            self.front.protect_name()
+        elif action == "nick":
+            self._rename(command.text.strip())
+        elif action == "unregister":
+            self._request("UNREGISTER")
+        elif action == "quit":
+            self.quit_reason = command.text.strip()
+            return False
+        elif action == "help":
+            self.note("commands:\n" + "\n".join(JOIN_COMMANDS.values()))
+        elif action == "usage":
+            self.warn(f"usage: {display_text(command.text)}")
+        else:
+            self.warn(f"unknown command {display_text(command.text)} (try /help)")
+        return True
+
+    def _request(self, verb: str, *fields: str) -> None:
+        if not self.session.send(verb, *fields):
+            raise NotConnected("not connected")
+
+    def _join(self, words: list[str]) -> None:
+        try:
+            rooms = [validate_room(w) for w in words]
+        except ProtocolError as exc:
+            self.warn(display_text(exc.text))
+            return
+        joined = self.model.joined()
+        if rooms[0] in joined:  # already there: just switch
+            self.switch(rooms[0])
+            rooms = [r for r in rooms[1:] if r not in joined]
+            if not rooms:
+                return
+        else:
+            self._switch_on_join = rooms[0]
+        self._request("JOIN", *(f"#{r}" for r in rooms))
+
+    def _part(self, text: str) -> None:
+        word, _, reason = text.strip().partition(" ")
+        if not word and self.model.current.startswith("@"):  # closing a DM conversation is ours alone
+            self.switch(self.model.close(self.model.current), quiet=True)
+            return
+        try:
+            room = validate_room(word) if word else self.model.current
+        except ProtocolError as exc:
+            self.warn(display_text(exc.text))
+            return
+        if self.model.joined() == [room]:
+            self.warn(f"#{display_text(room)} is the only room you are in: /join another first, or /quit")
+            return
+        self._request("PART", f"#{room}", *([sanitise_line(reason)] if reason.strip() else []))
+
+    def _rename(self, name: str) -> None:
+        if not self.session.rename(name):
+            self.warn("/nick works while your name is taken by someone else; you are connected as "
+                      f"{display_text(self.name)}")
+            return
+        self.name = name
+        self.note(f"trying again as {display_text(name)}")
+
+    def protect(self, password: str) -> None:
+        """Protect our name with ``password`` (what /register asked for)."""
+        self._request("REGISTER", password)
+        self.session.password = password  # reconnects prove the name with it
+
+    def _ignore(self, action: str, target: str | None) -> None:
+        if target is None:
+            names = ", ".join(self.ignored.values()) or "nobody"
+            self.note(f"ignoring: {display_text(names)}")
+        elif action == "ignore":
+            self.ignored[name_key(target)] = target
+            self.note(f"ignoring {display_text(target)}")
+        else:
+            self.ignored.pop(name_key(target), None)
+            self.note(f"no longer ignoring {display_text(target)}")
+
+    def completions(self, text: str) -> tuple[int, list[str]]:
+        """What Tab offers after ``text`` (the line up to the cursor): how many characters at its end a
+        choice replaces, and the choices: /commands, rooms (after /join or /part, or a word starting
+        with #), else the names of people online (``name: `` at the start of a line)."""
+        if text.startswith("/") and " " not in text:
+            return len(text), [c + " " for c in JOIN_COMMANDS if c.startswith(text.lower())]
+        word = text.rsplit(" ", 1)[-1]
+        if word.startswith("#") or text.split(" ", 1)[0] in ("/join", "/part"):
+            if time.monotonic() - self.rooms_learned > ROOM_LIST_FRESH:
+                self._learn_rooms()  # for the next Tab: rooms come and go
+            typed = word.lstrip("#").lower()
+            return len(word), [f"#{room} " for room in self.model.all_rooms() if room.startswith(typed)]
+        suffix = ": " if text == word else " "
+        with self._lock:
+            names = [n for n in self.online.values() if not self.is_me(n)]
+        return len(word), [name + suffix for name in names if name_key(name).startswith(name_key(word))]
+
+    def wait_settled(self, timeout: float) -> bool:
+        """Wait until every sent message got MSG_OK or ERR."""
+        deadline = time.monotonic() + timeout
+        with self._settled:
+            while self.outbox:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._settled.wait(remaining):
+                    return not self.outbox
+        return True
+
+    def start(self, hint: str = "") -> None:
+        """Connect and register (errors go to the caller), then hand on events from the reader thread."""
+        users = self.session.start()
+        for room in self.session.rooms:  # --room: joined while connecting
+            self.model.entered(room)
+        if self._switch_on_join in self.session.rooms:
+            self.model.switch(self._switch_on_join)
+            self._switch_on_join = None
+        self._set_online(users)
+        self._learn_rooms()
+        self._learn_members()
+        names = ", ".join(u.name for u in users)
+        config = self.session.config
+        self.note(f"connected to {display_text(config.host)}:{config.port} "
+                  f"as [bold]{display_text(self.name)}[/]; online: {display_text(names)}" + hint)
+        self.front.changed()
+        self.session.run()
+
+    def close(self) -> None:
+        self.session.close(self.quit_reason)
+
+
+# =============================================================================
+# 10. Rendering
+# =============================================================================
+# Tables for the one-shot commands, and join's lines.  Network text is made
+# safe by display_text() and neutralise() (section 9) before it is printed.
 
 
 def wrap_cells(text: str, first: int, rest: int) -> list[str]:
@@ -7204,11 +7854,6 @@ def render_servers_table(servers: list[ServerStatus]) -> None:
     stdout_console().print(table)
 
 
-def count_text(count: int) -> str:
-    """An unread or mention count as shown: empty for none, ``9999+`` at the cap."""
-    return "" if not count else f"{count}+" if count >= UNREAD_MAX else str(count)
-
-
 def users_as_json(users: tuple[UserInfo, ...]) -> str:
     import json
 
@@ -7261,13 +7906,11 @@ class ChatView:
 
     CONTINUATION = "      │ "
 
-    def __init__(self, me: str, color: bool, width: int | None = None, wrap: bool = False):
+    def __init__(self, color: bool, width: int | None = None, wrap: bool = False):
         from rich.console import Console
 
-        self.me = me
         self.color = color
         self.wrap = wrap  # fit every row to the terminal (interactive join)
-        self._mention = re.compile(r"(?<!\w)" + re.escape(me) + r"(?!\w)", re.IGNORECASE)
         self._console = Console(color_system="standard" if color else None, force_terminal=color,
                                 no_color=not color, width=width or 200, highlight=False,
                                 emoji=False, soft_wrap=True)
@@ -7277,15 +7920,12 @@ class ChatView:
             self._console.print(markup, end="")
         return capture.get()
 
-    def mentions_me(self, msg: ChatMessage) -> bool:
-        return name_key(msg.sender) != name_key(self.me) and bool(self._mention.search(msg.text))
-
     def _name(self, name: str, own: bool = False) -> str:
         style = "bold reverse" if own else f"bold {user_colour(name)}"
         return f"[{style}]{display_text(name)}[/]"
 
     def message(self, msg: ChatMessage, own: bool = False, backlog: bool = False,
-                room: str | None = None) -> str:
+                room: str | None = None, mention: bool = False) -> str:
         """One message; ``backlog`` ones (from the history) are dim and dated when not from today.
 
         With ``wrap``, every row fits the terminal and each row after the
@@ -7295,7 +7935,7 @@ class ChatView:
         from rich.cells import cell_len
         from rich.text import Text
 
-        mention = not own and not backlog and self.mentions_me(msg)
+        mention = mention and not own and not backlog
         lines = [neutralise(line) for line in msg.text.split("\n")]
         today = time.localtime(msg.ts)[:3] == time.localtime()[:3]
         stamp = f"[dim]{local_time(msg.ts, with_date=backlog and not today)}[/]"
@@ -7334,67 +7974,64 @@ class ChatView:
     def error(self, text: str) -> str:
         return self.notice(text, "bold red")
 
-    def user_table(self, users: tuple[UserInfo, ...]) -> str:
-        table = user_table(users, lambda name: self._name(name, name_key(name) == name_key(self.me)))
+    def user_table(self, users: tuple[UserInfo, ...], me: str) -> str:
+        table = user_table(users, lambda name: self._name(name, name_key(name) == name_key(me)))
         with self._console.capture() as capture:
             self._console.print(table, end="")
         return capture.get()
 
 
-class JoinClient:
-    """``chatctl join``: an interactive prompt_toolkit UI, or plain lines when stdin is not a terminal."""
+class JoinClient(ClientFrontEnd):
+    """``chatctl join``: a ChatClient's front-end at a prompt_toolkit prompt, or plain lines when stdin
+    is not a terminal (messages on stdout, notices on stderr)."""
 
     def __init__(self, config: ClientConfig, name: str, color: bool, bell: str,
                  interactive: bool, ask_password: PasswordPrompt | None = None,
                  ask_trust: Callable[[str, str], bool] | None = None, room: str = MAIN_ROOM):
-        self.name = name
-        self.model = RoomsModel()
-        self.bell = bell
         self.interactive = interactive
-        self.view = ChatView(name, color, wrap=interactive)
-        self.session = LiveSession(config, name, self.on_event, self.on_status, ask_password, ask_trust)
-        if room != MAIN_ROOM:
-            self.session.rooms, self.session.start_room = [room], room
-        self._switch_on_join: str | None = room if room != MAIN_ROOM else None  # /join's first room
-        self._room_list: list[RoomInfo] = []     # ROOM lines until their END
-        self._rooms_quietly = 0                  # ROOMS replies to take in without showing them
-        self._rooms_learned = 0.0                # when the room list was last asked for
-        self._marks: dict[str, int] = {}         # read markers not sent yet (one MARK a second at most)
-        self._mark_timer: threading.Timer | None = None
+        self.chat = ChatClient(config, name, self, bell=bell, ask_password=ask_password, ask_trust=ask_trust,
+                               room=room, echo_own=interactive)
+        self.view = ChatView(color, wrap=interactive)
         self._prompt = None  # the PromptSession, while run_interactive runs
-        self.online: dict[str, str] = {}          # key -> name, in join order
-        self.ignored: dict[str, str] = {}
-        self.last_dm_from: str | None = None
-        self.outbox: list[tuple[str, str | None, str, str]] = []  # (kind, to, text, room) awaiting MSG_OK/ERR
-        self.failures = 0
-        self.quit_reason = ""  # what /quit said; sent with QUIT
-        self._shown_ids: set[int] = set()  # a message is never shown twice (backlog, then live)
-        self._lock = threading.RLock()
-        self._settled = threading.Condition(self._lock)
+        self._out = threading.Lock()  # one line at a time, whichever thread writes it
 
-    # --- output (any thread) --------------------------------------------------------------
+    # --- the hooks ChatClient calls (any thread) ------------------------------------------------
 
     def show(self, text: str, bell: bool = False, data: bool = True) -> None:
         """Print one display line; in plain mode notices (``data=False``) go to stderr."""
         stream = sys.stdout if self.interactive or data else sys.stderr
-        with self._lock:
+        with self._out:
             stream.write(text + ("\a" if bell else "") + "\n")
             stream.flush()
 
-    def note(self, markup: str, style: str = "dim") -> None:
-        """A notice from chatctl itself (stderr in plain mode); network text in it escaped."""
+    def message(self, msg: ChatMessage, own: bool, backlog: bool = False, ring: bool = False) -> None:
+        self.show(self.view.message(msg, own=own, backlog=backlog, room=self.chat.room_tag(msg),
+                                    mention=self.chat.mentions_me(msg)), bell=ring and self.interactive)
+
+    def notice(self, markup: str, style: str = "dim", room: str | None = None) -> None:
         self.show(self.view.notice(markup, style), data=False)
 
-    def warn(self, markup: str) -> None:
-        self.note(markup, "bold red")
+    def users(self, users: tuple[UserInfo, ...]) -> None:
+        self.show(self.view.user_table(users, self.chat.name))
 
-    def on_status(self, text: str, users: tuple[UserInfo, ...]) -> None:
-        if users:  # (re)connected
-            self._set_online(users)
-            self._learn_rooms()
-        for line in text.splitlines():  # a pin warning has several
-            self.note(display_text(line), "bold red" if self.session.ended else "bold yellow")
-        if self.session.ended and self._prompt is not None:
+    def listing(self, listing: Listing) -> None:
+        where = f"#{display_text(listing.conversation)}"
+        if listing.failed:
+            self.notice(f"no search: {listing.failed}", "bold red")
+            return
+        found = len(listing.messages)
+        self.notice(f"{found} message(s) in {where} contain {display_text(listing.query)!r}"
+                    + (" (the newest shown; chatctl history --search finds more)" if listing.more else "")
+                    + (":" if found else ""))
+        for msg in listing.messages:
+            self.show(self.view.message(msg, own=self.chat.is_me(msg.sender), backlog=True))
+
+    def changed(self) -> None:
+        if self._prompt is not None and self._prompt.app.is_running:
+            self._prompt.app.invalidate()  # the prompt names the current room
+
+    def ended(self) -> None:
+        if self._prompt is not None:
             app = self._prompt.app  # leave the prompt as Ctrl-D would: this membership is over
             if app.is_running and app.loop is not None:
                 app.loop.call_soon_threadsafe(self._leave_prompt)
@@ -7403,369 +8040,29 @@ class JoinClient:
         if self._prompt is not None and self._prompt.app.is_running:
             self._prompt.app.exit(exception=EOFError)
 
-    def _set_online(self, users: tuple[UserInfo, ...]) -> None:
-        with self._lock:
-            self.online = {name_key(u.name): u.name for u in users}
-
-    def on_event(self, event: ServerEvent | Backlog) -> None:
-        if isinstance(event, Delivered):
-            self._delivered(event.message)
-        elif isinstance(event, Backlog):
-            self._backlog(event)
-        elif isinstance(event, Acknowledged) or (isinstance(event, ErrorReply) and self.outbox):
-            self._settle(event)
-        elif isinstance(event, Joined):
-            with self._lock:
-                self.online[name_key(event.name)] = event.name
-            self.note(f"{display_text(event.name)} joined")
-        elif isinstance(event, Left):
-            with self._lock:
-                self.online.pop(name_key(event.name), None)
-            self.note(f"{display_text(event.name)} left ({display_text(event.reason)})")
-        elif isinstance(event, UserList):
-            self._set_online(event.users)
-            self.show(self.view.user_table(event.users))
-        elif isinstance(event, (Confirmed, Topic, RoomNames, RoomInfo, Entered, Exited)) \
-                and self._room_event(event):
-            pass
-        elif isinstance(event, EndOfList) and event.kind == "ROOMS":
-            self._show_rooms()
-        elif isinstance(event, Confirmed) and event.verb in ("REGISTER", "UNREGISTER"):
-            protected = event.verb == "REGISTER"
-            self.note(f"the name {display_text(event.arg)} is "
-                      + ("now protected by your password" if protected else "no longer protected"))
-        elif isinstance(event, ErrorReply):
-            self.warn("server: " + display_text(f"{event.text} ({event.code})"))
-        elif isinstance(event, UnknownLine):
-            self.show(self.view.notice(display_text(event.line)))
-
-    # --- rooms -------------------------------------------------------------------------------
-
-    def _room_event(self, event) -> bool:
-        """Handle an event about rooms; False if it is not one (a REGISTER_OK, say)."""
-        if isinstance(event, Confirmed):
-            room = event.arg.lstrip("#")
-            if event.verb == "JOIN":
-                self.model.entered(room)
-                if self._switch_on_join == room:
-                    self._switch_on_join = None
-                    self._switch(room)
-                return True
-            if event.verb == "PART":
-                now = self.model.left(room)
-                self.note(f"you left #{display_text(room)}; now in #{display_text(now)}")
-                return True
-            return event.verb in ("MARK", "CLOSE")
-        if isinstance(event, Topic):
-            self.model.set_topic(event.room, event.text)
-            if event.text:
-                by = f" (set by {display_text(event.setter)})" if event.setter else ""
-                self.note(f"#{display_text(event.room)} topic: {display_text(event.text)}{by}")
-        elif isinstance(event, RoomNames):
-            names = ", ".join(u.name for u in event.users) or "nobody"
-            self.note(f"in #{display_text(event.room)}: {display_text(names)}")
-        elif isinstance(event, RoomInfo):
-            self._room_list.append(event)
-        elif isinstance(event, Entered):
-            if name_key(event.name) != name_key(self.name):
-                self.note(f"{display_text(event.name)} joined #{display_text(event.room)}")
-        elif isinstance(event, Exited):
-            why = f" ({display_text(event.reason)})" if event.reason else ""
-            self.note(f"{display_text(event.name)} left #{display_text(event.room)}{why}")
-        return True
-
-    def _learn_rooms(self) -> None:
-        """Ask for the room list without showing it, so Tab knows the rooms there are."""
-        self._rooms_learned = time.monotonic()
-        if self.session.extended and self.session.send("ROOMS"):
-            self._rooms_quietly += 1
-
-    def _show_rooms(self) -> None:
-        rooms, self._room_list = self._room_list, []
-        self.model.heard_of(r.name for r in rooms)
-        if self._rooms_quietly > 0:  # asked for completion's sake, not by the user
-            self._rooms_quietly -= 1
-            return
-        seen_here = self.model.unread()
-        lines = []
-        for r in rooms:
-            here = seen_here.get(r.name)
-            unread, mentioned = (here if here and here[0] else (r.unread, r.mentions)) if r.joined else (0, 0)
-            mark = "*" if r.name == self.model.current else ("+" if r.joined else " ")
-            counts = f"{count_text(unread)} unread" if unread else ""
-            counts += f", {count_text(mentioned)} mention(s)" if mentioned else ""
-            topic = f"  {display_text(r.topic)}" if r.topic else ""
-            lines.append(f"{mark} #{display_text(r.name)}  {r.online} online  {counts}{topic}")
-        self.note("rooms (* current, + joined):\n" + "\n".join(lines))
-
-    def _switch(self, room: str) -> None:
-        last = self.model.switch(room)
-        if last:
-            self._mark(room, last)
-        topic = self.model.topic(room)
-        self.note(f"now in #{display_text(room)}" + (f": {display_text(topic)}" if topic else ""))
-        self._refresh_prompt()
-
-    def _refresh_prompt(self) -> None:
-        if self._prompt is not None and self._prompt.app.is_running:
-            self._prompt.app.invalidate()
-
-    def prompt_text(self) -> str:
-        return f"#{self.model.current}> "
-
-    def next_room(self) -> None:
-        room = self.model.next_unread()
-        if room is None:
-            self.note("no unread lines in other rooms")
-        else:
-            self._switch(room)
-
-    def _mark(self, room: str, last_id: int) -> None:
-        """Advance ``room``'s read marker to ``last_id``: at most one MARK a second (a busy room
-        must not make us flood), the last one always sent."""
-        with self._lock:
-            self._marks[room] = max(self._marks.get(room, 0), last_id)
-            if self._mark_timer is not None:
-                return
-            self._mark_timer = threading.Timer(1.0, self._send_marks)
-            self._mark_timer.daemon = True
-        self._send_marks(first=True)
-        self._mark_timer.start()
-
-    def _send_marks(self, first: bool = False) -> None:
-        with self._lock:
-            marks, self._marks = self._marks, {}
-            if not first:
-                self._mark_timer = None
-        for room, last_id in marks.items():
-            self.session.send("MARK", f"#{room}", str(last_id))
-
-    def _first_sight(self, msg: ChatMessage) -> bool:
-        with self._lock:
-            if msg.id in self._shown_ids:
-                return False
-            if len(self._shown_ids) > 10_000:
-                self._shown_ids = {i for i in self._shown_ids if i > msg.id - 5_000}
-            self._shown_ids.add(msg.id)
-            return True
-
-    def _backlog(self, backlog: Backlog) -> None:
-        messages = [m for m in backlog.messages
-                    if self._first_sight(m) and name_key(m.sender) not in self.ignored]
-        if backlog.missed:
-            self.note(f"missed while away: {len(messages)} message(s)"
-                      + (" and more: chatctl history --after "
-                         f"{backlog.messages[-1].id} shows the rest" if backlog.more else ""))
-        elif messages:
-            self.note(f"the last {len(messages)} message(s) from the history:")
-        for msg in messages:
-            own = name_key(msg.sender) == name_key(self.name)
-            if msg.kind != "dm":
-                if backlog.missed and not own:  # missed in another room: unread there
-                    read = self.model.arrived(msg, self.view.mentions_me(msg))
-                else:
-                    read = msg.room == self.model.current
-                if read:  # shown in the room on screen: read, as a live line would be
-                    self._mark(msg.room, msg.id)
-            self.show(self.view.message(msg, own=own, backlog=True, room=self._room_tag(msg)))
-        if messages and not backlog.missed:
-            self.note("end of history")
-
-    def _delivered(self, msg: ChatMessage) -> None:
-        if name_key(msg.sender) in self.ignored or not self._first_sight(msg):
-            return
-        if msg.kind == "dm":
-            self.last_dm_from = msg.sender
-        own = name_key(msg.sender) == name_key(self.name)
-        personal = msg.kind == "dm" or self.view.mentions_me(msg)
-        ring = self.bell == "all" or (self.bell == "mentions" and personal)
-        tag = self._room_tag(msg)
-        if msg.kind != "dm" and self.model.arrived(msg, personal):
-            self._mark(msg.room, msg.id)
-        self.show(self.view.message(msg, own=own, room=tag), bell=ring and not own and self.interactive)
-
-    def _room_tag(self, msg: ChatMessage) -> str | None:
-        """The room to show beside a message: its own, unless it is the current room's."""
-        return None if msg.kind == "dm" or msg.room == self.model.current else msg.room
-
-    def _settle(self, event: Acknowledged | ErrorReply) -> None:
-        with self._lock:
-            sent = self.outbox.pop(0) if self.outbox else None
-            if isinstance(event, ErrorReply) and sent is not None:
-                self.failures += 1
-            self._settled.notify_all()
-        if isinstance(event, ErrorReply):
-            prefix = "not sent: " if sent else "server: "
-            self.warn(prefix + display_text(f"{event.text} ({event.code})"))
-        elif sent is not None and self.interactive:
-            kind, target, text, room = sent
-            msg = ChatMessage(event.id or 0, event.ts or time.time(), self.name, text,
-                              kind.lower(), target, room)
-            if event.id:
-                self._first_sight(msg)
-                if kind != "DM" and self.model.arrived(msg, False):
-                    self._mark(room, msg.id)
-            self.show(self.view.message(msg, own=True, room=self._room_tag(msg)))
-
-    # --- input (the main thread) ----------------------------------------------------------
-
-    def post(self, kind: str, text: str, target: str | None = None) -> None:
-        """Send to ``target`` (a DM), or to the current room."""
-        with self._lock:
-            room = self.model.current
-            self.outbox.append((kind, target, text, room))
-            fields = (target, escape_text(text)) if target is not None else (f"#{room}", escape_text(text))
-            if not self.session.send(kind, *fields):
-                self.outbox.pop()
-                raise NotConnected("not connected")
-
-    def handle_line(self, line: str) -> bool:
-        """Act on one input line; False means quit."""
-        command = parse_input(line)
-        action = command.action
-        if action == "msg":
-            self.post("MSG", command.text)
-        elif action == "msg-to":
-            self.post("DM", command.text, command.target)
-        elif action == "me":
-            self.post("ME", command.text)
-        elif action == "reply":
-            if self.last_dm_from is None:
-                self.warn("nobody has sent you a direct message yet")
-            else:
-                self.post("DM", command.text, self.last_dm_from)
-        elif action == "who":
-            self._request("DIR")
-        elif action == "join":
-            self._join(command.text.split())
-        elif action == "part":
-            word, _, reason = command.text.strip().partition(" ")
-            try:
-                room = validate_room(word) if word else self.model.current
-            except ProtocolError as exc:
-                self.warn(display_text(exc.text))
-                return True
-            if self.model.joined() == [room]:
-                self.warn(f"#{display_text(room)} is the only room you are in: /join another first, or /quit")
-                return True
-            self._request("PART", f"#{room}", *([sanitise_line(reason)] if reason.strip() else []))
-        elif action == "rooms":
-            self._request("ROOMS")
-        elif action == "names":
-            self._request("NAMES", f"#{self.model.current}")
-        elif action == "topic":
-            text = command.text.strip()
-            if not text and not self.model.topic(self.model.current):
-                self.note(f"#{display_text(self.model.current)} has no topic (/topic TEXT sets one)")
-            else:
-                self._request("TOPIC", f"#{self.model.current}", *([escape_text(text)] if text else []))
-        elif action == "next":
-            self.next_room()
-        elif action in ("ignore", "unignore"):
-            self._ignore(action, command.target)
-        elif action == "register":
-            self._register()
-        elif action == "nick":
-            self._rename(command.text.strip())
-        elif action == "unregister":
-            if not self.session.send("UNREGISTER"):
-                raise NotConnected("not connected")
-        elif action == "quit":
-            self.quit_reason = command.text.strip()
-            return False
-        elif action == "help":
-            self.note("commands:\n" + "\n".join(JOIN_COMMANDS.values()))
-        elif action == "usage":
-            self.warn(f"usage: {display_text(command.text)}")
-        else:
-            self.warn(f"unknown command {display_text(command.text)} (try /help)")
-        return True
-
-    def _request(self, verb: str, *fields: str) -> None:
-        if not self.session.send(verb, *fields):
-            raise NotConnected("not connected")
-
-    def _join(self, words: list[str]) -> None:
-        try:
-            rooms = [validate_room(w) for w in words]
-        except ProtocolError as exc:
-            self.warn(display_text(exc.text))
-            return
-        joined = self.model.joined()
-        if rooms[0] in joined:  # already there: just switch
-            self._switch(rooms[0])
-            rooms = [r for r in rooms[1:] if r not in joined]
-            if not rooms:
-                return
-        else:
-            self._switch_on_join = rooms[0]
-        self._request("JOIN", *(f"#{r}" for r in rooms))
-
-    def _rename(self, name: str) -> None:
-        if not self.session.rename(name):
-            self.warn("/nick works while your name is taken by someone else; you are connected as "
-                      f"{display_text(self.name)}")
-            return
-        self.name = name
-        self.view = ChatView(name, self.view.color, wrap=self.view.wrap)
-        self.note(f"trying again as {display_text(name)}")
-
-    def _register(self) -> None:
+    def protect_name(self) -> None:
         """Protect our name: the new password is asked twice, hidden, and never echoed."""
         if self._prompt is None:
-            self.warn("/register needs a terminal; use chatctl register")
+            self.chat.warn("/register needs a terminal; use chatctl register")
             return
         try:
             first = self._prompt.prompt("new password for your name: ", is_password=True)
             again = self._prompt.prompt("the same again: ", is_password=True)
         except (EOFError, KeyboardInterrupt):
-            self.note("not changed")
+            self.chat.note("not changed")
             return
         if first != again:
-            self.warn("the two passwords differ; nothing changed")
+            self.chat.warn("the two passwords differ; nothing changed")
             return
-        if not self.session.send("REGISTER", first):
-            raise NotConnected("not connected")
-        self.session.password = first  # reconnects prove the name with it
-
-    def _ignore(self, action: str, target: str | None) -> None:
-        if target is None:
-            names = ", ".join(self.ignored.values()) or "nobody"
-            self.note(f"ignoring: {display_text(names)}")
-        elif action == "ignore":
-            self.ignored[name_key(target)] = target
-            self.note(f"ignoring {display_text(target)}")
-        else:
-            self.ignored.pop(name_key(target), None)
-            self.note(f"no longer ignoring {display_text(target)}")
-
-    def wait_settled(self, timeout: float) -> bool:
-        """Wait until every sent message got MSG_OK or ERR."""
-        deadline = time.monotonic() + timeout
-        with self._settled:
-            while self.outbox:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._settled.wait(remaining):
-                    return not self.outbox
-        return True
+        self.chat.protect(first)
 
     # --- the two modes -----------------------------------------------------------------------
 
     def start(self) -> None:
-        users = self.session.start()
-        for room in self.session.rooms:  # join --room: joined while connecting
-            self.model.entered(room)
-        if self._switch_on_join in self.session.rooms:
-            self.model.switch(self._switch_on_join)
-            self._switch_on_join = None
-        self._set_online(users)
-        self._learn_rooms()
-        names = ", ".join(u.name for u in users)
-        config = self.session.config
-        self.note(f"connected to {display_text(config.host)}:{config.port} "
-                  f"as [bold]{display_text(self.name)}[/]; online: {display_text(names)}"
-                  + ("  (/help for commands)" if self.interactive else ""))
-        self.session.run()
+        self.chat.start("  (/help for commands)" if self.interactive else "")
+
+    def prompt_text(self) -> str:
+        return f"#{self.chat.model.current}> "
 
     def run_interactive(self) -> None:
         from prompt_toolkit import PromptSession
@@ -7776,10 +8073,10 @@ class JoinClient:
 
         @keys.add("escape", "n")  # Alt-n: the room with the oldest unread line
         def _(event):
-            self.next_room()
+            self.chat.next_room()
 
-        prompt = self._prompt = PromptSession(completer=name_completer(self), complete_while_typing=False,
-                                              erase_when_done=True, key_bindings=keys)
+        prompt = self._prompt = PromptSession(completer=name_completer(self.chat), key_bindings=keys,
+                                              complete_while_typing=False, erase_when_done=True)
         kept = ""
         with patch_stdout(raw=True):
             try:
@@ -7794,16 +8091,17 @@ class JoinClient:
                         continue
                     lines = line.count("\n") + 1
                     if lines > PASTE_CONFIRM_LINES and not self._confirm(prompt, lines):
-                        self.note(f"not sent: the {lines} lines were discarded")
+                        self.chat.note(f"not sent: the {lines} lines were discarded")
                         continue
                     try:
-                        if not self.handle_line(line):
+                        if not self.chat.handle_line(line):
                             break
                     except NotConnected:
                         kept = line
-                        self.warn("not connected: your line is kept; press Enter to send it once reconnected")
+                        self.chat.warn("not connected: your line is kept; press Enter to send it once "
+                                       "reconnected")
             finally:
-                self.session.close(self.quit_reason)
+                self.chat.close()
 
     def _confirm(self, prompt, lines: int) -> bool:
         try:
@@ -7821,7 +8119,7 @@ class JoinClient:
                     continue
                 for _ in range(2):  # on a dropped link, wait for the reconnect once
                     try:
-                        keep_going = self.handle_line(line)
+                        keep_going = self.chat.handle_line(line)
                         break
                     except NotConnected:
                         self._wait_connected(timeout)
@@ -7829,48 +8127,27 @@ class JoinClient:
                     raise ClientError("lost the connection to the server")
                 if not keep_going:
                     break
-            if not self.wait_settled(timeout):
+            if not self.chat.wait_settled(timeout):
                 raise ServerTimeout("the server did not acknowledge every message in time")
         finally:
-            self.session.close(self.quit_reason)
-        return EXIT_REJECTED if self.failures else EXIT_OK
+            self.chat.close()
+        return EXIT_REJECTED if self.chat.failures else EXIT_OK
 
     def _wait_connected(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not self.session.connected and time.monotonic() < deadline:
+        while not self.chat.session.connected and time.monotonic() < deadline:
             time.sleep(0.05)
 
 
-def name_completer(client: JoinClient):
-    """Tab completes /commands, room names (after /join and /part, or a word starting with #) and
-    the names of people online (``name: `` at the start of a line)."""
+def name_completer(chat: ChatClient):
+    """Tab at join's prompt: what ``ChatClient.completions`` offers."""
     from prompt_toolkit.completion import Completer, Completion
 
     class NameCompleter(Completer):
         def get_completions(self, document, complete_event):
-            text = document.text_before_cursor
-            if text.startswith("/") and " " not in text:
-                for command in JOIN_COMMANDS:
-                    if command.startswith(text.lower()):
-                        yield Completion(command + " ", start_position=-len(text), display=command)
-                return
-            word = document.get_word_before_cursor(WORD=True)
-            if word.startswith("#") or text.split(" ", 1)[0] in ("/join", "/part"):
-                if time.monotonic() - client._rooms_learned > ROOM_LIST_FRESH:
-                    client._learn_rooms()  # for the next Tab: rooms come and go
-                with client.model._lock:
-                    rooms = sorted(client.model.known | set(client.model.rooms))
-                typed = word.lstrip("#").lower()
-                for room in rooms:
-                    if room.startswith(typed):
-                        yield Completion(f"#{room} ", start_position=-len(word), display=f"#{room}")
-                return
-            suffix = ": " if text == word else ""
-            with client._lock:
-                names = [n for n in client.online.values() if name_key(n) != name_key(client.name)]
-            for name in names:
-                if name_key(name).startswith(name_key(word)):
-                    yield Completion(name + suffix, start_position=-len(word), display=name)
+            replace, choices = chat.completions(document.text_before_cursor)
+            for choice in choices:
+                yield Completion(choice, start_position=-replace, display=choice.rstrip(": "))
 
     return NameCompleter()
 

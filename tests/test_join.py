@@ -121,7 +121,7 @@ def test_what_others_send_is_shown_literally(server, user, spawn_join):
 
 
 def test_view_neutralises_controls_even_from_a_hostile_server():
-    view = chatctl.ChatView("ana", color=False)
+    view = chatctl.ChatView(color=False)
     msg = chatctl.ChatMessage(1, 0.0, "bo\x1bb", "a\x1b]0;title\x07b\nfake [red]x[/red]")
     text = view.message(msg)
     assert "\x1b" not in text and "\x07" not in text
@@ -134,11 +134,11 @@ def test_colours_are_stable_per_name_and_off_when_asked():
     assert chatctl.user_colour("Ana") == chatctl.user_colour("ana")
     assert len({chatctl.user_colour(f"user{i}") for i in range(40)}) > 6
     msg = chatctl.ChatMessage(1, 0.0, "bob", "hi ana")
-    assert "\x1b[" in chatctl.ChatView("ana", color=True).message(msg)
-    mono = chatctl.ChatView("ana", color=False).message(msg)
+    assert "\x1b[" in chatctl.ChatView(color=True).message(msg, mention=True)
+    mono = chatctl.ChatView(color=False).message(msg, mention=True)
     assert "\x1b[" not in mono and "! <bob> hi ana" in mono
     dm = chatctl.ChatMessage(2, 0.0, "bob", "psst", "dm", "ana")
-    assert "[DM] <bob> psst" in chatctl.ChatView("ana", color=False).message(dm)
+    assert "[DM] <bob> psst" in chatctl.ChatView(color=False).message(dm)
 
 
 def test_colour_mode_colours_names(server, user, spawn_join):
@@ -573,7 +573,7 @@ def test_the_rooms_model_counts_what_came_elsewhere_and_next_takes_the_oldest():
         model.entered(room)
     lines = [chatctl.ChatMessage(i, 0.0, "bob", "x", "msg", None, room)
              for i, room in ((5, "random"), (6, "deploys"), (7, "main"), (8, "random"))]
-    assert [model.arrived(m, mention=m.id == 8) for m in lines] == [False, False, True, False]
+    assert [model.arrived(m.room, m.id, mention=m.id == 8) for m in lines] == [False, False, True, False]
     assert model.unread() == {"main": (0, 0), "deploys": (1, 0), "random": (2, 1)}
     assert model.next_unread() == "random"  # its oldest unread line (5) is the oldest of all
     assert model.switch("random") == 8
