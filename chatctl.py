@@ -24,10 +24,12 @@ Contents, in dependency order (search for the banner to jump):
                               SharedAuthThrottle
     8. Server                 OutboundQueue, Writer, ReaderPool, ReadPoller, Room, RemoteMember, Registry,
                               ClientSession (its SessionState), ChatServer
-    9. Client                 ChatConnection, RoomsModel, LiveSession (join's link), one-shot helpers
-   10. Rendering              what reaches a terminal, neutralised; join's UI
-   11. CLI                    thin click commands over the objects above
-   12. main()
+    9. Client                 ChatConnection, one-shot helpers, RoomsModel, LiveSession (the link),
+                              ChatClient (the chat behind join and tui, no terminal in it)
+   10. Rendering              tables for one-shot commands; join's front-end (JoinClient)
+   11. Full-screen client     tui (a Textual app over ChatClient) and web (the same app in a browser)
+   12. CLI                    thin click commands over the objects above
+   13. main()
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ KEEPALIVE_INTERVAL = 30.0            # join pings a server that has been quiet t
 RECONNECT_MIN, RECONNECT_MAX = 0.5, 30.0  # join's reconnect backoff, seconds
 MISSED_MAX = 5000                    # messages join fetches after a reconnect at most
 SEARCH_RESULTS = 100                 # matches /search shows at most (the newest)
+TUI_LINES = 2000                     # lines tui keeps in memory per conversation (older: fetched again)
+TUI_PAGE = 100                       # messages per page tui fetches when you scroll past the top
+TUI_RECALL = 100                     # typed lines Up and Down recall in tui
+WEB_PORT = 8080                      # chatctl web's page
 PASTE_CONFIRM_LINES = 5              # a pasted message longer than this asks before sending
 JOIN_PASSWORD_TRIES = 3              # wrong passwords join asks again after, before it gives up
 BELL_MODES = ("off", "mentions", "all")  # join rings on nothing, mentions and DMs, or everything
@@ -228,6 +234,10 @@ class ServerTimeout(ClientError):
 
 class NotConnected(ClientError):
     """join has no connection right now; the typed line is kept."""
+
+
+class FrontEndError(ChatError):
+    """The full-screen client cannot start: no terminal, or chatctl web without textual-serve."""
 
 
 class RejectedError(ClientError):
@@ -1033,6 +1043,8 @@ class ClientConfig:
                      choices=BELL_MODES)
     backlog: int = _key(20, "messages join shows from the history when it enters (0: none)",
                         min=0, max=500)
+    lines: int = _key(TUI_LINES, "lines tui keeps in memory per room (older ones are fetched again)",
+                      min=TUI_PAGE, max=1_000_000)
     tls: bool = _key(False, "connect with TLS")
     cafile: str = _key("", "CA certificates to verify the server with (empty: pin on first use)")
     tls_fingerprint: str = _key("", "the server certificate's SHA-256 fingerprint, pinned up front",
@@ -6734,6 +6746,7 @@ class RoomsModel:
         self.current = MAIN_ROOM
         self.known: set[str] = {MAIN_ROOM}   # every room heard of (for completion)
         self._topics: dict[str, str] = {}    # topics of rooms not entered yet (a JOIN's TOPIC comes first)
+        self._names: dict[str, dict[str, str]] = {}  # members of rooms not entered yet (NAMES comes first)
 
     def joined(self) -> list[str]:
         """The rooms we are in, in the order joined (no DM conversations)."""
@@ -6754,6 +6767,7 @@ class RoomsModel:
         with self._lock:
             view = self.rooms.setdefault(room, RoomView())
             view.topic = self._topics.pop(room, view.topic)
+            view.members = self._names.pop(room, view.members)
             self.known.add(room)
 
     def left(self, room: str) -> str:
@@ -6791,8 +6805,13 @@ class RoomsModel:
 
     def set_members(self, room: str, names: Iterable[str]) -> None:
         with self._lock:
+            members = {name_key(n): n for n in names}
             if room in self.rooms:
-                self.rooms[room].members = {name_key(n): n for n in names}
+                self.rooms[room].members = members
+            else:
+                self._names[room] = members
+                while len(self._names) > MAX_ROOMS_PER_USER:  # rooms looked at, never entered
+                    del self._names[next(iter(self._names))]
 
     def member_entered(self, room: str, name: str) -> None:
         with self._lock:
@@ -6815,9 +6834,11 @@ class RoomsModel:
             view = self.rooms.get(room)
             return sorted(view.members.values(), key=name_key) if view else []
 
-    def arrived(self, conversation: str, msg_id: int, mention: bool, create: bool = False) -> bool:
+    def arrived(self, conversation: str, msg_id: int, mention: bool, create: bool = False,
+                own: bool = False) -> bool:
         """A message of a conversation was shown; True if it is the current one (so it is read).
-        ``create``: a conversation not seen before begins (a first direct message)."""
+        ``create``: a conversation not seen before begins (a first direct message); ``own``: ours,
+        which is never unread."""
         with self._lock:
             view = self.rooms.get(conversation)
             if view is None:
@@ -6827,6 +6848,8 @@ class RoomsModel:
             view.last_id = max(view.last_id, msg_id)
             if conversation == self.current:
                 return True
+            if own:
+                return False
             view.unread = min(view.unread + 1, UNREAD_MAX)
             view.mentions = min(view.mentions + mention, UNREAD_MAX)
             view.first_unread = view.first_unread or msg_id
@@ -6960,8 +6983,10 @@ class LiveSession:
     def _backlog(self, conn: ChatConnection) -> Backlog | None:
         if not conn.extended:
             return None
-        missed, more = self.last_id > 0, False
+        missed, more = self._thread.is_alive(), False  # a reconnect: what came while away
         try:
+            if not missed and not self.last_id:
+                self.last_id = self._newest_id(conn)
             if missed:  # each room's gap by id (ids are the server's, one sequence for every room)
                 messages = []
                 for room in (None, *self.rooms):
@@ -6979,6 +7004,12 @@ class LiveSession:
                 return None
             raise
         return Backlog(tuple(messages), missed, more)
+
+    def _newest_id(self, conn: ChatConnection) -> int:
+        """The newest message id in our rooms now: a reconnect fills the gap after it, even for a
+        session that saw no message before the link dropped."""
+        newest = [conn.history("LAST", "1", room=room) for room in (None, *self.rooms)]
+        return max((page[-1].id for page in newest if page), default=0)
 
     def _recorded(self, notice: str) -> None:
         self.on_status(notice, ())
@@ -7308,11 +7339,12 @@ class ChatClient:
 
     def _arrived(self, msg: ChatMessage, mention: bool) -> bool:
         """Count the message in its conversation; True if it was read (its room is the current one)."""
+        own = self.is_me(msg.sender)
         if msg.kind == "dm":
             if self.conversations:
-                self.model.arrived(self.conversation(msg), msg.id, mention, create=True)
+                self.model.arrived(self.conversation(msg), msg.id, mention, create=True, own=own)
             return False
-        return self.model.arrived(msg.room, msg.id, mention)
+        return self.model.arrived(msg.room, msg.id, mention, own=own)
 
     def _backlog(self, backlog: Backlog) -> None:
         messages = [m for m in backlog.messages
@@ -8153,7 +8185,868 @@ def name_completer(chat: ChatClient):
 
 
 # =============================================================================
-# 11. CLI
+# 11. Full-screen client (tui, web)
+# =============================================================================
+# chatctl tui is a Textual app over a ChatClient, and chatctl web serves the
+# same app to browsers with textual-serve.  Textual is imported only by
+# tui_app(), so the other commands never pay for it.  What the app keeps of
+# each conversation (Conversation) and the hand-over from the reader thread
+# (QueuedFrontEnd) know nothing of Textual.
+
+TUI_KEYS = {
+    "Alt-1..9": "go to conversation 1..9 (rooms, then direct messages)",
+    "Ctrl-n / Ctrl-p": "next / previous conversation",
+    "Alt-a": "the conversation with the oldest unread line",
+    "Ctrl-k": "switch conversation, filtered as you type",
+    "PageUp / PageDown": "scroll; past the top loads older messages, past the end the newest",
+    "Tab": "complete a name, #room or /command",
+    "Up / Down": "lines you typed before",
+    "F2": "show or hide the member list",
+    "F1 / ?": "this help (? when the input line is empty)",
+    "Ctrl-q / Ctrl-c": "quit",
+}
+
+
+@dataclass
+class TuiLine:
+    """One line of a conversation as tui shows it: a message, or a notice (rich markup) from chatctl."""
+
+    msg: ChatMessage | None = None
+    own: bool = False
+    mention: bool = False
+    backlog: bool = False
+    markup: str = ""
+    style: str = "dim"
+    ts: float = 0.0
+
+
+class Conversation:
+    """What tui keeps of one conversation: a window of at most ``limit`` lines onto its history.
+
+    The window follows the newest line until older pages are loaded past
+    the limit; then the newest are let go (``newer_cut``) and come back from
+    the server when the person scrolls down again.  Only the app's event
+    loop touches it.
+    """
+
+    def __init__(self, limit: int):
+        import collections
+
+        self.lines: collections.deque[TuiLine] = collections.deque(maxlen=limit)
+        self.loaded = False      # its newest page was asked for (or came as the backlog)
+        self.fetching = False    # a history request for it is in flight
+        self.complete = False    # the oldest message of the room is in the window
+        self.newer_cut = False   # newer lines than the window's exist on the server
+
+    def oldest_id(self) -> int:
+        return next((line.msg.id for line in self.lines if line.msg and line.msg.id), 0)
+
+    def newest_id(self) -> int:
+        return next((line.msg.id for line in reversed(self.lines) if line.msg and line.msg.id), 0)
+
+    def add(self, line: TuiLine) -> bool:
+        """A live line or notice; False (not kept) while the window is scrolled back from the newest."""
+        if self.newer_cut:
+            return False
+        self.lines.append(line)
+        return True
+
+    def prepend(self, lines: list[TuiLine], complete: bool) -> int:
+        """Older lines before the window; returns how many were added (the newest may be let go)."""
+        oldest = self.oldest_id() or MAX_ID
+        older = [line for line in lines if line.msg is not None and line.msg.id < oldest]
+        room = self.lines.maxlen - len(self.lines)
+        if len(older) > room:
+            self.newer_cut = True
+        self.lines.extendleft(reversed(older))
+        self.complete = complete
+        return len(older)
+
+    def replace(self, lines: list[TuiLine], newer_cut: bool) -> None:
+        self.lines.clear()
+        self.lines.extend(lines)
+        self.newer_cut = newer_cut
+        self.complete = False
+
+
+class QueuedFrontEnd(ClientFrontEnd):
+    """A ClientFrontEnd for an app with an event loop of its own: each hook call is queued, and ``wake``
+    (which must be callable from any thread) is called once until the loop takes the queue."""
+
+    def __init__(self, wake: Callable[[], None]):
+        self._wake = wake
+        self._lock = threading.Lock()
+        self._items: list[tuple] = []
+        self._woken = False
+
+    def take(self) -> list[tuple]:
+        with self._lock:
+            items, self._items, self._woken = self._items, [], False
+        return items
+
+    def _put(self, *item) -> None:
+        with self._lock:
+            self._items.append(item)
+            wake, self._woken = not self._woken, True
+        if wake:
+            self._wake()
+
+    def message(self, msg, own, backlog=False, ring=False):
+        self._put("message", msg, own, backlog, ring)
+
+    def notice(self, markup, style="dim", room=None):
+        self._put("notice", markup, style, room)
+
+    def users(self, users):
+        self._put("users", users)
+
+    def listing(self, listing):
+        self._put("listing", listing)
+
+    def changed(self):
+        self._put("changed")
+
+    def ended(self):
+        self._put("ended")
+
+    def protect_name(self):
+        self._put("protect")
+
+
+def tui_line_text(line: TuiLine, width: int):
+    """A TuiLine as rich Text of rows at most ``width`` cells: as join shows it, wrapped with a
+    hanging mark so no row of a message can pass for a line of its own.  Network text goes into Text
+    objects as plain strings (never markup), after neutralise()."""
+    from rich.text import Text
+
+    when = local_time(line.msg.ts if line.msg else line.ts,
+                      with_date=line.backlog and line.msg is not None
+                      and time.localtime(line.msg.ts)[:3] != time.localtime()[:3])
+    if line.msg is None:
+        text = Text(when + " ", style="dim")
+        text.append_text(Text.from_markup(f"[{line.style}]-- {line.markup}[/]"))
+        return text
+    msg = line.msg
+    name_style = "bold reverse" if line.own else f"bold {user_colour(msg.sender)}"
+    head = Text(when + " ", style="dim")
+    if line.mention:
+        head.append("! ", style="bold yellow")
+    if msg.kind == "me":
+        head.append("* ")
+        head.append(neutralise(msg.sender), style=name_style)
+        head.append(" ")
+    else:
+        if msg.kind == "dm":
+            head.append(f"[DM → {neutralise(msg.recipient or '')}] " if line.own else "[DM] ",
+                        style="bold magenta")
+        head.append("<")
+        head.append(neutralise(msg.sender), style=name_style)
+        head.append("> ")
+    body_style = "bold yellow" if line.mention else ("dim" if line.backlog else "")
+    width = max(20, width)
+    narrow = width - len(ChatView.CONTINUATION)
+    rows: list[str] = []
+    for n, part in enumerate(neutralise(p) for p in msg.text.split("\n")):
+        rows += wrap_cells(part, width - head.cell_len if n == 0 else narrow, narrow)
+    text = head
+    text.append(rows[0], style=body_style)
+    for row in rows[1:]:
+        text.append("\n" + ChatView.CONTINUATION, style="dim")
+        text.append(row, style=body_style)
+    return text
+
+
+@functools.cache
+def tui_app():
+    """The Textual app class (Textual is imported here, and only here)."""
+    from typing import ClassVar
+
+    from rich.text import Text
+    from textual import on
+    from textual.app import App, ComposeResult
+    from textual.binding import Binding
+    from textual.containers import Horizontal, Vertical
+    from textual.screen import ModalScreen
+    from textual.widgets import Button, Footer, Input, Label, OptionList, RichLog, Static
+    from textual.widgets.option_list import Option
+
+    class Dialog(ModalScreen):
+        """A small question in a box; Escape dismisses it with None."""
+
+        BINDINGS: ClassVar = [Binding("escape", "dismiss(None)", "Cancel")]
+        DEFAULT_CSS = """
+        Dialog { align: center middle; }
+        Dialog > Vertical { width: 72; height: auto; max-height: 90%; border: thick $accent;
+                            background: $surface; padding: 1 2; }
+        Dialog Label { width: 100%; margin-bottom: 1; }
+        Dialog .error { color: $error; }
+        Dialog Horizontal { height: auto; align: right middle; }
+        Dialog Button { margin-left: 2; }
+        Dialog OptionList { height: auto; max-height: 20; }
+        """
+
+    class AskScreen(Dialog):
+        """One line of input (a name or a password); returns it, or None."""
+
+        def __init__(self, question: str, error: str = "", password: bool = False, value: str = ""):
+            super().__init__()
+            self.question, self.error, self.password, self.value = question, error, password, value
+
+        def compose(self) -> ComposeResult:
+            with Vertical():
+                yield Label(Text(self.question))
+                if self.error:
+                    yield Label(Text(self.error), classes="error")
+                yield Input(value=self.value, password=self.password, id="answer")
+
+        @on(Input.Submitted)
+        def submitted(self, event: Input.Submitted) -> None:
+            if event.value.strip():
+                self.dismiss(event.value if self.password else event.value.strip())
+
+    class NewPasswordScreen(Dialog):
+        """/register: a new password, twice; returns it, or None."""
+
+        def compose(self) -> ComposeResult:
+            with Vertical():
+                yield Label("Protect your name with a password (twice; at least "
+                            f"{MIN_PASSWORD_CHARS} characters). Escape cancels.")
+                yield Input(password=True, placeholder="new password", id="first")
+                yield Input(password=True, placeholder="the same again", id="again")
+                yield Label("", id="problem", classes="error")
+
+        @on(Input.Submitted, "#first")
+        def first_done(self) -> None:
+            self.query_one("#again", Input).focus()
+
+        @on(Input.Submitted, "#again")
+        def again_done(self) -> None:
+            first, again = self.query_one("#first", Input).value, self.query_one("#again", Input).value
+            if first != again:
+                self.query_one("#problem", Label).update("the two passwords differ")
+                return
+            self.dismiss(first)
+
+    class TrustScreen(Dialog):
+        """First contact with a TLS server: its fingerprint, and whether to pin it."""
+
+        def __init__(self, address: str, fingerprint: str):
+            super().__init__()
+            self.address, self.fingerprint = address, fingerprint
+
+        def compose(self) -> ComposeResult:
+            with Vertical():
+                yield Label(Text(f"The server {self.address} presents a certificate not seen before:"))
+                yield Label(Text(self.fingerprint, style="bold"))
+                yield Label("Compare it with the one the server printed when it started. "
+                            "Trust it and remember it?")
+                with Horizontal():
+                    yield Button("Trust", variant="warning", id="trust")
+                    yield Button("Cancel", variant="primary", id="cancel")
+
+        def on_mount(self) -> None:
+            self.query_one("#cancel", Button).focus()
+
+        @on(Button.Pressed)
+        def pressed(self, event: Button.Pressed) -> None:
+            self.dismiss(event.button.id == "trust")
+
+    class PickScreen(Dialog):
+        """A filter line over a list; returns the id of the option chosen, or None."""
+
+        def __init__(self, title: str, choices: list[tuple[str, object]], filtering: bool = True):
+            super().__init__()
+            self.title_text, self.choices, self.filtering = title, choices, filtering
+
+        def compose(self) -> ComposeResult:
+            with Vertical():
+                yield Label(Text(self.title_text))
+                if self.filtering:
+                    yield Input(placeholder="type to filter", id="filter")
+                yield OptionList(*self._options(""), id="choices")
+
+        def _options(self, typed: str) -> list:
+            return [Option(label, id=key) for key, label in self.choices
+                    if typed.lower() in str(label).lower()]
+
+        @on(Input.Changed, "#filter")
+        def filtered(self, event: Input.Changed) -> None:
+            choices = self.query_one("#choices", OptionList)
+            choices.clear_options()
+            choices.add_options(self._options(event.value))
+            if choices.option_count:
+                choices.highlighted = 0
+
+        @on(Input.Submitted, "#filter")
+        def take_first(self) -> None:
+            choices = self.query_one("#choices", OptionList)
+            if choices.option_count:
+                self.dismiss(choices.get_option_at_index(choices.highlighted or 0).id)
+
+        def key_down(self) -> None:
+            self.query_one("#choices", OptionList).focus()
+
+        @on(OptionList.OptionSelected)
+        def chosen(self, event: OptionList.OptionSelected) -> None:
+            self.dismiss(event.option.id)
+
+    class HelpScreen(Dialog):
+        BINDINGS: ClassVar = [Binding("escape,f1,q,question_mark", "dismiss(None)", "Close")]
+
+        def compose(self) -> ComposeResult:
+            keys, commands = Text(), Text()
+            for key, what in TUI_KEYS.items():
+                keys.append(f"{key:<19}", style="bold").append(what + "\n")
+            for line in JOIN_COMMANDS.values():
+                keys_part, _, what = line.partition("  ")
+                commands.append(f"{keys_part.strip():<19}", style="bold").append(what.strip() + "\n")
+            with Vertical():
+                yield Label(Text("chatctl tui: keys", style="bold underline"))
+                yield Static(keys)
+                yield Label(Text("commands", style="bold underline"))
+                yield Static(commands)
+                yield Label("Escape closes this.")
+
+    class ChatInput(Input):
+        """The input line: Tab completes (again: the next choice), Up and Down recall lines."""
+
+        BINDINGS: ClassVar = [Binding("tab", "complete", "Complete", show=False, priority=True),
+                    Binding("up", "recall(-1)", show=False), Binding("down", "recall(1)", show=False)]
+
+        def __init__(self, chat: ChatClient, **kwargs):
+            super().__init__(**kwargs)
+            self.chat = chat
+            self.typed: list[str] = []   # lines entered, oldest first (at most TUI_RECALL)
+            self._recall = 0
+            self._cycle: tuple[str, int, list[str], int] | None = None  # (shown, start, choices, index)
+
+        def action_complete(self) -> None:
+            before, after = self.value[:self.cursor_position], self.value[self.cursor_position:]
+            if self._cycle and before == self._cycle[0]:  # Tab again: the next choice
+                _, start, choices, index = self._cycle
+                index = (index + 1) % len(choices)
+            else:
+                replace, choices = self.chat.completions(before)
+                if not choices:
+                    self.app.bell()
+                    return
+                start, index = len(before) - replace, 0
+            shown = before[:start] + choices[index]
+            self.value = shown + after
+            self.cursor_position = len(shown)
+            self._cycle = (shown, start, choices, index) if len(choices) > 1 else None
+            if len(choices) > 1:
+                self.app.set_status(Text("Tab: " + "  ".join(c.strip() for c in choices)))
+
+        def remember(self, line: str) -> None:
+            self.typed.append(line)
+            del self.typed[:-TUI_RECALL]
+            self._recall = len(self.typed)
+
+        def action_recall(self, step: int) -> None:
+            self._recall = max(0, min(len(self.typed), self._recall + step))
+            self.value = self.typed[self._recall] if self._recall < len(self.typed) else ""
+            self.cursor_position = len(self.value)
+
+        def on_key(self, event) -> None:
+            if event.character == "?" and not self.value:  # on an empty line, ? is help
+                event.prevent_default()
+                event.stop()
+                self.app.action_help()
+
+    class ChatLog(RichLog):
+        """The conversation; the mouse wheel past its top loads older messages."""
+
+        def _on_mouse_scroll_up(self, event) -> None:
+            if self.scroll_y <= 0:
+                self.app.load_older()
+            super()._on_mouse_scroll_up(event)
+
+    class ChatApp(App):
+        """``chatctl tui``: rooms on the left, the conversation in the middle, members on the right."""
+
+        TITLE = "chatctl"
+        ENABLE_COMMAND_PALETTE = False
+        CSS = """
+        #rooms { width: 24; border: none; border-right: solid $panel-lighten-2; padding: 0; }
+        #rooms:focus { border: none; border-right: solid $panel-lighten-2; }
+        #members { width: 22; border-left: solid $panel-lighten-2; }
+        #members.hidden { display: none; }
+        #topic { height: 1; background: $panel; padding: 0 1; }
+        #log { scrollbar-size-vertical: 1; }
+        #status { height: 1; padding: 0 1; color: $text-muted; }
+        #input { border: none; height: 1; padding: 0 1; }
+        """
+        BINDINGS: ClassVar = [
+            *[Binding(f"alt+{n}", f"go({n})", show=False, priority=True) for n in range(1, 10)],
+            Binding("ctrl+n", "step(1)", "Next", show=False, priority=True),
+            Binding("ctrl+p", "step(-1)", "Previous", show=False, priority=True),
+            Binding("alt+a", "activity", "Activity", show=False, priority=True),
+            Binding("ctrl+k", "switcher", "Switch", priority=True),
+            Binding("pageup", "page(-1)", "Scroll", show=False, priority=True),
+            Binding("pagedown", "page(1)", show=False, priority=True),
+            Binding("f1", "help", "Help", priority=True),
+            Binding("question_mark", "help", show=False),
+            Binding("f2", "members", "Members", priority=True),
+            Binding("ctrl+q,ctrl+c", "quit", "Quit", priority=True),
+        ]
+
+        def __init__(self, config: ClientConfig, name: str, bell: str, room: str):
+            super().__init__()
+            self.config = config
+            self.name_given = name
+            self.error: ChatError | None = None   # why it ended, for the CLI to say in one line
+            self.front = QueuedFrontEnd(self._wake)
+            self.bell_mode, self.start_room = bell, room
+            self.chat: ChatClient | None = None
+            self.conversations: dict[str, Conversation] = {}
+            self._line_of: dict[int, int] = {}     # message id -> row in the log, for search jumps
+            self._shown: str | None = None          # the conversation the log shows
+            self._search_hit: tuple[int, list[TuiLine]] | None = None  # a search hit and the page up to it
+            self._event_loop = None
+            self._ending = threading.Event()
+
+        # --- layout -----------------------------------------------------------------------
+
+        def compose(self) -> ComposeResult:
+            with Horizontal():
+                yield OptionList(id="rooms")
+                with Vertical():
+                    yield Static("", id="topic")
+                    yield ChatLog(id="log", wrap=False, markup=False, auto_scroll=False, min_width=20)
+                yield Static("", id="members")
+            yield Static("", id="status")
+            yield Static("", id="placeholder-for-input")
+            yield Footer()
+
+        def on_mount(self) -> None:
+            import asyncio
+            import contextvars
+
+            self._event_loop = asyncio.get_running_loop()
+            self._app_context = contextvars.copy_context()
+            self.query_one("#rooms", OptionList).can_focus = False
+            self.query_one("#log", RichLog).can_focus = False
+            if self.name_given:
+                self._begin(self.name_given)
+            else:
+                self._ask_name("")
+
+        def _ask_name(self, error: str) -> None:
+            self.push_screen(AskScreen("Your name in the chat:", error), self._named)
+
+        def _named(self, name: str | None) -> None:
+            if name is None:
+                self._quit(None)
+            else:
+                self._begin(name)
+
+        def _begin(self, name: str) -> None:
+            chat = ChatClient(self.config, name, self.front, bell=self.bell_mode,
+                              ask_password=self._ask_password, ask_trust=self._ask_trust,
+                              room=self.start_room, conversations=True)
+            self.chat = chat
+            self.set_status(Text(f"connecting to {self.config.host}:{self.config.port} as {name}..."))
+            threading.Thread(target=self._connect, args=(chat,), name="chatctl-tui-connect",
+                             daemon=True).start()
+
+        def _connect(self, chat: ChatClient) -> None:
+            """The first connection, off the event loop (it may ask for a password or trust)."""
+            wrong = 0
+            while True:
+                try:
+                    chat.start()
+                    self.call_from_thread(self._connected, chat)
+                    return
+                except RejectedError as exc:
+                    if exc.code in ("name-taken", "invalid-name") and not self.name_given:
+                        self.call_from_thread(self._ask_name, str(exc))
+                        return
+                    if exc.code == "bad-password" and wrong + 1 < JOIN_PASSWORD_TRIES:
+                        wrong += 1
+                        chat.session.password = ""  # ask again, not reuse it
+                        continue
+                    self.call_from_thread(self._quit, exc)
+                    return
+                except ChatError as exc:
+                    self.call_from_thread(self._quit, exc)
+                    return
+
+        def _connected(self, chat: ChatClient) -> None:
+            input_line = ChatInput(chat, id="input", placeholder="message, or /help")
+            self.mount(input_line, before="#placeholder-for-input")
+            self.query_one("#placeholder-for-input").remove()
+            input_line.focus()
+            self._show(chat.model.current)
+
+        def _ask(self, screen) -> object:
+            """Push ``screen`` from a thread that is not the loop's and wait for its answer."""
+            answered = threading.Event()
+            answer: list[object] = []
+
+            def done(result):
+                answer.append(result)
+                answered.set()
+
+            self.call_from_thread(self.push_screen, screen, done)
+            while not answered.wait(0.5):
+                if self._ending.is_set():
+                    return None
+            return answer[0]
+
+        def _ask_password(self, name: str) -> str:
+            password = self._ask(AskScreen(f"The name {name} is protected. Its password:", password=True))
+            if password is None:
+                raise RejectedError("password-required", f"no password given for the protected name {name}")
+            return password
+
+        def _ask_trust(self, address: str, fingerprint: str) -> bool:
+            return bool(self._ask(TrustScreen(address, fingerprint)))
+
+        # --- events from the ChatClient (queued by QueuedFrontEnd) ---------------------------
+
+        def _wake(self) -> None:
+            if self._event_loop is None or self._ending.is_set():
+                return
+            try:  # in the app's context: what _drain does (a dialog, say) needs to know its app
+                self._event_loop.call_soon_threadsafe(self._drain, context=self._app_context)
+            except RuntimeError:  # the app has ended: nobody is looking any more
+                pass
+
+        def conversation(self, name: str) -> Conversation:
+            if name not in self.conversations:
+                self.conversations[name] = Conversation(self.config.lines)
+            return self.conversations[name]
+
+        def _drain(self) -> None:
+            if self.chat is None or not self.is_running:
+                return
+            chat = self.chat
+            shown = self._shown
+            for kind, *args in self.front.take():
+                if kind == "message":
+                    msg, own, backlog, ring = args
+                    where = chat.conversation(msg)
+                    line = TuiLine(msg, own, not own and not backlog and chat.mentions_me(msg), backlog)
+                    conversation = self.conversation(where)
+                    conversation.loaded |= backlog
+                    if conversation.add(line) and where == shown:
+                        self._write(line)
+                    if ring:
+                        self.bell()
+                elif kind == "notice":
+                    self._notice(*args)
+                elif kind == "users":
+                    names = ", ".join(u.name for u in args[0])
+                    self._notice(f"{len(args[0])} online: {display_text(names)}")
+                elif kind == "listing":
+                    self._listing(args[0])
+                elif kind == "ended":
+                    self.set_status(Text("disconnected for good: /quit or Ctrl-q to leave", style="bold red"))
+                elif kind == "protect":
+                    self.push_screen(NewPasswordScreen(), self._protect)
+            if chat.model.current != shown:
+                self._show(chat.model.current)
+            self._refresh_panels()
+
+        def _notice(self, markup: str, style: str = "dim", room: str | None = None) -> None:
+            where = room if room is not None and room in self.conversations else self.chat.model.current
+            line = TuiLine(markup=markup, style=style, ts=time.time())
+            if self.conversation(where).add(line) and where == self._shown:
+                self._write(line)
+
+        def _protect(self, password: str | None) -> None:
+            if password is None:
+                self.chat.note("not changed")
+                return
+            try:
+                self.chat.protect(password)
+            except NotConnected:
+                self.chat.warn("not connected; nothing changed")
+
+        # --- the conversation on screen --------------------------------------------------------
+
+        def _chat_log(self) -> RichLog:
+            return self.query_one("#log", RichLog)
+
+        def _write(self, line: TuiLine, scroll: bool | None = None) -> None:
+            log = self._chat_log()
+            at_bottom = log.scroll_y >= log.max_scroll_y - 1
+            if line.msg is not None:
+                self._line_of[line.msg.id] = len(log.lines)
+            log.write(tui_line_text(line, log.scrollable_content_region.width - 1 or 80),
+                      scroll_end=at_bottom if scroll is None else scroll)
+
+        def _show(self, name: str, at: int = 0, middle: bool = False) -> None:
+            """Draw conversation ``name`` from its window, scrolled to the end, or to message ``at``
+            (at the top, or in the ``middle``)."""
+            log = self._chat_log()
+            log.clear()
+            self._line_of.clear()
+            self._shown = name
+            conversation = self.conversation(name)
+            for line in conversation.lines:
+                self._write(line, scroll=False)
+            if at in self._line_of:
+                row = self._line_of[at] - (log.size.height // 2 if middle else 0)
+                log.scroll_to(y=max(0, row), animate=False, immediate=True)
+            else:
+                log.scroll_end(animate=False, immediate=True)
+            if not conversation.loaded and self.chat is not None:
+                conversation.loaded = True
+                self._fetch(name, "older", before=MAX_ID)
+
+        def on_resize(self) -> None:
+            if self._shown is not None:
+                self.call_after_refresh(self._show, self._shown)
+
+        def _fetch(self, name: str, purpose: str, **how) -> None:
+            conversation = self.conversation(name)
+            if conversation.fetching:
+                return
+            conversation.fetching = self.chat.request_history(name, purpose, count=TUI_PAGE, **how)
+
+        def load_older(self) -> None:
+            conversation = self.conversation(self.chat.model.current)
+            if not conversation.complete and conversation.oldest_id():
+                self._fetch(self.chat.model.current, "older", before=conversation.oldest_id())
+
+        def _listing(self, listing: Listing) -> None:
+            conversation = self.conversation(listing.conversation)
+            conversation.fetching = False
+            if listing.failed:
+                self.chat.warn(listing.failed)
+                return
+            lines = [TuiLine(m, self.chat.is_me(m.sender), False, True) for m in listing.messages]
+            if listing.purpose == "search":
+                self._search_results(listing)
+            elif listing.purpose == "context":
+                self._context_page(listing, lines)
+            elif listing.anchor == MAX_ID:  # the newest page: the window starts again from it
+                newest = lines[-1].msg.id if lines else 0
+                later = [line for line in conversation.lines if line.msg is None or line.msg.id > newest]
+                conversation.replace(lines + later, newer_cut=False)
+                conversation.complete = not listing.more and len(lines) < TUI_PAGE
+                if listing.conversation == self._shown:
+                    self._show(self._shown)
+            else:  # an older page, before the window
+                was_oldest = conversation.oldest_id()
+                added = conversation.prepend(lines, complete=not listing.more and len(lines) < TUI_PAGE)
+                if added and listing.conversation == self._shown:
+                    self._show(self._shown, at=was_oldest)
+
+        def _search_results(self, listing: Listing) -> None:
+            if not listing.messages:
+                self.chat.note(f"nothing in {display_text(listing.conversation)} contains "
+                               f"{display_text(listing.query)!r}")
+                return
+            choices = [(str(m.id), Text.assemble((local_time(m.ts, with_date=True) + " ", "dim"),
+                                                 (neutralise(m.sender), f"bold {user_colour(m.sender)}"),
+                                                 ": " + neutralise(m.text.replace("\n", " "))[:200]))
+                       for m in reversed(listing.messages)]
+            title = (f"{len(listing.messages)} message(s) containing {listing.query!r}"
+                     + (" (the newest)" if listing.more else "") + ": Enter shows one in context")
+            self.push_screen(PickScreen(title, choices, filtering=False),
+                             lambda chosen: chosen and self._jump(listing.conversation, int(chosen)))
+
+        def _jump(self, name: str, msg_id: int) -> None:
+            """Show a search hit among the messages around it: the page up to it, then the page after."""
+            self.chat.switch(name, quiet=True)
+            self._search_hit = None
+            self.chat.request_history(name, "context", before=msg_id + 1, count=TUI_PAGE // 2)
+
+        def _context_page(self, listing: Listing, lines: list[TuiLine]) -> None:
+            if self._search_hit is None:  # the page up to the hit: now the one after it
+                hit = listing.anchor - 1
+                for line in lines:
+                    line.mention = line.msg.id == hit  # the hit stands out
+                self._search_hit = (hit, lines)
+                self.chat.request_history(listing.conversation, "context", after=hit, count=TUI_PAGE // 2)
+                return
+            (hit, before), self._search_hit = self._search_hit, None
+            view = self.chat.model.rooms.get(listing.conversation)
+            newest_seen = view.last_id if view else 0
+            cut = listing.more or bool(lines and lines[-1].msg.id < newest_seen)
+            self.conversation(listing.conversation).replace(before + lines, newer_cut=cut)
+            self._show(listing.conversation, at=hit, middle=True)
+
+        # --- panels -------------------------------------------------------------------------
+
+        def set_status(self, text) -> None:
+            self.query_one("#status", Static).update(text)
+
+        def _refresh_panels(self) -> None:
+            chat = self.chat
+            model = chat.model
+            current = model.current
+            unread = model.unread()
+            rooms = self.query_one("#rooms", OptionList)
+            options = []
+            for n, name in enumerate(model.conversations(), 1):
+                count, mentioned = unread.get(name, (0, 0))
+                label = Text(f"{n if n < 10 else ' '} ", style="dim")
+                label.append(name if name.startswith("@") else f"#{name}",
+                             style="bold reverse" if name == current else
+                             "bold yellow" if mentioned else "bold" if count else "")
+                if count:
+                    label.append(f" {count_text(count)}", style="bold yellow" if mentioned else "cyan")
+                options.append(Option(label, id=name))
+            highlighted = rooms.highlighted
+            rooms.clear_options()
+            rooms.add_options(options)
+            if highlighted is not None and highlighted < len(options):
+                rooms.highlighted = highlighted
+            if current.startswith("@"):
+                topic = Text(f"{current}  direct messages", style="bold")
+            else:
+                topic = Text(f"#{current}", style="bold")
+                if model.topic(current):
+                    topic.append("  " + neutralise(model.topic(current)))
+            self.query_one("#topic", Static).update(topic)
+            members = Text()
+            names = model.members(current) if not current.startswith("@") else [chat.name, current[1:]]
+            members.append(f"{len(names)} here\n", style="dim")
+            for name in names:
+                members.append(neutralise(name) + "\n",
+                               style="bold reverse" if chat.is_me(name) else f"{user_colour(name)}")
+            self.query_one("#members", Static).update(members)
+            link = "connected" if chat.session.connected else "not connected: reconnecting"
+            self.sub_title = f"{chat.name} @ {self.config.host}:{self.config.port} ({link})"
+            if not chat.session.ended:
+                self.set_status(Text(f"{chat.name} on {self.config.host}:{self.config.port}: {link}",
+                                     style="" if chat.session.connected else "bold yellow"))
+
+        @on(OptionList.OptionSelected, "#rooms")
+        def room_clicked(self, event: OptionList.OptionSelected) -> None:
+            self.chat.switch(event.option.id, quiet=True)
+
+        # --- input ---------------------------------------------------------------------------
+
+        @on(Input.Submitted, "#input")
+        def submitted(self, event: Input.Submitted) -> None:
+            line = event.value.rstrip("\n")
+            if not line.strip():
+                return
+            event.input.remember(line)
+            event.input.value = ""
+            command = parse_input(line)
+            if command.action == "help":
+                self.action_help()
+                return
+            try:
+                if not self.chat.handle_line(line):
+                    self._quit(None)
+            except NotConnected:
+                event.input.value = line  # kept, to send once reconnected
+                self.chat.warn("not connected: your line is kept; press Enter to send it once reconnected")
+
+        # --- keys ------------------------------------------------------------------------------
+
+        def action_go(self, n: int) -> None:
+            names = self.chat.model.conversations() if self.chat else []
+            if n <= len(names):
+                self.chat.switch(names[n - 1], quiet=True)
+
+        def action_step(self, step: int) -> None:
+            if self.chat is None:
+                return
+            names = self.chat.model.conversations()
+            here = names.index(self.chat.model.current) if self.chat.model.current in names else 0
+            self.chat.switch(names[(here + step) % len(names)], quiet=True)
+
+        def action_activity(self) -> None:
+            if self.chat is not None:
+                self.chat.next_room()
+
+        def action_switcher(self) -> None:
+            if self.chat is None:
+                return
+            unread = self.chat.model.unread()
+            choices = []
+            for name in self.chat.model.conversations():
+                count = count_text(unread.get(name, (0, 0))[0])
+                label = (name if name.startswith("@") else f"#{name}") + (f"  {count}" if count else "")
+                choices.append((name, label))
+            self.push_screen(PickScreen("Switch to (Enter takes the first):", choices),
+                             lambda chosen: chosen and self.chat.switch(chosen, quiet=True))
+
+        def action_page(self, step: int) -> None:
+            log = self._chat_log()
+            if step < 0 and log.scroll_y <= 0:
+                self.load_older()
+            elif step > 0 and log.scroll_y >= log.max_scroll_y:
+                self.action_newest()
+            if step < 0:
+                log.scroll_page_up(animate=False)
+            else:
+                log.scroll_page_down(animate=False)
+
+        def action_newest(self) -> None:
+            if self.chat is None:
+                return
+            conversation = self.conversation(self.chat.model.current)
+            if conversation.newer_cut:
+                self._fetch(self.chat.model.current, "older", before=MAX_ID)
+            self._chat_log().scroll_end(animate=False)
+
+        def action_help(self) -> None:
+            self.push_screen(HelpScreen())
+
+        def action_members(self) -> None:
+            self.query_one("#members").toggle_class("hidden")
+
+        def action_quit(self) -> None:
+            self._quit(None)
+
+        def _quit(self, error: ChatError | None) -> None:
+            self.error = error
+            self._ending.set()
+            if self.chat is not None:
+                self.chat.close()
+            self.exit()
+
+    return ChatApp
+
+
+def run_tui(config: ClientConfig, room: str) -> None:
+    """Run the full-screen client until the person quits; a reason it had to stop is raised."""
+    try:
+        app = tui_app()(config, config.user, config.bell, room)
+    except ImportError as exc:
+        raise FrontEndError(f"chatctl tui needs Textual ({exc.name} is missing): "
+                            "pip install textual") from None
+    app.run()
+    if app.error is not None:
+        raise app.error
+
+
+def serve_web(config: ClientConfig, config_file: str | None, host: str, port: int,
+              public_url: str | None) -> None:
+    """Serve ``chatctl tui`` (one process per page) to browsers until Ctrl-C."""
+    import shlex
+
+    try:
+        from textual_serve.server import Server
+    except ImportError:
+        raise FrontEndError("chatctl web needs textual-serve: pip install 'chatctl[web]'") from None
+    command = [sys.executable, os.path.abspath(__file__), "tui", "--host", config.host,
+               "--port", str(config.port)]
+    if config_file:
+        command += ["--config", config_file]
+    if config.tls:
+        command += ["--tls"] + (["--cafile", config.cafile] if config.cafile else [])
+        command += ["--tls-fingerprint", config.tls_fingerprint] if config.tls_fingerprint else []
+    server = Server(shlex.join(command), host=host, port=port, title="chatctl", public_url=public_url)
+    click.echo(f"chatctl web: http://{host}:{port} serves chatctl tui for the chat at "
+               f"{config.host}:{config.port} (Ctrl-C stops)", err=True)
+    try:
+        server.serve()
+    except OSError as exc:
+        raise FrontEndError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+# =============================================================================
+# 12. CLI
 # =============================================================================
 # Callbacks parse, build a config and call into the objects above.  ChatError
 # becomes a one-line ClickException here, at the boundary, with its exit code.
@@ -8497,6 +9390,69 @@ def join(host, port, config_file, user, no_color, bell, backlog, room, tls, cafi
             sys.exit(code)
 
 
+@cli.command(epilog=exit_codes_help(*CLIENT_EXITS, _5="the server refused the name or its password"))
+@connection_options("of the server")
+@click.option("--user", "-u", help="Your name (or CHATCTL_USER, [client] user; asked in a dialog if unset).")
+@click.option("--bell", type=click.Choice(BELL_MODES),
+              help="Ring the bell on: nothing, mentions and DMs (default), or everything.")
+@click.option("--backlog", type=click.IntRange(0, HISTORY_PAGE_MAX),
+              help="Show this many stored messages first (default: [client] backlog).")
+@room_option("Start in ROOM (joined, and made if new) instead of #main.")
+@tls_options
+def tui(host, port, config_file, user, bell, backlog, room, tls, cafile, tls_fingerprint) -> None:
+    """Chat full-screen: rooms on the left, members on the right (F1: keys).
+
+    \b
+    Example:
+      chatctl tui -u ana
+      chatctl tui -u ana --room deploys
+    """
+    if not sys.stdin.isatty() and "TEXTUAL_DRIVER" not in os.environ:  # (chatctl web runs it on pipes)
+        raise click.UsageError("chatctl tui needs a terminal; for scripts use chatctl join or send")
+    flags = {"host": host, "port": port, "user": user, "bell": bell, "backlog": backlog}
+    config = load_config("client", {**flags, **tls_flags(tls, cafile, tls_fingerprint)}, config_file)
+    run_tui(config, room or MAIN_ROOM)
+
+
+def _server_flag(ctx, param, value: str | None) -> tuple[str, int | None] | None:
+    """HOST or HOST:PORT (an IPv6 address in brackets: [::1]:7001)."""
+    if value is None:
+        return None
+    host, colon, port = value.rpartition(":") if not value.endswith("]") else ("", "", "")
+    if not colon:
+        return value.strip("[]"), None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise click.BadParameter(f"{value!r} is not HOST or HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+@cli.command(epilog=exit_codes_help(EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG,
+                                     _1="textual-serve is not installed, or the port is in use"))
+@click.option("--host", "-H", default="127.0.0.1", show_default=True,
+              help="Address the page listens on (0.0.0.0 opens it to your network: read the README first).")
+@click.option("--port", "-p", default=WEB_PORT, show_default=True, type=click.IntRange(1, 65535),
+              help="Port of the page.")
+@click.option("--server", "server_address", metavar="HOST[:PORT]", callback=_server_flag,
+              help="The chat server (default: [client] host and port).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), envvar="CHATCTL_CONFIG",
+              help="Config file (layered over ./chatctl.toml).")
+@click.option("--public-url", help="The page's address as browsers reach it, if not http://HOST:PORT "
+              "(behind a proxy).")
+@tls_options
+def web(host, port, server_address, config_file, public_url, tls, cafile, tls_fingerprint) -> None:
+    """Serve chatctl tui to browsers: each page is a tui of its own that asks for a name.
+
+    \b
+    Example:
+      chatctl web --port 8080          # then open http://127.0.0.1:8080
+      chatctl web --server chat.lan:7001
+    """
+    server_host, server_port = server_address or (None, None)
+    flags = {"host": server_host, "port": server_port, **tls_flags(tls, cafile, tls_fingerprint)}
+    config = load_config("client", flags, config_file)
+    serve_web(config, config_file, host, port, public_url)
+
+
 @cli.command(epilog=exit_codes_help(*CLIENT_EXITS, _1="deliveries were lost or clients disconnected"))
 @connection_options("of the server")
 @tls_options
@@ -8598,7 +9554,7 @@ def register(host, port, config_file, tls, cafile, tls_fingerprint, user, drop) 
 
 
 # =============================================================================
-# 12. main()
+# 13. main()
 # =============================================================================
 
 

@@ -1,0 +1,381 @@
+"""chatctl tui: the Textual app under its own test harness (App.run_test and its Pilot), against real
+servers on loopback; and chatctl tui as a real process in a pseudo-terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import pexpect
+import pytest
+
+import chatctl
+from conftest import CHATCTL, RawClient, run_cli
+
+pytest.importorskip("textual", reason="chatctl tui needs Textual (pip install -r requirements-test.txt)")
+
+
+def client_config(port: int, **keys) -> chatctl.ClientConfig:
+    return chatctl.ClientConfig(host="127.0.0.1", port=port, **keys)
+
+
+def run(scenario, config: chatctl.ClientConfig, name: str = "ana", room: str = "main",
+        size: tuple[int, int] = (120, 36)):
+    """Run ``scenario(app, pilot)`` in the real app; returns the app after it has stopped."""
+    app = chatctl.tui_app()(config, name, "mentions", room)
+
+    async def main():
+        async with app.run_test(size=size) as pilot:
+            await scenario(app, pilot)
+            await pilot.press("ctrl+q")
+            await until(pilot, lambda: not app.is_running, "the app quits on Ctrl-q")
+
+    asyncio.run(main())
+    return app
+
+
+async def until(pilot, predicate, what: str, timeout: float = 10.0):
+    """Let the app run until ``predicate()`` holds (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await pilot.pause(0.02)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+def log_text(app) -> str:
+    return "\n".join(strip.text for strip in app.query_one("#log").lines)
+
+
+def room_list(app) -> list[str]:
+    rooms = app.query_one("#rooms")
+    return [str(rooms.get_option_at_index(i).prompt) for i in range(rooms.option_count)]
+
+
+async def connected(app, pilot):
+    await until(pilot, lambda: app.chat is not None and app.chat.session.connected
+                and app.query("#input"), "connected")
+
+
+async def type_line(pilot, text: str):
+    await pilot.press(*text)
+    await pilot.press("enter")
+
+
+def raw_user(port: int, name: str, *rooms: str) -> RawClient:
+    client = RawClient(port)
+    client.send(f"HELLO|chatctl/1\nUSER|{name}\n".encode())
+    client.expect("USER_OK")
+    if rooms:
+        client.send(("JOIN|" + "|".join(f"#{r}" for r in rooms) + "\n").encode())
+        for _ in rooms:
+            client.expect("JOIN_OK")
+    return client
+
+
+def test_messages_land_in_their_room_with_unread_counts_and_switching_clears_them(server):
+    bob = raw_user(server.port, "bob", "deploys")
+
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        await type_line(pilot, "/join #deploys")
+        await until(pilot, lambda: app.chat.model.current == "deploys", "ana is in #deploys")
+        bob.send(b"MSG|#main|in main while ana looks elsewhere\nMSG|#deploys|in deploys\n")
+        await until(pilot, lambda: "in deploys" in log_text(app), "the #deploys line is shown")
+        assert "in main while" not in log_text(app)  # not in the room on screen
+        await until(pilot, lambda: room_list(app)[:2] == ["1 #main 1", "2 #deploys"], "#main counts 1 unread")
+        await pilot.press("alt+1")
+        await until(pilot, lambda: "in main while ana looks elsewhere" in log_text(app), "#main is shown")
+        assert room_list(app)[:2] == ["1 #main", "2 #deploys"]  # read now
+        assert app.query_one("#topic").render().plain.startswith("#main")
+        await pilot.press("ctrl+n")
+        await until(pilot, lambda: app.chat.model.current == "deploys", "Ctrl-n goes to the next room")
+
+    run(scenario, client_config(server.port))
+    bob.close()
+
+
+def test_mentions_stand_out_and_count_and_dms_get_a_conversation(server):
+    bob = raw_user(server.port, "bob", "deploys")
+
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        bob.send(b"MSG|#main|ana: can you look?\nDM|ana|psst\n")
+        await until(pilot, lambda: "psst" not in log_text(app) and "can you look" in log_text(app), "mention")
+        assert "! <bob> ana: can you look?" in log_text(app)  # marked in monochrome too
+        await until(pilot, lambda: any(r.startswith("2 @bob 1") for r in room_list(app)), "a DM conversation")
+        await pilot.press("alt+a")  # the conversation with activity
+        await until(pilot, lambda: app.chat.model.current == "@bob", "Alt-a goes to @bob")
+        await until(pilot, lambda: "[DM] <bob> psst" in log_text(app), "the DM is shown there")
+        await type_line(pilot, "and back to you")  # plain text in a DM conversation is a DM
+        line = bob.expect("DM|")
+        assert line.endswith("|ana|bob|and back to you")
+
+    run(scenario, client_config(server.port))
+    bob.close()
+
+
+def test_markup_and_control_characters_are_shown_literally(server):
+    bob = raw_user(server.port, "bob")
+    hostile = "[bold red]not markup[/] \u202eevil"
+
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        bob.send(f"MSG|#main|{hostile}\n".encode())
+        await until(pilot, lambda: "not markup" in log_text(app), "the line is shown")
+        assert "<bob> [bold red]not markup[/] evil" in log_text(app)  # (the server drops U+202E)
+
+    run(scenario, client_config(server.port))
+    bob.close()
+    # What a hostile server might still send: controls and bidi marks become U+FFFD, markup stays text.
+    msg = chatctl.ChatMessage(1, 0.0, "bo\x1bb", "x\x1b[2J\u202e[red]y[/red]\nfake <eve> line")
+    text = chatctl.tui_line_text(chatctl.TuiLine(msg), 80)
+    assert text.plain.endswith("<bo\ufffdb> x\ufffd[2J\ufffd[red]y[/red]\n      │ fake <eve> line")
+    assert "\x1b" not in text.plain and not text.spans[-1].style.startswith("red")
+
+
+def test_scrolling_past_the_top_loads_older_history_and_memory_stays_bounded(make_server):
+    server = make_server(rate=0)
+    bob = raw_user(server.port, "bob")
+    bob.send(b"".join(f"MSG|#main|old line {i}\n".encode() for i in range(1, 351)))
+    for _ in range(350):
+        bob.expect("MSG_OK")
+
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        conversation = app.conversation("main")
+        await until(pilot, lambda: "old line 350" in log_text(app), "the backlog is shown")
+        for _ in range(40):
+            if "old line 1\n" in log_text(app) + "\n":
+                break
+            await pilot.press("pageup")
+            await pilot.pause(0.05)
+        assert "old line 1\n" in log_text(app) + "\n", "PageUp past the top reaches the oldest message"
+        assert len(conversation.lines) <= 200  # the window (lines = 200) let the newest go
+        assert conversation.newer_cut
+        assert "old line 350" not in log_text(app)
+        for _ in range(40):  # PageDown past the end: the newest are fetched again
+            if "old line 350" in log_text(app):
+                break
+            await pilot.press("pagedown")
+            await pilot.pause(0.05)
+        assert "old line 350" in log_text(app)
+        assert not conversation.newer_cut
+
+    run(scenario, client_config(server.port, backlog=20, lines=200))
+    bob.close()
+
+
+def test_a_burst_keeps_each_room_within_its_bound(make_server):
+    server = make_server(rate=0)
+    bob = raw_user(server.port, "bob")
+
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        bob.send(b"".join(f"MSG|#main|burst {i}\n".encode() for i in range(1000)))
+        await until(pilot, lambda: "burst 999" in log_text(app), "the whole burst arrives", timeout=30)
+        assert len(app.conversation("main").lines) == 300
+        await type_line(pilot, "still typing")
+        await until(pilot, lambda: "<ana> still typing" in log_text(app), "our own line after the burst")
+
+    run(scenario, client_config(server.port, backlog=0, lines=300))
+    bob.close()
+
+
+def test_a_reconnect_fills_the_gap_in_each_room(make_server):
+    first = make_server()
+    port, db = first.port, first.config.db
+    state = {}
+
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        await type_line(pilot, "/join #deploys")
+        await until(pilot, lambda: app.chat.model.current == "deploys", "in #deploys")
+        first.shutdown()
+        await until(pilot, lambda: not app.chat.session.connected, "the link is down")
+        second = chatctl.ChatServer(chatctl.ServerConfig(host="127.0.0.1", port=port, db=db, auth_delay=0))
+        state["second"] = second.start()
+        bob = raw_user(port, "bob", "deploys")
+        bob.send(b"MSG|#deploys|deploys while ana was away\nMSG|#main|main while she was away\n")
+        bob.expect("MSG_OK")
+        bob.expect("MSG_OK")
+        await until(pilot, lambda: app.chat.session.connected, "reconnected", timeout=20)
+        await until(pilot, lambda: "deploys while ana was away" in log_text(app), "#deploys's gap is filled")
+        assert "main while she was away" not in log_text(app)
+        assert app.chat.model.unread()["main"] == (1, 0)
+        await pilot.press("alt+1")
+        await until(pilot, lambda: "main while she was away" in log_text(app), "the #main gap is filled")
+        bob.close()
+
+    try:
+        run(scenario, client_config(port))
+    finally:
+        if "second" in state:
+            state["second"].shutdown()
+
+
+def test_help_screen_lists_keys_and_commands(server):
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        await pilot.press("f1")
+        await until(pilot, lambda: type(app.screen).__name__ == "HelpScreen", "F1 opens the help")
+        shown = " ".join(str(w.content) for w in app.screen.query("Static"))
+        assert "Ctrl-k" in shown and "/search" in shown and "/join" in shown
+        await pilot.press("escape")
+        await until(pilot, lambda: type(app.screen).__name__ != "HelpScreen", "Escape closes it")
+        await pilot.press("question_mark")  # ? on an empty input line is help too
+        await until(pilot, lambda: type(app.screen).__name__ == "HelpScreen", "? opens the help")
+        await pilot.press("escape")
+
+    run(scenario, client_config(server.port))
+
+
+def test_tab_completes_commands_rooms_and_names(server):
+    bob = raw_user(server.port, "bob", "deploys")
+
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        field = app.query_one("#input")
+        await pilot.press("/", "j", "o", "tab")
+        assert field.value == "/join "
+        await pilot.press("#", "d", "e", "tab")
+        assert field.value == "/join #deploys "
+        field.value = ""
+        await pilot.press("b", "o", "tab")
+        assert field.value == "bob: "
+
+    run(scenario, client_config(server.port))
+    bob.close()
+
+
+def test_search_shows_matches_and_jumps_to_one_in_context(make_server):
+    server = make_server(rate=0)
+    bob = raw_user(server.port, "bob")
+    lines = [f"filler {i}" if i != 40 else "the deploy key is rotated" for i in range(1, 121)]
+    bob.send(b"".join(f"MSG|#main|{text}\n".encode() for text in lines))
+    for _ in lines:
+        bob.expect("MSG_OK")
+
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        await type_line(pilot, "/search deploy key")
+        await until(pilot, lambda: type(app.screen).__name__ == "PickScreen", "the results panel")
+        await pilot.press("enter")
+        await until(pilot, lambda: "filler 39" in log_text(app) and "filler 41" in log_text(app),
+                    "the hit in context")
+        assert "the deploy key is rotated" in log_text(app)
+        assert "filler 120" not in log_text(app)  # the window is around the hit, not at the end
+
+    run(scenario, client_config(server.port, backlog=10))
+    bob.close()
+
+
+def test_a_protected_name_asks_for_its_password_in_a_dialog(make_server):
+    server = make_server(auth_delay=0)
+    owner = RawClient(server.port)
+    owner.send(b"HELLO|chatctl/1\nUSER|ana\nREGISTER|anapass123\nQUIT\n")
+    owner.wait_closed()
+
+    async def scenario(app, pilot):
+        await until(pilot, lambda: type(app.screen).__name__ == "AskScreen", "the password dialog")
+        assert app.screen.query_one("Input").password  # hidden as typed
+        await pilot.press(*"anapass123", "enter")
+        await connected(app, pilot)
+
+    run(scenario, client_config(server.port))
+
+
+def test_a_new_tls_certificate_is_asked_about_first(make_server):
+    server = make_server(tls=True)
+
+    async def refuse(app, pilot):
+        await until(pilot, lambda: type(app.screen).__name__ == "TrustScreen", "the first-use dialog")
+        assert "SHA256:" in " ".join(str(w.render()) for w in app.screen.query("Label"))
+        await pilot.click("#cancel")
+        await until(pilot, lambda: not app.is_running, "refusing ends the app")
+
+    app = chatctl.tui_app()(client_config(server.port, tls=True), "ana", "mentions", "main")
+
+    async def main():
+        async with app.run_test(size=(120, 36)) as pilot:
+            await refuse(app, pilot)
+
+    asyncio.run(main())
+    assert isinstance(app.error, chatctl.TlsError)
+
+    async def trust(app, pilot):
+        await until(pilot, lambda: type(app.screen).__name__ == "TrustScreen", "the first-use dialog")
+        await pilot.click("#trust")
+        await connected(app, pilot)
+
+    run(trust, client_config(server.port, tls=True))
+    run(connected, client_config(server.port, tls=True))  # pinned now: no question
+
+
+def test_a_name_is_asked_when_none_is_given_and_a_taken_one_asks_again(server):
+    bob = raw_user(server.port, "bob")
+
+    async def scenario(app, pilot):
+        await until(pilot, lambda: type(app.screen).__name__ == "AskScreen", "the name dialog")
+        await pilot.press(*"bob", "enter")
+        await until(pilot, lambda: "taken" in " ".join(str(w.render()) for w in app.screen.query("Label")),
+                    "a taken name is said in the dialog")
+        await pilot.press(*"ana", "enter")
+        await connected(app, pilot)
+        assert app.chat.name == "ana"
+
+    run(scenario, client_config(server.port), name="")
+    bob.close()
+
+
+def test_a_server_that_is_down_is_one_line_on_exit(isolated_home):
+    from conftest import free_port
+
+    result = run_cli("tui", "-u", "ana", "-p", str(free_port()), env=isolated_home)
+    assert result.returncode == 2 and "needs a terminal" in result.stderr  # stdin is not a terminal here
+    app = run_tui_expecting_exit(client_config(free_port()))
+    assert isinstance(app.error, chatctl.ClientError)
+
+
+def run_tui_expecting_exit(config):
+    app = chatctl.tui_app()(config, "ana", "mentions", "main")
+
+    async def main():
+        async with app.run_test() as pilot:
+            await until(pilot, lambda: not app.is_running, "the app gives up")
+
+    asyncio.run(main())
+    return app
+
+
+def test_send_and_who_do_not_import_textual(server, isolated_home):
+    import subprocess
+
+    code = ("import sys, chatctl\n"
+            "try:\n    chatctl.main(['who', '-p', sys.argv[1]])\nexcept SystemExit:\n    pass\n"
+            "print('textual' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, str(server.port)], capture_output=True, text=True,
+                            env=isolated_home, timeout=30)
+    assert result.stdout.strip().endswith("False"), result.stdout + result.stderr
+
+
+def test_chatctl_tui_in_a_real_terminal(server, isolated_home):
+    env = {**isolated_home, "TERM": "xterm-256color"}
+    tui = pexpect.spawn(sys.executable, [*CHATCTL[1:], "tui", "-u", "ana", "-p", str(server.port)],
+                        env=env, dimensions=(30, 110), encoding="utf-8", codec_errors="replace", timeout=15)
+    try:
+        tui.expect("connected to 127.0.0.1")
+        bob = raw_user(server.port, "bob")
+        bob.send(b"MSG|#main|hello from a raw client\n")
+        tui.expect("hello from a raw client")
+        tui.send("hi bob\r")
+        assert bob.expect("MSG|#main|").endswith("|ana|hi bob")
+        tui.sendcontrol("q")
+        tui.expect(pexpect.EOF)
+        tui.close()
+        assert tui.exitstatus == 0
+        bob.close()
+    finally:
+        tui.close(force=True)
