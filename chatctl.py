@@ -8613,7 +8613,7 @@ def tui_app():
                 yield OptionList(id="rooms")
                 with Vertical():
                     yield Static("", id="topic")
-                    yield ChatLog(id="log", wrap=False, markup=False, auto_scroll=False, min_width=20)
+                    yield ChatLog(id="log", wrap=True, markup=False, auto_scroll=False, min_width=20)
                 yield Static("", id="members")
             yield Static("", id="status")
             yield Static("", id="placeholder-for-input")
