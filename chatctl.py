@@ -89,6 +89,7 @@ SEARCH_RESULTS = 100                 # matches /search shows at most (the newest
 TUI_LINES = 2000                     # lines tui keeps in memory per conversation (older: fetched again)
 TUI_PAGE = 100                       # messages per page tui fetches when you scroll past the top
 TUI_RECALL = 100                     # typed lines Up and Down recall in tui
+MAX_DM_CONVERSATIONS = 50            # direct-message conversations tui keeps; a new one drops the quietest
 WEB_PORT = 8080                      # chatctl web's page
 PASTE_CONFIRM_LINES = 5              # a pasted message longer than this asks before sending
 JOIN_PASSWORD_TRIES = 3              # wrong passwords join asks again after, before it gives up
@@ -6844,6 +6845,7 @@ class RoomsModel:
             if view is None:
                 if not create:
                     return False
+                self._make_room_for_one_more()
                 view = self.rooms[conversation] = RoomView()
             view.last_id = max(view.last_id, msg_id)
             if conversation == self.current:
@@ -6854,6 +6856,13 @@ class RoomsModel:
             view.mentions = min(view.mentions + mention, UNREAD_MAX)
             view.first_unread = view.first_unread or msg_id
             return False
+
+    def _make_room_for_one_more(self) -> None:
+        """Past MAX_DM_CONVERSATIONS, the DM conversation quiet longest goes (never the current one)."""
+        talks = [(view.last_id, name) for name, view in self.rooms.items()
+                 if name.startswith("@") and name != self.current]
+        if len(talks) >= MAX_DM_CONVERSATIONS:
+            del self.rooms[min(talks)[1]]
 
     def switch(self, conversation: str) -> int:
         """Make ``conversation`` current; returns the newest id seen there (read now)."""
@@ -8747,6 +8756,8 @@ def tui_app():
                     self.push_screen(NewPasswordScreen(), self._protect)
             if chat.model.current != shown:
                 self._show(chat.model.current)
+            for name in [n for n in self.conversations if n not in chat.model.rooms and n != self._shown]:
+                del self.conversations[name]  # left, or a DM conversation let go: its lines go too
             self._refresh_panels()
 
         def _notice(self, markup: str, style: str = "dim", room: str | None = None) -> None:

@@ -379,3 +379,22 @@ def test_chatctl_tui_in_a_real_terminal(server, isolated_home):
         bob.close()
     finally:
         tui.close(force=True)
+
+
+def test_direct_messages_from_many_names_keep_a_bounded_list(make_server):
+    server = make_server(rate=0, max_per_address=0)
+    senders = [raw_user(server.port, f"spammer{i}") for i in range(chatctl.MAX_DM_CONVERSATIONS + 10)]
+
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        for sender in senders:
+            sender.send(b"DM|ana|hi\n")
+        await until(pilot, lambda: "@spammer59" in app.chat.model.rooms, "the last DM arrives")
+        talks = [n for n in app.chat.model.conversations() if n.startswith("@")]
+        assert len(talks) == chatctl.MAX_DM_CONVERSATIONS
+        assert "@spammer0" not in talks  # the quietest went
+        assert len(app.conversations) <= chatctl.MAX_DM_CONVERSATIONS + 1
+
+    run(scenario, client_config(server.port))
+    for sender in senders:
+        sender.close()
