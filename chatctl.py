@@ -89,6 +89,7 @@ SEARCH_RESULTS = 100                 # matches /search shows at most (the newest
 TUI_LINES = 2000                     # lines tui keeps in memory per conversation (older: fetched again)
 TUI_PAGE = 100                       # messages per page tui fetches when you scroll past the top
 TUI_RECALL = 100                     # typed lines Up and Down recall in tui
+TUI_DRAIN = 200                      # events tui draws between two looks at the keyboard
 MAX_DM_CONVERSATIONS = 50            # direct-message conversations tui keeps; a new one drops the quietest
 WEB_PORT = 8080                      # chatctl web's page
 PASTE_CONFIRM_LINES = 5              # a pasted message longer than this asks before sending
@@ -8288,10 +8289,13 @@ class QueuedFrontEnd(ClientFrontEnd):
         self._items: list[tuple] = []
         self._woken = False
 
-    def take(self) -> list[tuple]:
+    def take(self, most: int) -> tuple[list[tuple], bool]:
+        """Up to ``most`` queued calls, oldest first, and whether more are waiting (then ``wake`` is not
+        called again: the loop comes back for them itself)."""
         with self._lock:
-            items, self._items, self._woken = self._items, [], False
-        return items
+            items, self._items = self._items[:most], self._items[most:]
+            self._woken = bool(self._items)
+            return items, self._woken
 
     def _put(self, *item) -> None:
         with self._lock:
@@ -8732,7 +8736,8 @@ def tui_app():
                 return
             chat = self.chat
             shown = self._shown
-            for kind, *args in self.front.take():
+            batch, more = self.front.take(TUI_DRAIN)
+            for kind, *args in batch:
                 if kind == "message":
                     msg, own, backlog, ring = args
                     where = chat.conversation(msg)
@@ -8759,6 +8764,8 @@ def tui_app():
             for name in [n for n in self.conversations if n not in chat.model.rooms and n != self._shown]:
                 del self.conversations[name]  # left, or a DM conversation let go: its lines go too
             self._refresh_panels()
+            if more:  # the rest of a burst after the keys that came meanwhile
+                self._event_loop.call_soon(self._drain, context=self._app_context)
 
         def _notice(self, markup: str, style: str = "dim", room: str | None = None) -> None:
             where = room if room is not None and room in self.conversations else self.chat.model.current

@@ -45,6 +45,11 @@ async def until(pilot, predicate, what: str, timeout: float = 10.0):
     raise AssertionError(f"timed out waiting until {what}")
 
 
+def showing(app, screen: str) -> bool:
+    """The dialog ``screen`` is up, with its widgets mounted."""
+    return type(app.screen).__name__ == screen and bool(app.screen.query("Input, Button, Static"))
+
+
 def log_text(app) -> str:
     return "\n".join(strip.text for strip in app.query_one("#log").lines)
 
@@ -220,13 +225,13 @@ def test_help_screen_lists_keys_and_commands(server):
     async def scenario(app, pilot):
         await connected(app, pilot)
         await pilot.press("f1")
-        await until(pilot, lambda: type(app.screen).__name__ == "HelpScreen", "F1 opens the help")
+        await until(pilot, lambda: showing(app, "HelpScreen"), "F1 opens the help")
         shown = " ".join(str(w.content) for w in app.screen.query("Static"))
         assert "Ctrl-k" in shown and "/search" in shown and "/join" in shown
         await pilot.press("escape")
         await until(pilot, lambda: type(app.screen).__name__ != "HelpScreen", "Escape closes it")
         await pilot.press("question_mark")  # ? on an empty input line is help too
-        await until(pilot, lambda: type(app.screen).__name__ == "HelpScreen", "? opens the help")
+        await until(pilot, lambda: showing(app, "HelpScreen"), "? opens the help")
         await pilot.press("escape")
 
     run(scenario, client_config(server.port))
@@ -261,7 +266,7 @@ def test_search_shows_matches_and_jumps_to_one_in_context(make_server):
     async def scenario(app, pilot):
         await connected(app, pilot)
         await type_line(pilot, "/search deploy key")
-        await until(pilot, lambda: type(app.screen).__name__ == "PickScreen", "the results panel")
+        await until(pilot, lambda: showing(app, "PickScreen"), "the results panel")
         await pilot.press("enter")
         await until(pilot, lambda: "filler 39" in log_text(app) and "filler 41" in log_text(app),
                     "the hit in context")
@@ -279,7 +284,7 @@ def test_a_protected_name_asks_for_its_password_in_a_dialog(make_server):
     owner.wait_closed()
 
     async def scenario(app, pilot):
-        await until(pilot, lambda: type(app.screen).__name__ == "AskScreen", "the password dialog")
+        await until(pilot, lambda: showing(app, "AskScreen"), "the password dialog")
         assert app.screen.query_one("Input").password  # hidden as typed
         await pilot.press(*"anapass123", "enter")
         await connected(app, pilot)
@@ -291,7 +296,7 @@ def test_a_new_tls_certificate_is_asked_about_first(make_server):
     server = make_server(tls=True)
 
     async def refuse(app, pilot):
-        await until(pilot, lambda: type(app.screen).__name__ == "TrustScreen", "the first-use dialog")
+        await until(pilot, lambda: showing(app, "TrustScreen"), "the first-use dialog")
         assert "SHA256:" in " ".join(str(w.render()) for w in app.screen.query("Label"))
         await pilot.click("#cancel")
         await until(pilot, lambda: not app.is_running, "refusing ends the app")
@@ -306,7 +311,7 @@ def test_a_new_tls_certificate_is_asked_about_first(make_server):
     assert isinstance(app.error, chatctl.TlsError)
 
     async def trust(app, pilot):
-        await until(pilot, lambda: type(app.screen).__name__ == "TrustScreen", "the first-use dialog")
+        await until(pilot, lambda: showing(app, "TrustScreen"), "the first-use dialog")
         await pilot.click("#trust")
         await connected(app, pilot)
 
@@ -318,7 +323,7 @@ def test_a_name_is_asked_when_none_is_given_and_a_taken_one_asks_again(server):
     bob = raw_user(server.port, "bob")
 
     async def scenario(app, pilot):
-        await until(pilot, lambda: type(app.screen).__name__ == "AskScreen", "the name dialog")
+        await until(pilot, lambda: showing(app, "AskScreen"), "the name dialog")
         await pilot.press(*"bob", "enter")
         await until(pilot, lambda: "taken" in " ".join(str(w.render()) for w in app.screen.query("Label")),
                     "a taken name is said in the dialog")
