@@ -7199,7 +7199,7 @@ class ClientFrontEnd:
     def changed(self) -> None:
         """The rooms, the current room, a topic, the members or the unread counts changed."""
 
-    def ended(self) -> None:
+    def ended(self, reason: str) -> None:
         """The membership is over for good (taken over, or a password or certificate refused)."""
 
     def protect_name(self) -> None:
@@ -7285,7 +7285,7 @@ class ChatClient:
             self.note(display_text(line), "bold red" if self.session.ended else "bold yellow")
         self.front.changed()
         if self.session.ended:
-            self.front.ended()
+            self.front.ended(text)
 
     def _set_online(self, users: tuple[UserInfo, ...]) -> None:
         with self._lock:
@@ -8072,7 +8072,7 @@ class JoinClient(ClientFrontEnd):
         if self._prompt is not None and self._prompt.app.is_running:
             self._prompt.app.invalidate()  # the prompt names the current room
 
-    def ended(self) -> None:
+    def ended(self, reason: str) -> None:
         if self._prompt is not None:
             app = self._prompt.app  # leave the prompt as Ctrl-D would: this membership is over
             if app.is_running and app.loop is not None:
@@ -8319,8 +8319,8 @@ class QueuedFrontEnd(ClientFrontEnd):
     def changed(self):
         self._put("changed")
 
-    def ended(self):
-        self._put("ended")
+    def ended(self, reason):
+        self._put("ended", reason)
 
     def protect_name(self):
         self._put("protect")
@@ -8755,8 +8755,9 @@ def tui_app():
                     self._notice(f"{len(args[0])} online: {display_text(names)}")
                 elif kind == "listing":
                     self._listing(args[0])
-                elif kind == "ended":
-                    self.set_status(Text("disconnected for good: /quit or Ctrl-q to leave", style="bold red"))
+                elif kind == "ended":  # as join does: leave, and say why in one line
+                    self._quit(ClientError(args[0]))
+                    return
                 elif kind == "protect":
                     self.push_screen(NewPasswordScreen(), self._protect)
             if chat.model.current != shown:

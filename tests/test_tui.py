@@ -403,3 +403,23 @@ def test_direct_messages_from_many_names_keep_a_bounded_list(make_server):
     run(scenario, client_config(server.port))
     for sender in senders:
         sender.close()
+
+
+def test_taken_over_ends_the_app_with_the_reason(make_server):
+    server = make_server(auth_delay=0)
+    owner = RawClient(server.port)
+    owner.send(b"HELLO|chatctl/1\nUSER|ana\nREGISTER|anapass123\nQUIT\n")
+    owner.wait_closed()
+    app = chatctl.tui_app()(client_config(server.port, user_password="anapass123"), "ana", "mentions", "main")
+
+    async def main():
+        async with app.run_test() as pilot:
+            await connected(app, pilot)
+            again = RawClient(server.port)  # the owner logs in elsewhere: this session is taken over
+            again.send(b"HELLO|chatctl/1\nUSER|ana|anapass123\n")
+            again.expect("USER_OK")
+            await until(pilot, lambda: not app.is_running, "the app ends")
+            again.close()
+
+    asyncio.run(main())
+    assert isinstance(app.error, chatctl.ClientError) and "taken over" in str(app.error)
