@@ -7236,6 +7236,7 @@ class ChatClient:
         self._room_list: list[RoomInfo] = []     # ROOM lines until their END
         self._rooms_quietly = 0                  # ROOMS replies to take in without showing them
         self._names_quietly: set[str] = set()    # rooms whose NAMES reply fills the model, unannounced
+        self._topics_asked: set[str] = set()     # rooms whose topic /topic asked for (shown even if known)
         self.rooms_learned = 0.0                 # when the room list was last asked for
         self._marks: dict[str, int] = {}         # read markers not sent yet (one MARK a second at most)
         self._mark_timer: threading.Timer | None = None
@@ -7363,7 +7364,7 @@ class ChatClient:
             self.note(f"missed while away: {len(messages)} message(s)"
                       + (" and more: chatctl history --after "
                          f"{backlog.messages[-1].id} shows the rest" if backlog.more else ""))
-        elif messages:
+        elif messages and not self.conversations:
             self.note(f"the last {len(messages)} message(s) from the history:")
         for msg in messages:
             own = self.is_me(msg.sender)
@@ -7374,7 +7375,7 @@ class ChatClient:
             if read:  # shown in the room on screen: read, as a live line would be
                 self._mark(msg.room, msg.id)
             self.front.message(msg, own=own, backlog=True)
-        if messages and not backlog.missed:
+        if messages and not backlog.missed and not self.conversations:
             self.note("end of history")
         self.front.changed()
 
@@ -7425,8 +7426,12 @@ class ChatClient:
                 return True
             return event.verb in ("MARK", "CLOSE")
         if isinstance(event, Topic):
+            known = self.model.topic(event.room)
             self.model.set_topic(event.room, event.text)
-            if event.text:
+            with self._lock:
+                asked = event.room in self._topics_asked
+                self._topics_asked.discard(event.room)
+            if event.text and (event.text != known or asked):  # (a rejoin says it again: not shown)
                 by = f" (set by {display_text(event.setter)})" if event.setter else ""
                 self.note(f"#{display_text(event.room)} topic: {display_text(event.text)}{by}",
                           room=event.room)
@@ -7465,11 +7470,17 @@ class ChatClient:
                 self._names_quietly.add(room)
             self.session.send("NAMES", f"#{room}")
 
+    @property
+    def rooms_pending(self) -> bool:
+        """A room list asked for completion's sake has not come yet."""
+        return self._rooms_quietly > 0
+
     def _show_rooms(self) -> None:
         rooms, self._room_list = self._room_list, []
         self.model.heard_of(r.name for r in rooms)
         if self._rooms_quietly > 0:  # asked for completion's sake, not by the user
             self._rooms_quietly -= 1
+            self.front.changed()  # a Tab that waited for it can go on
             return
         seen_here = self.model.unread()
         lines = []
@@ -7613,6 +7624,9 @@ class ChatClient:
             if not text and not self.model.topic(current):
                 self.note(f"#{display_text(current)} has no topic (/topic TEXT sets one)")
             else:
+                if not text:
+                    with self._lock:
+                        self._topics_asked.add(current)
                 self._request("TOPIC", f"#{current}", *([escape_text(text)] if text else []))
         elif action == "search":
             if not self.request_history(current, "search", query=command.text.strip(), count=SEARCH_RESULTS):
@@ -8153,12 +8167,19 @@ class JoinClient(ClientFrontEnd):
         return answer.strip().lower() in ("y", "yes")
 
     def run_plain(self, stream, timeout: float) -> int:
-        """Each input line is a message; returns an exit code once all are acknowledged."""
+        """Each input line is a message; returns an exit code once all are acknowledged.
+
+        Lines go out no faster than a server's default rate limit allows (a
+        little under it: join's own requests count too), so a long pipe is
+        paced rather than refused."""
+        pace = TokenBucket(RATE_PER_SECOND * 0.9, RATE_BURST - 10)
         try:
             for raw in stream:
                 line = raw.rstrip("\r\n")
                 if not line.strip():
                     continue
+                while not pace.take():
+                    time.sleep(0.01)
                 for _ in range(2):  # on a dropped link, wait for the reconnect once
                     try:
                         keep_going = self.chat.handle_line(line)
@@ -8206,7 +8227,7 @@ def name_completer(chat: ChatClient):
 TUI_KEYS = {
     "Alt-1..9": "go to conversation 1..9 (rooms, then direct messages)",
     "Ctrl-n / Ctrl-p": "next / previous conversation",
-    "Alt-a": "the conversation with the oldest unread line",
+    "Alt-a (or Alt-n)": "the conversation with the oldest unread line",
     "Ctrl-k": "switch conversation, filtered as you type",
     "PageUp / PageDown": "scroll; past the top loads older messages, past the end the newest",
     "Tab": "complete a name, #room or /command",
@@ -8228,6 +8249,10 @@ class TuiLine:
     markup: str = ""
     style: str = "dim"
     ts: float = 0.0
+    hit: bool = False          # the search hit shown in context
+
+    def when(self) -> float:
+        return self.msg.ts if self.msg is not None else self.ts
 
 
 class Conversation:
@@ -8342,6 +8367,8 @@ def tui_line_text(line: TuiLine, width: int):
     msg = line.msg
     name_style = "bold reverse" if line.own else f"bold {user_colour(msg.sender)}"
     head = Text(when + " ", style="dim")
+    if line.hit:
+        head.append("▶ ", style="bold reverse")
     if line.mention:
         head.append("! ", style="bold yellow")
     if msg.kind == "me":
@@ -8355,7 +8382,7 @@ def tui_line_text(line: TuiLine, width: int):
         head.append("<")
         head.append(neutralise(msg.sender), style=name_style)
         head.append("> ")
-    body_style = "bold yellow" if line.mention else ("dim" if line.backlog else "")
+    body_style = "reverse" if line.hit else "bold yellow" if line.mention else ("dim" if line.backlog else "")
     width = max(20, width)
     narrow = width - len(ChatView.CONTINUATION)
     rows: list[str] = []
@@ -8374,11 +8401,18 @@ def tui_app():
     """The Textual app class (Textual is imported here, and only here)."""
     from typing import ClassVar
 
+    from textual._ansi_sequences import ANSI_SEQUENCES_KEYS
+
+    # Linux terminals, tmux and xterm.js (chatctl web) send Alt-1 as ESC 1, which Textual reads as
+    # macOS's Option-1 character (¡): dropped, so ESC 1 is Alt-1, the key that switches conversations.
+    for digit in "0123456789":
+        ANSI_SEQUENCES_KEYS.pop("\x1b" + digit, None)
+
     from rich.text import Text
     from textual import on
     from textual.app import App, ComposeResult
     from textual.binding import Binding
-    from textual.containers import Horizontal, Vertical
+    from textual.containers import Horizontal, Vertical, VerticalScroll
     from textual.screen import ModalScreen
     from textual.widgets import Button, Footer, Input, Label, OptionList, RichLog, Static
     from textual.widgets.option_list import Option
@@ -8389,8 +8423,8 @@ def tui_app():
         BINDINGS: ClassVar = [Binding("escape", "dismiss(None)", "Cancel")]
         DEFAULT_CSS = """
         Dialog { align: center middle; }
-        Dialog > Vertical { width: 72; height: auto; max-height: 90%; border: thick $accent;
-                            background: $surface; padding: 1 2; }
+        Dialog > Vertical, Dialog > VerticalScroll { width: 80; height: auto; max-height: 90%;
+                            border: thick $accent; background: $surface; padding: 1 2; }
         Dialog Label { width: 100%; margin-bottom: 1; }
         Dialog .error { color: $error; }
         Dialog Horizontal { height: auto; align: right middle; }
@@ -8513,12 +8547,15 @@ def tui_app():
             for line in JOIN_COMMANDS.values():
                 keys_part, _, what = line.partition("  ")
                 commands.append(f"{keys_part.strip():<19}", style="bold").append(what.strip() + "\n")
-            with Vertical():
-                yield Label(Text("chatctl tui: keys", style="bold underline"))
+            with VerticalScroll(id="help"):
+                yield Label(Text("chatctl tui: keys (Escape closes this; PageDown and Down scroll)",
+                                 style="bold underline"))
                 yield Static(keys)
                 yield Label(Text("commands", style="bold underline"))
                 yield Static(commands)
-                yield Label("Escape closes this.")
+
+        def on_mount(self) -> None:
+            self.query_one("#help").focus()
 
     class ChatInput(Input):
         """The input line: Tab completes (again: the next choice), Up and Down recall lines."""
@@ -8530,16 +8567,23 @@ def tui_app():
             super().__init__(**kwargs)
             self.chat = chat
             self.typed: list[str] = []   # lines entered, oldest first (at most TUI_RECALL)
+            self.waiting_for_rooms = False  # a Tab for a #room waits for the server's room list
             self._recall = 0
             self._cycle: tuple[str, int, list[str], int] | None = None  # (shown, start, choices, index)
 
         def action_complete(self) -> None:
+            self.waiting_for_rooms = False
             before, after = self.value[:self.cursor_position], self.value[self.cursor_position:]
             if self._cycle and before == self._cycle[0]:  # Tab again: the next choice
                 _, start, choices, index = self._cycle
                 index = (index + 1) % len(choices)
             else:
                 replace, choices = self.chat.completions(before)
+                room_word = before.rsplit(" ", 1)[-1].startswith("#") or before.split(" ", 1)[0] in ("/join",
+                                                                                                   "/part")
+                if self.chat.rooms_pending and room_word:
+                    self.waiting_for_rooms = True  # completed when the room list is in (_drain)
+                    return
                 if not choices:
                     self.app.bell()
                     return
@@ -8594,7 +8638,7 @@ def tui_app():
             *[Binding(f"alt+{n}", f"go({n})", show=False, priority=True) for n in range(1, 10)],
             Binding("ctrl+n", "step(1)", "Next", show=False, priority=True),
             Binding("ctrl+p", "step(-1)", "Previous", show=False, priority=True),
-            Binding("alt+a", "activity", "Activity", show=False, priority=True),
+            Binding("alt+a,alt+n", "activity", "Activity", show=False, priority=True),
             Binding("ctrl+k", "switcher", "Switch", priority=True),
             Binding("pageup", "page(-1)", "Scroll", show=False, priority=True),
             Binding("pagedown", "page(1)", show=False, priority=True),
@@ -8606,7 +8650,7 @@ def tui_app():
 
         def __init__(self, config: ClientConfig, name: str, bell: str, room: str):
             super().__init__()
-            self.config = config
+            self.config = dataclasses.replace(config, backlog=0)  # each conversation loads its last page
             self.name_given = name
             self.error: ChatError | None = None   # why it ended, for the CLI to say in one line
             self.front = QueuedFrontEnd(self._wake)
@@ -8767,6 +8811,9 @@ def tui_app():
             self._refresh_panels()
             if more:  # the rest of a burst after the keys that came meanwhile
                 self._event_loop.call_soon(self._drain, context=self._app_context)
+            typing = self.query("#input")
+            if typing and typing.first().waiting_for_rooms and not chat.rooms_pending:
+                typing.first().action_complete()
 
         def _notice(self, markup: str, style: str = "dim", room: str | None = None) -> None:
             where = room if room is not None and room in self.conversations else self.chat.model.current
@@ -8836,7 +8883,8 @@ def tui_app():
             if listing.failed:
                 self.chat.warn(listing.failed)
                 return
-            lines = [TuiLine(m, self.chat.is_me(m.sender), False, True) for m in listing.messages]
+            lines = [TuiLine(m, self.chat.is_me(m.sender), self.chat.mentions_me(m), True)
+                     for m in listing.messages]
             if listing.purpose == "search":
                 self._search_results(listing)
             elif listing.purpose == "context":
@@ -8844,7 +8892,7 @@ def tui_app():
             elif listing.anchor == MAX_ID:  # the newest page: the window starts again from it
                 newest = lines[-1].msg.id if lines else 0
                 later = [line for line in conversation.lines if line.msg is None or line.msg.id > newest]
-                conversation.replace(lines + later, newer_cut=False)
+                conversation.replace(sorted(lines + later, key=TuiLine.when), newer_cut=False)
                 conversation.complete = not listing.more and len(lines) < TUI_PAGE
                 if listing.conversation == self._shown:
                     self._show(self._shown)
@@ -8878,7 +8926,7 @@ def tui_app():
             if self._search_hit is None:  # the page up to the hit: now the one after it
                 hit = listing.anchor - 1
                 for line in lines:
-                    line.mention = line.msg.id == hit  # the hit stands out
+                    line.hit = line.msg.id == hit  # the hit stands out
                 self._search_hit = (hit, lines)
                 self.chat.request_history(listing.conversation, "context", after=hit, count=TUI_PAGE // 2)
                 return
@@ -8952,6 +9000,7 @@ def tui_app():
             if command.action == "help":
                 self.action_help()
                 return
+            self.action_newest()  # what you send, and what a command answers, is at the end
             try:
                 if not self.chat.handle_line(line):
                     self._quit(None)
@@ -8960,6 +9009,12 @@ def tui_app():
                 self.chat.warn("not connected: your line is kept; press Enter to send it once reconnected")
 
         # --- keys ------------------------------------------------------------------------------
+
+        def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+            """While a dialog is up, its keys are its own (PageDown scrolls the help, say)."""
+            if len(self.screen_stack) > 1 and action not in ("help", "quit"):
+                return False
+            return True
 
         def action_go(self, n: int) -> None:
             names = self.chat.model.conversations() if self.chat else []
@@ -8975,7 +9030,11 @@ def tui_app():
 
         def action_activity(self) -> None:
             if self.chat is not None:
-                self.chat.next_room()
+                room = self.chat.model.next_unread()
+                if room is None:
+                    self.set_status(Text("no unread lines in other conversations"))
+                else:
+                    self.chat.switch(room, quiet=True)
 
         def action_switcher(self) -> None:
             if self.chat is None:
@@ -9043,8 +9102,10 @@ def serve_web(config: ClientConfig, config_file: str | None, host: str, port: in
               public_url: str | None) -> None:
     """Serve ``chatctl tui`` (one process per page) to browsers until Ctrl-C."""
     import shlex
+    import tempfile
 
     try:
+        import textual_serve
         from textual_serve.server import Server
     except ImportError:
         raise FrontEndError("chatctl web needs textual-serve: pip install 'chatctl[web]'") from None
@@ -9055,13 +9116,20 @@ def serve_web(config: ClientConfig, config_file: str | None, host: str, port: in
     if config.tls:
         command += ["--tls"] + (["--cafile", config.cafile] if config.cafile else [])
         command += ["--tls-fingerprint", config.tls_fingerprint] if config.tls_fingerprint else []
-    server = Server(shlex.join(command), host=host, port=port, title="chatctl", public_url=public_url)
     click.echo(f"chatctl web: http://{host}:{port} serves chatctl tui for the chat at "
                f"{config.host}:{config.port} (Ctrl-C stops)", err=True)
-    try:
-        server.serve()
-    except OSError as exc:
-        raise FrontEndError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    with tempfile.TemporaryDirectory(prefix="chatctl-web-") as templates:
+        # textual-serve's page asks fonts.googleapis.com for a font: on a LAN without the internet that
+        # request hangs or fails, so the page is served from a copy without it.
+        for page in (Path(textual_serve.__file__).parent / "templates").iterdir():
+            html = re.sub(r"<link[^>]*fonts\.googleapis\.com[^>]*>\s*", "", page.read_text(encoding="utf-8"))
+            (Path(templates) / page.name).write_text(html, encoding="utf-8")
+        server = Server(shlex.join(command), host=host, port=port, title="chatctl", public_url=public_url,
+                        templates_path=templates)
+        try:
+            server.serve()
+        except OSError as exc:
+            raise FrontEndError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 # =============================================================================
@@ -9414,11 +9482,9 @@ def join(host, port, config_file, user, no_color, bell, backlog, room, tls, cafi
 @click.option("--user", "-u", help="Your name (or CHATCTL_USER, [client] user; asked in a dialog if unset).")
 @click.option("--bell", type=click.Choice(BELL_MODES),
               help="Ring the bell on: nothing, mentions and DMs (default), or everything.")
-@click.option("--backlog", type=click.IntRange(0, HISTORY_PAGE_MAX),
-              help="Show this many stored messages first (default: [client] backlog).")
 @room_option("Start in ROOM (joined, and made if new) instead of #main.")
 @tls_options
-def tui(host, port, config_file, user, bell, backlog, room, tls, cafile, tls_fingerprint) -> None:
+def tui(host, port, config_file, user, bell, room, tls, cafile, tls_fingerprint) -> None:
     """Chat full-screen: rooms on the left, members on the right (F1: keys).
 
     \b
@@ -9428,7 +9494,7 @@ def tui(host, port, config_file, user, bell, backlog, room, tls, cafile, tls_fin
     """
     if not sys.stdin.isatty() and "TEXTUAL_DRIVER" not in os.environ:  # (chatctl web runs it on pipes)
         raise click.UsageError("chatctl tui needs a terminal; for scripts use chatctl join or send")
-    flags = {"host": host, "port": port, "user": user, "bell": bell, "backlog": backlog}
+    flags = {"host": host, "port": port, "user": user, "bell": bell}
     config = load_config("client", {**flags, **tls_flags(tls, cafile, tls_fingerprint)}, config_file)
     run_tui(config, room or MAIN_ROOM)
 

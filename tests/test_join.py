@@ -246,6 +246,14 @@ def test_piped_lines_are_sent_and_join_exits_when_acknowledged(server, user, iso
     assert "Traceback" not in result.stderr
 
 
+def test_a_long_pipe_is_paced_under_the_rate_limit_and_nothing_is_lost(server, isolated_home):
+    lines = "".join(f"step {i}\n" for i in range(250))  # past the default burst (100) at 20 a second
+    result = run_cli("join", "-u", "bot", "-p", str(server.port), input=lines, env=isolated_home, timeout=60)
+    assert result.returncode == 0, result.stderr
+    stored = [m.text for m in server.history.recent(None, 500)[0] if m.sender == "bot"]
+    assert stored == [f"step {i}" for i in range(250)]
+
+
 def test_plain_mode_prints_incoming_messages_as_plain_lines(server, user, isolated_home):
     bob = user("bob")
     proc = subprocess.Popen([*CHATCTL, "join", "-u", "bot", "-p", str(server.port)], env=isolated_home,

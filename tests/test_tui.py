@@ -11,7 +11,7 @@ import pexpect
 import pytest
 
 import chatctl
-from conftest import CHATCTL, RawClient, run_cli
+from conftest import CHATCTL, RawClient, run_cli, wait_until
 
 pytest.importorskip("textual", reason="chatctl tui needs Textual (pip install -r requirements-test.txt)")
 
@@ -35,7 +35,7 @@ def run(scenario, config: chatctl.ClientConfig, name: str = "ana", room: str = "
     return app
 
 
-async def until(pilot, predicate, what: str, timeout: float = 10.0):
+async def until(pilot, predicate, what: str, timeout: float = 20.0):
     """Let the app run until ``predicate()`` holds (bounded)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -228,6 +228,9 @@ def test_help_screen_lists_keys_and_commands(server):
         await until(pilot, lambda: showing(app, "HelpScreen"), "F1 opens the help")
         shown = " ".join(str(w.content) for w in app.screen.query("Static"))
         assert "Ctrl-k" in shown and "/search" in shown and "/join" in shown
+        help_text = app.screen.query_one("#help")
+        await pilot.press("pagedown")  # taller than the screen: it scrolls
+        assert help_text.max_scroll_y > 0 and help_text.scroll_y > 0
         await pilot.press("escape")
         await until(pilot, lambda: type(app.screen).__name__ != "HelpScreen", "Escape closes it")
         await pilot.press("question_mark")  # ? on an empty input line is help too
@@ -255,6 +258,43 @@ def test_tab_completes_commands_rooms_and_names(server):
     bob.close()
 
 
+def test_tab_knows_a_room_made_after_connecting_at_the_first_press(server):
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        app.chat.rooms_learned = time.monotonic() - chatctl.ROOM_LIST_FRESH - 1  # the list is old now
+        state["bob"] = raw_user(server.port, "bob", "freshroom")
+        field = app.query_one("#input")
+        await pilot.press("/", "j", "o", "i", "n", "space", "#", "f", "r", "tab")
+        await until(pilot, lambda: field.value == "/join #freshroom ", "one Tab completes it")
+
+    state = {}
+    run(scenario, client_config(server.port))
+    state["bob"].close()
+
+
+def test_scrolled_back_what_you_send_comes_into_view(make_server):
+    server = make_server(rate=0)
+    bob = raw_user(server.port, "bob")
+    bob.send(b"".join(f"MSG|#main|line {i}\n".encode() for i in range(200)))
+    for _ in range(200):
+        bob.expect("MSG_OK")
+
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        await until(pilot, lambda: "line 199" in log_text(app), "the newest page")
+        log = app.query_one("#log")
+        await pilot.press("pageup", "pageup")
+        assert log.scroll_y < log.max_scroll_y
+        await type_line(pilot, "/rooms")
+        await until(pilot, lambda: "rooms (* current" in log_text(app), "the answer")
+        await pilot.pause(0.2)
+        assert log.scroll_y >= log.max_scroll_y - 1  # at the end, where the answer is
+        assert "end of history" not in log_text(app)  # join's backlog notices are not tui's
+
+    run(scenario, client_config(server.port))
+    bob.close()
+
+
 def test_search_shows_matches_and_jumps_to_one_in_context(make_server):
     server = make_server(rate=0)
     bob = raw_user(server.port, "bob")
@@ -270,7 +310,8 @@ def test_search_shows_matches_and_jumps_to_one_in_context(make_server):
         await pilot.press("enter")
         await until(pilot, lambda: "filler 39" in log_text(app) and "filler 41" in log_text(app),
                     "the hit in context")
-        assert "the deploy key is rotated" in log_text(app)
+        assert "▶ <bob> the deploy key is rotated" in log_text(app)  # the hit, marked
+        assert "! " not in log_text(app)  # and no mention where there is none
         assert "filler 120" not in log_text(app)  # the window is around the hit, not at the end
 
     run(scenario, client_config(server.port, backlog=10))
@@ -298,7 +339,7 @@ def test_a_new_tls_certificate_is_asked_about_first(make_server):
     async def refuse(app, pilot):
         await until(pilot, lambda: showing(app, "TrustScreen"), "the first-use dialog")
         assert "SHA256:" in " ".join(str(w.render()) for w in app.screen.query("Label"))
-        await pilot.click("#cancel")
+        app.screen.query_one("#cancel").press()
         await until(pilot, lambda: not app.is_running, "refusing ends the app")
 
     app = chatctl.tui_app()(client_config(server.port, tls=True), "ana", "mentions", "main")
@@ -312,7 +353,7 @@ def test_a_new_tls_certificate_is_asked_about_first(make_server):
 
     async def trust(app, pilot):
         await until(pilot, lambda: showing(app, "TrustScreen"), "the first-use dialog")
-        await pilot.click("#trust")
+        app.screen.query_one("#trust").press()
         await connected(app, pilot)
 
     run(trust, client_config(server.port, tls=True))
@@ -377,6 +418,12 @@ def test_chatctl_tui_in_a_real_terminal(server, isolated_home):
         tui.expect("hello from a raw client")
         tui.send("hi bob\r")
         assert bob.expect("MSG|#main|").endswith("|ana|hi bob")
+        tui.send("/join #deploys\r")
+        wait_until(lambda: any(s.name == "ana" and "deploys" in s.rooms for s in server.registry.sessions()))
+        tui.send("\x1b1")  # Alt-1 as terminals send it: back to conversation 1, #main
+        time.sleep(0.3)
+        tui.send("back in main\r")
+        assert bob.expect("MSG|#main|").endswith("|ana|back in main")
         tui.sendcontrol("q")
         tui.expect(pexpect.EOF)
         tui.close()
