@@ -98,6 +98,7 @@ def test_a_name_is_one_session_across_servers(node):
     cop.wait_closed()
     wait_until(lambda: names_on(b.port) == [])
     member(b.port, "cop")  # free again once its holder left
+    wait_until(lambda: names_on(a.port) == ["cop"])  # a hears of it through the bus
     assert names_on(a.port) == ["cop"]
 
 
