@@ -89,7 +89,11 @@ SEARCH_RESULTS = 100                 # matches /search shows at most (the newest
 TUI_LINES = 2000                     # lines tui keeps in memory per conversation (older: fetched again)
 TUI_PAGE = 100                       # messages per page tui fetches when you scroll past the top
 TUI_RECALL = 100                     # typed lines Up and Down recall in tui
-TUI_DRAIN = 200                      # events tui draws between two looks at the keyboard
+TUI_DRAIN = 2000                     # events tui takes in between two looks at the keyboard
+TUI_QUEUE = 10000                    # events waiting for tui's loop; past that the reader waits (a flood)
+TUI_SIDEBAR = 24                     # columns of the room list and of the member list
+TUI_ROWS_PER_LINE = 4                # rows the log keeps per line of the window (long lines wrap)
+TUI_REDRAW = 200                     # more new lines than this in one go: the conversation is drawn afresh
 MAX_DM_CONVERSATIONS = 50            # direct-message conversations tui keeps; a new one drops the quietest
 WEB_PORT = 8080                      # chatctl web's page
 PASTE_CONFIRM_LINES = 5              # a pasted message longer than this asks before sending
@@ -240,6 +244,12 @@ class NotConnected(ClientError):
 
 class FrontEndError(ChatError):
     """The full-screen client cannot start: no terminal, or chatctl web without textual-serve."""
+
+
+class Interrupted(FrontEndError):
+    """Ctrl-C at one of tui's questions, before the chat began."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
 class RejectedError(ClientError):
@@ -6749,6 +6759,7 @@ class RoomsModel:
         self.known: set[str] = {MAIN_ROOM}   # every room heard of (for completion)
         self._topics: dict[str, str] = {}    # topics of rooms not entered yet (a JOIN's TOPIC comes first)
         self._names: dict[str, dict[str, str]] = {}  # members of rooms not entered yet (NAMES comes first)
+        self.dropped: list[tuple[str, int]] = []  # DM conversations let go unread (said, then cleared)
 
     def joined(self) -> list[str]:
         """The rooms we are in, in the order joined (no DM conversations)."""
@@ -6859,11 +6870,15 @@ class RoomsModel:
             return False
 
     def _make_room_for_one_more(self) -> None:
-        """Past MAX_DM_CONVERSATIONS, the DM conversation quiet longest goes (never the current one)."""
-        talks = [(view.last_id, name) for name, view in self.rooms.items()
+        """Past MAX_DM_CONVERSATIONS a DM conversation goes (never the current one): the quietest read
+        one, else the quietest of all; one with unread lines is remembered in ``dropped``."""
+        talks = [(view.unread > 0, view.last_id, name) for name, view in self.rooms.items()
                  if name.startswith("@") and name != self.current]
         if len(talks) >= MAX_DM_CONVERSATIONS:
-            del self.rooms[min(talks)[1]]
+            unread, _, name = min(talks)
+            if unread:
+                self.dropped.append((name, self.rooms[name].unread))
+            del self.rooms[name]
 
     def switch(self, conversation: str) -> int:
         """Make ``conversation`` current; returns the newest id seen there (read now)."""
@@ -6906,6 +6921,7 @@ class LiveSession:
         self.ask_trust = ask_trust
         self.password = config.user_password
         self.ended = False                # the server ended this membership for good (taken over, TLS pin)
+        self.end_error: ChatError | None = None
         self._told_taken: str | None = None  # the name we last said was taken, so it is said once
         self._retry = threading.Event()   # set by rename(): try again now
         self._conn: ChatConnection | None = None
@@ -7060,11 +7076,11 @@ class LiveSession:
             try:
                 users, held = self._open()
             except TlsError as exc:  # trying again would not change the answer
-                self._end(f"{exc}; not reconnecting")
+                self._end(f"{exc}; not reconnecting", exc.exit_code)
                 return
             except RejectedError as exc:
                 if exc.code in FINAL_REFUSALS:
-                    self._end(f"{exc}; not reconnecting")
+                    self._end(f"{exc}; not reconnecting", exc.exit_code)
                     return
                 if exc.code == "name-taken" and self._told_taken != self.name:
                     self._told_taken = self.name  # once per name, not once per attempt
@@ -7098,8 +7114,10 @@ class LiveSession:
         self._retry.set()
         return True
 
-    def _end(self, text: str) -> None:
+    def _end(self, text: str, exit_code: int = EXIT_CONNECT) -> None:
         self.ended = True
+        self.end_error = ClientError(text)  # what join and tui exit with, in one line
+        self.end_error.exit_code = exit_code  # (a refused pin: 6, a refused password: 5)
         self.on_status(text, ())
 
     def _read(self, conn: ChatConnection) -> str:
@@ -7199,7 +7217,7 @@ class ClientFrontEnd:
     def changed(self) -> None:
         """The rooms, the current room, a topic, the members or the unread counts changed."""
 
-    def ended(self, reason: str) -> None:
+    def ended(self, error: ChatError) -> None:
         """The membership is over for good (taken over, or a password or certificate refused)."""
 
     def protect_name(self) -> None:
@@ -7286,7 +7304,7 @@ class ChatClient:
             self.note(display_text(line), "bold red" if self.session.ended else "bold yellow")
         self.front.changed()
         if self.session.ended:
-            self.front.ended(text)
+            self.front.ended(self.session.end_error or ClientError(text))
 
     def _set_online(self, users: tuple[UserInfo, ...]) -> None:
         with self._lock:
@@ -7354,6 +7372,12 @@ class ChatClient:
         if msg.kind == "dm":
             if self.conversations:
                 self.model.arrived(self.conversation(msg), msg.id, mention, create=True, own=own)
+                while self.model.dropped:
+                    name, unread = self.model.dropped.pop()
+                    who = display_text(name[1:])
+                    self.note(f"closed the conversation with {who} and its {unread} unread line(s): "
+                              f"more than {MAX_DM_CONVERSATIONS} at once (/msg {who} opens it again; "
+                              "chatctl history shows the lines)", "bold yellow", room=MAIN_ROOM)
             return False
         return self.model.arrived(msg.room, msg.id, mention, own=own)
 
@@ -8076,7 +8100,7 @@ class JoinClient(ClientFrontEnd):
             self.notice(f"no search: {listing.failed}", "bold red")
             return
         found = len(listing.messages)
-        self.notice(f"{found} message(s) in {where} contain {display_text(listing.query)!r}"
+        self.notice(f"{found} message(s) in {where} contain '{display_text(listing.query)}'"
                     + (" (the newest shown; chatctl history --search finds more)" if listing.more else "")
                     + (":" if found else ""))
         for msg in listing.messages:
@@ -8086,7 +8110,7 @@ class JoinClient(ClientFrontEnd):
         if self._prompt is not None and self._prompt.app.is_running:
             self._prompt.app.invalidate()  # the prompt names the current room
 
-    def ended(self, reason: str) -> None:
+    def ended(self, error: ChatError) -> None:
         if self._prompt is not None:
             app = self._prompt.app  # leave the prompt as Ctrl-D would: this membership is over
             if app.is_running and app.loop is not None:
@@ -8158,6 +8182,8 @@ class JoinClient(ClientFrontEnd):
                                        "reconnected")
             finally:
                 self.chat.close()
+        if self.chat.session.end_error is not None:  # said above as it happened; now its exit code
+            raise self.chat.session.end_error
 
     def _confirm(self, prompt, lines: int) -> bool:
         try:
@@ -8230,6 +8256,7 @@ TUI_KEYS = {
     "Alt-a (or Alt-n)": "the conversation with the oldest unread line",
     "Ctrl-k": "switch conversation, filtered as you type",
     "PageUp / PageDown": "scroll; past the top loads older messages, past the end the newest",
+    "Ctrl-End": "straight back to the newest line",
     "Tab": "complete a name, #room or /command",
     "Up / Down": "lines you typed before",
     "F2": "show or hide the member list",
@@ -8283,6 +8310,8 @@ class Conversation:
         """A live line or notice; False (not kept) while the window is scrolled back from the newest."""
         if self.newer_cut:
             return False
+        if len(self.lines) == self.lines.maxlen:
+            self.complete = False  # its oldest line goes: there is older history again
         self.lines.append(line)
         return True
 
@@ -8308,22 +8337,37 @@ class QueuedFrontEnd(ClientFrontEnd):
     """A ClientFrontEnd for an app with an event loop of its own: each hook call is queued, and ``wake``
     (which must be callable from any thread) is called once until the loop takes the queue."""
 
-    def __init__(self, wake: Callable[[], None]):
+    def __init__(self, wake: Callable[[], None], most: int = TUI_QUEUE):
         self._wake = wake
-        self._lock = threading.Lock()
+        self._most = most
+        self._room = threading.Condition(threading.Lock())
         self._items: list[tuple] = []
         self._woken = False
+        self.closed = False  # the app has ended: calls are dropped, nobody waits
 
     def take(self, most: int) -> tuple[list[tuple], bool]:
         """Up to ``most`` queued calls, oldest first, and whether more are waiting (then ``wake`` is not
         called again: the loop comes back for them itself)."""
-        with self._lock:
+        with self._room:
             items, self._items = self._items[:most], self._items[most:]
             self._woken = bool(self._items)
+            self._room.notify_all()
             return items, self._woken
 
+    def close(self) -> None:
+        with self._room:
+            self.closed = True
+            self._items.clear()
+            self._room.notify_all()
+
     def _put(self, *item) -> None:
-        with self._lock:
+        """Queue a call; with ``most`` waiting already, the caller (the reader thread) waits for the
+        loop to take some, so a flood stays in the socket and the server's SendQ, not in memory here."""
+        with self._room:
+            while len(self._items) >= self._most and not self.closed:
+                self._room.wait(0.5)
+            if self.closed:
+                return
             self._items.append(item)
             wake, self._woken = not self._woken, True
         if wake:
@@ -8344,11 +8388,18 @@ class QueuedFrontEnd(ClientFrontEnd):
     def changed(self):
         self._put("changed")
 
-    def ended(self, reason):
-        self._put("ended", reason)
+    def ended(self, error):
+        self._put("ended", error)
 
     def protect_name(self):
         self._put("protect")
+
+
+def one_row(text: str, width: int) -> str:
+    """``text`` in at most ``width`` terminal cells: cut, with … at the end, if it is longer."""
+    from rich.cells import cell_len, set_cell_size
+
+    return text if cell_len(text) <= width else set_cell_size(text, width - 1) + "…"
 
 
 def tui_line_text(line: TuiLine, width: int):
@@ -8450,6 +8501,50 @@ def tui_app():
         def submitted(self, event: Input.Submitted) -> None:
             if event.value.strip():
                 self.dismiss(event.value if self.password else event.value.strip())
+
+    class TellScreen(Dialog):
+        """Something to read before going on (why the chat ended, in a browser); Enter or Escape."""
+
+        def __init__(self, text: str):
+            super().__init__()
+            self.text = text
+
+        def compose(self) -> ComposeResult:
+            with Vertical():
+                yield Label(Text(self.text))
+                with Horizontal():
+                    yield Button("Close", variant="primary", id="close")
+
+        def on_mount(self) -> None:
+            self.query_one("#close", Button).focus()
+
+        @on(Button.Pressed)
+        def pressed(self) -> None:
+            self.dismiss(None)
+
+    class PasteScreen(Dialog):
+        """A paste of several lines: send it as one message?  True or None."""
+
+        def __init__(self, text: str):
+            super().__init__()
+            self.text = text
+
+        def compose(self) -> ComposeResult:
+            lines = self.text.split("\n")
+            with Vertical():
+                yield Label(Text(f"Send these {len(lines)} pasted lines as one message?"))
+                yield Label(Text(one_row(neutralise(lines[0]), 66) + ("\n…" if len(lines) > 1 else ""),
+                                 style="dim"))
+                with Horizontal():
+                    yield Button("Send", variant="primary", id="send")
+                    yield Button("Cancel", id="cancel")
+
+        def on_mount(self) -> None:
+            self.query_one("#send", Button).focus()
+
+        @on(Button.Pressed)
+        def pressed(self, event: Button.Pressed) -> None:
+            self.dismiss(True if event.button.id == "send" else None)
 
     class NewPasswordScreen(Dialog):
         """/register: a new password, twice; returns it, or None."""
@@ -8605,6 +8700,16 @@ def tui_app():
             self.value = self.typed[self._recall] if self._recall < len(self.typed) else ""
             self.cursor_position = len(self.value)
 
+        def _on_paste(self, event) -> None:
+            text = event.text.replace("\r\n", "\n").strip("\n")
+            if "\n" not in text:
+                super()._on_paste(event)
+                return
+            event.prevent_default()
+            event.stop()
+            whole = self.value[:self.cursor_position] + text + self.value[self.cursor_position:]
+            self.app.push_screen(PasteScreen(whole), lambda send: send and self.app.send_line(whole, self))
+
         def on_key(self, event) -> None:
             if event.character == "?" and not self.value:  # on an empty line, ? is help
                 event.prevent_default()
@@ -8626,8 +8731,9 @@ def tui_app():
         ENABLE_COMMAND_PALETTE = False
         CSS = """
         #rooms { width: 24; border: none; border-right: solid $panel-lighten-2; padding: 0; }
+        #rooms > .option-list--option { text-wrap: nowrap; }
         #rooms:focus { border: none; border-right: solid $panel-lighten-2; }
-        #members { width: 22; border-left: solid $panel-lighten-2; }
+        #members { width: 24; border-left: solid $panel-lighten-2; }
         #members.hidden { display: none; }
         #topic { height: 1; background: $panel; padding: 0 1; }
         #log { scrollbar-size-vertical: 1; }
@@ -8645,7 +8751,9 @@ def tui_app():
             Binding("f1", "help", "Help", priority=True),
             Binding("question_mark", "help", show=False),
             Binding("f2", "members", "Members", priority=True),
-            Binding("ctrl+q,ctrl+c", "quit", "Quit", priority=True),
+            Binding("ctrl+q", "quit", "Quit", priority=True),
+            Binding("ctrl+c", "interrupt", show=False, priority=True),
+            Binding("ctrl+end", "newest", show=False, priority=True),
         ]
 
         def __init__(self, config: ClientConfig, name: str, bell: str, room: str):
@@ -8660,6 +8768,8 @@ def tui_app():
             self._line_of: dict[int, int] = {}     # message id -> row in the log, for search jumps
             self._shown: str | None = None          # the conversation the log shows
             self._search_hit: tuple[int, list[TuiLine]] | None = None  # a search hit and the page up to it
+            self._password_problem = ""  # why the password dialog asks again
+            self._said_why = False  # (chatctl web) the reason the app ends was shown in a dialog
             self._event_loop = None
             self._ending = threading.Event()
 
@@ -8670,7 +8780,8 @@ def tui_app():
                 yield OptionList(id="rooms")
                 with Vertical():
                     yield Static("", id="topic")
-                    yield ChatLog(id="log", wrap=True, markup=False, auto_scroll=False, min_width=20)
+                    yield ChatLog(id="log", wrap=True, markup=False, auto_scroll=False, min_width=20,
+                                  max_lines=self.config.lines * TUI_ROWS_PER_LINE)
                 yield Static("", id="members")
             yield Static("", id="status")
             yield Static("", id="placeholder-for-input")
@@ -8722,6 +8833,7 @@ def tui_app():
                     if exc.code == "bad-password" and wrong + 1 < JOIN_PASSWORD_TRIES:
                         wrong += 1
                         chat.session.password = ""  # ask again, not reuse it
+                        self._password_problem = f"{exc} (try {wrong + 1} of {JOIN_PASSWORD_TRIES})"
                         continue
                     self.call_from_thread(self._quit, exc)
                     return
@@ -8752,7 +8864,9 @@ def tui_app():
             return answer[0]
 
         def _ask_password(self, name: str) -> str:
-            password = self._ask(AskScreen(f"The name {name} is protected. Its password:", password=True))
+            problem, self._password_problem = self._password_problem, ""
+            password = self._ask(AskScreen(f"The name {name} is protected. Its password:", problem,
+                                           password=True))
             if password is None:
                 raise RejectedError("password-required", f"no password given for the protected name {name}")
             return password
@@ -8781,6 +8895,7 @@ def tui_app():
             chat = self.chat
             shown = self._shown
             batch, more = self.front.take(TUI_DRAIN)
+            fresh: list[TuiLine] = []  # new lines of the conversation on screen, drawn after the batch
             for kind, *args in batch:
                 if kind == "message":
                     msg, own, backlog, ring = args
@@ -8789,23 +8904,26 @@ def tui_app():
                     conversation = self.conversation(where)
                     conversation.loaded |= backlog
                     if conversation.add(line) and where == shown:
-                        self._write(line)
+                        fresh.append(line)
                     if ring:
                         self.bell()
                 elif kind == "notice":
-                    self._notice(*args)
+                    fresh += self._notice(*args)
                 elif kind == "users":
                     names = ", ".join(u.name for u in args[0])
-                    self._notice(f"{len(args[0])} online: {display_text(names)}")
+                    fresh += self._notice(f"{len(args[0])} online: {display_text(names)}")
                 elif kind == "listing":
                     self._listing(args[0])
                 elif kind == "ended":  # as join does: leave, and say why in one line
-                    self._quit(ClientError(args[0]))
+                    self._quit(args[0])
                     return
                 elif kind == "protect":
                     self.push_screen(NewPasswordScreen(), self._protect)
-            if chat.model.current != shown:
-                self._show(chat.model.current)
+            if chat.model.current != shown or len(fresh) > TUI_REDRAW:  # a flood: the window, once
+                self._show(chat.model.current, follow=True)
+            else:
+                for line in fresh:
+                    self._write(line)
             for name in [n for n in self.conversations if n not in chat.model.rooms and n != self._shown]:
                 del self.conversations[name]  # left, or a DM conversation let go: its lines go too
             self._refresh_panels()
@@ -8815,11 +8933,11 @@ def tui_app():
             if typing and typing.first().waiting_for_rooms and not chat.rooms_pending:
                 typing.first().action_complete()
 
-        def _notice(self, markup: str, style: str = "dim", room: str | None = None) -> None:
+        def _notice(self, markup: str, style: str = "dim", room: str | None = None) -> list[TuiLine]:
+            """A notice into its conversation; returns it if it is for the one on screen (to draw)."""
             where = room if room is not None and room in self.conversations else self.chat.model.current
             line = TuiLine(markup=markup, style=style, ts=time.time())
-            if self.conversation(where).add(line) and where == self._shown:
-                self._write(line)
+            return [line] if self.conversation(where).add(line) and where == self._shown else []
 
         def _protect(self, password: str | None) -> None:
             if password is None:
@@ -8843,10 +8961,11 @@ def tui_app():
             log.write(tui_line_text(line, log.scrollable_content_region.width - 1 or 80),
                       scroll_end=at_bottom if scroll is None else scroll)
 
-        def _show(self, name: str, at: int = 0, middle: bool = False) -> None:
+        def _show(self, name: str, at: int = 0, middle: bool = False, follow: bool = False) -> None:
             """Draw conversation ``name`` from its window, scrolled to the end, or to message ``at``
-            (at the top, or in the ``middle``)."""
+            (at the top, or in the ``middle``); ``follow``: where it was, unless that was the end."""
             log = self._chat_log()
+            kept = log.scroll_y if follow and log.scroll_y < log.max_scroll_y - 1 else None
             log.clear()
             self._line_of.clear()
             self._shown = name
@@ -8856,6 +8975,8 @@ def tui_app():
             if at in self._line_of:
                 row = self._line_of[at] - (log.size.height // 2 if middle else 0)
                 log.scroll_to(y=max(0, row), animate=False, immediate=True)
+            elif kept is not None:
+                log.scroll_to(y=kept, animate=False, immediate=True)
             else:
                 log.scroll_end(animate=False, immediate=True)
             if not conversation.loaded and self.chat is not None:
@@ -8905,7 +9026,7 @@ def tui_app():
         def _search_results(self, listing: Listing) -> None:
             if not listing.messages:
                 self.chat.note(f"nothing in {display_text(listing.conversation)} contains "
-                               f"{display_text(listing.query)!r}")
+                               f"'{display_text(listing.query)}'")
                 return
             choices = [(str(m.id), Text.assemble((local_time(m.ts, with_date=True) + " ", "dim"),
                                                  (neutralise(m.sender), f"bold {user_colour(m.sender)}"),
@@ -8952,11 +9073,13 @@ def tui_app():
             for n, name in enumerate(model.conversations(), 1):
                 count, mentioned = unread.get(name, (0, 0))
                 label = Text(f"{n if n < 10 else ' '} ", style="dim")
-                label.append(name if name.startswith("@") else f"#{name}",
+                count_part = f" {count_text(count)}" if count else ""
+                shown_name = neutralise(name) if name.startswith("@") else f"#{name}"
+                label.append(one_row(shown_name, TUI_SIDEBAR - 3 - len(count_part)),
                              style="bold reverse" if name == current else
                              "bold yellow" if mentioned else "bold" if count else "")
                 if count:
-                    label.append(f" {count_text(count)}", style="bold yellow" if mentioned else "cyan")
+                    label.append(count_part, style="bold yellow" if mentioned else "cyan")
                 options.append(Option(label, id=name))
             highlighted = rooms.highlighted
             rooms.clear_options()
@@ -8971,10 +9094,13 @@ def tui_app():
                     topic.append("  " + neutralise(model.topic(current)))
             self.query_one("#topic", Static).update(topic)
             members = Text()
-            names = model.members(current) if not current.startswith("@") else [chat.name, current[1:]]
+            if current.startswith("@"):
+                names = sorted({name_key(n): n for n in (chat.name, current[1:])}.values(), key=name_key)
+            else:
+                names = model.members(current)
             members.append(f"{len(names)} here\n", style="dim")
-            for name in names:
-                members.append(neutralise(name) + "\n",
+            for name in names:  # one row each, cut with … : a long name's tail never passes for another
+                members.append(one_row(neutralise(name), TUI_SIDEBAR - 4) + "\n",
                                style="bold reverse" if chat.is_me(name) else f"{user_colour(name)}")
             self.query_one("#members", Static).update(members)
             link = "connected" if chat.session.connected else "not connected: reconnecting"
@@ -8991,11 +9117,14 @@ def tui_app():
 
         @on(Input.Submitted, "#input")
         def submitted(self, event: Input.Submitted) -> None:
-            line = event.value.rstrip("\n")
+            self.send_line(event.value.rstrip("\n"), event.input)
+
+        def send_line(self, line: str, typed: ChatInput) -> None:
+            """A line (or a pasted block) from the input: a message, or a command."""
             if not line.strip():
                 return
-            event.input.remember(line)
-            event.input.value = ""
+            typed.remember(line)
+            typed.value = ""
             command = parse_input(line)
             if command.action == "help":
                 self.action_help()
@@ -9005,14 +9134,14 @@ def tui_app():
                 if not self.chat.handle_line(line):
                     self._quit(None)
             except NotConnected:
-                event.input.value = line  # kept, to send once reconnected
+                typed.value = line  # kept, to send once reconnected
                 self.chat.warn("not connected: your line is kept; press Enter to send it once reconnected")
 
         # --- keys ------------------------------------------------------------------------------
 
         def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
             """While a dialog is up, its keys are its own (PageDown scrolls the help, say)."""
-            if len(self.screen_stack) > 1 and action not in ("help", "quit"):
+            if len(self.screen_stack) > 1 and action not in ("help", "quit", "interrupt"):
                 return False
             return True
 
@@ -9076,9 +9205,19 @@ def tui_app():
         def action_quit(self) -> None:
             self._quit(None)
 
+        def action_interrupt(self) -> None:
+            """Ctrl-c: quit; at a question before the chat is on, as Ctrl-C at join's prompts (exit 130)."""
+            connected = self.chat is not None and self.query("#input")
+            self._quit(None if connected else Interrupted("interrupted"))
+
         def _quit(self, error: ChatError | None) -> None:
+            if error is not None and "TEXTUAL_DRIVER" in os.environ and not self._said_why:
+                self._said_why = True  # in a browser nobody sees what is printed on exit: a dialog says it
+                self.push_screen(TellScreen(f"chatctl: {error}"), lambda _: self._quit(error))
+                return
             self.error = error
             self._ending.set()
+            self.front.close()
             if self.chat is not None:
                 self.chat.close()
             self.exit()
@@ -9499,6 +9638,15 @@ def tui(host, port, config_file, user, bell, room, tls, cafile, tls_fingerprint)
     run_tui(config, room or MAIN_ROOM)
 
 
+def _url_flag(value: str | None) -> str | None:
+    """An http:// or https:// address with a host, or nothing."""
+    from urllib.parse import urlsplit
+
+    if value is not None and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc):
+        raise click.BadParameter(f"{value!r} is not an http:// or https:// address")
+    return value
+
+
 def _server_flag(ctx, param, value: str | None) -> tuple[str, int | None] | None:
     """HOST or HOST:PORT (an IPv6 address in brackets: [::1]:7001)."""
     if value is None:
@@ -9521,8 +9669,8 @@ def _server_flag(ctx, param, value: str | None) -> tuple[str, int | None] | None
               help="The chat server (default: [client] host and port).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), envvar="CHATCTL_CONFIG",
               help="Config file (layered over ./chatctl.toml).")
-@click.option("--public-url", help="The page's address as browsers reach it, if not http://HOST:PORT "
-              "(behind a proxy).")
+@click.option("--public-url", callback=lambda ctx, param, value: _url_flag(value),
+              help="The page's address as browsers reach it, if not http://HOST:PORT (behind a proxy).")
 @tls_options
 def web(host, port, server_address, config_file, public_url, tls, cafile, tls_fingerprint) -> None:
     """Serve chatctl tui to browsers: each page is a tui of its own that asks for a name.

@@ -470,3 +470,160 @@ def test_taken_over_ends_the_app_with_the_reason(make_server):
 
     asyncio.run(main())
     assert isinstance(app.error, chatctl.ClientError) and "taken over" in str(app.error)
+
+
+def test_the_hand_over_queue_is_bounded_and_a_full_one_makes_the_reader_wait():
+    import threading
+
+    woken = []
+    front = chatctl.QueuedFrontEnd(lambda: woken.append(1), most=3)
+    for i in range(3):
+        front.notice(f"n{i}")
+    waiting = threading.Thread(target=front.notice, args=("fourth",), daemon=True)
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive()  # the reader waits: nothing piles up in memory
+    items, more = front.take(2)
+    assert [i[1] for i in items] == ["n0", "n1"] and more
+    waiting.join(2)
+    assert not waiting.is_alive()
+    assert [i[1] for i in front.take(10)[0]] == ["n2", "fourth"]
+    front.close()
+    front.notice("after the end")  # dropped, never waits
+    assert front.take(10)[0] == []
+
+
+def test_a_flood_on_screen_keeps_the_log_bounded_and_ctrl_end_returns_to_the_newest(make_server):
+    server = make_server(rate=0, address_byte_rate=0)
+    bob = raw_user(server.port, "bob")
+
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        log = app.query_one("#log")
+        bob.send(b"".join(f"MSG|#main|flood {i}\n".encode() for i in range(3000)))
+        await until(pilot, lambda: "flood 2999" in log_text(app), "the flood is on screen", timeout=60)
+        assert len(log.lines) <= 300 * chatctl.TUI_ROWS_PER_LINE
+        assert len(app.conversation("main").lines) <= 300
+        for _ in range(10):
+            app.load_older()
+            await pilot.pause(0.2)
+        assert app.conversation("main").newer_cut
+        await pilot.press("ctrl+end")
+        await until(pilot, lambda: "flood 2999" in log_text(app) and not app.conversation("main").newer_cut,
+                    "Ctrl-End shows the newest at once")
+
+    run(scenario, client_config(server.port, lines=300))
+    bob.close()
+
+
+def test_long_names_are_cut_on_one_row_not_wrapped_into_other_names(server):
+    spoofers = [raw_user(server.port, "z" * 21 + "pat"), raw_user(server.port, "y" * 21 + "admin")]
+
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        await until(pilot, lambda: "zzz" in str(app.query_one("#members").content), "the members are listed")
+        rows = str(app.query_one("#members").content).split("\n")
+        assert "pat" not in rows and "admin" not in rows
+        assert any(row.startswith("zzzz") and row.endswith("…") for row in rows)
+
+    run(scenario, client_config(server.port), name="watcher")
+    for spoofer in spoofers:
+        spoofer.close()
+
+
+def test_a_dropped_dm_conversation_with_unread_lines_is_said(make_server):
+    server = make_server(rate=0, max_per_address=0)
+    senders = [raw_user(server.port, f"dm{i}") for i in range(chatctl.MAX_DM_CONVERSATIONS + 1)]
+
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        for sender in senders:
+            sender.send(b"DM|ana|unread one\n")
+            await pilot.pause(0.01)
+        await until(pilot, lambda: "@dm50" in app.chat.model.rooms, "the last DM arrives")
+        await until(pilot, lambda: "closed the conversation with dm0 and its 1 unread" in log_text(app),
+                    "the closing is said")
+
+    run(scenario, client_config(server.port))
+    for sender in senders:
+        sender.close()
+
+
+def test_a_changed_certificate_on_reconnect_exits_6(make_server, tmp_path):
+    pairs = []
+    for n in (1, 2):
+        cert, key = tmp_path / f"cert{n}.pem", tmp_path / f"key{n}.pem"
+        chatctl.generate_certificate(cert, key)
+        pairs.append((str(cert), str(key)))
+    first = make_server(tls=True, tls_cert=pairs[0][0], tls_key=pairs[0][1])
+    port, db = first.port, first.config.db
+    state = {}
+    app = chatctl.tui_app()(client_config(port, tls=True, tls_fingerprint=first.tls_fingerprint), "ana",
+                            "mentions", "main")
+
+    async def main():
+        async with app.run_test() as pilot:
+            await connected(app, pilot)
+            first.shutdown()
+            config = chatctl.ServerConfig(host="127.0.0.1", port=port, db=db, tls=True, tls_cert=pairs[1][0],
+                                          tls_key=pairs[1][1])
+            state["second"] = chatctl.ChatServer(config).start()
+            await until(pilot, lambda: not app.is_running, "the app ends", timeout=30)
+
+    try:
+        asyncio.run(main())
+    finally:
+        if "second" in state:
+            state["second"].shutdown()
+    assert app.error is not None and app.error.exit_code == chatctl.EXIT_TLS
+
+
+def test_a_multi_line_paste_asks_then_goes_as_one_message(server):
+    from textual import events
+
+    bob = raw_user(server.port, "bob")
+
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        app.query_one("#input").post_message(events.Paste("first line\nsecond line\n[red]third[/red]"))
+        await until(pilot, lambda: showing(app, "PasteScreen"), "the paste is asked about")
+        app.screen.query_one("#send").press()
+        await until(pilot, lambda: "second line" in log_text(app), "our own lines are shown")
+        assert bob.expect("MSG|#main|").endswith("|ana|first line\\nsecond line\\n[red]third[/red]")
+
+    run(scenario, client_config(server.port))
+    bob.close()
+
+
+def test_ctrl_c_at_a_question_before_the_chat_is_interrupted(server):
+    async def scenario(app, pilot):
+        await until(pilot, lambda: showing(app, "AskScreen"), "the name dialog")
+        await pilot.press("ctrl+c")
+        await until(pilot, lambda: not app.is_running, "the app ends")
+
+    app = chatctl.tui_app()(client_config(server.port), "", "mentions", "main")
+
+    async def main():
+        async with app.run_test() as pilot:
+            await scenario(app, pilot)
+
+    asyncio.run(main())
+    assert app.error is not None and app.error.exit_code == chatctl.EXIT_INTERRUPTED
+
+
+def test_in_a_browser_the_reason_the_chat_ends_is_shown_before_it_ends(monkeypatch):
+    from conftest import free_port
+
+    monkeypatch.setenv("TEXTUAL_DRIVER", "textual.drivers.web_driver:WebDriver")  # as chatctl web runs it
+    app = chatctl.tui_app()(client_config(free_port()), "ana", "mentions", "main")
+
+    async def main():
+        async with app.run_test() as pilot:
+            await until(pilot, lambda: showing(app, "TellScreen"), "the reason, in a dialog")
+            said = " ".join(str(label.content) for label in app.screen.query("Label"))
+            assert "cannot connect" in said
+            app.screen.query_one("#close").press()
+            await until(pilot, lambda: not app.is_running, "Close ends it")
+
+    asyncio.run(main())
+    assert isinstance(app.error, chatctl.ClientError)

@@ -99,3 +99,9 @@ def test_without_textual_serve_web_says_what_to_install(tmp_path, isolated_home)
                             text=True, timeout=30)
     assert result.returncode == 1
     assert result.stderr.strip() == "Error: chatctl web needs textual-serve: pip install 'chatctl[web]'"
+
+
+def test_a_bad_public_url_is_a_usage_error(isolated_home):
+    result = subprocess.run([*CHATCTL, "web", "--public-url", "javascript:alert(1)//"], env=isolated_home,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "is not an http:// or https:// address" in result.stderr
