@@ -24,12 +24,13 @@ Contents, in dependency order (search for the banner to jump):
                               SharedAuthThrottle
     8. Server                 OutboundQueue, Writer, ReaderPool, ReadPoller, Room, RemoteMember, Registry,
                               ClientSession (its SessionState), ChatServer
-    9. Client                 ChatConnection, one-shot helpers, RoomsModel, LiveSession (the link),
+    9. IRC gateway            IrcGate: IRC clients as ClientSessions (serve --irc), IrcOutbound
+   10. Client                 ChatConnection, one-shot helpers, RoomsModel, LiveSession (the link),
                               ChatClient (the chat behind join and tui, no terminal in it)
-   10. Rendering              tables for one-shot commands; join's front-end (JoinClient)
-   11. Full-screen client     tui (a Textual app over ChatClient) and web (the same app in a browser)
-   12. CLI                    thin click commands over the objects above
-   13. main()
+   11. Rendering              tables for one-shot commands; join's front-end (JoinClient)
+   12. Full-screen client     tui (a Textual app over ChatClient) and web (the same app in a browser)
+   13. CLI                    thin click commands over the objects above
+   14. main()
 """
 
 from __future__ import annotations
@@ -1030,6 +1031,11 @@ class ServerConfig:
     max_rooms: int = _key(MAX_ROOMS, "rooms the server keeps, empty ones included", min=1)
     max_rooms_per_user: int = _key(MAX_ROOMS_PER_USER, "rooms one connection may be in at once", min=1)
     max_topic: int = _key(MAX_TOPIC_CHARS, "longest room topic in characters", min=1, max=4096)
+    # IRC clients: see README.md, IRC.
+    irc: bool = _key(False, "accept IRC clients too, on the same port (told apart by their first line)")
+    irc_port: int = _key(0, "a port of its own for IRC clients (0: none); TLS is detected there too",
+                         min=0, max=65535)
+    motd: str = _key("", "the message of the day IRC clients show on connecting (empty: none)")
     # The cluster: see README.md, Scale-out.
     bus: str = _key("", "redis:// or rediss:// URL of the Redis that several servers share (empty: this "
                     "server alone); a password in it is better set with CHATCTL_BUS",
@@ -1637,6 +1643,14 @@ class HistoryStore:
         sql = f"SELECT {_COLUMNS} FROM messages WHERE {' AND '.join(where)} ORDER BY id {order} LIMIT :limit"
         (found, more), = self._query([sql], params, max_bytes)
         return (found if after is not None else found[::-1]), more
+
+    def id_at(self, ts: float, after: bool) -> int:
+        """A time as an id for paging: the first id at or after ``ts`` (BEFORE it: what came earlier), or
+        with ``after`` the last id at or before it (AFTER it: what came later).  Scans back from the
+        newest, as a client pages back from what it has."""
+        row = self._read_rows("SELECT id FROM messages WHERE ts " + ("<=" if after else "<")
+                              + " :ts ORDER BY id DESC LIMIT 1", {"ts": ts})
+        return (row[0][0] if row else 0) + (0 if after else 1)
 
     def search(self, viewer: str | None, text: str, limit: int, upto: int | None = None,
                max_bytes: int = 0, room: str | None = None) -> tuple[list[ChatMessage], bool]:
@@ -4343,6 +4357,7 @@ class ClientSession:
         self.pause_due: float | None = None  # when a quiet pause completes an unframed frame
         self._opened = False               # the first bytes were looked at (TLS or not)
         self._ending = threading.Lock()    # leave_reason is set once, by one thread
+        self.irc: IrcGate | None = None    # an IRC client's gate (serve --irc), set by its first frame
 
     def __repr__(self) -> str:
         return f"<ClientSession {self.name or '-'} {self.peer}>"
@@ -4478,6 +4493,13 @@ class ClientSession:
     def dispatch(self, item: bytes | ProtocolError) -> None:
         if isinstance(item, ProtocolError):
             raise item
+        if self.irc is not None:
+            self.irc.handle(item)
+            return
+        if self.name is None and not self.extended and self.server.config.irc and looks_like_irc(item):
+            self.speak_irc()
+            self.irc.handle(item)
+            return
         request = decode_request(item)
         handler = COMMAND_HANDLERS.get(request.verb)
         if handler is None:
@@ -4488,6 +4510,12 @@ class ClientSession:
         if not self.authorized and request.verb not in BEFORE_PASS_COMMANDS:
             raise ProtocolError("password-required", ERROR_CODES["password-required"], closes=True)
         handler(self, request.arg)
+
+    def speak_irc(self) -> None:
+        """From now on this session speaks IRC (its first frame was IRC's, or it came to the IRC port)."""
+        self.irc = IrcGate(self)
+        self.outbound = IrcOutbound(self.server.config.sendq, self.irc)
+        self.decoder.mode = FrameDecoder.FRAMED  # IRC lines always end in CR LF
 
     def _rate_limited(self, text: str) -> None:
         self.limited_in_a_row += 1
@@ -4849,11 +4877,14 @@ class ChatServer:
         self._stopped = False
         self._threads: list[threading.Thread] = []
         self._wake_r, self._wake_w = socket.socketpair()
-        self._listener = self._bind()
+        self._listener = self._bind(self.config.port)
+        self._irc_listener: socket.socket | None = None  # [server] irc_port: IRC clients only
         try:
+            if self.config.irc_port:
+                self._irc_listener = self._bind(self.config.irc_port)
             self.history = self._open_history()
-        except StorageError:
-            self._listener.close()
+        except ChatError:
+            self.server_close()
             raise
         host, port = self.address
         self._public_address = f"{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{port}"
@@ -4869,7 +4900,7 @@ class ChatServer:
                 self.tls_context, self.tls_fingerprint = server_tls_context(self.config.tls_cert,
                                                                             self.config.tls_key)
         except ChatError:
-            self._listener.close()
+            self.server_close()
             if self.history is not None:
                 self.history.close()
             raise
@@ -4899,8 +4930,8 @@ class ChatServer:
         path = self.config.accounts_db
         return AccountStore(Path(path).expanduser() if path else private_dir(user_data_dir()) / "accounts.db")
 
-    def _bind(self) -> socket.socket:
-        host, port = self.config.host, self.config.port
+    def _bind(self, port: int) -> socket.socket:
+        host = self.config.host
         try:
             infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
@@ -4924,6 +4955,11 @@ class ChatServer:
     def port(self) -> int:
         return self.address[1]
 
+    @property
+    def irc_port(self) -> int | None:
+        """The port of its own that IRC clients may use ([server] irc_port), if there is one."""
+        return self._irc_listener.getsockname()[1] if self._irc_listener is not None else None
+
     # --- life cycle ------------------------------------------------------------
 
     def start(self) -> ChatServer:
@@ -4935,7 +4971,8 @@ class ChatServer:
                 self.shutdown()  # the port, the history and its lock are free again
                 raise
         try:  # only now: whoever finds the port open finds the history, accounts and certificate ready
-            self._listener.listen(LISTEN_BACKLOG)
+            for listener in self._listeners():
+                listener.listen(LISTEN_BACKLOG)
         except OSError as exc:
             host, port = self.address
             raise ServerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -4994,7 +5031,11 @@ class ChatServer:
         self._wake_w.close()
 
     def server_close(self) -> None:
-        self._listener.close()
+        for listener in self._listeners():
+            listener.close()
+
+    def _listeners(self) -> list[socket.socket]:
+        return [self._listener] + ([self._irc_listener] if self._irc_listener is not None else [])
 
     def __enter__(self) -> ChatServer:
         return self.start()
@@ -5006,19 +5047,20 @@ class ChatServer:
 
     def _accept_loop(self) -> None:
         with selectors.DefaultSelector() as selector:
-            selector.register(self._listener, selectors.EVENT_READ)
+            for listener in self._listeners():
+                selector.register(listener, selectors.EVENT_READ)
             selector.register(self._wake_r, selectors.EVENT_READ)
             while not self._stopping.is_set():
                 for key, _ in selector.select():
                     if key.fileobj is self._wake_r:
                         return
                     try:
-                        sock, address = self._listener.accept()
+                        sock, address = key.fileobj.accept()
                     except OSError as exc:  # EMFILE and friends: back off, keep serving
                         log.error("accept failed: %s", exc.strerror or exc)
                         self._stopping.wait(0.1)
                         continue
-                    self._start_session(sock, address)
+                    self._start_session(sock, address, irc=key.fileobj is self._irc_listener)
 
     def wrap_connection(self, sock: socket.socket, address: tuple) -> socket.socket:
         """Every accepted socket passes here before it is served (TLS is told apart in the reader)."""
@@ -5026,8 +5068,10 @@ class ChatServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         return sock
 
-    def _start_session(self, sock: socket.socket, address: tuple) -> None:
+    def _start_session(self, sock: socket.socket, address: tuple, irc: bool = False) -> None:
         session = ClientSession(self, self.wrap_connection(sock, address), address)
+        if irc:
+            session.speak_irc()
         refused = self.registry.connect(session)
         if refused is not None:
             log.warning("refused a connection from %s: %s", session.peer, refused)
@@ -5954,6 +5998,10 @@ def serve_until_signalled(server: ChatServer) -> None:
                      server.bus.cluster)
         server.start()  # listening from here on: only now may the log line say so
         log.info("chatctl %s listening on %s:%d (config: %s)", __version__, host, port, files)
+        if server.config.irc:
+            log.info("IRC clients welcome on port %d too", port)
+        if server.irc_port:
+            log.info("IRC clients welcome on %s:%d", host, server.irc_port)
         server.serve_forever()
     except KeyboardInterrupt:
         log.info("shutting down")
@@ -5964,7 +6012,796 @@ def serve_until_signalled(server: ChatServer) -> None:
 
 
 # =============================================================================
-# 9. Client
+# 9. IRC gateway
+# =============================================================================
+# serve --irc: IRC clients (weechat, irssi, HexChat, phone apps) in the same rooms.  An IRC connection
+# is a ClientSession like any other (the same registry, rooms, limits, history and TLS): its IrcGate
+# turns each IRC line into the call a line of our own protocol would make, and everything the server
+# queues for it (lines of our protocol) into IRC lines on the way out (IrcOutbound).  Rooms are
+# channels, names are nicks, direct messages are private messages.
+
+IRC_SERVER = "chatctl"               # the server's name in IRC prefixes
+IRC_HOST = "chatctl"                 # every nick's host part: addresses are not shown
+IRC_LINE_BYTES = 512                 # an IRC line with its CR LF, tags apart
+IRC_CAPABILITIES = ("server-time", "message-tags", "echo-message", "sasl", "batch", "draft/chathistory",
+                    "multi-prefix", "away-notify")
+IRC_HISTORY_MAX = 100                # messages one CHATHISTORY request returns at most (CHATHISTORY=)
+IRC_REPLAY = 20                      # a room's last messages replayed on JOIN (no chathistory)
+IRC_PRE_REGISTRATION = frozenset({"CAP", "AUTHENTICATE", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"})
+_IRC_FORMATTING = re.compile(r"\x03(?:\d{1,2}(?:,\d{1,2})?)?|\x04(?:[0-9a-fA-F]{6}(?:,[0-9a-fA-F]{6})?)?"
+                             r"|[\x02\x0f\x11\x16\x1d\x1e\x1f]")
+_IRC_FIRST_WORDS = (b"CAP ", b"NICK ", b"PASS ", b"AUTHENTICATE ")
+
+# Our error codes as IRC numerics (with what the numeric's parameters are); the rest become NOTICEs.
+IRC_NUMERICS = {"name-taken": "433", "invalid-name": "432", "unknown-user": "401", "invalid-room": "479",
+                "unknown-room": "403", "not-in-room": "442", "too-many-rooms": "405",
+                "bad-password": "464", "password-required": "464", "not-registered": "451",
+                "missing-argument": "461", "not-allowed": "482"}
+
+
+def looks_like_irc(frame: bytes) -> bool:
+    """Whether a connection's first frame is IRC's (``NICK ana``, ``CAP LS 302``, ``USER a 0 * :A``),
+    not ours (``USER|ana``, ``HELLO|chatctl/1``, a seed client's text)."""
+    upper = frame[:16].upper()
+    if upper.startswith(_IRC_FIRST_WORDS):
+        return b"|" not in frame
+    return upper.startswith(b"USER ") and b"|" not in frame and len(frame.split(b" ")) >= 5
+
+
+@dataclass(frozen=True, slots=True)
+class IrcMessage:
+    """One IRC line: its tags, source, command (upper-cased) and parameters (the trailing one last)."""
+
+    command: str
+    params: tuple[str, ...] = ()
+    tags: tuple[tuple[str, str], ...] = ()
+    source: str = ""
+
+
+def parse_irc(line: str) -> IrcMessage:
+    """An IRC line (no CR LF) to an IrcMessage; ProtocolError for an empty one."""
+    tags: list[tuple[str, str]] = []
+    if line.startswith("@"):
+        raw, _, line = line.partition(" ")
+        for tag in raw[1:].split(";"):
+            key, _, value = tag.partition("=")
+            tags.append((key, value))
+    source = ""
+    line = line.lstrip(" ")
+    if line.startswith(":"):
+        source, _, line = line[1:].partition(" ")
+    head, colon, trailing = line.partition(" :")
+    words = head.split()
+    if not words:
+        raise ProtocolError("missing-argument", "an empty IRC line")
+    params = words[1:] + ([trailing] if colon else [])
+    return IrcMessage(words[0].upper(), tuple(params), tuple(tags), source)
+
+
+def strip_irc_formatting(text: str) -> str:
+    """Bold, colours, italics and the like from IRC clients: dropped, so others see plain text."""
+    return _IRC_FORMATTING.sub("", text) if any(c < " " for c in text) else text
+
+
+def irc_chunks(text: str, most: int) -> list[str]:
+    """``text`` in pieces of at most ``most`` UTF-8 bytes, cut after a space where one is near."""
+    pieces = []
+    while len(text.encode("utf-8")) > most:
+        cut, used = 0, 0
+        for ch in text:
+            used += len(ch.encode("utf-8"))
+            if used > most:
+                break
+            cut += 1
+        space = text.rfind(" ", max(1, cut - 40), cut)
+        cut = space + 1 if space > 0 else max(1, cut)
+        pieces.append(text[:cut])
+        text = text[cut:]
+    pieces.append(text)
+    return pieces
+
+
+def source(name: str) -> str:
+    """A user as the source of an IRC line: ``:ana!ana@chatctl``."""
+    return f":{name}!{name}@{IRC_HOST}"
+
+
+def irc_time(ts: float) -> str:
+    """IRCv3 server-time: UTC with milliseconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+
+
+class IrcOutbound(OutboundQueue):
+    """An IRC session's SendQ: what the server queues in our protocol goes in as IRC lines."""
+
+    __slots__ = ("gate",)
+
+    def __init__(self, limit: int, gate: IrcGate):
+        super().__init__(limit)
+        self.gate = gate
+
+    def put(self, data: bytes, force: bool = False) -> bool:
+        irc = self.gate.outgoing(data)
+        return super().put(irc, force) if irc else False
+
+    def put_irc(self, data: bytes) -> bool:
+        """IRC lines the gate made itself (replies no handler gives)."""
+        return super().put(data)
+
+
+class IrcGate:
+    """The IRC side of one ClientSession.
+
+    ``handle`` runs on the session's reader thread: it answers what IRC alone
+    needs (CAP, PING, MODE, WHOIS) and calls the session's handlers for the
+    rest.  ``outgoing`` runs on whichever thread queues for the session (its
+    reader, the fan-out, presence): it turns our lines into IRC lines.  What
+    both touch (the requests waiting for an answer, the echo queue, the
+    capabilities) is under ``_lock``; the registration fields are the reader's.
+    """
+
+    def __init__(self, session: ClientSession):
+        self.session = session
+        self.nick = ""                       # asked for with NICK (the name once registered)
+        self.user_sent = False
+        self.negotiating = False             # between CAP LS/REQ and CAP END
+        self.sasl_password: str | None = None
+        self.sasl_started = False
+        self.welcomed = False
+        self.away = ""
+        self.caps: set[str] = set()
+        self._lock = threading.Lock()
+        self._echo: list[tuple[str, str, str]] = []   # (kind, target, text) awaiting MSG_OK, oldest first
+        self._joins: dict[str, list[bytes]] = {}      # rooms joining: their TOPIC and NAMES lines, held
+        self._asked: dict[str, list[str]] = {}        # verb -> what each request of it was for, oldest first
+        self._batch = 0
+
+    # --- in: IRC lines to handler calls (the reader thread) --------------------------------------
+
+    def handle(self, frame: bytes) -> None:
+        try:
+            line = frame.decode("utf-8")
+        except UnicodeDecodeError:
+            line = frame.decode("latin-1")  # old IRC clients still send Latin-1
+        message = parse_irc(line)
+        handler = IRC_COMMANDS.get(message.command)
+        if handler is None:
+            self.numeric("421", message.command[:32], "Unknown command")
+            return
+        if self.session.name is None and message.command not in IRC_PRE_REGISTRATION:
+            self.numeric("451", "You have not registered")
+            return
+        handler(self, message.params)
+
+    def send(self, *lines: str) -> None:
+        """IRC lines to the client, each cut to IRC's length (tags apart)."""
+        data = b"".join(self._fit(line) for line in lines)
+        if self.session.outbound.put_irc(data):
+            self.session.server.writer.schedule(self.session)
+
+    @staticmethod
+    def _fit(line: str) -> bytes:
+        tags, body = ("", line) if not line.startswith("@") else line.split(" ", 1)
+        raw = body.encode("utf-8")[:IRC_LINE_BYTES - 2].decode("utf-8", "ignore")
+        return ((tags + " " if tags else "") + raw).encode("utf-8") + b"\r\n"
+
+    def numeric(self, code: str, *params: str) -> None:
+        *middle, last = params
+        self.send(" ".join([f":{IRC_SERVER}", code, self.session.name or "*", *middle]) + f" :{last}")
+
+    def notice(self, text: str) -> None:
+        self.send(f":{IRC_SERVER} NOTICE {self.nick or '*'} :{text}")
+
+    def call(self, verb: str, arg: str | None = None, asked: str = "") -> None:
+        """Run our handler for ``verb``; ``asked`` is what its answer is for (NAMES for WHO, say)."""
+        if not self.session.authorized and verb not in BEFORE_PASS_COMMANDS:
+            raise ProtocolError("password-required", "this server needs a password: PASS <password>",
+                                closes=True)
+        if asked:
+            with self._lock:
+                self._asked.setdefault(verb, []).append(asked)
+        try:
+            COMMAND_HANDLERS[verb](self.session, arg)
+        except ProtocolError:
+            if asked:
+                with self._lock:
+                    self._asked[verb].pop()
+            raise
+
+    def irc_cap(self, params: tuple[str, ...]) -> None:
+        sub = params[0].upper() if params else ""
+        if sub == "LS":
+            self.negotiating = self.session.name is None
+            self.send(f":{IRC_SERVER} CAP {self.nick or '*'} LS :" + " ".join(
+                "sasl=PLAIN" if cap == "sasl" else cap for cap in IRC_CAPABILITIES))
+        elif sub == "LIST":
+            self.send(f":{IRC_SERVER} CAP {self.nick or '*'} LIST :" + " ".join(sorted(self.caps)))
+        elif sub == "REQ":
+            self.negotiating = self.session.name is None or self.negotiating
+            asked = (params[1] if len(params) > 1 else "").split()
+            wanted = {cap.lstrip("-") for cap in asked}
+            if wanted <= set(IRC_CAPABILITIES):
+                with self._lock:
+                    for cap in asked:
+                        (self.caps.discard if cap.startswith("-") else self.caps.add)(cap.lstrip("-"))
+                self.send(f":{IRC_SERVER} CAP {self.nick or '*'} ACK :{' '.join(asked)}")
+            else:
+                self.send(f":{IRC_SERVER} CAP {self.nick or '*'} NAK :{' '.join(asked)}")
+        elif sub == "END":
+            self.negotiating = False
+            self._register()
+        else:
+            self.numeric("410", sub or "*", "Invalid CAP command")
+
+    def irc_authenticate(self, params: tuple[str, ...]) -> None:
+        import base64
+        import binascii
+
+        if "sasl" not in self.caps or self.session.name is not None:
+            self.numeric("904", "SASL authentication failed")
+            return
+        if not self.sasl_started:
+            if params and params[0].upper() == "PLAIN":
+                self.sasl_started = True
+                self.send("AUTHENTICATE +")
+            else:
+                self.numeric("908", "PLAIN", "are available SASL mechanisms")
+                self.numeric("904", "SASL authentication failed")
+            return
+        self.sasl_started = False
+        try:
+            _, authcid, password = base64.b64decode(params[0] if params else "").decode("utf-8").split("\0")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            self.numeric("904", "SASL authentication failed")
+            return
+        if self.nick and name_key(authcid) != name_key(self.nick):
+            self.nick = authcid  # the account is the name: it is the nick we register
+        self.nick = self.nick or authcid
+        self.sasl_password = password
+        try:
+            self._user(password)
+        except ProtocolError as exc:
+            self.sasl_password = None
+            self.numeric("904", f"SASL authentication failed: {exc.text}")
+            if exc.closes:
+                raise
+            return
+        self.numeric("900", source(self.nick)[1:], self.nick, f"You are now logged in as {self.nick}")
+        self.numeric("903", "SASL authentication successful")
+
+    def irc_pass(self, params: tuple[str, ...]) -> None:
+        if self.session.name is not None:
+            self.numeric("462", "You may not reregister")
+            return
+        if params:
+            self.call("PASS", params[0])
+
+    def irc_nick(self, params: tuple[str, ...]) -> None:
+        if not params or not params[0].strip():
+            self.numeric("431", "No nickname given")
+            return
+        if self.session.name is not None:
+            if name_key(params[0]) != name_key(self.session.name):
+                self.numeric("447", params[0], "Nicks cannot change here: reconnect with the new one")
+            return
+        try:
+            self.nick = validate_name(params[0], self.session.server.config.max_name)
+        except ProtocolError as exc:
+            self.numeric("432", params[0][:40], exc.text)
+            return
+        self._register()
+
+    def irc_user(self, params: tuple[str, ...]) -> None:
+        if self.session.name is not None:
+            self.numeric("462", "You may not reregister")
+            return
+        if len(params) < 4:
+            self.numeric("461", "USER", "Not enough parameters")
+            return
+        self.user_sent = True
+        self._register()
+
+    def _register(self) -> None:
+        """Once NICK and USER are in and CAP negotiation is over: our HELLO and USER."""
+        if self.session.name is None and self.nick and self.user_sent and not self.negotiating:
+            try:
+                self._user(None)
+            except ProtocolError as exc:
+                code = IRC_NUMERICS.get(exc.code)
+                if code in ("433", "432"):
+                    self.numeric(code, self.nick, exc.text)
+                elif exc.code == "name-protected":
+                    self.numeric("433", self.nick, f"{exc.text}; log in with SASL PLAIN, or pick another")
+                else:
+                    raise
+                return
+        if self.session.name is not None and not self.welcomed and not self.negotiating:
+            self._welcome()
+
+    def _user(self, password: str | None) -> None:
+        if not self.session.extended:
+            self.call("HELLO", PROTOCOL_NAME)
+        self.call("USER", self.nick + (f"|{password}" if password is not None else ""))
+        self.nick = self.session.name
+
+    def _welcome(self) -> None:
+        self.welcomed = True
+        config = self.session.server.config
+        me = self.nick
+        self.numeric("001", f"Welcome to the chatctl chat, {me}")
+        self.numeric("002", f"Your host is {IRC_SERVER}, running chatctl {__version__}")
+        self.numeric("003", "This server speaks chatctl's protocol and IRC on one port")
+        self.send(f":{IRC_SERVER} 004 {me} {IRC_SERVER} chatctl-{__version__} i nt")
+        self.numeric("005", "CHANTYPES=#", "CASEMAPPING=ascii", f"NICKLEN={config.max_name}",
+                     "CHANNELLEN=31", f"TOPICLEN={config.max_topic}", "PREFIX=()", "CHANMODES=,,,nt",
+                     "NETWORK=chatctl", f"CHATHISTORY={IRC_HISTORY_MAX}", "MSGREFTYPES=msgid,timestamp",
+                     f"CHANLIMIT=#:{config.max_rooms_per_user}", "UTF8ONLY", "are supported by this server")
+        if config.motd:
+            self.numeric("375", f"- {IRC_SERVER} Message of the day -")
+            for line in config.motd.splitlines():
+                self.numeric("372", f"- {line}")
+            self.numeric("376", "End of /MOTD command")
+        else:
+            self.numeric("422", "MOTD File is missing")
+        self._joined(MAIN_ROOM, [], replay=True)  # everyone starts in #main
+        self.call("NAMES", f"#{MAIN_ROOM}", asked="names")
+
+    def irc_ping(self, params: tuple[str, ...]) -> None:
+        self.send(f":{IRC_SERVER} PONG {IRC_SERVER} :{params[0] if params else ''}")
+
+    def irc_pong(self, params: tuple[str, ...]) -> None:
+        pass  # any input keeps the connection from idling out
+
+    def irc_quit(self, params: tuple[str, ...]) -> None:
+        self.call("QUIT", params[0] if params else None)
+
+    def irc_join(self, params: tuple[str, ...]) -> None:
+        if not params:
+            self.numeric("461", "JOIN", "Not enough parameters")
+            return
+        if params[0] == "0":  # leave every room but #main
+            for room in [r for r in self.session.rooms if r != MAIN_ROOM]:
+                self.call("PART", f"#{room}")
+            return
+        for word in params[0].split(","):
+            try:
+                room = validate_room(word)
+            except ProtocolError as exc:
+                self.numeric("479", word[:40], exc.text)
+                continue
+            if room in self.session.rooms:
+                continue
+            with self._lock:
+                self._joins[room] = []
+            try:
+                self.call("JOIN", f"#{room}")
+            except ProtocolError:
+                with self._lock:
+                    self._joins.pop(room, None)
+                raise
+
+    def irc_part(self, params: tuple[str, ...]) -> None:
+        if not params:
+            self.numeric("461", "PART", "Not enough parameters")
+            return
+        reason = params[1] if len(params) > 1 else ""
+        for word in params[0].split(","):
+            try:
+                room = validate_room(word)
+            except ProtocolError as exc:
+                self.numeric("403", word[:40], exc.text)
+                continue
+            if room == MAIN_ROOM and len(self.session.rooms) == 1:
+                self.numeric("442", f"#{room}", "#main is the last room you are in here")
+                continue
+            self.call("PART", f"#{room}" + (f"|{reason}" if reason else ""))
+
+    def irc_privmsg(self, params: tuple[str, ...], notice: bool = False) -> None:
+        if len(params) < 2 or not params[1]:
+            if not notice:
+                self.numeric("412" if len(params) == 1 else "411", "No text to send")
+            return
+        text = params[1]
+        kind = "MSG"
+        if text.startswith("\x01"):
+            body = text.strip("\x01")
+            if not body.upper().startswith("ACTION"):
+                return  # other CTCP (VERSION, PING, ...): nobody here answers them
+            kind, text = "ME", body[6:].lstrip(" ")
+        text = strip_irc_formatting(text)
+        for target in params[0].split(","):
+            try:
+                if target.startswith("#"):
+                    room = validate_room(target)
+                    self._echo_later("ME" if kind == "ME" else "MSG", f"#{room}", text)
+                    self.call(kind, f"#{room}|{escape_text(text)}")
+                elif kind == "ME":
+                    self.notice("/me works in channels; direct messages have no actions here")
+                else:
+                    self._echo_later("DM", target, text)
+                    self.call("DM", f"{target}|{escape_text(text)}")
+            except ProtocolError as exc:
+                self._echo_cancel()
+                if notice:
+                    continue  # a NOTICE never gets an automatic answer
+                code = IRC_NUMERICS.get(exc.code)
+                if code in ("401", "403", "442", "479"):
+                    self.numeric("404" if code == "442" else code, target[:40], exc.text)
+                elif exc.code == "rate-limited":
+                    self.notice(f"not sent: {exc.text}")
+                else:
+                    raise
+
+    def irc_notice(self, params: tuple[str, ...]) -> None:
+        self.irc_privmsg(params, notice=True)
+
+    def _echo_later(self, kind: str, target: str, text: str) -> None:
+        with self._lock:
+            self._echo.append((kind, target, text))
+
+    def _echo_cancel(self) -> None:
+        with self._lock:
+            if self._echo:
+                self._echo.pop()
+
+    def irc_topic(self, params: tuple[str, ...]) -> None:
+        if not params:
+            self.numeric("461", "TOPIC", "Not enough parameters")
+            return
+        room = validate_room(params[0])
+        if len(params) > 1:
+            self.call("TOPIC", f"#{room}|{escape_text(strip_irc_formatting(params[1]))}")
+        else:
+            self.call("TOPIC", f"#{room}", asked="topic")
+
+    def irc_names(self, params: tuple[str, ...]) -> None:
+        for word in (params[0].split(",") if params else [f"#{MAIN_ROOM}"]):
+            self.call("NAMES", f"#{validate_room(word)}", asked="names")
+
+    def irc_who(self, params: tuple[str, ...]) -> None:
+        mask = params[0] if params else "*"
+        if mask.startswith("#"):
+            self.call("NAMES", f"#{validate_room(mask)}", asked="who")
+            return
+        holder = self.session.server.registry.holder(confusable_key(mask)) if mask != "*" else None
+        if holder is not None and holder.name:
+            self.numeric("352", "*", holder.name, IRC_HOST, IRC_SERVER, holder.name, "H", f"0 {holder.name}")
+        self.numeric("315", mask, "End of WHO list")
+
+    def irc_whois(self, params: tuple[str, ...]) -> None:
+        if not params:
+            self.numeric("431", "No nickname given")
+            return
+        nick = params[-1]
+        server = self.session.server
+        holder = server.registry.holder(confusable_key(nick))
+        if holder is None or holder.name is None or name_key(holder.name) != name_key(nick):
+            self.numeric("401", nick[:40], "No such nick")
+        else:
+            name = holder.name
+            self.numeric("311", name, name, IRC_HOST, "*", name)
+            rooms = getattr(holder, "rooms", {}) or {}
+            if rooms:
+                self.numeric("319", name, " ".join(f"#{r}" for r in rooms))
+            self.numeric("312", name, IRC_SERVER, "chatctl")
+            if getattr(holder, "owner", False):
+                self.numeric("330", name, name, "is logged in as")
+        self.numeric("318", nick[:40], "End of /WHOIS list")
+
+    def irc_list(self, params: tuple[str, ...]) -> None:
+        self.numeric("321", "Channel", "Users Name")
+        self.call("ROOMS", None, asked="list")
+
+    def irc_away(self, params: tuple[str, ...]) -> None:
+        self.away = params[0] if params and params[0] else ""
+        if self.away:
+            self.numeric("306", "You have been marked as being away")
+        else:
+            self.numeric("305", "You are no longer marked as being away")
+
+    def irc_mode(self, params: tuple[str, ...]) -> None:
+        if not params:
+            self.numeric("461", "MODE", "Not enough parameters")
+        elif params[0].startswith("#"):
+            if len(params) == 1:
+                self.numeric("324", params[0], "+nt")
+            elif params[1] in ("b", "+b"):
+                self.numeric("368", params[0], "End of channel ban list")
+            else:
+                self.numeric("482", params[0], "Channel modes cannot be changed here")
+        elif name_key(params[0]) != name_key(self.nick):
+            self.numeric("502", "Cannot change mode for other users")
+        elif len(params) == 1:
+            self.numeric("221", "+i")
+        else:  # a client setting +i on itself: everyone is invisible here already
+            self.send(f"{source(self.nick)} MODE {self.nick} :+i")
+
+    def irc_motd(self, params: tuple[str, ...]) -> None:
+        motd = self.session.server.config.motd
+        if not motd:
+            self.numeric("422", "MOTD File is missing")
+            return
+        self.numeric("375", f"- {IRC_SERVER} Message of the day -")
+        for line in motd.splitlines():
+            self.numeric("372", f"- {line}")
+        self.numeric("376", "End of /MOTD command")
+
+    def irc_ison(self, params: tuple[str, ...]) -> None:
+        online = {name_key(u.name): u.name for u in self.session.server.users()}
+        asked = " ".join(params).split()
+        self.numeric("303", " ".join(online[name_key(n)] for n in asked if name_key(n) in online))
+
+    def irc_userhost(self, params: tuple[str, ...]) -> None:
+        online = {name_key(u.name): u.name for u in self.session.server.users()}
+        found = [f"{online[name_key(n)]}=+{online[name_key(n)]}@{IRC_HOST}" for n in params
+                 if name_key(n) in online]
+        self.numeric("302", " ".join(found))
+
+    def irc_chathistory(self, params: tuple[str, ...]) -> None:
+        """``CHATHISTORY LATEST|BEFORE|AFTER <target> <msgid=N|timestamp=T|*> <limit>``
+        (draft/chathistory)."""
+        if len(params) < 4 or params[0].upper() not in ("LATEST", "BEFORE", "AFTER"):
+            self.send(f"FAIL CHATHISTORY INVALID_PARAMS {params[0] if params else '*'} :"
+                      "LATEST, BEFORE or AFTER, a target, a reference and a limit")
+            return
+        mode, target, ref, limit = params[0].upper(), params[1], params[2], params[3]
+        count = min(IRC_HISTORY_MAX, max(1, int(limit) if limit.isdigit() else IRC_HISTORY_MAX))
+        anchor = self._message_id(ref, after=mode == "AFTER")
+        room = f"#{validate_room(target)}" if target.startswith("#") else None
+        if mode == "LATEST" or anchor is None:
+            fields = ["LAST", str(count)]
+        else:
+            fields = [mode, str(anchor), str(count)]
+        self.call("HISTORY", "|".join([*( [room] if room else []), *fields]), asked=f"chathistory {target}")
+
+    def _message_id(self, ref: str, after: bool) -> int | None:
+        """A CHATHISTORY reference as an id: ``msgid=N``, or ``timestamp=T`` looked up in the history."""
+        kind, _, value = ref.partition("=")
+        if kind == "msgid" and value.split(".")[0].isdigit():
+            return int(value.split(".")[0])
+        if kind == "timestamp" and self.session.server.history is not None:
+            try:
+                ts = parse_timestamp(value.split(".")[0].rstrip("Z") + "Z")
+            except ProtocolError:
+                return None
+            return self.session.server.history.id_at(ts, after)
+        return None
+
+    # --- out: our lines to IRC lines (any thread that queues for the session) --------------------
+
+    def outgoing(self, data: bytes) -> bytes:
+        """What the server queued in our protocol, as IRC lines (empty: nothing for an IRC client)."""
+        lines = data.split(b"\n")
+        history = b"END|HISTORY|" in data  # a HISTORY answer is one block, messages then its END
+        out: list[str] = []
+        batch = ""
+        if history:
+            with self._lock:
+                purpose = self._asked.get("HISTORY", [""]).pop(0) if self._asked.get("HISTORY") else ""
+            target = purpose.partition(" ")[2]
+            if "batch" in self.caps and purpose.startswith("chathistory"):
+                self._batch += 1
+                batch = f"h{self._batch}"
+                out.append(f"BATCH +{batch} chathistory {target}")
+            elif purpose.startswith("chathistory") and not target.startswith("#"):
+                target = ""
+        for raw in lines:
+            if not raw:
+                continue
+            try:
+                event = parse_event(raw.decode("utf-8"))
+            except (ValueError, ProtocolError):
+                continue
+            handler = IRC_EVENTS.get(type(event))
+            if handler is not None:
+                out.extend(handler(self, event, batch) if history else handler(self, event, ""))
+        if batch:
+            out.append(f"BATCH -{batch}")
+        return b"".join(self._fit(line) for line in out)
+
+    def _tags(self, msg: ChatMessage | None, batch: str, part: int = 0, ts: float | None = None) -> str:
+        tags = []
+        if batch:
+            tags.append(f"batch={batch}")
+        if "server-time" in self.caps:
+            tags.append(f"time={irc_time(msg.ts if msg is not None else ts or time.time())}")
+        if msg is not None and "message-tags" in self.caps:
+            tags.append(f"msgid={msg.id}" + (f".{part + 1}" if part else ""))
+        return "@" + ";".join(tags) + " " if tags else ""
+
+    def _privmsgs(self, msg: ChatMessage, target: str, batch: str) -> list[str]:
+        """A message as PRIVMSG lines: one per line of its text, a long line cut (not lost)."""
+        head = f"{source(msg.sender)} PRIVMSG {target} :"
+        action = msg.kind == "me"
+        room = IRC_LINE_BYTES - 2 - len(head.encode("utf-8")) - (9 if action else 0)
+        out, part = [], 0
+        for line in msg.text.split("\n"):
+            for piece in irc_chunks(line or " ", room):
+                body = f"\x01ACTION {piece}\x01" if action else piece
+                out.append(self._tags(msg, batch, part) + head + body)
+                part += 1
+        return out
+
+    def out_delivered(self, event: Delivered, batch: str) -> list[str]:
+        msg = event.message
+        if msg.kind == "dm":
+            own = name_key(msg.sender) == name_key(self.nick)
+            return self._privmsgs(msg, msg.recipient if own else self.nick, batch)
+        if not batch and msg.room not in self.session.rooms:
+            return []
+        return self._privmsgs(msg, f"#{msg.room}", batch)
+
+    def out_acknowledged(self, event: Acknowledged, batch: str) -> list[str]:
+        with self._lock:
+            sent = self._echo.pop(0) if self._echo else None
+        if sent is None or "echo-message" not in self.caps or not event.id:
+            return []
+        kind, target, text = sent
+        msg = ChatMessage(event.id, event.ts or time.time(), self.nick, text,
+                          {"MSG": "msg", "ME": "me", "DM": "dm"}[kind], None, target.lstrip("#"))
+        return self._privmsgs(msg, target, batch)
+
+    def out_registered(self, event: Registered, batch: str) -> list[str]:
+        return []  # USER_OK: the welcome follows once CAP negotiation is over (_register)
+
+    def out_joined(self, event: Joined, batch: str) -> list[str]:
+        if name_key(event.name) == name_key(self.nick) or MAIN_ROOM not in self.session.rooms:
+            return []
+        return [self._tags(None, "", ts=event.ts) + f"{source(event.name)} JOIN #{MAIN_ROOM}"]
+
+    def out_left(self, event: Left, batch: str) -> list[str]:
+        return [self._tags(None, "", ts=event.ts) + f"{source(event.name)} QUIT :{event.reason}"]
+
+    def out_entered(self, event: Entered, batch: str) -> list[str]:
+        if name_key(event.name) == name_key(self.nick):
+            return []
+        return [self._tags(None, "", ts=event.ts) + f"{source(event.name)} JOIN #{event.room}"]
+
+    def out_exited(self, event: Exited, batch: str) -> list[str]:
+        if name_key(event.name) == name_key(self.nick):
+            return []
+        return [self._tags(None, "", ts=event.ts)
+                + f"{source(event.name)} PART #{event.room} :{event.reason}"]
+
+    def out_topic(self, event: Topic, batch: str) -> list[str]:
+        me, channel = self.nick, f"#{event.room}"
+        with self._lock:
+            held = self._joins.get(event.room)
+            asked = self._asked.get("TOPIC", [])
+            query = bool(asked) and asked[0] == "topic"
+            if held is not None:
+                held.append(self._topic_lines(event))
+                return []
+            if query:
+                asked.pop(0)
+        if query:
+            return self._topic_lines(event)
+        setter = event.setter or IRC_SERVER
+        who = source(setter) if event.setter else f":{IRC_SERVER}"
+        line = self._tags(None, "", ts=event.ts or None) + f"{who} TOPIC {channel} :{event.text}"
+        return [line] if me else []
+
+    def _topic_lines(self, event: Topic) -> list[str]:
+        me, channel = self.nick, f"#{event.room}"
+        if not event.text:
+            return [f":{IRC_SERVER} 331 {me} {channel} :No topic is set"]
+        return [f":{IRC_SERVER} 332 {me} {channel} :{event.text}",
+                f":{IRC_SERVER} 333 {me} {channel} {event.setter or IRC_SERVER} {int(event.ts)}"]
+
+    def out_names(self, event: RoomNames, batch: str) -> list[str]:
+        me, channel = self.nick, f"#{event.room}"
+        with self._lock:
+            held = self._joins.get(event.room)
+            asked = self._asked.get("NAMES", [])
+            purpose = asked.pop(0) if asked and held is None else "names"
+        if purpose == "who":
+            who = [f":{IRC_SERVER} 352 {me} {channel} {u.name} {IRC_HOST} {IRC_SERVER} {u.name} H :0 {u.name}"
+                   for u in event.users]
+            return [*who, f":{IRC_SERVER} 315 {me} {channel} :End of WHO list"]
+        lines, row = [], []
+        for user in event.users:  # several 353 lines, each within IRC's length
+            row.append(user.name)
+            if sum(len(n) + 1 for n in row) > 400:
+                lines.append(f":{IRC_SERVER} 353 {me} = {channel} :{' '.join(row)}")
+                row = []
+        if row:
+            lines.append(f":{IRC_SERVER} 353 {me} = {channel} :{' '.join(row)}")
+        lines.append(f":{IRC_SERVER} 366 {me} {channel} :End of /NAMES list")
+        if held is not None:
+            with self._lock:
+                held.append(lines)
+            return []
+        return lines
+
+    def out_confirmed(self, event: Confirmed, batch: str) -> list[str]:
+        room = event.arg.lstrip("#")
+        if event.verb == "JOIN":
+            with self._lock:
+                held = self._joins.pop(room, [])
+            return self._joined(room, held, replay=True, send=False)
+        if event.verb == "PART":
+            return [f"{source(self.nick)} PART #{room}"]
+        if event.verb in ("REGISTER", "UNREGISTER"):
+            protected = "now protected by its password" if event.verb == "REGISTER" else "no longer protected"
+            return [f":{IRC_SERVER} NOTICE {self.nick} :your name is {protected}"]
+        return []  # PASS_OK, MARK_OK, ...
+
+    def _joined(self, room: str, held: list[list[str]], replay: bool, send: bool = True) -> list[str]:
+        """Our JOIN of ``room`` as IRC shows it: JOIN, topic, names; then its last lines, for clients
+        that do not page back themselves (with chathistory they do)."""
+        lines = [f"{source(self.nick)} JOIN #{room}"] + [line for part in held for line in part]
+        if send:
+            self.send(*lines)
+            lines = []
+        if replay and "draft/chathistory" not in self.caps and self.session.server.history is not None:
+            with self._lock:
+                self._asked.setdefault("HISTORY", []).append(f"replay #{room}")
+            try:
+                self.session.server.send_history(
+                    self.session, "HISTORY", room, lambda store, upto, size: store.recent(
+                        self.nick, IRC_REPLAY, room=room, upto=upto, max_bytes=size))
+            except ProtocolError:
+                with self._lock:
+                    self._asked["HISTORY"].pop()
+        return lines
+
+    def out_room(self, event: RoomInfo, batch: str) -> list[str]:
+        return [f":{IRC_SERVER} 322 {self.nick} #{event.name} {event.online} :{event.topic}"]
+
+    def out_end(self, event: EndOfList, batch: str) -> list[str]:
+        if event.kind == "ROOMS":
+            with self._lock:
+                asked = self._asked.get("ROOMS", [])
+                if asked:
+                    asked.pop(0)
+            return [f":{IRC_SERVER} 323 {self.nick} :End of /LIST"]
+        return []
+
+    def out_error(self, event: ErrorReply, batch: str) -> list[str]:
+        with self._lock:
+            if event.code in ("rate-limited", "storage-failed", "bus-unavailable", "unknown-user",
+                              "not-in-room", "empty-message") and self._echo:
+                self._echo.pop(0)  # a message refused after it was accepted for commit
+        code = IRC_NUMERICS.get(event.code)
+        if code is not None and code not in ("433", "432", "464"):
+            return [f":{IRC_SERVER} {code} {self.nick or '*'} * :{event.text}"]
+        if code == "464":
+            return [f":{IRC_SERVER} 464 {self.nick or '*'} :{event.text}"]
+        return [f":{IRC_SERVER} NOTICE {self.nick or '*'} :{event.text} ({event.code})"]
+
+    def out_goodbye(self, event: Goodbye, batch: str) -> list[str]:
+        return [f"ERROR :Closing link: {event.reason}"]
+
+    def out_pong(self, event: Pong, batch: str) -> list[str]:
+        return [f":{IRC_SERVER} PONG {IRC_SERVER} :{event.token}"]
+
+    def out_unknown(self, event: UnknownLine, batch: str) -> list[str]:
+        return [f":{IRC_SERVER} NOTICE {self.nick or '*'} :{event.line}"]
+
+
+IrcHandler = Callable[[IrcGate, tuple[str, ...]], None]
+IRC_COMMANDS: dict[str, IrcHandler] = {
+    "CAP": IrcGate.irc_cap, "AUTHENTICATE": IrcGate.irc_authenticate, "PASS": IrcGate.irc_pass,
+    "NICK": IrcGate.irc_nick, "USER": IrcGate.irc_user, "PING": IrcGate.irc_ping, "PONG": IrcGate.irc_pong,
+    "QUIT": IrcGate.irc_quit, "JOIN": IrcGate.irc_join, "PART": IrcGate.irc_part,
+    "PRIVMSG": IrcGate.irc_privmsg, "NOTICE": IrcGate.irc_notice, "TOPIC": IrcGate.irc_topic,
+    "NAMES": IrcGate.irc_names, "WHO": IrcGate.irc_who, "WHOIS": IrcGate.irc_whois, "LIST": IrcGate.irc_list,
+    "AWAY": IrcGate.irc_away, "MODE": IrcGate.irc_mode, "MOTD": IrcGate.irc_motd, "ISON": IrcGate.irc_ison,
+    "USERHOST": IrcGate.irc_userhost, "CHATHISTORY": IrcGate.irc_chathistory,
+}
+IRC_EVENTS: dict[type, Callable[[IrcGate, object, str], list[str]]] = {
+    Delivered: IrcGate.out_delivered, Acknowledged: IrcGate.out_acknowledged,
+    Registered: IrcGate.out_registered,
+    Joined: IrcGate.out_joined, Left: IrcGate.out_left, Entered: IrcGate.out_entered,
+    Exited: IrcGate.out_exited, Topic: IrcGate.out_topic, RoomNames: IrcGate.out_names,
+    Confirmed: IrcGate.out_confirmed, RoomInfo: IrcGate.out_room, EndOfList: IrcGate.out_end,
+    ErrorReply: IrcGate.out_error, Goodbye: IrcGate.out_goodbye, Pong: IrcGate.out_pong,
+    UnknownLine: IrcGate.out_unknown,
+}
+
+
+# =============================================================================
+# 10. Client
 # =============================================================================
 
 
@@ -7785,7 +8622,7 @@ class ChatClient:
 
 
 # =============================================================================
-# 10. Rendering
+# 11. Rendering
 # =============================================================================
 # Tables for the one-shot commands, and join's lines.  Network text is made
 # safe by display_text() and neutralise() (section 9) before it is printed.
@@ -8242,7 +9079,7 @@ def name_completer(chat: ChatClient):
 
 
 # =============================================================================
-# 11. Full-screen client (tui, web)
+# 12. Full-screen client (tui, web)
 # =============================================================================
 # chatctl tui is a Textual app over a ChatClient, and chatctl web serves the
 # same app to browsers with textual-serve.  Textual is imported only by
@@ -9272,7 +10109,7 @@ def serve_web(config: ClientConfig, config_file: str | None, host: str, port: in
 
 
 # =============================================================================
-# 12. CLI
+# 13. CLI
 # =============================================================================
 # Callbacks parse, build a config and call into the objects above.  ChatError
 # becomes a one-line ClickException here, at the boundary, with its exit code.
@@ -9402,14 +10239,18 @@ def cli() -> None:
               "(redis://host:6379/0, rediss:// for TLS; a password is better in CHATCTL_BUS).")
 @click.option("--cluster", "cluster_name", metavar="NAME",
               help="The cluster's name on that Redis (default chatctl).")
-def serve(host, port, config_file, log_level, db, history, tls, bus, cluster_name) -> None:
+@click.option("--irc", is_flag=True, default=None,
+              help="Accept IRC clients too, on the same port (weechat, irssi, HexChat, phone apps).")
+@click.option("--irc-port", type=click.IntRange(0, 65535), metavar="PORT",
+              help="Also listen for IRC clients on PORT (6667, say); TLS is detected there too.")
+def serve(host, port, config_file, log_level, db, history, tls, bus, cluster_name, irc, irc_port) -> None:
     """Run the chat server in the foreground (Ctrl-C stops it).
 
     The server password, if any, comes from CHATCTL_PASSWORD or [server]
     password, never from the command line.
     """
     flags = {"host": host, "port": port, "log_level": log_level, "db": db, "history": history, "tls": tls,
-             "bus": bus, "cluster": cluster_name}
+             "bus": bus, "cluster": cluster_name, "irc": irc, "irc_port": irc_port}
     config = load_config("server", flags, config_file)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
@@ -9787,7 +10628,7 @@ def register(host, port, config_file, tls, cafile, tls_fingerprint, user, drop) 
 
 
 # =============================================================================
-# 13. main()
+# 14. main()
 # =============================================================================
 
 

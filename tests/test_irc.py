@@ -1,0 +1,460 @@
+"""serve --irc: IRC clients in the same rooms as chatctl's own, over raw sockets (the protocol's details),
+the Python ``irc`` library, and real irssi and weechat in tmux."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+
+import chatctl
+from conftest import RawClient, free_port, wait_until
+
+
+class IrcClient:
+    """A raw IRC connection: send lines, wait (bounded) for a line that matches."""
+
+    def __init__(self, port: int, tls: bool = False):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if tls:
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            sock = context.wrap_socket(sock)
+        self.sock = sock
+        self.buffer = b""
+        self.seen: list[str] = []
+
+    def send(self, *lines: str) -> None:
+        self.sock.sendall("".join(line + "\r\n" for line in lines).encode("utf-8"))
+
+    def line(self, timeout: float = 5.0) -> str:
+        deadline = time.monotonic() + timeout
+        while b"\r\n" not in self.buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no line within {timeout} s; last lines: {self.seen[-8:]}")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                raise AssertionError(f"connection closed; last lines: {self.seen[-8:]}")
+            self.buffer += data
+        raw, self.buffer = self.buffer.split(b"\r\n", 1)
+        line = raw.decode("utf-8")
+        self.seen.append(line)
+        return line
+
+    def expect(self, pattern: str, timeout: float = 5.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.line(max(0.05, deadline - time.monotonic()))
+            if match := re.search(pattern, line):
+                return match
+
+    def register(self, nick: str, caps: str = "", sasl: tuple[str, str] | None = None) -> None:
+        self.send("CAP LS 302", f"NICK {nick}", f"USER {nick} 0 * :{nick}")
+        self.expect(r"CAP \* LS")
+        if caps:
+            self.send(f"CAP REQ :{caps}")
+            self.expect(r"CAP \S+ ACK")
+        if sasl is not None:
+            import base64
+
+            self.send("AUTHENTICATE PLAIN")
+            self.expect(r"^AUTHENTICATE \+")
+            self.send("AUTHENTICATE " + base64.b64encode(f"\0{sasl[0]}\0{sasl[1]}".encode()).decode())
+            self.expect(r" 903 ")
+        self.send("CAP END")
+        self.expect(r" 001 ")
+        self.expect(rf" 366 {re.escape(nick)} #main ")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def irc_server(make_server):
+    return make_server(irc=True, auth_delay=0)
+
+
+@pytest.fixture
+def irc(irc_server):
+    clients = []
+
+    def connect(nick: str | None = None, caps: str = "", port: int | None = None, **kw) -> IrcClient:
+        client = IrcClient(port or irc_server.port, **kw)
+        clients.append(client)
+        if nick:
+            client.register(nick, caps)
+        return client
+
+    yield connect
+    for client in clients:
+        client.close()
+
+
+def chatctl_user(port: int, name: str, *rooms: str) -> RawClient:
+    client = RawClient(port)
+    client.send(f"HELLO|chatctl/1\nUSER|{name}\n".encode())
+    client.expect("USER_OK")
+    for room in rooms:
+        client.send(f"JOIN|#{room}\n".encode())
+        client.expect("JOIN_OK")
+    return client
+
+
+def test_registration_speaks_the_welcome_isupport_and_motd(make_server):
+    server = make_server(irc=True, motd="be kind\nship often")
+    client = IrcClient(server.port)
+    client.send("CAP LS 302", "NICK wee", "USER wee 0 * :Wee")
+    assert "sasl=PLAIN" in client.expect(r"CAP \* LS :(.*)").group(1)
+    client.send("CAP END")
+    client.expect(r"^:chatctl 001 wee ")
+    isupport = client.expect(r" 005 wee (.*)").group(1)
+    for token in ("CHANTYPES=#", "CASEMAPPING=", "NICKLEN=32", "CHANNELLEN=", "CHATHISTORY="):
+        assert token in isupport
+    client.expect(r" 372 wee :- be kind")
+    client.expect(r" 376 wee ")
+    client.expect(r"^:wee!wee@chatctl JOIN #main")
+    client.send("PING :token1")
+    client.expect(r"PONG chatctl :token1")
+    client.send("FROB x")
+    client.expect(r" 421 wee FROB ")
+    client.close()
+    plain = IrcClient(make_server(irc=True).port)
+    plain.send("NICK other", "USER other 0 * :O")
+    plain.expect(r" 422 other :MOTD File is missing")
+    plain.send("WHOIS nobody")
+    plain.expect(r" 401 other nobody ")
+    plain.close()
+
+
+def test_before_registration_only_registration_commands_work(irc):
+    client = irc()
+    client.send("NICK bad!nick")
+    client.expect(r" 432 \* bad!nick ")
+    client.send("JOIN #main")  # no name yet
+    client.expect(r" 451 \* :You have not registered")
+
+
+def test_irc_join_and_seed_users_talk_in_two_rooms_and_dm_both_ways(irc_server, irc):
+    port = irc_server.port
+    bob = chatctl_user(port, "bob", "deploys")
+    seed = RawClient(port)  # the seed's client: one frame per write, no newline, no HELLO
+    seed.send(b"USER|sam")
+    assert seed.line() == "USER_OK"
+    wee = irc("wee")
+    wee.send("JOIN #deploys")
+    wee.expect(r"^:wee!wee@chatctl JOIN #deploys")
+    names = wee.expect(r" 353 wee = #deploys :(.*)").group(1).split()
+    assert sorted(names) == ["bob", "wee"]
+    wee.send("PRIVMSG #main :hello from irc")
+    assert bob.expect("MSG|#main|").endswith("|wee|hello from irc")
+    assert seed.expect("wee: ") == "wee: hello from irc"
+    bob.send(b"MSG|#deploys|deploy is out\nMSG|#main|and main\n")
+    wee.expect(r"^@?.*:bob!bob@chatctl PRIVMSG #deploys :deploy is out$")
+    wee.expect(r":bob!bob@chatctl PRIVMSG #main :and main$")
+    time.sleep(0.3)
+    seed.send(b"MSG|from the seed")
+    wee.expect(r":sam!sam@chatctl PRIVMSG #main :from the seed$")
+    wee.send("PRIVMSG bob :psst")
+    assert bob.expect("DM|").endswith("|wee|bob|psst")
+    bob.send(b"DM|wee|psst back\n")
+    wee.expect(r":bob!bob@chatctl PRIVMSG wee :psst back$")
+    wee.send("PRIVMSG #deploys :\x01ACTION ships it\x01")
+    assert bob.expect("ME|#deploys|").endswith("|wee|ships it")
+    wee.send("PRIVMSG nobody :hi")
+    wee.expect(r" 401 wee nobody ")
+    bob.close()
+    seed.close()
+
+
+def test_topic_names_who_list_and_whois(irc_server, irc):
+    bob = chatctl_user(irc_server.port, "bob", "deploys")
+    wee = irc("wee")
+    wee.send("JOIN #deploys", "TOPIC #deploys :release day")
+    wee.expect(r":wee!wee@chatctl TOPIC #deploys :release day")
+    assert chatctl.parse_event(bob.expect("TOPIC|")).text == "release day"
+    bob.send(b"TOPIC|#deploys|release night\n")
+    wee.expect(r":bob!bob@chatctl TOPIC #deploys :release night")
+    wee.send("TOPIC #deploys")
+    wee.expect(r" 332 wee #deploys :release night")
+    wee.send("NAMES #deploys")
+    wee.expect(r" 353 wee = #deploys :")
+    wee.expect(r" 366 wee #deploys ")
+    wee.send("WHO #deploys")
+    wee.expect(r" 352 wee #deploys \w+ chatctl chatctl \w+ H :0")
+    wee.expect(r" 315 wee #deploys ")
+    wee.send("LIST")
+    wee.expect(r" 322 wee #deploys 2 :release night")
+    wee.expect(r" 323 wee ")
+    wee.send("WHOIS bob")
+    wee.expect(r" 311 wee bob bob chatctl \* :bob")
+    wee.expect(r" 319 wee bob :.*#deploys")
+    wee.expect(r" 318 wee bob ")
+    wee.send("MODE #deploys", "MODE wee +i", "AWAY :lunch", "AWAY")
+    wee.expect(r" 324 wee #deploys :\+nt")
+    wee.expect(r"MODE wee :\+i")
+    wee.expect(r" 306 wee ")
+    wee.expect(r" 305 wee ")
+    wee.send("PART #deploys :done here")
+    wee.expect(r":wee!wee@chatctl PART #deploys")
+    assert chatctl.parse_event(bob.expect("EXIT|")).name == "wee"
+    bob.close()
+
+
+def test_the_server_password_is_pass(make_server):
+    server = make_server(irc=True, password="letmein", auth_delay=0)
+    wrong = IrcClient(server.port)
+    wrong.send("PASS nope", "NICK wee", "USER wee 0 * :W")
+    wrong.expect(r" 464 ")
+    wrong.expect(r"^ERROR ")
+    wrong.close()
+    none = IrcClient(server.port)
+    none.send("NICK wee", "USER wee 0 * :W")
+    none.expect(r" 464 ")
+    none.close()
+    right = IrcClient(server.port)
+    right.send("PASS letmein", "NICK wee", "USER wee 0 * :W")
+    right.expect(r" 001 wee ")
+    right.close()
+
+
+def test_a_protected_name_needs_sasl(irc_server, irc):
+    owner = RawClient(irc_server.port)
+    owner.send(b"HELLO|chatctl/1\nUSER|ana\nREGISTER|anapass123\nQUIT\n")
+    owner.wait_closed()
+    impostor = irc()
+    impostor.send("NICK ana", "USER ana 0 * :A")
+    impostor.expect(r" 433 \* ana :.*protected")
+    impostor.send("NICK ana2")
+    impostor.expect(r" 001 ana2 ")
+    guesser = irc()
+    guesser.send("CAP LS 302", "NICK ana", "USER ana 0 * :A", "CAP REQ :sasl")
+    guesser.expect(r"ACK :sasl")
+    import base64
+
+    guesser.send("AUTHENTICATE PLAIN")
+    guesser.expect(r"AUTHENTICATE \+")
+    guesser.send("AUTHENTICATE " + base64.b64encode(b"\0ana\0wrongpass").decode())
+    guesser.expect(r" 904 ")
+    real = irc()
+    real.register("ana", "sasl", sasl=("ana", "anapass123"))
+    assert any(s.name == "ana" and s.owner for s in irc_server.registry.sessions())
+
+
+def test_history_replays_on_join_with_server_time_and_chathistory_pages_back(irc_server, irc):
+    bob = chatctl_user(irc_server.port, "bob", "deploys")
+    bob.send(b"".join(f"MSG|#deploys|old {i}\n".encode() for i in range(1, 31)))
+    acks = [bob.expect("MSG_OK|") for _ in range(30)]
+    first_ts = acks[0].split("|")[2]
+    plain = irc("plain", caps="server-time")
+    plain.send("JOIN #deploys")
+    replayed = plain.expect(r"^@time=(\S+) :bob!bob@chatctl PRIVMSG #deploys :old 11$")
+    assert replayed.group(1)[:16] == first_ts[:16]  # the message's own time, not now
+    plain.expect(r"PRIVMSG #deploys :old 30$")
+    pager = irc("pager", caps="server-time message-tags batch draft/chathistory")
+    pager.send("JOIN #deploys")
+    pager.expect(r" 366 pager #deploys ")
+    pager.send("CHATHISTORY LATEST #deploys * 5")
+    batch = pager.expect(r"^BATCH \+(\S+) chathistory #deploys").group(1)
+    ids = [int(pager.expect(rf"^@batch={batch};time=\S+;msgid=(\d+) :bob\S* PRIVMSG #deploys :old").group(1))
+           for _ in range(5)]
+    pager.expect(rf"^BATCH -{batch}")
+    pager.send(f"CHATHISTORY BEFORE #deploys msgid={ids[0]} 3")
+    batch = pager.expect(r"^BATCH \+(\S+) chathistory").group(1)
+    older = [pager.expect(r"PRIVMSG #deploys :(old \d+)").group(1) for _ in range(3)]
+    assert older == ["old 23", "old 24", "old 25"]
+    pager.expect(rf"^BATCH -{batch}")
+    bob.close()
+
+
+def test_a_long_message_is_split_for_irc_and_a_multiline_one_is_several_lines(irc_server, irc):
+    bob = chatctl_user(irc_server.port, "bob")
+    wee = irc("wee", caps="message-tags")
+    long_text = " ".join(f"word{i:04d}" for i in range(220))  # about 2,000 bytes
+    bob.send(f"MSG|#main|{long_text}\n".encode())
+    pieces, raw_lengths = [], []
+    while sum(map(len, pieces)) < len(long_text):
+        line = wee.expect(r":bob!bob@chatctl PRIVMSG #main :(.*)$")
+        raw_lengths.append(len(line.string.split(" ", 1)[1].encode()) + 2)  # tags apart, CR LF counted
+        pieces.append(line.group(1))
+    assert "".join(pieces) == long_text  # cut after spaces, nothing lost
+    assert len(pieces) >= 4 and max(raw_lengths) <= 512
+    bob.send(b"MSG|#main|first line\\nsecond line\n")
+    one = wee.expect(r"msgid=(\d+) :bob!bob@chatctl PRIVMSG #main :first line$").group(1)
+    assert wee.expect(r"msgid=(\S+) :bob!bob@chatctl PRIVMSG #main :second line$").group(1).startswith(one)
+    bob.close()
+
+
+def test_irc_formatting_is_stripped_for_everyone_else(irc_server, irc):
+    bob = chatctl_user(irc_server.port, "bob")
+    wee = irc("wee")
+    wee.send("PRIVMSG #main :\x02bold\x02 and \x0304,01red\x03 and \x1ditalic\x1d\x0f")
+    assert bob.expect("MSG|#main|").endswith("|wee|bold and red and italic")
+    bob.close()
+
+
+def test_echo_message_gives_the_sender_its_line_with_its_id(irc_server, irc):
+    wee = irc("wee", caps="echo-message message-tags")
+    wee.send("PRIVMSG #main :echoed")
+    msgid = wee.expect(r"msgid=(\d+) :wee!wee@chatctl PRIVMSG #main :echoed$").group(1)
+    assert irc_server.history.recent(None, 1)[0][0].id == int(msgid)
+
+
+def test_a_flood_is_throttled(make_server):
+    server = make_server(irc=True, rate=5, burst=10, flood_limit=50)
+    flood = IrcClient(server.port)
+    flood.register("flood")
+    flood.send(*[f"PRIVMSG #main :spam {i}" for i in range(200)])
+    flood.expect(r"NOTICE flood :.*too many", timeout=10)
+    flood.expect(r"^ERROR :Closing link", timeout=10)
+    assert server.history.count() <= 20
+    flood.close()
+
+
+def test_tls_on_the_same_port_with_the_pinned_certificate(make_server):
+    server = make_server(irc=True, tls=True)
+    client = IrcClient(server.port, tls=True)
+    der = client.sock.getpeercert(binary_form=True)
+    assert chatctl.certificate_fingerprint(der) == server.tls_fingerprint
+    client.register("secure")
+    client.close()
+
+
+def test_an_irc_port_of_its_own(make_server):
+    server = make_server(irc_port=free_port())
+    assert server.irc_port and server.irc_port != server.port
+    client = IrcClient(server.irc_port)
+    client.register("wee")
+    ours = RawClient(server.port)  # the main port still speaks our protocol only
+    ours.send(b"NICK wee2\n")
+    assert ours.line().startswith("ERR|unknown-command|")
+    client.close()
+    ours.close()
+
+
+def test_without_irc_an_irc_client_gets_our_error(server):
+    client = RawClient(server.port)
+    client.send(b"NICK wee\r\n")
+    assert client.line().startswith("ERR|unknown-command|")
+    client.close()
+
+
+def test_the_python_irc_library_talks_with_a_chatctl_user(irc_server):
+    irclib = pytest.importorskip("irc.client", reason="pip install -r requirements-test.txt")
+    reactor = irclib.Reactor()
+    heard: list[tuple[str, str, str]] = []
+    connection = reactor.server().connect("127.0.0.1", irc_server.port, "libuser")
+    def hear(conn, event):
+        heard.append((event.type, event.source.nick, event.arguments[0]))
+
+    for kind in ("pubmsg", "privmsg"):
+        connection.add_global_handler(kind, hear)
+
+    def pump(until, seconds=5.0):
+        deadline = time.monotonic() + seconds
+        while not until() and time.monotonic() < deadline:
+            reactor.process_once(0.05)
+        assert until()
+
+    pump(lambda: any(s.name == "libuser" for s in irc_server.registry.sessions()))
+    connection.join("#deploys")
+    pump(lambda: any(s.name == "libuser" and "deploys" in s.rooms for s in irc_server.registry.sessions()))
+    bob = chatctl_user(irc_server.port, "bob", "deploys")
+    bob.send(b"MSG|#deploys|hello library\nDM|libuser|and privately\n")
+    pump(lambda: len(heard) >= 2)
+    assert ("pubmsg", "bob", "hello library") in heard and ("privmsg", "bob", "and privately") in heard
+    connection.privmsg("#deploys", "hello bob")
+    assert bob.expect("MSG|#deploys|").endswith("|libuser|hello bob")
+    connection.disconnect("bye")
+    bob.close()
+
+
+# --- real IRC clients in tmux ------------------------------------------------------------
+
+
+def binary(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is missing: .ci/run installs it (apt-get install {name})")
+        pytest.skip(f"no {name} on this machine (apt-get install {name})")
+    return found
+
+
+class Tmux:
+    """A program in a detached tmux session of its own; the screen read with capture-pane."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str]):
+        self.name = f"chatctl-test-{name}-{os.getpid()}"
+        self.env = env
+        subprocess.run(["tmux", "new-session", "-d", "-s", self.name, "-x", "160", "-y", "50",
+                        subprocess.list2cmdline(command)], check=True, env=env)
+
+    def keys(self, *keys: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True, env=self.env)
+
+    def screen(self) -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True,
+                              text=True, env=self.env).stdout
+
+    def wait_for(self, text: str, timeout: float = 15.0) -> None:
+        wait_until(lambda: text in self.screen(), timeout=timeout)
+        assert text in self.screen(), self.screen()
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "kill-session", "-t", self.name], env=self.env, capture_output=True)
+
+
+@pytest.fixture
+def tmux_env(tmp_path):
+    binary("tmux")
+    env = {**os.environ, "HOME": str(tmp_path), "TERM": "xterm-256color", "TMUX_TMPDIR": str(tmp_path)}
+    env.pop("TMUX", None)
+    return env
+
+
+def sessions_named(server, name: str, room: str = "main") -> bool:
+    return any(s.name == name and room in s.rooms for s in server.registry.sessions())
+
+
+def test_irssi_and_weechat_talk_with_join_users(irc_server, tmux_env, tmp_path):
+    port = irc_server.port
+    irssi = Tmux("irssi", [binary("irssi"), f"--home={tmp_path / 'irssi'}", "-c", "127.0.0.1",
+                           "-p", str(port), "-n", "irssiuser"], tmux_env)
+    weechat_home = tmp_path / "weechat"
+    weechat = Tmux("weechat", [binary("weechat"), "-t", "-d", str(weechat_home),
+                               "-r", f"/server add team 127.0.0.1/{port} -notls -nicks=weeuser;"
+                                     "/set irc.server.team.autojoin #deploys;/connect team"], tmux_env)
+    try:
+        wait_until(lambda: sessions_named(irc_server, "irssiuser"), timeout=20)
+        wait_until(lambda: sessions_named(irc_server, "weeuser", "deploys"), timeout=20)
+        irssi.keys("/join #deploys", "Enter")
+        wait_until(lambda: sessions_named(irc_server, "irssiuser", "deploys"), timeout=10)
+        weechat.wait_for("#main")  # the server put it in #main after its autojoin: back to #deploys
+        weechat.keys("/buffer #deploys", "Enter")
+        bob = chatctl_user(port, "bob", "deploys")
+        bob.send(b"MSG|#deploys|hello both of you\n")
+        irssi.wait_for("hello both of you")
+        weechat.wait_for("hello both of you")
+        irssi.keys("hi from irssi", "Enter")
+        assert bob.expect("MSG|#deploys|").endswith("|irssiuser|hi from irssi")
+        weechat.wait_for("hi from irssi")
+        weechat.keys("hi from weechat", "Enter")
+        assert bob.expect("MSG|#deploys|").endswith("|weeuser|hi from weechat")
+        irssi.wait_for("hi from weechat")
+        irssi.keys("/msg bob a private word", "Enter")
+        assert bob.expect("DM|").endswith("|irssiuser|bob|a private word")
+        bob.close()
+    finally:
+        irssi.close()
+        weechat.close()
