@@ -5944,6 +5944,8 @@ class ChatServer:
                     s.disconnect("register timeout")
                 elif config.idle_timeout and now - s.last_active > config.idle_timeout:
                     s.disconnect("idle timeout")
+                elif s.irc is not None and config.idle_timeout:
+                    s.irc.keep_alive(now - s.last_active, config.idle_timeout)
 
 
 ChatServer.CLUSTER_EVENTS = {  # the first field of a bus event -> its handler
@@ -6024,7 +6026,7 @@ IRC_SERVER = "chatctl"               # the server's name in IRC prefixes
 IRC_HOST = "chatctl"                 # every nick's host part: addresses are not shown
 IRC_LINE_BYTES = 512                 # an IRC line with its CR LF, tags apart
 IRC_CAPABILITIES = ("server-time", "message-tags", "echo-message", "sasl", "batch", "draft/chathistory",
-                    "multi-prefix", "away-notify")
+                    "multi-prefix")
 IRC_HISTORY_MAX = 100                # messages one CHATHISTORY request returns at most (CHATHISTORY=)
 IRC_REPLAY = 20                      # a room's last messages replayed on JOIN (no chathistory)
 IRC_PRE_REGISTRATION = frozenset({"CAP", "AUTHENTICATE", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"})
@@ -6149,6 +6151,7 @@ class IrcGate:
         self.sasl_started = False
         self.welcomed = False
         self.away = ""
+        self.pinged = False                  # the server's own PING is out (keep_alive)
         self.caps: set[str] = set()
         self._lock = threading.Lock()
         self._echo: list[tuple[str, str, str]] = []   # (kind, target, text) awaiting MSG_OK, oldest first
@@ -6350,7 +6353,16 @@ class IrcGate:
         self.send(f":{IRC_SERVER} PONG {IRC_SERVER} :{params[0] if params else ''}")
 
     def irc_pong(self, params: tuple[str, ...]) -> None:
-        pass  # any input keeps the connection from idling out
+        self.pinged = False  # any input keeps the connection from idling out; this one answers ours
+
+    def keep_alive(self, quiet_for: float, idle_timeout: float) -> None:
+        """The reaper's call: a client quiet for half the idle timeout gets a PING (IRC's way to ask
+        whether it is still there); answering it counts as input."""
+        if quiet_for < idle_timeout / 2:
+            self.pinged = False
+        elif not self.pinged and self.session.name is not None:
+            self.pinged = True
+            self.send(f"PING :{IRC_SERVER}")
 
     def irc_quit(self, params: tuple[str, ...]) -> None:
         self.call("QUIT", params[0] if params else None)
@@ -6417,6 +6429,8 @@ class IrcGate:
                     self.call(kind, f"#{room}|{escape_text(text)}")
                 elif kind == "ME":
                     self.notice("/me works in channels; direct messages have no actions here")
+                elif "|" in target:  # not a name: and our DM would read the rest as its text
+                    self.numeric("401", target[:40], "No such nick")
                 else:
                     self._echo_later("DM", target, text)
                     self.call("DM", f"{target}|{escape_text(text)}")
@@ -6484,6 +6498,9 @@ class IrcGate:
             if rooms:
                 self.numeric("319", name, " ".join(f"#{r}" for r in rooms))
             self.numeric("312", name, IRC_SERVER, "chatctl")
+            gate = getattr(holder, "irc", None)
+            if gate is not None and gate.away:
+                self.numeric("301", name, gate.away)
             if getattr(holder, "owner", False):
                 self.numeric("330", name, name, "is logged in as")
         self.numeric("318", nick[:40], "End of /WHOIS list")
@@ -6580,8 +6597,9 @@ class IrcGate:
                 purpose = self._asked.get("HISTORY", [""]).pop(0) if self._asked.get("HISTORY") else ""
             target = purpose.partition(" ")[2]
             if "batch" in self.caps and purpose.startswith("chathistory"):
-                self._batch += 1
-                batch = f"h{self._batch}"
+                with self._lock:
+                    self._batch += 1
+                    batch = f"h{self._batch}"
                 out.append(f"BATCH +{batch} chathistory {target}")
             elif purpose.startswith("chathistory") and not target.startswith("#"):
                 target = ""

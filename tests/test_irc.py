@@ -458,3 +458,33 @@ def test_irssi_and_weechat_talk_with_join_users(irc_server, tmux_env, tmp_path):
     finally:
         irssi.close()
         weechat.close()
+
+
+def test_the_server_pings_a_quiet_irc_client_and_its_pong_keeps_it(make_server):
+    server = make_server(irc=True, idle_timeout=2.0)
+    client = IrcClient(server.port)
+    client.register("quiet")
+    client.expect(r"^PING :chatctl", timeout=5)
+    client.send("PONG :chatctl")
+    client.expect(r"^PING :chatctl", timeout=5)  # asked again after another quiet spell: still connected
+    assert any(s.name == "quiet" for s in server.registry.sessions())
+    client.close()
+
+
+def test_whois_shows_away(irc_server, irc):
+    away = irc("lunching")
+    away.send("AWAY :at lunch")
+    away.expect(r" 306 ")
+    asker = irc("asker")
+    asker.send("WHOIS lunching")
+    asker.expect(r" 301 asker lunching :at lunch")
+
+
+def test_a_target_with_a_pipe_is_no_nick(irc_server, irc):
+    bob = chatctl_user(irc_server.port, "bob")
+    wee = irc("wee")
+    bob.expect("JOIN|")
+    wee.send("PRIVMSG bob|extra :text")
+    wee.expect(r" 401 wee bob\|extra ")
+    assert bob.silent()  # no DM reached bob with "extra|text" as its text
+    bob.close()
