@@ -6122,7 +6122,7 @@ class IrcOutbound(OutboundQueue):
         super().__init__(limit)
         self.gate = gate
 
-    def put(self, data: bytes, force: bool = False) -> bool:
+    def put(self, data: bytes | memoryview, force: bool = False) -> bool:
         irc = self.gate.outgoing(data)
         return super().put(irc, force) if irc else False
 
@@ -6586,8 +6586,9 @@ class IrcGate:
 
     # --- out: our lines to IRC lines (any thread that queues for the session) --------------------
 
-    def outgoing(self, data: bytes) -> bytes:
+    def outgoing(self, data: bytes | memoryview) -> bytes:
         """What the server queued in our protocol, as IRC lines (empty: nothing for an IRC client)."""
+        data = bytes(data)  # presence lines come as a memoryview of a shared buffer
         lines = data.split(b"\n")
         history = b"END|HISTORY|" in data  # a HISTORY answer is one block, messages then its END
         out: list[str] = []

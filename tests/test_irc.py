@@ -488,3 +488,14 @@ def test_a_target_with_a_pipe_is_no_nick(irc_server, irc):
     wee.expect(r" 401 wee bob\|extra ")
     assert bob.silent()  # no DM reached bob with "extra|text" as its text
     bob.close()
+
+
+def test_people_coming_and_going_are_join_and_quit(irc_server, irc):
+    wee = irc("wee")
+    for name in ("bob", "cat"):
+        visitor = chatctl_user(irc_server.port, name)
+        wee.expect(rf"^(@\S+ )?:{name}!{name}@chatctl JOIN #main$")
+        visitor.send(b"QUIT|lunch\n")
+        wee.expect(rf"^(@\S+ )?:{name}!{name}@chatctl QUIT :quit: lunch$")
+        visitor.close()
+    assert any(t.name == "chatctl-presence" for t in __import__("threading").enumerate())
