@@ -4915,6 +4915,7 @@ class ChatServer:
                                          self.config.room_creations)
         self.log: CommitLog = self.bus or LocalLog(self.history, batch_bytes=self.reply_bytes)
         self.marker_store = self.bus or self.history  # where a protected name's read markers are kept
+        self.irc_lines = IrcLineCache()  # room messages in IRC form, made once for all IRC readers
         self._delivered_upto = self.log.last_id           # the newest id fanned out (the commit thread's)
         self._delivered = threading.Condition()           # JOIN waits on it for messages in flight
         self._load_rooms()
@@ -6027,6 +6028,7 @@ IRC_HOST = "chatctl"                 # every nick's host part: addresses are not
 IRC_LINE_BYTES = 512                 # an IRC line with its CR LF, tags apart
 IRC_CAPABILITIES = ("server-time", "message-tags", "echo-message", "sasl", "batch", "draft/chathistory",
                     "multi-prefix")
+IRC_CACHE_LINES = 4096               # room messages whose IRC form is kept for their next IRC reader
 IRC_HISTORY_MAX = 100                # messages one CHATHISTORY request returns at most (CHATHISTORY=)
 IRC_REPLAY = 20                      # a room's last messages replayed on JOIN (no chathistory)
 IRC_PRE_REGISTRATION = frozenset({"CAP", "AUTHENTICATE", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"})
@@ -6111,6 +6113,31 @@ def source(name: str) -> str:
 def irc_time(ts: float) -> str:
     """IRCv3 server-time: UTC with milliseconds."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+
+
+class IrcLineCache:
+    """Room messages as IRC lines, made once for all the IRC readers of a room: their IRC form depends
+    only on two capabilities (server-time, message-tags), not on who reads it.
+
+    Owned by the ChatServer; any thread that queues for an IRC session uses it, under ``_lock``.
+    Holds IRC_CACHE_LINES messages at most, the oldest let go first.
+    """
+
+    def __init__(self):
+        import collections
+
+        self._lock = threading.Lock()
+        self._lines: collections.OrderedDict[tuple[bytes, bool, bool], bytes] = collections.OrderedDict()
+
+    def get(self, key: tuple[bytes, bool, bool]) -> bytes | None:
+        with self._lock:
+            return self._lines.get(key)
+
+    def put(self, key: tuple[bytes, bool, bool], lines: bytes) -> None:
+        with self._lock:
+            self._lines[key] = lines
+            if len(self._lines) > IRC_CACHE_LINES:
+                self._lines.popitem(last=False)
 
 
 class IrcOutbound(OutboundQueue):
@@ -6590,33 +6617,50 @@ class IrcGate:
         """What the server queued in our protocol, as IRC lines (empty: nothing for an IRC client)."""
         data = bytes(data)  # presence lines come as a memoryview of a shared buffer
         lines = data.split(b"\n")
-        history = b"END|HISTORY|" in data  # a HISTORY answer is one block, messages then its END
-        out: list[str] = []
-        batch = ""
-        if history:
-            with self._lock:
-                purpose = self._asked.get("HISTORY", [""]).pop(0) if self._asked.get("HISTORY") else ""
-            target = purpose.partition(" ")[2]
-            if "batch" in self.caps and purpose.startswith("chathistory"):
-                with self._lock:
-                    self._batch += 1
-                    batch = f"h{self._batch}"
-                out.append(f"BATCH +{batch} chathistory {target}")
-            elif purpose.startswith("chathistory") and not target.startswith("#"):
-                target = ""
+        if b"END|HISTORY|" in data:  # a HISTORY answer is one block: its messages, then its END
+            return self._history(lines)
+        cache = self.session.server.irc_lines
+        form = ("server-time" in self.caps, "message-tags" in self.caps)  # what a room line's IRC form needs
+        out = []
         for raw in lines:
-            if not raw:
-                continue
-            try:
-                event = parse_event(raw.decode("utf-8"))
-            except (ValueError, ProtocolError):
-                continue
-            handler = IRC_EVENTS.get(type(event))
-            if handler is not None:
-                out.extend(handler(self, event, batch) if history else handler(self, event, ""))
-        if batch:
-            out.append(f"BATCH -{batch}")
-        return b"".join(self._fit(line) for line in out)
+            if raw.startswith((b"MSG|#", b"ME|#")):  # the same for every IRC reader with these capabilities
+                key = (raw, *form)
+                if (irc := cache.get(key)) is None:
+                    irc = self._irc_lines(raw, "")
+                    cache.put(key, irc)
+                out.append(irc)
+            elif raw:
+                out.append(self._irc_lines(raw, ""))
+        return b"".join(out)
+
+    def _irc_lines(self, raw: bytes, batch: str, conversation: str = "") -> bytes:
+        """One line of ours as IRC lines; ``conversation``: keep only that nick's direct messages."""
+        try:
+            event = parse_event(raw.decode("utf-8"))
+        except (ValueError, ProtocolError):
+            return b""
+        if conversation and not (isinstance(event, Delivered) and event.message.kind == "dm"
+                                 and conversation in (name_key(event.message.sender),
+                                                      name_key(event.message.recipient or ""))):
+            return b""
+        handler = IRC_EVENTS.get(type(event))
+        return b"".join(self._fit(line) for line in handler(self, event, batch)) if handler else b""
+
+    def _history(self, lines: list[bytes]) -> bytes:
+        """A HISTORY answer: a CHATHISTORY batch, or the replay on JOIN (plain lines with their times)."""
+        with self._lock:
+            asked = self._asked.get("HISTORY")
+            purpose = asked.pop(0) if asked else ""
+            self._batch += 1
+            batch = f"h{self._batch}" if "batch" in self.caps and purpose.startswith("chathistory") else ""
+        target = purpose.partition(" ")[2]
+        nick = purpose.startswith("chathistory") and not target.startswith("#")
+        conversation = name_key(target) if nick else ""
+        body = b"".join(self._irc_lines(raw, batch, conversation) for raw in lines
+                        if raw.startswith((b"MSG|", b"ME|", b"DM|")))
+        if not batch:
+            return body
+        return self._fit(f"BATCH +{batch} chathistory {target}") + body + self._fit(f"BATCH -{batch}")
 
     def _tags(self, msg: ChatMessage | None, batch: str, part: int = 0, ts: float | None = None) -> str:
         tags = []
@@ -6646,9 +6690,7 @@ class IrcGate:
         if msg.kind == "dm":
             own = name_key(msg.sender) == name_key(self.nick)
             return self._privmsgs(msg, msg.recipient if own else self.nick, batch)
-        if not batch and msg.room not in self.session.rooms:
-            return []
-        return self._privmsgs(msg, f"#{msg.room}", batch)
+        return self._privmsgs(msg, f"#{msg.room}", batch)  # (the server sends a room's lines to members only)
 
     def out_acknowledged(self, event: Acknowledged, batch: str) -> list[str]:
         with self._lock:

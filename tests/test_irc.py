@@ -499,3 +499,21 @@ def test_people_coming_and_going_are_join_and_quit(irc_server, irc):
         wee.expect(rf"^(@\S+ )?:{name}!{name}@chatctl QUIT :quit: lunch$")
         visitor.close()
     assert any(t.name == "chatctl-presence" for t in __import__("threading").enumerate())
+
+
+def test_chathistory_with_a_nick_is_that_conversation_only(irc_server, irc):
+    bob = chatctl_user(irc_server.port, "bob")
+    ana = irc("ana", caps="batch draft/chathistory message-tags")
+    bob.send(b"MSG|#main|for everyone\nDM|ana|for ana only\n")
+    ana.expect(r"PRIVMSG ana :for ana only")
+    ana.send("PRIVMSG bob :and back")
+    bob.expect("DM|")
+    time.sleep(0.2)
+    ana.send("CHATHISTORY LATEST bob * 10")
+    batch = ana.expect(r"^BATCH \+(\S+) chathistory bob").group(1)
+    texts = []
+    while not (line := ana.line()).startswith("BATCH -"):
+        texts.append(line.split(" :", 2)[-1])
+    assert texts == ["for ana only", "and back"]
+    assert line == f"BATCH -{batch}"
+    bob.close()
