@@ -83,8 +83,9 @@ def chatctl_irc(workdir: Path):
     conf.write_text(LOAD_CONFIG.replace("[server]\n", "[server]\nirc = true\n"))
     log = workdir / f"serve-{time.monotonic_ns()}.log"
     with open(log, "w") as out:
-        command = [*pinned(0), sys.executable, str(ROOT / "chatctl.py"), "serve", "-H", "127.0.0.1", "-p", "0",
-                   "--config", str(conf), "--db", str(workdir / f"h{time.monotonic_ns()}.db"), "--log-level", "info"]
+        db = workdir / f"h{time.monotonic_ns()}.db"
+        command = [*pinned(0), sys.executable, str(ROOT / "chatctl.py"), "serve", "-H", "127.0.0.1",
+                   "-p", "0", "--config", str(conf), "--db", str(db), "--log-level", "info"]
         proc = subprocess.Popen(command, stderr=out, env={**os.environ, "XDG_DATA_HOME": str(workdir)})
     try:
         yield proc.pid, listening_port(proc, log)
