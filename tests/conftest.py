@@ -210,6 +210,14 @@ def register_many(port: int, names: list[str], hello: bool = False, timeout: flo
     return clients
 
 
+def protected_name(port: int, name: str, password: str) -> None:
+    """Protect ``name`` with ``password`` on the server at ``port``, then leave (the name is free again)."""
+    owner = RawClient(port)
+    owner.send(f"HELLO|chatctl/1\nUSER|{name}\nREGISTER|{password}\nQUIT\n".encode())
+    lines = owner.wait_closed()
+    assert f"REGISTER_OK|{name}" in lines, lines
+
+
 def chatctl_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("chatctl-")]
 

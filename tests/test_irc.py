@@ -14,7 +14,7 @@ import time
 import pytest
 
 import chatctl
-from conftest import RawClient, free_port, wait_until
+from conftest import RawClient, free_port, protected_name, wait_until
 
 
 class IrcClient:
@@ -229,9 +229,7 @@ def test_the_server_password_is_pass(make_server):
 
 
 def test_a_protected_name_needs_sasl(irc_server, irc):
-    owner = RawClient(irc_server.port)
-    owner.send(b"HELLO|chatctl/1\nUSER|ana\nREGISTER|anapass123\nQUIT\n")
-    owner.wait_closed()
+    protected_name(irc_server.port, "ana", "anapass123")
     impostor = irc()
     impostor.send("NICK ana", "USER ana 0 * :A")
     impostor.expect(r" 433 \* ana :.*protected")

@@ -11,7 +11,7 @@ import pexpect
 import pytest
 
 import chatctl
-from conftest import CHATCTL, RawClient, run_cli, wait_until
+from conftest import CHATCTL, RawClient, protected_name, run_cli, wait_until
 
 pytest.importorskip("textual", reason="chatctl tui needs Textual (pip install -r requirements-test.txt)")
 
@@ -320,9 +320,7 @@ def test_search_shows_matches_and_jumps_to_one_in_context(make_server):
 
 def test_a_protected_name_asks_for_its_password_in_a_dialog(make_server):
     server = make_server(auth_delay=0)
-    owner = RawClient(server.port)
-    owner.send(b"HELLO|chatctl/1\nUSER|ana\nREGISTER|anapass123\nQUIT\n")
-    owner.wait_closed()
+    protected_name(server.port, "ana", "anapass123")
 
     async def scenario(app, pilot):
         await until(pilot, lambda: showing(app, "AskScreen"), "the password dialog")
@@ -454,9 +452,7 @@ def test_direct_messages_from_many_names_keep_a_bounded_list(make_server):
 
 def test_taken_over_ends_the_app_with_the_reason(make_server):
     server = make_server(auth_delay=0)
-    owner = RawClient(server.port)
-    owner.send(b"HELLO|chatctl/1\nUSER|ana\nREGISTER|anapass123\nQUIT\n")
-    owner.wait_closed()
+    protected_name(server.port, "ana", "anapass123")
     app = chatctl.tui_app()(client_config(server.port, user_password="anapass123"), "ana", "mentions", "main")
 
     async def main():
