@@ -4957,6 +4957,12 @@ class ChatServer:
         return self.address[1]
 
     @property
+    def delivered_upto(self) -> int:
+        """The newest message id fanned out: what a history answer may show (no more, or the live
+        stream would repeat it)."""
+        return self._delivered_upto
+
+    @property
     def irc_port(self) -> int | None:
         """The port of its own that IRC clients may use ([server] irc_port), if there is one."""
         return self._irc_listener.getsockname()[1] if self._irc_listener is not None else None
@@ -6322,7 +6328,7 @@ class IrcGate:
         self._register()
 
     def irc_user(self, params: tuple[str, ...]) -> None:
-        if self.session.name is not None:
+        if self.user_sent:  # (after SASL the name is ours before USER comes: that USER is fine)
             self.numeric("462", "You may not reregister")
             return
         if len(params) < 4:
@@ -6341,7 +6347,8 @@ class IrcGate:
                 if code in ("433", "432"):
                     self.numeric(code, self.nick, exc.text)
                 elif exc.code == "name-protected":
-                    self.numeric("433", self.nick, f"{exc.text}; log in with SASL PLAIN, or pick another")
+                    self.numeric("433", self.nick, f"the name {self.nick} is protected: log in with SASL "
+                                 "PLAIN and its password, or pick another nick")
                 else:
                     raise
                 return
@@ -6373,8 +6380,10 @@ class IrcGate:
             self.numeric("376", "End of /MOTD command")
         else:
             self.numeric("422", "MOTD File is missing")
-        self._joined(MAIN_ROOM, [], replay=True)  # everyone starts in #main
+        self.send(*self._joined(MAIN_ROOM, []))  # everyone starts in #main
+        self.call("TOPIC", f"#{MAIN_ROOM}", asked="jointopic")
         self.call("NAMES", f"#{MAIN_ROOM}", asked="names")
+        self.send(*self._replay(MAIN_ROOM))
 
     def irc_ping(self, params: tuple[str, ...]) -> None:
         self.send(f":{IRC_SERVER} PONG {IRC_SERVER} :{params[0] if params else ''}")
@@ -6729,14 +6738,14 @@ class IrcGate:
         with self._lock:
             held = self._joins.get(event.room)
             asked = self._asked.get("TOPIC", [])
-            query = bool(asked) and asked[0] == "topic"
+            query = asked[0] if asked and asked[0] in ("topic", "jointopic") else ""
             if held is not None:
-                held.append(self._topic_lines(event))
+                held.append(self._topic_lines(event) if event.text else [])
                 return []
             if query:
                 asked.pop(0)
-        if query:
-            return self._topic_lines(event)
+        if query:  # the answer to a TOPIC query; on joining, no topic is no line at all
+            return self._topic_lines(event) if event.text or query == "topic" else []
         setter = event.setter or IRC_SERVER
         who = source(setter) if event.setter else f":{IRC_SERVER}"
         line = self._tags(None, "", ts=event.ts or None) + f"{who} TOPIC {channel} :{event.text}"
@@ -6779,7 +6788,7 @@ class IrcGate:
         if event.verb == "JOIN":
             with self._lock:
                 held = self._joins.pop(room, [])
-            return self._joined(room, held, replay=True, send=False)
+            return self._joined(room, held) + self._replay(room)
         if event.verb == "PART":
             return [f"{source(self.nick)} PART #{room}"]
         if event.verb in ("REGISTER", "UNREGISTER"):
@@ -6787,24 +6796,22 @@ class IrcGate:
             return [f":{IRC_SERVER} NOTICE {self.nick} :your name is {protected}"]
         return []  # PASS_OK, MARK_OK, ...
 
-    def _joined(self, room: str, held: list[list[str]], replay: bool, send: bool = True) -> list[str]:
-        """Our JOIN of ``room`` as IRC shows it: JOIN, topic, names; then its last lines, for clients
-        that do not page back themselves (with chathistory they do)."""
-        lines = [f"{source(self.nick)} JOIN #{room}"] + [line for part in held for line in part]
-        if send:
-            self.send(*lines)
-            lines = []
-        if replay and "draft/chathistory" not in self.caps and self.session.server.history is not None:
-            with self._lock:
-                self._asked.setdefault("HISTORY", []).append(f"replay #{room}")
-            try:
-                self.session.server.send_history(
-                    self.session, "HISTORY", room, lambda store, upto, size: store.recent(
-                        self.nick, IRC_REPLAY, room=room, upto=upto, max_bytes=size))
-            except ProtocolError:
-                with self._lock:
-                    self._asked["HISTORY"].pop()
-        return lines
+    def _joined(self, room: str, held: list[list[str]]) -> list[str]:
+        """Our JOIN of ``room`` as IRC shows it: JOIN, then its topic and names (held until now)."""
+        return [f"{source(self.nick)} JOIN #{room}"] + [line for part in held for line in part]
+
+    def _replay(self, room: str) -> list[str]:
+        """The room's last lines after our JOIN, with their times, for clients that do not page back
+        themselves (with chathistory they do)."""
+        server = self.session.server
+        if "draft/chathistory" in self.caps or server.history is None:
+            return []
+        try:
+            messages, _ = server.history.recent(self.nick, IRC_REPLAY, room=room, upto=server.delivered_upto,
+                                                max_bytes=server.reply_bytes)
+        except ProtocolError:
+            return []
+        return [line for msg in messages for line in self._privmsgs(msg, f"#{room}", "")]
 
     def out_room(self, event: RoomInfo, batch: str) -> list[str]:
         return [f":{IRC_SERVER} 322 {self.nick} #{event.name} {event.online} :{event.topic}"]
@@ -9565,6 +9572,11 @@ def tui_app():
             self._cycle: tuple[str, int, list[str], int] | None = None  # (shown, start, choices, index)
 
         def action_complete(self) -> None:
+            # A priority binding runs before keys that came ahead of it ('we' Tab in one burst) reach
+            # the input: the completion waits in the input's own queue, behind them.
+            self.call_later(self.complete)
+
+        def complete(self) -> None:
             self.waiting_for_rooms = False
             before, after = self.value[:self.cursor_position], self.value[self.cursor_position:]
             if self._cycle and before == self._cycle[0]:  # Tab again: the next choice
@@ -9587,6 +9599,8 @@ def tui_app():
             self._cycle = (shown, start, choices, index) if len(choices) > 1 else None
             if len(choices) > 1:
                 self.app.set_status(Text("Tab: " + "  ".join(c.strip() for c in choices)))
+            else:
+                self.app.refresh_panels()  # the status line says the link again
 
         def remember(self, line: str) -> None:
             self.typed.append(line)
@@ -9599,9 +9613,10 @@ def tui_app():
             self.cursor_position = len(self.value)
 
         def _on_paste(self, event) -> None:
-            text = event.text.replace("\r\n", "\n").strip("\n")
+            # Terminals paste line ends as CR.  (Textual runs Input's own handler after this one, unless
+            # prevented: a one-line paste is left to it.)
+            text = event.text.replace("\r\n", "\n").replace("\r", "\n").strip("\n")
             if "\n" not in text:
-                super()._on_paste(event)
                 return
             event.prevent_default()
             event.stop()
@@ -9824,12 +9839,12 @@ def tui_app():
                     self._write(line)
             for name in [n for n in self.conversations if n not in chat.model.rooms and n != self._shown]:
                 del self.conversations[name]  # left, or a DM conversation let go: its lines go too
-            self._refresh_panels()
+            self.refresh_panels()
             if more:  # the rest of a burst after the keys that came meanwhile
                 self._event_loop.call_soon(self._drain, context=self._app_context)
             typing = self.query("#input")
             if typing and typing.first().waiting_for_rooms and not chat.rooms_pending:
-                typing.first().action_complete()
+                typing.first().complete()
 
         def _notice(self, markup: str, style: str = "dim", room: str | None = None) -> list[TuiLine]:
             """A notice into its conversation; returns it if it is for the one on screen (to draw)."""
@@ -9961,7 +9976,7 @@ def tui_app():
         def set_status(self, text) -> None:
             self.query_one("#status", Static).update(text)
 
-        def _refresh_panels(self) -> None:
+        def refresh_panels(self) -> None:
             chat = self.chat
             model = chat.model
             current = model.current

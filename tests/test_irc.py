@@ -515,3 +515,34 @@ def test_chathistory_with_a_nick_is_that_conversation_only(irc_server, irc):
     assert texts == ["for ana only", "and back"]
     assert line == f"BATCH -{batch}"
     bob.close()
+
+
+def test_joining_shows_join_topic_names_then_the_replay_and_main_has_its_topic(irc_server, irc):
+    bob = chatctl_user(irc_server.port, "bob", "deploys")
+    bob.send(b"TOPIC|#main|the main topic\nTOPIC|#deploys|ship it\nMSG|#deploys|before you came\n")
+    bob.expect("MSG_OK")
+    wee = IrcClient(irc_server.port)
+    wee.send("NICK wee", "USER wee 0 * :W")
+    wee.expect(r"^:wee!wee@chatctl JOIN #main$")
+    wee.expect(r" 332 wee #main :the main topic")
+    wee.send("JOIN #deploys")
+    order = [wee.expect(r"JOIN #deploys|332 wee #deploys|366 wee #deploys|PRIVMSG #deploys").group(0)
+             for _ in range(4)]
+    assert order == ["JOIN #deploys", "332 wee #deploys", "366 wee #deploys", "PRIVMSG #deploys"]
+    wee.close()
+    bob.close()
+
+
+def test_user_after_sasl_is_not_a_reregistration(irc_server):
+    import base64
+
+    protected_name(irc_server.port, "ana", "anapass123")
+    client = IrcClient(irc_server.port)
+    client.send("CAP LS 302", "NICK ana", "CAP REQ :sasl", "AUTHENTICATE PLAIN")
+    client.expect(r"^AUTHENTICATE \+")
+    client.send("AUTHENTICATE " + base64.b64encode(b"\0ana\0anapass123").decode())
+    client.expect(r" 903 ")
+    client.send("USER ana 0 * :A", "CAP END")  # irssi's order
+    client.expect(r" 001 ana ")
+    assert not any(" 462 " in line for line in client.seen), client.seen
+    client.close()

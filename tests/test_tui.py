@@ -422,6 +422,14 @@ def test_chatctl_tui_in_a_real_terminal(server, isolated_home):
         time.sleep(0.3)
         tui.send("back in main\r")
         assert bob.expect("MSG|#main|").endswith("|ana|back in main")
+        tui.send("bo\tsee this\r")  # typed in one burst: Tab completes what came before it
+        assert bob.expect("MSG|#main|").endswith("|ana|bob: see this")
+        tui.send("\x1b[200~pasted once\x1b[201~\r")  # a bracketed paste, as terminals send it
+        assert bob.expect("MSG|#main|").endswith("|ana|pasted once")
+        tui.send("\x1b[200~first\rsecond\x1b[201~")  # lines end in CR in a terminal's paste
+        tui.expect("Send these 2 pasted lines")
+        tui.send("\r")
+        assert bob.expect("MSG|#main|").endswith("|ana|first\\nsecond")
         tui.sendcontrol("q")
         tui.expect(pexpect.EOF)
         tui.close()
