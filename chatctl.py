@@ -90,11 +90,10 @@ SEARCH_RESULTS = 100                 # matches /search shows at most (the newest
 TUI_LINES = 2000                     # lines tui keeps in memory per conversation (older: fetched again)
 TUI_PAGE = 100                       # messages per page tui fetches when you scroll past the top
 TUI_RECALL = 100                     # typed lines Up and Down recall in tui
-TUI_DRAIN = 2000                     # events tui takes in between two looks at the keyboard
+TUI_DRAIN = 500                      # events tui takes in between two looks at the keyboard
 TUI_QUEUE = 10000                    # events waiting for tui's loop; past that the reader waits (a flood)
 TUI_SIDEBAR = 24                     # columns of the room list and of the member list
 TUI_ROWS_PER_LINE = 4                # rows the log keeps per line of the window (long lines wrap)
-TUI_REDRAW = 200                     # more new lines than this in one go: the conversation is drawn afresh
 MAX_DM_CONVERSATIONS = 50            # direct-message conversations tui keeps; a new one drops the quietest
 WEB_PORT = 8080                      # chatctl web's page
 PASTE_CONFIRM_LINES = 5              # a pasted message longer than this asks before sending
@@ -9307,6 +9306,14 @@ def one_row(text: str, width: int) -> str:
     return text if cell_len(text) <= width else set_cell_size(text, width - 1) + "…"
 
 
+@functools.cache
+def _wrap_console():
+    """A console that only measures (rich needs one to wrap Text)."""
+    from rich.console import Console
+
+    return Console(width=1000, color_system=None, file=open(os.devnull, "w"))
+
+
 def tui_line_text(line: TuiLine, width: int):
     """A TuiLine as rich Text of rows at most ``width`` cells: as join shows it, wrapped with a
     hanging mark so no row of a message can pass for a line of its own.  Network text goes into Text
@@ -9316,10 +9323,11 @@ def tui_line_text(line: TuiLine, width: int):
     when = local_time(line.msg.ts if line.msg else line.ts,
                       with_date=line.backlog and line.msg is not None
                       and time.localtime(line.msg.ts)[:3] != time.localtime()[:3])
-    if line.msg is None:
+    if line.msg is None:  # wrapped here too, so every line's rows are known (its newlines + 1)
         text = Text(when + " ", style="dim")
         text.append_text(Text.from_markup(f"[{line.style}]-- {line.markup}[/]"))
-        return text
+        rows = text.wrap(_wrap_console(), max(20, width))
+        return Text("\n").join(rows) if len(rows) > 1 else text
     msg = line.msg
     name_style = "bold reverse" if line.own else f"bold {user_colour(msg.sender)}"
     head = Text(when + " ", style="dim")
@@ -9832,11 +9840,10 @@ def tui_app():
                     return
                 elif kind == "protect":
                     self.push_screen(NewPasswordScreen(), self._protect)
-            if chat.model.current != shown or len(fresh) > TUI_REDRAW:  # a flood: the window, once
-                self._show(chat.model.current, follow=True)
+            if chat.model.current != shown:
+                self._show(chat.model.current)
             else:
-                for line in fresh:
-                    self._write(line)
+                self._write(fresh)
             for name in [n for n in self.conversations if n not in chat.model.rooms and n != self._shown]:
                 del self.conversations[name]  # left, or a DM conversation let go: its lines go too
             self.refresh_panels()
@@ -9866,30 +9873,33 @@ def tui_app():
         def _chat_log(self) -> RichLog:
             return self.query_one("#log", RichLog)
 
-        def _write(self, line: TuiLine, scroll: bool | None = None) -> None:
+        def _write(self, lines: Iterable[TuiLine], scroll: bool | None = None) -> None:
+            """Lines at the end of the log, in one write (a burst costs one render, not one each)."""
             log = self._chat_log()
             at_bottom = log.scroll_y >= log.max_scroll_y - 1
-            if line.msg is not None:
-                self._line_of[line.msg.id] = len(log.lines)
-            log.write(tui_line_text(line, log.scrollable_content_region.width - 1 or 80),
-                      scroll_end=at_bottom if scroll is None else scroll)
+            width = log.scrollable_content_region.width - 1 or 80
+            texts, row = [], len(log.lines)
+            for line in lines:
+                text = tui_line_text(line, width)
+                if line.msg is not None:
+                    self._line_of[line.msg.id] = row
+                row += text.plain.count("\n") + 1
+                texts.append(text)
+            if texts:
+                log.write(Text("\n").join(texts), scroll_end=at_bottom if scroll is None else scroll)
 
-        def _show(self, name: str, at: int = 0, middle: bool = False, follow: bool = False) -> None:
+        def _show(self, name: str, at: int = 0, middle: bool = False) -> None:
             """Draw conversation ``name`` from its window, scrolled to the end, or to message ``at``
-            (at the top, or in the ``middle``); ``follow``: where it was, unless that was the end."""
+            (at the top, or in the ``middle``)."""
             log = self._chat_log()
-            kept = log.scroll_y if follow and log.scroll_y < log.max_scroll_y - 1 else None
             log.clear()
             self._line_of.clear()
             self._shown = name
             conversation = self.conversation(name)
-            for line in conversation.lines:
-                self._write(line, scroll=False)
+            self._write(conversation.lines, scroll=False)
             if at in self._line_of:
                 row = self._line_of[at] - (log.size.height // 2 if middle else 0)
                 log.scroll_to(y=max(0, row), animate=False, immediate=True)
-            elif kept is not None:
-                log.scroll_to(y=kept, animate=False, immediate=True)
             else:
                 log.scroll_end(animate=False, immediate=True)
             if not conversation.loaded and self.chat is not None:

@@ -89,7 +89,7 @@ def log_has(app, text: str) -> bool:
     return any(text in strip.text for strip in app.query_one("#log").lines[-50:])
 
 
-async def one_round(port: int, seconds: float) -> dict[str, list[float] | float]:
+async def one_round(port: int, seconds: float, tag: int) -> dict[str, list[float] | float]:
     config = chatctl.ClientConfig(host="127.0.0.1", port=port, backlog=20, lines=HISTORY + BURST)
     app = chatctl.tui_app()(config, "ana", "off", "main")
     figures: dict[str, list[float] | float] = {}
@@ -121,13 +121,14 @@ async def one_round(port: int, seconds: float) -> dict[str, list[float] | float]
         figures["5,000 lines"] = await loop_lag(pilot, seconds)
         sender = raw_client(port, "burst")
         started = time.perf_counter()
-        burst = threading.Thread(target=post_and_wait, args=(sender, [f"burst {i}" for i in range(BURST)]))
+        lines = [f"burst{tag} {i}" for i in range(BURST)]
+        burst = threading.Thread(target=post_and_wait, args=(sender, lines))
         burst.start()
         shown = asyncio.Event()
 
         async def watch():
             for _ in range(3000):
-                if log_has(app, f"burst {BURST - 1}"):
+                if log_has(app, f"burst{tag} {BURST - 1}"):
                     figures["burst shown"] = (time.perf_counter() - started) * 1000
                     shown.set()
                     return
@@ -163,7 +164,7 @@ def main() -> None:
             post_and_wait(filler, [f"history line {i}" for i in range(HISTORY)])
             filler.close()
             os.sched_setaffinity(0, {0})
-            rounds = [asyncio.run(one_round(port, args.seconds)) for _ in range(args.rounds)]
+            rounds = [asyncio.run(one_round(port, args.seconds, tag)) for tag in range(args.rounds)]
         finally:
             server.terminate()
             server.wait(10)
