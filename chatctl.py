@@ -6034,6 +6034,8 @@ IRC_LINE_BYTES = 512                 # an IRC line with its CR LF, tags apart
 IRC_CAPABILITIES = ("server-time", "message-tags", "echo-message", "sasl", "batch", "draft/chathistory",
                     "multi-prefix")
 IRC_CACHE_LINES = 4096               # room messages whose IRC form is kept for their next IRC reader
+IRC_MAX_TARGETS = 4                  # targets of one PRIVMSG or NOTICE (TARGMAX), each a message of its own
+IRC_SASL_CHUNK = 400                 # AUTHENTICATE sends its data in pieces of this many bytes
 IRC_HISTORY_MAX = 100                # messages one CHATHISTORY request returns at most (CHATHISTORY=)
 IRC_REPLAY = 20                      # a room's last messages replayed on JOIN (no chathistory)
 IRC_PRE_REGISTRATION = frozenset({"CAP", "AUTHENTICATE", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"})
@@ -6181,6 +6183,7 @@ class IrcGate:
         self.negotiating = False             # between CAP LS/REQ and CAP END
         self.sasl_password: str | None = None
         self.sasl_started = False
+        self._sasl_data = ""                 # AUTHENTICATE pieces so far
         self.welcomed = False
         self.away = ""
         self.pinged = False                  # the server's own PING is out (keep_alive)
@@ -6283,9 +6286,20 @@ class IrcGate:
                 self.numeric("908", "PLAIN", "are available SASL mechanisms")
                 self.numeric("904", "SASL authentication failed")
             return
-        self.sasl_started = False
+        piece = params[0] if params else ""
+        if piece == "*":
+            self.sasl_started, self._sasl_data = False, ""
+            self.numeric("906", "SASL authentication aborted")
+            return
+        self._sasl_data += "" if piece == "+" else piece
+        if len(piece) == IRC_SASL_CHUNK:  # a full piece: more follows (or "+")
+            if len(self._sasl_data) > 4 * MAX_PASSWORD_BYTES:
+                self.sasl_started, self._sasl_data = False, ""
+                self.numeric("904", "SASL authentication failed: too long")
+            return
+        data, self._sasl_data, self.sasl_started = self._sasl_data, "", False
         try:
-            _, authcid, password = base64.b64decode(params[0] if params else "").decode("utf-8").split("\0")
+            _, authcid, password = base64.b64decode(data).decode("utf-8").split("\0")
         except (binascii.Error, UnicodeDecodeError, ValueError):
             self.numeric("904", "SASL authentication failed")
             return
@@ -6371,7 +6385,9 @@ class IrcGate:
         self.numeric("005", "CHANTYPES=#", "CASEMAPPING=ascii", f"NICKLEN={config.max_name}",
                      "CHANNELLEN=31", f"TOPICLEN={config.max_topic}", "PREFIX=()", "CHANMODES=,,,nt",
                      "NETWORK=chatctl", f"CHATHISTORY={IRC_HISTORY_MAX}", "MSGREFTYPES=msgid,timestamp",
-                     f"CHANLIMIT=#:{config.max_rooms_per_user}", "UTF8ONLY", "are supported by this server")
+                     f"CHANLIMIT=#:{config.max_rooms_per_user}",
+                     f"TARGMAX=PRIVMSG:{IRC_MAX_TARGETS},NOTICE:{IRC_MAX_TARGETS}",
+                     "are supported by this server")
         if config.motd:
             self.numeric("375", f"- {IRC_SERVER} Message of the day -")
             for line in config.motd.splitlines():
@@ -6385,7 +6401,7 @@ class IrcGate:
         self.send(*self._replay(MAIN_ROOM))
 
     def irc_ping(self, params: tuple[str, ...]) -> None:
-        self.send(f":{IRC_SERVER} PONG {IRC_SERVER} :{params[0] if params else ''}")
+        self.send(f":{IRC_SERVER} PONG {IRC_SERVER} :{sanitise_line(params[0]) if params else ''}")
 
     def irc_pong(self, params: tuple[str, ...]) -> None:
         self.pinged = False  # any input keeps the connection from idling out; this one answers ours
@@ -6400,7 +6416,7 @@ class IrcGate:
             self.send(f"PING :{IRC_SERVER}")
 
     def irc_quit(self, params: tuple[str, ...]) -> None:
-        self.call("QUIT", params[0] if params else None)
+        self.call("QUIT", strip_irc_formatting(params[0]) if params else None)
 
     def irc_join(self, params: tuple[str, ...]) -> None:
         if not params:
@@ -6431,7 +6447,7 @@ class IrcGate:
         if not params:
             self.numeric("461", "PART", "Not enough parameters")
             return
-        reason = params[1] if len(params) > 1 else ""
+        reason = sanitise_line(strip_irc_formatting(params[1])) if len(params) > 1 else ""
         for word in params[0].split(","):
             try:
                 room = validate_room(word)
@@ -6446,8 +6462,18 @@ class IrcGate:
     def irc_privmsg(self, params: tuple[str, ...], notice: bool = False) -> None:
         if len(params) < 2 or not params[1]:
             if not notice:
-                self.numeric("412" if len(params) == 1 else "411", "No text to send")
+                if params:
+                    self.numeric("412", "No text to send")
+                else:
+                    self.numeric("411", "No recipient given (PRIVMSG)")
             return
+        targets = list(dict.fromkeys(t for t in params[0].split(",") if t))
+        if len(targets) > IRC_MAX_TARGETS:
+            self.numeric("407", params[0][:40], f"Too many targets: {IRC_MAX_TARGETS} at most")
+            return
+        for _ in targets[1:]:  # a line to several targets is several messages: a rate token each
+            if not self.session.bucket.take():
+                raise ProtocolError("rate-limited", ERROR_CODES["rate-limited"])
         text = params[1]
         kind = "MSG"
         if text.startswith("\x01"):
@@ -6455,8 +6481,8 @@ class IrcGate:
             if not body.upper().startswith("ACTION"):
                 return  # other CTCP (VERSION, PING, ...): nobody here answers them
             kind, text = "ME", body[6:].lstrip(" ")
-        text = strip_irc_formatting(text)
-        for target in params[0].split(","):
+        text = sanitise_text(strip_irc_formatting(text))  # as stored and sent: what echo-message returns
+        for target in targets:
             try:
                 if target.startswith("#"):
                     room = validate_room(target)
@@ -6545,7 +6571,7 @@ class IrcGate:
         self.call("ROOMS", None, asked="list")
 
     def irc_away(self, params: tuple[str, ...]) -> None:
-        self.away = params[0] if params and params[0] else ""
+        self.away = sanitise_line(strip_irc_formatting(params[0]))[:MAX_QUIT_REASON] if params else ""
         if self.away:
             self.numeric("306", "You have been marked as being away")
         else:
@@ -6597,26 +6623,30 @@ class IrcGate:
                       "LATEST, BEFORE or AFTER, a target, a reference and a limit")
             return
         mode, target, ref, limit = params[0].upper(), params[1], params[2], params[3]
-        count = min(IRC_HISTORY_MAX, max(1, int(limit) if limit.isdigit() else IRC_HISTORY_MAX))
-        anchor = self._message_id(ref, after=mode == "AFTER")
+        anchor = None if mode == "LATEST" and ref == "*" else self._message_id(ref, after=mode == "AFTER")
+        counted = limit.isascii() and limit.isdigit() and int(limit) > 0
+        if not counted or (anchor is None and (ref != "*" or mode != "LATEST")):
+            self.send(f"FAIL CHATHISTORY INVALID_PARAMS {mode} :a reference (msgid=N, timestamp=UTC time, "
+                      "or * for LATEST) and a limit of 1 or more")
+            return
+        count = min(IRC_HISTORY_MAX, int(limit))
         room = f"#{validate_room(target)}" if target.startswith("#") else None
-        if mode == "LATEST" or anchor is None:
-            fields = ["LAST", str(count)]
-        else:
-            fields = [mode, str(anchor), str(count)]
+        fields = ["LAST", str(count)] if anchor is None else [mode if mode != "LATEST" else "AFTER",
+                                                               str(anchor), str(count)]
         self.call("HISTORY", "|".join([*( [room] if room else []), *fields]), asked=f"chathistory {target}")
 
     def _message_id(self, ref: str, after: bool) -> int | None:
         """A CHATHISTORY reference as an id: ``msgid=N``, or ``timestamp=T`` looked up in the history."""
         kind, _, value = ref.partition("=")
-        if kind == "msgid" and value.split(".")[0].isdigit():
-            return int(value.split(".")[0])
-        if kind == "timestamp" and self.session.server.history is not None:
+        number = value.split(".")[0]
+        if kind == "msgid" and number.isascii() and number.isdigit() and 0 < int(number) <= MAX_ID:
+            return int(number)
+        if kind == "timestamp" and value.endswith("Z") and self.session.server.history is not None:
             try:
-                ts = parse_timestamp(value.split(".")[0].rstrip("Z") + "Z")
+                ts = parse_timestamp(number.rstrip("Z") + "Z")
             except ProtocolError:
                 return None
-            return self.session.server.history.id_at(ts, after)
+            return self.session.server.history.id_at(ts, after) if ts > 0 else None
         return None
 
     # --- out: our lines to IRC lines (any thread that queues for the session) --------------------
@@ -6803,8 +6833,8 @@ class IrcGate:
         """The room's last lines after our JOIN, with their times, for clients that do not page back
         themselves (with chathistory they do)."""
         server = self.session.server
-        if "draft/chathistory" in self.caps or server.history is None:
-            return []
+        if "draft/chathistory" in self.caps or "server-time" not in self.caps or server.history is None:
+            return []  # (without server-time a replayed line looks live: a bot would act on it again)
         try:
             messages, _ = server.history.recent(self.nick, IRC_REPLAY, room=room, upto=server.delivered_upto,
                                                 max_bytes=server.reply_bytes)

@@ -522,8 +522,8 @@ def test_joining_shows_join_topic_names_then_the_replay_and_main_has_its_topic(i
     bob.send(b"TOPIC|#main|the main topic\nTOPIC|#deploys|ship it\nMSG|#deploys|before you came\n")
     bob.expect("MSG_OK")
     wee = IrcClient(irc_server.port)
-    wee.send("NICK wee", "USER wee 0 * :W")
-    wee.expect(r"^:wee!wee@chatctl JOIN #main$")
+    wee.send("CAP LS 302", "NICK wee", "USER wee 0 * :W", "CAP REQ :server-time", "CAP END")
+    wee.expect(r":wee!wee@chatctl JOIN #main$")
     wee.expect(r" 332 wee #main :the main topic")
     wee.send("JOIN #deploys")
     order = [wee.expect(r"JOIN #deploys|332 wee #deploys|366 wee #deploys|PRIVMSG #deploys").group(0)
@@ -546,3 +546,75 @@ def test_user_after_sasl_is_not_a_reregistration(irc_server):
     client.expect(r" 001 ana ")
     assert not any(" 462 " in line for line in client.seen), client.seen
     client.close()
+
+
+def test_what_an_irc_user_sends_others_is_cleaned_echo_and_away_too(irc_server, irc):
+    evil = irc("evil", caps="echo-message")
+    evil.send("AWAY :brb\r:joiner!joiner@chatctl PRIVMSG victim :hi\x1b[31m")
+    evil.expect(r" 306 ")
+    evil.send("PRIVMSG #main :esc\x1b[2J\x07bell")
+    echoed = evil.expect(r":evil!evil@chatctl PRIVMSG #main :(.*)$").group(1)
+    assert "\x1b" not in echoed and "\x07" not in echoed and echoed.startswith("esc")
+    asker = irc("asker")
+    asker.send("WHOIS evil")
+    away = asker.expect(r" 301 asker evil :(.*)$").group(1)
+    assert "\r" not in away and "\x1b" not in away
+
+
+def test_without_server_time_there_is_no_replay_a_bot_would_take_for_live(irc_server, irc):
+    bob = chatctl_user(irc_server.port, "bob")
+    bob.send(b"MSG|#main|!deploy prod\n")
+    bob.expect("MSG_OK")
+    bot = irc("bot")  # no capabilities, as the irc library's bots
+    bot.send("PING :probe")
+    bot.expect(r"PONG chatctl :probe")
+    assert not any("!deploy prod" in line for line in bot.seen)
+    bob.close()
+
+
+def test_many_targets_are_capped_deduplicated_and_each_costs_a_rate_token(make_server):
+    server = make_server(irc=True, rate=0.001, burst=12)  # nearly no refill: the burst is all there is
+    nina = IrcClient(server.port)
+    nina.register("nina")
+    spam = IrcClient(server.port)
+    spam.register("spam")  # 4 frames: 8 tokens left
+    spam.send("PRIVMSG " + ",".join(["nina"] * 1500) + " :amp")  # one target after all: 1 token
+    nina.expect(r":spam!spam@chatctl PRIVMSG nina :amp$")
+    spam.send("PRIVMSG a,b,c,d,e :too many")  # 407, and a token
+    spam.expect(r" 407 spam ")
+    for _ in range(3):  # 3 targets, 3 tokens a line: the second takes the last, the third is refused
+        spam.send("PRIVMSG nina,spam,#main :x")
+    spam.expect(r"NOTICE spam :too many frames too fast")
+    spam.send("PRIVMSG nina :probe")  # refused too: the bucket is empty
+    time.sleep(0.5)
+    nina.send("PING :done")
+    nina.expect(r"PONG chatctl :done")
+    assert sum(line.endswith("PRIVMSG nina :x") for line in nina.seen) == 2
+    assert sum(line.endswith(":amp") for line in nina.seen) == 1
+    nina.close()
+    spam.close()
+
+
+def test_sasl_data_comes_in_pieces_of_400(make_server):
+    import base64
+
+    server = make_server(irc=True, auth_delay=0)
+    password = "p" * 500
+    protected_name(server.port, "longpw", password)
+    client = IrcClient(server.port)
+    client.send("CAP LS 302", "NICK longpw", "USER longpw 0 * :L", "CAP REQ :sasl", "AUTHENTICATE PLAIN")
+    client.expect(r"^AUTHENTICATE \+")
+    data = base64.b64encode(f"\0longpw\0{password}".encode()).decode()
+    pieces = [data[i:i + 400] for i in range(0, len(data), 400)]
+    last = ["AUTHENTICATE +"] if len(pieces[-1]) == 400 else []  # a full last piece: + ends the data
+    client.send(*[f"AUTHENTICATE {p}" for p in pieces], *last)
+    client.expect(r" 903 ")
+    client.close()
+
+
+def test_chathistory_refuses_bad_references(irc_server, irc):
+    pager = irc("pager", caps="batch draft/chathistory")
+    for bad in ("BEFORE #main msgid=abc 5", "AFTER #main msgid=-1 5", "BEFORE #main timestamp=garbage 5",
+                "LATEST #main * 0", "LATEST #main * -1", "BEFORE #main msgid=\u0661 5"):
+        pager.send(f"CHATHISTORY {bad}")
+        pager.expect(r"^FAIL CHATHISTORY INVALID_PARAMS ")
