@@ -410,7 +410,8 @@ class Tmux:
         assert text in self.screen(), self.screen()
 
     def close(self) -> None:
-        subprocess.run(["tmux", "kill-session", "-t", self.name], env=self.env, capture_output=True)
+        # The test's own tmux server (TMUX_TMPDIR is the test's): all of it goes, whatever state it is in.
+        subprocess.run(["tmux", "kill-server"], env=self.env, capture_output=True, timeout=10)
 
 
 @pytest.fixture
