@@ -10190,10 +10190,28 @@ def run_tui(config: ClientConfig, room: str) -> None:
         raise app.error
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (children first), read from /proc; none where there is no /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it ended meanwhile
+        children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop(0)
+        found.append(child)
+        todo += children.get(child, [])
+    return found
+
+
 def serve_web(config: ClientConfig, config_file: str | None, host: str, port: int,
               public_url: str | None) -> None:
     """Serve ``chatctl tui`` (one process per page) to browsers until Ctrl-C."""
     import shlex
+    import signal
     import tempfile
 
     try:
@@ -10216,8 +10234,19 @@ def serve_web(config: ClientConfig, config_file: str | None, host: str, port: in
         for page in (Path(textual_serve.__file__).parent / "templates").iterdir():
             html = re.sub(r"<link[^>]*fonts\.googleapis\.com[^>]*>\s*", "", page.read_text(encoding="utf-8"))
             (Path(templates) / page.name).write_text(html, encoding="utf-8")
-        server = Server(shlex.join(command), host=host, port=port, title="chatctl", public_url=public_url,
-                        templates_path=templates)
+        class WebServer(Server):
+            def request_exit(self) -> None:
+                # textual-serve waits for each page's websocket to time out (about 20 s); ending the
+                # pages' tui processes first closes them at once, and their people leave the chat now.
+                for pid in descendants(os.getpid()):
+                    try:
+                        os.kill(pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+                super().request_exit()
+
+        server = WebServer(shlex.join(command), host=host, port=port, title="chatctl", public_url=public_url,
+                           templates_path=templates)
         try:
             server.serve()
         except OSError as exc:

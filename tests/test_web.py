@@ -52,6 +52,52 @@ def web_page(server, isolated_home):
             web.wait(5)
 
 
+def open_page_as(server, url: str, name: str, playwright, browser_path: str):
+    """A browser on ``url`` whose person picked ``name``; returns (context manager, browser)."""
+    manager = playwright.sync_playwright()
+    p = manager.__enter__()
+    browser = p.chromium.launch(executable_path=browser_path, args=CHROMIUM_FLAGS)
+    page = browser.new_page(viewport={"width": 1200, "height": 800})
+    page.goto(url)
+    page.wait_for_selector("#terminal .xterm", timeout=20_000)
+    page.click("#terminal")  # the keyboard goes to the terminal
+    deadline = time.monotonic() + 40
+    while not any(s.name == name for s in server.registry.sessions()):  # once the dialog is up
+        assert time.monotonic() < deadline, "the browser's person never joined"
+        page.keyboard.press("Control+a")
+        page.keyboard.press("Delete")
+        page.keyboard.type(name)
+        page.keyboard.press("Enter")
+        wait_until(lambda: any(s.name == name for s in server.registry.sessions()), timeout=10)
+    return manager, browser, page
+
+
+def test_stopping_web_ends_its_pages_at_once(server, isolated_home):
+    browser_path = chromium_binary()
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-test.txt")
+    port = free_port()
+    web = subprocess.Popen([*CHATCTL, "web", "--port", str(port), "--server", f"127.0.0.1:{server.port}"],
+                           env=isolated_home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    manager = None
+    try:
+        wait_until(lambda: listening(port), timeout=20)
+        url = f"http://127.0.0.1:{port}/"
+        manager, browser, _ = open_page_as(server, url, "dora", playwright, browser_path)
+        web.send_signal(signal.SIGTERM)  # the command alone, as a service manager stops it
+        started = time.monotonic()
+        web.wait(15)
+        wait_until(lambda: not any(s.name == "dora" for s in server.registry.sessions()), timeout=10)
+        assert time.monotonic() - started < 8  # not the 20 s of waiting for each page's websocket
+        browser.close()
+    finally:
+        if manager is not None:
+            manager.__exit__(None, None, None)
+        if web.poll() is None:
+            os.killpg(web.pid, signal.SIGKILL)
+            web.wait(5)
+
+
 def test_the_page_asks_nothing_of_the_internet(web_page):
     import urllib.request
 
@@ -66,27 +112,15 @@ def test_a_person_in_the_browser_picks_a_name_and_talks(server, web_page):
     bob = RawClient(server.port)
     bob.send(b"HELLO|chatctl/1\nUSER|bob\n")
     bob.expect("USER_OK")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 800})
-            page.goto(web_page)
-            page.wait_for_selector("#terminal .xterm", timeout=20_000)
-            page.click("#terminal")  # the keyboard goes to the terminal
-            deadline = time.monotonic() + 40
-            while not any(s.name == "carol" for s in server.registry.sessions()):  # once the dialog is up
-                assert time.monotonic() < deadline, "the browser's person never joined"
-                page.keyboard.press("Control+a")
-                page.keyboard.press("Delete")
-                page.keyboard.type("carol")
-                page.keyboard.press("Enter")
-                wait_until(lambda: any(s.name == "carol" for s in server.registry.sessions()), timeout=10)
-            assert bob.expect("JOIN|").endswith("|carol")
-            page.keyboard.type("hello from the browser")
-            page.keyboard.press("Enter")
-            assert bob.expect("MSG|#main|").endswith("|carol|hello from the browser")
-        finally:
-            browser.close()
+    manager, browser, page = open_page_as(server, web_page, "carol", playwright, browser_path)
+    try:
+        assert bob.expect("JOIN|").endswith("|carol")
+        page.keyboard.type("hello from the browser")
+        page.keyboard.press("Enter")
+        assert bob.expect("MSG|#main|").endswith("|carol|hello from the browser")
+    finally:
+        browser.close()
+        manager.__exit__(None, None, None)
     bob.close()
 
 
