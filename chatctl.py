@@ -6191,6 +6191,7 @@ class IrcGate:
         self._lock = threading.Lock()
         self._echo: list[tuple[str, str, str]] = []   # (kind, target, text) awaiting MSG_OK, oldest first
         self._joins: dict[str, list[bytes]] = {}      # rooms joining: their TOPIC and NAMES lines, held
+        self._parting: dict[str, str] = {}            # rooms leaving: the reason, for the PART line
         self._asked: dict[str, list[str]] = {}        # verb -> what each request of it was for, oldest first
         self._batch = 0
 
@@ -6426,7 +6427,7 @@ class IrcGate:
             for room in [r for r in self.session.rooms if r != MAIN_ROOM]:
                 self.call("PART", f"#{room}")
             return
-        for word in params[0].split(","):
+        for word in filter(None, params[0].split(",")):
             try:
                 room = validate_room(word)
             except ProtocolError as exc:
@@ -6436,12 +6437,9 @@ class IrcGate:
                 continue
             with self._lock:
                 self._joins[room] = []
-            try:
-                self.call("JOIN", f"#{room}")
-            except ProtocolError:
+            if not self._room_call("JOIN", room, f"#{room}"):
                 with self._lock:
                     self._joins.pop(room, None)
-                raise
 
     def irc_part(self, params: tuple[str, ...]) -> None:
         if not params:
@@ -6457,7 +6455,9 @@ class IrcGate:
             if room == MAIN_ROOM and len(self.session.rooms) == 1:
                 self.numeric("442", f"#{room}", "#main is the last room you are in here")
                 continue
-            self.call("PART", f"#{room}" + (f"|{reason}" if reason else ""))
+            with self._lock:
+                self._parting[room] = reason
+            self._room_call("PART", room, f"#{room}" + (f"|{reason}" if reason else ""))
 
     def irc_privmsg(self, params: tuple[str, ...], notice: bool = False) -> None:
         if len(params) < 2 or not params[1]:
@@ -6525,13 +6525,29 @@ class IrcGate:
             return
         room = validate_room(params[0])
         if len(params) > 1:
-            self.call("TOPIC", f"#{room}|{escape_text(strip_irc_formatting(params[1]))}")
+            self._room_call("TOPIC", room, f"#{room}|{escape_text(strip_irc_formatting(params[1]))}")
         else:
-            self.call("TOPIC", f"#{room}", asked="topic")
+            self._room_call("TOPIC", room, f"#{room}", asked="topic")
 
     def irc_names(self, params: tuple[str, ...]) -> None:
-        for word in (params[0].split(",") if params else [f"#{MAIN_ROOM}"]):
-            self.call("NAMES", f"#{validate_room(word)}", asked="names")
+        for word in filter(None, params[0].split(",") if params else [f"#{MAIN_ROOM}"]):
+            room = validate_room(word)
+            self._room_call("NAMES", room, f"#{room}", asked="names")
+
+    def _room_call(self, verb: str, room: str, arg: str, asked: str = "") -> bool:
+        """A handler call about one room; its refusal is that room's numeric (403, 442, 405 ...), so
+        the other rooms of the same line go on.  False if refused."""
+        try:
+            self.call(verb, arg, asked)
+            return True
+        except ProtocolError as exc:
+            if exc.closes or exc.code in ("rate-limited", "password-required"):
+                raise
+            code = IRC_NUMERICS.get(exc.code, "403" if "room" in exc.code else "")
+            if not code:
+                raise
+            self.numeric(code, f"#{room}", exc.text)
+            return False
 
     def irc_who(self, params: tuple[str, ...]) -> None:
         mask = params[0] if params else "*"
@@ -6819,7 +6835,9 @@ class IrcGate:
                 held = self._joins.pop(room, [])
             return self._joined(room, held) + self._replay(room)
         if event.verb == "PART":
-            return [f"{source(self.nick)} PART #{room}"]
+            with self._lock:
+                reason = self._parting.pop(room, "")
+            return [f"{source(self.nick)} PART #{room}" + (f" :{reason}" if reason else "")]
         if event.verb in ("REGISTER", "UNREGISTER"):
             protected = "now protected by its password" if event.verb == "REGISTER" else "no longer protected"
             return [f":{IRC_SERVER} NOTICE {self.nick} :your name is {protected}"]

@@ -619,3 +619,15 @@ def test_chathistory_refuses_bad_references(irc_server, irc):
                 "LATEST #main * 0", "LATEST #main * -1", "BEFORE #main msgid=\u0661 5"):
         pager.send(f"CHATHISTORY {bad}")
         pager.expect(r"^FAIL CHATHISTORY INVALID_PARAMS ")
+
+
+def test_room_refusals_name_the_room_and_the_rest_of_the_line_goes_on(irc_server, irc):
+    wee = irc("wee")
+    wee.send("JOIN #one,,#two")
+    wee.expect(r":wee!wee@chatctl JOIN #one$")
+    wee.expect(r":wee!wee@chatctl JOIN #two$")
+    wee.send("PART #one :see you", "PART #nothere", "TOPIC #nothere :x")
+    wee.expect(r":wee!wee@chatctl PART #one :see you$")
+    wee.expect(r" (403|442) wee #nothere ")
+    wee.expect(r" (403|442) wee #nothere ")
+    assert not any(" * :" in line and (" 403 " in line or " 442 " in line) for line in wee.seen)
