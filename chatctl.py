@@ -6181,7 +6181,6 @@ class IrcGate:
         self.nick = ""                       # asked for with NICK (the name once registered)
         self.user_sent = False
         self.negotiating = False             # between CAP LS/REQ and CAP END
-        self.sasl_password: str | None = None
         self.sasl_started = False
         self._sasl_data = ""                 # AUTHENTICATE pieces so far
         self.welcomed = False
@@ -6307,11 +6306,9 @@ class IrcGate:
         if self.nick and name_key(authcid) != name_key(self.nick):
             self.nick = authcid  # the account is the name: it is the nick we register
         self.nick = self.nick or authcid
-        self.sasl_password = password
         try:
             self._user(password)
         except ProtocolError as exc:
-            self.sasl_password = None
             self.numeric("904", f"SASL authentication failed: {exc.text}")
             if exc.closes:
                 raise
@@ -7713,10 +7710,22 @@ class RoomsModel:
         self._names: dict[str, dict[str, str]] = {}  # members of rooms not entered yet (NAMES comes first)
         self.dropped: list[tuple[str, int]] = []  # DM conversations let go unread (said, then cleared)
 
+    def _room_names(self) -> list[str]:
+        """The rooms we are in (not the ``@name`` conversations); the caller holds ``_lock``."""
+        return [name for name in self.rooms if not name.startswith("@")]
+
+    @staticmethod
+    def _hold(held: dict, room: str, value: object) -> None:
+        """Keep what a JOIN's reply says of ``room`` before its JOIN_OK; the oldest of rooms looked at
+        and never entered go first."""
+        held[room] = value
+        while len(held) > MAX_ROOMS_PER_USER:
+            del held[next(iter(held))]
+
     def joined(self) -> list[str]:
         """The rooms we are in, in the order joined (no DM conversations)."""
         with self._lock:
-            return [name for name in self.rooms if not name.startswith("@")]
+            return self._room_names()
 
     def conversations(self) -> list[str]:
         """Rooms, then DM conversations: the order tui lists them in (and Alt-1..9 counts)."""
@@ -7726,7 +7735,7 @@ class RoomsModel:
 
     def all_rooms(self) -> list[str]:
         with self._lock:
-            return sorted(self.known | {n for n in self.rooms if not n.startswith("@")})
+            return sorted(self.known | set(self._room_names()))
 
     def entered(self, room: str) -> None:
         with self._lock:
@@ -7744,8 +7753,8 @@ class RoomsModel:
         with self._lock:
             self.rooms.pop(conversation, None)
             if self.current == conversation:
-                rooms = [n for n in self.rooms if not n.startswith("@")]
-                self.current = MAIN_ROOM if MAIN_ROOM in self.rooms else next(iter(rooms), MAIN_ROOM)
+                rooms = self._room_names()
+                self.current = MAIN_ROOM if MAIN_ROOM in rooms else next(iter(rooms), MAIN_ROOM)
             return self.current
 
     def set_topic(self, room: str, text: str) -> None:
@@ -7753,9 +7762,7 @@ class RoomsModel:
             if room in self.rooms:
                 self.rooms[room].topic = text
             else:
-                self._topics[room] = text
-                while len(self._topics) > MAX_ROOMS_PER_USER:  # rooms looked at, never entered
-                    del self._topics[next(iter(self._topics))]
+                self._hold(self._topics, room, text)
             self.known.add(room)
 
     def topic(self, room: str) -> str:
@@ -7766,7 +7773,7 @@ class RoomsModel:
     def heard_of(self, rooms: Iterable[str]) -> None:
         """The server's room list: what completion offers (with the rooms we are in)."""
         with self._lock:
-            self.known = {*rooms, *(n for n in self.rooms if not n.startswith("@"))}
+            self.known = {*rooms, *self._room_names()}
 
     def set_members(self, room: str, names: Iterable[str]) -> None:
         with self._lock:
@@ -7774,9 +7781,7 @@ class RoomsModel:
             if room in self.rooms:
                 self.rooms[room].members = members
             else:
-                self._names[room] = members
-                while len(self._names) > MAX_ROOMS_PER_USER:  # rooms looked at, never entered
-                    del self._names[next(iter(self._names))]
+                self._hold(self._names, room, members)
 
     def member_entered(self, room: str, name: str) -> None:
         with self._lock:
