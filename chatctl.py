@@ -8210,6 +8210,7 @@ class ChatClient:
         self._switch_on_join: str | None = room if room != MAIN_ROOM else None  # /join's first room
         self._room_list: list[RoomInfo] = []     # ROOM lines until their END
         self._rooms_quietly = 0                  # ROOMS replies to take in without showing them
+        self.rooms_asked = 0                     # quiet ROOMS requests sent so far (a Tab sees if it asked)
         self._names_quietly: set[str] = set()    # rooms whose NAMES reply fills the model, unannounced
         self._topics_asked: set[str] = set()     # rooms whose topic /topic asked for (shown even if known)
         self.rooms_learned = 0.0                 # when the room list was last asked for
@@ -8439,8 +8440,14 @@ class ChatClient:
     def _learn_rooms(self) -> None:
         """Ask for the room list without showing it, so Tab knows the rooms there are."""
         self.rooms_learned = time.monotonic()
-        if self.session.extended and self.session.send("ROOMS"):
+        if not self.session.extended:
+            return
+        with self._lock:  # counted before sending: the reply is taken in on the reader thread
             self._rooms_quietly += 1
+            self.rooms_asked += 1
+        if not self.session.send("ROOMS"):
+            with self._lock:
+                self._rooms_quietly -= 1
 
     def _learn_members(self) -> None:
         """Ask who is in each of our rooms without showing it (tui's member list)."""
@@ -8459,8 +8466,11 @@ class ChatClient:
     def _show_rooms(self) -> None:
         rooms, self._room_list = self._room_list, []
         self.model.heard_of(r.name for r in rooms)
-        if self._rooms_quietly > 0:  # asked for completion's sake, not by the user
-            self._rooms_quietly -= 1
+        with self._lock:
+            quietly = self._rooms_quietly > 0  # asked for completion's sake, not by the user
+            if quietly:
+                self._rooms_quietly -= 1
+        if quietly:
             self.front.changed()  # a Tab that waited for it can go on
             return
         seen_here = self.model.unread()
@@ -9644,10 +9654,13 @@ def tui_app():
                 _, start, choices, index = self._cycle
                 index = (index + 1) % len(choices)
             else:
+                asked = self.chat.rooms_asked
                 replace, choices = self.chat.completions(before)
                 room_word = before.rsplit(" ", 1)[-1].startswith("#") or before.split(" ", 1)[0] in ("/join",
                                                                                                    "/part")
-                if self.chat.rooms_pending and room_word:
+                # If this Tab asked for the list, its reply may already be in (then the 'changed' it
+                # queued is still to be drained, and completes the Tab): wait either way.
+                if room_word and (self.chat.rooms_pending or self.chat.rooms_asked != asked):
                     self.waiting_for_rooms = True  # completed when the room list is in (_drain)
                     return
                 if not choices:

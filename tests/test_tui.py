@@ -272,6 +272,31 @@ def test_tab_knows_a_room_made_after_connecting_at_the_first_press(server):
     state["bob"].close()
 
 
+def test_tab_completes_a_new_room_when_the_list_comes_back_before_it_looks(server, monkeypatch):
+    # The reader thread may take the room list in between Tab asking for it and Tab looking whether
+    # it is still to come: here it always does.
+    asked = chatctl.ChatClient.completions
+
+    def completions_then_reply(chat, text):
+        found = asked(chat, text)
+        wait_until(lambda: not chat.rooms_pending, timeout=10)
+        return found
+
+    monkeypatch.setattr(chatctl.ChatClient, "completions", completions_then_reply)
+
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        app.chat.rooms_learned = time.monotonic() - chatctl.ROOM_LIST_FRESH - 1
+        state["bob"] = raw_user(server.port, "bob", "freshroom")
+        field = app.query_one("#input")
+        await pilot.press("/", "j", "o", "i", "n", "space", "#", "f", "r", "tab")
+        await until(pilot, lambda: field.value == "/join #freshroom ", "one Tab completes it", timeout=5)
+
+    state = {}
+    run(scenario, client_config(server.port))
+    state["bob"].close()
+
+
 def test_scrolled_back_what_you_send_comes_into_view(make_server):
     server = make_server(rate=0)
     bob = raw_user(server.port, "bob")
