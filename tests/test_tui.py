@@ -46,8 +46,8 @@ async def until(pilot, predicate, what: str, timeout: float = 20.0):
 
 
 def showing(app, screen: str) -> bool:
-    """The dialog ``screen`` is up, with its widgets mounted."""
-    return type(app.screen).__name__ == screen and bool(app.screen.query("Input, Button, Static"))
+    """The dialog ``screen`` is up, composed and mounted (its widgets mount one by one, so one is not enough)."""
+    return type(app.screen).__name__ == screen and app.screen.is_mounted
 
 
 def log_text(app) -> str:
