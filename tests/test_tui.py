@@ -46,7 +46,7 @@ async def until(pilot, predicate, what: str, timeout: float = 20.0):
 
 
 def showing(app, screen: str) -> bool:
-    """The dialog ``screen`` is up, composed and mounted (its widgets mount one by one, so one is not enough)."""
+    """The dialog ``screen`` is up, composed and mounted (its widgets mount one by one)."""
     return type(app.screen).__name__ == screen and app.screen.is_mounted
 
 
