@@ -9634,9 +9634,9 @@ def tui_app():
         BINDINGS: ClassVar = [Binding("tab", "complete", "Complete", show=False, priority=True),
                     Binding("up", "recall(-1)", show=False), Binding("down", "recall(1)", show=False)]
 
-        def __init__(self, chat: ChatClient, **kwargs):
+        def __init__(self, **kwargs):
             super().__init__(**kwargs)
-            self.chat = chat
+            self.chat: ChatClient | None = None  # set once connected; what is typed before that is kept
             self.typed: list[str] = []   # lines entered, oldest first (at most TUI_RECALL)
             self.waiting_for_rooms = False  # a Tab for a #room waits for the server's room list
             self._recall = 0
@@ -9649,6 +9649,9 @@ def tui_app():
 
         def complete(self) -> None:
             self.waiting_for_rooms = False
+            if self.chat is None:
+                self.app.bell()
+                return
             before, after = self.value[:self.cursor_position], self.value[self.cursor_position:]
             if self._cycle and before == self._cycle[0]:  # Tab again: the next choice
                 _, start, choices, index = self._cycle
@@ -9751,6 +9754,7 @@ def tui_app():
             self.front = QueuedFrontEnd(self._wake)
             self.bell_mode, self.start_room = bell, room
             self.chat: ChatClient | None = None
+            self.chat_on = False  # connected once: the input line sends from now on
             self.conversations: dict[str, Conversation] = {}
             self._line_of: dict[int, int] = {}     # message id -> row in the log, for search jumps
             self._shown: str | None = None          # the conversation the log shows
@@ -9771,7 +9775,7 @@ def tui_app():
                                   max_lines=self.config.lines * TUI_ROWS_PER_LINE)
                 yield Static("", id="members")
             yield Static("", id="status")
-            yield Static("", id="placeholder-for-input")
+            yield ChatInput(id="input", placeholder="connecting...")
             yield Footer()
 
         def on_mount(self) -> None:
@@ -9782,6 +9786,7 @@ def tui_app():
             self._app_context = contextvars.copy_context()
             self.query_one("#rooms", OptionList).can_focus = False
             self.query_one("#log", RichLog).can_focus = False
+            self.query_one("#input").focus()  # before a dialog: keys go here once it is closed
             if self.name_given:
                 self._begin(self.name_given)
             else:
@@ -9829,9 +9834,10 @@ def tui_app():
                     return
 
         def _connected(self, chat: ChatClient) -> None:
-            input_line = ChatInput(chat, id="input", placeholder="message, or /help")
-            self.mount(input_line, before="#placeholder-for-input")
-            self.query_one("#placeholder-for-input").remove()
+            # The input line was there all along: what was typed while connecting is kept.
+            input_line = self.query_one("#input", ChatInput)
+            input_line.chat, input_line.placeholder = chat, "message, or /help"
+            self.chat_on = True
             input_line.focus()
             self._show(chat.model.current)
 
@@ -10112,6 +10118,9 @@ def tui_app():
             """A line (or a pasted block) from the input: a message, or a command."""
             if not line.strip():
                 return
+            if not self.chat_on:
+                self.set_status(Text("still connecting: your line is kept; press Enter again once connected"))
+                return
             typed.remember(line)
             typed.value = ""
             command = parse_input(line)
@@ -10196,8 +10205,7 @@ def tui_app():
 
         def action_interrupt(self) -> None:
             """Ctrl-c: quit; at a question before the chat is on, as Ctrl-C at join's prompts (exit 130)."""
-            connected = self.chat is not None and self.query("#input")
-            self._quit(None if connected else Interrupted("interrupted"))
+            self._quit(None if self.chat_on else Interrupted("interrupted"))
 
         def _quit(self, error: ChatError | None) -> None:
             if error is not None and "TEXTUAL_DRIVER" in os.environ and not self._said_why:

@@ -95,7 +95,7 @@ async def one_round(port: int, seconds: float, tag: int) -> dict[str, list[float
     figures: dict[str, list[float] | float] = {}
     async with app.run_test(size=(120, 40)) as pilot:
         for _ in range(400):
-            if app.chat is not None and app.chat.session.connected and app.query("#input"):
+            if app.chat_on and app.chat.session.connected:
                 break
             await pilot.pause(0.05)
         await pilot.press("ctrl+n")  # an empty room first: #quiet

@@ -34,7 +34,7 @@ async def shoot(port: int, path: Path) -> None:
     app = chatctl.tui_app()(config, "ana", "mentions", "deploys")
     async with app.run_test(size=(110, 28)) as pilot:
         for _ in range(200):
-            if app.chat is not None and app.chat.session.connected and app.query("#input"):
+            if app.chat_on and app.chat.session.connected:
                 break
             await pilot.pause(0.05)
         socks = [say(port, "bob", "TOPIC|#deploys|builds and releases: say when you deploy",

@@ -60,8 +60,7 @@ def room_list(app) -> list[str]:
 
 
 async def connected(app, pilot):
-    await until(pilot, lambda: app.chat is not None and app.chat.session.connected
-                and app.query("#input"), "connected")
+    await until(pilot, lambda: app.chat_on and app.chat.session.connected, "connected")
 
 
 async def type_line(pilot, text: str):
@@ -606,6 +605,37 @@ def test_a_multi_line_paste_asks_then_goes_as_one_message(server):
         assert bob.expect("MSG|#main|").endswith("|ana|first line\\nsecond line\\n[red]third[/red]")
 
     run(scenario, client_config(server.port))
+    bob.close()
+
+
+def test_what_is_typed_while_connecting_is_kept(server, monkeypatch):
+    # A person types as soon as the name is in; the connection (held here) comes a moment later.
+    import threading
+
+    go = threading.Event()
+    start = chatctl.ChatClient.start
+
+    def held_start(chat, hint=""):
+        go.wait(10)
+        return start(chat, hint)
+
+    monkeypatch.setattr(chatctl.ChatClient, "start", held_start)
+    bob = raw_user(server.port, "bob")
+
+    async def main():
+        async with app.run_test() as pilot:
+            await until(pilot, lambda: showing(app, "AskScreen"), "the name dialog")
+            await type_line(pilot, "ana")
+            await pilot.press(*"hello already")
+            go.set()
+            await connected(app, pilot)
+            await pilot.press("enter")
+            assert bob.expect("MSG|#main|").endswith("|ana|hello already")
+            await pilot.press("ctrl+q")
+            await until(pilot, lambda: not app.is_running, "the app quits on Ctrl-q")
+
+    app = chatctl.tui_app()(client_config(server.port), "", "mentions", "main")
+    asyncio.run(main())
     bob.close()
 
 
