@@ -97,15 +97,20 @@ def page_as(server, url: str, name: str):
             # Keys that come before the name dialog is drawn are lost: a person waits to see it too.
             page.wait_for_function("window.drawn.includes('Your name in the chat')", timeout=60_000)
             page.click("#terminal")  # the keyboard goes to the terminal
-            for _ in range(6):  # the page's tui process may not be asking yet (a slow start): ask again
-                page.keyboard.press("End")
-                page.keyboard.press("Control+u")  # the field empty, whatever an earlier try left in it
+            for attempt in range(4):
+                if attempt:  # keys lost on a slow start: empty the field and type again
+                    page.keyboard.press("End")
+                    page.keyboard.press("Control+u")
+                    # Textual runs an Input's key bindings (End, Ctrl-u) after letters that came in the
+                    # same burst, so the letters wait a moment, as a person's would.
+                    page.wait_for_timeout(500)
                 page.keyboard.type(name)
                 page.keyboard.press("Enter")
                 if joined(server, name, timeout=15):
                     break
             else:
-                raise AssertionError(f"the browser's person never joined as {name}")
+                online = [s.name for s in server.registry.sessions()]
+                raise AssertionError(f"the browser's person never joined as {name} (online: {online})")
             yield page
         finally:
             browser.close()
