@@ -9444,6 +9444,41 @@ def tui_app():
     from textual.widgets import Button, Footer, Input, Label, OptionList, RichLog, Static
     from textual.widgets.option_list import Option
 
+    class LineInput(Input):
+        """An input line that takes a burst of keys in the order they were typed.
+
+        Textual runs an Input's own key bindings (Enter, End, Ctrl-u, Up...) only once the key has
+        bubbled up to the App, after the letters that came behind it in the same read (a fast
+        typist over ssh, tmux send-keys, a browser): 'one⏎two⏎' sent 'onetwo', twice.  Here a
+        bound key runs as it comes; Enter calls ``take_line`` at once (with no ``take_line``, it
+        posts Submitted as Input does); and keys that come after Enter moved the focus away (a
+        dialog answered) go on to what has the focus now.
+        """
+
+        def __init__(self, take_line: Callable[[str], None] | None = None, **kwargs):
+            super().__init__(**kwargs)
+            self.take_line = take_line
+
+        async def _on_key(self, event) -> None:
+            from textual import events
+
+            focused = self.app.focused
+            if focused is not self:
+                if focused is not None:
+                    focused.post_message(events.Key(event.key, event.character))
+            elif event.key in self._bindings.key_to_bindings:
+                await self.run_action(self._bindings.key_to_bindings[event.key][0].action)
+            else:
+                return  # a letter: Input's own handler is next
+            event.prevent_default()
+            event.stop()
+
+        def action_submit(self) -> None:
+            if self.take_line is None:
+                super().action_submit()
+            else:
+                self.take_line(self.value)
+
     class Dialog(ModalScreen):
         """A small question in a box; Escape dismisses it with None."""
 
@@ -9471,12 +9506,11 @@ def tui_app():
                 yield Label(Text(self.question))
                 if self.error:
                     yield Label(Text(self.error), classes="error")
-                yield Input(value=self.value, password=self.password, id="answer")
+                yield LineInput(self.answered, value=self.value, password=self.password, id="answer")
 
-        @on(Input.Submitted)
-        def submitted(self, event: Input.Submitted) -> None:
-            if event.value.strip():
-                self.dismiss(event.value if self.password else event.value.strip())
+        def answered(self, value: str) -> None:
+            if value.strip():
+                self.dismiss(value if self.password else value.strip())
 
     class TellScreen(Dialog):
         """Something to read before going on (why the chat ended, in a browser); Enter or Escape."""
@@ -9529,16 +9563,14 @@ def tui_app():
             with Vertical():
                 yield Label("Protect your name with a password (twice; at least "
                             f"{MIN_PASSWORD_CHARS} characters). Escape cancels.")
-                yield Input(password=True, placeholder="new password", id="first")
-                yield Input(password=True, placeholder="the same again", id="again")
+                yield LineInput(self.first_done, password=True, placeholder="new password", id="first")
+                yield LineInput(self.again_done, password=True, placeholder="the same again", id="again")
                 yield Label("", id="problem", classes="error")
 
-        @on(Input.Submitted, "#first")
-        def first_done(self) -> None:
-            self.query_one("#again", Input).focus()
+        def first_done(self, _: str) -> None:
+            self.set_focus(self.query_one("#again", Input))  # now (focus() waits): keys behind Enter go there
 
-        @on(Input.Submitted, "#again")
-        def again_done(self) -> None:
+        def again_done(self, _: str) -> None:
             first, again = self.query_one("#first", Input).value, self.query_one("#again", Input).value
             if first != again:
                 self.query_one("#problem", Label).update("the two passwords differ")
@@ -9580,7 +9612,7 @@ def tui_app():
             with Vertical():
                 yield Label(Text(self.title_text))
                 if self.filtering:
-                    yield Input(placeholder="type to filter", id="filter")
+                    yield LineInput(self.take_first, placeholder="type to filter", id="filter")
                 yield OptionList(*self._options(""), id="choices")
 
         def _options(self, typed: str) -> list:
@@ -9595,8 +9627,7 @@ def tui_app():
             if choices.option_count:
                 choices.highlighted = 0
 
-        @on(Input.Submitted, "#filter")
-        def take_first(self) -> None:
+        def take_first(self, _: str) -> None:
             choices = self.query_one("#choices", OptionList)
             if choices.option_count:
                 self.dismiss(choices.get_option_at_index(choices.highlighted or 0).id)
@@ -9628,7 +9659,7 @@ def tui_app():
         def on_mount(self) -> None:
             self.query_one("#help").focus()
 
-    class ChatInput(Input):
+    class ChatInput(LineInput):
         """The input line: Tab completes (again: the next choice), Up and Down recall lines."""
 
         BINDINGS: ClassVar = [Binding("tab", "complete", "Complete", show=False, priority=True),
@@ -9679,6 +9710,11 @@ def tui_app():
             else:
                 self.app.refresh_panels()  # the status line says the link again
 
+        def keep(self, line: str) -> None:
+            """A line that could not go yet is back in the input (before what was typed since)."""
+            self.value = line + self.value
+            self.cursor_position = len(line)
+
         def remember(self, line: str) -> None:
             self.typed.append(line)
             del self.typed[:-TUI_RECALL]
@@ -9698,7 +9734,12 @@ def tui_app():
             event.prevent_default()
             event.stop()
             whole = self.value[:self.cursor_position] + text + self.value[self.cursor_position:]
-            self.app.push_screen(PasteScreen(whole), lambda send: send and self.app.send_line(whole, self))
+            self.app.push_screen(PasteScreen(whole), lambda send: send and self.action_submit(whole))
+
+        def action_submit(self, line: str | None = None) -> None:
+            """Enter (or a paste agreed to): the line goes now, and the keys behind it start the next."""
+            line, self.value = (self.value if line is None else line), ""
+            self.app.send_line(line.rstrip("\n"), self)
 
         def on_key(self, event) -> None:
             if event.character == "?" and not self.value:  # on an empty line, ? is help
@@ -10110,19 +10151,15 @@ def tui_app():
 
         # --- input ---------------------------------------------------------------------------
 
-        @on(Input.Submitted, "#input")
-        def submitted(self, event: Input.Submitted) -> None:
-            self.send_line(event.value.rstrip("\n"), event.input)
-
         def send_line(self, line: str, typed: ChatInput) -> None:
             """A line (or a pasted block) from the input: a message, or a command."""
             if not line.strip():
                 return
             if not self.chat_on:
+                typed.keep(line)
                 self.set_status(Text("still connecting: your line is kept; press Enter again once connected"))
                 return
             typed.remember(line)
-            typed.value = ""
             command = parse_input(line)
             if command.action == "help":
                 self.action_help()
@@ -10132,7 +10169,7 @@ def tui_app():
                 if not self.chat.handle_line(line):
                     self._quit(None)
             except NotConnected:
-                typed.value = line  # kept, to send once reconnected
+                typed.keep(line)  # to send once reconnected
                 self.chat.warn("not connected: your line is kept; press Enter to send it once reconnected")
 
         # --- keys ------------------------------------------------------------------------------

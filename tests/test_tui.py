@@ -639,6 +639,73 @@ def test_what_is_typed_while_connecting_is_kept(server, monkeypatch):
     bob.close()
 
 
+def burst(app, keys: str) -> None:
+    """``keys`` as one read from the terminal brings them (a fast typist over ssh, tmux send-keys,
+    a browser): every key reaches the app before the first is handled.  A newline is Enter."""
+    from textual import events
+
+    for char in keys:
+        key = {"\n": "enter", " ": "space"}.get(char, char)
+        app.post_message(events.Key(key, "\r" if char == "\n" else char))
+
+
+def test_lines_typed_in_one_burst_are_sent_apart_and_in_order(server):
+    bob = raw_user(server.port, "bob")
+
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        burst(app, "first line\nsecond line\nthird")
+        await until(pilot, lambda: app.query_one("#input").value == "third", "the rest waits in the input")
+        assert [bob.expect("MSG|#main|").split("|")[-1] for _ in range(2)] == ["first line", "second line"]
+
+    run(scenario, client_config(server.port))
+    bob.close()
+
+
+def test_recall_the_switcher_and_register_take_keys_in_bursts(server):
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        field = app.query_one("#input")
+        burst(app, "/join #deploys\none\n")
+        await until(pilot, lambda: "deploys" in app.chat.model.rooms and not field.value, "joined, sent")
+        await pilot.press("up")
+        assert field.value == "one"
+        await pilot.press("up", "up", "down")
+        assert field.value == "one"
+        field.value = ""
+        await pilot.press("ctrl+k")
+        await until(pilot, lambda: showing(app, "PickScreen"), "the switcher")
+        burst(app, "mai\n")
+        await until(pilot, lambda: app.chat.model.current == "main", "the switcher's filter and Enter")
+        burst(app, "/register\n")
+        await until(pilot, lambda: showing(app, "NewPasswordScreen"), "the new password dialog")
+        burst(app, "burst pass 1\nburst pass 1\n")
+        await until(pilot, lambda: server.accounts.password_hash("ana") is not None, "the name protected")
+
+    run(scenario, client_config(server.port))
+
+
+def test_the_name_and_a_first_line_typed_in_one_burst(server):
+    bob = raw_user(server.port, "bob")
+
+    async def main():
+        async with app.run_test() as pilot:
+            await until(pilot, lambda: showing(app, "AskScreen"), "the name dialog")
+            burst(app, "ana\nhello from the start")
+            await connected(app, pilot)
+            assert app.chat.name == "ana"
+            await until(pilot, lambda: app.query_one("#input").value == "hello from the start",
+                        "the line typed behind the name is in the input")
+            await pilot.press("enter")
+            assert bob.expect("MSG|#main|").endswith("|ana|hello from the start")
+            await pilot.press("ctrl+q")
+            await until(pilot, lambda: not app.is_running, "the app quits on Ctrl-q")
+
+    app = chatctl.tui_app()(client_config(server.port), "", "mentions", "main")
+    asyncio.run(main())
+    bob.close()
+
+
 def test_ctrl_c_at_a_question_before_the_chat_is_interrupted(server):
     async def scenario(app, pilot):
         await until(pilot, lambda: showing(app, "AskScreen"), "the name dialog")
