@@ -101,9 +101,6 @@ def page_as(server, url: str, name: str):
                 if attempt:  # keys lost on a slow start: empty the field and type again
                     page.keyboard.press("End")
                     page.keyboard.press("Control+u")
-                    # Textual runs an Input's key bindings (End, Ctrl-u) after letters that came in the
-                    # same burst, so the letters wait a moment, as a person's would.
-                    page.wait_for_timeout(500)
                 page.keyboard.type(name)
                 page.keyboard.press("Enter")
                 if joined(server, name, timeout=15):
