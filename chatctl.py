@@ -9098,6 +9098,8 @@ class JoinClient(ClientFrontEnd):
         except (EOFError, KeyboardInterrupt):
             self.chat.note("not changed")
             return
+        finally:
+            self._prompt.is_password = False  # a PromptSession keeps what a prompt() call set
         if first != again:
             self.chat.warn("the two passwords differ; nothing changed")
             return

@@ -423,6 +423,9 @@ def test_register_protects_the_name_and_join_asks_for_its_password(make_server, 
     assert "correct horse" not in child.before  # typed hidden, never echoed
     child.send("correct horse\r")
     child.expect("now protected by your password")
+    child.send("seen again")  # the prompt shows what is typed once more
+    child.expect("seen again")
+    child.sendcontrol("u")
     child.sendcontrol("d")
     child.expect(pexpect.EOF)
 
