@@ -94,6 +94,7 @@ TUI_DRAIN = 500                      # events tui takes in between two looks at 
 TUI_QUEUE = 10000                    # events waiting for tui's loop; past that the reader waits (a flood)
 TUI_SIDEBAR = 24                     # columns of the room list and of the member list
 TUI_ROWS_PER_LINE = 4                # rows the log keeps per line of the window (long lines wrap)
+TUI_LINE_BREAK = "⏎"                 # a line break, on tui's one-line input (a recalled or kept paste)
 MAX_DM_CONVERSATIONS = 50            # direct-message conversations tui keeps; a new one drops the quietest
 WEB_PORT = 8080                      # chatctl web's page
 PASTE_CONFIRM_LINES = 5              # a pasted message longer than this asks before sending
@@ -9574,8 +9575,14 @@ def tui_app():
 
         def again_done(self, _: str) -> None:
             first, again = self.query_one("#first", Input).value, self.query_one("#again", Input).value
-            if first != again:
-                self.query_one("#problem", Label).update("the two passwords differ")
+            problem = ("the two passwords differ" if first != again else
+                       f"at least {MIN_PASSWORD_CHARS} characters, please" if len(first) < MIN_PASSWORD_CHARS
+                       else f"at most {MAX_PASSWORD_BYTES} bytes, please"
+                       if len(first.encode()) > MAX_PASSWORD_BYTES else "")
+            if problem:
+                self.query_one("#problem", Label).update(problem)
+                self.set_focus(self.query_one("#first", Input))
+                self.query_one("#first", Input).value = self.query_one("#again", Input).value = ""
                 return
             self.dismiss(first)
 
@@ -9714,8 +9721,9 @@ def tui_app():
 
         def keep(self, line: str) -> None:
             """A line that could not go yet is back in the input (before what was typed since)."""
-            self.value = line + self.value
-            self.cursor_position = len(line)
+            kept = line.replace("\n", TUI_LINE_BREAK)
+            self.value = kept + self.value
+            self.cursor_position = len(kept)
 
         def remember(self, line: str) -> None:
             self.typed.append(line)
@@ -9724,7 +9732,8 @@ def tui_app():
 
         def action_recall(self, step: int) -> None:
             self._recall = max(0, min(len(self.typed), self._recall + step))
-            self.value = self.typed[self._recall] if self._recall < len(self.typed) else ""
+            line = self.typed[self._recall] if self._recall < len(self.typed) else ""
+            self.value = line.replace("\n", TUI_LINE_BREAK)  # an Input shows one row: a break is marked
             self.cursor_position = len(self.value)
 
         def _on_paste(self, event) -> None:
@@ -9735,12 +9744,13 @@ def tui_app():
                 return
             event.prevent_default()
             event.stop()
-            whole = self.value[:self.cursor_position] + text + self.value[self.cursor_position:]
+            whole = (self.value[:self.cursor_position] + text
+                     + self.value[self.cursor_position:]).replace(TUI_LINE_BREAK, "\n")
             self.app.push_screen(PasteScreen(whole), lambda send: send and self.action_submit(whole))
 
         def action_submit(self, line: str | None = None) -> None:
             """Enter (or a paste agreed to): the line goes now, and the keys behind it start the next."""
-            line, self.value = (self.value if line is None else line), ""
+            line, self.value = (self.value.replace(TUI_LINE_BREAK, "\n") if line is None else line), ""
             self.app.send_line(line.rstrip("\n"), self)
 
         def on_key(self, event) -> None:
@@ -9798,6 +9808,7 @@ def tui_app():
             self.bell_mode, self.start_room = bell, room
             self.chat: ChatClient | None = None
             self.chat_on = False  # connected once: the input line sends from now on
+            self._early_lines: list[str] = []  # entered before that: sent once connected
             self.conversations: dict[str, Conversation] = {}
             self._line_of: dict[int, int] = {}     # message id -> row in the log, for search jumps
             self._shown: str | None = None          # the conversation the log shows
@@ -9840,7 +9851,7 @@ def tui_app():
 
         def _named(self, name: str | None) -> None:
             if name is None:
-                self._quit(None)
+                self._quit(Interrupted("no name given"))
             else:
                 self._begin(name)
 
@@ -9882,6 +9893,9 @@ def tui_app():
             input_line.chat, input_line.placeholder = chat, "message, or /help"
             self.chat_on = True
             input_line.focus()
+            early, self._early_lines = self._early_lines, []
+            for line in early:
+                self.send_line(line, input_line)
             self._show(chat.model.current)
 
         def _ask(self, screen) -> object:
@@ -10158,8 +10172,9 @@ def tui_app():
             if not line.strip():
                 return
             if not self.chat_on:
-                typed.keep(line)
-                self.set_status(Text("still connecting: your line is kept; press Enter again once connected"))
+                self._early_lines.append(line)
+                self.set_status(Text(f"connecting: {count_text(len(self._early_lines))} line(s) to send "
+                                     "once connected"))
                 return
             typed.remember(line)
             command = parse_input(line)

@@ -603,6 +603,11 @@ def test_a_multi_line_paste_asks_then_goes_as_one_message(server):
         app.screen.query_one("#send").press()
         await until(pilot, lambda: "second line" in log_text(app), "our own lines are shown")
         assert bob.expect("MSG|#main|").endswith("|ana|first line\\nsecond line\\n[red]third[/red]")
+        field = app.query_one("#input")
+        await pilot.press("up")  # recalled on the one-line input, its line breaks marked
+        assert field.value == "first line⏎second line⏎[red]third[/red]"
+        await pilot.press("enter")
+        assert bob.expect("MSG|#main|").endswith("|ana|first line\\nsecond line\\n[red]third[/red]")
 
     run(scenario, client_config(server.port))
     bob.close()
@@ -626,11 +631,12 @@ def test_what_is_typed_while_connecting_is_kept(server, monkeypatch):
         async with app.run_test() as pilot:
             await until(pilot, lambda: showing(app, "AskScreen"), "the name dialog")
             await type_line(pilot, "ana")
-            await pilot.press(*"hello already")
+            await type_line(pilot, "hello already")  # Enter while connecting: it goes once connected
+            await pilot.press(*"and more")
             go.set()
             await connected(app, pilot)
-            await pilot.press("enter")
             assert bob.expect("MSG|#main|").endswith("|ana|hello already")
+            await until(pilot, lambda: app.query_one("#input").value == "and more", "the rest is kept")
             await pilot.press("ctrl+q")
             await until(pilot, lambda: not app.is_running, "the app quits on Ctrl-q")
 
@@ -720,6 +726,31 @@ def test_ctrl_c_at_a_question_before_the_chat_is_interrupted(server):
 
     asyncio.run(main())
     assert app.error is not None and app.error.exit_code == chatctl.EXIT_INTERRUPTED
+
+
+def test_escape_at_the_name_dialog_ends_it_saying_so(server):
+    app = chatctl.tui_app()(client_config(server.port), "", "mentions", "main")
+
+    async def main():
+        async with app.run_test() as pilot:
+            await until(pilot, lambda: showing(app, "AskScreen"), "the name dialog")
+            await pilot.press("escape")
+            await until(pilot, lambda: not app.is_running, "the app ends")
+
+    asyncio.run(main())
+    assert app.error is not None and "no name" in str(app.error) and app.error.exit_code != 0
+
+
+def test_register_refuses_a_short_password_in_its_dialog(server):
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        await type_line(pilot, "/register")
+        await until(pilot, lambda: showing(app, "NewPasswordScreen"), "the new password dialog")
+        burst(app, "short\nshort\n")
+        await until(pilot, lambda: "at least" in str(app.screen.query_one("#problem").content), "a reason")
+        assert showing(app, "NewPasswordScreen")  # still asking
+
+    run(scenario, client_config(server.port))
 
 
 def test_in_a_browser_the_reason_the_chat_ends_is_shown_before_it_ends(monkeypatch):
