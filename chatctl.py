@@ -152,6 +152,7 @@ MAX_TOPIC_CHARS = 300                # longest room topic
 UNREAD_MAX = 9999                    # unread and mention counts stop here ("9999+")
 MAX_ROOMS_PAGES = 1000               # ROOMS replies a client asks for at most (a page holds dozens of rooms)
 ROOM_LIST_FRESH = 10.0               # join asks for the room list again when Tab needs one older than this
+ROOM_LIST_WAIT = 1.0                 # how long join's Tab waits for the room list it asked for
 JOIN_WAIT = 1.0                      # a JOIN's reply waits at most this long for messages already in flight
 CLOSE_WAIT = 10.0                    # closing a room waits at most this long for its messages in flight
 ROOM_CREATIONS = 20                  # rooms one IP address may make per hour (0: no limit)
@@ -8227,6 +8228,7 @@ class ChatClient:
         self._shown_ids: set[int] = set()  # a message is never shown twice (backlog, then live)
         self._lock = threading.RLock()
         self._settled = threading.Condition(self._lock)
+        self._rooms_in = threading.Condition(self._lock)  # a quiet room list was taken in
 
     # --- for front-ends ----------------------------------------------------------------------
 
@@ -8459,6 +8461,17 @@ class ChatClient:
                 self._names_quietly.add(room)
             self.session.send("NAMES", f"#{room}")
 
+    def wait_rooms(self, timeout: float) -> bool:
+        """Wait until the room lists asked for completion's sake are in; whether they are."""
+        deadline = time.monotonic() + timeout
+        with self._rooms_in:
+            while self._rooms_quietly > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._rooms_in.wait(remaining)
+        return True
+
     @property
     def rooms_pending(self) -> bool:
         """A room list asked for completion's sake has not come yet."""
@@ -8471,6 +8484,7 @@ class ChatClient:
             quietly = self._rooms_quietly > 0  # asked for completion's sake, not by the user
             if quietly:
                 self._rooms_quietly -= 1
+                self._rooms_in.notify_all()
         if quietly:
             self.front.changed()  # a Tab that waited for it can go on
             return
@@ -9204,7 +9218,10 @@ def name_completer(chat: ChatClient):
 
     class NameCompleter(Completer):
         def get_completions(self, document, complete_event):
+            asked = chat.rooms_asked
             replace, choices = chat.completions(document.text_before_cursor)
+            if chat.rooms_asked != asked and chat.wait_rooms(ROOM_LIST_WAIT):  # a room may be new
+                replace, choices = chat.completions(document.text_before_cursor)
             for choice in choices:
                 yield Completion(choice, start_position=-replace, display=choice.rstrip(": "))
 

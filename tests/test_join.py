@@ -75,6 +75,23 @@ def test_tab_completes_a_name_and_a_command(server, user, spawn_join):
     ana.expect("bobby")
 
 
+def test_tab_completes_a_room_made_since_the_last_room_list_at_the_first_press(server, user):
+    from prompt_toolkit.document import Document
+
+    chat = chatctl.ChatClient(chatctl.ClientConfig(host="127.0.0.1", port=server.port, backlog=0), "carl",
+                              chatctl.ClientFrontEnd())
+    chat.start()
+    try:
+        bob = user("bob", hello=True)
+        bob.send(b"JOIN|#ops\n")
+        bob.expect("JOIN_OK")
+        chat.rooms_learned = time.monotonic() - chatctl.ROOM_LIST_FRESH - 1  # the list is old now
+        offered = [c.text for c in chatctl.name_completer(chat).get_completions(Document("/join #op"), None)]
+        assert offered == ["#ops "]
+    finally:
+        chat.close()
+
+
 def test_direct_message_reaches_one_person_and_reply_answers_it(server, user, spawn_join):
     bob, eve = user("bob"), user("eve")
     ana = spawn_join("ana", server.port)
