@@ -33,17 +33,22 @@ def listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+def start_web(server, env: dict) -> tuple[subprocess.Popen, str]:
+    """``chatctl web`` as a real process serving the tui for ``server``, once it listens; and its URL."""
+    port = free_port()
+    web = subprocess.Popen([*CHATCTL, "web", "--port", str(port), "--server", f"127.0.0.1:{server.port}"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_until(lambda: listening(port) or web.poll() is not None, timeout=20)
+    assert web.poll() is None, web.stdout.read().decode(errors="replace")
+    return web, f"http://127.0.0.1:{port}/"
+
+
 @pytest.fixture
 def web_page(server, isolated_home):
     """``chatctl web`` as a real process, serving the tui for ``server``; yields its URL."""
-    port = free_port()
-    web = subprocess.Popen([*CHATCTL, "web", "--port", str(port), "--server", f"127.0.0.1:{server.port}"],
-                           env=isolated_home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           start_new_session=True)
+    web, url = start_web(server, isolated_home)
     try:
-        wait_until(lambda: listening(port) or web.poll() is not None, timeout=20)
-        assert web.poll() is None, web.stdout.read().decode(errors="replace")
-        yield f"http://127.0.0.1:{port}/"
+        yield url
     finally:
         os.killpg(web.pid, signal.SIGTERM)  # the page's tui processes too
         try:
@@ -114,13 +119,9 @@ def page_as(server, url: str, name: str):
 
 
 def test_stopping_web_ends_its_pages_at_once(server, isolated_home):
-    port = free_port()
-    web = subprocess.Popen([*CHATCTL, "web", "--port", str(port), "--server", f"127.0.0.1:{server.port}"],
-                           env=isolated_home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+    web, url = start_web(server, isolated_home)
     try:
-        wait_until(lambda: listening(port), timeout=20)
-        with page_as(server, f"http://127.0.0.1:{port}/", "dora"):
+        with page_as(server, url, "dora"):
             web.send_signal(signal.SIGTERM)  # the command alone, as a service manager stops it
             started = time.monotonic()
             web.wait(15)
