@@ -9785,7 +9785,11 @@ def tui_app():
             super()._on_mouse_scroll_up(event)
 
     class ChatApp(App):
-        """``chatctl tui``: rooms on the left, the conversation in the middle, members on the right."""
+        """``chatctl tui``: rooms on the left, the conversation in the middle, members on the right.
+
+        Its fields belong to the event loop: the reader thread reaches it only through the
+        QueuedFrontEnd, and the first connection's thread only with ``call_from_thread``.
+        """
 
         TITLE = "chatctl"
         ENABLE_COMMAND_PALETTE = False
