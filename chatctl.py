@@ -9788,7 +9788,8 @@ def tui_app():
         """``chatctl tui``: rooms on the left, the conversation in the middle, members on the right.
 
         Its fields belong to the event loop: the reader thread reaches it only through the
-        QueuedFrontEnd, and the first connection's thread only with ``call_from_thread``.
+        QueuedFrontEnd, and the first connection's thread with ``call_from_thread`` (that thread
+        alone uses ``_password_problem``; ``_ending`` is an Event, set when the app ends).
         """
 
         TITLE = "chatctl"
