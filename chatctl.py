@@ -9470,12 +9470,12 @@ def tui_app():
         Textual runs an Input's own key bindings (Enter, End, Ctrl-u, Up...) only once the key has
         bubbled up to the App, after the letters that came behind it in the same read (a fast
         typist over ssh, tmux send-keys, a browser): 'one⏎two⏎' sent 'onetwo', twice.  Here a
-        bound key runs as it comes; Enter calls ``take_line`` at once (with no ``take_line``, it
-        posts Submitted as Input does); and keys that come after Enter moved the focus away (a
-        dialog answered) go on to what has the focus now.
+        bound key runs as it comes; Enter calls ``take_line`` at once (not a Submitted message,
+        which would come after the keys behind it); and keys that come after Enter moved the
+        focus away (a dialog answered) go on to what has the focus now.
         """
 
-        def __init__(self, take_line: Callable[[str], None] | None = None, **kwargs):
+        def __init__(self, take_line: Callable[[str], None], **kwargs):
             super().__init__(**kwargs)
             self.take_line = take_line
 
@@ -9494,10 +9494,7 @@ def tui_app():
             event.stop()
 
         def action_submit(self) -> None:
-            if self.take_line is None:
-                super().action_submit()
-            else:
-                self.take_line(self.value)
+            self.take_line(self.value)
 
     class Dialog(ModalScreen):
         """A small question in a box; Escape dismisses it with None."""
@@ -9692,8 +9689,7 @@ def tui_app():
                     Binding("up", "recall(-1)", show=False), Binding("down", "recall(1)", show=False)]
 
         def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.chat: ChatClient | None = None  # set once connected; what is typed before that is kept
+            super().__init__(self.send, **kwargs)
             self.typed: list[str] = []   # lines entered, oldest first (at most TUI_RECALL)
             self.waiting_for_rooms = False  # a Tab for a #room waits for the server's room list
             self._recall = 0
@@ -9706,21 +9702,22 @@ def tui_app():
 
         def complete(self) -> None:
             self.waiting_for_rooms = False
-            if self.chat is None:
+            if not self.app.chat_on:
                 self.app.bell()
                 return
+            chat = self.app.chat
             before, after = self.value[:self.cursor_position], self.value[self.cursor_position:]
             if self._cycle and before == self._cycle[0]:  # Tab again: the next choice
                 _, start, choices, index = self._cycle
                 index = (index + 1) % len(choices)
             else:
-                asked = self.chat.rooms_asked
-                replace, choices = self.chat.completions(before)
+                asked = chat.rooms_asked
+                replace, choices = chat.completions(before)
                 room_word = before.rsplit(" ", 1)[-1].startswith("#") or before.split(" ", 1)[0] in ("/join",
                                                                                                    "/part")
                 # If this Tab asked for the list, its reply may already be in (then the 'changed' it
                 # queued is still to be drained, and completes the Tab): wait either way.
-                if room_word and (self.chat.rooms_pending or self.chat.rooms_asked != asked):
+                if room_word and (chat.rooms_pending or chat.rooms_asked != asked):
                     self.waiting_for_rooms = True  # completed when the room list is in (_drain)
                     return
                 if not choices:
@@ -9763,12 +9760,12 @@ def tui_app():
             event.stop()
             whole = (self.value[:self.cursor_position] + text
                      + self.value[self.cursor_position:]).replace(TUI_LINE_BREAK, "\n")
-            self.app.push_screen(PasteScreen(whole), lambda send: send and self.action_submit(whole))
+            self.app.push_screen(PasteScreen(whole), lambda agreed: agreed and self.send(whole))
 
-        def action_submit(self, line: str | None = None) -> None:
+        def send(self, text: str) -> None:
             """Enter (or a paste agreed to): the line goes now, and the keys behind it start the next."""
-            line, self.value = (self.value.replace(TUI_LINE_BREAK, "\n") if line is None else line), ""
-            self.app.send_line(line.rstrip("\n"), self)
+            self.value = ""
+            self.app.send_line(text.replace(TUI_LINE_BREAK, "\n").rstrip("\n"), self)
 
         def on_key(self, event) -> None:
             if event.character == "?" and not self.value:  # on an empty line, ? is help
@@ -9912,7 +9909,7 @@ def tui_app():
         def _connected(self, chat: ChatClient) -> None:
             # The input line was there all along: what was typed while connecting is kept.
             input_line = self.query_one("#input", ChatInput)
-            input_line.chat, input_line.placeholder = chat, "message, or /help"
+            input_line.placeholder = "message, or /help"
             self.chat_on = True
             input_line.focus()
             early, self._early_lines = self._early_lines, []
