@@ -140,6 +140,7 @@ DEPARTURES_BATCH = 4096              # ended connections forgotten under one reg
 PRESENCE_FLOOD = 100                 # this many waiting make a mass join or leave: sent once it calms,
 PRESENCE_MAX_DELAY = 1.0             # ... or after this long at the most
 MAX_ID = (1 << 63) - 1               # message ids (and numbers in requests) are SQLite integers
+MAX_ID_DIGITS = len(str(MAX_ID))     # a number field longer than this is refused before it is parsed
 REGISTER_INTERVAL = 10.0             # one REGISTER per connection this often (each hashes a password)
 HASH_CONCURRENCY = 1                 # password hashes (16 MiB, 50 ms each) running at once
 HASH_QUEUE = 16                      # password checks waiting for their turn; past that: ERR|server-busy
@@ -499,6 +500,21 @@ def parse_timestamp(text: str) -> float:
         return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
     except ValueError:
         raise ProtocolError("bad-frame", f"bad timestamp {text!r}") from None
+
+
+def whole_number(text: str) -> int | None:
+    """A number field from a client: ASCII digits only, 0 to MAX_ID; None for anything else.
+
+    int() alone would take "٣", "1_0", "+2" and " 2", and raises ValueError on more than
+    4,300 digits, so the length is checked before it runs.
+    """
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > MAX_ID_DIGITS:
+        return None
+    value = int(digits)
+    return value if value <= MAX_ID else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1033,7 +1049,7 @@ class ServerConfig:
     max_rooms_per_user: int = _key(MAX_ROOMS_PER_USER, "rooms one connection may be in at once", min=1)
     max_topic: int = _key(MAX_TOPIC_CHARS, "longest room topic in characters", min=1, max=4096)
     # IRC clients: see README.md, IRC.
-    irc: bool = _key(False, "accept IRC clients too, on the same port (told apart by their first line)")
+    irc: bool = _key(True, "accept IRC clients too, on the same port (told apart by their first line)")
     irc_port: int = _key(0, "a port of its own for IRC clients (0: none); TLS is detected there too",
                          min=0, max=65535)
     motd: str = _key("", "the message of the day IRC clients show on connecting (empty: none)")
@@ -4382,6 +4398,16 @@ class ClientSession:
             self.state = state
             return True
 
+    def end(self, reason: str) -> bool:
+        """The step to LEAVING, with its reason, taken once by whichever thread takes it first (the
+        reader, the reaper, the writer, a takeover, shutdown); False if it was taken already."""
+        with self._ending:
+            if self.leave_reason is not None or self.state in (SessionState.LEAVING, SessionState.CLOSED):
+                return False
+            self.state = SessionState.LEAVING
+            self.leave_reason = reason
+            return True
+
     # --- reading ---------------------------------------------------------------
 
     def take_turn(self, paused: bool) -> None:
@@ -4391,7 +4417,16 @@ class ClientSession:
         try:
             going_on = self._turn(paused)
         except OSError:
-            self.leave_reason = self.leave_reason or "connection reset"
+            self.end("connection reset")
+            going_on = False
+        except Exception as exc:  # a fault in one turn ends this connection, never the server or its slot
+            log.error("internal error on %s from %s, closing it: %s: %s", self.name or "a client", self.peer,
+                      type(exc).__name__, exc)
+            log.debug("the internal error's traceback", exc_info=True)
+            try:
+                self.disconnect("internal error", level=logging.DEBUG)
+            except Exception:
+                self.end("internal error")
             going_on = False
         poller = self.server.poller
         if going_on:
@@ -4422,9 +4457,7 @@ class ClientSession:
             if not data:
                 if self.leave_reason is None:  # end of input: a last frame without a line end is whole now
                     self.process(decoder.end_of_input())
-                with self._ending:
-                    self.leave_reason = self.leave_reason or "connection closed"
-                self.advance(SessionState.LEAVING)
+                self.end("connection closed")
                 return False
             if self.leave_reason is not None:
                 continue  # leaving: read and drop until the client closes, so it gets its BYE
@@ -4447,7 +4480,7 @@ class ClientSession:
             return True
         first = self.sock.recv(1, socket.MSG_PEEK)
         if not first:
-            self.leave_reason = "connection closed"
+            self.end("connection closed")
             return False
         if first[0] == TLS_HANDSHAKE_BYTE:
             self.tls = TlsChannel(self.server.tls_context, server_side=True)
@@ -4463,7 +4496,7 @@ class ClientSession:
             plain = self.tls.receive(data)
         except ssl.SSLError as exc:
             log.warning("TLS from %s failed: %s", self.peer, exc.reason or exc)
-            self.leave_reason = "TLS error"
+            self.end("TLS error")
             return b""
         if self.tls.has_output:
             self.server.writer.schedule(self)
@@ -4547,14 +4580,12 @@ class ClientSession:
         client closes, so the client gets to read it; a client that does not
         close within DISCONNECT_LINGER is cut off by abort().
         """
-        with self._ending:  # the reader, the reaper, the writer, a takeover and shutdown may all call this
-            if self.leave_reason is not None or self.state in (SessionState.LEAVING, SessionState.CLOSED):
-                return False
-            self.state = SessionState.LEAVING
-            self.leave_at = time.monotonic()
-            self.leave_reason = reason
+        if not self.end(reason):
+            return False
+        self.server.depart(self)  # out of every list before the BYE goes: whoever has it is gone for all
         self.reply(bye, force=True)
-        self.server.depart(self)
+        self.leave_at = time.monotonic()  # (the winner of end() writes it once) the writer half-closes now
+        self.server.writer.schedule(self)
         return True
 
     def disconnect(self, reason: str, level: int = logging.INFO) -> None:
@@ -4792,12 +4823,10 @@ def _optional_room(arg: str | None) -> tuple[str | None, str | None]:
 
 
 def _parse_number(text: str, command: str) -> int:
-    if not (text.isascii() and text.isdigit()):  # int() would take "٣", "1_0", "+2" and " 2"
-        shown = sanitise_line(text[:20])
-        raise ProtocolError("bad-argument", f"{command} takes whole numbers, not {shown!r}")
-    value = int(text)
-    if not 0 <= value <= MAX_ID:
-        raise ProtocolError("bad-argument", f"{command} takes numbers from 0 to {MAX_ID}")
+    value = whole_number(text)
+    if value is None:
+        shown = sanitise_line(text[:20]) + ("…" if len(text) > 20 else "")
+        raise ProtocolError("bad-argument", f"{command} takes whole numbers from 0 to {MAX_ID}, not {shown!r}")
     return value
 
 
@@ -5413,6 +5442,10 @@ class ChatServer:
                 self.history.save_room(room.record())
             log.info("%s made the room #%s", session.name, room.name)
 
+        if name not in session.rooms and not self.address_budget.charge(
+                session.host, 2 * fan_out_cost(session.name, "")):
+            # its ENTER and its EXIT reach every member: joining and parting in a loop is a flood too
+            raise ProtocolError("rate-limited", f"too many joins from {session.host} too fast")
         room, new = self.registry.enter(session, name, create)
         if new:
             if self.bus is not None:
@@ -5427,6 +5460,10 @@ class ChatServer:
                       + encode_line("JOIN_OK", f"#{name}"))
 
     def part_room(self, session: ClientSession, name: str, reason: str) -> None:
+        """Take ``session`` out of a room; the EXIT line was paid for with the JOIN, its reason is
+        charged like a message (over the budget: no reason)."""
+        if reason and not self.address_budget.charge(session.host, fan_out_cost(session.name, reason)):
+            reason = ""
         session.wait_pending()  # its messages in the room go out before its EXIT
         room = session.rooms.get(name)
         forgotten = self.registry.part(session, name, reason)
@@ -6305,12 +6342,13 @@ class IrcGate:
         except (binascii.Error, UnicodeDecodeError, ValueError):
             self.numeric("904", "SASL authentication failed")
             return
-        if self.nick and name_key(authcid) != name_key(self.nick):
+        asked = self.nick
+        if not asked or name_key(authcid) != name_key(asked):
             self.nick = authcid  # the account is the name: it is the nick we register
-        self.nick = self.nick or authcid
         try:
             self._user(password)
         except ProtocolError as exc:
+            self.nick = asked  # a failed login leaves the nick the client asked for
             self.numeric("904", f"SASL authentication failed: {exc.text}")
             if exc.closes:
                 raise
@@ -6466,7 +6504,12 @@ class IrcGate:
                 else:
                     self.numeric("411", "No recipient given (PRIVMSG)")
             return
-        targets = list(dict.fromkeys(t for t in params[0].split(",") if t))
+        # one message per target however it is written: #main, #MAIN and #Main are one channel, like nicks
+        first_of_each: dict[str, str] = {}
+        for target in params[0].split(","):
+            if target:
+                first_of_each.setdefault(name_key(target), target)
+        targets = list(first_of_each.values())
         if len(targets) > IRC_MAX_TARGETS:
             self.numeric("407", params[0][:40], f"Too many targets: {IRC_MAX_TARGETS} at most")
             return
@@ -6639,12 +6682,12 @@ class IrcGate:
             return
         mode, target, ref, limit = params[0].upper(), params[1], params[2], params[3]
         anchor = None if mode == "LATEST" and ref == "*" else self._message_id(ref, after=mode == "AFTER")
-        counted = limit.isascii() and limit.isdigit() and int(limit) > 0
-        if not counted or (anchor is None and (ref != "*" or mode != "LATEST")):
+        count = whole_number(limit)
+        if not count or (anchor is None and (ref != "*" or mode != "LATEST")):
             self.send(f"FAIL CHATHISTORY INVALID_PARAMS {mode} :a reference (msgid=N, timestamp=UTC time, "
                       "or * for LATEST) and a limit of 1 or more")
             return
-        count = min(IRC_HISTORY_MAX, int(limit))
+        count = min(IRC_HISTORY_MAX, count)
         room = f"#{validate_room(target)}" if target.startswith("#") else None
         fields = ["LAST", str(count)] if anchor is None else [mode if mode != "LATEST" else "AFTER",
                                                                str(anchor), str(count)]
@@ -6654,8 +6697,8 @@ class IrcGate:
         """A CHATHISTORY reference as an id: ``msgid=N``, or ``timestamp=T`` looked up in the history."""
         kind, _, value = ref.partition("=")
         number = value.split(".")[0]
-        if kind == "msgid" and number.isascii() and number.isdigit() and 0 < int(number) <= MAX_ID:
-            return int(number)
+        if kind == "msgid":
+            return whole_number(number) or None
         if kind == "timestamp" and value.endswith("Z") and self.session.server.history is not None:
             try:
                 ts = parse_timestamp(number.rstrip("Z") + "Z")
@@ -10501,8 +10544,9 @@ def cli() -> None:
               "(redis://host:6379/0, rediss:// for TLS; a password is better in CHATCTL_BUS).")
 @click.option("--cluster", "cluster_name", metavar="NAME",
               help="The cluster's name on that Redis (default chatctl).")
-@click.option("--irc", is_flag=True, default=None,
-              help="Accept IRC clients too, on the same port (weechat, irssi, HexChat, phone apps).")
+@click.option("--irc/--no-irc", default=None,
+              help="Accept IRC clients on the same port too (weechat, irssi, HexChat, phone apps; "
+              "default: on).")
 @click.option("--irc-port", type=click.IntRange(0, 65535), metavar="PORT",
               help="Also listen for IRC clients on PORT (6667, say); TLS is detected there too.")
 def serve(host, port, config_file, log_level, db, history, tls, bus, cluster_name, irc, irc_port) -> None:

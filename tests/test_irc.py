@@ -329,7 +329,7 @@ def test_tls_on_the_same_port_with_the_pinned_certificate(make_server):
 
 
 def test_an_irc_port_of_its_own(make_server):
-    server = make_server(irc_port=free_port())
+    server = make_server(irc=False, irc_port=free_port())
     assert server.irc_port and server.irc_port != server.port
     client = IrcClient(server.irc_port)
     client.register("wee")
@@ -340,8 +340,14 @@ def test_an_irc_port_of_its_own(make_server):
     ours.close()
 
 
-def test_without_irc_an_irc_client_gets_our_error(server):
-    client = RawClient(server.port)
+def test_irc_is_on_by_default(server):
+    client = IrcClient(server.port)
+    client.register("wee")
+    client.close()
+
+
+def test_without_irc_an_irc_client_gets_our_error(make_server):
+    client = RawClient(make_server(irc=False).port)
     client.send(b"NICK wee\r\n")
     assert client.line().startswith("ERR|unknown-command|")
     client.close()
@@ -631,3 +637,27 @@ def test_room_refusals_name_the_room_and_the_rest_of_the_line_goes_on(irc_server
     wee.expect(r" (403|442) wee #nothere ")
     wee.expect(r" (403|442) wee #nothere ")
     assert not any(" * :" in line and (" 403 " in line or " 442 " in line) for line in wee.seen)
+
+
+def test_one_channel_written_three_ways_is_one_target(irc_server, irc):
+    bob = chatctl_user(irc_server.port, "bob")
+    wee = irc("wee")
+    wee.send("PRIVMSG #main,#MAIN,#Main,BOB,bob :once", "PING :done")
+    wee.expect(r"PONG")
+    assert bob.expect("MSG|#main|").endswith("|wee|once")
+    assert bob.expect("DM|").endswith("|once")
+    assert bob.silent(0.5)  # no second copy of either
+
+
+def test_a_failed_sasl_login_keeps_the_nick_the_client_asked_for(irc_server, irc):
+    import base64
+
+    protected_name(irc_server.port, "alice", "alicepass123")
+    mallory = irc()
+    mallory.send("CAP LS 302", "NICK mallory", "USER mallory 0 * :M", "CAP REQ :sasl", "AUTHENTICATE PLAIN")
+    mallory.expect(r"^AUTHENTICATE \+")
+    mallory.send("AUTHENTICATE " + base64.b64encode(b"\0alice\0wrongpass").decode())
+    mallory.expect(r" 904 ")
+    mallory.send("CAP END")
+    mallory.expect(r" 001 mallory ")
+    assert not any(" 433 " in line for line in mallory.seen), mallory.seen

@@ -868,3 +868,35 @@ def test_a_flood_waits_for_its_commits_instead_of_queueing_without_end(make_serv
     assert server.log.last_id - before <= 9  # 8 waiting, and one being committed at most
     gate.set()
     assert [flooder.expect("MSG_OK") for _ in range(50)] == ["MSG_OK"] * 50
+
+
+def test_joining_and_parting_are_charged_to_the_address_byte_budget(make_server):
+    """ENTER and EXIT lines and PART reasons reach every member like messages do, so they cost the
+    same budget: a JOIN/PART loop from one address cannot send a member more than the budget allows."""
+    burst, rate = 20_000, 2_000
+    server = make_server(address_byte_rate=rate, address_byte_burst=burst, rate=10_000, burst=10_000)
+    rooms = [f"#r{i}" for i in range(10)]
+    watcher = RawClient(server.port, timeout=10)
+    watcher.send(b"HELLO|chatctl/1\nUSER|watcher\nJOIN|" + ",".join(rooms).encode() + b"\n")
+    for _ in rooms:
+        watcher.expect("JOIN_OK|")
+    start = time.monotonic()
+    looper = RawClient(server.port, timeout=10)
+    looper.send(b"HELLO|chatctl/1\nUSER|looper\n")
+    looper.expect("USER_OK")
+    reason = "x" * 200
+    for n in range(40):
+        looper.send(b"".join(f"JOIN|{r}\nPART|{r}|{reason}\n".encode() for r in rooms) + f"PING|{n}\n".encode())
+        looper.expect(f"PONG|{n}")
+    looper.send(b"PING|end\n")
+    looper.expect("PONG|end")
+    elapsed = time.monotonic() - start
+    for _ in range(100):  # presence lines go out together, within PRESENCE_MAX_DELAY: read until quiet
+        if watcher.silent(chatctl.PRESENCE_MAX_DELAY + 0.5):
+            break
+        while b"\n" in watcher.buffer:
+            watcher.line()
+    received = sum(len(line) + 1 for line in watcher.seen if line.startswith(("ENTER|", "EXIT|")))
+    assert 0 < received <= burst + rate * elapsed + 1000, (received, elapsed)
+    refused = [line for line in looper.seen if line.startswith("ERR|rate-limited|")]
+    assert refused  # the loop was told, not silently cut
