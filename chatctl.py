@@ -4826,7 +4826,8 @@ def _parse_number(text: str, command: str) -> int:
     value = whole_number(text)
     if value is None:
         shown = sanitise_line(text[:20]) + ("…" if len(text) > 20 else "")
-        raise ProtocolError("bad-argument", f"{command} takes whole numbers from 0 to {MAX_ID}, not {shown!r}")
+        raise ProtocolError("bad-argument",
+                            f"{command} takes whole numbers from 0 to {MAX_ID}, not {shown!r}")
     return value
 
 

@@ -10,9 +10,9 @@ import itertools
 import socket
 
 import pytest
-from conftest import RawClient, wait_until
 
 import chatctl
+from conftest import RawClient, wait_until
 
 HUGE = "9" * 5000                      # int() refuses more than 4,300 digits with a ValueError
 ARGUMENTS = ["", HUGE, "-1", "-" + HUGE, "٣", "1_0", "+2", " 2", "1e999", "nan", "0" * 5000 + "1",
@@ -138,10 +138,11 @@ def test_every_irc_verb_with_hostile_arguments(make_server):
 
 def test_a_flood_of_bad_first_lines_from_many_connections_leaks_nothing(make_server):
     server = make_server(max_per_address=8)
-    for round_ in range(3):
+    for _ in range(3):
         socks = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(8)]
         for n, sock in enumerate(socks):
-            sock.sendall(f"HISTORY|LAST|{HUGE}\nSEARCH|{n}|{HUGE}\r\nCHATHISTORY LATEST x * {HUGE}\n".encode())
+            sock.sendall(f"HISTORY|LAST|{HUGE}\nSEARCH|{n}|{HUGE}\r\n"
+                         f"CHATHISTORY LATEST x * {HUGE}\n".encode())
         for sock in socks:
             sock.close()
         wait_until(lambda: slots_free(server))

@@ -886,7 +886,8 @@ def test_joining_and_parting_are_charged_to_the_address_byte_budget(make_server)
     looper.expect("USER_OK")
     reason = "x" * 200
     for n in range(40):
-        looper.send(b"".join(f"JOIN|{r}\nPART|{r}|{reason}\n".encode() for r in rooms) + f"PING|{n}\n".encode())
+        loop = b"".join(f"JOIN|{r}\nPART|{r}|{reason}\n".encode() for r in rooms)
+        looper.send(loop + f"PING|{n}\n".encode())
         looper.expect(f"PONG|{n}")
     looper.send(b"PING|end\n")
     looper.expect("PONG|end")
