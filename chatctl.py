@@ -97,6 +97,9 @@ TUI_ROWS_PER_LINE = 4                # rows the log keeps per line of the window
 TUI_LINE_BREAK = "⏎"                 # a line break, on tui's one-line input (a recalled or kept paste)
 MAX_DM_CONVERSATIONS = 50            # direct-message conversations tui keeps; a new one drops the quietest
 WEB_PORT = 8080                      # chatctl web's page
+WEB_PAGES = 20                       # pages chatctl web serves at once (each is a tui process, ~70 MiB)
+WEB_COLUMNS = 300                    # a page's terminal is at most this wide ...
+WEB_ROWS = 120                       # ... and this tall, whatever the browser asks for
 PASTE_CONFIRM_LINES = 5              # a pasted message longer than this asks before sending
 JOIN_PASSWORD_TRIES = 3              # wrong passwords join asks again after, before it gives up
 BELL_MODES = ("off", "mentions", "all")  # join rings on nothing, mentions and DMs, or everything
@@ -1086,6 +1089,10 @@ class ClientConfig:
                                 parse=lambda text: parse_fingerprint(text))
     password: str = _key("", "the server's password, if it has one; better set CHATCTL_PASSWORD")
     user_password: str = _key("", "the password of your protected name; better set CHATCTL_USER_PASSWORD")
+    web_pages: int = _key(WEB_PAGES, "pages chatctl web serves at once (each is a tui process)",
+                          min=1, max=10_000)
+    web_columns: int = _key(WEB_COLUMNS, "the widest terminal a chatctl web page gets", min=40, max=2000)
+    web_rows: int = _key(WEB_ROWS, "the tallest terminal a chatctl web page gets", min=10, max=1000)
     files: tuple[Path, ...] = field(default=(), repr=False, metadata={"internal": True})
 
 
@@ -10368,6 +10375,39 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def bounded(value: object, default: int, most: int) -> int:
+    """A terminal size a browser asked for, as a whole number from 1 to ``most``."""
+    try:
+        number = int(str(value)[:6])
+    except ValueError:
+        number = default
+    return max(1, min(number, most))
+
+
+def same_origin(origin: str | None, host_header: str, host: str, port: int, public_url: str | None) -> bool:
+    """Whether a websocket comes from chatctl web's own page: its Origin names the address the browser
+    asked for (the Host header), and that is an address of this server (a wildcard bind takes any
+    IP address, never a DNS name another site could point here); no Origin: not a browser."""
+    from urllib.parse import urlsplit
+
+    if origin is None:
+        return True
+    own = {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]", host)}
+    if public_url:
+        own.add(urlsplit(public_url).netloc)
+    asked = host_header.lower()
+    address = asked.rpartition(":")[0].strip("[]")
+    wildcard = host in ("0.0.0.0", "::", "")
+    try:
+        import ipaddress
+
+        ipaddress.ip_address(address)
+        is_ip = True
+    except ValueError:
+        is_ip = False
+    return urlsplit(origin).netloc.lower() == asked and (asked in own or (wildcard and is_ip))
+
+
 def serve_web(config: ClientConfig, config_file: str | None, host: str, port: int,
               public_url: str | None) -> None:
     """Serve ``chatctl tui`` (one process per page) to browsers until Ctrl-C."""
@@ -10380,7 +10420,8 @@ def serve_web(config: ClientConfig, config_file: str | None, host: str, port: in
         from textual_serve.server import Server
     except ImportError:
         raise FrontEndError("chatctl web needs textual-serve: pip install 'chatctl[web]'") from None
-    command = [sys.executable, os.path.abspath(__file__), "tui", "--host", config.host,
+    # --page: whoever opens the page picks a name; the web host's own name and password stay its own
+    command = [sys.executable, os.path.abspath(__file__), "tui", "--page", "--host", config.host,
                "--port", str(config.port)]
     if config_file:
         command += ["--config", config_file]
@@ -10396,6 +10437,37 @@ def serve_web(config: ClientConfig, config_file: str | None, host: str, port: in
             html = re.sub(r"<link[^>]*fonts\.googleapis\.com[^>]*>\s*", "", page.read_text(encoding="utf-8"))
             (Path(templates) / page.name).write_text(html, encoding="utf-8")
         class WebServer(Server):
+            pages = 0  # websockets open (the server's one event loop counts them: no lock)
+
+            async def handle_websocket(self, request):
+                from aiohttp import web
+
+                if not same_origin(request.headers.get("Origin"), request.host, host, port, public_url):
+                    # a page of another site that the browser would let drive this one (textual-serve
+                    # takes any Origin)
+                    return web.Response(status=403, text="this page belongs to another site\n")
+                if self.pages >= config.web_pages:
+                    return web.Response(status=503, text=f"{self.pages} pages are open, the most "
+                                        "this server serves; try again later\n")
+                query = request.rel_url.query
+                size = {"width": str(bounded(query.get("width"), 80, config.web_columns)),
+                        "height": str(bounded(query.get("height"), 24, config.web_rows))}
+                self.pages += 1
+                try:
+                    bounded_request = request.clone(rel_url=request.rel_url.update_query(size))
+                    return await super().handle_websocket(bounded_request)
+                finally:
+                    self.pages -= 1
+
+            async def _process_messages(self, websocket, app_service) -> None:
+                resize = app_service.set_terminal_size
+
+                async def bounded_resize(width, height) -> None:
+                    await resize(bounded(width, 80, config.web_columns), bounded(height, 24, config.web_rows))
+
+                app_service.set_terminal_size = bounded_resize
+                await super()._process_messages(websocket, app_service)
+
             def request_exit(self) -> None:
                 # textual-serve waits for each page's websocket to time out (about 20 s); ending the
                 # pages' tui processes first closes them at once, and their people leave the chat now.
@@ -10771,7 +10843,9 @@ def join(host, port, config_file, user, no_color, bell, backlog, room, tls, cafi
               help="Ring the bell on: nothing, mentions and DMs (default), or everything.")
 @room_option("Start in ROOM (joined, and made if new) instead of #main.")
 @tls_options
-def tui(host, port, config_file, user, bell, room, tls, cafile, tls_fingerprint) -> None:
+@click.option("--page", is_flag=True, hidden=True,
+              help="A chatctl web page: always ask for the name, never use a configured one or its password.")
+def tui(host, port, config_file, user, bell, room, tls, cafile, tls_fingerprint, page) -> None:
     """Chat full-screen: rooms on the left, members on the right (F1: keys).
 
     \b
@@ -10783,6 +10857,8 @@ def tui(host, port, config_file, user, bell, room, tls, cafile, tls_fingerprint)
         raise click.UsageError("chatctl tui needs a terminal; for scripts use chatctl join or send")
     flags = {"host": host, "port": port, "user": user, "bell": bell}
     config = load_config("client", {**flags, **tls_flags(tls, cafile, tls_fingerprint)}, config_file)
+    if page:  # a chatctl web page: its person picks a name; the web host's name and password are not theirs
+        config = dataclasses.replace(config, user="", user_password="")
     run_tui(config, room or MAIN_ROOM)
 
 

@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -168,3 +169,138 @@ def test_a_bad_public_url_is_a_usage_error(isolated_home):
     result = subprocess.run([*CHATCTL, "web", "--public-url", "javascript:alert(1)//"], env=isolated_home,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "is not an http:// or https:// address" in result.stderr
+
+
+# --- the page's websocket, as a browser (or a hostile page in one) would open it -----------------
+
+
+def open_page_socket(url: str, origin: str | None = None, query: str = "", wait_for: str = "",
+                     timeout: float = 30) -> tuple[int, str]:
+    """Open ``url``'s websocket (``/ws``) with ``origin``; the handshake's status (101: opened) and,
+    with ``wait_for``, what the page's terminal was sent until that text came (or ``timeout``)."""
+    import asyncio
+
+    aiohttp = pytest.importorskip("aiohttp")
+
+    async def visit() -> tuple[int, str]:
+        headers = {"Origin": origin} if origin else {}
+        async with aiohttp.ClientSession() as session:
+            try:
+                ws = await session.ws_connect(url.rstrip("/") + "/ws" + query, headers=headers)
+            except aiohttp.WSServerHandshakeError as exc:
+                return exc.status, ""
+            drawn = ""
+            try:
+                deadline = time.monotonic() + timeout
+                while wait_for and wait_for not in drawn and time.monotonic() < deadline:
+                    try:
+                        message = await ws.receive(timeout=max(0.1, deadline - time.monotonic()))
+                    except TimeoutError:
+                        break
+                    if message.type == aiohttp.WSMsgType.BINARY:
+                        drawn += message.data.decode("utf-8", "replace")
+                    elif message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                          aiohttp.WSMsgType.ERROR):
+                        break
+            finally:
+                await ws.close()
+            return 101, drawn
+
+    return asyncio.run(visit())
+
+
+def test_a_page_never_chats_as_the_web_hosts_own_name(server, isolated_home, tmp_path):
+    from conftest import protected_name
+
+    protected_name(server.port, "boss", "bosspass123")
+    config = tmp_path / "chatctl.toml"
+    config.write_text('[client]\nuser = "boss"\nuser_password = "bosspass123"\n')
+    env = {**isolated_home, "CHATCTL_CONFIG": str(config), "CHATCTL_USER": "boss",
+           "CHATCTL_USER_PASSWORD": "bosspass123"}
+    web, url = start_web(server, env)
+    try:
+        status, drawn = open_page_socket(url, wait_for="Your name in the chat", timeout=45)
+        assert status == 101
+        assert "Your name in the chat" in drawn  # the page asks, like any other
+        assert not any(s.name == "boss" for s in server.registry.sessions())
+    finally:
+        os.killpg(web.pid, signal.SIGTERM)
+        web.wait(15)
+
+
+def test_a_page_opened_from_another_site_is_refused(web_page):
+    port = web_page.rsplit(":", 1)[1].rstrip("/")
+    assert open_page_socket(web_page, origin="http://evil.example")[0] == 403
+    assert open_page_socket(web_page, origin=f"http://127.0.0.1:{port}.evil.example")[0] == 403
+    assert open_page_socket(web_page, origin=f"http://127.0.0.1:{port}")[0] == 101
+
+
+def test_pages_are_capped_and_their_size_bounded(server, isolated_home, tmp_path):
+    import asyncio
+
+    aiohttp = pytest.importorskip("aiohttp")
+    config = tmp_path / "chatctl.toml"
+    config.write_text("[client]\nweb_pages = 2\nweb_columns = 300\nweb_rows = 100\n")
+    web, url = start_web(server, {**isolated_home, "CHATCTL_CONFIG": str(config)})
+
+    def page_sizes() -> list[tuple[str, str]]:
+        """The terminal size of each page's tui process (not the shell that textual-serve starts it with)."""
+        sizes = []
+        for pid in chatctl_descendants(web.pid):
+            try:
+                if open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[0].decode() != sys.executable:
+                    continue
+                environ = dict(item.split("=", 1) for item in
+                               open(f"/proc/{pid}/environ", "rb").read().decode(errors="replace").split("\0")
+                               if "=" in item)
+            except OSError:
+                continue
+            if "COLUMNS" in environ and "TEXTUAL_DRIVER" in environ:
+                sizes.append((environ["COLUMNS"], environ["ROWS"]))
+        return sizes
+
+    async def three_pages() -> list[int]:
+        async with aiohttp.ClientSession() as session:
+            opened, statuses = [], []
+            for _ in range(3):
+                try:
+                    opened.append(await session.ws_connect(url + "ws?width=100000&height=100000"))
+                    statuses.append(101)
+                except aiohttp.WSServerHandshakeError as exc:
+                    statuses.append(exc.status)
+            wait_until(lambda: len(page_sizes()) == 2, timeout=20)
+            statuses.append(page_sizes())
+            for ws in opened:
+                await ws.close()
+            return statuses
+
+    try:
+        *statuses, sizes = asyncio.run(three_pages())
+        assert statuses == [101, 101, 503]
+        assert sizes == [("300", "100"), ("300", "100")]
+    finally:
+        os.killpg(web.pid, signal.SIGTERM)
+        web.wait(15)
+
+
+def chatctl_descendants(pid: int) -> list[int]:
+    import chatctl
+
+    return chatctl.descendants(pid)
+
+
+def test_a_page_size_or_origin_is_checked_before_it_is_used():
+    import chatctl
+
+    assert chatctl.bounded("100000", 80, 300) == 300
+    assert chatctl.bounded("9" * 5000, 80, 300) == 300
+    assert chatctl.bounded("-5", 80, 300) == 1
+    assert chatctl.bounded({"x": 1}, 80, 300) == 80
+    assert chatctl.same_origin(None, "127.0.0.1:8080", "127.0.0.1", 8080, None)
+    assert chatctl.same_origin("http://localhost:8080", "localhost:8080", "127.0.0.1", 8080, None)
+    assert not chatctl.same_origin("http://evil.example", "127.0.0.1:8080", "127.0.0.1", 8080, None)
+    # DNS rebinding: a name of another site pointed at this address is not this server's
+    assert not chatctl.same_origin("http://evil.example:8080", "evil.example:8080", "0.0.0.0", 8080, None)
+    assert chatctl.same_origin("http://192.168.1.5:8080", "192.168.1.5:8080", "0.0.0.0", 8080, None)
+    assert chatctl.same_origin("https://chat.example.org", "chat.example.org", "127.0.0.1", 8080,
+                               "https://chat.example.org/")
