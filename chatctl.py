@@ -165,6 +165,8 @@ OPERATOR_PASSWORD = "#operator"      # the throttle's target for OPER (no name s
 # The cluster (--bus): several servers sharing one chat through Redis (section 7).
 BUS_CLUSTER = "chatctl"              # the default cluster name: several chats can share one Redis
 BUS_LOG_LENGTH = 1_000_000           # entries the shared log keeps (about); older ones are trimmed
+BUS_LOG_BYTES = 512 << 20            # ... and bytes of entries (about): 8 KiB messages made 8 GiB by count
+BUS_TRIM_BATCH = 100                 # oldest entries one trimming step drops (what "about" means above)
 BUS_HEARTBEAT = 2.0                  # seconds between a server's heartbeats
 BUS_SERVER_TIMEOUT = 10.0            # a server silent this long is gone: its users leave everywhere
 BUS_TIMEOUT = 5.0                    # seconds one Redis call may take before Redis counts as gone
@@ -1065,6 +1067,9 @@ class ServerConfig:
     server_id: str = _key("", "this server's name in the cluster (empty: host name and port)")
     bus_log_length: int = _key(BUS_LOG_LENGTH, "entries the shared log keeps; a server further behind "
                                "than that logs a gap", min=1000)
+    bus_log_bytes: int = _key(BUS_LOG_BYTES, "bytes of entries the shared log keeps (the Redis memory to "
+                              "plan for, with a little overhead per entry); older ones are trimmed",
+                              min=1 << 20)
     # Where the values came from, for the start-up log line; not a key.
     files: tuple[Path, ...] = field(default=(), repr=False, metadata={"internal": True})
 
@@ -2613,21 +2618,47 @@ def check_pin(address: str, fingerprint: str, pinned: str, known: KnownServers,
 BUS_KEY_PREFIX = "chatctl"
 
 
-# Every script gets the same keys; ARGV[1] is the stream's length cap, ARGV[2] the calling server's id,
-# ARGV[3] a deadline on Redis's clock (ms; 0: none): a call that reaches Redis after it does nothing,
-# so a call its server gave up on (and told its client so) cannot take effect later.
+# Every script gets the same keys; ARGV[1] is the stream's caps ("entries:bytes"), ARGV[2] the calling
+# server's id, ARGV[3] a deadline on Redis's clock (ms; 0: none): a call that reaches Redis after it does
+# nothing, so a call its server gave up on (and told its client so) cannot take effect later.  LOGBYTES
+# counts the bytes of the log's entries (their fields and values); trim() keeps both caps, dropping the
+# oldest BUS_TRIM_BATCH entries at a time, never the newest (append reads the sequence from it).
 _LUA_PRELUDE = """
-local SEQ, LOG, NAMES, ROOMS, SERVERS, INFO, ACCOUNTS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
-  KEYS[6], KEYS[7]
+local SEQ, LOG, NAMES, ROOMS, SERVERS, INFO, ACCOUNTS, LOGBYTES = KEYS[1], KEYS[2], KEYS[3], KEYS[4],
+  KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 if tonumber(ARGV[3]) > 0 then
   local t = redis.call('TIME')
   if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[3]) then
     return redis.error_reply('LATE the call came after its deadline; nothing was done')
   end
 end
+local function add(id, origin, field, payload)
+  redis.call('INCRBY', LOGBYTES, 1 + #origin + #field + #payload)
+  return redis.call('XADD', LOG, id, 'o', origin, field, payload)
+end
+local function trim()
+  local maxlen, maxbytes = string.match(ARGV[1], '^(%d+):(%d+)$')
+  maxlen, maxbytes = tonumber(maxlen), tonumber(maxbytes)
+  local n = redis.call('XLEN', LOG)
+  local bytes = tonumber(redis.call('GET', LOGBYTES) or '0')
+  while n > 1 and (n > maxlen or bytes > maxbytes) do
+    local oldest = redis.call('XRANGE', LOG, '-', '+', 'COUNT', TRIM_BATCH + 1)
+    local drop = math.min(#oldest - 1, n - 1)
+    for i = 1, drop do
+      local fields = oldest[i][2]
+      for j = 1, #fields do bytes = bytes - #fields[j] end
+    end
+    redis.call('XTRIM', LOG, 'MINID', oldest[drop + 1][1])
+    n = n - drop
+  end
+  if bytes < 0 or n == 0 then bytes = 0 end  -- (the log was trimmed or emptied by hand)
+  redis.call('SET', LOGBYTES, bytes)
+end
 local function emit(origin, payload)
   local seq = redis.call('GET', SEQ) or '0'
-  return redis.call('XADD', LOG, 'MAXLEN', '~', ARGV[1], seq .. '-*', 'o', origin, 'e', payload)
+  local id = add(seq .. '-*', origin, 'e', payload)
+  trim()
+  return id
 end
 local function in_use(room)  -- whether anyone on any server is in the room
   local all = redis.call('HVALS', NAMES)
@@ -2636,7 +2667,7 @@ local function in_use(room)  -- whether anyone on any server is in the room
   end
   return false
 end
-"""
+""".replace("TRIM_BATCH", str(BUS_TRIM_BATCH))
 
 _LUA = {
     # ARGV[4]: the caller's highest id; ARGV[5..]: messages.  Returns the id of the first.
@@ -2652,8 +2683,9 @@ end
 local first = seq + 1
 for i = 5, #ARGV do
   seq = seq + 1
-  redis.call('XADD', LOG, 'MAXLEN', '~', ARGV[1], seq .. '-0', 'o', ARGV[2], 'm', ARGV[i])
+  add(seq .. '-0', ARGV[2], 'm', ARGV[i])
 end
+trim()
 redis.call('SET', SEQ, seq)
 return first
 """,
@@ -2980,7 +3012,8 @@ class RedisBus(CommitLog):
         self.cluster = config.cluster
         prefix = f"{BUS_KEY_PREFIX}:{{{self.cluster}}}"  # one hash tag: every key in one Redis Cluster slot
         self.keys = [f"{prefix}:{name}" for name in ("seq", "log", "names", "rooms", "servers", "info",
-                                                      "accounts")]
+                                                      "accounts", "logbytes")]
+        self.log_caps = f"{self.config.bus_log_length}:{self.config.bus_log_bytes}"  # each script's ARGV[1]
         self.markers_prefix, self.epoch_key = f"{prefix}:markers:", f"{prefix}:epoch"
         self.auth_prefix = f"{prefix}:auth:"  # password tries, per address and per target
         try:
@@ -3065,7 +3098,7 @@ class RedisBus(CommitLog):
                            f"was {age:.1f} s ago): give this one another server_id (CHATCTL_SERVER_ID)")
 
     def _run(self, script: str, *args):
-        return self.scripts[script](keys=self.keys, args=[self.config.bus_log_length, self.server_id,
+        return self.scripts[script](keys=self.keys, args=[self.log_caps, self.server_id,
                                                           self._deadline(), *args])
 
     def _deadline(self) -> int:
@@ -3187,7 +3220,7 @@ class RedisBus(CommitLog):
                 return
             if isinstance(first, _Release):
                 self._send(("EVAL", self._release_script, len(self.keys), *self.keys,
-                            self.config.bus_log_length, self.server_id, self._deadline(), *first.args), [])
+                            self.log_caps, self.server_id, self._deadline(), *first.args), [])
                 continue
             batch, size = [first], wire_size(first.message)
             while len(batch) < HISTORY_BATCH_MAX and size < self.batch_bytes:
@@ -3213,7 +3246,7 @@ class RedisBus(CommitLog):
                 self._awaiting[token] = pending
                 tokens.append(token)
         payloads = [encode_bus_message(t, p.message) for t, p in zip(tokens, batch, strict=True)]
-        command = ("EVAL", self._append_script, len(self.keys), *self.keys, self.config.bus_log_length,
+        command = ("EVAL", self._append_script, len(self.keys), *self.keys, self.log_caps,
                    self.server_id, self._deadline(), self.last_id, *payloads)
         if not self._send(command, tokens):
             self._fail(tokens, "bus-unavailable")  # nobody may be told it was sent

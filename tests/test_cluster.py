@@ -758,3 +758,26 @@ def test_a_burst_of_registrations_neither_trips_the_bus_nor_wedges_it(node):
     wait_until(lambda: len(names_on(b.port)) == 400, timeout=20)
     for client in clients:
         client.close()
+
+
+def test_the_shared_log_is_bounded_in_bytes_as_well_as_entries(node, redis_server):
+    import redis
+
+    cap = 1_000_000
+    a = node("a", bus_log_bytes=cap, rate=0, address_byte_rate=0)
+    ana = member(a.port, "ana")
+    text = "x" * 8000
+    for n in range(0, 300, 10):  # 2.4 MB of messages: more than twice the cap, far under bus_log_length
+        ana.send(b"".join(f"MSG|{n + i} {text}\n".encode() for i in range(10)))
+        for _ in range(10):  # (in steps: a server further behind than the log holds would see a gap)
+            ana.expect("MSG_OK|", timeout=20)
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        entries = client.xrange("chatctl:{chatctl}:log")
+        stored = sum(len(k) + len(v) for _, fields in entries for k, v in fields.items())
+        assert stored <= cap, (stored, len(entries))
+        assert stored >= cap // 2  # trimmed to the cap, not emptied
+        newest = entries[-1][1][b"m"].decode()
+        assert f"299 {text}" in newest  # the newest are the ones kept
+    finally:
+        client.close()
