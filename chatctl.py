@@ -100,6 +100,7 @@ WEB_PORT = 8080                      # chatctl web's page
 WEB_PAGES = 20                       # pages chatctl web serves at once (each is a tui process, ~70 MiB)
 WEB_COLUMNS = 300                    # a page's terminal is at most this wide ...
 WEB_ROWS = 120                       # ... and this tall, whatever the browser asks for
+PIPED_TABLE_WIDTH = 100_000          # a table piped to a program is as wide as its content, up to this
 PASTE_CONFIRM_LINES = 5              # a pasted message longer than this asks before sending
 JOIN_PASSWORD_TRIES = 3              # wrong passwords join asks again after, before it gives up
 BELL_MODES = ("off", "mentions", "all")  # join rings on nothing, mentions and DMs, or everything
@@ -8899,6 +8900,21 @@ def stdout_console():
     return Console(highlight=False)
 
 
+def print_table(table) -> None:
+    """A table on stdout: as wide as the terminal; piped to a file or a program, as wide as its
+    content (nothing wraps or is cut at 80 columns) and with no spaces padding its lines."""
+    console = stdout_console()
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.console import Console
+
+    wide = Console(highlight=False, width=PIPED_TABLE_WIDTH, color_system=None, force_terminal=False)
+    with wide.capture() as captured:
+        wide.print(table)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+
+
 def stderr_console():
     from rich.console import Console
 
@@ -8921,7 +8937,7 @@ def user_table(users: tuple[UserInfo, ...], name_cell: Callable[[str], str] = di
 
 
 def render_user_table(users: tuple[UserInfo, ...]) -> None:
-    stdout_console().print(user_table(users))
+    print_table(user_table(users))
 
 
 def render_history_table(messages: list[ChatMessage]) -> None:
@@ -8938,14 +8954,15 @@ def render_history_table(messages: list[ChatMessage]) -> None:
         table.add_row(str(m.id), local_time(m.ts, with_date=True), display_text(m.sender),
                       display_text(m.recipient) if m.recipient else f"#{m.room}",
                       f"* {text}" if m.kind == "me" else text)
-    stdout_console().print(table)
+    print_table(table)
 
 
 def message_as_json(m: ChatMessage) -> str:
     import json
 
+    room = None if m.kind == "dm" else f"#{m.room}"  # the room as rooms --json and people write it
     return json.dumps({"id": m.id, "ts": format_timestamp(m.ts), "kind": m.kind, "from": m.sender,
-                       "to": m.recipient, "room": None if m.kind == "dm" else m.room, "text": m.text})
+                       "to": m.recipient, "room": room, "text": m.text})
 
 
 def rooms_as_json(rooms: list[RoomInfo], with_unread: bool = True) -> str:
@@ -8975,7 +8992,7 @@ def render_rooms_table(rooms: list[RoomInfo], with_unread: bool) -> None:
         unread = [count_text(r.unread), count_text(r.mentions)] if with_unread else []
         table.add_row(f"#{r.name}", str(r.online), str(r.messages), *unread,
                       local_time(r.last, with_date=True) if r.last else "-", display_text(r.topic))
-    stdout_console().print(table)
+    print_table(table)
 
 
 def servers_as_json(servers: list[ServerStatus]) -> str:
@@ -8997,7 +9014,7 @@ def render_servers_table(servers: list[ServerStatus]) -> None:
     for s in servers:
         table.add_row(display_text(s.server_id) + (" (this one)" if s.this else ""), display_text(s.address),
                       str(s.users), f"{s.beat_age:.1f} s ago", f"{s.lag} message(s)")
-    stdout_console().print(table)
+    print_table(table)
 
 
 def users_as_json(users: tuple[UserInfo, ...]) -> str:
@@ -9026,7 +9043,7 @@ def render_bench(r: BenchResult) -> None:
         rows.append(("rate-limited", f"{r.rate_limited:,} (set [server] rate = 0 for load tests)"))
     for row in rows:
         table.add_row(*row)
-    stdout_console().print(table)
+    print_table(table)
 
 
 # --- join's terminal UI ---------------------------------------------------------------

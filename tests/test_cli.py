@@ -287,3 +287,18 @@ def test_an_older_python_gets_one_line(isolated_home):
     result = subprocess.run([old, str(CHATCTL[1]), "who"], capture_output=True, text=True, env=isolated_home)
     assert result.returncode == 1
     assert result.stderr.strip() == f"chatctl needs Python 3.11 or newer; this is {result.stderr.split()[-1]}"
+
+
+def test_tables_piped_to_another_program_keep_whole_lines(isolated_home, server, user):
+    ana = user("ana")
+    long_text = "deploy " + "-".join(f"step{i}" for i in range(40))  # about 300 characters
+    ana.send(f"MSG|{long_text}\n".encode())
+    ana.expect("MSG_OK")
+    for args in (["history", "-p", str(server.port)], ["who", "-p", str(server.port)],
+                 ["rooms", "-p", str(server.port)]):
+        result = run_cli(*args, env=isolated_home)  # stdout is a pipe, as in `chatctl history | grep x`
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines and not [line for line in lines if line != line.rstrip()], lines[:3]
+        if args[0] == "history":
+            assert any(long_text in line for line in lines), lines  # one row, not wrapped at 80 columns

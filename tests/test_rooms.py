@@ -309,7 +309,7 @@ def test_send_history_who_and_rooms_take_a_room(isolated_home, server, user):
     assert run_cli("send", "-p", port, "-u", "ci", "main talk", env=isolated_home).returncode == 0
     listing = run_cli("history", "-p", port, "-r", "deploys", "--json", env=isolated_home)
     rows = [json.loads(x) for x in listing.stdout.splitlines()]
-    assert [(r["room"], r["text"]) for r in rows] == [("deploys", "build 42 is green")]
+    assert [(r["room"], r["text"]) for r in rows] == [("#deploys", "build 42 is green")]
     members = run_cli("who", "-p", port, "--room", "deploys", "--json", env=isolated_home)
     assert [u["name"] for u in json.loads(members.stdout)] == ["ana"]
     rooms = run_cli("rooms", "-p", port, "--json", env=isolated_home)
