@@ -103,6 +103,8 @@ WEB_ROWS = 120                       # ... and this tall, whatever the browser a
 PIPED_TABLE_WIDTH = 100_000          # a table piped to a program is as wide as its content, up to this
 PASTE_CONFIRM_LINES = 5              # a pasted message longer than this asks before sending
 JOIN_PASSWORD_TRIES = 3              # wrong passwords join asks again after, before it gives up
+QUIET_JOINS = 50                     # rooms with more members hide the comings and goings of the silent ...
+QUIET_JOINS_AFTER = 600.0            # ... ones: those who have not spoken in the room for this many seconds
 BELL_MODES = ("off", "mentions", "all")  # join rings on nothing, mentions and DMs, or everything
 
 # Abuse limits: generous enough that a pasted burst, a bot posting a build log
@@ -1089,6 +1091,11 @@ class ClientConfig:
                         min=0, max=500)
     lines: int = _key(TUI_LINES, "lines tui keeps in memory per room (older ones are fetched again)",
                       min=TUI_PAGE, max=1_000_000)
+    quiet_joins: int = _key(QUIET_JOINS, "in rooms with more members than this, join and tui hide the joined "
+                            "and left lines of people who have not spoken lately (0: show them all)", min=0)
+    quiet_joins_after: float = _key(QUIET_JOINS_AFTER, "seconds since someone last spoke in a room after "
+                                    "which their comings and goings there are hidden (see quiet_joins)",
+                                    min=1.0, max=MAX_SECONDS)
     tls: bool = _key(False, "connect with TLS")
     cafile: str = _key("", "CA certificates to verify the server with (empty: pin on first use)")
     tls_fingerprint: str = _key("", "the server certificate's SHA-256 fingerprint, pinned up front",
@@ -7776,6 +7783,7 @@ class RoomView:
     first_unread: int = 0    # the id of the oldest of them (0: none)
     last_id: int = 0         # the newest id seen in it
     members: dict[str, str] = field(default_factory=dict)  # key -> name, as the server last said
+    spoke: dict[str, float] = field(default_factory=dict)    # key -> when they last spoke here (monotonic)
 
 
 class RoomsModel:
@@ -7879,6 +7887,27 @@ class RoomsModel:
         with self._lock:
             if room in self.rooms:
                 self.rooms[room].members.pop(name_key(name), None)
+
+    def spoke(self, room: str, name: str) -> None:
+        """``name`` said something in ``room`` (their comings and goings there are worth showing)."""
+        with self._lock:
+            view = self.rooms.get(room)
+            if view is not None:
+                view.spoke[name_key(name)] = time.monotonic()
+                if len(view.spoke) > 2 * max(len(view.members), 100):  # people long gone go first
+                    for key in sorted(view.spoke, key=view.spoke.get)[:len(view.spoke) // 2]:
+                        del view.spoke[key]
+
+    def presence_hidden(self, room: str, name: str, members_over: int, spoke_within: float) -> bool:
+        """Whether a joined or left line about ``name`` in ``room`` is left out (weechat's smart
+        filter): the room has more than ``members_over`` members (0: never) and ``name`` has not spoken
+        there for ``spoke_within`` seconds."""
+        with self._lock:
+            view = self.rooms.get(room)
+            if not members_over or view is None or len(view.members) <= members_over:
+                return False
+            last = view.spoke.get(name_key(name))
+            return last is None or time.monotonic() - last > spoke_within
 
     def member_gone(self, name: str) -> list[str]:
         """``name`` went offline: out of every room; returns the rooms they were in."""
@@ -8291,6 +8320,7 @@ class ChatClient:
         self.bell = bell
         self.conversations = conversations
         self.echo_own = echo_own  # show our own lines once acknowledged (join's plain mode does not)
+        self.quiet_joins, self.quiet_joins_after = config.quiet_joins, config.quiet_joins_after
         self.session = LiveSession(config, name, self.on_event, self.on_status, ask_password, ask_trust)
         if room != MAIN_ROOM:
             self.session.rooms, self.session.start_room = [room], room
@@ -8371,16 +8401,20 @@ class ChatClient:
         elif isinstance(event, Joined):
             with self._lock:
                 self.online[name_key(event.name)] = event.name
+            if not self._presence_hidden(MAIN_ROOM, event.name):
+                self.note(f"{display_text(event.name)} joined", room=MAIN_ROOM)
             self.model.member_entered(MAIN_ROOM, event.name)
-            self.note(f"{display_text(event.name)} joined", room=MAIN_ROOM)
             self.front.changed()
         elif isinstance(event, Left):
             with self._lock:
                 self.online.pop(name_key(event.name), None)
+            hidden = {room for room in self.model.joined() if self._presence_hidden(room, event.name)}
             rooms = self.model.member_gone(event.name)
+            shown = [room for room in rooms if room not in hidden]
             text = f"{display_text(event.name)} left ({display_text(event.reason)})"
-            for room in rooms if self.conversations and rooms else [None]:  # join says it once
-                self.note(text, room=room)
+            if shown or not rooms:
+                for room in shown if self.conversations and shown else [None]:  # join says it once
+                    self.note(text, room=room)
             self.front.changed()
         elif isinstance(event, UserList):
             self._set_online(event.users)
@@ -8399,9 +8433,14 @@ class ChatClient:
         elif isinstance(event, UnknownLine):
             self.note(display_text(event.line))
 
+    def _presence_hidden(self, room: str, name: str) -> bool:
+        return self.model.presence_hidden(room, name, self.quiet_joins, self.quiet_joins_after)
+
     def _delivered(self, msg: ChatMessage) -> None:
         if name_key(msg.sender) in self.ignored or not self._first_sight(msg):
             return
+        if msg.kind != "dm":
+            self.model.spoke(msg.room, msg.sender)
         own = self.is_me(msg.sender)
         if msg.kind == "dm" and not own:
             self.last_dm_from = msg.sender
@@ -8516,13 +8555,15 @@ class ChatClient:
         elif isinstance(event, RoomInfo):
             self._room_list.append(event)
         elif isinstance(event, Entered):
-            self.model.member_entered(event.room, event.name)
-            if not self.is_me(event.name):
+            if not self.is_me(event.name) and not self._presence_hidden(event.room, event.name):
                 self.note(f"{display_text(event.name)} joined #{display_text(event.room)}", room=event.room)
+            self.model.member_entered(event.room, event.name)
         elif isinstance(event, Exited):
+            if not self._presence_hidden(event.room, event.name):
+                why = f" ({display_text(event.reason)})" if event.reason else ""
+                text = f"{display_text(event.name)} left #{display_text(event.room)}{why}"
+                self.note(text, room=event.room)
             self.model.member_exited(event.room, event.name)
-            why = f" ({display_text(event.reason)})" if event.reason else ""
-            self.note(f"{display_text(event.name)} left #{display_text(event.room)}{why}", room=event.room)
         return True
 
     def _learn_rooms(self) -> None:
@@ -8538,8 +8579,8 @@ class ChatClient:
                 self._rooms_quietly -= 1
 
     def _learn_members(self) -> None:
-        """Ask who is in each of our rooms without showing it (tui's member list)."""
-        if not self.conversations or not self.session.extended:
+        """Ask who is in each of our rooms without showing it (tui's member list; how big a room is)."""
+        if not self.session.extended:
             return
         for room in self.model.joined():
             with self._lock:

@@ -642,3 +642,39 @@ def test_the_backlog_shown_on_entering_counts_as_read(make_server, spawn_join, i
     ana.expect(r"#deploys  \d+ online  ([^\r\n]*)")
     assert "unread" not in ana.match.group(1), ana.match.group(0)
     bob.close()
+
+
+def test_in_a_big_room_comings_and_goings_of_the_silent_are_hidden(server, user, isolated_home):
+    """weechat's smart filter: past [client] quiet_joins members, the joined and left lines of people
+    who have not spoken lately are left out; someone who spoke is still seen to leave."""
+    crowd = [user(f"crowd{i}") for i in range(4)]
+    env = {**isolated_home, "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm-256color",
+           "CHATCTL_QUIET_JOINS": "3"}
+    ana = pexpect.spawn(sys.executable, [*CHATCTL[1:], "join", "-u", "ana", "-p", str(server.port)], env=env,
+                        dimensions=(40, 140), encoding="utf-8", codec_errors="replace", timeout=10)
+    try:
+        ana.expect(r"#main>")
+        passer = user("passer")
+        passer.send(b"QUIT\n")
+        passer.wait_closed()
+        talker = user("talker")
+        talker.send(b"MSG|hello all\n")
+        ana.expect("hello all")
+        assert "passer" not in ana.before and "talker joined" not in ana.before
+        talker.send(b"QUIT|lunch\n")
+        ana.expect(r"talker left \(quit: lunch\)")
+        assert "passer" not in ana.before
+        small = pexpect.spawn(sys.executable, [*CHATCTL[1:], "join", "-u", "bea", "-p", str(server.port)],
+                              env={**env, "CHATCTL_QUIET_JOINS": "0"}, dimensions=(40, 140), encoding="utf-8",
+                              codec_errors="replace", timeout=10)
+        try:
+            small.expect(r"#main>")
+            user("walker").send(b"QUIT\n")
+            small.expect("walker joined")  # 0: every line shown
+            small.expect(r"walker left")
+        finally:
+            small.close(force=True)
+    finally:
+        ana.close(force=True)
+        for client in crowd:
+            client.close()
