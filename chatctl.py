@@ -15,7 +15,8 @@ Contents, in dependency order (search for the banner to jump):
 
     1. Constants and limits   every tunable number, with its default
     2. Errors                 ChatError and one subclass per section
-    3. Protocol codec         bytes in, dataclasses out; no sockets
+    3. Protocol codec         bytes in, dataclasses out; events, and Encodings (chatctl/1, the seed's
+                              form) that write them; no sockets
     4. Config                 chatctl.toml, CHATCTL_* and flags, in one place
     5. Storage                HistoryStore (SQLite: messages, rooms, read markers), AccountStore,
                               CommitLog and LocalLog (where a message gets its id and order)
@@ -23,8 +24,10 @@ Contents, in dependency order (search for the banner to jump):
     7. Cluster                RedisBus (--bus: the shared log and shared state in Redis),
                               SharedAuthThrottle
     8. Server                 OutboundQueue, Writer, ReaderPool, ReadPoller, Room, RemoteMember, Registry,
-                              ClientSession (its SessionState), ChatServer
-    9. IRC gateway            IrcGate: IRC clients as ClientSessions (serve --irc), IrcOutbound
+                              Gateway (other protocols register here), ClientSession (its SessionState),
+                              ChatServer
+    9. IRC gateway            IrcGate: IRC clients as ClientSessions, the IRC Encoding; registered as a
+                              Gateway
    10. Client                 ChatConnection, one-shot helpers, RoomsModel, LiveSession (the link),
                               ChatClient (the chat behind join and tui, no terminal in it)
    11. Rendering              tables for one-shot commands; join's front-end (JoinClient)
@@ -715,7 +718,9 @@ def encode_topic(room: str, ts: float, setter: str, text: str) -> bytes:
     return encode_line("TOPIC", f"#{room}", format_timestamp(ts) if ts else "", setter, escape_text(text))
 
 
-# --- What a client reads ----------------------------------------------------------
+# --- Events: what the server tells a client, whatever protocol it speaks ----------------------
+# The server makes these; each protocol encodes them (below for ours, section 9 for IRC); our
+# clients parse our lines back into them (parse_event).
 
 
 @dataclass(frozen=True, slots=True)
@@ -770,7 +775,7 @@ class ErrorReply:
 
 @dataclass(frozen=True, slots=True)
 class Pong:
-    token: str
+    token: str | None  # None: the PING carried none (``PONG`` alone)
 
 
 @dataclass(frozen=True, slots=True)
@@ -870,12 +875,124 @@ class UnknownLine:
     line: str
 
 
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """A HISTORY or SEARCH answer as one event (``kind``): its messages, oldest first, and whether the
+    reply was full (``more``); in our lines, the messages and then ``END|kind|n[|more]``."""
+
+    kind: str
+    messages: tuple[ChatMessage, ...]
+    more: bool = False
+
+
 ServerEvent = (
     Delivered | Acknowledged | Registered | Welcome | UserList | Joined | Left
-    | ErrorReply | Pong | Goodbye | EndOfList | Confirmed | RoomInfo | RoomNames | Topic
-    | Entered | Exited | UnknownLine
+    | ErrorReply | Pong | Goodbye | EndOfList | Confirmed | RoomInfo | ServerStatus | RoomNames | Topic
+    | Entered | Exited | HistoryPage | UnknownLine
 )
 CONFIRMATIONS = ("PASS_OK", "REGISTER_OK", "UNREGISTER_OK", "JOIN_OK", "PART_OK", "MARK_OK", "CLOSE_OK")
+
+
+# --- Encodings: events to bytes, one object per protocol ------------------------------------------
+
+
+class Encoding:
+    """How one protocol writes the server's events for a client.  The server calls the three hooks;
+    each protocol overrides them: the seed's form and chatctl/1 below, IRC in section 9.
+
+    ``shared``: clients whose encodings have equal ``shared`` values get the same bytes for a room
+    message and for a presence event, so the server makes those bytes once per value and hands the
+    same object to all of them.  None: this client's bytes are its own.
+    """
+
+    shared: object = None
+
+    def message(self, msg: ChatMessage) -> bytes:
+        """A message delivered to this client (a room's, or a direct message to it)."""
+        raise NotImplementedError
+
+    def acknowledge(self, msg: ChatMessage) -> bytes:
+        """This client's own message is committed (MSG_OK in our protocol)."""
+        raise NotImplementedError
+
+    def event(self, event: ServerEvent) -> bytes:
+        """Any other event; empty where the protocol has nothing to say of it."""
+        raise NotImplementedError
+
+    def events(self, events: Iterable[ServerEvent]) -> bytes:
+        return b"".join(self.event(e) for e in events)
+
+
+def _encode_room_info(e: RoomInfo) -> bytes:
+    return encode_line("ROOM", f"#{e.name}", int(e.joined), e.online, e.messages, e.unread, e.mentions,
+                       format_timestamp(e.last) if e.last else "", escape_text(e.topic))
+
+
+def _encode_history_page(e: HistoryPage) -> bytes:
+    end = encode_line("END", e.kind, len(e.messages), *(["more"] if e.more else []))
+    return b"".join(map(encode_message, e.messages)) + end
+
+
+# chatctl/1's line for each event (the seed's form differs in three: SeedLines below).
+OUR_LINES: dict[type, Callable[[object], bytes]] = {
+    Delivered: lambda e: encode_message(e.message),
+    Acknowledged: lambda e: (b"MSG_OK\n" if e.id is None else
+                             encode_line("MSG_OK", e.id, format_timestamp(e.ts or 0.0))),
+    Registered: lambda e: b"USER_OK\n",
+    Welcome: lambda e: encode_line("HELLO", e.protocol, e.server),
+    UserList: lambda e: encode_users(e.users, structured=True),
+    Joined: lambda e: encode_line("JOIN", format_timestamp(e.ts), e.name),
+    Left: lambda e: encode_line("LEAVE", format_timestamp(e.ts), e.name, e.reason),
+    ErrorReply: lambda e: encode_error(e.code, e.text),
+    Pong: lambda e: b"PONG\n" if e.token is None else encode_line("PONG", e.token),
+    Goodbye: lambda e: encode_line("BYE", e.reason),
+    EndOfList: lambda e: encode_line("END", e.kind, e.count, *(["more"] if e.more else [])),
+    Confirmed: lambda e: encode_line(f"{e.verb}_OK", e.arg) if e.arg else f"{e.verb}_OK\n".encode(),
+    RoomInfo: _encode_room_info,
+    ServerStatus: lambda e: encode_line("SERVER", e.server_id, e.address, e.users, f"{e.beat_age:.1f}",
+                                        e.lag, int(e.this)),
+    RoomNames: lambda e: encode_users(e.users, structured=True, room=e.room),
+    Topic: lambda e: encode_topic(e.room, e.ts, e.setter, e.text),
+    Entered: lambda e: encode_line("ENTER", f"#{e.room}", format_timestamp(e.ts), e.name),
+    Exited: lambda e: encode_line("EXIT", f"#{e.room}", format_timestamp(e.ts), e.name, e.reason),
+    HistoryPage: _encode_history_page,
+}
+
+
+class OurLines(Encoding):
+    """chatctl/1: the lines of our protocol, for a client that said HELLO (README's protocol page)."""
+
+    shared = PROTOCOL_NAME
+
+    def message(self, msg: ChatMessage) -> bytes:
+        return encode_message(msg)
+
+    def acknowledge(self, msg: ChatMessage) -> bytes:
+        return encode_line("MSG_OK", msg.id, format_timestamp(msg.ts))
+
+    def event(self, event: ServerEvent) -> bytes:
+        return OUR_LINES[type(event)](event)
+
+
+class SeedLines(OurLines):
+    """The seed's form, for a client that never said HELLO: messages as ``ana: hi``, a plain
+    ``MSG_OK`` and the ``Users logged in:`` sentence; the rest as in chatctl/1."""
+
+    shared = "seed"
+
+    def message(self, msg: ChatMessage) -> bytes:
+        return encode_seed_delivery(msg)
+
+    def acknowledge(self, msg: ChatMessage) -> bytes:
+        return b"MSG_OK\n"
+
+    def event(self, event: ServerEvent) -> bytes:
+        if isinstance(event, UserList):
+            return encode_users(event.users, structured=False)
+        return OUR_LINES[type(event)](event)
+
+
+SEED_LINES, CHATCTL_LINES = SeedLines(), OurLines()
 
 
 def parse_event(line: str) -> ServerEvent:
@@ -4072,6 +4189,9 @@ class Room:
     def __repr__(self) -> str:
         return f"<Room #{self.name}>"
 
+    def topic_event(self) -> Topic:
+        return Topic(self.name, self.topic_ts, self.topic_by, self.topic)
+
     @property
     def members(self) -> tuple[ClientSession, ...]:
         """Who is in the room, in join order; the same tuple object until someone joins or leaves."""
@@ -4110,6 +4230,7 @@ class RemoteMember:
     __slots__ = ("host", "key", "last_spoke", "leave_reason", "name", "owner", "presence_seq",
                  "registered_at", "rooms", "server_id", "state", "token")
     extended = True         # the fan-out gives it the extended form (and it discards it)
+    encoding = CHATCTL_LINES
     quiet = False
     closing = False
     outbound = None         # set below: a queue that takes nothing
@@ -4213,14 +4334,13 @@ class Registry:
                 session.rooms = {MAIN_ROOM: main}
             on_claimed()
             if not session.quiet:
-                self.announce((encode_line("JOIN", format_timestamp(time.time()), name), session, None),
-                              joined=True)
+                self.announce((Joined(time.time(), name), session, None), joined=True)
         return None
 
     def depart(self, sessions: Iterable[ClientSession], forget: bool, quiet: bool) -> list[ClientSession]:
         """Take ``sessions`` off the member list and out of their rooms; the ones that were members.
         ``forget``: their readers ended, so they leave the connection counts too.  ``quiet``: no LEAVE."""
-        now = format_timestamp(time.time())
+        now = time.time()
         departed = []
         with self.lock:
             for session in sessions:
@@ -4243,7 +4363,7 @@ class Registry:
                 self._member_cache = None
                 if not quiet:
                     why = [sanitise_line(s.leave_reason or "connection closed") for s in departed]
-                    self.announce(*[(encode_line("LEAVE", now, s.name, reason), s, None)
+                    self.announce(*[(Left(now, s.name, reason), s, None)
                                     for s, reason in zip(departed, why, strict=True)], leaving=True)
         return departed
 
@@ -4290,8 +4410,7 @@ class Registry:
                 self.rooms = {**self.rooms, name: room}
             room._add(session)
             session.rooms = {**session.rooms, name: room}
-            self.announce((encode_line("ENTER", f"#{name}", format_timestamp(time.time()), session.name),
-                           session, room))
+            self.announce((Entered(name, time.time(), session.name), session, room))
             return room, True
 
     def part(self, session: ClientSession, name: str, reason: str) -> Room | None:
@@ -4302,8 +4421,7 @@ class Registry:
                 raise ProtocolError("not-in-room", f"you are not in #{name}")
             room._remove(session)
             session.rooms = {k: v for k, v in session.rooms.items() if k != name}
-            self.announce((encode_line("EXIT", f"#{name}", format_timestamp(time.time()), session.name,
-                                       reason), session, room))
+            self.announce((Exited(name, time.time(), session.name, reason), session, room))
             return self._forget_if_unused(room)
 
     def forget_unused(self, keep: set[str]) -> None:
@@ -4371,6 +4489,31 @@ class SessionState:
     ORDER = (CONNECTING, AUTHORISED, REGISTERED, LEAVING, CLOSED)
 
 
+@dataclass(frozen=True)
+class Gateway:
+    """Another protocol the server speaks, registered by its section (``register_gateway``), as bottle
+    registers its server adapters: the server core names no protocol but its own.
+
+    ``sniff``: whether a connection's first frame is this protocol's (on the chat's port, where
+    ``enabled`` for the config); ``port``: a port of its own from the config (0: none), where every
+    connection speaks it; ``attach``: a gate for one session, which takes its frames (``handle``),
+    is its Encoding, and may ``keep_alive`` a quiet client.
+    """
+
+    name: str
+    sniff: Callable[[bytes], bool]
+    enabled: Callable[[ServerConfig], bool]
+    port: Callable[[ServerConfig], int]
+    attach: Callable[[ClientSession], Encoding]
+
+
+GATEWAYS: dict[str, Gateway] = {}
+
+
+def register_gateway(gateway: Gateway) -> None:
+    GATEWAYS[gateway.name] = gateway
+
+
 class ClientSession:
     """One connected client: its reader thread, its name, its rooms and its outbound queue.
 
@@ -4410,6 +4553,7 @@ class ClientSession:
         self.last_spoke = self.connected_at   # last message sent: the idle time USERS shows
         self.registered_at = 0.0        # wall clock, for USERS
         self.outbound = OutboundQueue(server.config.sendq)
+        self.encoding: Encoding = SEED_LINES  # how it is told things: chatctl/1 after HELLO, or a gateway's
         self.decoder = FrameDecoder(server.config.max_frame)
         self.errors_in_a_row = 0
         self.leave_reason: str | None = None
@@ -4422,7 +4566,7 @@ class ClientSession:
         self.pause_due: float | None = None  # when a quiet pause completes an unframed frame
         self._opened = False               # the first bytes were looked at (TLS or not)
         self._ending = threading.Lock()    # leave_reason is set once, by one thread
-        self.irc: IrcGate | None = None    # an IRC client's gate (serve --irc), set by its first frame
+        self.gate = None                   # a gateway's gate (IRC, say), set by its first frame or its port
 
     def __repr__(self) -> str:
         return f"<ClientSession {self.name or '-'} {self.peer}>"
@@ -4533,7 +4677,7 @@ class ClientSession:
         if first[0] == TLS_HANDSHAKE_BYTE:
             self.tls = TlsChannel(self.server.tls_context, server_side=True)
         elif config.tls_required:
-            self.reply(encode_error("tls-required", ERROR_CODES["tls-required"]))
+            self.tell(ErrorReply("tls-required", ERROR_CODES["tls-required"]))
             self.disconnect("plain text where TLS is required")
         return True
 
@@ -4563,7 +4707,7 @@ class ClientSession:
                     if exc.code == "rate-limited":  # over a byte budget: counted as a flood, not an error
                         self._rate_limited(exc.text)
                     else:
-                        self.reply(encode_error(exc.code, exc.text))
+                        self.tell(ErrorReply(exc.code, exc.text))
                         self.errors_in_a_row += 1
                         if exc.closes:
                             self.disconnect(exc.code)
@@ -4575,13 +4719,16 @@ class ClientSession:
     def dispatch(self, item: bytes | ProtocolError) -> None:
         if isinstance(item, ProtocolError):
             raise item
-        if self.irc is not None:
-            self.irc.handle(item)
+        if self.gate is not None:
+            self.gate.handle(item)
             return
-        if self.name is None and not self.extended and self.server.config.irc and looks_like_irc(item):
-            self.speak_irc()
-            self.irc.handle(item)
-            return
+        if self.name is None and not self.extended:
+            config = self.server.config
+            for gateway in GATEWAYS.values():
+                if gateway.enabled(config) and gateway.sniff(item):
+                    self.speak(gateway)
+                    self.gate.handle(item)
+                    return
         request = decode_request(item)
         handler = COMMAND_HANDLERS.get(request.verb)
         if handler is None:
@@ -4593,11 +4740,11 @@ class ClientSession:
             raise ProtocolError("password-required", ERROR_CODES["password-required"], closes=True)
         handler(self, request.arg)
 
-    def speak_irc(self) -> None:
-        """From now on this session speaks IRC (its first frame was IRC's, or it came to the IRC port)."""
-        self.irc = IrcGate(self)
-        self.outbound = IrcOutbound(self.server.config.sendq, self.irc)
-        self.decoder.mode = FrameDecoder.FRAMED  # IRC lines always end in CR LF
+    def speak(self, gateway: Gateway) -> None:
+        """From now on this session speaks ``gateway``'s protocol (its first frame was that protocol's,
+        or it came to the gateway's own port)."""
+        self.gate = self.encoding = gateway.attach(self)
+        self.decoder.mode = FrameDecoder.FRAMED  # a gateway's lines always end in a line end
 
     def _rate_limited(self, text: str) -> None:
         self.limited_in_a_row += 1
@@ -4605,9 +4752,18 @@ class ClientSession:
             self.disconnect("flooding", level=logging.WARNING)
         elif self.limited_in_a_row == 1 or self.outbound.size < self.server.config.sendq // 2:
             # a flood does not get to fill its own queue with our ERRs
-            self.reply(encode_error("rate-limited", text))
+            self.tell(ErrorReply("rate-limited", text))
 
     # --- writing ---------------------------------------------------------------
+
+    def tell(self, *events: ServerEvent, force: bool = False) -> None:
+        """Tell the client ``events``, in its protocol, as one reply (see ``reply``)."""
+        self.reply(self.encoding.events(events), force)
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes a gateway made itself (lines no handler gives), at once."""
+        if self.outbound.put(data):
+            self.server.writer.schedule(self)
 
     def reply(self, data: bytes, force: bool = False) -> None:
         """Queue a reply; behind the MSG_OK of a message still being committed, so replies keep order."""
@@ -4621,7 +4777,7 @@ class ClientSession:
         if self.outbound.put(data, force):
             self.server.writer.schedule(self)
 
-    def leave(self, reason: str, bye: bytes) -> bool:
+    def leave(self, reason: str, bye: Goodbye) -> bool:
         """End the session: last line ``bye``, out of the registry now; False if already leaving.
 
         The writer half-closes after ``bye`` and the reader drains until the
@@ -4631,14 +4787,14 @@ class ClientSession:
         if not self.end(reason):
             return False
         self.server.depart(self)  # out of every list before the BYE goes: whoever has it is gone for all
-        self.reply(bye, force=True)
+        self.tell(bye, force=True)
         self.leave_at = time.monotonic()  # (the winner of end() writes it once) the writer half-closes now
         self.server.writer.schedule(self)
         return True
 
     def disconnect(self, reason: str, level: int = logging.INFO) -> None:
         """The server drops this client, telling it why; safe to call from any thread."""
-        if self.leave(reason, encode_line("BYE", reason)):
+        if self.leave(reason, Goodbye(reason)):
             log.log(level, "dropped %s from %s: %s", self.name or "unregistered client", self.peer, reason)
 
     def abort(self) -> None:
@@ -4658,7 +4814,9 @@ class ClientSession:
                 raise ProtocolError("already-registered", "HELLO|...|quiet must come before USER")
             self.quiet = True
         self.extended = True
-        self.reply(encode_line("HELLO", PROTOCOL_NAME, f"chatctl {__version__}"))
+        if self.encoding is SEED_LINES:  # (a gateway that says HELLO for its client keeps its own)
+            self.encoding = CHATCTL_LINES
+        self.tell(Welcome(PROTOCOL_NAME, f"chatctl {__version__}"))
 
     def handle_pass(self, arg: str | None) -> None:
         expected = self.server.config.password
@@ -4666,7 +4824,7 @@ class ClientSession:
                 self, SERVER_PASSWORD, lambda: same_secret(arg or "", expected), "wrong server password"):
             raise ProtocolError("bad-password", "wrong server password", closes=True)
         self.advance(SessionState.AUTHORISED)
-        self.reply(b"PASS_OK\n")
+        self.tell(Confirmed("PASS"))
 
     def handle_user(self, arg: str | None) -> None:
         if self.name is not None:
@@ -4688,13 +4846,13 @@ class ClientSession:
             raise ProtocolError("rate-limited", f"one REGISTER per {interval:g} s")
         self.last_register = now
         self.server.protect(self, password)
-        self.reply(encode_line("REGISTER_OK", self.name))
+        self.tell(Confirmed("REGISTER", self.name))
 
     def handle_unregister(self, arg: str | None) -> None:
         if self.name is None:
             raise ProtocolError("not-registered", "register first: USER|<name>")
         self.server.unprotect(self)
-        self.reply(encode_line("UNREGISTER_OK", self.name))
+        self.tell(Confirmed("UNREGISTER", self.name))
 
     def handle_msg(self, arg: str | None) -> None:
         """``MSG|text`` to #main; after HELLO, ``MSG|#room|text`` to a room (the seed's clients
@@ -4717,10 +4875,10 @@ class ClientSession:
         self._publish("dm", None, text, target)
 
     def handle_dir(self, arg: str | None) -> None:
-        self.reply(encode_users(self.server.users(), structured=self.extended))
+        self.tell(UserList(tuple(self.server.users())))
 
     def handle_ping(self, arg: str | None) -> None:
-        self.reply(b"PONG\n" if arg is None else encode_line("PONG", sanitise_line(arg)))
+        self.tell(Pong(None if arg is None else sanitise_line(arg)))
 
     def handle_quit(self, arg: str | None) -> None:
         """``QUIT|reason``: the reason, cut to MAX_QUIT_REASON characters, goes into everyone's LEAVE
@@ -4729,7 +4887,7 @@ class ClientSession:
         if reason and self.name is not None and not self.quiet \
                 and not self.server.address_budget.charge(self.host, fan_out_cost(self.name, reason)):
             reason = ""
-        self.leave("quit" + (f": {reason}" if reason else ""), b"BYE|goodbye\n")
+        self.leave("quit" + (f": {reason}" if reason else ""), Goodbye("goodbye"))
 
     def _publish(self, kind: str, room: str | None, arg: str | None, recipient: str | None = None) -> None:
         if self.name is None:
@@ -4743,12 +4901,6 @@ class ClientSession:
                                 "this message was dropped")
         self.server.publish(self, kind, text, room=room, recipient=recipient)
         self.last_spoke = time.monotonic()
-
-    def acknowledgement(self, msg: ChatMessage) -> bytes:
-        """MSG_OK: the message is committed (with history) and queued for its readers."""
-        if self.extended:
-            return encode_line("MSG_OK", msg.id, format_timestamp(msg.ts))
-        return b"MSG_OK\n"
 
     def handle_history(self, arg: str | None) -> None:
         """``HISTORY[|#room]|LAST|n``, ``|BEFORE|id|n`` or ``|AFTER|id|n``; no room: #main and your DMs."""
@@ -4818,21 +4970,18 @@ class ClientSession:
         """``SERVERS``: one ``SERVER|id|address|users|beat age|lag|this`` line per server of the
         cluster (one, without a bus), then ``END|SERVERS|n``."""
         servers = self.server.servers()
-        lines = [encode_line("SERVER", s.server_id, s.address, s.users, f"{s.beat_age:.1f}", s.lag,
-                             int(s.this))
-                 for s in servers]
-        self.reply(b"".join(lines) + encode_line("END", "SERVERS", len(servers)))
+        self.tell(*servers, EndOfList("SERVERS", len(servers)))
 
     def handle_oper(self, arg: str | None) -> None:
         """``OPER|password``: the server's operator password makes this connection an operator."""
         self.server.make_operator(self, arg or "")
-        self.reply(b"OPER_OK\n")
+        self.tell(Confirmed("OPER"))
 
     def handle_names(self, arg: str | None) -> None:
         """``NAMES[|#room]``: who is in a room (#main without one)."""
         self._room_command("NAMES", named=False)
         room = self.server.room(validate_room(arg) if arg else MAIN_ROOM)
-        self.reply(encode_users(self.server.users(room.members), structured=True, room=room.name))
+        self.tell(RoomNames(room.name, tuple(self.server.users(room.members))))
 
     def handle_topic(self, arg: str | None) -> None:
         """``TOPIC|#room`` asks; ``TOPIC|#room|text`` sets it (members), and every member hears it."""
@@ -4840,7 +4989,7 @@ class ClientSession:
         name, sep, text = (arg or "").partition("|")
         room = self.server.room(validate_room(name))
         if not sep:
-            self.reply(encode_topic(room.name, room.topic_ts, room.topic_by, room.topic))
+            self.tell(room.topic_event())
             return
         self.server.set_topic(self, room, sanitise_line(unescape_text(text)).strip())
 
@@ -4852,14 +5001,14 @@ class ClientSession:
             raise ProtocolError("missing-argument", "use MARK|#room|<id>")
         room = self.server.room(validate_room(name))
         self.server.mark_read(self, room, _parse_number(number, "MARK"))
-        self.reply(encode_line("MARK_OK", f"#{room.name}", self.markers.get(room.name, 0)))
+        self.tell(Confirmed("MARK", f"#{room.name}|{self.markers.get(room.name, 0)}"))
 
     def handle_close(self, arg: str | None) -> None:
         """``CLOSE|#room``: an empty room goes, with its history (its creator or an operator)."""
         self._room_command("CLOSE")
         name = validate_room(arg)
         self.server.close_room(self, name)
-        self.reply(encode_line("CLOSE_OK", f"#{name}"))
+        self.tell(Confirmed("CLOSE", f"#{name}"))
 
 
 def _optional_room(arg: str | None) -> tuple[str | None, str | None]:
@@ -4957,10 +5106,11 @@ class ChatServer:
         self._threads: list[threading.Thread] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._listener = self._bind(self.config.port)
-        self._irc_listener: socket.socket | None = None  # [server] irc_port: IRC clients only
+        self._gateway_listeners: dict[socket.socket, Gateway] = {}  # a gateway's own port: its clients only
         try:
-            if self.config.irc_port:
-                self._irc_listener = self._bind(self.config.irc_port)
+            for gateway in GATEWAYS.values():
+                if gateway.port(self.config):
+                    self._gateway_listeners[self._bind(gateway.port(self.config))] = gateway
             self.history = self._open_history()
         except ChatError:
             self.server_close()
@@ -4994,7 +5144,6 @@ class ChatServer:
                                          self.config.room_creations)
         self.log: CommitLog = self.bus or LocalLog(self.history, batch_bytes=self.reply_bytes)
         self.marker_store = self.bus or self.history  # where a protected name's read markers are kept
-        self.irc_lines = IrcLineCache()  # room messages in IRC form, made once for all IRC readers
         self._delivered_upto = self.log.last_id           # the newest id fanned out (the commit thread's)
         self._delivered = threading.Condition()           # JOIN waits on it for messages in flight
         self._load_rooms()
@@ -5041,10 +5190,10 @@ class ChatServer:
         stream would repeat it)."""
         return self._delivered_upto
 
-    @property
-    def irc_port(self) -> int | None:
-        """The port of its own that IRC clients may use ([server] irc_port), if there is one."""
-        return self._irc_listener.getsockname()[1] if self._irc_listener is not None else None
+    def gateway_port(self, name: str) -> int | None:
+        """The port of its own that gateway ``name``'s clients may use, if there is one."""
+        return next((listener.getsockname()[1] for listener, gateway in self._gateway_listeners.items()
+                     if gateway.name == name), None)
 
     # --- life cycle ------------------------------------------------------------
 
@@ -5121,7 +5270,7 @@ class ChatServer:
             listener.close()
 
     def _listeners(self) -> list[socket.socket]:
-        return [self._listener] + ([self._irc_listener] if self._irc_listener is not None else [])
+        return [self._listener, *self._gateway_listeners]
 
     def __enter__(self) -> ChatServer:
         return self.start()
@@ -5146,7 +5295,7 @@ class ChatServer:
                         log.error("accept failed: %s", exc.strerror or exc)
                         self._stopping.wait(0.1)
                         continue
-                    self._start_session(sock, address, irc=key.fileobj is self._irc_listener)
+                    self._start_session(sock, address, self._gateway_listeners.get(key.fileobj))
 
     def wrap_connection(self, sock: socket.socket, address: tuple) -> socket.socket:
         """Every accepted socket passes here before it is served (TLS is told apart in the reader)."""
@@ -5154,10 +5303,10 @@ class ChatServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         return sock
 
-    def _start_session(self, sock: socket.socket, address: tuple, irc: bool = False) -> None:
+    def _start_session(self, sock: socket.socket, address: tuple, gateway: Gateway | None = None) -> None:
         session = ClientSession(self, self.wrap_connection(sock, address), address)
-        if irc:
-            session.speak_irc()
+        if gateway is not None:
+            session.speak(gateway)
         refused = self.registry.connect(session)
         if refused is not None:
             log.warning("refused a connection from %s: %s", session.peer, refused)
@@ -5285,7 +5434,7 @@ class ChatServer:
         session.markers = markers
         if not session.quiet:
             session.markers.setdefault(MAIN_ROOM, self.registry.rooms[MAIN_ROOM].last_id)
-        session.reply(b"USER_OK\n")
+        session.tell(Registered())
 
     def depart(self, *sessions: ClientSession, forget: bool = False) -> None:
         """Take ``sessions`` off the member list and out of their rooms, and tell the others; once each.
@@ -5353,9 +5502,9 @@ class ChatServer:
 
     # --- presence ----------------------------------------------------------------------
 
-    def _announce(self, *items: tuple[bytes, ClientSession, Room | None], joined: bool = False,
+    def _announce(self, *items: tuple[ServerEvent, ClientSession, Room | None], joined: bool = False,
                   leaving: bool = False) -> None:
-        """Queue presence lines, each with its subject and room (None: JOIN or LEAVE, for every member);
+        """Queue presence events, each with its subject and room (None: JOIN or LEAVE, for every member);
         the presence thread sends them together.  The Registry calls this under its lock, so the
         lines keep the registry's order.  ``leaving`` (LEAVE lines): the subjects' room lines still
         waiting are dropped, since LEAVE takes them out of every room."""
@@ -5364,9 +5513,9 @@ class ChatServer:
             if leaving:
                 gone = {subject for _, subject, _ in items}
                 self._presence = [item for item in self._presence if item[3] is None or item[2] not in gone]
-            for line, subject, room in items:
+            for event, subject, room in items:
                 seq = next(self._presence_seq)
-                self._presence.append((seq, line, subject, room))
+                self._presence.append((seq, event, subject, room))
                 self._unflushed.add(subject)
                 if joined:
                     subject.presence_seq = seq  # it hears only of what comes after its own JOIN
@@ -5420,28 +5569,42 @@ class ChatServer:
         if not items:
             return []
         everyone = [item for item in items if item[3] is None]
-        by_room: dict[Room, list[tuple[bytes, ClientSession]]] = {}
-        for _, line, subject, room in items:
+        by_room: dict[Room, list[tuple[ServerEvent, ClientSession]]] = {}
+        for _, event, subject, room in items:
             if room is not None:
-                by_room.setdefault(room, []).append((line, subject))
+                by_room.setdefault(room, []).append((event, subject))
         extra: dict[ClientSession, list[bytes]] = {}
-        for room, lines in by_room.items():  # a room's lines to its members, but not to their subjects
-            blob = b"".join(line for line, _ in lines)
-            subjects = {subject for _, subject in lines}
+        for room, events in by_room.items():  # a room's events to its members, but not to their subjects
+            subjects = {subject for _, subject in events}
+            blobs: dict[object, bytes] = {}  # in each encoding, made once
             for s in room.members:
-                if s.extended:
-                    data = blob if s not in subjects else b"".join(
-                        line for line, who in lines if who is not s)
-                    extra.setdefault(s, []).append(data)
-        blob = b"".join(line for _, line, _, _ in everyone)
+                if not s.extended:
+                    continue
+                encoding = s.encoding
+                if s in subjects:
+                    data = encoding.events(event for event, who in events if who is not s)
+                elif (data := blobs.get(encoding.shared)) is None:
+                    data = encoding.events(event for event, _ in events)
+                    if encoding.shared is not None:
+                        blobs[encoding.shared] = data
+                extra.setdefault(s, []).append(data)
         first_seq = everyone[0][0] if everyone else 0
-        offsets = list(itertools.accumulate((len(item[1]) for item in everyone), initial=0))
         seqs = [item[0] for item in everyone]
+        # A mass join: each joiner gets a tail of its encoding's one blob, not a copy of its own.
+        forms: dict[object, tuple[bytes, memoryview, list[int]]] = {}
         ready = []
-        view = memoryview(blob)  # a mass join: each joiner gets a tail of one blob, not a copy of its own
         for s in members:
             if not s.extended:
                 continue
+            encoding = s.encoding
+            form = forms.get(encoding.shared)
+            if form is None:
+                lines = [encoding.event(item[1]) for item in everyone]
+                blob = b"".join(lines)
+                form = (blob, memoryview(blob), list(itertools.accumulate(map(len, lines), initial=0)))
+                if encoding.shared is not None:
+                    forms[encoding.shared] = form
+            blob, view, offsets = form
             if s.presence_seq < first_seq:  # the common case: it was there before all of these
                 data = blob
             else:
@@ -5504,9 +5667,8 @@ class ChatServer:
             if session.owner and store is not None and name not in store.markers(session.key):
                 store.set_marker(session.key, name, session.markers[name])
         self._wait_delivered(self.log.last_id, JOIN_WAIT)
-        topic = encode_topic(room.name, room.topic_ts, room.topic_by, room.topic) if room.topic else b""
-        session.reply(topic + encode_users(self.users(room.members), structured=True, room=name)
-                      + encode_line("JOIN_OK", f"#{name}"))
+        topic = [room.topic_event()] if room.topic else []
+        session.tell(*topic, RoomNames(name, tuple(self.users(room.members))), Confirmed("JOIN", f"#{name}"))
 
     def part_room(self, session: ClientSession, name: str, reason: str) -> None:
         """Take ``session`` out of a room; the EXIT line was paid for with the JOIN, its reason is
@@ -5518,7 +5680,7 @@ class ChatServer:
         forgotten = self.registry.part(session, name, reason)
         if self.bus is not None:
             self.bus.moved(session, "x", room, reason)
-        session.reply(encode_line("PART_OK", f"#{name}"))
+        session.tell(Confirmed("PART", f"#{name}"))
         if forgotten is not None:
             self._retire(forgotten, closing=False)
 
@@ -5543,17 +5705,18 @@ class ChatServer:
         store = self.history.save_room if self.history is not None else None
         if not self.registry.set_topic(room, setter, text, lambda r: store and store(r.record()), ts, seq):
             if session is not None:  # a later one won: the setter is told which
-                session.reply(encode_topic(room.name, room.topic_ts, room.topic_by, room.topic))
+                session.tell(room.topic_event())
             return
-        line = encode_topic(room.name, room.topic_ts, room.topic_by, room.topic)
+        topic = room.topic_event()
         members = self.members()
         with self._fanout_lock:  # the setter's own JOIN and ENTER first
             ready = (self._flush_presence(members, {session.key})
                      if session is not None and session in self._unflushed else [])
-            ready += [s for s in room.members if s.extended and s is not session and s.outbound.put(line)]
+            ready += [s for s in room.members
+                      if s.extended and s is not session and s.outbound.put(s.encoding.event(topic))]
         self.writer.schedule_many(ready)
         if session is not None:
-            session.reply(line)
+            session.tell(topic)
 
     def mark_read(self, session: ClientSession, room: Room, upto: int) -> None:
         upto = min(upto, self._delivered_upto)
@@ -5630,7 +5793,7 @@ class ChatServer:
     def send_rooms(self, session: ClientSession, after: str) -> None:
         """``ROOM|#name|joined|online|messages|unread|mentions|last|topic`` for each room after ``after``
         (by name), then END; at most a reply's bytes, with ``|more`` when some were left out."""
-        lines, size, more = [], 0, False
+        infos, size, more = [], 0, False
         upto = self._delivered_upto
         rooms = sorted((r for r in self.registry.rooms.values() if r.name > after), key=lambda r: r.name)
         for room in rooms:
@@ -5640,15 +5803,14 @@ class ChatServer:
                 marker = session.markers[room.name]
                 if marker < room.last_id:
                     unread, mentioned = self.history.unread(room.name, marker, session.name, upto)
-            line = encode_line("ROOM", f"#{room.name}", int(joined), len(room.members), room.messages,
-                               unread, mentioned, format_timestamp(room.last_ts) if room.last_ts else "",
-                               escape_text(room.topic))
-            size += len(line)
-            if size > self.reply_bytes and lines:
+            info = RoomInfo(room.name, joined, len(room.members), room.messages, unread, mentioned,
+                            room.last_ts, room.topic)
+            size += len(OUR_LINES[RoomInfo](info))  # a reply is bounded by its size in our protocol
+            if size > self.reply_bytes and infos:
                 more = True
                 break
-            lines.append(line)
-        session.reply(b"".join(lines) + encode_line("END", "ROOMS", len(lines), *(["more"] if more else [])))
+            infos.append(info)
+        session.tell(*infos, EndOfList("ROOMS", len(infos), more))
 
 
     # --- the cluster (--bus): what other servers did, applied by the bus's reader thread --------
@@ -5942,16 +6104,20 @@ class ChatServer:
             if last.kind != "dm" and (room := rooms.get(last.room)) is not None:  # a run is in one room
                 room.messages += len(run)
                 room.last_ts, room.last_id = last.ts, last.id
-            lines = [encode_message(p.message) for p in run]
-            seed_lines = ([encode_seed_delivery(p.message) for p in run]
-                          if not all(s.extended for s in audience) else lines)
-            blob, seed_blob = b"".join(lines), b"".join(seed_lines)
-            run_senders = []  # (session, its list, its form of each line)
+            forms: dict[object, tuple[list[bytes], bytes]] = {}  # the run in each encoding: made once
+            run_senders = []  # (session, its list, its form of each message)
             for s in audience:
+                encoding = s.encoding
+                form = forms.get(encoding.shared)
+                if form is None:
+                    lines = [encoding.message(p.message) for p in run]
+                    form = (lines, b"".join(lines))
+                    if encoding.shared is not None:
+                        forms[encoding.shared] = form
                 if s in senders:
-                    run_senders.append((s, parts.setdefault(s, []), lines if s.extended else seed_lines))
+                    run_senders.append((s, parts.setdefault(s, []), form[0]))
                 else:
-                    parts.setdefault(s, []).append(blob if s.extended else seed_blob)
+                    parts.setdefault(s, []).append(form[1])
             for i, pending in enumerate(run):
                 sender = pending.sender
                 for s, chunks, form in run_senders:
@@ -5961,7 +6127,7 @@ class ChatServer:
                     continue
                 own = parts.setdefault(sender, [])
                 sender.in_flight -= 1
-                own.append(sender.acknowledgement(pending.message))
+                own.append(sender.encoding.acknowledge(pending.message))
                 own.extend(pending.after)
                 if pending.forced:
                     forced.add(sender)
@@ -5981,7 +6147,7 @@ class ChatServer:
                 sender.in_flight -= 1
                 if sender.last_pending is pending:
                     sender.last_pending = None
-                data = encode_error(code, ERROR_CODES[code]) + b"".join(pending.after)
+                data = sender.encoding.event(ErrorReply(code, ERROR_CODES[code])) + b"".join(pending.after)
                 if sender.outbound.put(data, pending.forced):
                     ready.append(sender)
             self._mark_delivered(batch[-1].message.id)
@@ -6018,8 +6184,7 @@ class ChatServer:
             session.disconnect("sendq exceeded", level=logging.WARNING)
             return
         messages, more = query(self.history, self._delivered_upto, self.reply_bytes)
-        end = encode_line("END", kind, len(messages), *(["more"] if more else []))
-        session.reply(b"".join(map(encode_message, messages)) + end)
+        session.tell(HistoryPage(kind, tuple(messages), more))
 
     # --- timeouts ----------------------------------------------------------------------
 
@@ -6034,12 +6199,12 @@ class ChatServer:
                     continue
                 unnamed_for = now - s.connected_at if s.name is None else 0.0
                 if config.register_timeout and unnamed_for > config.register_timeout:
-                    s.reply(encode_error("register-timeout", "no USER in time"))
+                    s.tell(ErrorReply("register-timeout", "no USER in time"))
                     s.disconnect("register timeout")
                 elif config.idle_timeout and now - s.last_active > config.idle_timeout:
                     s.disconnect("idle timeout")
-                elif s.irc is not None and config.idle_timeout:
-                    s.irc.keep_alive(now - s.last_active, config.idle_timeout)
+                elif s.gate is not None and config.idle_timeout:
+                    s.gate.keep_alive(now - s.last_active, config.idle_timeout)
 
 
 ChatServer.CLUSTER_EVENTS = {  # the first field of a bus event -> its handler
@@ -6094,10 +6259,11 @@ def serve_until_signalled(server: ChatServer) -> None:
                      server.bus.cluster)
         server.start()  # listening from here on: only now may the log line say so
         log.info("chatctl %s listening on %s:%d (config: %s)", __version__, host, port, files)
-        if server.config.irc:
-            log.info("IRC clients welcome on port %d too", port)
-        if server.irc_port:
-            log.info("IRC clients welcome on %s:%d", host, server.irc_port)
+        for gateway in GATEWAYS.values():
+            if gateway.enabled(server.config):
+                log.info("%s clients welcome on port %d too", gateway.name.upper(), port)
+            if own_port := server.gateway_port(gateway.name):
+                log.info("%s clients welcome on %s:%d", gateway.name.upper(), host, own_port)
         server.serve_forever()
     except KeyboardInterrupt:
         log.info("shutting down")
@@ -6110,11 +6276,13 @@ def serve_until_signalled(server: ChatServer) -> None:
 # =============================================================================
 # 9. IRC gateway
 # =============================================================================
-# serve --irc: IRC clients (weechat, irssi, HexChat, phone apps) in the same rooms.  An IRC connection
-# is a ClientSession like any other (the same registry, rooms, limits, history and TLS): its IrcGate
-# turns each IRC line into the call a line of our own protocol would make, and everything the server
-# queues for it (lines of our protocol) into IRC lines on the way out (IrcOutbound).  Rooms are
-# channels, names are nicks, direct messages are private messages.
+# IRC clients (weechat, irssi, HexChat, phone apps) in the same rooms, on the chat's port (told apart
+# by their first line) or one of their own.  An IRC connection is a ClientSession like any other (the
+# same registry, rooms, limits, history and TLS): its IrcGate turns each IRC line into the call a line
+# of our own protocol would make, and is the session's Encoding: the server's events go out as IRC
+# lines, a room message's made once for every IRC reader with the same capabilities.  Rooms are
+# channels, names are nicks, direct messages are private messages.  The gateway registers itself
+# with the server (register_gateway, at the end of this section).
 
 IRC_SERVER = "chatctl"               # the server's name in IRC prefixes
 IRC_HOST = "chatctl"                 # every nick's host part: addresses are not shown
@@ -6210,58 +6378,16 @@ def irc_time(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
 
 
-class IrcLineCache:
-    """Room messages as IRC lines, made once for all the IRC readers of a room: their IRC form depends
-    only on two capabilities (server-time, message-tags), not on who reads it.
-
-    Owned by the ChatServer; any thread that queues for an IRC session uses it, under ``_lock``.
-    Holds IRC_CACHE_LINES messages at most, the oldest let go first.
-    """
-
-    def __init__(self):
-        import collections
-
-        self._lock = threading.Lock()
-        self._lines: collections.OrderedDict[tuple[bytes, bool, bool], bytes] = collections.OrderedDict()
-
-    def get(self, key: tuple[bytes, bool, bool]) -> bytes | None:
-        with self._lock:
-            return self._lines.get(key)
-
-    def put(self, key: tuple[bytes, bool, bool], lines: bytes) -> None:
-        with self._lock:
-            self._lines[key] = lines
-            if len(self._lines) > IRC_CACHE_LINES:
-                self._lines.popitem(last=False)
-
-
-class IrcOutbound(OutboundQueue):
-    """An IRC session's SendQ: what the server queues in our protocol goes in as IRC lines."""
-
-    __slots__ = ("gate",)
-
-    def __init__(self, limit: int, gate: IrcGate):
-        super().__init__(limit)
-        self.gate = gate
-
-    def put(self, data: bytes | memoryview, force: bool = False) -> bool:
-        irc = self.gate.outgoing(data)
-        return super().put(irc, force) if irc else False
-
-    def put_irc(self, data: bytes) -> bool:
-        """IRC lines the gate made itself (replies no handler gives)."""
-        return super().put(data)
-
-
-class IrcGate:
-    """The IRC side of one ClientSession.
+class IrcGate(Encoding):
+    """The IRC side of one ClientSession: IRC lines in, and the server's events out as IRC lines.
 
     ``handle`` runs on the session's reader thread: it answers what IRC alone
     needs (CAP, PING, MODE, WHOIS) and calls the session's handlers for the
-    rest.  ``outgoing`` runs on whichever thread queues for the session (its
-    reader, the fan-out, presence): it turns our lines into IRC lines.  What
-    both touch (the requests waiting for an answer, the echo queue, the
-    capabilities) is under ``_lock``; the registration fields are the reader's.
+    rest.  As the session's Encoding, ``message``, ``acknowledge`` and
+    ``event`` run on whichever thread tells the session something (its
+    reader, the fan-out, presence).  What both touch (the requests waiting
+    for an answer, the capabilities) is under ``_lock``; the registration
+    fields are the reader's.
     """
 
     def __init__(self, session: ClientSession):
@@ -6276,7 +6402,6 @@ class IrcGate:
         self.pinged = False                  # the server's own PING is out (keep_alive)
         self.caps: set[str] = set()
         self._lock = threading.Lock()
-        self._echo: list[tuple[str, str, str]] = []   # (kind, target, text) awaiting MSG_OK, oldest first
         self._joins: dict[str, list[bytes]] = {}      # rooms joining: their TOPIC and NAMES lines, held
         self._parting: dict[str, str] = {}            # rooms leaving: the reason, for the PART line
         self._asked: dict[str, list[str]] = {}        # verb -> what each request of it was for, oldest first
@@ -6301,9 +6426,7 @@ class IrcGate:
 
     def send(self, *lines: str) -> None:
         """IRC lines to the client, each cut to IRC's length (tags apart)."""
-        data = b"".join(self._fit(line) for line in lines)
-        if self.session.outbound.put_irc(data):
-            self.session.server.writer.schedule(self.session)
+        self.session.write(b"".join(self._fit(line) for line in lines))
 
     @staticmethod
     def _fit(line: str) -> bytes:
@@ -6577,17 +6700,14 @@ class IrcGate:
             try:
                 if target.startswith("#"):
                     room = validate_room(target)
-                    self._echo_later("ME" if kind == "ME" else "MSG", f"#{room}", text)
                     self.call(kind, f"#{room}|{escape_text(text)}")
                 elif kind == "ME":
                     self.notice("/me works in channels; direct messages have no actions here")
                 elif "|" in target:  # not a name: and our DM would read the rest as its text
                     self.numeric("401", target[:40], "No such nick")
                 else:
-                    self._echo_later("DM", target, text)
                     self.call("DM", f"{target}|{escape_text(text)}")
             except ProtocolError as exc:
-                self._echo_cancel()
                 if notice:
                     continue  # a NOTICE never gets an automatic answer
                 code = IRC_NUMERICS.get(exc.code)
@@ -6600,15 +6720,6 @@ class IrcGate:
 
     def irc_notice(self, params: tuple[str, ...]) -> None:
         self.irc_privmsg(params, notice=True)
-
-    def _echo_later(self, kind: str, target: str, text: str) -> None:
-        with self._lock:
-            self._echo.append((kind, target, text))
-
-    def _echo_cancel(self) -> None:
-        with self._lock:
-            if self._echo:
-                self._echo.pop()
 
     def irc_topic(self, params: tuple[str, ...]) -> None:
         if not params:
@@ -6666,8 +6777,8 @@ class IrcGate:
             if rooms:
                 self.numeric("319", name, " ".join(f"#{r}" for r in rooms))
             self.numeric("312", name, IRC_SERVER, "chatctl")
-            gate = getattr(holder, "irc", None)
-            if gate is not None and gate.away:
+            gate = getattr(holder, "gate", None)
+            if isinstance(gate, IrcGate) and gate.away:
                 self.numeric("301", name, gate.away)
             if getattr(holder, "owner", False):
                 self.numeric("330", name, name, "is logged in as")
@@ -6756,42 +6867,34 @@ class IrcGate:
             return self.session.server.history.id_at(ts, after) if ts > 0 else None
         return None
 
-    # --- out: our lines to IRC lines (any thread that queues for the session) --------------------
+    # --- out: the server's events as IRC lines (any thread that tells the session something) ----------
 
-    def outgoing(self, data: bytes | memoryview) -> bytes:
-        """What the server queued in our protocol, as IRC lines (empty: nothing for an IRC client)."""
-        data = bytes(data)  # presence lines come as a memoryview of a shared buffer
-        lines = data.split(b"\n")
-        if b"END|HISTORY|" in data:  # a HISTORY answer is one block: its messages, then its END
-            return self._history(lines)
-        cache = self.session.server.irc_lines
-        form = ("server-time" in self.caps, "message-tags" in self.caps)  # what a room line's IRC form needs
-        out = []
-        for raw in lines:
-            if raw.startswith((b"MSG|#", b"ME|#")):  # the same for every IRC reader with these capabilities
-                key = (raw, *form)
-                if (irc := cache.get(key)) is None:
-                    irc = self._irc_lines(raw, "")
-                    cache.put(key, irc)
-                out.append(irc)
-            elif raw:
-                out.append(self._irc_lines(raw, ""))
-        return b"".join(out)
+    @property
+    def shared(self) -> tuple:
+        """A room message's or a presence event's IRC form depends on these alone, not on the reader."""
+        caps = self.caps
+        return ("irc", "server-time" in caps, "message-tags" in caps, MAIN_ROOM in self.session.rooms)
 
-    def _irc_lines(self, raw: bytes, batch: str, conversation: str = "") -> bytes:
-        """One line of ours as IRC lines; ``conversation``: keep only that nick's direct messages."""
-        try:
-            event = parse_event(raw.decode("utf-8"))
-        except (ValueError, ProtocolError):
+    def message(self, msg: ChatMessage) -> bytes:
+        if msg.kind == "dm":
+            own = name_key(msg.sender) == name_key(self.nick)
+            lines = self._privmsgs(msg, msg.recipient if own else self.nick, "")
+        else:
+            lines = self._privmsgs(msg, f"#{msg.room}", "")  # (a room's lines go to its members only)
+        return b"".join(map(self._fit, lines))
+
+    def acknowledge(self, msg: ChatMessage) -> bytes:
+        """echo-message: our own message back, as stored (what the others got)."""
+        if "echo-message" not in self.caps:
             return b""
-        if conversation and not (isinstance(event, Delivered) and event.message.kind == "dm"
-                                 and conversation in (name_key(event.message.sender),
-                                                      name_key(event.message.recipient or ""))):
-            return b""
+        target = msg.recipient if msg.kind == "dm" else f"#{msg.room}"
+        return b"".join(map(self._fit, self._privmsgs(msg, target, "")))
+
+    def event(self, event: ServerEvent) -> bytes:
         handler = IRC_EVENTS.get(type(event))
-        return b"".join(self._fit(line) for line in handler(self, event, batch)) if handler else b""
+        return b"".join(self._fit(line) for line in handler(self, event, "")) if handler else b""
 
-    def _history(self, lines: list[bytes]) -> bytes:
+    def out_history(self, event: HistoryPage, batch: str) -> list[str]:
         """A HISTORY answer: a CHATHISTORY batch, or the replay on JOIN (plain lines with their times)."""
         with self._lock:
             asked = self._asked.get("HISTORY")
@@ -6801,11 +6904,19 @@ class IrcGate:
         target = purpose.partition(" ")[2]
         nick = purpose.startswith("chathistory") and not target.startswith("#")
         conversation = name_key(target) if nick else ""
-        body = b"".join(self._irc_lines(raw, batch, conversation) for raw in lines
-                        if raw.startswith((b"MSG|", b"ME|", b"DM|")))
+        lines = []
+        for msg in event.messages:
+            if conversation and not (msg.kind == "dm" and conversation in (name_key(msg.sender),
+                                                                          name_key(msg.recipient or ""))):
+                continue
+            if msg.kind == "dm":
+                own = name_key(msg.sender) == name_key(self.nick)
+                lines += self._privmsgs(msg, msg.recipient if own else self.nick, batch)
+            else:
+                lines += self._privmsgs(msg, f"#{msg.room}", batch)
         if not batch:
-            return body
-        return self._fit(f"BATCH +{batch} chathistory {target}") + body + self._fit(f"BATCH -{batch}")
+            return lines
+        return [f"BATCH +{batch} chathistory {target}", *lines, f"BATCH -{batch}"]
 
     def _tags(self, msg: ChatMessage | None, batch: str, part: int = 0, ts: float | None = None) -> str:
         tags = []
@@ -6830,28 +6941,12 @@ class IrcGate:
                 part += 1
         return out
 
-    def out_delivered(self, event: Delivered, batch: str) -> list[str]:
-        msg = event.message
-        if msg.kind == "dm":
-            own = name_key(msg.sender) == name_key(self.nick)
-            return self._privmsgs(msg, msg.recipient if own else self.nick, batch)
-        return self._privmsgs(msg, f"#{msg.room}", batch)  # (the server sends a room's lines to members only)
-
-    def out_acknowledged(self, event: Acknowledged, batch: str) -> list[str]:
-        with self._lock:
-            sent = self._echo.pop(0) if self._echo else None
-        if sent is None or "echo-message" not in self.caps or not event.id:
-            return []
-        kind, target, text = sent
-        msg = ChatMessage(event.id, event.ts or time.time(), self.nick, text,
-                          {"MSG": "msg", "ME": "me", "DM": "dm"}[kind], None, target.lstrip("#"))
-        return self._privmsgs(msg, target, batch)
-
     def out_registered(self, event: Registered, batch: str) -> list[str]:
         return []  # USER_OK: the welcome follows once CAP negotiation is over (_register)
 
+    # Presence: the same for every reader with the same ``shared`` (its own never reaches it).
     def out_joined(self, event: Joined, batch: str) -> list[str]:
-        if name_key(event.name) == name_key(self.nick) or MAIN_ROOM not in self.session.rooms:
+        if MAIN_ROOM not in self.session.rooms:
             return []
         return [self._tags(None, "", ts=event.ts) + f"{source(event.name)} JOIN #{MAIN_ROOM}"]
 
@@ -6859,13 +6954,9 @@ class IrcGate:
         return [self._tags(None, "", ts=event.ts) + f"{source(event.name)} QUIT :{event.reason}"]
 
     def out_entered(self, event: Entered, batch: str) -> list[str]:
-        if name_key(event.name) == name_key(self.nick):
-            return []
         return [self._tags(None, "", ts=event.ts) + f"{source(event.name)} JOIN #{event.room}"]
 
     def out_exited(self, event: Exited, batch: str) -> list[str]:
-        if name_key(event.name) == name_key(self.nick):
-            return []
         return [self._tags(None, "", ts=event.ts)
                 + f"{source(event.name)} PART #{event.room} :{event.reason}"]
 
@@ -6964,10 +7055,6 @@ class IrcGate:
         return []
 
     def out_error(self, event: ErrorReply, batch: str) -> list[str]:
-        with self._lock:
-            if event.code in ("rate-limited", "storage-failed", "bus-unavailable", "unknown-user",
-                              "not-in-room", "empty-message") and self._echo:
-                self._echo.pop(0)  # a message refused after it was accepted for commit
         code = IRC_NUMERICS.get(event.code)
         if code is not None and code not in ("433", "432", "464"):
             return [f":{IRC_SERVER} {code} {self.nick or '*'} * :{event.text}"]
@@ -6979,10 +7066,7 @@ class IrcGate:
         return [f"ERROR :Closing link: {event.reason}"]
 
     def out_pong(self, event: Pong, batch: str) -> list[str]:
-        return [f":{IRC_SERVER} PONG {IRC_SERVER} :{event.token}"]
-
-    def out_unknown(self, event: UnknownLine, batch: str) -> list[str]:
-        return [f":{IRC_SERVER} NOTICE {self.nick or '*'} :{event.line}"]
+        return [f":{IRC_SERVER} PONG {IRC_SERVER} :{event.token or ''}"]
 
 
 IrcHandler = Callable[[IrcGate, tuple[str, ...]], None]
@@ -6995,14 +7079,14 @@ IRC_COMMANDS: dict[str, IrcHandler] = {
     "AWAY": IrcGate.irc_away, "MODE": IrcGate.irc_mode, "MOTD": IrcGate.irc_motd, "ISON": IrcGate.irc_ison,
     "USERHOST": IrcGate.irc_userhost, "CHATHISTORY": IrcGate.irc_chathistory,
 }
+register_gateway(Gateway("irc", sniff=looks_like_irc, enabled=lambda config: config.irc,
+                         port=lambda config: config.irc_port, attach=IrcGate))
 IRC_EVENTS: dict[type, Callable[[IrcGate, object, str], list[str]]] = {
-    Delivered: IrcGate.out_delivered, Acknowledged: IrcGate.out_acknowledged,
-    Registered: IrcGate.out_registered,
+    Registered: IrcGate.out_registered, HistoryPage: IrcGate.out_history,
     Joined: IrcGate.out_joined, Left: IrcGate.out_left, Entered: IrcGate.out_entered,
     Exited: IrcGate.out_exited, Topic: IrcGate.out_topic, RoomNames: IrcGate.out_names,
     Confirmed: IrcGate.out_confirmed, RoomInfo: IrcGate.out_room, EndOfList: IrcGate.out_end,
     ErrorReply: IrcGate.out_error, Goodbye: IrcGate.out_goodbye, Pong: IrcGate.out_pong,
-    UnknownLine: IrcGate.out_unknown,
 }
 
 

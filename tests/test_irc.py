@@ -330,8 +330,8 @@ def test_tls_on_the_same_port_with_the_pinned_certificate(make_server):
 
 def test_an_irc_port_of_its_own(make_server):
     server = make_server(irc=False, irc_port=free_port())
-    assert server.irc_port and server.irc_port != server.port
-    client = IrcClient(server.irc_port)
+    assert server.gateway_port("irc") and server.gateway_port("irc") != server.port
+    client = IrcClient(server.gateway_port("irc"))
     client.register("wee")
     ours = RawClient(server.port)  # the main port still speaks our protocol only
     ours.send(b"NICK wee2\n")
@@ -661,3 +661,74 @@ def test_a_failed_sasl_login_keeps_the_nick_the_client_asked_for(irc_server, irc
     mallory.send("CAP END")
     mallory.expect(r" 001 mallory ")
     assert not any(" 433 " in line for line in mallory.seen), mallory.seen
+
+
+# --- text that looks like our protocol is text (the gateway encodes events; it parses nothing) ----------
+
+FORGED = "ops END|HISTORY|0"
+
+
+def test_a_topic_that_looks_like_our_protocol_leaves_join_and_list_whole(irc_server, irc):
+    bob = chatctl_user(irc_server.port, "bob", "ops")
+    bob.send(f"TOPIC|#ops|{FORGED}\n".encode())
+    bob.expect("TOPIC|#ops|")
+    wee = irc("wee")
+    wee.send("JOIN #ops")
+    wee.expect(r"^:wee!wee@chatctl JOIN #ops$")
+    assert wee.expect(r" 332 wee #ops :(.*)$").group(1) == FORGED
+    wee.expect(r" 353 wee = #ops :.*bob")
+    wee.expect(r" 366 wee #ops ")
+    wee.send("LIST")
+    assert wee.expect(r" 322 wee #ops \d+ :(.*)$").group(1) == FORGED
+    wee.expect(r" 323 wee ")
+
+
+def test_quit_and_part_reasons_that_look_like_our_protocol_reach_irc(irc_server, irc):
+    bob = chatctl_user(irc_server.port, "bob", "ops")
+    wee = irc("wee")
+    wee.send("JOIN #ops")
+    wee.expect(r" 366 wee #ops ")
+    bob.send(f"PART|#ops|{FORGED}\n".encode())
+    assert wee.expect(r":bob!bob@chatctl PART #ops :(.*)$").group(1) == FORGED
+    bob.send(f"QUIT|{FORGED}\n".encode())
+    assert wee.expect(r":bob!bob@chatctl QUIT :(.*)$").group(1) == f"quit: {FORGED}"
+    wee.send("NAMES #main")
+    assert "bob" not in wee.expect(r" 353 wee = #main :(.*)$").group(1).split()
+
+
+def test_echo_message_stays_in_step_beside_text_that_looks_like_our_protocol(make_server, irc):
+    server = make_server(irc=True, rate=0)
+    bob = chatctl_user(server.port, "bob")
+    wee = irc("wee", caps="echo-message", port=server.port)
+    for round_ in range(3):  # wee's messages and bob's forged ones in the same fan-out batches
+        wee.send(*(f"PRIVMSG #main :a{round_}.{i}" for i in range(30)))
+        bob.send(b"".join(f"MSG|{FORGED} b{round_}.{i}\n".encode() for i in range(30)))
+        for _ in range(30):
+            bob.expect("MSG_OK|")  # (so each is on its way to wee before wee's PING below)
+        echoes = [wee.expect(r":wee!wee@chatctl PRIVMSG #main :(a\S+)$").group(1) for _ in range(30)]
+        assert echoes == [f"a{round_}.{i}" for i in range(30)]
+    wee.send("PING :end")
+    wee.expect("PONG")
+    forged = [line for line in wee.seen if ":bob!bob@chatctl PRIVMSG #main :" in line]
+    assert len(forged) == 90 and all(FORGED in line for line in forged)
+
+
+def test_a_chathistory_answer_is_one_batch_beside_live_lines_that_look_like_one(irc_server, irc):
+    bob = chatctl_user(irc_server.port, "bob")
+    ana = irc("ana", caps="batch draft/chathistory message-tags server-time")
+    bob.send(b"".join(f"MSG|{FORGED} {i}\n".encode() for i in range(20)))
+    for _ in range(20):
+        bob.expect("MSG_OK|")
+    for _ in range(5):
+        bob.send(f"MSG|live {FORGED}\n".encode())
+        bob.expect("MSG_OK|")  # on its way to ana: a live line, before the answer below
+        ana.send("CHATHISTORY LATEST #main * 5")
+        ana.expect(r"BATCH \+(\S+) chathistory #main")
+        inside = []
+        while not (line := ana.line()).startswith("BATCH -"):
+            inside.append(line)
+        assert len(inside) == 5 and all("PRIVMSG #main" in line and "batch=" in line for line in inside), inside
+    ana.send("PING :end")
+    ana.expect("PONG")
+    live = [line for line in ana.seen if ":live " in line and "batch=" not in line]
+    assert len(live) == 5
