@@ -727,7 +727,8 @@ def test_a_chathistory_answer_is_one_batch_beside_live_lines_that_look_like_one(
         inside = []
         while not (line := ana.line()).startswith("BATCH -"):
             inside.append(line)
-        assert len(inside) == 5 and all("PRIVMSG #main" in line and "batch=" in line for line in inside), inside
+        assert len(inside) == 5, inside
+        assert all("PRIVMSG #main" in line and "batch=" in line for line in inside), inside
     ana.send("PING :end")
     ana.expect("PONG")
     live = [line for line in ana.seen if ":live " in line and "batch=" not in line]
