@@ -30,10 +30,11 @@ Contents, in dependency order (search for the banner to jump):
                               Gateway
    10. Client                 ChatConnection, one-shot helpers, RoomsModel, LiveSession (the link),
                               ChatClient (the chat behind join and tui, no terminal in it)
-   11. Rendering              tables for one-shot commands; join's front-end (JoinClient)
-   12. Full-screen client     tui (a Textual app over ChatClient) and web (the same app in a browser)
-   13. CLI                    thin click commands over the objects above
-   14. main()
+   11. Load generator         LoadGenerator (chatctl bench)
+   12. Rendering              tables for one-shot commands; join's front-end (JoinClient)
+   13. Full-screen client     tui (a Textual app over ChatClient) and web (the same app in a browser)
+   14. CLI                    thin click commands over the objects above
+   15. main()
 """
 
 from __future__ import annotations
@@ -1301,6 +1302,26 @@ _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
                "false": False, "no": False, "off": False, "0": False}
 
 
+def parse_fingerprint(text: str) -> str:
+    """A fingerprint as the user gives it (``SHA256:base64`` or hex, colons allowed), normalised."""
+    import base64
+    import binascii
+
+    text = text.strip()
+    body = text[7:] if text.upper().startswith("SHA256:") else text
+    hexed = body.replace(":", "")
+    try:
+        if len(hexed) == 64:
+            digest = bytes.fromhex(hexed)
+        else:
+            digest = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    except (ValueError, binascii.Error):
+        digest = b""
+    if len(digest) != 32:
+        raise TlsError(f"not a SHA-256 fingerprint: {text!r} (expected SHA256:<base64> or 64 hex digits)")
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
 def validate_cluster(text: str) -> str:
     """A cluster name: it goes into Redis key names, so letters, digits, '_', '-' and '.' only."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", text):
@@ -2472,26 +2493,6 @@ def certificate_fingerprint(der: bytes) -> str:
     import hashlib
 
     return "SHA256:" + base64.b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
-
-
-def parse_fingerprint(text: str) -> str:
-    """A fingerprint as the user gives it (``SHA256:base64`` or hex, colons allowed), normalised."""
-    import base64
-    import binascii
-
-    text = text.strip()
-    body = text[7:] if text.upper().startswith("SHA256:") else text
-    hexed = body.replace(":", "")
-    try:
-        if len(hexed) == 64:
-            digest = bytes.fromhex(hexed)
-        else:
-            digest = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
-    except (ValueError, binascii.Error):
-        digest = b""
-    if len(digest) != 32:
-        raise TlsError(f"not a SHA-256 fingerprint: {text!r} (expected SHA256:<base64> or 64 hex digits)")
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
 def generate_certificate(cert_path: Path, key_path: Path) -> None:
@@ -7526,271 +7527,6 @@ def fetch_history(config: ClientConfig, name: str | None = None, limit: int = 20
         return conn.history("LAST", str(limit), room=room)
 
 
-# --- chatctl bench: a load generator for operators -------------------------------------------
-
-BENCH_MARKER = b"|~B"        # starts the text of every bench message: counted, never parsed, by most readers
-BENCH_WINDOW = 16            # unacknowledged messages a sender may have out (unpaced runs)
-BENCH_DRAIN = 2.0            # seconds without progress after the last send before the rest count as lost
-
-
-@dataclass
-class BenchResult:
-    clients: int
-    senders: int
-    messages: int
-    payload: int
-    rate: float
-    sent: int = 0
-    expected: int = 0
-    received: int = 0
-    lost: int = 0
-    duplicates: int = 0
-    disconnects: int = 0
-    refused: int = 0          # messages the server answered with ERR: not lost, never sent on
-    rate_limited: int = 0     # of those, refused for the rate limit
-    duration_s: float = 0.0
-    deliveries_per_s: float = 0.0
-    messages_per_s: float = 0.0
-    latency_ms: dict[str, float] = field(default_factory=dict)
-
-
-class _BenchClient:
-    """One connection of the load: its socket (and TLS channel), what it owes the server, what it got."""
-
-    __slots__ = ("acked", "channel", "index", "lines", "out", "received", "sent", "sock", "tail")
-
-    def __init__(self, index: int, conn: ChatConnection):
-        self.index = index
-        self.lines = conn._buffer.count(b"\n")  # JOIN notices read along with USER_OK
-        if isinstance(conn.sock, TlsSocket):
-            self.sock, self.channel = conn.sock.sock, conn.sock.channel
-        else:
-            self.sock, self.channel = conn.sock, None
-        self.sock.setblocking(False)
-        self.out = bytearray()
-        self.tail = b""           # the last bytes of the previous read: a marker may straddle two reads
-        self.received = self.sent = self.acked = 0
-
-
-def _count(tail: bytes, data: bytes, token: bytes) -> int:
-    """Occurrences of ``token`` in ``data``, and those that began at the end of the read before it."""
-    k = len(token) - 1
-    return data.count(token) + (tail[-k:] + data[:k]).count(token)
-
-
-class LoadGenerator:
-    """Connects ``clients`` clients, lets ``senders`` of them send ``messages`` each, and counts.
-
-    Every client counts the bench messages it reads with bytes.count(), with
-    no Python loop per delivery; one client (the probe) also parses each
-    line for latency and duplicates.  Unpaced, a sender keeps BENCH_WINDOW
-    messages unacknowledged; with ``rate`` the senders share that many
-    messages a second between them.
-    """
-
-    def __init__(self, config: ClientConfig, clients: int, senders: int, messages: int,
-                 payload: int = 64, rate: float = 0.0, time_limit: float = 120.0):
-        self.config = config
-        self.result = BenchResult(clients, min(senders, clients), messages, payload, rate)
-        self.time_limit = time_limit
-        self.prefix = f"bench{os.getpid() % 100000}x"
-
-    def connect(self, progress: Callable[[str, int, int], None] | None = None) -> list[_BenchClient]:
-        config, n = self.config, self.result.clients
-        tls = ClientTls(config.cafile, config.tls_fingerprint, None, None) if config.tls else None
-        clients = []
-        try:
-            for i in range(n):
-                conn = ChatConnection(config.host, config.port, config.timeout, tls)
-                clients.append(conn)
-                conn.hello()  # the extended form: every delivery carries the marker after a '|'
-                if config.password:
-                    conn.authenticate(config.password)
-                conn.register(f"{self.prefix}{i}")
-                if progress is not None:
-                    progress("connecting", i + 1, n)
-        except ChatError:
-            for conn in clients:
-                conn.sock.close()
-            raise
-        return self._settle([_BenchClient(i, conn) for i, conn in enumerate(clients)])
-
-    def _settle(self, clients: list[_BenchClient]) -> list[_BenchClient]:
-        """Read the JOIN notices of the clients that registered later, so what follows is all load."""
-        selector = selectors.DefaultSelector()
-        waiting = {}
-        for c in clients:
-            c.lines -= len(clients) - 1 - c.index  # the notices still to come, as a negative count
-            if c.lines < 0:
-                selector.register(c.sock, selectors.EVENT_READ, c)
-                waiting[c.index] = c
-        deadline = time.monotonic() + self.config.timeout
-        while waiting and time.monotonic() < deadline:
-            for key, _ in selector.select(0.1):
-                c = key.data
-                data = self._read(c)
-                c.lines += data.count(b"\n") if data else 0
-                if data is None or c.lines >= 0:
-                    selector.unregister(c.sock)
-                    waiting.pop(c.index)
-        selector.close()
-        return clients
-
-    def run(self, progress: Callable[[str, int, int], None] | None = None) -> BenchResult:
-        clients = self.connect(progress)
-        try:
-            return self._drive(clients, progress)
-        finally:
-            for c in clients:
-                c.sock.close()
-
-    def _message(self, sender: int, seq: int) -> bytes:
-        head = f"MSG|~B{sender}.{seq}.{time.monotonic_ns()}.".encode()
-        return head + b"x" * max(0, self.result.payload - len(head) + 4) + b"\n"
-
-    def _drive(self, clients: list[_BenchClient], progress) -> BenchResult:
-        r = self.result
-        senders = clients[:r.senders]
-        probe = clients[-1]                       # a reader that is not a sender, if there is one
-        r.expected = r.senders * r.messages * (r.clients - 1)
-        latencies: list[int] = []
-        seen: set[tuple[int, int]] = set()
-        probe_buffer = b""
-        received = 0
-        selector = selectors.DefaultSelector()
-        for c in clients:
-            selector.register(c.sock, selectors.EVENT_READ, c)
-        started = last_progress = time.monotonic()
-        deadline = started + self.time_limit
-        shown = 0.0
-        buffer = bytearray(1 << 18)
-        plain_readers = {c for c in clients[r.senders:] if c.channel is None and c is not probe}
-        while True:
-            now = time.monotonic()
-            for s in senders:   # top up each sender: its window, or its share of the rate
-                allowed = r.messages
-                if r.rate:
-                    allowed = min(allowed, int((now - started) * r.rate / r.senders) + 1)
-                else:
-                    allowed = min(allowed, s.acked + BENCH_WINDOW)
-                if s.sent < allowed:
-                    chunk = b"".join(self._message(s.index, q) for q in range(s.sent, allowed))
-                    s.out += chunk if s.channel is None else s.channel.seal(chunk)
-                    r.sent += allowed - s.sent
-                    s.sent = allowed
-                if s.out:
-                    self._flush(s)
-            for key, _ in selector.select(0.01 if r.rate else 0.05):
-                c = key.data
-                if c in plain_readers:  # every line is a delivery: count newlines, copy nothing
-                    try:
-                        size = c.sock.recv_into(buffer)
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    except OSError:
-                        size = 0
-                    if size:
-                        count = buffer.count(b"\n", 0, size)
-                        c.received += count
-                        received += count
-                        last_progress = now
-                        continue
-                    selector.unregister(c.sock)
-                    r.disconnects += 1
-                    continue
-                data = self._read(c)
-                if data is None:
-                    selector.unregister(c.sock)
-                    r.disconnects += 1
-                    continue
-                count = _count(c.tail, data, BENCH_MARKER)
-                if count:
-                    c.received += count
-                    received += count
-                    last_progress = now
-                if c.index < r.senders:  # a refused message is settled too
-                    refused = _count(c.tail, data, b"ERR|")
-                    c.acked += _count(c.tail, data, b"MSG_OK") + refused
-                    r.refused += refused
-                    r.expected -= refused * (r.clients - 1)
-                    r.rate_limited += _count(c.tail, data, b"rate-limited")
-                c.tail = (c.tail + data)[-16:] if len(data) < 16 else data[-16:]
-                if c is probe:
-                    probe_buffer = self._probe(probe_buffer + data, latencies, seen, r)
-            r.received = received
-            if progress is not None and now - shown > 0.1:
-                progress("delivering", r.received, r.expected)
-                shown = now
-            done_sending = r.sent >= r.senders * r.messages and not any(s.out for s in senders)
-            if r.received >= r.expected and done_sending:
-                break
-            if (done_sending and now - last_progress > BENCH_DRAIN) or now > deadline:
-                break
-            if r.rate_limited and r.received == 0 and now - started > BENCH_DRAIN:
-                break  # the server refuses everything: say so rather than wait
-        finish = last_progress if r.received else time.monotonic()
-        selector.close()
-        r.duration_s = max(finish - started, 1e-9)
-        r.lost = max(0, r.expected - r.received)
-        r.duplicates = max(r.duplicates, r.received - r.expected)
-        r.deliveries_per_s = r.received / r.duration_s
-        r.messages_per_s = r.sent / r.duration_s
-        if latencies:
-            latencies.sort()
-            pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] / 1e6  # noqa: E731
-            r.latency_ms = {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99),
-                            "max": latencies[-1] / 1e6}
-        return r
-
-    @staticmethod
-    def _flush(c: _BenchClient) -> None:
-        try:
-            sent = c.sock.send(c.out)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            c.out.clear()
-            return
-        del c.out[:sent]
-
-    @staticmethod
-    def _read(c: _BenchClient) -> bytes | None:
-        try:
-            data = c.sock.recv(1 << 18)
-        except (BlockingIOError, InterruptedError):
-            return b""
-        except OSError:
-            return None
-        if not data:
-            return None
-        if c.channel is not None:
-            import ssl
-
-            try:
-                data = c.channel.receive(data)
-            except ssl.SSLError:
-                return None
-            if c.channel.has_output:
-                c.out += c.channel.seal(b"")
-        return data
-
-    @staticmethod
-    def _probe(buffer: bytes, latencies: list[int], seen: set, r: BenchResult) -> bytes:
-        now = time.monotonic_ns()
-        *lines, rest = buffer.split(b"\n")
-        for line in lines:
-            at = line.find(BENCH_MARKER)
-            if at < 0:
-                continue
-            sender, seq, sent_ns, _ = line[at + 3:].split(b".", 3)
-            key = (int(sender), int(seq))
-            if key in seen:
-                r.duplicates += 1  # exact for the probe; the others are counted in total below
-            seen.add(key)
-            latencies.append(now - int(sent_ns))
-        return rest
-
-
 # --- join: input lines and a connection that outlives the server's restarts ----------
 
 JOIN_COMMANDS = {
@@ -8977,10 +8713,278 @@ class ChatClient:
 
 
 # =============================================================================
-# 11. Rendering
+# 11. Load generator
+# =============================================================================
+# chatctl bench: many clients against a server, for operators sizing one; every delivery counted.
+
+BENCH_MARKER = b"|~B"        # starts the text of every bench message: counted, never parsed, by most readers
+BENCH_WINDOW = 16            # unacknowledged messages a sender may have out (unpaced runs)
+BENCH_DRAIN = 2.0            # seconds without progress after the last send before the rest count as lost
+
+
+@dataclass
+class BenchResult:
+    clients: int
+    senders: int
+    messages: int
+    payload: int
+    rate: float
+    sent: int = 0
+    expected: int = 0
+    received: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    disconnects: int = 0
+    refused: int = 0          # messages the server answered with ERR: not lost, never sent on
+    rate_limited: int = 0     # of those, refused for the rate limit
+    duration_s: float = 0.0
+    deliveries_per_s: float = 0.0
+    messages_per_s: float = 0.0
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+
+class _BenchClient:
+    """One connection of the load: its socket (and TLS channel), what it owes the server, what it got."""
+
+    __slots__ = ("acked", "channel", "index", "lines", "out", "received", "sent", "sock", "tail")
+
+    def __init__(self, index: int, conn: ChatConnection):
+        self.index = index
+        self.lines = conn._buffer.count(b"\n")  # JOIN notices read along with USER_OK
+        if isinstance(conn.sock, TlsSocket):
+            self.sock, self.channel = conn.sock.sock, conn.sock.channel
+        else:
+            self.sock, self.channel = conn.sock, None
+        self.sock.setblocking(False)
+        self.out = bytearray()
+        self.tail = b""           # the last bytes of the previous read: a marker may straddle two reads
+        self.received = self.sent = self.acked = 0
+
+
+def _count(tail: bytes, data: bytes, token: bytes) -> int:
+    """Occurrences of ``token`` in ``data``, and those that began at the end of the read before it."""
+    k = len(token) - 1
+    return data.count(token) + (tail[-k:] + data[:k]).count(token)
+
+
+class LoadGenerator:
+    """Connects ``clients`` clients, lets ``senders`` of them send ``messages`` each, and counts.
+
+    Every client counts the bench messages it reads with bytes.count(), with
+    no Python loop per delivery; one client (the probe) also parses each
+    line for latency and duplicates.  Unpaced, a sender keeps BENCH_WINDOW
+    messages unacknowledged; with ``rate`` the senders share that many
+    messages a second between them.
+    """
+
+    def __init__(self, config: ClientConfig, clients: int, senders: int, messages: int,
+                 payload: int = 64, rate: float = 0.0, time_limit: float = 120.0):
+        self.config = config
+        self.result = BenchResult(clients, min(senders, clients), messages, payload, rate)
+        self.time_limit = time_limit
+        self.prefix = f"bench{os.getpid() % 100000}x"
+
+    def connect(self, progress: Callable[[str, int, int], None] | None = None) -> list[_BenchClient]:
+        config, n = self.config, self.result.clients
+        tls = ClientTls(config.cafile, config.tls_fingerprint, None, None) if config.tls else None
+        clients = []
+        try:
+            for i in range(n):
+                conn = ChatConnection(config.host, config.port, config.timeout, tls)
+                clients.append(conn)
+                conn.hello()  # the extended form: every delivery carries the marker after a '|'
+                if config.password:
+                    conn.authenticate(config.password)
+                conn.register(f"{self.prefix}{i}")
+                if progress is not None:
+                    progress("connecting", i + 1, n)
+        except ChatError:
+            for conn in clients:
+                conn.sock.close()
+            raise
+        return self._settle([_BenchClient(i, conn) for i, conn in enumerate(clients)])
+
+    def _settle(self, clients: list[_BenchClient]) -> list[_BenchClient]:
+        """Read the JOIN notices of the clients that registered later, so what follows is all load."""
+        selector = selectors.DefaultSelector()
+        waiting = {}
+        for c in clients:
+            c.lines -= len(clients) - 1 - c.index  # the notices still to come, as a negative count
+            if c.lines < 0:
+                selector.register(c.sock, selectors.EVENT_READ, c)
+                waiting[c.index] = c
+        deadline = time.monotonic() + self.config.timeout
+        while waiting and time.monotonic() < deadline:
+            for key, _ in selector.select(0.1):
+                c = key.data
+                data = self._read(c)
+                c.lines += data.count(b"\n") if data else 0
+                if data is None or c.lines >= 0:
+                    selector.unregister(c.sock)
+                    waiting.pop(c.index)
+        selector.close()
+        return clients
+
+    def run(self, progress: Callable[[str, int, int], None] | None = None) -> BenchResult:
+        clients = self.connect(progress)
+        try:
+            return self._drive(clients, progress)
+        finally:
+            for c in clients:
+                c.sock.close()
+
+    def _message(self, sender: int, seq: int) -> bytes:
+        head = f"MSG|~B{sender}.{seq}.{time.monotonic_ns()}.".encode()
+        return head + b"x" * max(0, self.result.payload - len(head) + 4) + b"\n"
+
+    def _drive(self, clients: list[_BenchClient], progress) -> BenchResult:
+        r = self.result
+        senders = clients[:r.senders]
+        probe = clients[-1]                       # a reader that is not a sender, if there is one
+        r.expected = r.senders * r.messages * (r.clients - 1)
+        latencies: list[int] = []
+        seen: set[tuple[int, int]] = set()
+        probe_buffer = b""
+        received = 0
+        selector = selectors.DefaultSelector()
+        for c in clients:
+            selector.register(c.sock, selectors.EVENT_READ, c)
+        started = last_progress = time.monotonic()
+        deadline = started + self.time_limit
+        shown = 0.0
+        buffer = bytearray(1 << 18)
+        plain_readers = {c for c in clients[r.senders:] if c.channel is None and c is not probe}
+        while True:
+            now = time.monotonic()
+            for s in senders:   # top up each sender: its window, or its share of the rate
+                allowed = r.messages
+                if r.rate:
+                    allowed = min(allowed, int((now - started) * r.rate / r.senders) + 1)
+                else:
+                    allowed = min(allowed, s.acked + BENCH_WINDOW)
+                if s.sent < allowed:
+                    chunk = b"".join(self._message(s.index, q) for q in range(s.sent, allowed))
+                    s.out += chunk if s.channel is None else s.channel.seal(chunk)
+                    r.sent += allowed - s.sent
+                    s.sent = allowed
+                if s.out:
+                    self._flush(s)
+            for key, _ in selector.select(0.01 if r.rate else 0.05):
+                c = key.data
+                if c in plain_readers:  # every line is a delivery: count newlines, copy nothing
+                    try:
+                        size = c.sock.recv_into(buffer)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:
+                        size = 0
+                    if size:
+                        count = buffer.count(b"\n", 0, size)
+                        c.received += count
+                        received += count
+                        last_progress = now
+                        continue
+                    selector.unregister(c.sock)
+                    r.disconnects += 1
+                    continue
+                data = self._read(c)
+                if data is None:
+                    selector.unregister(c.sock)
+                    r.disconnects += 1
+                    continue
+                count = _count(c.tail, data, BENCH_MARKER)
+                if count:
+                    c.received += count
+                    received += count
+                    last_progress = now
+                if c.index < r.senders:  # a refused message is settled too
+                    refused = _count(c.tail, data, b"ERR|")
+                    c.acked += _count(c.tail, data, b"MSG_OK") + refused
+                    r.refused += refused
+                    r.expected -= refused * (r.clients - 1)
+                    r.rate_limited += _count(c.tail, data, b"rate-limited")
+                c.tail = (c.tail + data)[-16:] if len(data) < 16 else data[-16:]
+                if c is probe:
+                    probe_buffer = self._probe(probe_buffer + data, latencies, seen, r)
+            r.received = received
+            if progress is not None and now - shown > 0.1:
+                progress("delivering", r.received, r.expected)
+                shown = now
+            done_sending = r.sent >= r.senders * r.messages and not any(s.out for s in senders)
+            if r.received >= r.expected and done_sending:
+                break
+            if (done_sending and now - last_progress > BENCH_DRAIN) or now > deadline:
+                break
+            if r.rate_limited and r.received == 0 and now - started > BENCH_DRAIN:
+                break  # the server refuses everything: say so rather than wait
+        finish = last_progress if r.received else time.monotonic()
+        selector.close()
+        r.duration_s = max(finish - started, 1e-9)
+        r.lost = max(0, r.expected - r.received)
+        r.duplicates = max(r.duplicates, r.received - r.expected)
+        r.deliveries_per_s = r.received / r.duration_s
+        r.messages_per_s = r.sent / r.duration_s
+        if latencies:
+            latencies.sort()
+            pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] / 1e6  # noqa: E731
+            r.latency_ms = {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99),
+                            "max": latencies[-1] / 1e6}
+        return r
+
+    @staticmethod
+    def _flush(c: _BenchClient) -> None:
+        try:
+            sent = c.sock.send(c.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            c.out.clear()
+            return
+        del c.out[:sent]
+
+    @staticmethod
+    def _read(c: _BenchClient) -> bytes | None:
+        try:
+            data = c.sock.recv(1 << 18)
+        except (BlockingIOError, InterruptedError):
+            return b""
+        except OSError:
+            return None
+        if not data:
+            return None
+        if c.channel is not None:
+            import ssl
+
+            try:
+                data = c.channel.receive(data)
+            except ssl.SSLError:
+                return None
+            if c.channel.has_output:
+                c.out += c.channel.seal(b"")
+        return data
+
+    @staticmethod
+    def _probe(buffer: bytes, latencies: list[int], seen: set, r: BenchResult) -> bytes:
+        now = time.monotonic_ns()
+        *lines, rest = buffer.split(b"\n")
+        for line in lines:
+            at = line.find(BENCH_MARKER)
+            if at < 0:
+                continue
+            sender, seq, sent_ns, _ = line[at + 3:].split(b".", 3)
+            key = (int(sender), int(seq))
+            if key in seen:
+                r.duplicates += 1  # exact for the probe; the others are counted in total below
+            seen.add(key)
+            latencies.append(now - int(sent_ns))
+        return rest
+
+
+# =============================================================================
+# 12. Rendering
 # =============================================================================
 # Tables for the one-shot commands, and join's lines.  Network text is made
-# safe by display_text() and neutralise() (section 9) before it is printed.
+# safe by display_text() and neutralise() (section 10) before it is printed.
 
 
 def wrap_cells(text: str, first: int, rest: int) -> list[str]:
@@ -9455,7 +9459,7 @@ def name_completer(chat: ChatClient):
 
 
 # =============================================================================
-# 12. Full-screen client (tui, web)
+# 13. Full-screen client
 # =============================================================================
 # chatctl tui is a Textual app over a ChatClient, and chatctl web serves the
 # same app to browsers with textual-serve.  Textual is imported only by
@@ -10662,7 +10666,7 @@ def serve_web(config: ClientConfig, config_file: str | None, host: str, port: in
 
 
 # =============================================================================
-# 13. CLI
+# 14. CLI
 # =============================================================================
 # Callbacks parse, build a config and call into the objects above.  ChatError
 # becomes a one-line ClickException here, at the boundary, with its exit code.
@@ -11186,7 +11190,7 @@ def register(host, port, config_file, tls, cafile, tls_fingerprint, user, drop) 
 
 
 # =============================================================================
-# 14. main()
+# 15. main()
 # =============================================================================
 
 
