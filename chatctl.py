@@ -9,7 +9,7 @@ The wire protocol is the seed project's (``USER|name`` -> ``USER_OK``,
 ``MSG|text`` -> ``MSG_OK``, ``DIR`` -> ``Users logged in: a, b``), kept byte
 for byte for clients that never announce themselves, plus documented
 extensions (direct messages, ids and timestamps, errors with stable codes,
-capability negotiation).  README.md has the full protocol.
+capability negotiation).  docs/protocol.md has the full protocol.
 
 Contents, in dependency order (search for the banner to jump):
 
@@ -961,7 +961,7 @@ OUR_LINES: dict[type, Callable[[object], bytes]] = {
 
 
 class OurLines(Encoding):
-    """chatctl/1: the lines of our protocol, for a client that said HELLO (README's protocol page)."""
+    """chatctl/1: the lines of our protocol, for a client that said HELLO (docs/protocol.md)."""
 
     shared = PROTOCOL_NAME
 
@@ -1127,7 +1127,7 @@ class ServerConfig:
     history_max_messages: int = _key(0, "keep at most this many messages (0: no limit)", min=0)
     history_max_days: float = _key(0.0, "keep messages at most this many days (0: no limit)", min=0)
     log_level: str = _key("info", "debug, info, warning or error", choices=LOG_LEVELS)
-    # Security: see README.md, Security.
+    # Security: see docs/security.md.
     password: str = _key("", "password every client sends (PASS) before USER (empty: none); "
                          "better set CHATCTL_PASSWORD than write it here")
     tls: bool = _key(False, "accept TLS on the same port as plain text")
@@ -1163,7 +1163,7 @@ class ServerConfig:
                                "ERR|server-busy", min=0)
     register_interval: float = _key(REGISTER_INTERVAL, "seconds between two REGISTERs on one connection",
                                     min=0)
-    # Rooms: see README.md, Rooms.
+    # Rooms: see docs/protocol.md, Rooms.
     rooms: tuple[str, ...] = _key((), "rooms made at start, each \"#name\" or \"#name: topic\" "
                                   "(#main always exists)", parse=lambda value: parse_room_specs(value))
     operator_password: str = _key("", "password that makes a connection an operator (OPER): closes any empty "
@@ -1174,12 +1174,12 @@ class ServerConfig:
     max_rooms: int = _key(MAX_ROOMS, "rooms the server keeps, empty ones included", min=1)
     max_rooms_per_user: int = _key(MAX_ROOMS_PER_USER, "rooms one connection may be in at once", min=1)
     max_topic: int = _key(MAX_TOPIC_CHARS, "longest room topic in characters", min=1, max=4096)
-    # IRC clients: see README.md, IRC.
+    # IRC clients: see docs/irc.md.
     irc: bool = _key(True, "accept IRC clients too, on the same port (told apart by their first line)")
     irc_port: int = _key(0, "a port of its own for IRC clients (0: none); TLS is detected there too",
                          min=0, max=65535)
     motd: str = _key("", "the message of the day IRC clients show on connecting (empty: none)")
-    # The cluster: see README.md, Scale-out.
+    # The cluster: see docs/scale-out.md.
     bus: str = _key("", "redis:// or rediss:// URL of the Redis that several servers share (empty: this "
                     "server alone); a password in it is better set with CHATCTL_BUS",
                     parse=lambda text: validate_bus_url(text))
@@ -11065,7 +11065,7 @@ def _server_flag(ctx, param, value: str | None) -> tuple[str, int | None] | None
 @cli.command(epilog=exit_codes_help(EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG,
                                      _1="textual-serve is not installed, or the port is in use"))
 @click.option("--host", "-H", default="127.0.0.1", show_default=True,
-              help="Address the page listens on (0.0.0.0 opens it to your network: read the README first).")
+              help="Address the page listens on (0.0.0.0 opens it to your network: read docs/clients.md first).")
 @click.option("--port", "-p", default=WEB_PORT, show_default=True, type=click.IntRange(1, 65535),
               help="Port of the page.")
 @click.option("--server", "server_address", metavar="HOST[:PORT]", callback=_server_flag,
