@@ -35,6 +35,39 @@ Contents, in dependency order (search for the banner to jump):
    13. Full-screen client     tui (a Textual app over ChatClient) and web (the same app in a browser)
    14. CLI                    thin click commands over the objects above
    15. main()
+
+Threads and locks (the server's; each class docstring says the same of its own fields):
+
+    thread                   runs                         owns
+    chatctl-accept           ChatServer._accept_loop      the listening sockets
+    chatctl-poller           ReadPoller                   which sockets are watched (its _lock)
+    chatctl-reader-N         ReaderPool (<= MAX_READERS)  a turn of one session: its parsing state,
+                                                          its handlers' calls
+    chatctl-writer           Writer                       every socket's sending side, _waiting
+    chatctl-commit           LocalLog (no bus)            ids and order; stores a batch, then
+                                                          FanOut.committed delivers it
+    chatctl-bus-publish,     RedisBus (with a bus, in     the shared log's appends, their replies,
+      -replies, -read, -beat   place of chatctl-commit)   reading it (ClusterMirror applies what
+                                                          other servers did), heartbeats
+    chatctl-presence         Presence.run                 sending JOIN/LEAVE/ENTER/EXIT together
+    chatctl-departures       ChatServer._departures_loop  forgetting ended connections
+    chatctl-reaper           ChatServer._reap_loop        timeouts
+    chatctl-upkeep           HistoryStore                 retention and the search index
+
+    Locks, outermost first; a thread holding one takes only locks of a later tier:
+      1. Registry.lock        who holds which name, who is in which room (Presence.announce is
+                              called under it)
+      2. Room.posting         a room taking messages (closing it takes it too)
+      3. FanOut.lock          every client's stream in id order: deliveries, MSG_OKs, replies
+                              queued behind them, presence flushed before a subject's message
+      4. leaves, which take no other lock: Presence._lock, FanOut._delivered, Room._lock,
+         ClientSession._ending, OutboundQueue._lock, IrcGate._lock, Writer._lock,
+         ReadPoller._lock, LocalLog._lock, AddressBudget._lock, AuthThrottle._lock,
+         PasswordHasher._lock, HistoryStore's and AccountStore's locks, RedisBus._lock
+
+    The clients: LiveSession's reader thread (chatctl-join-reader) hands events to ChatClient,
+    whose _lock (an RLock) guards what it and the front-end's thread share; RoomsModel._lock is
+    a leaf below it.  tui connects on chatctl-tui-connect, so its screen is up at once.
 """
 
 from __future__ import annotations
@@ -4161,7 +4194,7 @@ class Room:
     tuple derived from it and cached until it changes, so the fan-out and
     the presence flush read it without the registry lock.  The topic is
     written under the registry lock; ``messages``, ``last_ts`` and
-    ``last_id`` by the commit log's thread (``ChatServer._committed``).
+    ``last_id`` by the commit log's thread (``FanOut.committed``).
     ``closed`` is set once, under ``posting``, which a message holds while it
     is accepted into the room: after that no message can enter it.
     """
@@ -4769,7 +4802,7 @@ class ClientSession:
     def reply(self, data: bytes, force: bool = False) -> None:
         """Queue a reply; behind the MSG_OK of a message still being committed, so replies keep order."""
         if self.last_pending is not None:
-            with self.server._fanout_lock:
+            with self.server.fanout.lock:
                 pending = self.last_pending
                 if pending is not None:
                     pending.after.append(data)
@@ -4900,7 +4933,7 @@ class ClientSession:
         if not self.server.address_budget.charge(self.host, fan_out_cost(self.name, text)):
             raise ProtocolError("rate-limited", f"too many bytes from {self.host} too fast; "
                                 "this message was dropped")
-        self.server.publish(self, kind, text, room=room, recipient=recipient)
+        self.server.fanout.publish(self, kind, text, room=room, recipient=recipient)
         self.last_spoke = time.monotonic()
 
     def handle_history(self, arg: str | None) -> None:
@@ -4912,13 +4945,13 @@ class ClientSession:
         viewer = self.name
         if mode == "LAST" and len(numbers) <= 1:
             limit = numbers[0] if numbers else HISTORY_PAGE_MAX
-            self.server.send_history(self, "HISTORY", room, lambda store, upto, size: store.recent(
+            self.server.fanout.send_history(self, "HISTORY", room, lambda store, upto, size: store.recent(
                 viewer, min(limit, HISTORY_PAGE_MAX), room=room, upto=upto, max_bytes=size))
         elif mode in ("BEFORE", "AFTER") and len(numbers) in (1, 2):
             anchor, limit = numbers[0], min(numbers[1] if len(numbers) == 2 else HISTORY_PAGE_MAX,
                                             HISTORY_PAGE_MAX)
             where = {mode.lower(): anchor}
-            self.server.send_history(self, "HISTORY", room, lambda store, upto, size: store.recent(
+            self.server.fanout.send_history(self, "HISTORY", room, lambda store, upto, size: store.recent(
                 viewer, limit, room=room, upto=upto, max_bytes=size, **where))
         else:
             raise ProtocolError("bad-argument", "use HISTORY[|#room]|LAST|<n>, "
@@ -4932,7 +4965,7 @@ class ClientSession:
             raise ProtocolError("missing-argument", "use SEARCH[|#room]|<n>|<words>")
         limit = min(_parse_number(count, "SEARCH"), HISTORY_PAGE_MAX)
         viewer = self.name
-        self.server.send_history(self, "SEARCH", room, lambda store, upto, size: store.search(
+        self.server.fanout.send_history(self, "SEARCH", room, lambda store, upto, size: store.search(
             viewer, text, limit, upto, max_bytes=size, room=room))
 
     # --- rooms (after HELLO) -------------------------------------------------------------
@@ -5059,28 +5092,573 @@ COMMAND_HANDLERS: dict[str, Handler] = {
 BEFORE_PASS_COMMANDS = frozenset({"HELLO", "PASS", "PING", "QUIT"})
 
 
+class Presence:
+    """JOIN, LEAVE, ENTER and EXIT events not sent yet, and the ``chatctl-presence`` thread that sends
+    them together, at most every PRESENCE_INTERVAL: a thousand clients joining at once cost each member
+    a few writes, not a thousand.
+
+    The Registry calls ``announce`` under its lock (so the events keep its order); the fan-out calls
+    ``flush`` for the subjects of a batch's messages (their JOIN before their words).  ``_waiting``
+    (sequence number, event, subject, room: None for JOIN and LEAVE, which every member hears) and
+    ``unflushed`` (the subjects in it) are under ``_lock``, a leaf held for an append or a swap, so no
+    registry change waits for a fan-out; ``flush`` runs under the fan-out lock.
+    """
+
+    def __init__(self, server: ChatServer):
+        self.server = server
+        self._waiting: list[tuple[int, ServerEvent, ClientSession, Room | None]] = []
+        self._seq = itertools.count(1)
+        self.unflushed: set[ClientSession] = set()
+        self._lock = threading.Lock()
+        self._due = threading.Event()
+
+    def wake(self) -> None:
+        """The thread looks at once (events are waiting, or the server is stopping)."""
+        self._due.set()
+
+    def announce(self, *items: tuple[ServerEvent, ClientSession, Room | None], joined: bool = False,
+                  leaving: bool = False) -> None:
+        """Queue presence events, each with its subject and room (None: JOIN or LEAVE, for every member);
+        the presence thread sends them together.  The Registry calls this under its lock, so the
+        lines keep the registry's order.  ``leaving`` (LEAVE lines): the subjects' room lines still
+        waiting are dropped, since LEAVE takes them out of every room."""
+        with self._lock:
+            first = not self._waiting
+            if leaving:
+                gone = {subject for _, subject, _ in items}
+                self._waiting = [item for item in self._waiting if item[3] is None or item[2] not in gone]
+            for event, subject, room in items:
+                seq = next(self._seq)
+                self._waiting.append((seq, event, subject, room))
+                self.unflushed.add(subject)
+                if joined:
+                    subject.presence_seq = seq  # it hears only of what comes after its own JOIN
+        if first:
+            self._due.set()
+
+    def run(self) -> None:
+        """Send presence lines at most every PRESENCE_INTERVAL, all waiting ones as one write.
+
+        A thousand clients joining at once cost each member a few writes,
+        not a thousand.
+        """
+        while not self.server.stopping.is_set():
+            if not self._due.wait(1.0):
+                continue
+            self._due.clear()
+            started = time.monotonic()
+            if self.server.stopping.wait(PRESENCE_INTERVAL):
+                return
+            # A mass join or leave is sent once it calms (or after PRESENCE_MAX_DELAY): members that
+            # leave meanwhile need none of it, and the rest get it in a few writes.
+            while len(self._waiting) >= PRESENCE_FLOOD and time.monotonic() - started < PRESENCE_MAX_DELAY:
+                waiting = len(self._waiting)
+                if self.server.stopping.wait(PRESENCE_INTERVAL):
+                    return
+                if len(self._waiting) == waiting:
+                    break
+            members = self.server.members()
+            with self.server.fanout.lock:
+                ready = self.flush(members)
+            self.server.writer.schedule_many(ready)
+
+    def flush(self, members: tuple[ClientSession, ...],
+                        keys: set[str] | None = None) -> list[ClientSession]:
+        """Queue the waiting presence lines (only those about ``keys``, if given) for every member that
+        speaks the extended protocol; returns the queues the writer must hear of.  Holds the fan-out lock.
+
+        A member gets only the JOIN and LEAVE lines after its own JOIN
+        (``presence_seq``), whenever they are sent, and a room's lines if it
+        is in the room when they are sent.  Lines about one name keep their
+        order whatever is taken.
+        """
+        with self._lock:
+            if keys is None:
+                items, self._waiting = self._waiting, []
+                self.unflushed.clear()
+            else:
+                items = [item for item in self._waiting if item[2].key in keys]
+                self._waiting = [item for item in self._waiting if item[2].key not in keys]
+                self.unflushed = {s for s in self.unflushed if s.key not in keys}
+        if not items:
+            return []
+        everyone = [item for item in items if item[3] is None]
+        by_room: dict[Room, list[tuple[ServerEvent, ClientSession]]] = {}
+        for _, event, subject, room in items:
+            if room is not None:
+                by_room.setdefault(room, []).append((event, subject))
+        extra: dict[ClientSession, list[bytes]] = {}
+        for room, events in by_room.items():  # a room's events to its members, but not to their subjects
+            subjects = {subject for _, subject in events}
+            blobs: dict[object, bytes] = {}  # in each encoding, made once
+            for s in room.members:
+                if not s.extended:
+                    continue
+                encoding = s.encoding
+                if s in subjects:
+                    data = encoding.events(event for event, who in events if who is not s)
+                elif (data := blobs.get(encoding.shared)) is None:
+                    data = encoding.events(event for event, _ in events)
+                    if encoding.shared is not None:
+                        blobs[encoding.shared] = data
+                extra.setdefault(s, []).append(data)
+        first_seq = everyone[0][0] if everyone else 0
+        seqs = [item[0] for item in everyone]
+        # A mass join: each joiner gets a tail of its encoding's one blob, not a copy of its own.
+        forms: dict[object, tuple[bytes, memoryview, list[int]]] = {}
+        ready = []
+        for s in members:
+            if not s.extended:
+                continue
+            encoding = s.encoding
+            form = forms.get(encoding.shared)
+            if form is None:
+                lines = [encoding.event(item[1]) for item in everyone]
+                blob = b"".join(lines)
+                form = (blob, memoryview(blob), list(itertools.accumulate(map(len, lines), initial=0)))
+                if encoding.shared is not None:
+                    forms[encoding.shared] = form
+            blob, view, offsets = form
+            if s.presence_seq < first_seq:  # the common case: it was there before all of these
+                data = blob
+            else:
+                data = view[offsets[bisect.bisect_right(seqs, s.presence_seq)]:]
+            if s in extra:
+                data = b"".join([data, *extra.pop(s)])
+            if data and s.outbound.put(data):
+                ready.append(s)
+        return ready
+
+
+class FanOut:
+    """Where every accepted message passes: its audience fixed at ``publish``, its id and order from the
+    commit log, then ``committed`` (the log's callback, on its thread) hands a batch to its readers, a
+    run of one audience as one write, each encoding's bytes made once; ``not_stored`` refuses a batch.
+
+    Owns ``lock``, the fan-out lock: every client's stream in id order (deliveries, MSG_OKs, the replies
+    queued behind them, presence flushed before a subject's message); and ``delivered_upto`` (the
+    newest id out, under ``_delivered``), which history answers stop at and a JOIN waits for.
+    """
+
+    def __init__(self, server: ChatServer, last_id: int):
+        self.server = server
+        self.lock = threading.Lock()
+        self.delivered_upto = last_id
+        self._delivered = threading.Condition()
+
+    def publish(self, sender: ClientSession, kind: str, text: str, *, room: str | None = MAIN_ROOM,
+                recipient: str | None = None) -> None:
+        """The one place every accepted message passes.
+
+        Here it gets its audience, fixed now: the room's members, or a
+        direct message's one recipient session.  The commit log gives it its
+        id and order, and hands it on in a batch to committed(), which fans
+        the batch out and acknowledges it: each reader gets a whole batch in
+        one queue write, and the reader threads never wait for one another's
+        fan-out.
+        """
+        if recipient is not None:
+            target = self.server.registry.holder(confusable_key(recipient))
+            if target is None:
+                raise ProtocolError("unknown-user", f"no user named {sanitise_line(recipient)!r} is online")
+            recipient, audience, room, where = target.name, (target,), MAIN_ROOM, None
+        else:
+            where = self.server.room(room)
+            if room not in sender.rooms and not sender.quiet:
+                raise ProtocolError("not-in-room", f"you are not in #{room}; join it first")
+            audience = where.members
+        if sender.in_flight >= self.server.config.max_in_flight:
+            self._wait_in_flight(sender)
+        draft = ChatMessage(0, 0.0, sender.name, text, kind, recipient, room)
+        pending = PendingMessage(draft, sender, audience)
+        if where is None:
+            self._accept(pending)
+            return
+        with where.posting:  # a room being closed takes no more messages
+            if where.closed:
+                raise ProtocolError("unknown-room", f"#{room} was just closed")
+            self._accept(pending)
+
+    def _accept(self, pending: PendingMessage) -> None:
+        with self.lock:
+            pending.sender.last_pending = pending
+            pending.sender.in_flight += 1
+        self.server.log.submit(pending)
+
+    def _wait_in_flight(self, session: ClientSession) -> None:
+        """Hold a connection that has max_in_flight messages waiting for their commit (its reader
+        thread waits; TCP pushes back on the client), so no connection queues without end."""
+        limit = self.server.config.max_in_flight
+        deadline = time.monotonic() + PENDING_WAIT
+        while session.in_flight >= limit and time.monotonic() < deadline \
+                and not self.server.stopping.is_set():
+            time.sleep(0.001)
+
+    def committed(self, batch: list[PendingMessage]) -> None:
+        """The commit log's callback: ``batch`` is committed; deliver and acknowledge it."""
+        members = self.server.members()
+        with self.lock:
+            ready = []
+            unflushed = self.server.presence.unflushed
+            subjects = {p.sender.key for p in batch if p.sender is not None and p.sender in unflushed}
+            if subjects:  # their JOIN or ENTER before their messages; the rest waits for the presence thread
+                ready = self.server.presence.flush(members, subjects)
+            ready += self._fan_out_batch(batch)
+            # before anyone can read it: a HISTORY asked after a delivery must include it
+            self.mark_delivered(batch[-1].message.id)
+        self.server.writer.schedule_many(ready)  # one wake-up for the whole batch
+
+    def _fan_out_batch(self, batch: list[PendingMessage]) -> list[ClientSession]:
+        """A committed batch: each reader gets its part of it in one queue write; returns the
+        queues that need the writer.  The caller holds the fan-out lock.
+
+        Messages come in runs with one audience (a busy room's members, the
+        same tuple until someone joins or leaves): every member of a run that
+        sent nothing in the batch gets the run's bytes as one piece; senders
+        get their list message by message, in id order, with their MSG_OKs in
+        place of their own messages.  Each run is counted into its room's
+        figures (messages, last activity).
+        """
+        senders = {p.sender for p in batch}
+        rooms = self.server.registry.rooms
+        parts: dict[ClientSession, list[bytes]] = {}
+        forced: set[ClientSession] = set()  # their BYE is in their part: it goes in whatever the SendQ
+        start, count = 0, len(batch)
+        while start < count:
+            audience, where = batch[start].audience, batch[start].message.room
+            end = start + 1
+            while end < count and batch[end].audience is audience and batch[end].message.room == where:
+                end += 1
+            run = batch[start:end]
+            last = run[-1].message
+            if last.kind != "dm" and (room := rooms.get(last.room)) is not None:  # a run is in one room
+                room.messages += len(run)
+                room.last_ts, room.last_id = last.ts, last.id
+            forms: dict[object, tuple[list[bytes], bytes]] = {}  # the run in each encoding: made once
+            run_senders = []  # (session, its list, its form of each message)
+            for s in audience:
+                encoding = s.encoding
+                form = forms.get(encoding.shared)
+                if form is None:
+                    lines = [encoding.message(p.message) for p in run]
+                    form = (lines, b"".join(lines))
+                    if encoding.shared is not None:
+                        forms[encoding.shared] = form
+                if s in senders:
+                    run_senders.append((s, parts.setdefault(s, []), form[0]))
+                else:
+                    parts.setdefault(s, []).append(form[1])
+            for i, pending in enumerate(run):
+                sender = pending.sender
+                for s, chunks, form in run_senders:
+                    if s is not sender:
+                        chunks.append(form[i])
+                if sender is None:  # another server's message (with --bus): its own server answers
+                    continue
+                own = parts.setdefault(sender, [])
+                sender.in_flight -= 1
+                own.append(sender.encoding.acknowledge(pending.message))
+                own.extend(pending.after)
+                if pending.forced:
+                    forced.add(sender)
+                if sender.last_pending is pending:
+                    sender.last_pending = None
+            start = end
+        return [s for s, chunks in parts.items()
+                if s.outbound.put(chunks[0] if len(chunks) == 1 else b"".join(chunks), s in forced)]
+
+    def not_stored(self, batch: list[PendingMessage], code: str) -> None:
+        """The commit log's callback: ``batch`` could not be stored (``code``: why, an ERROR_CODES
+        key), so it goes to nobody."""
+        ready = []
+        with self.lock:
+            for pending in batch:
+                sender = pending.sender
+                sender.in_flight -= 1
+                if sender.last_pending is pending:
+                    sender.last_pending = None
+                data = sender.encoding.event(ErrorReply(code, ERROR_CODES[code])) + b"".join(pending.after)
+                if sender.outbound.put(data, pending.forced):
+                    ready.append(sender)
+            self.mark_delivered(batch[-1].message.id)
+        self.server.writer.schedule_many(ready)
+
+    def mark_delivered(self, upto: int) -> None:
+        """Everything up to id ``upto`` is out (queued to its readers).  Holds the fan-out lock."""
+        with self._delivered:
+            self.delivered_upto = max(self.delivered_upto, upto)
+            self._delivered.notify_all()
+
+    def wait_delivered(self, upto: int, timeout: float) -> None:
+        with self._delivered:
+            self._delivered.wait_for(lambda: self.delivered_upto >= upto, timeout)
+
+    def send_history(self, session: ClientSession, kind: str, room: str | None,
+                     query: Callable[[HistoryStore, int, int], tuple[list[ChatMessage], bool]]) -> None:
+        """Reply with stored messages and ``END|kind|count`` (``|more`` when some were left out) as one block.
+
+        Bounded by what was already delivered, so the block and the live
+        stream neither overlap nor leave a gap, and by a quarter of the SendQ
+        in bytes, so a client's own catch-up never overflows it.  The query
+        runs outside the fan-out lock (a client asking for history again and
+        again must not stall everyone's messages), so a live message may come
+        before the block; clients merge by id.
+        """
+        if self.server.history is None:
+            raise ProtocolError("history-off", ERROR_CODES["history-off"])
+        if room is not None:
+            self.server.room(room)
+        if session.name is not None:
+            self.server.check_quiet_name(session)
+        if session.outbound.size > session.outbound.limit:  # it has not read what it asked for before
+            session.disconnect("sendq exceeded", level=logging.WARNING)
+            return
+        messages, more = query(self.server.history, self.delivered_upto, self.server.reply_bytes)
+        session.tell(HistoryPage(kind, tuple(messages), more))
+
+
+class ClusterMirror:
+    """What other servers of the cluster did, applied here: the one narrow interface RedisBus calls
+    (its reader thread, at start and after Redis came back), so the bus never reaches into the server.
+
+    Other servers' users are RemoteMember entries in the server's Registry; their events go through the
+    same Registry, Presence and room methods as this server's own.
+    """
+
+    def __init__(self, server: ChatServer):
+        self.server = server
+
+    _sender_key = staticmethod(functools.lru_cache(maxsize=4096)(confusable_key))  # a name per message
+
+    def cluster_event(self, fields: list[str], at: tuple[int, int]) -> None:
+        """One event of another server from the shared log, at place ``at`` in it: handed to its
+        handler by its first field (RedisBus's scripts write them)."""
+        handler = self.CLUSTER_EVENTS.get(fields[0])
+        if handler is None:
+            raise ValueError(f"unknown event {fields[0]!r}")
+        handler(self, fields[1:], at)
+
+    def _event_join(self, fields: list[str], at) -> None:
+        """``j|key|name|token|server|since|owner|token it replaces``"""
+        key, name, token, server_id, since, owner, replaces = fields[:7]
+        self.cluster_join(RemoteMember(key, name, token, server_id, float(since), owner == "1"), replaces)
+
+    def _event_leave(self, fields: list[str], at) -> None:
+        """``l|key|token|reason``"""
+        key, token, reason = fields[:3]
+        holder = self.server.registry.holder(key)
+        if isinstance(holder, RemoteMember) and holder.token == token:
+            self.cluster_drop(holder, reason)
+
+    def _event_enter(self, fields: list[str], at) -> None:
+        """``n|key|token|room|created by|created ts``"""
+        key, token, room_name, created_by, created_ts = fields[:5]
+        member = self.server.registry.holder(key)
+        if isinstance(member, RemoteMember) and member.token == token:
+            self.server.registry.enter(member, room_name,
+                                lambda r: self._made_elsewhere(r, created_by, float(created_ts or 0)))
+
+    def _event_exit(self, fields: list[str], at) -> None:
+        """``x|key|token|room|reason``"""
+        key, token, room_name, reason = fields[:4]
+        member = self.server.registry.holder(key)
+        if isinstance(member, RemoteMember) and member.token == token and room_name in member.rooms:
+            forgotten = self.server.registry.part(member, room_name, reason)
+            if forgotten is not None:
+                self.server._retire(forgotten, closing=False)
+
+    def _event_topic(self, fields: list[str], at) -> None:
+        """``t|room|ts|setter|text``: set unless a topic later in the log is set already."""
+        room = self.server.registry.rooms.get(fields[0])
+        if room is not None:
+            text = unescape_text("|".join(fields[3:]))
+            self.server._change_topic(room, fields[2], text, ts=float(fields[1]), seq=at)
+
+    def _event_room(self, fields: list[str], at) -> None:
+        """``r|record (JSON)``: a room Redis had lost, given back by another server."""
+        import json
+        record = RoomRecord(**json.loads("|".join(fields)))
+        room = self.server.registry.rooms.get(record.name)
+        if room is None:
+            room = self.server.registry.add_room(record)
+            if self.server.history is not None:
+                self.server.history.save_room(room.record())
+        elif record.topic_ts > room.topic_ts:
+            self.server._change_topic(room, record.topic_by, record.topic, ts=record.topic_ts)
+
+    def _event_protect(self, fields: list[str], at) -> None:
+        """``p|key|name|hash|created|restored?``"""
+        key, name, hashed, created = fields[:4]
+        self.server.local_accounts.protect(key, name, hashed, float(created))
+        if fields[4:5] == ["restored"]:
+            self.cluster_restored([key])
+
+    def _event_unprotect(self, fields: list[str], at) -> None:
+        """``u|key``"""
+        self.server.local_accounts.unprotect(fields[0])
+
+    def _event_close(self, fields: list[str], at) -> None:
+        """``c|room``"""
+        self.cluster_close(fields[0])
+
+    def cluster_presence_out(self) -> None:
+        """The presence lines of the events just applied go out now, not with the next presence
+        batch: the messages after them in the log must not overtake them."""
+        members = self.server.members()
+        with self.server.fanout.lock:
+            ready = self.server.presence.flush(members)
+        self.server.writer.schedule_many(ready)
+
+    def _made_elsewhere(self, room: Room, created_by: str, created_ts: float) -> None:
+        room.created_by, room.created_ts = created_by, created_ts or room.created_ts
+        if self.server.history is not None:
+            self.server.history.save_room(room.record())
+
+    def cluster_join(self, member: RemoteMember, replaces: str = "") -> None:
+        """Someone took a name on another server: whoever held it here (stale, or taken over) goes."""
+        holder = self.server.registry.holder(member.key)
+        if isinstance(holder, RemoteMember) and holder.token == member.token:
+            return
+        if isinstance(holder, RemoteMember):
+            self.cluster_drop(holder, f"{TAKEN_OVER}: {member.name} logged in again on {member.server_id}")
+        elif holder is not None:
+            holder.disconnect(f"{TAKEN_OVER}: {member.name} logged in again on {member.server_id}")
+        registry = self.server.registry
+        if registry.claim(member, member.name, member.key, member.owner, lambda: None) is not None:
+            log.warning("%s joined on %s but is held here too", member.name, member.server_id)
+
+    def cluster_drop(self, member: RemoteMember, reason: str) -> None:
+        member.leave_reason = reason
+        self.server.registry.depart([member], forget=False, quiet=False)
+        for room in self.server.registry.forget_emptied():
+            self.server._retire(room, closing=False)
+
+    def cluster_snapshot(self, names: dict[str, dict], rooms: dict[str, dict]) -> None:
+        """The cluster's state as Redis holds it (at start, and after Redis came back): this
+        server's rooms and remote members are made to match it."""
+        for name, record in rooms.items():
+            room = self.server.registry.rooms.get(name)
+            if room is None:
+                room = self.server.registry.add_room(RoomRecord(**record))
+                if self.server.history is not None:
+                    self.server.history.save_room(room.record())
+            elif record.get("topic_ts", 0) > room.topic_ts:
+                self.server._change_topic(room, record["topic_by"], record["topic"], ts=record["topic_ts"])
+        in_use = {room for entry in names.values() for room in entry.get("rooms") or ()}
+        self.server.registry.forget_unused(set(rooms) | in_use)  # forgotten by the others while we were away
+        registry = self.server.registry
+        gone = set(registry.rooms) - set(rooms) - in_use - registry.config_rooms - {MAIN_ROOM}
+        for name in gone:  # closed by the others while we were away (Redis knows every room in use)
+            self.cluster_close(name)
+        for member in [m for m in self.server.members() if isinstance(m, RemoteMember)]:
+            entry = names.get(member.key)
+            if entry is None or entry["token"] != member.token:
+                self.cluster_drop(member, "left while this server was cut off from the bus")
+        for key, entry in names.items():
+            if entry["server"] == self.server.bus.server_id:
+                continue
+            holder = self.server.registry.holder(key)
+            if not (isinstance(holder, RemoteMember) and holder.token == entry["token"]):
+                self.cluster_join(RemoteMember(key, entry["name"], entry["token"], entry["server"],
+                                               float(entry["since"]), bool(entry["owner"])))
+                holder = self.server.registry.holder(key)
+                if not isinstance(holder, RemoteMember):
+                    continue
+            wanted = set(entry.get("rooms") or ())
+            for room_name in wanted - set(holder.rooms):
+                try:
+                    self.server.registry.enter(holder, room_name, lambda r: self._made_elsewhere(r, "", 0.0))
+                except ProtocolError as exc:  # this server's own limits (max_rooms): not listed here
+                    log.warning("%s is in #%s on %s, which this server cannot hold: %s", holder.name,
+                                room_name, holder.server_id, exc.text)
+            for room_name in set(holder.rooms) - wanted:
+                self.server.registry.part(holder, room_name, "left")
+
+    def cluster_restored(self, keys: list[str]) -> None:
+        """These names' protection was given back after Redis lost it: whoever holds one here got it
+        while it was unprotected (perhaps with a password of their own) and goes."""
+        for key in keys:
+            holder = self.server.registry.holder(key)
+            if holder is not None and not isinstance(holder, RemoteMember):
+                holder.disconnect("this name's protection was restored (the cluster's Redis had lost it): "
+                                  "log in with its password")
+
+    def cluster_conflict(self, tokens: list[str]) -> None:
+        """Names another server holds now (taken while this one was cut off): their sessions here go."""
+        lost = set(tokens)
+        for member in self.server.members():
+            if not isinstance(member, RemoteMember) and member.token in lost:
+                member.disconnect("your name was taken on another server while this one was cut off")
+
+    def cluster_closed(self, message: ChatMessage) -> bool:
+        """Whether a message read from the log is for a room that is not here at its place in the log
+        (closed before it): then it goes nowhere, on every server alike."""
+        return message.kind != "dm" and message.room not in self.server.registry.rooms
+
+    def cluster_entries(self) -> list[dict]:
+        """The names this server holds, as the bus's resync script takes them."""
+        return [{"key": s.key, "name": s.name, "token": s.token, "since": repr(s.registered_at),
+                 "owner": int(s.owner), "rooms": list(s.rooms)}
+                for s in self.server.members() if not isinstance(s, RemoteMember) and s.token]
+
+    def cluster_audience(self, message: ChatMessage) -> tuple:
+        """Who here gets another server's message: the room's members, or the recipient if here."""
+        if message.kind == "dm":
+            holder = self.server.registry.holder(confusable_key(message.recipient or ""))
+            return () if holder is None or isinstance(holder, RemoteMember) else (holder,)
+        room = self.server.registry.rooms[message.room]  # cluster_closed() said it is here
+        sender = self.server.registry.holder(self._sender_key(message.sender))
+        if isinstance(sender, RemoteMember):
+            sender.last_spoke = time.monotonic()
+        return room.members
+
+    def cluster_rooms(self) -> list[RoomRecord]:
+        """The rooms worth giving a Redis that lost its data (every server has #main: not it, bare)."""
+        return [room.record() for room in self.server.registry.rooms.values()
+                if not room.unused and (room.name != MAIN_ROOM or room.topic)]
+
+    def cluster_address(self) -> str:
+        """Where clients reach this server, as the other servers list it."""
+        return self.server._public_address
+
+    def cluster_user_count(self) -> int:
+        return sum(1 for s in self.server.members() if not isinstance(s, RemoteMember))
+
+    def cluster_close(self, name: str) -> None:
+        """``name`` was closed in the shared log: it goes here too, with its history; if someone here
+        entered it meanwhile (after the close, in the log), it stays, as a new room without a past."""
+        try:
+            room = self.server.registry.close_room(name, lambda r: None)
+        except ProtocolError as exc:
+            if exc.code != "room-not-empty":
+                return
+            room = self.server.registry.rooms[name]
+            upto = self.server.log.last_id
+            self.server.fanout.wait_delivered(upto, CLOSE_WAIT)
+            if self.server.history is not None:
+                self.server.history.delete_room(name, upto, room.created_ts)
+            store = self.server.history.save_room if self.server.history is not None else None
+            self.server.registry.set_topic(room, "", "", lambda r: store and store(r.record()), 0.0)
+            room.messages = room.last_id = 0
+            return
+        self.server._retire(room, closing=True)
+
+
 class ChatServer:
     """The chat server: start it, read ``port``, and ``shutdown()`` it in one call.
 
-    Threads: ``chatctl-accept`` accepts, ``chatctl-poller`` watches for
-    input, ``chatctl-writer`` writes,
-    ``chatctl-reaper`` enforces timeouts, ``chatctl-commit`` (the commit log's)
-    stores and fans messages out in batches, ``chatctl-presence``
-    sends JOIN and LEAVE lines, ``chatctl-departures`` forgets ended
-    connections, and the ``chatctl-reader-N`` threads of the ReaderPool
-    (at most MAX_READERS) take turns reading the clients that sent something.
-    With ``bus`` set, the RedisBus is the commit log and brings three threads
-    of its own (``chatctl-bus-*``) in place of ``chatctl-commit``.  All of
-    them end in ``shutdown()``.
+    It wires the parts together and owns their life cycle: ``registry`` (who
+    is online and where), ``presence`` (JOIN and LEAVE lines, sent together),
+    ``fanout`` (messages to their readers), ``log`` (ids and order: the
+    LocalLog, or the RedisBus with ``bus`` set), ``mirror`` (what other
+    servers did, applied for the bus), and the Writer, ReadPoller and
+    ReaderPool.  Its threads are in the module docstring's table; all of them
+    end in ``shutdown()``.
 
     Callers use ``start``, ``serve_forever``, ``shutdown``, ``address`` and
-    ``port``; sessions call ``register``, ``publish``, the room methods and
-    ``send_history``; ``_committed`` and ``_not_stored`` are the commit log's
-    callbacks, and ``wrap_connection`` is the hook every accepted socket
-    passes through.  On the bus, the bus's threads call the ``cluster_*``
-    methods to apply what other servers did; remote users are RemoteMember
-    entries in the same Registry.  ``registry`` owns who is online and where; the commit
-    log (``log``) owns ids and order.
+    ``port``; sessions call ``register``, the room methods and
+    ``fanout.publish`` and ``fanout.send_history``; ``wrap_connection`` is
+    the hook every accepted socket passes through.
     """
 
     def __init__(self, config: ServerConfig | None = None):
@@ -5089,20 +5667,13 @@ class ChatServer:
         self.writer = Writer()
         self.readers = ReaderPool()
         self.poller = ReadPoller(self.readers)
-        self.registry = Registry(self.config, self._announce)
-        self._fanout_lock = threading.Lock()            # keeps every client's stream in id order
-        # JOIN/LEAVE lines not sent yet, and the sessions whose JOIN is among them: under _presence_lock,
-        # a leaf lock (held for an append or a swap), so that no registry change waits for a fan-out.
-        # (sequence number, line, subject, room: None for JOIN and LEAVE, which every member hears)
-        self._presence: list[tuple[int, bytes, ClientSession, Room | None]] = []
-        self._presence_seq = itertools.count(1)
-        self._unflushed: set[ClientSession] = set()   # the subjects of the lines in _presence
-        self._presence_lock = threading.Lock()
-        self._presence_due = threading.Event()
+        self.presence = Presence(self)
+        self.registry = Registry(self.config, self.presence.announce)
+        self.mirror = ClusterMirror(self)  # what the bus (if any) applies of other servers' doings
         self._departures: queue.SimpleQueue[ClientSession | None] = queue.SimpleQueue()  # ended readers
         self._departures_thread = threading.Thread(target=self._departures_loop, name="chatctl-departures",
                                                    daemon=True)
-        self._stopping = threading.Event()
+        self.stopping = threading.Event()
         self._stopped = False
         self._threads: list[threading.Thread] = []
         self._wake_r, self._wake_w = socket.socketpair()
@@ -5122,7 +5693,7 @@ class ChatServer:
         try:
             self.local_accounts = self._open_accounts()
             if self.config.bus:
-                self.bus = RedisBus(self.config, self.history, self.local_accounts, self,
+                self.bus = RedisBus(self.config, self.history, self.local_accounts, self.mirror,
                                     self.config.server_id or f"{socket.gethostname()}:{self.port}")
             self.accounts = self.bus or self.local_accounts
             self.tls_context, self.tls_fingerprint = None, ""
@@ -5145,8 +5716,7 @@ class ChatServer:
                                          self.config.room_creations)
         self.log: CommitLog = self.bus or LocalLog(self.history, batch_bytes=self.reply_bytes)
         self.marker_store = self.bus or self.history  # where a protected name's read markers are kept
-        self._delivered_upto = self.log.last_id           # the newest id fanned out (the commit thread's)
-        self._delivered = threading.Condition()           # JOIN waits on it for messages in flight
+        self.fanout = FanOut(self, self.log.last_id)
         self._load_rooms()
 
     def _open_history(self) -> HistoryStore | None:
@@ -5185,12 +5755,6 @@ class ChatServer:
     def port(self) -> int:
         return self.address[1]
 
-    @property
-    def delivered_upto(self) -> int:
-        """The newest message id fanned out: what a history answer may show (no more, or the live
-        stream would repeat it)."""
-        return self._delivered_upto
-
     def gateway_port(self, name: str) -> int | None:
         """The port of its own that gateway ``name``'s clients may use, if there is one."""
         return next((listener.getsockname()[1] for listener, gateway in self._gateway_listeners.items()
@@ -5215,9 +5779,9 @@ class ChatServer:
         self.writer.start()
         self.poller.start()
         self._departures_thread.start()
-        self.log.start(self._committed, self._not_stored)
+        self.log.start(self.fanout.committed, self.fanout.not_stored)
         for name, target in (("chatctl-accept", self._accept_loop), ("chatctl-reaper", self._reap_loop),
-                             ("chatctl-presence", self._presence_loop)):
+                             ("chatctl-presence", self.presence.run)):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -5228,7 +5792,7 @@ class ChatServer:
         raises in serve)."""
         if not self._threads:
             self.start()
-        while not self._stopping.wait(0.5):
+        while not self.stopping.wait(0.5):
             pass
 
     def shutdown(self, timeout: float = 5.0) -> None:
@@ -5236,8 +5800,8 @@ class ChatServer:
         if self._stopped:
             return
         self._stopped = True
-        self._stopping.set()
-        self._presence_due.set()
+        self.stopping.set()
+        self.presence.wake()
         try:
             self._wake_w.send(b"\0")
         except OSError:
@@ -5286,7 +5850,7 @@ class ChatServer:
             for listener in self._listeners():
                 selector.register(listener, selectors.EVENT_READ)
             selector.register(self._wake_r, selectors.EVENT_READ)
-            while not self._stopping.is_set():
+            while not self.stopping.is_set():
                 for key, _ in selector.select():
                     if key.fileobj is self._wake_r:
                         return
@@ -5294,7 +5858,7 @@ class ChatServer:
                         sock, address = key.fileobj.accept()
                     except OSError as exc:  # EMFILE and friends: back off, keep serving
                         log.error("accept failed: %s", exc.strerror or exc)
-                        self._stopping.wait(0.1)
+                        self.stopping.wait(0.1)
                         continue
                     self._start_session(sock, address, self._gateway_listeners.get(key.fileobj))
 
@@ -5341,7 +5905,7 @@ class ChatServer:
         if not ok:
             log.warning("authentication failed from %s: %s", session.peer, what)
             if self.config.auth_delay:
-                self._stopping.wait(self.config.auth_delay)
+                self.stopping.wait(self.config.auth_delay)
         return bool(ok)
 
     def _check_owner(self, session: ClientSession, name: str, key: str, password: str | None) -> bool:
@@ -5420,7 +5984,7 @@ class ChatServer:
             if holder is None:
                 break
             if isinstance(holder, RemoteMember):  # the bus gave us the name: it is stale here, or taken over
-                self.cluster_drop(holder, f"{TAKEN_OVER}: {name} logged in again" if owner else "left")
+                self.mirror.cluster_drop(holder, f"{TAKEN_OVER}: {name} logged in again" if owner else "left")
                 continue
             if not owner:
                 looks = f" (it looks like {holder.name!r}, who is online)" if holder.name != name else ""
@@ -5445,7 +6009,7 @@ class ChatServer:
         One registry lock for the lot: a thousand clients leaving at once do
         not queue up on it one by one.
         """
-        departed = self.registry.depart(sessions, forget, quiet=self._stopping.is_set())
+        departed = self.registry.depart(sessions, forget, quiet=self.stopping.is_set())
         if self.bus is not None and departed:
             self.bus.release(departed)
         for session in departed:
@@ -5501,121 +6065,6 @@ class ChatServer:
         return [UserInfo(s.name, s.registered_at, int(now - s.last_spoke))
                 for s in (self.members() if sessions is None else sessions)]
 
-    # --- presence ----------------------------------------------------------------------
-
-    def _announce(self, *items: tuple[ServerEvent, ClientSession, Room | None], joined: bool = False,
-                  leaving: bool = False) -> None:
-        """Queue presence events, each with its subject and room (None: JOIN or LEAVE, for every member);
-        the presence thread sends them together.  The Registry calls this under its lock, so the
-        lines keep the registry's order.  ``leaving`` (LEAVE lines): the subjects' room lines still
-        waiting are dropped, since LEAVE takes them out of every room."""
-        with self._presence_lock:
-            first = not self._presence
-            if leaving:
-                gone = {subject for _, subject, _ in items}
-                self._presence = [item for item in self._presence if item[3] is None or item[2] not in gone]
-            for event, subject, room in items:
-                seq = next(self._presence_seq)
-                self._presence.append((seq, event, subject, room))
-                self._unflushed.add(subject)
-                if joined:
-                    subject.presence_seq = seq  # it hears only of what comes after its own JOIN
-        if first:
-            self._presence_due.set()
-
-    def _presence_loop(self) -> None:
-        """Send presence lines at most every PRESENCE_INTERVAL, all waiting ones as one write.
-
-        A thousand clients joining at once cost each member a few writes,
-        not a thousand.
-        """
-        while not self._stopping.is_set():
-            if not self._presence_due.wait(1.0):
-                continue
-            self._presence_due.clear()
-            started = time.monotonic()
-            if self._stopping.wait(PRESENCE_INTERVAL):
-                return
-            # A mass join or leave is sent once it calms (or after PRESENCE_MAX_DELAY): members that
-            # leave meanwhile need none of it, and the rest get it in a few writes.
-            while len(self._presence) >= PRESENCE_FLOOD and time.monotonic() - started < PRESENCE_MAX_DELAY:
-                waiting = len(self._presence)
-                if self._stopping.wait(PRESENCE_INTERVAL):
-                    return
-                if len(self._presence) == waiting:
-                    break
-            members = self.members()
-            with self._fanout_lock:
-                ready = self._flush_presence(members)
-            self.writer.schedule_many(ready)
-
-    def _flush_presence(self, members: tuple[ClientSession, ...],
-                        keys: set[str] | None = None) -> list[ClientSession]:
-        """Queue the waiting presence lines (only those about ``keys``, if given) for every member that
-        speaks the extended protocol; returns the queues the writer must hear of.  Holds the fan-out lock.
-
-        A member gets only the JOIN and LEAVE lines after its own JOIN
-        (``presence_seq``), whenever they are sent, and a room's lines if it
-        is in the room when they are sent.  Lines about one name keep their
-        order whatever is taken.
-        """
-        with self._presence_lock:
-            if keys is None:
-                items, self._presence = self._presence, []
-                self._unflushed.clear()
-            else:
-                items = [item for item in self._presence if item[2].key in keys]
-                self._presence = [item for item in self._presence if item[2].key not in keys]
-                self._unflushed = {s for s in self._unflushed if s.key not in keys}
-        if not items:
-            return []
-        everyone = [item for item in items if item[3] is None]
-        by_room: dict[Room, list[tuple[ServerEvent, ClientSession]]] = {}
-        for _, event, subject, room in items:
-            if room is not None:
-                by_room.setdefault(room, []).append((event, subject))
-        extra: dict[ClientSession, list[bytes]] = {}
-        for room, events in by_room.items():  # a room's events to its members, but not to their subjects
-            subjects = {subject for _, subject in events}
-            blobs: dict[object, bytes] = {}  # in each encoding, made once
-            for s in room.members:
-                if not s.extended:
-                    continue
-                encoding = s.encoding
-                if s in subjects:
-                    data = encoding.events(event for event, who in events if who is not s)
-                elif (data := blobs.get(encoding.shared)) is None:
-                    data = encoding.events(event for event, _ in events)
-                    if encoding.shared is not None:
-                        blobs[encoding.shared] = data
-                extra.setdefault(s, []).append(data)
-        first_seq = everyone[0][0] if everyone else 0
-        seqs = [item[0] for item in everyone]
-        # A mass join: each joiner gets a tail of its encoding's one blob, not a copy of its own.
-        forms: dict[object, tuple[bytes, memoryview, list[int]]] = {}
-        ready = []
-        for s in members:
-            if not s.extended:
-                continue
-            encoding = s.encoding
-            form = forms.get(encoding.shared)
-            if form is None:
-                lines = [encoding.event(item[1]) for item in everyone]
-                blob = b"".join(lines)
-                form = (blob, memoryview(blob), list(itertools.accumulate(map(len, lines), initial=0)))
-                if encoding.shared is not None:
-                    forms[encoding.shared] = form
-            blob, view, offsets = form
-            if s.presence_seq < first_seq:  # the common case: it was there before all of these
-                data = blob
-            else:
-                data = view[offsets[bisect.bisect_right(seqs, s.presence_seq)]:]
-            if s in extra:
-                data = b"".join([data, *extra.pop(s)])
-            if data and s.outbound.put(data):
-                ready.append(s)
-        return ready
-
     # --- rooms --------------------------------------------------------------------------
 
     def _load_rooms(self) -> None:
@@ -5667,7 +6116,7 @@ class ChatServer:
             store = self.marker_store
             if session.owner and store is not None and name not in store.markers(session.key):
                 store.set_marker(session.key, name, session.markers[name])
-        self._wait_delivered(self.log.last_id, JOIN_WAIT)
+        self.fanout.wait_delivered(self.log.last_id, JOIN_WAIT)
         topic = [room.topic_event()] if room.topic else []
         session.tell(*topic, RoomNames(name, tuple(self.users(room.members))), Confirmed("JOIN", f"#{name}"))
 
@@ -5710,9 +6159,9 @@ class ChatServer:
             return
         topic = room.topic_event()
         members = self.members()
-        with self._fanout_lock:  # the setter's own JOIN and ENTER first
-            ready = (self._flush_presence(members, {session.key})
-                     if session is not None and session in self._unflushed else [])
+        with self.fanout.lock:  # the setter's own JOIN and ENTER first
+            ready = (self.presence.flush(members, {session.key})
+                     if session is not None and session in self.presence.unflushed else [])
             ready += [s for s in room.members
                       if s.extended and s is not session and s.outbound.put(s.encoding.event(topic))]
         self.writer.schedule_many(ready)
@@ -5720,7 +6169,7 @@ class ChatServer:
             session.tell(topic)
 
     def mark_read(self, session: ClientSession, room: Room, upto: int) -> None:
-        upto = min(upto, self._delivered_upto)
+        upto = min(upto, self.fanout.delivered_upto)
         if upto <= session.markers.get(room.name, 0):
             return
         session.markers[room.name] = upto
@@ -5740,29 +6189,10 @@ class ChatServer:
             if room.members or not self.bus.close_room(name):
                 raise ProtocolError("room-not-empty", f"#{name} has members; only an empty room can be "
                                     "closed")
-            self.cluster_close(name)
+            self.mirror.cluster_close(name)
         else:
             self._retire(self.registry.close_room(name, allowed), closing=True)
         log.info("%s closed the room #%s", session.name, name)
-
-    def cluster_close(self, name: str) -> None:
-        """``name`` was closed in the shared log: it goes here too, with its history; if someone here
-        entered it meanwhile (after the close, in the log), it stays, as a new room without a past."""
-        try:
-            room = self.registry.close_room(name, lambda r: None)
-        except ProtocolError as exc:
-            if exc.code != "room-not-empty":
-                return
-            room = self.registry.rooms[name]
-            upto = self.log.last_id
-            self._wait_delivered(upto, CLOSE_WAIT)
-            if self.history is not None:
-                self.history.delete_room(name, upto, room.created_ts)
-            store = self.history.save_room if self.history is not None else None
-            self.registry.set_topic(room, "", "", lambda r: store and store(r.record()), 0.0)
-            room.messages = room.last_id = 0
-            return
-        self._retire(room, closing=True)
 
     def _retire(self, room: Room, closing: bool) -> None:
         """``room`` is out of the registry (closed, or forgotten unused): no message may enter it now;
@@ -5771,7 +6201,7 @@ class ChatServer:
         with room.posting:
             room.closed = True
             upto = self.log.last_id
-        self._wait_delivered(upto, CLOSE_WAIT)
+        self.fanout.wait_delivered(upto, CLOSE_WAIT)
         if not closing and room.messages:
             room.closed = False
             if self.registry.restore(room):
@@ -5795,7 +6225,7 @@ class ChatServer:
         """``ROOM|#name|joined|online|messages|unread|mentions|last|topic`` for each room after ``after``
         (by name), then END; at most a reply's bytes, with ``|more`` when some were left out."""
         infos, size, more = [], 0, False
-        upto = self._delivered_upto
+        upto = self.fanout.delivered_upto
         rooms = sorted((r for r in self.registry.rooms.values() if r.name > after), key=lambda r: r.name)
         for room in rooms:
             joined = room.name in session.rooms
@@ -5814,384 +6244,20 @@ class ChatServer:
         session.tell(*infos, EndOfList("ROOMS", len(infos), more))
 
 
-    # --- the cluster (--bus): what other servers did, applied by the bus's reader thread --------
-
-    def cluster_event(self, fields: list[str], at: tuple[int, int]) -> None:
-        """One event of another server from the shared log, at place ``at`` in it: handed to its
-        handler by its first field (RedisBus's scripts write them)."""
-        handler = self.CLUSTER_EVENTS.get(fields[0])
-        if handler is None:
-            raise ValueError(f"unknown event {fields[0]!r}")
-        handler(self, fields[1:], at)
-
-    def _event_join(self, fields: list[str], at) -> None:
-        """``j|key|name|token|server|since|owner|token it replaces``"""
-        key, name, token, server_id, since, owner, replaces = fields[:7]
-        self.cluster_join(RemoteMember(key, name, token, server_id, float(since), owner == "1"), replaces)
-
-    def _event_leave(self, fields: list[str], at) -> None:
-        """``l|key|token|reason``"""
-        key, token, reason = fields[:3]
-        holder = self.registry.holder(key)
-        if isinstance(holder, RemoteMember) and holder.token == token:
-            self.cluster_drop(holder, reason)
-
-    def _event_enter(self, fields: list[str], at) -> None:
-        """``n|key|token|room|created by|created ts``"""
-        key, token, room_name, created_by, created_ts = fields[:5]
-        member = self.registry.holder(key)
-        if isinstance(member, RemoteMember) and member.token == token:
-            self.registry.enter(member, room_name,
-                                lambda r: self._made_elsewhere(r, created_by, float(created_ts or 0)))
-
-    def _event_exit(self, fields: list[str], at) -> None:
-        """``x|key|token|room|reason``"""
-        key, token, room_name, reason = fields[:4]
-        member = self.registry.holder(key)
-        if isinstance(member, RemoteMember) and member.token == token and room_name in member.rooms:
-            forgotten = self.registry.part(member, room_name, reason)
-            if forgotten is not None:
-                self._retire(forgotten, closing=False)
-
-    def _event_topic(self, fields: list[str], at) -> None:
-        """``t|room|ts|setter|text``: set unless a topic later in the log is set already."""
-        room = self.registry.rooms.get(fields[0])
-        if room is not None:
-            text = unescape_text("|".join(fields[3:]))
-            self._change_topic(room, fields[2], text, ts=float(fields[1]), seq=at)
-
-    def _event_room(self, fields: list[str], at) -> None:
-        """``r|record (JSON)``: a room Redis had lost, given back by another server."""
-        import json
-        record = RoomRecord(**json.loads("|".join(fields)))
-        room = self.registry.rooms.get(record.name)
-        if room is None:
-            room = self.registry.add_room(record)
-            if self.history is not None:
-                self.history.save_room(room.record())
-        elif record.topic_ts > room.topic_ts:
-            self._change_topic(room, record.topic_by, record.topic, ts=record.topic_ts)
-
-    def _event_protect(self, fields: list[str], at) -> None:
-        """``p|key|name|hash|created|restored?``"""
-        key, name, hashed, created = fields[:4]
-        self.local_accounts.protect(key, name, hashed, float(created))
-        if fields[4:5] == ["restored"]:
-            self.cluster_restored([key])
-
-    def _event_unprotect(self, fields: list[str], at) -> None:
-        """``u|key``"""
-        self.local_accounts.unprotect(fields[0])
-
-    def _event_close(self, fields: list[str], at) -> None:
-        """``c|room``"""
-        self.cluster_close(fields[0])
-
-    def cluster_presence_out(self) -> None:
-        """The presence lines of the events just applied go out now, not with the next presence
-        batch: the messages after them in the log must not overtake them."""
-        members = self.members()
-        with self._fanout_lock:
-            ready = self._flush_presence(members)
-        self.writer.schedule_many(ready)
-
-    def _made_elsewhere(self, room: Room, created_by: str, created_ts: float) -> None:
-        room.created_by, room.created_ts = created_by, created_ts or room.created_ts
-        if self.history is not None:
-            self.history.save_room(room.record())
-
-    def cluster_join(self, member: RemoteMember, replaces: str = "") -> None:
-        """Someone took a name on another server: whoever held it here (stale, or taken over) goes."""
-        holder = self.registry.holder(member.key)
-        if isinstance(holder, RemoteMember) and holder.token == member.token:
-            return
-        if isinstance(holder, RemoteMember):
-            self.cluster_drop(holder, f"{TAKEN_OVER}: {member.name} logged in again on {member.server_id}")
-        elif holder is not None:
-            holder.disconnect(f"{TAKEN_OVER}: {member.name} logged in again on {member.server_id}")
-        if self.registry.claim(member, member.name, member.key, member.owner, lambda: None) is not None:
-            log.warning("%s joined on %s but is held here too", member.name, member.server_id)
-
-    def cluster_drop(self, member: RemoteMember, reason: str) -> None:
-        member.leave_reason = reason
-        self.registry.depart([member], forget=False, quiet=False)
-        for room in self.registry.forget_emptied():
-            self._retire(room, closing=False)
-
-    def cluster_snapshot(self, names: dict[str, dict], rooms: dict[str, dict]) -> None:
-        """The cluster's state as Redis holds it (at start, and after Redis came back): this
-        server's rooms and remote members are made to match it."""
-        for name, record in rooms.items():
-            room = self.registry.rooms.get(name)
-            if room is None:
-                room = self.registry.add_room(RoomRecord(**record))
-                if self.history is not None:
-                    self.history.save_room(room.record())
-            elif record.get("topic_ts", 0) > room.topic_ts:
-                self._change_topic(room, record["topic_by"], record["topic"], ts=record["topic_ts"])
-        in_use = {room for entry in names.values() for room in entry.get("rooms") or ()}
-        self.registry.forget_unused(set(rooms) | in_use)  # forgotten by the others while we were away
-        gone = set(self.registry.rooms) - set(rooms) - in_use - self.registry.config_rooms - {MAIN_ROOM}
-        for name in gone:  # closed by the others while we were away (Redis knows every room in use)
-            self.cluster_close(name)
-        for member in [m for m in self.members() if isinstance(m, RemoteMember)]:
-            entry = names.get(member.key)
-            if entry is None or entry["token"] != member.token:
-                self.cluster_drop(member, "left while this server was cut off from the bus")
-        for key, entry in names.items():
-            if entry["server"] == self.bus.server_id:
-                continue
-            holder = self.registry.holder(key)
-            if not (isinstance(holder, RemoteMember) and holder.token == entry["token"]):
-                self.cluster_join(RemoteMember(key, entry["name"], entry["token"], entry["server"],
-                                               float(entry["since"]), bool(entry["owner"])))
-                holder = self.registry.holder(key)
-                if not isinstance(holder, RemoteMember):
-                    continue
-            wanted = set(entry.get("rooms") or ())
-            for room_name in wanted - set(holder.rooms):
-                try:
-                    self.registry.enter(holder, room_name, lambda r: self._made_elsewhere(r, "", 0.0))
-                except ProtocolError as exc:  # this server's own limits (max_rooms): not listed here
-                    log.warning("%s is in #%s on %s, which this server cannot hold: %s", holder.name,
-                                room_name, holder.server_id, exc.text)
-            for room_name in set(holder.rooms) - wanted:
-                self.registry.part(holder, room_name, "left")
-
-    def cluster_restored(self, keys: list[str]) -> None:
-        """These names' protection was given back after Redis lost it: whoever holds one here got it
-        while it was unprotected (perhaps with a password of their own) and goes."""
-        for key in keys:
-            holder = self.registry.holder(key)
-            if holder is not None and not isinstance(holder, RemoteMember):
-                holder.disconnect("this name's protection was restored (the cluster's Redis had lost it): "
-                                  "log in with its password")
-
-    def cluster_conflict(self, tokens: list[str]) -> None:
-        """Names another server holds now (taken while this one was cut off): their sessions here go."""
-        lost = set(tokens)
-        for member in self.members():
-            if not isinstance(member, RemoteMember) and member.token in lost:
-                member.disconnect("your name was taken on another server while this one was cut off")
-
-    def cluster_closed(self, message: ChatMessage) -> bool:
-        """Whether a message read from the log is for a room that is not here at its place in the log
-        (closed before it): then it goes nowhere, on every server alike."""
-        return message.kind != "dm" and message.room not in self.registry.rooms
-
-    def cluster_entries(self) -> list[dict]:
-        """The names this server holds, as the bus's resync script takes them."""
-        return [{"key": s.key, "name": s.name, "token": s.token, "since": repr(s.registered_at),
-                 "owner": int(s.owner), "rooms": list(s.rooms)}
-                for s in self.members() if not isinstance(s, RemoteMember) and s.token]
-
-    def cluster_audience(self, message: ChatMessage) -> tuple:
-        """Who here gets another server's message: the room's members, or the recipient if here."""
-        if message.kind == "dm":
-            holder = self.registry.holder(confusable_key(message.recipient or ""))
-            return () if holder is None or isinstance(holder, RemoteMember) else (holder,)
-        room = self.registry.rooms[message.room]  # cluster_closed() said it is here
-        sender = self.registry.holder(self._sender_key(message.sender))
-        if isinstance(sender, RemoteMember):
-            sender.last_spoke = time.monotonic()
-        return room.members
-
-    _sender_key = staticmethod(functools.lru_cache(maxsize=4096)(confusable_key))  # a name per message
-
-    def cluster_rooms(self) -> list[RoomRecord]:
-        """The rooms worth giving a Redis that lost its data (every server has #main: not it, bare)."""
-        return [room.record() for room in self.registry.rooms.values()
-                if not room.unused and (room.name != MAIN_ROOM or room.topic)]
-
-    def cluster_address(self) -> str:
-        """Where clients reach this server, as the other servers list it."""
-        return self._public_address
-
-    def cluster_user_count(self) -> int:
-        return sum(1 for s in self.members() if not isinstance(s, RemoteMember))
 
     def servers(self) -> list[ServerStatus]:
         """The servers of the cluster (just this one, without a bus)."""
         if self.bus is not None:
             return self.bus.servers()
-        return [ServerStatus("standalone", self.cluster_address(), self.cluster_user_count(), 0.0, 0, True)]
-
-    # --- fan-out -----------------------------------------------------------------------
-
-    def publish(self, sender: ClientSession, kind: str, text: str, *, room: str | None = MAIN_ROOM,
-                recipient: str | None = None) -> None:
-        """The one place every accepted message passes.
-
-        Here it gets its audience, fixed now: the room's members, or a
-        direct message's one recipient session.  The commit log gives it its
-        id and order, and hands it on in a batch to _committed(), which fans
-        the batch out and acknowledges it: each reader gets a whole batch in
-        one queue write, and the reader threads never wait for one another's
-        fan-out.
-        """
-        if recipient is not None:
-            target = self.registry.holder(confusable_key(recipient))
-            if target is None:
-                raise ProtocolError("unknown-user", f"no user named {sanitise_line(recipient)!r} is online")
-            recipient, audience, room, where = target.name, (target,), MAIN_ROOM, None
-        else:
-            where = self.room(room)
-            if room not in sender.rooms and not sender.quiet:
-                raise ProtocolError("not-in-room", f"you are not in #{room}; join it first")
-            audience = where.members
-        if sender.in_flight >= self.config.max_in_flight:
-            self._wait_in_flight(sender)
-        draft = ChatMessage(0, 0.0, sender.name, text, kind, recipient, room)
-        pending = PendingMessage(draft, sender, audience)
-        if where is None:
-            self._accept(pending)
-            return
-        with where.posting:  # a room being closed takes no more messages
-            if where.closed:
-                raise ProtocolError("unknown-room", f"#{room} was just closed")
-            self._accept(pending)
-
-    def _accept(self, pending: PendingMessage) -> None:
-        with self._fanout_lock:
-            pending.sender.last_pending = pending
-            pending.sender.in_flight += 1
-        self.log.submit(pending)
-
-    def _wait_in_flight(self, session: ClientSession) -> None:
-        """Hold a connection that has max_in_flight messages waiting for their commit (its reader
-        thread waits; TCP pushes back on the client), so no connection queues without end."""
-        limit = self.config.max_in_flight
-        deadline = time.monotonic() + PENDING_WAIT
-        while session.in_flight >= limit and time.monotonic() < deadline \
-                and not self._stopping.is_set():
-            time.sleep(0.001)
-
-    def _committed(self, batch: list[PendingMessage]) -> None:
-        """The commit log's callback: ``batch`` is committed; deliver and acknowledge it."""
-        members = self.members()
-        with self._fanout_lock:
-            ready = []
-            subjects = {p.sender.key for p in batch if p.sender is not None and p.sender in self._unflushed}
-            if subjects:  # their JOIN or ENTER before their messages; the rest waits for the presence thread
-                ready = self._flush_presence(members, subjects)
-            ready += self._fan_out_batch(batch)
-            # before anyone can read it: a HISTORY asked after a delivery must include it
-            self._mark_delivered(batch[-1].message.id)
-        self.writer.schedule_many(ready)  # one wake-up for the whole batch
-
-    def _fan_out_batch(self, batch: list[PendingMessage]) -> list[ClientSession]:
-        """A committed batch: each reader gets its part of it in one queue write; returns the
-        queues that need the writer.  The caller holds the fan-out lock.
-
-        Messages come in runs with one audience (a busy room's members, the
-        same tuple until someone joins or leaves): every member of a run that
-        sent nothing in the batch gets the run's bytes as one piece; senders
-        get their list message by message, in id order, with their MSG_OKs in
-        place of their own messages.  Each run is counted into its room's
-        figures (messages, last activity).
-        """
-        senders = {p.sender for p in batch}
-        rooms = self.registry.rooms
-        parts: dict[ClientSession, list[bytes]] = {}
-        forced: set[ClientSession] = set()  # their BYE is in their part: it goes in whatever the SendQ
-        start, count = 0, len(batch)
-        while start < count:
-            audience, where = batch[start].audience, batch[start].message.room
-            end = start + 1
-            while end < count and batch[end].audience is audience and batch[end].message.room == where:
-                end += 1
-            run = batch[start:end]
-            last = run[-1].message
-            if last.kind != "dm" and (room := rooms.get(last.room)) is not None:  # a run is in one room
-                room.messages += len(run)
-                room.last_ts, room.last_id = last.ts, last.id
-            forms: dict[object, tuple[list[bytes], bytes]] = {}  # the run in each encoding: made once
-            run_senders = []  # (session, its list, its form of each message)
-            for s in audience:
-                encoding = s.encoding
-                form = forms.get(encoding.shared)
-                if form is None:
-                    lines = [encoding.message(p.message) for p in run]
-                    form = (lines, b"".join(lines))
-                    if encoding.shared is not None:
-                        forms[encoding.shared] = form
-                if s in senders:
-                    run_senders.append((s, parts.setdefault(s, []), form[0]))
-                else:
-                    parts.setdefault(s, []).append(form[1])
-            for i, pending in enumerate(run):
-                sender = pending.sender
-                for s, chunks, form in run_senders:
-                    if s is not sender:
-                        chunks.append(form[i])
-                if sender is None:  # another server's message (with --bus): its own server answers
-                    continue
-                own = parts.setdefault(sender, [])
-                sender.in_flight -= 1
-                own.append(sender.encoding.acknowledge(pending.message))
-                own.extend(pending.after)
-                if pending.forced:
-                    forced.add(sender)
-                if sender.last_pending is pending:
-                    sender.last_pending = None
-            start = end
-        return [s for s, chunks in parts.items()
-                if s.outbound.put(chunks[0] if len(chunks) == 1 else b"".join(chunks), s in forced)]
-
-    def _not_stored(self, batch: list[PendingMessage], code: str) -> None:
-        """The commit log's callback: ``batch`` could not be stored (``code``: why, an ERROR_CODES
-        key), so it goes to nobody."""
-        ready = []
-        with self._fanout_lock:
-            for pending in batch:
-                sender = pending.sender
-                sender.in_flight -= 1
-                if sender.last_pending is pending:
-                    sender.last_pending = None
-                data = sender.encoding.event(ErrorReply(code, ERROR_CODES[code])) + b"".join(pending.after)
-                if sender.outbound.put(data, pending.forced):
-                    ready.append(sender)
-            self._mark_delivered(batch[-1].message.id)
-        self.writer.schedule_many(ready)
-
-    def _mark_delivered(self, upto: int) -> None:
-        """Everything up to id ``upto`` is out (queued to its readers).  Holds the fan-out lock."""
-        with self._delivered:
-            self._delivered_upto = max(self._delivered_upto, upto)
-            self._delivered.notify_all()
-
-    def _wait_delivered(self, upto: int, timeout: float) -> None:
-        with self._delivered:
-            self._delivered.wait_for(lambda: self._delivered_upto >= upto, timeout)
-
-    def send_history(self, session: ClientSession, kind: str, room: str | None,
-                     query: Callable[[HistoryStore, int, int], tuple[list[ChatMessage], bool]]) -> None:
-        """Reply with stored messages and ``END|kind|count`` (``|more`` when some were left out) as one block.
-
-        Bounded by what was already delivered, so the block and the live
-        stream neither overlap nor leave a gap, and by a quarter of the SendQ
-        in bytes, so a client's own catch-up never overflows it.  The query
-        runs outside the fan-out lock (a client asking for history again and
-        again must not stall everyone's messages), so a live message may come
-        before the block; clients merge by id.
-        """
-        if self.history is None:
-            raise ProtocolError("history-off", ERROR_CODES["history-off"])
-        if room is not None:
-            self.room(room)
-        if session.name is not None:
-            self.check_quiet_name(session)
-        if session.outbound.size > session.outbound.limit:  # it has not read what it asked for before
-            session.disconnect("sendq exceeded", level=logging.WARNING)
-            return
-        messages, more = query(self.history, self._delivered_upto, self.reply_bytes)
-        session.tell(HistoryPage(kind, tuple(messages), more))
+        here = ServerStatus("standalone", self.mirror.cluster_address(), self.mirror.cluster_user_count(),
+                            0.0, 0, True)
+        return [here]
 
     # --- timeouts ----------------------------------------------------------------------
 
     def _reap_loop(self) -> None:
         config = self.config
-        while not self._stopping.wait(REAPER_INTERVAL):
+        while not self.stopping.wait(REAPER_INTERVAL):
             now = time.monotonic()
             for s in self.registry.sessions():
                 if s.leave_reason is not None:
@@ -6208,10 +6274,10 @@ class ChatServer:
                     s.gate.keep_alive(now - s.last_active, config.idle_timeout)
 
 
-ChatServer.CLUSTER_EVENTS = {  # the first field of a bus event -> its handler
-    "j": ChatServer._event_join, "l": ChatServer._event_leave, "n": ChatServer._event_enter,
-    "x": ChatServer._event_exit, "t": ChatServer._event_topic, "r": ChatServer._event_room,
-    "p": ChatServer._event_protect, "u": ChatServer._event_unprotect, "c": ChatServer._event_close,
+ClusterMirror.CLUSTER_EVENTS = {  # the first field of a bus event -> its handler
+    "j": ClusterMirror._event_join, "l": ClusterMirror._event_leave, "n": ClusterMirror._event_enter,
+    "x": ClusterMirror._event_exit, "t": ClusterMirror._event_topic, "r": ClusterMirror._event_room,
+    "p": ClusterMirror._event_protect, "u": ClusterMirror._event_unprotect, "c": ClusterMirror._event_close,
 }
 
 
@@ -7037,7 +7103,8 @@ class IrcGate(Encoding):
         if "draft/chathistory" in self.caps or "server-time" not in self.caps or server.history is None:
             return []  # (without server-time a replayed line looks live: a bot would act on it again)
         try:
-            messages, _ = server.history.recent(self.nick, IRC_REPLAY, room=room, upto=server.delivered_upto,
+            upto = server.fanout.delivered_upto
+            messages, _ = server.history.recent(self.nick, IRC_REPLAY, room=room, upto=upto,
                                                 max_bytes=server.reply_bytes)
         except ProtocolError:
             return []
@@ -11065,7 +11132,7 @@ def _server_flag(ctx, param, value: str | None) -> tuple[str, int | None] | None
 @cli.command(epilog=exit_codes_help(EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG,
                                      _1="textual-serve is not installed, or the port is in use"))
 @click.option("--host", "-H", default="127.0.0.1", show_default=True,
-              help="Address the page listens on (0.0.0.0 opens it to your network: read docs/clients.md first).")
+              help="Address the page listens on (0.0.0.0 opens it to your network: see docs/clients.md).")
 @click.option("--port", "-p", default=WEB_PORT, show_default=True, type=click.IntRange(1, 65535),
               help="Port of the page.")
 @click.option("--server", "server_address", metavar="HOST[:PORT]", callback=_server_flag,

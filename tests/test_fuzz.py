@@ -46,7 +46,7 @@ def test_a_number_of_thousands_of_digits_is_refused_in_one_line_and_leaks_no_slo
         assert reply.startswith(("ERR|bad-argument|", "ERR|not-registered|")), reply[:200]
         assert len(reply) < 300
         attacker.close()
-    wait_until(lambda: slots_free(server))
+        wait_until(lambda: slots_free(server))  # (its slot back before the next one comes)
     innocent_gets_in(server.port)
 
 
@@ -59,7 +59,7 @@ def test_irc_numbers_of_thousands_of_digits_are_refused_and_leak_no_slot(make_se
         irc.expect(":chatctl PONG")  # the line after it was still handled: the session lives on
         assert any("FAIL CHATHISTORY" in seen for seen in irc.seen), irc.seen
         irc.close()
-    wait_until(lambda: slots_free(server))
+        wait_until(lambda: slots_free(server))  # (its slot back before the next one comes)
     innocent_gets_in(server.port)
 
 

@@ -92,6 +92,7 @@ def scope_uses(table: symtable.SymbolTable) -> list[tuple[str, int]]:
 def test_the_table_of_contents_matches_the_banners():
     banners = sections()
     docstring = ast.get_docstring(ast.parse(SOURCE)) or ""
+    docstring = docstring.partition("Contents")[2].partition("Threads and locks")[0]  # the table alone
     entry = re.compile(r"^\s+(\d+)\. (\S.*?)(?:\s{2,}|$)", re.MULTILINE)  # "  8. Server    what it holds"
     listed = [(int(m.group(1)), m.group(2)) for m in entry.finditer(docstring)]
     assert [n for n, _, _ in banners] == list(range(1, len(banners) + 1))
@@ -113,3 +114,14 @@ def test_each_section_uses_only_names_from_sections_before_it():
             offences.append(f"line {line}: section {where} ({titles.get(where)}) uses {name} "
                             f"from section {source} ({titles[source]})")
     assert not offences, "\n".join(sorted(set(offences)))
+
+
+def test_the_threads_table_names_every_thread_chatctl_starts():
+    docstring = ast.get_docstring(ast.parse(SOURCE)) or ""
+    table = docstring.partition("Threads and locks")[2]
+    started = set(re.findall(r'"(chatctl-[a-z]+(?:-[a-z]+)*)', SOURCE)) - {"chatctl-web"}
+    started |= {"chatctl-reader-N"}
+    started.discard("chatctl-reader")
+    missing = [name for name in sorted(started) if name not in table
+               and not (name.startswith("chatctl-bus-") and "chatctl-bus-publish" in table)]
+    assert not missing, missing
