@@ -77,11 +77,22 @@ import sys
 if sys.version_info < (3, 11):  # before anything that would fail with a traceback on an older Python
     sys.exit(f"chatctl needs Python 3.11 or newer; this is {sys.version.split()[0]}")
 
+import base64
+import binascii
 import bisect
+import calendar
+import collections
+import contextvars
 import dataclasses
+import datetime
 import functools
+import hashlib
 import heapq
+import hmac
+import io
+import ipaddress
 import itertools
+import json
 import logging
 import math
 import os
@@ -89,13 +100,23 @@ import queue
 import re
 import select
 import selectors
+import shlex
+import shutil
+import signal
 import socket
+import sqlite3
+import ssl
+import tempfile
 import threading
 import time
+import tomllib
 import unicodedata
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
+from urllib.parse import urlsplit
 
 import click
 
@@ -539,7 +560,6 @@ def format_timestamp(ts: float) -> str:
 
 
 def parse_timestamp(text: str) -> float:
-    import calendar
 
     try:
         return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
@@ -1337,8 +1357,6 @@ _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
 
 def parse_fingerprint(text: str) -> str:
     """A fingerprint as the user gives it (``SHA256:base64`` or hex, colons allowed), normalised."""
-    import base64
-    import binascii
 
     text = text.strip()
     body = text[7:] if text.upper().startswith("SHA256:") else text
@@ -1391,7 +1409,6 @@ def _type_word(kind: type) -> str:
 
 def _read_config_file(path: Path) -> dict[str, dict[str, object]]:
     """Parse and check every section of one file; values converted, unknown keys refused."""
-    import tomllib
 
     try:
         with open(path, "rb") as fh:
@@ -1604,7 +1621,6 @@ class HistoryStore:
     """
 
     def __init__(self, path: str | os.PathLike, max_messages: int = 0, max_days: float = 0.0):
-        import sqlite3
 
         self.path = Path(path)
         self.max_messages = max_messages
@@ -1640,7 +1656,6 @@ class HistoryStore:
 
     def upkeep(self) -> None:
         """Checkpoint the WAL; apply retention when due (the upkeep thread)."""
-        import sqlite3
 
         try:
             self._upkeep_db.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -1685,7 +1700,6 @@ class HistoryStore:
             self._lock_file = None
 
     def _connect(self):
-        import sqlite3
 
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
@@ -1735,7 +1749,6 @@ class HistoryStore:
 
     def insert(self, batch: list[PendingMessage]) -> None:
         """Commit a batch in one transaction; StorageError if it is not in."""
-        import sqlite3
 
         try:
             self._insert(batch)
@@ -1775,7 +1788,6 @@ class HistoryStore:
     def index_step(self) -> bool:
         """Add the next FTS_CHUNK rows to the full-text index, in one transaction (the commit
         thread, between batches); False if that failed."""
-        import sqlite3
 
         upto = min(self.last_id, self.fts_upto + FTS_CHUNK)
         db = self._writer
@@ -1797,7 +1809,6 @@ class HistoryStore:
 
     def prune(self) -> int:
         """Apply retention, a chunk at a time so chat never waits long; returns rows deleted."""
-        import sqlite3
 
         db = self._upkeep_db
         last_doomed = 0  # every id up to this one goes
@@ -1939,7 +1950,6 @@ class HistoryStore:
         return rows[0]
 
     def _read_rows(self, sql: str, params: dict) -> list[tuple]:
-        import sqlite3
 
         try:
             with self._reader_lock:
@@ -1950,7 +1960,6 @@ class HistoryStore:
 
     def _write(self, *statements: tuple[str, tuple]) -> None:
         """Statements (SQL and parameters) in one transaction."""
-        import sqlite3
 
         try:
             with self._meta_lock:
@@ -1971,7 +1980,6 @@ class HistoryStore:
                max_bytes: int = 0) -> list[tuple[list[ChatMessage], bool]]:
         """Run SELECTs in one read transaction (one snapshot); each one's messages in row order,
         stopping once ``max_bytes`` of them are read, and whether it stopped early."""
-        import sqlite3
 
         results = []
         try:
@@ -2058,7 +2066,6 @@ _WORD_RE = re.compile(r"[^\W_]+")
 
 def _split_sql(script: str) -> list[str]:
     """Statements of a migration script; triggers keep their inner semicolons."""
-    import sqlite3
 
     statements, current = [], ""
     for line in script.strip().splitlines(keepends=True):
@@ -2081,7 +2088,6 @@ class AccountStore:
     KEY_VERSION = 1  # PRAGMA user_version: 1 once keys are confusable_key (before: case-folded names)
 
     def __init__(self, path: str | os.PathLike):
-        import sqlite3
 
         self.path = Path(path)
         private_file(self.path)
@@ -2302,8 +2308,6 @@ CERT_DAYS = 3650
 
 def hash_password(password: str) -> str:
     """``scrypt$n$r$p$salt$hash``, salt and hash in base64."""
-    import base64
-    import hashlib
 
     salt = os.urandom(16)
     digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
@@ -2312,9 +2316,6 @@ def hash_password(password: str) -> str:
 
 
 def verify_password(password: str, stored: str) -> bool:
-    import base64
-    import hashlib
-    import hmac
 
     try:
         scheme, n, r, p, salt, digest = stored.split("$")
@@ -2328,8 +2329,6 @@ def verify_password(password: str, stored: str) -> bool:
 
 def same_secret(given: str, expected: str) -> bool:
     """Constant time, whatever the lengths (digests of equal size are compared)."""
-    import hashlib
-    import hmac
 
     return hmac.compare_digest(hashlib.sha256(given.encode()).digest(),
                                hashlib.sha256(expected.encode()).digest())
@@ -2522,16 +2521,12 @@ class AddressBudget:
 
 def certificate_fingerprint(der: bytes) -> str:
     """``SHA256:`` and the base64 digest of a DER certificate, as ssh shows host keys."""
-    import base64
-    import hashlib
 
     return "SHA256:" + base64.b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
 
 
 def generate_certificate(cert_path: Path, key_path: Path) -> None:
     """A self-signed certificate for this host (P-256, valid for CERT_DAYS), key file mode 0600."""
-    import datetime
-    import ipaddress
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -2575,7 +2570,6 @@ def server_tls_context(cert: str, key: str):
     With neither file configured, the certificate made on first start in the
     data directory is used (and made if it is not there yet).
     """
-    import ssl
 
     if not cert and not key:
         data_dir = private_dir(user_data_dir())
@@ -2606,7 +2600,6 @@ class TlsChannel:
     """
 
     def __init__(self, context, server_side: bool, server_hostname: str | None = None):
-        import ssl
 
         self._ssl = ssl
         self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -3266,7 +3259,6 @@ class RedisBus(CommitLog):
 
     @staticmethod
     def _parse_snapshot(snapshot) -> tuple[dict[str, dict], dict[str, dict]]:
-        import json
         names_raw, rooms_raw = snapshot[0], snapshot[1]
         names = {names_raw[i].decode(): json.loads(names_raw[i + 1]) for i in range(0, len(names_raw), 2)}
         rooms = {rooms_raw[i].decode(): json.loads(rooms_raw[i + 1]) for i in range(0, len(rooms_raw), 2)}
@@ -3280,7 +3272,6 @@ class RedisBus(CommitLog):
 
     def _reconnect(self) -> bool:
         """Once Redis answers again: the same data (resume where we were) or new data (read it all)."""
-        import json
         self.redis.connection_pool.disconnect()  # every connection of before the outage is dead
         publisher, self._publisher = self._publisher, None
         if publisher is not None:
@@ -3571,7 +3562,6 @@ class RedisBus(CommitLog):
     # --- heartbeats ----------------------------------------------------------------
 
     def _beat_loop(self) -> None:
-        import json
         backoff = BUS_BACKOFF_MIN
         while not self._stopping.wait(BUS_HEARTBEAT if self._up.is_set() else backoff):
             if not self._up.is_set():
@@ -3599,7 +3589,6 @@ class RedisBus(CommitLog):
         """This server is alive (with its status); reaps the silent ones, once it has itself been
         connected for BUS_SERVER_TIMEOUT (after an outage, the others need as long to be heard
         from again).  (1 if it was not listed before, the servers reaped.)"""
-        import json
         status = {"address": self.host.cluster_address(), "users": self.host.cluster_user_count(),
                   "last_id": self.last_id}
         reaping = time.monotonic() - self._up_since >= BUS_SERVER_TIMEOUT
@@ -3616,7 +3605,6 @@ class RedisBus(CommitLog):
 
     def claim(self, key: str, name: str, token: str, owner: bool) -> tuple[bool, str]:
         """Take ``name`` cluster-wide: (True, the token it replaced or '') or (False, who holds it)."""
-        import json
         since = repr(time.time())
         entry = json.dumps({"name": name, "token": token, "server": self.server_id, "since": since,
                             "owner": int(owner), "rooms": [MAIN_ROOM]})
@@ -3635,7 +3623,6 @@ class RedisBus(CommitLog):
 
     def moved(self, session, verb: str, room: Room, reason: str = "") -> None:
         """``session`` entered (``verb`` 'n') or left ('x') ``room``."""
-        import json
         if verb == "n":
             event = f"n|{session.key}|{session.token}|{room.name}|{room.created_by}|{room.created_ts!r}"
             record = json.dumps(dataclasses.asdict(room.record()))
@@ -3646,7 +3633,6 @@ class RedisBus(CommitLog):
     def set_topic(self, record: RoomRecord) -> tuple[int, int]:
         """A topic set here: in the shared rooms, and an event for the others; returns the event's
         place in the log (the newest place wins everywhere)."""
-        import json
         event = f"t|{record.name}|{record.topic_ts!r}|{record.topic_by}|{escape_text(record.topic)}"
         record_json = json.dumps(dataclasses.asdict(record))
         return _stream_id(self.call(self._run, "room", record.name, record_json, event))
@@ -3660,7 +3646,6 @@ class RedisBus(CommitLog):
         self._if_up(self._run, "forget", name)
 
     def password_hash(self, key: str) -> str | None:
-        import json
         raw = self.call(self.redis.hget, self.keys[6], key)
         return json.loads(raw)["hash"] if raw else None
 
@@ -3679,7 +3664,6 @@ class RedisBus(CommitLog):
         """Our copy of the protected names and the shared ones agree.  Redis data we have not seen
         before (it lost its data, or this server is new to it) gets ours added, and our rooms and
         topics; then ours becomes what Redis holds, so what another server dropped goes here too."""
-        import json
         if epoch != self.local_accounts.meta(f"bus-epoch {self.cluster} {self.server_id}"):
             accounts = {key: json.dumps({"name": name, "hash": hashed, "created": created})
                         for key, (name, hashed, created) in self.local_accounts.all().items()}
@@ -3712,7 +3696,6 @@ class RedisBus(CommitLog):
 
     def servers(self) -> list[ServerStatus]:
         """Every server on the bus, from their heartbeats."""
-        import json
 
         def read():
             pipe = self.redis.pipeline(transaction=False)
@@ -4716,7 +4699,6 @@ class ClientSession:
         return True
 
     def _decrypt(self, data: bytes) -> bytes:
-        import ssl
 
         try:
             plain = self.tls.receive(data)
@@ -5476,7 +5458,6 @@ class ClusterMirror:
 
     def _event_room(self, fields: list[str], at) -> None:
         """``r|record (JSON)``: a room Redis had lost, given back by another server."""
-        import json
         record = RoomRecord(**json.loads("|".join(fields)))
         room = self.server.registry.rooms.get(record.name)
         if room is None:
@@ -6299,7 +6280,6 @@ def raise_open_file_limit() -> int:
 
 def serve_until_signalled(server: ChatServer) -> None:
     """Run ``server`` in the foreground; Ctrl-C or SIGTERM shut it down cleanly."""
-    import signal
 
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt
@@ -6550,8 +6530,6 @@ class IrcGate(Encoding):
             self.numeric("410", sub or "*", "Invalid CAP command")
 
     def irc_authenticate(self, params: tuple[str, ...]) -> None:
-        import base64
-        import binascii
 
         if "sasl" not in self.caps or self.session.name is not None:
             self.numeric("904", "SASL authentication failed")
@@ -7231,7 +7209,6 @@ class ClientTls:
     notify: Callable[[str], None] | None = None            # hears of a certificate recorded unasked
 
     def wrap(self, sock: socket.socket, host: str, port: int, timeout: float) -> TlsSocket:
-        import ssl
 
         address = f"{host}:{port}"
         if self.cafile:
@@ -9020,7 +8997,6 @@ class LoadGenerator:
         if not data:
             return None
         if c.channel is not None:
-            import ssl
 
             try:
                 data = c.channel.receive(data)
@@ -9154,7 +9130,6 @@ def render_history_table(messages: list[ChatMessage]) -> None:
 
 
 def message_as_json(m: ChatMessage) -> str:
-    import json
 
     room = None if m.kind == "dm" else f"#{m.room}"  # the room as rooms --json and people write it
     return json.dumps({"id": m.id, "ts": format_timestamp(m.ts), "kind": m.kind, "from": m.sender,
@@ -9163,7 +9138,6 @@ def message_as_json(m: ChatMessage) -> str:
 
 def rooms_as_json(rooms: list[RoomInfo], with_unread: bool = True) -> str:
     """``unread`` and ``mentions`` are null without a user: they are someone's counts."""
-    import json
 
     return json.dumps([{"room": f"#{r.name}", "joined": r.joined, "online": r.online, "messages": r.messages,
                         "unread": r.unread if with_unread else None,
@@ -9192,7 +9166,6 @@ def render_rooms_table(rooms: list[RoomInfo], with_unread: bool) -> None:
 
 
 def servers_as_json(servers: list[ServerStatus]) -> str:
-    import json
 
     return json.dumps([{"server": s.server_id, "address": s.address, "users": s.users,
                         "heartbeat_age": s.beat_age, "lag": s.lag, "answered": s.this} for s in servers])
@@ -9214,7 +9187,6 @@ def render_servers_table(servers: list[ServerStatus]) -> None:
 
 
 def users_as_json(users: tuple[UserInfo, ...]) -> str:
-    import json
 
     return json.dumps([{"name": u.name, "since": format_timestamp(u.since) if u.since else None,
                         "idle": u.idle} for u in users])
@@ -9250,7 +9222,6 @@ USER_COLOURS = ("cyan", "green", "yellow", "magenta", "blue", "red", "bright_cya
 
 def user_colour(name: str) -> str:
     """The same name always gets the same colour."""
-    import zlib
 
     return USER_COLOURS[zlib.crc32(name_key(name).encode("utf-8")) % len(USER_COLOURS)]
 
@@ -9311,7 +9282,6 @@ class ChatView:
             head = f"{stamp} {mark}<{self._name(msg.sender, own)}> "
         first, continued = lines[0], lines[1:]
         if self.wrap:
-            import shutil
 
             width = shutil.get_terminal_size((80, 24)).columns - 1
             narrow = width - cell_len(self.CONTINUATION)
@@ -9576,7 +9546,6 @@ class Conversation:
     """
 
     def __init__(self, limit: int):
-        import collections
 
         self.lines: collections.deque[TuiLine] = collections.deque(maxlen=limit)
         self.loaded = False      # its newest page was asked for (or came as the backlog)
@@ -9743,7 +9712,6 @@ def tui_line_text(line: TuiLine, width: int):
 @functools.cache
 def tui_app():
     """The Textual app class (Textual is imported here, and only here)."""
-    from typing import ClassVar
 
     from textual._ansi_sequences import ANSI_SEQUENCES_KEYS
 
@@ -10150,7 +10118,6 @@ def tui_app():
 
         def on_mount(self) -> None:
             import asyncio
-            import contextvars
 
             self._event_loop = asyncio.get_running_loop()
             self._app_context = contextvars.copy_context()
@@ -10634,7 +10601,6 @@ def same_origin(origin: str | None, host_header: str, host: str, port: int, publ
     """Whether a websocket comes from chatctl web's own page: its Origin names the address the browser
     asked for (the Host header), and that is an address of this server (a wildcard bind takes any
     IP address, never a DNS name another site could point here); no Origin: not a browser."""
-    from urllib.parse import urlsplit
 
     if origin is None:
         return True
@@ -10645,7 +10611,6 @@ def same_origin(origin: str | None, host_header: str, host: str, port: int, publ
     address = asked.rpartition(":")[0].strip("[]")
     wildcard = host in ("0.0.0.0", "::", "")
     try:
-        import ipaddress
 
         ipaddress.ip_address(address)
         is_ip = True
@@ -10657,9 +10622,6 @@ def same_origin(origin: str | None, host_header: str, host: str, port: int, publ
 def serve_web(config: ClientConfig, config_file: str | None, host: str, port: int,
               public_url: str | None) -> None:
     """Serve ``chatctl tui`` (one process per page) to browsers until Ctrl-C."""
-    import shlex
-    import signal
-    import tempfile
 
     try:
         import textual_serve
@@ -10940,7 +10902,6 @@ def send(host, port, config_file, tls, cafile, tls_fingerprint, user, to, action
     ack = send_one(config, config.user, text, to=to, kind="me" if action else "msg",
                    ask_password=ask_password if sys.stdin.isatty() else None, room=room)
     if as_json:
-        import json
 
         click.echo(json.dumps({"id": ack.id, "ts": format_timestamp(ack.ts) if ack.ts else None}))
 
@@ -11074,7 +11035,6 @@ def join(host, port, config_file, user, no_color, bell, backlog, room, tls, cafi
     if interactive:
         client.run_interactive()
     else:
-        import io
 
         lines = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
         code = client.run_plain(lines, config.timeout)
@@ -11110,7 +11070,6 @@ def tui(host, port, config_file, user, bell, room, tls, cafile, tls_fingerprint,
 
 def _url_flag(value: str | None) -> str | None:
     """An http:// or https:// address with a host, or nothing."""
-    from urllib.parse import urlsplit
 
     if value is not None and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc):
         raise click.BadParameter(f"{value!r} is not an http:// or https:// address")
@@ -11213,7 +11172,6 @@ def bench(host, port, config_file, tls, cafile, tls_fingerprint, clients, sender
 
         result = generator.run(progress)
     if as_json:
-        import json
 
         click.echo(json.dumps(dataclasses.asdict(result)))
     else:
