@@ -7396,7 +7396,8 @@ class ChatConnection:
         return found
 
     def join_rooms(self, *rooms: str) -> list[ServerEvent]:
-        """``JOIN`` each room; returns what came with the JOIN_OKs (topics, names), the rest stays pending."""
+        """``JOIN`` each room; returns the JOIN_OKs and what came with them (topics, names), the rest
+        stays pending."""
         self.send("JOIN", *(f"#{room}" for room in rooms))
         waiting, replies = set(rooms), []
         deadline = time.monotonic() + self.timeout
@@ -7404,6 +7405,7 @@ class ChatConnection:
             event = self.read_event(max(0.0, deadline - time.monotonic()))
             if isinstance(event, Confirmed) and event.verb == "JOIN":
                 waiting.discard(event.arg.lstrip("#"))
+                replies.append(event)
             elif isinstance(event, (Topic, RoomNames)):
                 replies.append(event)
             elif isinstance(event, ErrorReply):
@@ -7840,16 +7842,19 @@ class LiveSession:
     """join's membership: registers, keeps the link alive, and reconnects with backoff.
 
     Events go to ``on_event`` and link changes to ``on_status``, both called
-    from the ``chatctl-join-reader`` thread.  After a reconnect it asks for
-    everything after the last message id it saw, so nothing is missed twice
-    or skipped.
+    from the ``chatctl-join-reader`` thread.  On every connect it joins the
+    rooms ``rooms()`` names (the chat's model owns which rooms we are in; the
+    link keeps no copy), and after a reconnect it asks for everything after
+    the last message id it saw, so nothing is missed twice or skipped.
+    ``start_room``: the room whose last messages come first.
     """
 
     def __init__(self, config: ClientConfig, name: str,
                  on_event: Callable[[ServerEvent], None],
                  on_status: Callable[[str, tuple[UserInfo, ...]], None],
                  ask_password: PasswordPrompt | None = None,
-                 ask_trust: Callable[[str, str], bool] | None = None):
+                 ask_trust: Callable[[str, str], bool] | None = None, *,
+                 rooms: Callable[[], Iterable[str]] = tuple, start_room: str = MAIN_ROOM):
         self.config = config
         self.name = name
         self.on_event = on_event
@@ -7866,8 +7871,8 @@ class LiveSession:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="chatctl-join-reader", daemon=True)
         self.last_id = 0  # the newest message id seen; 0 before the first
-        self.rooms: list[str] = []  # rooms besides #main it is in: joined again after a reconnect
-        self.start_room = MAIN_ROOM  # the room whose last messages come first
+        self.rooms = rooms
+        self.start_room = start_room
 
     @property
     def connected(self) -> bool:
@@ -7883,6 +7888,10 @@ class LiveSession:
         """Connect and register; errors of this first attempt go to the caller."""
         users, self._held = self._open()
         return users
+
+    def held(self) -> list[ServerEvent | Backlog]:
+        """What came while connecting (the rooms' answers, the backlog), until ``run`` hands it on."""
+        return list(self._held)
 
     def run(self) -> None:
         """Hand on the backlog and what came while registering, then live events, from now on."""
@@ -7933,12 +7942,17 @@ class LiveSession:
         conn.pending.clear()
         return users, held
 
+    def _other_rooms(self) -> list[str]:
+        """The rooms besides #main to be in (#main is every member's from the start)."""
+        return [room for room in self.rooms() if room != MAIN_ROOM]
+
     def _rejoin(self, conn: ChatConnection) -> list[ServerEvent]:
-        """Join our rooms again (after a reconnect); a room the server refuses now is said and dropped."""
-        if not self.rooms or not conn.extended:
+        """Join our rooms (again, after a reconnect); a room the server refuses now is said and dropped."""
+        rooms = self._other_rooms()
+        if not rooms or not conn.extended:
             return []
         try:
-            return conn.join_rooms(*self.rooms)
+            return conn.join_rooms(*rooms)
         except RejectedError as exc:
             self.on_status(f"could not join every room again: {exc}", ())
             return []
@@ -7952,7 +7966,7 @@ class LiveSession:
                 self.last_id = self._newest_id(conn)
             if missed:  # each room's gap by id (ids are the server's, one sequence for every room)
                 messages = []
-                for room in (None, *self.rooms):
+                for room in (None, *self._other_rooms()):
                     found, cut = conn.missed_since(self.last_id, room=room)
                     messages += found
                     more |= cut
@@ -7971,19 +7985,13 @@ class LiveSession:
     def _newest_id(self, conn: ChatConnection) -> int:
         """The newest message id in our rooms now: a reconnect fills the gap after it, even for a
         session that saw no message before the link dropped."""
-        newest = [conn.history("LAST", "1", room=room) for room in (None, *self.rooms)]
+        newest = [conn.history("LAST", "1", room=room) for room in (None, *self._other_rooms())]
         return max((page[-1].id for page in newest if page), default=0)
 
     def _recorded(self, notice: str) -> None:
         self.on_status(notice, ())
 
     def _note_id(self, event: ServerEvent | Backlog) -> None:
-        if isinstance(event, Confirmed) and event.verb in ("JOIN", "PART"):
-            room = event.arg.lstrip("#")
-            if event.verb == "JOIN" and room != MAIN_ROOM and room not in self.rooms:
-                self.rooms.append(room)
-            elif event.verb == "PART" and room in self.rooms:
-                self.rooms.remove(room)
         if isinstance(event, Delivered):
             self.last_id = max(self.last_id, event.message.id)
         elif isinstance(event, Acknowledged) and event.id:  # our own message is history too
@@ -8185,10 +8193,9 @@ class ChatClient:
         self.conversations = conversations
         self.echo_own = echo_own  # show our own lines once acknowledged (join's plain mode does not)
         self.quiet_joins, self.quiet_joins_after = config.quiet_joins, config.quiet_joins_after
-        self.session = LiveSession(config, name, self.on_event, self.on_status, ask_password, ask_trust)
-        if room != MAIN_ROOM:
-            self.session.rooms, self.session.start_room = [room], room
         self._switch_on_join: str | None = room if room != MAIN_ROOM else None  # /join's first room
+        self.session = LiveSession(config, name, self.on_event, self.on_status, ask_password, ask_trust,
+                                   rooms=self._rooms_to_be_in, start_room=room)
         self._room_list: list[RoomInfo] = []     # ROOM lines until their END
         self._rooms_quietly = 0                  # ROOMS replies to take in without showing them
         self.rooms_asked = 0                     # quiet ROOMS requests sent so far (a Tab sees if it asked)
@@ -8734,14 +8741,23 @@ class ChatClient:
                     return not self.outbox
         return True
 
+    def _rooms_to_be_in(self) -> list[str]:
+        """What the link joins on connecting: the rooms the model says we are in, and the room asked
+        for (--room, /join) until it is joined."""
+        rooms = self.model.joined()
+        wanted = self._switch_on_join
+        return [*rooms, wanted] if wanted and wanted not in rooms else rooms
+
     def start(self, hint: str = "") -> None:
         """Connect and register (errors go to the caller), then hand on events from the reader thread."""
         users = self.session.start()
-        for room in self.session.rooms:  # --room: joined while connecting
-            self.model.entered(room)
-        if self._switch_on_join in self.session.rooms:
-            self.model.switch(self._switch_on_join)
-            self._switch_on_join = None
+        for event in self.session.held():  # --room: joined while connecting, and current from the start
+            if isinstance(event, Confirmed) and event.verb == "JOIN":
+                room = event.arg.lstrip("#")
+                self.model.entered(room)
+                if room == self._switch_on_join:
+                    self.model.switch(room)
+                    self._switch_on_join = None
         self._set_online(users)
         self._learn_rooms()
         self._learn_members()
