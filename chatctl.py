@@ -6341,6 +6341,7 @@ IRC_MAX_TARGETS = 4                  # targets of one PRIVMSG or NOTICE (TARGMAX
 IRC_SASL_CHUNK = 400                 # AUTHENTICATE sends its data in pieces of this many bytes
 IRC_HISTORY_MAX = 100                # messages one CHATHISTORY request returns at most (CHATHISTORY=)
 IRC_REPLAY = 20                      # a room's last messages replayed on JOIN (no chathistory)
+IRC_OPEN, IRC_NEGOTIATING, IRC_WELCOMED = "open", "negotiating", "welcomed"  # an IrcGate's phase
 IRC_PRE_REGISTRATION = frozenset({"CAP", "AUTHENTICATE", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"})
 _IRC_FORMATTING = re.compile(r"\x03(?:\d{1,2}(?:,\d{1,2})?)?|\x04(?:[0-9a-fA-F]{6}(?:,[0-9a-fA-F]{6})?)?"
                              r"|[\x02\x0f\x11\x16\x1d\x1e\x1f]")
@@ -6440,11 +6441,9 @@ class IrcGate(Encoding):
     def __init__(self, session: ClientSession):
         self.session = session
         self.nick = ""                       # asked for with NICK (the name once registered)
-        self.user_sent = False
-        self.negotiating = False             # between CAP LS/REQ and CAP END
-        self.sasl_started = False
-        self._sasl_data = ""                 # AUTHENTICATE pieces so far
-        self.welcomed = False
+        self.phase = IRC_OPEN                # registration: OPEN <-> NEGOTIATING, then WELCOMED once
+        self.user_sent = False               # USER came (before or after NICK; after SASL, maybe never)
+        self._sasl: str | None = None        # an AUTHENTICATE exchange under way: its pieces so far
         self.away = ""
         self.pinged = False                  # the server's own PING is out (keep_alive)
         self.caps: set[str] = set()
@@ -6507,13 +6506,13 @@ class IrcGate(Encoding):
     def irc_cap(self, params: tuple[str, ...]) -> None:
         sub = params[0].upper() if params else ""
         if sub == "LS":
-            self.negotiating = self.session.name is None
+            self._negotiate(self.session.name is None)
             self.send(f":{IRC_SERVER} CAP {self.nick or '*'} LS :" + " ".join(
                 "sasl=PLAIN" if cap == "sasl" else cap for cap in IRC_CAPABILITIES))
         elif sub == "LIST":
             self.send(f":{IRC_SERVER} CAP {self.nick or '*'} LIST :" + " ".join(sorted(self.caps)))
         elif sub == "REQ":
-            self.negotiating = self.session.name is None or self.negotiating
+            self._negotiate(self.session.name is None or self.phase == IRC_NEGOTIATING)
             asked = (params[1] if len(params) > 1 else "").split()
             wanted = {cap.lstrip("-") for cap in asked}
             if wanted <= set(IRC_CAPABILITIES):
@@ -6524,7 +6523,7 @@ class IrcGate(Encoding):
             else:
                 self.send(f":{IRC_SERVER} CAP {self.nick or '*'} NAK :{' '.join(asked)}")
         elif sub == "END":
-            self.negotiating = False
+            self._negotiate(False)
             self._register()
         else:
             self.numeric("410", sub or "*", "Invalid CAP command")
@@ -6534,9 +6533,9 @@ class IrcGate(Encoding):
         if "sasl" not in self.caps or self.session.name is not None:
             self.numeric("904", "SASL authentication failed")
             return
-        if not self.sasl_started:
+        if self._sasl is None:
             if params and params[0].upper() == "PLAIN":
-                self.sasl_started = True
+                self._sasl = ""
                 self.send("AUTHENTICATE +")
             else:
                 self.numeric("908", "PLAIN", "are available SASL mechanisms")
@@ -6544,16 +6543,16 @@ class IrcGate(Encoding):
             return
         piece = params[0] if params else ""
         if piece == "*":
-            self.sasl_started, self._sasl_data = False, ""
+            self._sasl = None
             self.numeric("906", "SASL authentication aborted")
             return
-        self._sasl_data += "" if piece == "+" else piece
+        self._sasl += "" if piece == "+" else piece
         if len(piece) == IRC_SASL_CHUNK:  # a full piece: more follows (or "+")
-            if len(self._sasl_data) > 4 * MAX_PASSWORD_BYTES:
-                self.sasl_started, self._sasl_data = False, ""
+            if len(self._sasl) > 4 * MAX_PASSWORD_BYTES:
+                self._sasl = None
                 self.numeric("904", "SASL authentication failed: too long")
             return
-        data, self._sasl_data, self.sasl_started = self._sasl_data, "", False
+        data, self._sasl = self._sasl, None
         try:
             _, authcid, password = base64.b64decode(data).decode("utf-8").split("\0")
         except (binascii.Error, UnicodeDecodeError, ValueError):
@@ -6605,9 +6604,15 @@ class IrcGate(Encoding):
         self.user_sent = True
         self._register()
 
+    def _negotiate(self, on: bool) -> None:
+        """CAP negotiation begins (LS or REQ before registering) or ends (END); once welcomed, the
+        client only asks for capabilities, and registration is over."""
+        if self.phase != IRC_WELCOMED:
+            self.phase = IRC_NEGOTIATING if on else IRC_OPEN
+
     def _register(self) -> None:
         """Once NICK and USER are in and CAP negotiation is over: our HELLO and USER."""
-        if self.session.name is None and self.nick and self.user_sent and not self.negotiating:
+        if self.session.name is None and self.nick and self.user_sent and self.phase == IRC_OPEN:
             try:
                 self._user(None)
             except ProtocolError as exc:
@@ -6620,7 +6625,7 @@ class IrcGate(Encoding):
                 else:
                     raise
                 return
-        if self.session.name is not None and not self.welcomed and not self.negotiating:
+        if self.session.name is not None and self.phase == IRC_OPEN:
             self._welcome()
 
     def _user(self, password: str | None) -> None:
@@ -6630,7 +6635,7 @@ class IrcGate(Encoding):
         self.nick = self.session.name
 
     def _welcome(self) -> None:
-        self.welcomed = True
+        self.phase = IRC_WELCOMED
         config = self.session.server.config
         me = self.nick
         self.numeric("001", f"Welcome to the chatctl chat, {me}")
