@@ -3926,7 +3926,7 @@ class Writer:
         if final:
             self._close(session)
             return
-        if session.closing:
+        if session.state == SessionState.DRAINING:
             # the reader is done: close once everything is out (a half-closed client still reads)
             deadline = self._lingering.setdefault(session, time.monotonic() + DISCONNECT_LINGER)
             if not backlog or time.monotonic() >= deadline:
@@ -4249,7 +4249,6 @@ class RemoteMember:
     extended = True         # the fan-out gives it the extended form (and it discards it)
     encoding = CHATCTL_LINES
     quiet = False
-    closing = False
     outbound = None         # set below: a queue that takes nothing
 
     def __init__(self, key: str, name: str, token: str, server_id: str, since: float, owner: bool):
@@ -4501,9 +4500,10 @@ class SessionState:
     AUTHORISED = "authorised"   # may register
     REGISTERED = "registered"   # holds a name
     LEAVING = "leaving"         # ended: out of the registry, its BYE (if any) queued
+    DRAINING = "draining"       # its reader is done: the writer closes the socket once its queue is out
     CLOSED = "closed"           # the writer closed the socket
 
-    ORDER = (CONNECTING, AUTHORISED, REGISTERED, LEAVING, CLOSED)
+    ORDER = (CONNECTING, AUTHORISED, REGISTERED, LEAVING, DRAINING, CLOSED)
 
 
 @dataclass(frozen=True)
@@ -4538,9 +4538,13 @@ class ClientSession:
     state and sets ``extended``, ``quiet`` and ``markers`` while it handles
     frames; the Registry writes ``name``, ``key``, ``owner`` and ``rooms``
     (under its lock; ``rooms`` is replaced whole); the writer owns the
-    socket's sending side.  ``state`` moves forward through SessionState,
-    each step once, under ``_ending`` (``advance``); ``leave_reason`` is set
-    with the step to LEAVING, by whichever thread ends the session first.
+    socket's sending side.  ``state`` is its life, one field moving forward
+    through SessionState, each step once, under ``_ending``: ``end`` takes
+    the step to LEAVING with its reason (whichever thread ends the session
+    first), the departures thread the step to DRAINING once its reader is
+    done, the writer the step to CLOSED.  ``leave_at`` (when its BYE was
+    queued) is written once, by the thread that ended it; ``write_shut`` is
+    the writer's, ``serving`` the poller's.
     """
 
     def __init__(self, server: ChatServer, sock: socket.socket, address: tuple):
@@ -4576,7 +4580,6 @@ class ClientSession:
         self.leave_reason: str | None = None
         self.leave_at = 0.0             # monotonic time the server decided to drop the client
         self.write_shut = False         # the writer half-closed after the final BYE
-        self.closing = False            # the reader is done; the writer closes the socket
         self.finished = threading.Event()  # its last turn is over and the server has released it
         self.fd = sock.fileno()            # the poller's key (the socket's number, kept after close)
         self.serving = False               # a turn is queued or running (the poller's, under its lock)
@@ -4611,7 +4614,8 @@ class ClientSession:
         """The step to LEAVING, with its reason, taken once by whichever thread takes it first (the
         reader, the reaper, the writer, a takeover, shutdown); False if it was taken already."""
         with self._ending:
-            if self.leave_reason is not None or self.state in (SessionState.LEAVING, SessionState.CLOSED):
+            order = SessionState.ORDER
+            if self.leave_reason is not None or order.index(self.state) >= order.index(SessionState.LEAVING):
                 return False
             self.state = SessionState.LEAVING
             self.leave_reason = reason
@@ -4672,7 +4676,9 @@ class ClientSession:
                 continue  # leaving: read and drop until the client closes, so it gets its BYE
             self.last_active = time.monotonic()
             if self.tls is not None and not (data := self._decrypt(data)):
-                if self.tls.peer_closed or self.leave_reason is not None:
+                if self.tls.peer_closed:
+                    self.end("connection closed")
+                if self.leave_reason is not None:
                     return False
                 continue
             self.process(decoder.feed(data))
@@ -5997,7 +6003,7 @@ class ChatServer:
             log.info("%s left (%s)", session.name, sanitise_line(session.leave_reason or "connection closed"))
         if forget:
             for session in sessions:
-                session.closing = True
+                session.advance(SessionState.DRAINING)
             self.writer.schedule_many(list(sessions))
 
     def release(self, session: ClientSession) -> None:

@@ -144,6 +144,7 @@ def test_a_flood_of_bad_first_lines_from_many_connections_leaks_nothing(make_ser
             sock.sendall(f"HISTORY|LAST|{HUGE}\nSEARCH|{n}|{HUGE}\r\n"
                          f"CHATHISTORY LATEST x * {HUGE}\n".encode())
         for sock in socks:
+            assert sock.recv(100).startswith(b"ERR|")  # (counted by the server: it answered)
             sock.close()
         wait_until(lambda: slots_free(server))
     innocent_gets_in(server.port)
