@@ -2041,9 +2041,9 @@ def _room_filter(room: str | None) -> str:
 
 
 def fan_out_cost(sender: str, text: str) -> int:
-    """The most bytes one reader may get for a message: its text, and a prefix for every line
-    (the seed's delivery form repeats the sender's name on each)."""
-    return len(text.encode("utf-8")) + (text.count("\n") + 1) * (len(sender.encode("utf-8")) + 64)
+    """The most bytes one reader may get for a message: its text, and a prefix for every line, as
+    the most verbose encoding writes it (IRC's: tags, the sender twice and the room, on each line)."""
+    return len(text.encode("utf-8")) + (text.count("\n") + 1) * (2 * len(sender.encode("utf-8")) + 128)
 
 
 def wire_size(msg: ChatMessage) -> int:
@@ -4867,12 +4867,14 @@ class ClientSession:
         if now - self.last_register < interval:  # each one costs a password hash
             raise ProtocolError("rate-limited", f"one REGISTER per {interval:g} s")
         self.last_register = now
+        self.server.check_quiet_name(self)  # a quiet session must not protect a name someone online holds
         self.server.protect(self, password)
         self.tell(Confirmed("REGISTER", self.name))
 
     def handle_unregister(self, arg: str | None) -> None:
         if self.name is None:
             raise ProtocolError("not-registered", "register first: USER|<name>")
+        self.server.check_quiet_name(self)
         self.server.unprotect(self)
         self.tell(Confirmed("UNREGISTER", self.name))
 
@@ -6907,7 +6909,8 @@ class IrcGate(Encoding):
         room = f"#{validate_room(target)}" if target.startswith("#") else None
         fields = ["LAST", str(count)] if anchor is None else [mode if mode != "LATEST" else "AFTER",
                                                                str(anchor), str(count)]
-        self.call("HISTORY", "|".join([*( [room] if room else []), *fields]), asked=f"chathistory {target}")
+        self.call("HISTORY", "|".join([*([room] if room else []), *fields]),
+                  asked=f"chathistory {target} {mode}")
 
     def _message_id(self, ref: str, after: bool) -> int | None:
         """A CHATHISTORY reference as an id: ``msgid=N``, or ``timestamp=T`` looked up in the history."""
@@ -6957,19 +6960,20 @@ class IrcGate(Encoding):
             purpose = asked.pop(0) if asked else ""
             self._batch += 1
             batch = f"h{self._batch}" if "batch" in self.caps and purpose.startswith("chathistory") else ""
-        target = purpose.partition(" ")[2]
+        _, target, mode = [*purpose.split(" "), "", ""][:3]
         nick = purpose.startswith("chathistory") and not target.startswith("#")
         conversation = name_key(target) if nick else ""
-        lines = []
+        groups = []
         for msg in event.messages:
             if conversation and not (msg.kind == "dm" and conversation in (name_key(msg.sender),
                                                                           name_key(msg.recipient or ""))):
                 continue
             if msg.kind == "dm":
                 own = name_key(msg.sender) == name_key(self.nick)
-                lines += self._privmsgs(msg, msg.recipient if own else self.nick, batch)
+                groups.append(self._privmsgs(msg, msg.recipient if own else self.nick, batch))
             else:
-                lines += self._privmsgs(msg, f"#{msg.room}", batch)
+                groups.append(self._privmsgs(msg, f"#{msg.room}", batch))
+        lines = self._fitting(groups, newest=mode != "AFTER")
         if not batch:
             return lines
         return [f"BATCH +{batch} chathistory {target}", *lines, f"BATCH -{batch}"]
@@ -7097,7 +7101,19 @@ class IrcGate(Encoding):
                                                 max_bytes=server.reply_bytes)
         except ProtocolError:
             return []
-        return [line for msg in messages for line in self._privmsgs(msg, f"#{room}", "")]
+        return self._fitting([self._privmsgs(msg, f"#{room}", "") for msg in messages])
+
+    def _fitting(self, groups: list[list[str]], newest: bool = True) -> list[str]:
+        """Whole messages' IRC lines, as many as fit one reply (a quarter of the SendQ): the newest, or
+        with ``newest`` False the oldest (paging forward), so no replay or page drops its asker.
+        (Stored messages are bounded in our form; in IRC's, each line of one has its own prefix.)"""
+        most, size, kept = self.session.server.reply_bytes, 0, []
+        for lines in reversed(groups) if newest else groups:
+            size += sum(len(line.encode("utf-8")) + 2 for line in lines)
+            if size > most and kept:
+                break
+            kept.append(lines)
+        return [line for lines in (reversed(kept) if newest else kept) for line in lines]
 
     def out_room(self, event: RoomInfo, batch: str) -> list[str]:
         return [f":{IRC_SERVER} 322 {self.nick} #{event.name} {event.online} :{event.topic}"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +28,25 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01):
             return result
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def wait_until_same(read, timeout: float = 10.0, interval: float = 0.05) -> list:
+    """Poll ``read()`` (a list: one state per server, say) until all its items are equal; returns the
+    list.  Fails after ``timeout``, showing the last states read."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = read()
+        if all(state == states[0] for state in states):
+            return states
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"still not the same after {timeout}s: {states!r}")
+        time.sleep(interval)
+
+
+def default_sigint() -> None:
+    """A child's ``preexec_fn`` for the tests that send it Ctrl-C: the default SIGINT, even when the
+    test run itself ignores it (nohup, CI runners) and children would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def read_line(stream, timeout: float = 10.0) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import chatctl
-from conftest import CHATCTL, RawClient, read_line, run_cli, wait_until
+from conftest import CHATCTL, RawClient, default_sigint, read_line, run_cli, wait_until
 
 
 def test_who_lists_users_as_a_table_and_as_json(isolated_home, server, user):
@@ -112,8 +112,9 @@ def test_help_lists_each_commands_own_exit_codes(isolated_home):
 
 
 def start_serve(env, *args):
+    # (SIGINT as a shell gives it, even if this run ignores it: test_serve_stops_cleanly_on_ctrl_c)
     proc = subprocess.Popen([*CHATCTL, "serve", "--host", "127.0.0.1", "--port", "0", *args],
-                            env=env, stderr=subprocess.PIPE, text=True)
+                            env=env, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     line = ""
     try:
         for _ in range(5):  # the history line comes first

@@ -497,13 +497,22 @@ def test_a_target_with_a_pipe_is_no_nick(irc_server, irc):
 
 def test_people_coming_and_going_are_join_and_quit(irc_server, irc):
     wee = irc("wee")
+
+    def names_in_main() -> list[str]:
+        wee.send("NAMES #main")
+        names = wee.expect(r" 353 wee = #main :(.*)$").group(1).split()
+        wee.expect(r" 366 wee #main ")
+        return [name.lstrip("~&@%+") for name in names]
+
     for name in ("bob", "cat"):
         visitor = chatctl_user(irc_server.port, name)
         wee.expect(rf"^(@\S+ )?:{name}!{name}@chatctl JOIN #main$")
+        assert name in names_in_main()
         visitor.send(b"QUIT|lunch\n")
         wee.expect(rf"^(@\S+ )?:{name}!{name}@chatctl QUIT :quit: lunch$")
         visitor.close()
-    assert any(t.name == "chatctl-presence" for t in __import__("threading").enumerate())
+    assert names_in_main() == ["wee"]  # both gone from the channel, not only announced as gone
+    assert not [line for line in wee.seen if re.search(r" (PART|KICK) ", line)], wee.seen  # quit, not part
 
 
 def test_chathistory_with_a_nick_is_that_conversation_only(irc_server, irc):
@@ -733,3 +742,45 @@ def test_a_chathistory_answer_is_one_batch_beside_live_lines_that_look_like_one(
     ana.expect("PONG")
     live = [line for line in ana.seen if ":live " in line and "batch=" not in line]
     assert len(live) == 5
+
+
+def test_a_replay_or_a_history_page_of_many_line_messages_never_drops_the_irc_client(make_server, irc):
+    """A room's last messages can be thousands of short lines each: in IRC form (a PRIVMSG with its
+    tags per line) they are bounded like any reply, so asking for them never overflows the SendQ."""
+    server = make_server(irc=True, rate=0, address_byte_rate=0)
+    bob = chatctl_user(server.port, "b" * 32)
+    text = "\\n".join("a" for _ in range(1500))
+    for _ in range(20):
+        bob.send(f"MSG|#main|{text}\n".encode())
+        bob.expect("MSG_OK|", timeout=10)
+    for caps in ("server-time", "server-time message-tags",
+                 "batch draft/chathistory message-tags server-time"):
+        wee = irc(None, port=server.port)
+        wee.register("wee", caps)
+        if "chathistory" in caps:
+            wee.send("CHATHISTORY LATEST #main * 100")
+            wee.expect(r"BATCH -", timeout=20)
+        wee.send("PING :alive")
+        wee.expect(r"PONG .*:alive", timeout=20)
+        assert not any("sendq exceeded" in line for line in wee.seen)
+        wee.send("QUIT")
+        wait_until(lambda: not any(s.name == "wee" for s in server.registry.sessions()))
+
+
+def test_irc_readers_get_no_more_than_the_address_byte_budget(make_server, irc):
+    burst, rate = 100_000, 50_000
+    server = make_server(irc=True, address_byte_rate=rate, address_byte_burst=burst, rate=10_000,
+                         burst=10_000)
+    wee = irc("wee", caps="server-time message-tags", port=server.port)
+    bob = chatctl_user(server.port, "b" * 32)
+    start = time.monotonic()
+    text = "\\n".join("x" for _ in range(200))
+    for _ in range(40):
+        bob.send(f"MSG|#main|{text}\n".encode())
+    bob.send(b"PING|end\n")
+    bob.expect("PONG|end", timeout=20)
+    elapsed = time.monotonic() - start
+    wee.send("PING :end")
+    wee.expect(r"PONG .*:end", timeout=20)
+    received = sum(len(line) + 2 for line in wee.seen if " PRIVMSG #main :" in line)
+    assert 0 < received <= burst + rate * elapsed + 2000, (received, elapsed)

@@ -11,7 +11,7 @@ import pexpect
 import pytest
 
 import chatctl
-from conftest import CHATCTL, RawClient, read_line, run_cli, wait_until
+from conftest import CHATCTL, RawClient, default_sigint, read_line, run_cli, wait_until
 
 PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
 _CSI = r"(?:\x1b\[[0-9;?]*[A-Za-z])*"
@@ -525,7 +525,8 @@ def test_a_wrong_password_asks_again(make_server, isolated_home):
 
 def test_ctrl_c_at_a_prompt_exits_130(server, isolated_home):
     child = pexpect.spawn(sys.executable, [*CHATCTL[1:], "join", "-p", str(server.port)],
-                          env=isolated_home, encoding="utf-8", timeout=10)
+                          env=isolated_home, encoding="utf-8", timeout=10,
+                          preexec_fn=default_sigint)  # as a shell starts it, even if this run ignores SIGINT
     child.expect("Your name")
     child.sendcontrol("c")
     child.expect(pexpect.EOF)

@@ -901,3 +901,20 @@ def test_joining_and_parting_are_charged_to_the_address_byte_budget(make_server)
     assert 0 < received <= burst + rate * elapsed + 1000, (received, elapsed)
     refused = [line for line in looper.seen if line.startswith("ERR|rate-limited|")]
     assert refused  # the loop was told, not silently cut
+
+
+def test_a_quiet_session_cannot_protect_a_name_someone_online_holds(make_server):
+    server = make_server(auth_delay=0)
+    squatter = RawClient(server.port)
+    squatter.send(b"HELLO|chatctl/1|quiet\nUSER|erin\n")
+    squatter.expect("USER_OK")
+    erin = RawClient(server.port)
+    erin.send(b"HELLO|chatctl/1\nUSER|erin\n")
+    erin.expect("USER_OK")
+    squatter.send(b"REGISTER|attackerpw123\n")
+    assert squatter.expect("ERR|").startswith("ERR|name-taken|")
+    thief = RawClient(server.port)
+    thief.send(b"USER|erin|attackerpw123\n")
+    assert thief.line().startswith("ERR|name-taken|")
+    erin.send(b"PING|still here\n")
+    assert erin.expect("PONG|") == "PONG|still here"  # not taken over
