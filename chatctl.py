@@ -221,6 +221,7 @@ ROOM_LIST_WAIT = 1.0                 # how long join's Tab waits for the room li
 JOIN_WAIT = 1.0                      # a JOIN's reply waits at most this long for messages already in flight
 CLOSE_WAIT = 10.0                    # closing a room waits at most this long for its messages in flight
 ROOM_CREATIONS = 20                  # rooms one IP address may make per hour (0: no limit)
+REGISTERS_PER_HOUR = 30              # names one IP address may protect per hour (a hash each; 0: no limit)
 OPERATOR_PASSWORD = "#operator"      # the throttle's target for OPER (no name starts with '#')
 
 # The cluster (--bus): several servers sharing one chat through Redis (section 7).
@@ -388,6 +389,10 @@ _SANITISE_TABLE.update({ord("\n"): "\n", ord("\t"): " ", ord("\r"): None, 0x2028
 _SANITISE_TABLE.update({ord(c): None for c in _BIDI_CONTROLS})
 _NAME_PUNCTUATION = frozenset("_-.")
 # Letters that show nothing: a name of them is invisible, and one padded with them looks like another.
+# Names an IRC client trusts with a password (/msg NickServ IDENTIFY ...) or takes for the server's own
+# lines: nobody may hold them, or anything that looks like them.
+RESERVED_NAMES = ("chatctl", "NickServ", "ChanServ", "MemoServ", "OperServ", "HostServ", "BotServ",
+                  "SaslServ", "Global")
 NAME_INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u17b4\u17b5")
 # The scripts one name may mix; any single script is fine.  TR39's "highly restrictive" level also
 # lets Latin go with these, but 一 ー ㅡ 丨 ㅇ then pass for - - - l o: here they do not.
@@ -446,7 +451,15 @@ def validate_name(name: str | None, max_chars: int = MAX_NAME_CHARS) -> str:
     if len(scripts) > 1 and not any(scripts <= allowed for allowed in _SCRIPT_MIXES):
         raise ProtocolError("invalid-name", "a name may not mix scripts "
                             f"({', '.join(sorted(s.lower() for s in scripts))})")
+    if confusable_key(name) in _reserved_keys():
+        raise ProtocolError("invalid-name", f"{name!r} is reserved: IRC clients take it for a service or "
+                            "the server")
     return name
+
+
+@functools.cache
+def _reserved_keys() -> frozenset[str]:
+    return frozenset(confusable_key(name) for name in RESERVED_NAMES)
 
 
 _ROOM_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,29}")
@@ -1224,6 +1237,8 @@ class ServerConfig:
                                   "CHATCTL_OPERATOR_PASSWORD")
     room_creations: int = _key(ROOM_CREATIONS, "rooms one IP address may make per hour (0, or rate = 0: no "
                                "limit)", min=0)
+    register_per_hour: int = _key(REGISTERS_PER_HOUR, "names one IP address may protect (REGISTER) per hour "
+                                  "(0, or rate = 0: no limit)", min=0)
     max_rooms: int = _key(MAX_ROOMS, "rooms the server keeps, empty ones included", min=1)
     max_rooms_per_user: int = _key(MAX_ROOMS_PER_USER, "rooms one connection may be in at once", min=1)
     max_topic: int = _key(MAX_TOPIC_CHARS, "longest room topic in characters", min=1, max=4096)
@@ -4868,6 +4883,10 @@ class ClientSession:
             raise ProtocolError("rate-limited", f"one REGISTER per {interval:g} s")
         self.last_register = now
         self.server.check_quiet_name(self)  # a quiet session must not protect a name someone online holds
+        if not self.server.register_budget.charge(self.host, 1):  # each one costs a password hash
+            raise ProtocolError("rate-limited", f"{self.host} has protected "
+                                f"{self.server.config.register_per_hour} names in the last hour, the most "
+                                "one address may")
         self.server.protect(self, password)
         self.tell(Confirmed("REGISTER", self.name))
 
@@ -5703,6 +5722,8 @@ class ChatServer:
                                             self.config.address_byte_burst)
         self.room_budget = AddressBudget(self.config.room_creations / 3600 if self.config.rate else 0,
                                          self.config.room_creations)
+        self.register_budget = AddressBudget(self.config.register_per_hour / 3600 if self.config.rate else 0,
+                                             self.config.register_per_hour)
         self.log: CommitLog = self.bus or LocalLog(self.history, batch_bytes=self.reply_bytes)
         self.marker_store = self.bus or self.history  # where a protected name's read markers are kept
         self.fanout = FanOut(self, self.log.last_id)
@@ -6565,6 +6586,10 @@ class IrcGate(Encoding):
             _, authcid, password = base64.b64decode(data).decode("utf-8").split("\0")
         except (binascii.Error, UnicodeDecodeError, ValueError):
             self.numeric("904", "SASL authentication failed")
+            return
+        if self.session.server.accounts.password_hash(confusable_key(authcid)) is None:
+            # no account: a name nobody protected needs no login, and "logged in" would be untrue
+            self.numeric("904", "SASL authentication failed: no account by that name")
             return
         asked = self.nick
         if not asked or name_key(authcid) != name_key(asked):

@@ -784,3 +784,26 @@ def test_irc_readers_get_no_more_than_the_address_byte_budget(make_server, irc):
     wee.expect(r"PONG .*:end", timeout=20)
     received = sum(len(line) + 2 for line in wee.seen if " PRIVMSG #main :" in line)
     assert 0 < received <= burst + rate * elapsed + 2000, (received, elapsed)
+
+
+def test_sasl_for_a_name_nobody_protects_fails_and_keeps_the_nick(irc_server, irc):
+    import base64
+
+    wee = irc()
+    wee.send("CAP LS 302", "NICK wee", "USER wee 0 * :W", "CAP REQ :sasl", "AUTHENTICATE PLAIN")
+    wee.expect(r"^AUTHENTICATE \+")
+    wee.send("AUTHENTICATE " + base64.b64encode(b"\0ceo\0anything").decode())
+    wee.expect(r" 904 ")
+    wee.send("CAP END")
+    wee.expect(r" 001 wee ")
+    assert not any(" 900 " in line or " 903 " in line for line in wee.seen), wee.seen
+
+
+@pytest.mark.parametrize("name", ["NickServ", "nickserv", "ChanServ", "chatctl", "CHATCTL"])
+def test_service_names_cannot_be_taken(irc_server, irc, name):
+    ours = RawClient(irc_server.port)
+    ours.send(f"USER|{name}\n".encode())
+    assert ours.line().startswith("ERR|invalid-name|")
+    wee = irc()
+    wee.send(f"NICK {name}", "USER x 0 * :X")
+    wee.expect(rf" 432 \* {name} ")

@@ -918,3 +918,17 @@ def test_a_quiet_session_cannot_protect_a_name_someone_online_holds(make_server)
     assert thief.line().startswith("ERR|name-taken|")
     erin.send(b"PING|still here\n")
     assert erin.expect("PONG|") == "PONG|still here"  # not taken over
+
+
+def test_one_address_may_protect_only_so_many_names_an_hour(make_server):
+    """Each REGISTER costs a password hash: many connections from one address must not keep the
+    hashing busy (everyone's logins wait on it) or fill the accounts without end."""
+    server = make_server(auth_delay=0, register_per_hour=3)
+    replies = []
+    for n in range(5):
+        client = RawClient(server.port)
+        client.send(f"HELLO|chatctl/1\nUSER|squat{n}\nREGISTER|password{n}xyz\n".encode())
+        replies.append(client.expect(("REGISTER_OK", "ERR|")).split("|")[:2])
+        client.close()
+    assert replies[:3] == [["REGISTER_OK", f"squat{n}"] for n in range(3)]
+    assert replies[3:] == [["ERR", "rate-limited"]] * 2
