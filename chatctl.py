@@ -6477,6 +6477,7 @@ class IrcGate(Encoding):
         self.pinged = False                  # the server's own PING is out (keep_alive)
         self.caps: set[str] = set()
         self._lock = threading.Lock()
+        self._list_more, self._list_last = False, ""  # LIST's pages: another is to come, after this room
         self._joins: dict[str, list[bytes]] = {}      # rooms joining: their TOPIC and NAMES lines, held
         self._parting: dict[str, str] = {}            # rooms leaving: the reason, for the PART line
         self._asked: dict[str, list[str]] = {}        # verb -> what each request of it was for, oldest first
@@ -6868,8 +6869,20 @@ class IrcGate(Encoding):
         self.numeric("318", nick[:40], "End of /WHOIS list")
 
     def irc_list(self, params: tuple[str, ...]) -> None:
+        """Every room, page after page of our ROOMS replies (each a reply's size at most); a list that
+        would fill half the SendQ stops with a NOTICE saying so, never silently."""
         self.numeric("321", "Channel", "Users Name")
-        self.call("ROOMS", None, asked="list")
+        after, self._list_more = None, False
+        for _ in range(MAX_ROOMS_PAGES):
+            self.call("ROOMS", after, asked="list")
+            if not self._list_more:
+                return
+            if self.session.outbound.size > self.session.server.config.sendq // 2:
+                self.notice(f"LIST stops after #{self._list_last}: more rooms than one answer holds "
+                            f"(LIST again to see them)")
+                break
+            after = f"#{self._list_last}"
+        self.numeric("323", "End of /LIST")
 
     def irc_away(self, params: tuple[str, ...]) -> None:
         self.away = sanitise_line(strip_irc_formatting(params[0]))[:MAX_QUIT_REASON] if params else ""
@@ -7141,6 +7154,7 @@ class IrcGate(Encoding):
         return [line for lines in (reversed(kept) if newest else kept) for line in lines]
 
     def out_room(self, event: RoomInfo, batch: str) -> list[str]:
+        self._list_last = event.name
         return [f":{IRC_SERVER} 322 {self.nick} #{event.name} {event.online} :{event.topic}"]
 
     def out_end(self, event: EndOfList, batch: str) -> list[str]:
@@ -7149,7 +7163,8 @@ class IrcGate(Encoding):
                 asked = self._asked.get("ROOMS", [])
                 if asked:
                     asked.pop(0)
-            return [f":{IRC_SERVER} 323 {self.nick} :End of /LIST"]
+            self._list_more = event.more  # irc_list asks for the next page, and says 323 at the end
+            return [] if event.more else [f":{IRC_SERVER} 323 {self.nick} :End of /LIST"]
         return []
 
     def out_error(self, event: ErrorReply, batch: str) -> list[str]:
@@ -10699,6 +10714,8 @@ def serve_web(config: ClientConfig, config_file: str | None, host: str, port: in
     # --page: whoever opens the page picks a name; the web host's own name and password stay its own
     command = [sys.executable, os.path.abspath(__file__), "tui", "--page", "--host", config.host,
                "--port", str(config.port)]
+    for var in ("CHATCTL_USER", "CHATCTL_USER_PASSWORD"):  # (the pages inherit this process's environment)
+        os.environ.pop(var, None)
     if config_file:
         command += ["--config", config_file]
     if config.tls:
@@ -10742,7 +10759,10 @@ def serve_web(config: ClientConfig, config_file: str | None, host: str, port: in
                     await resize(bounded(width, 80, config.web_columns), bounded(height, 24, config.web_rows))
 
                 app_service.set_terminal_size = bounded_resize
-                await super()._process_messages(websocket, app_service)
+                try:
+                    await super()._process_messages(websocket, app_service)
+                except (ValueError, LookupError, TypeError, AssertionError) as exc:  # not the page's frames
+                    log.warning("closed a page that sent a frame the page never sends: %s", exc)
 
             def request_exit(self) -> None:
                 # textual-serve waits for each page's websocket to time out (about 20 s); ending the

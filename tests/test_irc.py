@@ -807,3 +807,13 @@ def test_service_names_cannot_be_taken(irc_server, irc, name):
     wee = irc()
     wee.send(f"NICK {name}", "USER x 0 * :X")
     wee.expect(rf" 432 \* {name} ")
+
+
+def test_list_pages_through_every_room(make_server, irc):
+    topic = "t" * 290
+    server = make_server(irc=True, rooms=[f"r{i:03d}: {topic}" for i in range(900)])
+    wee = irc("wee", port=server.port)
+    wee.send("LIST")
+    wee.expect(r" 323 wee ", timeout=20)
+    listed = [line for line in wee.seen if " 322 wee #" in line]
+    assert len(listed) == 901 and sum(" 323 " in line for line in wee.seen) == 1

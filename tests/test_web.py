@@ -223,9 +223,37 @@ def test_a_page_never_chats_as_the_web_hosts_own_name(server, isolated_home, tmp
         assert status == 101
         assert "Your name in the chat" in drawn  # the page asks, like any other
         assert not any(s.name == "boss" for s in server.registry.sessions())
+        for pid in chatctl_descendants(web.pid):  # nor do they hold it in their environment
+            try:
+                environ = open(f"/proc/{pid}/environ", "rb").read()
+            except OSError:
+                continue
+            assert b"bosspass123" not in environ and b"CHATCTL_USER=" not in environ
     finally:
         os.killpg(web.pid, signal.SIGTERM)
         web.wait(15)
+
+
+def test_a_frame_the_page_never_sends_closes_that_page_quietly(server, isolated_home):
+    import asyncio
+
+    aiohttp = pytest.importorskip("aiohttp")
+    web, url = start_web(server, isolated_home)
+
+    async def send_garbage() -> None:
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(url + "ws")
+            await ws.send_str("not json at all")
+            await ws.receive(timeout=10)  # closed by the server
+            await ws.close()
+
+    try:
+        asyncio.run(send_garbage())
+        assert open_page_socket(url)[0] == 101  # the next page still opens
+    finally:
+        os.killpg(web.pid, signal.SIGTERM)
+        output = web.communicate(timeout=15)[0].decode(errors="replace")
+    assert "Traceback" not in output, output
 
 
 def test_a_page_opened_from_another_site_is_refused(web_page):
