@@ -7080,8 +7080,9 @@ class IrcGate(Encoding):
         me, channel = self.nick, f"#{event.room}"
         if not event.text:
             return [f":{IRC_SERVER} 331 {me} {channel} :No topic is set"]
+        setter = source(event.setter)[1:] if event.setter else IRC_SERVER  # nick!user@host, as clients show
         return [f":{IRC_SERVER} 332 {me} {channel} :{event.text}",
-                f":{IRC_SERVER} 333 {me} {channel} {event.setter or IRC_SERVER} {int(event.ts)}"]
+                f":{IRC_SERVER} 333 {me} {channel} {setter} {int(event.ts)}"]
 
     def out_names(self, event: RoomNames, batch: str) -> list[str]:
         me, channel = self.nick, f"#{event.room}"
@@ -8715,7 +8716,7 @@ class ChatClient:
             self.quit_reason = command.text.strip()
             return False
         elif action == "help":
-            self.note("commands:\n" + "\n".join(JOIN_COMMANDS.values()))
+            self.note("commands:\n" + escape_markup("\n".join(JOIN_COMMANDS.values())))  # [#ROOM] is no tag
         elif action == "usage":
             self.warn(f"usage: {display_text(command.text)}")
         else:
@@ -10350,7 +10351,9 @@ def tui_app():
 
         def _notice(self, markup: str, style: str = "dim", room: str | None = None) -> list[TuiLine]:
             """A notice into its conversation; returns it if it is for the one on screen (to draw)."""
-            where = room if room is not None and room in self.conversations else self.chat.model.current
+            # (the model says which rooms we are in: a room's window is made when it is first needed)
+            ours = room is not None and room in self.chat.model.conversations()
+            where = room if ours else self.chat.model.current
             line = TuiLine(markup=markup, style=style, ts=time.time())
             return [line] if self.conversation(where).add(line) and where == self._shown else []
 

@@ -14,7 +14,16 @@ import pexpect
 import pytest
 
 import chatctl
-from conftest import CHATCTL, Forwarder, RawClient, free_port, redis_binary, run_cli, wait_until
+from conftest import (
+    CHATCTL,
+    Forwarder,
+    RawClient,
+    free_port,
+    redis_binary,
+    run_cli,
+    wait_until,
+    wait_until_same,
+)
 
 
 @pytest.fixture
@@ -595,11 +604,13 @@ def test_topics_set_at_once_on_two_servers_end_the_same_everywhere(node):
             client.expect("JOIN_OK|")
     wait_until(lambda: all(r[1:] in c.registry.rooms and len(c.registry.rooms[r[1:]].members) == 2
                            for r in rooms))
-    ana.send(b"".join(f"TOPIC|{r}|from a\n".encode() for r in rooms))
-    bob.send(b"".join(f"TOPIC|{r}|from b\n".encode() for r in rooms))
-    time.sleep(1)
-    topics = [{r: s.registry.rooms[r[1:]].topic for r in rooms} for s in (a, b, c)]
-    assert topics[0] == topics[1] == topics[2], topics
+    ana.send(b"".join(f"TOPIC|{r}|from a\n".encode() for r in rooms) + b"MSG|#t7|topics sent\n")
+    bob.send(b"".join(f"TOPIC|{r}|from b\n".encode() for r in rooms) + b"MSG|#t7|topics sent\n")
+    for client in (ana, bob):
+        client.expect("MSG_OK|")  # after its topics in the shared log: once read, they were too
+    wait_until(lambda: all(s.registry.rooms["t7"].messages == 2 for s in (a, b, c)), timeout=10)
+    topics = wait_until_same(lambda: [{r: s.registry.rooms[r[1:]].topic for r in rooms} for s in (a, b, c)])
+    assert set(topics[0].values()) <= {"from a", "from b"}, topics  # one of the two, in every room
 
 
 def test_closing_a_room_while_someone_joins_it_elsewhere_ends_the_same_everywhere(node):
@@ -617,15 +628,18 @@ def test_closing_a_room_while_someone_joins_it_elsewhere_ends_the_same_everywher
         bob.send(f"JOIN|{room}\n".encode())
         ana.expect(("CLOSE_OK", "ERR|"))
         bob.expect(("JOIN_OK", "ERR|"))
-        time.sleep(0.5)
-        kept = []
-        for server in (a, b):
-            client = RawClient(server.port)
-            client.send(f"HELLO|chatctl/1|quiet\nHISTORY|{room}|LAST|5\n".encode())
-            reply = client.expect(("END|", "ERR|"))
-            kept.append(reply if reply.startswith("ERR|") else reply.split("|")[2])
-            client.close()
-        assert kept[0] == kept[1], (room, kept)  # both kept the history, or neither did
+
+        def kept(room=room) -> list[str]:
+            answers = []
+            for server in (a, b):
+                client = RawClient(server.port)
+                client.send(f"HELLO|chatctl/1|quiet\nHISTORY|{room}|LAST|5\n".encode())
+                reply = client.expect(("END|", "ERR|"))
+                answers.append(reply if reply.startswith("ERR|") else reply.split("|")[2])
+                client.close()
+            return answers
+
+        wait_until_same(kept)  # both kept the history, or neither did (once each has heard of the other)
 
 
 def test_a_message_racing_the_close_of_its_room_is_kept_nowhere_or_everywhere(node):
@@ -644,12 +658,20 @@ def test_a_message_racing_the_close_of_its_room_is_kept_nowhere_or_everywhere(no
         script.send(b"".join(f"MSG|{room}|m{n}\n".encode() for n in range(200)))
         ana.send(f"CLOSE|{room}\n".encode())
         ana.expect(("CLOSE_OK", "ERR|"))
-        time.sleep(1)
-        stored = []
-        for server in (a, b, c):
-            rows = server.history._read_rows("SELECT id FROM messages WHERE room = :room", {"room": room[1:]})
-            stored.append(sorted(r[0] for r in rows))
-        assert stored[0] == stored[1] == stored[2], (room, [len(s) for s in stored])
+        for _ in range(200):  # each message stored in the shared log (MSG_OK) or refused
+            script.expect(("MSG_OK", "ERR|"))
+        ana.send(f"MSG|#main|after {room}\n".encode())  # in the log after all of them
+        marker = int(ana.expect("MSG_OK|").split("|")[1])
+
+        wait_until(lambda m=marker: all(s.history._read_rows("SELECT id FROM messages WHERE id = :id",
+                                                             {"id": m}) for s in (a, b, c)),
+                   timeout=10)  # every server has read that far
+
+        def stored(room=room) -> list[list[int]]:
+            return [sorted(r[0] for r in s.history._read_rows("SELECT id FROM messages WHERE room = :room",
+                                                               {"room": room[1:]})) for s in (a, b, c)]
+
+        wait_until_same(stored)
         script.close()
 
 
@@ -723,27 +745,36 @@ def test_a_room_closed_while_a_server_was_down_is_gone_there_too(node, tmp_path)
     assert not again.history._read_rows("SELECT id FROM messages WHERE room = 'old'", {})
 
 
-def test_a_name_taken_while_redis_had_lost_its_protection_goes_back_to_its_owner(node, redis_server):
-    a = node("a", auth_delay=0)
-    owner = member(a.port, "ana")
-    owner.send(b"REGISTER|anapass123\nQUIT\n")
-    owner.wait_closed()
-    redis_server.stop()
-    time.sleep(3)  # a backs off further and further
-    redis_server.start(empty=True)
-    d = node("d", auth_delay=0)  # a new server, at once: it knows nothing of ana's protection
-    impostor = RawClient(d.port)
-    impostor.send(b"HELLO|chatctl/1\nUSER|ana\n")
-    if impostor.expect(("USER_OK", "ERR|")) == "USER_OK":  # the window before a is back
+def test_a_name_taken_while_redis_had_lost_its_protection_goes_back_to_its_owner(
+        node, redis_server, make_server, tmp_path):
+    link = Forwarder(redis_server.port)  # a reaches Redis through this, so the test decides when a is back
+    try:
+        a = make_server(bus=f"redis://127.0.0.1:{link.port}/0", server_id="a", auth_delay=0,
+                        accounts_db=str(tmp_path / "accounts-a.db"))
+        owner = member(a.port, "ana")
+        owner.send(b"REGISTER|anapass123\nQUIT\n")
+        assert "REGISTER_OK|ana" in owner.wait_closed()
+        link.switch(free_port())  # nothing listens there: a stays cut off until switched back
+        redis_server.stop()
+        wait_until(lambda: not a.bus._up.is_set(), timeout=10)  # a has seen Redis go
+        redis_server.start(empty=True)
+        d = node("d", auth_delay=0)  # a new server, while a is away: it knows nothing of ana's protection
+        impostor = RawClient(d.port)
+        impostor.send(b"HELLO|chatctl/1\nUSER|ana\n")
+        assert impostor.expect(("USER_OK", "ERR|")) == "USER_OK"  # the window before a is back: it is free
         impostor.send(b"REGISTER|evilpass123\n")
+        impostor.expect("REGISTER_OK|ana")  # and even protected with a password of the impostor's
+        link.switch(redis_server.port)  # a is back, and gives Redis the protection it kept
         lines = impostor.wait_closed(timeout=20)
         assert any(line.startswith("BYE|this name's protection was restored") for line in lines), lines
-    for server in (a, d):
-        wait_until(lambda s=server: s.bus._up.is_set(), timeout=20)
-        wrong = RawClient(server.port)
-        wrong.send(b"USER|ana|evilpass123\n")
-        assert wrong.expect("ERR|").split("|")[1] in ("bad-password", "name-taken")
-        member(server.port, "ana", "anapass123").send(b"QUIT\n")
+        for server in (a, d):
+            wait_until(lambda s=server: s.bus._up.is_set(), timeout=20)
+            wrong = RawClient(server.port)
+            wrong.send(b"USER|ana|evilpass123\n")
+            assert wrong.expect("ERR|").split("|")[1] in ("bad-password", "name-taken")
+            member(server.port, "ana", "anapass123").send(b"QUIT\n")
+    finally:
+        link.close()
 
 
 def test_a_burst_of_registrations_neither_trips_the_bus_nor_wedges_it(node):

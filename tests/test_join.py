@@ -523,11 +523,19 @@ def test_a_wrong_password_asks_again(make_server, isolated_home):
     child.expect(pexpect.EOF)
 
 
+def asleep(pid: int) -> bool:
+    """The process sleeps (state S): after its prompt, in the read of the terminal.  (A Ctrl-C that
+    comes between the prompt and that read is taken only once the read returns, at the next key.)"""
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0] == "S"
+
+
 def test_ctrl_c_at_a_prompt_exits_130(server, isolated_home):
     child = pexpect.spawn(sys.executable, [*CHATCTL[1:], "join", "-p", str(server.port)],
                           env=isolated_home, encoding="utf-8", timeout=10,
                           preexec_fn=default_sigint)  # as a shell starts it, even if this run ignores SIGINT
-    child.expect("Your name")
+    child.expect("Your name: ")
+    wait_until(lambda: asleep(child.pid))  # blocked reading the terminal, as when a person presses it
     child.sendcontrol("c")
     child.expect(pexpect.EOF)
     child.close()
@@ -679,3 +687,10 @@ def test_in_a_big_room_comings_and_goings_of_the_silent_are_hidden(server, user,
         ana.close(force=True)
         for client in crowd:
             client.close()
+
+
+def test_help_shows_every_argument(server, spawn_join):
+    ana = spawn_join("ana", server.port)
+    ana.send("/help\r")
+    ana.expect(re.escape("/part [#ROOM]"))
+    ana.expect(re.escape("/quit [REASON]"))

@@ -11,7 +11,7 @@ import pexpect
 import pytest
 
 import chatctl
-from conftest import CHATCTL, RawClient, protected_name, run_cli, wait_until
+from conftest import CHATCTL, ROOT, RawClient, protected_name, run_cli, wait_until
 
 pytest.importorskip("textual", reason="chatctl tui needs Textual (pip install -r requirements-test.txt)")
 
@@ -311,8 +311,8 @@ def test_scrolled_back_what_you_send_comes_into_view(make_server):
         assert log.scroll_y < log.max_scroll_y
         await type_line(pilot, "/rooms")
         await until(pilot, lambda: "rooms (* current" in log_text(app), "the answer")
-        await pilot.pause(0.2)
-        assert log.scroll_y >= log.max_scroll_y - 1  # at the end, where the answer is
+        await until(pilot, lambda: log.scroll_y >= log.max_scroll_y - 1, "at the end, where the answer is",
+                    timeout=5)
         assert "end of history" not in log_text(app)  # join's backlog notices are not tui's
 
     run(scenario, client_config(server.port))
@@ -424,8 +424,9 @@ def test_send_and_who_do_not_import_textual(server, isolated_home):
     code = ("import sys, chatctl\n"
             "try:\n    chatctl.main(['who', '-p', sys.argv[1]])\nexcept SystemExit:\n    pass\n"
             "print('textual' in sys.modules)")
+    env = {**isolated_home, "PYTHONPATH": str(ROOT)}  # this checkout's chatctl, installed or not
     result = subprocess.run([sys.executable, "-c", code, str(server.port)], capture_output=True, text=True,
-                            env=isolated_home, timeout=30)
+                            env=env, timeout=30)
     assert result.stdout.strip().endswith("False"), result.stdout + result.stderr
 
 
@@ -435,15 +436,20 @@ def test_chatctl_tui_in_a_real_terminal(server, isolated_home):
                         env=env, dimensions=(30, 110), encoding="utf-8", codec_errors="replace", timeout=15)
     try:
         tui.expect("connected to 127.0.0.1")
-        bob = raw_user(server.port, "bob")
+        bob = raw_user(server.port, "bob", "deploys")
+        bob.send(b"TOPIC|#deploys|ship it carefully\n")
+        bob.expect("TOPIC|#deploys|")
         bob.send(b"MSG|#main|hello from a raw client\n")
         tui.expect("hello from a raw client")
         tui.send("hi bob\r")
         assert bob.expect("MSG|#main|").endswith("|ana|hi bob")
         tui.send("/join #deploys\r")
         wait_until(lambda: any(s.name == "ana" and "deploys" in s.rooms for s in server.registry.sessions()))
+        tui.expect("ship it carefully")  # #deploys is on screen (its topic is shown nowhere else)
+        bob.send(b"MSG|#main|said while you were away\n")  # into #main's log, not on screen yet
+        bob.expect("MSG_OK")
         tui.send("\x1b1")  # Alt-1 as terminals send it: back to conversation 1, #main
-        time.sleep(0.3)
+        tui.expect("said while you were away")  # #main's log is on screen again
         tui.send("back in main\r")
         assert bob.expect("MSG|#main|").endswith("|ana|back in main")
         tui.send("bo\tsee this\r")  # typed in one burst: Tab completes what came before it
@@ -769,3 +775,18 @@ def test_in_a_browser_the_reason_the_chat_ends_is_shown_before_it_ends(monkeypat
 
     asyncio.run(main())
     assert isinstance(app.error, chatctl.ClientError)
+
+
+def test_a_join_in_main_is_said_in_main_while_another_room_is_on_screen(server):
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        await until(pilot, lambda: app.chat.model.current == "deploys", "started in #deploys")
+        carol = raw_user(server.port, "carol")  # joins #main only
+        await until(pilot, lambda: any("carol joined" in (line.markup or "")
+                                       for line in app.conversation("main").lines), "said in #main's window")
+        assert "carol joined" not in log_text(app)  # #deploys is on screen: not said here
+        await pilot.press("alt+1")
+        await until(pilot, lambda: "carol joined" in log_text(app), "said in #main")
+        carol.close()
+
+    run(scenario, client_config(server.port), room="deploys")
