@@ -8479,7 +8479,8 @@ class ChatClient:
             with self._lock:
                 asked = event.room in self._topics_asked
                 self._topics_asked.discard(event.room)
-            if event.text and (event.text != known or asked):  # (a rejoin says it again: not shown)
+            switching = event.room == self._switch_on_join  # (the switch says it: "now in #room: topic")
+            if event.text and (event.text != known or asked) and not switching:  # (a rejoin: not shown)
                 by = f" (set by {display_text(event.setter)})" if event.setter else ""
                 self.note(f"#{display_text(event.room)} topic: {display_text(event.text)}{by}",
                           room=event.room)
@@ -8555,6 +8556,8 @@ class ChatClient:
             return
         seen_here = self.model.unread()
         lines = []
+        widest = max((len(display_text(r.name)) for r in rooms), default=0)  # the columns line up
+        online_width = max((len(str(r.online)) for r in rooms), default=1)
         for r in rooms:
             here = seen_here.get(r.name)
             unread, mentioned = (here if here and here[0] else (r.unread, r.mentions)) if r.joined else (0, 0)
@@ -8562,7 +8565,8 @@ class ChatClient:
             counts = f"{count_text(unread)} unread" if unread else ""
             counts += f", {count_text(mentioned)} mention(s)" if mentioned else ""
             topic = f"  {display_text(r.topic)}" if r.topic else ""
-            lines.append(f"{mark} #{display_text(r.name)}  {r.online} online  {counts}{topic}")
+            name = display_text(r.name).ljust(widest)
+            lines.append(f"{mark} #{name}  {r.online:>{online_width}} online  {counts}{topic}".rstrip())
         self.note("rooms (* current, + joined):\n" + "\n".join(lines))
 
     def switch(self, conversation: str, quiet: bool = False) -> None:

@@ -648,7 +648,7 @@ def test_the_backlog_shown_on_entering_counts_as_read(make_server, spawn_join, i
     assert "shown on entering" in ana.before  # the backlog, before the prompt
     time.sleep(1.5)  # its MARK has gone out
     ana.sendline("/rooms")
-    ana.expect(r"#deploys  \d+ online  ([^\r\n]*)")
+    ana.expect(r"#deploys +\d+ online *([^\r\n]*)")
     assert "unread" not in ana.match.group(1), ana.match.group(0)
     bob.close()
 
@@ -694,3 +694,18 @@ def test_help_shows_every_argument(server, spawn_join):
     ana.send("/help\r")
     ana.expect(re.escape("/part [#ROOM]"))
     ana.expect(re.escape("/quit [REASON]"))
+
+
+def test_joining_a_room_says_its_topic_once(server, spawn_join, user):
+    bob = user("bob")
+    bob.send(b"JOIN|#deploys\nTOPIC|#deploys|deploy status goes here\n")
+    bob.expect("TOPIC|#deploys|")
+    ana = spawn_join("ana", server.port)
+    ana.send("/join #deploys\r")
+    ana.expect("now in #deploys: deploy status goes here")
+    said = ana.before
+    ana.expect_exact("#deploys>")
+    assert "topic: deploy status" not in said + ana.before
+    ana.send("/rooms\r")
+    ana.expect(r"rooms \(\* current, \+ joined\):\s+\* #deploys  (\s*)2 online")
+    ana.expect(r"\+ #main     (\s*)2 online")  # the columns line up
