@@ -21,8 +21,8 @@ Contents, in dependency order (search for the banner to jump):
     5. Storage                HistoryStore (SQLite: messages, rooms, read markers), AccountStore,
                               CommitLog and LocalLog (where a message gets its id and order)
     6. Security               passwords (AuthThrottle, PasswordHasher), rate limits, certificates, TLS, pins
-    7. Cluster                RedisBus (--bus: the shared log and shared state in Redis),
-                              SharedAuthThrottle
+    7. Cluster                RedisBus (--bus: the shared log in Redis), SharedState (names, rooms,
+                              accounts, markers, password tries, on the same pool), SharedAuthThrottle
     8. Server                 OutboundQueue, Writer, ReaderPool, ReadPoller, Room, RemoteMember, Registry,
                               Gateway (other protocols register here), ClientSession (its SessionState),
                               ChatServer
@@ -3114,7 +3114,7 @@ class SharedAuthThrottle(AuthThrottle):
     """AuthThrottle's buckets kept in Redis (``serve --bus``), so that N servers do not give a
     guesser N times the tries; which address proved which target stays per server."""
 
-    def __init__(self, bus: RedisBus, max_failures: int, target_failures: int, window: float):
+    def __init__(self, bus: SharedState, max_failures: int, target_failures: int, window: float):
         super().__init__(max_failures, target_failures, window)
         self.bus = bus
 
@@ -3142,14 +3142,14 @@ class SharedAuthThrottle(AuthThrottle):
 
 
 class RedisBus(CommitLog):
-    """The cluster's shared log and shared state, in Redis: a CommitLog, and the presence calls.
+    """The cluster's shared log, in Redis: a CommitLog like LocalLog, and the one connection pool
+    (with its scripts, ``run_script``, and its ``call`` that turns Redis's failures into BusError)
+    that the SharedState uses too.
 
     Callers (the server) use ``connect`` (before listening), the CommitLog
-    four, and ``claim``, ``release``, ``moved``, ``set_topic``,
-    ``close_room``, ``forget_room``, ``markers``, ``set_marker``,
-    ``password_hash``, ``protect``, ``unprotect``, ``auth`` and ``servers``;
-    ``host`` is the server, whose ``cluster_*`` methods the reader thread
-    calls to apply what others did.
+    four, and ``release`` (names let go, in the log's order with the
+    messages); ``host`` is the server's ClusterMirror, whose ``cluster_*``
+    methods the reader thread calls to apply what others did.
 
     Threads: ``chatctl-bus-publish`` appends batches (one script call each)
     and owns ``_queue`` and ``_publisher`` (its connection; the replies
@@ -3198,8 +3198,8 @@ class RedisBus(CommitLog):
         self.scripts = {name: self.redis.register_script(_LUA_PRELUDE + body) for name, body in _LUA.items()}
         self.last_id = store.last_id if store is not None else 0
         self.batch_bytes = SENDQ_BYTES // 4
-        self._tokens = itertools.count(1)
-        self._token_prefix = f"{server_id}/{int(time.time() * 1000):x}/"
+        self.tokens = itertools.count(1)
+        self.token_prefix = f"{server_id}/{int(time.time() * 1000):x}/"
         self._lock = threading.Lock()
         self._awaiting: dict[str, PendingMessage] = {}
         self._queue: queue.SimpleQueue[PendingMessage | _Release | None] = queue.SimpleQueue()
@@ -3229,10 +3229,10 @@ class RedisBus(CommitLog):
             self._epoch = self._join_epoch()
             self._check_unique_id()
             self._share_accounts(self._epoch)
-            self._run("floor", self.last_id)
-            self._run("resync", "[]", "its server restarted")
+            self.run_script("floor", self.last_id)
+            self.run_script("resync", "[]", "its server restarted")
             self._beat()  # listed from the start: a server that dies before its first heartbeat is reaped too
-            snapshot = self._run("snapshot")
+            snapshot = self.run_script("snapshot")
         except self._redis_errors as exc:
             raise BusError(f"cannot reach the bus at {redact_url(self.url)}: {exc}") from None
         self.host.cluster_snapshot(*self._parse_snapshot(snapshot))
@@ -3264,7 +3264,7 @@ class RedisBus(CommitLog):
             raise BusError(f"a server named {self.server_id!r} is already on this bus (its last heartbeat "
                            f"was {age:.1f} s ago): give this one another server_id (CHATCTL_SERVER_ID)")
 
-    def _run(self, script: str, *args):
+    def run_script(self, script: str, *args):
         return self.scripts[script](keys=self.keys, args=[self.log_caps, self.server_id,
                                                           self._deadline(), *args])
 
@@ -3294,9 +3294,9 @@ class RedisBus(CommitLog):
         try:
             epoch = self._join_epoch()
             self._share_accounts(epoch)
-            self._run("floor", self.last_id)
-            lost = self._run("resync", json.dumps(self.host.cluster_entries()), "cut off from the bus")
-            snapshot = self._run("snapshot")
+            self.run_script("floor", self.last_id)
+            lost = self.run_script("resync", json.dumps(self.host.cluster_entries()), "cut off from the bus")
+            snapshot = self.run_script("snapshot")
         except self._redis_errors:
             return False
         lost_data = epoch != self._epoch
@@ -3311,7 +3311,7 @@ class RedisBus(CommitLog):
         log.info("the bus at %s is back; resuming after id %d", redact_url(self.url), self.last_id)
         return True
 
-    def _if_up(self, fn: Callable, *args) -> None:
+    def if_up(self, fn: Callable, *args) -> None:
         """A call that may be missed while Redis is away (the resync after the reconnect repairs a
         room move; a missed read marker is only older): made only while Redis answers, and never
         an error for the client."""
@@ -3407,7 +3407,7 @@ class RedisBus(CommitLog):
         tokens = []
         with self._lock:
             for pending in batch:
-                token = self._token_prefix + str(next(self._tokens))
+                token = self.token_prefix + str(next(self.tokens))
                 self._awaiting[token] = pending
                 tokens.append(token)
         payloads = [encode_bus_message(t, p.message) for t, p in zip(tokens, batch, strict=True)]
@@ -3585,7 +3585,7 @@ class RedisBus(CommitLog):
             try:
                 fresh, dead = self._beat()
                 if fresh:  # reaped while cut off: claim our names again
-                    lost = self._run("resync", json.dumps(self.host.cluster_entries()),
+                    lost = self.run_script("resync", json.dumps(self.host.cluster_entries()),
                                      "cut off from the bus")
                     if lost:
                         self.host.cluster_conflict([t.decode() for t in lost])
@@ -3608,24 +3608,11 @@ class RedisBus(CommitLog):
                   "last_id": self.last_id}
         reaping = time.monotonic() - self._up_since >= BUS_SERVER_TIMEOUT
         sent = time.time() * 1000
-        fresh, dead, now = self._run("beat", json.dumps(status),
+        fresh, dead, now = self.run_script("beat", json.dumps(status),
                                      int(BUS_SERVER_TIMEOUT * 1000) if reaping else 0)
         self._clock_offset = now - (sent + time.time() * 1000) / 2
         return fresh, dead
 
-    # --- shared state: names, rooms, accounts, markers -------------------------------
-
-    def new_token(self) -> str:
-        return self._token_prefix + "s" + str(next(self._tokens))
-
-    def claim(self, key: str, name: str, token: str, owner: bool) -> tuple[bool, str]:
-        """Take ``name`` cluster-wide: (True, the token it replaced or '') or (False, who holds it)."""
-        since = repr(time.time())
-        entry = json.dumps({"name": name, "token": token, "server": self.server_id, "since": since,
-                            "owner": int(owner), "rooms": [MAIN_ROOM]})
-        event = f"j|{key}|{name}|{token}|{self.server_id}|{since}|{int(owner)}"
-        ok, other = self.call(self._run, "claim", key, entry, "1" if owner else "0", event)
-        return bool(ok), other.decode()
 
     def release(self, sessions: Iterable) -> None:
         """Names given up here (left, taken over): gone cluster-wide, with a LEAVE event each.  Queued
@@ -3636,45 +3623,6 @@ class RedisBus(CommitLog):
         if args:
             self._queue.put(_Release(args))
 
-    def moved(self, session, verb: str, room: Room, reason: str = "") -> None:
-        """``session`` entered (``verb`` 'n') or left ('x') ``room``."""
-        if verb == "n":
-            event = f"n|{session.key}|{session.token}|{room.name}|{room.created_by}|{room.created_ts!r}"
-            record = json.dumps(dataclasses.asdict(room.record()))
-        else:
-            event, record = f"x|{session.key}|{session.token}|{room.name}|{reason.replace('|', '/')}", ""
-        self._if_up(self._run, "move", session.key, session.token, verb, room.name, event, record)
-
-    def set_topic(self, record: RoomRecord) -> tuple[int, int]:
-        """A topic set here: in the shared rooms, and an event for the others; returns the event's
-        place in the log (the newest place wins everywhere)."""
-        event = f"t|{record.name}|{record.topic_ts!r}|{record.topic_by}|{escape_text(record.topic)}"
-        record_json = json.dumps(dataclasses.asdict(record))
-        return _stream_id(self.call(self._run, "room", record.name, record_json, event))
-
-    def close_room(self, name: str) -> bool:
-        """Close ``name`` cluster-wide, unless someone on any server is in it (False)."""
-        closed, _ = self.call(self._run, "close", name)
-        return bool(closed)
-
-    def forget_room(self, name: str) -> None:
-        self._if_up(self._run, "forget", name)
-
-    def password_hash(self, key: str) -> str | None:
-        raw = self.call(self.redis.hget, self.keys[6], key)
-        return json.loads(raw)["hash"] if raw else None
-
-    def protect(self, key: str, name: str, password_hash: str, replaces: str) -> None:
-        """Protect ``key``, or change its password: only if its hash is still ``replaces`` ('': none)."""
-        created = self.call(self._run, "account", key, name, password_hash, repr(time.time()), replaces)
-        if not created:
-            raise ProtocolError("not-owner", "the name's protection changed meanwhile; log in again")
-        self.local_accounts.protect(key, name, password_hash, float(created))
-
-    def unprotect(self, key: str) -> None:
-        self.call(self._run, "account", key, "", "", "0", "")
-        self.local_accounts.unprotect(key)
-
     def _share_accounts(self, epoch: str) -> None:
         """Our copy of the protected names and the shared ones agree.  Redis data we have not seen
         before (it lost its data, or this server is new to it) gets ours added, and our rooms and
@@ -3683,7 +3631,7 @@ class RedisBus(CommitLog):
             accounts = {key: json.dumps({"name": name, "hash": hashed, "created": created})
                         for key, (name, hashed, created) in self.local_accounts.all().items()}
             rooms = {r.name: json.dumps(dataclasses.asdict(r)) for r in self.host.cluster_rooms()}
-            added, restored = self._run("seed", json.dumps({"accounts": accounts, "rooms": rooms}))
+            added, restored = self.run_script("seed", json.dumps({"accounts": accounts, "rooms": rooms}))
             if added:
                 log.info("the bus lacked %d protected name(s) and room(s) this server had (it is new here, "
                          "or Redis lost its data): given back", added)
@@ -3694,18 +3642,91 @@ class RedisBus(CommitLog):
                                          for k, v in shared.items()})
         self.local_accounts.set_meta(f"bus-epoch {self.cluster} {self.server_id}", epoch)
 
+
+class SharedState:
+    """The cluster's shared state in Redis, beside its shared log (RedisBus) and on the same
+    connection pool: who holds which name (``claim``; ``release`` goes through the log, in order),
+    who is in which room (``moved``), topics, closed and forgotten rooms, protected names
+    (``password_hash``, ``protect``, ``unprotect``), read markers, password tries (``auth``) and the
+    servers' heartbeats (``servers``).  Each change is one script call, which also appends its event
+    to the log, so every server applies it in the log's order.  Any thread calls these; they hold no
+    state of their own.
+    """
+
+    def __init__(self, bus: RedisBus):
+        self.bus = bus
+
+    def _script(self, name: str, *args):
+        """One of the bus's scripts, its answer awaited (BusError if Redis does not answer)."""
+        return self.bus.call(self.bus.run_script, name, *args)
+
+    def _script_when_up(self, name: str, *args) -> None:
+        """One of the bus's scripts, only while Redis answers (a snapshot brings the rest back)."""
+        self.bus.if_up(self.bus.run_script, name, *args)
+
+    def new_token(self) -> str:
+        return self.bus.token_prefix + "s" + str(next(self.bus.tokens))
+
+    def claim(self, key: str, name: str, token: str, owner: bool) -> tuple[bool, str]:
+        """Take ``name`` cluster-wide: (True, the token it replaced or '') or (False, who holds it)."""
+        since = repr(time.time())
+        entry = json.dumps({"name": name, "token": token, "server": self.bus.server_id, "since": since,
+                            "owner": int(owner), "rooms": [MAIN_ROOM]})
+        event = f"j|{key}|{name}|{token}|{self.bus.server_id}|{since}|{int(owner)}"
+        ok, other = self._script("claim", key, entry, "1" if owner else "0", event)
+        return bool(ok), other.decode()
+
+    def moved(self, session, verb: str, room: Room, reason: str = "") -> None:
+        """``session`` entered (``verb`` 'n') or left ('x') ``room``."""
+        if verb == "n":
+            event = f"n|{session.key}|{session.token}|{room.name}|{room.created_by}|{room.created_ts!r}"
+            record = json.dumps(dataclasses.asdict(room.record()))
+        else:
+            event, record = f"x|{session.key}|{session.token}|{room.name}|{reason.replace('|', '/')}", ""
+        self._script_when_up("move", session.key, session.token, verb, room.name, event, record)
+
+    def set_topic(self, record: RoomRecord) -> tuple[int, int]:
+        """A topic set here: in the shared rooms, and an event for the others; returns the event's
+        place in the log (the newest place wins everywhere)."""
+        event = f"t|{record.name}|{record.topic_ts!r}|{record.topic_by}|{escape_text(record.topic)}"
+        record_json = json.dumps(dataclasses.asdict(record))
+        return _stream_id(self._script("room", record.name, record_json, event))
+
+    def close_room(self, name: str) -> bool:
+        """Close ``name`` cluster-wide, unless someone on any server is in it (False)."""
+        closed, _ = self._script("close", name)
+        return bool(closed)
+
+    def forget_room(self, name: str) -> None:
+        self._script_when_up("forget", name)
+
+    def password_hash(self, key: str) -> str | None:
+        raw = self.bus.call(self.bus.redis.hget, self.bus.keys[6], key)
+        return json.loads(raw)["hash"] if raw else None
+
+    def protect(self, key: str, name: str, password_hash: str, replaces: str) -> None:
+        """Protect ``key``, or change its password: only if its hash is still ``replaces`` ('': none)."""
+        created = self._script("account", key, name, password_hash, repr(time.time()), replaces)
+        if not created:
+            raise ProtocolError("not-owner", "the name's protection changed meanwhile; log in again")
+        self.bus.local_accounts.protect(key, name, password_hash, float(created))
+
+    def unprotect(self, key: str) -> None:
+        self._script("account", key, "", "", "0", "")
+        self.bus.local_accounts.unprotect(key)
+
     def markers(self, user_key: str) -> dict[str, int]:
-        raw = self.call(self.redis.hgetall, self.markers_prefix + user_key)
+        raw = self.bus.call(self.bus.redis.hgetall, self.bus.markers_prefix + user_key)
         return {k.decode(): int(v) for k, v in raw.items()}
 
     def set_marker(self, user_key: str, room: str, last_read: int) -> None:
-        self._if_up(self.redis.hset, self.markers_prefix + user_key, room, last_read)
+        self.bus.if_up(self.bus.redis.hset, self.bus.markers_prefix + user_key, room, last_read)
 
     def auth(self, host: str, target: str, known: bool, verb: str, throttle: AuthThrottle) -> int:
         """Take (or give back) one password try for ``host`` at ``target`` across the cluster; the
         ms to wait when a bucket is empty, else 0."""
-        prefix = self.auth_prefix
-        return int(self.call(self._run, "auth", f"{prefix}host:{host}",
+        prefix = self.bus.auth_prefix
+        return int(self._script("auth", f"{prefix}host:{host}",
                              "" if known else f"{prefix}target:{target}", throttle.max_failures,
                              throttle.target_failures, int(throttle.window * 1000), verb))
 
@@ -3713,15 +3734,15 @@ class RedisBus(CommitLog):
         """Every server on the bus, from their heartbeats."""
 
         def read():
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.zrange(self.keys[4], 0, -1, withscores=True)
-            pipe.hgetall(self.keys[5])
-            pipe.get(self.keys[0])
+            pipe = self.bus.redis.pipeline(transaction=False)
+            pipe.zrange(self.bus.keys[4], 0, -1, withscores=True)
+            pipe.hgetall(self.bus.keys[5])
+            pipe.get(self.bus.keys[0])
             pipe.time()
-            pipe.hvals(self.keys[2])
+            pipe.hvals(self.bus.keys[2])
             return pipe.execute()
 
-        beats, info, head, (sec, usec), names = self.call(read)
+        beats, info, head, (sec, usec), names = self.bus.call(read)
         users: dict[str, int] = {}
         for raw in names:  # who holds a name where, now (the heartbeats' counts are up to 2 s old)
             server = json.loads(raw)["server"]
@@ -3731,12 +3752,12 @@ class RedisBus(CommitLog):
         result = []
         for server, score in beats:
             status = json.loads(info.get(server, b"{}"))
-            if server.decode() == self.server_id:  # this one's own figures are live
-                status.update(last_id=self.last_id)
+            if server.decode() == self.bus.server_id:  # this one's own figures are live
+                status.update(last_id=self.bus.last_id)
             name = server.decode()
             result.append(ServerStatus(name, status.get("address", "?"), users.get(name, 0),
                                        max(0.0, now - score / 1000), max(0, head - status.get("last_id", 0)),
-                                       name == self.server_id))
+                                       name == self.bus.server_id))
         return result
 
 
@@ -5703,7 +5724,8 @@ class ChatServer:
             if self.config.bus:
                 self.bus = RedisBus(self.config, self.history, self.local_accounts, self.mirror,
                                     self.config.server_id or f"{socket.gethostname()}:{self.port}")
-            self.accounts = self.bus or self.local_accounts
+            self.shared = SharedState(self.bus) if self.bus is not None else None
+            self.accounts = self.shared if self.shared is not None else self.local_accounts
             self.tls_context, self.tls_fingerprint = None, ""
             if self.config.tls:
                 self.tls_context, self.tls_fingerprint = server_tls_context(self.config.tls_cert,
@@ -5713,7 +5735,7 @@ class ChatServer:
             if self.history is not None:
                 self.history.close()
             raise
-        throttle = AuthThrottle if self.bus is None else functools.partial(SharedAuthThrottle, self.bus)
+        throttle = AuthThrottle if self.shared is None else functools.partial(SharedAuthThrottle, self.shared)
         self.throttle = throttle(self.config.auth_max_failures, self.config.auth_target_failures,
                                      self.config.auth_lockout)
         validate_name(confusable_key("ready"))  # load the name tables now, not in a thousand first logins
@@ -5725,7 +5747,8 @@ class ChatServer:
         self.register_budget = AddressBudget(self.config.register_per_hour / 3600 if self.config.rate else 0,
                                              self.config.register_per_hour)
         self.log: CommitLog = self.bus or LocalLog(self.history, batch_bytes=self.reply_bytes)
-        self.marker_store = self.bus or self.history  # where a protected name's read markers are kept
+        # where a protected name's read markers are kept
+        self.marker_store = self.shared if self.shared is not None else self.history
         self.fanout = FanOut(self, self.log.last_id)
         self._load_rooms()
 
@@ -5936,7 +5959,7 @@ class ChatServer:
             raise ProtocolError("not-owner", ERROR_CODES["not-owner"])
         hashed = self.hasher.run(hash_password, password)
         if self.bus is not None:  # only over the protection we checked: another may have come meanwhile
-            self.bus.protect(session.key, session.name, hashed, stored or "")
+            self.shared.protect(session.key, session.name, hashed, stored or "")
         else:
             self.accounts.protect(session.key, session.name, hashed)
         self.throttle.known(session.key, session.host)  # its owner's address, as after a login
@@ -5971,8 +5994,8 @@ class ChatServer:
         if self.bus is None or session.quiet:
             self._claim_here(session, name, key, owner, markers)
         else:  # first the cluster's word: one name, one session
-            session.token = self.bus.new_token()
-            claimed, holder_name = self.bus.claim(key, name, session.token, owner)
+            session.token = self.shared.new_token()
+            claimed, holder_name = self.shared.claim(key, name, session.token, owner)
             if not claimed:
                 looks = f" (it looks like {holder_name!r}, who is online)" if holder_name != name else ""
                 raise ProtocolError("name-taken", f"the name {name!r} is in use{looks}")
@@ -6121,7 +6144,7 @@ class ChatServer:
         room, new = self.registry.enter(session, name, create)
         if new:
             if self.bus is not None:
-                self.bus.moved(session, "n", room)
+                self.shared.moved(session, "n", room)
             session.markers.setdefault(name, room.last_id)
             store = self.marker_store
             if session.owner and store is not None and name not in store.markers(session.key):
@@ -6139,7 +6162,7 @@ class ChatServer:
         room = session.rooms.get(name)
         forgotten = self.registry.part(session, name, reason)
         if self.bus is not None:
-            self.bus.moved(session, "x", room, reason)
+            self.shared.moved(session, "x", room, reason)
         session.tell(Confirmed("PART", f"#{name}"))
         if forgotten is not None:
             self._retire(forgotten, closing=False)
@@ -6153,7 +6176,7 @@ class ChatServer:
             raise ProtocolError("rate-limited", f"too many bytes from {session.host} too fast")
         ts, seq = time.time(), None
         if self.bus is not None:  # first in the log: its place there decides which topic wins
-            seq = self.bus.set_topic(RoomRecord(room.name, room.created_by, room.created_ts, text,
+            seq = self.shared.set_topic(RoomRecord(room.name, room.created_by, room.created_ts, text,
                                                 session.name, ts))
         self._change_topic(room, session.name, text, session, ts, seq)
         log.info("%s set the topic of #%s", session.name, room.name)
@@ -6196,7 +6219,7 @@ class ChatServer:
         if self.bus is not None:  # empty here, then empty everywhere, at one point in the log
             room = self.room(name)
             allowed(room)
-            if room.members or not self.bus.close_room(name):
+            if room.members or not self.shared.close_room(name):
                 raise ProtocolError("room-not-empty", f"#{name} has members; only an empty room can be "
                                     "closed")
             self.mirror.cluster_close(name)
@@ -6219,7 +6242,7 @@ class ChatServer:
         if self.history is not None:
             self.history.delete_room(room.name, upto, room.created_ts)
         if self.bus is not None and not closing:
-            self.bus.forget_room(room.name)
+            self.shared.forget_room(room.name)
 
     def make_operator(self, session: ClientSession, password: str) -> None:
         expected = self.config.operator_password
@@ -6258,7 +6281,7 @@ class ChatServer:
     def servers(self) -> list[ServerStatus]:
         """The servers of the cluster (just this one, without a bus)."""
         if self.bus is not None:
-            return self.bus.servers()
+            return self.shared.servers()
         here = ServerStatus("standalone", self.mirror.cluster_address(), self.mirror.cluster_user_count(),
                             0.0, 0, True)
         return [here]
