@@ -7750,17 +7750,40 @@ class RoomsModel:
 
     join and tui are front-ends over it (through ChatClient).  Events arrive
     on the connection's reader thread and the person switches on the input
-    thread: every method takes ``_lock``.
+    thread: every method and property takes ``_lock`` (a leaf: it calls out
+    to nothing), and what leaves it is a copy.  It alone says which rooms the
+    person is in (the link asks it on every connect).
     """
 
     def __init__(self):
         self._lock = threading.Lock()
         self.rooms: dict[str, RoomView] = {MAIN_ROOM: RoomView()}
-        self.current = MAIN_ROOM
+        self._current = MAIN_ROOM  # where plain text goes (``current``)
         self.known: set[str] = {MAIN_ROOM}   # every room heard of (for completion)
         self._topics: dict[str, str] = {}    # topics of rooms not entered yet (a JOIN's TOPIC comes first)
         self._names: dict[str, dict[str, str]] = {}  # members of rooms not entered yet (NAMES comes first)
-        self.dropped: list[tuple[str, int]] = []  # DM conversations let go unread (said, then cleared)
+        self._dropped: list[tuple[str, int]] = []  # DM conversations let go unread (said, then cleared)
+
+    @property
+    def current(self) -> str:
+        with self._lock:
+            return self._current
+
+    def take_dropped(self) -> list[tuple[str, int]]:
+        """The DM conversations let go unread since the last call: (conversation, unread lines)."""
+        with self._lock:
+            dropped, self._dropped = self._dropped, []
+        return dropped
+
+    def has(self, conversation: str) -> bool:
+        with self._lock:
+            return conversation in self.rooms
+
+    def last_id(self, conversation: str) -> int:
+        """The newest id seen in ``conversation`` (0: none, or not one of ours)."""
+        with self._lock:
+            view = self.rooms.get(conversation)
+            return view.last_id if view else 0
 
     def _room_names(self) -> list[str]:
         """The rooms we are in (not the ``@name`` conversations); the caller holds ``_lock``."""
@@ -7804,10 +7827,10 @@ class RoomsModel:
         """Forget a conversation; the current one afterwards (#main, or the first room still joined)."""
         with self._lock:
             self.rooms.pop(conversation, None)
-            if self.current == conversation:
+            if self._current == conversation:
                 rooms = self._room_names()
-                self.current = MAIN_ROOM if MAIN_ROOM in rooms else next(iter(rooms), MAIN_ROOM)
-            return self.current
+                self._current = MAIN_ROOM if MAIN_ROOM in rooms else next(iter(rooms), MAIN_ROOM)
+            return self._current
 
     def set_topic(self, room: str, text: str) -> None:
         with self._lock:
@@ -7890,7 +7913,7 @@ class RoomsModel:
                 self._make_room_for_one_more()
                 view = self.rooms[conversation] = RoomView()
             view.last_id = max(view.last_id, msg_id)
-            if conversation == self.current:
+            if conversation == self._current:
                 return True
             if own:
                 return False
@@ -7903,18 +7926,18 @@ class RoomsModel:
         """Past MAX_DM_CONVERSATIONS a DM conversation goes (never the current one): the quietest read
         one, else the quietest of all; one with unread lines is remembered in ``dropped``."""
         talks = [(view.unread > 0, view.last_id, name) for name, view in self.rooms.items()
-                 if name.startswith("@") and name != self.current]
+                 if name.startswith("@") and name != self._current]
         if len(talks) >= MAX_DM_CONVERSATIONS:
             unread, _, name = min(talks)
             if unread:
-                self.dropped.append((name, self.rooms[name].unread))
+                self._dropped.append((name, self.rooms[name].unread))
             del self.rooms[name]
 
     def switch(self, conversation: str) -> int:
         """Make ``conversation`` current; returns the newest id seen there (read now)."""
         with self._lock:
             view = self.rooms.setdefault(conversation, RoomView())
-            self.current = conversation
+            self._current = conversation
             view.unread = view.mentions = view.first_unread = 0
             return view.last_id
 
@@ -8419,8 +8442,7 @@ class ChatClient:
         if msg.kind == "dm":
             if self.conversations:
                 self.model.arrived(self.conversation(msg), msg.id, mention, create=True, own=own)
-                while self.model.dropped:
-                    name, unread = self.model.dropped.pop()
+                for name, unread in self.model.take_dropped():
                     who = display_text(name[1:])
                     self.note(f"closed the conversation with {who} and its {unread} unread line(s): "
                               f"more than {MAX_DM_CONVERSATIONS} at once (/msg {who} opens it again; "
@@ -10367,7 +10389,7 @@ def tui_app():
                 self._show(chat.model.current)
             else:
                 self._write(fresh)
-            for name in [n for n in self.conversations if n not in chat.model.rooms and n != self._shown]:
+            for name in [n for n in self.conversations if not chat.model.has(n) and n != self._shown]:
                 del self.conversations[name]  # left, or a DM conversation let go: its lines go too
             self.refresh_panels()
             if more:  # the rest of a burst after the keys that came meanwhile
@@ -10500,8 +10522,7 @@ def tui_app():
                 self.chat.request_history(listing.conversation, "context", after=hit, count=TUI_PAGE // 2)
                 return
             (hit, before), self._search_hit = self._search_hit, None
-            view = self.chat.model.rooms.get(listing.conversation)
-            newest_seen = view.last_id if view else 0
+            newest_seen = self.chat.model.last_id(listing.conversation)
             cut = listing.more or bool(lines and lines[-1].msg.id < newest_seen)
             self.conversation(listing.conversation).replace(before + lines, newer_cut=cut)
             self._show(listing.conversation, at=hit, middle=True)

@@ -478,7 +478,7 @@ def test_direct_messages_from_many_names_keep_a_bounded_list_and_say_what_went(m
         for sender in senders:
             sender.send(b"DM|ana|hi\n")
             await pilot.pause(0.01)
-        await until(pilot, lambda: "@spammer59" in app.chat.model.rooms, "the last DM arrives")
+        await until(pilot, lambda: app.chat.model.has("@spammer59"), "the last DM arrives")
         talks = [n for n in app.chat.model.conversations() if n.startswith("@")]
         assert len(talks) == chatctl.MAX_DM_CONVERSATIONS
         assert "@spammer0" not in talks  # the quietest went (all are unread)
@@ -679,7 +679,7 @@ def test_recall_the_switcher_and_register_take_keys_in_bursts(server):
         await connected(app, pilot)
         field = app.query_one("#input")
         burst(app, "/join #deploys\none\n")
-        await until(pilot, lambda: "deploys" in app.chat.model.rooms and not field.value, "joined, sent")
+        await until(pilot, lambda: app.chat.model.has("deploys") and not field.value, "joined, sent")
         await pilot.press("up")
         assert field.value == "one"
         await pilot.press("up", "up", "down")
