@@ -203,3 +203,33 @@ def test_structured_user_list_round_trips():
 ])
 def test_parse_event(line, event):
     assert parse_event(line) == event
+
+
+def test_every_event_our_server_makes_reads_back_as_the_same_event():
+    """The server's events in chatctl/1 (the encoder) and our clients' parser agree, event by event."""
+    ts = 1_796_000_000.0
+    users = (chatctl.UserInfo("ana", ts, 3), chatctl.UserInfo("bob", ts, 0))
+    msg = chatctl.ChatMessage(42, ts, "ana", "two\nlines | with a pipe", "msg", None, "deploys")
+    events = [
+        chatctl.Delivered(msg),
+        chatctl.Delivered(chatctl.ChatMessage(43, ts, "ana", "psst", "dm", "bob")),
+        chatctl.Acknowledged(42, ts), chatctl.Acknowledged(), chatctl.Registered(),
+        chatctl.Welcome("chatctl/1", "chatctl 0.1.0"), chatctl.UserList(users),
+        chatctl.Joined(ts, "ana"), chatctl.Left(ts, "ana", "quit: lunch"),
+        chatctl.ErrorReply("name-taken", "the name 'ana' is in use"), chatctl.Pong("x"),
+        chatctl.Goodbye("idle timeout"), chatctl.EndOfList("HISTORY", 2, True),
+        chatctl.Confirmed("JOIN", "#deploys"), chatctl.Confirmed("PASS"),
+        chatctl.RoomInfo("deploys", True, 2, 41, 3, 1, ts, "builds | releases"),
+        chatctl.ServerStatus("a", "host:7001", 3, 0.5, 0, True),
+        chatctl.RoomNames("deploys", users), chatctl.Topic("deploys", ts, "ana", "builds"),
+        chatctl.Entered("deploys", ts, "bob"), chatctl.Exited("deploys", ts, "bob", "lunch"),
+    ]
+    encoding = chatctl.CHATCTL_LINES
+    for event in events:
+        line = encoding.event(event)
+        assert line.endswith(b"\n") and line.count(b"\n") == 1, line
+        assert chatctl.parse_event(line[:-1].decode()) == event, line
+    page = chatctl.HistoryPage("HISTORY", (msg,), more=True)
+    lines = encoding.event(page).decode().splitlines()
+    assert [chatctl.parse_event(line) for line in lines] == [chatctl.Delivered(msg),
+                                                             chatctl.EndOfList("HISTORY", 1, True)]
