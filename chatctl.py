@@ -4429,6 +4429,30 @@ class Registry:
 
     # --- rooms ------------------------------------------------------------------------
 
+    def room(self, name: str) -> Room:
+        """Room ``name``; ProtocolError (unknown-room) if there is none."""
+        room = self.rooms.get(name)
+        if room is None:
+            raise ProtocolError("unknown-room", f"there is no room #{name}")
+        return room
+
+    def load_rooms(self, records: Iterable[RoomRecord], specs: Iterable[str]) -> list[RoomRecord]:
+        """The stored rooms, then the configured ones (``name: topic``) not among them; returns the
+        records it made for those (to be stored)."""
+        known = set()
+        for record in records:
+            self.add_room(record)
+            known.add(record.name)
+        made = []
+        for spec in specs:
+            name, _, topic = spec.partition(": ")
+            if name not in known:
+                now = time.time()
+                record = RoomRecord(name, "", now, topic, "config" if topic else "", now if topic else 0.0)
+                self.add_room(record)
+                made.append(record)
+        return made
+
     def add_room(self, record: RoomRecord) -> Room:
         """A room from the database or the config (no limit: they exist already)."""
         with self.lock:
@@ -6101,26 +6125,14 @@ class ChatServer:
     # --- rooms --------------------------------------------------------------------------
 
     def _load_rooms(self) -> None:
-        """#main, the rooms in the history, and the configured ones (made and stored if new)."""
-        records = self.history.rooms() if self.history is not None else []
-        known = {r.name for r in records}
-        for record in records:
-            self.registry.add_room(record)
-        for spec in (f"{MAIN_ROOM}: ", *self.config.rooms):
-            name, _, topic = spec.partition(": ")
-            if name in known:
-                continue
-            record = RoomRecord(name, "", time.time(), topic, "" if not topic else "config",
-                                time.time() if topic else 0.0)
-            self.registry.add_room(record)
-            if self.history is not None:
-                self.history.save_room(record)
+        """#main, the rooms in the history, and the configured ones (stored if new)."""
+        made = self.registry.load_rooms(self.history.rooms() if self.history is not None else [],
+                                        (f"{MAIN_ROOM}: ", *self.config.rooms))
+        for record in made if self.history is not None else ():
+            self.history.save_room(record)
 
     def room(self, name: str) -> Room:
-        room = self.registry.rooms.get(name)
-        if room is None:
-            raise ProtocolError("unknown-room", f"there is no room #{name}")
-        return room
+        return self.registry.room(name)
 
     def enter_room(self, session: ClientSession, name: str) -> None:
         """Put ``session`` in a room (made if new), and reply with its topic, its names and ``JOIN_OK``.
