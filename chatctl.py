@@ -3844,7 +3844,7 @@ class Writer:
 
     Callers use ``adopt``, ``schedule`` and ``schedule_many``; the thread owns
     ``_waiting`` and ``_lingering`` and every socket's sending side.  A
-    session whose reader has ended (``closing``) is closed once its queue is
+    session whose reader has ended (DRAINING) is closed once its queue is
     out, or after DISCONNECT_LINGER if the client stops reading.
     """
 
@@ -5519,14 +5519,14 @@ class ClusterMirror:
         if isinstance(member, RemoteMember) and member.token == token and room_name in member.rooms:
             forgotten = self.server.registry.part(member, room_name, reason)
             if forgotten is not None:
-                self.server._retire(forgotten, closing=False)
+                self.server.retire(forgotten, closing=False)
 
     def _event_topic(self, fields: list[str], at) -> None:
         """``t|room|ts|setter|text``: set unless a topic later in the log is set already."""
         room = self.server.registry.rooms.get(fields[0])
         if room is not None:
             text = unescape_text("|".join(fields[3:]))
-            self.server._change_topic(room, fields[2], text, ts=float(fields[1]), seq=at)
+            self.server.change_topic(room, fields[2], text, ts=float(fields[1]), seq=at)
 
     def _event_room(self, fields: list[str], at) -> None:
         """``r|record (JSON)``: a room Redis had lost, given back by another server."""
@@ -5537,7 +5537,7 @@ class ClusterMirror:
             if self.server.history is not None:
                 self.server.history.save_room(room.record())
         elif record.topic_ts > room.topic_ts:
-            self.server._change_topic(room, record.topic_by, record.topic, ts=record.topic_ts)
+            self.server.change_topic(room, record.topic_by, record.topic, ts=record.topic_ts)
 
     def _event_protect(self, fields: list[str], at) -> None:
         """``p|key|name|hash|created|restored?``"""
@@ -5584,7 +5584,7 @@ class ClusterMirror:
         member.leave_reason = reason
         self.server.registry.depart([member], forget=False, quiet=False)
         for room in self.server.registry.forget_emptied():
-            self.server._retire(room, closing=False)
+            self.server.retire(room, closing=False)
 
     def cluster_snapshot(self, names: dict[str, dict], rooms: dict[str, dict]) -> None:
         """The cluster's state as Redis holds it (at start, and after Redis came back): this
@@ -5596,7 +5596,7 @@ class ClusterMirror:
                 if self.server.history is not None:
                     self.server.history.save_room(room.record())
             elif record.get("topic_ts", 0) > room.topic_ts:
-                self.server._change_topic(room, record["topic_by"], record["topic"], ts=record["topic_ts"])
+                self.server.change_topic(room, record["topic_by"], record["topic"], ts=record["topic_ts"])
         in_use = {room for entry in names.values() for room in entry.get("rooms") or ()}
         self.server.registry.forget_unused(set(rooms) | in_use)  # forgotten by the others while we were away
         registry = self.server.registry
@@ -5672,7 +5672,7 @@ class ClusterMirror:
 
     def cluster_address(self) -> str:
         """Where clients reach this server, as the other servers list it."""
-        return self.server._public_address
+        return self.server.public_address
 
     def cluster_user_count(self) -> int:
         return sum(1 for s in self.server.members() if not isinstance(s, RemoteMember))
@@ -5694,7 +5694,7 @@ class ClusterMirror:
             self.server.registry.set_topic(room, "", "", lambda r: store and store(r.record()), 0.0)
             room.messages = room.last_id = 0
             return
-        self.server._retire(room, closing=True)
+        self.server.retire(room, closing=True)
 
 
 class ChatServer:
@@ -5741,7 +5741,7 @@ class ChatServer:
             self.server_close()
             raise
         host, port = self.address
-        self._public_address = f"{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{port}"
+        self.public_address = f"{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{port}"
         self.bus: RedisBus | None = None
         try:
             self.local_accounts = self._open_accounts()
@@ -6103,7 +6103,7 @@ class ChatServer:
             if sessions:
                 self.depart(*sessions, forget=True)
                 for room in self.registry.forget_emptied():
-                    self._retire(room, closing=False)
+                    self.retire(room, closing=False)
             if batch[-1] is None:
                 return
 
@@ -6177,7 +6177,7 @@ class ChatServer:
             self.shared.moved(session, "x", room, reason)
         session.tell(Confirmed("PART", f"#{name}"))
         if forgotten is not None:
-            self._retire(forgotten, closing=False)
+            self.retire(forgotten, closing=False)
 
     def set_topic(self, session: ClientSession, room: Room, text: str) -> None:
         if room.name not in session.rooms and not session.operator:
@@ -6190,10 +6190,10 @@ class ChatServer:
         if self.bus is not None:  # first in the log: its place there decides which topic wins
             seq = self.shared.set_topic(RoomRecord(room.name, room.created_by, room.created_ts, text,
                                                 session.name, ts))
-        self._change_topic(room, session.name, text, session, ts, seq)
+        self.change_topic(room, session.name, text, session, ts, seq)
         log.info("%s set the topic of #%s", session.name, room.name)
 
-    def _change_topic(self, room: Room, setter: str, text: str, session: ClientSession | None = None,
+    def change_topic(self, room: Room, setter: str, text: str, session: ClientSession | None = None,
                       ts: float | None = None, seq: tuple[int, int] | None = None) -> None:
         """Set, store and announce a topic (``session``: the member who set it here, who is answered);
         with ``seq``, only if no later topic (in the shared log) was set meanwhile."""
@@ -6236,10 +6236,10 @@ class ChatServer:
                                     "closed")
             self.mirror.cluster_close(name)
         else:
-            self._retire(self.registry.close_room(name, allowed), closing=True)
+            self.retire(self.registry.close_room(name, allowed), closing=True)
         log.info("%s closed the room #%s", session.name, name)
 
-    def _retire(self, room: Room, closing: bool) -> None:
+    def retire(self, room: Room, closing: bool) -> None:
         """``room`` is out of the registry (closed, or forgotten unused): no message may enter it now;
         once those accepted before have gone out, its rows go.  A forgotten room that got a message
         after all comes back instead (an acknowledged message is never deleted unasked)."""
