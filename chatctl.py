@@ -25,7 +25,7 @@ Contents, in dependency order (search for the banner to jump):
                               accounts, markers, password tries, on the same pool), SharedAuthThrottle
     8. Server                 OutboundQueue, Writer, ReaderPool, ReadPoller, Room, RemoteMember, Registry,
                               Gateway (other protocols register here), ClientSession (its SessionState),
-                              ChatServer
+                              Presence, FanOut, ClusterMirror, Rooms, ChatServer (wires them)
     9. IRC gateway            IrcGate: IRC clients as ClientSessions, the IRC Encoding; registered as a
                               Gateway
    10. Client                 ChatConnection, one-shot helpers, RoomsModel, LiveSession (the link),
@@ -5040,19 +5040,19 @@ class ClientSession:
         if not names:
             raise ProtocolError("missing-argument", "use JOIN|#room")
         for name in dict.fromkeys(names):
-            self.server.enter_room(self, name)
+            self.server.rooms.enter(self, name)
 
     def handle_part(self, arg: str | None) -> None:
         """``PART|#room[|reason]``: ``PART_OK|#room``, and ``EXIT`` to the members still there."""
         self._room_command("PART")
         room, _, reason = (arg or "").partition("|")
-        self.server.part_room(self, validate_room(room), sanitise_line(reason)[:MAX_QUIT_REASON])
+        self.server.rooms.part(self, validate_room(room), sanitise_line(reason)[:MAX_QUIT_REASON])
 
     def handle_rooms(self, arg: str | None) -> None:
         """``ROOMS[|#after]``: one ``ROOM|...`` line per room (after that one), then ``END|ROOMS|n``
         (``|more``: the reply was full; ask again after its last room)."""
         self._room_command("ROOMS", named=False)
-        self.server.send_rooms(self, validate_room(arg) if arg else "")
+        self.server.rooms.send_list(self, validate_room(arg) if arg else "")
 
     def handle_servers(self, arg: str | None) -> None:
         """``SERVERS``: one ``SERVER|id|address|users|beat age|lag|this`` line per server of the
@@ -5079,7 +5079,7 @@ class ClientSession:
         if not sep:
             self.tell(room.topic_event())
             return
-        self.server.set_topic(self, room, sanitise_line(unescape_text(text)).strip())
+        self.server.rooms.set_topic(self, room, sanitise_line(unescape_text(text)).strip())
 
     def handle_mark(self, arg: str | None) -> None:
         """``MARK|#room|id``: read up to ``id`` in the room (a protected name's marker is stored)."""
@@ -5088,14 +5088,14 @@ class ClientSession:
         if not sep:
             raise ProtocolError("missing-argument", "use MARK|#room|<id>")
         room = self.server.room(validate_room(name))
-        self.server.mark_read(self, room, _parse_number(number, "MARK"))
+        self.server.rooms.mark_read(self, room, _parse_number(number, "MARK"))
         self.tell(Confirmed("MARK", f"#{room.name}|{self.markers.get(room.name, 0)}"))
 
     def handle_close(self, arg: str | None) -> None:
         """``CLOSE|#room``: an empty room goes, with its history (its creator or an operator)."""
         self._room_command("CLOSE")
         name = validate_room(arg)
-        self.server.close_room(self, name)
+        self.server.rooms.close(self, name)
         self.tell(Confirmed("CLOSE", f"#{name}"))
 
 
@@ -5519,14 +5519,14 @@ class ClusterMirror:
         if isinstance(member, RemoteMember) and member.token == token and room_name in member.rooms:
             forgotten = self.server.registry.part(member, room_name, reason)
             if forgotten is not None:
-                self.server.retire(forgotten, closing=False)
+                self.server.rooms.retire(forgotten, closing=False)
 
     def _event_topic(self, fields: list[str], at) -> None:
         """``t|room|ts|setter|text``: set unless a topic later in the log is set already."""
         room = self.server.registry.rooms.get(fields[0])
         if room is not None:
             text = unescape_text("|".join(fields[3:]))
-            self.server.change_topic(room, fields[2], text, ts=float(fields[1]), seq=at)
+            self.server.rooms.change_topic(room, fields[2], text, ts=float(fields[1]), seq=at)
 
     def _event_room(self, fields: list[str], at) -> None:
         """``r|record (JSON)``: a room Redis had lost, given back by another server."""
@@ -5537,7 +5537,7 @@ class ClusterMirror:
             if self.server.history is not None:
                 self.server.history.save_room(room.record())
         elif record.topic_ts > room.topic_ts:
-            self.server.change_topic(room, record.topic_by, record.topic, ts=record.topic_ts)
+            self.server.rooms.change_topic(room, record.topic_by, record.topic, ts=record.topic_ts)
 
     def _event_protect(self, fields: list[str], at) -> None:
         """``p|key|name|hash|created|restored?``"""
@@ -5584,7 +5584,7 @@ class ClusterMirror:
         member.leave_reason = reason
         self.server.registry.depart([member], forget=False, quiet=False)
         for room in self.server.registry.forget_emptied():
-            self.server.retire(room, closing=False)
+            self.server.rooms.retire(room, closing=False)
 
     def cluster_snapshot(self, names: dict[str, dict], rooms: dict[str, dict]) -> None:
         """The cluster's state as Redis holds it (at start, and after Redis came back): this
@@ -5596,7 +5596,8 @@ class ClusterMirror:
                 if self.server.history is not None:
                     self.server.history.save_room(room.record())
             elif record.get("topic_ts", 0) > room.topic_ts:
-                self.server.change_topic(room, record["topic_by"], record["topic"], ts=record["topic_ts"])
+                self.server.rooms.change_topic(room, record["topic_by"], record["topic"],
+                                               ts=record["topic_ts"])
         in_use = {room for entry in names.values() for room in entry.get("rooms") or ()}
         self.server.registry.forget_unused(set(rooms) | in_use)  # forgotten by the others while we were away
         registry = self.server.registry
@@ -5694,7 +5695,166 @@ class ClusterMirror:
             self.server.registry.set_topic(room, "", "", lambda r: store and store(r.record()), 0.0)
             room.messages = room.last_id = 0
             return
-        self.server.retire(room, closing=True)
+        self.server.rooms.retire(room, closing=True)
+
+
+class Rooms:
+    """What sessions do to rooms: enter, part, set a topic, mark read, close, list.  Each keeps the
+    Registry (which owns the rooms' state, under its lock), the history, the bus and the fan-out in
+    step, and answers the session; the cluster mirror applies other servers' topics and closes here
+    too.  It holds no state of its own: any reader thread (and the bus's reader) calls it.
+    """
+
+    def __init__(self, server: ChatServer):
+        self.server = server
+
+    def enter(self, session: ClientSession, name: str) -> None:
+        """Put ``session`` in a room (made if new), and reply with its topic, its names and ``JOIN_OK``.
+
+        The reply waits (at most JOIN_WAIT) for messages accepted before the
+        join to go out, so a HISTORY asked after JOIN_OK and the live stream
+        leave no gap between them.
+        """
+        def create(room: Room) -> None:
+            if not self.server.room_budget.charge(session.host, 1):
+                made = self.server.config.room_creations
+                raise ProtocolError("rate-limited", f"{session.host} has made {made} "
+                                    "rooms in the last hour, the most one address may")
+            if self.server.history is not None:
+                self.server.history.save_room(room.record())
+            log.info("%s made the room #%s", session.name, room.name)
+
+        if name not in session.rooms and not self.server.address_budget.charge(
+                session.host, 2 * fan_out_cost(session.name, "")):
+            # its ENTER and its EXIT reach every member: joining and parting in a loop is a flood too
+            raise ProtocolError("rate-limited", f"too many joins from {session.host} too fast")
+        room, new = self.server.registry.enter(session, name, create)
+        if new:
+            if self.server.bus is not None:
+                self.server.shared.moved(session, "n", room)
+            session.markers.setdefault(name, room.last_id)
+            store = self.server.marker_store
+            if session.owner and store is not None and name not in store.markers(session.key):
+                store.set_marker(session.key, name, session.markers[name])
+        self.server.fanout.wait_delivered(self.server.log.last_id, JOIN_WAIT)
+        topic = [room.topic_event()] if room.topic else []
+        names = RoomNames(name, tuple(self.server.users(room.members)))
+        session.tell(*topic, names, Confirmed("JOIN", f"#{name}"))
+
+    def part(self, session: ClientSession, name: str, reason: str) -> None:
+        """Take ``session`` out of a room; the EXIT line was paid for with the JOIN, its reason is
+        charged like a message (over the budget: no reason)."""
+        if reason and not self.server.address_budget.charge(session.host, fan_out_cost(session.name, reason)):
+            reason = ""
+        session.wait_pending()  # its messages in the room go out before its EXIT
+        room = session.rooms.get(name)
+        forgotten = self.server.registry.part(session, name, reason)
+        if self.server.bus is not None:
+            self.server.shared.moved(session, "x", room, reason)
+        session.tell(Confirmed("PART", f"#{name}"))
+        if forgotten is not None:
+            self.retire(forgotten, closing=False)
+
+    def set_topic(self, session: ClientSession, room: Room, text: str) -> None:
+        if room.name not in session.rooms and not session.operator:
+            raise ProtocolError("not-in-room", f"join #{room.name} to set its topic")
+        text = text[:self.server.config.max_topic]
+        session.wait_pending()  # its messages before the new topic
+        if not self.server.address_budget.charge(session.host, fan_out_cost(session.name, text)):
+            raise ProtocolError("rate-limited", f"too many bytes from {session.host} too fast")
+        ts, seq = time.time(), None
+        if self.server.bus is not None:  # first in the log: its place there decides which topic wins
+            seq = self.server.shared.set_topic(RoomRecord(room.name, room.created_by, room.created_ts, text,
+                                                session.name, ts))
+        self.change_topic(room, session.name, text, session, ts, seq)
+        log.info("%s set the topic of #%s", session.name, room.name)
+
+    def change_topic(self, room: Room, setter: str, text: str, session: ClientSession | None = None,
+                      ts: float | None = None, seq: tuple[int, int] | None = None) -> None:
+        """Set, store and announce a topic (``session``: the member who set it here, who is answered);
+        with ``seq``, only if no later topic (in the shared log) was set meanwhile."""
+        store = self.server.history.save_room if self.server.history is not None else None
+        registry = self.server.registry
+        if not registry.set_topic(room, setter, text, lambda r: store and store(r.record()), ts, seq):
+            if session is not None:  # a later one won: the setter is told which
+                session.tell(room.topic_event())
+            return
+        topic = room.topic_event()
+        members = self.server.members()
+        with self.server.fanout.lock:  # the setter's own JOIN and ENTER first
+            ready = (self.server.presence.flush(members, {session.key})
+                     if session is not None and session in self.server.presence.unflushed else [])
+            ready += [s for s in room.members
+                      if s.extended and s is not session and s.outbound.put(s.encoding.event(topic))]
+        self.server.writer.schedule_many(ready)
+        if session is not None:
+            session.tell(topic)
+
+    def mark_read(self, session: ClientSession, room: Room, upto: int) -> None:
+        upto = min(upto, self.server.fanout.delivered_upto)
+        if upto <= session.markers.get(room.name, 0):
+            return
+        session.markers[room.name] = upto
+        if session.owner and self.server.marker_store is not None:
+            self.server.marker_store.set_marker(session.key, room.name, upto)
+
+    def close(self, session: ClientSession, name: str) -> None:
+        def allowed(room: Room) -> None:
+            if name == MAIN_ROOM:
+                raise ProtocolError("not-allowed", "#main is where everyone starts; it cannot be closed")
+            if not session.operator and not (room.created_by and room.created_by == session.key):
+                raise ProtocolError("not-allowed", ERROR_CODES["not-allowed"])
+
+        if self.server.bus is not None:  # empty here, then empty everywhere, at one point in the log
+            room = self.server.room(name)
+            allowed(room)
+            if room.members or not self.server.shared.close_room(name):
+                raise ProtocolError("room-not-empty", f"#{name} has members; only an empty room can be "
+                                    "closed")
+            self.server.mirror.cluster_close(name)
+        else:
+            self.retire(self.server.registry.close_room(name, allowed), closing=True)
+        log.info("%s closed the room #%s", session.name, name)
+
+    def retire(self, room: Room, closing: bool) -> None:
+        """``room`` is out of the registry (closed, or forgotten unused): no message may enter it now;
+        once those accepted before have gone out, its rows go.  A forgotten room that got a message
+        after all comes back instead (an acknowledged message is never deleted unasked)."""
+        with room.posting:
+            room.closed = True
+            upto = self.server.log.last_id
+        self.server.fanout.wait_delivered(upto, CLOSE_WAIT)
+        if not closing and room.messages:
+            room.closed = False
+            if self.server.registry.restore(room):
+                return
+        if self.server.history is not None:
+            self.server.history.delete_room(room.name, upto, room.created_ts)
+        if self.server.bus is not None and not closing:
+            self.server.shared.forget_room(room.name)
+
+    def send_list(self, session: ClientSession, after: str) -> None:
+        """``ROOM|#name|joined|online|messages|unread|mentions|last|topic`` for each room after ``after``
+        (by name), then END; at most a reply's bytes, with ``|more`` when some were left out."""
+        infos, size, more = [], 0, False
+        upto = self.server.fanout.delivered_upto
+        rooms = sorted((r for r in self.server.registry.rooms.values() if r.name > after),
+                       key=lambda r: r.name)
+        for room in rooms:
+            joined = room.name in session.rooms
+            unread = mentioned = 0
+            if session.name is not None and self.server.history is not None and room.name in session.markers:
+                marker = session.markers[room.name]
+                if marker < room.last_id:
+                    unread, mentioned = self.server.history.unread(room.name, marker, session.name, upto)
+            info = RoomInfo(room.name, joined, len(room.members), room.messages, unread, mentioned,
+                            room.last_ts, room.topic)
+            size += len(OUR_LINES[RoomInfo](info))  # a reply is bounded by its size in our protocol
+            if size > self.server.reply_bytes and infos:
+                more = True
+                break
+            infos.append(info)
+        session.tell(*infos, EndOfList("ROOMS", len(infos), more))
 
 
 class ChatServer:
@@ -5704,12 +5864,12 @@ class ChatServer:
     is online and where), ``presence`` (JOIN and LEAVE lines, sent together),
     ``fanout`` (messages to their readers), ``log`` (ids and order: the
     LocalLog, or the RedisBus with ``bus`` set), ``mirror`` (what other
-    servers did, applied for the bus), and the Writer, ReadPoller and
-    ReaderPool.  Its threads are in the module docstring's table; all of them
-    end in ``shutdown()``.
+    servers did, applied for the bus), ``rooms`` (what sessions do to
+    rooms), and the Writer, ReadPoller and ReaderPool.  Its threads are in
+    the module docstring's table; all of them end in ``shutdown()``.
 
     Callers use ``start``, ``serve_forever``, ``shutdown``, ``address`` and
-    ``port``; sessions call ``register``, the room methods and
+    ``port``; sessions call ``register``, ``rooms``' methods,
     ``fanout.publish`` and ``fanout.send_history``; ``wrap_connection`` is
     the hook every accepted socket passes through.
     """
@@ -5723,6 +5883,7 @@ class ChatServer:
         self.presence = Presence(self)
         self.registry = Registry(self.config, self.presence.announce)
         self.mirror = ClusterMirror(self)  # what the bus (if any) applies of other servers' doings
+        self.rooms = Rooms(self)
         self._departures: queue.SimpleQueue[ClientSession | None] = queue.SimpleQueue()  # ended readers
         self._departures_thread = threading.Thread(target=self._departures_loop, name="chatctl-departures",
                                                    daemon=True)
@@ -6103,7 +6264,7 @@ class ChatServer:
             if sessions:
                 self.depart(*sessions, forget=True)
                 for room in self.registry.forget_emptied():
-                    self.retire(room, closing=False)
+                    self.rooms.retire(room, closing=False)
             if batch[-1] is None:
                 return
 
@@ -6134,128 +6295,6 @@ class ChatServer:
     def room(self, name: str) -> Room:
         return self.registry.room(name)
 
-    def enter_room(self, session: ClientSession, name: str) -> None:
-        """Put ``session`` in a room (made if new), and reply with its topic, its names and ``JOIN_OK``.
-
-        The reply waits (at most JOIN_WAIT) for messages accepted before the
-        join to go out, so a HISTORY asked after JOIN_OK and the live stream
-        leave no gap between them.
-        """
-        def create(room: Room) -> None:
-            if not self.room_budget.charge(session.host, 1):
-                raise ProtocolError("rate-limited", f"{session.host} has made {self.config.room_creations} "
-                                    "rooms in the last hour, the most one address may")
-            if self.history is not None:
-                self.history.save_room(room.record())
-            log.info("%s made the room #%s", session.name, room.name)
-
-        if name not in session.rooms and not self.address_budget.charge(
-                session.host, 2 * fan_out_cost(session.name, "")):
-            # its ENTER and its EXIT reach every member: joining and parting in a loop is a flood too
-            raise ProtocolError("rate-limited", f"too many joins from {session.host} too fast")
-        room, new = self.registry.enter(session, name, create)
-        if new:
-            if self.bus is not None:
-                self.shared.moved(session, "n", room)
-            session.markers.setdefault(name, room.last_id)
-            store = self.marker_store
-            if session.owner and store is not None and name not in store.markers(session.key):
-                store.set_marker(session.key, name, session.markers[name])
-        self.fanout.wait_delivered(self.log.last_id, JOIN_WAIT)
-        topic = [room.topic_event()] if room.topic else []
-        session.tell(*topic, RoomNames(name, tuple(self.users(room.members))), Confirmed("JOIN", f"#{name}"))
-
-    def part_room(self, session: ClientSession, name: str, reason: str) -> None:
-        """Take ``session`` out of a room; the EXIT line was paid for with the JOIN, its reason is
-        charged like a message (over the budget: no reason)."""
-        if reason and not self.address_budget.charge(session.host, fan_out_cost(session.name, reason)):
-            reason = ""
-        session.wait_pending()  # its messages in the room go out before its EXIT
-        room = session.rooms.get(name)
-        forgotten = self.registry.part(session, name, reason)
-        if self.bus is not None:
-            self.shared.moved(session, "x", room, reason)
-        session.tell(Confirmed("PART", f"#{name}"))
-        if forgotten is not None:
-            self.retire(forgotten, closing=False)
-
-    def set_topic(self, session: ClientSession, room: Room, text: str) -> None:
-        if room.name not in session.rooms and not session.operator:
-            raise ProtocolError("not-in-room", f"join #{room.name} to set its topic")
-        text = text[:self.config.max_topic]
-        session.wait_pending()  # its messages before the new topic
-        if not self.address_budget.charge(session.host, fan_out_cost(session.name, text)):
-            raise ProtocolError("rate-limited", f"too many bytes from {session.host} too fast")
-        ts, seq = time.time(), None
-        if self.bus is not None:  # first in the log: its place there decides which topic wins
-            seq = self.shared.set_topic(RoomRecord(room.name, room.created_by, room.created_ts, text,
-                                                session.name, ts))
-        self.change_topic(room, session.name, text, session, ts, seq)
-        log.info("%s set the topic of #%s", session.name, room.name)
-
-    def change_topic(self, room: Room, setter: str, text: str, session: ClientSession | None = None,
-                      ts: float | None = None, seq: tuple[int, int] | None = None) -> None:
-        """Set, store and announce a topic (``session``: the member who set it here, who is answered);
-        with ``seq``, only if no later topic (in the shared log) was set meanwhile."""
-        store = self.history.save_room if self.history is not None else None
-        if not self.registry.set_topic(room, setter, text, lambda r: store and store(r.record()), ts, seq):
-            if session is not None:  # a later one won: the setter is told which
-                session.tell(room.topic_event())
-            return
-        topic = room.topic_event()
-        members = self.members()
-        with self.fanout.lock:  # the setter's own JOIN and ENTER first
-            ready = (self.presence.flush(members, {session.key})
-                     if session is not None and session in self.presence.unflushed else [])
-            ready += [s for s in room.members
-                      if s.extended and s is not session and s.outbound.put(s.encoding.event(topic))]
-        self.writer.schedule_many(ready)
-        if session is not None:
-            session.tell(topic)
-
-    def mark_read(self, session: ClientSession, room: Room, upto: int) -> None:
-        upto = min(upto, self.fanout.delivered_upto)
-        if upto <= session.markers.get(room.name, 0):
-            return
-        session.markers[room.name] = upto
-        if session.owner and self.marker_store is not None:
-            self.marker_store.set_marker(session.key, room.name, upto)
-
-    def close_room(self, session: ClientSession, name: str) -> None:
-        def allowed(room: Room) -> None:
-            if name == MAIN_ROOM:
-                raise ProtocolError("not-allowed", "#main is where everyone starts; it cannot be closed")
-            if not session.operator and not (room.created_by and room.created_by == session.key):
-                raise ProtocolError("not-allowed", ERROR_CODES["not-allowed"])
-
-        if self.bus is not None:  # empty here, then empty everywhere, at one point in the log
-            room = self.room(name)
-            allowed(room)
-            if room.members or not self.shared.close_room(name):
-                raise ProtocolError("room-not-empty", f"#{name} has members; only an empty room can be "
-                                    "closed")
-            self.mirror.cluster_close(name)
-        else:
-            self.retire(self.registry.close_room(name, allowed), closing=True)
-        log.info("%s closed the room #%s", session.name, name)
-
-    def retire(self, room: Room, closing: bool) -> None:
-        """``room`` is out of the registry (closed, or forgotten unused): no message may enter it now;
-        once those accepted before have gone out, its rows go.  A forgotten room that got a message
-        after all comes back instead (an acknowledged message is never deleted unasked)."""
-        with room.posting:
-            room.closed = True
-            upto = self.log.last_id
-        self.fanout.wait_delivered(upto, CLOSE_WAIT)
-        if not closing and room.messages:
-            room.closed = False
-            if self.registry.restore(room):
-                return
-        if self.history is not None:
-            self.history.delete_room(room.name, upto, room.created_ts)
-        if self.bus is not None and not closing:
-            self.shared.forget_room(room.name)
-
     def make_operator(self, session: ClientSession, password: str) -> None:
         expected = self.config.operator_password
         if not expected:
@@ -6265,30 +6304,6 @@ class ChatServer:
             raise ProtocolError("bad-password", "wrong operator password")
         session.operator = True
         log.info("%s from %s is an operator", session.name or "an unnamed client", session.peer)
-
-    def send_rooms(self, session: ClientSession, after: str) -> None:
-        """``ROOM|#name|joined|online|messages|unread|mentions|last|topic`` for each room after ``after``
-        (by name), then END; at most a reply's bytes, with ``|more`` when some were left out."""
-        infos, size, more = [], 0, False
-        upto = self.fanout.delivered_upto
-        rooms = sorted((r for r in self.registry.rooms.values() if r.name > after), key=lambda r: r.name)
-        for room in rooms:
-            joined = room.name in session.rooms
-            unread = mentioned = 0
-            if session.name is not None and self.history is not None and room.name in session.markers:
-                marker = session.markers[room.name]
-                if marker < room.last_id:
-                    unread, mentioned = self.history.unread(room.name, marker, session.name, upto)
-            info = RoomInfo(room.name, joined, len(room.members), room.messages, unread, mentioned,
-                            room.last_ts, room.topic)
-            size += len(OUR_LINES[RoomInfo](info))  # a reply is bounded by its size in our protocol
-            if size > self.reply_bytes and infos:
-                more = True
-                break
-            infos.append(info)
-        session.tell(*infos, EndOfList("ROOMS", len(infos), more))
-
-
 
     def servers(self) -> list[ServerStatus]:
         """The servers of the cluster (just this one, without a bus)."""
