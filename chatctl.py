@@ -8340,7 +8340,8 @@ class ChatClient:
         self._room_list: list[RoomInfo] = []     # ROOM lines until their END
         self._rooms_quietly = 0                  # ROOMS replies to take in without showing them
         self.rooms_asked = 0                     # quiet ROOMS requests sent so far (a Tab sees if it asked)
-        self._names_quietly: set[str] = set()    # rooms whose NAMES reply fills the model, unannounced
+        # NAMES answers per room that fill the model unannounced (a quiet NAMES, a rejoin's names)
+        self._names_quietly: collections.Counter[str] = collections.Counter()
         self._topics_asked: set[str] = set()     # rooms whose topic /topic asked for (shown even if known)
         self.rooms_learned = 0.0                 # when the room list was last asked for
         self._marks: dict[str, int] = {}         # read markers not sent yet (one MARK a second at most)
@@ -8384,8 +8385,10 @@ class ChatClient:
     # --- events (the reader thread) ------------------------------------------------------------
 
     def on_status(self, text: str, users: tuple[UserInfo, ...]) -> None:
-        if users:  # (re)connected
+        if users:  # reconnected: the rejoin's names (handed on next) and our NAMES below fill the model
             self._set_online(users)
+            with self._lock:
+                self._names_quietly.update(room for room in self.model.joined() if room != MAIN_ROOM)
             self._learn_rooms()
             self._learn_members()
         for line in text.splitlines():  # a pin warning has several
@@ -8559,8 +8562,9 @@ class ChatClient:
         elif isinstance(event, RoomNames):
             self.model.set_members(event.room, [u.name for u in event.users])
             with self._lock:
-                quietly = event.room in self._names_quietly
-                self._names_quietly.discard(event.room)
+                quietly = self._names_quietly[event.room] > 0
+                if quietly:
+                    self._names_quietly[event.room] -= 1
             if not quietly:
                 names = ", ".join(u.name for u in event.users) or "nobody"
                 self.note(f"in #{display_text(event.room)}: {display_text(names)}", room=event.room)
@@ -8596,7 +8600,7 @@ class ChatClient:
             return
         for room in self.model.joined():
             with self._lock:
-                self._names_quietly.add(room)
+                self._names_quietly[room] += 1
             self.session.send("NAMES", f"#{room}")
 
     def wait_rooms(self, timeout: float) -> bool:

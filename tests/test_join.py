@@ -596,9 +596,15 @@ def test_join_rejoins_its_rooms_after_a_restart_and_fills_each_gap(make_server, 
         bob.expect("MSG_OK|")
         ana.expect("reconnected to 127.0.0.1", timeout=15)
         ana.expect("while ana was away")
+        seen = ana.before
         wait_until(lambda: any(s.name == "ana" and "deploys" in s.rooms for s in second.registry.sessions()))
         bob.send(b"MSG|#deploys|live again\n")
         ana.expect("<bob> live again")
+        seen += ana.before
+        ana.sendline("/who")
+        ana.expect("online")  # (a marker: everything the reconnect brought is on screen by now)
+        seen += ana.before
+        assert "in #deploys:" not in seen and "in #main:" not in seen  # a rejoin lists nobody
         bob.close()
     finally:
         second.shutdown()
