@@ -7144,12 +7144,13 @@ class IrcGate(Encoding):
             who = [f":{IRC_SERVER} 352 {me} {channel} {u.name} {IRC_HOST} {IRC_SERVER} {u.name} H :0 {u.name}"
                    for u in event.users]
             return [*who, f":{IRC_SERVER} 315 {me} {channel} :End of WHO list"]
-        lines, row = [], []
+        lines, row, width = [], [], 0
         for user in event.users:  # several 353 lines, each within IRC's length
             row.append(user.name)
-            if sum(len(n) + 1 for n in row) > 400:
+            width += len(user.name) + 1  # (kept as it grows: a room of a thousand is joined a thousand times)
+            if width > 400:
                 lines.append(f":{IRC_SERVER} 353 {me} = {channel} :{' '.join(row)}")
-                row = []
+                row, width = [], 0
         if row:
             lines.append(f":{IRC_SERVER} 353 {me} = {channel} :{' '.join(row)}")
         lines.append(f":{IRC_SERVER} 366 {me} {channel} :End of /NAMES list")
