@@ -573,7 +573,6 @@ def format_timestamp(ts: float) -> str:
 
 
 def parse_timestamp(text: str) -> float:
-
     try:
         return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
     except ValueError:
@@ -1636,7 +1635,6 @@ class HistoryStore:
     """
 
     def __init__(self, path: str | os.PathLike, max_messages: int = 0, max_days: float = 0.0):
-
         self.path = Path(path)
         self.max_messages = max_messages
         self.max_days = max_days
@@ -1715,7 +1713,6 @@ class HistoryStore:
             self._lock_file = None
 
     def _connect(self):
-
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
         except sqlite3.Error as exc:
@@ -1965,7 +1962,6 @@ class HistoryStore:
         return rows[0]
 
     def _read_rows(self, sql: str, params: dict) -> list[tuple]:
-
         try:
             with self._reader_lock:
                 return self._reader.execute(sql, params).fetchall()
@@ -2103,7 +2099,6 @@ class AccountStore:
     KEY_VERSION = 1  # PRAGMA user_version: 1 once keys are confusable_key (before: case-folded names)
 
     def __init__(self, path: str | os.PathLike):
-
         self.path = Path(path)
         private_file(self.path)
         try:
@@ -2331,7 +2326,6 @@ def hash_password(password: str) -> str:
 
 
 def verify_password(password: str, stored: str) -> bool:
-
     try:
         scheme, n, r, p, salt, digest = stored.split("$")
         expected = base64.b64decode(digest)
@@ -2615,7 +2609,6 @@ class TlsChannel:
     """
 
     def __init__(self, context, server_side: bool, server_hostname: str | None = None):
-
         self._ssl = ssl
         self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self._obj = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
@@ -4765,7 +4758,6 @@ class ClientSession:
         return True
 
     def _decrypt(self, data: bytes) -> bytes:
-
         try:
             plain = self.tls.receive(data)
         except ssl.SSLError as exc:
@@ -5248,13 +5240,13 @@ class Presence:
             for s in room.members:
                 if not s.extended:
                     continue
-                encoding = s.encoding
+                encoding, key = s.encoding, s.encoding.shared  # (None: its bytes are its own)
                 if s in subjects:
                     data = encoding.events(event for event, who in events if who is not s)
-                elif (data := blobs.get(encoding.shared)) is None:
+                elif key is None or (data := blobs.get(key)) is None:
                     data = encoding.events(event for event, _ in events)
-                    if encoding.shared is not None:
-                        blobs[encoding.shared] = data
+                    if key is not None:
+                        blobs[key] = data
                 extra.setdefault(s, []).append(data)
         first_seq = everyone[0][0] if everyone else 0
         seqs = [item[0] for item in everyone]
@@ -5264,14 +5256,14 @@ class Presence:
         for s in members:
             if not s.extended:
                 continue
-            encoding = s.encoding
-            form = forms.get(encoding.shared)
+            encoding, key = s.encoding, s.encoding.shared
+            form = forms.get(key) if key is not None else None
             if form is None:
                 lines = [encoding.event(item[1]) for item in everyone]
                 blob = b"".join(lines)
                 form = (blob, memoryview(blob), list(itertools.accumulate(map(len, lines), initial=0)))
-                if encoding.shared is not None:
-                    forms[encoding.shared] = form
+                if key is not None:
+                    forms[key] = form
             blob, view, offsets = form
             if s.presence_seq < first_seq:  # the common case: it was there before all of these
                 data = blob
@@ -5391,13 +5383,13 @@ class FanOut:
             forms: dict[object, tuple[list[bytes], bytes]] = {}  # the run in each encoding: made once
             run_senders = []  # (session, its list, its form of each message)
             for s in audience:
-                encoding = s.encoding
-                form = forms.get(encoding.shared)
+                encoding, key = s.encoding, s.encoding.shared  # (None: its bytes are its own)
+                form = forms.get(key) if key is not None else None
                 if form is None:
                     lines = [encoding.message(p.message) for p in run]
                     form = (lines, b"".join(lines))
-                    if encoding.shared is not None:
-                        forms[encoding.shared] = form
+                    if key is not None:
+                        forms[key] = form
                 if s in senders:
                     run_senders.append((s, parts.setdefault(s, []), form[0]))
                 else:
@@ -6609,7 +6601,6 @@ class IrcGate(Encoding):
             self.numeric("410", sub or "*", "Invalid CAP command")
 
     def irc_authenticate(self, params: tuple[str, ...]) -> None:
-
         if "sasl" not in self.caps or self.session.name is not None:
             self.numeric("904", "SASL authentication failed")
             return
@@ -7022,20 +7013,19 @@ class IrcGate(Encoding):
         caps = self.caps
         return ("irc", "server-time" in caps, "message-tags" in caps, MAIN_ROOM in self.session.rooms)
 
+    def _delivery(self, msg: ChatMessage, batch: str = "") -> list[str]:
+        """A message as this client's PRIVMSG lines: to its room, or a DM to us (ours: to its recipient)."""
+        if msg.kind != "dm":
+            return self._privmsgs(msg, f"#{msg.room}", batch)  # (a room's lines go to its members only)
+        own = name_key(msg.sender) == name_key(self.nick)
+        return self._privmsgs(msg, msg.recipient if own else self.nick, batch)
+
     def message(self, msg: ChatMessage) -> bytes:
-        if msg.kind == "dm":
-            own = name_key(msg.sender) == name_key(self.nick)
-            lines = self._privmsgs(msg, msg.recipient if own else self.nick, "")
-        else:
-            lines = self._privmsgs(msg, f"#{msg.room}", "")  # (a room's lines go to its members only)
-        return b"".join(map(self._fit, lines))
+        return b"".join(map(self._fit, self._delivery(msg)))
 
     def acknowledge(self, msg: ChatMessage) -> bytes:
         """echo-message: our own message back, as stored (what the others got)."""
-        if "echo-message" not in self.caps:
-            return b""
-        target = msg.recipient if msg.kind == "dm" else f"#{msg.room}"
-        return b"".join(map(self._fit, self._privmsgs(msg, target, "")))
+        return b"".join(map(self._fit, self._delivery(msg))) if "echo-message" in self.caps else b""
 
     def event(self, event: ServerEvent) -> bytes:
         handler = IRC_EVENTS.get(type(event))
@@ -7056,11 +7046,7 @@ class IrcGate(Encoding):
             if conversation and not (msg.kind == "dm" and conversation in (name_key(msg.sender),
                                                                           name_key(msg.recipient or ""))):
                 continue
-            if msg.kind == "dm":
-                own = name_key(msg.sender) == name_key(self.nick)
-                groups.append(self._privmsgs(msg, msg.recipient if own else self.nick, batch))
-            else:
-                groups.append(self._privmsgs(msg, f"#{msg.room}", batch))
+            groups.append(self._delivery(msg, batch))
         lines = self._fitting(groups, newest=mode != "AFTER")
         if not batch:
             return lines
@@ -7328,7 +7314,6 @@ class ClientTls:
     notify: Callable[[str], None] | None = None            # hears of a certificate recorded unasked
 
     def wrap(self, sock: socket.socket, host: str, port: int, timeout: float) -> TlsSocket:
-
         address = f"{host}:{port}"
         if self.cafile:
             try:
@@ -9162,7 +9147,6 @@ class LoadGenerator:
         if not data:
             return None
         if c.channel is not None:
-
             try:
                 data = c.channel.receive(data)
             except ssl.SSLError:
@@ -9295,7 +9279,6 @@ def render_history_table(messages: list[ChatMessage]) -> None:
 
 
 def message_as_json(m: ChatMessage) -> str:
-
     room = None if m.kind == "dm" else f"#{m.room}"  # the room as rooms --json and people write it
     return json.dumps({"id": m.id, "ts": format_timestamp(m.ts), "kind": m.kind, "from": m.sender,
                        "to": m.recipient, "room": room, "text": m.text})
@@ -9331,7 +9314,6 @@ def render_rooms_table(rooms: list[RoomInfo], with_unread: bool) -> None:
 
 
 def servers_as_json(servers: list[ServerStatus]) -> str:
-
     return json.dumps([{"server": s.server_id, "address": s.address, "users": s.users,
                         "heartbeat_age": s.beat_age, "lag": s.lag, "answered": s.this} for s in servers])
 
@@ -9352,7 +9334,6 @@ def render_servers_table(servers: list[ServerStatus]) -> None:
 
 
 def users_as_json(users: tuple[UserInfo, ...]) -> str:
-
     return json.dumps([{"name": u.name, "since": format_timestamp(u.since) if u.since else None,
                         "idle": u.idle} for u in users])
 
@@ -9447,7 +9428,6 @@ class ChatView:
             head = f"{stamp} {mark}<{self._name(msg.sender, own)}> "
         first, continued = lines[0], lines[1:]
         if self.wrap:
-
             width = shutil.get_terminal_size((80, 24)).columns - 1
             narrow = width - cell_len(self.CONTINUATION)
             first, *spill = wrap_cells(first, width - Text.from_markup(head).cell_len, narrow)
@@ -9711,7 +9691,6 @@ class Conversation:
     """
 
     def __init__(self, limit: int):
-
         self.lines: collections.deque[TuiLine] = collections.deque(maxlen=limit)
         self.loaded = False      # its newest page was asked for (or came as the backlog)
         self.fetching = False    # a history request for it is in flight
@@ -10777,7 +10756,6 @@ def same_origin(origin: str | None, host_header: str, host: str, port: int, publ
     address = asked.rpartition(":")[0].strip("[]")
     wildcard = host in ("0.0.0.0", "::", "")
     try:
-
         ipaddress.ip_address(address)
         is_ip = True
     except ValueError:
@@ -11073,7 +11051,6 @@ def send(host, port, config_file, tls, cafile, tls_fingerprint, user, to, action
     ack = send_one(config, config.user, text, to=to, kind="me" if action else "msg",
                    ask_password=ask_password if sys.stdin.isatty() else None, room=room)
     if as_json:
-
         click.echo(json.dumps({"id": ack.id, "ts": format_timestamp(ack.ts) if ack.ts else None}))
 
 
@@ -11206,7 +11183,6 @@ def join(host, port, config_file, user, no_color, bell, backlog, room, tls, cafi
     if interactive:
         client.run_interactive()
     else:
-
         lines = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
         code = client.run_plain(lines, config.timeout)
         if code:
@@ -11343,7 +11319,6 @@ def bench(host, port, config_file, tls, cafile, tls_fingerprint, clients, sender
 
         result = generator.run(progress)
     if as_json:
-
         click.echo(json.dumps(dataclasses.asdict(result)))
     else:
         render_bench(result)
