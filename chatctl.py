@@ -10763,6 +10763,19 @@ def same_origin(origin: str | None, host_header: str, host: str, port: int, publ
     return urlsplit(origin).netloc.lower() == asked and (asked in own or (wildcard and is_ip))
 
 
+def leave_process_group() -> None:
+    """Take this chatctl web page out of the web host's process group.
+
+    Ctrl-C at the host's terminal (or a signal to its group) would reach each page twice: once from
+    the terminal, once from the host ending its pages; a signal that lands while the page's event loop
+    is closing makes Python print a traceback about the signal wakeup fd.  Out of the group, a page
+    is ended by its host alone, once."""
+    try:
+        os.setsid()
+    except OSError:  # already a group leader: nothing shares its signals
+        pass
+
+
 def serve_web(config: ClientConfig, config_file: str | None, host: str, port: int,
               public_url: str | None) -> None:
     """Serve ``chatctl tui`` (one process per page) to browsers until Ctrl-C."""
@@ -11212,6 +11225,7 @@ def tui(host, port, config_file, user, bell, room, tls, cafile, tls_fingerprint,
     config = load_config("client", {**flags, **tls_flags(tls, cafile, tls_fingerprint)}, config_file)
     if page:  # a chatctl web page: its person picks a name; the web host's name and password are not theirs
         config = dataclasses.replace(config, user="", user_password="")
+        leave_process_group()
     run_tui(config, room or MAIN_ROOM)
 
 
