@@ -5138,6 +5138,33 @@ COMMAND_HANDLERS: dict[str, Handler] = {
 BEFORE_PASS_COMMANDS = frozenset({"HELLO", "PASS", "PING", "QUIT"})
 
 
+class Tails:
+    """Presence events in order, each encoding's lines made once: a reader gets the tail after a
+    sequence number, a view of the one blob (a thousand joiners: a thousand views, not copies)."""
+
+    def __init__(self, items: list[tuple[int, ServerEvent, ClientSession, Room | None]]):
+        self.items = items
+        self.seqs = [item[0] for item in items]
+        self.forms: dict[object, tuple[bytes, memoryview, list[int]]] = {}
+
+    def after(self, encoding: Encoding, seq: int) -> bytes | memoryview:
+        """The events after ``seq`` in ``encoding``."""
+        if not self.items or self.seqs[-1] <= seq:
+            return b""
+        key = encoding.shared  # (None: its bytes are its own)
+        form = self.forms.get(key) if key is not None else None
+        if form is None:
+            lines = [encoding.event(item[1]) for item in self.items]
+            blob = b"".join(lines)
+            form = (blob, memoryview(blob), list(itertools.accumulate(map(len, lines), initial=0)))
+            if key is not None:
+                self.forms[key] = form
+        blob, view, offsets = form
+        if seq < self.seqs[0]:  # the common case: it was there before all of these
+            return blob
+        return view[offsets[bisect.bisect_right(self.seqs, seq)]:]
+
+
 class Presence:
     """JOIN, LEAVE, ENTER and EXIT events not sent yet, and the ``chatctl-presence`` thread that sends
     them together, at most every PRESENCE_INTERVAL: a thousand clients joining at once cost each member
@@ -5229,46 +5256,32 @@ class Presence:
         if not items:
             return []
         everyone = [item for item in items if item[3] is None]
-        by_room: dict[Room, list[tuple[ServerEvent, ClientSession]]] = {}
-        for _, event, subject, room in items:
-            if room is not None:
-                by_room.setdefault(room, []).append((event, subject))
-        extra: dict[ClientSession, list[bytes]] = {}
-        for room, events in by_room.items():  # a room's events to its members, but not to their subjects
-            subjects = {subject for _, subject in events}
-            blobs: dict[object, bytes] = {}  # in each encoding, made once
+        by_room: dict[Room, list[tuple[int, ServerEvent, ClientSession, Room | None]]] = {}
+        for item in items:
+            if item[3] is not None:
+                by_room.setdefault(item[3], []).append(item)
+        extra: dict[ClientSession, list[bytes | memoryview]] = {}
+        for room, events in by_room.items():
+            # A member that entered in this batch has the earlier ones in its NAMES: it hears what
+            # came after its own ENTER, never its own lines (a mass join of a room: a tail each).
+            entered = {subject: seq for seq, event, subject, _ in events if isinstance(event, Entered)}
+            last_own = {subject: seq for seq, _, subject, _ in events}
+            tails = Tails(events)
             for s in room.members:
-                if not s.extended:
-                    continue
-                encoding, key = s.encoding, s.encoding.shared  # (None: its bytes are its own)
-                if s in subjects:
-                    data = encoding.events(event for event, who in events if who is not s)
-                elif key is None or (data := blobs.get(key)) is None:
-                    data = encoding.events(event for event, _ in events)
-                    if key is not None:
-                        blobs[key] = data
-                extra.setdefault(s, []).append(data)
-        first_seq = everyone[0][0] if everyone else 0
-        seqs = [item[0] for item in everyone]
-        # A mass join: each joiner gets a tail of its encoding's one blob, not a copy of its own.
-        forms: dict[object, tuple[bytes, memoryview, list[int]]] = {}
+                if s.extended:
+                    since = entered.get(s, 0)
+                    if last_own.get(s, 0) > since:  # its own line after its ENTER: only the others'
+                        data = s.encoding.events(event for seq, event, who, _ in events
+                                                 if seq > since and who is not s)
+                    else:
+                        data = tails.after(s.encoding, since)
+                    extra.setdefault(s, []).append(data)
+        tails = Tails(everyone)  # a member gets the JOIN and LEAVE lines after its own JOIN
         ready = []
         for s in members:
             if not s.extended:
                 continue
-            encoding, key = s.encoding, s.encoding.shared
-            form = forms.get(key) if key is not None else None
-            if form is None:
-                lines = [encoding.event(item[1]) for item in everyone]
-                blob = b"".join(lines)
-                form = (blob, memoryview(blob), list(itertools.accumulate(map(len, lines), initial=0)))
-                if key is not None:
-                    forms[key] = form
-            blob, view, offsets = form
-            if s.presence_seq < first_seq:  # the common case: it was there before all of these
-                data = blob
-            else:
-                data = view[offsets[bisect.bisect_right(seqs, s.presence_seq)]:]
+            data = tails.after(s.encoding, s.presence_seq)
             if s in extra:
                 data = b"".join([data, *extra.pop(s)])
             if data and s.outbound.put(data):

@@ -446,3 +446,32 @@ def test_a_room_name_is_ascii_before_it_is_lower_case(user):
     ana = user("ana", hello=True)
     ana.send("JOIN|#\u212a\n".encode())  # the Kelvin sign lower-cases to k
     assert ana.expect("ERR|").startswith("ERR|invalid-room|")
+
+
+def test_a_crowd_entering_at_once_hears_each_entry_once_after_its_own_names(make_server):
+    """Each member hears the ENTER of those after it, never of those already in its NAMES."""
+    from conftest import register_many
+
+    server = make_server(max_per_address=0, rate=0)
+    crowd = [f"c{i}" for i in range(120)]
+    clients = register_many(server.port, crowd, hello=True, timeout=30)
+    for client in clients:  # all at once: their ENTERs go out together
+        client.send(b"JOIN|#crowd\n")
+    names: dict[str, set[str]] = {}
+    for name, client in zip(crowd, clients):
+        while not (line := client.line()).startswith("JOIN_OK|"):
+            event = chatctl.parse_event(line)
+            if isinstance(event, chatctl.RoomNames) and event.room == "crowd":
+                names[name] = {u.name for u in event.users}
+    late = register_many(server.port, ["late"], hello=True)[0]
+    join(late, "#crowd")  # its ENTER comes after every other: the end of each member's presence lines
+    for name, client in zip(crowd, clients):
+        heard = []
+        while True:
+            event = chatctl.parse_event(client.line(timeout=10))
+            if isinstance(event, chatctl.Entered) and event.room == "crowd":
+                if event.name == "late":
+                    break
+                heard.append(event.name)
+        assert not names[name] & set(heard), (name, sorted(names[name] & set(heard)))
+        assert len(heard) == len(set(heard)) and names[name] | set(heard) == set(crowd), name
