@@ -67,7 +67,8 @@ Threads and locks (the server's; each class docstring says the same of its own f
 
     The clients: LiveSession's reader thread (chatctl-join-reader) hands events to ChatClient,
     whose _lock (an RLock) guards what it and the front-end's thread share; RoomsModel._lock is
-    a leaf below it.  tui connects on chatctl-tui-connect, so its screen is up at once.
+    a leaf below it.  tui connects on chatctl-tui-connect, so its screen is up at once; a chatctl
+    web page's chatctl-page-watch ends it when its host is gone.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ import binascii
 import bisect
 import calendar
 import collections
+import contextlib
 import contextvars
 import dataclasses
 import datetime
@@ -155,6 +157,8 @@ TUI_ROWS_PER_LINE = 4                # rows the log keeps per line of the window
 TUI_LINE_BREAK = "⏎"                 # a line break, on tui's one-line input (a recalled or kept paste)
 MAX_DM_CONVERSATIONS = 50            # direct-message conversations tui keeps; a new one drops the quietest
 WEB_PORT = 8080                      # chatctl web's page
+PAGE_EXIT_WAIT = 5.0                 # how long chatctl web, stopping, waits for its pages to end
+PAGE_WATCH_INTERVAL = 1.0            # how often a chatctl web page looks whether its host is still there
 WEB_PAGES = 20                       # pages chatctl web serves at once (each is a tui process, ~70 MiB)
 WEB_COLUMNS = 300                    # a page's terminal is at most this wide ...
 WEB_ROWS = 120                       # ... and this tall, whatever the browser asks for
@@ -10776,22 +10780,34 @@ def same_origin(origin: str | None, host_header: str, host: str, port: int, publ
     return urlsplit(origin).netloc.lower() == asked and (asked in own or (wildcard and is_ip))
 
 
-def leave_process_group() -> None:
-    """Take this chatctl web page out of the web host's process group.
+def become_page() -> None:
+    """Make this process a chatctl web page: one that its host alone ends, and that ends with it.
 
-    Ctrl-C at the host's terminal (or a signal to its group) would reach each page twice: once from
-    the terminal, once from the host ending its pages; a signal that lands while the page's event loop
-    is closing makes Python print a traceback about the signal wakeup fd.  Out of the group, a page
-    is ended by its host alone, once."""
+    Out of the host's process group: Ctrl-C at the host's terminal (or a signal to its group) would
+    reach each page twice, once from the terminal and once from the host ending its pages, and a
+    signal that lands while the page's event loop is closing makes Python print a traceback about
+    the signal wakeup fd.  And a host that is killed outright (``kill -9``, the OOM killer) cannot
+    end its pages: each would stay in the chat, holding its person's name, so the
+    ``chatctl-page-watch`` thread ends the page (as its host would) once its host is gone."""
     try:
         os.setsid()
     except OSError:  # already a group leader: nothing shares its signals
         pass
+    host = os.getppid()  # (the page's shell execs it: its parent is the host)
+
+    def watch() -> None:
+        while os.getppid() == host:
+            time.sleep(PAGE_WATCH_INTERVAL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="chatctl-page-watch", daemon=True).start()
 
 
 def serve_web(config: ClientConfig, config_file: str | None, host: str, port: int,
               public_url: str | None) -> None:
     """Serve ``chatctl tui`` (one process per page) to browsers until Ctrl-C."""
+
+    import asyncio  # (here: chatctl send and the server start without it)
 
     try:
         import textual_serve
@@ -10818,6 +10834,10 @@ def serve_web(config: ClientConfig, config_file: str | None, host: str, port: in
             (Path(templates) / page.name).write_text(html, encoding="utf-8")
         class WebServer(Server):
             pages = 0  # websockets open (the server's one event loop counts them: no lock)
+
+            def __init__(self, *args, **kwargs) -> None:
+                super().__init__(*args, **kwargs)
+                self.services: set = set()  # the pages whose websocket is open (the event loop's)
 
             async def handle_websocket(self, request):
                 from aiohttp import web
@@ -10846,23 +10866,36 @@ def serve_web(config: ClientConfig, config_file: str | None, host: str, port: in
                     await resize(bounded(width, 80, config.web_columns), bounded(height, 24, config.web_rows))
 
                 app_service.set_terminal_size = bounded_resize
+                self.services.add(app_service)
                 try:
                     await super()._process_messages(websocket, app_service)
                 except (ValueError, LookupError, TypeError, AssertionError) as exc:  # not the page's frames
                     log.warning("closed a page that sent a frame the page never sends: %s", exc)
+                finally:
+                    self.services.discard(app_service)  # (textual-serve stops it now)
 
-            def request_exit(self) -> None:
-                # textual-serve waits for each page's websocket to time out (about 20 s); ending the
-                # pages' tui processes first closes them at once, and their people leave the chat now.
-                for pid in descendants(os.getpid()):
-                    try:
-                        os.kill(pid, signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
-                super().request_exit()
+            async def on_shutdown(self, app) -> None:
+                # textual-serve would wait for each page's websocket to time out (about 20 s): each open
+                # page is told to quit, as closing its websocket would, and its person leaves the chat
+                # now.  Told once, by one means: a signal on top of the quit can land while the page's
+                # event loop closes, and Python prints a traceback about it.
+                for service in list(self.services):
+                    with contextlib.suppress(OSError, RuntimeError):  # (a page ending meanwhile)
+                        await service.send_meta({"type": "quit"})
+                for last_word in (None, signal.SIGTERM):  # (a page that did not listen: a signal)
+                    pages = descendants(os.getpid())
+                    for pid in pages if last_word else ():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, last_word)
+                    # the loop must outlive the pages: closed under one, asyncio prints tracebacks about
+                    # its pipes
+                    deadline = time.monotonic() + PAGE_EXIT_WAIT
+                    while descendants(os.getpid()) and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)
 
-        server = WebServer(shlex.join(command), host=host, port=port, title="chatctl", public_url=public_url,
-                           templates_path=templates)
+        # exec: the page's parent is this process, not a shell, so it sees when this process is gone
+        server = WebServer("exec " + shlex.join(command), host=host, port=port, title="chatctl",
+                           public_url=public_url, templates_path=templates)
         try:
             server.serve()
         except OSError as exc:
@@ -11238,7 +11271,7 @@ def tui(host, port, config_file, user, bell, room, tls, cafile, tls_fingerprint,
     config = load_config("client", {**flags, **tls_flags(tls, cafile, tls_fingerprint)}, config_file)
     if page:  # a chatctl web page: its person picks a name; the web host's name and password are not theirs
         config = dataclasses.replace(config, user="", user_password="")
-        leave_process_group()
+        become_page()
     run_tui(config, room or MAIN_ROOM)
 
 

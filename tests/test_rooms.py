@@ -458,14 +458,14 @@ def test_a_crowd_entering_at_once_hears_each_entry_once_after_its_own_names(make
     for client in clients:  # all at once: their ENTERs go out together
         client.send(b"JOIN|#crowd\n")
     names: dict[str, set[str]] = {}
-    for name, client in zip(crowd, clients):
+    for name, client in zip(crowd, clients, strict=True):
         while not (line := client.line()).startswith("JOIN_OK|"):
             event = chatctl.parse_event(line)
             if isinstance(event, chatctl.RoomNames) and event.room == "crowd":
                 names[name] = {u.name for u in event.users}
     late = register_many(server.port, ["late"], hello=True)[0]
     join(late, "#crowd")  # its ENTER comes after every other: the end of each member's presence lines
-    for name, client in zip(crowd, clients):
+    for name, client in zip(crowd, clients, strict=True):
         heard = []
         while True:
             event = chatctl.parse_event(client.line(timeout=10))

@@ -134,6 +134,21 @@ def test_stopping_web_ends_its_pages_at_once(server, isolated_home):
             web.wait(5)
 
 
+def test_a_page_whose_host_is_killed_outright_leaves_the_chat(server, isolated_home):
+    web, url = start_web(server, isolated_home)
+    pages = []
+    try:
+        with page_as(server, url, "erin"):
+            pages = chatctl_descendants(web.pid)
+            web.kill()  # kill -9, the OOM killer: the host cannot end its pages
+            web.wait(5)
+            wait_until(lambda: not any(s.name == "erin" for s in server.registry.sessions()), timeout=15)
+    finally:
+        for pid in pages:  # (left behind by a failure)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_the_page_asks_nothing_of_the_internet(web_page):
     import urllib.request
 
