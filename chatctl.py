@@ -163,6 +163,7 @@ WEB_PAGES = 20                       # pages chatctl web serves at once (each is
 WEB_COLUMNS = 300                    # a page's terminal is at most this wide ...
 WEB_ROWS = 120                       # ... and this tall, whatever the browser asks for
 PIPED_TABLE_WIDTH = 100_000          # a table piped to a program is as wide as its content, up to this
+PASTE_PREVIEW_LINES = 5              # the lines of a paste tui shows when it asks whether to send it
 PASTE_CONFIRM_LINES = 5              # a pasted message longer than this asks before sending
 JOIN_PASSWORD_TRIES = 3              # wrong passwords join asks again after, before it gives up
 QUIET_JOINS = 50                     # rooms with more members hide the comings and goings of the silent ...
@@ -9986,8 +9987,10 @@ def tui_app():
             lines = self.text.split("\n")
             with Vertical():
                 yield Label(Text(f"Send these {len(lines)} pasted lines as one message?"))
-                yield Label(Text(one_row(neutralise(lines[0]), 66) + ("\n…" if len(lines) > 1 else ""),
-                                 style="dim"))
+                shown = [one_row(neutralise(line), 66) for line in lines[:PASTE_PREVIEW_LINES]]
+                more = len(lines) - len(shown)
+                yield Label(Text("\n".join(shown + ([f"… and {more} more"] if more else [])), style="dim"),
+                            id="preview")
                 with Horizontal():
                     yield Button("Send", variant="primary", id="send")
                     yield Button("Cancel", id="cancel")

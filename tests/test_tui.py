@@ -606,6 +606,8 @@ def test_a_multi_line_paste_asks_then_goes_as_one_message(server):
         await connected(app, pilot)
         app.query_one("#input").post_message(events.Paste("first line\nsecond line\n[red]third[/red]"))
         await until(pilot, lambda: showing(app, "PasteScreen"), "the paste is asked about")
+        preview = str(app.screen.query_one("#preview").render())
+        assert preview == "first line\nsecond line\n[red]third[/red]"  # every line, as written
         app.screen.query_one("#send").press()
         await until(pilot, lambda: "second line" in log_text(app), "our own lines are shown")
         assert bob.expect("MSG|#main|").endswith("|ana|first line\\nsecond line\\n[red]third[/red]")
@@ -614,6 +616,11 @@ def test_a_multi_line_paste_asks_then_goes_as_one_message(server):
         assert field.value == "first line⏎second line⏎[red]third[/red]"
         await pilot.press("enter")
         assert bob.expect("MSG|#main|").endswith("|ana|first line\\nsecond line\\n[red]third[/red]")
+        field.post_message(events.Paste("\n".join(f"log {i}" for i in range(8))))
+        await until(pilot, lambda: showing(app, "PasteScreen"), "the long paste is asked about")
+        preview = str(app.screen.query_one("#preview").render())
+        assert preview == "log 0\nlog 1\nlog 2\nlog 3\nlog 4\n… and 3 more"
+        app.screen.query_one("#cancel").press()
 
     run(scenario, client_config(server.port))
     bob.close()
