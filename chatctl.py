@@ -8010,6 +8010,7 @@ class LiveSession:
         self.ended = False                # the server ended this membership for good (taken over, TLS pin)
         self.end_error: ChatError | None = None
         self._told_taken: str | None = None  # the name we last said was taken, so it is said once
+        self._renamed = False  # the name is one the person picked with /nick
         self._retry = threading.Event()   # set by rename(): try again now
         self._conn: ChatConnection | None = None
         self._lock = threading.Lock()
@@ -8169,6 +8170,13 @@ class LiveSession:
                 self._end(f"{exc}; not reconnecting", exc.exit_code)
                 return
             except RejectedError as exc:
+                if exc.code in ("name-protected", "password-required") and self._renamed:
+                    # a name picked with /nick that needs a password: not for us; the person picks another
+                    self.on_status(f"the name {self.name} is protected by a password: /nick another name "
+                                   f"(or start again as {self.name}, with its password)", ())
+                    if self._wait_retry(math.inf):
+                        return
+                    continue
                 if exc.code in FINAL_REFUSALS:
                     self._end(f"{exc}; not reconnecting", exc.exit_code)
                     return
@@ -8201,6 +8209,7 @@ class LiveSession:
             return False
         self.name = name
         self.password = ""  # a password belongs to the name it protects
+        self._renamed = True  # (the person's own pick: a protected one is refused, not the end)
         self._retry.set()
         return True
 

@@ -11,7 +11,7 @@ import pexpect
 import pytest
 
 import chatctl
-from conftest import CHATCTL, RawClient, default_sigint, read_line, run_cli, wait_until
+from conftest import CHATCTL, RawClient, default_sigint, protected_name, read_line, run_cli, wait_until
 
 PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
 _CSI = r"(?:\x1b\[[0-9;?]*[A-Za-z])*"
@@ -484,6 +484,9 @@ def test_a_taken_name_is_said_once_and_nick_picks_another(make_server, spawn_joi
         bob.expect("the name bob is taken by someone else", timeout=15)
         with pytest.raises(pexpect.TIMEOUT):
             bob.expect(["taken by someone else", "reconnected to"], timeout=3)  # said once, no loop
+        protected_name(port, "boss", "bosspass123")
+        bob.send("/nick boss\r")  # a protected name: refused, and bob picks another
+        bob.expect("boss.*/nick another name", timeout=10)
         bob.send("/nick bob2\r")
         bob.expect("reconnected to 127.0.0.1:\\d+ as bob2", timeout=10)
         assert "bob2" in [u.name for u in second.users()]
