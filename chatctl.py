@@ -7109,8 +7109,8 @@ class IrcGate(Encoding):
         return [self._tags(None, "", ts=event.ts) + f"{source(event.name)} JOIN #{event.room}"]
 
     def out_exited(self, event: Exited, batch: str) -> list[str]:
-        return [self._tags(None, "", ts=event.ts)
-                + f"{source(event.name)} PART #{event.room} :{event.reason}"]
+        reason = f" :{event.reason}" if event.reason else ""  # (irssi shows an empty one as "[]")
+        return [self._tags(None, "", ts=event.ts) + f"{source(event.name)} PART #{event.room}{reason}"]
 
     def out_topic(self, event: Topic, batch: str) -> list[str]:
         me, channel = self.nick, f"#{event.room}"

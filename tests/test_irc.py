@@ -205,6 +205,9 @@ def test_topic_names_who_list_and_whois(irc_server, irc):
     wee.expect(r"MODE wee :\+i")
     wee.expect(r" 306 wee ")
     wee.expect(r" 305 wee ")
+    wee.send("JOIN #ops")
+    bob.send(b"JOIN|#ops\nPART|#ops\n")  # no reason: no empty one either (irssi shows "[]")
+    assert wee.expect(r":bob!bob@chatctl PART #ops.*").group(0).endswith("PART #ops")
     wee.send("PART #deploys :done here")
     wee.expect(r":wee!wee@chatctl PART #deploys")
     assert chatctl.parse_event(bob.expect("EXIT|")).name == "wee"
