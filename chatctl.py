@@ -6216,7 +6216,9 @@ class ChatServer:
                 continue
             if not owner:
                 looks = f" (it looks like {holder.name!r}, who is online)" if holder.name != name else ""
-                raise ProtocolError("name-taken", f"the name {name!r} is in use{looks}")
+                hint = ("; a script can use a name that is online only if the name is protected and "
+                        "it gives the password" if session.quiet else "")
+                raise ProtocolError("name-taken", f"the name {name!r} is in use{looks}{hint}")
             log.info("%s logged in again from %s; closing the one from %s", name, session.peer, holder.peer)
             holder.disconnect(f"{TAKEN_OVER}: {name} logged in again from {session.host}")
         else:

@@ -274,6 +274,9 @@ def test_history_as_a_protected_name_while_its_owner_is_online(make_server, isol
     assert json.loads(result.stdout.splitlines()[-1])["text"] == "for bob"
     assert [u.name for u in server.users()] == ["bob", "ana"]  # bob stayed online, nobody saw a JOIN
     assert not [line for line in bob.seen if line.startswith(("JOIN|", "LEAVE|", "BYE|"))]
+    taken = run_cli("history", "-p", str(server.port), "-u", "ana", env=isolated_home)  # not protected
+    assert taken.returncode == chatctl.EXIT_REJECTED
+    assert "in use; a script can use a name that is online only if the name is protected" in taken.stderr
 
 
 def test_an_older_python_gets_one_line(isolated_home):
