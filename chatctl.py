@@ -10270,6 +10270,7 @@ def tui_app():
             self._early_lines: list[str] = []  # entered before that: sent once connected
             self.conversations: dict[str, Conversation] = {}
             self._line_of: dict[int, int] = {}     # message id -> row in the log, for search jumps
+            self._fresh: list[TuiLine] = []         # lines a batch has to draw yet (_drain)
             self._shown: str | None = None          # the conversation the log shows
             self._search_hit: tuple[int, list[TuiLine]] | None = None  # a search hit and the page up to it
             self._password_problem = ""  # why the password dialog asks again
@@ -10403,7 +10404,9 @@ def tui_app():
             chat = self.chat
             shown = self._shown
             batch, more = self.front.take(TUI_DRAIN)
-            fresh: list[TuiLine] = []  # new lines of the conversation on screen, drawn after the batch
+            # new lines of the conversation on screen, drawn after the batch (unless a redraw in it,
+            # a page of history say, has drawn them: then only those after it)
+            self._fresh = []
             for kind, *args in batch:
                 if kind == "message":
                     msg, own, backlog, ring = args
@@ -10412,14 +10415,14 @@ def tui_app():
                     conversation = self.conversation(where)
                     conversation.loaded |= backlog
                     if conversation.add(line) and where == shown:
-                        fresh.append(line)
+                        self._fresh.append(line)
                     if ring:
                         self.bell()
                 elif kind == "notice":
-                    fresh += self._notice(*args)
+                    self._fresh += self._notice(*args)
                 elif kind == "users":
                     names = ", ".join(u.name for u in args[0])
-                    fresh += self._notice(f"{len(args[0])} online: {display_text(names)}")
+                    self._fresh += self._notice(f"{len(args[0])} online: {display_text(names)}")
                 elif kind == "listing":
                     self._listing(args[0])
                 elif kind == "ended":  # as join does: leave, and say why in one line
@@ -10430,7 +10433,7 @@ def tui_app():
             if chat.model.current != shown:
                 self._show(chat.model.current)
             else:
-                self._write(fresh)
+                self._write(self._fresh)
             for name in [n for n in self.conversations if not chat.model.has(n) and n != self._shown]:
                 del self.conversations[name]  # left, or a DM conversation let go: its lines go too
             self.refresh_panels()
@@ -10482,6 +10485,7 @@ def tui_app():
             (at the top, or in the ``middle``)."""
             log = self._chat_log()
             log.clear()
+            self._fresh = []  # (drawn now with the rest)
             self._line_of.clear()
             self._shown = name
             conversation = self.conversation(name)

@@ -797,3 +797,27 @@ def test_a_join_in_main_is_said_in_main_while_another_room_is_on_screen(server):
         carol.close()
 
     run(scenario, client_config(server.port), room="deploys")
+
+
+def test_a_line_missed_while_out_of_a_room_is_shown_once_on_coming_back(server):
+    bob = raw_user(server.port, "bob", "deploys")
+    bob.send(b"TOPIC|#deploys|release 41\nMSG|#deploys|before\n")
+    bob.expect("MSG_OK")
+
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        await type_line(pilot, "/join #deploys")
+        await until(pilot, lambda: app.chat.model.current == "deploys", "ana is in #deploys")
+        await type_line(pilot, "/part")
+        await until(pilot, lambda: "deploys" not in app.chat.model.joined(), "ana left #deploys")
+        bob.send(b"MSG|#deploys|said while ana is out\n")
+        bob.expect("MSG_OK")
+        await type_line(pilot, "/join #deploys")
+        await until(pilot, lambda: "said while ana is out" in log_text(app), "the missed line is shown")
+        await until(pilot, lambda: app.chat.model.current == "deploys", "ana is back in #deploys")
+        bob.send(b"MSG|#deploys|and now\n")  # behind the answers to what ana asked on coming back
+        await until(pilot, lambda: "and now" in log_text(app), "the next line is shown")
+        assert log_text(app).count("said while ana is out") == 1, log_text(app)
+
+    run(scenario, client_config(server.port))
+    bob.close()
