@@ -5265,19 +5265,25 @@ class Presence:
         for item in items:
             if item[3] is not None:
                 by_room.setdefault(item[3], []).append(item)
+        # a name's LEAVE in this batch: a member that hears it takes the name out of every room, so
+        # it must hear too the room lines of that name's next session (the name again, at once)
+        left = {subject.key: seq for seq, event, subject, _ in everyone if isinstance(event, Left)}
         extra: dict[ClientSession, list[bytes | memoryview]] = {}
         for room, events in by_room.items():
             # A member that entered in this batch has the earlier ones in its NAMES: it hears what
             # came after its own ENTER, never its own lines (a mass join of a room: a tail each).
             entered = {subject: seq for seq, event, subject, _ in events if isinstance(event, Entered)}
             last_own = {subject: seq for seq, _, subject, _ in events}
+            back = [(seq, left[subject.key]) for seq, _, subject, _ in events
+                    if left.get(subject.key, seq) < seq]  # (lines of a name after its LEAVE)
             tails = Tails(events)
             for s in room.members:
                 if s.extended:
                     since = entered.get(s, 0)
-                    if last_own.get(s, 0) > since:  # its own line after its ENTER: only the others'
-                        data = s.encoding.events(event for seq, event, who, _ in events
-                                                 if seq > since and who is not s)
+                    again = {seq for seq, leave in back if seq < since and leave > s.presence_seq}
+                    if last_own.get(s, 0) > since or again:  # only the others' lines, and those
+                        data = s.encoding.events(event for seq, event, who, _ in events if who is not s
+                                                 and (seq > since or seq in again))
                     else:
                         data = tails.after(s.encoding, since)
                     extra.setdefault(s, []).append(data)

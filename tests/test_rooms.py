@@ -475,3 +475,44 @@ def test_a_crowd_entering_at_once_hears_each_entry_once_after_its_own_names(make
                 heard.append(event.name)
         assert not names[name] & set(heard), (name, sorted(names[name] & set(heard)))
         assert len(heard) == len(set(heard)) and names[name] | set(heard) == set(crowd), name
+
+
+def test_a_name_that_left_and_came_back_within_one_batch_stays_in_a_joiners_list(make_server, monkeypatch):
+    monkeypatch.setattr(chatctl, "PRESENCE_INTERVAL", 0.5)  # all of it in one batch of presence lines
+    server = make_server(max_per_address=0, rate=0)
+    stays = chatctl_user_in(server.port, "yy", "#reuse")
+    first = chatctl_user_in(server.port, "xx", "#reuse")
+    joiner = chatctl_user_in(server.port, "jj")
+    first.send(b"QUIT|back soon\n")
+    first.wait_closed()
+    again = chatctl_user_in(server.port, "xx", "#reuse")  # the name again, at once (as a reconnect)
+    view: set[str] = set()
+    for line in join(joiner, "#reuse"):
+        event = chatctl.parse_event(line)
+        if isinstance(event, chatctl.RoomNames):
+            view = {u.name for u in event.users}
+    assert view == {"yy", "xx", "jj"}
+    late = chatctl_user_in(server.port, "late", "#reuse")  # its ENTER comes after the rest of the batch
+    while True:
+        event = chatctl.parse_event(joiner.line(timeout=10))
+        if isinstance(event, chatctl.Left):
+            view.discard(event.name)
+        elif isinstance(event, chatctl.Entered) and event.room == "reuse":
+            view.add(event.name)
+            if event.name == "late":
+                break
+        elif isinstance(event, chatctl.Exited) and event.room == "reuse":
+            view.discard(event.name)
+    assert view == {"yy", "xx", "jj", "late"}
+    for client in (stays, again, late, joiner):
+        client.close()
+
+
+def chatctl_user_in(port: int, name: str, *rooms: str) -> RawClient:
+    """A chatctl/1 client registered as ``name``, in ``rooms``."""
+    client = RawClient(port)
+    client.send(f"HELLO|chatctl/1\nUSER|{name}\n".encode())
+    client.expect("USER_OK")
+    if rooms:
+        join(client, *rooms)
+    return client
