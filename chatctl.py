@@ -8355,6 +8355,7 @@ class ChatClient:
         self.conversations = conversations
         self.echo_own = echo_own  # show our own lines once acknowledged (join's plain mode does not)
         self.quiet_joins, self.quiet_joins_after = config.quiet_joins, config.quiet_joins_after
+        self.backlog = config.backlog  # a room's last lines shown on joining it (0: none; tui pages itself)
         self._switch_on_join: str | None = room if room != MAIN_ROOM else None  # /join's first room
         self.session = LiveSession(config, name, self.on_event, self.on_status, ask_password, ask_trust,
                                    rooms=self._rooms_to_be_in, start_room=room)
@@ -8560,9 +8561,11 @@ class ChatClient:
             room = event.arg.lstrip("#")
             if event.verb == "JOIN":
                 self.model.entered(room)
-                if self._switch_on_join == room:
+                if self._switch_on_join == room:  # a room the person joined: its last lines, as on start
                     self._switch_on_join = None
                     self.switch(room)
+                    if self.backlog:
+                        self.request_history(room, "entered", count=self.backlog)
                 return True
             if event.verb == "PART":
                 now = self.model.left(room)
@@ -8744,6 +8747,12 @@ class ChatClient:
         if listing.conversation.startswith("@"):  # HISTORY without a room: #main and our DMs
             listing.messages = [m for m in listing.messages if self.conversation(m) == listing.conversation]
         listing.messages = [m for m in listing.messages if name_key(m.sender) not in self.ignored]
+        if listing.purpose == "entered":  # a joined room's last lines: shown as the backlog is
+            for msg in listing.messages:
+                if self._first_sight(msg):
+                    self.front.message(msg, own=self.is_me(msg.sender), backlog=True)
+            self.front.changed()
+            return
         self.front.listing(listing)
 
     # --- commands (the front-end's thread) ---------------------------------------------------------

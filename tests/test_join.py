@@ -718,3 +718,22 @@ def test_joining_a_room_says_its_topic_once(server, spawn_join, user):
     ana.send("/rooms\r")
     ana.expect(r"rooms \(\* current, \+ joined\):\s+\* #deploys  (\s*)2 online")
     ana.expect(r"\+ #main     (\s*)2 online")  # the columns line up
+
+
+def test_joining_a_room_shows_its_last_lines(server, spawn_join, user):
+    bob = user("bob", hello=True)
+    bob.send(b"JOIN|#deploys\nMSG|#deploys|build 41 went out\n")
+    bob.expect("MSG_OK")
+    ana = spawn_join("ana", server.port)
+    ana.send("/join #deploys\r")
+    ana.expect("now in #deploys")
+    ana.expect("build 41 went out")  # from the history, as on entering the first room
+    ana.send("/part\r")
+    ana.expect("you left #deploys")
+    bob.send(b"MSG|#deploys|build 42 while ana was out\n")
+    bob.expect("MSG_OK")
+    ana.send("/join #deploys\r")
+    ana.expect("build 42 while ana was out")
+    said = ana.before
+    ana.expect_exact("#deploys>")
+    assert "build 41" not in said + ana.before  # what was shown is not shown again
