@@ -4972,6 +4972,7 @@ class ClientSession:
         if reason and self.name is not None and not self.quiet \
                 and not self.server.address_budget.charge(self.host, fan_out_cost(self.name, reason)):
             reason = ""
+        self.wait_pending()  # its last messages go out before its LEAVE (no words from someone gone)
         self.leave("quit" + (f": {reason}" if reason else ""), Goodbye("goodbye"))
 
     def _publish(self, kind: str, room: str | None, arg: str | None, recipient: str | None = None) -> None:

@@ -497,3 +497,14 @@ def test_once_a_client_has_its_bye_nobody_lists_it(make_server):
         assert bob.wait_closed()[-1] == "BYE|goodbye"
         ana.send(b"DIR\n")
         assert ana.expect("Users logged in:") == "Users logged in: ana"
+
+
+def test_the_last_words_before_quit_come_before_the_leave(server, user):
+    reader = user("reader", hello=True)
+    for i in range(5):  # it was every time; five are enough to see it
+        quitter = user(f"q{i}", hello=True)
+        quitter.send(f"MSG|last words {i}\nQUIT|bye\n".encode())  # one write
+        leave = reader.expect("LEAVE|")
+        assert leave.split("|")[2] == f"q{i}"
+        assert any(line.endswith(f"|q{i}|last words {i}") for line in reader.seen), reader.seen[-5:]
+        quitter.close()
