@@ -188,6 +188,9 @@ AUTH_TARGET_FAILURES = 20            # failed passwords for one name (or the ser
 AUTH_LOCKOUT = 60.0                  # the window those failures refill over, in seconds
 MIN_PASSWORD_CHARS = 8               # shortest password that protects a name
 MAX_PASSWORD_BYTES = 1024            # longest password (scrypt's cost grows with it)
+TOKEN_PREFIX = "chatctl_"            # a bot's token starts with this, so it is told apart from a password
+TOKENS_PER_ACCOUNT = 20              # tokens one protected name may hold
+MAX_TOKEN_LABEL = 40                 # longest name of a token, in characters
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1  # about 16 MiB and 50 ms per hash
 TLS_HANDSHAKE_BYTE = 0x16            # the first byte of every TLS ClientHello
 TAKEN_OVER = "taken over"            # BYE reason prefix: the owner logged in elsewhere; do not reconnect
@@ -366,6 +369,11 @@ ERROR_CODES = {
     "auth-locked": "too many failed passwords from this address; try again later",
     "name-protected": "that name is protected: USER|<name>|<password>",
     "not-owner": "only the owner of a protected name can change it",
+    "token-login": "logged in with a token: the password, the protection and tokens need the password",
+    "unknown-token": "no token of that name",
+    "too-many-tokens": "this name has as many tokens as it may; revoke one first",
+    "no-tokens": "bot names and tokens are not shared across a cluster yet: on a server with a bus, use "
+                 "a password",
     "weak-password": "passwords are 8 to 1024 bytes",
     "accounts-off": "this server keeps no accounts",
     "rate-limited": "too many frames too fast; this one was dropped",
@@ -427,6 +435,14 @@ def sanitise_text(text: str) -> str:
 def sanitise_line(text: str) -> str:
     """sanitise_text for a field that must stay on one line (a quit reason, a log field)."""
     return sanitise_text(text).replace("\n", " ")
+
+
+_TOKEN_LABEL = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_TOKEN_LABEL}}}")
+
+
+def validate_token_label(label: str) -> bool:
+    """A token's name: 1 to MAX_TOKEN_LABEL ASCII letters, digits, '_', '-' or '.'."""
+    return bool(_TOKEN_LABEL.fullmatch(label))
 
 
 def validate_name(name: str | None, max_chars: int = MAX_NAME_CHARS) -> str:
@@ -875,6 +891,15 @@ class Confirmed:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """One line of the ``TOKEN|LIST`` reply: ``TOKEN|name|created|last used`` (never the token)."""
+
+    label: str
+    created: float
+    used: float          # 0: never
+
+
+@dataclass(frozen=True, slots=True)
 class RoomInfo:
     """One line of the ROOMS reply: ``ROOM|#name|joined|online|messages|unread|mentions|last|topic``.
 
@@ -959,9 +984,10 @@ class HistoryPage:
 ServerEvent = (
     Delivered | Acknowledged | Registered | Welcome | UserList | Joined | Left
     | ErrorReply | Pong | Goodbye | EndOfList | Confirmed | RoomInfo | ServerStatus | RoomNames | Topic
-    | Entered | Exited | HistoryPage | UnknownLine
+    | Entered | Exited | HistoryPage | TokenInfo | UnknownLine
 )
-CONFIRMATIONS = ("PASS_OK", "REGISTER_OK", "UNREGISTER_OK", "JOIN_OK", "PART_OK", "MARK_OK", "CLOSE_OK")
+CONFIRMATIONS = ("PASS_OK", "REGISTER_OK", "UNREGISTER_OK", "JOIN_OK", "PART_OK", "MARK_OK", "CLOSE_OK",
+                 "TOKEN_OK", "BOT_OK")
 
 
 # --- Encodings: events to bytes, one object per protocol ------------------------------------------
@@ -1027,6 +1053,8 @@ OUR_LINES: dict[type, Callable[[object], bytes]] = {
     Entered: lambda e: encode_line("ENTER", f"#{e.room}", format_timestamp(e.ts), e.name),
     Exited: lambda e: encode_line("EXIT", f"#{e.room}", format_timestamp(e.ts), e.name, e.reason),
     HistoryPage: _encode_history_page,
+    TokenInfo: lambda e: encode_line("TOKEN", e.label, format_timestamp(e.created),
+                                     format_timestamp(e.used) if e.used else ""),
 }
 
 
@@ -1125,6 +1153,9 @@ def _parse_event(line: str) -> ServerEvent:
         room, joined, online, messages, unread, mentions, last, topic = rest.split("|", 7)
         return RoomInfo(_room_name(room), joined == "1", int(online), int(messages), int(unread),
                         int(mentions), parse_timestamp(last) if last else 0.0, unescape_text(topic))
+    if verb == "TOKEN":
+        label, created, used = rest.split("|", 2)
+        return TokenInfo(label, parse_timestamp(created), parse_timestamp(used) if used else 0.0)
     if verb == "SERVER":
         server_id, address, users, age, lag, this = rest.split("|", 5)
         return ServerStatus(server_id, address, int(users), float(age), int(lag), this == "1")
@@ -1243,6 +1274,8 @@ class ServerConfig:
                                "limit)", min=0)
     register_per_hour: int = _key(REGISTERS_PER_HOUR, "names one IP address may protect (REGISTER) per hour "
                                   "(0, or rate = 0: no limit)", min=0)
+    tokens_per_account: int = _key(TOKENS_PER_ACCOUNT, "tokens one protected name may hold (chatctl token)",
+                                   min=1, max=10_000)
     max_rooms: int = _key(MAX_ROOMS, "rooms the server keeps, empty ones included", min=1)
     max_rooms_per_user: int = _key(MAX_ROOMS_PER_USER, "rooms one connection may be in at once", min=1)
     max_topic: int = _key(MAX_TOPIC_CHARS, "longest room topic in characters", min=1, max=4096)
@@ -1292,6 +1325,8 @@ class ClientConfig:
                                 parse=lambda text: parse_fingerprint(text))
     password: str = _key("", "the server's password, if it has one; better set CHATCTL_PASSWORD")
     user_password: str = _key("", "the password of your protected name; better set CHATCTL_USER_PASSWORD")
+    token: str = _key("", "a token of your protected name (chatctl token create), used instead of its "
+                      "password; better set CHATCTL_TOKEN")
     web_pages: int = _key(WEB_PAGES, "pages chatctl web serves at once (each is a tui process)",
                           min=1, max=10_000)
     web_columns: int = _key(WEB_COLUMNS, "the widest terminal a chatctl web page gets", min=40, max=2000)
@@ -2112,6 +2147,12 @@ class AccountStore:
             self._db.execute("CREATE TABLE IF NOT EXISTS accounts (key TEXT PRIMARY KEY, name TEXT NOT NULL, "
                              "hash TEXT NOT NULL, created REAL NOT NULL)")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            # a token is kept only as its SHA-256: it is 256 random bits, so no slow hash is needed
+            self._db.execute("CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, key TEXT NOT NULL, "
+                             "label TEXT NOT NULL, created REAL NOT NULL, used REAL NOT NULL DEFAULT 0, "
+                             "UNIQUE (key, label))")
+            if "bot" not in {row[1] for row in self._db.execute("PRAGMA table_info(accounts)")}:
+                self._db.execute("ALTER TABLE accounts ADD COLUMN bot INTEGER NOT NULL DEFAULT 0")
             if self._db.execute("PRAGMA user_version").fetchone()[0] < self.KEY_VERSION:
                 self._rekey()
         except (OSError, sqlite3.Error) as exc:
@@ -2153,7 +2194,8 @@ class AccountStore:
             if created is None:
                 row = self._db.execute("SELECT created FROM accounts WHERE key = ?", (key,)).fetchone()
                 created = row[0] if row else time.time()
-            self._db.execute("INSERT INTO accounts VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+            self._db.execute("INSERT INTO accounts (key, name, hash, created) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT(key) DO UPDATE SET "
                              "name = excluded.name, hash = excluded.hash, created = excluded.created "
                              "WHERE excluded.created <= accounts.created",
                              (key, name, password_hash, created))
@@ -2161,6 +2203,47 @@ class AccountStore:
     def unprotect(self, key: str) -> None:
         with self._lock:
             self._db.execute("DELETE FROM accounts WHERE key = ?", (key,))
+            self._db.execute("DELETE FROM tokens WHERE key = ?", (key,))
+
+    def set_bot(self, key: str, bot: bool) -> None:
+        with self._lock:
+            self._db.execute("UPDATE accounts SET bot = ? WHERE key = ?", (int(bot), key))
+
+    def is_bot(self, key: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT bot FROM accounts WHERE key = ?", (key,)).fetchone()
+        return bool(row and row[0])
+
+    def add_token(self, key: str, label: str, token_hash: str, most: int) -> str:
+        """Keep a new token of ``key``: 'ok', or 'exists' (that name is taken) or 'full' (``most``)."""
+        with self._lock:
+            labels = [row[0] for row in self._db.execute("SELECT label FROM tokens WHERE key = ?", (key,))]
+            if label in labels:
+                return "exists"
+            if len(labels) >= most:
+                return "full"
+            self._db.execute("INSERT INTO tokens (hash, key, label, created) VALUES (?, ?, ?, ?)",
+                             (token_hash, key, label, time.time()))
+            return "ok"
+
+    def tokens(self, key: str) -> list[tuple[str, float, float]]:
+        """``key``'s tokens: (name, created, last used or 0), oldest first."""
+        with self._lock:
+            return self._db.execute("SELECT label, created, used FROM tokens WHERE key = ? ORDER BY created",
+                                    (key,)).fetchall()
+
+    def revoke_token(self, key: str, label: str) -> bool:
+        with self._lock:
+            deleted = self._db.execute("DELETE FROM tokens WHERE key = ? AND label = ?", (key, label))
+            return deleted.rowcount > 0
+
+    def token_owner(self, token_hash: str) -> str | None:
+        """The key whose token this is (and the token counts as used now), or None."""
+        with self._lock:
+            row = self._db.execute("SELECT key FROM tokens WHERE hash = ?", (token_hash,)).fetchone()
+            if row:
+                self._db.execute("UPDATE tokens SET used = ? WHERE hash = ?", (time.time(), token_hash))
+        return row[0] if row else None
 
     def meta(self, key: str) -> str:
         with self._lock:
@@ -2184,7 +2267,7 @@ class AccountStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute("DELETE FROM accounts")
-                db.executemany("INSERT INTO accounts VALUES (?, ?, ?, ?)",
+                db.executemany("INSERT INTO accounts (key, name, hash, created) VALUES (?, ?, ?, ?)",
                                [(key, name, hashed, created)
                                 for key, (name, hashed, created) in accounts.items()])
                 db.execute("COMMIT")
@@ -2339,6 +2422,16 @@ def verify_password(password: str, stored: str) -> bool:
     except (ValueError, TypeError):
         return False
     return scheme == "scrypt" and hmac.compare_digest(actual, expected)
+
+
+def new_token() -> str:
+    """A bot's token: TOKEN_PREFIX and 256 random bits, URL-safe (a webhook's URL can carry it)."""
+    return TOKEN_PREFIX + base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
+
+
+def token_hash(token: str) -> str:
+    """What is kept of a token: its SHA-256, hex."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def same_secret(given: str, expected: str) -> bool:
@@ -4627,6 +4720,7 @@ class ClientSession:
         self.quiet = False              # HELLO|chatctl/1|quiet: a script (not listed, no presence)
         self.presence_seq = 0           # the sequence number of its own JOIN line (presence lines after it)
         self.last_register = -math.inf  # monotonic time of the last REGISTER
+        self.by_token = False               # its protected name was proved with a token, not the password
         self.connected_at = time.monotonic()
         self.last_active = self.connected_at  # any input: for the idle timeout
         self.last_spoke = self.connected_at   # last message sent: the idle time USERS shows
@@ -4916,6 +5010,8 @@ class ClientSession:
         """``REGISTER|password``: protect the name this session holds (or change its password)."""
         if self.name is None:
             raise ProtocolError("not-registered", "register first: USER|<name>")
+        if self.by_token:
+            raise ProtocolError("token-login", ERROR_CODES["token-login"])
         password = arg or ""
         if not (MIN_PASSWORD_CHARS <= len(password) and len(password.encode()) <= MAX_PASSWORD_BYTES):
             raise ProtocolError("weak-password", ERROR_CODES["weak-password"])
@@ -4932,12 +5028,67 @@ class ClientSession:
         self.server.protect(self, password)
         self.tell(Confirmed("REGISTER", self.name))
 
+    def handle_bot(self, arg: str | None) -> None:
+        """``BOT``: the owner says its protected name is a bot's (chatctl register --bot)."""
+        if self.name is None:
+            raise ProtocolError("not-registered", "register first: USER|<name>")
+        if self.server.bus is not None:
+            raise ProtocolError("no-tokens", ERROR_CODES["no-tokens"])
+        if not self.owner or self.by_token:
+            raise ProtocolError("not-owner", "only the owner of a protected name, with its password, can "
+                                "say it is a bot's")
+        self.server.local_accounts.set_bot(self.key, True)
+        log.info("%s is a bot's name now", self.name)
+        self.tell(Confirmed("BOT", self.name))
+
     def handle_unregister(self, arg: str | None) -> None:
         if self.name is None:
             raise ProtocolError("not-registered", "register first: USER|<name>")
+        if self.by_token:
+            raise ProtocolError("token-login", ERROR_CODES["token-login"])
         self.server.check_quiet_name(self)
         self.server.unprotect(self)
         self.tell(Confirmed("UNREGISTER", self.name))
+
+    def handle_token(self, arg: str | None) -> None:
+        """``TOKEN|CREATE|name``, ``TOKEN|LIST``, ``TOKEN|REVOKE|name``: the tokens of this session's
+        protected name, which its owner manages with the password (never with a token)."""
+        if self.name is None:
+            raise ProtocolError("not-registered", "register first: USER|<name>")
+        verb, _, label = (arg or "").partition("|")
+        verb = verb.upper()
+        if verb not in ("CREATE", "LIST", "REVOKE"):
+            raise ProtocolError("bad-argument", "TOKEN|CREATE|<name>, TOKEN|LIST or TOKEN|REVOKE|<name>")
+        if self.server.bus is not None:
+            raise ProtocolError("no-tokens", ERROR_CODES["no-tokens"])
+        if not self.owner:
+            raise ProtocolError("not-owner", "only a protected name has tokens, and only its owner sees them")
+        if self.by_token:
+            raise ProtocolError("token-login", ERROR_CODES["token-login"])
+        store = self.server.local_accounts
+        if verb == "LIST":
+            tokens = store.tokens(self.key)
+            self.tell(*[TokenInfo(*row) for row in tokens], EndOfList("TOKENS", len(tokens)))
+            return
+        if not validate_token_label(label):
+            raise ProtocolError("bad-argument", f"a token's name is 1 to {MAX_TOKEN_LABEL} letters, digits, "
+                                "'_', '-' or '.'")
+        if verb == "REVOKE":
+            if not store.revoke_token(self.key, label):
+                raise ProtocolError("unknown-token", f"{self.name} has no token named {label!r}")
+            log.info("%s revoked their token %r", self.name, label)
+            self.tell(Confirmed("TOKEN", label))
+            return
+        token = new_token()
+        added = store.add_token(self.key, label, token_hash(token), self.server.config.tokens_per_account)
+        if added == "exists":
+            raise ProtocolError("bad-argument", f"{self.name} has a token named {label!r}: revoke it first, "
+                                "or pick another name")
+        if added == "full":
+            raise ProtocolError("too-many-tokens", f"{self.name} has {self.server.config.tokens_per_account} "
+                                "tokens, the most it may; revoke one first")
+        log.info("%s made a token %r", self.name, label)
+        self.tell(Confirmed("TOKEN", f"{label}|{token}"))  # the only time the token is said
 
     def handle_msg(self, arg: str | None) -> None:
         """``MSG|text`` to #main; after HELLO, ``MSG|#room|text`` to a room (the seed's clients
@@ -5139,6 +5290,8 @@ COMMAND_HANDLERS: dict[str, Handler] = {
     "MARK": ClientSession.handle_mark,
     "CLOSE": ClientSession.handle_close,
     "OPER": ClientSession.handle_oper,
+    "TOKEN": ClientSession.handle_token,
+    "BOT": ClientSession.handle_bot,
 }
 
 BEFORE_PASS_COMMANDS = frozenset({"HELLO", "PASS", "PING", "QUIT"})
@@ -6150,9 +6303,14 @@ class ChatServer:
             return False
         if password is None:
             raise ProtocolError("name-protected", f"the name {name!r} is protected: USER|{name}|<password>")
+        if password.startswith(TOKEN_PREFIX) and self.bus is None \
+                and self.local_accounts.token_owner(token_hash(password)) == key:
+            session.by_token = True  # (a wrong token is checked as a password below, and counted)
+            return True
+        what = "token" if password.startswith(TOKEN_PREFIX) else "password"  # (a revoked token, say)
         if not self.check_password(session, key, lambda: self.hasher.run(verify_password, password, stored),
-                                   f"wrong password for {name}"):
-            raise ProtocolError("bad-password", f"wrong password for {name!r}")
+                                   f"wrong {what} for {name}"):
+            raise ProtocolError("bad-password", f"wrong {what} for {name!r}")
         return True
 
     def protect(self, session: ClientSession, password: str) -> None:
@@ -7520,6 +7678,22 @@ class ChatConnection:
             after = (f"#{page[-1].name}",)
         return found
 
+    def mark_bot(self) -> None:
+        self.request("BOT", expect=(Confirmed,))
+
+    def create_token(self, label: str) -> str:
+        """A new token named ``label`` of the name we proved with its password; said this once only."""
+        return self.request("TOKEN", "CREATE", label, expect=(Confirmed,)).arg.partition("|")[2]
+
+    def tokens(self) -> list[TokenInfo]:
+        self.request("TOKEN", "LIST", expect=(EndOfList,))
+        found = [e for e in self.pending if isinstance(e, TokenInfo)]
+        self.pending = [e for e in self.pending if not isinstance(e, TokenInfo)]
+        return found
+
+    def revoke_token(self, label: str) -> None:
+        self.request("TOKEN", "REVOKE", label, expect=(Confirmed,))
+
     def servers(self) -> list[ServerStatus]:
         self.request("SERVERS", expect=(EndOfList,))
         found = [e for e in self.pending if isinstance(e, ServerStatus)]
@@ -7619,6 +7793,11 @@ def connect(config: ClientConfig, ask_trust: Callable[[str, str], bool] | None =
     return conn
 
 
+def credential(config: ClientConfig) -> str:
+    """What proves the configured name: its token (a bot's), else its password."""
+    return config.token or config.user_password
+
+
 def register_as(conn: ChatConnection, name: str, password: str,
                 ask_password: PasswordPrompt | None) -> str:
     """Register; for a protected name, with ``password`` or what ``ask_password`` gets.
@@ -7633,7 +7812,7 @@ def register_as(conn: ChatConnection, name: str, password: str,
             raise
         if ask_password is None:
             raise RejectedError(exc.code, f"the name {name!r} is protected: set CHATCTL_USER_PASSWORD "
-                                "to its password") from None
+                                "to its password (or CHATCTL_TOKEN to a token of it)") from None
     password = ask_password(name)
     conn.register(name, password)
     return password
@@ -7644,19 +7823,30 @@ def send_one(config: ClientConfig, name: str, text: str, to: str | None = None,
              room: str | None = None) -> Acknowledged:
     """Register as ``name``, send one message (to ``room``, which must exist) and wait for its MSG_OK."""
     with connect(config, notify=client_notice, quiet=True) as conn:
-        register_as(conn, name, config.user_password, ask_password)
+        register_as(conn, name, credential(config), ask_password)
         return conn.post(text, to=to, kind=kind, room=room)
 
 
 def set_protection(config: ClientConfig, name: str, new_password: str | None,
-                   ask_password: PasswordPrompt | None = None) -> None:
-    """Protect ``name`` with ``new_password`` (or change it); None drops the protection."""
+                   ask_password: PasswordPrompt | None = None, bot: bool = False) -> None:
+    """Protect ``name`` with ``new_password`` (or change it); None drops the protection.  ``bot``:
+    the name is a bot's."""
     with connect(config, notify=client_notice, quiet=True) as conn:
         register_as(conn, name, config.user_password, ask_password)
         if new_password is None:
             conn.unprotect()
         else:
             conn.protect(new_password)
+            if bot:
+                conn.mark_bot()
+
+
+def manage_tokens(config: ClientConfig, name: str, ask_password: PasswordPrompt | None,
+                  action: Callable[[ChatConnection], object]) -> object:
+    """``action`` on a connection registered (quietly) as ``name`` with its password."""
+    with connect(config, notify=client_notice, quiet=True) as conn:
+        register_as(conn, name, config.user_password, ask_password)
+        return action(conn)
 
 
 def client_notice(text: str) -> None:
@@ -7674,7 +7864,7 @@ def fetch_rooms(config: ClientConfig, name: str | None = None) -> list[RoomInfo]
     """Every room; registering (quietly) as ``name``, a protected name, adds its unread counts."""
     with connect(config, notify=client_notice, quiet=True) as conn:
         if name:
-            register_as(conn, name, config.user_password, None)
+            register_as(conn, name, credential(config), None)
         return conn.rooms()
 
 
@@ -7694,7 +7884,7 @@ def fetch_history(config: ClientConfig, name: str | None = None, limit: int = 20
     """
     with connect(config, notify=client_notice, quiet=True) as conn:
         if name:
-            register_as(conn, name, config.user_password, None)
+            register_as(conn, name, credential(config), None)
         if search is not None:
             return conn.search(search, limit, room=room)
         if before is not None:
@@ -8015,7 +8205,7 @@ class LiveSession:
         self.on_status = on_status
         self.ask_password = ask_password  # asked on the first connection only; reconnects reuse it
         self.ask_trust = ask_trust
-        self.password = config.user_password
+        self.password = credential(config)
         self.ended = False                # the server ended this membership for good (taken over, TLS pin)
         self.end_error: ChatError | None = None
         self._told_taken: str | None = None  # the name we last said was taken, so it is said once
@@ -9375,6 +9565,24 @@ def render_servers_table(servers: list[ServerStatus]) -> None:
     for s in servers:
         table.add_row(display_text(s.server_id) + (" (this one)" if s.this else ""), display_text(s.address),
                       str(s.users), f"{s.beat_age:.1f} s ago", f"{s.lag} message(s)")
+    print_table(table)
+
+
+def tokens_as_json(tokens: list[TokenInfo]) -> str:
+    return json.dumps([{"name": t.label, "created": format_timestamp(t.created),
+                        "used": format_timestamp(t.used) if t.used else None} for t in tokens])
+
+
+def render_tokens_table(name: str, tokens: list[TokenInfo]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{len(tokens)} token(s) of {display_text(name)}", title_justify="left")
+    table.add_column("Name", style="bold")
+    table.add_column("Created")
+    table.add_column("Last used")
+    for t in tokens:
+        table.add_row(display_text(t.label), local_time(t.created, with_date=True),
+                      local_time(t.used, with_date=True) if t.used else "never")
     print_table(table)
 
 
@@ -11109,24 +11317,26 @@ def who(host, port, config_file, tls, cafile, tls_fingerprint, as_json, room) ->
 @connection_options("of the server")
 @tls_options
 @click.option("--user", "-u", help="Name to send as (or CHATCTL_USER, [client] user).")
+@click.option("--token", metavar="TOKEN", help="A token of that name (chatctl token create) instead of its "
+              "password; better set CHATCTL_TOKEN, which other users cannot see in ps.")
 @click.option("--to", metavar="USER", help="Send a direct message to USER only.")
 @click.option("--me", "action", is_flag=True, help="Send as an action, like /me.")
 @click.option("--json", "as_json", is_flag=True, help="Print the acknowledgement as JSON.")
 @room_option("Send to ROOM (it must exist) instead of #main.")
 @click.argument("message", nargs=-1, required=True)
-def send(host, port, config_file, tls, cafile, tls_fingerprint, user, to, action, as_json, room,
+def send(host, port, config_file, tls, cafile, tls_fingerprint, user, token, to, action, as_json, room,
          message) -> None:
     """Send one MESSAGE ('-' reads it from stdin) and wait for MSG_OK.
 
     A protected name's password comes from CHATCTL_USER_PASSWORD, or is asked
-    for at a terminal.
+    for at a terminal; a bot's name takes a token instead (CHATCTL_TOKEN).
 
     \b
     Example:
       chatctl send -u deploybot --room deploys "build 42 is green"
       make test 2>&1 | tail -5 | chatctl send -u ci -
     """
-    config = load_config("client", {"host": host, "port": port, "user": user,
+    config = load_config("client", {"host": host, "port": port, "user": user, "token": token,
                                     **tls_flags(tls, cafile, tls_fingerprint)}, config_file)
     if not config.user:
         raise click.UsageError("no user name: pass -u NAME, set CHATCTL_USER or [client] user")
@@ -11425,7 +11635,8 @@ def bench(host, port, config_file, tls, cafile, tls_fingerprint, clients, sender
 @tls_options
 @click.option("--user", "-u", help="The name to protect (or CHATCTL_USER, [client] user).")
 @click.option("--drop", is_flag=True, help="Drop the protection instead.")
-def register(host, port, config_file, tls, cafile, tls_fingerprint, user, drop) -> None:
+@click.option("--bot", is_flag=True, help="The name is a bot's: it logs in with tokens (chatctl token).")
+def register(host, port, config_file, tls, cafile, tls_fingerprint, user, drop, bot) -> None:
     """Protect a user name with a password, change it, or --drop it.
 
     The name must not be in use (in join, type /register instead).  The new
@@ -11436,6 +11647,7 @@ def register(host, port, config_file, tls, cafile, tls_fingerprint, user, drop) 
     \b
     Example:
       chatctl register -u ana
+      chatctl register -u ci --bot
       printf '%s\\n' "$NEW" | CHATCTL_USER_PASSWORD="$OLD" chatctl register -u ana
     """
     config = load_config("client", {"host": host, "port": port, "user": user,
@@ -11450,8 +11662,83 @@ def register(host, port, config_file, tls, cafile, tls_fingerprint, user, drop) 
                                         confirmation_prompt=True, err=True)
         else:
             new_password = sys.stdin.readline().rstrip("\r\n")
-    set_protection(config, config.user, new_password, ask_password if interactive else None)
-    click.echo(f"{config.user} is {'no longer' if drop else 'now'} protected.", err=True)
+    if bot and drop:
+        raise click.UsageError("--bot and --drop do not combine")
+    set_protection(config, config.user, new_password, ask_password if interactive else None, bot=bot)
+    click.echo(f"{config.user} is {'no longer' if drop else 'now'} protected"
+               + (", a bot's name: chatctl token create makes it a token" if bot else "") + ".", err=True)
+
+
+@cli.group()
+def token() -> None:
+    """A bot's tokens: each logs in as its name, in place of the password.
+
+    A token is printed once, when it is made, and kept by the server only as a
+    hash.  It can send, read and join as the name, but never change the name's
+    password, protection or tokens: those take the password
+    (CHATCTL_USER_PASSWORD, or asked).
+
+    \b
+    Example:
+      chatctl token create -u ci --name github-actions
+      CHATCTL_TOKEN=chatctl_... chatctl send -u ci "build 42 is green"
+      chatctl token list -u ci
+      chatctl token revoke -u ci github-actions
+    """
+
+
+def token_options(command):
+    command = click.option("--user", "-u", help="The protected name (or CHATCTL_USER).")(command)
+    command = tls_options(command)
+    return connection_options("of the server")(command)
+
+
+def token_config(host, port, config_file, tls, cafile, tls_fingerprint, user) -> ClientConfig:
+    config = load_config("client", {"host": host, "port": port, "user": user,
+                                    **tls_flags(tls, cafile, tls_fingerprint)}, config_file)
+    if not config.user:
+        raise click.UsageError("no user name: pass -u NAME, set CHATCTL_USER or [client] user")
+    return config
+
+
+@token.command("create", epilog=exit_codes_help(*CLIENT_EXITS))
+@token_options
+@click.option("--name", "label", default="default", show_default=True,
+              help="What the token is for (1-40 of a-z, 0-9, '_', '-', '.'), to list and revoke it by.")
+@click.option("--json", "as_json", is_flag=True, help='{"name": ..., "token": ...} on stdout.')
+def token_create(host, port, config_file, tls, cafile, tls_fingerprint, user, label, as_json) -> None:
+    """Make a token of a protected name and print it, once."""
+    config = token_config(host, port, config_file, tls, cafile, tls_fingerprint, user)
+    made = manage_tokens(config, config.user, ask_password if sys.stdin.isatty() else None,
+                         lambda conn: conn.create_token(label))
+    click.echo(json.dumps({"name": label, "token": made}) if as_json else made)
+    click.echo(f"chatctl: token {label!r} of {config.user}, shown this once; CHATCTL_TOKEN takes it",
+               err=True)
+
+
+@token.command("list", epilog=exit_codes_help(*CLIENT_EXITS))
+@token_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout (never the tokens).")
+def token_list(host, port, config_file, tls, cafile, tls_fingerprint, user, as_json) -> None:
+    """List a protected name's tokens: name, made, last used (never the tokens themselves)."""
+    config = token_config(host, port, config_file, tls, cafile, tls_fingerprint, user)
+    tokens = manage_tokens(config, config.user, ask_password if sys.stdin.isatty() else None,
+                           lambda conn: conn.tokens())
+    if as_json:
+        click.echo(tokens_as_json(tokens))
+    else:
+        render_tokens_table(config.user, tokens)
+
+
+@token.command("revoke", epilog=exit_codes_help(*CLIENT_EXITS))
+@token_options
+@click.argument("label", metavar="NAME")
+def token_revoke(host, port, config_file, tls, cafile, tls_fingerprint, user, label) -> None:
+    """Revoke the token NAME: it logs in no more (connections it made stay until they end)."""
+    config = token_config(host, port, config_file, tls, cafile, tls_fingerprint, user)
+    manage_tokens(config, config.user, ask_password if sys.stdin.isatty() else None,
+                  lambda conn: conn.revoke_token(label))
+    click.echo(f"token {label!r} of {config.user} revoked.", err=True)
 
 
 # =============================================================================

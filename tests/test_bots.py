@@ -1,0 +1,128 @@
+"""Bots: names registered as a bot's, and their tokens (made, used from send and IRC, listed, revoked)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_irc import IrcClient
+
+import chatctl
+from conftest import RawClient, run_cli
+
+PASSWORD = "ci-password-1"
+
+
+def bot_with_token(port: int, env: dict, label: str = "gha") -> str:
+    """Register ``ci`` as a bot's name and make it a token (through the CLI); the token."""
+    made = run_cli("register", "-p", str(port), "-u", "ci", "--bot", input=PASSWORD + "\n", env=env)
+    assert made.returncode == 0, made.stderr
+    token = run_cli("token", "create", "-p", str(port), "-u", "ci", "--name", label,
+                    env={**env, "CHATCTL_USER_PASSWORD": PASSWORD})
+    assert token.returncode == 0, token.stderr
+    assert "shown this once" in token.stderr
+    return token.stdout.strip()
+
+
+def test_a_bot_posts_with_its_token_until_it_is_revoked(make_server, isolated_home):
+    server = make_server(auth_delay=0)
+    ana = RawClient(server.port)
+    ana.send(b"HELLO|chatctl/1\nUSER|ana\n")
+    ana.expect("USER_OK")
+    token = bot_with_token(server.port, isolated_home)
+    assert token.startswith(chatctl.TOKEN_PREFIX) and len(token) > 40
+    sent = run_cli("send", "-p", str(server.port), "-u", "ci", "build 42 is green",
+                   env={**isolated_home, "CHATCTL_TOKEN": token})
+    assert sent.returncode == 0, sent.stderr
+    assert ana.expect("MSG|#main|").endswith("|ci|build 42 is green")
+    flag = run_cli("send", "-p", str(server.port), "-u", "ci", "--token", token, "and with the flag",
+                   env=isolated_home)
+    assert flag.returncode == 0, flag.stderr
+    assert ana.expect("MSG|#main|").endswith("|ci|and with the flag")
+
+    owner = {**isolated_home, "CHATCTL_USER_PASSWORD": PASSWORD}
+    listed = run_cli("token", "list", "-p", str(server.port), "-u", "ci", "--json", env=owner)
+    assert listed.returncode == 0, listed.stderr
+    [entry] = json.loads(listed.stdout)
+    assert entry["name"] == "gha" and entry["used"] is not None  # it has been used
+    assert token not in listed.stdout and token[len(chatctl.TOKEN_PREFIX):] not in listed.stdout
+
+    revoked = run_cli("token", "revoke", "-p", str(server.port), "-u", "ci", "gha", env=owner)
+    assert revoked.returncode == 0, revoked.stderr
+    refused = run_cli("send", "-p", str(server.port), "-u", "ci", "after the revoke",
+                      env={**isolated_home, "CHATCTL_TOKEN": token})
+    assert refused.returncode == chatctl.EXIT_REJECTED
+    assert refused.stderr.count("\n") == 1 and "wrong token for 'ci'" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_a_token_cannot_change_the_password_the_protection_or_the_tokens(make_server, isolated_home):
+    server = make_server(auth_delay=0)
+    token = bot_with_token(server.port, isolated_home)
+    bot = RawClient(server.port)
+    bot.send(f"HELLO|chatctl/1\nUSER|ci|{token}\n".encode())
+    bot.expect("USER_OK")
+    for frame in (b"REGISTER|a-new-password\n", b"UNREGISTER\n", b"TOKEN|CREATE|another\n", b"TOKEN|LIST\n",
+                  b"TOKEN|REVOKE|gha\n", b"BOT\n"):
+        bot.send(frame)
+        reply = bot.expect("ERR|")
+        assert reply.split("|")[1] in ("token-login", "not-owner"), (frame, reply)
+    bot.send(b"MSG|still a bot\n")
+    assert bot.expect("MSG_OK").startswith("MSG_OK")
+    assert server.accounts.password_hash(chatctl.confusable_key("ci")) is not None  # still protected
+    again = run_cli("send", "-p", str(server.port), "-u", "ci", "the token still works",
+                    env={**isolated_home, "CHATCTL_TOKEN": token})
+    assert again.returncode == 0, again.stderr
+
+
+def test_an_irc_bot_logs_in_with_its_token_as_the_sasl_password(make_server, isolated_home):
+    server = make_server(auth_delay=0)
+    token = bot_with_token(server.port, isolated_home)
+    listener = RawClient(server.port)
+    listener.send(b"HELLO|chatctl/1\nUSER|ana\n")
+    listener.expect("USER_OK")
+    irc = IrcClient(server.port)
+    try:
+        irc.register("ci", caps="sasl", sasl=("ci", token))
+        irc.send("PRIVMSG #main :posted over IRC")
+        assert listener.expect("MSG|#main|").endswith("|ci|posted over IRC")
+    finally:
+        irc.close()
+
+
+def test_tokens_are_capped_named_once_and_only_for_protected_names(make_server, isolated_home):
+    server = make_server(auth_delay=0, tokens_per_account=2)
+    bot_with_token(server.port, isolated_home, "one")
+    owner = RawClient(server.port)
+    owner.send(f"HELLO|chatctl/1\nUSER|ci|{PASSWORD}\n".encode())
+    owner.expect("USER_OK")
+    owner.send(b"TOKEN|CREATE|one\n")
+    assert owner.expect("ERR|").startswith("ERR|bad-argument|ci has a token named 'one'")
+    owner.send(b"TOKEN|CREATE|two\n")
+    assert owner.expect("TOKEN_OK|").startswith("TOKEN_OK|two|chatctl_")
+    owner.send(b"TOKEN|CREATE|three\n")
+    assert owner.expect("ERR|").startswith("ERR|too-many-tokens|")
+    owner.send(b"TOKEN|CREATE|bad name!\nTOKEN|REVOKE|nosuch\nTOKEN|FROB\n")
+    assert owner.expect("ERR|").startswith("ERR|bad-argument|a token's name is")
+    assert owner.expect("ERR|").startswith("ERR|unknown-token|")
+    assert owner.expect("ERR|").startswith("ERR|bad-argument|TOKEN|CREATE")
+    plain = RawClient(server.port)
+    plain.send(b"HELLO|chatctl/1\nUSER|ana\nTOKEN|CREATE|mine\nBOT\n")
+    assert plain.expect("ERR|").startswith("ERR|not-owner|")
+    assert plain.expect("ERR|").startswith("ERR|not-owner|")
+
+
+@pytest.mark.parametrize("command", [["token", "create"], ["token", "list"], ["token", "revoke", "x"]])
+def test_token_commands_need_a_name(command, isolated_home):
+    result = run_cli(*command, "-p", "1", env=isolated_home)
+    assert result.returncode == chatctl.EXIT_USAGE and "no user name" in result.stderr
+
+
+def test_with_a_bus_tokens_are_refused_in_one_line(redis_server, make_server, isolated_home):
+    server = make_server(auth_delay=0, bus=redis_server.url, server_id="a")
+    owner = RawClient(server.port)
+    owner.send(f"HELLO|chatctl/1\nUSER|ci\nREGISTER|{PASSWORD}\n".encode())
+    owner.expect("REGISTER_OK")
+    owner.send(b"TOKEN|CREATE|gha\nBOT\n")
+    assert owner.expect("ERR|").startswith("ERR|no-tokens|bot names and tokens are not shared across")
+    assert owner.expect("ERR|").startswith("ERR|no-tokens|")
