@@ -790,6 +790,7 @@ class UserInfo:
     name: str
     since: float   # when the user registered, UTC seconds
     idle: int      # seconds since the user last sent anything
+    bot: bool = False  # a bot's name (IRC marks it; chatctl/1's lines do not carry it yet)
 
 
 def encode_users(users: Iterable[UserInfo], structured: bool, room: str | None = None) -> bytes:
@@ -2209,10 +2210,10 @@ class AccountStore:
         with self._lock:
             self._db.execute("UPDATE accounts SET bot = ? WHERE key = ?", (int(bot), key))
 
-    def is_bot(self, key: str) -> bool:
+    def bots(self) -> frozenset[str]:
+        """The keys of every bot's name."""
         with self._lock:
-            row = self._db.execute("SELECT bot FROM accounts WHERE key = ?", (key,)).fetchone()
-        return bool(row and row[0])
+            return frozenset(row[0] for row in self._db.execute("SELECT key FROM accounts WHERE bot = 1"))
 
     def add_token(self, key: str, label: str, token_hash: str, most: int) -> str:
         """Keep a new token of ``key``: 'ok', or 'exists' (that name is taken) or 'full' (``most``)."""
@@ -5038,6 +5039,7 @@ class ClientSession:
             raise ProtocolError("not-owner", "only the owner of a protected name, with its password, can "
                                 "say it is a bot's")
         self.server.local_accounts.set_bot(self.key, True)
+        self.server.bots = self.server.local_accounts.bots()
         log.info("%s is a bot's name now", self.name)
         self.tell(Confirmed("BOT", self.name))
 
@@ -6081,6 +6083,9 @@ class ChatServer:
                                     self.config.server_id or f"{socket.gethostname()}:{self.port}")
             self.shared = SharedState(self.bus) if self.bus is not None else None
             self.accounts = self.shared if self.shared is not None else self.local_accounts
+            # the bots' names (replaced whole when one is added, so readers need no lock; none with a
+            # bus, where bot names are not shared yet)
+            self.bots = self.local_accounts.bots() if self.bus is None else frozenset()
             self.tls_context, self.tls_fingerprint = None, ""
             if self.config.tls:
                 self.tls_context, self.tls_fingerprint = server_tls_context(self.config.tls_cert,
@@ -6330,6 +6335,7 @@ class ChatServer:
         if not session.owner:
             raise ProtocolError("not-owner", ERROR_CODES["not-owner"])
         self.accounts.unprotect(session.key)
+        self.bots = self.bots - {session.key}  # (the name, no longer an account, is nobody's bot)
         session.owner = False
         log.info("%s dropped the protection of their name", session.name)
 
@@ -6457,7 +6463,8 @@ class ChatServer:
     def users(self, sessions: Iterable[ClientSession] | None = None) -> list[UserInfo]:
         """What DIR (everyone online) or NAMES (``sessions``: a room's members) shows of each."""
         now = time.monotonic()
-        return [UserInfo(s.name, s.registered_at, int(now - s.last_spoke))
+        bots = self.bots
+        return [UserInfo(s.name, s.registered_at, int(now - s.last_spoke), s.key in bots)
                 for s in (self.members() if sessions is None else sessions)]
 
     # --- rooms --------------------------------------------------------------------------
@@ -6906,7 +6913,7 @@ class IrcGate(Encoding):
                      "CHANNELLEN=31", f"TOPICLEN={config.max_topic}", "PREFIX=()", "CHANMODES=,,,nt",
                      "NETWORK=chatctl", f"CHATHISTORY={IRC_HISTORY_MAX}", "MSGREFTYPES=msgid,timestamp",
                      f"CHANLIMIT=#:{config.max_rooms_per_user}",
-                     f"TARGMAX=PRIVMSG:{IRC_MAX_TARGETS},NOTICE:{IRC_MAX_TARGETS}",
+                     f"TARGMAX=PRIVMSG:{IRC_MAX_TARGETS},NOTICE:{IRC_MAX_TARGETS}", "BOT=B",
                      "are supported by this server")
         if config.motd:
             self.numeric("375", f"- {IRC_SERVER} Message of the day -")
@@ -7068,7 +7075,9 @@ class IrcGate(Encoding):
             return
         holder = self.session.server.registry.holder(confusable_key(mask)) if mask != "*" else None
         if holder is not None and holder.name:
-            self.numeric("352", "*", holder.name, IRC_HOST, IRC_SERVER, holder.name, "H", f"0 {holder.name}")
+            flags = "HB" if holder.key in self.session.server.bots else "H"
+            self.numeric("352", "*", holder.name, IRC_HOST, IRC_SERVER, holder.name, flags,
+                         f"0 {holder.name}")
         self.numeric("315", mask, "End of WHO list")
 
     def irc_whois(self, params: tuple[str, ...]) -> None:
@@ -7087,6 +7096,8 @@ class IrcGate(Encoding):
             if rooms:
                 self.numeric("319", name, " ".join(f"#{r}" for r in rooms))
             self.numeric("312", name, IRC_SERVER, "chatctl")
+            if holder.key in server.bots:
+                self.numeric("335", name, "is a bot")
             gate = getattr(holder, "gate", None)
             if isinstance(gate, IrcGate) and gate.away:
                 self.numeric("301", name, gate.away)
@@ -7245,6 +7256,9 @@ class IrcGate(Encoding):
             tags.append(f"time={irc_time(msg.ts if msg is not None else ts or time.time())}")
         if msg is not None and "message-tags" in self.caps:
             tags.append(f"msgid={msg.id}" + (f".{part + 1}" if part else ""))
+            bots = self.session.server.bots
+            if bots and confusable_key(msg.sender) in bots:
+                tags.append("bot")  # IRCv3 bot mode
         return "@" + ";".join(tags) + " " if tags else ""
 
     def _privmsgs(self, msg: ChatMessage, target: str, batch: str) -> list[str]:
@@ -7312,7 +7326,8 @@ class IrcGate(Encoding):
             asked = self._asked.get("NAMES", [])
             purpose = asked.pop(0) if asked and held is None else "names"
         if purpose == "who":
-            who = [f":{IRC_SERVER} 352 {me} {channel} {u.name} {IRC_HOST} {IRC_SERVER} {u.name} H :0 {u.name}"
+            who = [f":{IRC_SERVER} 352 {me} {channel} {u.name} {IRC_HOST} {IRC_SERVER} {u.name} "
+                   f"{'HB' if u.bot else 'H'} :0 {u.name}"
                    for u in event.users]
             return [*who, f":{IRC_SERVER} 315 {me} {channel} :End of WHO list"]
         lines, row, width = [], [], 0

@@ -126,3 +126,30 @@ def test_with_a_bus_tokens_are_refused_in_one_line(redis_server, make_server, is
     owner.send(b"TOKEN|CREATE|gha\nBOT\n")
     assert owner.expect("ERR|").startswith("ERR|no-tokens|bot names and tokens are not shared across")
     assert owner.expect("ERR|").startswith("ERR|no-tokens|")
+
+
+def test_irc_shows_a_bot_as_a_bot(make_server, isolated_home):
+    server = make_server(auth_delay=0)
+    token = bot_with_token(server.port, isolated_home)
+    bot = RawClient(server.port)
+    bot.send(f"HELLO|chatctl/1\nUSER|ci|{token}\n".encode())
+    bot.expect("USER_OK")
+    irc = IrcClient(server.port)
+    try:
+        irc.send("CAP LS 302", "NICK wee", "USER wee 0 * :wee", "CAP REQ :message-tags", "CAP END")
+        assert "BOT=B" in irc.expect(r" 005 wee .*BOT=B").group(0)
+        irc.expect(r" 366 wee #main ")
+        irc.send("WHO #main")
+        assert irc.expect(r" 352 wee #main ci \S+ \S+ ci (\S+) ").group(1) == "HB"
+        irc.send("WHO ci")
+        assert irc.expect(r" 352 wee \* ci \S+ \S+ ci (\S+) ").group(1) == "HB"
+        irc.send("WHOIS ci")
+        irc.expect(r" 335 wee ci :is a bot")
+        irc.send("WHOIS wee")
+        irc.expect(r" 318 wee wee ")
+        assert not any(" 335 " in line for line in irc.seen[-6:])  # a person is no bot
+        bot.send(b"MSG|deployed\n")
+        tags = irc.expect(r"^@(\S+) :ci!\S+ PRIVMSG #main :deployed").group(1).split(";")
+        assert "bot" in tags
+    finally:
+        irc.close()
