@@ -790,15 +790,18 @@ class UserInfo:
     name: str
     since: float   # when the user registered, UTC seconds
     idle: int      # seconds since the user last sent anything
-    bot: bool = False  # a bot's name (IRC marks it; chatctl/1's lines do not carry it yet)
+    bot: bool = False  # a bot's name (in chatctl/1, only to clients that said HELLO|chatctl/1|bots)
 
 
-def encode_users(users: Iterable[UserInfo], structured: bool, room: str | None = None) -> bytes:
+def encode_users(users: Iterable[UserInfo], structured: bool, room: str | None = None,
+                 marks: bool = False) -> bytes:
     """The DIR reply: the seed's sentence, or ``USERS|name since idle|...`` after HELLO;
-    with ``room``, the NAMES reply ``NAMES|#room|name since idle|...``."""
+    with ``room``, the NAMES reply ``NAMES|#room|name since idle|...``.  ``marks``: a bot's entry
+    ends in `` bot`` (for clients that asked: older ones take exactly three fields)."""
     if not structured:
         return (SEED_DIR_PREFIX + ", ".join(u.name for u in users) + "\n").encode("utf-8")
-    fields = [f"{u.name} {format_timestamp(u.since)} {u.idle}" for u in users]
+    fields = [f"{u.name} {format_timestamp(u.since)} {u.idle}" + (" bot" if marks and u.bot else "")
+              for u in users]
     return encode_line("USERS", *fields) if room is None else encode_line("NAMES", f"#{room}", *fields)
 
 
@@ -1074,6 +1077,18 @@ class OurLines(Encoding):
         return OUR_LINES[type(event)](event)
 
 
+class MarkedLines(OurLines):
+    """chatctl/1 for a client that said ``HELLO|chatctl/1|bots``: its lists of users mark bots.
+    The same bytes as OurLines otherwise (``shared`` too)."""
+
+    def event(self, event: ServerEvent) -> bytes:
+        if isinstance(event, UserList):
+            return encode_users(event.users, structured=True, marks=True)
+        if isinstance(event, RoomNames):
+            return encode_users(event.users, structured=True, room=event.room, marks=True)
+        return OUR_LINES[type(event)](event)
+
+
 class SeedLines(OurLines):
     """The seed's form, for a client that never said HELLO: messages as ``ana: hi``, a plain
     ``MSG_OK`` and the ``Users logged in:`` sentence; the rest as in chatctl/1."""
@@ -1092,7 +1107,7 @@ class SeedLines(OurLines):
         return OUR_LINES[type(event)](event)
 
 
-SEED_LINES, CHATCTL_LINES = SeedLines(), OurLines()
+SEED_LINES, CHATCTL_LINES, CHATCTL_MARKED_LINES = SeedLines(), OurLines(), MarkedLines()
 
 
 def parse_event(line: str) -> ServerEvent:
@@ -1184,8 +1199,8 @@ def _room_name(field_text: str) -> str:
 def _parse_users(entries: str) -> tuple[UserInfo, ...]:
     users = []
     for entry in entries.split("|") if entries else ():
-        name, since, idle = entry.split(" ")
-        users.append(UserInfo(name, parse_timestamp(since), int(idle)))
+        name, since, idle, *marks = entry.split(" ")
+        users.append(UserInfo(name, parse_timestamp(since), int(idle), "bot" in marks))
     return tuple(users)
 
 
@@ -4981,15 +4996,16 @@ class ClientSession:
     # --- command handlers (dispatched through COMMAND_HANDLERS) -----------------
 
     def handle_hello(self, arg: str | None) -> None:
-        """``HELLO|chatctl/1`` and options: ``quiet`` (a script: no presence notices, not listed)."""
+        """``HELLO|chatctl/1`` and options: ``quiet`` (a script: no presence notices, not listed),
+        ``bots`` (lists of users mark bots); options it does not know are let be."""
         options = (arg or "").split("|")[1:]
         if "quiet" in options:
             if self.name is not None:
                 raise ProtocolError("already-registered", "HELLO|...|quiet must come before USER")
             self.quiet = True
         self.extended = True
-        if self.encoding is SEED_LINES:  # (a gateway that says HELLO for its client keeps its own)
-            self.encoding = CHATCTL_LINES
+        if self.encoding in (SEED_LINES, CHATCTL_LINES):  # (a gateway's HELLO for its client: its own)
+            self.encoding = CHATCTL_MARKED_LINES if "bots" in options else CHATCTL_LINES
         self.tell(Welcome(PROTOCOL_NAME, f"chatctl {__version__}"))
 
     def handle_pass(self, arg: str | None) -> None:
@@ -7642,7 +7658,7 @@ class ChatConnection:
         """Announce chatctl (``quiet``: a script, without presence notices); a seed server answers
         ERR and we keep to the seed's protocol."""
         try:
-            self.request("HELLO", PROTOCOL_NAME, *(["quiet"] if quiet else []), expect=(Welcome,))
+            self.request("HELLO", PROTOCOL_NAME, "bots", *(["quiet"] if quiet else []), expect=(Welcome,))
         except RejectedError as exc:
             if exc.code in REFUSALS:
                 raise
@@ -8007,6 +8023,7 @@ class RoomsModel:
         self.known: set[str] = {MAIN_ROOM}   # every room heard of (for completion)
         self._topics: dict[str, str] = {}    # topics of rooms not entered yet (a JOIN's TOPIC comes first)
         self._names: dict[str, dict[str, str]] = {}  # members of rooms not entered yet (NAMES comes first)
+        self._bots: set[str] = set()         # the keys of names the server's lists marked as bots'
         self._dropped: list[tuple[str, int]] = []  # DM conversations let go unread (said, then cleared)
 
     @property
@@ -8094,6 +8111,16 @@ class RoomsModel:
         """The server's room list: what completion offers (with the rooms we are in)."""
         with self._lock:
             self.known = {*rooms, *self._room_names()}
+
+    def learn_bots(self, users: Iterable[UserInfo]) -> None:
+        """A list of users from the server: which of them are bots."""
+        with self._lock:
+            for u in users:
+                (self._bots.add if u.bot else self._bots.discard)(name_key(u.name))
+
+    def is_bot(self, name: str) -> bool:
+        with self._lock:
+            return name_key(name) in self._bots
 
     def set_members(self, room: str, names: Iterable[str]) -> None:
         with self._lock:
@@ -8661,6 +8688,7 @@ class ChatClient:
             self.front.changed()
         elif isinstance(event, UserList):
             self._set_online(event.users)
+            self.model.learn_bots(event.users)
             self.front.users(event.users)
         elif isinstance(event, (Confirmed, Topic, RoomNames, RoomInfo, Entered, Exited)) \
                 and self._room_event(event):
@@ -8791,12 +8819,13 @@ class ChatClient:
                           room=event.room)
         elif isinstance(event, RoomNames):
             self.model.set_members(event.room, [u.name for u in event.users])
+            self.model.learn_bots(event.users)
             with self._lock:
                 quietly = self._names_quietly[event.room] > 0
                 if quietly:
                     self._names_quietly[event.room] -= 1
             if not quietly:
-                names = ", ".join(u.name for u in event.users) or "nobody"
+                names = ", ".join(u.name + (" (bot)" if u.bot else "") for u in event.users) or "nobody"
                 self.note(f"in #{display_text(event.room)}: {display_text(names)}", room=event.room)
         elif isinstance(event, RoomInfo):
             self._room_list.append(event)
@@ -9501,7 +9530,7 @@ def user_table(users: tuple[UserInfo, ...], name_cell: Callable[[str], str] = di
     table.add_column("Online since")
     table.add_column("Idle", justify="right")
     for u in users:
-        table.add_row(name_cell(u.name),
+        table.add_row(name_cell(u.name) + (" [dim](bot)[/]" if u.bot else ""),
                       local_time(u.since, with_date=True) if u.since else "-",
                       format_idle(u.idle) if u.since else "-")
     return table
@@ -9603,7 +9632,7 @@ def render_tokens_table(name: str, tokens: list[TokenInfo]) -> None:
 
 def users_as_json(users: tuple[UserInfo, ...]) -> str:
     return json.dumps([{"name": u.name, "since": format_timestamp(u.since) if u.since else None,
-                        "idle": u.idle} for u in users])
+                        "idle": u.idle, "bot": u.bot} for u in users])
 
 
 def render_bench(r: BenchResult) -> None:
@@ -10854,7 +10883,8 @@ def tui_app():
                 names = model.members(current)
             members.append(f"{len(names)} here\n", style="dim")
             for name in names:  # one row each, cut with … : a long name's tail never passes for another
-                members.append(one_row(neutralise(name), TUI_SIDEBAR - 4) + "\n",
+                shown = neutralise(name) + (" (bot)" if model.is_bot(name) else "")
+                members.append(one_row(shown, TUI_SIDEBAR - 4) + "\n",
                                style="bold reverse" if chat.is_me(name) else f"{user_colour(name)}")
             self.query_one("#members", Static).update(members)
             link = "connected" if chat.session.connected else "not connected: reconnecting"

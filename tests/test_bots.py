@@ -153,3 +153,43 @@ def test_irc_shows_a_bot_as_a_bot(make_server, isolated_home):
         assert "bot" in tags
     finally:
         irc.close()
+
+
+def test_our_lists_mark_bots_for_clients_that_ask_and_older_clients_get_three_fields(make_server,
+                                                                                      isolated_home):
+    server = make_server(auth_delay=0)
+    token = bot_with_token(server.port, isolated_home)
+    bot = RawClient(server.port)
+    bot.send(f"HELLO|chatctl/1\nUSER|ci|{token}\nJOIN|#deploys\n".encode())
+    bot.expect("JOIN_OK")
+    new = RawClient(server.port)
+    new.send(b"HELLO|chatctl/1|bots\nUSER|ana\nDIR\nNAMES|#deploys\n")
+    assert " bot" in next(e for e in new.expect("USERS|").split("|")[1:] if e.startswith("ci "))
+    names = chatctl.parse_event(new.expect("NAMES|"))
+    assert [(u.name, u.bot) for u in names.users] == [("ci", True)]
+    old = RawClient(server.port)  # a chatctl of before: its parser takes exactly three fields
+    old.send(b"HELLO|chatctl/1\nUSER|bob\nDIR\n")
+    assert all(len(entry.split(" ")) == 3 for entry in old.expect("USERS|").split("|")[1:])
+    who = run_cli("who", "-p", str(server.port), "--json", env=isolated_home)
+    assert who.returncode == 0, who.stderr
+    assert {u["name"]: u["bot"] for u in json.loads(who.stdout)} == {"ci": True, "ana": False, "bob": False}
+    table = run_cli("who", "-p", str(server.port), env=isolated_home)
+    assert "ci (bot)" in table.stdout and "ana (bot)" not in table.stdout
+
+
+def test_tui_marks_a_bot_among_the_members(make_server, isolated_home):
+    from test_tui import client_config, connected, run, until
+
+    server = make_server(auth_delay=0)
+    token = bot_with_token(server.port, isolated_home)
+    bot = RawClient(server.port)
+    bot.send(f"HELLO|chatctl/1\nUSER|ci|{token}\n".encode())
+    bot.expect("USER_OK")
+
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        await until(pilot, lambda: "ci (bot)" in str(app.query_one("#members").content), "ci is marked")
+        assert "ana (bot)" not in str(app.query_one("#members").content)
+
+    run(scenario, client_config(server.port))
+    bot.close()
