@@ -371,6 +371,7 @@ ERROR_CODES = {
     "not-owner": "only the owner of a protected name can change it",
     "token-login": "logged in with a token: the password, the protection and tokens need the password",
     "unknown-token": "no token of that name",
+    "not-a-bot": "only a bot's name has tokens: chatctl register -u NAME --bot",
     "too-many-tokens": "this name has as many tokens as it may; revoke one first",
     "no-tokens": "bot names and tokens are not shared across a cluster yet: on a server with a bus, use "
                  "a password",
@@ -2248,18 +2249,22 @@ class AccountStore:
             return self._db.execute("SELECT label, created, used FROM tokens WHERE key = ? ORDER BY created",
                                     (key,)).fetchall()
 
-    def revoke_token(self, key: str, label: str) -> bool:
+    def revoke_token(self, key: str, label: str) -> str | None:
+        """Forget ``key``'s token ``label``; its hash, or None if there was none."""
         with self._lock:
-            deleted = self._db.execute("DELETE FROM tokens WHERE key = ? AND label = ?", (key, label))
-            return deleted.rowcount > 0
+            row = self._db.execute("SELECT hash FROM tokens WHERE key = ? AND label = ?",
+                                   (key, label)).fetchone()
+            if row:
+                self._db.execute("DELETE FROM tokens WHERE hash = ?", row)
+        return row[0] if row else None
 
-    def token_owner(self, token_hash: str) -> str | None:
-        """The key whose token this is (and the token counts as used now), or None."""
+    def token_owner(self, token_hash: str) -> tuple[str, str] | None:
+        """The key whose token this is and the token's name (it counts as used now), or None."""
         with self._lock:
-            row = self._db.execute("SELECT key FROM tokens WHERE hash = ?", (token_hash,)).fetchone()
+            row = self._db.execute("SELECT key, label FROM tokens WHERE hash = ?", (token_hash,)).fetchone()
             if row:
                 self._db.execute("UPDATE tokens SET used = ? WHERE hash = ?", (time.time(), token_hash))
-        return row[0] if row else None
+        return tuple(row) if row else None
 
     def meta(self, key: str) -> str:
         with self._lock:
@@ -4736,7 +4741,8 @@ class ClientSession:
         self.quiet = False              # HELLO|chatctl/1|quiet: a script (not listed, no presence)
         self.presence_seq = 0           # the sequence number of its own JOIN line (presence lines after it)
         self.last_register = -math.inf  # monotonic time of the last REGISTER
-        self.by_token = False               # its protected name was proved with a token, not the password
+        self.by_token = ""                  # the hash of the token that proved its name ('': none, or a
+        self.token_label = ""               # ... password) and that token's name
         self.connected_at = time.monotonic()
         self.last_active = self.connected_at  # any input: for the idle timeout
         self.last_spoke = self.connected_at   # last message sent: the idle time USERS shows
@@ -5051,9 +5057,10 @@ class ClientSession:
             raise ProtocolError("not-registered", "register first: USER|<name>")
         if self.server.bus is not None:
             raise ProtocolError("no-tokens", ERROR_CODES["no-tokens"])
-        if not self.owner or self.by_token:
-            raise ProtocolError("not-owner", "only the owner of a protected name, with its password, can "
-                                "say it is a bot's")
+        if self.by_token:
+            raise ProtocolError("token-login", ERROR_CODES["token-login"])
+        if not self.owner:
+            raise ProtocolError("not-owner", "only the owner of a protected name can say it is a bot's")
         self.server.local_accounts.set_bot(self.key, True)
         self.server.bots = self.server.local_accounts.bots()
         log.info("%s is a bot's name now", self.name)
@@ -5085,6 +5092,8 @@ class ClientSession:
             raise ProtocolError("token-login", ERROR_CODES["token-login"])
         store = self.server.local_accounts
         if verb == "LIST":
+            if label:
+                raise ProtocolError("bad-argument", "TOKEN|LIST takes nothing more")
             tokens = store.tokens(self.key)
             self.tell(*[TokenInfo(*row) for row in tokens], EndOfList("TOKENS", len(tokens)))
             return
@@ -5092,11 +5101,16 @@ class ClientSession:
             raise ProtocolError("bad-argument", f"a token's name is 1 to {MAX_TOKEN_LABEL} letters, digits, "
                                 "'_', '-' or '.'")
         if verb == "REVOKE":
-            if not store.revoke_token(self.key, label):
+            hashed = store.revoke_token(self.key, label)
+            if hashed is None:
                 raise ProtocolError("unknown-token", f"{self.name} has no token named {label!r}")
-            log.info("%s revoked their token %r", self.name, label)
+            log.info("%s revoked their token %r (from %s)", self.name, label, self.peer)
+            self.server.end_token_sessions(self.key, hashed, f"the token {label!r} was revoked")
             self.tell(Confirmed("TOKEN", label))
             return
+        if self.key not in self.server.bots:
+            raise ProtocolError("not-a-bot", f"{self.name} is not a bot's name: only a bot's name has tokens "
+                                f"(chatctl register -u {self.name} --bot)")
         token = new_token()
         added = store.add_token(self.key, label, token_hash(token), self.server.config.tokens_per_account)
         if added == "exists":
@@ -5105,7 +5119,7 @@ class ClientSession:
         if added == "full":
             raise ProtocolError("too-many-tokens", f"{self.name} has {self.server.config.tokens_per_account} "
                                 "tokens, the most it may; revoke one first")
-        log.info("%s made a token %r", self.name, label)
+        log.info("%s made a token %r (from %s)", self.name, label, self.peer)
         self.tell(Confirmed("TOKEN", f"{label}|{token}"))  # the only time the token is said
 
     def handle_msg(self, arg: str | None) -> None:
@@ -6317,6 +6331,13 @@ class ChatServer:
                 self.stopping.wait(self.config.auth_delay)
         return bool(ok)
 
+    def end_token_sessions(self, key: str, hashed: str, reason: str) -> None:
+        """Disconnect the sessions that logged in as ``key`` with the token ``hashed`` ('': any token):
+        a revoked or dropped token holds no name."""
+        for s in self.registry.sessions():
+            if s.key == key and s.by_token and (not hashed or s.by_token == hashed):
+                s.disconnect(reason)
+
     def _check_owner(self, session: ClientSession, name: str, key: str, password: str | None) -> bool:
         """Whether ``name`` is protected; raises unless ``password`` is its password."""
         stored = self.accounts.password_hash(key)
@@ -6324,10 +6345,15 @@ class ChatServer:
             return False
         if password is None:
             raise ProtocolError("name-protected", f"the name {name!r} is protected: USER|{name}|<password>")
-        if password.startswith(TOKEN_PREFIX) and self.bus is None \
-                and self.local_accounts.token_owner(token_hash(password)) == key:
-            session.by_token = True  # (a wrong token is checked as a password below, and counted)
-            return True
+        if password.startswith(TOKEN_PREFIX) and self.bus is None:
+            hashed = token_hash(password)
+            owner = self.local_accounts.token_owner(hashed)
+            if owner is not None and owner[0] == key:
+                # let in even while wrong guesses have locked the name or the address: a token cannot be
+                # guessed, and a bot is not to be locked out by someone else's tries
+                session.by_token, session.token_label = hashed, owner[1]
+                return True
+            # (a wrong token is checked as a password below, so it is counted and delayed as one)
         what = "token" if password.startswith(TOKEN_PREFIX) else "password"  # (a revoked token, say)
         if not self.check_password(session, key, lambda: self.hasher.run(verify_password, password, stored),
                                    f"wrong {what} for {name}"):
@@ -6352,6 +6378,7 @@ class ChatServer:
             raise ProtocolError("not-owner", ERROR_CODES["not-owner"])
         self.accounts.unprotect(session.key)
         self.bots = self.bots - {session.key}  # (the name, no longer an account, is nobody's bot)
+        self.end_token_sessions(session.key, "", "the name's protection was dropped")
         session.owner = False
         log.info("%s dropped the protection of their name", session.name)
 
@@ -6389,7 +6416,8 @@ class ChatServer:
         if not session.quiet:
             if owner and unmarked and store is not None:  # stored, so that `rooms -u` counts from here too
                 store.set_marker(key, MAIN_ROOM, session.markers[MAIN_ROOM])
-            log.info("%s joined from %s", name, session.peer)
+            log.info("%s joined from %s%s", name, session.peer,
+                     f" (token {session.token_label!r})" if session.by_token else "")
 
     def _claim_here(self, session: ClientSession, name: str, key: str, owner: bool,
                     markers: dict[str, int]) -> None:
@@ -7563,6 +7591,14 @@ class ClientTls:
         return secured
 
 
+def one_line_secret(secret: str) -> str:
+    """A password or token as one field: a line break in it would send what follows as a frame of
+    its own (a stray line in CHATCTL_USER_PASSWORD, say), so it is refused here."""
+    if any(c in secret for c in "\r\n\0"):
+        raise ConfigError("the password or token has a line break (or a NUL) in it; it was not sent")
+    return secret
+
+
 class ChatConnection:
     """A client's connection: one request at a time, events that arrive meanwhile kept in ``pending``."""
 
@@ -7667,17 +7703,17 @@ class ChatConnection:
 
     def authenticate(self, password: str) -> None:
         """``PASS``: the server's password, before anything else."""
-        self.request("PASS", password, expect=(Confirmed,))
+        self.request("PASS", one_line_secret(password), expect=(Confirmed,))
 
     def register(self, name: str, password: str | None = None) -> None:
         """``USER``; ``password`` proves a protected name (and takes it over from a stale session)."""
         if password is None:
             self.request("USER", name, expect=(Registered,))
         else:
-            self.request("USER", name, password, expect=(Registered,))
+            self.request("USER", name, one_line_secret(password), expect=(Registered,))
 
     def protect(self, password: str) -> None:
-        self.request("REGISTER", password, expect=(Confirmed,))
+        self.request("REGISTER", one_line_secret(password), expect=(Confirmed,))
 
     def unprotect(self) -> None:
         self.request("UNREGISTER", expect=(Confirmed,))
@@ -7830,7 +7866,7 @@ def credential(config: ClientConfig) -> str:
 
 
 def register_as(conn: ChatConnection, name: str, password: str,
-                ask_password: PasswordPrompt | None) -> str:
+                ask_password: PasswordPrompt | None, tokens: bool = True) -> str:
     """Register; for a protected name, with ``password`` or what ``ask_password`` gets.
 
     Returns the password that worked (empty if none was needed).
@@ -7842,8 +7878,9 @@ def register_as(conn: ChatConnection, name: str, password: str,
         if exc.code != "name-protected" or password:
             raise
         if ask_password is None:
+            token = " (or CHATCTL_TOKEN to a token of it)" if tokens else " (a token cannot do this)"
             raise RejectedError(exc.code, f"the name {name!r} is protected: set CHATCTL_USER_PASSWORD "
-                                "to its password (or CHATCTL_TOKEN to a token of it)") from None
+                                f"to its password{token}") from None
     password = ask_password(name)
     conn.register(name, password)
     return password
@@ -7863,7 +7900,7 @@ def set_protection(config: ClientConfig, name: str, new_password: str | None,
     """Protect ``name`` with ``new_password`` (or change it); None drops the protection.  ``bot``:
     the name is a bot's."""
     with connect(config, notify=client_notice, quiet=True) as conn:
-        register_as(conn, name, config.user_password, ask_password)
+        register_as(conn, name, config.user_password, ask_password, tokens=False)
         if new_password is None:
             conn.unprotect()
         else:
@@ -7876,7 +7913,7 @@ def manage_tokens(config: ClientConfig, name: str, ask_password: PasswordPrompt 
                   action: Callable[[ChatConnection], object]) -> object:
     """``action`` on a connection registered (quietly) as ``name`` with its password."""
     with connect(config, notify=client_notice, quiet=True) as conn:
-        register_as(conn, name, config.user_password, ask_password)
+        register_as(conn, name, config.user_password, ask_password, tokens=False)
         return action(conn)
 
 
@@ -11738,6 +11775,13 @@ def token_options(command):
     return connection_options("of the server")(command)
 
 
+def _token_label_flag(value: str) -> str:
+    if not validate_token_label(value):
+        raise click.BadParameter(f"{value!r}: a token's name is 1 to {MAX_TOKEN_LABEL} letters, digits, '_', "
+                                 "'-' or '.'")
+    return value
+
+
 def token_config(host, port, config_file, tls, cafile, tls_fingerprint, user) -> ClientConfig:
     config = load_config("client", {"host": host, "port": port, "user": user,
                                     **tls_flags(tls, cafile, tls_fingerprint)}, config_file)
@@ -11748,8 +11792,9 @@ def token_config(host, port, config_file, tls, cafile, tls_fingerprint, user) ->
 
 @token.command("create", epilog=exit_codes_help(*CLIENT_EXITS))
 @token_options
-@click.option("--name", "label", default="default", show_default=True,
-              help="What the token is for (1-40 of a-z, 0-9, '_', '-', '.'), to list and revoke it by.")
+@click.option("--name", "label", default="default", show_default=True, callback=lambda ctx, param, value:
+              _token_label_flag(value),
+              help="What the token is for (1-40 letters, digits, '_', '-', '.'), to list and revoke it by.")
 @click.option("--json", "as_json", is_flag=True, help='{"name": ..., "token": ...} on stdout.')
 def token_create(host, port, config_file, tls, cafile, tls_fingerprint, user, label, as_json) -> None:
     """Make a token of a protected name and print it, once."""
@@ -11777,7 +11822,7 @@ def token_list(host, port, config_file, tls, cafile, tls_fingerprint, user, as_j
 
 @token.command("revoke", epilog=exit_codes_help(*CLIENT_EXITS))
 @token_options
-@click.argument("label", metavar="NAME")
+@click.argument("label", metavar="NAME", callback=lambda ctx, param, value: _token_label_flag(value))
 def token_revoke(host, port, config_file, tls, cafile, tls_fingerprint, user, label) -> None:
     """Revoke the token NAME: it logs in no more (connections it made stay until they end)."""
     config = token_config(host, port, config_file, tls, cafile, tls_fingerprint, user)

@@ -193,3 +193,47 @@ def test_tui_marks_a_bot_among_the_members(make_server, isolated_home):
 
     run(scenario, client_config(server.port))
     bot.close()
+
+
+def test_a_revoked_or_dropped_token_holds_the_name_no_longer(make_server, isolated_home):
+    server = make_server(auth_delay=0)
+    token = bot_with_token(server.port, isolated_home)
+    held = RawClient(server.port)
+    held.send(f"HELLO|chatctl/1\nUSER|ci|{token}\n".encode())
+    held.expect("USER_OK")
+    owner = {**isolated_home, "CHATCTL_USER_PASSWORD": PASSWORD}
+    assert run_cli("token", "revoke", "-p", str(server.port), "-u", "ci", "gha", env=owner).returncode == 0
+    assert held.expect("BYE|") == "BYE|the token 'gha' was revoked"
+
+    second = run_cli("token", "create", "-p", str(server.port), "-u", "ci", "--name", "spare", env=owner)
+    squatter = RawClient(server.port)
+    squatter.send(f"HELLO|chatctl/1\nUSER|ci|{second.stdout.strip()}\n".encode())
+    squatter.expect("USER_OK")
+    dropped = run_cli("register", "-p", str(server.port), "-u", "ci", "--drop", env=owner)
+    assert dropped.returncode == 0, dropped.stderr
+    assert squatter.expect("BYE|") == "BYE|the name's protection was dropped"
+    again = run_cli("register", "-p", str(server.port), "-u", "ci", input=PASSWORD + "\n", env=isolated_home)
+    assert again.returncode == 0, again.stderr  # the owner has the name back
+
+
+def test_tokens_are_for_bots_names_only(make_server, isolated_home):
+    server = make_server(auth_delay=0)
+    person = RawClient(server.port)
+    person.send(f"HELLO|chatctl/1\nUSER|anna\nREGISTER|{PASSWORD}\nTOKEN|CREATE|phone\n".encode())
+    person.expect("REGISTER_OK")
+    assert person.expect("ERR|").startswith("ERR|not-a-bot|anna is not a bot's name")
+
+
+def test_a_secret_with_a_line_break_is_refused_not_sent_as_a_second_frame(make_server, isolated_home):
+    server = make_server(auth_delay=0)
+    bot_with_token(server.port, isolated_home)
+    env = {**isolated_home, "CHATCTL_USER_PASSWORD": PASSWORD + "\nTOKEN|CREATE|injected"}
+    sent = run_cli("send", "-p", str(server.port), "-u", "ci", "x", env=env)
+    assert sent.returncode == chatctl.EXIT_CONFIG and "line break" in sent.stderr
+    assert sent.stderr.count("\n") == 1
+    assert [label for label, *_ in server.local_accounts.tokens(chatctl.confusable_key("ci"))] == ["gha"]
+
+
+def test_a_bad_token_name_is_a_usage_error(isolated_home):
+    result = run_cli("token", "create", "-p", "1", "-u", "ci", "--name", "bad name!", env=isolated_home)
+    assert result.returncode == chatctl.EXIT_USAGE and "a token's name is 1 to 40" in result.stderr
