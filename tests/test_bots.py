@@ -24,6 +24,14 @@ def bot_with_token(port: int, env: dict, label: str = "gha") -> str:
     return token.stdout.strip()
 
 
+def online_as(port: int, name: str, secret: str) -> RawClient:
+    """A chatctl/1 client online as ``name``, proved with ``secret`` (a password or a token)."""
+    client = RawClient(port)
+    client.send(f"HELLO|chatctl/1\nUSER|{name}|{secret}\n".encode())
+    client.expect("USER_OK")
+    return client
+
+
 def test_a_bot_posts_with_its_token_until_it_is_revoked(make_server, isolated_home):
     server = make_server(auth_delay=0)
     ana = RawClient(server.port)
@@ -59,9 +67,7 @@ def test_a_bot_posts_with_its_token_until_it_is_revoked(make_server, isolated_ho
 def test_a_token_cannot_change_the_password_the_protection_or_the_tokens(make_server, isolated_home):
     server = make_server(auth_delay=0)
     token = bot_with_token(server.port, isolated_home)
-    bot = RawClient(server.port)
-    bot.send(f"HELLO|chatctl/1\nUSER|ci|{token}\n".encode())
-    bot.expect("USER_OK")
+    bot = online_as(server.port, "ci", token)
     for frame in (b"REGISTER|a-new-password\n", b"UNREGISTER\n", b"TOKEN|CREATE|another\n", b"TOKEN|LIST\n",
                   b"TOKEN|REVOKE|gha\n", b"BOT\n"):
         bot.send(frame)
@@ -93,9 +99,7 @@ def test_an_irc_bot_logs_in_with_its_token_as_the_sasl_password(make_server, iso
 def test_tokens_are_capped_named_once_and_only_for_protected_names(make_server, isolated_home):
     server = make_server(auth_delay=0, tokens_per_account=2)
     bot_with_token(server.port, isolated_home, "one")
-    owner = RawClient(server.port)
-    owner.send(f"HELLO|chatctl/1\nUSER|ci|{PASSWORD}\n".encode())
-    owner.expect("USER_OK")
+    owner = online_as(server.port, "ci", PASSWORD)
     owner.send(b"TOKEN|CREATE|one\n")
     assert owner.expect("ERR|").startswith("ERR|bad-argument|ci has a token named 'one'")
     owner.send(b"TOKEN|CREATE|two\n")
@@ -131,9 +135,7 @@ def test_with_a_bus_tokens_are_refused_in_one_line(redis_server, make_server, is
 def test_irc_shows_a_bot_as_a_bot(make_server, isolated_home):
     server = make_server(auth_delay=0)
     token = bot_with_token(server.port, isolated_home)
-    bot = RawClient(server.port)
-    bot.send(f"HELLO|chatctl/1\nUSER|ci|{token}\n".encode())
-    bot.expect("USER_OK")
+    bot = online_as(server.port, "ci", token)
     irc = IrcClient(server.port)
     try:
         irc.send("CAP LS 302", "NICK wee", "USER wee 0 * :wee", "CAP REQ :message-tags", "CAP END")
@@ -182,9 +184,7 @@ def test_tui_marks_a_bot_among_the_members(make_server, isolated_home):
 
     server = make_server(auth_delay=0)
     token = bot_with_token(server.port, isolated_home)
-    bot = RawClient(server.port)
-    bot.send(f"HELLO|chatctl/1\nUSER|ci|{token}\n".encode())
-    bot.expect("USER_OK")
+    bot = online_as(server.port, "ci", token)
 
     async def scenario(app, pilot):
         await connected(app, pilot)
@@ -198,9 +198,7 @@ def test_tui_marks_a_bot_among_the_members(make_server, isolated_home):
 def test_a_revoked_or_dropped_token_holds_the_name_no_longer(make_server, isolated_home):
     server = make_server(auth_delay=0)
     token = bot_with_token(server.port, isolated_home)
-    held = RawClient(server.port)
-    held.send(f"HELLO|chatctl/1\nUSER|ci|{token}\n".encode())
-    held.expect("USER_OK")
+    held = online_as(server.port, "ci", token)
     owner = {**isolated_home, "CHATCTL_USER_PASSWORD": PASSWORD}
     assert run_cli("token", "revoke", "-p", str(server.port), "-u", "ci", "gha", env=owner).returncode == 0
     assert held.expect("BYE|") == "BYE|the token 'gha' was revoked"
