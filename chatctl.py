@@ -4716,7 +4716,8 @@ class ClientSession:
     first), the departures thread the step to DRAINING once its reader is
     done, the writer the step to CLOSED.  ``leave_at`` (when its BYE was
     queued) is written once, by the thread that ended it; ``write_shut`` is
-    the writer's, ``serving`` the poller's.
+    the writer's, ``serving`` the poller's.  ``by_token`` and ``token_label``
+    (the token that proved its name) are written once, at USER, by its reader.
     """
 
     def __init__(self, server: ChatServer, sock: socket.socket, address: tuple):
@@ -6069,6 +6070,9 @@ class ChatServer:
     servers did, applied for the bus), ``rooms`` (what sessions do to
     rooms), and the Writer, ReadPoller and ReaderPool.  Its threads are in
     the module docstring's table; all of them end in ``shutdown()``.
+    ``bots`` (the keys of bots' names, from the accounts) is a frozenset that
+    the reader thread adding or dropping a bot replaces whole, so the
+    encoders and the lists read it without a lock.
 
     Callers use ``start``, ``serve_forever``, ``shutdown``, ``address`` and
     ``port``; sessions call ``register``, ``rooms``' methods,
