@@ -219,6 +219,30 @@ def run_cli(*args: str, env: dict[str, str], input: str | None = None,
                           text=True, timeout=timeout)
 
 
+@pytest.fixture
+def spawn_join(isolated_home):
+    """``join`` in a pty (pexpect) as ``name`` on ``port``, once its prompt is up; all closed afterwards."""
+    children = []
+
+    import pexpect
+
+    def spawn(name: str, port: int, *args: str, color: bool = False) -> pexpect.spawn:
+        env = {**isolated_home, "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm-256color"}
+        if color:
+            env.pop("NO_COLOR", None)
+        child = pexpect.spawn(sys.executable, [*CHATCTL[1:], "join", "-u", name, "-p", str(port), *args],
+                              env=env, dimensions=(40, 140), encoding="utf-8",
+                              codec_errors="replace", timeout=10)
+        children.append(child)
+        child.expect(f"connected to 127.0.0.1:{port} as")
+        child.expect(r"#[a-z0-9_-]+>")  # the prompt: the current room
+        return child
+
+    yield spawn
+    for child in children:
+        child.close(force=True)
+
+
 def register_many(port: int, names: list[str], hello: bool = False, timeout: float = 20) -> list[RawClient]:
     """Raw clients registered under ``names``, USER_OK read (and HELLO sent first if asked)."""
     clients = []

@@ -6,11 +6,9 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
-import pexpect
 import pytest
 
 import chatctl
@@ -276,24 +274,6 @@ def test_redis_restarted_empty_ids_keep_increasing(node, redis_server):
     intruder = RawClient(b.port)
     intruder.send(b"USER|ana\n")
     assert intruder.expect("ERR|").startswith("ERR|name-taken|")
-
-
-@pytest.fixture
-def spawn_join(isolated_home):
-    children = []
-
-    def spawn(name: str, port: int, *args: str) -> pexpect.spawn:
-        env = {**isolated_home, "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm-256color"}
-        child = pexpect.spawn(sys.executable, [*CHATCTL[1:], "join", "-u", name, "-p", str(port), *args],
-                              env=env, dimensions=(40, 140), encoding="utf-8", codec_errors="replace",
-                              timeout=10)
-        children.append(child)
-        child.expect(r"#[a-z0-9_-]+>")
-        return child
-
-    yield spawn
-    for child in children:
-        child.close(force=True)
 
 
 def test_a_client_moving_to_another_server_fills_its_gap(node, spawn_join):

@@ -28,27 +28,6 @@ def echoed(text: str) -> str:
     return _CSI.join(r"(?: |\x1b\[\d*C)" if ch == " " else re.escape(ch) for ch in text)
 
 
-@pytest.fixture
-def spawn_join(isolated_home):
-    children = []
-
-    def spawn(name: str, port: int, *args: str, color: bool = False) -> pexpect.spawn:
-        env = {**isolated_home, "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm-256color"}
-        if color:
-            env.pop("NO_COLOR", None)
-        child = pexpect.spawn(sys.executable, [*CHATCTL[1:], "join", "-u", name, "-p", str(port), *args],
-                              env=env, dimensions=(40, 140), encoding="utf-8",
-                              codec_errors="replace", timeout=10)
-        children.append(child)
-        child.expect(f"connected to 127.0.0.1:{port} as")
-        child.expect(r"#[a-z0-9_-]+>")  # the prompt: the current room
-        return child
-
-    yield spawn
-    for child in children:
-        child.close(force=True)
-
-
 def test_incoming_message_does_not_break_a_half_typed_line(server, user, spawn_join):
     bob = user("bob")
     ana = spawn_join("ana", server.port)
