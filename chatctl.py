@@ -896,6 +896,13 @@ class Confirmed:
 
 
 @dataclass(frozen=True, slots=True)
+class BotNames:
+    """The ``BOTS`` reply: ``BOTS|name|name|...``, every bot's name the server keeps."""
+
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class TokenInfo:
     """One line of the ``TOKEN|LIST`` reply: ``TOKEN|name|created|last used`` (never the token)."""
 
@@ -989,7 +996,7 @@ class HistoryPage:
 ServerEvent = (
     Delivered | Acknowledged | Registered | Welcome | UserList | Joined | Left
     | ErrorReply | Pong | Goodbye | EndOfList | Confirmed | RoomInfo | ServerStatus | RoomNames | Topic
-    | Entered | Exited | HistoryPage | TokenInfo | UnknownLine
+    | Entered | Exited | HistoryPage | TokenInfo | BotNames | UnknownLine
 )
 CONFIRMATIONS = ("PASS_OK", "REGISTER_OK", "UNREGISTER_OK", "JOIN_OK", "PART_OK", "MARK_OK", "CLOSE_OK",
                  "TOKEN_OK", "BOT_OK")
@@ -1060,6 +1067,7 @@ OUR_LINES: dict[type, Callable[[object], bytes]] = {
     HistoryPage: _encode_history_page,
     TokenInfo: lambda e: encode_line("TOKEN", e.label, format_timestamp(e.created),
                                      format_timestamp(e.used) if e.used else ""),
+    BotNames: lambda e: encode_line("BOTS", *e.names),
 }
 
 
@@ -1170,6 +1178,8 @@ def _parse_event(line: str) -> ServerEvent:
         room, joined, online, messages, unread, mentions, last, topic = rest.split("|", 7)
         return RoomInfo(_room_name(room), joined == "1", int(online), int(messages), int(unread),
                         int(mentions), parse_timestamp(last) if last else 0.0, unescape_text(topic))
+    if verb == "BOTS" or line == "BOTS":
+        return BotNames(tuple(rest.split("|")) if rest else ())
     if verb == "TOKEN":
         label, created, used = rest.split("|", 2)
         return TokenInfo(label, parse_timestamp(created), parse_timestamp(used) if used else 0.0)
@@ -2230,6 +2240,11 @@ class AccountStore:
         """The keys of every bot's name."""
         with self._lock:
             return frozenset(row[0] for row in self._db.execute("SELECT key FROM accounts WHERE bot = 1"))
+
+    def bot_names(self) -> list[str]:
+        """Every bot's name, as it was protected."""
+        with self._lock:
+            return [row[0] for row in self._db.execute("SELECT name FROM accounts WHERE bot = 1")]
 
     def add_token(self, key: str, label: str, token_hash: str, most: int) -> str:
         """Keep a new token of ``key``: 'ok', or 'exists' (that name is taken) or 'full' (``most``)."""
@@ -5146,6 +5161,11 @@ class ClientSession:
     def handle_dir(self, arg: str | None) -> None:
         self.tell(UserList(tuple(self.server.users())))
 
+    def handle_bots(self, arg: str | None) -> None:
+        """``BOTS``: every bot's name (what history marks as a bot's messages)."""
+        names = self.server.local_accounts.bot_names() if self.server.bus is None else []
+        self.tell(BotNames(tuple(names)))
+
     def handle_ping(self, arg: str | None) -> None:
         self.tell(Pong(None if arg is None else sanitise_line(arg)))
 
@@ -5310,6 +5330,7 @@ COMMAND_HANDLERS: dict[str, Handler] = {
     "ME": ClientSession.handle_me,
     "DM": ClientSession.handle_dm,
     "DIR": ClientSession.handle_dir,
+    "BOTS": ClientSession.handle_bots,
     "PING": ClientSession.handle_ping,
     "QUIT": ClientSession.handle_quit,
     "HISTORY": ClientSession.handle_history,
@@ -7752,6 +7773,15 @@ class ChatConnection:
     def mark_bot(self) -> None:
         self.request("BOT", expect=(Confirmed,))
 
+    def bots(self) -> frozenset[str]:
+        """The keys (confusable_key) of every bot's name; none from a server that knows no bots."""
+        try:
+            return frozenset(map(confusable_key, self.request("BOTS", expect=(BotNames,)).names))
+        except RejectedError as exc:
+            if exc.code == "unknown-command":  # a server from before bots
+                return frozenset()
+            raise
+
     def create_token(self, label: str) -> str:
         """A new token named ``label`` of the name we proved with its password; said this once only."""
         return self.request("TOKEN", "CREATE", label, expect=(Confirmed,)).arg.partition("|")[2]
@@ -7947,9 +7977,9 @@ def fetch_servers(config: ClientConfig) -> list[ServerStatus]:
 
 def fetch_history(config: ClientConfig, name: str | None = None, limit: int = 20,
                   before: int | None = None, after: int | None = None,
-                  search: str | None = None, room: str | None = None) -> list[ChatMessage]:
-    """Stored messages of ``room`` (or #main), oldest first; registering as ``name`` (no room) adds
-    that user's direct messages.
+                  search: str | None = None, room: str | None = None) -> tuple[list[ChatMessage], frozenset]:
+    """Stored messages of ``room`` (or #main), oldest first, and the keys of the bots' names;
+    registering as ``name`` (no room) adds that user's direct messages.
 
     The registration is quiet: the owner of a protected name reads their
     direct messages while their own session stays online.
@@ -7958,12 +7988,14 @@ def fetch_history(config: ClientConfig, name: str | None = None, limit: int = 20
         if name:
             register_as(conn, name, credential(config), None)
         if search is not None:
-            return conn.search(search, limit, room=room)
-        if before is not None:
-            return conn.history("BEFORE", str(before), str(limit), room=room)
-        if after is not None:
-            return conn.history("AFTER", str(after), str(limit), room=room)
-        return conn.history("LAST", str(limit), room=room)
+            messages = conn.search(search, limit, room=room)
+        elif before is not None:
+            messages = conn.history("BEFORE", str(before), str(limit), room=room)
+        elif after is not None:
+            messages = conn.history("AFTER", str(after), str(limit), room=room)
+        else:
+            messages = conn.history("LAST", str(limit), room=room)
+        return messages, conn.bots()
 
 
 # --- join: input lines and a connection that outlives the server's restarts ----------
@@ -9581,7 +9613,7 @@ def render_user_table(users: tuple[UserInfo, ...]) -> None:
     print_table(user_table(users))
 
 
-def render_history_table(messages: list[ChatMessage]) -> None:
+def render_history_table(messages: list[ChatMessage], bots: frozenset[str] = frozenset()) -> None:
     from rich.table import Table
 
     table = Table(title=f"{len(messages)} message(s)", title_justify="left")
@@ -9592,16 +9624,18 @@ def render_history_table(messages: list[ChatMessage]) -> None:
     table.add_column("Text", overflow="fold")
     for m in messages:
         text = "\n".join(display_text(line) for line in m.text.split("\n"))
-        table.add_row(str(m.id), local_time(m.ts, with_date=True), display_text(m.sender),
+        bot = " [dim](bot)[/]" if confusable_key(m.sender) in bots else ""
+        table.add_row(str(m.id), local_time(m.ts, with_date=True), display_text(m.sender) + bot,
                       display_text(m.recipient) if m.recipient else f"#{m.room}",
                       f"* {text}" if m.kind == "me" else text)
     print_table(table)
 
 
-def message_as_json(m: ChatMessage) -> str:
+def message_as_json(m: ChatMessage, bots: frozenset[str] = frozenset()) -> str:
     room = None if m.kind == "dm" else f"#{m.room}"  # the room as rooms --json and people write it
     return json.dumps({"id": m.id, "ts": format_timestamp(m.ts), "kind": m.kind, "from": m.sender,
-                       "to": m.recipient, "room": room, "text": m.text})
+                       "bot": confusable_key(m.sender) in bots, "to": m.recipient, "room": room,
+                       "text": m.text})
 
 
 def rooms_as_json(rooms: list[RoomInfo], with_unread: bool = True) -> str:
@@ -11508,12 +11542,12 @@ def history(host, port, config_file, limit, before, after, search, user, as_json
         raise click.UsageError("use at most one of --before, --after and --search")
     config = load_config("client", {"host": host, "port": port, **tls_flags(tls, cafile, tls_fingerprint)},
                          config_file)
-    messages = fetch_history(config, user, limit, before, after, search, room)
+    messages, bots = fetch_history(config, user, limit, before, after, search, room)
     if as_json:
         for m in messages:
-            click.echo(message_as_json(m))
+            click.echo(message_as_json(m, bots))
     elif messages:
-        render_history_table(messages)
+        render_history_table(messages, bots)
     else:
         click.echo("No messages.", err=True)
 

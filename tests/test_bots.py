@@ -24,10 +24,10 @@ def bot_with_token(port: int, env: dict, label: str = "gha") -> str:
     return token.stdout.strip()
 
 
-def online_as(port: int, name: str, secret: str) -> RawClient:
-    """A chatctl/1 client online as ``name``, proved with ``secret`` (a password or a token)."""
+def online_as(port: int, name: str, secret: str | None = None) -> RawClient:
+    """A chatctl/1 client online as ``name``, proved with ``secret`` (a password or a token) if given."""
     client = RawClient(port)
-    client.send(f"HELLO|chatctl/1\nUSER|{name}|{secret}\n".encode())
+    client.send(f"HELLO|chatctl/1\nUSER|{name}{'' if secret is None else '|' + secret}\n".encode())
     client.expect("USER_OK")
     return client
 
@@ -235,3 +235,20 @@ def test_a_secret_with_a_line_break_is_refused_not_sent_as_a_second_frame(make_s
 def test_a_bad_token_name_is_a_usage_error(isolated_home):
     result = run_cli("token", "create", "-p", "1", "-u", "ci", "--name", "bad name!", env=isolated_home)
     assert result.returncode == chatctl.EXIT_USAGE and "a token's name is 1 to 40" in result.stderr
+
+
+def test_history_marks_a_bots_messages(make_server, isolated_home):
+    server = make_server(auth_delay=0)
+    token = bot_with_token(server.port, isolated_home)
+    person = online_as(server.port, "ana")
+    person.send(b"MSG|a person's line\n")
+    person.expect("MSG_OK")
+    sent = run_cli("send", "-p", str(server.port), "-u", "ci", "a bot's line",
+                   env={**isolated_home, "CHATCTL_TOKEN": token})
+    assert sent.returncode == 0, sent.stderr
+    listed = run_cli("history", "-p", str(server.port), "--json", env=isolated_home)
+    assert listed.returncode == 0, listed.stderr
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(r["from"], r["bot"]) for r in rows] == [("ana", False), ("ci", True)]
+    table = run_cli("history", "-p", str(server.port), env=isolated_home)
+    assert "ci (bot)" in table.stdout and "ana (bot)" not in table.stdout

@@ -223,6 +223,7 @@ def test_every_event_our_server_makes_reads_back_as_the_same_event():
         chatctl.ServerStatus("a", "host:7001", 3, 0.5, 0, True),
         chatctl.TokenInfo("github-actions", ts, ts + 60), chatctl.TokenInfo("spare", ts, 0.0),
         chatctl.Confirmed("TOKEN", "gha|chatctl_abc"), chatctl.Confirmed("BOT", "ci"),
+        chatctl.BotNames(("ci", "deploybot")), chatctl.BotNames(()),
         chatctl.RoomNames("deploys", users), chatctl.Topic("deploys", ts, "ana", "builds"),
         chatctl.Entered("deploys", ts, "bob"), chatctl.Exited("deploys", ts, "bob", "lunch"),
     ]
