@@ -6367,6 +6367,11 @@ class ChatServer:
         """Whether ``name`` is protected; raises unless ``password`` is its password."""
         stored = self.accounts.password_hash(key)
         if stored is None:
+            if password is not None and password.startswith(TOKEN_PREFIX):
+                # a bot's token for a name nobody protects (its -u mistyped, say): refused, rather than
+                # posting as that name unproved while the job that sent it passes
+                raise ProtocolError("bad-password", f"a token was given, but {name!r} is no bot's name: "
+                                    "check the name")
             return False
         if password is None:
             raise ProtocolError("name-protected", f"the name {name!r} is protected: USER|{name}|<password>")
@@ -7149,6 +7154,15 @@ class IrcGate(Encoding):
                          f"0 {holder.name}")
         self.numeric("315", mask, "End of WHO list")
 
+    def irc_whowas(self, params: tuple[str, ...]) -> None:
+        """WHOWAS: we keep no record of who was here (irssi asks it after a WHOIS of someone offline)."""
+        if not params:
+            self.numeric("431", "No nickname given")
+            return
+        nick = params[0][:40]
+        self.numeric("406", nick, "There was no such nickname")
+        self.numeric("369", nick, "End of WHOWAS")
+
     def irc_whois(self, params: tuple[str, ...]) -> None:
         if not params:
             self.numeric("431", "No nickname given")
@@ -7496,6 +7510,7 @@ IRC_COMMANDS: dict[str, IrcHandler] = {
     "QUIT": IrcGate.irc_quit, "JOIN": IrcGate.irc_join, "PART": IrcGate.irc_part,
     "PRIVMSG": IrcGate.irc_privmsg, "NOTICE": IrcGate.irc_notice, "TOPIC": IrcGate.irc_topic,
     "NAMES": IrcGate.irc_names, "WHO": IrcGate.irc_who, "WHOIS": IrcGate.irc_whois, "LIST": IrcGate.irc_list,
+    "WHOWAS": IrcGate.irc_whowas,
     "AWAY": IrcGate.irc_away, "MODE": IrcGate.irc_mode, "MOTD": IrcGate.irc_motd, "ISON": IrcGate.irc_ison,
     "USERHOST": IrcGate.irc_userhost, "CHATHISTORY": IrcGate.irc_chathistory,
 }
@@ -7912,7 +7927,7 @@ def register_as(conn: ChatConnection, name: str, password: str,
         if exc.code != "name-protected" or password:
             raise
         if ask_password is None:
-            token = " (or CHATCTL_TOKEN to a token of it)" if tokens else " (a token cannot do this)"
+            token = " (or CHATCTL_TOKEN to a token of it)" if tokens else " (this needs it, not a token)"
             raise RejectedError(exc.code, f"the name {name!r} is protected: set CHATCTL_USER_PASSWORD "
                                 f"to its password{token}") from None
     password = ask_password(name)
@@ -8773,6 +8788,10 @@ class ChatClient:
             self.note(f"the name {display_text(event.arg)} is "
                       + ("now protected by your password" if protected else "no longer protected"))
         elif isinstance(event, ErrorReply):
+            if event.code in ("invalid-room", "too-many-rooms"):  # a /join refused: no switch to wait for
+                with self._lock:
+                    self._switch_on_join = None
+                    self._settled.notify_all()
             self.warn("server: " + display_text(f"{event.text} ({event.code})"))
         elif isinstance(event, UnknownLine):
             self.note(display_text(event.line))
@@ -8869,7 +8888,9 @@ class ChatClient:
             if event.verb == "JOIN":
                 self.model.entered(room)
                 if self._switch_on_join == room:  # a room the person joined: its last lines, as on start
-                    self._switch_on_join = None
+                    with self._lock:
+                        self._switch_on_join = None
+                        self._settled.notify_all()  # (a pipe's next line goes to this room: wait_switched)
                     self.switch(room)
                     if self.backlog:
                         self.request_history(room, "entered", count=self.backlog)
@@ -9216,6 +9237,16 @@ class ChatClient:
         with self._lock:
             names = [n for n in self.online.values() if not self.is_me(n)]
         return len(word), [name + suffix for name in names if name_key(name).startswith(name_key(word))]
+
+    def wait_switched(self, timeout: float) -> bool:
+        """Wait until a /join's first room is joined and current (or the JOIN refused)."""
+        deadline = time.monotonic() + timeout
+        with self._settled:
+            while self._switch_on_join is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._settled.wait(remaining):
+                    return self._switch_on_join is None
+        return True
 
     def wait_settled(self, timeout: float) -> bool:
         """Wait until every sent message got MSG_OK or ERR."""
@@ -9627,7 +9658,7 @@ def render_history_table(messages: list[ChatMessage], bots: frozenset[str] = fro
         bot = " [dim](bot)[/]" if confusable_key(m.sender) in bots else ""
         table.add_row(str(m.id), local_time(m.ts, with_date=True), display_text(m.sender) + bot,
                       display_text(m.recipient) if m.recipient else f"#{m.room}",
-                      f"* {text}" if m.kind == "me" else text)
+                      f"* {display_text(m.sender)} {text}" if m.kind == "me" else text)
     print_table(table)
 
 
@@ -9984,6 +10015,8 @@ class JoinClient(ClientFrontEnd):
                     raise ClientError("lost the connection to the server")
                 if not keep_going:
                     break
+                if line.lstrip().startswith("/join "):  # the lines after it go to that room
+                    self.chat.wait_switched(timeout)
             if not self.chat.wait_settled(timeout):
                 raise ServerTimeout("the server did not acknowledge every message in time")
         finally:

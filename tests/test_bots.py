@@ -252,3 +252,13 @@ def test_history_marks_a_bots_messages(make_server, isolated_home):
     assert [(r["from"], r["bot"]) for r in rows] == [("ana", False), ("ci", True)]
     table = run_cli("history", "-p", str(server.port), env=isolated_home)
     assert "ci (bot)" in table.stdout and "ana (bot)" not in table.stdout
+
+
+def test_a_token_given_for_a_name_nobody_protects_is_refused(make_server, isolated_home):
+    server = make_server(auth_delay=0)
+    token = bot_with_token(server.port, isolated_home)
+    typo = run_cli("send", "-p", str(server.port), "-u", "cii", "build 43",
+                   env={**isolated_home, "CHATCTL_TOKEN": token})
+    assert typo.returncode == chatctl.EXIT_REJECTED
+    assert "a token was given, but 'cii' is no bot's name" in typo.stderr
+    assert not [m for m in server.history.recent(None, 10)[0] if m.sender == "cii"]

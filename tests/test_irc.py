@@ -486,6 +486,10 @@ def test_whois_shows_away(irc_server, irc):
     asker = irc("asker")
     asker.send("WHOIS lunching")
     asker.expect(r" 301 asker lunching :at lunch")
+    asker.send("WHOIS gone", "WHOWAS gone")  # irssi asks WHOWAS after a WHOIS of someone offline
+    asker.expect(r" 401 asker gone :No such nick")
+    asker.expect(r" 406 asker gone :There was no such nickname")
+    asker.expect(r" 369 asker gone :End of WHOWAS")
 
 
 def test_a_target_with_a_pipe_is_no_nick(irc_server, irc):

@@ -242,6 +242,17 @@ def test_piped_lines_are_sent_and_join_exits_when_acknowledged(server, user, iso
     assert "Traceback" not in result.stderr
 
 
+def test_piped_lines_after_a_join_go_to_that_room(server, isolated_home):
+    result = run_cli("join", "-u", "bot", "-p", str(server.port),
+                     input="in main\n/join #deploys\ndeploy 42 started\n/join #main\nback in main\n",
+                     env=isolated_home)
+    assert result.returncode == 0, result.stderr
+    stored = [(m.room, m.text) for m in server.history.recent(None, 50)[0] if m.sender == "bot"]
+    assert stored == [("main", "in main"), ("main", "back in main")]
+    in_deploys = [m.text for m in server.history.recent(None, 50, room="deploys")[0]]
+    assert in_deploys == ["deploy 42 started"]
+
+
 def test_a_long_pipe_is_paced_under_the_rate_limit_and_nothing_is_lost(server, isolated_home):
     lines = "".join(f"step {i}\n" for i in range(250))  # past the default burst (100) at 20 a second
     result = run_cli("join", "-u", "bot", "-p", str(server.port), input=lines, env=isolated_home, timeout=60)
