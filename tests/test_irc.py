@@ -206,6 +206,7 @@ def test_topic_names_who_list_and_whois(irc_server, irc):
     wee.expect(r" 306 wee ")
     wee.expect(r" 305 wee ")
     wee.send("JOIN #ops")
+    wee.expect(r" 366 wee #ops ")
     bob.send(b"JOIN|#ops\nPART|#ops\n")  # no reason: no empty one either (irssi shows "[]")
     assert wee.expect(r":bob!bob@chatctl PART #ops.*").group(0).endswith("PART #ops")
     wee.send("PART #deploys :done here")
