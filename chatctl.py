@@ -555,6 +555,7 @@ def _prototypes() -> dict[str, str]:
     return _confusable_prototypes
 
 
+@functools.lru_cache(maxsize=4096)  # (IRC's bot tag asks it of each message's sender)
 def confusable_key(name: str) -> str:
     """What a name looks like: two names with the same key pass for each other on screen.
 
@@ -1086,16 +1087,19 @@ class OurLines(Encoding):
         return OUR_LINES[type(event)](event)
 
 
+MARKED_LINES: dict[type, Callable[[object], bytes]] = {
+    **OUR_LINES,
+    UserList: lambda e: encode_users(e.users, structured=True, marks=True),
+    RoomNames: lambda e: encode_users(e.users, structured=True, room=e.room, marks=True),
+}
+
+
 class MarkedLines(OurLines):
     """chatctl/1 for a client that said ``HELLO|chatctl/1|bots``: its lists of users mark bots.
     The same bytes as OurLines otherwise (``shared`` too)."""
 
     def event(self, event: ServerEvent) -> bytes:
-        if isinstance(event, UserList):
-            return encode_users(event.users, structured=True, marks=True)
-        if isinstance(event, RoomNames):
-            return encode_users(event.users, structured=True, room=event.room, marks=True)
-        return OUR_LINES[type(event)](event)
+        return MARKED_LINES[type(event)](event)
 
 
 class SeedLines(OurLines):
