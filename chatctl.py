@@ -194,6 +194,9 @@ MAX_TOKEN_LABEL = 40                 # longest name of a token, in characters
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1  # about 16 MiB and 50 ms per hash
 TLS_HANDSHAKE_BYTE = 0x16            # the first byte of every TLS ClientHello
 TAKEN_OVER = "taken over"            # BYE reason prefix: the owner logged in elsewhere; do not reconnect
+LOGGED_OUT = "logged out"            # BYE reason prefix: another device of the account ended this one
+MAX_DEVICES = 10                     # connections one protected name (an account) may have at once
+CLIENT_KINDS = ("join", "tui", "web", "bot")  # what our clients say they are (HELLO|chatctl/1|client=tui)
 MAX_QUIT_REASON = 200                # characters of a QUIT reason that reach the LEAVE line and the log
 SERVER_PASSWORD = ""                 # the throttle's target for the server password (no name is empty)
 
@@ -376,6 +379,8 @@ ERROR_CODES = {
     "no-tokens": "bot names and tokens are not shared across a cluster yet: on a server with a bus, use "
                  "a password",
     "weak-password": "passwords are 8 to 1024 bytes",
+    "too-many-devices": "this name is online from as many devices as it may be; log one out first",
+    "unknown-device": "no device of that number is online",
     "accounts-off": "this server keeps no accounts",
     "rate-limited": "too many frames too fast; this one was dropped",
     "tls-required": "this server only speaks TLS; connect with --tls",
@@ -581,6 +586,20 @@ def confusable_key(name: str) -> str:
 
 
 _last_stamp: tuple[int, str] = (-1, "")
+
+
+def format_idle(seconds: int) -> str:
+    """Seconds as people read an idle time: 42s, 5m, 2h07m."""
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def local_time(ts: float, with_date: bool = False) -> str:
+    """A UTC timestamp as local time (and date), for people."""
+    return time.strftime("%Y-%m-%d %H:%M" if with_date else "%H:%M", time.localtime(ts))
 
 
 def format_timestamp(ts: float) -> str:
@@ -793,16 +812,20 @@ class UserInfo:
     since: float   # when the user registered, UTC seconds
     idle: int      # seconds since the user last sent anything
     bot: bool = False  # a bot's name (in chatctl/1, only to clients that said HELLO|chatctl/1|bots)
+    devices: int = 1   # connections of the name (an account online from a laptop and a phone: 2), ditto
 
 
 def encode_users(users: Iterable[UserInfo], structured: bool, room: str | None = None,
                  marks: bool = False) -> bytes:
     """The DIR reply: the seed's sentence, or ``USERS|name since idle|...`` after HELLO;
     with ``room``, the NAMES reply ``NAMES|#room|name since idle|...``.  ``marks``: a bot's entry
-    ends in `` bot`` (for clients that asked: older ones take exactly three fields)."""
+    ends in `` bot``, and a name online from several devices in `` devices=N`` (for clients that
+    asked: older ones take exactly three fields)."""
     if not structured:
         return (SEED_DIR_PREFIX + ", ".join(u.name for u in users) + "\n").encode("utf-8")
-    fields = [f"{u.name} {format_timestamp(u.since)} {u.idle}" + (" bot" if marks and u.bot else "")
+    fields = [f"{u.name} {format_timestamp(u.since)} {u.idle}"
+              + ((" bot" if u.bot else "") + (f" devices={u.devices}" if u.devices > 1 else "")
+                 if marks else "")
               for u in users]
     return encode_line("USERS", *fields) if room is None else encode_line("NAMES", f"#{room}", *fields)
 
@@ -913,6 +936,19 @@ class TokenInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """One line of the ``DEVICES`` reply: ``DEVICE|number|kind|address|since|idle|this``, a connection
+    of the asker's protected name (``kind``: join, tui, web, bot, irc, chatctl or seed)."""
+
+    number: int
+    kind: str
+    address: str
+    since: float         # when it logged in, UTC seconds
+    idle: int            # seconds since it last sent anything
+    this: bool           # the connection that asked
+
+
+@dataclass(frozen=True, slots=True)
 class RoomInfo:
     """One line of the ROOMS reply: ``ROOM|#name|joined|online|messages|unread|mentions|last|topic``.
 
@@ -980,6 +1016,15 @@ class Exited:
 
 
 @dataclass(frozen=True, slots=True)
+class RoomJoined:
+    """A room joined: its topic (if set), who is in it, then ``JOIN_OK|#room``; told to the device that
+    asked and, since rooms are the account's, to each of its other devices too."""
+
+    topic: Topic | None
+    names: RoomNames
+
+
+@dataclass(frozen=True, slots=True)
 class UnknownLine:
     line: str
 
@@ -997,10 +1042,10 @@ class HistoryPage:
 ServerEvent = (
     Delivered | Acknowledged | Registered | Welcome | UserList | Joined | Left
     | ErrorReply | Pong | Goodbye | EndOfList | Confirmed | RoomInfo | ServerStatus | RoomNames | Topic
-    | Entered | Exited | HistoryPage | TokenInfo | BotNames | UnknownLine
+    | Entered | Exited | HistoryPage | TokenInfo | BotNames | DeviceInfo | RoomJoined | UnknownLine
 )
 CONFIRMATIONS = ("PASS_OK", "REGISTER_OK", "UNREGISTER_OK", "JOIN_OK", "PART_OK", "MARK_OK", "CLOSE_OK",
-                 "TOKEN_OK", "BOT_OK")
+                 "TOKEN_OK", "BOT_OK", "LOGOUT_OK")
 
 
 # --- Encodings: events to bytes, one object per protocol ------------------------------------------
@@ -1043,6 +1088,11 @@ def _encode_history_page(e: HistoryPage) -> bytes:
     return b"".join(map(encode_message, e.messages)) + end
 
 
+def _encode_room_joined(e: RoomJoined, lines: dict[type, Callable[[object], bytes]]) -> bytes:
+    topic = lines[Topic](e.topic) if e.topic is not None else b""
+    return topic + lines[RoomNames](e.names) + encode_line("JOIN_OK", f"#{e.names.room}")
+
+
 # chatctl/1's line for each event (the seed's form differs in three: SeedLines below).
 OUR_LINES: dict[type, Callable[[object], bytes]] = {
     Delivered: lambda e: encode_message(e.message),
@@ -1069,6 +1119,9 @@ OUR_LINES: dict[type, Callable[[object], bytes]] = {
     TokenInfo: lambda e: encode_line("TOKEN", e.label, format_timestamp(e.created),
                                      format_timestamp(e.used) if e.used else ""),
     BotNames: lambda e: encode_line("BOTS", *e.names),
+    DeviceInfo: lambda e: encode_line("DEVICE", e.number, e.kind, e.address, format_timestamp(e.since),
+                                      e.idle, int(e.this)),
+    RoomJoined: lambda e: _encode_room_joined(e, OUR_LINES),
 }
 
 
@@ -1091,6 +1144,7 @@ MARKED_LINES: dict[type, Callable[[object], bytes]] = {
     **OUR_LINES,
     UserList: lambda e: encode_users(e.users, structured=True, marks=True),
     RoomNames: lambda e: encode_users(e.users, structured=True, room=e.room, marks=True),
+    RoomJoined: lambda e: _encode_room_joined(e, MARKED_LINES),
 }
 
 
@@ -1187,6 +1241,9 @@ def _parse_event(line: str) -> ServerEvent:
     if verb == "TOKEN":
         label, created, used = rest.split("|", 2)
         return TokenInfo(label, parse_timestamp(created), parse_timestamp(used) if used else 0.0)
+    if verb == "DEVICE":
+        number, kind, address, since, idle, this = rest.split("|", 5)
+        return DeviceInfo(int(number), kind, address, parse_timestamp(since), int(idle), this == "1")
     if verb == "SERVER":
         server_id, address, users, age, lag, this = rest.split("|", 5)
         return ServerStatus(server_id, address, int(users), float(age), int(lag), this == "1")
@@ -1215,7 +1272,8 @@ def _parse_users(entries: str) -> tuple[UserInfo, ...]:
     users = []
     for entry in entries.split("|") if entries else ():
         name, since, idle, *marks = entry.split(" ")
-        users.append(UserInfo(name, parse_timestamp(since), int(idle), "bot" in marks))
+        devices = next((int(m[8:]) for m in marks if m.startswith("devices=") and m[8:].isdigit()), 1)
+        users.append(UserInfo(name, parse_timestamp(since), int(idle), "bot" in marks, devices))
     return tuple(users)
 
 
@@ -1305,6 +1363,8 @@ class ServerConfig:
                                "limit)", min=0)
     register_per_hour: int = _key(REGISTERS_PER_HOUR, "names one IP address may protect (REGISTER) per hour "
                                   "(0, or rate = 0: no limit)", min=0)
+    max_devices: int = _key(MAX_DEVICES, "connections one protected name may have at once (its devices: "
+                            "a laptop, a phone, a tmux)", min=1, max=1000)
     tokens_per_account: int = _key(TOKENS_PER_ACCOUNT, "tokens one protected name may hold (chatctl token)",
                                    min=1, max=10_000)
     max_rooms: int = _key(MAX_ROOMS, "rooms the server keeps, empty ones included", min=1)
@@ -4455,20 +4515,32 @@ class Registry:
 
     Every field is written under ``lock``, by the methods below (reader
     threads, the departures thread, shutdown); readers get derived tuples
-    (``members()``, ``Room.members``) and a session's ``rooms`` mapping,
-    each replaced whole when it changes, so they read without the lock.
-    ``announce`` is the server's callback for JOIN and LEAVE lines, called
-    under the lock so the lines keep the registry's order.
+    (``members()``, ``holders()``, ``devices()``, ``Room.members``) and a
+    session's ``rooms`` mapping, each replaced whole when it changes, so they
+    read without the lock.  ``announce`` is the server's callback for JOIN and
+    LEAVE lines, called under the lock so the lines keep the registry's order;
+    ``presence_seq`` the newest such line's number.
+
+    A protected name is an account: its owner may hold it from several
+    connections at once (its devices, at most ``max_devices``).  The account is
+    one member to the others (one JOIN when its first device comes, one LEAVE
+    when its last goes, listed once); its devices share its rooms (each is in
+    every room the account is in) and its read markers; each gets what the
+    rooms deliver.  A name nobody protects is one connection.
     """
 
-    def __init__(self, config: ServerConfig, announce: Callable[..., None]):
+    def __init__(self, config: ServerConfig, announce: Callable[..., None],
+                 presence_seq: Callable[[], int]):
         self.config = config
         self.announce = announce
+        self.presence_seq = presence_seq
         self.lock = threading.Lock()
         self._sessions: set[ClientSession] = set()            # every connection, named or not
         self._per_address: dict[str, int] = {}
-        self._by_key: dict[str, ClientSession] = {}           # confusable_key -> the member holding the name
+        self._by_key: dict[str, ClientSession] = {}           # confusable_key -> the name's first device
+        self._devices: dict[str, tuple[ClientSession, ...]] = {}  # the same key -> every device, oldest first
         self._member_cache: tuple[ClientSession, ...] | None = None
+        self._holder_cache: tuple[ClientSession, ...] | None = None
         self.rooms: dict[str, Room] = {}                       # replaced whole when a room comes or goes
         self.config_rooms = frozenset(spec.partition(":")[0] for spec in config.rooms)  # never forgotten
         self.emptied: set[Room] = set()   # rooms departures left unused: the departures thread forgets them
@@ -4492,31 +4564,51 @@ class Registry:
             return list(self._sessions)
 
     def holder(self, key: str) -> ClientSession | None:
-        """The member holding the name of ``key`` (a confusable_key), if any."""
+        """The member holding the name of ``key`` (a confusable_key), if any (its first device)."""
         return self._by_key.get(key)
+
+    def devices(self, key: str | None) -> tuple[ClientSession, ...]:
+        """Every connection holding the name of ``key``, oldest first (none: ``()``)."""
+        return self._devices.get(key, ()) if key is not None else ()
 
     def claim(self, session: ClientSession, name: str, key: str, owner: bool,
               on_claimed: Callable[[], None]) -> ClientSession | None:
-        """Give ``session`` the name unless a member holds it (returned); a quiet session that owns
-        the name takes it beside its holder.  A member enters #main; ``on_claimed`` runs under the
-        lock, before the JOIN line is queued."""
+        """Give ``session`` the name unless a member holds it (returned).  Its owner's session is one
+        more device of the account (no takeover; at most ``max_devices``, else ProtocolError
+        too-many-devices); a quiet session that owns the name takes it beside its holder.  A member
+        enters #main (a device: the account's rooms); ``on_claimed`` runs under the lock, before the
+        JOIN line is queued (a device has none: its account is online already)."""
         with self.lock:
             holder = self._by_key.get(key)
-            if holder is not None and not (session.quiet and owner):
+            device = (holder is not None and owner and holder.owner and not session.quiet
+                      and not self.config.bus and not isinstance(holder, RemoteMember))
+            if holder is not None and not device and not (session.quiet and owner):
                 return holder
-            session.name, session.key, session.owner = name, key, owner
+            if device and len(self._devices[key]) >= self.config.max_devices:
+                raise ProtocolError("too-many-devices", f"{holder.name} is online from "
+                                    f"{self.config.max_devices} devices, the most it may be; log one out "
+                                    "first (/devices, /logout)")
+            session.name, session.key, session.owner = holder.name if device else name, key, owner
             if not isinstance(session, RemoteMember):  # one from another server brings its own
                 session.registered_at = time.time()
                 session.last_spoke = time.monotonic()
             session.advance(SessionState.REGISTERED)
-            if not session.quiet:
-                self._by_key[key] = session
+            if device:
+                self._devices[key] = (*self._devices[key], session)
+                for room in holder.rooms.values():
+                    room._add(session)
+                session.rooms = holder.rooms
+                session.presence_seq = self.presence_seq()  # it hears what happens from now on
                 self._member_cache = None
+            elif not session.quiet:
+                self._by_key[key] = session
+                self._devices[key] = (session,)
+                self._member_cache = self._holder_cache = None
                 main = self.rooms[MAIN_ROOM]
                 main._add(session)
                 session.rooms = {MAIN_ROOM: main}
             on_claimed()
-            if not session.quiet:
+            if not session.quiet and not device:
                 self.announce((Joined(time.time(), name), session, None), joined=True)
         return None
 
@@ -4527,9 +4619,19 @@ class Registry:
         departed = []
         with self.lock:
             for session in sessions:
-                if session.key is not None and self._by_key.get(session.key) is session:
-                    del self._by_key[session.key]
-                    departed.append(session)
+                devices = self._devices.get(session.key, ()) if session.key is not None else ()
+                if session in devices:
+                    others = tuple(d for d in devices if d is not session)
+                    self._member_cache = None
+                    if others:  # the account stays online: no LEAVE
+                        self._devices[session.key] = others
+                        if self._by_key[session.key] is session:
+                            self._by_key[session.key] = others[0]
+                            self._holder_cache = None
+                    else:
+                        del self._by_key[session.key], self._devices[session.key]
+                        self._holder_cache = None
+                        departed.append(session)
                 for room in session.rooms.values():
                     room._remove(session)
                     if room.unused:
@@ -4543,7 +4645,6 @@ class Registry:
                     else:
                         del self._per_address[session.host]
             if departed:
-                self._member_cache = None
                 if not quiet:
                     why = [sanitise_line(s.leave_reason or "connection closed") for s in departed]
                     self.announce(*[(Left(now, s.name, reason), s, None)
@@ -4551,12 +4652,21 @@ class Registry:
         return departed
 
     def members(self) -> tuple[ClientSession, ...]:
-        """Everyone holding a name, in join order: derived from ``_by_key``, cached until it changes."""
+        """Every connection holding a name (each device), in join order: derived from ``_devices``,
+        cached until it changes."""
         members = self._member_cache
         if members is None:
             with self.lock:
-                members = self._member_cache = tuple(self._by_key.values())
+                members = self._member_cache = tuple(d for ds in self._devices.values() for d in ds)
         return members
+
+    def holders(self) -> tuple[ClientSession, ...]:
+        """Each name online once (its first device), in join order; cached until it changes."""
+        holders = self._holder_cache
+        if holders is None:
+            with self.lock:
+                holders = self._holder_cache = tuple(self._by_key.values())
+        return holders
 
     # --- rooms ------------------------------------------------------------------------
 
@@ -4593,17 +4703,23 @@ class Registry:
                 self.rooms = {**self.rooms, record.name: room}
             return room
 
+    def _account(self, session: ClientSession) -> tuple[ClientSession, ...]:
+        """``session`` and the other devices of its account (the caller holds the lock)."""
+        devices = self._devices.get(session.key, ()) if session.key is not None else ()
+        return devices if session in devices else (session,)
+
     def enter(self, session: ClientSession, name: str,
-              create: Callable[[Room], None]) -> tuple[Room, bool]:
-        """Put ``session`` in room ``name``, made if missing (``create`` stores it, under the lock);
-        returns the room and whether the session was new to it."""
+              create: Callable[[Room], None]) -> tuple[Room, tuple[ClientSession, ...]]:
+        """Put ``session`` in room ``name``, made if missing (``create`` stores it, under the lock), and
+        with it the other devices of its account; returns the room and the devices new to it (none:
+        it was in the room already)."""
         config = self.config
         with self.lock:
             if session.leave_reason is not None:
                 raise ProtocolError("not-registered", "this connection is closing")
             room = self.rooms.get(name)
             if room is not None and name in session.rooms:
-                return room, False
+                return room, ()
             if len(session.rooms) >= config.max_rooms_per_user:
                 raise ProtocolError("too-many-rooms", f"you are in {len(session.rooms)} rooms, the most "
                                     f"one connection may be in; PART one first")
@@ -4615,21 +4731,29 @@ class Registry:
                 room = Room(RoomRecord(name, session.key if session.owner else "", time.time()))
                 create(room)
                 self.rooms = {**self.rooms, name: room}
-            room._add(session)
-            session.rooms = {**session.rooms, name: room}
+            devices = self._account(session)
+            rooms = {**session.rooms, name: room}
+            for device in devices:
+                room._add(device)
+                device.rooms = rooms
             self.announce((Entered(name, time.time(), session.name), session, room))
-            return room, True
+            return room, devices
 
-    def part(self, session: ClientSession, name: str, reason: str) -> Room | None:
-        """Take ``session`` out of room ``name``; returns the room if that left it unused (and forgotten)."""
+    def part(self, session: ClientSession, name: str,
+             reason: str) -> tuple[Room | None, tuple[ClientSession, ...]]:
+        """Take ``session`` and the other devices of its account out of room ``name``; returns the room
+        if that left it unused (and forgotten), and the devices taken out."""
         with self.lock:
             room = session.rooms.get(name)
             if room is None:
                 raise ProtocolError("not-in-room", f"you are not in #{name}")
-            room._remove(session)
-            session.rooms = {k: v for k, v in session.rooms.items() if k != name}
+            devices = self._account(session)
+            rooms = {k: v for k, v in session.rooms.items() if k != name}
+            for device in devices:
+                room._remove(device)
+                device.rooms = rooms
             self.announce((Exited(name, time.time(), session.name, reason), session, room))
-            return self._forget_if_unused(room)
+            return self._forget_if_unused(room), devices
 
     def forget_unused(self, keep: set[str]) -> None:
         """Forget the unused rooms not in ``keep`` (a cluster's rooms, after this server was away)."""
@@ -4763,6 +4887,8 @@ class ClientSession:
         self.last_register = -math.inf  # monotonic time of the last REGISTER
         self.by_token = ""                  # the hash of the token that proved its name ('': none, or a
         self.token_label = ""               # ... password) and that token's name
+        self.number = next(server.connection_numbers)  # names it among its account's devices (LOGOUT|n)
+        self.client_kind = "seed"           # what it is (DEVICES): chatctl, join, tui, web, bot, irc
         self.connected_at = time.monotonic()
         self.last_active = self.connected_at  # any input: for the idle timeout
         self.last_spoke = self.connected_at   # last message sent: the idle time USERS shows
@@ -4959,6 +5085,7 @@ class ClientSession:
         """From now on this session speaks ``gateway``'s protocol (its first frame was that protocol's,
         or it came to the gateway's own port)."""
         self.gate = self.encoding = gateway.attach(self)
+        self.client_kind = gateway.name
         self.decoder.mode = FrameDecoder.FRAMED  # a gateway's lines always end in a line end
 
     def _rate_limited(self, text: str) -> None:
@@ -5025,6 +5152,9 @@ class ClientSession:
         """``HELLO|chatctl/1`` and options: ``quiet`` (a script: no presence notices, not listed),
         ``bots`` (lists of users mark bots); options it does not know are let be."""
         options = (arg or "").split("|")[1:]
+        kind = next((o[7:] for o in options if o.startswith("client=")), "")
+        if self.gate is None:  # (a gateway's HELLO for its client: the kind is the gateway's)
+            self.client_kind = kind if kind in CLIENT_KINDS else "chatctl"
         if "quiet" in options:
             if self.name is not None:
                 raise ProtocolError("already-registered", "HELLO|...|quiet must come before USER")
@@ -5164,6 +5294,44 @@ class ClientSession:
 
     def handle_dir(self, arg: str | None) -> None:
         self.tell(UserList(tuple(self.server.users())))
+
+    def handle_devices(self, arg: str | None) -> None:
+        """``DEVICES``: each connection of this session's protected name, ``DEVICE|n|kind|address|since|
+        idle|this`` (only its owner sees them: a password or a token proved the name), then END."""
+        if self.name is None:
+            raise ProtocolError("not-registered", "register first: USER|<name>")
+        if not self.owner:
+            raise ProtocolError("not-owner", "only a protected name has devices, and only its owner sees "
+                                "them")
+        now = time.monotonic()
+        devices = [DeviceInfo(d.number, d.client_kind, d.host, d.registered_at, int(now - d.last_active),
+                              d is self) for d in self.server.registry.devices(self.key)]
+        self.tell(*devices, EndOfList("DEVICES", len(devices)))
+
+    def handle_logout(self, arg: str | None) -> None:
+        """``LOGOUT|n|password`` ends device ``n`` of this session's protected name, ``LOGOUT|others|
+        password`` every device but this one (a lost phone); the password, never a token."""
+        if self.name is None:
+            raise ProtocolError("not-registered", "register first: USER|<name>")
+        which, sep, password = (arg or "").partition("|")
+        if not sep or not which:
+            raise ProtocolError("missing-argument", "use LOGOUT|<device number>|<password> or "
+                                "LOGOUT|others|<password>")
+        if not self.owner:
+            raise ProtocolError("not-owner", "only the owner of a protected name can log its devices out")
+        if self.by_token:
+            raise ProtocolError("token-login", ERROR_CODES["token-login"])
+        number = None if which.lower() == "others" else _parse_number(which, "LOGOUT")
+        self.server.verify_owner_password(self, password)
+        devices = [d for d in self.server.registry.devices(self.key)
+                   if (d is not self if number is None else d.number == number)]
+        if number is not None and not devices:
+            raise ProtocolError("unknown-device", f"{self.name} has no device {number} online (DEVICES lists "
+                                "them)")
+        for device in devices:
+            device.disconnect(f"{LOGGED_OUT} from device {self.number} ({self.client_kind} at {self.host})")
+        log.info("%s logged out %d of their devices (from %s)", self.name, len(devices), self.peer)
+        self.tell(Confirmed("LOGOUT", str(len(devices))))
 
     def handle_bots(self, arg: str | None) -> None:
         """``BOTS``: every bot's name (what history marks as a bot's messages)."""
@@ -5335,6 +5503,8 @@ COMMAND_HANDLERS: dict[str, Handler] = {
     "DM": ClientSession.handle_dm,
     "DIR": ClientSession.handle_dir,
     "BOTS": ClientSession.handle_bots,
+    "DEVICES": ClientSession.handle_devices,
+    "LOGOUT": ClientSession.handle_logout,
     "PING": ClientSession.handle_ping,
     "QUIT": ClientSession.handle_quit,
     "HISTORY": ClientSession.handle_history,
@@ -5389,22 +5559,29 @@ class Presence:
 
     The Registry calls ``announce`` under its lock (so the events keep its order); the fan-out calls
     ``flush`` for the subjects of a batch's messages (their JOIN before their words).  ``_waiting``
-    (sequence number, event, subject, room: None for JOIN and LEAVE, which every member hears) and
-    ``unflushed`` (the subjects in it) are under ``_lock``, a leaf held for an append or a swap, so no
-    registry change waits for a fan-out; ``flush`` runs under the fan-out lock.
+    (sequence number, event, subject, room: None for JOIN and LEAVE, which every member hears),
+    ``_last`` (the newest sequence number) and ``unflushed`` (the subjects' names' keys in it) are
+    under ``_lock``, a leaf held for an append or a swap, so no registry change waits for a fan-out;
+    ``flush`` runs under the fan-out lock.  An event about a name reaches none of its own devices.
     """
 
     def __init__(self, server: ChatServer):
         self.server = server
         self._waiting: list[tuple[int, ServerEvent, ClientSession, Room | None]] = []
         self._seq = itertools.count(1)
-        self.unflushed: set[ClientSession] = set()
+        self._last = 0
+        self.unflushed: set[str] = set()
         self._lock = threading.Lock()
         self._due = threading.Event()
 
     def wake(self) -> None:
         """The thread looks at once (events are waiting, or the server is stopping)."""
         self._due.set()
+
+    def last_seq(self) -> int:
+        """The sequence number of the newest event announced (a new device hears those after it)."""
+        with self._lock:
+            return self._last
 
     def announce(self, *items: tuple[ServerEvent, ClientSession, Room | None], joined: bool = False,
                   leaving: bool = False) -> None:
@@ -5415,12 +5592,12 @@ class Presence:
         with self._lock:
             first = not self._waiting
             if leaving:
-                gone = {subject for _, subject, _ in items}
-                self._waiting = [item for item in self._waiting if item[3] is None or item[2] not in gone]
+                gone = {subject.key for _, subject, _ in items}
+                self._waiting = [item for item in self._waiting if item[3] is None or item[2].key not in gone]
             for event, subject, room in items:
-                seq = next(self._seq)
+                seq = self._last = next(self._seq)
                 self._waiting.append((seq, event, subject, room))
-                self.unflushed.add(subject)
+                self.unflushed.add(subject.key)
                 if joined:
                     subject.presence_seq = seq  # it hears only of what comes after its own JOIN
         if first:
@@ -5469,7 +5646,7 @@ class Presence:
             else:
                 items = [item for item in self._waiting if item[2].key in keys]
                 self._waiting = [item for item in self._waiting if item[2].key not in keys]
-                self.unflushed = {s for s in self.unflushed if s.key not in keys}
+                self.unflushed -= keys
         if not items:
             return []
         everyone = [item for item in items if item[3] is None]
@@ -5483,18 +5660,19 @@ class Presence:
         extra: dict[ClientSession, list[bytes | memoryview]] = {}
         for room, events in by_room.items():
             # A member that entered in this batch has the earlier ones in its NAMES: it hears what
-            # came after its own ENTER, never its own lines (a mass join of a room: a tail each).
-            entered = {subject: seq for seq, event, subject, _ in events if isinstance(event, Entered)}
-            last_own = {subject: seq for seq, _, subject, _ in events}
+            # came after its own ENTER, never its own lines (a mass join of a room: a tail each).  Its
+            # own: its name's, whichever of its devices they came from.
+            entered = {subject.key: seq for seq, event, subject, _ in events if isinstance(event, Entered)}
+            last_own = {subject.key: seq for seq, _, subject, _ in events}
             back = [(seq, left[subject.key]) for seq, _, subject, _ in events
                     if left.get(subject.key, seq) < seq]  # (lines of a name after its LEAVE)
             tails = Tails(events)
             for s in room.members:
                 if s.extended:
-                    since = entered.get(s, 0)
+                    since = entered.get(s.key, 0)
                     again = {seq for seq, leave in back if seq < since and leave > s.presence_seq}
-                    if last_own.get(s, 0) > since or again:  # only the others' lines, and those
-                        data = s.encoding.events(event for seq, event, who, _ in events if who is not s
+                    if last_own.get(s.key, 0) > since or again:  # only the others' lines, and those
+                        data = s.encoding.events(event for seq, event, who, _ in events if who.key != s.key
                                                  and (seq > since or seq in again))
                     else:
                         data = tails.after(s.encoding, since)
@@ -5532,18 +5710,22 @@ class FanOut:
                 recipient: str | None = None) -> None:
         """The one place every accepted message passes.
 
-        Here it gets its audience, fixed now: the room's members, or a
-        direct message's one recipient session.  The commit log gives it its
+        Here it gets its audience, fixed now: the room's members (every
+        device of each), or a direct message's recipient, each of its
+        devices, and the sender's other devices.  The commit log gives it its
         id and order, and hands it on in a batch to committed(), which fans
         the batch out and acknowledges it: each reader gets a whole batch in
         one queue write, and the reader threads never wait for one another's
         fan-out.
         """
         if recipient is not None:
-            target = self.server.registry.holder(confusable_key(recipient))
+            registry = self.server.registry
+            target = registry.holder(confusable_key(recipient))
             if target is None:
                 raise ProtocolError("unknown-user", f"no user named {sanitise_line(recipient)!r} is online")
-            recipient, audience, room, where = target.name, (target,), MAIN_ROOM, None
+            audience = tuple(dict.fromkeys((*(registry.devices(target.key) or (target,)),
+                                            *registry.devices(sender.key))))
+            recipient, room, where = target.name, MAIN_ROOM, None
         else:
             where = self.server.room(room)
             if room not in sender.rooms and not sender.quiet:
@@ -5582,7 +5764,7 @@ class FanOut:
         with self.lock:
             ready = []
             unflushed = self.server.presence.unflushed
-            subjects = {p.sender.key for p in batch if p.sender is not None and p.sender in unflushed}
+            subjects = {p.sender.key for p in batch if p.sender is not None and p.sender.key in unflushed}
             if subjects:  # their JOIN or ENTER before their messages; the rest waits for the presence thread
                 ready = self.server.presence.flush(members, subjects)
             ready += self._fan_out_batch(batch)
@@ -5745,7 +5927,7 @@ class ClusterMirror:
         key, token, room_name, reason = fields[:4]
         member = self.server.registry.holder(key)
         if isinstance(member, RemoteMember) and member.token == token and room_name in member.rooms:
-            forgotten = self.server.registry.part(member, room_name, reason)
+            forgotten, _ = self.server.registry.part(member, room_name, reason)
             if forgotten is not None:
                 self.server.rooms.retire(forgotten, closing=False)
 
@@ -5904,7 +6086,7 @@ class ClusterMirror:
         return self.server.public_address
 
     def cluster_user_count(self) -> int:
-        return sum(1 for s in self.server.members() if not isinstance(s, RemoteMember))
+        return sum(1 for s in self.server.holders() if not isinstance(s, RemoteMember))
 
     def cluster_close(self, name: str) -> None:
         """``name`` was closed in the shared log: it goes here too, with its history; if someone here
@@ -5956,8 +6138,8 @@ class Rooms:
                 session.host, 2 * fan_out_cost(session.name, "")):
             # its ENTER and its EXIT reach every member: joining and parting in a loop is a flood too
             raise ProtocolError("rate-limited", f"too many joins from {session.host} too fast")
-        room, new = self.server.registry.enter(session, name, create)
-        if new:
+        room, devices = self.server.registry.enter(session, name, create)
+        if devices:
             if self.server.bus is not None:
                 self.server.shared.moved(session, "n", room)
             session.markers.setdefault(name, room.last_id)
@@ -5965,9 +6147,20 @@ class Rooms:
             if session.owner and store is not None and name not in store.markers(session.key):
                 store.set_marker(session.key, name, session.markers[name])
         self.server.fanout.wait_delivered(self.server.log.last_id, JOIN_WAIT)
-        topic = [room.topic_event()] if room.topic else []
-        names = RoomNames(name, tuple(self.server.users(room.members)))
-        session.tell(*topic, names, Confirmed("JOIN", f"#{name}"))
+        joined = self.joined_event(room)
+        for device in devices or (session,):  # the account's other devices are told as if they had asked
+            device.tell(joined)
+
+    def joined_event(self, room: Room) -> RoomJoined:
+        """What a device joining ``room`` is told: its topic, its names, JOIN_OK."""
+        return RoomJoined(room.topic_event() if room.topic else None,
+                          RoomNames(room.name, tuple(self.server.users(room.members))))
+
+    def tell_rooms(self, session: ClientSession) -> None:
+        """A new device of an account is told the account's rooms (besides #main), as if it had asked."""
+        for room in list(session.rooms.values()):
+            if room.name != MAIN_ROOM:
+                session.tell(self.joined_event(room))
 
     def part(self, session: ClientSession, name: str, reason: str) -> None:
         """Take ``session`` out of a room; the EXIT line was paid for with the JOIN, its reason is
@@ -5976,10 +6169,11 @@ class Rooms:
             reason = ""
         session.wait_pending()  # its messages in the room go out before its EXIT
         room = session.rooms.get(name)
-        forgotten = self.server.registry.part(session, name, reason)
+        forgotten, devices = self.server.registry.part(session, name, reason)
         if self.server.bus is not None:
             self.server.shared.moved(session, "x", room, reason)
-        session.tell(Confirmed("PART", f"#{name}"))
+        for device in devices:
+            device.tell(Confirmed("PART", f"#{name}"))
         if forgotten is not None:
             self.retire(forgotten, closing=False)
 
@@ -6011,7 +6205,7 @@ class Rooms:
         members = self.server.members()
         with self.server.fanout.lock:  # the setter's own JOIN and ENTER first
             ready = (self.server.presence.flush(members, {session.key})
-                     if session is not None and session in self.server.presence.unflushed else [])
+                     if session is not None and session.key in self.server.presence.unflushed else [])
             ready += [s for s in room.members
                       if s.extended and s is not session and s.outbound.put(s.encoding.event(topic))]
         self.server.writer.schedule_many(ready)
@@ -6022,9 +6216,12 @@ class Rooms:
         upto = min(upto, self.server.fanout.delivered_upto)
         if upto <= session.markers.get(room.name, 0):
             return
-        session.markers[room.name] = upto
+        session.markers[room.name] = upto  # (the account's devices share one markers dict)
         if session.owner and self.server.marker_store is not None:
             self.server.marker_store.set_marker(session.key, room.name, upto)
+        for device in self.server.registry.devices(session.key):
+            if device is not session:  # read on one device: read on all of them
+                device.tell(Confirmed("MARK", f"#{room.name}|{upto}"))
 
     def close(self, session: ClientSession, name: str) -> None:
         def allowed(room: Room) -> None:
@@ -6111,8 +6308,9 @@ class ChatServer:
         self.writer = Writer()
         self.readers = ReaderPool()
         self.poller = ReadPoller(self.readers)
+        self.connection_numbers = itertools.count(1)  # each connection's number (its device number)
         self.presence = Presence(self)
-        self.registry = Registry(self.config, self.presence.announce)
+        self.registry = Registry(self.config, self.presence.announce, self.presence.last_seq)
         self.mirror = ClusterMirror(self)  # what the bus (if any) applies of other servers' doings
         self.rooms = Rooms(self)
         self._departures: queue.SimpleQueue[ClientSession | None] = queue.SimpleQueue()  # ended readers
@@ -6360,6 +6558,14 @@ class ChatServer:
                 self.stopping.wait(self.config.auth_delay)
         return bool(ok)
 
+    def verify_owner_password(self, session: ClientSession, password: str) -> None:
+        """Raise bad-password unless ``password`` is the password of ``session``'s protected name."""
+        stored = self.accounts.password_hash(session.key)
+        if stored is None or not self.check_password(
+                session, session.key, lambda: self.hasher.run(verify_password, password, stored),
+                f"wrong password for {session.name}"):
+            raise ProtocolError("bad-password", f"wrong password for {session.name!r}")
+
     def end_token_sessions(self, key: str, hashed: str, reason: str) -> None:
         """Disconnect the sessions that logged in as ``key`` with the token ``hashed`` ('': any token):
         a revoked or dropped token holds no name."""
@@ -6413,6 +6619,9 @@ class ChatServer:
         self.accounts.unprotect(session.key)
         self.bots = self.bots - {session.key}  # (the name, no longer an account, is nobody's bot)
         self.end_token_sessions(session.key, "", "the name's protection was dropped")
+        for device in self.registry.devices(session.key):  # an unprotected name is one connection
+            if device is not session:
+                device.disconnect(f"{LOGGED_OUT}: the name's protection was dropped from another device")
         session.owner = False
         log.info("%s dropped the protection of their name", session.name)
 
@@ -6450,8 +6659,12 @@ class ChatServer:
         if not session.quiet:
             if owner and unmarked and store is not None:  # stored, so that `rooms -u` counts from here too
                 store.set_marker(key, MAIN_ROOM, session.markers[MAIN_ROOM])
-            log.info("%s joined from %s%s", name, session.peer,
-                     f" (token {session.token_label!r})" if session.by_token else "")
+            devices = self.registry.devices(key)
+            device = f" (device {len(devices)} of {name})" if session in devices[1:] else ""
+            log.info("%s joined from %s%s%s", name, session.peer,
+                     f" (token {session.token_label!r})" if session.by_token else "", device)
+            if device and session.gate is None:  # (a gateway tells its client its rooms once it is welcomed)
+                self.rooms.tell_rooms(session)
 
     def _claim_here(self, session: ClientSession, name: str, key: str, owner: bool,
                     markers: dict[str, int]) -> None:
@@ -6474,8 +6687,10 @@ class ChatServer:
             raise ProtocolError("name-taken", f"the name {name!r} is in use")
 
     def _registered(self, session: ClientSession, markers: dict[str, int]) -> None:
-        """The name is ``session``'s (under the registry lock): USER_OK before any presence line."""
-        session.markers = markers
+        """The name is ``session``'s (under the registry lock): USER_OK before any presence line.
+        A device of an account online already shares its read markers."""
+        devices = self.registry.devices(session.key)
+        session.markers = devices[0].markers if session in devices[1:] else markers
         if not session.quiet:
             session.markers.setdefault(MAIN_ROOM, self.registry.rooms[MAIN_ROOM].last_id)
         session.tell(Registered())
@@ -6538,12 +6753,26 @@ class ChatServer:
         """Everyone holding a name, in join order."""
         return self.registry.members()
 
+    def holders(self) -> tuple[ClientSession, ...]:
+        """Each name online once (an account's first device), in join order."""
+        return self.registry.holders()
+
     def users(self, sessions: Iterable[ClientSession] | None = None) -> list[UserInfo]:
-        """What DIR (everyone online) or NAMES (``sessions``: a room's members) shows of each."""
+        """What DIR (everyone online) or NAMES (``sessions``: a room's members) shows of each name, once
+        however many devices it is online from (idle: since any of them last spoke)."""
         now = time.monotonic()
-        bots = self.bots
-        return [UserInfo(s.name, s.registered_at, int(now - s.last_spoke), s.key in bots)
-                for s in (self.members() if sessions is None else sessions)]
+        bots, devices_of = self.bots, self.registry.devices
+        users, seen = [], set()
+        for s in self.holders() if sessions is None else sessions:
+            if s.key in seen:
+                continue
+            seen.add(s.key)
+            devices = devices_of(s.key)
+            spoke = max(d.last_spoke for d in devices) if len(devices) > 1 else s.last_spoke
+            first = devices[0] if devices else s
+            users.append(UserInfo(first.name, first.registered_at, int(now - spoke), s.key in bots,
+                                  max(1, len(devices))))
+        return users
 
     # --- rooms --------------------------------------------------------------------------
 
@@ -6790,7 +7019,6 @@ class IrcGate(Encoding):
         self.caps: set[str] = set()
         self._lock = threading.Lock()
         self._list_more, self._list_last = False, ""  # LIST's pages: another is to come, after this room
-        self._joins: dict[str, list[bytes]] = {}      # rooms joining: their TOPIC and NAMES lines, held
         self._parting: dict[str, str] = {}            # rooms leaving: the reason, for the PART line
         self._asked: dict[str, list[str]] = {}        # verb -> what each request of it was for, oldest first
         self._batch = 0
@@ -7004,6 +7232,7 @@ class IrcGate(Encoding):
         self.call("TOPIC", f"#{MAIN_ROOM}", asked="jointopic")
         self.call("NAMES", f"#{MAIN_ROOM}", asked="names")
         self.send(*self._replay(MAIN_ROOM))
+        self.session.server.rooms.tell_rooms(self.session)  # a device of an account: the account's rooms
 
     def irc_ping(self, params: tuple[str, ...]) -> None:
         self.send(f":{IRC_SERVER} PONG {IRC_SERVER} :{sanitise_line(params[0]) if params else ''}")
@@ -7039,11 +7268,7 @@ class IrcGate(Encoding):
                 continue
             if room in self.session.rooms:
                 continue
-            with self._lock:
-                self._joins[room] = []
-            if not self._room_call("JOIN", room, f"#{room}"):
-                with self._lock:
-                    self._joins.pop(room, None)
+            self._room_call("JOIN", room, f"#{room}")
 
     def irc_part(self, params: tuple[str, ...]) -> None:
         if not params:
@@ -7383,12 +7608,8 @@ class IrcGate(Encoding):
     def out_topic(self, event: Topic, batch: str) -> list[str]:
         me, channel = self.nick, f"#{event.room}"
         with self._lock:
-            held = self._joins.get(event.room)
             asked = self._asked.get("TOPIC", [])
             query = asked[0] if asked and asked[0] in ("topic", "jointopic") else ""
-            if held is not None:
-                held.append(self._topic_lines(event) if event.text else [])
-                return []
             if query:
                 asked.pop(0)
         if query:  # the answer to a TOPIC query; on joining, no topic is no line at all
@@ -7409,14 +7630,17 @@ class IrcGate(Encoding):
     def out_names(self, event: RoomNames, batch: str) -> list[str]:
         me, channel = self.nick, f"#{event.room}"
         with self._lock:
-            held = self._joins.get(event.room)
             asked = self._asked.get("NAMES", [])
-            purpose = asked.pop(0) if asked and held is None else "names"
+            purpose = asked.pop(0) if asked else "names"
         if purpose == "who":
             who = [f":{IRC_SERVER} 352 {me} {channel} {u.name} {IRC_HOST} {IRC_SERVER} {u.name} "
                    f"{'HB' if u.bot else 'H'} :0 {u.name}"
                    for u in event.users]
             return [*who, f":{IRC_SERVER} 315 {me} {channel} :End of WHO list"]
+        return self._names_lines(event)
+
+    def _names_lines(self, event: RoomNames) -> list[str]:
+        me, channel = self.nick, f"#{event.room}"
         lines, row, width = [], [], 0
         for user in event.users:  # several 353 lines, each within IRC's length
             row.append(user.name)
@@ -7427,18 +7651,16 @@ class IrcGate(Encoding):
         if row:
             lines.append(f":{IRC_SERVER} 353 {me} = {channel} :{' '.join(row)}")
         lines.append(f":{IRC_SERVER} 366 {me} {channel} :End of /NAMES list")
-        if held is not None:
-            with self._lock:
-                held.append(lines)
-            return []
         return lines
+
+    def out_room_joined(self, event: RoomJoined, batch: str) -> list[str]:
+        """A room joined (asked for here, or on another device of the account): JOIN, topic, names."""
+        room = event.names.room
+        topic = self._topic_lines(event.topic) if event.topic is not None else []
+        return self._joined(room, [topic, self._names_lines(event.names)]) + self._replay(room)
 
     def out_confirmed(self, event: Confirmed, batch: str) -> list[str]:
         room = event.arg.lstrip("#")
-        if event.verb == "JOIN":
-            with self._lock:
-                held = self._joins.pop(room, [])
-            return self._joined(room, held) + self._replay(room)
         if event.verb == "PART":
             with self._lock:
                 reason = self._parting.pop(room, "")
@@ -7525,6 +7747,7 @@ IRC_EVENTS: dict[type, Callable[[IrcGate, object, str], list[str]]] = {
     Joined: IrcGate.out_joined, Left: IrcGate.out_left, Entered: IrcGate.out_entered,
     Exited: IrcGate.out_exited, Topic: IrcGate.out_topic, RoomNames: IrcGate.out_names,
     Confirmed: IrcGate.out_confirmed, RoomInfo: IrcGate.out_room, EndOfList: IrcGate.out_end,
+    RoomJoined: IrcGate.out_room_joined,
     ErrorReply: IrcGate.out_error, Goodbye: IrcGate.out_goodbye, Pong: IrcGate.out_pong,
 }
 
@@ -7734,11 +7957,13 @@ class ChatConnection:
 
     # --- requests ---------------------------------------------------------------------
 
-    def hello(self, quiet: bool = False) -> None:
-        """Announce chatctl (``quiet``: a script, without presence notices); a seed server answers
-        ERR and we keep to the seed's protocol."""
+    def hello(self, quiet: bool = False, client: str = "") -> None:
+        """Announce chatctl (``quiet``: a script, without presence notices; ``client``: which of ours,
+        as the account's device list shows it); a seed server answers ERR and we keep to the seed's
+        protocol."""
         try:
-            self.request("HELLO", PROTOCOL_NAME, "bots", *(["quiet"] if quiet else []), expect=(Welcome,))
+            self.request("HELLO", PROTOCOL_NAME, "bots", *(["quiet"] if quiet else []),
+                         *([f"client={client}"] if client else []), expect=(Welcome,))
         except RejectedError as exc:
             if exc.code in REFUSALS:
                 raise
@@ -7813,6 +8038,17 @@ class ChatConnection:
 
     def revoke_token(self, label: str) -> None:
         self.request("TOKEN", "REVOKE", label, expect=(Confirmed,))
+
+    def devices(self) -> list[DeviceInfo]:
+        """The connections of the name we proved (DEVICES)."""
+        self.request("DEVICES", expect=(EndOfList,))
+        found = [e for e in self.pending if isinstance(e, DeviceInfo)]
+        self.pending = [e for e in self.pending if not isinstance(e, DeviceInfo)]
+        return found
+
+    def logout(self, device: str, password: str) -> int:
+        """End device ``device`` (a number, or ``others``) of the name we proved; how many ended."""
+        return int(self.request("LOGOUT", device, one_line_secret(password), expect=(Confirmed,)).arg or 0)
 
     def servers(self) -> list[ServerStatus]:
         self.request("SERVERS", expect=(EndOfList,))
@@ -7894,17 +8130,19 @@ FINAL_REFUSALS = ("bad-password", "name-protected", "password-required", "tls-re
 
 
 def connect(config: ClientConfig, ask_trust: Callable[[str, str], bool] | None = None,
-            notify: Callable[[str], None] | None = None, quiet: bool = False) -> ChatConnection:
+            notify: Callable[[str], None] | None = None, quiet: bool = False,
+            client: str = "") -> ChatConnection:
     """An announced (and, with a server password, authenticated) connection to the configured server.
 
     ``ask_trust`` is asked before a new TLS certificate is pinned; without it
     the certificate is pinned and ``notify`` hears of it.  ``quiet``: a
-    one-shot client, which nobody sees join or leave.
+    one-shot client, which nobody sees join or leave; ``client``: which of
+    our clients this is (join, tui), for the account's device list.
     """
     tls = ClientTls(config.cafile, config.tls_fingerprint, ask_trust, notify) if config.tls else None
     conn = ChatConnection(config.host, config.port, config.timeout, tls)
     try:
-        conn.hello(quiet)
+        conn.hello(quiet, client)
         if config.password:
             conn.authenticate(config.password)
     except ChatError:
@@ -7962,12 +8200,20 @@ def set_protection(config: ClientConfig, name: str, new_password: str | None,
                 conn.mark_bot()
 
 
-def manage_tokens(config: ClientConfig, name: str, ask_password: PasswordPrompt | None,
-                  action: Callable[[ChatConnection], object]) -> object:
-    """``action`` on a connection registered (quietly) as ``name`` with its password."""
+def as_owner(config: ClientConfig, name: str, ask_password: PasswordPrompt | None,
+             action: Callable[[ChatConnection], object]) -> object:
+    """``action`` on a connection registered (quietly) as ``name`` with its password (its tokens, its
+    devices)."""
     with connect(config, notify=client_notice, quiet=True) as conn:
         register_as(conn, name, config.user_password, ask_password, tokens=False)
         return action(conn)
+
+
+def logout_devices(config: ClientConfig, name: str, device: str, ask_password: PasswordPrompt | None) -> int:
+    """End device ``device`` (its number, or ``others``) of ``name``, proved with its password."""
+    with connect(config, notify=client_notice, quiet=True) as conn:
+        password = register_as(conn, name, config.user_password, ask_password, tokens=False)
+        return conn.logout(device, password)
 
 
 def client_notice(text: str) -> None:
@@ -8036,6 +8282,8 @@ JOIN_COMMANDS = {
     "/register": "/register         protect your name with a password (asked twice, hidden)",
     "/nick": "/nick NAME        use another name (while yours is taken by someone else)",
     "/unregister": "/unregister       drop the protection of your name",
+    "/devices": "/devices          where your protected name is online (each device, numbered)",
+    "/logout": "/logout N|others  end device N, or all your other devices (a lost phone)",
     "/quit": "/quit [REASON]    leave (Ctrl-D and Ctrl-C too)",
     "/help": "/help             this list",
 }
@@ -8067,7 +8315,7 @@ def parse_input(line: str) -> InputCommand:
         if not target or not text.strip():
             return InputCommand("usage", text=JOIN_COMMANDS[word])
         return InputCommand("msg-to", target, text)
-    if action in ("reply", "me", "unignore", "nick", "join", "search") and not rest.strip():
+    if action in ("reply", "me", "unignore", "nick", "join", "search", "logout") and not rest.strip():
         return InputCommand("usage", text=JOIN_COMMANDS[word])
     if action in ("ignore", "unignore"):
         return InputCommand(action, rest.strip() or None)
@@ -8305,6 +8553,14 @@ class RoomsModel:
             view.unread = view.mentions = view.first_unread = 0
             return view.last_id
 
+    def read_upto(self, conversation: str, upto: int) -> None:
+        """``conversation`` was read up to id ``upto`` (on another device, say): nothing up to there is
+        unread any more."""
+        with self._lock:
+            view = self.rooms.get(conversation)
+            if view is not None and view.first_unread and upto >= view.last_id:
+                view.unread = view.mentions = view.first_unread = 0
+
     def next_unread(self) -> str | None:
         """The conversation whose oldest unread line is the oldest of all, if any has one."""
         with self._lock:
@@ -8332,8 +8588,9 @@ class LiveSession:
                  on_status: Callable[[str, tuple[UserInfo, ...]], None],
                  ask_password: PasswordPrompt | None = None,
                  ask_trust: Callable[[str, str], bool] | None = None, *,
-                 rooms: Callable[[], Iterable[str]] = tuple, start_room: str = MAIN_ROOM):
+                 rooms: Callable[[], Iterable[str]] = tuple, start_room: str = MAIN_ROOM, client: str = ""):
         self.config = config
+        self.client = client  # join or tui: what the account's device list calls this connection
         self.name = name
         self.on_event = on_event
         self.on_status = on_status
@@ -8406,7 +8663,8 @@ class LiveSession:
     def _open(self) -> tuple[tuple[UserInfo, ...], list[ServerEvent | Backlog]]:
         """A registered connection; returns who is online and the events to hand on first."""
         first = not self._thread.is_alive()
-        conn = connect(self.config, self.ask_trust if first else None, notify=self._recorded)
+        conn = connect(self.config, self.ask_trust if first else None, notify=self._recorded,
+                       client=self.client)
         try:
             self.password = register_as(conn, self.name, self.password, self.ask_password if first else None)
             users = conn.users()
@@ -8490,7 +8748,7 @@ class LiveSession:
                 conn.sock.close()
                 if self._stop.is_set():
                     return
-                if TAKEN_OVER in reason:
+                if TAKEN_OVER in reason or LOGGED_OUT in reason:
                     self._end(f"{reason}; not reconnecting")
                     return
                 self.on_status(f"{reason}; reconnecting", ())
@@ -8672,7 +8930,7 @@ class ChatClient:
     def __init__(self, config: ClientConfig, name: str, front: ClientFrontEnd, *, bell: str = "mentions",
                  ask_password: PasswordPrompt | None = None,
                  ask_trust: Callable[[str, str], bool] | None = None, room: str = MAIN_ROOM,
-                 conversations: bool = False, echo_own: bool = True):
+                 conversations: bool = False, echo_own: bool = True, client: str = "join"):
         self.name = name
         self.front = front
         self.model = RoomsModel()
@@ -8683,8 +8941,9 @@ class ChatClient:
         self.backlog = config.backlog  # a room's last lines shown on joining it (0: none; tui pages itself)
         self._switch_on_join: str | None = room if room != MAIN_ROOM else None  # /join's first room
         self.session = LiveSession(config, name, self.on_event, self.on_status, ask_password, ask_trust,
-                                   rooms=self._rooms_to_be_in, start_room=room)
+                                   rooms=self._rooms_to_be_in, start_room=room, client=client)
         self._room_list: list[RoomInfo] = []     # ROOM lines until their END
+        self._device_list: list[DeviceInfo] = []  # DEVICE lines until their END
         self._rooms_quietly = 0                  # ROOMS replies to take in without showing them
         self.rooms_asked = 0                     # quiet ROOMS requests sent so far (a Tab sees if it asked)
         # NAMES answers per room that fill the model unannounced (a quiet NAMES, a rejoin's names)
@@ -8787,6 +9046,12 @@ class ChatClient:
             self.front.changed()
         elif isinstance(event, EndOfList) and event.kind == "ROOMS":
             self._show_rooms()
+        elif isinstance(event, DeviceInfo):
+            self._device_list.append(event)
+        elif isinstance(event, EndOfList) and event.kind == "DEVICES":
+            self._show_devices()
+        elif isinstance(event, Confirmed) and event.verb == "LOGOUT":
+            self.note(f"logged out {display_text(event.arg)} device(s)")
         elif isinstance(event, Confirmed) and event.verb in ("REGISTER", "UNREGISTER"):
             protected = event.verb == "REGISTER"
             self.note(f"the name {display_text(event.arg)} is "
@@ -8903,7 +9168,12 @@ class ChatClient:
                 now = self.model.left(room)
                 self.note(f"you left #{display_text(room)}; now in #{display_text(now)}")
                 return True
-            return event.verb in ("MARK", "CLOSE")
+            if event.verb == "MARK":  # read here or on another device of ours: read everywhere
+                room, _, upto = event.arg.partition("|")
+                if upto.isdigit():
+                    self.model.read_upto(room.lstrip("#"), int(upto))
+                return True
+            return event.verb == "CLOSE"
         if isinstance(event, Topic):
             known = self.model.topic(event.room)
             self.model.set_topic(event.room, event.text)
@@ -8975,6 +9245,14 @@ class ChatClient:
     def rooms_pending(self) -> bool:
         """A room list asked for completion's sake has not come yet."""
         return self._rooms_quietly > 0
+
+    def _show_devices(self) -> None:
+        devices, self._device_list = self._device_list, []
+        lines = [f"{d.number:>4}  {display_text(d.kind):<7} {display_text(d.address):<16} since "
+                 f"{local_time(d.since)}, idle {format_idle(d.idle)}" + ("  (this one)" if d.this else "")
+                 for d in devices]
+        self.note(f"{display_text(self.name)} is online from {len(devices)} device(s) (/logout N ends one):\n"
+                  + "\n".join(lines))
 
     def _show_rooms(self) -> None:
         rooms, self._room_list = self._room_list, []
@@ -9155,6 +9433,10 @@ class ChatClient:
             self._rename(command.text.strip())
         elif action == "unregister":
             self._request("UNREGISTER")
+        elif action == "devices":
+            self._request("DEVICES")
+        elif action == "logout":
+            self._logout(command.text.strip())
         elif action == "quit":
             self.quit_reason = command.text.strip()
             return False
@@ -9200,6 +9482,17 @@ class ChatClient:
             self.warn(f"#{display_text(room)} is the only room you are in: /join another first, or /quit")
             return
         self._request("PART", f"#{room}", *([sanitise_line(reason)] if reason.strip() else []))
+
+    def _logout(self, which: str) -> None:
+        """``/logout N`` or ``/logout others`` (``--others`` too): with the password this session
+        proved the name with (a token will not do: the server says so)."""
+        which = which.lower().removeprefix("--")
+        if which != "others" and whole_number(which) is None:
+            self.warn(f"usage: {JOIN_COMMANDS['/logout'].split('  ')[0]} (/devices lists the numbers)")
+        elif not self.session.password:
+            self.warn("/logout is for a protected name's devices: /register protects yours")
+        else:
+            self._request("LOGOUT", which, self.session.password)
 
     def _rename(self, name: str) -> None:
         if not self.session.rename(name):
@@ -9590,18 +9883,6 @@ def wrap_cells(text: str, first: int, rest: int) -> list[str]:
     return rows
 
 
-def format_idle(seconds: int) -> str:
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def local_time(ts: float, with_date: bool = False) -> str:
-    return time.strftime("%Y-%m-%d %H:%M" if with_date else "%H:%M", time.localtime(ts))
-
-
 def stdout_console():
     from rich.console import Console
 
@@ -9742,7 +10023,27 @@ def render_tokens_table(name: str, tokens: list[TokenInfo]) -> None:
 
 def users_as_json(users: tuple[UserInfo, ...]) -> str:
     return json.dumps([{"name": u.name, "since": format_timestamp(u.since) if u.since else None,
-                        "idle": u.idle, "bot": u.bot} for u in users])
+                        "idle": u.idle, "bot": u.bot, "devices": u.devices} for u in users])
+
+
+def devices_as_json(devices: list[DeviceInfo]) -> str:
+    return json.dumps([{"device": d.number, "kind": d.kind, "address": d.address,
+                        "since": format_timestamp(d.since), "idle": d.idle, "this": d.this} for d in devices])
+
+
+def render_devices_table(name: str, devices: list[DeviceInfo]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{display_text(name)} is online from {len(devices)} device(s)", title_justify="left")
+    table.add_column("Device", justify="right", style="bold")
+    table.add_column("Kind")
+    table.add_column("Address")
+    table.add_column("Since")
+    table.add_column("Idle", justify="right")
+    for d in devices:
+        table.add_row(str(d.number), display_text(d.kind), display_text(d.address),
+                      local_time(d.since, with_date=True), format_idle(d.idle))
+    print_table(table)
 
 
 def render_bench(r: BenchResult) -> None:
@@ -10638,8 +10939,9 @@ def tui_app():
             Binding("ctrl+end", "newest", show=False, priority=True),
         ]
 
-        def __init__(self, config: ClientConfig, name: str, bell: str, room: str):
+        def __init__(self, config: ClientConfig, name: str, bell: str, room: str, client: str = "tui"):
             super().__init__()
+            self.client = client  # tui, or web (a chatctl web page): the account's device list says which
             self.config = dataclasses.replace(config, backlog=0)  # each conversation loads its last page
             self.name_given = name
             self.error: ChatError | None = None   # why it ended, for the CLI to say in one line
@@ -10697,7 +10999,7 @@ def tui_app():
         def _begin(self, name: str) -> None:
             chat = ChatClient(self.config, name, self.front, bell=self.bell_mode,
                               ask_password=self._ask_password, ask_trust=self._ask_trust,
-                              room=self.start_room, conversations=True)
+                              room=self.start_room, conversations=True, client=self.client)
             self.chat = chat
             self.set_status(Text(f"connecting to {self.config.host}:{self.config.port} as {name}..."))
             threading.Thread(target=self._connect, args=(chat,), name="chatctl-tui-connect",
@@ -11120,10 +11422,10 @@ def tui_app():
     return ChatApp
 
 
-def run_tui(config: ClientConfig, room: str) -> None:
+def run_tui(config: ClientConfig, room: str, client: str = "tui") -> None:
     """Run the full-screen client until the person quits; a reason it had to stop is raised."""
     try:
-        app = tui_app()(config, config.user, config.bell, room)
+        app = tui_app()(config, config.user, config.bell, room, client)
     except ImportError as exc:
         raise FrontEndError(f"chatctl tui needs Textual ({exc.name} is missing): "
                             "pip install textual") from None
@@ -11673,7 +11975,7 @@ def tui(host, port, config_file, user, bell, room, tls, cafile, tls_fingerprint,
     if page:  # a chatctl web page: its person picks a name; the web host's name and password are not theirs
         config = dataclasses.replace(config, user="", user_password="")
         become_page()
-    run_tui(config, room or MAIN_ROOM)
+    run_tui(config, room or MAIN_ROOM, "web" if page else "tui")
 
 
 def _url_flag(value: str | None) -> str | None:
@@ -11874,7 +12176,7 @@ def token_config(host, port, config_file, tls, cafile, tls_fingerprint, user) ->
 def token_create(host, port, config_file, tls, cafile, tls_fingerprint, user, label, as_json) -> None:
     """Make a token of a protected name and print it, once."""
     config = token_config(host, port, config_file, tls, cafile, tls_fingerprint, user)
-    made = manage_tokens(config, config.user, ask_password if sys.stdin.isatty() else None,
+    made = as_owner(config, config.user, ask_password if sys.stdin.isatty() else None,
                          lambda conn: conn.create_token(label))
     click.echo(json.dumps({"name": label, "token": made}) if as_json else made)
     click.echo(f"chatctl: token {label!r} of {config.user}, shown this once; CHATCTL_TOKEN takes it",
@@ -11887,7 +12189,7 @@ def token_create(host, port, config_file, tls, cafile, tls_fingerprint, user, la
 def token_list(host, port, config_file, tls, cafile, tls_fingerprint, user, as_json) -> None:
     """List a protected name's tokens: name, made, last used (never the tokens themselves)."""
     config = token_config(host, port, config_file, tls, cafile, tls_fingerprint, user)
-    tokens = manage_tokens(config, config.user, ask_password if sys.stdin.isatty() else None,
+    tokens = as_owner(config, config.user, ask_password if sys.stdin.isatty() else None,
                            lambda conn: conn.tokens())
     if as_json:
         click.echo(tokens_as_json(tokens))
@@ -11899,11 +12201,40 @@ def token_list(host, port, config_file, tls, cafile, tls_fingerprint, user, as_j
 @token_options
 @click.argument("label", metavar="NAME", callback=lambda ctx, param, value: _token_label_flag(value))
 def token_revoke(host, port, config_file, tls, cafile, tls_fingerprint, user, label) -> None:
-    """Revoke the token NAME: it logs in no more (connections it made stay until they end)."""
+    """Revoke the token NAME: it logs in no more, and the connections it made end."""
     config = token_config(host, port, config_file, tls, cafile, tls_fingerprint, user)
-    manage_tokens(config, config.user, ask_password if sys.stdin.isatty() else None,
+    as_owner(config, config.user, ask_password if sys.stdin.isatty() else None,
                   lambda conn: conn.revoke_token(label))
     click.echo(f"token {label!r} of {config.user} revoked.", err=True)
+
+
+@cli.command(epilog=exit_codes_help(*CLIENT_EXITS))
+@token_options
+@click.option("--logout", "logout", metavar="DEVICE",
+              help="End that device (its number, or 'others': every one) with the password (a lost phone).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout.")
+def devices(host, port, config_file, tls, cafile, tls_fingerprint, user, logout, as_json) -> None:
+    """List where a protected name is online: each device (join, tui, irc...) with its address, since
+    when, and how long idle; or log one out (--logout N, --logout others).
+
+    Needs the name's password (CHATCTL_USER_PASSWORD, or asked); a token will not do.
+    """
+    if logout is not None and logout.lower() != "others" and whole_number(logout) is None:
+        raise click.BadParameter(f"{logout!r}: a device's number (chatctl devices lists them) or 'others'",
+                                 param_hint="--logout")
+    config = token_config(host, port, config_file, tls, cafile, tls_fingerprint, user)
+    ask = ask_password if sys.stdin.isatty() else None
+    if logout is None:
+        found = as_owner(config, config.user, ask, lambda conn: conn.devices())
+        if as_json:
+            click.echo(devices_as_json(found))
+        elif found:
+            render_devices_table(config.user, found)
+        else:
+            click.echo(f"{config.user} is not online from any device.", err=True)
+        return
+    ended = logout_devices(config, config.user, logout, ask)
+    click.echo(f"logged out {ended} device(s) of {config.user}.", err=True)
 
 
 # =============================================================================

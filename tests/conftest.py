@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -243,6 +244,51 @@ def spawn_join(isolated_home):
         child.close(force=True)
 
 
+# --- real programs in tmux (IRC clients) ---------------------------------------------------
+
+
+def binary(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is missing: .ci/run installs it (apt-get install {name})")
+        pytest.skip(f"no {name} on this machine (apt-get install {name})")
+    return found
+
+
+class Tmux:
+    """A program in a detached tmux session of its own; the screen read with capture-pane."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str]):
+        self.name = f"chatctl-test-{name}-{os.getpid()}"
+        self.env = env
+        subprocess.run(["tmux", "new-session", "-d", "-s", self.name, "-x", "160", "-y", "50",
+                        subprocess.list2cmdline(command)], check=True, env=env)
+
+    def keys(self, *keys: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True, env=self.env)
+
+    def screen(self) -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True,
+                              text=True, env=self.env).stdout
+
+    def wait_for(self, text: str, timeout: float = 15.0) -> None:
+        wait_until(lambda: text in self.screen(), timeout=timeout)
+        assert text in self.screen(), self.screen()
+
+    def close(self) -> None:
+        # The test's own tmux server (TMUX_TMPDIR is the test's): all of it goes, whatever state it is in.
+        subprocess.run(["tmux", "kill-server"], env=self.env, capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def tmux_env(tmp_path):
+    binary("tmux")
+    env = {**os.environ, "HOME": str(tmp_path), "TERM": "xterm-256color", "TMUX_TMPDIR": str(tmp_path)}
+    env.pop("TMUX", None)
+    return env
+
+
 def register_many(port: int, names: list[str], hello: bool = False, timeout: float = 20) -> list[RawClient]:
     """Raw clients registered under ``names``, USER_OK read (and HELLO sent first if asked)."""
     clients = []
@@ -317,8 +363,6 @@ class RedisProcess:
 
 def redis_binary() -> str:
     """Debian's redis-server; the test is skipped where it is missing, except in CI (CI=true)."""
-    import shutil
-
     binary = shutil.which("redis-server")
     if binary is None:
         if os.environ.get("CI") == "true":

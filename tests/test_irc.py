@@ -3,18 +3,15 @@ the Python ``irc`` library, and real irssi and weechat in tmux."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import socket
 import ssl
-import subprocess
 import time
 
 import pytest
 
 import chatctl
-from conftest import RawClient, free_port, protected_name, wait_until
+from conftest import RawClient, Tmux, binary, free_port, protected_name, wait_until
 
 
 class IrcClient:
@@ -388,48 +385,6 @@ def test_the_python_irc_library_talks_with_a_chatctl_user(irc_server):
 
 
 # --- real IRC clients in tmux ------------------------------------------------------------
-
-
-def binary(name: str) -> str:
-    found = shutil.which(name)
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is missing: .ci/run installs it (apt-get install {name})")
-        pytest.skip(f"no {name} on this machine (apt-get install {name})")
-    return found
-
-
-class Tmux:
-    """A program in a detached tmux session of its own; the screen read with capture-pane."""
-
-    def __init__(self, name: str, command: list[str], env: dict[str, str]):
-        self.name = f"chatctl-test-{name}-{os.getpid()}"
-        self.env = env
-        subprocess.run(["tmux", "new-session", "-d", "-s", self.name, "-x", "160", "-y", "50",
-                        subprocess.list2cmdline(command)], check=True, env=env)
-
-    def keys(self, *keys: str) -> None:
-        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True, env=self.env)
-
-    def screen(self) -> str:
-        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True,
-                              text=True, env=self.env).stdout
-
-    def wait_for(self, text: str, timeout: float = 15.0) -> None:
-        wait_until(lambda: text in self.screen(), timeout=timeout)
-        assert text in self.screen(), self.screen()
-
-    def close(self) -> None:
-        # The test's own tmux server (TMUX_TMPDIR is the test's): all of it goes, whatever state it is in.
-        subprocess.run(["tmux", "kill-server"], env=self.env, capture_output=True, timeout=10)
-
-
-@pytest.fixture
-def tmux_env(tmp_path):
-    binary("tmux")
-    env = {**os.environ, "HOME": str(tmp_path), "TERM": "xterm-256color", "TMUX_TMPDIR": str(tmp_path)}
-    env.pop("TMUX", None)
-    return env
 
 
 def sessions_named(server, name: str, room: str = "main") -> bool:

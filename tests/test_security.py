@@ -272,7 +272,7 @@ def test_protection_survives_a_restart_and_can_be_dropped(make_server, tmp_path)
     assert anyone.line() == "USER_OK"
 
 
-def test_impersonating_an_online_owner_fails_and_the_owner_takes_over_a_stale_session(make_server, caplog):
+def test_impersonating_an_online_owner_fails_and_the_owner_logs_a_stale_device_out(make_server):
     server = make_server(auth_delay=0)
     stale = protect(server.port, "ana", "correct horse")  # her laptop dropped off; the server does not know
     watcher = register_many(server.port, ["bob"], hello=True)[0]
@@ -282,17 +282,19 @@ def test_impersonating_an_online_owner_fails_and_the_owner_takes_over_a_stale_se
     assert mallory.line().startswith("ERR|name-protected|")
     assert mallory.line().startswith("ERR|bad-password|")
     assert stale.silent(0.2)  # the owner was not disturbed
-    with caplog.at_level(logging.INFO, logger="chatctl"):
-        again = RawClient(server.port)
-        again.send(b"USER|ana|correct horse\n")
-        assert again.line() == "USER_OK"
-    lines = stale.wait_closed()
-    assert lines[-1].startswith("BYE|taken over: ana logged in again from 127.0.0.1")
-    assert watcher.expect("LEAVE|").endswith("|ana|taken over: ana logged in again from 127.0.0.1")
-    assert watcher.expect("JOIN|").endswith("|ana")
+    again = RawClient(server.port)
+    again.send(b"USER|ana|correct horse\n")
+    assert again.line() == "USER_OK"  # one more device of hers: nobody was taken over
+    assert stale.silent(0.2) and watcher.silent(0.3)  # and nobody heard ana leave or come
+    again.send(b"LOGOUT|others|guess two\n")
+    assert again.line().startswith("ERR|bad-password|")
+    again.send(b"LOGOUT|others|correct horse\n")
+    assert again.line() == "LOGOUT_OK|1"
+    assert stale.wait_closed()[-1].startswith("BYE|logged out from device")
     again.send(b"MSG|it is me\n")
     assert watcher.expect("MSG|").endswith("|ana|it is me")
-    assert [u.name for u in server.users()] == ["bob", "ana"]
+    assert [u.name for u in server.users()] == ["ana", "bob"]  # ana still from her first login on
+    assert [line for line in watcher.seen if line.startswith(("LEAVE|", "JOIN|"))] == []
 
 
 def test_failed_passwords_are_slowed_down_and_then_locked_out(make_server, caplog):
@@ -311,7 +313,7 @@ def test_failed_passwords_are_slowed_down_and_then_locked_out(make_server, caplo
     assert other.wait_closed()[0].startswith("ERR|auth-locked|")
 
 
-def test_live_session_does_not_fight_back_after_a_takeover(make_server):
+def test_live_session_logged_out_from_another_device_does_not_come_back(make_server):
     server = make_server(auth_delay=0)
     protect(server.port, "ana", "correct horse").send(b"QUIT\n")
     statuses = []
@@ -320,8 +322,9 @@ def test_live_session_does_not_fight_back_after_a_takeover(make_server):
     session.start()
     session.run()
     laptop = RawClient(server.port)
-    laptop.send(b"USER|ana|correct horse\n")
+    laptop.send(b"USER|ana|correct horse\nLOGOUT|others|correct horse\n")
     assert laptop.line() == "USER_OK"
+    assert laptop.line() == "LOGOUT_OK|1"
     wait_until(lambda: session.ended)
     assert "not reconnecting" in statuses[-1]
     assert laptop.silent(chatctl.RECONNECT_MIN * 3)  # nobody took the name back

@@ -491,7 +491,7 @@ def test_direct_messages_from_many_names_keep_a_bounded_list_and_say_what_went(m
         sender.close()
 
 
-def test_taken_over_ends_the_app_with_the_reason(make_server):
+def test_logged_out_from_another_device_ends_the_app_with_the_reason(make_server):
     server = make_server(auth_delay=0)
     protected_name(server.port, "ana", "anapass123")
     app = chatctl.tui_app()(client_config(server.port, user_password="anapass123"), "ana", "mentions", "main")
@@ -499,14 +499,14 @@ def test_taken_over_ends_the_app_with_the_reason(make_server):
     async def main():
         async with app.run_test() as pilot:
             await connected(app, pilot)
-            again = RawClient(server.port)  # the owner logs in elsewhere: this session is taken over
-            again.send(b"HELLO|chatctl/1\nUSER|ana|anapass123\n")
-            again.expect("USER_OK")
+            phone = RawClient(server.port)  # the owner, on another device, logs this one out
+            phone.send(b"HELLO|chatctl/1\nUSER|ana|anapass123\nLOGOUT|others|anapass123\n")
+            phone.expect("LOGOUT_OK|1")
             await until(pilot, lambda: not app.is_running, "the app ends")
-            again.close()
+            phone.close()
 
     asyncio.run(main())
-    assert isinstance(app.error, chatctl.ClientError) and "taken over" in str(app.error)
+    assert isinstance(app.error, chatctl.ClientError) and "logged out from device" in str(app.error)
 
 
 def test_the_hand_over_queue_is_bounded_and_a_full_one_makes_the_reader_wait():

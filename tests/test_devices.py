@@ -1,0 +1,296 @@
+"""Accounts on several devices at once: one member to the others, its rooms, messages, DMs and read
+state shared by its devices, the device cap, DEVICES and LOGOUT."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from test_irc import IrcClient
+
+import chatctl
+from conftest import RawClient, Tmux, binary, protected_name, run_cli, wait_until
+
+PASSWORD = "correct horse"
+
+
+def device(port: int, name: str = "ana", password: str = PASSWORD, options: str = "") -> RawClient:
+    """One more connection of ``name``, proved with its password (USER_OK read)."""
+    client = RawClient(port)
+    client.send(f"HELLO|chatctl/1{options}\nUSER|{name}|{password}\n".encode())
+    client.expect("USER_OK")
+    return client
+
+
+def member(port: int, name: str) -> RawClient:
+    client = RawClient(port)
+    client.send(f"HELLO|chatctl/1|bots\nUSER|{name}\n".encode())
+    client.expect("USER_OK")
+    return client
+
+
+def test_an_account_on_two_devices_is_one_member_to_the_others(make_server):
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", PASSWORD)
+    bob = member(server.port, "bob")
+    laptop = device(server.port)
+    assert bob.expect("JOIN|").endswith("|ana")
+    heard = len(bob.seen)
+    phone = device(server.port)
+    bob.send(b"DIR\nNAMES|#main\n")
+    users = bob.expect("USERS|")
+    assert [entry.split(" ")[0] for entry in users.split("|")[1:]] == ["bob", "ana"]
+    assert users.split("|")[2].endswith(" devices=2")  # (a client that asked for marks hears how many)
+    names = bob.expect("NAMES|")
+    assert [entry.split(" ")[0] for entry in names.split("|")[2:]] == ["bob", "ana"]
+    phone.send(b"QUIT\n")
+    phone.wait_closed()
+    bob.send(b"PING|after the phone\n")
+    bob.expect("PONG|after the phone")
+    assert not any(line.startswith(("JOIN|", "LEAVE|")) for line in bob.seen[heard:])  # the phone: unheard
+    laptop.send(b"QUIT\n")
+    assert bob.expect("LEAVE|").split("|")[2] == "ana"  # the last device gone: ana left
+
+
+def test_what_one_device_sends_shows_on_the_others_and_a_dm_reaches_every_device(make_server):
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", PASSWORD)
+    laptop, phone = device(server.port), device(server.port)
+    bob = member(server.port, "bob")
+    laptop.send(b"MSG|from the laptop\n")
+    assert laptop.expect("MSG_OK|")
+    assert phone.expect("MSG|").endswith("|ana|from the laptop")  # ana's own message, on her phone
+    assert bob.expect("MSG|").endswith("|ana|from the laptop")
+    bob.send(b"DM|ana|to every device\n")
+    assert laptop.expect("DM|").endswith("|bob|ana|to every device")
+    assert phone.expect("DM|").endswith("|bob|ana|to every device")
+    phone.send(b"DM|bob|sent from the phone\n")
+    assert phone.expect("MSG_OK|")
+    assert laptop.expect("DM|").endswith("|ana|bob|sent from the phone")  # her DM, on her laptop too
+    assert bob.expect("DM|").endswith("|ana|bob|sent from the phone")
+    bob.send(b"PING|done\n")
+    bob.expect("PONG|done")
+    assert sum(line.endswith("to every device") or line.endswith("from the laptop") for line in bob.seen) == 1
+
+
+def test_rooms_are_the_accounts_and_each_device_is_told(make_server):
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", PASSWORD)
+    bob = member(server.port, "bob")
+    bob.send(b"JOIN|#ops\n")
+    bob.expect("JOIN_OK|#ops")
+    laptop, phone = device(server.port), device(server.port)
+    laptop.send(b"JOIN|#ops\n")
+    assert laptop.expect("NAMES|#ops|")
+    laptop.expect("JOIN_OK|#ops")
+    names = phone.expect("NAMES|#ops|")  # the phone did not ask: it is told, as if it had
+    assert [entry.split(" ")[0] for entry in names.split("|")[2:]] == ["bob", "ana"]
+    phone.expect("JOIN_OK|#ops")
+    assert bob.expect("ENTER|#ops|").endswith("|ana")
+    tablet = device(server.port)  # a device that comes later is in the account's rooms at once
+    tablet.expect("JOIN_OK|#ops")
+    phone.send(b"MSG|#ops|from the phone\n")
+    assert laptop.expect("MSG|#ops|").endswith("|ana|from the phone")
+    assert tablet.expect("MSG|#ops|").endswith("|ana|from the phone")
+    phone.send(b"PART|#ops\n")
+    phone.expect("PART_OK|#ops")
+    laptop.expect("PART_OK|#ops")
+    tablet.expect("PART_OK|#ops")
+    assert bob.expect("EXIT|#ops|").split("|")[3] == "ana"
+    bob.send(b"MSG|#ops|anyone?\nPING|x\n")
+    bob.expect("PONG|x")
+    assert sum(line.startswith(("ENTER|", "EXIT|")) for line in bob.seen) == 2  # once each, not per device
+    laptop.send(b"PING|y\n")
+    laptop.expect("PONG|y")
+    assert not any("anyone?" in line for line in laptop.seen)  # out of #ops on every device
+
+
+def test_reading_on_one_device_clears_the_unread_count_on_the_others(make_server):
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", PASSWORD)
+    laptop, phone = device(server.port), device(server.port)
+    bob = member(server.port, "bob")
+    for n in range(3):
+        bob.send(f"MSG|ana: news {n}\n".encode())
+        bob.expect("MSG_OK|")
+    last = int(phone.expect("MSG|#main|").split("|")[2])
+    last = max(last, *(int(phone.expect("MSG|#main|").split("|")[2]) for _ in range(2)))
+    phone.send(b"ROOMS\n")
+    assert phone.expect("ROOM|#main|").split("|")[5:7] == ["3", "3"]  # unread, mentions
+    laptop.send(f"MARK|#main|{last}\n".encode())
+    assert laptop.expect("MARK_OK|") == f"MARK_OK|#main|{last}"
+    assert phone.expect("MARK_OK|") == f"MARK_OK|#main|{last}"  # told at once, unasked
+    phone.send(b"ROOMS\n")
+    assert phone.expect("ROOM|#main|").split("|")[5:7] == ["0", "0"]
+
+
+def test_the_device_cap_refuses_the_next_device_and_a_free_name_stays_one_connection(make_server):
+    server = make_server(auth_delay=0, max_devices=2)
+    protected_name(server.port, "ana", PASSWORD)
+    online = [device(server.port), device(server.port)]  # (kept: a socket collected would leave)
+    third = RawClient(server.port)
+    third.send(f"HELLO|chatctl/1\nUSER|ana|{PASSWORD}\n".encode())
+    error = third.expect("ERR|")
+    assert error.startswith("ERR|too-many-devices|ana is online from 2 devices")
+    online[1].send(b"QUIT\n")
+    online[1].wait_closed()
+    third.send(f"USER|ana|{PASSWORD}\n".encode())  # a place is free again
+    assert third.expect(("USER_OK", "ERR|")) == "USER_OK"
+    bob = member(server.port, "bob")  # noqa: F841 (online: a name nobody protects)
+    again = RawClient(server.port)
+    again.send(b"USER|bob\n")
+    assert again.expect("ERR|").startswith("ERR|name-taken|")
+
+
+def test_devices_lists_them_and_logout_needs_the_password(make_server):
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", PASSWORD)
+    laptop = device(server.port, options="|client=join")
+    phone = device(server.port, options="|client=tui")
+    laptop.send(b"DEVICES\n")
+    rows = [laptop.expect("DEVICE|"), laptop.expect("DEVICE|")]
+    assert laptop.expect("END|") == "END|DEVICES|2"
+    assert [row.split("|")[2:4] for row in rows] == [["join", "127.0.0.1"], ["tui", "127.0.0.1"]]
+    assert [row.split("|")[-1] for row in rows] == ["1", "0"]  # which one asked
+    phone_number = rows[1].split("|")[1]
+    bob = member(server.port, "bob")
+    bob.send(b"DEVICES\n")
+    assert bob.expect("ERR|").startswith("ERR|not-owner|")  # nobody else's devices are shown
+    bob.send(f"LOGOUT|{phone_number}|{PASSWORD}\n".encode())
+    assert bob.expect("ERR|").startswith("ERR|not-owner|")
+    laptop.send(f"LOGOUT|{phone_number}|wrong password\n".encode())
+    assert laptop.expect("ERR|").startswith("ERR|bad-password|")
+    laptop.send(f"LOGOUT|99999|{PASSWORD}\n".encode())
+    assert laptop.expect("ERR|").startswith("ERR|unknown-device|")
+    laptop.send(f"LOGOUT|{phone_number}|{PASSWORD}\n".encode())
+    assert laptop.expect("LOGOUT_OK|") == "LOGOUT_OK|1"
+    assert phone.wait_closed()[-1].startswith("BYE|logged out from device")
+    laptop.send(b"DEVICES\n")
+    assert laptop.expect("END|") == "END|DEVICES|1"
+
+
+def test_chatctl_devices_lists_an_accounts_devices_for_its_owner(make_server, isolated_home):
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", PASSWORD)
+    phone = device(server.port, options="|client=tui")  # noqa: F841 (online while the CLI asks)
+    env = {**isolated_home, "CHATCTL_USER_PASSWORD": PASSWORD}
+    listed = run_cli("devices", "-p", str(server.port), "-u", "ana", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert [(row["kind"], row["address"]) for row in rows] == [("tui", "127.0.0.1")]
+    table = run_cli("devices", "-p", str(server.port), "-u", "ana", env=env)
+    assert "tui" in table.stdout and "127.0.0.1" in table.stdout
+    wrong = run_cli("devices", "-p", str(server.port), "-u", "ana",
+                    env={**isolated_home, "CHATCTL_USER_PASSWORD": "not it at all"})
+    assert wrong.returncode == chatctl.EXIT_REJECTED
+    assert "wrong password" in wrong.stderr and "Traceback" not in wrong.stderr
+    who = run_cli("who", "-p", str(server.port), "--json", env=isolated_home)
+    assert [(u["name"], u["devices"]) for u in json.loads(who.stdout)] == [("ana", 1)]
+
+
+def test_an_irc_device_gets_the_accounts_rooms_and_its_messages_as_its_own(make_server):
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", PASSWORD)
+    laptop = device(server.port)
+    laptop.send(b"JOIN|#ops\n")
+    laptop.expect("JOIN_OK|#ops")
+    irc = IrcClient(server.port)
+    try:
+        irc.register("ana", caps="sasl", sasl=("ana", PASSWORD))
+        irc.expect(r"^:ana!\S+ JOIN #ops$")  # the account's room, joined for it
+        irc.expect(r" 366 ana #ops ")
+        laptop.send(b"MSG|#ops|typed on the laptop\n")
+        irc.expect(r"^:ana!\S+ PRIVMSG #ops :typed on the laptop$")  # its own message, echo or not
+        irc.send("PRIVMSG #ops :typed on the phone")
+        assert laptop.expect("MSG|#ops|").endswith("|ana|typed on the phone")
+        irc.send("PART #ops")
+        irc.expect(r"^:ana!\S+ PART #ops")
+        laptop.expect("PART_OK|#ops")
+        bob = member(server.port, "bob")
+        bob.send(b"DM|ana|hi both\n")
+        irc.expect(r"^:bob!\S+ PRIVMSG ana :hi both$")
+        assert laptop.expect("DM|").endswith("|bob|ana|hi both")
+        laptop.send(b"DEVICES\n")
+        kinds = {laptop.expect("DEVICE|").split("|")[2] for _ in range(2)}
+        assert kinds == {"chatctl", "irc"}
+    finally:
+        irc.close()
+
+
+def test_dropping_the_protection_ends_the_other_devices(make_server):
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", PASSWORD)
+    laptop, phone = device(server.port), device(server.port)
+    laptop.send(b"UNREGISTER\n")
+    laptop.expect("UNREGISTER_OK|ana")
+    assert phone.wait_closed()[-1].startswith("BYE|logged out")
+    wait_until(lambda: [u.devices for u in server.users()] == [1])
+    assert re.fullmatch(r"ana", server.users()[0].name)
+
+
+def test_one_person_on_join_tui_and_irssi_at_once(make_server, spawn_join, isolated_home, tmux_env, tmp_path):
+    """ana on a laptop (join), in tmux (tui) and on a phone's IRC app (irssi, with SASL) at once."""
+    from test_tui import client_config, connected, room_list, run, until
+
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", PASSWORD)
+    bob = member(server.port, "bob")
+    irssi = Tmux("irssi-ana", [binary("irssi"), f"--home={tmp_path / 'irssi'}"], tmux_env)
+    try:
+        irssi.wait_for("Irssi")
+        irssi.keys(f"/network add -sasl_username ana -sasl_password '{PASSWORD}' -sasl_mechanism plain team",
+                   "Enter")
+        irssi.keys(f"/server add -network team 127.0.0.1 {server.port}", "Enter")
+        irssi.keys("/connect team", "Enter")
+        wait_until(lambda: len(server.registry.devices("ana")) == 1, timeout=20)
+        isolated_home["CHATCTL_USER_PASSWORD"] = PASSWORD
+        laptop = spawn_join("ana", server.port)
+
+        async def scenario(app, pilot):
+            await connected(app, pilot)
+            assert len(server.registry.devices("ana")) == 3
+            bob.send(b"PING|all three\n")
+            bob.expect("PONG|all three")
+            assert [line for line in bob.seen if line.startswith("JOIN|")] == [bob.seen[2]]  # one JOIN
+            assert bob.seen[2].endswith("|ana")
+
+            irssi.keys("/window goto #main", "Enter")
+            laptop.sendline("hello from the laptop")
+            assert bob.expect("MSG|").endswith("|ana|hello from the laptop")
+            irssi.wait_for("hello from the laptop")
+            await until(pilot, lambda: "hello from the laptop" in "\n".join(
+                strip.text for strip in app.query_one("#log").lines), "the laptop's line in tui")
+
+            bob.send(b"DM|ana|psst, all of you\n")
+            laptop.expect("psst, all of you")
+            wait_until(lambda: irssi.keys("/window goto bob", "Enter") or "psst, all" in irssi.screen())
+            await until(pilot, lambda: any("@bob" in r for r in room_list(app)), "a conversation with bob")
+
+            await pilot.press(*"/join #ops", "enter")  # joined on the tui: on every device
+            laptop.expect("in #ops: ")
+            wait_until(lambda: all("ops" in d.rooms for d in server.registry.devices("ana")))
+            await until(pilot, lambda: app.chat.model.current == "ops", "tui in #ops")
+            laptop.sendline("/join #ops")  # (in #ops already, from the tui: it switches there)
+            laptop.expect("now in #ops")
+            bob.send(b"MSG|ana: are you there?\n")
+            await until(pilot, lambda: app.chat.model.unread().get("main", (0, 0)) == (1, 1), "unread in tui")
+            laptop.sendline("/join #main")  # read on the laptop, so read on every device
+            laptop.expect("are you there")
+            await until(pilot, lambda: app.chat.model.unread().get("main", (0, 0)) == (0, 0),
+                        "tui's unread cleared by the laptop's reading", timeout=10)
+
+            laptop.sendline("/devices")
+            laptop.expect(r"ana is online from 3 device\(s\)")
+            laptop.expect("irc")
+            laptop.expect("join")
+            laptop.expect("tui")
+            laptop.sendline("/logout others")
+            laptop.expect(r"logged out 2 device\(s\)")
+            await until(pilot, lambda: app.chat.session.ended, "tui logged out")
+            wait_until(lambda: len(server.registry.devices("ana")) == 1)
+            assert server.registry.devices("ana")[0].client_kind == "join"
+
+        run(scenario, client_config(server.port, user_password=PASSWORD))
+        assert [line for line in bob.seen if line.startswith("LEAVE|")] == []  # ana never left
+    finally:
+        irssi.close()
