@@ -937,7 +937,7 @@ class TokenInfo:
 
 @dataclass(frozen=True, slots=True)
 class DeviceInfo:
-    """One line of the ``DEVICES`` reply: ``DEVICE|number|kind|address|since|idle|this``, a connection
+    """One line of the ``DEVICES`` reply: ``DEVICE|number|kind|address|since|idle|this|name``, a connection
     of the asker's protected name (``kind``: join, tui, web, bot, irc, chatctl or seed)."""
 
     number: int
@@ -946,6 +946,7 @@ class DeviceInfo:
     since: float         # when it logged in, UTC seconds
     idle: int            # seconds since it last sent anything
     this: bool           # the connection that asked
+    name: str = ""       # the name the device gave itself (an IRC app logged in as ana@phone), if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -1120,7 +1121,7 @@ OUR_LINES: dict[type, Callable[[object], bytes]] = {
                                      format_timestamp(e.used) if e.used else ""),
     BotNames: lambda e: encode_line("BOTS", *e.names),
     DeviceInfo: lambda e: encode_line("DEVICE", e.number, e.kind, e.address, format_timestamp(e.since),
-                                      e.idle, int(e.this)),
+                                      e.idle, int(e.this), e.name),
     RoomJoined: lambda e: _encode_room_joined(e, OUR_LINES),
 }
 
@@ -1242,8 +1243,9 @@ def _parse_event(line: str) -> ServerEvent:
         label, created, used = rest.split("|", 2)
         return TokenInfo(label, parse_timestamp(created), parse_timestamp(used) if used else 0.0)
     if verb == "DEVICE":
-        number, kind, address, since, idle, this = rest.split("|", 5)
-        return DeviceInfo(int(number), kind, address, parse_timestamp(since), int(idle), this == "1")
+        number, kind, address, since, idle, this, *name = rest.split("|", 6)
+        return DeviceInfo(int(number), kind, address, parse_timestamp(since), int(idle), this == "1",
+                          name[0] if name else "")
     if verb == "SERVER":
         server_id, address, users, age, lag, this = rest.split("|", 5)
         return ServerStatus(server_id, address, int(users), float(age), int(lag), this == "1")
@@ -1626,7 +1628,7 @@ def load_config(section: str, flags: dict[str, object] | None = None,
 # index and scans the rows not yet in it.  WAL checkpoints and retention are
 # an upkeep thread's, off the commit path.
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 HISTORY_BATCH_MAX = 1024             # messages per commit at most
 HISTORY_PAGE_MAX = 500               # messages per HISTORY or SEARCH reply at most
 PRUNE_INTERVAL = 30.0                # seconds between retention passes
@@ -1690,6 +1692,16 @@ MIGRATIONS: dict[int, str] = {
             PRIMARY KEY (user_key, room)
         ) WITHOUT ROWID;
         INSERT INTO rooms (name) VALUES ('main');
+    """,
+    # Devices that name themselves (an IRC app's ana@phone): the newest id each had when it last left.
+    5: """
+        CREATE TABLE device_seen (
+            user_key TEXT NOT NULL,
+            device TEXT NOT NULL,
+            last_id INTEGER NOT NULL,
+            seen REAL NOT NULL,
+            PRIMARY KEY (user_key, device)
+        ) WITHOUT ROWID;
     """,
 }
 
@@ -2081,6 +2093,22 @@ class HistoryStore:
         self._write(("INSERT INTO read_markers (user_key, room, last_read) VALUES (?, ?, ?) "
                      "ON CONFLICT (user_key, room) DO UPDATE SET "
                      "last_read = max(last_read, excluded.last_read)", (user_key, room, last_read)))
+
+    def device_seen(self, user_key: str, device: str) -> int | None:
+        """The newest id device ``device`` of a protected name had when it last left (None: never here)."""
+        rows = self._read_rows("SELECT last_id FROM device_seen WHERE user_key = :key AND device = :device",
+                               {"key": user_key, "device": device})
+        return rows[0][0] if rows else None
+
+    def set_device_seen(self, user_key: str, device: str, last_id: int) -> None:
+        self._write(("INSERT INTO device_seen (user_key, device, last_id, seen) VALUES (?, ?, ?, ?) "
+                     "ON CONFLICT (user_key, device) DO UPDATE SET last_id = max(last_id, excluded.last_id), "
+                     "seen = excluded.seen", (user_key, device, last_id, time.time())))
+
+    def message_ts(self, message_id: int) -> float | None:
+        """When message ``message_id`` was sent (None: no such message kept)."""
+        rows = self._read_rows("SELECT ts FROM messages WHERE id = :id", {"id": message_id})
+        return rows[0][0] if rows else None
 
     def unread(self, room: str, after: int, name: str, upto: int) -> tuple[int, int]:
         """Messages in ``room`` after id ``after`` (up to ``upto``), and how many of them mention ``name``;
@@ -4612,9 +4640,12 @@ class Registry:
                 self.announce((Joined(time.time(), name), session, None), joined=True)
         return None
 
-    def depart(self, sessions: Iterable[ClientSession], forget: bool, quiet: bool) -> list[ClientSession]:
-        """Take ``sessions`` off the member list and out of their rooms; the ones that were members.
-        ``forget``: their readers ended, so they leave the connection counts too.  ``quiet``: no LEAVE."""
+    def depart(self, sessions: Iterable[ClientSession], forget: bool, quiet: bool,
+               devices_gone: list[ClientSession] | None = None) -> list[ClientSession]:
+        """Take ``sessions`` off the member list and out of their rooms; the ones that were the last
+        device of their name (the names that left).  ``forget``: their readers ended, so they leave the
+        connection counts too.  ``quiet``: no LEAVE.  ``devices_gone`` gets every one that held a name
+        until now."""
         now = time.time()
         departed = []
         with self.lock:
@@ -4623,6 +4654,8 @@ class Registry:
                 if session in devices:
                     others = tuple(d for d in devices if d is not session)
                     self._member_cache = None
+                    if devices_gone is not None:
+                        devices_gone.append(session)
                     if others:  # the account stays online: no LEAVE
                         self._devices[session.key] = others
                         if self._by_key[session.key] is session:
@@ -4889,6 +4922,7 @@ class ClientSession:
         self.token_label = ""               # ... password) and that token's name
         self.number = next(server.connection_numbers)  # names it among its account's devices (LOGOUT|n)
         self.client_kind = "seed"           # what it is (DEVICES): chatctl, join, tui, web, bot, irc
+        self.device_name = ""               # the name it gave itself (an IRC app's ana@phone): caught up by
         self.connected_at = time.monotonic()
         self.last_active = self.connected_at  # any input: for the idle timeout
         self.last_spoke = self.connected_at   # last message sent: the idle time USERS shows
@@ -5305,7 +5339,7 @@ class ClientSession:
                                 "them")
         now = time.monotonic()
         devices = [DeviceInfo(d.number, d.client_kind, d.host, d.registered_at, int(now - d.last_active),
-                              d is self) for d in self.server.registry.devices(self.key)]
+                              d is self, d.device_name) for d in self.server.registry.devices(self.key)]
         self.tell(*devices, EndOfList("DEVICES", len(devices)))
 
     def handle_logout(self, arg: str | None) -> None:
@@ -6703,7 +6737,12 @@ class ChatServer:
         One registry lock for the lot: a thousand clients leaving at once do
         not queue up on it one by one.
         """
-        departed = self.registry.depart(sessions, forget, quiet=self.stopping.is_set())
+        gone: list[ClientSession] = []
+        departed = self.registry.depart(sessions, forget, quiet=self.stopping.is_set(), devices_gone=gone)
+        if self.history is not None:
+            for session in gone:  # a device with a name of its own catches up from here when it is back
+                if session.device_name and session.owner:
+                    self.history.set_device_seen(session.key, session.device_name, self.fanout.delivered_upto)
         if self.bus is not None and departed:
             self.bus.release(departed)
         for session in departed:
@@ -6905,7 +6944,7 @@ IRC_SERVER = "chatctl"               # the server's name in IRC prefixes
 IRC_HOST = "chatctl"                 # every nick's host part: addresses are not shown
 IRC_LINE_BYTES = 512                 # an IRC line with its CR LF, tags apart
 IRC_CAPABILITIES = ("server-time", "message-tags", "echo-message", "sasl", "batch", "draft/chathistory",
-                    "multi-prefix")
+                    "multi-prefix", "draft/read-marker")
 IRC_CACHE_LINES = 4096               # room messages whose IRC form is kept for their next IRC reader
 IRC_MAX_TARGETS = 4                  # targets of one PRIVMSG or NOTICE (TARGMAX), each a message of its own
 IRC_SASL_CHUNK = 400                 # AUTHENTICATE sends its data in pieces of this many bytes
@@ -7020,6 +7059,7 @@ class IrcGate(Encoding):
         self._lock = threading.Lock()
         self._list_more, self._list_last = False, ""  # LIST's pages: another is to come, after this room
         self._parting: dict[str, str] = {}            # rooms leaving: the reason, for the PART line
+        self.missed_since: int | None = None          # a named device back: replay what came after this id
         self._asked: dict[str, list[str]] = {}        # verb -> what each request of it was for, oldest first
         self._batch = 0
 
@@ -7127,6 +7167,12 @@ class IrcGate(Encoding):
         except (binascii.Error, UnicodeDecodeError, ValueError):
             self.numeric("904", "SASL authentication failed")
             return
+        # ana@phone (Ergo's form) or ana/phone (soju's): the account, and the name of this device
+        authcid, _, device = authcid.partition("@") if "@" in authcid else authcid.partition("/")
+        if device and not validate_token_label(device):
+            self.numeric("904", "SASL authentication failed: a device's name is 1 to "
+                         f"{MAX_TOKEN_LABEL} letters, digits, '_', '-' or '.'")
+            return
         if self.session.server.accounts.password_hash(confusable_key(authcid)) is None:
             # no account: a name nobody protected needs no login, and "logged in" would be untrue
             self.numeric("904", "SASL authentication failed: no account by that name")
@@ -7142,6 +7188,7 @@ class IrcGate(Encoding):
             if exc.closes:
                 raise
             return
+        self.session.device_name = device
         self.numeric("900", source(self.nick)[1:], self.nick, f"You are now logged in as {self.nick}")
         self.numeric("903", "SASL authentication successful")
 
@@ -7228,11 +7275,15 @@ class IrcGate(Encoding):
             self.numeric("376", "End of /MOTD command")
         else:
             self.numeric("422", "MOTD File is missing")
+        server = self.session.server
+        if self.session.device_name and server.history is not None:  # a named device: what it missed
+            self.missed_since = server.history.device_seen(self.session.key, self.session.device_name)
         self.send(*self._joined(MAIN_ROOM, []))  # everyone starts in #main
         self.call("TOPIC", f"#{MAIN_ROOM}", asked="jointopic")
         self.call("NAMES", f"#{MAIN_ROOM}", asked="names")
         self.send(*self._replay(MAIN_ROOM))
-        self.session.server.rooms.tell_rooms(self.session)  # a device of an account: the account's rooms
+        server.rooms.tell_rooms(self.session)  # a device of an account: the account's rooms (each replayed)
+        self.missed_since = None
 
     def irc_ping(self, params: tuple[str, ...]) -> None:
         self.send(f":{IRC_SERVER} PONG {IRC_SERVER} :{sanitise_line(params[0]) if params else ''}")
@@ -7668,25 +7719,85 @@ class IrcGate(Encoding):
         if event.verb in ("REGISTER", "UNREGISTER"):
             protected = "now protected by its password" if event.verb == "REGISTER" else "no longer protected"
             return [f":{IRC_SERVER} NOTICE {self.nick} :your name is {protected}"]
+        if event.verb == "MARK":  # read here or on another device of the account
+            return self._read_marker(room.partition("|")[0])
         return []  # PASS_OK, MARK_OK, ...
 
     def _joined(self, room: str, held: list[list[str]]) -> list[str]:
-        """Our JOIN of ``room`` as IRC shows it: JOIN, then its topic and names (held until now)."""
-        return [f"{source(self.nick)} JOIN #{room}"] + [line for part in held for line in part]
+        """Our JOIN of ``room`` as IRC shows it: JOIN, its read marker (draft/read-marker), then its
+        topic and names."""
+        return [f"{source(self.nick)} JOIN #{room}", *self._read_marker(room)] + [line for part in held
+                                                                               for line in part]
 
     def _replay(self, room: str) -> list[str]:
         """The room's last lines after our JOIN, with their times, for clients that do not page back
-        themselves (with chathistory they do)."""
+        themselves (with chathistory they do); for a named device back again, what it missed there
+        (and in #main, its direct messages too)."""
         server = self.session.server
         if "draft/chathistory" in self.caps or "server-time" not in self.caps or server.history is None:
             return []  # (without server-time a replayed line looks live: a bot would act on it again)
+        since = self.missed_since
         try:
             upto = server.fanout.delivered_upto
-            messages, _ = server.history.recent(self.nick, IRC_REPLAY, room=room, upto=upto,
-                                                max_bytes=server.reply_bytes)
+            if since is None:
+                messages, _ = server.history.recent(self.nick, IRC_REPLAY, room=room, upto=upto,
+                                                    max_bytes=server.reply_bytes)
+            else:
+                messages, more = server.history.recent(self.nick, IRC_HISTORY_MAX, after=since, upto=upto,
+                                                       room=None if room == MAIN_ROOM else room,
+                                                       max_bytes=server.reply_bytes)
         except ProtocolError:
             return []
-        return self._fitting([self._privmsgs(msg, f"#{room}", "") for msg in messages])
+        lines = self._fitting([self._delivery(msg) for msg in messages], newest=since is None)
+        if since is not None and messages:
+            first, last = messages[0], messages[-1]
+            lines.append(f":{IRC_SERVER} NOTICE {self.nick} :#{room}: {len(messages)} line(s) you missed on "
+                         f"this device, from {irc_time(first.ts)} to {irc_time(last.ts)}"
+                         + (" (and more: CHATHISTORY pages back)" if more else ""))
+        return lines
+
+    def _read_marker(self, target: str) -> list[str]:
+        """``MARKREAD #room timestamp=...`` (draft/read-marker): how far the account has read there."""
+        if "draft/read-marker" not in self.caps:
+            return []
+        history = self.session.server.history
+        marker = self.session.markers.get(target, 0)
+        ts = history.message_ts(marker) if history is not None and marker else None
+        return [f":{IRC_SERVER} MARKREAD #{target} " + (f"timestamp={irc_time(ts)}" if ts else "timestamp=*")]
+
+    def irc_markread(self, params: tuple[str, ...]) -> None:
+        """``MARKREAD #room [timestamp=T]`` (draft/read-marker): ask how far the account has read, or say
+        it; every device of the account is told (our clients as MARK_OK, IRC ones as MARKREAD)."""
+        if not params:
+            self.send(f":{IRC_SERVER} FAIL MARKREAD NEED_MORE_PARAMS :MARKREAD needs a target")
+            return
+        target = params[0]
+        if not target.startswith("#"):  # direct messages have no marker here
+            self.send(f":{IRC_SERVER} MARKREAD {target[:40]} timestamp=*")
+            return
+        try:
+            room = validate_room(target)
+        except ProtocolError:
+            self.send(f":{IRC_SERVER} FAIL MARKREAD INVALID_PARAMS {target[:40]} :no such room")
+            return
+        if room not in self.session.rooms:
+            self.send(f":{IRC_SERVER} FAIL MARKREAD INVALID_PARAMS #{room} :you are not in #{room}")
+            return
+        if len(params) < 2:
+            self.send(*self._read_marker(room))
+            return
+        upto = None
+        history = self.session.server.history
+        if params[1].startswith("timestamp=") and history is not None:
+            with contextlib.suppress(ValueError):
+                ts = datetime.datetime.strptime(params[1][10:], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+                    tzinfo=datetime.UTC).timestamp()
+                upto = history.id_at(ts + 0.000999, after=True)  # (irc_time cuts to the millisecond)
+        if upto is None:
+            self.send(f":{IRC_SERVER} FAIL MARKREAD INVALID_PARAMS #{room} "
+                      ":timestamp=YYYY-MM-DDThh:mm:ss.sssZ")
+            return
+        self.call("MARK", f"#{room}|{upto}")
 
     def _fitting(self, groups: list[list[str]], newest: bool = True) -> list[str]:
         """Whole messages' IRC lines, as many as fit one reply (a quarter of the SendQ): the newest, or
@@ -7736,7 +7847,7 @@ IRC_COMMANDS: dict[str, IrcHandler] = {
     "QUIT": IrcGate.irc_quit, "JOIN": IrcGate.irc_join, "PART": IrcGate.irc_part,
     "PRIVMSG": IrcGate.irc_privmsg, "NOTICE": IrcGate.irc_notice, "TOPIC": IrcGate.irc_topic,
     "NAMES": IrcGate.irc_names, "WHO": IrcGate.irc_who, "WHOIS": IrcGate.irc_whois, "LIST": IrcGate.irc_list,
-    "WHOWAS": IrcGate.irc_whowas,
+    "WHOWAS": IrcGate.irc_whowas, "MARKREAD": IrcGate.irc_markread,
     "AWAY": IrcGate.irc_away, "MODE": IrcGate.irc_mode, "MOTD": IrcGate.irc_motd, "ISON": IrcGate.irc_ison,
     "USERHOST": IrcGate.irc_userhost, "CHATHISTORY": IrcGate.irc_chathistory,
 }
@@ -9248,7 +9359,8 @@ class ChatClient:
 
     def _show_devices(self) -> None:
         devices, self._device_list = self._device_list, []
-        lines = [f"{d.number:>4}  {display_text(d.kind):<7} {display_text(d.address):<16} since "
+        lines = [f"{d.number:>4}  {display_text(d.kind + (' ' + d.name if d.name else '')):<14} "
+                 f"{display_text(d.address):<16} since "
                  f"{local_time(d.since)}, idle {format_idle(d.idle)}" + ("  (this one)" if d.this else "")
                  for d in devices]
         self.note(f"{display_text(self.name)} is online from {len(devices)} device(s) (/logout N ends one):\n"
@@ -10027,7 +10139,7 @@ def users_as_json(users: tuple[UserInfo, ...]) -> str:
 
 
 def devices_as_json(devices: list[DeviceInfo]) -> str:
-    return json.dumps([{"device": d.number, "kind": d.kind, "address": d.address,
+    return json.dumps([{"device": d.number, "kind": d.kind, "name": d.name or None, "address": d.address,
                         "since": format_timestamp(d.since), "idle": d.idle, "this": d.this} for d in devices])
 
 
@@ -10041,7 +10153,8 @@ def render_devices_table(name: str, devices: list[DeviceInfo]) -> None:
     table.add_column("Since")
     table.add_column("Idle", justify="right")
     for d in devices:
-        table.add_row(str(d.number), display_text(d.kind), display_text(d.address),
+        table.add_row(str(d.number), display_text(d.kind + (f" ({d.name})" if d.name else "")),
+                      display_text(d.address),
                       local_time(d.since, with_date=True), format_idle(d.idle))
     print_table(table)
 

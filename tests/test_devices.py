@@ -151,7 +151,7 @@ def test_devices_lists_them_and_logout_needs_the_password(make_server):
     rows = [laptop.expect("DEVICE|"), laptop.expect("DEVICE|")]
     assert laptop.expect("END|") == "END|DEVICES|2"
     assert [row.split("|")[2:4] for row in rows] == [["join", "127.0.0.1"], ["tui", "127.0.0.1"]]
-    assert [row.split("|")[-1] for row in rows] == ["1", "0"]  # which one asked
+    assert [row.split("|")[6] for row in rows] == ["1", "0"]  # which one asked
     phone_number = rows[1].split("|")[1]
     bob = member(server.port, "bob")
     bob.send(b"DEVICES\n")
@@ -294,3 +294,70 @@ def test_one_person_on_join_tui_and_irssi_at_once(make_server, spawn_join, isola
         assert [line for line in bob.seen if line.startswith("LEAVE|")] == []  # ana never left
     finally:
         irssi.close()
+
+
+def irc_device(port: int, login: str, caps: str = "sasl server-time") -> IrcClient:
+    client = IrcClient(port)
+    client.register("ana", caps=caps, sasl=(login, PASSWORD))
+    return client
+
+
+def test_a_named_irc_device_gets_exactly_what_it_missed_across_a_restart(make_server, tmp_path):
+    db, accounts = str(tmp_path / "history.db"), str(tmp_path / "accounts.db")
+    server = make_server(auth_delay=0, db=db, accounts_db=accounts)
+    protected_name(server.port, "ana", PASSWORD)
+    bob = member(server.port, "bob")
+    bob.send(b"MSG|before the phone left\n")
+    bob.expect("MSG_OK|")
+    laptop = device(server.port)  # (online, so that a direct message to ana is taken)
+    phone = irc_device(server.port, "ana@phone")
+    phone.send("QUIT :pocket")
+    wait_until(lambda: len(server.registry.devices("ana")) == 1)
+    for n in range(5):
+        bob.send(f"MSG|missed {n}\n".encode())
+        bob.expect("MSG_OK|")
+    bob.send(b"DM|ana|missed dm\n")
+    bob.expect("MSG_OK|")
+    bob.close()
+    laptop.close()
+    server.shutdown()
+    server = make_server(auth_delay=0, db=db, accounts_db=accounts)
+    bob = member(server.port, "bob")
+    for n in range(5, 9):
+        bob.send(f"MSG|missed {n}\n".encode())
+        bob.expect("MSG_OK|")
+    phone = irc_device(server.port, "ana@phone")
+    notice = phone.expect(r"NOTICE ana :#main: (\d+) line\(s\) you missed on this device").group(1)
+    got = [line for line in phone.seen if " PRIVMSG " in line]
+    assert [line.rsplit(":", 1)[1] for line in got] == [*(f"missed {n}" for n in range(5)), "missed dm",
+                                                         *(f"missed {n}" for n in range(5, 9))]
+    assert notice == "10" and all(line.startswith("@time=") for line in got)
+    phone.close()
+    other = irc_device(server.port, "ana/tablet")  # a device never here before: the last lines, as anyone
+    other.send("PING :x")
+    other.expect(r"PONG")
+    assert not any("you missed" in line for line in other.seen)
+    other.close()
+
+
+def test_irc_read_markers_follow_the_account(make_server):
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", PASSWORD)
+    laptop = device(server.port)
+    bob = member(server.port, "bob")
+    bob.send(b"MSG|read me\n")
+    mid = int(bob.expect("MSG_OK|").split("|")[1])
+    phone = irc_device(server.port, "ana@phone", caps="sasl server-time message-tags draft/read-marker")
+    assert "MARKREAD #main timestamp=" in "\n".join(phone.seen)  # told on joining
+    laptop.send(f"MARK|#main|{mid}\n".encode())
+    stamp = phone.expect(r"MARKREAD #main timestamp=(\S+)").group(1)
+    assert stamp.endswith("Z")
+    bob.send(b"MSG|and me\n")
+    phone.expect(r"PRIVMSG #main :and me")
+    newer = phone.seen[-1].split("time=")[1].split(";")[0].split(" ")[0]
+    phone.send(f"MARKREAD #main timestamp={newer}")
+    assert phone.expect(r"MARKREAD #main timestamp=(\S+)").group(1) == newer
+    assert laptop.expect("MARK_OK|").startswith("MARK_OK|#main|")  # set on the phone: the laptop is told
+    phone.send("MARKREAD #nowhere")
+    phone.expect(r"FAIL MARKREAD INVALID_PARAMS #nowhere")
+    phone.close()
