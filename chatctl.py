@@ -10031,7 +10031,8 @@ def user_table(users: tuple[UserInfo, ...], name_cell: Callable[[str], str] = di
     table.add_column("Online since")
     table.add_column("Idle", justify="right")
     for u in users:
-        table.add_row(name_cell(u.name) + (" [dim](bot)[/]" if u.bot else ""),
+        table.add_row(name_cell(u.name) + (" [dim](bot)[/]" if u.bot else "")
+                      + (f" [dim]({u.devices} devices)[/]" if u.devices > 1 else ""),
                       local_time(u.since, with_date=True) if u.since else "-",
                       format_idle(u.idle) if u.since else "-")
     return table

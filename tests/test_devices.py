@@ -186,6 +186,16 @@ def test_chatctl_devices_lists_an_accounts_devices_for_its_owner(make_server, is
     assert "wrong password" in wrong.stderr and "Traceback" not in wrong.stderr
     who = run_cli("who", "-p", str(server.port), "--json", env=isolated_home)
     assert [(u["name"], u["devices"]) for u in json.loads(who.stdout)] == [("ana", 1)]
+    laptop = device(server.port)  # noqa: F841 (a second device)
+    who = run_cli("who", "-p", str(server.port), "--json", env=isolated_home)
+    assert [(u["name"], u["devices"]) for u in json.loads(who.stdout)] == [("ana", 2)]
+    assert "ana (2 devices)" in run_cli("who", "-p", str(server.port), env=isolated_home).stdout
+    ended = run_cli("devices", "-p", str(server.port), "-u", "ana", "--logout", "others", env=env)
+    assert ended.returncode == 0, ended.stderr
+    assert "logged out 2 device(s) of ana" in ended.stderr  # (the CLI's own connection is no device)
+    wait_until(lambda: not server.registry.devices("ana"))
+    bad = run_cli("devices", "-p", str(server.port), "-u", "ana", "--logout", "phone", env=env)
+    assert bad.returncode == chatctl.EXIT_USAGE and "'others'" in bad.stderr
 
 
 def test_an_irc_device_gets_the_accounts_rooms_and_its_messages_as_its_own(make_server):
