@@ -5490,13 +5490,21 @@ class ClientSession:
         self.server.rooms.set_topic(self, room, sanitise_line(unescape_text(text)).strip())
 
     def handle_mark(self, arg: str | None) -> None:
-        """``MARK|#room|id``: read up to ``id`` in the room (a protected name's marker is stored)."""
+        """``MARK|#room|id``: read up to ``id`` in the room; ``MARK|@name|id``: the direct messages with
+        ``name`` read up to ``id``.  A protected name's markers are stored, and its other devices told."""
         self._room_command("MARK")
         name, sep, number = (arg or "").partition("|")
         if not sep:
-            raise ProtocolError("missing-argument", "use MARK|#room|<id>")
+            raise ProtocolError("missing-argument", "use MARK|#room|<id> or MARK|@name|<id>")
+        upto = _parse_number(number, "MARK")
+        if name.startswith("@"):
+            other = validate_name(name[1:], self.server.config.max_name)
+            marker = "@" + confusable_key(other)
+            self.server.rooms.mark_read(self, marker, f"@{other}", upto)
+            self.tell(Confirmed("MARK", f"@{other}|{self.markers.get(marker, 0)}"))
+            return
         room = self.server.room(validate_room(name))
-        self.server.rooms.mark_read(self, room, _parse_number(number, "MARK"))
+        self.server.rooms.mark_read(self, room.name, f"#{room.name}", upto)
         self.tell(Confirmed("MARK", f"#{room.name}|{self.markers.get(room.name, 0)}"))
 
     def handle_close(self, arg: str | None) -> None:
@@ -6246,16 +6254,18 @@ class Rooms:
         if session is not None:
             session.tell(topic)
 
-    def mark_read(self, session: ClientSession, room: Room, upto: int) -> None:
+    def mark_read(self, session: ClientSession, marker: str, shown: str, upto: int) -> None:
+        """``session`` read up to ``upto`` where ``marker`` says (a room's name, or ``@`` and the
+        key of the other party of direct messages; ``shown``: ``#room`` or ``@name``)."""
         upto = min(upto, self.server.fanout.delivered_upto)
-        if upto <= session.markers.get(room.name, 0):
+        if upto <= session.markers.get(marker, 0):
             return
-        session.markers[room.name] = upto  # (the account's devices share one markers dict)
+        session.markers[marker] = upto  # (the account's devices share one markers dict)
         if session.owner and self.server.marker_store is not None:
-            self.server.marker_store.set_marker(session.key, room.name, upto)
+            self.server.marker_store.set_marker(session.key, marker, upto)
         for device in self.server.registry.devices(session.key):
             if device is not session:  # read on one device: read on all of them
-                device.tell(Confirmed("MARK", f"#{room.name}|{upto}"))
+                device.tell(Confirmed("MARK", f"{shown}|{upto}"))
 
     def close(self, session: ClientSession, name: str) -> None:
         def allowed(room: Room) -> None:
@@ -7719,7 +7729,7 @@ class IrcGate(Encoding):
         if event.verb in ("REGISTER", "UNREGISTER"):
             protected = "now protected by its password" if event.verb == "REGISTER" else "no longer protected"
             return [f":{IRC_SERVER} NOTICE {self.nick} :your name is {protected}"]
-        if event.verb == "MARK":  # read here or on another device of the account
+        if event.verb == "MARK" and event.arg.startswith("#"):  # read here or on another device
             return self._read_marker(room.partition("|")[0])
         return []  # PASS_OK, MARK_OK, ...
 
@@ -9190,7 +9200,7 @@ class ChatClient:
         personal = not own and (msg.kind == "dm" or self.mentions_me(msg))
         ring = not own and (self.bell == "all" or (self.bell == "mentions" and personal))
         if self._arrived(msg, personal):
-            self._mark(msg.room, msg.id)
+            self._mark(self.conversation(msg), msg.id)
         self.front.message(msg, own=own, ring=ring)
         self.front.changed()
 
@@ -9198,14 +9208,15 @@ class ChatClient:
         """Count the message in its conversation; True if it was read (its room is the current one)."""
         own = self.is_me(msg.sender)
         if msg.kind == "dm":
-            if self.conversations:
-                self.model.arrived(self.conversation(msg), msg.id, mention, create=True, own=own)
-                for name, unread in self.model.take_dropped():
-                    who = display_text(name[1:])
-                    self.note(f"closed the conversation with {who} and its {unread} unread line(s): "
-                              f"more than {MAX_DM_CONVERSATIONS} at once (/msg {who} opens it again; "
-                              "chatctl history shows the lines)", "bold yellow", room=MAIN_ROOM)
-            return False
+            if not self.conversations:
+                return False
+            read = self.model.arrived(self.conversation(msg), msg.id, mention, create=True, own=own)
+            for name, unread in self.model.take_dropped():
+                who = display_text(name[1:])
+                self.note(f"closed the conversation with {who} and its {unread} unread line(s): "
+                          f"more than {MAX_DM_CONVERSATIONS} at once (/msg {who} opens it again; "
+                          "chatctl history shows the lines)", "bold yellow", room=MAIN_ROOM)
+            return read
         return self.model.arrived(msg.room, msg.id, mention, own=own)
 
     def _backlog(self, backlog: Backlog) -> None:
@@ -9224,7 +9235,7 @@ class ChatClient:
             else:
                 read = msg.kind != "dm" and msg.room == self.model.current
             if read:  # shown in the room on screen: read, as a live line would be
-                self._mark(msg.room, msg.id)
+                self._mark(self.conversation(msg), msg.id)
             self.front.message(msg, own=own, backlog=True)
         if messages and not backlog.missed and not self.conversations:
             self.note("end of history")
@@ -9246,7 +9257,7 @@ class ChatClient:
             if event.id:
                 self._first_sight(msg)
                 if self._arrived(msg, False):
-                    self._mark(room, msg.id)
+                    self._mark(self.conversation(msg), msg.id)
             self.front.message(msg, own=True)
             self.front.changed()
 
@@ -9280,9 +9291,9 @@ class ChatClient:
                 self.note(f"you left #{display_text(room)}; now in #{display_text(now)}")
                 return True
             if event.verb == "MARK":  # read here or on another device of ours: read everywhere
-                room, _, upto = event.arg.partition("|")
+                where, _, upto = event.arg.partition("|")
                 if upto.isdigit():
-                    self.model.read_upto(room.lstrip("#"), int(upto))
+                    self.model.read_upto(where.removeprefix("#"), int(upto))
                 return True
             return event.verb == "CLOSE"
         if isinstance(event, Topic):
@@ -9395,7 +9406,7 @@ class ChatClient:
     def switch(self, conversation: str, quiet: bool = False) -> None:
         """Make a room (or, with ``conversations``, an ``@name`` conversation) the current one."""
         last = self.model.switch(conversation)
-        if last and not conversation.startswith("@"):
+        if last:
             self._mark(conversation, last)
         if not quiet:
             topic = self.model.topic(conversation)
@@ -9427,8 +9438,9 @@ class ChatClient:
             marks, self._marks = self._marks, {}
             if not first:
                 self._mark_timer = None
-        for room, last_id in marks.items():
-            self.session.send("MARK", f"#{room}", str(last_id))
+        for conversation, last_id in marks.items():  # a room, or @name: direct messages
+            self.session.send("MARK", conversation if conversation.startswith("@") else f"#{conversation}",
+                              str(last_id))
 
     # --- history and search on the live connection -----------------------------------------------
 

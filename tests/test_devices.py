@@ -371,3 +371,29 @@ def test_irc_read_markers_follow_the_account(make_server):
     phone.send("MARKREAD #nowhere")
     phone.expect(r"FAIL MARKREAD INVALID_PARAMS #nowhere")
     phone.close()
+
+
+def test_reading_a_conversation_on_one_device_marks_it_read_on_the_others(make_server):
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", PASSWORD)
+    laptop, phone = device(server.port), device(server.port)
+    bob = member(server.port, "bob")
+    bob.send(b"DM|ana|are you free?\n")
+    mid = int(bob.expect("MSG_OK|").split("|")[1])
+    laptop.expect("DM|")
+    laptop.send(f"MARK|@bob|{mid}\n".encode())
+    assert laptop.expect("MARK_OK|") == f"MARK_OK|@bob|{mid}"
+    assert phone.expect("MARK_OK|") == f"MARK_OK|@bob|{mid}"
+    laptop.send(b"MARK|@not a name|1\n")
+    assert laptop.expect("ERR|").startswith("ERR|invalid-name|")
+
+
+def test_a_conversation_read_on_another_device_has_no_unread_lines_left():
+    model = chatctl.RoomsModel()
+    model.arrived("@bob", 41, mention=True, create=True)
+    model.arrived("@bob", 42, mention=True, create=True)
+    assert model.unread()["@bob"] == (2, 2)
+    model.read_upto("@bob", 41)  # not all of it: still unread (how many is not known: kept)
+    assert model.unread()["@bob"] == (2, 2)
+    model.read_upto("@bob", 42)
+    assert model.unread()["@bob"] == (0, 0)
