@@ -397,3 +397,22 @@ def test_a_conversation_read_on_another_device_has_no_unread_lines_left():
     assert model.unread()["@bob"] == (2, 2)
     model.read_upto("@bob", 42)
     assert model.unread()["@bob"] == (0, 0)
+
+
+def test_a_tui_that_comes_later_shows_the_rooms_the_account_is_in(make_server):
+    from test_tui import client_config, connected, room_list, run, until
+
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", PASSWORD)
+    laptop = device(server.port)
+    laptop.send(b"JOIN|#ops\nTOPIC|#ops|the ops room\n")
+    laptop.expect("JOIN_OK|#ops")
+
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        await until(pilot, lambda: any("#ops" in r for r in room_list(app)), "#ops in the room list")
+        assert app.chat.model.topic("ops") == "the ops room"
+        laptop.send(b"PART|#ops\n")
+        await until(pilot, lambda: not any("#ops" in r for r in room_list(app)), "#ops gone from the list")
+
+    run(scenario, client_config(server.port, user_password=PASSWORD))
