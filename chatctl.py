@@ -4477,6 +4477,11 @@ class Room:
         return RoomRecord(self.name, self.created_by, self.created_ts, self.topic, self.topic_by,
                           self.topic_ts)
 
+    @property
+    def people(self) -> int:
+        """How many names are in the room (an account on three devices is one)."""
+        return len({member.key for member in self.members})
+
     def _add(self, session: ClientSession) -> None:
         with self._lock:
             self._members[session] = None
@@ -4622,6 +4627,8 @@ class Registry:
                 session.last_spoke = time.monotonic()
             session.advance(SessionState.REGISTERED)
             if device:
+                taken = {d.number for d in self._devices[key]}
+                session.number = next(n for n in itertools.count(1) if n not in taken)  # the lowest free
                 self._devices[key] = (*self._devices[key], session)
                 for room in holder.rooms.values():
                     room._add(session)
@@ -4629,6 +4636,8 @@ class Registry:
                 session.presence_seq = self.presence_seq()  # it hears what happens from now on
                 self._member_cache = None
             elif not session.quiet:
+                if not isinstance(session, RemoteMember):
+                    session.number = 1
                 self._by_key[key] = session
                 self._devices[key] = (session,)
                 self._member_cache = self._holder_cache = None
@@ -4823,7 +4832,7 @@ class Registry:
                 raise ProtocolError("unknown-room", f"there is no room #{name}")
             allowed(room)
             if room.members:
-                raise ProtocolError("room-not-empty", f"#{name} has {len(room.members)} member(s); only "
+                raise ProtocolError("room-not-empty", f"#{name} has {room.people} member(s); only "
                                     "an empty room can be closed")
             self.rooms = {k: v for k, v in self.rooms.items() if k != name}
             return room
@@ -4920,7 +4929,7 @@ class ClientSession:
         self.last_register = -math.inf  # monotonic time of the last REGISTER
         self.by_token = ""                  # the hash of the token that proved its name ('': none, or a
         self.token_label = ""               # ... password) and that token's name
-        self.number = next(server.connection_numbers)  # names it among its account's devices (LOGOUT|n)
+        self.number = 0                     # its number among its name's devices (LOGOUT|n), set at USER
         self.client_kind = "seed"           # what it is (DEVICES): chatctl, join, tui, web, bot, irc
         self.device_name = ""               # the name it gave itself (an IRC app's ana@phone): caught up by
         self.connected_at = time.monotonic()
@@ -5360,10 +5369,11 @@ class ClientSession:
         devices = [d for d in self.server.registry.devices(self.key)
                    if (d is not self if number is None else d.number == number)]
         if number is not None and not devices:
-            raise ProtocolError("unknown-device", f"{self.name} has no device {number} online (DEVICES lists "
-                                "them)")
+            raise ProtocolError("unknown-device", f"{self.name} has no device {number} online (/devices or "
+                                "chatctl devices lists them)")
         for device in devices:
-            device.disconnect(f"{LOGGED_OUT} from device {self.number} ({self.client_kind} at {self.host})")
+            device.disconnect(f"{LOGGED_OUT} by {self.name}'s device {self.number} ({self.client_kind} at "
+                              f"{self.host})")
         log.info("%s logged out %d of their devices (from %s)", self.name, len(devices), self.peer)
         self.tell(Confirmed("LOGOUT", str(len(devices))))
 
@@ -6309,14 +6319,16 @@ class Rooms:
         upto = self.server.fanout.delivered_upto
         rooms = sorted((r for r in self.server.registry.rooms.values() if r.name > after),
                        key=lambda r: r.name)
+        devices = self.server.registry.devices(session.key) if session.quiet and session.owner else ()
+        ours = devices[0].rooms if devices else session.rooms  # (a script of a name online: the name's)
         for room in rooms:
-            joined = room.name in session.rooms
+            joined = room.name in ours
             unread = mentioned = 0
             if session.name is not None and self.server.history is not None and room.name in session.markers:
                 marker = session.markers[room.name]
                 if marker < room.last_id:
                     unread, mentioned = self.server.history.unread(room.name, marker, session.name, upto)
-            info = RoomInfo(room.name, joined, len(room.members), room.messages, unread, mentioned,
+            info = RoomInfo(room.name, joined, room.people, room.messages, unread, mentioned,
                             room.last_ts, room.topic)
             size += len(OUR_LINES[RoomInfo](info))  # a reply is bounded by its size in our protocol
             if size > self.server.reply_bytes and infos:
@@ -6352,7 +6364,6 @@ class ChatServer:
         self.writer = Writer()
         self.readers = ReaderPool()
         self.poller = ReadPoller(self.readers)
-        self.connection_numbers = itertools.count(1)  # each connection's number (its device number)
         self.presence = Presence(self)
         self.registry = Registry(self.config, self.presence.announce, self.presence.last_seq)
         self.mirror = ClusterMirror(self)  # what the bus (if any) applies of other servers' doings
@@ -7657,7 +7668,10 @@ class IrcGate(Encoding):
         return [self._tags(None, "", ts=event.ts) + f"{source(event.name)} JOIN #{MAIN_ROOM}"]
 
     def out_left(self, event: Left, batch: str) -> list[str]:
-        return [self._tags(None, "", ts=event.ts) + f"{source(event.name)} QUIT :{event.reason}"]
+        reason = event.reason  # our "quit: lunch" as IRC servers say it: "Quit: lunch"
+        if reason == "quit" or reason.startswith("quit: "):
+            reason = "Q" + reason[1:]
+        return [self._tags(None, "", ts=event.ts) + f"{source(event.name)} QUIT :{reason}"]
 
     def out_entered(self, event: Entered, batch: str) -> list[str]:
         return [self._tags(None, "", ts=event.ts) + f"{source(event.name)} JOIN #{event.room}"]
@@ -7760,10 +7774,12 @@ class IrcGate(Encoding):
             return []
         lines = self._fitting([self._delivery(msg) for msg in messages], newest=since is None)
         if since is not None and messages:
-            first, last = messages[0], messages[-1]
-            lines.append(f":{IRC_SERVER} NOTICE {self.nick} :#{room}: {len(messages)} line(s) you missed on "
-                         f"this device, from {irc_time(first.ts)} to {irc_time(last.ts)}"
-                         + (" (and more: CHATHISTORY pages back)" if more else ""))
+            dms = sum(msg.kind == "dm" for msg in messages)
+            lines.append(f":{IRC_SERVER} NOTICE {self.nick} :#{room}: {len(messages) - dms} line(s)"
+                         + (f" and {dms} direct message(s)" if dms else "")
+                         + " you missed on this device, since "
+                         + time.strftime("%H:%M UTC", time.gmtime(messages[0].ts))
+                         + (" (and more: chatctl history has the rest)" if more else ""))
         return lines
 
     def _read_marker(self, target: str) -> list[str]:
@@ -8323,11 +8339,18 @@ def set_protection(config: ClientConfig, name: str, new_password: str | None,
 
 def as_owner(config: ClientConfig, name: str, ask_password: PasswordPrompt | None,
              action: Callable[[ChatConnection], object]) -> object:
-    """``action`` on a connection registered (quietly) as ``name`` with its password (its tokens, its
-    devices)."""
+    """``action`` on a connection registered (quietly) as ``name`` with its password (never a token:
+    a token does not manage tokens)."""
     with connect(config, notify=client_notice, quiet=True) as conn:
         register_as(conn, name, config.user_password, ask_password, tokens=False)
         return action(conn)
+
+
+def fetch_devices(config: ClientConfig, name: str, ask_password: PasswordPrompt | None) -> list[DeviceInfo]:
+    """Where ``name`` is online, proved with its password (or a bot's token)."""
+    with connect(config, notify=client_notice, quiet=True) as conn:
+        register_as(conn, name, credential(config), ask_password)
+        return conn.devices()
 
 
 def logout_devices(config: ClientConfig, name: str, device: str, ask_password: PasswordPrompt | None) -> int:
@@ -8870,7 +8893,7 @@ class LiveSession:
                 if self._stop.is_set():
                     return
                 if TAKEN_OVER in reason or LOGGED_OUT in reason:
-                    self._end(f"{reason}; not reconnecting")
+                    self._end(f"{reason}; not reconnecting", EXIT_REJECTED)  # (the account ended it)
                     return
                 self.on_status(f"{reason}; reconnecting", ())
             if self._wait_retry(backoff):
@@ -9034,6 +9057,9 @@ class ClientFrontEnd:
     def protect_name(self) -> None:
         """/register: ask for a new password, twice and hidden, then call ``ChatClient.protect``."""
 
+    def confirm_logout(self, which: str) -> None:
+        """/logout: ask for the name's password, hidden, then call ``ChatClient.logout``."""
+
 
 class ChatClient:
     """One person's chat: commands in, events out to a ClientFrontEnd; no terminal in it.
@@ -9065,6 +9091,8 @@ class ChatClient:
                                    rooms=self._rooms_to_be_in, start_room=room, client=client)
         self._room_list: list[RoomInfo] = []     # ROOM lines until their END
         self._device_list: list[DeviceInfo] = []  # DEVICE lines until their END
+        self._joining: dict[str, bool] = {}      # rooms /join asked for (a JOIN_OK not asked: another device)
+        self._parting: dict[str, bool] = {}      # the same for /part
         self._rooms_quietly = 0                  # ROOMS replies to take in without showing them
         self.rooms_asked = 0                     # quiet ROOMS requests sent so far (a Tab sees if it asked)
         # NAMES answers per room that fill the model unannounced (a quiet NAMES, a rejoin's names)
@@ -9201,6 +9229,8 @@ class ChatClient:
         ring = not own and (self.bell == "all" or (self.bell == "mentions" and personal))
         if self._arrived(msg, personal):
             self._mark(self.conversation(msg), msg.id)
+        elif own:  # said on another device of ours: what came before it there was read there
+            self.model.read_upto(self.conversation(msg), msg.id)
         self.front.message(msg, own=own, ring=ring)
         self.front.changed()
 
@@ -9277,6 +9307,10 @@ class ChatClient:
         if isinstance(event, Confirmed):
             room = event.arg.lstrip("#")
             if event.verb == "JOIN":
+                asked = self._joining.pop(room, None) or room == self._switch_on_join
+                if not self.model.has(room) and not asked:
+                    self.note(f"you are in #{display_text(room)} now: another device of yours joined it",
+                              room=room)
                 self.model.entered(room)
                 if self._switch_on_join == room:  # a room the person joined: its last lines, as on start
                     with self._lock:
@@ -9287,6 +9321,8 @@ class ChatClient:
                         self.request_history(room, "entered", count=self.backlog)
                 return True
             if event.verb == "PART":
+                if not self._parting.pop(room, None):
+                    self.note(f"another device of yours left #{display_text(room)}")
                 now = self.model.left(room)
                 self.note(f"you left #{display_text(room)}; now in #{display_text(now)}")
                 return True
@@ -9590,6 +9626,7 @@ class ChatClient:
                 return
         else:
             self._switch_on_join = rooms[0]
+        self._joining.update(dict.fromkeys(rooms, True))
         self._request("JOIN", *(f"#{r}" for r in rooms))
 
     def _part(self, text: str) -> None:
@@ -9605,18 +9642,23 @@ class ChatClient:
         if self.model.joined() == [room]:
             self.warn(f"#{display_text(room)} is the only room you are in: /join another first, or /quit")
             return
+        self._parting[room] = True
         self._request("PART", f"#{room}", *([sanitise_line(reason)] if reason.strip() else []))
 
     def _logout(self, which: str) -> None:
-        """``/logout N`` or ``/logout others`` (``--others`` too): with the password this session
-        proved the name with (a token will not do: the server says so)."""
+        """``/logout N`` or ``/logout others`` (``--others`` too): the front-end asks for the name's
+        password (typed again: whoever finds a device logged in cannot end the others with it)."""
         which = which.lower().removeprefix("--")
         if which != "others" and whole_number(which) is None:
             self.warn(f"usage: {JOIN_COMMANDS['/logout'].split('  ')[0]} (/devices lists the numbers)")
         elif not self.session.password:
             self.warn("/logout is for a protected name's devices: /register protects yours")
         else:
-            self._request("LOGOUT", which, self.session.password)
+            self.front.confirm_logout(which)
+
+    def logout(self, which: str, password: str) -> None:
+        """End device ``which`` (a number, or ``others``) of our name, with its password."""
+        self._request("LOGOUT", which, one_line_secret(password))
 
     def _rename(self, name: str) -> None:
         if not self.session.rename(name):
@@ -10366,6 +10408,25 @@ class JoinClient(ClientFrontEnd):
             return
         self.chat.protect(first)
 
+    def confirm_logout(self, which: str) -> None:
+        """Ask for the name's password (hidden), then log the device (or the others) out."""
+        if self._prompt is None:
+            self.chat.warn("/logout needs a terminal; use chatctl devices --logout")
+            return
+        what = "your other devices" if which == "others" else f"device {which}"
+        try:
+            password = self._prompt.prompt(f"to log out {what}, the password of {self.chat.name}: ",
+                                           is_password=True)
+        except (EOFError, KeyboardInterrupt):
+            self.chat.note("nobody was logged out")
+            return
+        finally:
+            self._prompt.is_password = False
+        try:
+            self.chat.logout(which, password)
+        except ConfigError as exc:
+            self.chat.warn(display_text(str(exc)))
+
     # --- the two modes -----------------------------------------------------------------------
 
     def start(self) -> None:
@@ -10626,6 +10687,9 @@ class QueuedFrontEnd(ClientFrontEnd):
 
     def protect_name(self):
         self._put("protect")
+
+    def confirm_logout(self, which: str) -> None:
+        self._put("logout", which)
 
 
 def one_row(text: str, width: int) -> str:
@@ -11238,6 +11302,10 @@ def tui_app():
                     return
                 elif kind == "protect":
                     self.push_screen(NewPasswordScreen(), self._protect)
+                elif kind == "logout":
+                    what = "your other devices" if args[0] == "others" else f"device {args[0]}"
+                    self.push_screen(AskScreen(f"To log out {what}, the password of {chat.name}:",
+                                               password=True), functools.partial(self._logout, args[0]))
             if chat.model.current != shown:
                 self._show(chat.model.current)
             else:
@@ -11258,6 +11326,15 @@ def tui_app():
             where = room if ours else self.chat.model.current
             line = TuiLine(markup=markup, style=style, ts=time.time())
             return [line] if self.conversation(where).add(line) and where == self._shown else []
+
+        def _logout(self, which: str, password: str | None) -> None:
+            if password is None:
+                self.chat.note("nobody was logged out")
+                return
+            try:
+                self.chat.logout(which, password)
+            except (NotConnected, ConfigError) as exc:
+                self.chat.warn(display_text(str(exc)))
 
         def _protect(self, password: str | None) -> None:
             if password is None:
@@ -12017,7 +12094,8 @@ def history(host, port, config_file, limit, before, after, search, user, as_json
         click.echo("No messages.", err=True)
 
 
-@cli.command(epilog=exit_codes_help(*CLIENT_EXITS, _5="the server refused the name, or (piped) a message"))
+@cli.command(epilog=exit_codes_help(*CLIENT_EXITS, _5="the server refused the name, or (piped) a message, "
+                                    "or another device of the name logged this one out"))
 @connection_options("of the server")
 @click.option("--user", "-u", help="Your name (or CHATCTL_USER, [client] user; asked if unset).")
 @click.option("--no-color", is_flag=True, help="Monochrome display (NO_COLOR does the same).")
@@ -12077,7 +12155,8 @@ def join(host, port, config_file, user, no_color, bell, backlog, room, tls, cafi
             sys.exit(code)
 
 
-@cli.command(epilog=exit_codes_help(*CLIENT_EXITS, _5="the server refused the name or its password"))
+@cli.command(epilog=exit_codes_help(*CLIENT_EXITS, _5="the server refused the name or its password, or "
+                                    "another device of the name logged this one out"))
 @connection_options("of the server")
 @click.option("--user", "-u", help="Your name (or CHATCTL_USER, [client] user; asked in a dialog if unset).")
 @click.option("--bell", type=click.Choice(BELL_MODES),
@@ -12250,8 +12329,8 @@ def register(host, port, config_file, tls, cafile, tls_fingerprint, user, drop, 
     if bot and drop:
         raise click.UsageError("--bot and --drop do not combine")
     set_protection(config, config.user, new_password, ask_password if interactive else None, bot=bot)
-    click.echo(f"{config.user} is {'no longer' if drop else 'now'} protected"
-               + (", a bot's name: chatctl token create makes it a token" if bot else "") + ".", err=True)
+    made_bot = f" and a bot's name; chatctl token create -u {config.user} makes it a token" if bot else ""
+    click.echo(f"{config.user} is {'no longer' if drop else 'now'} protected{made_bot}.", err=True)
 
 
 @cli.group()
@@ -12343,7 +12422,8 @@ def devices(host, port, config_file, tls, cafile, tls_fingerprint, user, logout,
     """List where a protected name is online: each device (join, tui, irc...) with its address, since
     when, and how long idle; or log one out (--logout N, --logout others).
 
-    Needs the name's password (CHATCTL_USER_PASSWORD, or asked); a token will not do.
+    Needs the name's password (CHATCTL_USER_PASSWORD, or asked), or for a bot one of its tokens
+    (CHATCTL_TOKEN); --logout needs the password.
     """
     if logout is not None and logout.lower() != "others" and whole_number(logout) is None:
         raise click.BadParameter(f"{logout!r}: a device's number (chatctl devices lists them) or 'others'",
@@ -12351,7 +12431,7 @@ def devices(host, port, config_file, tls, cafile, tls_fingerprint, user, logout,
     config = token_config(host, port, config_file, tls, cafile, tls_fingerprint, user)
     ask = ask_password if sys.stdin.isatty() else None
     if logout is None:
-        found = as_owner(config, config.user, ask, lambda conn: conn.devices())
+        found = fetch_devices(config, config.user, ask)
         if as_json:
             click.echo(devices_as_json(found))
         elif found:

@@ -164,7 +164,7 @@ def test_devices_lists_them_and_logout_needs_the_password(make_server):
     assert laptop.expect("ERR|").startswith("ERR|unknown-device|")
     laptop.send(f"LOGOUT|{phone_number}|{PASSWORD}\n".encode())
     assert laptop.expect("LOGOUT_OK|") == "LOGOUT_OK|1"
-    assert phone.wait_closed()[-1].startswith("BYE|logged out from device")
+    assert phone.wait_closed()[-1].startswith("BYE|logged out by ana's device")
     laptop.send(b"DEVICES\n")
     assert laptop.expect("END|") == "END|DEVICES|1"
 
@@ -295,8 +295,12 @@ def test_one_person_on_join_tui_and_irssi_at_once(make_server, spawn_join, isola
             laptop.expect("join")
             laptop.expect("tui")
             laptop.sendline("/logout others")
+            laptop.expect("to log out your other devices, the password of ana:")  # asked again, hidden
+            laptop.sendline(PASSWORD)
             laptop.expect(r"logged out 2 device\(s\)")
             await until(pilot, lambda: app.chat.session.ended, "tui logged out")
+            assert "logged out by ana's device" in str(app.chat.session.end_error)
+            assert app.chat.session.end_error.exit_code == chatctl.EXIT_REJECTED
             wait_until(lambda: len(server.registry.devices("ana")) == 1)
             assert server.registry.devices("ana")[0].client_kind == "join"
 
@@ -337,11 +341,12 @@ def test_a_named_irc_device_gets_exactly_what_it_missed_across_a_restart(make_se
         bob.send(f"MSG|missed {n}\n".encode())
         bob.expect("MSG_OK|")
     phone = irc_device(server.port, "ana@phone")
-    notice = phone.expect(r"NOTICE ana :#main: (\d+) line\(s\) you missed on this device").group(1)
+    notice = phone.expect(r"NOTICE ana :#main: (\d+) line\(s\) and 1 direct message\(s\) you missed on this "
+                          r"device, since \d\d:\d\d UTC").group(1)
     got = [line for line in phone.seen if " PRIVMSG " in line]
     assert [line.rsplit(":", 1)[1] for line in got] == [*(f"missed {n}" for n in range(5)), "missed dm",
                                                          *(f"missed {n}" for n in range(5, 9))]
-    assert notice == "10" and all(line.startswith("@time=") for line in got)
+    assert notice == "9" and all(line.startswith("@time=") for line in got)
     phone.close()
     other = irc_device(server.port, "ana/tablet")  # a device never here before: the last lines, as anyone
     other.send("PING :x")
@@ -416,3 +421,20 @@ def test_a_tui_that_comes_later_shows_the_rooms_the_account_is_in(make_server):
         await until(pilot, lambda: not any("#ops" in r for r in room_list(app)), "#ops gone from the list")
 
     run(scenario, client_config(server.port, user_password=PASSWORD))
+
+
+def test_rooms_count_people_not_devices_and_a_script_of_the_name_sees_its_rooms(make_server, isolated_home):
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", PASSWORD)
+    laptop, phone = device(server.port), device(server.port)  # noqa: F841 (both online)
+    laptop.send(b"JOIN|#ops\n")
+    laptop.expect("JOIN_OK|#ops")
+    bob = member(server.port, "bob")
+    bob.send(b"ROOMS\n")
+    rows = {bob.expect("ROOM|").split("|")[1]: None for _ in range(2)}
+    bob.send(b"ROOMS\n")
+    online = {line.split("|")[1]: line.split("|")[3] for line in (bob.expect("ROOM|"), bob.expect("ROOM|"))}
+    assert set(rows) == {"#main", "#ops"} and online == {"#main": "2", "#ops": "1"}
+    env = {**isolated_home, "CHATCTL_USER_PASSWORD": PASSWORD}
+    listed = run_cli("rooms", "-p", str(server.port), "-u", "ana", "--json", env=env)
+    assert {r["room"]: r["joined"] for r in json.loads(listed.stdout)} == {"#main": True, "#ops": True}

@@ -472,7 +472,7 @@ def test_people_coming_and_going_are_join_and_quit(irc_server, irc):
         wee.expect(rf"^(@\S+ )?:{name}!{name}@chatctl JOIN #main$")
         assert name in names_in_main()
         visitor.send(b"QUIT|lunch\n")
-        wee.expect(rf"^(@\S+ )?:{name}!{name}@chatctl QUIT :quit: lunch$")
+        wee.expect(rf"^(@\S+ )?:{name}!{name}@chatctl QUIT :Quit: lunch$")
         visitor.close()
     assert names_in_main() == ["wee"]  # both gone from the channel, not only announced as gone
     assert not [line for line in wee.seen if re.search(r" (PART|KICK) ", line)], wee.seen  # quit, not part
@@ -664,7 +664,7 @@ def test_quit_and_part_reasons_that_look_like_our_protocol_reach_irc(irc_server,
     bob.send(f"PART|#ops|{FORGED}\n".encode())
     assert wee.expect(r":bob!bob@chatctl PART #ops :(.*)$").group(1) == FORGED
     bob.send(f"QUIT|{FORGED}\n".encode())
-    assert wee.expect(r":bob!bob@chatctl QUIT :(.*)$").group(1) == f"quit: {FORGED}"
+    assert wee.expect(r":bob!bob@chatctl QUIT :(.*)$").group(1) == f"Quit: {FORGED}"
     wee.send("NAMES #main")
     assert "bob" not in wee.expect(r" 353 wee = #main :(.*)$").group(1).split()
 

@@ -290,7 +290,7 @@ def test_impersonating_an_online_owner_fails_and_the_owner_logs_a_stale_device_o
     assert again.line().startswith("ERR|bad-password|")
     again.send(b"LOGOUT|others|correct horse\n")
     assert again.line() == "LOGOUT_OK|1"
-    assert stale.wait_closed()[-1].startswith("BYE|logged out from device")
+    assert stale.wait_closed()[-1].startswith("BYE|logged out by ana's device")
     again.send(b"MSG|it is me\n")
     assert watcher.expect("MSG|").endswith("|ana|it is me")
     assert [u.name for u in server.users()] == ["ana", "bob"]  # ana still from her first login on

@@ -506,7 +506,7 @@ def test_logged_out_from_another_device_ends_the_app_with_the_reason(make_server
             phone.close()
 
     asyncio.run(main())
-    assert isinstance(app.error, chatctl.ClientError) and "logged out from device" in str(app.error)
+    assert isinstance(app.error, chatctl.ClientError) and "logged out by ana's device" in str(app.error)
 
 
 def test_the_hand_over_queue_is_bounded_and_a_full_one_makes_the_reader_wait():
