@@ -55,6 +55,7 @@ Threads and locks (the server's; each class docstring says the same of its own f
     chatctl-upkeep           HistoryStore                 retention and the search index
 
     Locks, outermost first; a thread holding one takes only locks of a later tier:
+      0. ChatServer.logouts   one LOGOUT at a time: which devices it ends (ending them takes the rest)
       1. Registry.lock        who holds which name, who is in which room (Presence.announce is
                               called under it)
       2. Room.posting         a room taking messages (closing it takes it too)
@@ -186,6 +187,7 @@ AUTH_DELAY = 1.0                     # seconds a failed password waits before it
 AUTH_MAX_FAILURES = 5                # failed passwords from one address per auth_lockout window
 AUTH_TARGET_FAILURES = 20            # failed passwords for one name (or the server password) per window
 AUTH_LOCKOUT = 60.0                  # the window those failures refill over, in seconds
+AUTH_QUEUE_WAIT = 5.0                # seconds a login waits for checks under way (not failures) to end
 MIN_PASSWORD_CHARS = 8               # shortest password that protects a name
 MAX_PASSWORD_BYTES = 1024            # longest password (scrypt's cost grows with it)
 TOKEN_PREFIX = "chatctl_"            # a bot's token starts with this, so it is told apart from a password
@@ -2585,9 +2587,12 @@ class AuthThrottle:
       owner out.
 
     ``begin`` takes the tokens before the password is checked, so parallel
-    guesses cannot all pass; ``finish(True)`` gives them back.  A success
-    clears no failure, of its own target or another.  Everything is guarded
-    by ``_lock``; callers are reader threads.
+    guesses cannot all pass; ``finish(True)`` gives them back.  A bucket
+    emptied only by checks still under way (a user's ten devices logging in
+    at once) is no lockout: the next check waits, at most AUTH_QUEUE_WAIT,
+    for them to end.  A success clears no failure, of its own target or
+    another.  Everything is guarded by ``_lock`` (its condition ``_ended``
+    says a check ended); callers are reader threads.
     """
 
     MAX_TRACKED = 10000      # buckets and known addresses remembered at once; the oldest go first
@@ -2597,34 +2602,43 @@ class AuthThrottle:
         self.max_failures = max_failures
         self.target_failures = target_failures
         self.window = window
-        self._addresses: dict[str, list[float]] = {}   # host -> [tokens, when last refilled]
-        self._targets: dict[str, list[float]] = {}     # target -> [tokens, when last refilled]
+        self._addresses: dict[str, list[float]] = {}   # host -> [tokens, when refilled, checks under way]
+        self._targets: dict[str, list[float]] = {}     # target -> the same
         self._known: dict[tuple[str, str], float] = {}  # (target, host) -> when it last proved it
         self._lock = threading.Lock()
+        self._ended = threading.Condition(self._lock)
 
     def begin(self, host: str, target: str) -> AuthAttempt:
         """Take one try for ``host`` at ``target``, or raise ``auth-locked``."""
         if not self.max_failures:
             return AuthAttempt(self, host, target, None, None)
-        now = time.monotonic()
+        deadline = time.monotonic() + AUTH_QUEUE_WAIT
         with self._lock:
-            address = self._bucket(self._addresses, host, self.max_failures, now)
-            known = self._known.get((target, host), -self.KNOWN_FOR) > now - self.KNOWN_FOR
-            shared = None if known else self._bucket(self._targets, target, self.target_failures, now)
-            buckets = ((address, self.max_failures), (shared, self.target_failures))
-            waits = [(1 - b[0]) * self.window / depth for b, depth in buckets if b is not None and b[0] < 1]
-            if waits:
+            while True:
+                now = time.monotonic()
+                address = self._bucket(self._addresses, host, self.max_failures, now)
+                known = self._known.get((target, host), -self.KNOWN_FOR) > now - self.KNOWN_FOR
+                shared = None if known else self._bucket(self._targets, target, self.target_failures, now)
+                buckets = ((address, self.max_failures), (shared, self.target_failures))
+                empty = [(b, depth) for b, depth in buckets if b is not None and b[0] < 1]
+                if not empty:
+                    break
+                if all(b[0] + b[2] >= 1 for b, _ in empty) and now < deadline:  # only checks under way
+                    self._ended.wait(deadline - now)
+                    continue
+                wait = max((1 - b[0]) * self.window / depth for b, depth in empty)
                 raise ProtocolError("auth-locked", "too many wrong passwords lately; "
-                                    f"try again in {int(max(waits)) + 1} s", closes=True)
-            address[0] -= 1
-            if shared is not None:
-                shared[0] -= 1
+                                    f"try again in {int(wait) + 1} s", closes=True)
+            for bucket in (address, shared):
+                if bucket is not None:
+                    bucket[0] -= 1
+                    bucket[2] += 1
         return AuthAttempt(self, host, target, address, shared)
 
     def _bucket(self, table: dict[str, list[float]], key: str, depth: int, now: float) -> list[float]:
         bucket = table.get(key)
         if bucket is None:
-            bucket = table[key] = [float(depth), now]
+            bucket = table[key] = [float(depth), now, 0]
             while len(table) > self.MAX_TRACKED:
                 del table[next(iter(table))]
         else:
@@ -2634,13 +2648,14 @@ class AuthThrottle:
 
     def _finish(self, attempt: AuthAttempt, ok: bool | None) -> None:
         """``ok`` None: the check did not run (the server was busy): the tokens go back too."""
-        if ok is False:
-            return
         with self._lock:
             buckets = ((attempt.address, self.max_failures), (attempt.shared, self.target_failures))
             for bucket, depth in buckets:
                 if bucket is not None:
-                    bucket[0] = min(float(depth), bucket[0] + 1)
+                    bucket[2] -= 1
+                    if ok is not False:
+                        bucket[0] = min(float(depth), bucket[0] + 1)
+            self._ended.notify_all()
         if ok:
             self.known(attempt.target, attempt.host)
 
@@ -4620,19 +4635,22 @@ class Registry:
             if device and len(self._devices[key]) >= self.config.max_devices:
                 raise ProtocolError("too-many-devices", f"{holder.name} is online from "
                                     f"{self.config.max_devices} devices, the most it may be; log one out "
-                                    "first (/devices, /logout)")
+                                    "first (chatctl devices --logout N)")
             session.name, session.key, session.owner = holder.name if device else name, key, owner
             if not isinstance(session, RemoteMember):  # one from another server brings its own
                 session.registered_at = time.time()
                 session.last_spoke = time.monotonic()
             session.advance(SessionState.REGISTERED)
             if device:
-                taken = {d.number for d in self._devices[key]}
+                devices = self._devices[key]
+                taken = {d.number for d in devices}
                 session.number = next(n for n in itertools.count(1) if n not in taken)  # the lowest free
-                self._devices[key] = (*self._devices[key], session)
-                for room in holder.rooms.values():
+                self._devices[key] = (*devices, session)
+                # the account's rooms; a client of the seed's protocol (no HELLO) knows only #main
+                rooms = next((d.rooms for d in devices if d.extended), None) if session.extended else None
+                session.rooms = rooms if rooms is not None else {MAIN_ROOM: self.rooms[MAIN_ROOM]}
+                for room in session.rooms.values():
                     room._add(session)
-                session.rooms = holder.rooms
                 session.presence_seq = self.presence_seq()  # it hears what happens from now on
                 self._member_cache = None
             elif not session.quiet:
@@ -4746,9 +4764,12 @@ class Registry:
             return room
 
     def _account(self, session: ClientSession) -> tuple[ClientSession, ...]:
-        """``session`` and the other devices of its account (the caller holds the lock)."""
+        """``session`` and the other devices of its account that know rooms (not a client of the seed's
+        protocol, which knows only #main); the caller holds the lock."""
         devices = self._devices.get(session.key, ()) if session.key is not None else ()
-        return devices if session in devices else (session,)
+        if session not in devices:
+            return (session,)
+        return tuple(d for d in devices if d.extended or d is session)
 
     def enter(self, session: ClientSession, name: str,
               create: Callable[[Room], None]) -> tuple[Room, tuple[ClientSession, ...]]:
@@ -5223,12 +5244,18 @@ class ClientSession:
                              password if sep else None)
 
     def handle_register(self, arg: str | None) -> None:
-        """``REGISTER|password``: protect the name this session holds (or change its password)."""
+        """``REGISTER|password``: protect the name this session holds; ``REGISTER|new|current``: change
+        its password, which takes the one it has now (a device left logged in must not be enough)."""
         if self.name is None:
             raise ProtocolError("not-registered", "register first: USER|<name>")
         if self.by_token:
             raise ProtocolError("token-login", ERROR_CODES["token-login"])
-        password = arg or ""
+        password, current = arg or "", None
+        if self.owner:
+            password, sep, current = password.partition("|")
+            if not sep:
+                raise ProtocolError("missing-argument", "your name is protected: to change its password, "
+                                    "REGISTER|<new password>|<the password now>")
         if not (MIN_PASSWORD_CHARS <= len(password) and len(password.encode()) <= MAX_PASSWORD_BYTES):
             raise ProtocolError("weak-password", ERROR_CODES["weak-password"])
         now = time.monotonic()
@@ -5241,6 +5268,8 @@ class ClientSession:
             raise ProtocolError("rate-limited", f"{self.host} has protected "
                                 f"{self.server.config.register_per_hour} names in the last hour, the most "
                                 "one address may")
+        if current is not None:
+            self.server.verify_owner_password(self, current)
         self.server.protect(self, password)
         self.tell(Confirmed("REGISTER", self.name))
 
@@ -5260,11 +5289,16 @@ class ClientSession:
         self.tell(Confirmed("BOT", self.name))
 
     def handle_unregister(self, arg: str | None) -> None:
+        """``UNREGISTER|password``: drop the protection of the name, with its password."""
         if self.name is None:
             raise ProtocolError("not-registered", "register first: USER|<name>")
         if self.by_token:
             raise ProtocolError("token-login", ERROR_CODES["token-login"])
         self.server.check_quiet_name(self)
+        if self.owner:
+            if arg is None:
+                raise ProtocolError("missing-argument", "UNREGISTER|<the name's password>")
+            self.server.verify_owner_password(self, arg)
         self.server.unprotect(self)
         self.tell(Confirmed("UNREGISTER", self.name))
 
@@ -5366,15 +5400,19 @@ class ClientSession:
             raise ProtocolError("token-login", ERROR_CODES["token-login"])
         number = None if which.lower() == "others" else _parse_number(which, "LOGOUT")
         self.server.verify_owner_password(self, password)
-        devices = [d for d in self.server.registry.devices(self.key)
-                   if (d is not self if number is None else d.number == number)]
-        if number is not None and not devices:
-            raise ProtocolError("unknown-device", f"{self.name} has no device {number} online (/devices or "
-                                "chatctl devices lists them)")
-        for device in devices:
-            device.disconnect(f"{LOGGED_OUT} by {self.name}'s device {self.number} ({self.client_kind} at "
-                              f"{self.host})")
-        log.info("%s logged out %d of their devices (from %s)", self.name, len(devices), self.peer)
+        by = (f"{self.name}'s device {self.number} ({self.client_kind} at {self.host})" if self.number
+              else f"{self.name} (chatctl devices at {self.host})")
+        with self.server.logouts:  # two devices logging each other out at once: the first one wins
+            if self.leave_reason is not None:
+                return
+            devices = [d for d in self.server.registry.devices(self.key)
+                       if (d is not self if number is None else d.number == number)]
+            if number is not None and not devices:
+                raise ProtocolError("unknown-device", f"{self.name} has no device {number} online (/devices "
+                                    "or chatctl devices lists them)")
+            for device in devices:  # (the others hear only "logged out": the address is the owner's business)
+                if device.leave(LOGGED_OUT, Goodbye(f"{LOGGED_OUT} by {by}")):
+                    log.info("logged out %s from %s (by %s)", device.name, device.peer, self.peer)
         self.tell(Confirmed("LOGOUT", str(len(devices))))
 
     def handle_bots(self, arg: str | None) -> None:
@@ -5776,7 +5814,7 @@ class FanOut:
             if target is None:
                 raise ProtocolError("unknown-user", f"no user named {sanitise_line(recipient)!r} is online")
             audience = tuple(dict.fromkeys((*(registry.devices(target.key) or (target,)),
-                                            *registry.devices(sender.key))))
+                                            *(d for d in registry.devices(sender.key) if d.extended))))
             recipient, room, where = target.name, MAIN_ROOM, None
         else:
             where = self.server.room(room)
@@ -6274,7 +6312,7 @@ class Rooms:
         if session.owner and self.server.marker_store is not None:
             self.server.marker_store.set_marker(session.key, marker, upto)
         for device in self.server.registry.devices(session.key):
-            if device is not session:  # read on one device: read on all of them
+            if device is not session and device.extended:  # read on one device: read on all of them
                 device.tell(Confirmed("MARK", f"{shown}|{upto}"))
 
     def close(self, session: ClientSession, name: str) -> None:
@@ -6350,7 +6388,9 @@ class ChatServer:
     the module docstring's table; all of them end in ``shutdown()``.
     ``bots`` (the keys of bots' names, from the accounts) is a frozenset that
     the reader thread adding or dropping a bot replaces whole, so the
-    encoders and the lists read it without a lock.
+    encoders and the lists read it without a lock.  ``logouts`` is held by a
+    reader thread while its LOGOUT ends devices, so two devices logging each
+    other out cannot both win.
 
     Callers use ``start``, ``serve_forever``, ``shutdown``, ``address`` and
     ``port``; sessions call ``register``, ``rooms``' methods,
@@ -6364,6 +6404,7 @@ class ChatServer:
         self.writer = Writer()
         self.readers = ReaderPool()
         self.poller = ReadPoller(self.readers)
+        self.logouts = threading.Lock()  # one LOGOUT at a time: which devices it ends, and whether it may
         self.presence = Presence(self)
         self.registry = Registry(self.config, self.presence.announce, self.presence.last_seq)
         self.mirror = ClusterMirror(self)  # what the bus (if any) applies of other servers' doings
@@ -7080,7 +7121,8 @@ class IrcGate(Encoding):
         self._lock = threading.Lock()
         self._list_more, self._list_last = False, ""  # LIST's pages: another is to come, after this room
         self._parting: dict[str, str] = {}            # rooms leaving: the reason, for the PART line
-        self.missed_since: int | None = None          # a named device back: replay what came after this id
+        self.missed_since: int | None = None          # a named device back: what came after this id is
+        self._caught_up: set[str] = set()             # ... replayed in each room it joins (these, so far)
         self._asked: dict[str, list[str]] = {}        # verb -> what each request of it was for, oldest first
         self._batch = 0
 
@@ -7304,7 +7346,6 @@ class IrcGate(Encoding):
         self.call("NAMES", f"#{MAIN_ROOM}", asked="names")
         self.send(*self._replay(MAIN_ROOM))
         server.rooms.tell_rooms(self.session)  # a device of an account: the account's rooms (each replayed)
-        self.missed_since = None
 
     def irc_ping(self, params: tuple[str, ...]) -> None:
         self.send(f":{IRC_SERVER} PONG {IRC_SERVER} :{sanitise_line(params[0]) if params else ''}")
@@ -7760,26 +7801,32 @@ class IrcGate(Encoding):
         server = self.session.server
         if "draft/chathistory" in self.caps or "server-time" not in self.caps or server.history is None:
             return []  # (without server-time a replayed line looks live: a bot would act on it again)
-        since = self.missed_since
+        since = self.missed_since if room not in self._caught_up else None
+        self._caught_up.add(room)
         try:
             upto = server.fanout.delivered_upto
             if since is None:
                 messages, _ = server.history.recent(self.nick, IRC_REPLAY, room=room, upto=upto,
                                                     max_bytes=server.reply_bytes)
-            else:
-                messages, more = server.history.recent(self.nick, IRC_HISTORY_MAX, after=since, upto=upto,
-                                                       room=None if room == MAIN_ROOM else room,
-                                                       max_bytes=server.reply_bytes)
+            else:  # the newest of what it missed (#main's with its direct messages)
+                page, cut = server.history.recent(self.nick, IRC_HISTORY_MAX + 1, upto=upto,
+                                                  room=None if room == MAIN_ROOM else room,
+                                                  max_bytes=server.reply_bytes)
+                missed = [msg for msg in page if msg.id > since]
+                more = len(missed) > IRC_HISTORY_MAX or (cut and len(missed) == len(page))
+                messages = missed[-IRC_HISTORY_MAX:]
         except ProtocolError:
             return []
-        lines = self._fitting([self._delivery(msg) for msg in messages], newest=since is None)
+        lines = self._fitting([self._delivery(msg) for msg in messages])
         if since is not None and messages:
             dms = sum(msg.kind == "dm" for msg in messages)
-            lines.append(f":{IRC_SERVER} NOTICE {self.nick} :#{room}: {len(messages) - dms} line(s)"
+            lines.append(f":{IRC_SERVER} NOTICE {self.nick} :#{room}: "
+                         + ("the last " if more else "") + f"{len(messages) - dms} line(s)"
                          + (f" and {dms} direct message(s)" if dms else "")
                          + " you missed on this device, since "
                          + time.strftime("%H:%M UTC", time.gmtime(messages[0].ts))
-                         + (" (and more: chatctl history has the rest)" if more else ""))
+                         + (f"; more came before them (chatctl history --before {messages[0].id})"
+                            if more else ""))
         return lines
 
     def _read_marker(self, target: str) -> list[str]:
@@ -8118,11 +8165,13 @@ class ChatConnection:
         else:
             self.request("USER", name, one_line_secret(password), expect=(Registered,))
 
-    def protect(self, password: str) -> None:
-        self.request("REGISTER", one_line_secret(password), expect=(Confirmed,))
+    def protect(self, password: str, current: str = "") -> None:
+        """Protect our name with ``password``; ``current``: its password now, if it is protected."""
+        self.request("REGISTER", one_line_secret(password), *([one_line_secret(current)] if current else []),
+                     expect=(Confirmed,))
 
-    def unprotect(self) -> None:
-        self.request("UNREGISTER", expect=(Confirmed,))
+    def unprotect(self, current: str) -> None:
+        self.request("UNREGISTER", one_line_secret(current), expect=(Confirmed,))
 
     def post(self, text: str, to: str | None = None, kind: str = "msg",
              room: str | None = None) -> Acknowledged:
@@ -8328,11 +8377,11 @@ def set_protection(config: ClientConfig, name: str, new_password: str | None,
     """Protect ``name`` with ``new_password`` (or change it); None drops the protection.  ``bot``:
     the name is a bot's."""
     with connect(config, notify=client_notice, quiet=True) as conn:
-        register_as(conn, name, config.user_password, ask_password, tokens=False)
+        current = register_as(conn, name, config.user_password, ask_password, tokens=False)
         if new_password is None:
-            conn.unprotect()
+            conn.unprotect(current)
         else:
-            conn.protect(new_password)
+            conn.protect(new_password, current)
             if bot:
                 conn.mark_bot()
 
@@ -9055,10 +9104,12 @@ class ClientFrontEnd:
         """The membership is over for good (taken over, or a password or certificate refused)."""
 
     def protect_name(self) -> None:
-        """/register: ask for a new password, twice and hidden, then call ``ChatClient.protect``."""
+        """/register: ask for a new password, twice and hidden (and, for a protected name, its current
+        one), then call ``ChatClient.protect``."""
 
-    def confirm_logout(self, which: str) -> None:
-        """/logout: ask for the name's password, hidden, then call ``ChatClient.logout``."""
+    def confirm_password(self, what: str, then: Callable[[str], None]) -> None:
+        """Ask for the name's password, hidden, to do ``what`` (/logout, /unregister); then call
+        ``then`` with it (nothing if the person gives none)."""
 
 
 class ChatClient:
@@ -9592,7 +9643,12 @@ class ChatClient:
         elif action == "nick":
             self._rename(command.text.strip())
         elif action == "unregister":
-            self._request("UNREGISTER")
+            if self.session.password:  # (asked again: whoever finds a device logged in cannot drop it)
+                self.front.confirm_password("drop the protection of your name",
+                                            lambda password: self._request("UNREGISTER",
+                                                                           one_line_secret(password)))
+            else:
+                self._request("UNREGISTER")
         elif action == "devices":
             self._request("DEVICES")
         elif action == "logout":
@@ -9654,11 +9710,9 @@ class ChatClient:
         elif not self.session.password:
             self.warn("/logout is for a protected name's devices: /register protects yours")
         else:
-            self.front.confirm_logout(which)
-
-    def logout(self, which: str, password: str) -> None:
-        """End device ``which`` (a number, or ``others``) of our name, with its password."""
-        self._request("LOGOUT", which, one_line_secret(password))
+            what = "your other devices" if which == "others" else f"device {which}"
+            self.front.confirm_password(f"log out {what}", lambda password: self._request(
+                "LOGOUT", which, one_line_secret(password)))
 
     def _rename(self, name: str) -> None:
         if not self.session.rename(name):
@@ -9668,9 +9722,10 @@ class ChatClient:
         self.name = name
         self.note(f"trying again as {display_text(name)}")
 
-    def protect(self, password: str) -> None:
-        """Protect our name with ``password`` (what /register asked for)."""
-        self._request("REGISTER", password)
+    def protect(self, password: str, current: str = "") -> None:
+        """Protect our name with ``password`` (what /register asked for); ``current``: its password now,
+        which a protected name's new password needs."""
+        self._request("REGISTER", password, *([one_line_secret(current)] if current else []))
         self.session.password = password  # reconnects prove the name with it
 
     def _ignore(self, action: str, target: str | None) -> None:
@@ -10396,6 +10451,8 @@ class JoinClient(ClientFrontEnd):
             self.chat.warn("/register needs a terminal; use chatctl register")
             return
         try:
+            current = (self._prompt.prompt("your name's password now: ", is_password=True)
+                       if self.chat.session.password else "")
             first = self._prompt.prompt("new password for your name: ", is_password=True)
             again = self._prompt.prompt("the same again: ", is_password=True)
         except (EOFError, KeyboardInterrupt):
@@ -10406,24 +10463,24 @@ class JoinClient(ClientFrontEnd):
         if first != again:
             self.chat.warn("the two passwords differ; nothing changed")
             return
-        self.chat.protect(first)
-
-    def confirm_logout(self, which: str) -> None:
-        """Ask for the name's password (hidden), then log the device (or the others) out."""
-        if self._prompt is None:
-            self.chat.warn("/logout needs a terminal; use chatctl devices --logout")
-            return
-        what = "your other devices" if which == "others" else f"device {which}"
         try:
-            password = self._prompt.prompt(f"to log out {what}, the password of {self.chat.name}: ",
-                                           is_password=True)
+            self.chat.protect(first, current)
+        except ConfigError as exc:
+            self.chat.warn(display_text(str(exc)))
+
+    def confirm_password(self, what: str, then: Callable[[str], None]) -> None:
+        if self._prompt is None:
+            self.chat.warn(f"that needs a terminal to ask for the password (to {what})")
+            return
+        try:
+            password = self._prompt.prompt(f"to {what}, the password of {self.chat.name}: ", is_password=True)
         except (EOFError, KeyboardInterrupt):
-            self.chat.note("nobody was logged out")
+            self.chat.note("nothing done")
             return
         finally:
             self._prompt.is_password = False
         try:
-            self.chat.logout(which, password)
+            then(password)
         except ConfigError as exc:
             self.chat.warn(display_text(str(exc)))
 
@@ -10688,8 +10745,8 @@ class QueuedFrontEnd(ClientFrontEnd):
     def protect_name(self):
         self._put("protect")
 
-    def confirm_logout(self, which: str) -> None:
-        self._put("logout", which)
+    def confirm_password(self, what: str, then: Callable[[str], None]) -> None:
+        self._put("password", what, then)
 
 
 def one_row(text: str, width: int) -> str:
@@ -10885,15 +10942,26 @@ def tui_app():
             self.dismiss(True if event.button.id == "send" else None)
 
     class NewPasswordScreen(Dialog):
-        """/register: a new password, twice; returns it, or None."""
+        """/register: a new password, twice (and with ``current``, the name's password now first);
+        returns (new, current), or None."""
+
+        def __init__(self, current: bool = False):
+            super().__init__()
+            self.current = current
 
         def compose(self) -> ComposeResult:
             with Vertical():
                 yield Label("Protect your name with a password (twice; at least "
                             f"{MIN_PASSWORD_CHARS} characters). Escape cancels.")
+                if self.current:
+                    yield LineInput(self.current_done, password=True, placeholder="its password now",
+                                    id="current")
                 yield LineInput(self.first_done, password=True, placeholder="new password", id="first")
                 yield LineInput(self.again_done, password=True, placeholder="the same again", id="again")
                 yield Label("", id="problem", classes="error")
+
+        def current_done(self, _: str) -> None:
+            self.set_focus(self.query_one("#first", Input))
 
         def first_done(self, _: str) -> None:
             self.set_focus(self.query_one("#again", Input))  # now (focus() waits): keys behind Enter go there
@@ -10909,7 +10977,7 @@ def tui_app():
                 self.set_focus(self.query_one("#first", Input))
                 self.query_one("#first", Input).value = self.query_one("#again", Input).value = ""
                 return
-            self.dismiss(first)
+            self.dismiss((first, self.query_one("#current", Input).value if self.current else ""))
 
     class TrustScreen(Dialog):
         """First contact with a TLS server: its fingerprint, and whether to pin it."""
@@ -11301,11 +11369,11 @@ def tui_app():
                     self._quit(args[0])
                     return
                 elif kind == "protect":
-                    self.push_screen(NewPasswordScreen(), self._protect)
-                elif kind == "logout":
-                    what = "your other devices" if args[0] == "others" else f"device {args[0]}"
-                    self.push_screen(AskScreen(f"To log out {what}, the password of {chat.name}:",
-                                               password=True), functools.partial(self._logout, args[0]))
+                    self.push_screen(NewPasswordScreen(current=bool(chat.session.password)), self._protect)
+                elif kind == "password":
+                    what, then = args
+                    self.push_screen(AskScreen(f"To {what}, the password of {chat.name}:", password=True),
+                                     functools.partial(self._with_password, then))
             if chat.model.current != shown:
                 self._show(chat.model.current)
             else:
@@ -11327,23 +11395,25 @@ def tui_app():
             line = TuiLine(markup=markup, style=style, ts=time.time())
             return [line] if self.conversation(where).add(line) and where == self._shown else []
 
-        def _logout(self, which: str, password: str | None) -> None:
+        def _with_password(self, then: Callable[[str], None], password: str | None) -> None:
             if password is None:
-                self.chat.note("nobody was logged out")
+                self.chat.note("nothing done")
                 return
             try:
-                self.chat.logout(which, password)
+                then(password)
             except (NotConnected, ConfigError) as exc:
                 self.chat.warn(display_text(str(exc)))
 
-        def _protect(self, password: str | None) -> None:
-            if password is None:
+        def _protect(self, passwords: tuple[str, str] | None) -> None:
+            if passwords is None:
                 self.chat.note("not changed")
                 return
             try:
-                self.chat.protect(password)
+                self.chat.protect(*passwords)
             except NotConnected:
                 self.chat.warn("not connected; nothing changed")
+            except ConfigError as exc:
+                self.chat.warn(display_text(str(exc)))
 
         # --- the conversation on screen --------------------------------------------------------
 

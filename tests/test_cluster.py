@@ -484,7 +484,7 @@ def test_what_redis_was_too_frozen_to_take_in_time_is_refused_and_stays_undone(n
     try:
         ana.send(b"MSG|sent while frozen\n")
         assert ana.expect(("MSG_OK", "ERR|"), timeout=15).startswith("ERR|bus-unavailable|")
-        ana.send(b"UNREGISTER\n")
+        ana.send(b"UNREGISTER|anapass123\n")
         assert ana.expect(("UNREGISTER_OK", "ERR|"), timeout=15).startswith("ERR|bus-unavailable|")
     finally:
         os.kill(redis_server.proc.pid, signal.SIGCONT)

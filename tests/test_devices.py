@@ -231,7 +231,7 @@ def test_dropping_the_protection_ends_the_other_devices(make_server):
     server = make_server(auth_delay=0)
     protected_name(server.port, "ana", PASSWORD)
     laptop, phone = device(server.port), device(server.port)
-    laptop.send(b"UNREGISTER\n")
+    laptop.send(f"UNREGISTER|{PASSWORD}\n".encode())
     laptop.expect("UNREGISTER_OK|ana")
     assert phone.wait_closed()[-1].startswith("BYE|logged out")
     wait_until(lambda: [u.devices for u in server.users()] == [1])
@@ -438,3 +438,144 @@ def test_rooms_count_people_not_devices_and_a_script_of_the_name_sees_its_rooms(
     env = {**isolated_home, "CHATCTL_USER_PASSWORD": PASSWORD}
     listed = run_cli("rooms", "-p", str(server.port), "-u", "ana", "--json", env=env)
     assert {r["room"]: r["joined"] for r in json.loads(listed.stdout)} == {"#main": True, "#ops": True}
+
+
+def test_a_device_left_logged_in_cannot_take_the_account_over(make_server):
+    """Someone who finds one of ana's devices logged in cannot change her password, drop its
+    protection, or end her other devices without knowing the password."""
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", PASSWORD)
+    found, hers = device(server.port), device(server.port)
+    found.send(b"REGISTER|stolen-pass-99\n")
+    assert found.expect("ERR|").startswith("ERR|missing-argument|your name is protected")
+    found.send(b"REGISTER|stolen-pass-99|a guess at it\n")
+    assert found.expect("ERR|").startswith("ERR|bad-password|")
+    found.send(b"UNREGISTER\n")
+    assert found.expect("ERR|").startswith("ERR|missing-argument|")
+    found.send(b"UNREGISTER|another guess\n")
+    assert found.expect("ERR|").startswith("ERR|bad-password|")
+    found.send(b"LOGOUT|others|stolen-pass-99\n")
+    assert found.expect("ERR|").startswith("ERR|bad-password|")
+    hers.send(b"PING|still mine\n")
+    assert hers.expect("PONG|") == "PONG|still mine"
+    hers.send(f"REGISTER|a-new-password|{PASSWORD}\n".encode())  # the owner, who knows it, can
+    assert hers.expect(("REGISTER_OK|", "ERR|")) == "REGISTER_OK|ana"
+    again = RawClient(server.port)
+    again.send(b"USER|ana|a-new-password\n")
+    assert again.expect(("USER_OK", "ERR|")) == "USER_OK"
+
+
+def test_devices_logging_in_at_once_are_not_locked_out(make_server):
+    """The password limit counts wrong passwords: ten right ones at once (a phone, a laptop and a
+    tmux reconnecting together after a restart, behind one address) all get in."""
+    server = make_server(auth_delay=0, auth_max_failures=3)
+    protected_name(server.port, "ana", PASSWORD)
+    clients = [RawClient(server.port) for _ in range(8)]
+    for client in clients:
+        client.send(f"USER|ana|{PASSWORD}\n".encode())
+    answers = [client.expect(("USER_OK", "ERR|")) for client in clients]
+    assert answers == ["USER_OK"] * 8
+    assert len(server.registry.devices("ana")) == 8
+
+
+def test_a_named_device_back_after_many_lines_gets_the_newest_and_is_told_of_the_rest(make_server):
+    server = make_server(auth_delay=0, rate=0)
+    protected_name(server.port, "ana", PASSWORD)
+    phone = irc_device(server.port, "ana@phone")
+    phone.send("QUIT :pocket")
+    wait_until(lambda: not server.registry.devices("ana"))
+    dan = member(server.port, "dan")
+    dan.send(b"JOIN|#deploys\n")
+    dan.expect("JOIN_OK|#deploys")
+    ids = []
+    for n in range(150):
+        dan.send(f"MSG|line {n}\n".encode())
+        ids.append(int(dan.expect("MSG_OK|").split("|")[1]))
+    for n in range(30):
+        dan.send(f"MSG|#deploys|deploy {n}\n".encode())
+        dan.expect("MSG_OK|")
+    phone = irc_device(server.port, "ana@phone")
+    notice = phone.expect(r"NOTICE ana :#main: the last (\d+) line\(s\) you missed on this device, since "
+                          r"\S+ UTC; more came before them \(chatctl history --before (\d+)\)")
+    got = [line.rsplit(":", 1)[1] for line in phone.seen if " PRIVMSG #main " in line]
+    assert got == [f"line {n}" for n in range(150 - len(got), 150)] and len(got) == int(notice.group(1))
+    assert int(notice.group(2)) == ids[150 - len(got)]  # the history has the ones before, from there on
+    phone.send("JOIN #deploys")  # no other device of ana was online: she joins it herself
+    phone.expect(r"NOTICE ana :#deploys: 30 line\(s\) you missed on this device")
+    assert [line.rsplit(":", 1)[1] for line in phone.seen if " PRIVMSG #deploys " in line] == \
+        [f"deploy {n}" for n in range(30)]
+    phone.close()
+
+
+def test_a_client_of_the_seeds_protocol_as_a_device_gets_only_what_it_understands(make_server):
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", PASSWORD)
+    seed = RawClient(server.port)
+    seed.send(f"USER|ana|{PASSWORD}\n".encode())
+    assert seed.line() == "USER_OK"
+    laptop = device(server.port)
+    bob = member(server.port, "bob")
+    laptop.send(b"JOIN|#deploys\nMSG|#deploys|in deploys\nDM|bob|a word\nMARK|#main|1\nPART|#deploys\n")
+    laptop.expect("PART_OK|#deploys")
+    bob.send(b"MSG|hello ana\n")
+    assert seed.line() == "bob: hello ana"  # the seed's form, of #main's lines only
+    assert seed.silent(0.3)
+
+
+def test_the_others_hear_only_that_a_device_was_logged_out(make_server):
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", PASSWORD)
+    laptop = device(server.port)
+    bob = member(server.port, "bob")
+    script = RawClient(server.port)  # the owner's chatctl devices --logout others, from elsewhere
+    script.send(f"HELLO|chatctl/1|quiet\nUSER|ana|{PASSWORD}\nLOGOUT|others|{PASSWORD}\n".encode())
+    assert script.expect("LOGOUT_OK|") == "LOGOUT_OK|1"
+    assert laptop.wait_closed()[-1] == "BYE|logged out by ana (chatctl devices at 127.0.0.1)"
+    assert bob.expect("LEAVE|").split("|")[2:] == ["ana", "logged out"]
+
+
+def test_two_devices_logging_each_other_out_at_once_leave_one(make_server):
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", PASSWORD)
+
+    def outcome(client: RawClient) -> str:
+        try:
+            return client.expect(("LOGOUT_OK|", "BYE|"))[:3]
+        except EOFError:
+            return "BYE"
+
+    for _ in range(5):
+        one, two = device(server.port), device(server.port)
+        frame = f"LOGOUT|others|{PASSWORD}\n".encode()
+        one.send(frame), two.send(frame)
+        outcomes = sorted([outcome(one), outcome(two)])
+        assert outcomes == ["BYE", "LOG"]  # one was logged out, the other was told it did it
+        survivor = one if outcome_of(one) else two
+        assert survivor.silent(0.5)  # and the other's LOGOUT, checked meanwhile, did not end it
+        assert len(server.registry.devices("ana")) == 1
+        one.close(), two.close()
+        wait_until(lambda: not server.registry.devices("ana"))
+
+
+def outcome_of(client: RawClient) -> bool:
+    """Whether ``client`` got LOGOUT_OK (it is the one still connected)."""
+    return any(line.startswith("LOGOUT_OK|") for line in client.seen)
+
+
+def test_join_asks_for_the_password_again_to_change_or_drop_it(make_server, spawn_join, isolated_home):
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", PASSWORD)
+    isolated_home["CHATCTL_USER_PASSWORD"] = PASSWORD
+    laptop = spawn_join("ana", server.port)
+    laptop.sendline("/register")
+    laptop.expect("your name's password now:")
+    laptop.sendline("not the password")
+    laptop.expect("new password for your name:")
+    laptop.sendline("a-new-password")
+    laptop.expect("the same again:")
+    laptop.sendline("a-new-password")
+    laptop.expect(r"wrong password for 'ana' \(bad-password\)")
+    laptop.sendline("/unregister")
+    laptop.expect("to drop the protection of your name, the password of ana:")
+    laptop.sendline(PASSWORD)
+    laptop.expect("no longer protected")

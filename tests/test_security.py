@@ -261,7 +261,7 @@ def test_protection_survives_a_restart_and_can_be_dropped(make_server, tmp_path)
     client = RawClient(second.port)
     client.send(b"USER|ana\n")
     assert client.line().startswith("ERR|name-protected|")
-    client.send(b"USER|ana|correct horse\nREGISTER|short\nUNREGISTER\n")
+    client.send(b"USER|ana|correct horse\nREGISTER|short|correct horse\nUNREGISTER|correct horse\n")
     assert client.line() == "USER_OK"
     assert client.line().startswith("ERR|weak-password|")
     assert client.line() == "UNREGISTER_OK|ana"
@@ -647,7 +647,7 @@ def test_password_hashes_run_one_at_a_time_and_a_crowd_is_refused(make_server, m
 
 def test_register_is_rate_limited(server):
     client = register_many(server.port, ["ana"])[0]
-    client.send(b"REGISTER|correct horse\nREGISTER|battery staple\n")
+    client.send(b"REGISTER|correct horse\nREGISTER|battery staple|correct horse\n")
     assert client.line() == "REGISTER_OK|ana"
     assert client.line().startswith("ERR|rate-limited|one REGISTER per")
 
