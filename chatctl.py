@@ -3061,6 +3061,24 @@ local function emit(origin, payload)
   trim()
   return id
 end
+local function devices_of(entry)  -- an entry's devices, token -> server (entries before devices had one)
+  if entry.devices and next(entry.devices) then return entry.devices end
+  return {[entry.token] = entry.server}
+end
+local function drop_device(key, entry, token, reason, origin)  -- one device gone: LEAVE if the last
+  local devices = devices_of(entry)
+  devices[token] = nil
+  local rest = next(devices)
+  if rest == nil then
+    redis.call('HDEL', NAMES, key)
+    emit(origin, 'l|' .. key .. '|' .. token .. '|' .. reason)
+    return
+  end
+  entry.devices = devices
+  if entry.token == token then entry.token, entry.server = rest, devices[rest] end
+  redis.call('HSET', NAMES, key, cjson.encode(entry))
+  emit(origin, 'dl|' .. key .. '|' .. token)
+end
 local function in_use(room)  -- whether anyone on any server is in the room
   local all = redis.call('HVALS', NAMES)
   for _, raw in ipairs(all) do
@@ -3096,32 +3114,50 @@ local seq = tonumber(redis.call('GET', SEQ) or '0')
 if tonumber(ARGV[4]) > seq then redis.call('SET', SEQ, ARGV[4]) end
 return 1
 """,
-    # ARGV[4]: key, [5]: entry (JSON), [6]: '1' to take the name over, [7]: the JOIN event, less its
-    # last field (the token it replaces).  Returns {1, replaced token} or {0, the holder's name}.
+    # ARGV[4]: key, [5]: entry (JSON), [6]: '1' from the owner (its password proved), [7]: the JOIN
+    # event, less its last field (the token it replaces), [8]: the most devices a name may have,
+    # [9]: the event of one more device.  The owner's login while an account (a protected name) is
+    # online adds a device; while someone holds the name unprotected, it takes it over.  Returns {1,
+    # replaced token}, {2, ''} (a device), {0, the holder's name} or {3, ''} (too many devices).
     "claim": """
 local cur = redis.call('HGET', NAMES, ARGV[4])
 local replaces = ''
 if cur then
   local holder = cjson.decode(cur)
   if ARGV[6] ~= '1' then return {0, holder.name} end
+  if holder.owner == 1 or redis.call('HEXISTS', ACCOUNTS, ARGV[4]) == 1 then  -- an account (protected)
+    local devices, n = devices_of(holder), 0
+    for _ in pairs(devices) do n = n + 1 end
+    if n >= tonumber(ARGV[8]) then return {3, ''} end
+    local mine = cjson.decode(ARGV[5])
+    devices[mine.token] = mine.server
+    holder.devices, holder.owner = devices, 1
+    redis.call('HSET', NAMES, ARGV[4], cjson.encode(holder))
+    emit(ARGV[2], ARGV[9])
+    return {2, ''}
+  end
   replaces = holder.token
 end
 redis.call('HSET', NAMES, ARGV[4], ARGV[5])
 emit(ARGV[2], ARGV[7] .. '|' .. replaces)
 return {1, replaces}
 """,
-    # ARGV[4..]: key, token, reason, ... Each name goes only if that token still holds it.
+    # ARGV[4..]: key, token, reason, ... Each device goes if it is still the name's; the last one's
+    # going is the name's LEAVE.
     "release": """
 local n = 0
 for i = 4, #ARGV, 3 do
   local cur = redis.call('HGET', NAMES, ARGV[i])
-  if cur and cjson.decode(cur).token == ARGV[i + 1] then
-    redis.call('HDEL', NAMES, ARGV[i])
-    emit(ARGV[2], 'l|' .. ARGV[i] .. '|' .. ARGV[i + 1] .. '|' .. ARGV[i + 2])
+  if cur and devices_of(cjson.decode(cur))[ARGV[i + 1]] then
+    drop_device(ARGV[i], cjson.decode(cur), ARGV[i + 1], ARGV[i + 2], ARGV[2])
     n = n + 1
   end
 end
 return n
+""",
+    # ARGV[4]: an event for the other servers (a device logged out, a read marker).
+    "event": """
+return emit(ARGV[2], ARGV[4])
 """,
     # ARGV[4]: key, [5]: token, [6]: 'n' (enter) or 'x' (exit), [7]: room, [8]: the event,
     # [9]: the room's record (JSON) on an enter, else ''.
@@ -3129,7 +3165,7 @@ return n
 local cur = redis.call('HGET', NAMES, ARGV[4])
 if not cur then return 0 end
 local entry = cjson.decode(cur)
-if entry.token ~= ARGV[5] then return 0 end
+if not devices_of(entry)[ARGV[5]] then return 0 end
 local rooms = {}
 for _, r in ipairs(entry.rooms or {}) do if r ~= ARGV[7] then rooms[#rooms + 1] = r end end
 if ARGV[6] == 'n' then rooms[#rooms + 1] = ARGV[7] end
@@ -3256,9 +3292,13 @@ if #dead > 0 then
   local all = redis.call('HGETALL', NAMES)
   for i = 1, #all, 2 do
     local e = cjson.decode(all[i + 1])
-    if gone[e.server] then
-      redis.call('HDEL', NAMES, all[i])
-      emit('*', 'l|' .. all[i] .. '|' .. e.token .. '|its server ' .. e.server .. ' stopped answering')
+    for token, server in pairs(devices_of(e)) do
+      if gone[server] then
+        local raw = redis.call('HGET', NAMES, all[i])
+        if raw then
+          drop_device(all[i], cjson.decode(raw), token, 'its server ' .. server .. ' stopped answering', '*')
+        end
+      end
     end
   end
 end
@@ -3270,32 +3310,44 @@ return {fresh, dead, now}
     "resync": """
 local mine = cjson.decode(ARGV[4])
 local want = {}
-for _, e in ipairs(mine) do want[e.key] = e end
+for _, e in ipairs(mine) do want[e.token] = e end
 local all = redis.call('HGETALL', NAMES)
 for i = 1, #all, 2 do
-  local cur = cjson.decode(all[i + 1])
-  if cur.server == ARGV[2] and (not want[all[i]] or want[all[i]].token ~= cur.token) then
-    redis.call('HDEL', NAMES, all[i])
-    emit(ARGV[2], 'l|' .. all[i] .. '|' .. cur.token .. '|' .. ARGV[5])
+  for token, server in pairs(devices_of(cjson.decode(all[i + 1]))) do
+    if server == ARGV[2] and not (want[token] and want[token].key == all[i]) then
+      local raw = redis.call('HGET', NAMES, all[i])
+      if raw then drop_device(all[i], cjson.decode(raw), token, ARGV[5], ARGV[2]) end
+    end
   end
 end
 local lost = {}
 for _, e in ipairs(mine) do
   local raw = redis.call('HGET', NAMES, e.key)
-  local have = {}
+  local have, entry = {}, nil
   if raw then
     local cur = cjson.decode(raw)
-    if cur.token ~= e.token then
-      lost[#lost + 1] = e.token
+    local devices = devices_of(cur)
+    if devices[e.token] then
+      entry = cur
+    elseif cur.owner == 1 and e.owner == 1 then  -- the account is online elsewhere: one more device
+      devices[e.token] = ARGV[2]
+      cur.devices = devices
+      entry = cur
+      emit(ARGV[2], 'd|' .. e.key .. '|' .. e.name .. '|' .. e.token .. '|' .. ARGV[2] .. '|' .. e.since)
     else
+      lost[#lost + 1] = e.token
+    end
+    if entry then
       for _, r in ipairs(cur.rooms or {}) do have[r] = true end
     end
   else
     emit(ARGV[2], 'j|' .. e.key .. '|' .. e.name .. '|' .. e.token .. '|' .. ARGV[2] .. '|' .. e.since
          .. '|' .. e.owner .. '|')
     have['main'] = true
+    entry = {name = e.name, token = e.token, server = ARGV[2], since = e.since, owner = e.owner,
+             devices = {[e.token] = ARGV[2]}}
   end
-  if not raw or cjson.decode(raw).token == e.token then
+  if entry then
     local now = {}
     for _, r in ipairs(e.rooms) do
       now[r] = true
@@ -3304,8 +3356,8 @@ for _, e in ipairs(mine) do
     for r, _ in pairs(have) do
       if not now[r] then emit(ARGV[2], 'x|' .. e.key .. '|' .. e.token .. '|' .. r .. '|' .. ARGV[5]) end
     end
-    redis.call('HSET', NAMES, e.key, cjson.encode({name = e.name, token = e.token, server = ARGV[2],
-      since = e.since, owner = e.owner, rooms = e.rooms}))
+    entry.rooms = e.rooms
+    redis.call('HSET', NAMES, e.key, cjson.encode(entry))
   end
 end
 return lost
@@ -3901,14 +3953,21 @@ class SharedState:
     def new_token(self) -> str:
         return self.bus.token_prefix + "s" + str(next(self.bus.tokens))
 
-    def claim(self, key: str, name: str, token: str, owner: bool) -> tuple[bool, str]:
-        """Take ``name`` cluster-wide: (True, the token it replaced or '') or (False, who holds it)."""
+    def claim(self, key: str, name: str, token: str, owner: bool, max_devices: int) -> tuple[int, str]:
+        """Take ``name`` cluster-wide: (1, the token it replaced or ''), (2, '') for one more device of
+        an account online, (0, who holds it) or (3, '') when the account has ``max_devices``."""
         since = repr(time.time())
-        entry = json.dumps({"name": name, "token": token, "server": self.bus.server_id, "since": since,
-                            "owner": int(owner), "rooms": [MAIN_ROOM]})
-        event = f"j|{key}|{name}|{token}|{self.bus.server_id}|{since}|{int(owner)}"
-        ok, other = self._script("claim", key, entry, "1" if owner else "0", event)
-        return bool(ok), other.decode()
+        server = self.bus.server_id
+        entry = json.dumps({"name": name, "token": token, "server": server, "since": since,
+                            "owner": int(owner), "rooms": [MAIN_ROOM], "devices": {token: server}})
+        event = f"j|{key}|{name}|{token}|{server}|{since}|{int(owner)}"
+        status, other = self._script("claim", key, entry, "1" if owner else "0", event, max_devices,
+                                     f"d|{key}|{name}|{token}|{server}|{since}")
+        return int(status), other.decode()
+
+    def event(self, event: str) -> None:
+        """An event for the other servers (a device logged out, a read marker), in the log's order."""
+        self._script_when_up("event", event)
 
     def moved(self, session, verb: str, room: Room, reason: str = "") -> None:
         """``session`` entered (``verb`` 'n') or left ('x') ``room``."""
@@ -3955,6 +4014,10 @@ class SharedState:
 
     def set_marker(self, user_key: str, room: str, last_read: int) -> None:
         self.bus.if_up(self.bus.redis.hset, self.bus.markers_prefix + user_key, room, last_read)
+
+    def marked(self, user_key: str, marker: str, shown: str, upto: int) -> None:
+        """A read marker moved here: the account's devices on the other servers are told."""
+        self.event(f"m|{user_key}|{marker}|{shown}|{upto}")
 
     def auth(self, host: str, target: str, known: bool, verb: str, throttle: AuthThrottle) -> int:
         """Take (or give back) one password try for ``host`` at ``target`` across the cluster; the
@@ -4519,25 +4582,30 @@ class RemoteMember:
     queue takes nothing, since its own server delivers to it.
     """
 
-    __slots__ = ("host", "key", "last_spoke", "leave_reason", "name", "owner", "presence_seq",
-                 "registered_at", "rooms", "server_id", "state", "token")
+    __slots__ = ("host", "key", "last_active", "last_spoke", "leave_reason", "name", "number", "owner",
+                 "presence_seq", "registered_at", "rooms", "server_id", "state", "token")
     extended = True         # the fan-out gives it the extended form (and it discards it)
     encoding = CHATCTL_LINES
     quiet = False
     outbound = None         # set below: a queue that takes nothing
+    client_kind = "elsewhere"  # a device of an account on another server, as DEVICES lists it
+    device_name = ""
 
     def __init__(self, key: str, name: str, token: str, server_id: str, since: float, owner: bool):
         self.key, self.name, self.token, self.server_id = key, name, token, server_id
         self.registered_at, self.owner = since, owner
         self.host = server_id
-        self.last_spoke = time.monotonic() - max(0.0, time.time() - since)  # idle since it joined, at least
+        self.last_spoke = self.last_active = time.monotonic() - max(0.0, time.time() - since)  # idle since
         self.rooms: dict[str, Room] = {}
         self.leave_reason: str | None = None
-        self.presence_seq = 0
+        self.presence_seq = self.number = 0
         self.state = SessionState.CONNECTING
 
     def __repr__(self) -> str:
         return f"<RemoteMember {self.name} on {self.server_id}>"
+
+    def tell(self, *events) -> None:
+        """Its own server tells it (a room joined on another device of its account, say)."""
 
     def advance(self, state: str) -> bool:
         self.state = state
@@ -4628,11 +4696,11 @@ class Registry:
         JOIN line is queued (a device has none: its account is online already)."""
         with self.lock:
             holder = self._by_key.get(key)
-            device = (holder is not None and owner and holder.owner and not session.quiet
-                      and not self.config.bus and not isinstance(holder, RemoteMember))
+            device = holder is not None and owner and holder.owner and not session.quiet
             if holder is not None and not device and not (session.quiet and owner):
                 return holder
-            if device and len(self._devices[key]) >= self.config.max_devices:
+            if device and not self.config.bus and len(self._devices[key]) >= self.config.max_devices:
+                # (with a bus, the cluster's count decided: RedisBus's claim script)
                 raise ProtocolError("too-many-devices", f"{holder.name} is online from "
                                     f"{self.config.max_devices} devices, the most it may be; log one out "
                                     "first (chatctl devices --logout N)")
@@ -4654,8 +4722,7 @@ class Registry:
                 session.presence_seq = self.presence_seq()  # it hears what happens from now on
                 self._member_cache = None
             elif not session.quiet:
-                if not isinstance(session, RemoteMember):
-                    session.number = 1
+                session.number = 1
                 self._by_key[key] = session
                 self._devices[key] = (session,)
                 self._member_cache = self._holder_cache = None
@@ -5411,7 +5478,9 @@ class ClientSession:
                 raise ProtocolError("unknown-device", f"{self.name} has no device {number} online (/devices "
                                     "or chatctl devices lists them)")
             for device in devices:  # (the others hear only "logged out": the address is the owner's business)
-                if device.leave(LOGGED_OUT, Goodbye(f"{LOGGED_OUT} by {by}")):
+                if isinstance(device, RemoteMember):  # its own server ends it
+                    self.server.shared.event(f"o|{self.key}|{device.token}|{LOGGED_OUT} by {by}")
+                elif device.leave(LOGGED_OUT, Goodbye(f"{LOGGED_OUT} by {by}")):
                     log.info("logged out %s from %s (by %s)", device.name, device.peer, self.peer)
         self.tell(Confirmed("LOGOUT", str(len(devices))))
 
@@ -5997,29 +6066,77 @@ class ClusterMirror:
         key, name, token, server_id, since, owner, replaces = fields[:7]
         self.cluster_join(RemoteMember(key, name, token, server_id, float(since), owner == "1"), replaces)
 
+    def _event_device(self, fields: list[str], at) -> None:
+        """``d|key|name|token|server|since``: one more device of an account online (no JOIN)."""
+        key, name, token, server_id, since = fields[:5]
+        self.cluster_join(RemoteMember(key, name, token, server_id, float(since), True))
+
+    def _remote(self, key: str, token: str) -> RemoteMember | None:
+        """The device ``token`` of ``key`` on another server, if this server holds it."""
+        return next((d for d in self.server.registry.devices(key)
+                     if isinstance(d, RemoteMember) and d.token == token), None)
+
     def _event_leave(self, fields: list[str], at) -> None:
-        """``l|key|token|reason``"""
+        """``l|key|token|reason``: the name's last device left."""
         key, token, reason = fields[:3]
-        holder = self.server.registry.holder(key)
-        if isinstance(holder, RemoteMember) and holder.token == token:
-            self.cluster_drop(holder, reason)
+        member = self._remote(key, token)
+        if member is not None:
+            self.cluster_drop(member, reason)
+
+    def _event_device_left(self, fields: list[str], at) -> None:
+        """``dl|key|token``: one device of an account left; others are online still (no LEAVE)."""
+        member = self._remote(fields[0], fields[1])
+        if member is not None:
+            self.cluster_drop(member, "left")
 
     def _event_enter(self, fields: list[str], at) -> None:
-        """``n|key|token|room|created by|created ts``"""
+        """``n|key|token|room|created by|created ts``: the account's devices here are told."""
         key, token, room_name, created_by, created_ts = fields[:5]
-        member = self.server.registry.holder(key)
-        if isinstance(member, RemoteMember) and member.token == token:
-            self.server.registry.enter(member, room_name,
-                                lambda r: self._made_elsewhere(r, created_by, float(created_ts or 0)))
+        member = self._remote(key, token)
+        if member is not None:
+            room, devices = self.server.registry.enter(
+                member, room_name, lambda r: self._made_elsewhere(r, created_by, float(created_ts or 0)))
+            if any(not isinstance(d, RemoteMember) for d in devices):
+                joined = self.server.rooms.joined_event(room)
+                for device in devices:
+                    device.tell(joined)
 
     def _event_exit(self, fields: list[str], at) -> None:
         """``x|key|token|room|reason``"""
         key, token, room_name, reason = fields[:4]
-        member = self.server.registry.holder(key)
-        if isinstance(member, RemoteMember) and member.token == token and room_name in member.rooms:
-            forgotten, _ = self.server.registry.part(member, room_name, reason)
+        member = self._remote(key, token)
+        if member is not None and room_name in member.rooms:
+            forgotten, devices = self.server.registry.part(member, room_name, reason)
+            for device in devices:
+                device.tell(Confirmed("PART", f"#{room_name}"))
             if forgotten is not None:
                 self.server.rooms.retire(forgotten, closing=False)
+
+    def _event_marker(self, fields: list[str], at) -> None:
+        """``m|key|marker|shown|upto``: an account read something on another server's device."""
+        key, marker, shown, upto = fields[0], fields[1], fields[2], int(fields[3])
+        told = set()
+        for device in self.server.registry.devices(key):
+            if isinstance(device, RemoteMember) or id(device.markers) in told:
+                continue
+            told.add(id(device.markers))
+            if upto > device.markers.get(marker, 0):
+                device.markers[marker] = upto  # (the devices here share one markers dict)
+        for device in self.server.registry.devices(key):
+            if not isinstance(device, RemoteMember) and device.extended:
+                device.tell(Confirmed("MARK", f"{shown}|{upto}"))
+
+    def _event_logout(self, fields: list[str], at) -> None:
+        """``o|key|token|reason``: end the device ``token`` of ``key`` here, or with ``!token``, every
+        device of ``key`` here but that one."""
+        key, token, reason = fields[0], fields[1], fields[2]
+        keep = token[1:] if token.startswith("!") else None
+        for device in self.server.registry.devices(key):
+            if isinstance(device, RemoteMember):
+                continue
+            if (device.token != keep) if keep is not None else (device.token == token):
+                if device.leave(LOGGED_OUT, Goodbye(reason)):
+                    log.info("logged out %s from %s (%s)", device.name, device.peer, reason)
 
     def _event_topic(self, fields: list[str], at) -> None:
         """``t|room|ts|setter|text``: set unless a topic later in the log is set already."""
@@ -6045,10 +6162,18 @@ class ClusterMirror:
         self.server.local_accounts.protect(key, name, hashed, float(created))
         if fields[4:5] == ["restored"]:
             self.cluster_restored([key])
+        else:
+            for device in self.server.registry.devices(key):  # its holder protected it: an account now
+                if isinstance(device, RemoteMember):
+                    device.owner = True
 
     def _event_unprotect(self, fields: list[str], at) -> None:
-        """``u|key``"""
+        """``u|key``: no longer an account: its devices here go (it stays on the one that dropped it)."""
         self.server.local_accounts.unprotect(fields[0])
+        for device in self.server.registry.devices(fields[0]):
+            if not isinstance(device, RemoteMember):
+                device.leave(LOGGED_OUT, Goodbye(f"{LOGGED_OUT}: the name's protection was dropped from "
+                                                 "another device"))
 
     def _event_close(self, fields: list[str], at) -> None:
         """``c|room``"""
@@ -6068,9 +6193,15 @@ class ClusterMirror:
             self.server.history.save_room(room.record())
 
     def cluster_join(self, member: RemoteMember, replaces: str = "") -> None:
-        """Someone took a name on another server: whoever held it here (stale, or taken over) goes."""
-        holder = self.server.registry.holder(member.key)
-        if isinstance(holder, RemoteMember) and holder.token == member.token:
+        """Someone took a name on another server: one more device of an account online here already,
+        or, for a name nobody protects, whoever held it here (stale, or taken over) goes."""
+        registry = self.server.registry
+        if self._remote(member.key, member.token) is not None:
+            return
+        holder = registry.holder(member.key)
+        if holder is not None and member.owner and holder.owner and not replaces:  # a device
+            if registry.claim(member, member.name, member.key, member.owner, lambda: None) is not None:
+                log.warning("%s came on %s but is held here too", member.name, member.server_id)
             return
         if isinstance(holder, RemoteMember):
             self.cluster_drop(holder, f"{TAKEN_OVER}: {member.name} logged in again on {member.server_id}")
@@ -6104,20 +6235,22 @@ class ClusterMirror:
         gone = set(registry.rooms) - set(rooms) - in_use - registry.config_rooms - {MAIN_ROOM}
         for name in gone:  # closed by the others while we were away (Redis knows every room in use)
             self.cluster_close(name)
+        def devices(entry: dict) -> dict[str, str]:
+            return entry.get("devices") or {entry["token"]: entry["server"]}
+
         for member in [m for m in self.server.members() if isinstance(m, RemoteMember)]:
             entry = names.get(member.key)
-            if entry is None or entry["token"] != member.token:
+            if entry is None or member.token not in devices(entry):
                 self.cluster_drop(member, "left while this server was cut off from the bus")
+        here = self.server.bus.server_id
         for key, entry in names.items():
-            if entry["server"] == self.server.bus.server_id:
+            for token, server_id in devices(entry).items():
+                if server_id != here and self._remote(key, token) is None:
+                    self.cluster_join(RemoteMember(key, entry["name"], token, server_id,
+                                                   float(entry["since"]), bool(entry["owner"])))
+            holder = next((d for d in self.server.registry.devices(key) if isinstance(d, RemoteMember)), None)
+            if holder is None:  # (its devices are all here: this server's own view of its rooms stands)
                 continue
-            holder = self.server.registry.holder(key)
-            if not (isinstance(holder, RemoteMember) and holder.token == entry["token"]):
-                self.cluster_join(RemoteMember(key, entry["name"], entry["token"], entry["server"],
-                                               float(entry["since"]), bool(entry["owner"])))
-                holder = self.server.registry.holder(key)
-                if not isinstance(holder, RemoteMember):
-                    continue
             wanted = set(entry.get("rooms") or ())
             for room_name in wanted - set(holder.rooms):
                 try:
@@ -6156,10 +6289,13 @@ class ClusterMirror:
                 for s in self.server.members() if not isinstance(s, RemoteMember) and s.token]
 
     def cluster_audience(self, message: ChatMessage) -> tuple:
-        """Who here gets another server's message: the room's members, or the recipient if here."""
+        """Who here gets another server's message: the room's members, or the recipient's devices here
+        (and the sender's, which show it as theirs)."""
         if message.kind == "dm":
-            holder = self.server.registry.holder(confusable_key(message.recipient or ""))
-            return () if holder is None or isinstance(holder, RemoteMember) else (holder,)
+            registry = self.server.registry
+            devices = (*registry.devices(confusable_key(message.recipient or "")),
+                       *(d for d in registry.devices(self._sender_key(message.sender)) if d.extended))
+            return tuple(d for d in dict.fromkeys(devices) if not isinstance(d, RemoteMember))
         room = self.server.registry.rooms[message.room]  # cluster_closed() said it is here
         sender = self.server.registry.holder(self._sender_key(message.sender))
         if isinstance(sender, RemoteMember):
@@ -6314,6 +6450,8 @@ class Rooms:
         for device in self.server.registry.devices(session.key):
             if device is not session and device.extended:  # read on one device: read on all of them
                 device.tell(Confirmed("MARK", f"{shown}|{upto}"))
+        if self.server.bus is not None and session.owner:  # and on the account's devices elsewhere
+            self.server.shared.marked(session.key, marker, shown, upto)
 
     def close(self, session: ClientSession, name: str) -> None:
         def allowed(room: Room) -> None:
@@ -6741,10 +6879,14 @@ class ChatServer:
         unmarked = MAIN_ROOM not in markers
         if self.bus is None or session.quiet:
             self._claim_here(session, name, key, owner, markers)
-        else:  # first the cluster's word: one name, one session
+        else:  # first the cluster's word: one name, one session (or one more device of an account)
             session.token = self.shared.new_token()
-            claimed, holder_name = self.shared.claim(key, name, session.token, owner)
-            if not claimed:
+            status, holder_name = self.shared.claim(key, name, session.token, owner, self.config.max_devices)
+            if status == 3:
+                raise ProtocolError("too-many-devices", f"{name} is online from {self.config.max_devices} "
+                                    "devices, the most it may be; log one out first (chatctl devices "
+                                    "--logout N)")
+            if not status:
                 looks = f" (it looks like {holder_name!r}, who is online)" if holder_name != name else ""
                 raise ProtocolError("name-taken", f"the name {name!r} is in use{looks}")
             try:
@@ -6785,8 +6927,9 @@ class ChatServer:
     def _registered(self, session: ClientSession, markers: dict[str, int]) -> None:
         """The name is ``session``'s (under the registry lock): USER_OK before any presence line.
         A device of an account online already shares its read markers."""
-        devices = self.registry.devices(session.key)
-        session.markers = devices[0].markers if session in devices[1:] else markers
+        here = [d for d in self.registry.devices(session.key)
+                if d is not session and not isinstance(d, RemoteMember)]
+        session.markers = here[0].markers if here else markers
         if not session.quiet:
             session.markers.setdefault(MAIN_ROOM, self.registry.rooms[MAIN_ROOM].last_id)
         session.tell(Registered())
@@ -6805,8 +6948,10 @@ class ChatServer:
             for session in gone:  # a device with a name of its own catches up from here when it is back
                 if session.device_name and session.owner:
                     self.history.set_device_seen(session.key, session.device_name, self.fanout.delivered_upto)
-        if self.bus is not None and departed:
-            self.bus.release(departed)
+        if self.bus is not None:  # each device of ours that went (the last of a name's: its LEAVE)
+            ours = [s for s in gone if not isinstance(s, RemoteMember) and s.token]
+            if ours:
+                self.bus.release(ours)
         for session in departed:
             log.info("%s left (%s)", session.name, sanitise_line(session.leave_reason or "connection closed"))
         if forget:
@@ -6930,6 +7075,8 @@ ClusterMirror.CLUSTER_EVENTS = {  # the first field of a bus event -> its handle
     "j": ClusterMirror._event_join, "l": ClusterMirror._event_leave, "n": ClusterMirror._event_enter,
     "x": ClusterMirror._event_exit, "t": ClusterMirror._event_topic, "r": ClusterMirror._event_room,
     "p": ClusterMirror._event_protect, "u": ClusterMirror._event_unprotect, "c": ClusterMirror._event_close,
+    "d": ClusterMirror._event_device, "dl": ClusterMirror._event_device_left,
+    "m": ClusterMirror._event_marker, "o": ClusterMirror._event_logout,
 }
 
 

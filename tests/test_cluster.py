@@ -150,7 +150,7 @@ def test_rooms_topics_and_members_are_shared(node, isolated_home):
     assert deploys["online"] == 2 and deploys["messages"] == 1 and deploys["topic"] == "release at five"
 
 
-def test_protected_names_and_takeover_across_servers(node):
+def test_protected_names_and_devices_across_servers(node):
     a, b = node("a", auth_delay=0), node("b", auth_delay=0)
     ana = member(a.port, "ana")
     ana.send(b"REGISTER|correct horse\n")
@@ -160,11 +160,70 @@ def test_protected_names_and_takeover_across_servers(node):
     assert thief.expect("ERR|").startswith("ERR|name-protected|")
     thief.send(b"USER|ana|wrong password\n")
     assert thief.expect("ERR|").startswith("ERR|bad-password|")
-    owner = member(b.port, "ana", "correct horse")  # takes the name over from the session on a
-    assert ana.expect("BYE|").startswith(f"BYE|{chatctl.TAKEN_OVER}")
+    owner = member(b.port, "ana", "correct horse")  # one more device of hers, on the other server
+    assert ana.silent(0.3), ana.buffer  # nobody was taken over
     wait_until(lambda: names_on(a.port) == ["ana"] and names_on(b.port) == ["ana"])
     owner.send(b"MSG|it is me\n")
     owner.expect("MSG_OK|")
+    assert ana.expect("MSG|").endswith("|ana|it is me")  # her own line, on her other device
+
+
+def test_an_account_on_two_servers_is_one_member_with_its_rooms_dms_and_read_state(node):
+    a, b = node("a", auth_delay=0, max_devices=3), node("b", auth_delay=0, max_devices=3)
+    setup = member(a.port, "ana")
+    setup.send(b"REGISTER|anapass123\nQUIT\n")
+    setup.wait_closed()
+    bob = member(a.port, "bob")
+    laptop = member(a.port, "ana", "anapass123")
+    assert bob.expect("JOIN|").endswith("|ana")
+    heard = len(bob.seen)
+    phone = member(b.port, "ana", "anapass123")  # the same account, through the other server
+    wait_until(lambda: len(a.registry.devices("ana")) == 2 and len(b.registry.devices("ana")) == 2)
+    laptop.send(b"JOIN|#ops\n")
+    laptop.expect("JOIN_OK|#ops")
+    assert phone.expect("JOIN_OK|#ops")  # told on b, unasked
+    phone.send(b"MSG|#ops|from the phone\n")
+    assert laptop.expect("MSG|#ops|").endswith("|ana|from the phone")
+    bob.send(b"DM|ana|to both servers\n")
+    assert laptop.expect("DM|").endswith("|bob|ana|to both servers")
+    assert phone.expect("DM|").endswith("|bob|ana|to both servers")
+    phone.send(b"DM|bob|from b\n")
+    assert laptop.expect("DM|").endswith("|ana|bob|from b")  # her own DM, on her device on a
+    mid = int(bob.expect("DM|").split("|")[1])
+    laptop.send(f"MARK|@bob|{mid}\n".encode())
+    assert phone.expect("MARK_OK|") == f"MARK_OK|@bob|{mid}"  # read on a: read on b
+    tablet = member(b.port, "ana", "anapass123")
+    fourth = RawClient(a.port)  # the cap counts the devices on every server
+    fourth.send(b"USER|ana|anapass123\n")
+    assert fourth.expect("ERR|").startswith("ERR|too-many-devices|")
+    tablet.send(b"QUIT\n")
+    tablet.wait_closed()
+    phone.send(b"QUIT\n")
+    phone.wait_closed()
+    wait_until(lambda: len(a.registry.devices("ana")) == 1)
+    bob.send(b"PING|x\n")
+    bob.expect("PONG|x")
+    assert not any(line.startswith(("JOIN|", "LEAVE|")) for line in bob.seen[heard:])  # devices: unheard
+    laptop.send(b"QUIT\n")
+    assert bob.expect("LEAVE|").split("|")[2] == "ana"  # the last device, anywhere: ana left
+    wait_until(lambda: names_on(b.port) == ["bob"])
+
+
+def test_logging_out_reaches_a_device_on_another_server(node):
+    a, b = node("a", auth_delay=0), node("b", auth_delay=0)
+    setup = member(a.port, "ana")
+    setup.send(b"REGISTER|anapass123\nQUIT\n")
+    setup.wait_closed()
+    laptop = member(a.port, "ana", "anapass123")
+    phone = member(b.port, "ana", "anapass123")
+    wait_until(lambda: len(a.registry.devices("ana")) == 2)
+    laptop.send(b"DEVICES\n")
+    kinds = sorted(laptop.expect("DEVICE|").split("|")[2] for _ in range(2))
+    assert kinds == ["chatctl", "elsewhere"]
+    laptop.send(b"LOGOUT|others|anapass123\n")
+    assert laptop.expect("LOGOUT_OK|") == "LOGOUT_OK|1"
+    assert phone.wait_closed()[-1].startswith("BYE|logged out by ana's device")
+    wait_until(lambda: len(a.registry.devices("ana")) == 1 and len(b.registry.devices("ana")) == 1)
 
 
 def test_a_killed_server_s_users_leave_the_others_and_nothing_acknowledged_is_lost(
@@ -194,6 +253,34 @@ def test_a_killed_server_s_users_leave_the_others_and_nothing_acknowledged_is_lo
         client.send(b"HELLO|chatctl/1|quiet\nHISTORY|LAST|50\n")
         stored = {int(line.split("|")[2]) for line in _until_end(client) if line.startswith("MSG|")}
         assert set(acked) <= stored
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_a_killed_server_takes_only_its_own_devices_of_an_account(node, redis_server, tmp_path,
+                                                                  isolated_home):
+    a = node("a", auth_delay=0)
+    setup = member(a.port, "ana")
+    setup.send(b"REGISTER|anapass123\nQUIT\n")
+    setup.wait_closed()
+    port = free_port()
+    env = {**isolated_home, "CHATCTL_SERVER_ID": "c", "CHATCTL_AUTH_DELAY": "0"}
+    proc = subprocess.Popen([*CHATCTL, "serve", "--host", "127.0.0.1", "-p", str(port),
+                             "--bus", redis_server.url, "--db", str(tmp_path / "c.db")],
+                            env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _listening(port), timeout=15)
+        bob = member(a.port, "bob")
+        laptop = member(a.port, "ana", "anapass123")
+        phone = member(port, "ana", "anapass123")  # noqa: F841 (online on c until c dies)
+        wait_until(lambda: len(a.registry.devices("ana")) == 2)
+        os.kill(proc.pid, signal.SIGKILL)
+        wait_until(lambda: len(a.registry.devices("ana")) == 1, timeout=20)  # c's device, reaped
+        laptop.send(b"MSG|still here\n")
+        assert bob.expect("MSG|").endswith("|ana|still here")
+        assert not any(line.startswith("LEAVE|") for line in bob.seen)  # ana never left
+        assert names_on(a.port) == ["ana", "bob"]
     finally:
         proc.kill()
         proc.wait(10)
