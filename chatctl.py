@@ -4574,7 +4574,8 @@ class Room:
 
 
 class RemoteMember:
-    """Someone online on another server of the cluster, as this server's Registry holds them.
+    """A connection of someone online on another server of the cluster (one device of an account
+    there: an account on two phones elsewhere is two), as this server's Registry holds it.
 
     Made and applied only by the bus's reader thread (and at start); the
     Registry writes ``rooms`` under its lock, as for a ClientSession.  It has
