@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -229,13 +230,7 @@ def test_logging_out_reaches_a_device_on_another_server(node):
 def test_a_killed_server_s_users_leave_the_others_and_nothing_acknowledged_is_lost(
         node, redis_server, tmp_path, isolated_home):
     a = node("a")
-    port = free_port()
-    env = {**isolated_home, "CHATCTL_SERVER_ID": "c"}
-    proc = subprocess.Popen([*CHATCTL, "serve", "--host", "127.0.0.1", "-p", str(port),
-                             "--bus", redis_server.url, "--db", str(tmp_path / "c.db")],
-                            env=env, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: _listening(port), timeout=15)
+    with server_process(redis_server, tmp_path, isolated_home) as (proc, port):
         ana = member(a.port, "ana")
         cat = member(port, "cat")
         assert ana.expect("JOIN|").endswith("|cat")
@@ -253,9 +248,6 @@ def test_a_killed_server_s_users_leave_the_others_and_nothing_acknowledged_is_lo
         client.send(b"HELLO|chatctl/1|quiet\nHISTORY|LAST|50\n")
         stored = {int(line.split("|")[2]) for line in _until_end(client) if line.startswith("MSG|")}
         assert set(acked) <= stored
-    finally:
-        proc.kill()
-        proc.wait(10)
 
 
 def test_a_killed_server_takes_only_its_own_devices_of_an_account(node, redis_server, tmp_path,
@@ -264,13 +256,8 @@ def test_a_killed_server_takes_only_its_own_devices_of_an_account(node, redis_se
     setup = member(a.port, "ana")
     setup.send(b"REGISTER|anapass123\nQUIT\n")
     setup.wait_closed()
-    port = free_port()
-    env = {**isolated_home, "CHATCTL_SERVER_ID": "c", "CHATCTL_AUTH_DELAY": "0"}
-    proc = subprocess.Popen([*CHATCTL, "serve", "--host", "127.0.0.1", "-p", str(port),
-                             "--bus", redis_server.url, "--db", str(tmp_path / "c.db")],
-                            env=env, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: _listening(port), timeout=15)
+    env = {**isolated_home, "CHATCTL_AUTH_DELAY": "0"}
+    with server_process(redis_server, tmp_path, env) as (proc, port):
         bob = member(a.port, "bob")
         laptop = member(a.port, "ana", "anapass123")
         phone = member(port, "ana", "anapass123")  # noqa: F841 (online on c until c dies)
@@ -281,6 +268,18 @@ def test_a_killed_server_takes_only_its_own_devices_of_an_account(node, redis_se
         assert bob.expect("MSG|").endswith("|ana|still here")
         assert not any(line.startswith("LEAVE|") for line in bob.seen)  # ana never left
         assert names_on(a.port) == ["ana", "bob"]
+
+
+@contextlib.contextmanager
+def server_process(redis_server, tmp_path, env: dict[str, str]):
+    """``chatctl serve`` as a process of its own (server id c) on the bus, to kill: (process, port)."""
+    port = free_port()
+    proc = subprocess.Popen([*CHATCTL, "serve", "--host", "127.0.0.1", "-p", str(port),
+                             "--bus", redis_server.url, "--db", str(tmp_path / "c.db")],
+                            env={**env, "CHATCTL_SERVER_ID": "c"}, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _listening(port), timeout=15)
+        yield proc, port
     finally:
         proc.kill()
         proc.wait(10)
