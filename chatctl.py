@@ -64,7 +64,8 @@ Threads and locks (the server's; each class docstring says the same of its own f
       4. leaves, which take no other lock: Presence._lock, FanOut._delivered, Room._lock,
          ClientSession._ending, OutboundQueue._lock, IrcGate._lock, Writer._lock,
          ReadPoller._lock, LocalLog._lock, AddressBudget._lock, AuthThrottle._lock,
-         PasswordHasher._lock, HistoryStore's and AccountStore's locks, RedisBus._lock
+         PasswordHasher._lock, HistoryStore's and AccountStore's locks, RedisBus._lock,
+         ClusterMirror._lock
 
     The clients: LiveSession's reader thread (chatctl-join-reader) hands events to ChatClient,
     whose _lock (an RLock) guards what it and the front-end's thread share; RoomsModel._lock is
@@ -188,6 +189,7 @@ AUTH_MAX_FAILURES = 5                # failed passwords from one address per aut
 AUTH_TARGET_FAILURES = 20            # failed passwords for one name (or the server password) per window
 AUTH_LOCKOUT = 60.0                  # the window those failures refill over, in seconds
 AUTH_QUEUE_WAIT = 5.0                # seconds a login waits for checks under way (not failures) to end
+AUTH_QUEUE_POLL = 0.02               # with a bus, how often such a login looks again
 MIN_PASSWORD_CHARS = 8               # shortest password that protects a name
 MAX_PASSWORD_BYTES = 1024            # longest password (scrypt's cost grows with it)
 TOKEN_PREFIX = "chatctl_"            # a bot's token starts with this, so it is told apart from a password
@@ -198,6 +200,7 @@ TLS_HANDSHAKE_BYTE = 0x16            # the first byte of every TLS ClientHello
 TAKEN_OVER = "taken over"            # BYE reason prefix: the owner logged in elsewhere; do not reconnect
 LOGGED_OUT = "logged out"            # BYE reason prefix: another device of the account ended this one
 MAX_DEVICES = 10                     # connections one protected name (an account) may have at once
+LOGGED_OUT_KEPT = 10000              # devices logged out across a cluster that a server remembers
 CLIENT_KINDS = ("join", "tui", "web", "bot")  # what our clients say they are (HELLO|chatctl/1|client=tui)
 MAX_QUIT_REASON = 200                # characters of a QUIT reason that reach the LEAVE line and the log
 SERVER_PASSWORD = ""                 # the throttle's target for the server password (no name is empty)
@@ -3236,7 +3239,8 @@ return {1, emit(ARGV[2], 'c|' .. ARGV[4])}
 """,
     # Password tries, as AuthThrottle counts them, but cluster-wide.  ARGV[4]: the address's bucket
     # key, [5]: the target's ('' when the address is known to it), [6], [7]: their depths, [8]: the
-    # window (ms), [9]: 'take' (one try each, unless one is empty: then the wait in ms) or 'give' (back).
+    # window (ms), [9]: 'take' (one try each, unless one is empty: then the wait in ms, or -1 when only
+    # checks under way emptied it), 'give' (back: right, or not checked) or 'failed' (kept: wrong).
     "auth": """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -3245,23 +3249,29 @@ local buckets = {}
 for i = 4, 5 do
   if ARGV[i] ~= '' then
     local depth = tonumber(ARGV[i + 2])
-    local b = redis.call('HMGET', ARGV[i], 'tokens', 'at')
+    local b = redis.call('HMGET', ARGV[i], 'tokens', 'at', 'flight')
     local refill = (now - (tonumber(b[2]) or now)) * depth / window
     local tokens = math.min(depth, (tonumber(b[1]) or depth) + refill)
-    buckets[#buckets + 1] = {ARGV[i], tokens, depth}
+    buckets[#buckets + 1] = {ARGV[i], tokens, depth, tonumber(b[3]) or 0}
   end
 end
-local change = 1
+local change, flight = 1, -1
 if ARGV[9] == 'take' then
-  local wait = 0
+  local wait, busy = 0, true
   for _, b in ipairs(buckets) do
-    if b[2] < 1 then wait = math.max(wait, (1 - b[2]) * window / b[3]) end
+    if b[2] < 1 then
+      wait = math.max(wait, (1 - b[2]) * window / b[3])
+      busy = busy and b[2] + b[4] >= 1  -- emptied only by checks under way: those end soon
+    end
   end
-  if wait > 0 then return math.ceil(wait) end
-  change = -1
+  if wait > 0 then return busy and -1 or math.ceil(wait) end
+  change, flight = -1, 1
+elseif ARGV[9] == 'failed' then
+  change = 0
 end
 for _, b in ipairs(buckets) do
-  redis.call('HSET', b[1], 'tokens', tostring(math.min(b[3], b[2] + change)), 'at', now)
+  redis.call('HSET', b[1], 'tokens', tostring(math.min(b[3], b[2] + change)), 'at', now,
+             'flight', tostring(math.max(0, b[4] + flight)))
   redis.call('PEXPIRE', b[1], window * 2)
 end
 return 0
@@ -3410,17 +3420,20 @@ class SharedAuthThrottle(AuthThrottle):
         now = time.monotonic()
         with self._lock:
             known = self._known.get((target, host), -self.KNOWN_FOR) > now - self.KNOWN_FOR
-        wait = self.bus.auth(host, target, known, "take", self)
+        deadline = now + AUTH_QUEUE_WAIT
+        while (wait := self.bus.auth(host, target, known, "take", self)) < 0 and time.monotonic() < deadline:
+            time.sleep(AUTH_QUEUE_POLL)  # emptied only by checks under way, anywhere in the cluster
         if wait:
             raise ProtocolError("auth-locked", "too many wrong passwords lately; "
-                                f"try again in {wait // 1000 + 1} s", closes=True)
+                                f"try again in {max(wait, 0) // 1000 + 1} s", closes=True)
         return AuthAttempt(self, host, target, [known], None)
 
     def _finish(self, attempt: AuthAttempt, ok: bool | None) -> None:
-        if ok is False or attempt.address is None:
+        if attempt.address is None:
             return
-        try:
-            self.bus.auth(attempt.host, attempt.target, attempt.address[0], "give", self)
+        try:  # a wrong password keeps its token; each check ends its count of checks under way
+            verb = "failed" if ok is False else "give"
+            self.bus.auth(attempt.host, attempt.target, attempt.address[0], verb, self)
         except ProtocolError:  # Redis went away meanwhile: the try stays counted
             pass
         if ok:
@@ -3965,9 +3978,10 @@ class SharedState:
                                      f"d|{key}|{name}|{token}|{server}|{since}")
         return int(status), other.decode()
 
-    def event(self, event: str) -> None:
-        """An event for the other servers (a device logged out, a read marker), in the log's order."""
-        self._script_when_up("event", event)
+    def event(self, event: str) -> tuple[int, int]:
+        """An event for the other servers (a device logged out, a read marker), in the log's order;
+        returns its place there."""
+        return _stream_id(self._script("event", event))
 
     def moved(self, session, verb: str, room: Room, reason: str = "") -> None:
         """``session`` entered (``verb`` 'n') or left ('x') ``room``."""
@@ -4017,7 +4031,7 @@ class SharedState:
 
     def marked(self, user_key: str, marker: str, shown: str, upto: int) -> None:
         """A read marker moved here: the account's devices on the other servers are told."""
-        self.event(f"m|{user_key}|{marker}|{shown}|{upto}")
+        self._script_when_up("event", f"m|{user_key}|{marker}|{shown}|{upto}")
 
     def auth(self, host: str, target: str, known: bool, verb: str, throttle: AuthThrottle) -> int:
         """Take (or give back) one password try for ``host`` at ``target`` across the cluster; the
@@ -5020,6 +5034,7 @@ class ClientSession:
         self.token_label = ""               # ... password) and that token's name
         self.number = 0                     # its number among its name's devices (LOGOUT|n), set at USER
         self.client_kind = "seed"           # what it is (DEVICES): chatctl, join, tui, web, bot, irc
+        self.proved = ""                    # the password hash of its protected name it proved (or set)
         self.device_name = ""               # the name it gave itself (an IRC app's ana@phone): caught up by
         self.connected_at = time.monotonic()
         self.last_active = self.connected_at  # any input: for the idle timeout
@@ -5480,7 +5495,9 @@ class ClientSession:
                                     "or chatctl devices lists them)")
             for device in devices:  # (the others hear only "logged out": the address is the owner's business)
                 if isinstance(device, RemoteMember):  # its own server ends it
-                    self.server.shared.event(f"o|{self.key}|{device.token}|{LOGGED_OUT} by {by}")
+                    at = self.server.shared.event(
+                        f"o|{self.key}|{device.token}|{self.token}|{LOGGED_OUT} by {by}")
+                    self.server.mirror.logged_out(device.token, at)
                 elif device.leave(LOGGED_OUT, Goodbye(f"{LOGGED_OUT} by {by}")):
                     log.info("logged out %s from %s (by %s)", device.name, device.peer, self.peer)
         self.tell(Confirmed("LOGOUT", str(len(devices))))
@@ -6051,6 +6068,8 @@ class ClusterMirror:
 
     def __init__(self, server: ChatServer):
         self.server = server
+        self._logged_out: dict[str, tuple[int, int]] = {}  # device token -> where in the log it was ended
+        self._lock = threading.Lock()                        # (a leaf: the bus's reader and reader threads)
 
     _sender_key = staticmethod(functools.lru_cache(maxsize=4096)(confusable_key))  # a name per message
 
@@ -6128,16 +6147,24 @@ class ClusterMirror:
                 device.tell(Confirmed("MARK", f"{shown}|{upto}"))
 
     def _event_logout(self, fields: list[str], at) -> None:
-        """``o|key|token|reason``: end the device ``token`` of ``key`` here, or with ``!token``, every
-        device of ``key`` here but that one."""
-        key, token, reason = fields[0], fields[1], fields[2]
-        keep = token[1:] if token.startswith("!") else None
+        """``o|key|token|issuer|reason``: end the device ``token`` of ``key`` here, unless the device
+        that asked (``issuer``) was itself logged out earlier in the log (two devices on two servers
+        logging each other out at once: the first one wins, as on one server)."""
+        key, token, issuer, reason = fields[:4]
+        if self._logged_out.get(issuer, at) < at:
+            return
+        self.logged_out(token, at)
         for device in self.server.registry.devices(key):
-            if isinstance(device, RemoteMember):
-                continue
-            if (device.token != keep) if keep is not None else (device.token == token):
+            if not isinstance(device, RemoteMember) and device.token == token:
                 if device.leave(LOGGED_OUT, Goodbye(reason)):
                     log.info("logged out %s from %s (%s)", device.name, device.peer, reason)
+
+    def logged_out(self, token: str, at: tuple[int, int]) -> None:
+        """Device ``token`` was logged out at place ``at`` in the log (what it asks after that is void)."""
+        with self._lock:
+            self._logged_out[token] = at
+            while len(self._logged_out) > LOGGED_OUT_KEPT:
+                del self._logged_out[next(iter(self._logged_out))]
 
     def _event_topic(self, fields: list[str], at) -> None:
         """``t|room|ts|setter|text``: set unless a topic later in the log is set already."""
@@ -6263,12 +6290,15 @@ class ClusterMirror:
                 self.server.registry.part(holder, room_name, "left")
 
     def cluster_restored(self, keys: list[str]) -> None:
-        """These names' protection was given back after Redis lost it: whoever holds one here got it
-        while it was unprotected (perhaps with a password of their own) and goes."""
+        """These names' protection was given back after Redis lost it: whoever holds one here without
+        having proved that very password (got it while it was unprotected, perhaps protecting it with
+        a password of their own) goes; its owner's devices stay."""
         for key in keys:
-            holder = self.server.registry.holder(key)
-            if holder is not None and not isinstance(holder, RemoteMember):
-                holder.disconnect("this name's protection was restored (the cluster's Redis had lost it): "
+            restored = self.server.local_accounts.password_hash(key)
+            for device in self.server.registry.devices(key):
+                if isinstance(device, RemoteMember) or (device.owner and device.proved == restored):
+                    continue
+                device.disconnect("this name's protection was restored (the cluster's Redis had lost it): "
                                   "log in with its password")
 
     def cluster_conflict(self, tokens: list[str]) -> None:
@@ -6793,6 +6823,19 @@ class ChatServer:
                 self.stopping.wait(self.config.auth_delay)
         return bool(ok)
 
+    def device_seen(self, key: str, device: str) -> int | None:
+        """The newest id device ``device`` of ``key`` had when it last left, on any server of the
+        cluster (None: never seen)."""
+        if self.bus is None:
+            return self.history.device_seen(key, device) if self.history is not None else None
+        return self.shared.markers(key).get(f"device:{device}")
+
+    def set_device_seen(self, key: str, device: str, last_id: int) -> None:
+        if self.bus is None:
+            self.history.set_device_seen(key, device, last_id)
+        else:  # (with the read markers: the device may come back through another server)
+            self.shared.set_marker(key, f"device:{device}", last_id)
+
     def verify_owner_password(self, session: ClientSession, password: str) -> None:
         """Raise bad-password unless ``password`` is the password of ``session``'s protected name."""
         stored = self.accounts.password_hash(session.key)
@@ -6833,6 +6876,7 @@ class ChatServer:
         if not self.check_password(session, key, lambda: self.hasher.run(verify_password, password, stored),
                                    f"wrong {what} for {name}"):
             raise ProtocolError("bad-password", f"wrong {what} for {name!r}")
+        session.proved = stored
         return True
 
     def protect(self, session: ClientSession, password: str) -> None:
@@ -6845,7 +6889,7 @@ class ChatServer:
         else:
             self.accounts.protect(session.key, session.name, hashed)
         self.throttle.known(session.key, session.host)  # its owner's address, as after a login
-        session.owner = True
+        session.owner, session.proved = True, hashed
         log.info("%s protected their name", session.name)
 
     def unprotect(self, session: ClientSession) -> None:
@@ -6855,7 +6899,7 @@ class ChatServer:
         self.bots = self.bots - {session.key}  # (the name, no longer an account, is nobody's bot)
         self.end_token_sessions(session.key, "", "the name's protection was dropped")
         for device in self.registry.devices(session.key):  # an unprotected name is one connection
-            if device is not session:
+            if device is not session and not isinstance(device, RemoteMember):  # (theirs: the u event)
                 device.disconnect(f"{LOGGED_OUT}: the name's protection was dropped from another device")
         session.owner = False
         log.info("%s dropped the protection of their name", session.name)
@@ -6945,10 +6989,9 @@ class ChatServer:
         """
         gone: list[ClientSession] = []
         departed = self.registry.depart(sessions, forget, quiet=self.stopping.is_set(), devices_gone=gone)
-        if self.history is not None:
-            for session in gone:  # a device with a name of its own catches up from here when it is back
-                if session.device_name and session.owner:
-                    self.history.set_device_seen(session.key, session.device_name, self.fanout.delivered_upto)
+        for session in gone:  # a device with a name of its own catches up from here when it is back
+            if session.device_name and session.owner and self.history is not None:
+                self.set_device_seen(session.key, session.device_name, self.fanout.delivered_upto)
         if self.bus is not None:  # each device of ours that went (the last of a name's: its LEAVE)
             ours = [s for s in gone if not isinstance(s, RemoteMember) and s.token]
             if ours:
@@ -7488,7 +7531,7 @@ class IrcGate(Encoding):
             self.numeric("422", "MOTD File is missing")
         server = self.session.server
         if self.session.device_name and server.history is not None:  # a named device: what it missed
-            self.missed_since = server.history.device_seen(self.session.key, self.session.device_name)
+            self.missed_since = server.device_seen(self.session.key, self.session.device_name)
         self.send(*self._joined(MAIN_ROOM, []))  # everyone starts in #main
         self.call("TOPIC", f"#{MAIN_ROOM}", asked="jointopic")
         self.call("NAMES", f"#{MAIN_ROOM}", asked="names")

@@ -618,6 +618,92 @@ def test_protected_names_survive_redis_losing_its_data(node, redis_server):
     assert owner.expect("TOPIC|#ops|").endswith("|ana|kept across")
 
 
+def test_an_account_s_devices_stay_when_redis_comes_back_empty(node, redis_server):
+    a, b = node("a", auth_delay=0), node("b", auth_delay=0)
+    setup = member(a.port, "ana")
+    setup.send(b"REGISTER|anapass123\nQUIT\n")
+    setup.wait_closed()
+    laptop, phone = member(a.port, "ana", "anapass123"), member(b.port, "ana", "anapass123")
+    wait_until(lambda: len(a.registry.devices("ana")) == 2 and len(b.registry.devices("ana")) == 2)
+    redis_server.stop()
+    redis_server.start(empty=True)  # the protection is given back from the servers' copies
+    wait_until(lambda: a.bus._up.is_set() and b.bus._up.is_set(), timeout=20)
+    wait_until(lambda: len(a.registry.devices("ana")) == 2 and len(b.registry.devices("ana")) == 2,
+               timeout=20)
+    for device in (laptop, phone):  # they proved that very password: nobody was dropped
+        device.send(b"PING|still\n")
+        assert device.expect(("PONG|", "BYE|")) == "PONG|still"
+
+
+def test_dropping_the_protection_and_logging_out_reach_the_other_server(node):
+    a, b = node("a", auth_delay=0), node("b", auth_delay=0)
+    setup = member(a.port, "ana")
+    setup.send(b"REGISTER|anapass123\nQUIT\n")
+    setup.wait_closed()
+    for _ in range(3):  # two devices on two servers logging each other out at once: one stays
+        one, two = member(a.port, "ana", "anapass123"), member(b.port, "ana", "anapass123")
+        wait_until(lambda: len(a.registry.devices("ana")) == 2 and len(b.registry.devices("ana")) == 2)
+        one.send(b"LOGOUT|others|anapass123\n"), two.send(b"LOGOUT|others|anapass123\n")
+        ended = [client for client in (one, two) if got_bye(client)]
+        assert len(ended) == 1  # the other was not logged out
+        survivor = two if ended == [one] else one
+        survivor.send(b"PING|alive\n")
+        assert survivor.expect(("PONG|", "BYE|")) == "PONG|alive"
+        assert len(a.registry.devices("ana")) == len(b.registry.devices("ana")) == 1
+        one.close(), two.close()
+        wait_until(lambda: not a.registry.devices("ana") and not b.registry.devices("ana"))
+    laptop, phone = member(a.port, "ana", "anapass123"), member(b.port, "ana", "anapass123")
+    wait_until(lambda: len(a.registry.devices("ana")) == 2)
+    laptop.send(b"UNREGISTER|anapass123\n")
+    assert laptop.expect(("UNREGISTER_OK|", "ERR|", "BYE|")) == "UNREGISTER_OK|ana"
+    assert phone.wait_closed()[-1].startswith("BYE|logged out: the name's protection was dropped")
+
+
+def got_bye(client: RawClient, within: float = 3.0) -> bool:
+    """Whether ``client`` is sent BYE (or closed) within ``within`` seconds."""
+    try:
+        client.expect("BYE|", timeout=within)
+        return True
+    except EOFError:
+        return True
+    except AssertionError:  # no BYE in time
+        return False
+
+
+def test_right_passwords_at_once_on_a_bus_server_all_get_in(node):
+    a = node("a", auth_delay=0, auth_max_failures=3)
+    setup = member(a.port, "ana")
+    setup.send(b"REGISTER|anapass123\nQUIT\n")
+    setup.wait_closed()
+    clients = [RawClient(a.port) for _ in range(8)]
+    for client in clients:
+        client.send(b"USER|ana|anapass123\n")
+    assert [client.expect(("USER_OK", "ERR|")) for client in clients] == ["USER_OK"] * 8
+
+
+def test_a_named_irc_device_catches_up_through_another_server(node):
+    from test_irc import IrcClient
+
+    a, b = node("a", auth_delay=0), node("b", auth_delay=0)
+    setup = member(a.port, "ana")
+    setup.send(b"REGISTER|anapass123\nQUIT\n")
+    setup.wait_closed()
+    phone = IrcClient(b.port)
+    phone.register("ana", caps="sasl server-time", sasl=("ana@phone", "anapass123"))
+    phone.send("QUIT :pocket")
+    wait_until(lambda: not a.registry.devices("ana") and not b.registry.devices("ana"))
+    carol = member(a.port, "carol")
+    for n in range(3):
+        carol.send(f"MSG|missed {n}\n".encode())
+        carol.expect("MSG_OK|")
+    phone = IrcClient(a.port)  # back, through the other server
+    phone.register("ana", caps="sasl server-time", sasl=("ana@phone", "anapass123"))
+    phone.expect(r"NOTICE ana :#main: 3 line\(s\) you missed on this device")
+    assert [line.rsplit(":", 1)[1] for line in phone.seen if " PRIVMSG #main " in line] == \
+        ["missed 0", "missed 1", "missed 2"]
+    phone.close()
+
+
 def test_a_short_redis_outage_keeps_everyone_online_and_the_next_call_works(node, redis_server):
     a, b = node("a"), node("b")
     ana, bob = member(a.port, "ana"), member(b.port, "bob")
