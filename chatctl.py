@@ -12612,7 +12612,8 @@ def token() -> None:
     """
 
 
-def token_options(command):
+def owner_options(command):
+    """The options of a command a protected name's owner runs (token, devices): -u, TLS, where."""
     command = click.option("--user", "-u", help="The protected name (or CHATCTL_USER).")(command)
     command = tls_options(command)
     return connection_options("of the server")(command)
@@ -12625,7 +12626,8 @@ def _token_label_flag(value: str) -> str:
     return value
 
 
-def token_config(host, port, config_file, tls, cafile, tls_fingerprint, user) -> ClientConfig:
+def owner_config(host, port, config_file, tls, cafile, tls_fingerprint, user) -> ClientConfig:
+    """The client config of such a command; a name is required."""
     config = load_config("client", {"host": host, "port": port, "user": user,
                                     **tls_flags(tls, cafile, tls_fingerprint)}, config_file)
     if not config.user:
@@ -12634,14 +12636,14 @@ def token_config(host, port, config_file, tls, cafile, tls_fingerprint, user) ->
 
 
 @token.command("create", epilog=exit_codes_help(*CLIENT_EXITS))
-@token_options
+@owner_options
 @click.option("--name", "label", default="default", show_default=True, callback=lambda ctx, param, value:
               _token_label_flag(value),
               help="What the token is for (1-40 letters, digits, '_', '-', '.'), to list and revoke it by.")
 @click.option("--json", "as_json", is_flag=True, help='{"name": ..., "token": ...} on stdout.')
 def token_create(host, port, config_file, tls, cafile, tls_fingerprint, user, label, as_json) -> None:
     """Make a token of a protected name and print it, once."""
-    config = token_config(host, port, config_file, tls, cafile, tls_fingerprint, user)
+    config = owner_config(host, port, config_file, tls, cafile, tls_fingerprint, user)
     made = as_owner(config, config.user, ask_password if sys.stdin.isatty() else None,
                          lambda conn: conn.create_token(label))
     click.echo(json.dumps({"name": label, "token": made}) if as_json else made)
@@ -12650,11 +12652,11 @@ def token_create(host, port, config_file, tls, cafile, tls_fingerprint, user, la
 
 
 @token.command("list", epilog=exit_codes_help(*CLIENT_EXITS))
-@token_options
+@owner_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout (never the tokens).")
 def token_list(host, port, config_file, tls, cafile, tls_fingerprint, user, as_json) -> None:
     """List a protected name's tokens: name, made, last used (never the tokens themselves)."""
-    config = token_config(host, port, config_file, tls, cafile, tls_fingerprint, user)
+    config = owner_config(host, port, config_file, tls, cafile, tls_fingerprint, user)
     tokens = as_owner(config, config.user, ask_password if sys.stdin.isatty() else None,
                            lambda conn: conn.tokens())
     if as_json:
@@ -12664,18 +12666,18 @@ def token_list(host, port, config_file, tls, cafile, tls_fingerprint, user, as_j
 
 
 @token.command("revoke", epilog=exit_codes_help(*CLIENT_EXITS))
-@token_options
+@owner_options
 @click.argument("label", metavar="NAME", callback=lambda ctx, param, value: _token_label_flag(value))
 def token_revoke(host, port, config_file, tls, cafile, tls_fingerprint, user, label) -> None:
     """Revoke the token NAME: it logs in no more, and the connections it made end."""
-    config = token_config(host, port, config_file, tls, cafile, tls_fingerprint, user)
+    config = owner_config(host, port, config_file, tls, cafile, tls_fingerprint, user)
     as_owner(config, config.user, ask_password if sys.stdin.isatty() else None,
                   lambda conn: conn.revoke_token(label))
     click.echo(f"token {label!r} of {config.user} revoked.", err=True)
 
 
 @cli.command(epilog=exit_codes_help(*CLIENT_EXITS))
-@token_options
+@owner_options
 @click.option("--logout", "logout", metavar="DEVICE",
               help="End that device (its number, or 'others': every one) with the password (a lost phone).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout.")
@@ -12689,7 +12691,7 @@ def devices(host, port, config_file, tls, cafile, tls_fingerprint, user, logout,
     if logout is not None and logout.lower() != "others" and whole_number(logout) is None:
         raise click.BadParameter(f"{logout!r}: a device's number (chatctl devices lists them) or 'others'",
                                  param_hint="--logout")
-    config = token_config(host, port, config_file, tls, cafile, tls_fingerprint, user)
+    config = owner_config(host, port, config_file, tls, cafile, tls_fingerprint, user)
     ask = ask_password if sys.stdin.isatty() else None
     if logout is None:
         found = fetch_devices(config, config.user, ask)
