@@ -5464,7 +5464,7 @@ class ClientSession:
             raise ProtocolError("not-owner", "only a protected name has devices, and only its owner sees "
                                 "them")
         now = time.monotonic()
-        devices = [DeviceInfo(d.number, d.client_kind, d.host, d.registered_at, int(now - d.last_active),
+        devices = [DeviceInfo(d.number, d.client_kind, d.host, d.registered_at, int(now - d.last_spoke),
                               d is self, d.device_name) for d in self.server.registry.devices(self.key)]
         self.tell(*devices, EndOfList("DEVICES", len(devices)))
 
@@ -8014,8 +8014,8 @@ class IrcGate(Encoding):
             lines.append(f":{IRC_SERVER} NOTICE {self.nick} :#{room}: "
                          + ("the last " if more else "") + f"{len(messages) - dms} line(s)"
                          + (f" and {dms} direct message(s)" if dms else "")
-                         + " you missed on this device, since "
-                         + time.strftime("%H:%M UTC", time.gmtime(messages[0].ts))
+                         + " you missed on this device (the first at "
+                         + time.strftime("%H:%M UTC", time.gmtime(messages[0].ts)) + ")"
                          + (f"; more came before them (chatctl history --before {messages[0].id})"
                             if more else ""))
         return lines
@@ -8663,7 +8663,7 @@ JOIN_COMMANDS = {
     "/who": "/who              who is online",
     "/ignore": "/ignore [USER]    hide USER's messages (no USER: list who is ignored)",
     "/unignore": "/unignore USER    show USER's messages again",
-    "/register": "/register         protect your name with a password (asked twice, hidden)",
+    "/register": "/register         protect your name with a password, or change it (asked twice, hidden)",
     "/nick": "/nick NAME        use another name (while yours is taken by someone else)",
     "/unregister": "/unregister       drop the protection of your name",
     "/devices": "/devices          where your protected name is online (each device, numbered)",
@@ -10642,7 +10642,7 @@ class JoinClient(ClientFrontEnd):
             self.chat.warn("/register needs a terminal; use chatctl register")
             return
         try:
-            current = (self._prompt.prompt("your name's password now: ", is_password=True)
+            current = (self._prompt.prompt(f"current password for {self.chat.name}: ", is_password=True)
                        if self.chat.session.password else "")
             first = self._prompt.prompt("new password for your name: ", is_password=True)
             again = self._prompt.prompt("the same again: ", is_password=True)
@@ -11145,7 +11145,7 @@ def tui_app():
                 yield Label("Protect your name with a password (twice; at least "
                             f"{MIN_PASSWORD_CHARS} characters). Escape cancels.")
                 if self.current:
-                    yield LineInput(self.current_done, password=True, placeholder="its password now",
+                    yield LineInput(self.current_done, password=True, placeholder="current password",
                                     id="current")
                 yield LineInput(self.first_done, password=True, placeholder="new password", id="first")
                 yield LineInput(self.again_done, password=True, placeholder="the same again", id="again")
@@ -12172,6 +12172,18 @@ def ask_password(name: str) -> str:
     return click.prompt(f"Password for {name}", hide_input=True, err=True)
 
 
+def ask_current_password(config: ClientConfig) -> str:
+    """At a terminal, before a new password: the current one, if the name is protected ('' if not)."""
+    with connect(config, notify=client_notice, quiet=True) as conn:
+        try:
+            conn.register(config.user)
+            return ""
+        except RejectedError as exc:
+            if exc.code != "name-protected":
+                raise
+    return click.prompt(f"Current password for {config.user}", hide_input=True, err=True)
+
+
 def ask_trust(address: str, fingerprint: str) -> bool:
     """First contact with a TLS server, at a terminal: show the fingerprint and ask, as ssh does."""
     click.echo(f"The server {address} presents a certificate not seen before:\n  {fingerprint}\n"
@@ -12564,10 +12576,10 @@ def bench(host, port, config_file, tls, cafile, tls_fingerprint, clients, sender
 def register(host, port, config_file, tls, cafile, tls_fingerprint, user, drop, bot) -> None:
     """Protect a user name with a password, change it, or --drop it.
 
-    The name must not be in use (in join, type /register instead).  The new
-    password is asked twice at a terminal, or read as one line from stdin;
-    to change a password, the current one comes from CHATCTL_USER_PASSWORD
-    or is asked for.
+    To protect a name, nobody else may be using it (in join, type /register
+    instead).  The new password is asked twice at a terminal, or read as one
+    line from stdin; to change a password or --drop it, the current one comes
+    from CHATCTL_USER_PASSWORD or is asked for first.
 
     \b
     Example:
@@ -12580,6 +12592,8 @@ def register(host, port, config_file, tls, cafile, tls_fingerprint, user, drop, 
     if not config.user:
         raise click.UsageError("no user name: pass -u NAME, set CHATCTL_USER or [client] user")
     interactive = sys.stdin.isatty()
+    if interactive and not config.user_password:  # a protected name's current password: asked first
+        config = dataclasses.replace(config, user_password=ask_current_password(config))
     new_password = None
     if not drop:
         if interactive:

@@ -342,7 +342,7 @@ def test_a_named_irc_device_gets_exactly_what_it_missed_across_a_restart(make_se
         bob.expect("MSG_OK|")
     phone = irc_device(server.port, "ana@phone")
     notice = phone.expect(r"NOTICE ana :#main: (\d+) line\(s\) and 1 direct message\(s\) you missed on this "
-                          r"device, since \d\d:\d\d UTC").group(1)
+                          r"device \(the first at \d\d:\d\d UTC\)").group(1)
     got = [line for line in phone.seen if " PRIVMSG " in line]
     assert [line.rsplit(":", 1)[1] for line in got] == [*(f"missed {n}" for n in range(5)), "missed dm",
                                                          *(f"missed {n}" for n in range(5, 9))]
@@ -495,8 +495,9 @@ def test_a_named_device_back_after_many_lines_gets_the_newest_and_is_told_of_the
         dan.send(f"MSG|#deploys|deploy {n}\n".encode())
         dan.expect("MSG_OK|")
     phone = irc_device(server.port, "ana@phone")
-    notice = phone.expect(r"NOTICE ana :#main: the last (\d+) line\(s\) you missed on this device, since "
-                          r"\S+ UTC; more came before them \(chatctl history --before (\d+)\)")
+    notice = phone.expect(r"NOTICE ana :#main: the last (\d+) line\(s\) you missed on this device "
+                          r"\(the first at \S+ UTC\); more came before them "
+                          r"\(chatctl history --before (\d+)\)")
     got = [line.rsplit(":", 1)[1] for line in phone.seen if " PRIVMSG #main " in line]
     assert got == [f"line {n}" for n in range(150 - len(got), 150)] and len(got) == int(notice.group(1))
     assert int(notice.group(2)) == ids[150 - len(got)]  # the history has the ones before, from there on
@@ -568,7 +569,7 @@ def test_join_asks_for_the_password_again_to_change_or_drop_it(make_server, spaw
     isolated_home["CHATCTL_USER_PASSWORD"] = PASSWORD
     laptop = spawn_join("ana", server.port)
     laptop.sendline("/register")
-    laptop.expect("your name's password now:")
+    laptop.expect("current password for ana:")
     laptop.sendline("not the password")
     laptop.expect("new password for your name:")
     laptop.sendline("a-new-password")
@@ -579,3 +580,30 @@ def test_join_asks_for_the_password_again_to_change_or_drop_it(make_server, spaw
     laptop.expect("to drop the protection of your name, the password of ana:")
     laptop.sendline(PASSWORD)
     laptop.expect("no longer protected")
+
+
+def test_chatctl_register_at_a_terminal_asks_the_current_password_first(make_server, isolated_home):
+    import sys
+
+    import pexpect
+
+    from conftest import CHATCTL
+
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", PASSWORD)
+    child = pexpect.spawn(sys.executable, [*CHATCTL[1:], "register", "-u", "ana", "-p", str(server.port)],
+                          env=isolated_home, encoding="utf-8", timeout=15)
+    try:
+        child.expect("Current password for ana")
+        child.sendline(PASSWORD)
+        child.expect("New password for ana")
+        child.sendline("a-new-password")
+        child.expect("Repeat for confirmation")
+        child.sendline("a-new-password")
+        child.expect("ana is now protected")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    again = RawClient(server.port)
+    again.send(b"USER|ana|a-new-password\n")
+    assert again.expect(("USER_OK", "ERR|")) == "USER_OK"
