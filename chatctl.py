@@ -6135,15 +6135,12 @@ class ClusterMirror:
     def _event_marker(self, fields: list[str], at) -> None:
         """``m|key|marker|shown|upto``: an account read something on another server's device."""
         key, marker, shown, upto = fields[0], fields[1], fields[2], int(fields[3])
-        told = set()
         for device in self.server.registry.devices(key):
-            if isinstance(device, RemoteMember) or id(device.markers) in told:
+            if isinstance(device, RemoteMember):
                 continue
-            told.add(id(device.markers))
-            if upto > device.markers.get(marker, 0):
-                device.markers[marker] = upto  # (the devices here share one markers dict)
-        for device in self.server.registry.devices(key):
-            if not isinstance(device, RemoteMember) and device.extended:
+            if upto > device.markers.get(marker, 0):  # (the devices here share one markers dict)
+                device.markers[marker] = upto
+            if device.extended:
                 device.tell(Confirmed("MARK", f"{shown}|{upto}"))
 
     def _event_logout(self, fields: list[str], at) -> None:
