@@ -28,13 +28,15 @@ Contents, in dependency order (search for the banner to jump):
                               Presence, FanOut, ClusterMirror, Rooms, ChatServer (wires them)
     9. IRC gateway            IrcGate: IRC clients as ClientSessions, the IRC Encoding; registered as a
                               Gateway
-   10. Client                 ChatConnection, one-shot helpers, RoomsModel, LiveSession (the link),
+   10. HTTP gateway           HttpGate (h11 on the same poller): Slack-style webhooks, /healthz, /readyz,
+                              /metrics; HttpService: outgoing hooks, the metrics; registered as a Gateway
+   11. Client                 ChatConnection, one-shot helpers, RoomsModel, LiveSession (the link),
                               ChatClient (the chat behind join and tui, no terminal in it)
-   11. Load generator         LoadGenerator (chatctl bench)
-   12. Rendering              tables for one-shot commands; join's front-end (JoinClient)
-   13. Full-screen client     tui (a Textual app over ChatClient) and web (the same app in a browser)
-   14. CLI                    thin click commands over the objects above
-   15. main()
+   12. Load generator         LoadGenerator (chatctl bench)
+   13. Rendering              tables for one-shot commands; join's front-end (JoinClient)
+   14. Full-screen client     tui (a Textual app over ChatClient) and web (the same app in a browser)
+   15. CLI                    thin click commands over the objects above
+   16. main()
 
 Threads and locks (the server's; each class docstring says the same of its own fields):
 
@@ -53,6 +55,8 @@ Threads and locks (the server's; each class docstring says the same of its own f
     chatctl-departures       ChatServer._departures_loop  forgetting ended connections
     chatctl-reaper           ChatServer._reap_loop        timeouts
     chatctl-upkeep           HistoryStore                 retention and the search index
+    chatctl-hook-N           HttpService (HOOK_WORKERS)   outgoing webhooks' posts, and their answers
+    chatctl-reload           serve_until_signalled        a SIGHUP's reload (ChatServer.reload)
 
     Locks, outermost first; a thread holding one takes only locks of a later tier:
       0. ChatServer.logouts   one LOGOUT at a time: which devices it ends (ending them takes the rest)
@@ -64,8 +68,8 @@ Threads and locks (the server's; each class docstring says the same of its own f
       4. leaves, which take no other lock: Presence._lock, FanOut._delivered, Room._lock,
          ClientSession._ending, OutboundQueue._lock, IrcGate._lock, Writer._lock,
          ReadPoller._lock, LocalLog._lock, AddressBudget._lock, AuthThrottle._lock,
-         PasswordHasher._lock, HistoryStore's and AccountStore's locks, RedisBus._lock,
-         ClusterMirror._lock
+         PasswordHasher._lock, HistoryStore's, AccountStore's and HookStore's locks, RedisBus._lock,
+         ClusterMirror._lock, Hooks._lock, ServerStats._lock
 
     The clients: LiveSession's reader thread (chatctl-join-reader) hands events to ChatClient,
     whose _lock (an RLock) guards what it and the front-end's thread share; RoomsModel._lock is
@@ -93,6 +97,7 @@ import functools
 import hashlib
 import heapq
 import hmac
+import http.client
 import io
 import ipaddress
 import itertools
@@ -115,9 +120,12 @@ import threading
 import time
 import tomllib
 import unicodedata
+import urllib.error
+import urllib.request
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import urlsplit
@@ -211,6 +219,11 @@ LISTEN_BACKLOG = 1024
 THREAD_STACK_BYTES = 256 * 1024      # reader threads need little stack
 MAX_READERS = 256                    # reader threads at most: turns queue behind them
 READS_PER_TURN = 4                   # recv()s one turn makes at most before others get theirs
+RESTART_KEYS = ("host", "port", "db", "history", "accounts_db", "tls", "bus", "cluster", "server_id",
+                "irc_port", "password_hashes", "password_queue", "bus_log_length", "bus_log_bytes",
+                "log_level")                 # what SIGHUP cannot change in a running server
+BACKUP_CHUNK = 48 * 1024             # bytes of a database per DATA line of a BACKUP (64 KiB as base64)
+RAW_SNIFF_BYTES = 16                 # first bytes a connection may send before HTTP is told from the rest
 REAPER_INTERVAL = 0.5                # how often timeouts are checked
 READER_IDLE = 60.0                   # seconds a reader thread waits for its next connection before it ends
 DISCONNECT_LINGER = 2.0              # after BYE, how long a client may take to close its end
@@ -253,6 +266,27 @@ BUS_READ_COUNT = 1000                # log entries read per call at most
 BUS_PIPELINE = 4                     # batches of messages on their way to Redis at once
 BUS_CONNECTIONS = 32                 # connections one server opens to Redis for calls (more wait)
 BUS_DEADLINE = 3.0                   # a call that reaches Redis later than this does nothing (< BUS_TIMEOUT)
+
+# HTTP on the chat port (section 10): webhooks, health and metrics; each is also a key of [http].
+HTTP_MAX_HEADER_BYTES = 8192         # a request's line and headers, in bytes
+HTTP_MAX_BODY_BYTES = 1 << 20        # a request's body (a webhook's JSON), in bytes
+HTTP_REQUEST_TIMEOUT = 10.0          # seconds from a request's first byte to its last
+HTTP_KEEPALIVE_TIMEOUT = 60.0        # seconds a kept-alive connection may wait for its next request
+HTTP_REQUEST_RATE = 200.0            # requests per second one IP address may make, on average
+HTTP_REQUEST_BURST = 400             # ... and at once
+METRICS_ALLOW = ("127.0.0.0/8", "::1")  # who may read /metrics
+HOOK_RATE = 5.0                      # messages per second one incoming webhook may post, on average
+HOOK_BURST = 30                      # ... and at once (an alert storm's first notifications)
+MAX_HOOKS = 100                      # webhooks the server keeps, both kinds
+HOOK_TIMEOUT = 10.0                  # seconds an outgoing hook's server has to answer
+HOOK_RETRIES = 3                     # tries after the first, each after twice the wait of the last
+HOOK_BACKOFF = 1.0                   # seconds before the first retry
+HOOK_QUEUE = 1000                    # outgoing posts waiting; past that a trigger is dropped and counted
+HOOK_WORKERS = 4                     # outgoing posts under way at once (a hanging hook holds one)
+HOOK_ANSWER_BYTES = 64 * 1024        # an outgoing hook's answer is read up to this
+HOOK_PREFIX = "chatctl_hook_"        # an incoming hook's token starts with this
+HOOK_TEXT_CHARS = 4000               # a webhook's text is cut here (a message is one frame)
+MAX_TRIGGER_CHARS = 64               # longest trigger word of an outgoing hook
 
 log = logging.getLogger("chatctl")
 
@@ -399,6 +433,11 @@ ERROR_CODES = {
     "not-allowed": "only the room's creator or an operator may do that",
     "hello-required": "rooms need HELLO|chatctl/1 first",
     "no-operators": "this server has no operator password",
+    "not-operator": "only an operator may do that: OPER|<the operator password> first",
+    "unknown-hook": "no webhook of that number",
+    "too-many-hooks": "the server keeps as many webhooks as it may; remove one first",
+    "bad-url": "an outgoing hook's URL is http:// or https://, of another server than this one",
+    "no-hooks": "webhooks are not shared across a cluster yet: add them on a server without --bus",
     "bus-unavailable": "the cluster's Redis is not answering; nothing was sent, try again shortly",
 }
 
@@ -1045,13 +1084,38 @@ class HistoryPage:
     more: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class HookInfo:
+    """One line of the ``HOOK|LIST`` reply (never a token):
+    ``HOOK|id|kind|name|#room|trigger|url|created|posts|failures|last``."""
+
+    id: int
+    kind: str            # incoming or outgoing
+    name: str            # the bot name it posts as
+    room: str
+    trigger: str         # an outgoing hook's trigger word ('': on a mention of its bot)
+    url: str             # an outgoing hook's URL
+    created: float
+    posts: int           # since the server started: messages posted (incoming) or posts made (outgoing)
+    failures: int        # since the server started: posts refused (incoming) or failed (outgoing)
+    last: float          # its last post (0: none since the start)
+
+
+@dataclass(frozen=True, slots=True)
+class DataChunk:
+    """``DATA|base64``: a piece of a file the server sends (BACKUP), ended by ``END|BACKUP|bytes``."""
+
+    data: str
+
+
 ServerEvent = (
     Delivered | Acknowledged | Registered | Welcome | UserList | Joined | Left
     | ErrorReply | Pong | Goodbye | EndOfList | Confirmed | RoomInfo | ServerStatus | RoomNames | Topic
-    | Entered | Exited | HistoryPage | TokenInfo | BotNames | DeviceInfo | RoomJoined | UnknownLine
+    | Entered | Exited | HistoryPage | TokenInfo | BotNames | DeviceInfo | RoomJoined | HookInfo | DataChunk
+    | UnknownLine
 )
 CONFIRMATIONS = ("PASS_OK", "REGISTER_OK", "UNREGISTER_OK", "JOIN_OK", "PART_OK", "MARK_OK", "CLOSE_OK",
-                 "TOKEN_OK", "BOT_OK", "LOGOUT_OK")
+                 "TOKEN_OK", "BOT_OK", "LOGOUT_OK", "HOOK_OK", "OPER_OK")
 
 
 # --- Encodings: events to bytes, one object per protocol ------------------------------------------
@@ -1128,6 +1192,10 @@ OUR_LINES: dict[type, Callable[[object], bytes]] = {
     DeviceInfo: lambda e: encode_line("DEVICE", e.number, e.kind, e.address, format_timestamp(e.since),
                                       e.idle, int(e.this), e.name),
     RoomJoined: lambda e: _encode_room_joined(e, OUR_LINES),
+    HookInfo: lambda e: encode_line("HOOK", e.id, e.kind, e.name, f"#{e.room}", e.trigger, e.url,
+                                    format_timestamp(e.created), e.posts, e.failures,
+                                    format_timestamp(e.last) if e.last else ""),
+    DataChunk: lambda e: encode_line("DATA", e.data),
 }
 
 
@@ -1251,6 +1319,12 @@ def _parse_event(line: str) -> ServerEvent:
         number, kind, address, since, idle, this, *name = rest.split("|", 6)
         return DeviceInfo(int(number), kind, address, parse_timestamp(since), int(idle), this == "1",
                           name[0] if name else "")
+    if verb == "HOOK":
+        hook_id, kind, name, room, trigger, url, created, posts, failures, last = rest.split("|", 9)
+        return HookInfo(int(hook_id), kind, name, _room_name(room), trigger, url, parse_timestamp(created),
+                        int(posts), int(failures), parse_timestamp(last) if last else 0.0)
+    if verb == "DATA":
+        return DataChunk(rest)
     if verb == "SERVER":
         server_id, address, users, age, lag, this = rest.split("|", 5)
         return ServerStatus(server_id, address, int(users), float(age), int(lag), this == "1")
@@ -1396,6 +1470,8 @@ class ServerConfig:
                               min=1 << 20)
     # Where the values came from, for the start-up log line; not a key.
     files: tuple[Path, ...] = field(default=(), repr=False, metadata={"internal": True})
+    # [http], read with [server] (load_config); a section of its own in the file.
+    http: HttpConfig = field(default_factory=lambda: HttpConfig(), repr=False, metadata={"internal": True})
 
 
 @dataclass
@@ -1432,7 +1508,61 @@ class ClientConfig:
     files: tuple[Path, ...] = field(default=(), repr=False, metadata={"internal": True})
 
 
-CONFIG_SECTIONS: dict[str, type] = {"server": ServerConfig, "client": ClientConfig}
+def parse_networks(specs: tuple[str, ...]) -> tuple[str, ...]:
+    """``metrics_allow``: addresses or networks (``10.0.0.0/8``), checked, in their normal form."""
+    out = []
+    for spec in specs:
+        try:
+            out.append(str(ipaddress.ip_network(spec.strip(), strict=False)))
+        except ValueError:
+            raise ConfigError(f"{spec!r} is not an IP address or network") from None
+    return tuple(out)
+
+
+def parse_public_url(text: str) -> str:
+    """``public_url``: where webhooks reach this server from outside, ``https://chat.example.com``."""
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(f"{text!r} is not an http:// or https:// URL of a host")
+    return text.strip().rstrip("/")
+
+
+@dataclass
+class HttpConfig:
+    """``[http]``: what the server's HTTP side reads (webhooks, health, metrics); part of ``serve``'s."""
+
+    enabled: bool = _key(True, "answer HTTP on the chat port too (webhooks, /healthz, /readyz, /metrics)")
+    port: int = _key(0, "a port of its own for HTTP (0: none); TLS is detected there too", min=0, max=65535)
+    public_url: str = _key("", "the server as webhooks' senders reach it, for the URLs chatctl hook prints "
+                           "(empty: the address the command connected to)",
+                           parse=lambda text: parse_public_url(text))
+    metrics_allow: tuple[str, ...] = _key(METRICS_ALLOW, "addresses and networks that may read /metrics",
+                                          parse=lambda value: parse_networks(value))
+    max_header: int = _key(HTTP_MAX_HEADER_BYTES, "bytes of a request's line and headers", min=256,
+                           max=1 << 20)
+    max_body: int = _key(HTTP_MAX_BODY_BYTES, "bytes of a request's body", min=1024, max=1 << 30)
+    request_timeout: float = _key(HTTP_REQUEST_TIMEOUT, "seconds a client has to send a whole request",
+                                  min=0.1)
+    keepalive_timeout: float = _key(HTTP_KEEPALIVE_TIMEOUT, "seconds a kept-alive connection may wait for "
+                                    "its next request", min=0.1)
+    request_rate: float = _key(HTTP_REQUEST_RATE, "requests per second one IP address may make on average "
+                               "(0: no limit)", min=0)
+    request_burst: int = _key(HTTP_REQUEST_BURST, "requests one IP address may make at once", min=1)
+    hook_rate: float = _key(HOOK_RATE, "messages per second one incoming webhook may post on average "
+                            "(0: no limit)", min=0)
+    hook_burst: int = _key(HOOK_BURST, "messages one incoming webhook may post at once", min=1)
+    max_hooks: int = _key(MAX_HOOKS, "webhooks the server keeps, incoming and outgoing", min=1, max=100_000)
+    outgoing_timeout: float = _key(HOOK_TIMEOUT, "seconds an outgoing hook's server has to answer", min=0.1,
+                                   max=300)
+    outgoing_retries: int = _key(HOOK_RETRIES, "tries of an outgoing post after the first, with backoff",
+                                 min=0, max=10)
+    outgoing_queue: int = _key(HOOK_QUEUE, "outgoing posts that may wait; past that a trigger is dropped",
+                               min=1)
+    files: tuple[Path, ...] = field(default=(), repr=False, metadata={"internal": True})
+
+
+CONFIG_SECTIONS: dict[str, type] = {"server": ServerConfig, "client": ClientConfig, "http": HttpConfig}
+ENV_PREFIXES = {"server": ENV_PREFIX, "client": ENV_PREFIX, "http": ENV_PREFIX + "HTTP_"}
 
 
 def config_keys(cls: type) -> dict[str, dataclasses.Field]:
@@ -1573,7 +1703,7 @@ def _read_config_file(path: Path) -> dict[str, dict[str, object]]:
     for section, values in table.items():
         cls = CONFIG_SECTIONS.get(section)
         if cls is None or not isinstance(values, dict):
-            raise ConfigError(f"{path}: unknown section [{section}] (known: server, client)")
+            raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join(CONFIG_SECTIONS)})")
         keys = config_keys(cls)
         for key, value in values.items():
             if key not in keys:
@@ -1601,8 +1731,9 @@ def config_files(explicit: str | os.PathLike | None) -> list[Path]:
 
 def load_config(section: str, flags: dict[str, object] | None = None,
                 config_file: str | os.PathLike | None = None,
-                environ: dict[str, str] | None = None) -> ServerConfig | ClientConfig:
-    """The one place config precedence is resolved."""
+                environ: dict[str, str] | None = None) -> ServerConfig | ClientConfig | HttpConfig:
+    """The one place config precedence is resolved (``server`` brings its ``http`` with it; its
+    flags come in ``flags["http"]``)."""
     cls = CONFIG_SECTIONS[section]
     keys = config_keys(cls)
     environ = os.environ if environ is None else environ
@@ -1611,12 +1742,16 @@ def load_config(section: str, flags: dict[str, object] | None = None,
     for path in files:
         values.update(_read_config_file(path).get(section, {}))
     for key, f in keys.items():
-        var = ENV_PREFIX + key.upper()
+        var = ENV_PREFIXES[section] + key.upper()
         if var in environ:
             values[key] = _convert(f, environ[var], f"environment variable {var}")
-    for key, value in (flags or {}).items():
+    flags = dict(flags or {})
+    http_flags = flags.pop("http", {}) if section == "server" else {}
+    for key, value in flags.items():
         if value is not None:
             values[key] = _convert(keys[key], value, f"--{key.replace('_', '-')}")
+    if section == "server":  # [http] is the server's too
+        values["http"] = load_config("http", http_flags, config_file, environ)
     return cls(**values, files=tuple(files))
 
 
@@ -1767,6 +1902,7 @@ class PendingMessage:
     audience: tuple = ()
     after: list[bytes] = field(default_factory=list)  # replies to later frames, due after its MSG_OK
     forced: bool = False   # one of ``after`` is a final BYE: queued even past the SendQ
+    accepted_at: float = 0.0  # monotonic time it was accepted here (0: another server's), for metrics
 
 
 class HistoryStore:
@@ -1802,6 +1938,8 @@ class HistoryStore:
         self._reader_lock = threading.Lock()
         self._meta_lock = threading.Lock()
         self._next_prune = time.monotonic() + PRUNE_INTERVAL
+        self.pruned = self.prune_runs = 0  # retention's work since the start (the upkeep thread's)
+        self.failing = False  # the last write of messages failed (the commit log's thread writes it)
         self._writer.execute("PRAGMA wal_autocheckpoint=0")  # the upkeep thread's job
         self._closing = threading.Event()
         self._upkeep_thread: threading.Thread | None = None
@@ -1824,7 +1962,8 @@ class HistoryStore:
             log.warning("history checkpoint failed: %s", exc)
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + PRUNE_INTERVAL
-            self.prune()
+            self.pruned += self.prune()
+            self.prune_runs += 1
 
     def _take_lock(self):
         """One server per database file: an exclusive lock on ``<db>.lock`` for as long as it runs."""
@@ -2413,6 +2552,82 @@ class AccountStore:
             self._db.close()
 
 
+@dataclass(frozen=True, slots=True)
+class HookRecord:
+    """A webhook as kept: an incoming one (a Slack-style URL that posts as ``name`` in ``room``; only its
+    token's SHA-256 is kept) or an outgoing one (``url`` is posted to on ``trigger``, or on a mention of
+    ``name`` where ``trigger`` is empty; ``secret`` goes with each post, so the receiver can tell us)."""
+
+    id: int
+    kind: str            # "incoming" or "outgoing"
+    name: str            # the bot name it posts as
+    room: str
+    token_hash: str = ""     # incoming: the token's SHA-256
+    url: str = ""            # outgoing: where it posts
+    trigger: str = ""        # outgoing: the word a message starts with ('': a mention of its bot)
+    secret: str = ""         # outgoing: the token sent with each post (Mattermost's ``token``)
+    created: float = 0.0
+    creator: str = ""        # who added it (the operator's name or address), for the log and the list
+
+
+class HookStore:
+    """The webhooks, in the accounts file (a table of their own, on a connection of their own): kept
+    with the accounts because a hook posts as a bot account; its ``_lock`` is a leaf."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA busy_timeout = 5000")
+            self._db.execute("CREATE TABLE IF NOT EXISTS hooks (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, "
+                             "name TEXT NOT NULL, room TEXT NOT NULL, token_hash TEXT NOT NULL DEFAULT '', "
+                             "url TEXT NOT NULL DEFAULT '', trigger TEXT NOT NULL DEFAULT '', "
+                             "secret TEXT NOT NULL DEFAULT '', created REAL NOT NULL, "
+                             "creator TEXT NOT NULL DEFAULT '')")
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError(f"{self.path}: cannot use the hooks table: {exc}") from None
+        self._lock = threading.Lock()
+
+    def all(self) -> list[HookRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT id, kind, name, room, token_hash, url, trigger, secret, created, "
+                                    "creator FROM hooks ORDER BY id").fetchall()
+        return [HookRecord(*row) for row in rows]
+
+    def add(self, record: HookRecord, most: int) -> HookRecord | None:
+        """Keep ``record`` (its id is given here); None when ``most`` hooks are kept already."""
+        with self._lock:
+            if self._db.execute("SELECT count(*) FROM hooks").fetchone()[0] >= most:
+                return None
+            cursor = self._db.execute(
+                "INSERT INTO hooks (kind, name, room, token_hash, url, trigger, secret, created, creator) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.kind, record.name, record.room, record.token_hash, record.url, record.trigger,
+                 record.secret, record.created, record.creator))
+        return dataclasses.replace(record, id=cursor.lastrowid)
+
+    def remove(self, hook_id: int) -> bool:
+        with self._lock:
+            return self._db.execute("DELETE FROM hooks WHERE id = ?", (hook_id,)).rowcount > 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def backup_database(source: Path, target: Path) -> int:
+    """A consistent copy of the SQLite file ``source`` at ``target`` while others write to it
+    (SQLite's online backup, in steps, so writers wait only for a step); the bytes copied."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True)) as src, \
+                contextlib.closing(sqlite3.connect(target)) as dst:
+            src.execute("PRAGMA busy_timeout = 5000")
+            src.backup(dst, pages=1024, sleep=0.001)
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot back up {source}: {exc}") from None
+    return target.stat().st_size
+
+
 # --- The commit log: where a message gets its id and its place in the order -----------------
 
 
@@ -2513,9 +2728,12 @@ class LocalLog(CommitLog):
                 if store is not None:
                     store.insert(batch)
             except StorageError as exc:
+                store.failing = True
                 log.error("history write failed, %d message(s) refused: %s", len(batch), exc)
                 self._on_failure(batch, "storage-failed")
             else:
+                if store is not None:
+                    store.failing = False
                 self._on_commit(batch)
             if store is not None and store.index_lag >= FTS_MAX_LAG:
                 store.index_step()
@@ -3508,6 +3726,7 @@ class RedisBus(CommitLog):
         self._sent: queue.SimpleQueue = queue.SimpleQueue()  # (connection, tokens) sent, reply not read
         self._in_flight = threading.Semaphore(BUS_PIPELINE)
         self._up = threading.Event()
+        self.errors = 0  # Redis failures seen (under _lock)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._cursor = "0-0"
@@ -3578,7 +3797,14 @@ class RedisBus(CommitLog):
         rooms = {rooms_raw[i].decode(): json.loads(rooms_raw[i + 1]) for i in range(0, len(rooms_raw), 2)}
         return names, rooms
 
+    @property
+    def up(self) -> bool:
+        """Redis answers (as last seen)."""
+        return self._up.is_set()
+
     def _lost(self, exc: BaseException) -> None:
+        with self._lock:
+            self.errors += 1  # (for /metrics)
         if self._up.is_set():
             self._up.clear()
             log.error("lost the bus at %s: %s; messages get ERR|bus-unavailable until it is back",
@@ -4089,6 +4315,64 @@ class SharedState:
 # order), and the leaf locks (presence lines, each room's member cache, each
 # session's life cycle, each queue, the throttles).
 
+class Histogram:
+    """Counts of observed values in cumulative buckets, as Prometheus keeps them (``ServerStats``'s)."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(upper bound, observations at or under it) for each bucket, ``+Inf`` last."""
+        out, running = [], 0
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == math.inf else f"{bound:g}", running))
+        return out
+
+
+class ServerStats:
+    """What the server counts as it works, for /metrics (section 10 turns it into Prometheus's form;
+    what can be read off the server's state, such as connections, is read there, not counted here).
+
+    Every thread that does something counted calls ``count`` or ``observe``; ``snapshot`` copies it
+    all for a scrape.  The counters and histograms are under ``_lock``, a leaf.
+    """
+
+    COMMIT_SIZES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+    COMMIT_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counters: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._histograms = {"commit_batch_messages": Histogram(self.COMMIT_SIZES),
+                            "commit_latency_seconds": Histogram(self.COMMIT_SECONDS)}
+        self.started = time.time()
+
+    def count(self, name: str, label: str = "", n: int = 1) -> None:
+        with self._lock:
+            self._counters[name, label] += n
+
+    def observe(self, name: str, value: float) -> None:
+        with self._lock:
+            self._histograms[name].observe(value)
+
+    def snapshot(self) -> tuple[dict[tuple[str, str], int], dict[str, tuple[list[tuple[str, int]], float]]]:
+        """The counters ((name, label) -> value) and each histogram's buckets and sum, as of now."""
+        with self._lock:
+            return (dict(self._counters),
+                    {name: (h.cumulative(), h.total) for name, h in self._histograms.items()})
+
+    def value(self, name: str, label: str = "") -> int:
+        with self._lock:
+            return self._counters[name, label]
+
+
 class OutboundQueue:
     """Bytes waiting to be written to one client, bounded like an IRC server's SendQ.
 
@@ -4268,6 +4552,7 @@ class Writer:
             unsent = len(tls.unsent)
         backlog = queue.size + unsent
         if (queue.overflowed or backlog > queue.limit) and session.leave_reason is None:
+            session.server.stats.count("sendq_drops")
             session.disconnect("sendq exceeded", level=logging.WARNING)
             backlog = queue.size + unsent
         if final:
@@ -4974,14 +5259,20 @@ class Gateway:
     ``sniff``: whether a connection's first frame is this protocol's (on the chat's port, where
     ``enabled`` for the config); ``port``: a port of its own from the config (0: none), where every
     connection speaks it; ``attach``: a gate for one session, which takes its frames (``handle``),
-    is its Encoding, and may ``keep_alive`` a quiet client.
+    is its Encoding, and may ``keep_alive`` a quiet client.  A ``raw`` gateway's gate takes the bytes as
+    they come (``feed``; ``b""`` at the end of input), not lines, and its ``sniff`` looks at the first
+    bytes, saying None while they are too few to tell.  ``service``: what the protocol needs
+    server-wide, made once per server (``start``, ``stop``, and ``committed``, called with each
+    committed batch after its delivery, on the commit thread).
     """
 
     name: str
-    sniff: Callable[[bytes], bool]
+    sniff: Callable[[bytes], bool | None]
     enabled: Callable[[ServerConfig], bool]
     port: Callable[[ServerConfig], int]
     attach: Callable[[ClientSession], Encoding]
+    raw: bool = False
+    service: Callable[[ChatServer], object] | None = None
 
 
 GATEWAYS: dict[str, Gateway] = {}
@@ -5052,6 +5343,9 @@ class ClientSession:
         self.serving = False               # a turn is queued or running (the poller's, under its lock)
         self.pause_due: float | None = None  # when a quiet pause completes an unframed frame
         self._opened = False               # the first bytes were looked at (TLS or not)
+        self.raw = False                   # its gate takes bytes, not frames (HTTP)
+        self._sniffing = True              # its first plain bytes are yet to be looked at by raw gateways
+        self._head = b""                   # ... and those that could not tell yet
         self._ending = threading.Lock()    # leave_reason is set once, by one thread
         self.gate = None                   # a gateway's gate (IRC, say), set by its first frame or its port
 
@@ -5136,7 +5430,10 @@ class ClientSession:
                 return True
             if not data:
                 if self.leave_reason is None:  # end of input: a last frame without a line end is whole now
-                    self.process(decoder.end_of_input())
+                    if self.raw:
+                        self.gate.feed(b"")
+                    else:
+                        self.process(decoder.feed(self._head) + decoder.end_of_input())
                 self.end("connection closed")
                 return False
             if self.leave_reason is not None:
@@ -5148,8 +5445,34 @@ class ClientSession:
                 if self.leave_reason is not None:
                     return False
                 continue
-            self.process(decoder.feed(data))
+            if self._sniffing and not (data := self._sniff(data)):
+                continue
+            if self.raw:
+                self.gate.feed(data)
+            else:
+                self.process(decoder.feed(data))
         return True  # more may be waiting: the poller, armed again, says so at once
+
+    def _sniff(self, data: bytes) -> bytes:
+        """A connection's first plain bytes: a raw gateway's protocol (HTTP), which is spoken from
+        now on, or not; what the line decoder is to have (the bytes held back while undecided)."""
+        head, undecided = self._head + data, False
+        if self.gate is None and self.name is None and not self.extended:
+            config = self.server.config
+            for gateway in GATEWAYS.values():
+                if not (gateway.raw and gateway.enabled(config)):
+                    continue
+                verdict = gateway.sniff(head)
+                if verdict:
+                    self._sniffing, self._head = False, b""
+                    self.speak(gateway)
+                    return head
+                undecided |= verdict is None
+        if undecided and len(head) < RAW_SNIFF_BYTES:
+            self._head = head
+            return b""
+        self._sniffing, self._head = False, b""
+        return head
 
     def _open_transport(self) -> bool:
         """Look at the first bytes: a TLS handshake, or plain text (refused where TLS is required).
@@ -5195,6 +5518,7 @@ class ClientSession:
                     if exc.code == "rate-limited":  # over a byte budget: counted as a flood, not an error
                         self._rate_limited(exc.text)
                     else:
+                        self.server.stats.count("refused", exc.code)
                         self.tell(ErrorReply(exc.code, exc.text))
                         self.errors_in_a_row += 1
                         if exc.closes:
@@ -5233,9 +5557,11 @@ class ClientSession:
         or it came to the gateway's own port)."""
         self.gate = self.encoding = gateway.attach(self)
         self.client_kind = gateway.name
+        self.raw, self._sniffing = gateway.raw, False
         self.decoder.mode = FrameDecoder.FRAMED  # a gateway's lines always end in a line end
 
     def _rate_limited(self, text: str) -> None:
+        self.server.stats.count("refused", "rate-limited")
         self.limited_in_a_row += 1
         if self.limited_in_a_row >= self.server.config.flood_limit:
             self.disconnect("flooding", level=logging.WARNING)
@@ -5608,6 +5934,40 @@ class ClientSession:
         self.server.make_operator(self, arg or "")
         self.tell(Confirmed("OPER"))
 
+    def handle_hook(self, arg: str | None) -> None:
+        """``HOOK|ADD|#room|name`` (an incoming webhook: ``HOOK_OK|id|token``, the only time its token is
+        said), ``HOOK|ADD|#room|name|url|trigger`` (an outgoing one: ``HOOK_OK|id|token``, the token it
+        sends), ``HOOK|LIST`` and ``HOOK|RM|id``: an operator's."""
+        if not self.operator:
+            raise ProtocolError("not-operator", ERROR_CODES["not-operator"])
+        verb, _, rest = (arg or "").partition("|")
+        verb = verb.upper()
+        if verb == "LIST" and not rest:
+            hooks = self.server.hooks.infos()
+            self.tell(*hooks, EndOfList("HOOKS", len(hooks)))
+        elif verb == "RM" and (hook_id := whole_number(rest)) is not None:
+            self.server.remove_hook(self, hook_id)
+            self.tell(Confirmed("HOOK", str(hook_id)))
+        elif verb == "ADD" and rest.count("|") in (1, 3):
+            room, name, *outgoing = rest.split("|")
+            if not room_field(room):
+                raise ProtocolError("invalid-room", ERROR_CODES["invalid-room"])
+            record, token = self.server.add_hook(self, validate_room(room), name, *outgoing)
+            self.tell(Confirmed("HOOK", f"{record.id}|{token}"))
+        else:
+            raise ProtocolError("bad-argument", "HOOK|ADD|#room|name, HOOK|ADD|#room|name|url|trigger, "
+                                "HOOK|LIST or HOOK|RM|id")
+
+    def handle_backup(self, arg: str | None) -> None:
+        """``BACKUP|history`` or ``BACKUP|accounts``: a consistent copy of that database as it is now,
+        in ``DATA|base64`` lines and ``END|BACKUP|bytes``: an operator's."""
+        if not self.operator:
+            raise ProtocolError("not-operator", ERROR_CODES["not-operator"])
+        what = (arg or "").lower()
+        if what not in ("history", "accounts"):
+            raise ProtocolError("bad-argument", "BACKUP|history or BACKUP|accounts")
+        self.server.send_backup(self, what)
+
     def handle_names(self, arg: str | None) -> None:
         """``NAMES[|#room]``: who is in a room (#main without one)."""
         self._room_command("NAMES", named=False)
@@ -5697,6 +6057,8 @@ COMMAND_HANDLERS: dict[str, Handler] = {
     "OPER": ClientSession.handle_oper,
     "TOKEN": ClientSession.handle_token,
     "BOT": ClientSession.handle_bot,
+    "HOOK": ClientSession.handle_hook,
+    "BACKUP": ClientSession.handle_backup,
 }
 
 BEFORE_PASS_COMMANDS = frozenset({"HELLO", "PASS", "PING", "QUIT"})
@@ -5884,7 +6246,7 @@ class FanOut:
         self._delivered = threading.Condition()
 
     def publish(self, sender: ClientSession, kind: str, text: str, *, room: str | None = MAIN_ROOM,
-                recipient: str | None = None) -> None:
+                recipient: str | None = None, author: str | None = None) -> None:
         """The one place every accepted message passes.
 
         Here it gets its audience, fixed now: the room's members (every
@@ -5893,7 +6255,8 @@ class FanOut:
         id and order, and hands it on in a batch to committed(), which fans
         the batch out and acknowledges it: each reader gets a whole batch in
         one queue write, and the reader threads never wait for one another's
-        fan-out.
+        fan-out.  ``author``: a webhook's post, from its bot's name (its caller checked the hook's right
+        to post in ``room``), through a connection that holds no name.
         """
         if recipient is not None:
             registry = self.server.registry
@@ -5905,12 +6268,12 @@ class FanOut:
             recipient, room, where = target.name, MAIN_ROOM, None
         else:
             where = self.server.room(room)
-            if room not in sender.rooms and not sender.quiet:
+            if room not in sender.rooms and not sender.quiet and author is None:
                 raise ProtocolError("not-in-room", f"you are not in #{room}; join it first")
             audience = where.members
         if sender.in_flight >= self.server.config.max_in_flight:
             self._wait_in_flight(sender)
-        draft = ChatMessage(0, 0.0, sender.name, text, kind, recipient, room)
+        draft = ChatMessage(0, 0.0, author or sender.name, text, kind, recipient, room)
         pending = PendingMessage(draft, sender, audience)
         if where is None:
             self._accept(pending)
@@ -5921,9 +6284,11 @@ class FanOut:
             self._accept(pending)
 
     def _accept(self, pending: PendingMessage) -> None:
+        pending.accepted_at = time.monotonic()
         with self.lock:
             pending.sender.last_pending = pending
             pending.sender.in_flight += 1
+        self.server.stats.count("messages_accepted", pending.message.kind)
         self.server.log.submit(pending)
 
     def _wait_in_flight(self, session: ClientSession) -> None:
@@ -5948,6 +6313,12 @@ class FanOut:
             # before anyone can read it: a HISTORY asked after a delivery must include it
             self.mark_delivered(batch[-1].message.id)
         self.server.writer.schedule_many(ready)  # one wake-up for the whole batch
+        stats = self.server.stats
+        stats.observe("commit_batch_messages", len(batch))
+        if batch[0].accepted_at:
+            stats.observe("commit_latency_seconds", time.monotonic() - batch[0].accepted_at)
+        for service in self.server.services:  # (outgoing webhooks look for their trigger words)
+            service.committed(batch)
 
     def _fan_out_batch(self, batch: list[PendingMessage]) -> list[ClientSession]:
         """A committed batch: each reader gets its part of it in one queue write; returns the
@@ -5964,13 +6335,14 @@ class FanOut:
         rooms = self.server.registry.rooms
         parts: dict[ClientSession, list[bytes]] = {}
         forced: set[ClientSession] = set()  # their BYE is in their part: it goes in whatever the SendQ
-        start, count = 0, len(batch)
+        start, count, deliveries = 0, len(batch), 0
         while start < count:
             audience, where = batch[start].audience, batch[start].message.room
             end = start + 1
             while end < count and batch[end].audience is audience and batch[end].message.room == where:
                 end += 1
             run = batch[start:end]
+            deliveries += len(run) * len(audience)
             last = run[-1].message
             if last.kind != "dm" and (room := rooms.get(last.room)) is not None:  # a run is in one room
                 room.messages += len(run)
@@ -6005,6 +6377,7 @@ class FanOut:
                 if sender.last_pending is pending:
                     sender.last_pending = None
             start = end
+        self.server.stats.count("deliveries", n=deliveries)
         return [s for s, chunks in parts.items()
                 if s.outbound.put(chunks[0] if len(chunks) == 1 else b"".join(chunks), s in forced)]
 
@@ -6052,6 +6425,7 @@ class FanOut:
         if session.name is not None:
             self.server.check_quiet_name(session)
         if session.outbound.size > session.outbound.limit:  # it has not read what it asked for before
+            session.server.stats.count("sendq_drops")
             session.disconnect("sendq exceeded", level=logging.WARNING)
             return
         messages, more = query(self.server.history, self.delivered_upto, self.server.reply_bytes)
@@ -6542,6 +6916,119 @@ class Rooms:
         session.tell(*infos, EndOfList("ROOMS", len(infos), more))
 
 
+class Hooks:
+    """The webhooks in use: the HookStore's records, found by token (incoming) and by room (outgoing),
+    with each hook's rate limit and figures (since the start).
+
+    Reader threads add and remove hooks (HOOK) and look them up (an HTTP post); the commit thread
+    reads ``outgoing``; the outgoing workers count their posts.  ``records``, ``_by_token`` and
+    ``outgoing`` are dicts replaced whole under ``_lock``, so a lookup takes no lock; the buckets and
+    figures are under ``_lock`` too, a leaf.
+    """
+
+    def __init__(self, store: HookStore, config: HttpConfig):
+        self.store, self.config = store, config
+        self._lock = threading.Lock()
+        self._figures: dict[int, list] = collections.defaultdict(lambda: [0, 0, 0.0])  # posts, failures, last
+        self._buckets: dict[int, TokenBucket] = {}
+        self.records: dict[int, HookRecord] = {}
+        self._by_token: dict[str, HookRecord] = {}
+        self.bot_keys: frozenset[str] = frozenset()
+        self.outgoing: dict[str, tuple[HookRecord, ...]] = {}  # room -> its outgoing hooks
+        self._load()
+
+    def _load(self) -> None:
+        records = self.store.all()
+        outgoing: dict[str, list[HookRecord]] = {}
+        for record in records:
+            if record.kind == "outgoing":
+                outgoing.setdefault(record.room, []).append(record)
+        with self._lock:
+            self.records = {r.id: r for r in records}
+            self.bot_keys = frozenset(confusable_key(r.name) for r in records)  # their posts trigger nothing
+            self._by_token = {r.token_hash: r for r in records if r.kind == "incoming"}
+            self.outgoing = {room: tuple(hooks) for room, hooks in outgoing.items()}
+
+    def incoming(self, token: str) -> HookRecord | None:
+        """The incoming hook whose token this is, or None (a wrong token is told nothing more)."""
+        if not token.startswith(HOOK_PREFIX) or len(token) > 2 * len(new_token()) + len(HOOK_PREFIX):
+            return None
+        return self._by_token.get(token_hash(token))
+
+    def take(self, hook: HookRecord) -> bool:
+        """One post of ``hook`` as its rate limit allows."""
+        if not self.config.hook_rate:
+            return True
+        with self._lock:
+            bucket = self._buckets.get(hook.id)
+            if bucket is None:
+                bucket = self._buckets[hook.id] = TokenBucket(self.config.hook_rate, self.config.hook_burst)
+            return bucket.take()
+
+    def counted(self, hook_id: int, ok: bool) -> None:
+        with self._lock:
+            figures = self._figures[hook_id]
+            figures[0 if ok else 1] += 1
+            if ok:
+                figures[2] = time.time()
+
+    def figures(self) -> dict[int, tuple[HookRecord, int, int]]:
+        """Each hook kept, with its posts and failures since the start."""
+        with self._lock:
+            return {i: (r, self._figures[i][0], self._figures[i][1]) for i, r in self.records.items()}
+
+    def add(self, record: HookRecord) -> HookRecord:
+        added = self.store.add(record, self.config.max_hooks)
+        if added is None:
+            raise ProtocolError("too-many-hooks", ERROR_CODES["too-many-hooks"])
+        self._load()
+        return added
+
+    def remove(self, hook_id: int) -> HookRecord:
+        record = self.records.get(hook_id)
+        if record is None or not self.store.remove(hook_id):
+            raise ProtocolError("unknown-hook", f"no webhook number {hook_id}")
+        self._load()
+        with self._lock:
+            self._buckets.pop(hook_id, None)
+            self._figures.pop(hook_id, None)
+        return record
+
+    def infos(self) -> list[HookInfo]:
+        with self._lock:
+            return [HookInfo(r.id, r.kind, r.name, r.room, r.trigger, r.url, r.created,
+                             *self._figures[r.id]) for r in self.records.values()]
+
+
+class Unanswered(Encoding):
+    """The encoding of a sender nobody answers: a hook's bot posting what its outgoing hook was told."""
+
+    def message(self, msg: ChatMessage) -> bytes:
+        return b""
+
+    def acknowledge(self, msg: ChatMessage) -> bytes:
+        return b""
+
+    def event(self, event: ServerEvent) -> bytes:
+        return b""
+
+
+class HookSender:
+    """A webhook's bot as the sender of one post (an outgoing hook's answer): no connection, no rooms,
+    and nobody to acknowledge; the fan-out's fields, as a session has them."""
+
+    key = None
+    quiet = True
+    rooms: ClassVar[dict] = {}
+    outbound = _NoQueue()
+    encoding = Unanswered()
+
+    def __init__(self, name: str):
+        self.name = name
+        self.in_flight = 0
+        self.last_pending: PendingMessage | None = None
+
+
 class ChatServer:
     """The chat server: start it, read ``port``, and ``shutdown()`` it in one call.
 
@@ -6571,6 +7058,7 @@ class ChatServer:
         self.readers = ReaderPool()
         self.poller = ReadPoller(self.readers)
         self.logouts = threading.Lock()  # one LOGOUT at a time: which devices it ends, and whether it may
+        self.stats = ServerStats()
         self.presence = Presence(self)
         self.registry = Registry(self.config, self.presence.announce, self.presence.last_seq)
         self.mirror = ClusterMirror(self)  # what the bus (if any) applies of other servers' doings
@@ -6619,17 +7107,25 @@ class ChatServer:
                                      self.config.auth_lockout)
         validate_name(confusable_key("ready"))  # load the name tables now, not in a thousand first logins
         self.hasher = PasswordHasher(self.config.password_hashes, self.config.password_queue)
-        self.address_budget = AddressBudget(self.config.address_byte_rate if self.config.rate else 0,
-                                            self.config.address_byte_burst)
-        self.room_budget = AddressBudget(self.config.room_creations / 3600 if self.config.rate else 0,
-                                         self.config.room_creations)
-        self.register_budget = AddressBudget(self.config.register_per_hour / 3600 if self.config.rate else 0,
-                                             self.config.register_per_hour)
+        self._make_budgets()
         self.log: CommitLog = self.bus or LocalLog(self.history, batch_bytes=self.reply_bytes)
         # where a protected name's read markers are kept
         self.marker_store = self.shared if self.shared is not None else self.history
         self.fanout = FanOut(self, self.log.last_id)
         self._load_rooms()
+        self.hooks = Hooks(HookStore(self.local_accounts.path), self.config.http)
+        # what other protocols need server-wide (HTTP: metrics and outgoing webhooks)
+        self.services = [gateway.service(self) for gateway in GATEWAYS.values() if gateway.service]
+
+    def _make_budgets(self) -> None:
+        """The per-address budgets, from the config (again after a reload)."""
+        config = self.config
+        self.address_budget = AddressBudget(config.address_byte_rate if config.rate else 0,
+                                            config.address_byte_burst)
+        self.room_budget = AddressBudget(config.room_creations / 3600 if config.rate else 0,
+                                         config.room_creations)
+        self.register_budget = AddressBudget(config.register_per_hour / 3600 if config.rate else 0,
+                                             config.register_per_hour)
 
     def _open_history(self) -> HistoryStore | None:
         if not self.config.history:
@@ -6692,6 +7188,8 @@ class ChatServer:
         self.poller.start()
         self._departures_thread.start()
         self.log.start(self.fanout.committed, self.fanout.not_stored)
+        for service in self.services:
+            service.start()
         for name, target in (("chatctl-accept", self._accept_loop), ("chatctl-reaper", self._reap_loop),
                              ("chatctl-presence", self.presence.run)):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -6737,6 +7235,9 @@ class ChatServer:
             self._departures.put(None)  # after every reader: each has queued its own departure
             self._departures_thread.join(timeout)
         self.log.close(timeout)  # commits (with history) and acknowledges what is queued
+        for service in self.services:
+            service.stop(timeout)
+        self.hooks.store.close()
         self.local_accounts.close()
         self.writer.stop(timeout)
         self._wake_r.close()
@@ -6808,13 +7309,18 @@ class ChatServer:
         wrong passwords lately.  A wrong one is logged with the peer's address
         and answered only after ``auth_delay``.
         """
-        attempt = self.throttle.begin(session.host, target)
+        try:
+            attempt = self.throttle.begin(session.host, target)
+        except ProtocolError as exc:
+            self.stats.count("auth_lockouts" if exc.code == "auth-locked" else "auth_refused")
+            raise
         ok = None
         try:
             ok = check()
         finally:
             attempt.finish(ok)
         if not ok:
+            self.stats.count("password_failures")
             log.warning("authentication failed from %s: %s", session.peer, what)
             if self.config.auth_delay:
                 self.stopping.wait(self.config.auth_delay)
@@ -7083,6 +7589,161 @@ class ChatServer:
         session.operator = True
         log.info("%s from %s is an operator", session.name or "an unnamed client", session.peer)
 
+    # --- webhooks and backups (an operator's) ---------------------------------------------------------
+
+    def add_hook(self, session: ClientSession, room: str, name: str, url: str | None = None,
+                 trigger: str = "") -> tuple[HookRecord, str]:
+        """A new webhook posting as bot ``name`` in ``room`` (made if new), incoming or (``url``)
+        outgoing; with the token to give its user, said this once.  ``name`` becomes a bot's name if
+        nobody holds or protects it."""
+        if self.bus is not None:
+            raise ProtocolError("no-hooks", ERROR_CODES["no-hooks"])
+        name = validate_name(name, self.config.max_name)
+        key = confusable_key(name)
+        if url is not None:
+            url = self.check_hook_url(url)
+            trigger = sanitise_line(trigger.strip())
+            if len(trigger) > MAX_TRIGGER_CHARS or " " in trigger:
+                raise ProtocolError("bad-argument", f"a trigger is one word of at most {MAX_TRIGGER_CHARS} "
+                                    "characters ('': a mention of the hook's bot)")
+        if key not in self.bots:
+            if self.accounts.password_hash(key) is not None:
+                raise ProtocolError("name-protected", f"{name} is a person's protected name, not a bot's")
+            holder = self.registry.holder(key)
+            if holder is not None:
+                raise ProtocolError("name-taken", f"{holder.name} is online: a hook's bot needs a name "
+                                    "nobody uses")
+            # a bot's account nobody logs in to: its password is random and said to nobody
+            self.local_accounts.protect(key, name, self.hasher.run(hash_password, new_token()))
+            self.local_accounts.set_bot(key, True)
+            self.bots = self.local_accounts.bots()
+            log.info("%s is a bot's name now, for a webhook", name)
+        self.hook_room(room)
+        token = HOOK_PREFIX + new_token().removeprefix(TOKEN_PREFIX)
+        record = HookRecord(0, "outgoing" if url is not None else "incoming", name, room,
+                            token_hash=token_hash(token) if url is None else "", url=url or "",
+                            trigger=trigger, secret=token if url is not None else "", created=time.time(),
+                            creator=session.name or session.host)
+        record = self.hooks.add(record)
+        log.info("%s added %s webhook %d: %s in #%s%s", record.creator, record.kind, record.id, name, room,
+                 f" -> {redact_url(url)}" if url else "")
+        return record, token
+
+    def remove_hook(self, session: ClientSession, hook_id: int) -> None:
+        record = self.hooks.remove(hook_id)
+        log.info("%s removed %s webhook %d (%s in #%s)", session.name or session.host, record.kind,
+                 hook_id, record.name, record.room)
+
+    def hook_room(self, name: str) -> Room:
+        """The room a hook posts in, made (and kept) if it is not there."""
+        room = self.registry.rooms.get(name)
+        if room is None:
+            room = self.registry.add_room(RoomRecord(name, "", time.time()))
+            if self.history is not None:
+                self.history.save_room(room.record())
+        return room
+
+    def check_hook_url(self, url: str) -> str:
+        """An outgoing hook's URL, checked: http or https, a host, and not one of this server's ports."""
+        url = url.strip()
+        try:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise ProtocolError("bad-url", ERROR_CODES["bad-url"]) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2000 \
+                or not url.isprintable():
+            raise ProtocolError("bad-url", ERROR_CODES["bad-url"])
+        if self.is_own_address(parts.hostname, port):
+            raise ProtocolError("bad-url", f"{parts.hostname}:{port} is this chat server: an outgoing hook "
+                                "must post to another")
+        return url
+
+    def is_own_address(self, host: str, port: int) -> bool:
+        """Whether ``host:port`` reaches this server's own listening sockets (a hook posting to itself)."""
+        if port not in {listener.getsockname()[1] for listener in self._listeners()}:
+            return False
+        try:
+            addresses = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        except OSError:
+            return False  # it does not resolve now: it is checked again before each post
+        bound = self.config.host
+        for address in addresses:
+            ip = ipaddress.ip_address(address.split("%")[0])
+            if ip.is_loopback or ip.is_unspecified or address == bound:
+                return True
+            if bound in ("0.0.0.0", "::", ""):
+                family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+                with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as probe:
+                    probe.bind((address, 0))  # binds only to an address of this host's own interfaces
+                    return True
+        return False
+
+    def send_backup(self, session: ClientSession, what: str) -> None:
+        """Stream a consistent copy of the history or the accounts to an operator (its reader thread:
+        each piece waits for the client to read the last, so the SendQ never fills)."""
+        if what == "history":
+            if self.history is None:
+                raise ProtocolError("history-off", ERROR_CODES["history-off"])
+            source = self.history.path
+        else:
+            source = self.local_accounts.path
+        with tempfile.TemporaryDirectory(prefix=".backup-", dir=source.parent) as folder:
+            copy = Path(folder) / source.name
+            size = backup_database(source, copy)
+            log.info("%s from %s is backing up the %s (%d bytes)", session.name or "an operator",
+                     session.peer, what, size)
+            with open(copy, "rb") as fh:
+                while chunk := fh.read(BACKUP_CHUNK):
+                    deadline = time.monotonic() + CLIENT_TIMEOUT * 3
+                    while session.outbound.size > self.reply_bytes:
+                        if session.leave_reason is not None or time.monotonic() > deadline:
+                            session.disconnect("backup not read")
+                            return
+                        time.sleep(0.005)
+                    session.tell(DataChunk(base64.b64encode(chunk).decode()))
+        session.tell(EndOfList("BACKUP", size))
+
+    def reload(self, config: ServerConfig) -> None:
+        """SIGHUP: take ``config``'s TLS certificate, MOTD and limits without dropping anyone (new
+        connections get the new ones); what only a restart changes is said in one log line."""
+        kept = [key for key in RESTART_KEYS if getattr(config, key) != getattr(self.config, key)]
+        kept += [f"http.{key}" for key in ("enabled", "port")
+                 if getattr(config.http, key) != getattr(self.config.http, key)]
+        if self.config.tls and config.tls:
+            try:
+                context, fingerprint = server_tls_context(config.tls_cert, config.tls_key)
+            except ChatError as exc:
+                log.error("SIGHUP: the TLS certificate was not reloaded: %s", exc)
+            else:
+                self.tls_context, self.tls_fingerprint = context, fingerprint
+                log.info("SIGHUP: TLS certificate reloaded; fingerprint %s", fingerprint)
+        for f in dataclasses.fields(ServerConfig):  # in place: every part holds this one config
+            if f.name not in RESTART_KEYS and f.name not in ("http", "files"):
+                setattr(self.config, f.name, getattr(config, f.name))
+        for f in dataclasses.fields(HttpConfig):
+            if f.name not in ("enabled", "port", "files"):
+                setattr(self.config.http, f.name, getattr(config.http, f.name))
+        self._make_budgets()
+        if self.history is not None:
+            self.history.max_messages = config.history_max_messages
+            self.history.max_days = config.history_max_days
+        for service in self.services:
+            service.reload()
+        log.info("SIGHUP: limits and MOTD reloaded from %s",
+                 ", ".join(str(p) for p in config.files) or "the defaults and the environment")
+        if kept:
+            log.warning("SIGHUP: only a restart changes %s; they are as they were", ", ".join(kept))
+
+    def readiness(self) -> dict[str, bool]:
+        """What /readyz checks: listening, the history writable, the bus connected (where they apply)."""
+        checks = {"listening": not self.stopping.is_set() and bool(self._threads)}
+        if self.history is not None:
+            checks["history"] = not self.history.failing and os.access(self.history.path, os.W_OK)
+        if self.bus is not None:
+            checks["bus"] = self.bus.up
+        return checks
+
     def servers(self) -> list[ServerStatus]:
         """The servers of the cluster (just this one, without a bus)."""
         if self.bus is not None:
@@ -7101,6 +7762,9 @@ class ChatServer:
                 if s.leave_reason is not None:
                     if s.leave_at and now - s.leave_at > DISCONNECT_LINGER:
                         s.abort()
+                    continue
+                if s.raw:  # HTTP: no name to wait for; its gate has timeouts of its own
+                    s.gate.keep_alive(now - s.last_active, config.idle_timeout)
                     continue
                 unnamed_for = now - s.connected_at if s.name is None else 0.0
                 if config.register_timeout and unnamed_for > config.register_timeout:
@@ -7137,13 +7801,25 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-def serve_until_signalled(server: ChatServer) -> None:
-    """Run ``server`` in the foreground; Ctrl-C or SIGTERM shut it down cleanly."""
+def serve_until_signalled(server: ChatServer, reload: Callable[[], ServerConfig] | None = None) -> None:
+    """Run ``server`` in the foreground; Ctrl-C or SIGTERM shut it down cleanly; SIGHUP reloads what
+    ``reload`` reads (on a thread of its own: a handler must not wait on the server's locks)."""
 
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt
 
+    def reload_now() -> None:
+        try:
+            server.reload(reload())
+        except ChatError as exc:
+            log.error("SIGHUP: the config was not reloaded: %s", exc)
+
+    def on_sighup(signum, frame):
+        threading.Thread(target=reload_now, name="chatctl-reload", daemon=True).start()
+
     signal.signal(signal.SIGTERM, on_sigterm)
+    if reload is not None:
+        signal.signal(signal.SIGHUP, on_sighup)
     files_limit = raise_open_file_limit()
     if server.config.max_connections > files_limit - 32:
         log.warning("the open-file limit (%d) is below max_connections: clients past it are refused",
@@ -8125,7 +8801,694 @@ IRC_EVENTS: dict[type, Callable[[IrcGate, object, str], list[str]]] = {
 
 
 # =============================================================================
-# 10. Client
+# 10. HTTP gateway
+# =============================================================================
+# HTTP/1.1 on the chat's port (told apart by its first bytes, TLS included) or one of its own: what a
+# team's other tools speak.  Slack-compatible incoming webhooks (POST /hooks/<token>) post as a bot in
+# a room; outgoing hooks POST a room's trigger words to a bot elsewhere and post its answer back;
+# /healthz, /readyz and /metrics (Prometheus's text format) tell an operator how the server is.  An
+# HTTP connection is a ClientSession like any other (the same poller, reader threads, writer, TLS,
+# connection limits and reaper); its HttpGate reads requests with h11 (sans-I/O: no thread of its
+# own, no thread per request) and writes the answers.  A webhook's message goes through the fan-out
+# like any other: its 200 goes out once it is committed, as a MSG_OK does.  The gateway registers
+# itself (register_gateway, at the end of this section), with HttpService: the per-address request
+# budget, the outgoing hooks' workers, and the metrics.
+
+HTTP_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT")
+JSON_TYPE = "application/json"
+_SLACK_LINK = re.compile(r"<([^<>|\n]*)(?:\|([^<>\n]*))?>")
+
+
+def looks_like_http(head: bytes) -> bool | None:
+    """Whether a connection's first bytes are an HTTP request's (``GET /healthz HTTP/1.1``): True,
+    False, or None while they are a method's first letters and could still be."""
+    for method in HTTP_METHODS:
+        word = method + b" "
+        if head.startswith(word):
+            return head[len(word):len(word) + 1] in (b"/", b"") or head[len(word):].startswith(b"http")
+        if word.startswith(head):
+            return None
+    return False
+
+
+def http_response(status: int, body: bytes = b"", content_type: str = JSON_TYPE, close: bool = False,
+                  head: bool = False, headers: Iterable[tuple[str, str]] = ()) -> bytes:
+    """One whole HTTP/1.1 response (``head``: a HEAD's, with the body's length but not the body)."""
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Content-Type: {content_type}",
+             f"Content-Length: {len(body)}", "Cache-Control: no-store", "X-Content-Type-Options: nosniff",
+             f"Server: chatctl/{__version__}"]
+    if close:
+        lines.append("Connection: close")
+    lines.extend(f"{name}: {value}" for name, value in headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else body)
+
+
+def json_body(**fields: object) -> bytes:
+    return json.dumps(fields, separators=(",", ":")).encode() + b"\n"
+
+
+def http_error(status: int, code: str, message: str, close: bool = False, head: bool = False,
+               headers: Iterable[tuple[str, str]] = ()) -> bytes:
+    """An error as every endpoint gives it: JSON with a stable ``error`` code and a ``message``."""
+    return http_response(status, json_body(ok=False, error=code, message=message), close=close, head=head,
+                         headers=headers)
+
+
+# --- Slack's message formats, as text ------------------------------------------------------------
+
+def slack_markup(text: str) -> str:
+    """Slack's mrkdwn to plain text: ``<https://x|label>`` is ``label (https://x)``, ``<#C1|ops>`` is
+    ``#ops``, ``<!here>`` is ``@here``, and its three escapes (``&amp; &lt; &gt;``) are undone."""
+    def link(match: re.Match) -> str:
+        target, label = match.group(1), match.group(2)
+        if target.startswith("#"):
+            return f"#{label}" if label else target
+        if target.startswith("@"):
+            return f"@{label}" if label else target
+        if target.startswith("!"):
+            special = target[1:].split("^")[0]
+            return label or (f"@{special}" if special in ("here", "channel", "everyone") else special)
+        if "://" not in target and not target.startswith("mailto:"):
+            return match.group(0)  # not markup: text in angle brackets (<script>) stays as it was
+        return f"{label} ({target})" if label and label != target else target
+    text = _SLACK_LINK.sub(link, text)
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+def _text_field(value: object) -> str:
+    """A payload's text, which is a string or a Slack text object (``{"type": "mrkdwn", "text": ...}``)."""
+    if isinstance(value, dict):
+        value = value.get("text")
+    return slack_markup(value).strip() if isinstance(value, str) else ""
+
+
+def _attachment_lines(attachment: dict) -> list[str]:
+    lines = [_text_field(attachment.get("pretext"))]
+    title = _text_field(attachment.get("title"))
+    link = attachment.get("title_link")
+    lines.append(f"{title} ({link})" if title and isinstance(link, str) and link else title)
+    lines.append(_text_field(attachment.get("text")))
+    for item in attachment.get("fields") or ():
+        if isinstance(item, dict):
+            name, value = _text_field(item.get("title")), _text_field(item.get("value"))
+            lines.append(f"{name}: {value}" if name and value else name or value)
+    lines = [line for line in lines if line]
+    if not lines:
+        lines = [_text_field(attachment.get("fallback"))]
+    footer = _text_field(attachment.get("footer"))
+    return [line for line in (*lines, footer) if line]
+
+
+def _block_lines(block: dict) -> list[str]:
+    kind = block.get("type")
+    if kind in ("header", "section"):
+        lines = [_text_field(block.get("text"))]
+        lines += [_text_field(item) for item in block.get("fields") or ()]
+        return [line for line in lines if line]
+    if kind == "context":
+        words = [_text_field(element) or (f"[{element.get('alt_text')}]" if isinstance(element, dict)
+                                          and isinstance(element.get("alt_text"), str) else "")
+                 for element in block.get("elements") or ()]
+        return [" ".join(w for w in words if w)] if any(words) else []
+    if kind == "divider":
+        return ["---"]
+    if kind == "image" and isinstance(block.get("alt_text"), str):
+        return [f"[image: {block['alt_text']}]"]
+    return []
+
+
+def slack_text(payload: dict) -> str:
+    """What a Slack (or Mattermost) message payload says, as readable text: its ``blocks`` if it has
+    them (``text`` is then their notification's), else its ``text``, then its ``attachments``."""
+    lines: list[str] = []
+    blocks = payload.get("blocks")
+    if isinstance(blocks, list) and blocks:
+        for block in blocks:
+            if isinstance(block, dict):
+                lines += _block_lines(block)
+    if not lines:
+        lines.append(_text_field(payload.get("text")))
+    for attachment in payload.get("attachments") or ():
+        if isinstance(attachment, dict):
+            lines += _attachment_lines(attachment)
+    return "\n".join(line for line in lines if line).strip()
+
+
+def hook_message(payload: object, hook_name: str, hook_room: str) -> str:
+    """A webhook payload's message as it is posted, or ProtocolError(invalid-payload) with the reason:
+    its text (slack_text), after the ``username`` it gives (shown with the hook's bot name, never as
+    another user), sanitised and cut to HOOK_TEXT_CHARS."""
+    if not isinstance(payload, dict):
+        raise ProtocolError("invalid-payload", "the payload is not a JSON object")
+    channel = payload.get("channel")
+    if channel not in (None, "") and (not isinstance(channel, str)
+                                      or channel.strip().lstrip("#@").lower() != hook_room):
+        raise ProtocolError("invalid-payload", f"this hook posts in #{hook_room} only")
+    text = sanitise_text(slack_text(payload))
+    if not text.strip():
+        raise ProtocolError("invalid-payload", "no text: give \"text\", \"attachments\" or \"blocks\"")
+    username = payload.get("username")
+    if isinstance(username, str) and (username := sanitise_line(username).strip()[:MAX_NAME_CHARS * 2]) \
+            and name_key(username) != name_key(hook_name):
+        text = f"[{username}] {text}"
+    if len(text) > HOOK_TEXT_CHARS:
+        text = text[:HOOK_TEXT_CHARS] + f" [… {len(text) - HOOK_TEXT_CHARS} more characters cut]"
+    return text
+
+
+def read_payload(content_type: str, body: bytes) -> object:
+    """A webhook's body as a payload: JSON, or a form with ``payload=`` JSON (as Slack and Mattermost
+    take it) or plain fields (``text=...``); ProtocolError(invalid-payload) when it is neither."""
+    from urllib.parse import parse_qs
+
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("invalid-payload", "the body is not UTF-8") from None
+    # (curl -d sends JSON as a form; Slack takes it as JSON all the same)
+    if content_type.split(";")[0].strip().lower() == "application/x-www-form-urlencoded" \
+            and not text.lstrip().startswith("{"):
+        fields = parse_qs(text, max_num_fields=100)
+        if "payload" not in fields:
+            return {key: values[-1] for key, values in fields.items()}
+        text = fields["payload"][-1]
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError("invalid-payload", "the body is not JSON (nor a form with payload=)") from None
+
+
+# --- The gate: one HTTP connection ------------------------------------------------------------------
+
+class HttpGate(Encoding):
+    """The HTTP side of one ClientSession: requests in (``feed``, its reader thread), answers out.
+
+    One request is read at a time, with h11 (a new parser per request, fed what the last one left,
+    so pipelined requests wait their turn); its answer is written at once, or, for a webhook's
+    message, queued behind that message's commit (``ClientSession.reply``), so requests are answered
+    in order.  The reader thread owns every field; ``event`` (an ErrorReply when a post could not be
+    stored) and ``acknowledge`` (it was) run on the commit thread and take only ``_posts``, a deque
+    (safe across threads) of the answers of posts being committed, made before each is accepted.
+    """
+
+    shared = None
+
+    def __init__(self, session: ClientSession):
+        import h11  # only a server that is asked HTTP pays for it
+
+        self.h11 = h11
+        self.session, self.server = session, session.server
+        self.config = session.server.config.http
+        self.service = next(s for s in self.server.services if isinstance(s, HttpService))
+        self.parser = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header)
+        self.request = None          # the h11.Request being read, until its end
+        self.body = bytearray()
+        self.started = 0.0           # when the request under way began (0: none is)
+        self.closing = False         # an answer with Connection: close is out: read nothing more
+        self._posts: collections.deque[tuple[bytes, bytes]] = collections.deque()  # (stored, not stored)
+
+    # --- in (the reader thread) ---------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Bytes from the client (``b""``: it closed its end)."""
+        if self.closing:
+            return
+        if data and not self.started:
+            self.started = time.monotonic()
+        h11 = self.h11
+        self.parser.receive_data(data)
+        while not self.closing:
+            try:
+                event = self.parser.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint if exc.error_status_hint in (400, 413, 414, 431) else 400
+                code = "headers-too-large" if status == 431 else "bad-request"
+                self.answer(http_error(status, code, f"a malformed request: {exc}", close=True), close=True)
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
+                return
+            if isinstance(event, h11.Request):
+                self.begin(event)
+            elif isinstance(event, h11.Data):
+                self.body += event.data
+                if len(self.body) > self.config.max_body:
+                    self.answer(http_error(413, "body-too-large", f"a body is {self.config.max_body} bytes "
+                                           "at most", close=True), close=True)
+            elif isinstance(event, h11.EndOfMessage):
+                self.finish()
+
+    def begin(self, request) -> None:
+        """A request's line and headers are in: check them before its body comes."""
+        self.request, self.body = request, bytearray()
+        headers = request.headers
+        size = len(request.target) + sum(len(name) + len(value) + 4 for name, value in headers)
+        if size > self.config.max_header:
+            self.answer(http_error(431, "headers-too-large", f"a request's headers are "
+                                   f"{self.config.max_header} bytes at most", close=True), close=True)
+            return
+        names = [name for name, _ in headers]
+        if b"transfer-encoding" in names and b"content-length" in names:  # a smuggler's request
+            self.answer(http_error(400, "bad-request", "both Transfer-Encoding and Content-Length",
+                                   close=True), close=True)
+            return
+        length = next((value for name, value in headers if name == b"content-length"), b"0")
+        if int(length) > self.config.max_body:
+            self.answer(http_error(413, "body-too-large", f"a body is {self.config.max_body} bytes at most",
+                                   close=True), close=True)
+            return
+        if not self.service.budget.charge(self.session.host, 1):
+            self.answer(http_error(429, "rate-limited", f"too many requests from {self.session.host}",
+                                   close=True, headers=[("Retry-After", "1")]), close=True)
+            return
+        if self.parser.they_are_waiting_for_100_continue:
+            self.session.reply(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def finish(self) -> None:
+        """A whole request is in: answer it, then read the next with a new parser."""
+        request, body = self.request, bytes(self.body)
+        self.request, self.body, self.started = None, bytearray(), 0.0
+        keep = self.parser.their_http_version == b"1.1" and not self._asks_to_close(request)
+        leftover, _ = self.parser.trailing_data
+        self.parser = self.h11.Connection(self.h11.SERVER, max_incomplete_event_size=self.config.max_header)
+        try:
+            self.route(request, body, close=not keep)
+        except ProtocolError as exc:  # (a route's refusal it did not answer itself)
+            self.answer(http_error(400, exc.code, exc.text, close=not keep), close=not keep)
+        except Exception as exc:  # a fault answers 500 (and is logged), never with a traceback
+            log.error("internal error answering %s from %s: %s: %s", request.target[:80], self.session.peer,
+                      type(exc).__name__, exc)
+            log.debug("the internal error's traceback", exc_info=True)
+            self.answer(http_error(500, "internal-error", "the server failed to answer; it is logged",
+                                   close=True), close=True)
+            return
+        if keep and not self.closing and leftover:
+            self.parser.receive_data(bytes(leftover))
+            if not self.started:
+                self.started = time.monotonic()
+
+    @staticmethod
+    def _asks_to_close(request) -> bool:
+        return any(name == b"connection" and b"close" in value.lower() for name, value in request.headers)
+
+    def route(self, request, body: bytes, close: bool) -> None:
+        target = request.target.decode("ascii", "replace")
+        path = target.split("?", 1)[0]
+        method = request.method.decode("ascii", "replace")
+        head = method == "HEAD"
+        page = HTTP_PAGES.get(path)
+        if page is not None:
+            if method not in ("GET", "HEAD"):
+                self.answer(http_error(405, "method-not-allowed", f"{path} takes GET", close=close,
+                                       head=head, headers=[("Allow", "GET, HEAD")]), close=close)
+                return
+            self.answer(page(self, head, close), close=close)
+            return
+        if path.startswith("/hooks/") and path.count("/") == 2:
+            hook = self.server.hooks.incoming(path[len("/hooks/"):])
+            if hook is not None:
+                if method != "POST":
+                    self.answer(http_error(405, "method-not-allowed", "a webhook takes POST", close=close,
+                                           head=head, headers=[("Allow", "POST")]), close=close)
+                    return
+                content_type = next((v.decode("latin-1") for n, v in request.headers
+                                     if n == b"content-type"), JSON_TYPE)
+                self.post(hook, content_type, body, close)
+                return
+        self.answer(http_error(404, "not-found", "nothing here (a webhook's token may be wrong)", close=close,
+                               head=head), close=close)
+
+    # --- the pages -------------------------------------------------------------------------------------
+
+    def healthz(self, head: bool, close: bool) -> bytes:
+        stats = self.server.stats
+        return http_response(200, json_body(status="ok", version=__version__,
+                                            uptime_seconds=round(time.time() - stats.started, 3)),
+                             close=close, head=head)
+
+    def readyz(self, head: bool, close: bool) -> bytes:
+        checks = self.server.readiness()
+        ready = all(checks.values())
+        return http_response(200 if ready else 503, json_body(status="ready" if ready else "not-ready",
+                                                              checks=checks), close=close, head=head)
+
+    def metrics(self, head: bool, close: bool) -> bytes:
+        if not self.service.may_read_metrics(self.session.host):
+            return http_error(403, "forbidden", f"{self.session.host} may not read the metrics "
+                              "([http] metrics_allow)", close=close, head=head)
+        page, content_type = self.service.metrics_page()
+        return http_response(200, page, content_type=content_type, close=close, head=head)
+
+    # --- an incoming webhook's post --------------------------------------------------------------
+
+    def post(self, hook: HookRecord, content_type: str, body: bytes, close: bool) -> None:
+        hooks, session = self.server.hooks, self.session
+        try:
+            text = hook_message(read_payload(content_type, body), hook.name, hook.room)
+        except ProtocolError as exc:
+            hooks.counted(hook.id, False)
+            self.answer(http_error(400, exc.code, exc.text, close=close), close=close)
+            return
+        if not hooks.take(hook) or not self.server.address_budget.charge(session.host,
+                                                                         fan_out_cost(hook.name, text)):
+            hooks.counted(hook.id, False)
+            self.server.stats.count("refused", "rate-limited")
+            self.answer(http_error(429, "rate-limited", "this hook posts too fast; try again shortly",
+                                   close=close, headers=[("Retry-After", "1")]), close=close)
+            return
+        self.server.hook_room(hook.room)
+        # its answer, "ok" (once stored: acknowledge) or 503 (not stored: event), is ready before the
+        # post is accepted: the commit may come before publish returns
+        self._posts.append((http_response(200, b"ok", content_type="text/plain; charset=utf-8", close=close),
+                            http_error(503, "storage-failed", ERROR_CODES["storage-failed"], close=close)))
+        try:
+            self.server.fanout.publish(session, "msg", text, room=hook.room, author=hook.name)
+        except ProtocolError as exc:
+            self._posts.pop()
+            hooks.counted(hook.id, False)
+            status = 503 if exc.code == "bus-unavailable" else 404 if exc.code == "unknown-room" else 400
+            self.answer(http_error(status, exc.code, exc.text, close=close), close=close)
+            return
+        hooks.counted(hook.id, True)
+        self.server.stats.count("http_requests", "200")
+        if close:
+            self.closing = True
+            self.session.leave("http: closed after the answer", Goodbye(""))
+
+    # --- out ---------------------------------------------------------------------------------------
+
+    def answer(self, response: bytes, close: bool = False) -> None:
+        """Queue ``response`` (behind any post still being committed); ``close``: the last one."""
+        status = response[9:12].decode("latin-1")
+        self.server.stats.count("http_requests", status)
+        self.session.reply(response)
+        if close:
+            self.closing = True
+            self.session.leave("http: closed after the answer", Goodbye(""))
+
+    def keep_alive(self, quiet_for: float, idle_timeout: float) -> None:
+        """The reaper's look (every REAPER_INTERVAL): a request too slow to come whole gets 408; a
+        kept-alive connection quiet too long is closed."""
+        if self.closing:
+            return
+        if self.started and time.monotonic() - self.started > self.config.request_timeout:
+            self.answer(http_error(408, "request-timeout", f"a request must come whole within "
+                                   f"{self.config.request_timeout:g} s", close=True), close=True)
+        elif not self.started and quiet_for > self.config.keepalive_timeout:
+            self.closing = True
+            self.session.leave("http: kept alive too long", Goodbye(""))
+
+    def message(self, msg: ChatMessage) -> bytes:
+        return b""  # (an HTTP connection is in no room)
+
+    def acknowledge(self, msg: ChatMessage) -> bytes:
+        return self._posts.popleft()[0]  # a post is stored: "ok"
+
+    def event(self, event: ServerEvent) -> bytes:
+        if isinstance(event, ErrorReply) and self._posts:  # a post could not be stored: 503
+            return self._posts.popleft()[1]
+        return b""
+
+
+HTTP_PAGES: dict[str, Callable[[HttpGate, bool, bool], bytes]] = {
+    "/healthz": HttpGate.healthz, "/readyz": HttpGate.readyz, "/metrics": HttpGate.metrics,
+}
+
+
+# --- Outgoing hooks, metrics: the gateway's server-wide part ------------------------------------------
+
+@dataclass(slots=True)
+class OutgoingPost:
+    """A message that triggered an outgoing hook, waiting for a worker."""
+
+    hook: HookRecord
+    message: ChatMessage
+    trigger: str
+
+
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    """An outgoing hook's answer is never followed elsewhere (a redirect could point back at us)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+class HttpService:
+    """What the HTTP gateway needs server-wide: the per-address request budget (``budget``), who may
+    read the metrics, the metrics themselves (``metrics_page``), and the outgoing hooks.
+
+    ``committed`` (the commit thread, after each batch is delivered) finds the messages that trigger
+    an outgoing hook and queues them (a bounded queue: past it a trigger is dropped and counted);
+    ``chatctl-hook-N`` workers (HOOK_WORKERS) post each to its hook's URL with a timeout and retries,
+    and post the answer back in the room as the hook's bot, so a hook that hangs holds one worker and
+    never the chat.  ``_queue`` is a queue.Queue; the rest is set before ``start``.
+    """
+
+    def __init__(self, server: ChatServer):
+        self.server = server
+        config = server.config.http
+        self.config = config
+        self.budget = AddressBudget(config.request_rate, config.request_burst)
+        self._allowed = [ipaddress.ip_network(net) for net in config.metrics_allow]
+        self._queue: queue.Queue[OutgoingPost | None] = queue.Queue(config.outgoing_queue)
+        self._stopping = threading.Event()
+        self._workers = [threading.Thread(target=self._work, name=f"chatctl-hook-{n}", daemon=True)
+                         for n in range(1, HOOK_WORKERS + 1)]
+        # no proxy (a hook on loopback is common) and no redirects
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirects())
+
+    def start(self) -> None:
+        for worker in self._workers:
+            worker.start()
+
+    def stop(self, timeout: float) -> None:
+        self._stopping.set()
+        for _ in self._workers:
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(None)
+        deadline = time.monotonic() + timeout
+        for worker in self._workers:
+            if worker.is_alive():
+                worker.join(max(0.0, deadline - time.monotonic()))
+
+    def reload(self) -> None:
+        """The config changed (SIGHUP): the request budget and the metrics' readers anew."""
+        self.budget = AddressBudget(self.config.request_rate, self.config.request_burst)
+        self._allowed = [ipaddress.ip_network(net) for net in self.config.metrics_allow]
+
+    def may_read_metrics(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host.split("%")[0])
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._allowed)
+
+    def metrics_page(self) -> tuple[bytes, str]:
+        """The metrics in Prometheus's text format, and its content type."""
+        from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(MetricsCollector(self.server))
+        ProcessCollector(registry=registry)
+        # the classic text format, which generate_latest writes and every Prometheus 2 reads
+        return generate_latest(registry), "text/plain; version=0.0.4; charset=utf-8"
+
+    # --- outgoing hooks -------------------------------------------------------------------------------
+
+    def committed(self, batch: list[PendingMessage]) -> None:
+        """The commit thread: queue what triggers an outgoing hook (cheap when no room has one)."""
+        hooks = self.server.hooks
+        outgoing = hooks.outgoing
+        if not outgoing:
+            return
+        for pending in batch:
+            msg = pending.message
+            room_hooks = outgoing.get(msg.room) if msg.kind != "dm" else None
+            if not room_hooks or confusable_key(msg.sender) in hooks.bot_keys:  # a hook's bot: no loops
+                continue
+            first = msg.text.split(None, 1)[0] if msg.text.strip() else ""
+            for hook in room_hooks:
+                if hook.trigger:
+                    if first != hook.trigger:
+                        continue
+                elif not mentions(msg.text, hook.name):
+                    continue
+                try:
+                    self._queue.put_nowait(OutgoingPost(hook, msg, hook.trigger or hook.name))
+                except queue.Full:
+                    hooks.counted(hook.id, False)
+                    self.server.stats.count("hook_dropped")
+                    log.warning("outgoing hook %d: %d posts are waiting already; message %d dropped",
+                                hook.id, self.config.outgoing_queue, msg.id)
+
+    def _work(self) -> None:
+        while (post := self._queue.get()) is not None:
+            try:
+                ok = self._deliver(post)
+            except Exception as exc:  # one bad hook never ends a worker
+                log.error("outgoing hook %d failed: %s: %s", post.hook.id, type(exc).__name__, exc)
+                ok = False
+            self.server.hooks.counted(post.hook.id, ok)
+
+    def _deliver(self, post: OutgoingPost) -> bool:
+        """POST the message to its hook (with retries) and post the answer back; False if it failed."""
+        hook, msg = post.hook, post.message
+        body = json.dumps({"token": hook.secret, "team_id": "", "team_domain": "", "channel_id": msg.room,
+                           "channel_name": msg.room, "timestamp": int(msg.ts * 1000), "user_id": name_key(
+                               msg.sender), "user_name": msg.sender, "post_id": str(msg.id),
+                           "text": msg.text, "trigger_word": post.trigger, "file_ids": ""}).encode()
+        wait = HOOK_BACKOFF
+        for attempt in range(self.config.outgoing_retries + 1):
+            if attempt:
+                if self._stopping.wait(wait):
+                    return False
+                wait *= 2
+            outcome, answer = self._post(hook, body)
+            if outcome == "ok":
+                self._answer(hook, answer)
+                return True
+            if outcome == "final":
+                return False
+        log.warning("outgoing hook %d (%s): gave up after %d tries", hook.id, redact_url(hook.url),
+                    self.config.outgoing_retries + 1)
+        return False
+
+    def _post(self, hook: HookRecord, body: bytes) -> tuple[str, bytes]:
+        """One POST: ('ok', its answer), ('retry', b'') or ('final', b'') (a 4xx, or a URL that is us)."""
+        parts = urlsplit(hook.url)
+        if self.server.is_own_address(parts.hostname or "", parts.port or (443 if parts.scheme == "https"
+                                                                             else 80)):
+            log.warning("outgoing hook %d: %s is this server now; not posted", hook.id, redact_url(hook.url))
+            return "final", b""
+        request = urllib.request.Request(hook.url, data=body, method="POST", headers={
+            "Content-Type": JSON_TYPE, "Accept": JSON_TYPE, "User-Agent": f"chatctl/{__version__}"})
+        timeout = self.config.outgoing_timeout
+        deadline = time.monotonic() + timeout
+        try:
+            with self._opener.open(request, timeout=timeout) as response:
+                answer = bytearray()
+                while len(answer) <= HOOK_ANSWER_BYTES and (chunk := response.read(4096)):
+                    answer += chunk
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("the answer took too long")
+                return "ok", bytes(answer[:HOOK_ANSWER_BYTES])
+        except urllib.error.HTTPError as exc:
+            log.warning("outgoing hook %d (%s) answered %d", hook.id, redact_url(hook.url), exc.code)
+            return ("retry" if exc.code >= 500 or exc.code == 429 else "final"), b""
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, timed out, cut short
+            log.warning("outgoing hook %d (%s) failed: %s", hook.id, redact_url(hook.url),
+                        getattr(exc, "reason", None) or exc)
+            return "retry", b""
+
+    def _answer(self, hook: HookRecord, answer: bytes) -> None:
+        """Post a hook's JSON answer (``{"text": ...}``, Slack's forms too) in its room as its bot."""
+        if not answer.strip():
+            return
+        try:
+            text = hook_message(json.loads(answer), hook.name, hook.room)
+        except (ValueError, RecursionError, ProtocolError) as exc:
+            log.info("outgoing hook %d: its answer is not a message to post (%s)", hook.id,
+                     getattr(exc, "text", "not JSON"))
+            return
+        try:
+            self.server.fanout.publish(HookSender(hook.name), "msg", text, room=hook.room, author=hook.name)
+        except ProtocolError as exc:
+            log.warning("outgoing hook %d: its answer was not posted: %s", hook.id, exc.text)
+
+
+class MetricsCollector:
+    """The server's figures as Prometheus metric families (prometheus_client's collector interface):
+    what is counted (ServerStats) and what is read off the state as it is now, at each scrape."""
+
+    def __init__(self, server: ChatServer):
+        self.server = server
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        server = self.server
+        counters, histograms = server.stats.snapshot()
+
+        def counter(name: str, doc: str, label: str = "", key: str = ""):
+            family = CounterMetricFamily(f"chatctl_{name}", doc, labels=[label] if label else None)
+            found = [(lbl, value) for (n, lbl), value in counters.items() if n == (key or name)]
+            if label:
+                for lbl, value in sorted(found):
+                    family.add_metric([lbl], value)
+            else:
+                family.add_metric([], sum(value for _, value in found))
+            return family
+
+        def gauge(name: str, doc: str, value: float):
+            return GaugeMetricFamily(f"chatctl_{name}", doc, value=value)
+
+        info = GaugeMetricFamily("chatctl_info", "the server's version", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        by_protocol = collections.Counter(
+            "http" if s.raw else "irc" if s.client_kind == "irc" else "chatctl" if s.extended else "seed"
+            for s in server.registry.sessions())
+        connections = GaugeMetricFamily("chatctl_connections", "connections open, by protocol",
+                                        labels=["protocol"])
+        for protocol in ("seed", "chatctl", "irc", "http"):
+            connections.add_metric([protocol], by_protocol[protocol])
+        yield connections
+        yield gauge("accounts_online", "names online (each person once, however many devices)",
+                    len(server.holders()))
+        yield gauge("devices_online", "connections holding a name (an account's devices each)",
+                    len(server.members()))
+        yield gauge("rooms", "rooms the server keeps", len(server.registry.rooms))
+        yield counter("messages_accepted", "messages accepted, by kind (msg, me, dm)", "kind")
+        yield counter("refused", "requests and messages refused, by reason (the ERR code)", "reason")
+        yield counter("deliveries", "messages handed to their readers (one per reader)")
+        yield counter("sendq_drops", "clients dropped for not reading (SendQ exceeded)")
+        for name, doc in (("commit_batch_messages", "messages per commit"),
+                          ("commit_latency_seconds", "seconds from a message's acceptance to its commit "
+                           "(the batch's first)")):
+            buckets, total = histograms[name]
+            family = HistogramMetricFamily(f"chatctl_{name}", doc)
+            family.add_metric([], buckets, total)
+            yield family
+        if server.history is not None:
+            yield gauge("history_messages", "messages in the history", server.history.count())
+            yield gauge("history_index_lag", "messages not yet in the search index", server.history.index_lag)
+            yield CounterMetricFamily("chatctl_history_pruned", "messages deleted by retention",
+                                      value=server.history.pruned)
+            yield CounterMetricFamily("chatctl_history_prune_runs", "retention passes",
+                                      value=server.history.prune_runs)
+        if server.bus is not None:
+            yield gauge("bus_up", "1 while Redis answers", int(server.bus.up))
+            yield CounterMetricFamily("chatctl_bus_errors", "Redis failures seen", value=server.bus.errors)
+            try:
+                lag = next((s.lag for s in server.servers() if s.this), 0)
+            except ProtocolError:
+                lag = -1
+            yield gauge("bus_lag_messages", "shared log entries this server had not read at its last "
+                        "heartbeat (-1: Redis is away)", lag)
+        yield counter("password_failures", "wrong passwords (names, the server's, the operator's)")
+        yield counter("auth_lockouts", "password checks refused: too many wrong ones lately")
+        posts = CounterMetricFamily("chatctl_hook_posts", "webhook posts: messages an incoming hook posted, "
+                                    "posts an outgoing hook made", labels=["hook", "kind", "name"])
+        failures = CounterMetricFamily("chatctl_hook_failures", "webhook posts refused (incoming) or failed "
+                                       "(outgoing)", labels=["hook", "kind", "name"])
+        for hook_id, (record, ok, failed) in sorted(server.hooks.figures().items()):
+            labels = [str(hook_id), record.kind, record.name]
+            posts.add_metric(labels, ok)
+            failures.add_metric(labels, failed)
+        yield posts
+        yield failures
+        yield counter("hook_dropped", "outgoing posts dropped: the queue was full")
+        yield counter("http_requests", "HTTP requests answered, by status", "code")
+
+
+register_gateway(Gateway("http", sniff=looks_like_http, enabled=lambda config: config.http.enabled,
+                         port=lambda config: config.http.port, attach=HttpGate, raw=True,
+                         service=HttpService))
+
+
+# =============================================================================
+# 11. Client
 # =============================================================================
 
 
@@ -8424,6 +9787,47 @@ class ChatConnection:
         """End device ``device`` (a number, or ``others``) of the name we proved; how many ended."""
         return int(self.request("LOGOUT", device, one_line_secret(password), expect=(Confirmed,)).arg or 0)
 
+    def oper(self, password: str) -> None:
+        """Become an operator of the server (OPER) with its operator password."""
+        self.request("OPER", one_line_secret(password), expect=(Confirmed,))
+
+    def add_hook(self, room: str, name: str, url: str | None = None, trigger: str = "") -> tuple[int, str]:
+        """A new webhook (an operator's): its number and its token, said this once."""
+        fields = (f"#{room}", name, *((url, trigger) if url is not None else ()))
+        hook_id, _, token = self.request("HOOK", "ADD", *fields, expect=(Confirmed,)).arg.partition("|")
+        return int(hook_id), token
+
+    def hooks(self) -> list[HookInfo]:
+        self.request("HOOK", "LIST", expect=(EndOfList,))
+        found = [e for e in self.pending if isinstance(e, HookInfo)]
+        self.pending = [e for e in self.pending if not isinstance(e, HookInfo)]
+        return found
+
+    def remove_hook(self, hook_id: int) -> None:
+        self.request("HOOK", "RM", str(hook_id), expect=(Confirmed,))
+
+    def backup(self, what: str, out: io.BufferedIOBase) -> int:
+        """Write the server's copy of its ``what`` database (history or accounts) to ``out``; its size."""
+        self.send("BACKUP", what)
+        written = 0
+        while True:
+            event = self.read_event(self.timeout * 6)  # the server copies the file before the first piece
+            if isinstance(event, DataChunk):
+                try:
+                    data = base64.b64decode(event.data, validate=True)
+                except binascii.Error:
+                    raise ClientError(f"{self.address} sent a broken piece of the backup") from None
+                out.write(data)
+                written += len(data)
+            elif isinstance(event, EndOfList) and event.kind == "BACKUP":
+                if event.count != written:
+                    raise ClientError(f"the backup is short: {written} of {event.count} bytes came")
+                return written
+            elif isinstance(event, ErrorReply):
+                raise RejectedError(event.code, event.text)
+            elif isinstance(event, Goodbye):
+                raise ClientError(f"{self.address} closed the connection: {event.reason}")
+
     def servers(self) -> list[ServerStatus]:
         self.request("SERVERS", expect=(EndOfList,))
         found = [e for e in self.pending if isinstance(e, ServerStatus)]
@@ -8581,6 +9985,52 @@ def as_owner(config: ClientConfig, name: str, ask_password: PasswordPrompt | Non
     with connect(config, notify=client_notice, quiet=True) as conn:
         register_as(conn, name, config.user_password, ask_password, tokens=False)
         return action(conn)
+
+
+def as_operator(config: ClientConfig, ask_password: Callable[[], str] | None,
+                action: Callable[[ChatConnection], object]) -> object:
+    """``action`` on a connection made an operator's (OPER) with CHATCTL_OPERATOR_PASSWORD, or the
+    password ``ask_password`` gets (at a terminal)."""
+    password = os.environ.get(ENV_PREFIX + "OPERATOR_PASSWORD", "")
+    if not password and ask_password is not None:
+        password = ask_password()
+    if not password:
+        raise ClientError("this needs the server's operator password: set CHATCTL_OPERATOR_PASSWORD")
+    with connect(config, notify=client_notice, quiet=True) as conn:
+        conn.oper(password)
+        return action(conn)
+
+
+def hook_url(config: ClientConfig, public_url: str, token: str) -> str:
+    """The URL an incoming hook's users post to: the server's public URL if it has one, else the
+    address this command reached it at."""
+    if public_url:
+        return f"{public_url}/hooks/{token}"
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    return f"{'https' if config.tls else 'http'}://{host}:{config.port}/hooks/{token}"
+
+
+def export_messages(config: ClientConfig, room: str | None, since: float,
+                    write: Callable[[ChatMessage, frozenset[str]], None]) -> int:
+    """Every stored message of ``room`` (None: every room), oldest first from ``since`` (UTC seconds),
+    through ``write``; how many.  Direct messages stay out: they are their two people's."""
+    def run(conn: ChatConnection) -> int:
+        rooms = [room] if room is not None else sorted(r.name for r in conn.rooms())
+        bots, count = conn.bots(), 0
+        for name in rooms:
+            after = 0
+            while True:
+                page = conn.history("AFTER", str(after), str(HISTORY_PAGE_MAX), room=name)
+                for msg in page:
+                    if msg.ts >= since and msg.kind != "dm":
+                        write(msg, bots)
+                        count += 1
+                if not page:
+                    break
+                after = page[-1].id
+        return count
+    with connect(config, notify=client_notice, quiet=True) as conn:
+        return run(conn)
 
 
 def fetch_devices(config: ClientConfig, name: str, ask_password: PasswordPrompt | None) -> list[DeviceInfo]:
@@ -9996,7 +11446,7 @@ class ChatClient:
 
 
 # =============================================================================
-# 11. Load generator
+# 12. Load generator
 # =============================================================================
 # chatctl bench: many clients against a server, for operators sizing one; every delivery counted.
 
@@ -10262,7 +11712,7 @@ class LoadGenerator:
 
 
 # =============================================================================
-# 12. Rendering
+# 13. Rendering
 # =============================================================================
 # Tables for the one-shot commands, and join's lines.  Network text is made
 # safe by display_text() and neutralise() (section 10) before it is printed.
@@ -10428,6 +11878,27 @@ def render_tokens_table(name: str, tokens: list[TokenInfo]) -> None:
     for t in tokens:
         table.add_row(display_text(t.label), local_time(t.created, with_date=True),
                       local_time(t.used, with_date=True) if t.used else "never")
+    print_table(table)
+
+
+def hooks_as_json(hooks: list[HookInfo]) -> str:
+    return json.dumps([{"id": h.id, "kind": h.kind, "name": h.name, "room": f"#{h.room}",
+                        "trigger": h.trigger if h.kind == "outgoing" else None,
+                        "url": h.url or None, "created": format_timestamp(h.created), "posts": h.posts,
+                        "failures": h.failures, "last": format_timestamp(h.last) if h.last else None}
+                       for h in hooks])
+
+
+def render_hooks_table(hooks: list[HookInfo]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{len(hooks)} webhook(s)", title_justify="left")
+    for column in ("#", "Kind", "Posts as", "Room", "On", "Posts, failures since start", "Last post"):
+        table.add_column(column)
+    for h in hooks:
+        on = (f"{h.trigger or 'a mention of ' + h.name} -> {h.url}") if h.kind == "outgoing" else "POST"
+        table.add_row(str(h.id), h.kind, display_text(h.name), f"#{h.room}", display_text(on),
+                      f"{h.posts}, {h.failures}", local_time(h.last, with_date=True) if h.last else "never")
     print_table(table)
 
 
@@ -10783,7 +12254,7 @@ def name_completer(chat: ChatClient):
 
 
 # =============================================================================
-# 13. Full-screen client
+# 14. Full-screen client
 # =============================================================================
 # chatctl tui is a Textual app over a ChatClient, and chatctl web serves the
 # same app to browsers with textual-serve.  Textual is imported only by
@@ -12065,7 +13536,7 @@ def serve_web(config: ClientConfig, config_file: str | None, host: str, port: in
 
 
 # =============================================================================
-# 14. CLI
+# 15. CLI
 # =============================================================================
 # Callbacks parse, build a config and call into the objects above.  ChatError
 # becomes a one-line ClickException here, at the boundary, with its exit code.
@@ -12212,18 +13683,189 @@ def cli() -> None:
               "default: on).")
 @click.option("--irc-port", type=click.IntRange(0, 65535), metavar="PORT",
               help="Also listen for IRC clients on PORT (6667, say); TLS is detected there too.")
-def serve(host, port, config_file, log_level, db, history, tls, bus, cluster_name, irc, irc_port) -> None:
-    """Run the chat server in the foreground (Ctrl-C stops it).
+@click.option("--http-port", type=click.IntRange(0, 65535), metavar="PORT",
+              help="Also listen for HTTP on PORT (webhooks, /healthz, /readyz, /metrics; HTTP is "
+              "answered on the chat port too).")
+def serve(host, port, config_file, log_level, db, history, tls, bus, cluster_name, irc, irc_port,
+          http_port) -> None:
+    """Run the chat server in the foreground (Ctrl-C stops it; SIGHUP reloads the certificate,
+    the MOTD and the limits from the config).
 
     The server password, if any, comes from CHATCTL_PASSWORD or [server]
     password, never from the command line.
     """
     flags = {"host": host, "port": port, "log_level": log_level, "db": db, "history": history, "tls": tls,
-             "bus": bus, "cluster": cluster_name, "irc": irc, "irc_port": irc_port}
+             "bus": bus, "cluster": cluster_name, "irc": irc, "irc_port": irc_port,
+             "http": {"port": http_port}}
     config = load_config("server", flags, config_file)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
-    serve_until_signalled(ChatServer(config))
+    serve_until_signalled(ChatServer(config), lambda: load_config("server", flags, config_file))
+
+
+@cli.group()
+def hook() -> None:
+    """Webhooks: how CI, monitoring and bots post to a room, and hear from it.
+
+    An incoming hook is a URL that takes Slack's message JSON (Alertmanager,
+    Grafana, GitHub Actions, curl) and posts it in a room as a bot.  An
+    outgoing hook POSTs a room's messages that start with a trigger word (or
+    mention its bot) to a URL, and posts the JSON answer back.  Hooks are an
+    operator's: the operator password comes from CHATCTL_OPERATOR_PASSWORD,
+    or is asked.
+
+    \b
+    Example:
+      chatctl hook add --room deploys --name ci
+      curl -d '{"text": "build 42 is green"}' http://chat.lan:7001/hooks/chatctl_hook_...
+      chatctl hook add --room deploys --name deploybot --outgoing http://127.0.0.1:9000/ --trigger '!deploy'
+      chatctl hook list
+      chatctl hook rm 2
+    """
+
+
+def operator_options(command):
+    """The options of a command an operator runs (hook, backup): TLS and where."""
+    return connection_options("of the server")(tls_options(command))
+
+
+def operator_config(host, port, config_file, tls, cafile, tls_fingerprint) -> ClientConfig:
+    return load_config("client", {"host": host, "port": port, **tls_flags(tls, cafile, tls_fingerprint)},
+                       config_file)
+
+
+def ask_operator_password() -> str:
+    return click.prompt("Operator password", hide_input=True, err=True) if sys.stdin.isatty() else ""
+
+
+@hook.command("add", epilog=exit_codes_help(*CLIENT_EXITS))
+@operator_options
+@room_option("The room it posts in (made if new).")
+@click.option("--name", "name", required=True, help="The bot name it posts as (made a bot's name if new).")
+@click.option("--outgoing", "url", metavar="URL",
+              help="Make an outgoing hook: POST the room's triggers to URL.")
+@click.option("--trigger", default="", help="With --outgoing: the word a message starts with (default: a "
+              "mention of the bot).")
+@click.option("--public-url", metavar="URL", help="The server as the senders reach it, for the URL printed "
+              "(default: [http] public_url, else --host and --port).")
+@click.option("--json", "as_json", is_flag=True, help='{"id": ..., "url" or "token": ...} on stdout.')
+def hook_add(host, port, config_file, tls, cafile, tls_fingerprint, room, name, url, trigger, public_url,
+             as_json) -> None:
+    """Add a webhook and print its URL (incoming) or token (outgoing), once."""
+    if room is None:
+        raise click.UsageError("which room? --room deploys")
+    if trigger and url is None:
+        raise click.UsageError("--trigger goes with --outgoing URL")
+    config = operator_config(host, port, config_file, tls, cafile, tls_fingerprint)
+    public = parse_public_url(public_url) if public_url else load_config("http", {}, config_file).public_url
+    hook_id, token = as_operator(config, ask_operator_password,
+                                 lambda conn: conn.add_hook(room, name, url, trigger))
+    if url is None:
+        address = hook_url(config, public, token)
+        click.echo(json.dumps({"id": hook_id, "url": address}) if as_json else address)
+        click.echo(f"chatctl: webhook {hook_id} posts as {name} in #{room}; its URL is shown this once",
+                   err=True)
+    else:
+        click.echo(json.dumps({"id": hook_id, "token": token}) if as_json else token)
+        click.echo(f"chatctl: outgoing hook {hook_id} posts #{room}'s "
+                   f"{trigger or 'mentions of ' + name} to {url}; each post carries this token "
+                   "(shown this once)", err=True)
+
+
+@hook.command("list", epilog=exit_codes_help(*CLIENT_EXITS))
+@operator_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout (never a token).")
+def hook_list(host, port, config_file, tls, cafile, tls_fingerprint, as_json) -> None:
+    """List the webhooks, with their posts and failures since the server started."""
+    config = operator_config(host, port, config_file, tls, cafile, tls_fingerprint)
+    hooks = as_operator(config, ask_operator_password, lambda conn: conn.hooks())
+    if as_json:
+        click.echo(hooks_as_json(hooks))
+    elif hooks:
+        render_hooks_table(hooks)
+    else:
+        click.echo("no webhooks (chatctl hook add --room ROOM --name BOT)", err=True)
+
+
+@hook.command("rm", epilog=exit_codes_help(*CLIENT_EXITS))
+@operator_options
+@click.argument("hook_id", metavar="ID", type=click.IntRange(1, MAX_ID))
+def hook_rm(host, port, config_file, tls, cafile, tls_fingerprint, hook_id) -> None:
+    """Remove webhook ID (see hook list): its URL answers 404 from now on."""
+    config = operator_config(host, port, config_file, tls, cafile, tls_fingerprint)
+    as_operator(config, ask_operator_password, lambda conn: conn.remove_hook(hook_id))
+    click.echo(f"webhook {hook_id} removed.", err=True)
+
+
+@cli.command(epilog=exit_codes_help(*CLIENT_EXITS))
+@operator_options
+@click.argument("folder", metavar="PATH", type=click.Path(file_okay=False))
+def backup(host, port, config_file, tls, cafile, tls_fingerprint, folder) -> None:
+    """Copy the running server's history and accounts into the folder PATH (an operator's).
+
+    Each is a consistent SQLite file as it was at one moment (SQLite's online
+    backup, while the chat goes on): history.db and accounts.db, which
+    serve --db and [server] accounts_db can start from.
+    """
+    config = operator_config(host, port, config_file, tls, cafile, tls_fingerprint)
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+
+    def copy(conn: ChatConnection) -> list[str]:
+        done = []
+        for what in ("history", "accounts"):
+            path = target / f"{what}.db"
+            partial = path.with_suffix(".db.partial")
+            try:
+                with open(partial, "wb") as out:
+                    size = conn.backup(what, out)
+            except RejectedError as exc:
+                partial.unlink(missing_ok=True)
+                if exc.code == "history-off":
+                    continue
+                raise
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            partial.replace(path)
+            done.append(f"{path} ({size} bytes)")
+        return done
+
+    try:
+        done = as_operator(config, ask_operator_password, copy)
+    except OSError as exc:
+        raise ClientError(f"cannot write the backup in {target}: {exc.strerror or exc}") from None
+    for line in done:
+        click.echo(line)
+
+
+def _since_flag(ctx, param, value: str | None) -> float:
+    if value is None:
+        return 0.0
+    try:
+        moment = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: a date (2026-12-01) or a time (2026-12-01T09:30)") from None
+    return moment.timestamp()  # (a date or time without a zone is local)
+
+
+@cli.command(epilog=exit_codes_help(*CLIENT_EXITS))
+@connection_options("of the server")
+@tls_options
+@room_option("Only this room's messages (default: every room's).")
+@click.option("--since", callback=_since_flag, metavar="DATE",
+              help="Only messages from DATE on (2026-12-01, or 2026-12-01T09:30; local time).")
+def export(host, port, config_file, tls, cafile, tls_fingerprint, room, since) -> None:
+    """Write the rooms' stored messages as JSON lines, oldest first (history --json's form).
+
+    \b
+    Example:
+      chatctl export --room deploys --since 2026-12-01 > deploys.jsonl
+    """
+    config = load_config("client", {"host": host, "port": port, **tls_flags(tls, cafile, tls_fingerprint)},
+                         config_file)
+    count = export_messages(config, room, since, lambda msg, bots: click.echo(message_as_json(msg, bots)))
+    click.echo(f"chatctl: {count} message(s) exported", err=True)
 
 
 @cli.command(epilog=exit_codes_help(EXIT_OK, EXIT_USAGE, EXIT_CONFIG, EXIT_CONNECT, EXIT_REJECTED, EXIT_TLS))
@@ -12718,7 +14360,7 @@ def devices(host, port, config_file, tls, cafile, tls_fingerprint, user, logout,
 
 
 # =============================================================================
-# 15. main()
+# 16. main()
 # =============================================================================
 
 
