@@ -284,6 +284,7 @@ HOOK_BACKOFF = 1.0                   # seconds before the first retry
 HOOK_QUEUE = 1000                    # outgoing posts waiting; past that a trigger is dropped and counted
 HOOK_WORKERS = 4                     # outgoing posts under way at once (a hanging hook holds one)
 HOOK_ANSWER_BYTES = 64 * 1024        # an outgoing hook's answer is read up to this
+MAX_HOOK_TOKEN = 128                 # a longer token is wrong before it is hashed
 HOOK_PREFIX = "chatctl_hook_"        # an incoming hook's token starts with this
 HOOK_TEXT_CHARS = 4000               # a webhook's text is cut here (a message is one frame)
 MAX_TRIGGER_CHARS = 64               # longest trigger word of an outgoing hook
@@ -2579,7 +2580,9 @@ class HookStore:
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA busy_timeout = 5000")
-            self._db.execute("CREATE TABLE IF NOT EXISTS hooks (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, "
+            # AUTOINCREMENT: a removed hook's number is never another's (scripts and metrics name it)
+            self._db.execute("CREATE TABLE IF NOT EXISTS hooks (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                             "kind TEXT NOT NULL, "
                              "name TEXT NOT NULL, room TEXT NOT NULL, token_hash TEXT NOT NULL DEFAULT '', "
                              "url TEXT NOT NULL DEFAULT '', trigger TEXT NOT NULL DEFAULT '', "
                              "secret TEXT NOT NULL DEFAULT '', created REAL NOT NULL, "
@@ -2617,12 +2620,14 @@ class HookStore:
 
 def backup_database(source: Path, target: Path) -> int:
     """A consistent copy of the SQLite file ``source`` at ``target`` while others write to it
-    (SQLite's online backup, in steps, so writers wait only for a step); the bytes copied."""
+    (SQLite's online backup); the bytes copied."""
     try:
         with contextlib.closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True)) as src, \
                 contextlib.closing(sqlite3.connect(target)) as dst:
             src.execute("PRAGMA busy_timeout = 5000")
-            src.backup(dst, pages=1024, sleep=0.001)
+            # in one step, on one read transaction: in steps, every commit in between would restart it
+            # (WAL lets the writers go on meanwhile)
+            src.backup(dst)
     except sqlite3.Error as exc:
         raise StorageError(f"cannot back up {source}: {exc}") from None
     return target.stat().st_size
@@ -6951,9 +6956,14 @@ class Hooks:
 
     def incoming(self, token: str) -> HookRecord | None:
         """The incoming hook whose token this is, or None (a wrong token is told nothing more)."""
-        if not token.startswith(HOOK_PREFIX) or len(token) > 2 * len(new_token()) + len(HOOK_PREFIX):
+        if not token.startswith(HOOK_PREFIX) or len(token) > MAX_HOOK_TOKEN:
             return None
         return self._by_token.get(token_hash(token))
+
+    def reload(self) -> None:
+        """The config changed (SIGHUP): every hook's rate limit anew."""
+        with self._lock:
+            self._buckets.clear()
 
     def take(self, hook: HookRecord) -> bool:
         """One post of ``hook`` as its rate limit allows."""
@@ -7670,6 +7680,8 @@ class ChatServer:
         bound = self.config.host
         for address in addresses:
             ip = ipaddress.ip_address(address.split("%")[0])
+            if ip.version == 6 and ip.ipv4_mapped is not None:
+                ip, address = ip.ipv4_mapped, str(ip.ipv4_mapped)
             if ip.is_loopback or ip.is_unspecified or address == bound:
                 return True
             if bound in ("0.0.0.0", "::", ""):
@@ -7725,6 +7737,7 @@ class ChatServer:
             if f.name not in ("enabled", "port", "files"):
                 setattr(self.config.http, f.name, getattr(config.http, f.name))
         self._make_budgets()
+        self.hooks.reload()
         if self.history is not None:
             self.history.max_messages = config.history_max_messages
             self.history.max_days = config.history_max_days
@@ -8825,18 +8838,31 @@ def looks_like_http(head: bytes) -> bool | None:
     for method in HTTP_METHODS:
         word = method + b" "
         if head.startswith(word):
-            return head[len(word):len(word) + 1] in (b"/", b"") or head[len(word):].startswith(b"http")
+            return head[len(word):len(word) + 1] in (b"/", b"*", b"") or head[len(word):].startswith(b"http")
         if word.startswith(head):
             return None
     return False
 
 
+def http_date() -> str:
+    """Now, as HTTP's Date header gives it (RFC 9110), made at most once a second."""
+    now = int(time.time())
+    return _http_date(now)
+
+
+@functools.lru_cache(maxsize=2)
+def _http_date(second: int) -> str:
+    from email.utils import formatdate  # (English day and month names, whatever the locale)
+
+    return formatdate(second, usegmt=True)
+
+
 def http_response(status: int, body: bytes = b"", content_type: str = JSON_TYPE, close: bool = False,
                   head: bool = False, headers: Iterable[tuple[str, str]] = ()) -> bytes:
     """One whole HTTP/1.1 response (``head``: a HEAD's, with the body's length but not the body)."""
-    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Content-Type: {content_type}",
-             f"Content-Length: {len(body)}", "Cache-Control: no-store", "X-Content-Type-Options: nosniff",
-             f"Server: chatctl/{__version__}"]
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Date: {http_date()}",
+             f"Content-Type: {content_type}", f"Content-Length: {len(body)}", "Cache-Control: no-store",
+             "X-Content-Type-Options: nosniff", f"Server: chatctl/{__version__}"]
     if close:
         lines.append("Connection: close")
     lines.extend(f"{name}: {value}" for name, value in headers)
@@ -8967,11 +8993,15 @@ def read_payload(content_type: str, body: bytes) -> object:
         raise ProtocolError("invalid-payload", "the body is not UTF-8") from None
     # (curl -d sends JSON as a form; Slack takes it as JSON all the same)
     if content_type.split(";")[0].strip().lower() == "application/x-www-form-urlencoded" \
-            and not text.lstrip().startswith("{"):
-        fields = parse_qs(text, max_num_fields=100)
-        if "payload" not in fields:
+            and not text.lstrip().startswith(("{", "[")):
+        try:
+            fields = parse_qs(text, max_num_fields=100)
+        except ValueError:
+            raise ProtocolError("invalid-payload", "a form of more than 100 fields") from None
+        if "payload" in fields:
+            text = fields["payload"][-1]
+        elif "text" in fields:  # plain fields, as Mattermost takes them too: text=...&username=...
             return {key: values[-1] for key, values in fields.items()}
-        text = fields["payload"][-1]
     try:
         return json.loads(text)
     except (ValueError, RecursionError):

@@ -603,3 +603,40 @@ scrape_configs:
         proc.terminate()
         proc.wait(10)
 
+
+
+def test_a_reload_gives_every_hook_its_new_rate_limit(hook_server):
+    server = hook_server(hook_rate=0.01, hook_burst=1)
+    _, token = add_hook(server)
+    post = lambda: request(server.port, "POST", f"/hooks/{token}", b'{"text": "alert"}')[0]  # noqa: E731
+    assert [post(), post()] == [200, 429]
+    config = chatctl.ServerConfig(**{**vars(server.config), "http": chatctl.HttpConfig(hook_rate=0.01,
+                                                                                      hook_burst=3)})
+    server.reload(config)
+    assert [post(), post(), post(), post()] == [200, 200, 200, 429]
+
+
+def test_a_removed_hooks_number_is_never_reused(hook_server):
+    server = hook_server()
+    first, _ = add_hook(server, name="one")
+    second, _ = add_hook(server, name="two")
+    with chatctl.ChatConnection("127.0.0.1", server.port) as conn:
+        conn.hello(quiet=True)
+        conn.oper(OPERATOR)
+        conn.remove_hook(second)
+    third, _ = add_hook(server, name="three")
+    assert first < second < third
+
+
+def test_a_form_without_payload_or_text_says_so(hook_server):
+    server = hook_server()
+    _, token = add_hook(server)
+    for body in (b"notjson", b"[1, 2]"):
+        status, _, answer = request(server.port, "POST", f"/hooks/{token}", body,
+                                    {"Content-Type": "application/x-www-form-urlencoded"})
+        assert status == 400
+        assert json.loads(answer)["message"] in ("the body is not JSON (nor a form with payload=)",
+                                                 "the payload is not a JSON object")
+    status, _, _ = request(server.port, "POST", f"/hooks/{token}", b"text=plain+fields",
+                           {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 200
