@@ -9798,24 +9798,25 @@ class ChatConnection:
         return self.request("TOKEN", "CREATE", label, expect=(Confirmed,)).arg.partition("|")[2]
 
     def tokens(self) -> list[TokenInfo]:
-        self.request("TOKEN", "LIST", expect=(EndOfList,))
-        found = [e for e in self.pending if isinstance(e, TokenInfo)]
-        self.pending = [e for e in self.pending if not isinstance(e, TokenInfo)]
-        return found
+        return self._listing_of(TokenInfo, "TOKEN", "LIST")
 
     def revoke_token(self, label: str) -> None:
         self.request("TOKEN", "REVOKE", label, expect=(Confirmed,))
 
     def devices(self) -> list[DeviceInfo]:
         """The connections of the name we proved (DEVICES)."""
-        self.request("DEVICES", expect=(EndOfList,))
-        found = [e for e in self.pending if isinstance(e, DeviceInfo)]
-        self.pending = [e for e in self.pending if not isinstance(e, DeviceInfo)]
-        return found
+        return self._listing_of(DeviceInfo, "DEVICES")
 
     def logout(self, device: str, password: str) -> int:
         """End device ``device`` (a number, or ``others``) of the name we proved; how many ended."""
         return int(self.request("LOGOUT", device, one_line_secret(password), expect=(Confirmed,)).arg or 0)
+
+    def _listing_of(self, kind: type, *request: str) -> list:
+        """The lines of ``kind`` a listing request (answered up to its ``END``) brought."""
+        self.request(*request, expect=(EndOfList,))
+        found = [e for e in self.pending if isinstance(e, kind)]
+        self.pending = [e for e in self.pending if not isinstance(e, kind)]
+        return found
 
     def oper(self, password: str) -> None:
         """Become an operator of the server (OPER) with its operator password."""
@@ -9828,10 +9829,7 @@ class ChatConnection:
         return int(hook_id), token
 
     def hooks(self) -> list[HookInfo]:
-        self.request("HOOK", "LIST", expect=(EndOfList,))
-        found = [e for e in self.pending if isinstance(e, HookInfo)]
-        self.pending = [e for e in self.pending if not isinstance(e, HookInfo)]
-        return found
+        return self._listing_of(HookInfo, "HOOK", "LIST")
 
     def remove_hook(self, hook_id: int) -> None:
         self.request("HOOK", "RM", str(hook_id), expect=(Confirmed,))
@@ -9859,10 +9857,7 @@ class ChatConnection:
                 raise ClientError(f"{self.address} closed the connection: {event.reason}")
 
     def servers(self) -> list[ServerStatus]:
-        self.request("SERVERS", expect=(EndOfList,))
-        found = [e for e in self.pending if isinstance(e, ServerStatus)]
-        self.pending = [e for e in self.pending if not isinstance(e, ServerStatus)]
-        return found
+        return self._listing_of(ServerStatus, "SERVERS")
 
     def join_rooms(self, *rooms: str) -> list[ServerEvent]:
         """``JOIN`` each room; returns the JOIN_OKs and what came with them (topics, names), the rest
