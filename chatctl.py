@@ -55,7 +55,8 @@ Threads and locks (the server's; each class docstring says the same of its own f
     chatctl-departures       ChatServer._departures_loop  forgetting ended connections
     chatctl-reaper           ChatServer._reap_loop        timeouts
     chatctl-upkeep           HistoryStore                 retention and the search index
-    chatctl-hook-N           HttpService (HOOK_WORKERS)   outgoing webhooks' posts, and their answers
+    chatctl-hook-N           OutgoingHooks (HOOK_WORKERS) outgoing webhooks' posts, and their answers
+    chatctl-hook-deadline    OutgoingHooks._post          cuts off a try that outlives outgoing_timeout
     chatctl-reload           serve_until_signalled        a SIGHUP's reload (ChatServer.reload)
 
     Locks, outermost first; a thread holding one takes only locks of a later tier:
@@ -69,7 +70,7 @@ Threads and locks (the server's; each class docstring says the same of its own f
          ClientSession._ending, OutboundQueue._lock, IrcGate._lock, Writer._lock,
          ReadPoller._lock, LocalLog._lock, AddressBudget._lock, AuthThrottle._lock,
          PasswordHasher._lock, HistoryStore's, AccountStore's and HookStore's locks, RedisBus._lock,
-         ClusterMirror._lock, Hooks._lock, ServerStats._lock
+         ClusterMirror._lock, Hooks._lock, ServerStats._lock, OutgoingHooks._lock
 
     The clients: LiveSession's reader thread (chatctl-join-reader) hands events to ChatClient,
     whose _lock (an RLock) guards what it and the front-end's thread share; RoomsModel._lock is
@@ -120,8 +121,6 @@ import threading
 import time
 import tomllib
 import unicodedata
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -270,6 +269,7 @@ BUS_DEADLINE = 3.0                   # a call that reaches Redis later than this
 # HTTP on the chat port (section 10): webhooks, health and metrics; each is also a key of [http].
 HTTP_MAX_HEADER_BYTES = 8192         # a request's line and headers, in bytes
 HTTP_MAX_BODY_BYTES = 1 << 20        # a request's body (a webhook's JSON), in bytes
+HTTP_MAX_PIECES = 4096               # pieces (chunks, reads) a body may come in
 HTTP_REQUEST_TIMEOUT = 10.0          # seconds from a request's first byte to its last
 HTTP_KEEPALIVE_TIMEOUT = 60.0        # seconds a kept-alive connection may wait for its next request
 HTTP_REQUEST_RATE = 200.0            # requests per second one IP address may make, on average
@@ -337,6 +337,10 @@ class StorageError(ChatError):
 
 class ServerError(ChatError):
     """The server cannot start (address in use, permission denied, ...)."""
+
+
+class HookRefused(ServerError):
+    """An outgoing webhook's URL reaches this very server (its name resolves here now): not posted."""
 
 
 class BusError(ChatError):
@@ -1664,8 +1668,9 @@ def validate_cluster(text: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """``url`` without its password, for logs."""
-    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+    """``url`` without its password or its query's values (an API key), for logs and lists."""
+    url = re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+    return re.sub(r"=[^&#]*", "=***", url) if "?" in url else url
 
 
 def validate_bus_url(text: str) -> str:
@@ -5541,8 +5546,8 @@ class ClientSession:
             return
         if self.name is None and not self.extended:
             config = self.server.config
-            for gateway in GATEWAYS.values():
-                if gateway.enabled(config) and gateway.sniff(item):
+            for gateway in GATEWAYS.values():  # (a raw one is told by the first bytes alone: _sniff)
+                if not gateway.raw and gateway.enabled(config) and gateway.sniff(item):
                     self.speak(gateway)
                     self.gate.handle(item)
                     return
@@ -6921,6 +6926,9 @@ class Rooms:
         session.tell(*infos, EndOfList("ROOMS", len(infos), more))
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")  # a URL's host: a name, IPv4 or IPv6 (no %)
+
+
 class Hooks:
     """The webhooks in use: the HookStore's records, found by token (incoming) and by room (outgoing),
     with each hook's rate limit and figures (since the start).
@@ -7006,7 +7014,7 @@ class Hooks:
 
     def infos(self) -> list[HookInfo]:
         with self._lock:
-            return [HookInfo(r.id, r.kind, r.name, r.room, r.trigger, r.url, r.created,
+            return [HookInfo(r.id, r.kind, r.name, r.room, r.trigger, redact_url(r.url), r.created,
                              *self._figures[r.id]) for r in self.records.values()]
 
 
@@ -7662,7 +7670,7 @@ class ChatServer:
         except ValueError:
             raise ProtocolError("bad-url", ERROR_CODES["bad-url"]) from None
         if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2000 \
-                or not url.isprintable():
+                or not url.isprintable() or not _HOST_NAME.fullmatch(parts.hostname):
             raise ProtocolError("bad-url", ERROR_CODES["bad-url"])
         if self.is_own_address(parts.hostname, port):
             raise ProtocolError("bad-url", f"{parts.hostname}:{port} is this chat server: an outgoing hook "
@@ -8838,7 +8846,8 @@ def looks_like_http(head: bytes) -> bool | None:
     for method in HTTP_METHODS:
         word = method + b" "
         if head.startswith(word):
-            return head[len(word):len(word) + 1] in (b"/", b"*", b"") or head[len(word):].startswith(b"http")
+            return (method == b"CONNECT" or head[len(word):len(word) + 1] in (b"/", b"*", b"")
+                    or head[len(word):].startswith(b"http"))
         if word.startswith(head):
             return None
     return False
@@ -9033,6 +9042,7 @@ class HttpGate(Encoding):
         self.parser = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header)
         self.request = None          # the h11.Request being read, until its end
         self.body = bytearray()
+        self.pieces = 0              # the Data events its body came in (chunks, reads)
         self.started = 0.0           # when the request under way began (0: none is)
         self.closing = False         # an answer with Connection: close is out: read nothing more
         self._posts: collections.deque[tuple[bytes, bytes]] = collections.deque()  # (stored, not stored)
@@ -9061,15 +9071,24 @@ class HttpGate(Encoding):
                 self.begin(event)
             elif isinstance(event, h11.Data):
                 self.body += event.data
+                self.pieces += 1
                 if len(self.body) > self.config.max_body:
                     self.answer(http_error(413, "body-too-large", f"a body is {self.config.max_body} bytes "
                                            "at most", close=True), close=True)
+                elif self.pieces > HTTP_MAX_PIECES:  # each costs a parse: a million 1-byte chunks is a flood
+                    self.answer(http_error(400, "bad-request", f"a body in more than {HTTP_MAX_PIECES} "
+                                           "pieces", close=True), close=True)
             elif isinstance(event, h11.EndOfMessage):
-                self.finish()
+                trailers = sum(len(name) + len(value) + 4 for name, value in event.headers)
+                if trailers > self.config.max_header:
+                    self.answer(http_error(431, "headers-too-large", f"a request's trailers are "
+                                           f"{self.config.max_header} bytes at most", close=True), close=True)
+                else:
+                    self.finish()
 
     def begin(self, request) -> None:
         """A request's line and headers are in: check them before its body comes."""
-        self.request, self.body = request, bytearray()
+        self.request, self.body, self.pieces = request, bytearray(), 0
         headers = request.headers
         size = len(request.target) + sum(len(name) + len(value) + 4 for name, value in headers)
         if size > self.config.max_header:
@@ -9133,13 +9152,13 @@ class HttpGate(Encoding):
                 return
             self.answer(page(self, head, close), close=close)
             return
+        if path.startswith("/hooks/") and method != "POST":  # (before the token is looked at: says nothing)
+            self.answer(http_error(405, "method-not-allowed", "a webhook takes POST", close=close, head=head,
+                                   headers=[("Allow", "POST")]), close=close)
+            return
         if path.startswith("/hooks/") and path.count("/") == 2:
             hook = self.server.hooks.incoming(path[len("/hooks/"):])
             if hook is not None:
-                if method != "POST":
-                    self.answer(http_error(405, "method-not-allowed", "a webhook takes POST", close=close,
-                                           head=head, headers=[("Allow", "POST")]), close=close)
-                    return
                 content_type = next((v.decode("latin-1") for n, v in request.headers
                                      if n == b"content-type"), JSON_TYPE)
                 self.post(hook, content_type, body, close)
@@ -9255,36 +9274,32 @@ class OutgoingPost:
     trigger: str
 
 
-class NoRedirects(urllib.request.HTTPRedirectHandler):
-    """An outgoing hook's answer is never followed elsewhere (a redirect could point back at us)."""
+class OutgoingHooks:
+    """The outgoing webhooks' posts: each message that triggers one is POSTed to its URL, off the
+    chat's threads, and the answer is posted back in the room as the hook's bot.
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
-
-
-class HttpService:
-    """What the HTTP gateway needs server-wide: the per-address request budget (``budget``), who may
-    read the metrics, the metrics themselves (``metrics_page``), and the outgoing hooks.
-
-    ``committed`` (the commit thread, after each batch is delivered) finds the messages that trigger
-    an outgoing hook and queues them (a bounded queue: past it a trigger is dropped and counted);
-    ``chatctl-hook-N`` workers (HOOK_WORKERS) post each to its hook's URL with a timeout and retries,
-    and post the answer back in the room as the hook's bot, so a hook that hangs holds one worker and
-    never the chat.  ``_queue`` is a queue.Queue; the rest is set before ``start``.
+    ``committed`` (the commit thread, after each batch is delivered) queues what triggers a hook:
+    each hook has a queue of its own (``_waiting``), and all of them together hold at most
+    ``outgoing_queue`` posts (past that a trigger is dropped, logged and counted).  The
+    ``chatctl-hook-N`` workers (HOOK_WORKERS) take a hook whose posts wait (``_ready``) and make its
+    next post, one post of a hook at a time: a hook that hangs holds one worker, never the others'
+    posts or the chat.  Each try has ``outgoing_timeout`` in all, from connecting to the last byte of
+    the answer; a 5xx, a 429 or a network failure is tried again ``outgoing_retries`` times, waiting
+    HOOK_BACKOFF, then twice that each time.  ``_waiting``, ``_count`` and ``_scheduled`` are under
+    ``_lock`` (a leaf); ``_ready`` is a queue.Queue.
     """
 
     def __init__(self, server: ChatServer):
         self.server = server
-        config = server.config.http
-        self.config = config
-        self.budget = AddressBudget(config.request_rate, config.request_burst)
-        self._allowed = [ipaddress.ip_network(net) for net in config.metrics_allow]
-        self._queue: queue.Queue[OutgoingPost | None] = queue.Queue(config.outgoing_queue)
+        self.config = server.config.http
+        self._lock = threading.Lock()
+        self._waiting: dict[int, collections.deque[OutgoingPost]] = {}
+        self._scheduled: set[int] = set()  # hooks in _ready or being posted by a worker
+        self._count = 0
+        self._ready: queue.Queue[int | None] = queue.Queue()
         self._stopping = threading.Event()
         self._workers = [threading.Thread(target=self._work, name=f"chatctl-hook-{n}", daemon=True)
                          for n in range(1, HOOK_WORKERS + 1)]
-        # no proxy (a hook on loopback is common) and no redirects
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirects())
 
     def start(self) -> None:
         for worker in self._workers:
@@ -9293,12 +9308,183 @@ class HttpService:
     def stop(self, timeout: float) -> None:
         self._stopping.set()
         for _ in self._workers:
-            with contextlib.suppress(queue.Full):
-                self._queue.put_nowait(None)
+            self._ready.put(None)
         deadline = time.monotonic() + timeout
         for worker in self._workers:
             if worker.is_alive():
                 worker.join(max(0.0, deadline - time.monotonic()))
+
+    def committed(self, batch: list[PendingMessage]) -> None:
+        """The commit thread: queue what triggers an outgoing hook (nothing to do when no room has one)."""
+        hooks = self.server.hooks
+        outgoing = hooks.outgoing
+        if not outgoing:
+            return
+        for pending in batch:
+            msg = pending.message
+            room_hooks = outgoing.get(msg.room) if msg.kind != "dm" else None
+            if not room_hooks or confusable_key(msg.sender) in hooks.bot_keys:  # a hook's bot: no loops
+                continue
+            first = msg.text.split(None, 1)[0] if msg.text.strip() else ""
+            for hook in room_hooks:
+                if (first != hook.trigger) if hook.trigger else not mentions(msg.text, hook.name):
+                    continue
+                self._queue(OutgoingPost(hook, msg, hook.trigger or hook.name))
+
+    def _queue(self, post: OutgoingPost) -> None:
+        hook = post.hook
+        with self._lock:
+            full = self._count >= self.config.outgoing_queue
+            if not full:
+                self._waiting.setdefault(hook.id, collections.deque()).append(post)
+                self._count += 1
+                if hook.id not in self._scheduled:
+                    self._scheduled.add(hook.id)
+                    self._ready.put(hook.id)
+        if full:
+            self.server.hooks.counted(hook.id, False)
+            self.server.stats.count("hook_dropped")
+            log.warning("outgoing hook %d: %d posts are waiting already; message %d dropped", hook.id,
+                        self.config.outgoing_queue, post.message.id)
+
+    def _work(self) -> None:
+        while (hook_id := self._ready.get()) is not None:
+            with self._lock:
+                post = self._waiting[hook_id].popleft()
+                self._count -= 1
+            try:
+                ok = self._deliver(post)
+            except Exception as exc:  # one bad hook never ends a worker
+                log.error("outgoing hook %d failed: %s: %s", hook_id, type(exc).__name__, exc)
+                ok = False
+            self.server.hooks.counted(hook_id, ok)
+            with self._lock:
+                if self._waiting[hook_id]:
+                    self._ready.put(hook_id)  # its next post, behind the other hooks' waiting now
+                else:
+                    del self._waiting[hook_id]
+                    self._scheduled.discard(hook_id)
+
+    def _deliver(self, post: OutgoingPost) -> bool:
+        """POST the message to its hook (with retries) and post the answer back; False if it failed."""
+        hook, msg = post.hook, post.message
+        body = json.dumps({"token": hook.secret, "team_id": "", "team_domain": "", "channel_id": msg.room,
+                           "channel_name": msg.room, "timestamp": int(msg.ts * 1000),
+                           "user_id": name_key(msg.sender), "user_name": msg.sender, "post_id": str(msg.id),
+                           "text": msg.text, "trigger_word": post.trigger, "file_ids": ""}).encode()
+        wait = HOOK_BACKOFF
+        for attempt in range(self.config.outgoing_retries + 1):
+            if attempt:
+                if self._stopping.wait(wait):
+                    return False
+                wait *= 2
+            outcome, answer = self._post(hook, body)
+            if outcome == "ok":
+                self._answer(hook, answer)
+                return True
+            if outcome == "final" or self._stopping.is_set():
+                return False
+        log.warning("outgoing hook %d (%s): gave up after %d tries", hook.id, redact_url(hook.url),
+                    self.config.outgoing_retries + 1)
+        return False
+
+    def _connect(self, hook: HookRecord, timeout: float) -> http.client.HTTPConnection:
+        """A connection to the hook's server, made to an address checked not to be this server's (the
+        name is resolved here, once: what was checked is what is reached)."""
+        parts = urlsplit(hook.url)
+        host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if any(self.server.is_own_address(info[4][0], port) for info in addresses):
+            raise HookRefused(f"{host}:{port} is this chat server")
+        sock = socket.create_connection(addresses[0][4][:2], timeout=timeout)
+        if parts.scheme == "https":
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        conn_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = conn_class(host, port, timeout=timeout)
+        conn.sock = sock
+        return conn
+
+    def _post(self, hook: HookRecord, body: bytes) -> tuple[str, bytes]:
+        """One try: ('ok', its answer), ('retry', b'') or ('final', b'') (a 4xx, or a URL that is us)."""
+        timeout = self.config.outgoing_timeout
+        parts = urlsplit(hook.url)
+        headers = {"Content-Type": JSON_TYPE, "Accept": JSON_TYPE, "User-Agent": f"chatctl/{__version__}"}
+        if parts.username is not None:
+            credentials = f"{parts.username}:{parts.password or ''}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn, fired = None, threading.Event()
+
+        def cut_off() -> None:  # the whole try's deadline: a server trickling its answer is cut off
+            fired.set()
+            if conn is not None and conn.sock is not None:
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+
+        cut = threading.Timer(timeout, cut_off)
+        cut.name, cut.daemon = "chatctl-hook-deadline", True
+        try:
+            conn = self._connect(hook, timeout)
+            cut.start()
+            conn.request("POST", target, body=body, headers=headers)
+            response = conn.getresponse()
+            answer = response.read(HOOK_ANSWER_BYTES)
+            if 200 <= response.status < 300:
+                return "ok", answer
+            log.warning("outgoing hook %d (%s) answered %d", hook.id, redact_url(hook.url), response.status)
+            return ("retry" if response.status >= 500 or response.status == 429 else "final"), b""
+        except HookRefused as exc:
+            log.warning("outgoing hook %d (%s): %s; not posted", hook.id, redact_url(hook.url), exc)
+            return "final", b""
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, timed out, cut short
+            late = f" (not done in {timeout:g} s)" if fired.is_set() else ""
+            log.warning("outgoing hook %d (%s) failed%s: %s", hook.id, redact_url(hook.url), late,
+                        getattr(exc, "reason", None) or exc or type(exc).__name__)
+            return "retry", b""
+        finally:
+            cut.cancel()
+            if conn is not None:
+                conn.close()
+
+    def _answer(self, hook: HookRecord, answer: bytes) -> None:
+        """Post a hook's JSON answer (``{"text": ...}``, Slack's forms too) in its room as its bot."""
+        if not answer.strip():
+            return
+        try:
+            text = hook_message(json.loads(answer), hook.name, hook.room)
+        except (ValueError, RecursionError, ProtocolError) as exc:
+            log.info("outgoing hook %d: its answer is not a message to post (%s)", hook.id,
+                     getattr(exc, "text", "not JSON"))
+            return
+        try:
+            self.server.fanout.publish(HookSender(hook.name), "msg", text, room=hook.room, author=hook.name)
+        except ProtocolError as exc:
+            log.warning("outgoing hook %d: its answer was not posted: %s", hook.id, exc.text)
+
+
+class HttpService:
+    """What the HTTP gateway needs server-wide: the per-address request budget (``budget``), who may
+    read the metrics and the metrics themselves (``metrics_page``), and the OutgoingHooks (started,
+    stopped and told of each committed batch through this, the gateway's service).  ``budget`` and
+    ``_allowed`` are replaced whole by ``reload``.
+    """
+
+    def __init__(self, server: ChatServer):
+        self.server = server
+        config = server.config.http
+        self.config = config
+        self.budget = AddressBudget(config.request_rate, config.request_burst)
+        self._allowed = [ipaddress.ip_network(net) for net in config.metrics_allow]
+        self.outgoing = OutgoingHooks(server)
+
+    def start(self) -> None:
+        self.outgoing.start()
+
+    def stop(self, timeout: float) -> None:
+        self.outgoing.stop(timeout)
+
+    def committed(self, batch: list[PendingMessage]) -> None:
+        self.outgoing.committed(batch)
 
     def reload(self) -> None:
         """The config changed (SIGHUP): the request budget and the metrics' readers anew."""
@@ -9323,108 +9509,6 @@ class HttpService:
         ProcessCollector(registry=registry)
         # the classic text format, which generate_latest writes and every Prometheus 2 reads
         return generate_latest(registry), "text/plain; version=0.0.4; charset=utf-8"
-
-    # --- outgoing hooks -------------------------------------------------------------------------------
-
-    def committed(self, batch: list[PendingMessage]) -> None:
-        """The commit thread: queue what triggers an outgoing hook (cheap when no room has one)."""
-        hooks = self.server.hooks
-        outgoing = hooks.outgoing
-        if not outgoing:
-            return
-        for pending in batch:
-            msg = pending.message
-            room_hooks = outgoing.get(msg.room) if msg.kind != "dm" else None
-            if not room_hooks or confusable_key(msg.sender) in hooks.bot_keys:  # a hook's bot: no loops
-                continue
-            first = msg.text.split(None, 1)[0] if msg.text.strip() else ""
-            for hook in room_hooks:
-                if hook.trigger:
-                    if first != hook.trigger:
-                        continue
-                elif not mentions(msg.text, hook.name):
-                    continue
-                try:
-                    self._queue.put_nowait(OutgoingPost(hook, msg, hook.trigger or hook.name))
-                except queue.Full:
-                    hooks.counted(hook.id, False)
-                    self.server.stats.count("hook_dropped")
-                    log.warning("outgoing hook %d: %d posts are waiting already; message %d dropped",
-                                hook.id, self.config.outgoing_queue, msg.id)
-
-    def _work(self) -> None:
-        while (post := self._queue.get()) is not None:
-            try:
-                ok = self._deliver(post)
-            except Exception as exc:  # one bad hook never ends a worker
-                log.error("outgoing hook %d failed: %s: %s", post.hook.id, type(exc).__name__, exc)
-                ok = False
-            self.server.hooks.counted(post.hook.id, ok)
-
-    def _deliver(self, post: OutgoingPost) -> bool:
-        """POST the message to its hook (with retries) and post the answer back; False if it failed."""
-        hook, msg = post.hook, post.message
-        body = json.dumps({"token": hook.secret, "team_id": "", "team_domain": "", "channel_id": msg.room,
-                           "channel_name": msg.room, "timestamp": int(msg.ts * 1000), "user_id": name_key(
-                               msg.sender), "user_name": msg.sender, "post_id": str(msg.id),
-                           "text": msg.text, "trigger_word": post.trigger, "file_ids": ""}).encode()
-        wait = HOOK_BACKOFF
-        for attempt in range(self.config.outgoing_retries + 1):
-            if attempt:
-                if self._stopping.wait(wait):
-                    return False
-                wait *= 2
-            outcome, answer = self._post(hook, body)
-            if outcome == "ok":
-                self._answer(hook, answer)
-                return True
-            if outcome == "final":
-                return False
-        log.warning("outgoing hook %d (%s): gave up after %d tries", hook.id, redact_url(hook.url),
-                    self.config.outgoing_retries + 1)
-        return False
-
-    def _post(self, hook: HookRecord, body: bytes) -> tuple[str, bytes]:
-        """One POST: ('ok', its answer), ('retry', b'') or ('final', b'') (a 4xx, or a URL that is us)."""
-        parts = urlsplit(hook.url)
-        if self.server.is_own_address(parts.hostname or "", parts.port or (443 if parts.scheme == "https"
-                                                                             else 80)):
-            log.warning("outgoing hook %d: %s is this server now; not posted", hook.id, redact_url(hook.url))
-            return "final", b""
-        request = urllib.request.Request(hook.url, data=body, method="POST", headers={
-            "Content-Type": JSON_TYPE, "Accept": JSON_TYPE, "User-Agent": f"chatctl/{__version__}"})
-        timeout = self.config.outgoing_timeout
-        deadline = time.monotonic() + timeout
-        try:
-            with self._opener.open(request, timeout=timeout) as response:
-                answer = bytearray()
-                while len(answer) <= HOOK_ANSWER_BYTES and (chunk := response.read(4096)):
-                    answer += chunk
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("the answer took too long")
-                return "ok", bytes(answer[:HOOK_ANSWER_BYTES])
-        except urllib.error.HTTPError as exc:
-            log.warning("outgoing hook %d (%s) answered %d", hook.id, redact_url(hook.url), exc.code)
-            return ("retry" if exc.code >= 500 or exc.code == 429 else "final"), b""
-        except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, timed out, cut short
-            log.warning("outgoing hook %d (%s) failed: %s", hook.id, redact_url(hook.url),
-                        getattr(exc, "reason", None) or exc)
-            return "retry", b""
-
-    def _answer(self, hook: HookRecord, answer: bytes) -> None:
-        """Post a hook's JSON answer (``{"text": ...}``, Slack's forms too) in its room as its bot."""
-        if not answer.strip():
-            return
-        try:
-            text = hook_message(json.loads(answer), hook.name, hook.room)
-        except (ValueError, RecursionError, ProtocolError) as exc:
-            log.info("outgoing hook %d: its answer is not a message to post (%s)", hook.id,
-                     getattr(exc, "text", "not JSON"))
-            return
-        try:
-            self.server.fanout.publish(HookSender(hook.name), "msg", text, room=hook.room, author=hook.name)
-        except ProtocolError as exc:
-            log.warning("outgoing hook %d: its answer was not posted: %s", hook.id, exc.text)
 
 
 class MetricsCollector:
@@ -13829,20 +13913,23 @@ def backup(host, port, config_file, tls, cafile, tls_fingerprint, folder) -> Non
     """Copy the running server's history and accounts into the folder PATH (an operator's).
 
     Each is a consistent SQLite file as it was at one moment (SQLite's online
-    backup, while the chat goes on): history.db and accounts.db, which
-    serve --db and [server] accounts_db can start from.
+    backup, while the chat goes on): history.db and accounts.db (readable by
+    you alone), which serve --db and [server] accounts_db can start from.
     """
     config = operator_config(host, port, config_file, tls, cafile, tls_fingerprint)
     target = Path(folder)
-    target.mkdir(parents=True, exist_ok=True)
 
     def copy(conn: ChatConnection) -> list[str]:
+        # only now, the operator password accepted; private, as the server's own files are (every DM,
+        # the password hashes)
+        target.mkdir(mode=0o700, parents=True, exist_ok=True)
         done = []
         for what in ("history", "accounts"):
             path = target / f"{what}.db"
             partial = path.with_suffix(".db.partial")
+            partial.unlink(missing_ok=True)
             try:
-                with open(partial, "wb") as out:
+                with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
                     size = conn.backup(what, out)
             except RejectedError as exc:
                 partial.unlink(missing_ok=True)

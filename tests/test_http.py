@@ -640,3 +640,117 @@ def test_a_form_without_payload_or_text_says_so(hook_server):
     status, _, _ = request(server.port, "POST", f"/hooks/{token}", b"text=plain+fields",
                            {"Content-Type": "application/x-www-form-urlencoded"})
     assert status == 200
+
+
+# --- what the attack run found ------------------------------------------------------------------------
+
+
+class TricklingServer:
+    """A hook's server that reads the POST, then answers one byte a second (headers included)."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/"
+        self.closed = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.closed:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._trickle, args=(sock,), daemon=True).start()
+
+    def _trickle(self, sock: socket.socket) -> None:
+        with sock:
+            sock.recv(65536)
+            for byte in b'HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n{"text": "too late"}':
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(1)
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+
+
+def test_a_trickling_hook_is_cut_off_in_time_and_holds_no_other_hook(hook_server):
+    server = hook_server(outgoing_timeout=1.0, outgoing_retries=0)
+    slow, bot = TricklingServer(), BotServer({"text": "on it"})
+    try:
+        slow_id, _ = add_hook(server, name="slowbot", url=slow.url, trigger="!slow")
+        add_hook(server, name="goodbot", url=bot.url, trigger="!good")
+        ana = room_member(server.port, "ana")
+        for _ in range(6):  # more than the workers: each would hold one, if a hook could take several
+            ana.send(b"MSG|#deploys|!slow now\n")
+        ana.send(b"MSG|#deploys|!good now\n")
+        start = time.monotonic()
+        assert ana.expect("MSG|#deploys|", timeout=5).endswith("|goodbot|on it")
+        assert time.monotonic() - start < 3
+        wait_until(lambda: server.hooks.figures()[slow_id][2] >= 1, timeout=4)  # one try: cut at 1 s
+    finally:
+        slow.close()
+        bot.close()
+
+
+def test_an_outgoing_hook_url_that_is_the_server_in_disguise_is_refused(hook_server):
+    server = hook_server()
+    for host in ("[::ffff:127.0.0.1]", "%31%32%37.0.0.1", "127.0.0.1%00", "0.0.0.0"):
+        with pytest.raises(chatctl.RejectedError, match=r"bad-url|this chat server"):
+            add_hook(server, name="loop", url=f"http://{host}:{server.port}/hooks/x", trigger="!x")
+
+
+def test_backups_are_private_and_need_the_password_before_a_folder_is_made(hook_server, isolated_home,
+                                                                          tmp_path):
+    server = hook_server()
+    wrong = run_cli("backup", "-p", str(server.port), str(tmp_path / "nope"),
+                    env={**isolated_home, "CHATCTL_OPERATOR_PASSWORD": "wrong-wrong"})
+    assert wrong.returncode == chatctl.EXIT_REJECTED and not (tmp_path / "nope").exists()
+    done = run_cli("backup", "-p", str(server.port), str(tmp_path / "copy"),
+                   env={**isolated_home, "CHATCTL_OPERATOR_PASSWORD": OPERATOR})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "copy").stat().st_mode & 0o777 == 0o700
+    for name in ("history.db", "accounts.db"):
+        assert (tmp_path / "copy" / name).stat().st_mode & 0o777 == 0o600
+
+
+def test_an_http_line_after_a_chat_line_is_an_unknown_command_not_an_internal_error(server, caplog):
+    client = RawClient(server.port)
+    client.send(b"PING\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert client.line() == "PONG"
+    assert client.line().startswith("ERR|unknown-command")
+    client.send(b"USER|ana\n")
+    assert client.expect("USER_OK")
+    assert "internal error" not in caplog.text
+
+
+def test_a_hook_url_says_the_same_to_every_method_whether_its_token_is_right_or_not(hook_server):
+    server = hook_server()
+    _, token = add_hook(server)
+    for method in ("GET", "HEAD", "PUT", "DELETE", "OPTIONS"):
+        right = request(server.port, method, f"/hooks/{token}")
+        wrong = request(server.port, method, "/hooks/chatctl_hook_nope")
+        assert right[0] == wrong[0] == 405 and right[2] == wrong[2]
+
+
+def test_a_body_in_a_thousand_tiny_chunks_and_huge_trailers_are_refused(hook_server):
+    server = hook_server(max_header=2048)
+    _, token = add_hook(server)
+    head = f"POST /hooks/{token} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    reply = raw_exchange(server.port, head + b"1\r\na\r\n" * 5000 + b"0\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400 ") and b"pieces" in reply
+    trailers = b"".join(b"X-T%d: %s\r\n" % (i, b"y" * 50) for i in range(100))
+    reply = raw_exchange(server.port, head + b'd\r\n{"text":"hi"}\r\n0\r\n' + trailers + b"\r\n")
+    assert reply.startswith(b"HTTP/1.1 431 ")
+
+
+def test_hook_list_hides_the_secrets_in_an_outgoing_url(hook_server, isolated_home):
+    server = hook_server()
+    add_hook(server, name="keyed", url="http://admin:S3cretPW@127.0.0.1:9/x?apikey=TOPSECRET", trigger="!k")
+    listed = run_cli("hook", "list", "-p", str(server.port), "--json",
+                     env={**isolated_home, "CHATCTL_OPERATOR_PASSWORD": OPERATOR})
+    assert "S3cretPW" not in listed.stdout and "TOPSECRET" not in listed.stdout
+    assert json.loads(listed.stdout)[0]["url"] == "http://admin:***@127.0.0.1:9/x?apikey=***"
