@@ -29,7 +29,8 @@ Contents, in dependency order (search for the banner to jump):
     9. IRC gateway            IrcGate: IRC clients as ClientSessions, the IRC Encoding; registered as a
                               Gateway
    10. HTTP gateway           HttpGate (h11 on the same poller): Slack-style webhooks, /healthz, /readyz,
-                              /metrics; HttpService: outgoing hooks, the metrics; registered as a Gateway
+                              /metrics; OutgoingHooks; HttpService (the gateway's server-wide part) and
+                              MetricsCollector; registered as a Gateway
    11. Client                 ChatConnection, one-shot helpers, RoomsModel, LiveSession (the link),
                               ChatClient (the chat behind join and tui, no terminal in it)
    12. Load generator         LoadGenerator (chatctl bench)
@@ -8833,7 +8834,7 @@ IRC_EVENTS: dict[type, Callable[[IrcGate, object, str], list[str]]] = {
 # own, no thread per request) and writes the answers.  A webhook's message goes through the fan-out
 # like any other: its 200 goes out once it is committed, as a MSG_OK does.  The gateway registers
 # itself (register_gateway, at the end of this section), with HttpService: the per-address request
-# budget, the outgoing hooks' workers, and the metrics.
+# budget, the OutgoingHooks' workers, and the metrics (MetricsCollector).
 
 HTTP_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT")
 JSON_TYPE = "application/json"
@@ -9263,7 +9264,7 @@ HTTP_PAGES: dict[str, Callable[[HttpGate, bool, bool], bytes]] = {
 }
 
 
-# --- Outgoing hooks, metrics: the gateway's server-wide part ------------------------------------------
+# --- Outgoing hooks, the gateway's server-wide part, metrics -----------------------------------------
 
 @dataclass(slots=True)
 class OutgoingPost:
