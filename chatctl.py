@@ -270,7 +270,8 @@ BUS_DEADLINE = 3.0                   # a call that reaches Redis later than this
 # HTTP on the chat port (section 10): webhooks, health and metrics; each is also a key of [http].
 HTTP_MAX_HEADER_BYTES = 8192         # a request's line and headers, in bytes
 HTTP_MAX_BODY_BYTES = 1 << 20        # a request's body (a webhook's JSON), in bytes
-HTTP_MAX_PIECES = 4096               # pieces (chunks, reads) a body may come in
+HTTP_MAX_PIECES = 1024               # chunks a body may come in
+HTTP_PIECES_PER_REQUEST = 64         # ... each this many of them cost the address one request more
 HTTP_REQUEST_TIMEOUT = 10.0          # seconds from a request's first byte to its last
 HTTP_KEEPALIVE_TIMEOUT = 60.0        # seconds a kept-alive connection may wait for its next request
 HTTP_REQUEST_RATE = 200.0            # requests per second one IP address may make, on average
@@ -456,6 +457,8 @@ _BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u
 _SANITISE_TABLE = {c: "\ufffd" for c in itertools.chain(range(0x20), range(0x7F, 0xA0))}
 _SANITISE_TABLE.update({ord("\n"): "\n", ord("\t"): " ", ord("\r"): None, 0x2028: "\n", 0x2029: "\n"})
 _SANITISE_TABLE.update({ord(c): None for c in _BIDI_CONTROLS})
+# lone surrogates (JSON's "\ud800" makes them; UTF-8 cannot carry them, so storing one would fail)
+_SANITISE_TABLE.update({c: "\ufffd" for c in range(0xD800, 0xE000)})
 _NAME_PUNCTUATION = frozenset("_-.")
 # Letters that show nothing: a name of them is invisible, and one padded with them looks like another.
 # Names an IRC client trusts with a password (/msg NickServ IDENTIFY ...) or takes for the server's own
@@ -1669,9 +1672,23 @@ def validate_cluster(text: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """``url`` without its password or its query's values (an API key), for logs and lists."""
-    url = re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
-    return re.sub(r"=[^&#]*", "=***", url) if "?" in url else url
+    """``url`` without its password, for logs."""
+    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+
+
+def redact_hook_url(url: str) -> str:
+    """A webhook's URL as lists and logs show it: its scheme, host, port and path; any user, password,
+    path parameters, query and fragment (where API keys go) as ``***``."""
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "***"
+    who = "***@" if "@" in parts.netloc else ""
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+    path, params, _ = parts.path.partition(";")
+    return (f"{parts.scheme}://{who}{host}{port}{path}{';***' if params else ''}"
+            f"{'?***' if parts.query else ''}{'#***' if parts.fragment else ''}")
 
 
 def validate_bus_url(text: str) -> str:
@@ -2689,6 +2706,11 @@ class LocalLog(CommitLog):
         self._queue: queue.SimpleQueue[PendingMessage | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
+    @property
+    def alive(self) -> bool:
+        """The commit thread runs (for /readyz)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self, on_commit, on_failure) -> None:
         self._on_commit, self._on_failure = on_commit, on_failure
         if self.store is not None:
@@ -2738,9 +2760,11 @@ class LocalLog(CommitLog):
             try:
                 if store is not None:
                     store.insert(batch)
-            except StorageError as exc:
-                store.failing = True
-                log.error("history write failed, %d message(s) refused: %s", len(batch), exc)
+            except Exception as exc:  # StorageError, or a fault: this batch is refused, the thread goes on
+                if store is not None:
+                    store.failing = True
+                log.error("history write failed, %d message(s) refused: %s", len(batch),
+                          exc if isinstance(exc, StorageError) else f"{type(exc).__name__}: {exc}")
                 self._on_failure(batch, "storage-failed")
             else:
                 if store is not None:
@@ -5274,7 +5298,8 @@ class Gateway:
     they come (``feed``; ``b""`` at the end of input), not lines, and its ``sniff`` looks at the first
     bytes, saying None while they are too few to tell.  ``service``: what the protocol needs
     server-wide, made once per server (``start``, ``stop``, and ``committed``, called with each
-    committed batch after its delivery, on the commit thread).
+    committed batch after its delivery, on the commit thread).  ``refuse``: what a connection to the
+    gateway's own port is told when it is refused (too many connections); ``ERR`` where not given.
     """
 
     name: str
@@ -5284,6 +5309,7 @@ class Gateway:
     attach: Callable[[ClientSession], Encoding]
     raw: bool = False
     service: Callable[[ChatServer], object] | None = None
+    refuse: Callable[[str], bytes] | None = None
 
 
 GATEWAYS: dict[str, Gateway] = {}
@@ -7015,7 +7041,7 @@ class Hooks:
 
     def infos(self) -> list[HookInfo]:
         with self._lock:
-            return [HookInfo(r.id, r.kind, r.name, r.room, r.trigger, redact_url(r.url), r.created,
+            return [HookInfo(r.id, r.kind, r.name, r.room, r.trigger, redact_hook_url(r.url), r.created,
                              *self._figures[r.id]) for r in self.records.values()]
 
 
@@ -7307,7 +7333,8 @@ class ChatServer:
         refused = self.registry.connect(session)
         if refused is not None:
             log.warning("refused a connection from %s: %s", session.peer, refused)
-            Writer._send(sock, encode_error("too-many-connections", refused))
+            answer = gateway.refuse if gateway is not None and gateway.refuse is not None else None
+            Writer._send(sock, answer(refused) if answer else encode_error("too-many-connections", refused))
             try:
                 sock.shutdown(socket.SHUT_WR)
             except OSError:
@@ -7645,7 +7672,7 @@ class ChatServer:
                             creator=session.name or session.host)
         record = self.hooks.add(record)
         log.info("%s added %s webhook %d: %s in #%s%s", record.creator, record.kind, record.id, name, room,
-                 f" -> {redact_url(url)}" if url else "")
+                 f" -> {redact_hook_url(url)}" if url else "")
         return record, token
 
     def remove_hook(self, session: ClientSession, hook_id: int) -> None:
@@ -7759,7 +7786,8 @@ class ChatServer:
 
     def readiness(self) -> dict[str, bool]:
         """What /readyz checks: listening, the history writable, the bus connected (where they apply)."""
-        checks = {"listening": not self.stopping.is_set() and bool(self._threads)}
+        checks = {"listening": not self.stopping.is_set() and bool(self._threads),
+                  "commits": getattr(self.log, "alive", True)}
         if self.history is not None:
             checks["history"] = not self.history.failing and os.access(self.history.path, os.W_OK)
         if self.bus is not None:
@@ -8883,6 +8911,14 @@ def json_body(**fields: object) -> bytes:
     return json.dumps(fields, separators=(",", ":")).encode() + b"\n"
 
 
+def request_path(target: bytes) -> str:
+    """A request target's path: ``/healthz`` of ``/healthz?x=1`` and of ``http://chat:7001/healthz``."""
+    text = target.decode("ascii", "replace")
+    if text.lower().startswith(("http://", "https://")):  # the absolute form, as a proxy sends it
+        return urlsplit(text).path or "/"
+    return text.split("?", 1)[0]
+
+
 def http_error(status: int, code: str, message: str, close: bool = False, head: bool = False,
                headers: Iterable[tuple[str, str]] = ()) -> bytes:
     """An error as every endpoint gives it: JSON with a stable ``error`` code and a ``message``."""
@@ -9043,7 +9079,7 @@ class HttpGate(Encoding):
         self.parser = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header)
         self.request = None          # the h11.Request being read, until its end
         self.body = bytearray()
-        self.pieces = 0              # the Data events its body came in (chunks, reads)
+        self.pieces = 0              # the chunks its body came in so far
         self.started = 0.0           # when the request under way began (0: none is)
         self.closing = False         # an answer with Connection: close is out: read nothing more
         self._posts: collections.deque[tuple[bytes, bytes]] = collections.deque()  # (stored, not stored)
@@ -9072,13 +9108,18 @@ class HttpGate(Encoding):
                 self.begin(event)
             elif isinstance(event, h11.Data):
                 self.body += event.data
-                self.pieces += 1
+                self.pieces += event.chunk_start
                 if len(self.body) > self.config.max_body:
                     self.answer(http_error(413, "body-too-large", f"a body is {self.config.max_body} bytes "
                                            "at most", close=True), close=True)
                 elif self.pieces > HTTP_MAX_PIECES:  # each costs a parse: a million 1-byte chunks is a flood
                     self.answer(http_error(400, "bad-request", f"a body in more than {HTTP_MAX_PIECES} "
-                                           "pieces", close=True), close=True)
+                                           "chunks", close=True), close=True)
+                elif event.chunk_start and self.pieces % HTTP_PIECES_PER_REQUEST == 0 \
+                        and not self.service.budget.charge(self.session.host, 1):  # chunks cost as requests
+                    self.answer(http_error(429, "rate-limited", f"too many requests from "
+                                           f"{self.session.host}", close=True,
+                                           headers=[("Retry-After", "1")]), close=True)
             elif isinstance(event, h11.EndOfMessage):
                 trailers = sum(len(name) + len(value) + 4 for name, value in event.headers)
                 if trailers > self.config.max_header:
@@ -9110,6 +9151,11 @@ class HttpGate(Encoding):
             self.answer(http_error(429, "rate-limited", f"too many requests from {self.session.host}",
                                    close=True, headers=[("Retry-After", "1")]), close=True)
             return
+        path, method = request_path(request.target), request.method
+        if (method not in (b"GET", b"HEAD", b"POST") or (method == b"POST") != path.startswith("/hooks/")) \
+                and (b"transfer-encoding" in names or int(length)):
+            self.route(request, b"", close=True)  # refused whatever its body: not read at all
+            return
         if self.parser.they_are_waiting_for_100_continue:
             self.session.reply(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -9125,7 +9171,8 @@ class HttpGate(Encoding):
         except ProtocolError as exc:  # (a route's refusal it did not answer itself)
             self.answer(http_error(400, exc.code, exc.text, close=not keep), close=not keep)
         except Exception as exc:  # a fault answers 500 (and is logged), never with a traceback
-            log.error("internal error answering %s from %s: %s: %s", request.target[:80], self.session.peer,
+            shown = "/hooks/..." if request.target.startswith(b"/hooks/") else request.target[:80]  # a token
+            log.error("internal error answering %s from %s: %s: %s", shown, self.session.peer,
                       type(exc).__name__, exc)
             log.debug("the internal error's traceback", exc_info=True)
             self.answer(http_error(500, "internal-error", "the server failed to answer; it is logged",
@@ -9141,8 +9188,7 @@ class HttpGate(Encoding):
         return any(name == b"connection" and b"close" in value.lower() for name, value in request.headers)
 
     def route(self, request, body: bytes, close: bool) -> None:
-        target = request.target.decode("ascii", "replace")
-        path = target.split("?", 1)[0]
+        path = request_path(request.target)
         method = request.method.decode("ascii", "replace")
         head = method == "HEAD"
         page = HTTP_PAGES.get(path)
@@ -9268,11 +9314,13 @@ HTTP_PAGES: dict[str, Callable[[HttpGate, bool, bool], bytes]] = {
 
 @dataclass(slots=True)
 class OutgoingPost:
-    """A message that triggered an outgoing hook, waiting for a worker."""
+    """A message that triggered an outgoing hook, waiting for a worker (or for its next try)."""
 
     hook: HookRecord
     message: ChatMessage
     trigger: str
+    tries: int = 0       # made so far
+    wait: float = HOOK_BACKOFF  # before the next, if it fails again
 
 
 class OutgoingHooks:
@@ -9286,9 +9334,14 @@ class OutgoingHooks:
     next post, one post of a hook at a time: a hook that hangs holds one worker, never the others'
     posts or the chat.  Each try has ``outgoing_timeout`` in all, from connecting to the last byte of
     the answer; a 5xx, a 429 or a network failure is tried again ``outgoing_retries`` times, waiting
-    HOOK_BACKOFF, then twice that each time.  ``_waiting``, ``_count`` and ``_scheduled`` are under
-    ``_lock`` (a leaf); ``_ready`` is a queue.Queue.
+    HOOK_BACKOFF, then twice that each time (a try that ran out of time is not made again: it had
+    its time).  A post waiting for its next try holds no worker: it is first in its hook's queue,
+    the hook stays scheduled, and ``_retries`` (a heap of (when, hook)) gives the hook back to
+    ``_ready`` when the time comes; whichever worker is idle looks.  ``_waiting``, ``_count``,
+    ``_scheduled`` and ``_retries`` are under ``_lock`` (a leaf); ``_ready`` is a queue.Queue.
     """
+
+    WAKE = 0  # (no hook's number) in _ready: an idle worker is to look at _retries again
 
     def __init__(self, server: ChatServer):
         self.server = server
@@ -9297,6 +9350,7 @@ class OutgoingHooks:
         self._waiting: dict[int, collections.deque[OutgoingPost]] = {}
         self._scheduled: set[int] = set()  # hooks in _ready or being posted by a worker
         self._count = 0
+        self._retries: list[tuple[float, int]] = []
         self._ready: queue.Queue[int | None] = queue.Queue()
         self._stopping = threading.Event()
         self._workers = [threading.Thread(target=self._work, name=f"chatctl-hook-{n}", daemon=True)
@@ -9349,45 +9403,64 @@ class OutgoingHooks:
                         self.config.outgoing_queue, post.message.id)
 
     def _work(self) -> None:
-        while (hook_id := self._ready.get()) is not None:
+        while True:
+            self._due_retries()
+            try:
+                hook_id = self._ready.get(timeout=self._until_next_try())
+            except queue.Empty:
+                continue
+            if hook_id is None:
+                return
+            if hook_id == self.WAKE:  # a retry was put off: wait for it with a timeout from now on
+                continue
             with self._lock:
                 post = self._waiting[hook_id].popleft()
                 self._count -= 1
             try:
-                ok = self._deliver(post)
+                outcome = self._try(post) if hook_id in self.server.hooks.records else "final"
             except Exception as exc:  # one bad hook never ends a worker
                 log.error("outgoing hook %d failed: %s: %s", hook_id, type(exc).__name__, exc)
-                ok = False
-            self.server.hooks.counted(hook_id, ok)
+                outcome = "final"
+            if outcome == "retry" and post.tries > self.config.outgoing_retries:
+                log.warning("outgoing hook %d (%s): gave up after %d tries", hook_id,
+                            redact_hook_url(post.hook.url), post.tries)
+                outcome = "final"
+            if outcome != "retry":
+                self.server.hooks.counted(hook_id, outcome == "ok")
             with self._lock:
-                if self._waiting[hook_id]:
+                if outcome == "retry":  # first in its queue again, the hook kept back until its time
+                    self._waiting[hook_id].appendleft(post)
+                    self._count += 1
+                    heapq.heappush(self._retries, (time.monotonic() + post.wait, hook_id))
+                    post.wait *= 2
+                    self._ready.put(self.WAKE)
+                elif self._waiting[hook_id]:
                     self._ready.put(hook_id)  # its next post, behind the other hooks' waiting now
                 else:
                     del self._waiting[hook_id]
                     self._scheduled.discard(hook_id)
 
-    def _deliver(self, post: OutgoingPost) -> bool:
-        """POST the message to its hook (with retries) and post the answer back; False if it failed."""
+    def _until_next_try(self) -> float | None:
+        with self._lock:
+            return max(0.0, self._retries[0][0] - time.monotonic()) if self._retries else None
+
+    def _due_retries(self) -> None:
+        with self._lock:
+            while self._retries and self._retries[0][0] <= time.monotonic():
+                self._ready.put(heapq.heappop(self._retries)[1])
+
+    def _try(self, post: OutgoingPost) -> str:
+        """One try of a post: 'ok' (and its answer posted back), 'retry' or 'final'."""
         hook, msg = post.hook, post.message
+        post.tries += 1
         body = json.dumps({"token": hook.secret, "team_id": "", "team_domain": "", "channel_id": msg.room,
                            "channel_name": msg.room, "timestamp": int(msg.ts * 1000),
                            "user_id": name_key(msg.sender), "user_name": msg.sender, "post_id": str(msg.id),
                            "text": msg.text, "trigger_word": post.trigger, "file_ids": ""}).encode()
-        wait = HOOK_BACKOFF
-        for attempt in range(self.config.outgoing_retries + 1):
-            if attempt:
-                if self._stopping.wait(wait):
-                    return False
-                wait *= 2
-            outcome, answer = self._post(hook, body)
-            if outcome == "ok":
-                self._answer(hook, answer)
-                return True
-            if outcome == "final" or self._stopping.is_set():
-                return False
-        log.warning("outgoing hook %d (%s): gave up after %d tries", hook.id, redact_url(hook.url),
-                    self.config.outgoing_retries + 1)
-        return False
+        outcome, answer = self._post(hook, body)
+        if outcome == "ok":
+            self._answer(hook, answer)
+        return "final" if outcome == "retry" and self._stopping.is_set() else outcome
 
     def _connect(self, hook: HookRecord, timeout: float) -> http.client.HTTPConnection:
         """A connection to the hook's server, made to an address checked not to be this server's (the
@@ -9406,7 +9479,8 @@ class OutgoingHooks:
         return conn
 
     def _post(self, hook: HookRecord, body: bytes) -> tuple[str, bytes]:
-        """One try: ('ok', its answer), ('retry', b'') or ('final', b'') (a 4xx, or a URL that is us)."""
+        """One try: ('ok', its answer), ('retry', b'') or ('final', b'') (a 4xx, a URL that is us, or
+        no answer in time)."""
         timeout = self.config.outgoing_timeout
         parts = urlsplit(hook.url)
         headers = {"Content-Type": JSON_TYPE, "Accept": JSON_TYPE, "User-Agent": f"chatctl/{__version__}"}
@@ -9432,16 +9506,18 @@ class OutgoingHooks:
             answer = response.read(HOOK_ANSWER_BYTES)
             if 200 <= response.status < 300:
                 return "ok", answer
-            log.warning("outgoing hook %d (%s) answered %d", hook.id, redact_url(hook.url), response.status)
+            log.warning("outgoing hook %d (%s) answered %d", hook.id, redact_hook_url(hook.url),
+                        response.status)
             return ("retry" if response.status >= 500 or response.status == 429 else "final"), b""
         except HookRefused as exc:
-            log.warning("outgoing hook %d (%s): %s; not posted", hook.id, redact_url(hook.url), exc)
+            log.warning("outgoing hook %d (%s): %s; not posted", hook.id, redact_hook_url(hook.url), exc)
             return "final", b""
         except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, timed out, cut short
-            late = f" (not done in {timeout:g} s)" if fired.is_set() else ""
-            log.warning("outgoing hook %d (%s) failed%s: %s", hook.id, redact_url(hook.url), late,
+            late = fired.is_set() or isinstance(exc, TimeoutError)
+            log.warning("outgoing hook %d (%s) failed%s: %s", hook.id, redact_hook_url(hook.url),
+                        f" (not done in {timeout:g} s)" if late else "",
                         getattr(exc, "reason", None) or exc or type(exc).__name__)
-            return "retry", b""
+            return ("final" if late else "retry"), b""
         finally:
             cut.cancel()
             if conn is not None:
@@ -9599,7 +9675,9 @@ class MetricsCollector:
 
 register_gateway(Gateway("http", sniff=looks_like_http, enabled=lambda config: config.http.enabled,
                          port=lambda config: config.http.port, attach=HttpGate, raw=True,
-                         service=HttpService))
+                         service=HttpService, refuse=lambda reason: http_error(
+                             503, "too-many-connections", reason, close=True,
+                             headers=[("Retry-After", "5")])))
 
 
 # =============================================================================

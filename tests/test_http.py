@@ -100,7 +100,8 @@ def test_healthz_and_readyz_answer_json_on_the_chat_port(server):
     assert body["status"] == "ok" and body["version"] == chatctl.__version__
     status, headers, body = request(server.port, "GET", "/readyz")
     assert status == 200 and headers["content-type"] == "application/json"
-    assert json.loads(body) == {"status": "ready", "checks": {"listening": True, "history": True}}
+    assert json.loads(body) == {"status": "ready", "checks": {"listening": True, "commits": True,
+                                                              "history": True}}
     status, headers, body = request(server.port, "HEAD", "/healthz")
     assert status == 200 and body == b"" and int(headers["content-length"]) > 0
 
@@ -652,6 +653,7 @@ class TricklingServer:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/"
         self.closed = False
+        self.accepted = 0
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -660,6 +662,7 @@ class TricklingServer:
                 sock, _ = self.listener.accept()
             except OSError:
                 return
+            self.accepted += 1
             threading.Thread(target=self._trickle, args=(sock,), daemon=True).start()
 
     def _trickle(self, sock: socket.socket) -> None:
@@ -741,7 +744,7 @@ def test_a_body_in_a_thousand_tiny_chunks_and_huge_trailers_are_refused(hook_ser
     _, token = add_hook(server)
     head = f"POST /hooks/{token} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
     reply = raw_exchange(server.port, head + b"1\r\na\r\n" * 5000 + b"0\r\n\r\n")
-    assert reply.startswith(b"HTTP/1.1 400 ") and b"pieces" in reply
+    assert reply.startswith(b"HTTP/1.1 400 ") and b"more than 1024 chunks" in reply
     trailers = b"".join(b"X-T%d: %s\r\n" % (i, b"y" * 50) for i in range(100))
     reply = raw_exchange(server.port, head + b'd\r\n{"text":"hi"}\r\n0\r\n' + trailers + b"\r\n")
     assert reply.startswith(b"HTTP/1.1 431 ")
@@ -749,8 +752,85 @@ def test_a_body_in_a_thousand_tiny_chunks_and_huge_trailers_are_refused(hook_ser
 
 def test_hook_list_hides_the_secrets_in_an_outgoing_url(hook_server, isolated_home):
     server = hook_server()
-    add_hook(server, name="keyed", url="http://admin:S3cretPW@127.0.0.1:9/x?apikey=TOPSECRET", trigger="!k")
+    for i, url in enumerate(("http://admin:S3cretPW@127.0.0.1:9/x?apikey=TOPSECRET",
+                             "http://SECRETUSER@127.0.0.1:9/x;SECRETPARAM?SECRETQ#SECRETFRAG")):
+        add_hook(server, name=f"keyed{i}", url=url, trigger="!k")
     listed = run_cli("hook", "list", "-p", str(server.port), "--json",
                      env={**isolated_home, "CHATCTL_OPERATOR_PASSWORD": OPERATOR})
-    assert "S3cretPW" not in listed.stdout and "TOPSECRET" not in listed.stdout
-    assert json.loads(listed.stdout)[0]["url"] == "http://admin:***@127.0.0.1:9/x?apikey=***"
+    assert "SECRET" not in listed.stdout.upper().replace("SECRETS", "") and "S3cretPW" not in listed.stdout
+    assert [h["url"] for h in json.loads(listed.stdout)] == ["http://***@127.0.0.1:9/x?***",
+                                                             "http://***@127.0.0.1:9/x;***?***#***"]
+
+
+# --- what the second attack run found -------------------------------------------------------------
+
+
+def test_a_lone_surrogate_is_shown_as_a_replacement_and_storage_goes_on(hook_server):
+    server = hook_server()
+    bot = BotServer({"text": "only \ud800 text", "username": "\udfff"})
+    try:
+        add_hook(server, name="tbot", url=bot.url, trigger="!t")
+        _, token = add_hook(server)
+        ana = room_member(server.port, "ana")
+        ana.send(b"MSG|#deploys|!t a\n")
+        ana.expect("MSG_OK")
+        assert ana.expect("MSG|#deploys|", timeout=10).endswith("|tbot|[\ufffd] only \ufffd text")
+        status, _, body = request(server.port, "POST", f"/hooks/{token}",
+                                  b'{"text": "hi \\udfff", "username": "\\ud800"}')
+        assert (status, body) == (200, b"ok")
+        assert ana.expect("MSG|#deploys|").endswith("|ci|[\ufffd] hi \ufffd")
+        ana.send(b"MSG|#deploys|still stored\n")
+        assert ana.expect("MSG_OK|")
+        assert json.loads(request(server.port, "GET", "/readyz")[2])["status"] == "ready"
+    finally:
+        bot.close()
+
+
+def test_slow_and_dead_hooks_never_hold_up_a_working_one(hook_server):
+    server = hook_server(outgoing_timeout=1.0, outgoing_retries=3)
+    slow, bot = TricklingServer(), BotServer({"text": "on it"})
+    dead = socket.create_server(("127.0.0.1", 0))
+    dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}/"
+    dead.close()  # refused: tried again after 1, 2 and 4 s
+    try:
+        for i in range(5):
+            add_hook(server, name=f"slow{i}", url=slow.url, trigger="!go")
+            add_hook(server, name=f"dead{i}", url=dead_url, trigger="!go")
+        add_hook(server, name="goodbot", url=bot.url, trigger="!good")
+        ana = room_member(server.port, "ana")
+        ana.send(b"MSG|#deploys|!go\n")
+        ana.expect("MSG_OK")
+        wait_until(lambda: slow.accepted >= 4, timeout=5)  # every worker busy with a slow hook, or more
+        ana.send(b"MSG|#deploys|!good now\n")
+        start = time.monotonic()
+        assert ana.expect("MSG|#deploys|", timeout=10).endswith("|goodbot|on it")
+        assert time.monotonic() - start < 2.5
+    finally:
+        slow.close()
+        bot.close()
+
+
+def test_a_body_nobody_would_read_is_refused_at_once(hook_server):
+    server = hook_server()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        start = time.monotonic()
+        assert sock.recv(4096).startswith(b"HTTP/1.1 405 ") and time.monotonic() - start < 1
+
+
+def test_the_absolute_form_of_a_request_is_understood(server):
+    reply = raw_exchange(server.port, b"GET http://chat.lan:7001/healthz HTTP/1.1\r\nHost: chat.lan\r\n"
+                         b"Connection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 ") and b'"status":"ok"' in reply
+
+
+def test_a_refused_connection_to_the_http_port_gets_an_http_answer(make_server):
+    port = free_port()
+    make_server(max_per_address=2, http=chatctl.HttpConfig(port=port))
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    try:
+        reply = raw_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 503 ") and b'"error":"too-many-connections"' in reply
+    finally:
+        for sock in held:
+            sock.close()
