@@ -9078,6 +9078,7 @@ class HttpGate(Encoding):
         self.service = next(s for s in self.server.services if isinstance(s, HttpService))
         self.parser = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header)
         self.request = None          # the h11.Request being read, until its end
+        self.fields: dict[bytes, bytes] = {}  # its headers (lower-case names; the last of a repeated one)
         self.body = bytearray()
         self.pieces = 0              # the chunks its body came in so far
         self.started = 0.0           # when the request under way began (0: none is)
@@ -9131,18 +9132,19 @@ class HttpGate(Encoding):
     def begin(self, request) -> None:
         """A request's line and headers are in: check them before its body comes."""
         self.request, self.body, self.pieces = request, bytearray(), 0
-        headers = request.headers
+        headers = list(request.headers)  # (h11's Headers is a Sequence: iterated once, here)
+        self.fields = dict(headers)
         size = len(request.target) + sum(len(name) + len(value) + 4 for name, value in headers)
         if size > self.config.max_header:
             self.answer(http_error(431, "headers-too-large", f"a request's headers are "
                                    f"{self.config.max_header} bytes at most", close=True), close=True)
             return
-        names = [name for name, _ in headers]
+        names = self.fields
         if b"transfer-encoding" in names and b"content-length" in names:  # a smuggler's request
             self.answer(http_error(400, "bad-request", "both Transfer-Encoding and Content-Length",
                                    close=True), close=True)
             return
-        length = next((value for name, value in headers if name == b"content-length"), b"0")
+        length = names.get(b"content-length", b"0")
         if int(length) > self.config.max_body:
             self.answer(http_error(413, "body-too-large", f"a body is {self.config.max_body} bytes at most",
                                    close=True), close=True)
@@ -9163,7 +9165,8 @@ class HttpGate(Encoding):
         """A whole request is in: answer it, then read the next with a new parser."""
         request, body = self.request, bytes(self.body)
         self.request, self.body, self.started = None, bytearray(), 0.0
-        keep = self.parser.their_http_version == b"1.1" and not self._asks_to_close(request)
+        keep = self.parser.their_http_version == b"1.1" and b"close" not in self.fields.get(b"connection",
+                                                                                              b"").lower()
         leftover, _ = self.parser.trailing_data
         self.parser = self.h11.Connection(self.h11.SERVER, max_incomplete_event_size=self.config.max_header)
         try:
@@ -9182,10 +9185,6 @@ class HttpGate(Encoding):
             self.parser.receive_data(bytes(leftover))
             if not self.started:
                 self.started = time.monotonic()
-
-    @staticmethod
-    def _asks_to_close(request) -> bool:
-        return any(name == b"connection" and b"close" in value.lower() for name, value in request.headers)
 
     def route(self, request, body: bytes, close: bool) -> None:
         path = request_path(request.target)
@@ -9206,8 +9205,7 @@ class HttpGate(Encoding):
         if path.startswith("/hooks/") and path.count("/") == 2:
             hook = self.server.hooks.incoming(path[len("/hooks/"):])
             if hook is not None:
-                content_type = next((v.decode("latin-1") for n, v in request.headers
-                                     if n == b"content-type"), JSON_TYPE)
+                content_type = self.fields.get(b"content-type", JSON_TYPE.encode()).decode("latin-1")
                 self.post(hook, content_type, body, close)
                 return
         self.answer(http_error(404, "not-found", "nothing here (a webhook's token may be wrong)", close=close,

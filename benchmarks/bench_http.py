@@ -10,8 +10,9 @@ load from this process and ``chatctl bench`` on core 1):
   answered 200 ``ok`` once stored;
 - the same messages posted over the chat protocol (one chatctl/1 connection, 16 in flight) and by
   ``chatctl send`` processes (one process per message, as a script without webhooks would);
-- 100 clients chatting (``chatctl bench -n 100 -s 10``), alone and while webhook posts come at
-  ``--post-rate`` (1,000/s): the chat's deliveries/s in both, and the posts/s meanwhile;
+- 100 clients chatting, 10 of them sending (chatbench's ``chatload`` where /tmp/chatload is built,
+  else ``chatctl bench``), alone and while webhook posts come at each of ``--post-rates`` (1,000
+  and 500/s): the chat's deliveries/s, and the posts/s meanwhile;
 - the time of a /metrics scrape (median of 20) with 10,000 connections open.
 """
 
@@ -34,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_performance import LOAD_CONFIG, ROOT, listening_port, machine_line, median, pinned
+from bench_performance import CHATLOAD, LOAD_CONFIG, ROOT, listening_port, machine_line, median, pinned
 
 import chatctl
 
@@ -127,14 +128,22 @@ def send_processes(port: int, messages: int) -> float:
 
 
 def chat_bench(port: int, messages: int) -> subprocess.Popen:
-    return subprocess.Popen([*pinned(1), sys.executable, str(ROOT / "chatctl.py"), "bench", "-p", str(port),
-                             "-n", "100", "-s", "10", "-m", str(messages), "--json", "--yes"],
-                            stdout=subprocess.PIPE, text=True)
+    """100 clients chatting, 10 sending: chatbench's chatload (C, so the load is not the limit) where it
+    is built, else ``chatctl bench``."""
+    if CHATLOAD.exists():
+        command = [str(CHATLOAD), "--proto", "seed", "--host", "127.0.0.1", "--port", str(port), "-n", "100",
+                   "-s", "10", "-m", str(messages)]
+    else:
+        command = [sys.executable, str(ROOT / "chatctl.py"), "bench", "-p", str(port), "-n", "100",
+                   "-s", "10", "-m", str(messages), "--json", "--yes"]
+    return subprocess.Popen([*pinned(1), *command], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
 
 
 def deliveries(proc: subprocess.Popen) -> float:
     out, _ = proc.communicate(timeout=600)
-    return json.loads(out)["deliveries_per_s"]
+    result = json.loads(out.strip().splitlines()[-1])
+    return result.get("deliveries_per_s")
 
 
 def scrape_with_connections(port: int, connections: int) -> float:
@@ -171,10 +180,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds of webhook posts per row")
-    parser.add_argument("--messages", type=int, default=3000, help="chat messages per bench sender")
+    parser.add_argument("--messages", type=int, default=20000,
+                        help="chat messages per sender (a few seconds)")
     parser.add_argument("--connections", type=int, default=10_000)
-    parser.add_argument("--post-rate", type=float, default=1000.0,
-                        help="webhook posts/s offered beside the chat (0: flat out)")
+    parser.add_argument("--post-rates", default="1000,500",
+                        help="webhook posts/s offered beside the chat, one row each (0: flat out)")
     args = parser.parse_args()
     if len(os.sched_getaffinity(0)) >= 2:
         os.sched_setaffinity(0, {1})
@@ -195,17 +205,20 @@ def main() -> None:
             with server(workdir) as port:
                 rows.setdefault("chat deliveries/s, 100 clients, alone", []).append(
                     deliveries(chat_bench(port, args.messages)))
-            with server(workdir) as port:
-                token = add_hook(port)
-                bench = chat_bench(port, args.messages)
-                posted: list[float] = []
-                poster = threading.Thread(target=lambda p=port, t=token, out=posted: out.append(
-                    webhook_posts(p, t, args.seconds, args.post_rate)))
-                poster.start()
-                chat = deliveries(bench)
-                poster.join()
-                rows.setdefault("chat deliveries/s, 100 clients, with webhook posts", []).append(chat)
-                rows.setdefault("webhook posts/s meanwhile (offered: --post-rate)", []).append(posted[0])
+            for rate in (float(r) for r in args.post_rates.split(",")):
+                with server(workdir) as port:
+                    token = add_hook(port)
+                    bench = chat_bench(port, args.messages)
+                    posted: list[float] = []
+                    poster = threading.Thread(target=lambda p=port, t=token, r=rate, out=posted: out.append(
+                        webhook_posts(p, t, args.seconds, r)))
+                    poster.start()
+                    chat = deliveries(bench)
+                    poster.join()
+                    rows.setdefault(f"chat deliveries/s, 100 clients, with {rate:,.0f} posts/s offered",
+                                    []).append(chat)
+                    rows.setdefault(f"webhook posts/s made meanwhile ({rate:,.0f} offered)",
+                                    []).append(posted[0])
         with server(workdir) as port:
             scrape_ms = scrape_with_connections(port, args.connections)
     print(machine_line())
@@ -213,8 +226,10 @@ def main() -> None:
     for label, values in rows.items():
         print(f"| {label} | {median(values):,.0f} |")
     alone = median(rows["chat deliveries/s, 100 clients, alone"])
-    mixed = median(rows["chat deliveries/s, 100 clients, with webhook posts"])
-    print(f"\nchat throughput with webhook posts: {mixed / alone:.2f} of without")
+    for rate in (float(r) for r in args.post_rates.split(",")):
+        mixed = median(rows[f"chat deliveries/s, 100 clients, with {rate:,.0f} posts/s offered"])
+        print(f"\nchat throughput with {rate:,.0f} webhook posts/s: {mixed / alone:.2f} of without", end="")
+    print()
     print(f"/metrics scrape with {args.connections:,} connections open: {scrape_ms:.1f} ms (median of 20)")
 
 
