@@ -4393,6 +4393,12 @@ class ServerStats:
         with self._lock:
             self._counters[name, label] += n
 
+    def count_each(self, name: str, counts: dict[str, int]) -> None:
+        """``count`` of each label in ``counts``, at once."""
+        with self._lock:
+            for label, n in counts.items():
+                self._counters[name, label] += n
+
     def observe(self, name: str, value: float) -> None:
         with self._lock:
             self._histograms[name].observe(value)
@@ -6325,7 +6331,6 @@ class FanOut:
         with self.lock:
             pending.sender.last_pending = pending
             pending.sender.in_flight += 1
-        self.server.stats.count("messages_accepted", pending.message.kind)
         self.server.log.submit(pending)
 
     def _wait_in_flight(self, session: ClientSession) -> None:
@@ -6354,6 +6359,9 @@ class FanOut:
         stats.observe("commit_batch_messages", len(batch))
         if batch[0].accepted_at:
             stats.observe("commit_latency_seconds", time.monotonic() - batch[0].accepted_at)
+        # (counted once committed, per batch: a count per message was a lock per message)
+        stats.count_each("messages_accepted", collections.Counter(p.message.kind for p in batch
+                                                                  if p.accepted_at))
         for service in self.server.services:  # (outgoing webhooks look for their trigger words)
             service.committed(batch)
 
@@ -6421,6 +6429,7 @@ class FanOut:
     def not_stored(self, batch: list[PendingMessage], code: str) -> None:
         """The commit log's callback: ``batch`` could not be stored (``code``: why, an ERROR_CODES
         key), so it goes to nobody."""
+        self.server.stats.count("refused", code, len(batch))
         ready = []
         with self.lock:
             for pending in batch:
@@ -9628,7 +9637,7 @@ class MetricsCollector:
         yield gauge("devices_online", "connections holding a name (an account's devices each)",
                     len(server.members()))
         yield gauge("rooms", "rooms the server keeps", len(server.registry.rooms))
-        yield counter("messages_accepted", "messages accepted, by kind (msg, me, dm)", "kind")
+        yield counter("messages_accepted", "messages accepted and stored here, by kind (msg, me, dm)", "kind")
         yield counter("refused", "requests and messages refused, by reason (the ERR code)", "reason")
         yield counter("deliveries", "messages handed to their readers (one per reader)")
         yield counter("sendq_drops", "clients dropped for not reading (SendQ exceeded)")
