@@ -128,7 +128,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import ClassVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import click
 
@@ -4409,10 +4409,6 @@ class ServerStats:
             return (dict(self._counters),
                     {name: (h.cumulative(), h.total) for name, h in self._histograms.items()})
 
-    def value(self, name: str, label: str = "") -> int:
-        with self._lock:
-            return self._counters[name, label]
-
 
 class OutboundQueue:
     """Bytes waiting to be written to one client, bounded like an IRC server's SendQ.
@@ -5735,9 +5731,7 @@ class ClientSession:
             raise ProtocolError("token-login", ERROR_CODES["token-login"])
         if not self.owner:
             raise ProtocolError("not-owner", "only the owner of a protected name can say it is a bot's")
-        self.server.local_accounts.set_bot(self.key, True)
-        self.server.bots = self.server.local_accounts.bots()
-        log.info("%s is a bot's name now", self.name)
+        self.server.make_bot(self.key, self.name)
         self.tell(Confirmed("BOT", self.name))
 
     def handle_unregister(self, arg: str | None) -> None:
@@ -7021,6 +7015,8 @@ class Hooks:
 
     def counted(self, hook_id: int, ok: bool) -> None:
         with self._lock:
+            if hook_id not in self.records:  # removed while its post was under way
+                return
             figures = self._figures[hook_id]
             figures[0 if ok else 1] += 1
             if ok:
@@ -7670,9 +7666,7 @@ class ChatServer:
                                     "nobody uses")
             # a bot's account nobody logs in to: its password is random and said to nobody
             self.local_accounts.protect(key, name, self.hasher.run(hash_password, new_token()))
-            self.local_accounts.set_bot(key, True)
-            self.bots = self.local_accounts.bots()
-            log.info("%s is a bot's name now, for a webhook", name)
+            self.make_bot(key, name, " (a webhook's)")
         self.hook_room(room)
         token = HOOK_PREFIX + new_token().removeprefix(TOKEN_PREFIX)
         record = HookRecord(0, "outgoing" if url is not None else "incoming", name, room,
@@ -7683,6 +7677,12 @@ class ChatServer:
         log.info("%s added %s webhook %d: %s in #%s%s", record.creator, record.kind, record.id, name, room,
                  f" -> {redact_hook_url(url)}" if url else "")
         return record, token
+
+    def make_bot(self, key: str, name: str, why: str = "") -> None:
+        """Mark the protected name ``key`` a bot's (its lists say so; it may hold tokens and hooks)."""
+        self.local_accounts.set_bot(key, True)
+        self.bots = self.local_accounts.bots()  # replaced whole: readers take no lock
+        log.info("%s is a bot's name now%s", name, why)
 
     def remove_hook(self, session: ClientSession, hook_id: int) -> None:
         record = self.hooks.remove(hook_id)
@@ -9040,8 +9040,6 @@ def hook_message(payload: object, hook_name: str, hook_room: str) -> str:
 def read_payload(content_type: str, body: bytes) -> object:
     """A webhook's body as a payload: JSON, or a form with ``payload=`` JSON (as Slack and Mattermost
     take it) or plain fields (``text=...``); ProtocolError(invalid-payload) when it is neither."""
-    from urllib.parse import parse_qs
-
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
