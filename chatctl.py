@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""chatctl: a terminal chat system in one module.
+"""chatctl: a chat system in one module, for terminals, IRC apps and browsers.
 
     chatctl serve                      # a threaded chat server on port 7001
     chatctl who                        # who is online (a table, or --json)
@@ -31,13 +31,16 @@ Contents, in dependency order (search for the banner to jump):
    10. HTTP gateway           HttpGate (h11 on the same poller): Slack-style webhooks, /healthz, /readyz,
                               /metrics; OutgoingHooks; HttpService (the gateway's server-wide part) and
                               MetricsCollector; registered as a Gateway
-   11. Client                 ChatConnection, one-shot helpers, RoomsModel, LiveSession (the link),
+   11. Browser client         the web/ folder served at / (WebAssets); login, logout and the session
+                              cookie (/api/...); WebSocketGate: a tab's WebSocket as a ClientSession,
+                              chatctl/1 requests in, the events as JSON out (WebJson)
+   12. Client                 ChatConnection, one-shot helpers, RoomsModel, LiveSession (the link),
                               ChatClient (the chat behind join and tui, no terminal in it)
-   12. Load generator         LoadGenerator (chatctl bench)
-   13. Rendering              tables for one-shot commands; join's front-end (JoinClient)
-   14. Full-screen client     tui (a Textual app over ChatClient) and web (the same app in a browser)
-   15. CLI                    thin click commands over the objects above
-   16. main()
+   13. Load generator         LoadGenerator (chatctl bench)
+   14. Rendering              tables for one-shot commands; join's front-end (JoinClient)
+   15. Full-screen client     tui (a Textual app over ChatClient)
+   16. CLI                    thin click commands over the objects above
+   17. main()
 
 Threads and locks (the server's; each class docstring says the same of its own fields):
 
@@ -70,13 +73,14 @@ Threads and locks (the server's; each class docstring says the same of its own f
       4. leaves, which take no other lock: Presence._lock, FanOut._delivered, Room._lock,
          ClientSession._ending, OutboundQueue._lock, IrcGate._lock, Writer._lock,
          ReadPoller._lock, LocalLog._lock, AddressBudget._lock, AuthThrottle._lock,
-         PasswordHasher._lock, HistoryStore's, AccountStore's and HookStore's locks, RedisBus._lock,
+         PasswordHasher._lock, HistoryStore's, AccountStore's, HookStore's and WebSessionStore's
+         locks, RedisBus._lock,
          ClusterMirror._lock, Hooks._lock, ServerStats._lock, OutgoingHooks._lock
 
     The clients: LiveSession's reader thread (chatctl-join-reader) hands events to ChatClient,
     whose _lock (an RLock) guards what it and the front-end's thread share; RoomsModel._lock is
-    a leaf below it.  tui connects on chatctl-tui-connect, so its screen is up at once; a chatctl
-    web page's chatctl-page-watch ends it when its host is gone.
+    a leaf below it.  tui connects on chatctl-tui-connect, so its screen is up at once.  The browser
+    client's chat state lives in its own model (web/model.js), with the page's views over it.
 """
 
 from __future__ import annotations
@@ -111,7 +115,6 @@ import queue
 import re
 import select
 import selectors
-import shlex
 import shutil
 import signal
 import socket
@@ -166,12 +169,6 @@ TUI_SIDEBAR = 24                     # columns of the room list and of the membe
 TUI_ROWS_PER_LINE = 4                # rows the log keeps per line of the window (long lines wrap)
 TUI_LINE_BREAK = "⏎"                 # a line break, on tui's one-line input (a recalled or kept paste)
 MAX_DM_CONVERSATIONS = 50            # direct-message conversations tui keeps; a new one drops the quietest
-WEB_PORT = 8080                      # chatctl web's page
-PAGE_EXIT_WAIT = 5.0                 # how long chatctl web, stopping, waits for its pages to end
-PAGE_WATCH_INTERVAL = 1.0            # how often a chatctl web page looks whether its host is still there
-WEB_PAGES = 20                       # pages chatctl web serves at once (each is a tui process, ~70 MiB)
-WEB_COLUMNS = 300                    # a page's terminal is at most this wide ...
-WEB_ROWS = 120                       # ... and this tall, whatever the browser asks for
 PIPED_TABLE_WIDTH = 100_000          # a table piped to a program is as wide as its content, up to this
 PASTE_PREVIEW_LINES = 5              # the lines of a paste tui shows when it asks whether to send it
 PASTE_CONFIRM_LINES = 5              # a pasted message longer than this asks before sending
@@ -291,6 +288,17 @@ HOOK_PREFIX = "chatctl_hook_"        # an incoming hook's token starts with this
 HOOK_TEXT_CHARS = 4000               # a webhook's text is cut here (a message is one frame)
 MAX_TRIGGER_CHARS = 64               # longest trigger word of an outgoing hook
 
+# The browser client (section 11), served at / of the HTTP side; also keys of [http].
+WEB_FOLDER = "web"                   # its files, beside chatctl.py (or in <prefix>/share/chatctl/web)
+WEB_SESSION_DAYS = 30.0              # a browser stays logged in this long after its last use
+WEB_SESSIONS_PER_NAME = 50           # browsers one name may be logged in from; a new login drops the oldest
+WEB_PING_INTERVAL = 30.0             # a quiet tab's WebSocket gets a ping this often (an answer is input)
+WEB_COOKIE = "chatctl_session"       # the cookie that holds a browser's session token
+WEB_TOKEN_PREFIX = "chatctl_web_"    # a browser session's token starts with this
+WEB_AGENT_CHARS = 120                # what is kept of a browser's User-Agent (its device list shows it)
+# Retired keys: a config file that still sets one is read, with a warning naming what replaced it.
+RETIRED_KEYS = {("client", "web_pages"), ("client", "web_columns"), ("client", "web_rows")}
+
 log = logging.getLogger("chatctl")
 
 EXIT_OK = 0
@@ -370,7 +378,7 @@ class NotConnected(ClientError):
 
 
 class FrontEndError(ChatError):
-    """The full-screen client cannot start: no terminal, or chatctl web without textual-serve."""
+    """A front-end cannot start: no terminal for tui, or the retired chatctl web."""
 
 
 class Interrupted(FrontEndError):
@@ -1510,10 +1518,6 @@ class ClientConfig:
     user_password: str = _key("", "the password of your protected name; better set CHATCTL_USER_PASSWORD")
     token: str = _key("", "a token of your protected name (chatctl token create), used instead of its "
                       "password; better set CHATCTL_TOKEN")
-    web_pages: int = _key(WEB_PAGES, "pages chatctl web serves at once (each is a tui process)",
-                          min=1, max=10_000)
-    web_columns: int = _key(WEB_COLUMNS, "the widest terminal a chatctl web page gets", min=40, max=2000)
-    web_rows: int = _key(WEB_ROWS, "the tallest terminal a chatctl web page gets", min=10, max=1000)
     files: tuple[Path, ...] = field(default=(), repr=False, metadata={"internal": True})
 
 
@@ -1567,6 +1571,9 @@ class HttpConfig:
                                  min=0, max=10)
     outgoing_queue: int = _key(HOOK_QUEUE, "outgoing posts that may wait; past that a trigger is dropped",
                                min=1)
+    web: bool = _key(True, "serve the browser client at / (chatctl serve --no-web turns it off)")
+    session_days: float = _key(WEB_SESSION_DAYS, "days a browser stays logged in after its last use",
+                               min=0.01, max=3650)
     files: tuple[Path, ...] = field(default=(), repr=False, metadata={"internal": True})
 
 
@@ -1730,6 +1737,10 @@ def _read_config_file(path: Path) -> dict[str, dict[str, object]]:
             raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join(CONFIG_SECTIONS)})")
         keys = config_keys(cls)
         for key, value in values.items():
+            if (section, key) in RETIRED_KEYS:
+                log.warning("%s: [%s] %s is retired with chatctl web (the browser client is served by "
+                            "chatctl serve now); it is ignored", path, section, key)
+                continue
             if key not in keys:
                 raise ConfigError(f"{path}: unknown key [{section}] {key}")
             checked.setdefault(section, {})[key] = _convert(keys[key], value, f"{path}: [{section}] {key}",
@@ -2635,6 +2646,74 @@ class HookStore:
     def remove(self, hook_id: int) -> bool:
         with self._lock:
             return self._db.execute("DELETE FROM hooks WHERE id = ?", (hook_id,)).rowcount > 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+@dataclass(frozen=True, slots=True)
+class WebLogin:
+    """A browser's session (its cookie's token, kept as its SHA-256): the name it logged in as, and
+    the password hash that name had then ('': a name nobody protected), which must still be its hash."""
+
+    hash: str
+    key: str
+    name: str
+    proved: str
+    created: float
+    used: float
+    agent: str
+
+
+class WebSessionStore:
+    """The browsers' sessions, in the accounts file (a table of their own, on a connection of their
+    own), so a login outlives a restart; its ``_lock`` is a leaf."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA busy_timeout = 5000")
+            self._db.execute("CREATE TABLE IF NOT EXISTS web_sessions (hash TEXT PRIMARY KEY, "
+                             "key TEXT NOT NULL, name TEXT NOT NULL, proved TEXT NOT NULL, "
+                             "created REAL NOT NULL, used REAL NOT NULL, agent TEXT NOT NULL DEFAULT '')")
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError(f"{self.path}: cannot use the web_sessions table: {exc}") from None
+        self._lock = threading.Lock()
+
+    def add(self, login: WebLogin, most: int) -> None:
+        """Keep ``login``; past ``most`` sessions of its name the least recently used ones go."""
+        with self._lock:
+            self._db.execute("INSERT INTO web_sessions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             dataclasses.astuple(login))
+            self._db.execute("DELETE FROM web_sessions WHERE key = ? AND hash NOT IN (SELECT hash FROM "
+                             "web_sessions WHERE key = ? ORDER BY used DESC LIMIT ?)",
+                             (login.key, login.key, most))
+
+    def find(self, token_hash: str, max_age: float) -> WebLogin | None:
+        """The session whose token has this hash, unless unused for ``max_age`` seconds (then it goes);
+        it counts as used now."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("DELETE FROM web_sessions WHERE used < ?", (now - max_age,))
+            row = self._db.execute("SELECT * FROM web_sessions WHERE hash = ?", (token_hash,)).fetchone()
+            if row is None:
+                return None
+            self._db.execute("UPDATE web_sessions SET used = ? WHERE hash = ?", (now, token_hash))
+        return WebLogin(*row)
+
+    def revoke(self, token_hash: str) -> bool:
+        with self._lock:
+            return self._db.execute("DELETE FROM web_sessions WHERE hash = ?", (token_hash,)).rowcount > 0
+
+    def revoke_others(self, key: str, keep: str = "") -> list[str]:
+        """Forget every session of ``key`` but ``keep``; their hashes."""
+        with self._lock:
+            hashes = [row[0] for row in self._db.execute("SELECT hash FROM web_sessions WHERE key = ? "
+                                                         "AND hash != ?", (key, keep))]
+            self._db.execute("DELETE FROM web_sessions WHERE key = ? AND hash != ?", (key, keep))
+        return hashes
 
     def close(self) -> None:
         with self._lock:
@@ -5365,7 +5444,9 @@ class ClientSession:
         self.number = 0                     # its number among its name's devices (LOGOUT|n), set at USER
         self.client_kind = "seed"           # what it is (DEVICES): chatctl, join, tui, web, bot, irc
         self.proved = ""                    # the password hash of its protected name it proved (or set)
-        self.device_name = ""               # the name it gave itself (an IRC app's ana@phone): caught up by
+        self.device_name = ""               # the name it gave itself (an IRC app's ana@phone)
+        self.web_login = ""                 # a browser tab's: its session's token hash, and the password
+        self.web_proved = ""                # ... hash its name had at the login ('': a free name)
         self.connected_at = time.monotonic()
         self.last_active = self.connected_at  # any input: for the idle timeout
         self.last_spoke = self.connected_at   # last message sent: the idle time USERS shows
@@ -5580,6 +5661,10 @@ class ClientSession:
                     self.speak(gateway)
                     self.gate.handle(item)
                     return
+        self.command(item)
+
+    def command(self, item: bytes) -> None:
+        """Run one chatctl/1 request (a gate whose protocol carries our requests calls this too)."""
         request = decode_request(item)
         handler = COMMAND_HANDLERS.get(request.verb)
         if handler is None:
@@ -5863,6 +5948,13 @@ class ClientSession:
                     self.server.mirror.logged_out(device.token, at)
                 elif device.leave(LOGGED_OUT, Goodbye(f"{LOGGED_OUT} by {by}")):
                     log.info("logged out %s from %s (by %s)", device.name, device.peer, self.peer)
+            # a browser logged out stays out: its session goes too, or its tab would log in again at once
+            logins = self.server.web_logins
+            if number is None:
+                logins.revoke_others(self.key)
+            for device in devices:
+                if getattr(device, "web_login", ""):
+                    logins.revoke(device.web_login)
         self.tell(Confirmed("LOGOUT", str(len(devices))))
 
     def handle_bots(self, arg: str | None) -> None:
@@ -7164,6 +7256,7 @@ class ChatServer:
         self.fanout = FanOut(self, self.log.last_id)
         self._load_rooms()
         self.hooks = Hooks(HookStore(self.local_accounts.path), self.config.http)
+        self.web_logins = WebSessionStore(self.local_accounts.path)  # browsers' sessions (section 11)
         # what other protocols need server-wide (HTTP: metrics and outgoing webhooks)
         self.services = [gateway.service(self) for gateway in GATEWAYS.values() if gateway.service]
 
@@ -7288,6 +7381,7 @@ class ChatServer:
         for service in self.services:
             service.stop(timeout)
         self.hooks.store.close()
+        self.web_logins.close()
         self.local_accounts.close()
         self.writer.stop(timeout)
         self._wake_r.close()
@@ -7398,6 +7492,13 @@ class ChatServer:
                 f"wrong password for {session.name}"):
             raise ProtocolError("bad-password", f"wrong password for {session.name!r}")
 
+    def end_web_logins(self, hashes: Iterable[str], reason: str) -> None:
+        """Disconnect the tabs of the browser sessions ``hashes`` (revoked: they hold no name now)."""
+        hashes = set(hashes)
+        for s in self.registry.sessions():
+            if s.web_login and s.web_login in hashes:
+                s.disconnect(reason)
+
     def end_token_sessions(self, key: str, hashed: str, reason: str) -> None:
         """Disconnect the sessions that logged in as ``key`` with the token ``hashed`` ('': any token):
         a revoked or dropped token holds no name."""
@@ -7408,6 +7509,14 @@ class ChatServer:
     def _check_owner(self, session: ClientSession, name: str, key: str, password: str | None) -> bool:
         """Whether ``name`` is protected; raises unless ``password`` is its password."""
         stored = self.accounts.password_hash(key)
+        if session.web_login:  # a browser's session proved the name at its login (section 11)
+            if stored is None:
+                return False
+            if session.web_proved and same_secret(session.web_proved, stored):
+                session.by_token, session.token_label, session.proved = session.web_login, "browser", stored
+                return True
+            raise ProtocolError("name-protected", f"the name {name!r} is protected, or its password changed "
+                                "since this browser logged in: log in with its password")
         if stored is None:
             if password is not None and password.startswith(TOKEN_PREFIX):
                 # a bot's token for a name nobody protects (its -u mistyped, say): refused, rather than
@@ -7513,7 +7622,8 @@ class ChatServer:
             if isinstance(holder, RemoteMember):  # the bus gave us the name: it is stale here, or taken over
                 self.mirror.cluster_drop(holder, f"{TAKEN_OVER}: {name} logged in again" if owner else "left")
                 continue
-            if not owner:
+            same_browser = bool(session.web_login) and holder.web_login == session.web_login
+            if not owner and not same_browser:  # (a new tab of the browser takes its free name back)
                 looks = f" (it looks like {holder.name!r}, who is online)" if holder.name != name else ""
                 hint = ("; a script can use a name that is online only if the name is protected and "
                         "it gives the password" if session.quiet else "")
@@ -8875,6 +8985,16 @@ IRC_EVENTS: dict[type, Callable[[IrcGate, object, str], list[str]]] = {
 
 HTTP_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT")
 JSON_TYPE = "application/json"
+# On every answer: nothing from another origin, no inline script or eval, no framing, no referrer, no
+# sniffing (the browser client's pages, section 11, need nothing more; an API answer needs less).
+SECURITY_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' "
+     "data:; connect-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'none'; "
+     "frame-ancestors 'none'"),
+    ("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer"),
+    ("Cross-Origin-Opener-Policy", "same-origin"), ("Cross-Origin-Resource-Policy", "same-origin"),
+)
+_SECURITY_LINES = [f"{name}: {value}" for name, value in SECURITY_HEADERS]
 _SLACK_LINK = re.compile(r"<([^<>|\n]*)(?:\|([^<>\n]*))?>")
 
 
@@ -8905,11 +9025,12 @@ def _http_date(second: int) -> str:
 
 
 def http_response(status: int, body: bytes = b"", content_type: str = JSON_TYPE, close: bool = False,
-                  head: bool = False, headers: Iterable[tuple[str, str]] = ()) -> bytes:
+                  head: bool = False, headers: Iterable[tuple[str, str]] = (),
+                  cache: str = "no-store") -> bytes:
     """One whole HTTP/1.1 response (``head``: a HEAD's, with the body's length but not the body)."""
     lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Date: {http_date()}",
-             f"Content-Type: {content_type}", f"Content-Length: {len(body)}", "Cache-Control: no-store",
-             "X-Content-Type-Options: nosniff", f"Server: chatctl/{__version__}"]
+             f"Content-Type: {content_type}", f"Content-Length: {len(body)}", f"Cache-Control: {cache}",
+             *_SECURITY_LINES, f"Server: chatctl/{__version__}"]
     if close:
         lines.append("Connection: close")
     lines.extend(f"{name}: {value}" for name, value in headers)
@@ -9161,7 +9282,8 @@ class HttpGate(Encoding):
                                    close=True, headers=[("Retry-After", "1")]), close=True)
             return
         path, method = request_path(request.target), request.method
-        if (method not in (b"GET", b"HEAD", b"POST") or (method == b"POST") != path.startswith("/hooks/")) \
+        takes_post = path.startswith("/hooks/") or path in HTTP_POST_PATHS
+        if (method not in (b"GET", b"HEAD", b"POST") or (method == b"POST") != takes_post) \
                 and (b"transfer-encoding" in names or int(length)):
             self.route(request, b"", close=True)  # refused whatever its body: not read at all
             return
@@ -9188,6 +9310,11 @@ class HttpGate(Encoding):
             self.answer(http_error(500, "internal-error", "the server failed to answer; it is logged",
                                    close=True), close=True)
             return
+        if self.session.gate is not self:  # upgraded (a WebSocket): what came after is the new gate's
+            self.closing = True
+            if leftover:
+                self.session.gate.feed(bytes(leftover))
+            return
         if keep and not self.closing and leftover:
             self.parser.receive_data(bytes(leftover))
             if not self.started:
@@ -9197,6 +9324,11 @@ class HttpGate(Encoding):
         path = request_path(request.target)
         method = request.method.decode("ascii", "replace")
         head = method == "HEAD"
+        route = HTTP_ROUTES.get(path) or next(
+            (r for prefix, r in HTTP_PREFIX_ROUTES if path.startswith(prefix)), None)
+        if route is not None:  # (another section's: the browser client's, say)
+            route(self, method, path, body, close)
+            return
         page = HTTP_PAGES.get(path)
         if page is not None:
             if method not in ("GET", "HEAD"):
@@ -9313,6 +9445,12 @@ class HttpGate(Encoding):
 HTTP_PAGES: dict[str, Callable[[HttpGate, bool, bool], bytes]] = {
     "/healthz": HttpGate.healthz, "/readyz": HttpGate.readyz, "/metrics": HttpGate.metrics,
 }
+# Routes later sections add (the browser client's): a path, or a prefix, and what answers it, called as
+# route(gate, method, path, body, close); and the paths that take a POST with a body.
+HttpRoute = Callable[[HttpGate, str, str, bytes, bool], None]
+HTTP_ROUTES: dict[str, HttpRoute] = {}
+HTTP_PREFIX_ROUTES: list[tuple[str, HttpRoute]] = []
+HTTP_POST_PATHS: set[str] = set()
 
 
 # --- Outgoing hooks, the gateway's server-wide part, metrics -----------------------------------------
@@ -9686,7 +9824,474 @@ register_gateway(Gateway("http", sniff=looks_like_http, enabled=lambda config: c
 
 
 # =============================================================================
-# 11. Client
+# 11. Browser client
+# =============================================================================
+# The chat for people who will not open a terminal, served by chatctl serve itself at / of its HTTP
+# side: plain HTML, CSS and JavaScript modules in the web/ folder beside this file (no build step),
+# served with a content hash in their path.  A browser logs in over HTTP (POST /api/login): the name,
+# its password if it is protected, the server's password if it has one; the answer is a session token
+# in an HttpOnly, SameSite=Strict cookie, kept as its SHA-256 in the accounts file (WebSessionStore),
+# so it outlives a restart until /api/logout revokes it.  Each tab then opens one WebSocket (/ws) with
+# that cookie: a ClientSession like any other (the same poller, readers, writer, SendQ, limits and
+# rates), whose WebSocketGate reads chatctl/1 requests, one per WebSocket message, and writes the
+# server's events as JSON (WebJson), the bytes of a room's message made once for every tab.  A tab of a
+# protected name is one of its account's devices; a new tab of a free name takes the name back from
+# the tab of the same browser that held it.
+
+WS_TEXT, WS_CLOSE, WS_PING, WS_PONG = 0x1, 0x8, 0x9, 0xA
+WS_NORMAL, WS_TOO_BIG, WS_POLICY = 1000, 1009, 1008
+WEB_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+             ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
+             ".webmanifest": "application/manifest+json"}
+WEB_ASSETS_MARK = "/static/ASSETS"  # in index.html, where the content-hashed folder's path goes
+WEB_MISSING = ("this chatctl has no browser client: its web/ folder is missing (a single-file copy of "
+               "chatctl.py); install the package (pip install chatctl) to serve it")
+
+
+def web_folder() -> Path | None:
+    """The browser client's files: web/ beside chatctl.py (a checkout, an editable install), or where a
+    wheel puts them (<prefix>/share/chatctl/web); None when neither has them."""
+    for folder in (Path(__file__).resolve().parent / WEB_FOLDER,
+                   Path(sys.prefix) / "share" / "chatctl" / WEB_FOLDER):
+        if (folder / "index.html").is_file():
+            return folder
+    return None
+
+
+@dataclass(frozen=True)
+class WebAssets:
+    """The client's files, read once: ``files`` (name -> bytes, content type) under /static/<version>/,
+    where ``version`` is a hash of them all, so a browser may keep them for good; ``index`` is the page
+    at /, which names that folder and is asked for again each time."""
+
+    version: str
+    index: bytes
+    files: dict[str, tuple[bytes, str]]
+
+    @classmethod
+    def load(cls, folder: Path) -> WebAssets:
+        files, digest = {}, hashlib.sha256()
+        for path in sorted(folder.iterdir()):
+            kind = WEB_TYPES.get(path.suffix)
+            if kind is None or not path.is_file():
+                continue
+            data = path.read_bytes()
+            files[path.name] = (data, kind)
+            digest.update(path.name.encode() + b"\0" + data + b"\0")
+        version = digest.hexdigest()[:16]
+        index = files.pop("index.html")[0].replace(WEB_ASSETS_MARK.encode(), f"/static/{version}".encode())
+        return cls(version, index, files)
+
+
+@functools.lru_cache(maxsize=1)
+def web_assets() -> WebAssets | None:
+    folder = web_folder()
+    return WebAssets.load(folder) if folder is not None else None
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """One whole WebSocket frame from the server (never masked, RFC 6455 5.1)."""
+    size = len(payload)
+    if size < 126:
+        head = bytes((0x80 | opcode, size))
+    elif size < 1 << 16:
+        head = bytes((0x80 | opcode, 126)) + size.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 127)) + size.to_bytes(8, "big")
+    return head + payload
+
+
+def ws_close(code: int, reason: str = "") -> bytes:
+    return ws_frame(WS_CLOSE, code.to_bytes(2, "big") + reason.encode()[:120])
+
+
+def _jsonable(value: object) -> object:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def event_json(event: ServerEvent) -> bytes:
+    """An event as the browser's protocol writes it: a JSON object, ``type`` the event's class and the
+    rest its fields (a message's as ``message``), ASCII only."""
+    return json.dumps({"type": type(event).__name__, **_jsonable(event)}, separators=(",", ":")).encode()
+
+
+def message_json(msg: ChatMessage) -> bytes:
+    """``Delivered`` as event_json writes it, made directly: it is made for every message."""
+    return json.dumps({"type": "Delivered", "message": {
+        "id": msg.id, "ts": msg.ts, "sender": msg.sender, "text": msg.text, "kind": msg.kind,
+        "recipient": msg.recipient, "room": msg.room}}, separators=(",", ":")).encode()
+
+
+class WebJson(Encoding):
+    """The browser's protocol: every event a WebSocket text message of JSON (event_json); the same bytes
+    for every tab (``shared``).  Goodbye is followed by the WebSocket's close."""
+
+    shared = "web-json"
+
+    def message(self, msg: ChatMessage) -> bytes:
+        return ws_frame(WS_TEXT, message_json(msg))
+
+    def acknowledge(self, msg: ChatMessage) -> bytes:
+        return ws_frame(WS_TEXT, event_json(Acknowledged(msg.id, msg.ts)))
+
+    def event(self, event: ServerEvent) -> bytes:
+        if isinstance(event, Goodbye):
+            return ws_frame(WS_TEXT, event_json(event)) + ws_close(WS_NORMAL)
+        return ws_frame(WS_TEXT, event_json(event))
+
+
+class WebSocketGate(WebJson):
+    """One tab's WebSocket: chatctl/1 requests in, one per text message (``feed``, its reader thread,
+    which owns every field but ``pinged``, the reaper's), the browser's JSON out.  wsproto reads the
+    frames (masking, fragments, control frames, UTF-8); a message longer than the server's
+    ``max_frame`` ends the connection, as an over-long line cannot (a WebSocket has no line end to
+    resynchronise on)."""
+
+    def __init__(self, session: ClientSession):
+        from wsproto import events as ws_events
+        from wsproto.connection import Connection, ConnectionType
+
+        self.session, self.server = session, session.server
+        self.ws = ws_events
+        self.connection = Connection(ConnectionType.SERVER)
+        self.partial: list[str] = []   # a text message's pieces so far
+        self.size = 0                  # ... and their bytes
+        self.closing = False           # the peer closed, or we did: nothing more is read
+        self.pinged = 0.0              # when the reaper last pinged it (monotonic)
+
+    def feed(self, data: bytes) -> None:
+        if self.closing:
+            return
+        ws = self.ws
+        self.connection.receive_data(data or None)
+        for event in self.connection.events():
+            if isinstance(event, ws.TextMessage):
+                self.partial.append(event.data)
+                self.size += len(event.data.encode())
+                if self.size > self.server.config.max_frame:
+                    self.closing = True
+                    self.session.tell(ErrorReply("frame-too-long", f"a message of more than "
+                                                 f"{self.server.config.max_frame} bytes"))
+                    self.session.write(ws_close(WS_TOO_BIG, "message too long"))
+                    self.session.disconnect("frame-too-long")
+                    return
+                if event.message_finished:
+                    request, self.partial, self.size = "".join(self.partial), [], 0
+                    self.session.process([request.encode()])
+            elif isinstance(event, ws.BytesMessage):
+                self.session.process([ProtocolError("bad-encoding", "the browser's protocol is text "
+                                                    "messages of chatctl/1 requests")])
+            elif isinstance(event, ws.Ping):
+                self.session.write(ws_frame(WS_PONG, bytes(event.payload)[:125]))
+            elif isinstance(event, ws.CloseConnection):
+                self.closing = True
+                self.session.write(ws_close(event.code if event.code < 1004 or event.code >= 3000
+                                            else WS_NORMAL))
+                self.session.leave("closed the tab" if event.code in (1000, 1001) else
+                                   f"websocket closed ({event.code})", Goodbye(""))
+            if self.session.leave_reason is not None:
+                return
+
+    def handle(self, frame: bytes) -> None:
+        self.session.command(frame)
+
+    def event(self, event: ServerEvent) -> bytes:
+        if isinstance(event, Goodbye) and self.closing:  # (the tab closed: it hears only the close)
+            return b""
+        return super().event(event)
+
+    def keep_alive(self, quiet_for: float, idle_timeout: float) -> None:
+        """The reaper's look: a quiet tab is pinged (a browser answers by itself: input), and dropped
+        after the idle timeout like any client."""
+        now = time.monotonic()
+        if idle_timeout and quiet_for > idle_timeout:
+            self.session.disconnect("idle timeout")
+        elif quiet_for >= WEB_PING_INTERVAL and now - self.pinged >= WEB_PING_INTERVAL:
+            self.pinged = now
+            self.session.write(ws_frame(WS_PING, b"chatctl"))
+
+
+# --- the HTTP side: the page, its files, login and logout, the WebSocket's upgrade -----------------
+
+def request_cookie(gate: HttpGate, name: str) -> str:
+    """The value of the cookie ``name`` in the request ('' when it has none)."""
+    for part in gate.fields.get(b"cookie", b"").decode("latin-1").split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            return value
+    return ""
+
+
+def same_origin(gate: HttpGate) -> bool:
+    """Whether the request comes from a page of this server (its Origin is the address the browser
+    asked for, the Host header, and the scheme matches); no Origin: not a browser, no cross-site risk."""
+    origin = gate.fields.get(b"origin")
+    if origin is None:
+        return True
+    parts = urlsplit(origin.decode("latin-1").lower())
+    scheme = "https" if gate.session.tls is not None else "http"
+    return parts.scheme == scheme and parts.netloc == gate.fields.get(b"host", b"").decode("latin-1").lower()
+
+
+def current_login(gate: HttpGate) -> WebLogin | None:
+    """The browser session the request's cookie names, if it is one the server issued and still keeps."""
+    token = request_cookie(gate, WEB_COOKIE)
+    if not token.startswith(WEB_TOKEN_PREFIX) or len(token) > MAX_HOOK_TOKEN:
+        return None
+    return gate.server.web_logins.find(token_hash(token), gate.config.session_days * 86400)
+
+
+def session_cookie(gate: HttpGate, token: str, max_age: int) -> tuple[str, str]:
+    secure = "; Secure" if gate.session.tls is not None else ""
+    return ("Set-Cookie",
+            f"{WEB_COOKIE}={token}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}")
+
+
+WEB_ERROR_STATUS = {"bad-password": 401, "name-protected": 401, "password-required": 401,
+                    "login-required": 401, "auth-locked": 429, "rate-limited": 429, "server-busy": 503,
+                    "bus-unavailable": 503, "foreign-origin": 403, "method-not-allowed": 405,
+                    "not-found": 404, "unsupported-type": 415}
+
+
+def web_answer(gate: HttpGate, close: bool, head: bool = False, status: int = 200,
+               headers: Iterable[tuple[str, str]] = (), **fields: object) -> None:
+    gate.answer(http_response(status, json_body(ok=True, **fields), close=close, head=head, headers=headers),
+                close=close)
+
+
+def web_refuse(gate: HttpGate, close: bool, code: str, message: str, head: bool = False,
+               headers: Iterable[tuple[str, str]] = ()) -> None:
+    gate.answer(http_error(WEB_ERROR_STATUS.get(code, 400), code, message, close=close, head=head,
+                           headers=headers), close=close)
+
+
+def web_route(methods: tuple[str, ...], needs_origin: bool = False):
+    """A route of the browser client's: 404 while it is off, 405 for another method, 403 for a
+    request from another site's page (``needs_origin``), and a refusal (ProtocolError) as JSON."""
+    def wrap(handler: Callable[..., None]) -> HttpRoute:
+        @functools.wraps(handler)
+        def route(gate: HttpGate, method: str, path: str, body: bytes, close: bool) -> None:
+            head = method == "HEAD"
+            if not gate.config.web:
+                web_refuse(gate, close, "not-found", "the browser client is off on this server ([http] web)",
+                           head=head)
+            elif method not in methods:
+                web_refuse(gate, close, "method-not-allowed", f"{path} takes {', '.join(methods)}", head=head,
+                           headers=[("Allow", ", ".join(methods))])
+            elif needs_origin and not same_origin(gate):
+                web_refuse(gate, close, "foreign-origin", "a request from another site's page")
+            else:
+                try:
+                    handler(gate, method, path, body, close)
+                except ProtocolError as exc:
+                    web_refuse(gate, close, exc.code, exc.text)
+        return route
+    return wrap
+
+
+@web_route(("GET", "HEAD"))
+def web_page(gate: HttpGate, method: str, path: str, body: bytes, close: bool) -> None:
+    """``/``: the client's page (asked for again each time: it names the files of this version)."""
+    assets, head = web_assets(), method == "HEAD"
+    if assets is None:
+        gate.answer(http_response(404, (WEB_MISSING + "\n").encode(), "text/plain; charset=utf-8",
+                                  close=close, head=head), close=close)
+        return
+    gate.answer(http_response(200, assets.index, WEB_TYPES[".html"], close=close, head=head,
+                              cache="no-cache"), close=close)
+
+
+@web_route(("GET", "HEAD"))
+def web_static(gate: HttpGate, method: str, path: str, body: bytes, close: bool) -> None:
+    """``/static/<version>/<file>``: a file of the client, kept by the browser for good (a new version
+    is another path); another version's path is 404."""
+    assets, head = web_assets(), method == "HEAD"
+    _, _, version, name = [*path.split("/", 3), "", ""][:4]
+    found = assets.files.get(name) if assets is not None and version == assets.version else None
+    if found is None:
+        web_refuse(gate, close, "not-found", "no such file in this version of the client", head=head)
+        return
+    data, kind = found
+    gate.answer(http_response(200, data, kind, close=close, head=head,
+                              cache="public, max-age=31536000, immutable"), close=close)
+
+
+@web_route(("GET", "HEAD"))
+def web_session_info(gate: HttpGate, method: str, path: str, body: bytes, close: bool) -> None:
+    """``/api/session``: who this browser is logged in as (``name``: null when nobody), and what the
+    login asks for."""
+    login = current_login(gate)
+    web_answer(gate, close, head=method == "HEAD", name=login.name if login else None,
+               protected=bool(login and login.proved), server_password=bool(gate.server.config.password),
+               version=__version__)
+
+
+def _json_request(gate: HttpGate, body: bytes) -> dict:
+    kind = gate.fields.get(b"content-type", b"").split(b";")[0].strip().lower()
+    if kind != JSON_TYPE.encode():  # a form could come from any site's page without asking (CSRF)
+        raise ProtocolError("unsupported-type", "send application/json")
+    try:
+        payload = json.loads(body.decode("utf-8") or "{}")
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ProtocolError("bad-request", "the body is not JSON") from None
+    if not isinstance(payload, dict):
+        raise ProtocolError("bad-request", "the body is not a JSON object")
+    return payload
+
+
+def _text_field_of(payload: dict, key: str) -> str:
+    value = payload.get(key) or ""
+    if not isinstance(value, str) or len(value.encode()) > MAX_PASSWORD_BYTES:
+        raise ProtocolError("bad-request", f"{key} is not text (of at most {MAX_PASSWORD_BYTES} bytes)")
+    return value
+
+
+BROWSER_SYSTEMS = (("Android", ("Android",)), ("iOS", ("iPhone", "iPad")), ("Windows", ("Windows",)),
+                   ("macOS", ("Mac OS",)), ("Linux", ("Linux",)))
+
+
+def browser_name(agent: str) -> str:
+    """What a device list calls a browser: ``Firefox on Android``, from its User-Agent."""
+    browser = next((b for b in ("Edg", "OPR", "Firefox", "Chrome", "Safari") if b in agent), "browser")
+    browser = {"Edg": "Edge", "OPR": "Opera"}.get(browser, browser)
+    system = next((name for name, marks in BROWSER_SYSTEMS if any(m in agent for m in marks)), "")
+    return f"{browser} on {system}" if system else browser
+
+
+@web_route(("POST",), needs_origin=True)
+def web_login(gate: HttpGate, method: str, path: str, body: bytes, close: bool) -> None:
+    """``/api/login`` ``{"name", "password", "server_password"}``: checks them as USER and PASS do
+    (the same throttle and delays), then a new session, in a cookie; any session the browser had is
+    not reused (no fixation)."""
+    payload = _json_request(gate, body)
+    server, session = gate.server, gate.session
+    expected = server.config.password
+    given = _text_field_of(payload, "server_password")
+    if expected and not server.check_password(session, SERVER_PASSWORD, lambda: same_secret(given, expected),
+                                              "wrong server password (browser login)"):
+        raise ProtocolError("password-required" if not given else "bad-password",
+                            "this server's password is needed" if not given else "wrong server password")
+    raw_name = payload.get("name")
+    name = validate_name(raw_name if isinstance(raw_name, str) else None, server.config.max_name)
+    key = confusable_key(name)
+    stored = server.accounts.password_hash(key)
+    password = _text_field_of(payload, "password")
+    if stored is not None:
+        if not password:
+            raise ProtocolError("name-protected", f"the name {name!r} is protected: give its password")
+        if not server.check_password(session, key,
+                                     lambda: server.hasher.run(verify_password, password, stored),
+                                     f"wrong password for {name} (browser login)"):
+            raise ProtocolError("bad-password", f"wrong password for {name!r}")
+        server.throttle.known(key, session.host)
+    if (previous := current_login(gate)) is not None:  # (/nick: the browser's old session goes, and its tabs)
+        server.web_logins.revoke(previous.hash)
+        server.end_web_logins([previous.hash], f"{TAKEN_OVER}: this browser logged in as {name}")
+    token = WEB_TOKEN_PREFIX + base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
+    agent = sanitise_line(gate.fields.get(b"user-agent", b"").decode("latin-1"))[:WEB_AGENT_CHARS]
+    now = time.time()
+    server.web_logins.add(WebLogin(token_hash(token), key, name, stored or "", now, now, browser_name(agent)),
+                          WEB_SESSIONS_PER_NAME)
+    log.info("%s logged in from a browser at %s", name, session.peer)
+    web_answer(gate, close, name=name, protected=stored is not None,
+               headers=[session_cookie(gate, token, int(gate.config.session_days * 86400))])
+
+
+@web_route(("POST",), needs_origin=True)
+def web_logout(gate: HttpGate, method: str, path: str, body: bytes, close: bool) -> None:
+    """``/api/logout``: this browser's session ends (its cookie is cleared, its tabs leave the chat);
+    ``{"others": true, "password": ...}``: every other device of its protected name, and every other
+    browser's session of it (a lost phone), with the name's password, never the cookie alone."""
+    payload = _json_request(gate, body)
+    server, login = gate.server, current_login(gate)
+    if login is None:
+        web_answer(gate, close, ended=0, headers=[session_cookie(gate, "", 0)])
+        return
+    if payload.get("others") is True:
+        if not login.proved:
+            raise ProtocolError("not-owner", "only a protected name has other devices to log out")
+        password = _text_field_of(payload, "password")
+        stored = server.accounts.password_hash(login.key)
+        if stored is None or not password or not server.check_password(
+                gate.session, login.key, lambda: server.hasher.run(verify_password, password, stored),
+                f"wrong password for {login.name} (browser logout)"):
+            raise ProtocolError("bad-password", f"wrong password for {login.name!r}")
+        server.web_logins.revoke_others(login.key, keep=login.hash)  # (their tabs are the account's devices)
+        ended = 0
+        with server.logouts:
+            for device in server.registry.devices(login.key):
+                if device.web_login != login.hash and not isinstance(device, RemoteMember) \
+                        and device.leave(LOGGED_OUT, Goodbye(f"{LOGGED_OUT} by {login.name} in a browser")):
+                    ended += 1
+        web_answer(gate, close, ended=ended)
+        return
+    server.web_logins.revoke(login.hash)
+    server.end_web_logins([login.hash], f"{LOGGED_OUT}: this browser logged out")
+    log.info("%s logged out a browser at %s", login.name, gate.session.peer)
+    web_answer(gate, close, ended=1, headers=[session_cookie(gate, "", 0)])
+
+
+@web_route(("GET",), needs_origin=True)
+def web_socket(gate: HttpGate, method: str, path: str, body: bytes, close: bool) -> None:
+    """``/ws``: a tab's WebSocket, for a browser logged in (its cookie); the connection becomes one
+    more client of the chat, under its session's name."""
+    fields = gate.fields
+    key = fields.get(b"sec-websocket-key", b"")
+    if fields.get(b"upgrade", b"").lower() != b"websocket" or b"upgrade" not in fields.get(b"connection",
+                                                                                       b"").lower() \
+            or fields.get(b"sec-websocket-version") != b"13" or not 16 <= len(key) <= 64:
+        gate.answer(http_error(426, "upgrade-required", "/ws is a WebSocket (version 13)", close=True,
+                               headers=[("Sec-WebSocket-Version", "13")]), close=True)
+        return
+    login = current_login(gate)
+    if login is None:
+        raise ProtocolError("login-required", "log in first: POST /api/login")
+    session, server = gate.session, gate.server
+    from wsproto.utilities import generate_accept_token
+
+    accept = generate_accept_token(key).decode()
+    server.stats.count("http_requests", "101")
+    session.reply(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode("latin-1"))
+    session.gate = session.encoding = WebSocketGate(session)
+    session.client_kind, session.extended, session.device_name = "web", True, login.agent
+    session.web_login, session.web_proved = login.hash, login.proved
+    session.advance(SessionState.AUTHORISED)  # (the login asked for the server's password)
+    session.tell(Welcome(PROTOCOL_NAME, f"chatctl {__version__}"))
+    try:
+        server.register(session, login.name)
+    except ProtocolError as exc:
+        server.stats.count("refused", exc.code)
+        session.tell(ErrorReply(exc.code, exc.text))
+        session.disconnect(exc.code)
+        return
+    server.rooms.tell_rooms(session)  # (a device of an account online: the account's rooms)
+
+
+def announce_web(config: ServerConfig) -> None:
+    """The start-up log's line about the browser client: where it is, or why it is not."""
+    if not (config.http.enabled or config.http.port) or not config.http.web:
+        return
+    if web_assets() is None:
+        log.warning("%s", WEB_MISSING)
+    else:
+        host = "HOST" if config.host in ("0.0.0.0", "::", "") else config.host
+        log.info("the browser client is at http%s://%s:%d/", "s" if config.tls else "", host,
+                 config.http.port or config.port)
+
+
+HTTP_ROUTES.update({"/": web_page, "/index.html": web_page, "/api/session": web_session_info,
+                    "/api/login": web_login, "/api/logout": web_logout, "/ws": web_socket})
+HTTP_PREFIX_ROUTES.append(("/static/", web_static))
+HTTP_POST_PATHS.update({"/api/login", "/api/logout"})
+
+
+# =============================================================================
+# 12. Client
 # =============================================================================
 
 
@@ -11639,7 +12244,7 @@ class ChatClient:
 
 
 # =============================================================================
-# 12. Load generator
+# 13. Load generator
 # =============================================================================
 # chatctl bench: many clients against a server, for operators sizing one; every delivery counted.
 
@@ -11905,7 +12510,7 @@ class LoadGenerator:
 
 
 # =============================================================================
-# 13. Rendering
+# 14. Rendering
 # =============================================================================
 # Tables for the one-shot commands, and join's lines.  Network text is made
 # safe by display_text() and neutralise() (section 10) before it is printed.
@@ -12447,10 +13052,10 @@ def name_completer(chat: ChatClient):
 
 
 # =============================================================================
-# 14. Full-screen client
+# 15. Full-screen client
 # =============================================================================
-# chatctl tui is a Textual app over a ChatClient, and chatctl web serves the
-# same app to browsers with textual-serve.  Textual is imported only by
+# chatctl tui is a Textual app over a ChatClient (browsers have their own client:
+# section 11).  Textual is imported only by
 # tui_app(), so the other commands never pay for it.  What the app keeps of
 # each conversation (Conversation) and the hand-over from the reader thread
 # (QueuedFrontEnd) know nothing of Textual.
@@ -13559,177 +14164,8 @@ def run_tui(config: ClientConfig, room: str, client: str = "tui") -> None:
         raise app.error
 
 
-def descendants(pid: int) -> list[int]:
-    """The processes below ``pid`` (children first), read from /proc; none where there is no /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = entry.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # it ended meanwhile
-        children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
-    found, todo = [], list(children.get(pid, []))
-    while todo:
-        child = todo.pop(0)
-        found.append(child)
-        todo += children.get(child, [])
-    return found
-
-
-def bounded(value: object, default: int, most: int) -> int:
-    """A terminal size a browser asked for, as a whole number from 1 to ``most``."""
-    try:
-        number = int(str(value)[:6])
-    except ValueError:
-        number = default
-    return max(1, min(number, most))
-
-
-def same_origin(origin: str | None, host_header: str, host: str, port: int, public_url: str | None) -> bool:
-    """Whether a websocket comes from chatctl web's own page: its Origin names the address the browser
-    asked for (the Host header), and that is an address of this server (a wildcard bind takes any
-    IP address, never a DNS name another site could point here); no Origin: not a browser."""
-
-    if origin is None:
-        return True
-    own = {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]", host)}
-    if public_url:
-        own.add(urlsplit(public_url).netloc)
-    asked = host_header.lower()
-    address = asked.rpartition(":")[0].strip("[]")
-    wildcard = host in ("0.0.0.0", "::", "")
-    try:
-        ipaddress.ip_address(address)
-        is_ip = True
-    except ValueError:
-        is_ip = False
-    return urlsplit(origin).netloc.lower() == asked and (asked in own or (wildcard and is_ip))
-
-
-def become_page() -> None:
-    """Make this process a chatctl web page: one that its host alone ends, and that ends with it.
-
-    Out of the host's process group: Ctrl-C at the host's terminal (or a signal to its group) would
-    reach each page twice, once from the terminal and once from the host ending its pages, and a
-    signal that lands while the page's event loop is closing makes Python print a traceback about
-    the signal wakeup fd.  And a host that is killed outright (``kill -9``, the OOM killer) cannot
-    end its pages: each would stay in the chat, holding its person's name, so the
-    ``chatctl-page-watch`` thread ends the page (as its host would) once its host is gone."""
-    try:
-        os.setsid()
-    except OSError:  # already a group leader: nothing shares its signals
-        pass
-    host = os.getppid()  # (the page's shell execs it: its parent is the host)
-
-    def watch() -> None:
-        while os.getppid() == host:
-            time.sleep(PAGE_WATCH_INTERVAL)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="chatctl-page-watch", daemon=True).start()
-
-
-def serve_web(config: ClientConfig, config_file: str | None, host: str, port: int,
-              public_url: str | None) -> None:
-    """Serve ``chatctl tui`` (one process per page) to browsers until Ctrl-C."""
-
-    import asyncio  # (here: chatctl send and the server start without it)
-
-    try:
-        import textual_serve
-        from textual_serve.server import Server
-    except ImportError:
-        raise FrontEndError("chatctl web needs textual-serve: pip install 'chatctl[web]'") from None
-    # --page: whoever opens the page picks a name; the web host's own name and password stay its own
-    command = [sys.executable, os.path.abspath(__file__), "tui", "--page", "--host", config.host,
-               "--port", str(config.port)]
-    for var in ("CHATCTL_USER", "CHATCTL_USER_PASSWORD"):  # (the pages inherit this process's environment)
-        os.environ.pop(var, None)
-    if config_file:
-        command += ["--config", config_file]
-    if config.tls:
-        command += ["--tls"] + (["--cafile", config.cafile] if config.cafile else [])
-        command += ["--tls-fingerprint", config.tls_fingerprint] if config.tls_fingerprint else []
-    click.echo(f"chatctl web: http://{host}:{port} serves chatctl tui for the chat at "
-               f"{config.host}:{config.port} (Ctrl-C stops)", err=True)
-    with tempfile.TemporaryDirectory(prefix="chatctl-web-") as templates:
-        # textual-serve's page asks fonts.googleapis.com for a font: on a LAN without the internet that
-        # request hangs or fails, so the page is served from a copy without it.
-        for page in (Path(textual_serve.__file__).parent / "templates").iterdir():
-            html = re.sub(r"<link[^>]*fonts\.googleapis\.com[^>]*>\s*", "", page.read_text(encoding="utf-8"))
-            (Path(templates) / page.name).write_text(html, encoding="utf-8")
-        class WebServer(Server):
-            pages = 0  # websockets open (the server's one event loop counts them: no lock)
-
-            def __init__(self, *args, **kwargs) -> None:
-                super().__init__(*args, **kwargs)
-                self.services: set = set()  # the pages whose websocket is open (the event loop's)
-
-            async def handle_websocket(self, request):
-                from aiohttp import web
-
-                if not same_origin(request.headers.get("Origin"), request.host, host, port, public_url):
-                    # a page of another site that the browser would let drive this one (textual-serve
-                    # takes any Origin)
-                    return web.Response(status=403, text="this page belongs to another site\n")
-                if self.pages >= config.web_pages:
-                    return web.Response(status=503, text=f"{self.pages} pages are open, the most "
-                                        "this server serves; try again later\n")
-                query = request.rel_url.query
-                size = {"width": str(bounded(query.get("width"), 80, config.web_columns)),
-                        "height": str(bounded(query.get("height"), 24, config.web_rows))}
-                self.pages += 1
-                try:
-                    bounded_request = request.clone(rel_url=request.rel_url.update_query(size))
-                    return await super().handle_websocket(bounded_request)
-                finally:
-                    self.pages -= 1
-
-            async def _process_messages(self, websocket, app_service) -> None:
-                resize = app_service.set_terminal_size
-
-                async def bounded_resize(width, height) -> None:
-                    await resize(bounded(width, 80, config.web_columns), bounded(height, 24, config.web_rows))
-
-                app_service.set_terminal_size = bounded_resize
-                self.services.add(app_service)
-                try:
-                    await super()._process_messages(websocket, app_service)
-                except (ValueError, LookupError, TypeError, AssertionError) as exc:  # not the page's frames
-                    log.warning("closed a page that sent a frame the page never sends: %s", exc)
-                finally:
-                    self.services.discard(app_service)  # (textual-serve stops it now)
-
-            async def on_shutdown(self, app) -> None:
-                # textual-serve would wait for each page's websocket to time out (about 20 s): each open
-                # page is told to quit, as closing its websocket would, and its person leaves the chat
-                # now.  Told once, by one means: a signal on top of the quit can land while the page's
-                # event loop closes, and Python prints a traceback about it.
-                for service in list(self.services):
-                    with contextlib.suppress(OSError, RuntimeError):  # (a page ending meanwhile)
-                        await service.send_meta({"type": "quit"})
-                for last_word in (None, signal.SIGTERM):  # (a page that did not listen: a signal)
-                    pages = descendants(os.getpid())
-                    for pid in pages if last_word else ():
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, last_word)
-                    # the loop must outlive the pages: closed under one, asyncio prints tracebacks about
-                    # its pipes
-                    deadline = time.monotonic() + PAGE_EXIT_WAIT
-                    while descendants(os.getpid()) and time.monotonic() < deadline:
-                        await asyncio.sleep(0.05)
-
-        # exec: the page's parent is this process, not a shell, so it sees when this process is gone
-        server = WebServer("exec " + shlex.join(command), host=host, port=port, title="chatctl",
-                           public_url=public_url, templates_path=templates)
-        try:
-            server.serve()
-        except OSError as exc:
-            raise FrontEndError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-
-
 # =============================================================================
-# 15. CLI
+# 16. CLI
 # =============================================================================
 # Callbacks parse, build a config and call into the objects above.  ChatError
 # becomes a one-line ClickException here, at the boundary, with its exit code.
@@ -13879,8 +14315,10 @@ def cli() -> None:
 @click.option("--http-port", type=click.IntRange(0, 65535), metavar="PORT",
               help="Also listen for HTTP on PORT (webhooks, /healthz, /readyz, /metrics; HTTP is "
               "answered on the chat port too).")
+@click.option("--web/--no-web", default=None,
+              help="Serve the browser client at http://HOST:PORT/ (default: on).")
 def serve(host, port, config_file, log_level, db, history, tls, bus, cluster_name, irc, irc_port,
-          http_port) -> None:
+          http_port, web) -> None:
     """Run the chat server in the foreground (Ctrl-C stops it; SIGHUP reloads the certificate,
     the MOTD and the limits from the config).
 
@@ -13889,10 +14327,11 @@ def serve(host, port, config_file, log_level, db, history, tls, bus, cluster_nam
     """
     flags = {"host": host, "port": port, "log_level": log_level, "db": db, "history": history, "tls": tls,
              "bus": bus, "cluster": cluster_name, "irc": irc, "irc_port": irc_port,
-             "http": {"port": http_port}}
+             "http": {"port": http_port, "web": web}}
     config = load_config("server", flags, config_file)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
+    announce_web(config)
     serve_until_signalled(ChatServer(config), lambda: load_config("server", flags, config_file))
 
 
@@ -14271,9 +14710,7 @@ def join(host, port, config_file, user, no_color, bell, backlog, room, tls, cafi
               help="Ring the bell on: nothing, mentions and DMs (default), or everything.")
 @room_option("Start in ROOM (joined, and made if new) instead of #main.")
 @tls_options
-@click.option("--page", is_flag=True, hidden=True,
-              help="A chatctl web page: always ask for the name, never use a configured one or its password.")
-def tui(host, port, config_file, user, bell, room, tls, cafile, tls_fingerprint, page) -> None:
+def tui(host, port, config_file, user, bell, room, tls, cafile, tls_fingerprint) -> None:
     """Chat full-screen: rooms on the left, members on the right (F1: keys).
 
     \b
@@ -14281,14 +14718,12 @@ def tui(host, port, config_file, user, bell, room, tls, cafile, tls_fingerprint,
       chatctl tui -u ana
       chatctl tui -u ana --room deploys
     """
-    if not sys.stdin.isatty() and "TEXTUAL_DRIVER" not in os.environ:  # (chatctl web runs it on pipes)
-        raise click.UsageError("chatctl tui needs a terminal; for scripts use chatctl join or send")
+    if not sys.stdin.isatty() and "TEXTUAL_DRIVER" not in os.environ:  # (Textual's test harness: pipes)
+        raise click.UsageError("chatctl tui needs a terminal; for scripts use chatctl join or send; in a "
+                               "browser, open the chat server's address (http://HOST:7001/)")
     flags = {"host": host, "port": port, "user": user, "bell": bell}
     config = load_config("client", {**flags, **tls_flags(tls, cafile, tls_fingerprint)}, config_file)
-    if page:  # a chatctl web page: its person picks a name; the web host's name and password are not theirs
-        config = dataclasses.replace(config, user="", user_password="")
-        become_page()
-    run_tui(config, room or MAIN_ROOM, "web" if page else "tui")
+    run_tui(config, room or MAIN_ROOM)
 
 
 def _url_flag(value: str | None) -> str | None:
@@ -14311,31 +14746,11 @@ def _server_flag(ctx, param, value: str | None) -> tuple[str, int | None] | None
     return host.strip("[]"), int(port)
 
 
-@cli.command(epilog=exit_codes_help(EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFIG,
-                                     _1="textual-serve is not installed, or the port is in use"))
-@click.option("--host", "-H", default="127.0.0.1", show_default=True,
-              help="Address the page listens on (0.0.0.0 opens it to your network: see docs/clients.md).")
-@click.option("--port", "-p", default=WEB_PORT, show_default=True, type=click.IntRange(1, 65535),
-              help="Port of the page.")
-@click.option("--server", "server_address", metavar="HOST[:PORT]", callback=_server_flag,
-              help="The chat server (default: [client] host and port).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), envvar="CHATCTL_CONFIG",
-              help="Config file (layered over ./chatctl.toml).")
-@click.option("--public-url", callback=lambda ctx, param, value: _url_flag(value),
-              help="The page's address as browsers reach it, if not http://HOST:PORT (behind a proxy).")
-@tls_options
-def web(host, port, server_address, config_file, public_url, tls, cafile, tls_fingerprint) -> None:
-    """Serve chatctl tui to browsers: each page is a tui of its own that asks for a name.
-
-    \b
-    Example:
-      chatctl web --port 8080          # then open http://127.0.0.1:8080
-      chatctl web --server chat.lan:7001
-    """
-    server_host, server_port = server_address or (None, None)
-    flags = {"host": server_host, "port": server_port, **tls_flags(tls, cafile, tls_fingerprint)}
-    config = load_config("client", flags, config_file)
-    serve_web(config, config_file, host, port, public_url)
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, hidden=True)
+def web() -> None:
+    """Retired: chatctl serve serves the browser client itself."""
+    raise FrontEndError("chatctl web is retired: the browser client is served by chatctl serve itself; open "
+                        "http://HOST:7001/ (the chat server's address and port)")
 
 
 @cli.command(epilog=exit_codes_help(*CLIENT_EXITS, _1="deliveries were lost or clients disconnected"))
@@ -14556,7 +14971,7 @@ def devices(host, port, config_file, tls, cafile, tls_fingerprint, user, logout,
 
 
 # =============================================================================
-# 16. main()
+# 17. main()
 # =============================================================================
 
 

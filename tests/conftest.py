@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -146,7 +147,8 @@ def make_server(tmp_path):
 
     def factory(**overrides) -> chatctl.ChatServer:
         overrides.setdefault("db", str(tmp_path / f"history-{len(servers)}.db"))
-        config = chatctl.ServerConfig(host="127.0.0.1", port=0, **overrides)
+        overrides.setdefault("port", 0)
+        config = chatctl.ServerConfig(host="127.0.0.1", **overrides)
         server = chatctl.ChatServer(config).start()
         servers.append(server)
         return server
@@ -313,6 +315,106 @@ def chatctl_threads() -> list[threading.Thread]:
 
 
 # --- Redis, for the cluster tests (serve --bus) ----------------------------------------------
+
+
+class WsClient:
+    """A bare WebSocket client of /ws (wsproto), as a script or another site's page would open it: its
+    handshake's ``status`` (101, or the HTTP refusal's), then the server's events as JSON."""
+
+    def __init__(self, port: int, cookie: str = "", origin: str | None = None, timeout: float = 5.0,
+                 expect_answer: bool = True):
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import Request
+
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.timeout = timeout
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        headers = [(b"cookie", cookie.encode())] if cookie else []
+        if origin:
+            headers.append((b"origin", origin.encode()))
+        handshake = Request(host=f"127.0.0.1:{port}", target="/ws", extra_headers=headers)
+        self.sock.sendall(self.ws.send(handshake))
+        self.status: int | None = None
+        self.events: list[dict] = []
+        self.ended = False
+        if expect_answer:
+            self._until(lambda: self.status is not None)
+
+    def _read(self, deadline: float) -> bool:
+        from wsproto.events import AcceptConnection, CloseConnection, Ping, RejectConnection, TextMessage
+
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or self.ended:
+            return False
+        self.sock.settimeout(remaining)
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            self.ended = True
+        pieces = []
+        try:
+            self.ws.receive_data(data or None)
+            for event in self.ws.events():
+                if isinstance(event, AcceptConnection):
+                    self.status = 101
+                elif isinstance(event, RejectConnection):
+                    self.status = event.status_code
+                elif isinstance(event, TextMessage):
+                    pieces.append(event.data)
+                    if event.message_finished:
+                        self.events.append(json.loads("".join(pieces)))
+                        pieces = []
+                elif isinstance(event, Ping):
+                    self.sock.sendall(self.ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    self.ended = True
+        except Exception:  # not a WebSocket answer at all (an ERR line, say)
+            self.ended = True
+        return True
+
+    def _until(self, done, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while not done():
+            if not self._read(deadline):
+                raise AssertionError(f"not within {timeout or self.timeout}s; events={self.events}")
+
+    def send(self, text: str) -> None:
+        from wsproto.events import TextMessage
+
+        self.sock.sendall(self.ws.send(TextMessage(data=text)))
+
+    def event(self, timeout: float | None = None) -> dict:
+        self._until(lambda: self.events, timeout)
+        return self.events.pop(0)
+
+    def expect(self, kind: str, timeout: float | None = None) -> dict:
+        """The next event of type ``kind``; those before it are skipped."""
+        while True:
+            event = self.event(timeout)
+            if event["type"] == kind:
+                return event
+
+    def closed(self, timeout: float | None = None) -> bool:
+        """Read until the server closes (True), or the time is up (False)."""
+        try:
+            self._until(lambda: self.ended, timeout)
+        except AssertionError:
+            return False
+        return True
+
+    def refused_or_closed(self, timeout: float | None = None) -> bool:
+        try:
+            self._until(lambda: self.ended or (self.status not in (None, 101)), timeout)
+        except AssertionError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def free_port() -> int:

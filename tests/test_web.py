@@ -1,22 +1,26 @@
-"""chatctl web: chatctl tui served to a real headless browser (Debian's chromium, driven by Playwright)."""
+"""The browser client: chatctl serve's page at /, driven in a real headless browser (Debian's chromium,
+driven by Playwright), beside seed, chatctl/1 and join clients; and its HTTP and WebSocket side as an
+outsider would poke it (foreign origins, stolen cookies, forms, floods)."""
 
 from __future__ import annotations
 
-import contextlib
+import http.client
+import json
 import os
+import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import CHATCTL, RawClient, free_port, wait_until
+import chatctl
+from conftest import CHATCTL, RawClient, WsClient, free_port, protected_name, run_cli, wait_until
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PHONE = {"width": 390, "height": 844}
 
 
 def chromium_binary() -> str:
@@ -29,321 +33,535 @@ def chromium_binary() -> str:
     return found
 
 
-def listening(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
+@pytest.fixture(scope="module")
+def browser():
+    path = chromium_binary()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=path, args=CHROMIUM_FLAGS)
+        yield launched
+        launched.close()
 
 
-def start_web(server, env: dict) -> tuple[subprocess.Popen, str]:
-    """``chatctl web`` as a real process serving the tui for ``server``, once it listens; and its URL."""
-    port = free_port()
-    web = subprocess.Popen([*CHATCTL, "web", "--port", str(port), "--server", f"127.0.0.1:{server.port}"],
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    wait_until(lambda: listening(port) or web.poll() is not None, timeout=20)
-    assert web.poll() is None, web.stdout.read().decode(errors="replace")
-    return web, f"http://127.0.0.1:{port}/"
+class Tab:
+    """One browser tab on the chat, with what a person sees of it; every dialog, script error and
+    Content-Security-Policy violation it meets is recorded (the XSS tests want none)."""
+
+    def __init__(self, page, port: int):
+        self.page, self.port = page, port
+        self.dialogs: list[str] = []
+        self.errors: list[str] = []
+        page.on("dialog", lambda dialog: (self.dialogs.append(dialog.message), dialog.dismiss()))
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
+        page.add_init_script("window.__violations = [];"
+                             "document.addEventListener('securitypolicyviolation', e => "
+                             "window.__violations.push(e.violatedDirective + ' ' + e.blockedURI));")
+        page.set_default_timeout(10_000)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def open(self) -> Tab:
+        self.page.goto(self.url)
+        return self
+
+    def login(self, name: str, password: str = "", server_password: str = "") -> Tab:
+        self.open()
+        self.page.wait_for_selector("#login:not([hidden])")
+        self.page.fill("#login-name", name)
+        self.page.fill("#login-password", password)
+        if server_password:
+            self.page.fill("#login-server-password", server_password)
+        self.page.click("#login-button")
+        self.online()
+        return self
+
+    def online(self) -> None:
+        self.page.wait_for_selector("#status-dot.online")
+
+    def say(self, text: str) -> None:
+        self.page.fill("#input", text)
+        self.page.press("#input", "Enter")
+
+    def sees(self, text: str, where: str = "#messages") -> None:
+        self.page.locator(where).get_by_text(text, exact=False).first.wait_for()
+
+    def switch(self, label: str) -> None:
+        self.page.locator("#conversations .conv", has_text=re.compile(f"^{re.escape(label)}")).first.click()
+        self.page.wait_for_function("t => document.querySelector('#conv-title').textContent === t", arg=label)
+
+    def badge(self, label: str) -> str:
+        """The badges beside a conversation in the sidebar, as text ('' for none)."""
+        item = self.page.locator("#conversations .conv", has_text=re.compile(f"^{re.escape(label)}")).first
+        return " ".join(item.locator(".badge").all_inner_texts())
+
+    def wait_badge(self, label: str, expected: str) -> None:
+        wait_until(lambda: self.badge(label) == expected, timeout=10)
+
+    def clean(self) -> None:
+        """Nothing ran that should not have."""
+        assert self.dialogs == [], self.dialogs
+        assert self.errors == [], self.errors
+        assert self.page.evaluate("window.__violations") == []
 
 
 @pytest.fixture
-def web_page(server, isolated_home):
-    """``chatctl web`` as a real process, serving the tui for ``server``; yields its URL."""
-    web, url = start_web(server, isolated_home)
+def tabs(browser):
+    """New tabs, each in a browser context of its own (its own cookies) unless given one."""
+    contexts = []
+
+    def open_tab(port: int, context=None, viewport: dict | None = None) -> Tab:
+        if context is None:
+            context = browser.new_context(viewport=viewport or {"width": 1280, "height": 800})
+            contexts.append(context)
+        return Tab(context.new_page(), port)
+
+    yield open_tab
+    for context in contexts:
+        context.close()
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None,
+         headers: dict | None = None) -> tuple[int, dict, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        yield url
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:
-        os.killpg(web.pid, signal.SIGTERM)  # the page's tui processes too
-        try:
-            web.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(web.pid, signal.SIGKILL)
-            web.wait(5)
+        conn.close()
 
 
-# What the page's terminal is sent, as text: the terminal draws on a canvas, so the test reads the stream.
-KEEP_WHAT_IS_DRAWN = """
-(() => {
-  const Native = window.WebSocket, decoder = new TextDecoder();
-  window.drawn = "";
-  window.WebSocket = function (...args) {
-    const socket = new Native(...args);
-    socket.addEventListener("message", (event) => {
-      if (event.data instanceof ArrayBuffer)
-        window.drawn = (window.drawn + decoder.decode(event.data, {stream: true})).slice(-100000);
-    });
-    return socket;
-  };
-  window.WebSocket.prototype = Native.prototype;
-})();
-"""
+def login_cookie(port: int, name: str, password: str = "") -> str:
+    payload = json.dumps({"name": name, "password": password}).encode()
+    status, headers, body = request(port, "POST", "/api/login", payload, {"Content-Type": "application/json"})
+    assert status == 200, body
+    return headers["set-cookie"].split(";")[0]
 
 
-def joined(server, name: str, timeout: float) -> bool:
-    """Whether ``name`` is online at ``server`` within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(s.name == name for s in server.registry.sessions()):
-            return True
-        time.sleep(0.05)
-    return False
+# --- a person in the browser, with everyone else --------------------------------------------------
 
 
-@contextlib.contextmanager
-def page_as(server, url: str, name: str):
-    """A headless browser on ``url`` whose person picked ``name``; yields the page, and always closes
-    the browser (a Playwright left open makes the next test's Playwright refuse to start)."""
-    browser_path = chromium_binary()
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-test.txt")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 800})
-            page.add_init_script(KEEP_WHAT_IS_DRAWN)
-            page.goto(url)
-            page.wait_for_selector("#terminal .xterm", timeout=30_000)
-            # Keys that come before the name dialog is drawn are lost: a person waits to see it too.
-            page.wait_for_function("window.drawn.includes('Your name in the chat')", timeout=60_000)
-            page.click("#terminal")  # the keyboard goes to the terminal
-            for attempt in range(4):
-                if attempt:  # keys lost on a slow start: empty the field and type again
-                    page.keyboard.press("End")
-                    page.keyboard.press("Control+u")
-                page.keyboard.type(name)
-                page.keyboard.press("Enter")
-                if joined(server, name, timeout=15):
-                    break
-            else:
-                online = [s.name for s in server.registry.sessions()]
-                raise AssertionError(f"the browser's person never joined as {name} (online: {online})")
-            yield page
-        finally:
-            browser.close()
+def test_a_person_logs_in_and_talks_in_two_rooms_with_a_seed_client_and_join(server, tabs, spawn_join):
+    seed = RawClient(server.port)
+    seed.send(b"USER|sam\n")
+    assert seed.line() == "USER_OK"
+    join = spawn_join("jo", server.port, "--room", "dev")
+    ana = tabs(server.port).login("ana")
+    ana.page.wait_for_selector("#member-list >> text=sam")
+
+    ana.say("hello sam")
+    seed.expect("ana: hello sam")
+    seed.send(b"MSG|hi ana, welcome\n")
+    ana.sees("hi ana, welcome")
+
+    ana.say("/join #dev")
+    ana.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#dev'")
+    ana.page.wait_for_selector("#member-list >> text=jo")
+    join.sendline("ana: the build is green")
+    ana.sees("the build is green")
+    ana.say("thanks jo")
+    join.expect("thanks jo")
+
+    ana.switch("#main")  # now #dev is not in view: its lines count, a mention counts twice
+    join.sendline("another line for nobody")
+    ana.wait_badge("#dev", "1")
+    join.sendline("ana, can you look?")
+    ana.wait_badge("#dev", "@1 2")
+    assert ana.page.title().startswith("(2) ")
+    ana.switch("#dev")
+    ana.wait_badge("#dev", "")
+    assert ana.page.locator(".msg.mention", has_text="ana, can you look?").count() == 1
+    ana.clean()
 
 
-def test_stopping_web_ends_its_pages_at_once(server, isolated_home):
-    web, url = start_web(server, isolated_home)
-    try:
-        with page_as(server, url, "dora"):
-            web.send_signal(signal.SIGTERM)  # the command alone, as a service manager stops it
-            started = time.monotonic()
-            web.wait(15)
-            wait_until(lambda: not any(s.name == "dora" for s in server.registry.sessions()), timeout=10)
-            assert time.monotonic() - started < 8  # not the 20 s of waiting for each page's websocket
-    finally:
-        if web.poll() is None:
-            os.killpg(web.pid, signal.SIGKILL)
-            web.wait(5)
+def test_direct_messages_both_ways_and_shift_enter_keeps_lines(server, tabs, user):
+    bob = user("bob", hello=True)
+    ana = tabs(server.port).login("ana")
+    ana.say("/msg bob psst, a secret")
+    assert bob.expect("DM|").endswith("|ana|bob|psst, a secret")
+    ana.page.wait_for_function("() => document.querySelector('#conv-title').textContent === 'bob'")
+    bob.send(b"DM|ana|line one\\nline two\n")
+    ana.sees("line one")
+    assert ana.page.locator(".msg .text", has_text="line one").inner_text() == "line one\nline two"
+
+    ana.page.fill("#input", "first")
+    ana.page.press("#input", "Shift+Enter")
+    ana.page.type("#input", "second")
+    ana.page.press("#input", "Enter")
+    assert bob.expect("DM|").endswith("|ana|bob|first\\nsecond")
+    ana.switch("#main")
+    bob.send(b"DM|ana|are you there?\n")
+    ana.wait_badge("bob", "1")
+    ana.clean()
 
 
-def test_a_page_whose_host_is_killed_outright_leaves_the_chat(server, isolated_home):
-    web, url = start_web(server, isolated_home)
-    pages = []
-    try:
-        with page_as(server, url, "erin"):
-            pages = chatctl_descendants(web.pid)
-            web.kill()  # kill -9, the OOM killer: the host cannot end its pages
-            web.wait(5)
-            wait_until(lambda: not any(s.name == "erin" for s in server.registry.sessions()), timeout=15)
-    finally:
-        for pid in pages:  # (left behind by a failure)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+def test_a_protected_name_logs_in_with_its_password_and_read_state_follows_its_other_device(server, tabs):
+    protected_name(server.port, "ana", "correct horse")
+    tab = tabs(server.port)
+    tab.open()
+    tab.page.fill("#login-name", "ana")
+    tab.page.click("#login-button")
+    tab.sees("protected", "#login-error")
+    tab.page.fill("#login-password", "wrong password")
+    tab.page.click("#login-button")
+    tab.sees("wrong password", "#login-error")
+    tab.page.fill("#login-password", "correct horse")
+    tab.page.click("#login-button")
+    tab.online()
+    tab.say("/join #ops")
+    tab.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#ops'")
+    tab.switch("#main")
+
+    phone = RawClient(server.port)  # the account's other device
+    phone.send(b"HELLO|chatctl/1\nUSER|ana|correct horse\n")
+    phone.expect("USER_OK")
+    other = RawClient(server.port)
+    other.send(b"HELLO|chatctl/1\nUSER|cy\nJOIN|#ops\nMSG|#ops|deploy at noon\n")
+    msg_ok = other.expect("MSG_OK|")
+    tab.wait_badge("#ops", "1")
+    phone.send(f"MARK|#ops|{msg_ok.split('|')[1]}\n".encode())  # read on the phone: read here too
+    tab.wait_badge("#ops", "")
+    cookie = tab.page.context.cookies()[0]
+    _, _, body = request(server.port, "GET", "/api/session", headers={"Cookie": f"{cookie['name']}="
+                                                                      f"{cookie['value']}"})
+    assert json.loads(body)["protected"] is True
+    phone.send(b"DEVICES\n")
+    devices = [phone.expect("DEVICE|") for _ in range(2)]
+    assert any("|web|" in d and "Chrome" in d for d in devices), devices
+    tab.clean()
 
 
-def test_the_page_asks_nothing_of_the_internet(web_page):
-    import urllib.request
+def test_a_reload_or_a_new_tab_keeps_the_login_and_a_free_names_new_tab_takes_it_back(server, tabs, user):
+    first = tabs(server.port).login("ana")
+    first.say("before the reload")
+    first.page.reload()
+    first.online()
+    first.sees("before the reload")
+    assert first.page.locator("#login").is_hidden()
 
-    with urllib.request.urlopen(web_page, timeout=10) as reply:
-        html = reply.read().decode()
-    assert "textual.js" in html and "googleapis" not in html
+    second = tabs(server.port, context=first.page.context).open()  # the same browser: the same cookie
+    second.online()
+    first.sees("open in another tab", "#banner")
+    watcher = user("wat", hello=True)
+    watcher.send(b"DIR\n")
+    assert watcher.expect("USERS|").count("ana ") == 1  # one holder of the name: the new tab
+
+    cookie = first.page.context.cookies()[0]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    stranger = tabs(server.port).open()  # another browser wants the name while the tab holds it
+    stranger.page.fill("#login-name", "ana")
+    stranger.page.click("#login-button")
+    stranger.sees("in use", "#login-error")
+    first.clean()
 
 
-def test_a_person_in_the_browser_picks_a_name_and_talks(server, web_page):
+def test_the_server_restarting_leaves_the_tab_logged_in_and_the_gap_filled(make_server, tabs, tmp_path):
+    port = free_port()
+    db, accounts = str(tmp_path / "h.db"), str(tmp_path / "a.db")
+    server = make_server(port=port, db=db, accounts_db=accounts)
+    tab = tabs(port).login("ana")
+    tab.say("before the restart")
+    tab.sees("before the restart")
+    server.shutdown()
+    tab.page.wait_for_selector("#banner:not([hidden])")
+    assert "Offline" in tab.page.inner_text("#banner") or "Reconnecting" in tab.page.inner_text("#banner")
+
+    server = make_server(port=port, db=db, accounts_db=accounts)
+    sam = RawClient(port)
+    sam.send(b"USER|sam\nMSG|said while ana was away\n")  # before the tab is back: the gap
+    sam.expect("MSG_OK")
+    tab.page.click("#banner-button")
+    tab.online()
+    tab.sees("said while ana was away")
+    assert tab.page.locator(".msg", has_text="before the restart").count() == 1  # nothing twice
+    tab.clean()
+
+
+def test_a_phone_sized_screen_has_the_conversations_behind_a_button(server, tabs, user, tmp_path):
+    tab = tabs(server.port, viewport=PHONE).login("ana")
+    assert tab.page.locator("#sidebar").bounding_box()["x"] < 0  # off screen until asked for
+    tab.say("/join #dev")
+    tab.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#dev'")
+    bob = user("bob", hello=True)
+    bob.send(b"MSG|#main|ana: on the phone?\n")
+    tab.page.wait_for_selector("#menu-badge:not([hidden])")
+    tab.page.click("#menu-button")
+    tab.page.wait_for_function("() => document.querySelector('#sidebar').getBoundingClientRect().x >= 0")
+    tab.switch("#main")
+    tab.sees("on the phone?")
+    width = tab.page.evaluate("document.documentElement.scrollWidth")
+    assert width <= PHONE["width"]  # nothing wider than the screen
+    tab.clean()
+
+
+def test_search_finds_a_message_and_jumps_to_it(make_server, tabs):
+    server = make_server(rate=0, address_byte_rate=0)
     bob = RawClient(server.port)
     bob.send(b"HELLO|chatctl/1\nUSER|bob\n")
-    bob.expect("USER_OK")
-    with page_as(server, web_page, "carol") as page:
-        assert bob.expect("JOIN|").endswith("|carol")
-        page.keyboard.type("hello from the browser")
-        page.keyboard.press("Enter")
-        assert bob.expect("MSG|#main|", timeout=15).endswith("|carol|hello from the browser")
-    bob.close()
+    for n in range(120):
+        bob.send(f"MSG|#main|filler {n}\n".encode())
+    bob.send(b"MSG|#main|the needle is here\n")
+    for n in range(120):
+        bob.send(f"MSG|#main|more filler {n}\n".encode())
+    wait_until(lambda: server.history.count() >= 241, timeout=10)
+    tab = tabs(server.port).login("ana")
+    tab.say("/search needle")
+    tab.sees("the needle is here", "#search-results")
+    tab.page.locator("#search-results li").first.click()
+    tab.page.wait_for_selector(".msg.hit >> text=the needle is here")
+    tab.page.wait_for_selector("#latest-button:not([hidden])")
+    tab.page.click("#latest-button")
+    tab.sees("more filler 119")
+    tab.clean()
 
 
-def test_without_textual_serve_web_says_what_to_install(tmp_path, isolated_home):
-    shadow = tmp_path / "shadow" / "textual_serve"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError('not installed')\n")
-    env = {**isolated_home, "PYTHONPATH": str(tmp_path / "shadow")}
-    result = subprocess.run([*CHATCTL, "web", "--port", str(free_port())], env=env, capture_output=True,
-                            text=True, timeout=30)
-    assert result.returncode == 1
-    assert result.stderr.strip() == "Error: chatctl web needs textual-serve: pip install 'chatctl[web]'"
+def test_scrolling_up_loads_older_history(make_server, tabs):
+    server = make_server(rate=0, address_byte_rate=0)
+    bob = RawClient(server.port)
+    bob.send(b"HELLO|chatctl/1\nUSER|bob\n")
+    for n in range(150):
+        bob.send(f"MSG|#main|old message {n}\n".encode())
+    wait_until(lambda: server.history.count() >= 150, timeout=10)
+    tab = tabs(server.port).login("ana")
+    tab.sees("old message 149")
+    assert tab.page.locator(".msg", has_text="old message 0").count() == 0
+    for _ in range(50):  # scrolled to the top, again and again, as a reader would
+        tab.page.evaluate("() => { document.querySelector('#messages').scrollTop = 0 }")
+        if tab.page.locator("text=the start of #main").count():
+            break
+        time.sleep(0.2)
+    assert tab.page.locator(".msg .text", has_text=re.compile("^old message 0$")).count() == 1
+    tab.page.wait_for_selector("text=the start of #main")
+    tab.clean()
 
 
-def test_a_bad_public_url_is_a_usage_error(isolated_home):
-    result = subprocess.run([*CHATCTL, "web", "--public-url", "javascript:alert(1)//"], env=isolated_home,
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 2 and "is not an http:// or https:// address" in result.stderr
+def test_tab_completes_names_and_commands(server, tabs, user):
+    user("bobby", hello=True)
+    tab = tabs(server.port).login("ana")
+    tab.page.wait_for_selector("#member-list >> text=bobby")
+    tab.page.type("#input", "hi @bo")
+    tab.page.press("#input", "Tab")
+    assert tab.page.input_value("#input") == "hi @bobby "
+    tab.page.fill("#input", "/jo")
+    tab.page.press("#input", "Tab")
+    assert tab.page.input_value("#input") == "/join "
+    tab.page.keyboard.press("Control+k")
+    tab.page.wait_for_selector("#switcher:not([hidden])")
+    tab.page.keyboard.press("Escape")
+    tab.clean()
 
 
-# --- the page's websocket, as a browser (or a hostile page in one) would open it -----------------
+# --- what chat text can and cannot do -------------------------------------------------------------
+
+XSS = [
+    "<img src=x onerror=alert(1)>",
+    "<script>alert(2)</script>",
+    "[click](javascript:alert(3)) javascript:alert(4)",
+    "\u202eevil\u202c text with bidi controls",
+    '"><svg onload=alert(5)>',
+]
 
 
-def open_page_socket(url: str, origin: str | None = None, query: str = "", wait_for: str = "",
-                     timeout: float = 30) -> tuple[int, str]:
-    """Open ``url``'s websocket (``/ws``) with ``origin``; the handshake's status (101: opened) and,
-    with ``wait_for``, what the page's terminal was sent until that text came (or ``timeout``)."""
-    import asyncio
-
-    aiohttp = pytest.importorskip("aiohttp")
-
-    async def visit() -> tuple[int, str]:
-        headers = {"Origin": origin} if origin else {}
-        async with aiohttp.ClientSession() as session:
-            try:
-                ws = await session.ws_connect(url.rstrip("/") + "/ws" + query, headers=headers)
-            except aiohttp.WSServerHandshakeError as exc:
-                return exc.status, ""
-            drawn = ""
-            try:
-                deadline = time.monotonic() + timeout
-                while wait_for and wait_for not in drawn and time.monotonic() < deadline:
-                    try:
-                        message = await ws.receive(timeout=max(0.1, deadline - time.monotonic()))
-                    except TimeoutError:
-                        break
-                    if message.type == aiohttp.WSMsgType.BINARY:
-                        drawn += message.data.decode("utf-8", "replace")
-                    elif message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                                          aiohttp.WSMsgType.ERROR):
-                        break
-            finally:
-                await ws.close()
-            return 101, drawn
-
-    return asyncio.run(visit())
+def test_chat_text_shows_as_text_and_runs_nothing(server, tabs, user):
+    tab = tabs(server.port).login("ana")
+    bob = user("bob", hello=True)
+    for text in XSS:
+        bob.send(f"MSG|#main|{text}\n".encode())
+    bob.send(b"TOPIC|#main|<b>bold?</b><img src=x onerror=alert(6)>\n")
+    bob.send(b"MSG|#main|see https://example.org/a?b=<c> and mailto:ops@example.org\n")
+    tab.sees("see https://example.org")
+    for text in XSS[:3] + XSS[4:]:
+        assert tab.page.locator(".msg .text", has_text=text).count() == 1, text
+    assert tab.page.locator(".msg .text", has_text="evil").inner_text() == "evil text with bidi controls"
+    tab.page.wait_for_function("() => document.querySelector('#conv-topic').textContent"
+                               ".includes('<b>bold?</b>')")
+    assert tab.page.locator("#messages img, #messages script, #messages svg, #topbar img").count() == 0
+    hrefs = tab.page.eval_on_selector_all("#messages a", "links => links.map(a => [a.href, a.rel])")
+    assert hrefs == [["https://example.org/a?b=", "noopener noreferrer"],
+                     ["mailto:ops@example.org", "noopener noreferrer"]], hrefs
+    tab.clean()
 
 
-def test_a_page_never_chats_as_the_web_hosts_own_name(server, isolated_home, tmp_path):
-    from conftest import protected_name
+def test_a_webhooks_payload_shows_as_text(server, tabs):
+    owner = RawClient(server.port)
+    server.config.operator_password = "operator secret"
+    owner.send(b"HELLO|chatctl/1\nOPER|operator secret\nHOOK|ADD|#main|ci\n")
+    token = owner.expect("HOOK_OK|").split("|")[2]
+    tab = tabs(server.port).login("ana")
+    payload = {"text": "<img src=x onerror=alert(7)> deployed", "username": "<script>alert(8)</script>"}
+    status, _, _ = request(server.port, "POST", f"/hooks/{token}", json.dumps(payload).encode(),
+                        {"Content-Type": "application/json"})
+    assert status == 200
+    tab.sees("deployed")
+    assert tab.page.locator(".msg .text").last.inner_text() == \
+        "[<script>alert(8)</script>] <img src=x onerror=alert(7)> deployed"
+    assert tab.page.locator("#messages img, #messages script").count() == 0
+    tab.clean()
 
-    protected_name(server.port, "boss", "bosspass123")
-    config = tmp_path / "chatctl.toml"
-    config.write_text('[client]\nuser = "boss"\nuser_password = "bosspass123"\n')
-    env = {**isolated_home, "CHATCTL_CONFIG": str(config), "CHATCTL_USER": "boss",
-           "CHATCTL_USER_PASSWORD": "bosspass123"}
-    web, url = start_web(server, env)
+
+# --- the HTTP side, as an outsider pokes it --------------------------------------------------------
+
+
+def test_every_answer_has_the_security_headers_and_the_client_is_small(server):
+    status, headers, page = request(server.port, "GET", "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert headers["cache-control"] == "no-cache"  # asked again each time: it names this version's files
+    folder = re.search(r'"(/static/[0-9a-f]{16})/app\.js"', page.decode()).group(1)
+    files = [f"{folder}/{path.name}" for path in chatctl.web_folder().iterdir() if path.name != "index.html"]
+    loaded = [request(server.port, "GET", path) for path in files]
+    assert [answer[0] for answer in loaded] == [200] * len(files)
+    assert {answer[1]["cache-control"] for answer in loaded} == {"public, max-age=31536000, immutable"}
+    first_load = len(page) + sum(len(answer[2]) for answer in loaded)
+    assert first_load < 200 * 1024, first_load  # the whole client, uncompressed
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    others = [request(server.port, "GET", "/static/" + "0" * 16 + "/app.js"),  # another version's
+              request(server.port, "GET", "/api/session"), request(server.port, "GET", "/nowhere"),
+              request(server.port, "GET", "/healthz"), request(server.port, "GET", "/ws"),
+              request(server.port, "POST", "/api/login", b"name=ana", form)]
+    assert [answer[0] for answer in others] == [404, 200, 404, 200, 426, 415]
+    for _, answer_headers, _ in [(status, headers, page), *loaded, *others]:
+        csp = answer_headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+        assert answer_headers["x-content-type-options"] == "nosniff"
+        assert answer_headers["x-frame-options"] == "DENY"
+        assert answer_headers["referrer-policy"] == "no-referrer"
+    everything = page + b"".join(answer[2] for answer in loaded)
+    assert b"googleapis" not in everything and b"//cdn" not in everything and b"eval(" not in everything
+
+
+def test_logins_refuse_forms_foreign_pages_and_wrong_passwords_and_issue_fresh_cookies(server):
+    protected_name(server.port, "ana", "correct horse")
+    form = request(server.port, "POST", "/api/login", b'{"name": "bo"}', {"Content-Type": "text/plain"})
+    assert form[0] == 415
+    foreign = request(server.port, "POST", "/api/login", b'{"name": "bo"}',
+                   {"Content-Type": "application/json", "Origin": "http://evil.example"})
+    assert foreign[0] == 403 and json.loads(foreign[2])["error"] == "foreign-origin"
+    wrong = request(server.port, "POST", "/api/login", b'{"name": "ana", "password": "nope"}',
+                 {"Content-Type": "application/json"})
+    assert wrong[0] == 401 and json.loads(wrong[2])["error"] == "bad-password"
+    bad_name = request(server.port, "POST", "/api/login", b'{"name": "<script>"}',
+                       {"Content-Type": "application/json"})
+    assert bad_name[0] == 400 and json.loads(bad_name[2])["error"] == "invalid-name"
+    planted = "chatctl_session=chatctl_web_" + "A" * 43  # a session an attacker made up: never taken
+    status, headers, body = request(server.port, "GET", "/api/session", headers={"Cookie": planted})
+    assert json.loads(body)["name"] is None
+    status, headers, _ = request(server.port, "POST", "/api/login",
+                                 b'{"name": "ana", "password": "correct horse"}',
+                              {"Content-Type": "application/json", "Cookie": planted})
+    issued = headers["set-cookie"]
+    assert status == 200 and planted.split("=", 1)[1] not in issued
+    assert "HttpOnly" in issued and "SameSite=Strict" in issued and "Path=/" in issued
+
+
+def test_the_websocket_refuses_other_sites_and_revoked_cookies(server, user):
+    cookie = login_cookie(server.port, "ana")
+    foreign = WsClient(server.port, cookie=cookie, origin="http://evil.example")
+    assert foreign.status == 403
+    nobody = WsClient(server.port)
+    assert nobody.status == 401
+    tab = WsClient(server.port, cookie=cookie, origin=f"http://127.0.0.1:{server.port}")
+    assert tab.status == 101
+    assert tab.event()["type"] == "Welcome" and tab.event()["type"] == "Registered"
+    tab.send("MSG|#main|from a raw websocket")
+    assert tab.expect("Acknowledged")["id"] > 0
+
+    status, headers, _ = request(server.port, "POST", "/api/logout", b"{}",
+                              {"Content-Type": "application/json", "Cookie": cookie})
+    assert status == 200 and "Max-Age=0" in headers["set-cookie"]
+    assert tab.expect("Goodbye")["reason"].startswith("logged out")
+    stolen = WsClient(server.port, cookie=cookie)  # a copy of the cookie, used after the logout
+    assert stolen.status == 401
+    session = request(server.port, "GET", "/api/session", headers={"Cookie": cookie})
+    assert json.loads(session[2])["name"] is None
+
+
+def test_logout_others_ends_the_accounts_other_devices_with_its_password(server):
+    protected_name(server.port, "ana", "correct horse")
+    laptop = login_cookie(server.port, "ana", "correct horse")
+    phone = login_cookie(server.port, "ana", "correct horse")
+    phone_tab = WsClient(server.port, cookie=phone)
+    phone_tab.expect("Registered")
+    terminal = RawClient(server.port)
+    terminal.send(b"HELLO|chatctl/1\nUSER|ana|correct horse\n")
+    terminal.expect("USER_OK")
+    refused = request(server.port, "POST", "/api/logout", json.dumps({"others": True}).encode(),
+                   {"Content-Type": "application/json", "Cookie": laptop})
+    assert refused[0] == 401  # the cookie alone is not enough
+    ok = request(server.port, "POST", "/api/logout", json.dumps({"others": True, "password": "correct horse"})
+              .encode(), {"Content-Type": "application/json", "Cookie": laptop})
+    assert ok[0] == 200 and json.loads(ok[2])["ended"] == 2
+    assert phone_tab.expect("Goodbye")["reason"].startswith("logged out")
+    assert any(line.startswith("BYE|logged out") for line in terminal.wait_closed())
+    assert WsClient(server.port, cookie=phone).status == 401
+    assert WsClient(server.port, cookie=laptop).status == 101
+
+
+def test_a_tab_is_a_client_like_any_other_flooding_and_oversized_messages_end_it(make_server):
+    server = make_server(rate=5.0, burst=10, flood_limit=5, max_frame=1024)
+    cookie = login_cookie(server.port, "ana")
+    big = WsClient(server.port, cookie=cookie)
+    big.expect("Registered")
+    big.send("MSG|#main|" + "x" * 2000)
+    assert big.expect("ErrorReply")["code"] == "frame-too-long"
+    assert big.closed()
+    flood = WsClient(server.port, cookie=login_cookie(server.port, "bo"))
+    flood.expect("Registered")
+    for n in range(200):
+        flood.send(f"MSG|#main|flood {n}")
+    assert flood.expect("ErrorReply")["code"] == "rate-limited"
+    assert flood.closed()
+    wait_until(lambda: not any(s.name in ("ana", "bo") for s in server.registry.sessions()))
+    assert server.history.count() <= 15
+
+
+def test_tabs_count_against_the_connection_limits(make_server):
+    server = make_server(max_per_address=3)
+    cookie = login_cookie(server.port, "ana")
+    wait_until(lambda: not server.registry.sessions())  # (the login's own connection is gone)
+    open_tabs = [WsClient(server.port, cookie=cookie) for _ in range(3)]
+    open_tabs[-1].expect("Registered")
+    fourth = WsClient(server.port, cookie=cookie, expect_answer=False)
+    assert fourth.refused_or_closed()
+    assert fourth.status != 101
+
+
+def test_the_client_can_be_turned_off_and_chatctl_web_is_retired(make_server, isolated_home):
+    server = make_server(http=chatctl.HttpConfig(web=False))
+    assert request(server.port, "GET", "/")[0] == 404
+    assert request(server.port, "GET", "/api/session")[0] == 404
+    assert request(server.port, "GET", "/healthz")[0] == 200
+    result = run_cli("web", "--port", "8080", env=isolated_home)
+    assert result.returncode != 0
+    assert result.stderr.strip().startswith("Error: chatctl web is retired: the browser client is served by "
+                                            "chatctl serve")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_single_file_copy_says_where_the_client_is_missing(tmp_path, isolated_home):
+    copy = tmp_path / "alone" / "chatctl.py"
+    copy.parent.mkdir()
+    shutil.copy(CHATCTL[1], copy)
+    port = free_port()
+    env = {**isolated_home, "PYTHONPATH": ""}
+    command = [sys.executable, "-I", str(copy), "serve", "-H", "127.0.0.1", "-p", str(port), "--no-history"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        status, drawn = open_page_socket(url, wait_for="Your name in the chat", timeout=45)
-        assert status == 101
-        assert "Your name in the chat" in drawn  # the page asks, like any other
-        assert not any(s.name == "boss" for s in server.registry.sessions())
-        for pid in chatctl_descendants(web.pid):  # nor do they hold it in their environment
-            try:
-                environ = open(f"/proc/{pid}/environ", "rb").read()
-            except OSError:
-                continue
-            assert b"bosspass123" not in environ and b"CHATCTL_USER=" not in environ
+        wait_until(lambda: proc.poll() is not None or _answers(port), timeout=20)
+        status, _, body = request(port, "GET", "/")
+        assert status == 404 and b"web/ folder is missing" in body
     finally:
-        os.killpg(web.pid, signal.SIGTERM)
-        web.wait(15)
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert "this chatctl has no browser client: its web/ folder is missing" in err
+    assert "Traceback" not in err
 
 
-def test_a_frame_the_page_never_sends_closes_that_page_quietly(server, isolated_home):
-    import asyncio
-
-    aiohttp = pytest.importorskip("aiohttp")
-    web, url = start_web(server, isolated_home)
-
-    async def send_garbage() -> None:
-        async with aiohttp.ClientSession() as session:
-            ws = await session.ws_connect(url + "ws")
-            await ws.send_str("not json at all")
-            await ws.receive(timeout=10)  # closed by the server
-            await ws.close()
-
+def _answers(port: int) -> bool:
     try:
-        asyncio.run(send_garbage())
-        assert open_page_socket(url)[0] == 101  # the next page still opens
-    finally:
-        os.killpg(web.pid, signal.SIGTERM)
-        output = web.communicate(timeout=15)[0].decode(errors="replace")
-    assert "Traceback" not in output, output
-
-
-def test_a_page_opened_from_another_site_is_refused(web_page):
-    port = web_page.rsplit(":", 1)[1].rstrip("/")
-    assert open_page_socket(web_page, origin="http://evil.example")[0] == 403
-    assert open_page_socket(web_page, origin=f"http://127.0.0.1:{port}.evil.example")[0] == 403
-    assert open_page_socket(web_page, origin=f"http://127.0.0.1:{port}")[0] == 101
-
-
-def test_pages_are_capped_and_their_size_bounded(server, isolated_home, tmp_path):
-    import asyncio
-
-    aiohttp = pytest.importorskip("aiohttp")
-    config = tmp_path / "chatctl.toml"
-    config.write_text("[client]\nweb_pages = 2\nweb_columns = 300\nweb_rows = 100\n")
-    web, url = start_web(server, {**isolated_home, "CHATCTL_CONFIG": str(config)})
-
-    def page_sizes() -> list[tuple[str, str]]:
-        """The terminal size of each page's tui process (not the shell that textual-serve starts it with)."""
-        sizes = []
-        for pid in chatctl_descendants(web.pid):
-            try:
-                if open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[0].decode() != sys.executable:
-                    continue
-                environ = dict(item.split("=", 1) for item in
-                               open(f"/proc/{pid}/environ", "rb").read().decode(errors="replace").split("\0")
-                               if "=" in item)
-            except OSError:
-                continue
-            if "COLUMNS" in environ and "TEXTUAL_DRIVER" in environ:
-                sizes.append((environ["COLUMNS"], environ["ROWS"]))
-        return sizes
-
-    async def three_pages() -> list[int]:
-        async with aiohttp.ClientSession() as session:
-            opened, statuses = [], []
-            for _ in range(3):
-                try:
-                    opened.append(await session.ws_connect(url + "ws?width=100000&height=100000"))
-                    statuses.append(101)
-                except aiohttp.WSServerHandshakeError as exc:
-                    statuses.append(exc.status)
-            wait_until(lambda: len(page_sizes()) == 2, timeout=20)
-            statuses.append(page_sizes())
-            for ws in opened:
-                await ws.close()
-            return statuses
-
-    try:
-        *statuses, sizes = asyncio.run(three_pages())
-        assert statuses == [101, 101, 503]
-        assert sizes == [("300", "100"), ("300", "100")]
-    finally:
-        os.killpg(web.pid, signal.SIGTERM)
-        web.wait(15)
-
-
-def chatctl_descendants(pid: int) -> list[int]:
-    import chatctl
-
-    return chatctl.descendants(pid)
-
-
-def test_a_page_size_or_origin_is_checked_before_it_is_used():
-    import chatctl
-
-    assert chatctl.bounded("100000", 80, 300) == 300
-    assert chatctl.bounded("9" * 5000, 80, 300) == 300
-    assert chatctl.bounded("-5", 80, 300) == 1
-    assert chatctl.bounded({"x": 1}, 80, 300) == 80
-    assert chatctl.same_origin(None, "127.0.0.1:8080", "127.0.0.1", 8080, None)
-    assert chatctl.same_origin("http://localhost:8080", "localhost:8080", "127.0.0.1", 8080, None)
-    assert not chatctl.same_origin("http://evil.example", "127.0.0.1:8080", "127.0.0.1", 8080, None)
-    # DNS rebinding: a name of another site pointed at this address is not this server's
-    assert not chatctl.same_origin("http://evil.example:8080", "evil.example:8080", "0.0.0.0", 8080, None)
-    assert chatctl.same_origin("http://192.168.1.5:8080", "192.168.1.5:8080", "0.0.0.0", 8080, None)
-    assert chatctl.same_origin("https://chat.example.org", "chat.example.org", "127.0.0.1", 8080,
-                               "https://chat.example.org/")
+        return request(port, "GET", "/healthz")[0] == 200
+    except OSError:
+        return False

@@ -1,0 +1,838 @@
+// The page: the login, then the chat drawn from the model (model.js), and what a person types and
+// clicks turned into the model's requests.  Chat text is only ever put in with textContent.
+
+import { ChatModel, MAIN } from "./model.js";
+import { fullTime, linkPieces, localTime, mentions, nameColour } from "./text.js";
+
+const $ = (id) => document.getElementById(id);
+const NAME = /^[\p{L}\p{N}_.-]{1,32}$/u;
+const ROOM = /^#?[a-z0-9][a-z0-9_-]{0,29}$/;
+const COMMANDS = {
+  "/join": "/join #room…  join rooms (a new one is made) and switch to the first",
+  "/part": "/part [#room] [reason]  leave a room (this one without #room)",
+  "/msg": "/msg NAME [text]  a direct message (or open the conversation)",
+  "/me": "/me action  an action: * you action",
+  "/topic": "/topic [text]  show this room's topic, or set it",
+  "/names": "/names  who is in this room",
+  "/who": "/who  who is online",
+  "/search": "/search words  find messages (Ctrl-K switches conversations)",
+  "/nick": "/nick NAME  use another name (a free one)",
+  "/logout": "/logout [--others]  log this browser out (or, with the password, every other device)",
+  "/help": "/help  this list",
+};
+
+let model = null;
+let sessionInfo = null;
+let hit = { key: "", id: 0 };  // the search hit shown (highlighted until another is)
+const notices = new Map();  // conversation -> notices shown after a message id: [{after, text, error}]
+
+// --- the login ------------------------------------------------------------------------------------
+
+async function api(path, body) {
+  const options = body === undefined ? {} : { method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body) };
+  const response = await fetch(path, { credentials: "same-origin", cache: "no-store", ...options });
+  let data = {};
+  try {
+    data = await response.json();
+  } catch {
+    // an answer that is not JSON (a proxy's page): its status says enough
+  }
+  return { ok: response.ok, status: response.status, data };
+}
+
+function showLogin(message = "", name = "") {
+  $("chat").hidden = true;
+  $("login").hidden = false;
+  $("server-password-row").hidden = !(sessionInfo && sessionInfo.server_password);
+  $("login-error").textContent = message;
+  if (name) $("login-name").value = name;
+  $("login-password").value = "";
+  (name ? $("login-password") : $("login-name")).focus();
+  document.title = "chatctl";
+}
+
+async function logIn(event) {
+  event.preventDefault();
+  const name = $("login-name").value.trim();
+  if (!NAME.test(name)) {
+    $("login-error").textContent = "A name is 1 to 32 letters, digits, '_', '-' or '.'.";
+    return;
+  }
+  $("login-button").disabled = true;
+  try {
+    const answer = await api("/api/login", { name, password: $("login-password").value,
+      server_password: $("login-server-password").value });
+    if (!answer.ok) {
+      $("login-error").textContent = answer.data.message || `The server said ${answer.status}.`;
+      if (answer.data.error === "name-protected") $("login-password").focus();
+      return;
+    }
+    $("login-password").value = "";
+    startChat(answer.data.name);
+  } catch {
+    $("login-error").textContent = "The server cannot be reached; try again in a moment.";
+  } finally {
+    $("login-button").disabled = false;
+  }
+}
+
+// --- the chat -----------------------------------------------------------------------------------------
+
+function startChat(name) {
+  if (model) model.close();
+  notices.clear();
+  model = new ChatModel();
+  model.name = name;
+  model.visible = !document.hidden;
+  $("login").hidden = true;
+  $("chat").hidden = false;
+  $("me-name").textContent = name;
+  for (const what of ["conversations", "messages", "members", "status", "notice", "search", "older", "jump",
+    "alert", "retry", "who"]) {
+    model.addEventListener(what, (e) => VIEWS[what](e.detail));
+  }
+  model.connect();
+  drawAll();
+  $("input").focus();
+}
+
+let drawnActive = "";
+
+const VIEWS = {
+  conversations: () => {
+    if (model.active !== drawnActive) {  // switched (a room joined, a search hit): everything is another's
+      drawAll();
+      return;
+    }
+    drawSidebar();
+    drawHeader();
+    drawTitle();
+  },
+  messages: (d) => { if (d.key === model.active) drawMessages(d.live ? "append" : "keep"); },
+  members: (d) => { if (d.key === model.active) drawMembers(); },
+  status: () => drawStatus(),
+  notice: (d) => addNotice(d),
+  search: () => drawSearch(),
+  older: (d) => { if (d.key === model.active) drawMessages("keep"); },
+  jump: (d) => { hit = { key: d.key, id: d.id }; drawAll(); highlight(d.id); },
+  alert: (d) => notify(d),
+  retry: () => retry(),
+  who: (d) => addNotice({ key: model.active, text: "online: " + d.users.map((u) => u.name).join(", ") }),
+};
+
+function drawAll() {
+  drawnActive = model.active;
+  drawSidebar();
+  drawHeader();
+  drawMessages("bottom");
+  drawMembers();
+  drawStatus();
+  drawTitle();
+}
+
+function drawTitle() {
+  const unread = model.totalUnread;
+  const conv = model.conversation(model.active);
+  document.title = `${unread ? `(${unread}) ` : ""}${conv.key} – chatctl`;
+  const badge = $("menu-badge");
+  badge.hidden = !unread;
+  badge.textContent = unread > 99 ? "99+" : String(unread);
+}
+
+function drawSidebar() {
+  const nav = $("conversations");
+  nav.replaceChildren();
+  let section = "";
+  model.ordered().forEach((conv, i) => {
+    if (conv.kind !== section) {
+      section = conv.kind;
+      const heading = document.createElement("h4");
+      heading.textContent = conv.kind === "room" ? "Rooms" : "Direct messages";
+      nav.append(heading);
+    }
+    const item = document.createElement("button");
+    item.className = "conv" + (conv.key === model.active ? " active" : "") + (conv.unread ? " unread" : "");
+    item.dataset.key = conv.key;
+    item.title = i < 9 ? `Alt-${i + 1}` : "";
+    const label = document.createElement("span");
+    label.className = "label";
+    label.textContent = conv.kind === "room" ? "#" + conv.name : conv.name;
+    item.append(label);
+    if (conv.mentions || (conv.kind === "dm" && conv.unread)) {
+      const badge = document.createElement("span");
+      badge.className = "badge mention";
+      badge.textContent = conv.kind === "dm" ? conv.unread : "@" + conv.mentions;
+      item.append(badge);
+    }
+    if (conv.unread && conv.kind === "room") {
+      const badge = document.createElement("span");
+      badge.className = "badge";
+      badge.textContent = conv.unread > 999 ? "999+" : conv.unread;
+      item.append(badge);
+    }
+    item.addEventListener("click", () => switchTo(conv.key));
+    nav.append(item);
+  });
+}
+
+function drawHeader() {
+  const conv = model.conversation(model.active);
+  $("conv-title").textContent = conv.kind === "room" ? "#" + conv.name : conv.name;
+  $("conv-topic").textContent = conv.kind === "room" ? conv.topic : "direct messages";
+  $("input").placeholder = conv.kind === "room" ? `Message #${conv.name}` : `Message ${conv.name}`;
+  $("latest-button").hidden = !conv.detached;
+}
+
+function drawMembers() {
+  const conv = model.conversation(model.active);
+  const list = $("member-list");
+  list.replaceChildren();
+  const names = [...conv.members.keys()].sort((a, b) => a.localeCompare(b));
+  $("member-count").textContent = conv.kind === "room" ? `(${names.length})` : "";
+  for (const name of names) {
+    const info = conv.members.get(name);
+    const item = document.createElement("li");
+    const who = document.createElement("button");
+    who.className = "member " + nameColour(name);
+    who.textContent = name;
+    who.title = `Message ${name}`;
+    who.addEventListener("click", () => openDm(name));
+    item.append(who);
+    if (info.bot) item.append(tag("bot"));
+    if (info.devices > 1) item.append(tag(`${info.devices} devices`));
+    list.append(item);
+  }
+}
+
+function tag(text) {
+  const span = document.createElement("span");
+  span.className = "tag";
+  span.textContent = text;
+  return span;
+}
+
+function messageRow(msg) {
+  const row = document.createElement("div");
+  row.className = "msg" + (msg.kind === "me" ? " action" : "");
+  row.dataset.id = msg.id;
+  if (msg.sender !== model.name && mentions(msg.text, model.name)) row.classList.add("mention");
+  if (msg.id === hit.id && model.keyOf(msg) === hit.key) row.classList.add("hit");
+  const time = document.createElement("time");
+  time.textContent = localTime(msg.ts);
+  time.title = fullTime(msg.ts);
+  time.dateTime = new Date(msg.ts * 1000).toISOString();
+  const sender = document.createElement("span");
+  sender.className = "sender " + nameColour(msg.sender);
+  sender.textContent = msg.kind === "me" ? `* ${msg.sender}` : msg.sender;
+  const text = document.createElement("span");
+  text.className = "text";
+  for (const piece of linkPieces(msg.text)) {
+    if (typeof piece === "string") {
+      text.append(piece);
+    } else {
+      const link = document.createElement("a");
+      link.href = piece.href;
+      link.textContent = piece.text;
+      link.target = "_blank";
+      link.rel = "noopener noreferrer";
+      text.append(link);
+    }
+  }
+  row.append(time, sender, text);
+  return row;
+}
+
+function noticeRow(notice) {
+  const row = document.createElement("div");
+  row.className = "notice" + (notice.error ? " error" : "");
+  row.textContent = notice.text;
+  return row;
+}
+
+/** The active conversation's messages: `bottom` scrolls to the newest, `append` follows them if the
+ * reader was at the bottom, `keep` keeps the reader where they were (older messages came above). */
+function drawMessages(mode) {
+  const box = $("messages");
+  const conv = model.conversation(model.active);
+  const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
+  // the first message in view stays where it is when others come above or below it
+  const anchor = [...box.querySelectorAll(".msg")].find((r) => r.offsetTop + r.offsetHeight > box.scrollTop);
+  const anchorId = anchor ? anchor.dataset.id : null;
+  const offset = anchor ? anchor.offsetTop - box.scrollTop : 0;
+  const shown = notices.get(conv.key) || [];
+  const rows = [];
+  if (!conv.hasOlder && conv.messages.length) {
+    const start = document.createElement("div");
+    start.className = "notice start";
+    start.textContent = conv.kind === "room" ? `the start of #${conv.name}` : `the start of your messages with ${conv.name}`;
+    rows.push(start);
+  }
+  let n = 0;
+  for (const msg of conv.messages) {
+    while (n < shown.length && shown[n].after < msg.id) rows.push(noticeRow(shown[n++]));
+    rows.push(messageRow(msg));
+  }
+  while (n < shown.length) rows.push(noticeRow(shown[n++]));
+  box.replaceChildren(...rows);
+  if (mode === "bottom" || atBottom || !anchorId) box.scrollTop = box.scrollHeight;
+  else if (mode === "keep") {
+    const row = box.querySelector(`[data-id="${anchorId}"]`);
+    if (row) box.scrollTop = row.offsetTop - offset;
+  }
+  if (box.scrollHeight <= box.clientHeight) model.loadOlder(conv.key);
+}
+
+function addNotice({ key, text, error = false, quiet = false, unsent = "" }) {
+  if (quiet && key !== model.active) return;
+  const conv = model.conversation(key);
+  const list = notices.get(key) || [];
+  list.push({ after: conv.lastId, text, error });
+  if (list.length > 200) list.shift();
+  notices.set(key, list);
+  if (key === model.active) drawMessages("append");
+  if (unsent && !$("input").value) $("input").value = unsent;  // not sent: the text is not lost
+}
+
+function highlight(id) {
+  const row = $("messages").querySelector(`[data-id="${Number(id)}"]`);
+  if (row) row.scrollIntoView({ block: "center" });
+}
+
+let bannerTimer = null;
+
+function drawStatus() {
+  const banner = $("banner");
+  const text = $("banner-text");
+  const button = $("banner-button");
+  clearInterval(bannerTimer);
+  $("status-dot").className = "dot " + model.state;
+  if (model.state === "online") {
+    banner.hidden = true;
+    return;
+  }
+  banner.hidden = false;
+  button.hidden = false;
+  if (model.state === "ended") {
+    if (model.refused) {
+      const why = model.ended;
+      const name = model.name;
+      api("/api/logout", {}).finally(() => showLogin(why, model.refused === "name-taken" ? "" : name));
+      return;
+    }
+    if (model.ended.startsWith("logged out")) {
+      showLogin(`You were ${model.ended}.`);
+      return;
+    }
+    text.textContent = "This chat is open in another tab or window.";
+    button.textContent = "Use it here";
+    button.onclick = () => model.reconnect();
+    return;
+  }
+  if (model.state === "connecting") {
+    text.textContent = model.everOnline ? "Reconnecting…" : "Connecting…";
+    button.hidden = true;
+    return;
+  }
+  const tick = () => {
+    const left = Math.max(0, Math.ceil((model.retryAt - Date.now()) / 1000));
+    text.textContent = `Offline: the server cannot be reached. Trying again in ${left} s.`;
+  };
+  tick();
+  bannerTimer = setInterval(tick, 1000);
+  button.textContent = "Try now";
+  button.onclick = () => model.reconnect();
+}
+
+/** Before each reconnect: is this browser still logged in?  (A revoked session goes to the login.) */
+async function retry() {
+  if (!model || model.socket) return;
+  try {
+    const answer = await api("/api/session");
+    if (answer.ok && !answer.data.name) {
+      model.close();
+      showLogin("You were logged out; log in again.");
+      return;
+    }
+  } catch {
+    // the server is not answering HTTP either: the WebSocket's attempt fails and waits again
+  }
+  if (model.state !== "ended") model.connect();
+}
+
+// --- switching, sending, commands ------------------------------------------------------------------
+
+function switchTo(key) {
+  model.open(key);
+  closeOverlays();
+  document.body.classList.remove("sidebar-open");
+  $("scrim").hidden = true;
+  drawAll();
+  $("input").focus();
+}
+
+function openDm(name) {
+  if (name === model.name) return;
+  const conv = model.conversation("@" + name);
+  conv.joined = true;
+  if (!conv.loaded) {
+    conv.loaded = true;
+    conv.hasOlder = conv.messages.length > 0;
+  }
+  switchTo(conv.key);
+}
+
+function roomName(word) {
+  const name = word.replace(/^#/, "").toLowerCase();
+  return ROOM.test(name) ? name : null;
+}
+
+function joinRooms(words) {
+  const names = words.map(roomName);
+  if (!names.length || names.includes(null)) {
+    addNotice({ key: model.active, text: "room names are # and 1-30 of a-z, 0-9, '_' or '-'", error: true });
+    return;
+  }
+  const known = model.conversations.get("#" + names[0]);
+  if (known && known.joined) switchTo(known.key);
+  else model.pendingSwitch = names[0];
+  model.send("JOIN", ...names.map((n) => "#" + n));
+}
+
+async function command(line) {
+  const [word, ...rest] = line.split(" ");
+  const args = rest.filter((w) => w);
+  const text = line.slice(word.length + 1);
+  const conv = model.conversation(model.active);
+  switch (word.toLowerCase()) {
+    case "/join":
+    case "/j":
+      joinRooms(args);
+      break;
+    case "/part":
+    case "/leave": {
+      const room = args[0] && args[0].startsWith("#") ? roomName(args[0]) : conv.kind === "room" ? conv.name : null;
+      const reason = args[0] && args[0].startsWith("#") ? args.slice(1).join(" ") : args.join(" ");
+      if (!room || room === MAIN) {
+        addNotice({ key: conv.key, text: "#main is where everyone is; it cannot be left", error: true });
+      } else {
+        model.send("PART", "#" + room, ...(reason ? [reason] : []));
+      }
+      break;
+    }
+    case "/msg":
+    case "/query": {
+      const name = args[0];
+      if (!name || !NAME.test(name)) {
+        addNotice({ key: conv.key, text: COMMANDS["/msg"], error: true });
+        break;
+      }
+      const message = text.slice(name.length).trim();
+      openDm(name);
+      if (message) model.say("@" + name, message);
+      break;
+    }
+    case "/me":
+      if (text.trim()) model.say(conv.key, text.trim(), "me");
+      break;
+    case "/topic":
+      if (conv.kind !== "room") break;
+      if (text.trim()) model.send("TOPIC", conv.key, text.trim());
+      else addNotice({ key: conv.key, text: conv.topic ? `topic: ${conv.topic}` : "no topic is set" });
+      break;
+    case "/names":
+      if (conv.kind === "room") {
+        addNotice({ key: conv.key, text: `in #${conv.name}: ${[...conv.members.keys()].sort().join(", ")}` });
+      }
+      break;
+    case "/who":
+      model.send("DIR");
+      break;
+    case "/search":
+      if (text.trim()) {
+        $("search-input").value = text.trim();
+        $("search-here").checked = conv.kind === "room";
+        openSearch(true);
+      } else {
+        openSearch(false);
+      }
+      break;
+    case "/nick":
+      await rename(args[0] || "");
+      break;
+    case "/logout":
+      if (args[0] === "--others") openSettings(true);
+      else await logOut();
+      break;
+    case "/help":
+      addNotice({ key: conv.key, text: "commands: " + Object.values(COMMANDS).join(" · ") +
+        " · keys: Enter sends, Shift-Enter a new line, Tab completes, Alt-1..9 and Ctrl-K switch" });
+      break;
+    default:
+      addNotice({ key: conv.key, text: `unknown command ${word}: /help lists them`, error: true });
+  }
+}
+
+async function rename(name) {
+  if (!NAME.test(name)) {
+    addNotice({ key: model.active, text: COMMANDS["/nick"], error: true });
+    return;
+  }
+  const answer = await api("/api/login", { name });
+  if (!answer.ok) {
+    addNotice({ key: model.active, text: answer.data.message || "that name cannot be used", error: true });
+    return;
+  }
+  startChat(answer.data.name);
+}
+
+async function logOut() {
+  model.close();
+  try {
+    await api("/api/logout", {});
+  } finally {
+    showLogin("You logged out.");
+  }
+}
+
+function submit(event) {
+  if (event) event.preventDefault();
+  const input = $("input");
+  const text = input.value;
+  if (!text.trim()) return;
+  if (model.state !== "online") {
+    addNotice({ key: model.active, text: "offline: the message stays in the box until the chat is back", error: true });
+    return;
+  }
+  input.value = "";
+  resizeInput();
+  hideSuggestions();
+  if (text.startsWith("/") && !text.startsWith("//")) {
+    command(text.trim());
+  } else {
+    model.say(model.active, text.startsWith("//") ? text.slice(1) : text);
+  }
+}
+
+// --- completion: Tab, and @ names as you type ------------------------------------------------------------
+
+let completion = null;  // {start, end, options, index} while Tab cycles
+
+function currentWord() {
+  const input = $("input");
+  const end = input.selectionStart;
+  const start = input.value.slice(0, end).search(/\S*$/);
+  return { start, end, word: input.value.slice(start, end) };
+}
+
+function candidates(word, start) {
+  const lower = word.toLowerCase();
+  const conv = model.conversation(model.active);
+  if (word.startsWith("/") && start === 0) return Object.keys(COMMANDS).filter((c) => c.startsWith(lower));
+  if (word.startsWith("#")) {
+    const rooms = new Set([...model.conversations.values()].filter((c) => c.kind === "room").map((c) => c.name)
+      .concat(model.rooms.map((r) => r.name)));
+    return [...rooms].sort().map((r) => "#" + r).filter((r) => r.startsWith(lower));
+  }
+  const bare = word.replace(/^@/, "").toLowerCase();
+  const names = new Set([...conv.members.keys(), ...model.conversation("#" + MAIN).members.keys()]);
+  names.delete(model.name);
+  return [...names].sort().filter((n) => n.toLowerCase().startsWith(bare))
+    .map((n) => (word.startsWith("@") ? "@" + n : start === 0 ? n + ":" : n));
+}
+
+function complete() {
+  const input = $("input");
+  if (!completion) {
+    const { start, end, word } = currentWord();
+    if (!word) return false;
+    const options = candidates(word, start);
+    if (!options.length) return false;
+    completion = { start, end, options, index: 0 };
+  } else {
+    completion.index = (completion.index + 1) % completion.options.length;
+  }
+  const choice = completion.options[completion.index] + " ";
+  input.value = input.value.slice(0, completion.start) + choice + input.value.slice(completion.end);
+  completion.end = completion.start + choice.length;
+  input.selectionStart = input.selectionEnd = completion.end;
+  showSuggestions(completion.options, completion.index);
+  return true;
+}
+
+function showSuggestions(options, selected = -1) {
+  const list = $("suggestions");
+  list.replaceChildren(...options.slice(0, 8).map((option, i) => {
+    const item = document.createElement("li");
+    item.textContent = option;
+    if (i === selected) item.className = "selected";
+    item.addEventListener("mousedown", (e) => {
+      e.preventDefault();
+      const { start, end } = currentWord();
+      const input = $("input");
+      input.value = input.value.slice(0, start) + option + " " + input.value.slice(end);
+      input.selectionStart = input.selectionEnd = start + option.length + 1;
+      hideSuggestions();
+      input.focus();
+    });
+    return item;
+  }));
+  list.hidden = !options.length;
+}
+
+function hideSuggestions() {
+  $("suggestions").hidden = true;
+}
+
+function suggestAsYouType() {
+  completion = null;
+  const { word, start } = currentWord();
+  if (word.length >= 2 && (word.startsWith("@") || word.startsWith("#"))) showSuggestions(candidates(word, start));
+  else hideSuggestions();
+}
+
+function resizeInput() {
+  const input = $("input");
+  input.style.height = "auto";
+  input.style.height = Math.min(input.scrollHeight, 200) + "px";
+}
+
+// --- overlays: the switcher, search, settings ------------------------------------------------------------
+
+function closeOverlays() {
+  for (const id of ["switcher", "search", "settings"]) $(id).hidden = true;
+}
+
+function openSwitcher() {
+  closeOverlays();
+  $("switcher").hidden = false;
+  $("switcher-input").value = "";
+  drawSwitcher();
+  $("switcher-input").focus();
+  model.send("ROOMS");
+}
+
+function switcherOptions() {
+  const filter = $("switcher-input").value.trim().toLowerCase();
+  const options = model.ordered().map((c) => ({ key: c.key, label: c.kind === "room" ? "#" + c.name : c.name,
+    hint: c.unread ? `${c.unread} unread` : "" }));
+  for (const room of model.rooms) {
+    if (!options.some((o) => o.key === "#" + room.name)) {
+      options.push({ key: "#" + room.name, label: "#" + room.name, hint: `join · ${room.online} online`, join: true });
+    }
+  }
+  let found = options.filter((o) => o.label.toLowerCase().includes(filter.replace(/^@/, "")));
+  const typed = roomName(filter);
+  if (filter.startsWith("#") && typed && !found.some((o) => o.key === "#" + typed)) {
+    found = [{ key: "#" + typed, label: "#" + typed, hint: "join (a new room)", join: true }, ...found];
+  }
+  return found;
+}
+
+let switcherIndex = 0;
+
+function drawSwitcher() {
+  const list = $("switcher-list");
+  const options = switcherOptions();
+  switcherIndex = Math.min(switcherIndex, Math.max(0, options.length - 1));
+  list.replaceChildren(...options.map((option, i) => {
+    const item = document.createElement("li");
+    item.className = i === switcherIndex ? "selected" : "";
+    const label = document.createElement("span");
+    label.textContent = option.label;
+    const hint = document.createElement("span");
+    hint.className = "hint";
+    hint.textContent = option.hint;
+    item.append(label, hint);
+    item.addEventListener("click", () => pick(option));
+    return item;
+  }));
+}
+
+function pick(option) {
+  closeOverlays();
+  if (option.join) joinRooms([option.key]);
+  else switchTo(option.key);
+}
+
+function openSearch(run) {
+  closeOverlays();
+  $("search").hidden = false;
+  $("search-input").focus();
+  if (run) runSearch();
+}
+
+function runSearch(event) {
+  if (event) event.preventDefault();
+  const words = $("search-input").value.trim();
+  if (!words) return;
+  const here = $("search-here").checked && model.active.startsWith("#") ? model.active : null;
+  $("search-summary").textContent = "searching…";
+  model.search(words, here);
+}
+
+function drawSearch() {
+  const results = model.searchResults;
+  $("search-summary").textContent = `${results.messages.length} message${results.messages.length === 1 ? "" : "s"} ` +
+    `with “${results.words}”, newest first`;
+  $("search-results").replaceChildren(...results.messages.map((msg) => {
+    const item = document.createElement("li");
+    const where = document.createElement("span");
+    where.className = "hint";
+    const key = model.keyOf(msg);
+    where.textContent = `${key[0] === "#" ? key : "DM " + key.slice(1)} · ${localTime(msg.ts)}`;
+    const row = messageRow(msg);
+    item.append(where, row);
+    item.addEventListener("click", () => {
+      closeOverlays();
+      if (key[0] === "@") model.conversation(key).joined = true;
+      model.jump(key, msg.id);
+    });
+    return item;
+  }));
+}
+
+function openSettings(others = false) {
+  closeOverlays();
+  $("settings").hidden = false;
+  $("notify-toggle").checked = localStorage.getItem("chatctl.notify") === "on";
+  drawNotifyState();
+  $("logout-others-result").textContent = "";
+  (others ? $("logout-others-password") : $("settings-close")).focus();
+}
+
+function drawNotifyState() {
+  const state = !("Notification" in window) ? "This browser has no notifications." :
+    Notification.permission === "denied" ? "Notifications are blocked for this site in the browser's settings." : "";
+  $("notify-state").textContent = state;
+}
+
+async function toggleNotify() {
+  const on = $("notify-toggle").checked;
+  localStorage.setItem("chatctl.notify", on ? "on" : "off");
+  if (on && "Notification" in window && Notification.permission === "default") await Notification.requestPermission();
+  drawNotifyState();
+}
+
+async function logOutOthers(event) {
+  event.preventDefault();
+  const password = $("logout-others-password").value;
+  const answer = await api("/api/logout", { others: true, password });
+  $("logout-others-password").value = "";
+  $("logout-others-result").textContent = answer.ok ? `Logged out ${answer.data.ended} other device(s) and every other browser.`
+    : answer.data.message || `The server said ${answer.status}.`;
+}
+
+function notify({ key, message, mention }) {
+  if (!mention || !document.hidden || localStorage.getItem("chatctl.notify") !== "on") return;
+  if (!("Notification" in window) || Notification.permission !== "granted") return;
+  const where = key[0] === "#" ? ` in ${key}` : "";
+  const note = new Notification(`${message.sender}${where}`, { body: message.text.slice(0, 200), tag: key });
+  note.onclick = () => {
+    window.focus();
+    switchTo(key);
+  };
+}
+
+// --- wiring -------------------------------------------------------------------------------------------------
+
+function keydown(event) {
+  if (!model || $("chat").hidden) return;
+  if (event.altKey && /^Digit[1-9]$/.test(event.code)) {
+    const conv = model.ordered()[Number(event.code.slice(5)) - 1];
+    if (conv) switchTo(conv.key);
+    event.preventDefault();
+  } else if ((event.ctrlKey || event.metaKey) && event.key.toLowerCase() === "k") {
+    event.preventDefault();
+    openSwitcher();
+  } else if (event.key === "Escape") {
+    closeOverlays();
+    hideSuggestions();
+    document.body.classList.remove("sidebar-open");
+    $("scrim").hidden = true;
+    $("input").focus();
+  }
+}
+
+function inputKeydown(event) {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    submit(event);
+  } else if (event.key === "Tab" && !event.shiftKey) {
+    if (complete()) event.preventDefault();
+  } else if (!["Shift", "Control", "Alt", "Meta"].includes(event.key)) {
+    completion = null;
+  }
+}
+
+function switcherKeydown(event) {
+  const options = switcherOptions();
+  if (event.key === "ArrowDown" || event.key === "ArrowUp") {
+    switcherIndex = (switcherIndex + (event.key === "ArrowDown" ? 1 : -1) + options.length) % Math.max(1, options.length);
+    drawSwitcher();
+    event.preventDefault();
+  } else if (event.key === "Enter") {
+    event.preventDefault();
+    if (options[switcherIndex]) pick(options[switcherIndex]);
+  }
+}
+
+function wire() {
+  $("login-form").addEventListener("submit", logIn);
+  $("composer").addEventListener("submit", submit);
+  $("input").addEventListener("keydown", inputKeydown);
+  $("input").addEventListener("input", () => { resizeInput(); suggestAsYouType(); });
+  $("input").addEventListener("blur", () => setTimeout(hideSuggestions, 150));
+  document.addEventListener("keydown", keydown);
+  $("messages").addEventListener("scroll", () => {
+    if (model && $("messages").scrollTop < 80) model.loadOlder(model.active);
+  });
+  $("join-button").addEventListener("click", openSwitcher);
+  $("switcher-input").addEventListener("input", () => { switcherIndex = 0; drawSwitcher(); });
+  $("switcher-input").addEventListener("keydown", switcherKeydown);
+  $("search-button").addEventListener("click", () => openSearch(false));
+  $("search-form").addEventListener("submit", runSearch);
+  $("settings-button").addEventListener("click", () => openSettings());
+  $("settings-close").addEventListener("click", closeOverlays);
+  $("notify-toggle").addEventListener("change", toggleNotify);
+  $("logout-button").addEventListener("click", logOut);
+  $("logout-others-form").addEventListener("submit", logOutOthers);
+  $("latest-button").addEventListener("click", () => model.latest(model.active));
+  $("members-button").addEventListener("click", () => {
+    $("members").hidden = !$("members").hidden;
+    document.body.classList.toggle("members-open", !$("members").hidden);
+  });
+  $("menu-button").addEventListener("click", () => {
+    document.body.classList.toggle("sidebar-open");
+    $("scrim").hidden = !document.body.classList.contains("sidebar-open");
+  });
+  $("scrim").addEventListener("click", () => {
+    document.body.classList.remove("sidebar-open");
+    $("scrim").hidden = true;
+  });
+  for (const overlay of document.querySelectorAll(".overlay")) {
+    overlay.addEventListener("click", (e) => { if (e.target === overlay) closeOverlays(); });
+  }
+  document.addEventListener("visibilitychange", () => {
+    if (!model) return;
+    model.visible = !document.hidden;
+    if (model.visible) model.markRead(model.active);
+  });
+  if (window.matchMedia("(min-width: 1000px)").matches) {
+    $("members").hidden = false;
+    document.body.classList.add("members-open");
+  }
+}
+
+async function boot() {
+  wire();
+  try {
+    const answer = await api("/api/session");
+    sessionInfo = answer.data;
+  } catch {
+    sessionInfo = null;
+  }
+  if (sessionInfo && sessionInfo.name) startChat(sessionInfo.name);
+  else showLogin(sessionInfo ? "" : "The server cannot be reached; reload in a moment.");
+}
+
+boot();

@@ -1,0 +1,533 @@
+// The chat as the browser knows it, with no page in it: conversations (rooms and direct messages),
+// their messages, members, topics, unread counts and read markers, and the link to the server (one
+// WebSocket speaking chatctl/1 requests out, the server's events as JSON in).  app.js draws it.
+
+import { escapeText, mentions } from "./text.js";
+
+export const MAIN = "main";
+const PAGE = 50;             // messages asked for at a time
+const GAP_PAGE = 200;        // ... when filling the gap after a reconnect
+const KEEP = 2000;           // messages kept per conversation (older ones are asked for again)
+const SEND_ERRORS = new Set(["rate-limited", "storage-failed", "empty-message", "unknown-user",
+  "not-in-room", "bus-unavailable", "frame-too-long", "unknown-room", "invalid-room", "not-registered"]);
+const HISTORY_ERRORS = new Set(["history-off", "history-failed"]);
+const BACKOFF = [1, 2, 4, 8, 15, 30];  // seconds between reconnects
+const FINAL = ["taken over", "logged out"];  // a Goodbye after which this tab does not reconnect by itself
+
+export class Conversation {
+  constructor(key) {
+    this.key = key;                    // "#room" or "@name"
+    this.kind = key[0] === "#" ? "room" : "dm";
+    this.name = key.slice(1);
+    this.messages = [];                // oldest first, no two with one id
+    this.unread = 0;
+    this.mentions = 0;
+    this.marker = 0;                   // read up to this id (this account's, on every device)
+    this.topic = "";
+    this.members = new Map();          // name -> {bot, devices}
+    this.joined = this.kind === "dm";
+    this.hasOlder = true;              // the server may have older messages
+    this.loaded = false;               // its newest page was asked for
+    this.detached = false;             // showing a search hit's surroundings, not the newest messages
+  }
+
+  get lastId() {
+    return this.messages.length ? this.messages[this.messages.length - 1].id : 0;
+  }
+
+  /** Add messages (any order, any overlap): true if any was new. */
+  add(messages) {
+    let added = false;
+    const ids = new Set(this.messages.map((m) => m.id));
+    for (const m of messages) {
+      if (!ids.has(m.id)) {
+        ids.add(m.id);
+        this.messages.push(m);
+        added = true;
+      }
+    }
+    if (added) {
+      this.messages.sort((a, b) => a.id - b.id);
+      if (this.messages.length > KEEP) {
+        this.messages.splice(0, this.messages.length - KEEP);
+        this.hasOlder = true;
+      }
+    }
+    return added;
+  }
+}
+
+export class ChatModel extends EventTarget {
+  constructor() {
+    super();
+    this.name = "";
+    this.conversations = new Map();    // key -> Conversation, in the order they came
+    this.rooms = [];                   // the server's rooms (RoomInfo), for the switcher
+    this.active = "#" + MAIN;
+    this.state = "offline";            // offline, connecting, online, ended
+    this.ended = "";                   // why the server ended this tab for good (taken over, logged out)
+    this.lastId = 0;                   // the newest message id seen in any conversation
+    this.visible = true;               // the page is on screen (read markers move only then)
+    this.sends = [];                   // our messages sent, waiting for their MSG_OK
+    this.histories = [];               // HISTORY and SEARCH asked, waiting for their page
+    this.searchResults = null;         // {words, messages}
+    this.socket = null;
+    this.retries = 0;
+    this.retryAt = 0;
+    this.timer = null;
+    this.everOnline = false;
+    this.conversation("#" + MAIN);
+  }
+
+  // --- what the page reads ---------------------------------------------------------------------
+
+  conversation(key) {
+    let conv = this.conversations.get(key);
+    if (!conv) {
+      conv = new Conversation(key);
+      this.conversations.set(key, conv);
+    }
+    return conv;
+  }
+
+  /** The conversations in the sidebar's order: #main, the other rooms joined by name, then DMs. */
+  ordered() {
+    const all = [...this.conversations.values()].filter((c) => c.joined);
+    const rooms = all.filter((c) => c.kind === "room").sort((a, b) =>
+      (a.name === MAIN ? -1 : b.name === MAIN ? 1 : a.name.localeCompare(b.name)));
+    const dms = all.filter((c) => c.kind === "dm").sort((a, b) => a.name.localeCompare(b.name));
+    return [...rooms, ...dms];
+  }
+
+  get totalUnread() {
+    return this.ordered().reduce((sum, c) => sum + c.unread, 0);
+  }
+
+  get totalMentions() {
+    return this.ordered().reduce((sum, c) => sum + c.mentions + (c.kind === "dm" ? c.unread : 0), 0);
+  }
+
+  changed(what, detail = {}) {
+    this.dispatchEvent(new CustomEvent(what, { detail }));
+  }
+
+  // --- the link ---------------------------------------------------------------------------------
+
+  connect() {
+    if (this.socket || this.state === "ended") return;
+    clearTimeout(this.timer);
+    this.state = "connecting";
+    this.changed("status");
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    const socket = new WebSocket(`${scheme}//${location.host}/ws`);
+    this.socket = socket;
+    socket.onmessage = (e) => {
+      let event;
+      try {
+        event = JSON.parse(e.data);
+      } catch {
+        return;
+      }
+      this.handle(event);
+    };
+    socket.onclose = () => {
+      if (this.socket !== socket) return;
+      this.socket = null;
+      this.sends = [];
+      this.histories = [];
+      if (this.state === "ended") {
+        this.changed("status");
+        return;
+      }
+      this.state = "offline";
+      const wait = BACKOFF[Math.min(this.retries, BACKOFF.length - 1)] * (0.8 + Math.random() * 0.4);
+      this.retries += 1;
+      this.retryAt = Date.now() + wait * 1000;
+      this.timer = setTimeout(() => this.changed("retry"), wait * 1000);
+      this.changed("status");
+    };
+  }
+
+  /** Reconnect now (the banner's button, or a tab taken over that is to be used here again). */
+  reconnect() {
+    if (this.state === "ended") this.ended = "";
+    this.state = "offline";
+    this.retries = 0;
+    clearTimeout(this.timer);
+    this.changed("retry");
+  }
+
+  close() {
+    this.state = "ended";
+    if (this.socket) this.socket.close(1000);
+  }
+
+  send(...fields) {
+    if (!this.socket || this.socket.readyState !== WebSocket.OPEN) return false;
+    this.socket.send(fields.join("|"));
+    return true;
+  }
+
+  // --- requests ---------------------------------------------------------------------------------
+
+  say(key, text, kind = "msg") {
+    const conv = this.conversation(key);
+    const escaped = escapeText(text);
+    if (conv.kind === "dm") {
+      if (this.send("DM", conv.name, escaped)) {
+        this.sends.push({ key, text, kind: "dm", recipient: conv.name, room: MAIN });
+      }
+    } else if (this.send(kind === "me" ? "ME" : "MSG", key, escaped)) {
+      this.sends.push({ key, text, kind, recipient: null, room: conv.name });
+    }
+  }
+
+  history(key, mode, anchor = 0, count = PAGE) {
+    const conv = key ? this.conversation(key) : null;
+    const room = conv && conv.kind === "room" ? [key] : [];
+    const args = mode === "last" ? ["LAST", count] : [mode.toUpperCase(), anchor, count];
+    if (this.send("HISTORY", ...room, ...args)) this.histories.push({ key, mode, count });
+  }
+
+  loadOlder(key) {
+    const conv = this.conversation(key);
+    if (!conv.hasOlder || conv.loadingOlder) return;
+    const oldest = conv.messages.length ? conv.messages[0].id : 0;
+    if (!oldest) return;
+    conv.loadingOlder = true;
+    this.history(conv.kind === "room" ? key : null, "before", oldest, PAGE);
+    this.histories[this.histories.length - 1].older = key;
+  }
+
+  search(words, key = null) {
+    const room = key && key[0] === "#" ? [key] : [];
+    if (this.send("SEARCH", ...room, PAGE, words)) this.histories.push({ key, mode: "search", words });
+  }
+
+  /** Show the messages around `id` in `key` (a search hit): they replace what the conversation shows. */
+  jump(key, id) {
+    const conv = this.conversation(key);
+    this.active = key;
+    if (conv.messages.some((m) => m.id === id)) {
+      this.changed("jump", { key, id });
+      return;
+    }
+    conv.messages = [];
+    conv.detached = true;
+    conv.hasOlder = true;
+    const room = conv.kind === "room" ? key : null;
+    this.history(room, "before", id + 1, PAGE);
+    this.histories[this.histories.length - 1].jump = id;
+    this.history(room, "after", id, PAGE);
+    this.changed("conversations");
+  }
+
+  /** Back to the newest messages of a conversation that shows a search hit. */
+  latest(key) {
+    const conv = this.conversation(key);
+    conv.messages = [];
+    conv.detached = false;
+    conv.hasOlder = true;
+    this.history(conv.kind === "room" ? key : null, "last", 0, PAGE);
+    this.changed("conversations");
+  }
+
+  open(key) {
+    const conv = this.conversation(key);
+    this.active = key;
+    if (!conv.loaded && conv.kind === "room") {
+      conv.loaded = true;
+      this.history(key, "last");
+    }
+    this.markRead(key);
+    this.changed("conversations");
+  }
+
+  /** Everything shown in `key` is read (on this account's other devices too). */
+  markRead(key) {
+    const conv = this.conversation(key);
+    const last = conv.detached ? 0 : conv.lastId;
+    if (conv.unread || conv.mentions) {
+      conv.unread = conv.mentions = 0;
+      this.changed("conversations");
+    }
+    if (last > conv.marker && this.visible) {
+      conv.marker = last;
+      this.send("MARK", conv.kind === "room" ? key : "@" + conv.name, last);
+    }
+  }
+
+  // --- events from the server ---------------------------------------------------------------------
+
+  handle(event) {
+    const handler = this["on" + event.type];
+    if (handler) handler.call(this, event);
+  }
+
+  onWelcome() {}
+
+  onRegistered() {
+    this.state = "online";
+    this.retries = 0;
+    const again = this.everOnline;
+    this.everOnline = true;
+    this.send("ROOMS");
+    const remembered = this.rememberedRooms().filter((r) => r !== MAIN);
+    if (remembered.length) this.send("JOIN", ...remembered.map((r) => "#" + r));
+    if (again) {
+      this.fillGap();
+    } else {
+      this.history(null, "last", 0, PAGE);
+      this.conversation("#" + MAIN).loaded = true;
+    }
+    this.send("NAMES", "#" + MAIN);
+    this.changed("status");
+  }
+
+  /** After a reconnect: each conversation's messages after the last one it has, by id. */
+  fillGap() {
+    this.history(null, "after", this.mainAndDmsLast(), GAP_PAGE);
+    for (const conv of this.conversations.values()) {
+      if (conv.kind === "room" && conv.name !== MAIN && conv.loaded && !conv.detached) {
+        this.history(conv.key, "after", conv.lastId, GAP_PAGE);
+      }
+    }
+  }
+
+  mainAndDmsLast() {
+    let last = 0;
+    for (const conv of this.conversations.values()) {
+      if ((conv.kind === "dm" || conv.name === MAIN) && !conv.detached) last = Math.max(last, conv.lastId);
+    }
+    return last;
+  }
+
+  onGoodbye(event) {
+    if (FINAL.some((f) => event.reason.startsWith(f))) {
+      this.state = "ended";
+      this.ended = event.reason;
+    }
+    this.changed("status");
+  }
+
+  onErrorReply(event) {
+    if (SEND_ERRORS.has(event.code) && this.sends.length) {
+      const send = this.sends.shift();
+      this.changed("notice", { key: send.key, text: `not sent: ${event.text}`, error: true, unsent: send.text });
+      return;
+    }
+    if (HISTORY_ERRORS.has(event.code) && this.histories.length) {
+      const asked = this.histories.shift();
+      if (asked.older) this.conversation(asked.older).loadingOlder = false;
+    }
+    if (["name-taken", "name-protected", "too-many-devices", "bad-password"].includes(event.code)) {
+      this.state = "ended";
+      this.ended = event.text;
+      this.refused = event.code;
+    }
+    this.changed("notice", { key: this.active, text: event.text, error: true, code: event.code });
+  }
+
+  onAcknowledged(event) {
+    const send = this.sends.shift();
+    if (!send) return;
+    const msg = { id: event.id, ts: event.ts, sender: this.name, text: send.text, kind: send.kind,
+      recipient: send.recipient, room: send.room };
+    this.deliver([msg], true);
+  }
+
+  onDelivered(event) {
+    this.deliver([event.message], true);
+  }
+
+  onHistoryPage(event) {
+    const asked = this.histories.shift() || { key: null, mode: "last" };
+    if (asked.mode === "search") {
+      this.searchResults = { words: asked.words, messages: event.messages.slice().reverse() };
+      this.changed("search");
+      return;
+    }
+    this.deliver(event.messages, false);
+    if (asked.older) {
+      const conv = this.conversation(asked.older);
+      conv.loadingOlder = false;
+      const mine = event.messages.filter((m) => this.keyOf(m) === asked.older);
+      if (event.messages.length < asked.count && !event.more) conv.hasOlder = false;
+      else if (!mine.length) this.loadOlder(asked.older);  // a page of other conversations' messages
+      this.changed("older", { key: asked.older });
+    }
+    if (asked.key && asked.mode === "last" && event.messages.length < asked.count && !event.more) {
+      this.conversation(asked.key).hasOlder = false;
+    }
+    if (asked.mode === "after" && event.more) {
+      const conv = asked.key ? this.conversation(asked.key) : null;
+      this.history(asked.key, "after", conv ? conv.lastId : this.mainAndDmsLast(), GAP_PAGE);
+    }
+    if (asked.jump) this.changed("jump", { key: this.active, id: asked.jump });
+  }
+
+  keyOf(msg) {
+    if (msg.kind === "dm") return "@" + (msg.sender === this.name ? msg.recipient : msg.sender);
+    return "#" + msg.room;
+  }
+
+  /** Messages into their conversations; `live` ones (not history) count as unread where unseen. */
+  deliver(messages, live) {
+    const touched = new Set();
+    for (const msg of messages) {
+      const key = this.keyOf(msg);
+      const conv = this.conversation(key);
+      if (conv.kind === "dm") conv.joined = true;
+      if (conv.detached && live) {
+        if (msg.sender !== this.name) conv.unread += 1;
+        touched.add(key);
+        continue;
+      }
+      if (!conv.add([msg])) continue;
+      this.lastId = Math.max(this.lastId, msg.id);
+      touched.add(key);
+      const own = msg.sender === this.name;
+      if (live && !own && msg.id > conv.marker) {
+        const seen = this.visible && this.active === key;
+        if (!seen) {
+          conv.unread += 1;
+          if (mentions(msg.text, this.name)) conv.mentions += 1;
+          this.changed("alert", { key, message: msg, mention: conv.kind === "dm" || mentions(msg.text, this.name) });
+        }
+      }
+    }
+    for (const key of touched) {
+      this.changed("messages", { key, live });
+      if (live && key === this.active && this.visible) this.markRead(key);
+    }
+    if (touched.size) this.changed("conversations");
+  }
+
+  onRoomInfo(event) {
+    this.rooms = this.rooms.filter((r) => r.name !== event.name).concat([event]);
+    if (event.joined) {
+      const conv = this.conversation("#" + event.name);
+      conv.joined = true;
+      conv.topic = event.topic;
+      if (!(this.active === conv.key && this.visible)) {
+        conv.unread = Math.max(conv.unread, event.unread);
+        conv.mentions = Math.max(conv.mentions, event.mentions);
+      }
+      this.remember(event.name, true);
+    }
+    this.changed("conversations");
+  }
+
+  onEndOfList() {}
+
+  onRoomJoined(event) {
+    const conv = this.conversation("#" + event.names.room);
+    const fresh = !conv.joined;
+    conv.joined = true;
+    if (event.topic) conv.topic = event.topic.text;
+    this.setMembers(conv, event.names.users);
+    this.remember(conv.name, true);
+    if (fresh && this.pendingSwitch === conv.name) {
+      this.pendingSwitch = null;
+      this.open(conv.key);
+    }
+    this.changed("conversations");
+    this.changed("members", { key: conv.key });
+  }
+
+  onRoomNames(event) {
+    this.setMembers(this.conversation("#" + event.room), event.users);
+    this.changed("members", { key: "#" + event.room });
+  }
+
+  onUserList(event) {
+    this.changed("who", { users: event.users });
+  }
+
+  setMembers(conv, users) {
+    conv.members = new Map(users.map((u) => [u.name, { bot: u.bot, devices: u.devices }]));
+  }
+
+  onTopic(event) {
+    const conv = this.conversation("#" + event.room);
+    conv.topic = event.text;
+    this.changed("conversations");
+    if (event.setter) this.changed("notice", { key: conv.key, text: `${event.setter} set the topic: ${event.text}` });
+  }
+
+  onEntered(event) {
+    const conv = this.conversation("#" + event.room);
+    if (!conv.members.has(event.name)) conv.members.set(event.name, { bot: false, devices: 1 });
+    this.changed("members", { key: conv.key });
+    this.changed("notice", { key: conv.key, text: `${event.name} joined #${event.room}`, quiet: true });
+  }
+
+  onExited(event) {
+    const conv = this.conversation("#" + event.room);
+    conv.members.delete(event.name);
+    this.changed("members", { key: conv.key });
+    this.changed("notice", { key: conv.key, text: `${event.name} left #${event.room}` +
+      (event.reason ? ` (${event.reason})` : ""), quiet: true });
+  }
+
+  onJoined(event) {
+    const main = this.conversation("#" + MAIN);
+    if (!main.members.has(event.name)) main.members.set(event.name, { bot: false, devices: 1 });
+    this.changed("members", { key: main.key });
+    this.changed("notice", { key: main.key, text: `${event.name} is online`, quiet: true });
+  }
+
+  onLeft(event) {
+    for (const conv of this.conversations.values()) {
+      if (conv.members.delete(event.name)) this.changed("members", { key: conv.key });
+    }
+    this.changed("notice", { key: "#" + MAIN, text: `${event.name} left (${event.reason})`, quiet: true });
+  }
+
+  onConfirmed(event) {
+    if (event.verb === "MARK") {  // read on this or another of the account's devices
+      const [where, upto] = event.arg.split("|");
+      const key = where[0] === "@" ? "@" + where.slice(1) : where;
+      const conv = this.conversations.get(key) ||
+        [...this.conversations.values()].find((c) => c.kind === "dm" && "@" + c.name.toLowerCase() === key.toLowerCase());
+      if (!conv) return;
+      const id = Number(upto);
+      if (id > conv.marker) conv.marker = id;
+      const after = conv.messages.filter((m) => m.id > conv.marker && m.sender !== this.name);
+      conv.unread = Math.min(conv.unread, after.length);
+      conv.mentions = Math.min(conv.mentions, after.filter((m) => mentions(m.text, this.name)).length);
+      this.changed("conversations");
+    } else if (event.verb === "PART") {
+      const conv = this.conversation(event.arg);
+      conv.joined = false;
+      conv.loaded = false;
+      conv.messages = [];
+      this.remember(conv.name, false);
+      if (this.active === conv.key) this.active = "#" + MAIN;
+      this.changed("conversations");
+    }
+  }
+
+  onPong() {}
+
+  // --- rooms this browser keeps joining (a free name's rooms are nobody's but the tab's) ----------------
+
+  rememberedRooms() {
+    try {
+      return JSON.parse(localStorage.getItem(`chatctl.rooms.${this.name}`) || "[]");
+    } catch {
+      return [];
+    }
+  }
+
+  remember(room, joined) {
+    const rooms = new Set(this.rememberedRooms());
+    if (joined) rooms.add(room);
+    else rooms.delete(room);
+    try {
+      localStorage.setItem(`chatctl.rooms.${this.name}`, JSON.stringify([...rooms]));
+    } catch {
+      // private windows may refuse storage: rooms are then joined again by hand
+    }
+  }
+}
