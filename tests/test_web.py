@@ -149,18 +149,18 @@ def test_a_person_logs_in_and_talks_in_two_rooms_with_a_seed_client_and_join(ser
     seed.send(b"USER|sam\n")
     assert seed.line() == "USER_OK"
     join = spawn_join("jo", server.port, "--room", "dev")
-    ana = tabs(server.port).login("ana")
+    ana = tabs(server.port).login("ana-k.1")  # (a name of every kind of character)
     ana.page.wait_for_selector("#member-list >> text=sam")
 
     ana.say("hello sam")
-    seed.expect("ana: hello sam")
+    seed.expect("ana-k.1: hello sam")
     seed.send(b"MSG|hi ana, welcome\n")
     ana.sees("hi ana, welcome")
 
     ana.say("/join #dev")
     ana.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#dev'")
     ana.page.wait_for_selector("#member-list >> text=jo")
-    join.sendline("ana: the build is green")
+    join.sendline("the build is green")
     ana.sees("the build is green")
     ana.say("thanks jo")
     join.expect("thanks jo")
@@ -168,12 +168,12 @@ def test_a_person_logs_in_and_talks_in_two_rooms_with_a_seed_client_and_join(ser
     ana.switch("#main")  # now #dev is not in view: its lines count, a mention counts twice
     join.sendline("another line for nobody")
     ana.wait_badge("#dev", "1")
-    join.sendline("ana, can you look?")
+    join.sendline("ana-k.1, can you look?")
     ana.wait_badge("#dev", "@1 2")
     assert ana.page.title().startswith("(2) ")
     ana.switch("#dev")
     ana.wait_badge("#dev", "")
-    assert ana.page.locator(".msg.mention", has_text="ana, can you look?").count() == 1
+    assert ana.page.locator(".msg.mention", has_text="ana-k.1, can you look?").count() == 1
     ana.clean()
 
 

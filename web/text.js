@@ -48,7 +48,7 @@ const WORD = "[\\p{L}\\p{N}_]";
 /** Whether `text` names `name` as a word of its own, any case (as the server counts mentions). */
 export function mentions(text, name) {
   if (!name) return false;
-  const escaped = name.replace(/[.*+?^${}()|[\]\\-]/g, "\\$&");
+  const escaped = name.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");  // (a "-" escaped is an error with "u")
   return new RegExp(`(?<!${WORD})${escaped}(?!${WORD})`, "iu").test(text);
 }
 
