@@ -5381,6 +5381,7 @@ class Gateway:
     server-wide, made once per server (``start``, ``stop``, and ``committed``, called with each
     committed batch after its delivery, on the commit thread).  ``refuse``: what a connection to the
     gateway's own port is told when it is refused (too many connections); ``ERR`` where not given.
+    ``notes``: lines for the start-up log, once the server listens (what it serves where).
     """
 
     name: str
@@ -5391,6 +5392,7 @@ class Gateway:
     raw: bool = False
     service: Callable[[ChatServer], object] | None = None
     refuse: Callable[[str], bytes] | None = None
+    notes: Callable[[ChatServer], list[str]] | None = None
 
 
 GATEWAYS: dict[str, Gateway] = {}
@@ -8015,6 +8017,8 @@ def serve_until_signalled(server: ChatServer, reload: Callable[[], ServerConfig]
                 log.info("%s clients welcome on port %d too", gateway.name.upper(), port)
             if own_port := server.gateway_port(gateway.name):
                 log.info("%s clients welcome on %s:%d", gateway.name.upper(), host, own_port)
+            for note in gateway.notes(server) if gateway.notes else ():
+                log.info("%s", note)
         server.serve_forever()
     except KeyboardInterrupt:
         log.info("shutting down")
@@ -9451,6 +9455,7 @@ HttpRoute = Callable[[HttpGate, str, str, bytes, bool], None]
 HTTP_ROUTES: dict[str, HttpRoute] = {}
 HTTP_PREFIX_ROUTES: list[tuple[str, HttpRoute]] = []
 HTTP_POST_PATHS: set[str] = set()
+HTTP_NOTES: list[Callable[[ChatServer], str]] = []  # the start-up log's lines of later sections ('': none)
 
 
 # --- Outgoing hooks, the gateway's server-wide part, metrics -----------------------------------------
@@ -9820,7 +9825,8 @@ register_gateway(Gateway("http", sniff=looks_like_http, enabled=lambda config: c
                          port=lambda config: config.http.port, attach=HttpGate, raw=True,
                          service=HttpService, refuse=lambda reason: http_error(
                              503, "too-many-connections", reason, close=True,
-                             headers=[("Retry-After", "5")])))
+                             headers=[("Retry-After", "5")]),
+                         notes=lambda server: [note for make in HTTP_NOTES if (note := make(server))]))
 
 
 # =============================================================================
@@ -10272,22 +10278,24 @@ def web_socket(gate: HttpGate, method: str, path: str, body: bytes, close: bool)
     server.rooms.tell_rooms(session)  # (a device of an account online: the account's rooms)
 
 
-def announce_web(config: ServerConfig) -> None:
-    """The start-up log's line about the browser client: where it is, or why it is not."""
-    if not (config.http.enabled or config.http.port) or not config.http.web:
-        return
+def web_note(server: ChatServer) -> str:
+    """The start-up log's line about the browser client: where it is, or why it is not there."""
+    config = server.config
+    if not config.http.web or not (config.http.enabled or config.http.port):
+        return ""
     if web_assets() is None:
-        log.warning("%s", WEB_MISSING)
-    else:
-        host = "HOST" if config.host in ("0.0.0.0", "::", "") else config.host
-        log.info("the browser client is at http%s://%s:%d/", "s" if config.tls else "", host,
-                 config.http.port or config.port)
+        return WEB_MISSING
+    host, port = server.address
+    port = server.gateway_port("http") or port
+    host = "HOST" if host in ("0.0.0.0", "::", "") else f"[{host}]" if ":" in host else host
+    return f"the browser client is at http{'s' if config.tls else ''}://{host}:{port}/"
 
 
 HTTP_ROUTES.update({"/": web_page, "/index.html": web_page, "/api/session": web_session_info,
                     "/api/login": web_login, "/api/logout": web_logout, "/ws": web_socket})
 HTTP_PREFIX_ROUTES.append(("/static/", web_static))
 HTTP_POST_PATHS.update({"/api/login", "/api/logout"})
+HTTP_NOTES.append(web_note)
 
 
 # =============================================================================
@@ -14331,7 +14339,6 @@ def serve(host, port, config_file, log_level, db, history, tls, bus, cluster_nam
     config = load_config("server", flags, config_file)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
-    announce_web(config)
     serve_until_signalled(ChatServer(config), lambda: load_config("server", flags, config_file))
 
 
