@@ -292,6 +292,8 @@ MAX_TRIGGER_CHARS = 64               # longest trigger word of an outgoing hook
 WEB_FOLDER = "web"                   # its files, beside chatctl.py (or in <prefix>/share/chatctl/web)
 WEB_SESSION_DAYS = 30.0              # a browser stays logged in this long after its last use
 WEB_SESSIONS_PER_NAME = 50           # browsers one name may be logged in from; a new login drops the oldest
+WEB_SESSIONS_MAX = 100_000           # browser sessions the server keeps in all; past that the oldest go
+WEB_LOGIN_COST = 20                  # requests a login counts as against the address's HTTP budget
 WEB_PING_INTERVAL = 30.0             # a quiet tab's WebSocket gets a ping this often (an answer is input)
 WEB_COOKIE = "chatctl_session"       # the cookie that holds a browser's session token
 WEB_TOKEN_PREFIX = "chatctl_web_"    # a browser session's token starts with this
@@ -1540,6 +1542,11 @@ def parse_public_url(text: str) -> str:
     return text.strip().rstrip("/")
 
 
+def parse_hosts(names: tuple[str, ...]) -> tuple[str, ...]:
+    """``[http] hosts``: DNS names, lower-cased."""
+    return tuple(name.strip().lower() for name in names if name.strip())
+
+
 @dataclass
 class HttpConfig:
     """``[http]``: what the server's HTTP side reads (webhooks, health, metrics); part of ``serve``'s."""
@@ -1574,6 +1581,11 @@ class HttpConfig:
     web: bool = _key(True, "serve the browser client at / (chatctl serve --no-web turns it off)")
     session_days: float = _key(WEB_SESSION_DAYS, "days a browser stays logged in after its last use",
                                min=0.01, max=3650)
+    max_sessions: int = _key(WEB_SESSIONS_MAX, "browser sessions kept in all; past that the least recently "
+                             "used go", min=100)
+    hosts: tuple[str, ...] = _key((), "names the browser client answers to besides this machine's own and "
+                                  "any IP address (chat.example.com): a page on another name is refused "
+                                  "(DNS rebinding)", parse=lambda value: parse_hosts(value))
     files: tuple[Path, ...] = field(default=(), repr=False, metadata={"internal": True})
 
 
@@ -2664,6 +2676,7 @@ class WebLogin:
     created: float
     used: float
     agent: str
+    server_tag: str = ""  # a digest of the server's password at the login, with the token ('': none)
 
 
 class WebSessionStore:
@@ -2677,19 +2690,24 @@ class WebSessionStore:
             self._db.execute("PRAGMA busy_timeout = 5000")
             self._db.execute("CREATE TABLE IF NOT EXISTS web_sessions (hash TEXT PRIMARY KEY, "
                              "key TEXT NOT NULL, name TEXT NOT NULL, proved TEXT NOT NULL, "
-                             "created REAL NOT NULL, used REAL NOT NULL, agent TEXT NOT NULL DEFAULT '')")
+                             "created REAL NOT NULL, used REAL NOT NULL, agent TEXT NOT NULL DEFAULT '', "
+                             "server_tag TEXT NOT NULL DEFAULT '')")
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"{self.path}: cannot use the web_sessions table: {exc}") from None
         self._lock = threading.Lock()
 
-    def add(self, login: WebLogin, most: int) -> None:
-        """Keep ``login``; past ``most`` sessions of its name the least recently used ones go."""
+    def add(self, login: WebLogin, most: int, most_of_all: int) -> None:
+        """Keep ``login``; past ``most`` sessions of its name, or ``most_of_all`` in all, the least
+        recently used ones go."""
         with self._lock:
-            self._db.execute("INSERT INTO web_sessions VALUES (?, ?, ?, ?, ?, ?, ?)",
+            self._db.execute("INSERT INTO web_sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                              dataclasses.astuple(login))
             self._db.execute("DELETE FROM web_sessions WHERE key = ? AND hash NOT IN (SELECT hash FROM "
                              "web_sessions WHERE key = ? ORDER BY used DESC LIMIT ?)",
                              (login.key, login.key, most))
+            if self._db.execute("SELECT count(*) FROM web_sessions").fetchone()[0] > most_of_all:
+                self._db.execute("DELETE FROM web_sessions WHERE hash NOT IN (SELECT hash FROM web_sessions "
+                                 "ORDER BY used DESC LIMIT ?)", (most_of_all,))
 
     def find(self, token_hash: str, max_age: float) -> WebLogin | None:
         """The session whose token has this hash, unless unused for ``max_age`` seconds (then it goes);
@@ -5686,6 +5704,15 @@ class ClientSession:
         self.raw, self._sniffing = gateway.raw, False
         self.decoder.mode = FrameDecoder.FRAMED  # a gateway's lines always end in a line end
 
+    def charge(self) -> bool:
+        """One frame's worth of the rate limit for input that is not a request (a WebSocket's ping);
+        False, and counted as a flood, when there is none left."""
+        if self.bucket.take():
+            self.limited_in_a_row = 0
+            return True
+        self._rate_limited(ERROR_CODES["rate-limited"])
+        return False
+
     def _rate_limited(self, text: str) -> None:
         self.server.stats.count("refused", "rate-limited")
         self.limited_in_a_row += 1
@@ -7555,6 +7582,9 @@ class ChatServer:
             self.accounts.protect(session.key, session.name, hashed)
         self.throttle.known(session.key, session.host)  # its owner's address, as after a login
         session.owner, session.proved = True, hashed
+        # a browser logged in with the old password (or none) logs in again, open tabs too
+        self.end_web_logins(self.web_logins.revoke_others(session.key), f"{LOGGED_OUT}: the name's password "
+                            "changed")
         log.info("%s protected their name", session.name)
 
     def unprotect(self, session: ClientSession) -> None:
@@ -9846,6 +9876,7 @@ register_gateway(Gateway("http", sniff=looks_like_http, enabled=lambda config: c
 
 WS_TEXT, WS_CLOSE, WS_PING, WS_PONG = 0x1, 0x8, 0x9, 0xA
 WS_NORMAL, WS_TOO_BIG, WS_POLICY = 1000, 1009, 1008
+WS_ECHOED = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011})  # close codes a peer may send
 WEB_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
              ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
              ".webmanifest": "application/manifest+json"}
@@ -9992,11 +10023,15 @@ class WebSocketGate(WebJson):
                 self.session.process([ProtocolError("bad-encoding", "the browser's protocol is text "
                                                     "messages of chatctl/1 requests")])
             elif isinstance(event, ws.Ping):
-                self.session.write(ws_frame(WS_PONG, bytes(event.payload)[:125]))
+                if self.session.charge():  # (pings cost what requests do: a ping flood is a flood)
+                    self.session.write(ws_frame(WS_PONG, bytes(event.payload)[:125]))
+            elif isinstance(event, ws.Pong):
+                self.session.charge()
             elif isinstance(event, ws.CloseConnection):
                 self.closing = True
-                self.session.write(ws_close(event.code if event.code < 1004 or event.code >= 3000
-                                            else WS_NORMAL))
+                # (wsproto reports a frame it refused as a close with the code to answer: 1002, 1007, 1009)
+                code = event.code if event.code in WS_ECHOED or 3000 <= event.code < 5000 else WS_NORMAL
+                self.session.write(ws_close(code))
                 self.session.leave("closed the tab" if event.code in (1000, 1001) else
                                    f"websocket closed ({event.code})", Goodbye(""))
             if self.session.leave_reason is not None:
@@ -10043,12 +10078,50 @@ def same_origin(gate: HttpGate) -> bool:
     return parts.scheme == scheme and parts.netloc == gate.fields.get(b"host", b"").decode("latin-1").lower()
 
 
+def known_host(gate: HttpGate) -> bool:
+    """Whether the request's Host is a name this server answers to: an IP address, localhost, this
+    machine's names, its public_url's, or ``[http] hosts``.  Another name pointed at this address by
+    someone's DNS (a rebinding attack) would make that site's page count as this server's own."""
+    host = gate.fields.get(b"host", b"").decode("latin-1").lower()
+    if host.startswith("["):  # an IPv6 address, [::1]:7001
+        name = host[1:host.find("]")]
+    else:
+        name = host.rpartition(":")[0] if ":" in host else host
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    config = gate.server.config
+    own = {"localhost", socket.gethostname().lower(), socket.gethostname().lower() + ".local",
+           config.host.lower(), *config.http.hosts}
+    if config.http.public_url:
+        own.add((urlsplit(config.http.public_url).hostname or "").lower())
+    return name in own or name.endswith(".localhost")
+
+
+def server_tag(token: str, password: str) -> str:
+    """What a session keeps of the server's password at its login: a digest with its own token, so a
+    new password ends it and the file says nothing of the password."""
+    return hashlib.sha256(f"{token}|{password}".encode()).hexdigest() if password else ""
+
+
 def current_login(gate: HttpGate) -> WebLogin | None:
-    """The browser session the request's cookie names, if it is one the server issued and still keeps."""
+    """The browser session the request's cookie names, if it is one the server issued and still keeps,
+    made under the server's password of now, for a name whose password has not changed since."""
     token = request_cookie(gate, WEB_COOKIE)
     if not token.startswith(WEB_TOKEN_PREFIX) or len(token) > MAX_HOOK_TOKEN:
         return None
-    return gate.server.web_logins.find(token_hash(token), gate.config.session_days * 86400)
+    server = gate.server
+    login = server.web_logins.find(token_hash(token), gate.config.session_days * 86400)
+    if login is None:
+        return None
+    stored = server.accounts.password_hash(login.key)
+    if not same_secret(login.server_tag, server_tag(token, server.config.password)) \
+            or (login.proved and login.proved != stored) or (not login.proved and stored is not None):
+        server.web_logins.revoke(login.hash)  # the server's or the name's password is another now
+        return None
+    return login
 
 
 def session_cookie(gate: HttpGate, token: str, max_age: int) -> tuple[str, str]:
@@ -10060,7 +10133,8 @@ def session_cookie(gate: HttpGate, token: str, max_age: int) -> tuple[str, str]:
 WEB_ERROR_STATUS = {"bad-password": 401, "name-protected": 401, "password-required": 401,
                     "login-required": 401, "auth-locked": 429, "rate-limited": 429, "server-busy": 503,
                     "bus-unavailable": 503, "foreign-origin": 403, "method-not-allowed": 405,
-                    "not-found": 404, "unsupported-type": 415}
+                    "not-found": 404, "unsupported-type": 415, "unknown-host": 403, "name-taken": 409,
+                    "invalid-name": 400}
 
 
 def web_answer(gate: HttpGate, close: bool, head: bool = False, status: int = 200,
@@ -10088,6 +10162,10 @@ def web_route(methods: tuple[str, ...], needs_origin: bool = False):
             elif method not in methods:
                 web_refuse(gate, close, "method-not-allowed", f"{path} takes {', '.join(methods)}", head=head,
                            headers=[("Allow", ", ".join(methods))])
+            elif not known_host(gate):
+                host = sanitise_line(gate.fields.get(b"host", b"").decode("latin-1"))[:100]
+                web_refuse(gate, close, "unknown-host", f"this server does not answer to {host!r} (an "
+                           "attack, or a name to add to [http] hosts)", head=head)
             elif needs_origin and not same_origin(gate):
                 web_refuse(gate, close, "foreign-origin", "a request from another site's page")
             else:
@@ -10175,6 +10253,8 @@ def web_login(gate: HttpGate, method: str, path: str, body: bytes, close: bool) 
     not reused (no fixation)."""
     payload = _json_request(gate, body)
     server, session = gate.server, gate.session
+    if not gate.service.budget.charge(session.host, WEB_LOGIN_COST):  # (a login is a row kept for days)
+        raise ProtocolError("rate-limited", f"too many logins from {session.host}; try again shortly")
     expected = server.config.password
     given = _text_field_of(payload, "server_password")
     if expected and not server.check_password(session, SERVER_PASSWORD, lambda: same_secret(given, expected),
@@ -10182,7 +10262,9 @@ def web_login(gate: HttpGate, method: str, path: str, body: bytes, close: bool) 
         raise ProtocolError("password-required" if not given else "bad-password",
                             "this server's password is needed" if not given else "wrong server password")
     raw_name = payload.get("name")
-    name = validate_name(raw_name if isinstance(raw_name, str) else None, server.config.max_name)
+    if not isinstance(raw_name, str) or not raw_name.strip():
+        raise ProtocolError("invalid-name", "give a name")
+    name = validate_name(raw_name, server.config.max_name)
     key = confusable_key(name)
     stored = server.accounts.password_hash(key)
     password = _text_field_of(payload, "password")
@@ -10194,14 +10276,18 @@ def web_login(gate: HttpGate, method: str, path: str, body: bytes, close: bool) 
                                      f"wrong password for {name} (browser login)"):
             raise ProtocolError("bad-password", f"wrong password for {name!r}")
         server.throttle.known(key, session.host)
+    elif (holder := server.registry.holder(key)) is not None and \
+            not (getattr(holder, "web_login", "") == getattr(current_login(gate), "hash", None)):
+        raise ProtocolError("name-taken", f"the name {name!r} is in use")  # (a free name: one holder)
     if (previous := current_login(gate)) is not None:  # (/nick: the browser's old session goes, and its tabs)
         server.web_logins.revoke(previous.hash)
         server.end_web_logins([previous.hash], f"{TAKEN_OVER}: this browser logged in as {name}")
     token = WEB_TOKEN_PREFIX + base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
     agent = sanitise_line(gate.fields.get(b"user-agent", b"").decode("latin-1"))[:WEB_AGENT_CHARS]
     now = time.time()
-    server.web_logins.add(WebLogin(token_hash(token), key, name, stored or "", now, now, browser_name(agent)),
-                          WEB_SESSIONS_PER_NAME)
+    login = WebLogin(token_hash(token), key, name, stored or "", now, now, browser_name(agent),
+                     server_tag(token, expected))
+    server.web_logins.add(login, WEB_SESSIONS_PER_NAME, gate.config.max_sessions)
     log.info("%s logged in from a browser at %s", name, session.peer)
     web_answer(gate, close, name=name, protected=stored is not None,
                headers=[session_cookie(gate, token, int(gate.config.session_days * 86400))])
@@ -10287,7 +10373,7 @@ def web_note(server: ChatServer) -> str:
         return WEB_MISSING
     host, port = server.address
     port = server.gateway_port("http") or port
-    host = "HOST" if host in ("0.0.0.0", "::", "") else f"[{host}]" if ":" in host else host
+    host = socket.gethostname() if host in ("0.0.0.0", "::", "") else f"[{host}]" if ":" in host else host
     return f"the browser client is at http{'s' if config.tls else ''}://{host}:{port}/"
 
 

@@ -322,7 +322,7 @@ class WsClient:
     handshake's ``status`` (101, or the HTTP refusal's), then the server's events as JSON."""
 
     def __init__(self, port: int, cookie: str = "", origin: str | None = None, timeout: float = 5.0,
-                 expect_answer: bool = True):
+                 expect_answer: bool = True, host: str = ""):
         from wsproto import ConnectionType, WSConnection
         from wsproto.events import Request
 
@@ -332,11 +332,12 @@ class WsClient:
         headers = [(b"cookie", cookie.encode())] if cookie else []
         if origin:
             headers.append((b"origin", origin.encode()))
-        handshake = Request(host=f"127.0.0.1:{port}", target="/ws", extra_headers=headers)
+        handshake = Request(host=host or f"127.0.0.1:{port}", target="/ws", extra_headers=headers)
         self.sock.sendall(self.ws.send(handshake))
         self.status: int | None = None
         self.events: list[dict] = []
         self.ended = False
+        self.close_code: int | None = None  # the server's close frame's code
         if expect_answer:
             self._until(lambda: self.status is not None)
 
@@ -372,6 +373,7 @@ class WsClient:
                     self.sock.sendall(self.ws.send(event.response()))
                 elif isinstance(event, CloseConnection):
                     self.ended = True
+                    self.close_code = event.code
         except Exception:  # not a WebSocket answer at all (an ERR line, say)
             self.ended = True
         return True

@@ -4,11 +4,13 @@ outsider would poke it (foreign origins, stolen cookies, forms, floods)."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -258,6 +260,32 @@ def test_a_reload_or_a_new_tab_keeps_the_login_and_a_free_names_new_tab_takes_it
     first.clean()
 
 
+@pytest.mark.parametrize("protected", [False, True], ids=["free name", "protected name"])
+def test_unread_badges_and_the_open_conversation_survive_a_reload(server, tabs, user, protected):
+    if protected:
+        protected_name(server.port, "ana", "correct horse")
+    tab = tabs(server.port).login("ana", "correct horse" if protected else "")
+    tab.say("/join #dev")
+    tab.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#dev'")
+    tab.switch("#main")
+    bob = user("bob", hello=True)
+    bob.send(b"JOIN|#dev\nMSG|#dev|ana: a question for you\nMSG|#dev|and a second line\nDM|ana|psst\n")
+    tab.wait_badge("#dev", "@1 2")
+    tab.wait_badge("bob", "1")
+    tab.page.reload()
+    tab.online()
+    tab.wait_badge("#dev", "@1 2")
+    tab.wait_badge("bob", "1")
+    tab.switch("#dev")
+    tab.wait_badge("#dev", "")
+    tab.page.reload()
+    tab.online()
+    tab.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#dev'")
+    tab.wait_badge("bob", "1")
+    assert tab.badge("#dev") == ""
+    tab.clean()
+
+
 def test_the_server_restarting_leaves_the_tab_logged_in_and_the_gap_filled(make_server, tabs, tmp_path):
     port = free_port()
     db, accounts = str(tmp_path / "h.db"), str(tmp_path / "a.db")
@@ -297,20 +325,26 @@ def test_a_phone_sized_screen_has_the_conversations_behind_a_button(server, tabs
     tab.clean()
 
 
-def test_search_finds_a_message_and_jumps_to_it(make_server, tabs):
+def test_search_finds_a_message_in_any_room_and_jumps_to_it(make_server, tabs):
     server = make_server(rate=0, address_byte_rate=0)
     bob = RawClient(server.port)
-    bob.send(b"HELLO|chatctl/1\nUSER|bob\n")
+    bob.send(b"HELLO|chatctl/1\nUSER|bob\nJOIN|#dev\n")
     for n in range(120):
-        bob.send(f"MSG|#main|filler {n}\n".encode())
-    bob.send(b"MSG|#main|the needle is here\n")
+        bob.send(f"MSG|#dev|filler {n}\n".encode())
+    bob.send(b"MSG|#dev|the needle is here\nMSG|#main|another needle, in main\n")
     for n in range(120):
-        bob.send(f"MSG|#main|more filler {n}\n".encode())
-    wait_until(lambda: server.history.count() >= 241, timeout=10)
+        bob.send(f"MSG|#dev|more filler {n}\n".encode())
+    wait_until(lambda: server.history.count() >= 242, timeout=10)
     tab = tabs(server.port).login("ana")
-    tab.say("/search needle")
-    tab.sees("the needle is here", "#search-results")
-    tab.page.locator("#search-results li").first.click()
+    tab.say("/join #dev")
+    tab.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#dev'")
+    tab.switch("#main")
+    tab.page.click("#search-button")  # everywhere: #main, the direct messages and every room joined
+    tab.page.fill("#search-input", "needle")
+    tab.page.press("#search-input", "Enter")
+    tab.sees("2 messages", "#search-summary")
+    tab.page.locator("#search-results li", has_text="the needle is here").click()
+    tab.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#dev'")
     tab.page.wait_for_selector(".msg.hit >> text=the needle is here")
     tab.page.wait_for_selector("#latest-button:not([hidden])")
     tab.page.click("#latest-button")
@@ -498,6 +532,81 @@ def test_logout_others_ends_the_accounts_other_devices_with_its_password(server)
     assert any(line.startswith("BYE|logged out") for line in terminal.wait_closed())
     assert WsClient(server.port, cookie=phone).status == 401
     assert WsClient(server.port, cookie=laptop).status == 101
+
+
+def test_a_password_change_ends_the_browsers_logged_in_with_the_old_one_open_tabs_too(server):
+    protected_name(server.port, "ana", "correct horse")
+    cookie = login_cookie(server.port, "ana", "correct horse")
+    tab = WsClient(server.port, cookie=cookie)
+    tab.expect("Registered")
+    laptop = RawClient(server.port)
+    laptop.send(b"HELLO|chatctl/1\nUSER|ana|correct horse\nREGISTER|battery staple|correct horse\n")
+    laptop.expect("REGISTER_OK")
+    assert tab.expect("Goodbye")["reason"].startswith("logged out")
+    assert tab.closed()
+    session = request(server.port, "GET", "/api/session", headers={"Cookie": cookie})
+    assert json.loads(session[2])["name"] is None
+    assert WsClient(server.port, cookie=cookie).status == 401
+
+
+def test_a_new_server_password_ends_the_browsers_logged_in_under_the_old_one(make_server):
+    server = make_server(password="first secret")
+    headers = {"Content-Type": "application/json"}
+    refused = request(server.port, "POST", "/api/login", b'{"name": "bo"}', headers)
+    assert refused[0] == 401 and json.loads(refused[2])["error"] == "password-required"
+    status, answer, _ = request(server.port, "POST", "/api/login",
+                                b'{"name": "bo", "server_password": "first secret"}', headers)
+    cookie = answer["set-cookie"].split(";")[0]
+    assert status == 200 and WsClient(server.port, cookie=cookie).status == 101
+    server.reload(dataclasses.replace(server.config, password="second secret"))
+    session = request(server.port, "GET", "/api/session", headers={"Cookie": cookie})
+    assert json.loads(session[2])["name"] is None
+    assert WsClient(server.port, cookie=cookie).status == 401
+
+
+def test_only_names_of_this_server_get_the_client_no_dns_rebinding(make_server):
+    server = make_server(http=chatctl.HttpConfig(hosts=("chat.example",)))
+    body, json_type = b'{"name": "bo"}', {"Content-Type": "application/json"}
+    for host in ("attacker.example", "chat.example.attacker.example"):
+        rebound = {"Host": f"{host}:{server.port}", "Origin": f"http://{host}:{server.port}"}
+        page = request(server.port, "GET", "/", headers=rebound)
+        assert page[0] == 403 and json.loads(page[2])["error"] == "unknown-host"
+        assert request(server.port, "POST", "/api/login", body, {**json_type, **rebound})[0] == 403
+        tab = WsClient(server.port, cookie=login_cookie(server.port, f"bo{len(host)}"),
+                       origin=rebound["Origin"], host=rebound["Host"])
+        assert tab.status == 403
+    for host in ("chat.example", "127.0.0.1", "localhost", "[::1]", "10.1.2.3"):
+        assert request(server.port, "GET", "/", headers={"Host": f"{host}:{server.port}"})[0] == 200, host
+    assert request(server.port, "GET", "/healthz", headers={"Host": "anything.example"})[0] == 200
+
+
+def test_logins_cost_more_than_requests_and_the_sessions_kept_are_capped(make_server):
+    server = make_server(http=chatctl.HttpConfig(request_rate=0.001, request_burst=100))
+    json_type = {"Content-Type": "application/json"}
+    statuses = [request(server.port, "POST", "/api/login", f'{{"name": "n{i}"}}'.encode(), json_type)[0]
+                for i in range(8)]
+    assert statuses[:4] == [200] * 4 and statuses[4:] == [429] * 4  # 1 + 20 requests' worth each
+    capped = make_server(http=chatctl.HttpConfig(request_rate=0, max_sessions=100))
+    for i in range(130):
+        assert request(capped.port, "POST", "/api/login", f'{{"name": "m{i}"}}'.encode(), json_type)[0] == 200
+    with sqlite3.connect(capped.local_accounts.path) as db:
+        assert db.execute("SELECT count(*) FROM web_sessions").fetchone()[0] == 100
+
+
+def test_pings_count_against_the_rate_limit_and_bad_frames_get_their_close_codes(make_server):
+    server = make_server(rate=5.0, burst=10, flood_limit=5)
+    pinger = WsClient(server.port, cookie=login_cookie(server.port, "pinger"))
+    pinger.expect("Registered")
+    from wsproto.events import Ping
+
+    for _ in range(100):
+        pinger.sock.sendall(pinger.ws.send(Ping(b"x")))
+    assert pinger.closed()
+    assert any(e["type"] == "Goodbye" and e["reason"] == "flooding" for e in pinger.events)
+    bad = WsClient(server.port, cookie=login_cookie(server.port, "bad"))
+    bad.expect("Registered")
+    bad.sock.sendall(bytes((0x81, 0x82, 0, 0, 0, 0)) + b"\xff\xfe")  # a text frame that is not UTF-8
+    assert bad.closed() and bad.close_code == 1007
 
 
 def test_a_tab_is_a_client_like_any_other_flooding_and_oversized_messages_end_it(make_server):

@@ -5,6 +5,7 @@ import { ChatModel, MAIN } from "./model.js";
 import { fullTime, linkPieces, localTime, mentions, nameColour } from "./text.js";
 
 const $ = (id) => document.getElementById(id);
+const NARROW = window.matchMedia("(max-width: 700px)");
 const NAME = /^[\p{L}\p{N}_.-]{1,32}$/u;
 const ROOM = /^#?[a-z0-9][a-z0-9_-]{0,29}$/;
 const COMMANDS = {
@@ -50,13 +51,15 @@ function showLogin(message = "", name = "") {
   $("login-password").value = "";
   (name ? $("login-password") : $("login-name")).focus();
   document.title = "chatctl";
+  performance.mark("chatctl-login");  // (benchmarks/bench_web.py reads it: the time to the login)
 }
 
 async function logIn(event) {
   event.preventDefault();
   const name = $("login-name").value.trim();
   if (!NAME.test(name)) {
-    $("login-error").textContent = "A name is 1 to 32 letters, digits, '_', '-' or '.'.";
+    $("login-error").textContent = "A name is one word of up to 32 letters and digits (and '_', '-' or " +
+      "'.'), with no spaces: maria.lopez, say.";
     return;
   }
   $("login-button").disabled = true;
@@ -69,7 +72,7 @@ async function logIn(event) {
       return;
     }
     $("login-password").value = "";
-    startChat(answer.data.name);
+    startChat(answer.data.name, answer.data.protected);
   } catch {
     $("login-error").textContent = "The server cannot be reached; try again in a moment.";
   } finally {
@@ -79,11 +82,12 @@ async function logIn(event) {
 
 // --- the chat -----------------------------------------------------------------------------------------
 
-function startChat(name) {
+function startChat(name, isProtected = false) {
   if (model) model.close();
   notices.clear();
   model = new ChatModel();
   model.name = name;
+  model.protected = isProtected;
   model.visible = !document.hidden;
   $("login").hidden = true;
   $("chat").hidden = false;
@@ -188,6 +192,7 @@ function drawMembers() {
   const conv = model.conversation(model.active);
   const list = $("member-list");
   list.replaceChildren();
+  if (conv.kind === "dm") conv.members = new Map([[model.name, {}], [conv.name, {}]]);
   const names = [...conv.members.keys()].sort((a, b) => a.localeCompare(b));
   $("member-count").textContent = conv.kind === "room" ? `(${names.length})` : "";
   for (const name of names) {
@@ -362,11 +367,20 @@ async function retry() {
 
 // --- switching, sending, commands ------------------------------------------------------------------
 
+/** On a narrow screen, the conversations and the members are drawers over the chat. */
+function closeDrawers() {
+  document.body.classList.remove("sidebar-open");
+  if (NARROW.matches) {
+    $("members").hidden = true;
+    document.body.classList.remove("members-open");
+  }
+  $("scrim").hidden = true;
+}
+
 function switchTo(key) {
   model.open(key);
   closeOverlays();
-  document.body.classList.remove("sidebar-open");
-  $("scrim").hidden = true;
+  closeDrawers();
   drawAll();
   $("input").focus();
 }
@@ -396,6 +410,7 @@ function joinRooms(words) {
   const known = model.conversations.get("#" + names[0]);
   if (known && known.joined) switchTo(known.key);
   else model.pendingSwitch = names[0];
+  $("input").focus();
   model.send("JOIN", ...names.map((n) => "#" + n));
 }
 
@@ -483,7 +498,7 @@ async function rename(name) {
     addNotice({ key: model.active, text: answer.data.message || "that name cannot be used", error: true });
     return;
   }
-  startChat(answer.data.name);
+  startChat(answer.data.name, answer.data.protected);
 }
 
 async function logOut() {
@@ -748,8 +763,7 @@ function keydown(event) {
   } else if (event.key === "Escape") {
     closeOverlays();
     hideSuggestions();
-    document.body.classList.remove("sidebar-open");
-    $("scrim").hidden = true;
+    closeDrawers();
     $("input").focus();
   }
 }
@@ -800,15 +814,13 @@ function wire() {
   $("members-button").addEventListener("click", () => {
     $("members").hidden = !$("members").hidden;
     document.body.classList.toggle("members-open", !$("members").hidden);
+    if (NARROW.matches) $("scrim").hidden = $("members").hidden;  // a drawer over the chat: a tap outside closes it
   });
   $("menu-button").addEventListener("click", () => {
     document.body.classList.toggle("sidebar-open");
     $("scrim").hidden = !document.body.classList.contains("sidebar-open");
   });
-  $("scrim").addEventListener("click", () => {
-    document.body.classList.remove("sidebar-open");
-    $("scrim").hidden = true;
-  });
+  $("scrim").addEventListener("click", closeDrawers);
   for (const overlay of document.querySelectorAll(".overlay")) {
     overlay.addEventListener("click", (e) => { if (e.target === overlay) closeOverlays(); });
   }
@@ -831,7 +843,7 @@ async function boot() {
   } catch {
     sessionInfo = null;
   }
-  if (sessionInfo && sessionInfo.name) startChat(sessionInfo.name);
+  if (sessionInfo && sessionInfo.name) startChat(sessionInfo.name, sessionInfo.protected);
   else showLogin(sessionInfo ? "" : "The server cannot be reached; reload in a moment.");
 }
 

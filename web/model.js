@@ -23,6 +23,7 @@ export class Conversation {
     this.unread = 0;
     this.mentions = 0;
     this.marker = 0;                   // read up to this id (this account's, on every device)
+    this.known = false;                // the marker is one this browser kept (history after it is unread)
     this.topic = "";
     this.members = new Map();          // name -> {bot, devices}
     this.joined = this.kind === "dm";
@@ -61,6 +62,7 @@ export class ChatModel extends EventTarget {
   constructor() {
     super();
     this.name = "";
+    this.protected = false;            // a protected name: the server keeps its rooms' read markers
     this.conversations = new Map();    // key -> Conversation, in the order they came
     this.rooms = [];                   // the server's rooms (RoomInfo), for the switcher
     this.active = "#" + MAIN;
@@ -85,6 +87,7 @@ export class ChatModel extends EventTarget {
     let conv = this.conversations.get(key);
     if (!conv) {
       conv = new Conversation(key);
+      this.recallMarker(conv);
       this.conversations.set(key, conv);
     }
     return conv;
@@ -199,9 +202,19 @@ export class ChatModel extends EventTarget {
     this.histories[this.histories.length - 1].older = key;
   }
 
+  /** Search one conversation (`key`), or everywhere: #main and the direct messages in one request, and
+   * each room joined in one of its own; the answers are merged, newest first. */
   search(words, key = null) {
-    const room = key && key[0] === "#" ? [key] : [];
-    if (this.send("SEARCH", ...room, PAGE, words)) this.histories.push({ key, mode: "search", words });
+    const where = key && key[0] === "#" ? [[key]] : [[], ...this.ordered()
+      .filter((c) => c.kind === "room" && c.name !== MAIN).map((c) => [c.key])];
+    this.searchSeq = (this.searchSeq || 0) + 1;
+    this.searchResults = { words, messages: [], waiting: 0, seq: this.searchSeq };
+    for (const room of where) {
+      if (this.send("SEARCH", ...room, PAGE, words)) {
+        this.histories.push({ key, mode: "search", words, seq: this.searchSeq });
+        this.searchResults.waiting += 1;
+      }
+    }
   }
 
   /** Show the messages around `id` in `key` (a search hit): they replace what the conversation shows. */
@@ -235,6 +248,7 @@ export class ChatModel extends EventTarget {
   open(key) {
     const conv = this.conversation(key);
     this.active = key;
+    this.store("active", key);
     if (!conv.loaded && conv.kind === "room") {
       conv.loaded = true;
       this.history(key, "last");
@@ -254,6 +268,7 @@ export class ChatModel extends EventTarget {
     if (last > conv.marker && this.visible) {
       conv.marker = last;
       this.send("MARK", conv.kind === "room" ? key : "@" + conv.name, last);
+      this.storeMarker(key, last);
     }
   }
 
@@ -271,14 +286,26 @@ export class ChatModel extends EventTarget {
     this.retries = 0;
     const again = this.everOnline;
     this.everOnline = true;
-    this.send("ROOMS");
     const remembered = this.rememberedRooms().filter((r) => r !== MAIN);
+    // joined first, so that the ROOMS answer counts their unread lines as the account's
     if (remembered.length) this.send("JOIN", ...remembered.map((r) => "#" + r));
+    this.send("ROOMS");
     if (again) {
       this.fillGap();
     } else {
+      this.stored = this.storedMarkers();
+      for (const conv of this.conversations.values()) this.recallMarker(conv);
       this.history(null, "last", 0, PAGE);
       this.conversation("#" + MAIN).loaded = true;
+      for (const room of this.protected ? [] : remembered) {  // (the server counts an account's)
+        const marker = this.storedMarker("#" + room);  // what came since this browser last read the room
+        if (marker !== null) this.history("#" + room, "after", marker, GAP_PAGE);
+      }
+      const last = this.storedActive();
+      if (last && (last === "#" + MAIN || remembered.includes(last.slice(1)) || last[0] === "@")) {
+        if (last[0] === "@") this.conversation(last).joined = true;
+        this.open(last);
+      }
     }
     this.send("NAMES", "#" + MAIN);
     this.changed("status");
@@ -319,6 +346,10 @@ export class ChatModel extends EventTarget {
     if (HISTORY_ERRORS.has(event.code) && this.histories.length) {
       const asked = this.histories.shift();
       if (asked.older) this.conversation(asked.older).loadingOlder = false;
+      if (asked.mode === "search" && this.searchResults && this.searchResults.seq === asked.seq) {
+        this.searchResults.waiting -= 1;
+        if (!this.searchResults.waiting) this.changed("search");
+      }
     }
     if (["name-taken", "name-protected", "too-many-devices", "bad-password"].includes(event.code)) {
       this.state = "ended";
@@ -343,8 +374,13 @@ export class ChatModel extends EventTarget {
   onHistoryPage(event) {
     const asked = this.histories.shift() || { key: null, mode: "last" };
     if (asked.mode === "search") {
-      this.searchResults = { words: asked.words, messages: event.messages.slice().reverse() };
-      this.changed("search");
+      const results = this.searchResults;
+      if (!results || results.seq !== asked.seq) return;  // (an older search's answer)
+      const seen = new Set(results.messages.map((m) => m.id));
+      results.messages.push(...event.messages.filter((m) => !seen.has(m.id)));
+      results.messages.sort((a, b) => b.id - a.id);
+      results.waiting -= 1;
+      if (!results.waiting) this.changed("search");
       return;
     }
     this.deliver(event.messages, false);
@@ -387,15 +423,20 @@ export class ChatModel extends EventTarget {
       this.lastId = Math.max(this.lastId, msg.id);
       touched.add(key);
       const own = msg.sender === this.name;
-      if (live && !own && msg.id > conv.marker) {
+      // live, or from the history but after what this browser had read (an account's rooms: the server's
+      // count, in ROOMS)
+      const counted = live || (conv.known && !(this.protected && conv.kind === "room"));
+      if (counted && !own && msg.id > conv.marker) {
         const seen = this.visible && this.active === key;
         if (!seen) {
+          if (!this.hasOwnMarker(key)) this.storeMarker(key, conv.marker);  // its unread lines outlive a reload
           conv.unread += 1;
           if (mentions(msg.text, this.name)) conv.mentions += 1;
-          this.changed("alert", { key, message: msg, mention: conv.kind === "dm" || mentions(msg.text, this.name) });
+          if (live) this.changed("alert", { key, message: msg, mention: conv.kind === "dm" || mentions(msg.text, this.name) });
         }
       }
     }
+    this.storeSeen();
     for (const key of touched) {
       this.changed("messages", { key, live });
       if (live && key === this.active && this.visible) this.markRead(key);
@@ -410,8 +451,8 @@ export class ChatModel extends EventTarget {
       conv.joined = true;
       conv.topic = event.topic;
       if (!(this.active === conv.key && this.visible)) {
-        conv.unread = Math.max(conv.unread, event.unread);
-        conv.mentions = Math.max(conv.mentions, event.mentions);
+        conv.unread = this.protected ? event.unread : Math.max(conv.unread, event.unread);
+        conv.mentions = this.protected ? event.mentions : Math.max(conv.mentions, event.mentions);
       }
       this.remember(event.name, true);
     }
@@ -424,6 +465,7 @@ export class ChatModel extends EventTarget {
     const conv = this.conversation("#" + event.names.room);
     const fresh = !conv.joined;
     conv.joined = true;
+    if (fresh && !this.hasOwnMarker(conv.key)) this.storeMarker(conv.key, this.lastId);  // unread from here on
     if (event.topic) conv.topic = event.topic.text;
     this.setMembers(conv, event.names.users);
     this.remember(conv.name, true);
@@ -510,7 +552,70 @@ export class ChatModel extends EventTarget {
 
   onPong() {}
 
-  // --- rooms this browser keeps joining (a free name's rooms are nobody's but the tab's) ----------------
+  // --- what this browser keeps of the chat: rooms joined, read markers, the open conversation ----------
+  // (a free name's are nobody's but the browser's; a protected name's markers are the account's too)
+
+  store(what, value) {
+    try {
+      localStorage.setItem(`chatctl.${what}.${this.name}`, JSON.stringify(value));
+    } catch {
+      // private windows may refuse storage: then this browser remembers nothing
+    }
+  }
+
+  recall(what, fallback) {
+    try {
+      return JSON.parse(localStorage.getItem(`chatctl.${what}.${this.name}`)) ?? fallback;
+    } catch {
+      return fallback;
+    }
+  }
+
+  storedMarkers() {
+    return this.recall("read", {});
+  }
+
+  storedActive() {
+    return this.recall("active", "");
+  }
+
+  /** Read up to here in `key`, as this browser last knew it: its own marker, else ("*") the newest id
+   * it had seen when it last wrote one down (a conversation that began while it was away is unread from
+   * its start); null: this browser never kept anything (everything in the history counts as read). */
+  storedMarker(key) {
+    const stored = this.stored || {};
+    return key in stored ? stored[key] : "*" in stored ? stored["*"] : null;
+  }
+
+  recallMarker(conv) {
+    const marker = this.storedMarker(conv.key);
+    conv.known = marker !== null;
+    conv.marker = Math.max(conv.marker, marker || 0);
+  }
+
+  hasOwnMarker(key) {
+    return key in (this.stored || {});
+  }
+
+  /** Keep `key`'s read marker.  "*" moves too: every conversation with unread lines has a marker of its
+   * own (written when its first one came), so everything else up to the newest id is read. */
+  storeMarker(key, id) {
+    if (!this.name) return;
+    this.stored = this.stored || this.storedMarkers();
+    this.stored[key] = id;
+    this.stored["*"] = Math.max(this.stored["*"] || 0, this.lastId);
+    this.store("read", this.stored);
+    this.seenAt = Date.now();
+  }
+
+  storeSeen() {
+    if (!this.name || this.state !== "online" || Date.now() - (this.seenAt || 0) < 2000) return;
+    this.stored = this.stored || this.storedMarkers();
+    if ((this.stored["*"] || 0) >= this.lastId) return;
+    this.stored["*"] = this.lastId;
+    this.store("read", this.stored);
+    this.seenAt = Date.now();
+  }
 
   rememberedRooms() {
     try {
