@@ -9972,8 +9972,8 @@ class WebJson(Encoding):
     def message(self, msg: ChatMessage) -> bytes:
         return ws_frame(WS_TEXT, message_json(msg))
 
-    def acknowledge(self, msg: ChatMessage) -> bytes:
-        return ws_frame(WS_TEXT, event_json(Acknowledged(msg.id, msg.ts)))
+    def acknowledge(self, msg: ChatMessage) -> bytes:  # (event_json's, made directly: one per message)
+        return ws_frame(WS_TEXT, b'{"type":"Acknowledged","id":%d,"ts":%r}' % (msg.id, msg.ts))
 
     def event(self, event: ServerEvent) -> bytes:
         if isinstance(event, Goodbye):
@@ -9983,8 +9983,10 @@ class WebJson(Encoding):
 
 class WebSocketGate(WebJson):
     """One tab's WebSocket: chatctl/1 requests in, one per text message (``feed``, its reader thread,
-    which owns every field but ``pinged``, the reaper's), the browser's JSON out.  wsproto reads the
-    frames (masking, fragments, control frames, UTF-8); a message longer than the server's
+    which owns every field but ``pinged``, the reaper's), the browser's JSON out.  The gate cuts the
+    stream into whole frames; a plain one (a whole text message, masked) it reads itself, the fast
+    path every chat line takes, and every other (fragments, control frames, anything odd) goes to
+    wsproto, which checks it as the RFC says.  A frame or message longer than the server's
     ``max_frame`` ends the connection, as an over-long line cannot (a WebSocket has no line end to
     resynchronise on)."""
 
@@ -9995,6 +9997,8 @@ class WebSocketGate(WebJson):
         self.session, self.server = session, session.server
         self.ws = ws_events
         self.connection = Connection(ConnectionType.SERVER)
+        self.buffer = b""              # the start of a frame not yet whole
+        self.fragmented = False        # wsproto is in the middle of a message in fragments
         self.partial: list[str] = []   # a text message's pieces so far
         self.size = 0                  # ... and their bytes
         self.closing = False           # the peer closed, or we did: nothing more is read
@@ -10003,18 +10007,57 @@ class WebSocketGate(WebJson):
     def feed(self, data: bytes) -> None:
         if self.closing:
             return
+        if not data:  # the end of input
+            self._checked(None)
+            return
+        buffer = self.buffer + data
+        while len(buffer) >= 2 and not self.closing and self.session.leave_reason is None:
+            first, second = buffer[0], buffer[1] & 0x7F
+            head = 2 if second < 126 else 4 if second == 126 else 10
+            if len(buffer) < head:
+                break
+            size = second if second < 126 else int.from_bytes(buffer[2:head], "big")
+            if size > self.server.config.max_frame:
+                self._too_long()
+                return
+            head += 4 if buffer[1] & 0x80 else 0
+            if len(buffer) < head + size:
+                break
+            frame, buffer = buffer[:head + size], buffer[head + size:]
+            if first == 0x81 and frame[1] & 0x80 and not self.fragmented:
+                key = frame[head - 4:head]  # a whole text frame, masked: the fast path
+                masked = int.from_bytes(frame[head:], "big")
+                mask = int.from_bytes((key * (size // 4 + 1))[:size], "big")
+                try:
+                    text = (masked ^ mask).to_bytes(size, "big")
+                    text.decode("utf-8")
+                except UnicodeDecodeError:
+                    self._checked(frame)  # (wsproto says so, and closes with 1007)
+                    continue
+                self.session.process([text])
+            else:
+                if first & 0x0F in (0, 1, 2):  # a data frame: a message in fragments begins or goes on
+                    self.fragmented = not first & 0x80
+                self._checked(frame)
+        self.buffer = buffer
+
+    def _too_long(self) -> None:
+        self.closing = True
+        self.session.tell(ErrorReply("frame-too-long", f"a message of more than "
+                                     f"{self.server.config.max_frame} bytes"))
+        self.session.write(ws_close(WS_TOO_BIG, "message too long"))
+        self.session.disconnect("frame-too-long")
+
+    def _checked(self, frame: bytes | None) -> None:
+        """A whole frame that is not a plain text message, read by wsproto (None: the input ended)."""
         ws = self.ws
-        self.connection.receive_data(data or None)
+        self.connection.receive_data(frame)
         for event in self.connection.events():
             if isinstance(event, ws.TextMessage):
                 self.partial.append(event.data)
                 self.size += len(event.data.encode())
                 if self.size > self.server.config.max_frame:
-                    self.closing = True
-                    self.session.tell(ErrorReply("frame-too-long", f"a message of more than "
-                                                 f"{self.server.config.max_frame} bytes"))
-                    self.session.write(ws_close(WS_TOO_BIG, "message too long"))
-                    self.session.disconnect("frame-too-long")
+                    self._too_long()
                     return
                 if event.message_finished:
                     request, self.partial, self.size = "".join(self.partial), [], 0

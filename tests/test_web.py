@@ -609,6 +609,25 @@ def test_pings_count_against_the_rate_limit_and_bad_frames_get_their_close_codes
     assert bad.closed() and bad.close_code == 1007
 
 
+def test_a_message_in_fragments_with_a_ping_between_and_frames_cut_anywhere_are_read(server):
+    from wsproto.events import Message, Ping
+
+    tab = WsClient(server.port, cookie=login_cookie(server.port, "ana"))
+    tab.expect("Registered")
+    pieces = [tab.ws.send(Message(data=part, message_finished=last))
+              for part, last in (("MSG|#main|in ", False), ("three ", False), ("pieces", True))]
+    tab.sock.sendall(pieces[0] + pieces[1] + tab.ws.send(Ping(b"between")) + pieces[2])
+    assert tab.expect("Acknowledged")["id"] > 0
+    whole = tab.ws.send(Message(data="MSG|#main|one byte at a time"))
+    for i in range(len(whole)):  # every cut of a frame, its header too
+        tab.sock.sendall(whole[i:i + 1])
+    assert tab.expect("Acknowledged")["id"] > 0
+    bob = RawClient(server.port)
+    bob.send(b"HELLO|chatctl/1\nUSER|bob\nHISTORY|#main|LAST|5\n")
+    assert bob.expect("MSG|#main|").endswith("|ana|in three pieces")
+    assert bob.expect("MSG|#main|").endswith("|ana|one byte at a time")
+
+
 def test_a_tab_is_a_client_like_any_other_flooding_and_oversized_messages_end_it(make_server):
     server = make_server(rate=5.0, burst=10, flood_limit=5, max_frame=1024)
     cookie = login_cookie(server.port, "ana")
