@@ -103,6 +103,7 @@ import functools
 import hashlib
 import heapq
 import hmac
+import html
 import http.client
 import io
 import ipaddress
@@ -9881,6 +9882,7 @@ WEB_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; chars
              ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
              ".webmanifest": "application/manifest+json"}
 WEB_ASSETS_MARK = "/static/ASSETS"  # in index.html, where the content-hashed folder's path goes
+WEB_SESSION_MARK = b'content="SESSION"'  # ... and where the browser's session (web_session_info's JSON) goes
 WEB_MISSING = ("this chatctl has no browser client: its web/ folder is missing (a single-file copy of "
                "chatctl.py); install the package (pip install chatctl) to serve it")
 
@@ -10228,8 +10230,11 @@ def web_page(gate: HttpGate, method: str, path: str, body: bytes, close: bool) -
         gate.answer(http_response(404, (WEB_MISSING + "\n").encode(), "text/plain; charset=utf-8",
                                   close=close, head=head), close=close)
         return
-    gate.answer(http_response(200, assets.index, WEB_TYPES[".html"], close=close, head=head,
-                              cache="no-cache"), close=close)
+    # who this browser is, in the page: the script need not ask (html.escape: an attribute's value)
+    info = html.escape(json.dumps(session_info(gate), separators=(",", ":")), quote=True)
+    page = assets.index.replace(WEB_SESSION_MARK, f'content="{info}"'.encode())
+    gate.answer(http_response(200, page, WEB_TYPES[".html"], close=close, head=head, cache="no-cache",
+                              headers=[("Vary", "Cookie")]), close=close)
 
 
 @web_route(("GET", "HEAD"))
@@ -10251,10 +10256,13 @@ def web_static(gate: HttpGate, method: str, path: str, body: bytes, close: bool)
 def web_session_info(gate: HttpGate, method: str, path: str, body: bytes, close: bool) -> None:
     """``/api/session``: who this browser is logged in as (``name``: null when nobody), and what the
     login asks for."""
+    web_answer(gate, close, head=method == "HEAD", **session_info(gate))
+
+
+def session_info(gate: HttpGate) -> dict[str, object]:
     login = current_login(gate)
-    web_answer(gate, close, head=method == "HEAD", name=login.name if login else None,
-               protected=bool(login and login.proved), server_password=bool(gate.server.config.password),
-               version=__version__)
+    return {"name": login.name if login else None, "protected": bool(login and login.proved),
+            "server_password": bool(gate.server.config.password), "version": __version__}
 
 
 def _json_request(gate: HttpGate, body: bytes) -> dict:
