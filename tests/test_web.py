@@ -372,19 +372,32 @@ def test_scrolling_up_loads_older_history(make_server, tabs):
     tab.clean()
 
 
-def test_tab_completes_names_and_commands(server, tabs, user):
+def test_tab_completes_names_and_commands_and_keys_switch_and_bots_are_marked(server, tabs, user):
     user("bobby", hello=True)
+    deploybot = RawClient(server.port)  # a bot's name, online
+    deploybot.send(b"HELLO|chatctl/1\nUSER|deploybot\nREGISTER|bot password\nBOT\n")
+    deploybot.expect("BOT_OK")
     tab = tabs(server.port).login("ana")
     tab.page.wait_for_selector("#member-list >> text=bobby")
+    bot_entry = tab.page.locator("#member-list li", has_text="deploybot")
+    assert bot_entry.locator(".tag").inner_text() == "bot"
+    assert tab.page.locator("#member-list li", has_text="bobby").locator(".tag").count() == 0
     tab.page.type("#input", "hi @bo")
     tab.page.press("#input", "Tab")
     assert tab.page.input_value("#input") == "hi @bobby "
     tab.page.fill("#input", "/jo")
     tab.page.press("#input", "Tab")
     assert tab.page.input_value("#input") == "/join "
+    tab.page.fill("#input", "")
+    tab.say("/join #dev")
+    tab.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#dev'")
+    tab.page.keyboard.press("Alt+1")
+    tab.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#main'")
     tab.page.keyboard.press("Control+k")
     tab.page.wait_for_selector("#switcher:not([hidden])")
-    tab.page.keyboard.press("Escape")
+    tab.page.keyboard.type("dev")
+    tab.page.keyboard.press("Enter")
+    tab.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#dev'")
     tab.clean()
 
 
