@@ -5966,6 +5966,10 @@ class ClientSession:
         with self.server.logouts:  # two devices logging each other out at once: the first one wins
             if self.leave_reason is not None:
                 return
+            # a browser logged out stays out: its session goes too (first: a tab registering meanwhile
+            # finds it gone), or its tab would log in again at once
+            logins = self.server.web_logins
+            revoked = logins.revoke_others(self.key, keep=self.web_login) if number is None else []
             devices = [d for d in self.server.registry.devices(self.key)
                        if (d is not self if number is None else d.number == number)]
             if number is not None and not devices:
@@ -5978,13 +5982,10 @@ class ClientSession:
                     self.server.mirror.logged_out(device.token, at)
                 elif device.leave(LOGGED_OUT, Goodbye(f"{LOGGED_OUT} by {by}")):
                     log.info("logged out %s from %s (by %s)", device.name, device.peer, self.peer)
-            # a browser logged out stays out: its session goes too, or its tab would log in again at once
-            logins = self.server.web_logins
-            if number is None:
-                logins.revoke_others(self.key)
             for device in devices:
-                if getattr(device, "web_login", ""):
-                    logins.revoke(device.web_login)
+                if getattr(device, "web_login", "") and logins.revoke(device.web_login):
+                    revoked.append(device.web_login)
+            self.server.end_web_logins(revoked, f"{LOGGED_OUT} by {by}")  # (tabs that came meanwhile)
         self.tell(Confirmed("LOGOUT", str(len(devices))))
 
     def handle_bots(self, arg: str | None) -> None:
@@ -7918,6 +7919,7 @@ class ChatServer:
             else:
                 self.tls_context, self.tls_fingerprint = context, fingerprint
                 log.info("SIGHUP: TLS certificate reloaded; fingerprint %s", fingerprint)
+        new_password = config.password != self.config.password
         for f in dataclasses.fields(ServerConfig):  # in place: every part holds this one config
             if f.name not in RESTART_KEYS and f.name not in ("http", "files"):
                 setattr(self.config, f.name, getattr(config, f.name))
@@ -7931,6 +7933,10 @@ class ChatServer:
             self.history.max_days = config.history_max_days
         for service in self.services:
             service.reload()
+        if new_password:  # a browser's login was made under the old one (a terminal proved it once: it stays)
+            for session in self.registry.sessions():
+                if session.web_login:
+                    session.disconnect(f"{LOGGED_OUT}: the server's password changed")
         log.info("SIGHUP: limits and MOTD reloaded from %s",
                  ", ".join(str(p) for p in config.files) or "the defaults and the environment")
         if kept:
@@ -9241,6 +9247,7 @@ class HttpGate(Encoding):
         self.service = next(s for s in self.server.services if isinstance(s, HttpService))
         self.parser = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header)
         self.request = None          # the h11.Request being read, until its end
+        self.answering = None        # the h11.Request being answered (its target, for the routes)
         self.fields: dict[bytes, bytes] = {}  # its headers (lower-case names; the last of a repeated one)
         self.body = bytearray()
         self.pieces = 0              # the chunks its body came in so far
@@ -9328,7 +9335,7 @@ class HttpGate(Encoding):
     def finish(self) -> None:
         """A whole request is in: answer it, then read the next with a new parser."""
         request, body = self.request, bytes(self.body)
-        self.request, self.body, self.started = None, bytearray(), 0.0
+        self.request, self.body, self.started, self.answering = None, bytearray(), 0.0, request
         keep = self.parser.their_http_version == b"1.1" and b"close" not in self.fields.get(b"connection",
                                                                                               b"").lower()
         leftover, _ = self.parser.trailing_data
@@ -10040,7 +10047,9 @@ class WebSocketGate(WebJson):
             else:
                 if first & 0x0F in (0, 1, 2):  # a data frame: a message in fragments begins or goes on
                     self.fragmented = not first & 0x80
-                self._checked(frame)
+                # each costs a request's share of the rate (pings, pongs, fragments: a flood of empty
+                # ones is a flood), and is read all the same, so wsproto keeps track of the message
+                self._checked(frame, self.session.charge())
         self.buffer = buffer
 
     def _too_long(self) -> None:
@@ -10050,8 +10059,9 @@ class WebSocketGate(WebJson):
         self.session.write(ws_close(WS_TOO_BIG, "message too long"))
         self.session.disconnect("frame-too-long")
 
-    def _checked(self, frame: bytes | None) -> None:
-        """A whole frame that is not a plain text message, read by wsproto (None: the input ended)."""
+    def _checked(self, frame: bytes | None, allowed: bool = True) -> None:
+        """A whole frame that is not a plain text message, read by wsproto (None: the input ended);
+        ``allowed``: within the rate (a ping over it is not answered)."""
         ws = self.ws
         self.connection.receive_data(frame)
         for event in self.connection.events():
@@ -10067,11 +10077,8 @@ class WebSocketGate(WebJson):
             elif isinstance(event, ws.BytesMessage):
                 self.session.process([ProtocolError("bad-encoding", "the browser's protocol is text "
                                                     "messages of chatctl/1 requests")])
-            elif isinstance(event, ws.Ping):
-                if self.session.charge():  # (pings cost what requests do: a ping flood is a flood)
-                    self.session.write(ws_frame(WS_PONG, bytes(event.payload)[:125]))
-            elif isinstance(event, ws.Pong):
-                self.session.charge()
+            elif isinstance(event, ws.Ping) and allowed:
+                self.session.write(ws_frame(WS_PONG, bytes(event.payload)[:125]))
             elif isinstance(event, ws.CloseConnection):
                 self.closing = True
                 # (wsproto reports a frame it refused as a close with the code to answer: 1002, 1007, 1009)
@@ -10123,15 +10130,20 @@ def same_origin(gate: HttpGate) -> bool:
     return parts.scheme == scheme and parts.netloc == gate.fields.get(b"host", b"").decode("latin-1").lower()
 
 
+_HOST_FORM = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9._-]+)(?::[0-9]{1,5})?")
+
+
 def known_host(gate: HttpGate) -> bool:
     """Whether the request's Host is a name this server answers to: an IP address, localhost, this
     machine's names, its public_url's, or ``[http] hosts``.  Another name pointed at this address by
     someone's DNS (a rebinding attack) would make that site's page count as this server's own."""
-    host = gate.fields.get(b"host", b"").decode("latin-1").lower()
-    if host.startswith("["):  # an IPv6 address, [::1]:7001
-        name = host[1:host.find("]")]
-    else:
-        name = host.rpartition(":")[0] if ":" in host else host
+    target = gate.answering.target if gate.answering is not None else b""
+    host = (urlsplit(target.decode("latin-1")).netloc if target[:4].lower() == b"http"  # (absolute form)
+            else gate.fields.get(b"host", b"").decode("latin-1")).lower()
+    form = _HOST_FORM.fullmatch(host)
+    if form is None:
+        return False
+    name = form.group(1).strip("[]")
     try:
         ipaddress.ip_address(name)
         return True
@@ -10411,6 +10423,11 @@ def web_socket(gate: HttpGate, method: str, path: str, body: bytes, close: bool)
         server.stats.count("refused", exc.code)
         session.tell(ErrorReply(exc.code, exc.text))
         session.disconnect(exc.code)
+        return
+    # a logout revokes first and then ends the tabs it finds: one that registered meanwhile finds its
+    # session gone here
+    if server.web_logins.find(login.hash, gate.config.session_days * 86400) is None:
+        session.disconnect(f"{LOGGED_OUT}: this browser's session ended")
         return
     server.rooms.tell_rooms(session)  # (a device of an account online: the account's rooms)
 

@@ -13,6 +13,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -570,8 +571,11 @@ def test_a_new_server_password_ends_the_browsers_logged_in_under_the_old_one(mak
     status, answer, _ = request(server.port, "POST", "/api/login",
                                 b'{"name": "bo", "server_password": "first secret"}', headers)
     cookie = answer["set-cookie"].split(";")[0]
-    assert status == 200 and WsClient(server.port, cookie=cookie).status == 101
+    tab = WsClient(server.port, cookie=cookie)
+    assert status == 200 and tab.status == 101
+    tab.expect("Registered")
     server.reload(dataclasses.replace(server.config, password="second secret"))
+    assert tab.expect("Goodbye")["reason"] == "logged out: the server's password changed"
     session = request(server.port, "GET", "/api/session", headers={"Cookie": cookie})
     assert json.loads(session[2])["name"] is None
     assert WsClient(server.port, cookie=cookie).status == 401
@@ -591,6 +595,10 @@ def test_only_names_of_this_server_get_the_client_no_dns_rebinding(make_server):
     for host in ("chat.example", "127.0.0.1", "localhost", "[::1]", "10.1.2.3"):
         assert request(server.port, "GET", "/", headers={"Host": f"{host}:{server.port}"})[0] == 200, host
     assert request(server.port, "GET", "/healthz", headers={"Host": "anything.example"})[0] == 200
+    for host in ("localhost:80@attacker.example", "[::1]attacker.example", "localhost:abc"):
+        assert request(server.port, "GET", "/", headers={"Host": host})[0] == 403, host
+    absolute = request(server.port, "GET", "http://attacker.example/", headers={"Host": "127.0.0.1"})
+    assert absolute[0] == 403  # (the target's authority is the host asked for)
 
 
 def test_logins_cost_more_than_requests_and_the_sessions_kept_are_capped(make_server):
@@ -639,6 +647,48 @@ def test_a_message_in_fragments_with_a_ping_between_and_frames_cut_anywhere_are_
     bob.send(b"HELLO|chatctl/1\nUSER|bob\nHISTORY|#main|LAST|5\n")
     assert bob.expect("MSG|#main|").endswith("|ana|in three pieces")
     assert bob.expect("MSG|#main|").endswith("|ana|one byte at a time")
+
+
+def test_no_tab_opened_while_a_logout_runs_outlives_it(make_server):
+    server = make_server(max_per_address=0)
+    protected_name(server.port, "ana", "correct horse")
+    cookie = login_cookie(server.port, "ana", "correct horse")
+    opened: list[WsClient] = []
+    stop = threading.Event()
+
+    def thief() -> None:  # a copy of the cookie, opening tabs as fast as it can
+        for _ in range(400):
+            if stop.is_set():
+                break
+            opened.append(WsClient(server.port, cookie=cookie, expect_answer=False))
+            time.sleep(0.003)
+
+    worker = threading.Thread(target=thief)
+    worker.start()
+    try:
+        time.sleep(0.3)
+        owner = RawClient(server.port)
+        # (as chatctl devices does: a quiet session, which needs no device slot of its own)
+        owner.send(b"HELLO|chatctl/1|quiet\nUSER|ana|correct horse\nLOGOUT|others|correct horse\n")
+        owner.expect("LOGOUT_OK")
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        worker.join(10)
+    for tab in opened:  # every tab that got in is ended, however its handshake and the logout interleaved
+        assert tab.refused_or_closed(10) or tab.closed(10), tab.events
+    assert all(tab.status in (101, 401, None) for tab in opened)
+    assert not [s for s in server.registry.sessions() if s.web_login and s.leave_reason is None]
+
+
+def test_a_flood_of_empty_fragments_is_a_flood(make_server):
+    server = make_server(rate=5.0, burst=10, flood_limit=5)
+    tab = WsClient(server.port, cookie=login_cookie(server.port, "ana"))
+    tab.expect("Registered")
+    start = bytes((0x01, 0x84, 0, 0, 0, 0)) + b"MSG|"  # a text message's first fragment
+    tab.sock.sendall(start + bytes((0x00, 0x80, 0, 0, 0, 0)) * 500)  # then empty continuations
+    assert tab.closed()
+    assert any(e["type"] == "Goodbye" and e["reason"] == "flooding" for e in tab.events)
 
 
 def test_a_tab_is_a_client_like_any_other_flooding_and_oversized_messages_end_it(make_server):
