@@ -7517,11 +7517,19 @@ class ChatServer:
 
     def verify_owner_password(self, session: ClientSession, password: str) -> None:
         """Raise bad-password unless ``password`` is the password of ``session``'s protected name."""
-        stored = self.accounts.password_hash(session.key)
-        if stored is None or not self.check_password(
-                session, session.key, lambda: self.hasher.run(verify_password, password, stored),
-                f"wrong password for {session.name}"):
-            raise ProtocolError("bad-password", f"wrong password for {session.name!r}")
+        self.verify_name_password(session, session.key, session.name, password)
+
+    def verify_name_password(self, session: ClientSession, key: str, name: str, password: str,
+                             why: str = "") -> str:
+        """Raise bad-password unless ``password`` is the password of the protected name ``name``
+        (``key``), checked as any password is (throttled, delayed when wrong); its stored hash.
+        ``why``: what the log line adds (a browser's login)."""
+        stored = self.accounts.password_hash(key)
+        if stored is None or not password or not self.check_password(
+                session, key, lambda: self.hasher.run(verify_password, password, stored),
+                f"wrong password for {name}{why}"):
+            raise ProtocolError("bad-password", f"wrong password for {name!r}")
+        return stored
 
     def end_web_logins(self, hashes: Iterable[str], reason: str) -> None:
         """Disconnect the tabs of the browser sessions ``hashes`` (revoked: they hold no name now)."""
@@ -10334,10 +10342,7 @@ def web_login(gate: HttpGate, method: str, path: str, body: bytes, close: bool) 
     if stored is not None:
         if not password:
             raise ProtocolError("name-protected", f"the name {name!r} is protected: give its password")
-        if not server.check_password(session, key,
-                                     lambda: server.hasher.run(verify_password, password, stored),
-                                     f"wrong password for {name} (browser login)"):
-            raise ProtocolError("bad-password", f"wrong password for {name!r}")
+        stored = server.verify_name_password(session, key, name, password, " (browser login)")
         server.throttle.known(key, session.host)
     elif (holder := server.registry.holder(key)) is not None and \
             not (getattr(holder, "web_login", "") == getattr(current_login(gate), "hash", None)):
@@ -10369,12 +10374,8 @@ def web_logout(gate: HttpGate, method: str, path: str, body: bytes, close: bool)
     if payload.get("others") is True:
         if not login.proved:
             raise ProtocolError("not-owner", "only a protected name has other devices to log out")
-        password = _text_field_of(payload, "password")
-        stored = server.accounts.password_hash(login.key)
-        if stored is None or not password or not server.check_password(
-                gate.session, login.key, lambda: server.hasher.run(verify_password, password, stored),
-                f"wrong password for {login.name} (browser logout)"):
-            raise ProtocolError("bad-password", f"wrong password for {login.name!r}")
+        server.verify_name_password(gate.session, login.key, login.name, _text_field_of(payload, "password"),
+                                    " (browser logout)")
         server.web_logins.revoke_others(login.key, keep=login.hash)  # (their tabs are the account's devices)
         ended = 0
         with server.logouts:

@@ -93,7 +93,11 @@ class Tab:
 
     def switch(self, label: str) -> None:
         self.page.locator("#conversations .conv", has_text=re.compile(f"^{re.escape(label)}")).first.click()
-        self.page.wait_for_function("t => document.querySelector('#conv-title').textContent === t", arg=label)
+        self.shows(label)
+
+    def shows(self, title: str) -> None:
+        """Wait until the conversation in view is ``title`` (#room, or a name)."""
+        self.page.wait_for_function("t => document.querySelector('#conv-title').textContent === t", arg=title)
 
     def badge(self, label: str) -> str:
         """The badges beside a conversation in the sidebar, as text ('' for none)."""
@@ -161,7 +165,7 @@ def test_a_person_logs_in_and_talks_in_two_rooms_with_a_seed_client_and_join(ser
     ana.sees("hi ana, welcome")
 
     ana.say("/join #dev")
-    ana.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#dev'")
+    ana.shows("#dev")
     ana.page.wait_for_selector("#member-list >> text=jo")
     join.sendline("the build is green")
     ana.sees("the build is green")
@@ -185,7 +189,7 @@ def test_direct_messages_both_ways_and_shift_enter_keeps_lines(server, tabs, use
     ana = tabs(server.port).login("ana")
     ana.say("/msg bob psst, a secret")
     assert bob.expect("DM|").endswith("|ana|bob|psst, a secret")
-    ana.page.wait_for_function("() => document.querySelector('#conv-title').textContent === 'bob'")
+    ana.shows("bob")
     bob.send(b"DM|ana|line one\\nline two\n")
     ana.sees("line one")
     assert ana.page.locator(".msg .text", has_text="line one").inner_text() == "line one\nline two"
@@ -215,7 +219,7 @@ def test_a_protected_name_logs_in_with_its_password_and_read_state_follows_its_o
     tab.page.click("#login-button")
     tab.online()
     tab.say("/join #ops")
-    tab.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#ops'")
+    tab.shows("#ops")
     tab.switch("#main")
 
     phone = RawClient(server.port)  # the account's other device
@@ -267,7 +271,7 @@ def test_unread_badges_and_the_open_conversation_survive_a_reload(server, tabs, 
         protected_name(server.port, "ana", "correct horse")
     tab = tabs(server.port).login("ana", "correct horse" if protected else "")
     tab.say("/join #dev")
-    tab.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#dev'")
+    tab.shows("#dev")
     tab.switch("#main")
     bob = user("bob", hello=True)
     bob.send(b"JOIN|#dev\nMSG|#dev|ana: a question for you\nMSG|#dev|and a second line\nDM|ana|psst\n")
@@ -281,7 +285,7 @@ def test_unread_badges_and_the_open_conversation_survive_a_reload(server, tabs, 
     tab.wait_badge("#dev", "")
     tab.page.reload()
     tab.online()
-    tab.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#dev'")
+    tab.shows("#dev")
     tab.wait_badge("bob", "1")
     assert tab.badge("#dev") == ""
     tab.clean()
@@ -313,7 +317,7 @@ def test_a_phone_sized_screen_has_the_conversations_behind_a_button(server, tabs
     tab = tabs(server.port, viewport=PHONE).login("ana")
     assert tab.page.locator("#sidebar").bounding_box()["x"] < 0  # off screen until asked for
     tab.say("/join #dev")
-    tab.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#dev'")
+    tab.shows("#dev")
     bob = user("bob", hello=True)
     bob.send(b"MSG|#main|ana: on the phone?\n")
     tab.page.wait_for_selector("#menu-badge:not([hidden])")
@@ -326,26 +330,29 @@ def test_a_phone_sized_screen_has_the_conversations_behind_a_button(server, tabs
     tab.clean()
 
 
+def chat_history(server, *lines: str) -> None:
+    """bob says ``lines`` (chatctl/1 requests: ``MSG|#dev|...``, ``JOIN|#dev``), and they are stored."""
+    bob = RawClient(server.port)
+    bob.send(b"HELLO|chatctl/1\nUSER|bob\n" + "".join(line + "\n" for line in lines).encode())
+    messages = sum(line.startswith("MSG|") for line in lines)
+    wait_until(lambda: server.history.count() >= messages, timeout=10)
+
+
 def test_search_finds_a_message_in_any_room_and_jumps_to_it(make_server, tabs):
     server = make_server(rate=0, address_byte_rate=0)
-    bob = RawClient(server.port)
-    bob.send(b"HELLO|chatctl/1\nUSER|bob\nJOIN|#dev\n")
-    for n in range(120):
-        bob.send(f"MSG|#dev|filler {n}\n".encode())
-    bob.send(b"MSG|#dev|the needle is here\nMSG|#main|another needle, in main\n")
-    for n in range(120):
-        bob.send(f"MSG|#dev|more filler {n}\n".encode())
-    wait_until(lambda: server.history.count() >= 242, timeout=10)
+    chat_history(server, "JOIN|#dev", *(f"MSG|#dev|filler {n}" for n in range(120)),
+                 "MSG|#dev|the needle is here", "MSG|#main|another needle, in main",
+                 *(f"MSG|#dev|more filler {n}" for n in range(120)))
     tab = tabs(server.port).login("ana")
     tab.say("/join #dev")
-    tab.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#dev'")
+    tab.shows("#dev")
     tab.switch("#main")
     tab.page.click("#search-button")  # everywhere: #main, the direct messages and every room joined
     tab.page.fill("#search-input", "needle")
     tab.page.press("#search-input", "Enter")
     tab.sees("2 messages", "#search-summary")
     tab.page.locator("#search-results li", has_text="the needle is here").click()
-    tab.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#dev'")
+    tab.shows("#dev")
     tab.page.wait_for_selector(".msg.hit >> text=the needle is here")
     tab.page.wait_for_selector("#latest-button:not([hidden])")
     tab.page.click("#latest-button")
@@ -355,11 +362,7 @@ def test_search_finds_a_message_in_any_room_and_jumps_to_it(make_server, tabs):
 
 def test_scrolling_up_loads_older_history(make_server, tabs):
     server = make_server(rate=0, address_byte_rate=0)
-    bob = RawClient(server.port)
-    bob.send(b"HELLO|chatctl/1\nUSER|bob\n")
-    for n in range(150):
-        bob.send(f"MSG|#main|old message {n}\n".encode())
-    wait_until(lambda: server.history.count() >= 150, timeout=10)
+    chat_history(server, *(f"MSG|#main|old message {n}" for n in range(150)))
     tab = tabs(server.port).login("ana")
     tab.sees("old message 149")
     assert tab.page.locator(".msg", has_text="old message 0").count() == 0
@@ -391,14 +394,14 @@ def test_tab_completes_names_and_commands_and_keys_switch_and_bots_are_marked(se
     assert tab.page.input_value("#input") == "/join "
     tab.page.fill("#input", "")
     tab.say("/join #dev")
-    tab.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#dev'")
+    tab.shows("#dev")
     tab.page.keyboard.press("Alt+1")
-    tab.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#main'")
+    tab.shows("#main")
     tab.page.keyboard.press("Control+k")
     tab.page.wait_for_selector("#switcher:not([hidden])")
     tab.page.keyboard.type("dev")
     tab.page.keyboard.press("Enter")
-    tab.page.wait_for_function("() => document.querySelector('#conv-title').textContent === '#dev'")
+    tab.shows("#dev")
     tab.clean()
 
 
