@@ -346,8 +346,14 @@ def test_search_finds_a_message_in_any_room_and_jumps_to_it(make_server, tabs):
     tab = tabs(server.port).login("ana")
     tab.say("/join #dev")
     tab.shows("#dev")
+    tab.say("/search needle")  # from a room too: everywhere, unless narrowed
+    tab.sees("2 messages", "#search-summary")
+    tab.page.check("#search-here")
+    tab.sees("1 message ", "#search-summary")
+    tab.page.keyboard.press("Escape")
     tab.switch("#main")
     tab.page.click("#search-button")  # everywhere: #main, the direct messages and every room joined
+    tab.page.uncheck("#search-here")
     tab.page.fill("#search-input", "needle")
     tab.page.press("#search-input", "Enter")
     tab.sees("2 messages", "#search-summary")

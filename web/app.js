@@ -142,6 +142,7 @@ function drawTitle() {
   const badge = $("menu-badge");
   badge.hidden = !unread;
   badge.textContent = unread > 99 ? "99+" : String(unread);
+  badge.classList.toggle("mention", model.totalMentions > 0);
 }
 
 function drawSidebar() {
@@ -464,9 +465,9 @@ async function command(line) {
       model.send("DIR");
       break;
     case "/search":
-      if (text.trim()) {
+      if (text.trim()) {  // everywhere, as the ⌕ button; "only this conversation" narrows it
         $("search-input").value = text.trim();
-        $("search-here").checked = conv.kind === "room";
+        $("search-here").checked = false;
         openSearch(true);
       } else {
         openSearch(false);
@@ -688,14 +689,15 @@ function runSearch(event) {
 
 function drawSearch() {
   const results = model.searchResults;
+  const where = results.key ? `in ${results.key}` : "in #main, your direct messages and every room you are in";
   $("search-summary").textContent = `${results.messages.length} message${results.messages.length === 1 ? "" : "s"} ` +
-    `with “${results.words}”, newest first`;
+    `with “${results.words}” ${where}, newest first`;
   $("search-results").replaceChildren(...results.messages.map((msg) => {
     const item = document.createElement("li");
     const where = document.createElement("span");
     where.className = "hint";
     const key = model.keyOf(msg);
-    where.textContent = `${key[0] === "#" ? key : "DM " + key.slice(1)} · ${localTime(msg.ts)}`;
+    where.textContent = key[0] === "#" ? key : `direct messages with ${key.slice(1)}`;
     const row = messageRow(msg);
     item.append(where, row);
     item.addEventListener("click", () => {
@@ -713,6 +715,7 @@ function openSettings(others = false) {
   $("notify-toggle").checked = localStorage.getItem("chatctl.notify") === "on";
   drawNotifyState();
   $("logout-others-result").textContent = "";
+  $("logout-others-form").hidden = !model.protected;  // (a free name has no password, and no other devices)
   (others ? $("logout-others-password") : $("settings-close")).focus();
 }
 
@@ -805,6 +808,8 @@ function wire() {
   $("switcher-input").addEventListener("keydown", switcherKeydown);
   $("search-button").addEventListener("click", () => openSearch(false));
   $("search-form").addEventListener("submit", runSearch);
+  $("search-here").addEventListener("change", () => runSearch());
+  $("members-close").addEventListener("click", closeDrawers);
   $("settings-button").addEventListener("click", () => openSettings());
   $("settings-close").addEventListener("click", closeOverlays);
   $("notify-toggle").addEventListener("change", toggleNotify);

@@ -208,7 +208,8 @@ export class ChatModel extends EventTarget {
     const where = key && key[0] === "#" ? [[key]] : [[], ...this.ordered()
       .filter((c) => c.kind === "room" && c.name !== MAIN).map((c) => [c.key])];
     this.searchSeq = (this.searchSeq || 0) + 1;
-    this.searchResults = { words, messages: [], waiting: 0, seq: this.searchSeq };
+    this.searchResults = { words, key: where.length === 1 && where[0].length ? key : null, messages: [], waiting: 0,
+      seq: this.searchSeq };
     for (const room of where) {
       if (this.send("SEARCH", ...room, PAGE, words)) {
         this.histories.push({ key, mode: "search", words, seq: this.searchSeq });
