@@ -9891,13 +9891,13 @@ register_gateway(Gateway("http", sniff=looks_like_http, enabled=lambda config: c
 # the tab of the same browser that held it.
 
 WS_TEXT, WS_CLOSE, WS_PING, WS_PONG = 0x1, 0x8, 0x9, 0xA
-WS_NORMAL, WS_TOO_BIG, WS_POLICY = 1000, 1009, 1008
+WS_NORMAL, WS_TOO_BIG = 1000, 1009
 WS_ECHOED = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011})  # close codes a peer may send
 WEB_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
              ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
              ".webmanifest": "application/manifest+json"}
 WEB_ASSETS_MARK = "/static/ASSETS"  # in index.html, where the content-hashed folder's path goes
-WEB_SESSION_MARK = b'content="SESSION"'  # ... and where the browser's session (web_session_info's JSON) goes
+WEB_SESSION_MARK = b'content="SESSION"'  # ... and where who the browser is goes (session_info's JSON)
 WEB_MISSING = ("this chatctl has no browser client: its web/ folder is missing (a single-file copy of "
                "chatctl.py); install the package (pip install chatctl) to serve it")
 
@@ -10027,20 +10027,22 @@ class WebSocketGate(WebJson):
         if not data:  # the end of input
             self._checked(None)
             return
-        buffer = self.buffer + data
-        while len(buffer) >= 2 and not self.closing and self.session.leave_reason is None:
-            first, second = buffer[0], buffer[1] & 0x7F
+        buffer = self.buffer + data if self.buffer else data
+        at, end = 0, len(buffer)  # (frames are read at an offset: a read of many is not copied for each)
+        while end - at >= 2 and not self.closing and self.session.leave_reason is None:
+            first, second = buffer[at], buffer[at + 1] & 0x7F
             head = 2 if second < 126 else 4 if second == 126 else 10
-            if len(buffer) < head:
+            if end - at < head:
                 break
-            size = second if second < 126 else int.from_bytes(buffer[2:head], "big")
+            size = second if second < 126 else int.from_bytes(buffer[at + 2:at + head], "big")
             if size > self.server.config.max_frame:
                 self._too_long()
                 return
-            head += 4 if buffer[1] & 0x80 else 0
-            if len(buffer) < head + size:
+            head += 4 if buffer[at + 1] & 0x80 else 0
+            if end - at < head + size:
                 break
-            frame, buffer = buffer[:head + size], buffer[head + size:]
+            frame = buffer[at:at + head + size]
+            at += head + size
             if first == 0x81 and frame[1] & 0x80 and not self.fragmented:
                 key = frame[head - 4:head]  # a whole text frame, masked: the fast path
                 masked = int.from_bytes(frame[head:], "big")
@@ -10058,7 +10060,7 @@ class WebSocketGate(WebJson):
                 # each costs a request's share of the rate (pings, pongs, fragments: a flood of empty
                 # ones is a flood), and is read all the same, so wsproto keeps track of the message
                 self._checked(frame, self.session.charge())
-        self.buffer = buffer
+        self.buffer = buffer[at:]
 
     def _too_long(self) -> None:
         self.closing = True
@@ -10344,10 +10346,11 @@ def web_login(gate: HttpGate, method: str, path: str, body: bytes, close: bool) 
             raise ProtocolError("name-protected", f"the name {name!r} is protected: give its password")
         stored = server.verify_name_password(session, key, name, password, " (browser login)")
         server.throttle.known(key, session.host)
-    elif (holder := server.registry.holder(key)) is not None and \
-            not (getattr(holder, "web_login", "") == getattr(current_login(gate), "hash", None)):
+    previous = current_login(gate)  # (this browser's: /nick, or the name again)
+    if stored is None and (holder := server.registry.holder(key)) is not None \
+            and getattr(holder, "web_login", "") != getattr(previous, "hash", None):
         raise ProtocolError("name-taken", f"the name {name!r} is in use")  # (a free name: one holder)
-    if (previous := current_login(gate)) is not None:  # (/nick: the browser's old session goes, and its tabs)
+    if previous is not None:  # the browser's old session goes, and its tabs
         server.web_logins.revoke(previous.hash)
         server.end_web_logins([previous.hash], f"{TAKEN_OVER}: this browser logged in as {name}")
     token = WEB_TOKEN_PREFIX + base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")

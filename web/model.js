@@ -72,7 +72,9 @@ export class ChatModel extends EventTarget {
     this.visible = true;               // the page is on screen (read markers move only then)
     this.sends = [];                   // our messages sent, waiting for their MSG_OK
     this.histories = [];               // HISTORY and SEARCH asked, waiting for their page
-    this.searchResults = null;         // {words, messages}
+    this.searchResults = null;         // {words, key, messages, waiting, seq}: the last search's answers
+    this.pendingSwitch = null;         // a room /join asked for: shown once it is joined
+    this.refused = "";                 // the code the server refused this tab's name with (name-taken...)
     this.socket = null;
     this.retries = 0;
     this.retryAt = 0;
