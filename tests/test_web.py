@@ -161,8 +161,10 @@ def test_a_person_logs_in_and_talks_in_two_rooms_with_a_seed_client_and_join(ser
 
     ana.say("hello sam")
     seed.expect("ana-k.1: hello sam")
-    seed.send(b"MSG|hi ana, welcome\n")
-    ana.sees("hi ana, welcome")
+    seed.send(b"MSG|hi ana, welcome\nMSG|a second line from sam\n")
+    ana.sees("a second line from sam")
+    rows = ana.page.locator(".msg", has=ana.page.locator(".sender", has_text="sam"))
+    assert rows.evaluate_all("rows => rows.map(r => r.classList.contains('more'))") == [False, True]
 
     ana.say("/join #dev")
     ana.shows("#dev")

@@ -6,6 +6,7 @@ import { fullTime, linkPieces, localTime, mentions, nameColour } from "./text.js
 
 const $ = (id) => document.getElementById(id);
 const NARROW = window.matchMedia("(max-width: 700px)");
+const GROUP_SECONDS = 300;
 const NAME = /^[\p{L}\p{N}_.-]{1,32}$/u;
 const ROOM = /^#?[a-z0-9][a-z0-9_-]{0,29}$/;
 const COMMANDS = {
@@ -275,9 +276,18 @@ function drawMessages(mode) {
     rows.push(start);
   }
   let n = 0;
+  let previous = null;
   for (const msg of conv.messages) {
-    while (n < shown.length && shown[n].after < msg.id) rows.push(noticeRow(shown[n++]));
-    rows.push(messageRow(msg));
+    while (n < shown.length && shown[n].after < msg.id) {
+      rows.push(noticeRow(shown[n++]));
+      previous = null;
+    }
+    const row = messageRow(msg);
+    // a run of one person's lines shows the name once (a new run after GROUP_SECONDS, or an action)
+    if (previous && previous.sender === msg.sender && previous.kind === "msg" && msg.kind === "msg" &&
+        msg.ts - previous.ts < GROUP_SECONDS) row.classList.add("more");
+    rows.push(row);
+    previous = msg;
   }
   while (n < shown.length) rows.push(noticeRow(shown[n++]));
   box.replaceChildren(...rows);
