@@ -340,6 +340,63 @@ def chat_history(server, *lines: str) -> None:
     wait_until(lambda: server.history.count() >= messages, timeout=10)
 
 
+def test_a_mention_in_a_hidden_tab_notifies_once_notifications_are_on(server, browser, user):
+    context = browser.new_context()
+    context.grant_permissions(["notifications"], origin=f"http://127.0.0.1:{server.port}")
+    try:
+        page = context.new_page()
+        page.add_init_script("""(() => {  // every notification the page makes, recorded
+            const Real = window.Notification;
+            window.__notes = [];
+            window.Notification = class extends Real {
+                constructor(title, options) {
+                    super(title, options);
+                    window.__notes.push([title, options.body]);
+                }
+            };
+        })();""")
+        tab = Tab(page, server.port).login("ana")
+        bob = user("bob", hello=True)
+        hide = ("() => { Object.defineProperty(document, 'hidden', {value: true, configurable: true}); "
+                "document.dispatchEvent(new Event('visibilitychange')); }")
+        page.evaluate(hide)
+        bob.send(b"MSG|#main|ana: off by default, so no notification\n")
+        tab.sees("off by default")
+        page.evaluate("() => Object.defineProperty(document, 'hidden', {value: false, configurable: true})")
+        page.click("#settings-button")
+        page.check("#notify-toggle")
+        page.keyboard.press("Escape")
+        page.evaluate(hide)
+        bob.send(b"MSG|#main|just chatter\nMSG|#main|ana: the deploy is stuck\n")
+        tab.sees("the deploy is stuck")
+        wait_until(lambda: len(page.evaluate("window.__notes")) == 1)
+        assert page.evaluate("window.__notes") == [["bob in #main", "ana: the deploy is stuck"]]
+        tab.clean()
+    finally:
+        context.close()
+
+
+def test_over_tls_the_page_the_cookie_and_the_websocket_are_secure(make_server, browser, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    chatctl.generate_certificate(cert, key)
+    server = make_server(tls=True, tls_cert=str(cert), tls_key=str(key))
+    context = browser.new_context(ignore_https_errors=True)  # (its own certificate, made on first start)
+    try:
+        tab = Tab(context.new_page(), server.port)
+        tab.page.goto(f"https://127.0.0.1:{server.port}/")
+        tab.page.fill("#login-name", "ana")
+        tab.page.click("#login-button")
+        tab.online()
+        bob = RawClient(server.port)  # (plain text on the same port, as before)
+        bob.send(b"USER|bob\nMSG|over TLS too\n")
+        tab.sees("over TLS too")
+        cookie = context.cookies()[0]
+        assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        tab.clean()
+    finally:
+        context.close()
+
+
 def test_search_finds_a_message_in_any_room_and_jumps_to_it(make_server, tabs):
     server = make_server(rate=0, address_byte_rate=0)
     chat_history(server, "JOIN|#dev", *(f"MSG|#dev|filler {n}" for n in range(120)),
