@@ -2726,6 +2726,11 @@ class WebSessionStore:
         with self._lock:
             return self._db.execute("DELETE FROM web_sessions WHERE hash = ?", (token_hash,)).rowcount > 0
 
+    def prove(self, token_hash: str, proved: str) -> None:
+        """The session's name is protected now, with the password hash ``proved`` (its tab set it)."""
+        with self._lock:
+            self._db.execute("UPDATE web_sessions SET proved = ? WHERE hash = ?", (proved, token_hash))
+
     def revoke_others(self, key: str, keep: str = "") -> list[str]:
         """Forget every session of ``key`` but ``keep``; their hashes."""
         with self._lock:
@@ -7592,9 +7597,13 @@ class ChatServer:
             self.accounts.protect(session.key, session.name, hashed)
         self.throttle.known(session.key, session.host)  # its owner's address, as after a login
         session.owner, session.proved = True, hashed
-        # a browser logged in with the old password (or none) logs in again, open tabs too
-        self.end_web_logins(self.web_logins.revoke_others(session.key), f"{LOGGED_OUT}: the name's password "
-                            "changed")
+        # a browser logged in with the old password (or none) logs in again, open tabs too; but one that
+        # protects its own name has proved it
+        self.end_web_logins(self.web_logins.revoke_others(session.key, keep=session.web_login),
+                            f"{LOGGED_OUT}: the name's password changed")
+        if session.web_login:
+            self.web_logins.prove(session.web_login, hashed)
+            session.web_proved = hashed
         log.info("%s protected their name", session.name)
 
     def unprotect(self, session: ClientSession) -> None:

@@ -243,6 +243,30 @@ def test_a_protected_name_logs_in_with_its_password_and_read_state_follows_its_o
     tab.clean()
 
 
+def test_a_free_name_is_protected_from_the_browser_and_the_browser_stays_logged_in(server, tabs):
+    tab = tabs(server.port).login("ana")
+    tab.say("/register")
+    tab.page.fill("#protect-password", "short")
+    tab.page.fill("#protect-again", "short")
+    tab.page.click("#protect-form button")
+    tab.sees("8 characters", "#protect-result")
+    tab.page.fill("#protect-password", "correct horse")
+    tab.page.fill("#protect-again", "correct horse")
+    tab.page.click("#protect-form button")
+    tab.sees("Your name is protected", "#protect-result")
+    tab.page.wait_for_selector("#logout-others-form:not([hidden])")
+    impostor = RawClient(server.port)
+    impostor.send(b"HELLO|chatctl/1\nUSER|ana\n")
+    assert impostor.expect("ERR|").startswith("ERR|name-protected")
+    tab.page.reload()  # the browser's login proves the name now
+    tab.online()
+    cookie = tab.page.context.cookies()[0]
+    session = json.loads(request(server.port, "GET", "/api/session",
+                                 headers={"Cookie": f"{cookie['name']}={cookie['value']}"})[2])
+    assert (session["name"], session["protected"]) == ("ana", True)
+    tab.clean()
+
+
 def test_a_reload_or_a_new_tab_keeps_the_login_and_a_free_names_new_tab_takes_it_back(server, tabs, user):
     first = tabs(server.port).login("ana")
     first.say("before the reload")

@@ -19,6 +19,7 @@ const COMMANDS = {
   "/who": "/who  who is online",
   "/search": "/search words  find messages (Ctrl-K switches conversations)",
   "/nick": "/nick NAME  use another name (a free one)",
+  "/register": "/register  protect your name with a password",
   "/logout": "/logout [--others]  log this browser out (or, with the password, every other device)",
   "/help": "/help  this list",
 };
@@ -94,7 +95,7 @@ function startChat(name, isProtected = false) {
   $("chat").hidden = false;
   $("me-name").textContent = name;
   for (const what of ["conversations", "messages", "members", "status", "notice", "search", "older", "jump",
-    "alert", "retry", "who"]) {
+    "alert", "retry", "who", "protected"]) {
     model.addEventListener(what, (e) => VIEWS[what](e.detail));
   }
   model.connect();
@@ -124,6 +125,12 @@ const VIEWS = {
   alert: (d) => notify(d),
   retry: () => retry(),
   who: (d) => addNotice({ key: model.active, text: "online: " + d.users.map((u) => u.name).join(", ") }),
+  protected: () => {
+    $("protect-result").textContent = "Your name is protected: other browsers and terminals need its password now.";
+    $("protect-form").hidden = true;
+    $("logout-others-form").hidden = false;
+    addNotice({ key: model.active, text: `${model.name} is protected now; this browser stays logged in` });
+  },
 };
 
 function drawAll() {
@@ -300,6 +307,7 @@ function drawMessages(mode) {
 }
 
 function addNotice({ key, text, error = false, quiet = false, unsent = "" }) {
+  if (error && !$("settings").hidden) $("protect-result").textContent = text;  // (a refused /register)
   if (quiet && key !== model.active) return;
   const conv = model.conversation(key);
   const list = notices.get(key) || [];
@@ -486,8 +494,11 @@ async function command(line) {
     case "/nick":
       await rename(args[0] || "");
       break;
+    case "/register":
+      openSettings("protect");
+      break;
     case "/logout":
-      if (args[0] === "--others") openSettings(true);
+      if (args[0] === "--others") openSettings("others");
       else await logOut();
       break;
     case "/help":
@@ -719,14 +730,35 @@ function drawSearch() {
   }));
 }
 
-function openSettings(others = false) {
+function openSettings(part = "") {
   closeOverlays();
   $("settings").hidden = false;
   $("notify-toggle").checked = localStorage.getItem("chatctl.notify") === "on";
   drawNotifyState();
   $("logout-others-result").textContent = "";
+  $("protect-result").textContent = "";
   $("logout-others-form").hidden = !model.protected;  // (a free name has no password, and no other devices)
-  (others ? $("logout-others-password") : $("settings-close")).focus();
+  $("protect-form").hidden = model.protected;
+  const focus = { others: "logout-others-password", protect: "protect-password" }[part] || "settings-close";
+  $(model.protected && part === "protect" ? "settings-close" : focus).focus();
+  if (model.protected && part === "protect") {
+    addNotice({ key: model.active, text: "your name is protected already (its password changes with chatctl register)" });
+  }
+}
+
+function protectName(event) {
+  event.preventDefault();
+  const password = $("protect-password").value;
+  if (password !== $("protect-again").value) {
+    $("protect-result").textContent = "The two passwords differ.";
+  } else if ([...password].length < 8) {
+    $("protect-result").textContent = "A password has 8 characters or more.";
+  } else if (model.send("REGISTER", password)) {
+    $("protect-result").textContent = "Protecting…";
+    $("protect-password").value = $("protect-again").value = "";
+  } else {
+    $("protect-result").textContent = "Offline: try again once the chat is back.";
+  }
 }
 
 function drawNotifyState() {
@@ -825,6 +857,7 @@ function wire() {
   $("notify-toggle").addEventListener("change", toggleNotify);
   $("logout-button").addEventListener("click", logOut);
   $("logout-others-form").addEventListener("submit", logOutOthers);
+  $("protect-form").addEventListener("submit", protectName);
   $("latest-button").addEventListener("click", () => model.latest(model.active));
   $("members-button").addEventListener("click", () => {
     $("members").hidden = !$("members").hidden;

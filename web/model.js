@@ -542,6 +542,9 @@ export class ChatModel extends EventTarget {
       conv.unread = Math.min(conv.unread, after.length);
       conv.mentions = Math.min(conv.mentions, after.filter((m) => mentions(m.text, this.name)).length);
       this.changed("conversations");
+    } else if (event.verb === "REGISTER") {  // this tab protected its name: its login proves it now
+      this.protected = true;
+      this.changed("protected");
     } else if (event.verb === "PART") {
       const conv = this.conversation(event.arg);
       conv.joined = false;
