@@ -267,6 +267,25 @@ def test_a_free_name_is_protected_from_the_browser_and_the_browser_stays_logged_
     tab.clean()
 
 
+def test_a_name_online_from_its_most_devices_keeps_the_browser_logged_in_until_one_leaves(make_server, tabs):
+    server = make_server(max_devices=1)
+    protected_name(server.port, "ana", "correct horse")
+    laptop = RawClient(server.port)
+    laptop.send(b"HELLO|chatctl/1\nUSER|ana|correct horse\n")
+    laptop.expect("USER_OK")
+    tab = tabs(server.port).open()
+    tab.page.fill("#login-name", "ana")
+    tab.page.fill("#login-password", "correct horse")
+    tab.page.click("#login-button")
+    tab.sees("online from 1 devices", "#banner")
+    assert tab.page.locator("#chat").is_visible()  # not thrown back to the login
+    laptop.send(b"QUIT\n")
+    laptop.wait_closed()
+    tab.page.click("#banner-button")
+    tab.online()
+    tab.clean()
+
+
 def test_a_reload_or_a_new_tab_keeps_the_login_and_a_free_names_new_tab_takes_it_back(server, tabs, user):
     first = tabs(server.port).login("ana")
     first.say("before the reload")

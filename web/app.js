@@ -338,10 +338,14 @@ function drawStatus() {
   banner.hidden = false;
   button.hidden = false;
   if (model.state === "ended") {
-    if (model.refused) {
-      const why = model.ended;
-      const name = model.name;
-      api("/api/logout", {}).finally(() => showLogin(why, model.refused === "name-taken" ? "" : name));
+    if (model.refused === "too-many-devices") {  // (the login is good: another device may log out)
+      text.textContent = model.ended;
+      button.textContent = "Try again";
+      button.onclick = () => model.reconnect();
+      return;
+    }
+    if (model.refused) {  // the name is someone else's now, or needs its (new) password
+      showLogin(model.ended, model.refused === "name-taken" ? "" : model.name);
       return;
     }
     if (model.ended.startsWith("logged out")) {

@@ -13,6 +13,7 @@ const SEND_ERRORS = new Set(["rate-limited", "storage-failed", "empty-message", 
 const HISTORY_ERRORS = new Set(["history-off", "history-failed"]);
 const BACKOFF = [1, 2, 4, 8, 15, 30];  // seconds between reconnects
 const FINAL = ["taken over", "logged out"];  // a Goodbye after which this tab does not reconnect by itself
+const REFUSALS = new Set(["name-taken", "name-protected", "too-many-devices", "bad-password"]);
 
 export class Conversation {
   constructor(key) {
@@ -155,7 +156,7 @@ export class ChatModel extends EventTarget {
 
   /** Reconnect now (the banner's button, or a tab taken over that is to be used here again). */
   reconnect() {
-    if (this.state === "ended") this.ended = "";
+    if (this.state === "ended") this.ended = this.refused = "";
     this.state = "offline";
     this.retries = 0;
     clearTimeout(this.timer);
@@ -354,7 +355,7 @@ export class ChatModel extends EventTarget {
         if (!this.searchResults.waiting) this.changed("search");
       }
     }
-    if (["name-taken", "name-protected", "too-many-devices", "bad-password"].includes(event.code)) {
+    if (this.state !== "online" && REFUSALS.has(event.code)) {  // the name was refused to this tab
       this.state = "ended";
       this.ended = event.text;
       this.refused = event.code;
