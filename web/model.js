@@ -139,6 +139,10 @@ export class ChatModel extends EventTarget {
     socket.onclose = () => {
       if (this.socket !== socket) return;
       this.socket = null;
+      if (this.sends.length) {  // sent, not confirmed: stored or not, the gap fill will tell
+        this.changed("notice", { key: this.sends[0].key, error: true, text: `the link dropped before the server ` +
+          `confirmed ${this.sends.length} message(s): they show here once back if they arrived` });
+      }
       this.sends = [];
       this.histories = [];
       if (this.state === "ended") {
