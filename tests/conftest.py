@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -417,6 +418,24 @@ class WsClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def http_request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+            tls: bool = False) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request with http.client (``tls``: HTTPS, the certificate unchecked): (status,
+    headers with lower-case names, body)."""
+    if tls:
+        import ssl
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10,
+                                           context=ssl._create_unverified_context())
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
 
 
 def free_port() -> int:

@@ -23,25 +23,9 @@ import pytest
 
 import chatctl
 from conftest import CHATCTL, RawClient, binary, free_port, run_cli, wait_until
+from conftest import http_request as request
 
 OPERATOR = "operator-pw-1"
-
-
-def request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-            tls: bool = False) -> tuple[int, dict[str, str], bytes]:
-    """One request with http.client: (status, headers, body)."""
-    if tls:
-        import ssl
-        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10,
-                                           context=ssl._create_unverified_context())
-    else:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
 
 
 def curl(*args: str) -> subprocess.CompletedProcess:

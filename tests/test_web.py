@@ -5,7 +5,6 @@ outsider would poke it (foreign origins, stolen cookies, forms, floods)."""
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import json
 import os
 import re
@@ -20,6 +19,7 @@ import pytest
 
 import chatctl
 from conftest import CHATCTL, RawClient, WsClient, free_port, protected_name, run_cli, wait_until
+from conftest import http_request as request
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -128,17 +128,6 @@ def tabs(browser):
     yield open_tab
     for context in contexts:
         context.close()
-
-
-def request(port: int, method: str, path: str, body: bytes | None = None,
-         headers: dict | None = None) -> tuple[int, dict, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
 
 
 def login_cookie(port: int, name: str, password: str = "") -> str:
