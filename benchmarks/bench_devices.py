@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import selectors
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_performance import LOAD_CONFIG, ROOT, listening_port, machine_line, median, mega, pinned
+from bench_performance import chatctl_server, machine_line, median, mega
 
 import chatctl
 
@@ -85,21 +84,10 @@ class DeviceLoad(chatctl.LoadGenerator):
 
 @contextmanager
 def server(workdir: Path):
-    stamp = time.monotonic_ns()
-    conf = workdir / f"devices-{stamp}.toml"
-    conf.write_text(LOAD_CONFIG + "auth_delay = 0.0\nregister_per_hour = 0\n"
-                    f'accounts_db = "{workdir}/a{stamp}.db"\n')
-    log = workdir / f"serve-{stamp}.log"
-    with open(log, "w") as out:
-        command = [*pinned(0), sys.executable, str(ROOT / "chatctl.py"), "serve", "-H", "127.0.0.1",
-                   "-p", "0", "--config", str(conf), "--db", str(workdir / f"h{stamp}.db"),
-                   "--log-level", "info"]
-        proc = subprocess.Popen(command, stderr=out, env={**os.environ, "XDG_DATA_HOME": str(workdir)})
-    try:
-        yield listening_port(proc, log)
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    """This benchmark's server: history on, its limits off."""
+    extra = "auth_delay = 0.0\nregister_per_hour = 0\n"
+    with chatctl_server(workdir, history=True, extra=extra) as (_, port):
+        yield port
 
 
 ROWS = [  # label, clients, senders, accounts

@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_performance import CHATLOAD, LOAD_CONFIG, ROOT, listening_port, machine_line, median, pinned
+from bench_performance import CHATLOAD, ROOT, chatctl_server, machine_line, median, pinned
 
 import chatctl
 
@@ -45,22 +45,11 @@ POSTERS = 8
 
 @contextmanager
 def server(workdir: Path):
-    stamp = time.monotonic_ns()
-    conf = workdir / f"http-{stamp}.toml"
-    conf.write_text(LOAD_CONFIG + f'accounts_db = "{workdir}/a{stamp}.db"\n'
-                    "[http]\nrequest_rate = 0.0\nhook_rate = 0.0\n")
-    log = workdir / f"serve-{stamp}.log"
-    with open(log, "w") as out:
-        command = [*pinned(0), sys.executable, str(ROOT / "chatctl.py"), "serve", "-H", "127.0.0.1",
-                   "-p", "0", "--config", str(conf), "--db", str(workdir / f"h{stamp}.db"),
-                   "--log-level", "info"]
-        proc = subprocess.Popen(command, stderr=out, env={**os.environ, "XDG_DATA_HOME": str(workdir),
-                                                          "CHATCTL_OPERATOR_PASSWORD": OPERATOR})
-    try:
-        yield listening_port(proc, log)
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    """This benchmark's server: history on, its limits off."""
+    extra = "[http]\nrequest_rate = 0.0\nhook_rate = 0.0\n"
+    operator = {"CHATCTL_OPERATOR_PASSWORD": OPERATOR}
+    with chatctl_server(workdir, history=True, extra=extra, env=operator) as (_, port):
+        yield port
 
 
 def add_hook(port: int) -> str:

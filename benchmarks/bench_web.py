@@ -27,7 +27,6 @@ import re
 import selectors
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_performance import LOAD_CONFIG, ROOT, listening_port, machine_line, median, pinned, rss_kib
+from bench_performance import chatctl_server, machine_line, median, rss_kib
 
 MARK = b"bench-payload"
 WINDOW = 20
@@ -45,21 +44,10 @@ WINDOW = 20
 
 @contextmanager
 def server(workdir: Path):
-    stamp = time.monotonic_ns()
-    conf = workdir / f"web-{stamp}.toml"
-    conf.write_text(LOAD_CONFIG + "address_byte_rate = 0\n"
-                    f'accounts_db = "{workdir}/a{stamp}.db"\n[http]\nrequest_rate = 0.0\n')
-    log = workdir / f"serve-{stamp}.log"
-    with open(log, "w") as out:
-        command = [*pinned(0), sys.executable, str(ROOT / "chatctl.py"), "serve", "-H", "127.0.0.1",
-                   "-p", "0", "--config", str(conf), "--db", str(workdir / f"h{stamp}.db"),
-                   "--log-level", "info"]
-        proc = subprocess.Popen(command, stderr=out, env={**os.environ, "XDG_DATA_HOME": str(workdir)})
-    try:
-        yield proc, listening_port(proc, log)
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    """This benchmark's server: history on, its limits off."""
+    extra = "address_byte_rate = 0\n[http]\nrequest_rate = 0.0\n"
+    with chatctl_server(workdir, history=True, extra=extra) as (pid, port):
+        yield (pid, port)
 
 
 # --- clients of both protocols, on plain sockets ------------------------------------------------------
@@ -191,12 +179,12 @@ def fanout(port: int, clients: int, senders: int, messages: int, web_share: floa
     return rates
 
 
-def memory_per_connection(proc: subprocess.Popen, port: int, count: int, web: bool) -> float:
+def memory_per_connection(pid: int, port: int, count: int, web: bool) -> float:
     """The server's RSS growth per registered connection, in KiB."""
-    before = rss_kib(proc.pid)
+    before = rss_kib(pid)
     group = [Client(port, f"{'m' if web else 'n'}{i}", web) for i in range(count)]
     time.sleep(1.0)  # (the last registrations' presence lines are out)
-    after = rss_kib(proc.pid)
+    after = rss_kib(pid)
     for c in group:
         c.sock.close()
     return (after - before) / count
@@ -264,13 +252,13 @@ def main() -> None:
         mixed: dict[str, list[float]] = {"web": [], "chatctl/1": [], "cpu": []}
         for _ in range(args.rounds):  # the rows' runs interleaved, each on a fresh server
             for web in (False, True):
-                with server(workdir) as (proc, port):
-                    figures = fanout(port, 100, 10, args.messages, 1.0 if web else 0.0, proc.pid)
+                with server(workdir) as (pid, port):
+                    figures = fanout(port, 100, 10, args.messages, 1.0 if web else 0.0, pid)
                 kind = "web" if web else "chatctl/1"
                 separate[kind].append(figures[kind])
                 separate[f"cpu {kind}"].append(figures["cpu"])
-            with server(workdir) as (proc, port):
-                figures = fanout(port, 100, 10, args.messages, 0.5, proc.pid)
+            with server(workdir) as (pid, port):
+                figures = fanout(port, 100, 10, args.messages, 0.5, pid)
             for key in mixed:
                 mixed[key].append(figures[key])
         ours, web = median(separate["chatctl/1"]), median(separate["web"])
@@ -281,10 +269,10 @@ def main() -> None:
               f"{median(mixed['cpu']):.1f} (both) |")
 
         print(f"\n## Memory: the server's RSS growth per connection, {args.tabs} idle connections, KiB")
-        with server(workdir) as (proc, port):
-            tab = memory_per_connection(proc, port, args.tabs, True)
-        with server(workdir) as (proc, port):
-            line = memory_per_connection(proc, port, args.tabs, False)
+        with server(workdir) as (pid, port):
+            tab = memory_per_connection(pid, port, args.tabs, True)
+        with server(workdir) as (pid, port):
+            line = memory_per_connection(pid, port, args.tabs, False)
         print(f"| a browser tab (WebSocket) | {tab:.1f} |\n| a chatctl/1 client | {line:.1f} |")
 
         print("\n## The first page load, loopback (medians of 10)")
