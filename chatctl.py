@@ -251,6 +251,13 @@ ROOM_CREATIONS = 20                  # rooms one IP address may make per hour (0
 REGISTERS_PER_HOUR = 30              # names one IP address may protect per hour (a hash each; 0: no limit)
 OPERATOR_PASSWORD = "#operator"      # the throttle's target for OPER (no name starts with '#')
 
+# Message actions: a reply, a reaction, an edit or a deletion is a message of the log that names another.
+ACTION_KINDS = frozenset({"edit", "delete", "react", "unreact"})  # kinds that change an earlier message
+MAX_REACTIONS = 20                   # different reactions one message may carry
+MAX_REACTION_CHARS = 16              # longest reaction (an emoji, or a short word like +1)
+EDIT_WINDOW = 0.0                    # seconds its author may edit or delete a message for (0: always)
+QUOTE_CHARS = 40                     # what a reply's or a reaction's plain form quotes of the message
+
 # The cluster (--bus): several servers sharing one chat through Redis (section 7).
 BUS_CLUSTER = "chatctl"              # the default cluster name: several chats can share one Redis
 BUS_LOG_LENGTH = 1_000_000           # entries the shared log keeps (about); older ones are trimmed
@@ -457,6 +464,11 @@ ERROR_CODES = {
     "bad-url": "an outgoing hook's URL is http:// or https://, of another server than this one",
     "no-hooks": "webhooks are not shared across a cluster yet: add them on a server without --bus",
     "bus-unavailable": "the cluster's Redis is not answering; nothing was sent, try again shortly",
+    "unknown-message": "no message of that number in your rooms or direct messages",
+    "not-author": "only its author may edit a message, and only its author or an operator delete it",
+    "too-late": "the time for editing or deleting that message is over",
+    "message-deleted": "that message was deleted",
+    "too-many-reactions": "that message has as many different reactions as it may",
 }
 
 SEED_DIR_PREFIX = "Users logged in: "
@@ -566,6 +578,26 @@ def validate_room(text: str | None) -> str:
         shown = sanitise_line(text[:40])
         raise ProtocolError("invalid-room", f"{shown!r} is not a room name: {ERROR_CODES['invalid-room']}")
     return name
+
+
+def validate_reaction(text: str | None) -> str:
+    """A reaction (an emoji, or a short word such as ``+1``) in its NFC form, or ProtocolError: no spaces,
+    controls or ``| , ; =`` (the separators of the lines that list reactions), MAX_REACTION_CHARS at most."""
+    reaction = unicodedata.normalize("NFC", (text or "").strip())
+    if not reaction:
+        raise ProtocolError("missing-argument", "a reaction is needed: an emoji such as 👍")
+    if len(reaction) > MAX_REACTION_CHARS or not reaction.isprintable() \
+            or any(ch.isspace() or ch in "|,;=" for ch in reaction) or sanitise_text(reaction) != reaction:
+        raise ProtocolError("bad-argument", "a reaction is one emoji or word of at most "
+                            f"{MAX_REACTION_CHARS} "
+                            "characters, without spaces or | , ; =")
+    return reaction
+
+
+def quote(text: str) -> str:
+    """The start of a message, as a reply's or a reaction's plain form quotes it."""
+    first = text.split("\n", 1)[0]
+    return first if len(first) <= QUOTE_CHARS and "\n" not in text else first[:QUOTE_CHARS].rstrip() + "…"
 
 
 def room_field(text: str) -> bool:
@@ -830,10 +862,36 @@ class ChatMessage:
     kind: str = "msg"
     recipient: str | None = None
     room: str = MAIN_ROOM  # the room of a msg or me; a direct message has none (its room is unused)
+    ref: int = 0           # a reply: the message it answers; an action (ACTION_KINDS): the one it changes
+    edited: float = 0.0    # when its text was last edited (0: never)
+    deleted: float = 0.0   # when it was deleted (0: it was not; its text is gone)
+    reactions: tuple = ()  # ((reaction, (name, ...)), ...), in the order each was first given
+    about: str = ""        # an action's plain form: whose message it changes, and a quote (not stored)
+
+
+def plain_form(msg: ChatMessage) -> ChatMessage:
+    """An action (ACTION_KINDS) as a message of its own, for a client that knows no actions: ``(edited)
+    new text``, ``* ana deleted a message``, ``* ana reacted 👍 to bob's "deploy done"``."""
+    about = msg.about or "a message"
+    if msg.kind not in ACTION_KINDS:  # a deleted message, as the history keeps it
+        return ChatMessage(msg.id, msg.ts, msg.sender, "(message deleted)", msg.kind, msg.recipient, msg.room)
+    if msg.kind == "edit":
+        kind, text = "msg", f"(edited) {msg.text}"
+    elif msg.kind == "delete":
+        kind, text = "me", "deleted a message"
+    elif msg.kind == "react":
+        kind, text = "me", f"reacted {msg.text} to {about}"
+    else:
+        kind, text = "me", f"took back {msg.text} from {about}"
+    return ChatMessage(msg.id, msg.ts, msg.sender, text, "dm" if msg.recipient else kind, msg.recipient,
+                       msg.room)
 
 
 def encode_message(msg: ChatMessage) -> bytes:
-    """``MSG|#room|id|ts|sender|text``, ``ME|#room|...`` or ``DM|id|ts|sender|recipient|text``."""
+    """``MSG|#room|id|ts|sender|text``, ``ME|#room|...`` or ``DM|id|ts|sender|recipient|text``; an action
+    in its plain form (for clients that did not ask for actions)."""
+    if msg.kind in ACTION_KINDS or msg.deleted:
+        msg = plain_form(msg)
     text = escape_text(msg.text)
     ts = format_timestamp(msg.ts)
     if msg.kind == "dm":
@@ -843,13 +901,47 @@ def encode_message(msg: ChatMessage) -> bytes:
     return line.encode("utf-8")
 
 
+def encode_reactions(reactions: tuple) -> str:
+    """``👍=ana,bob;🎉=carl``: each reaction and who gave it."""
+    return ";".join(f"{reaction}={','.join(names)}" for reaction, names in reactions)
+
+
+def parse_reactions(text: str) -> tuple:
+    return tuple((reaction, tuple(n for n in names.split(",") if n))
+                 for reaction, _, names in (part.partition("=") for part in text.split(";") if part))
+
+
+def encode_action_message(msg: ChatMessage) -> bytes:
+    """A message for a client that asked for actions (``HELLO|chatctl/1|actions``): as encode_message
+    when it is plain; ``MSGX|where|id|ts|sender|kind|reply to|edited|deleted|reactions|text`` when it is a
+    reply, edited, deleted or reacted to; an action as ``EDIT|where|id|ts|sender|ref|text``,
+    ``DELETE|where|id|ts|sender|ref`` or ``REACT|where|id|ts|sender|ref|reaction|1`` (``0``: taken back).
+    ``where`` is ``#room``, or ``@recipient`` for a direct message's."""
+    kind = msg.kind
+    if kind not in ACTION_KINDS and not (msg.ref or msg.edited or msg.deleted or msg.reactions):
+        return encode_message(msg)
+    where = f"@{msg.recipient}" if msg.recipient else f"#{msg.room}"
+    head = (where, msg.id, format_timestamp(msg.ts), msg.sender)
+    if kind == "edit":
+        return encode_line("EDIT", *head, msg.ref, escape_text(msg.text))
+    if kind == "delete":
+        return encode_line("DELETE", *head, msg.ref)
+    if kind in ("react", "unreact"):
+        return encode_line("REACT", *head, msg.ref, msg.text, int(kind == "react"))
+    return encode_line("MSGX", *head, kind, msg.ref or "", format_timestamp(msg.edited) if msg.edited else "",
+                       format_timestamp(msg.deleted) if msg.deleted else "", encode_reactions(msg.reactions),
+                       escape_text(msg.text))
+
+
 def encode_seed_delivery(msg: ChatMessage) -> bytes:
     """A message as the seed's server delivers it, for clients that never said HELLO.
 
     ``ana: hi``; an action ``* ana waves``; a direct message ``[DM] ana: hi``.
     Every line of a multi-line message carries the prefix, so no line can pass
-    for someone else's.
+    for someone else's.  An action (ACTION_KINDS) in its plain form.
     """
+    if msg.kind in ACTION_KINDS or msg.deleted:
+        msg = plain_form(msg)
     if msg.kind == "me":
         prefix = f"* {msg.sender} "
     elif msg.kind == "dm":
@@ -1173,9 +1265,9 @@ def _encode_room_info(e: RoomInfo) -> bytes:
                        format_timestamp(e.last) if e.last else "", escape_text(e.topic))
 
 
-def _encode_history_page(e: HistoryPage) -> bytes:
+def _encode_history_page(e: HistoryPage, encode: Callable[[ChatMessage], bytes] = encode_message) -> bytes:
     end = encode_line("END", e.kind, len(e.messages), *(["more"] if e.more else []))
-    return b"".join(map(encode_message, e.messages)) + end
+    return b"".join(map(encode, e.messages)) + end
 
 
 def _encode_room_joined(e: RoomJoined, lines: dict[type, Callable[[object], bytes]]) -> bytes:
@@ -1250,6 +1342,26 @@ class MarkedLines(OurLines):
         return MARKED_LINES[type(event)](event)
 
 
+ACTION_LINES: dict[type, Callable[[object], bytes]] = {
+    **MARKED_LINES,
+    Delivered: lambda e: encode_action_message(e.message),
+    HistoryPage: lambda e: _encode_history_page(e, encode_action_message),
+}
+
+
+class ActionLines(MarkedLines):
+    """chatctl/1 for a client that said ``HELLO|chatctl/1|actions`` (which implies ``bots``): replies,
+    reactions, edits and deletions as lines of their own (encode_action_message), not in plain form."""
+
+    shared = (PROTOCOL_NAME, "actions")
+
+    def message(self, msg: ChatMessage) -> bytes:
+        return encode_action_message(msg)
+
+    def event(self, event: ServerEvent) -> bytes:
+        return ACTION_LINES[type(event)](event)
+
+
 class SeedLines(OurLines):
     """The seed's form, for a client that never said HELLO: messages as ``ana: hi``, a plain
     ``MSG_OK`` and the ``Users logged in:`` sentence; the rest as in chatctl/1."""
@@ -1269,6 +1381,7 @@ class SeedLines(OurLines):
 
 
 SEED_LINES, CHATCTL_LINES, CHATCTL_MARKED_LINES = SeedLines(), OurLines(), MarkedLines()
+CHATCTL_ACTION_LINES = ActionLines()
 
 
 def parse_event(line: str) -> ServerEvent:
@@ -1293,6 +1406,8 @@ def _parse_event(line: str) -> ServerEvent:
         mid, ts, sender, recipient, text = rest.split("|", 4)
         return Delivered(ChatMessage(int(mid), parse_timestamp(ts), sender,
                                      unescape_text(text), "dm", recipient))
+    if verb in ("MSGX", "EDIT", "DELETE", "REACT"):
+        return Delivered(_parse_action_line(verb, rest))
     if verb == "MSG_OK":
         if not rest:
             return Acknowledged()
@@ -1361,6 +1476,27 @@ def _parse_event(line: str) -> ServerEvent:
         room, ts, name, reason = rest.split("|", 3)
         return Exited(_room_name(room), parse_timestamp(ts), name, reason)
     return UnknownLine(line)
+
+
+def _parse_action_line(verb: str, rest: str) -> ChatMessage:
+    """The lines encode_action_message writes, back to messages."""
+    where, mid, ts, sender, rest = rest.split("|", 4)
+    recipient, room = (where[1:], MAIN_ROOM) if where.startswith("@") else (None, _room_name(where))
+    head = (int(mid), parse_timestamp(ts), sender)
+    if verb == "MSGX":
+        kind, ref, edited, deleted, reactions, text = rest.split("|", 5)
+        if kind not in ("msg", "me", "dm"):
+            raise ValueError(f"not a message's kind: {kind!r}")
+        return ChatMessage(*head, unescape_text(text), kind, recipient, room, int(ref or 0),
+                           parse_timestamp(edited) if edited else 0.0,
+                           parse_timestamp(deleted) if deleted else 0.0, parse_reactions(reactions))
+    if verb == "EDIT":
+        ref, text = rest.split("|", 1)
+        return ChatMessage(*head, unescape_text(text), "edit", recipient, room, int(ref))
+    if verb == "DELETE":
+        return ChatMessage(*head, "", "delete", recipient, room, int(rest))
+    ref, reaction, on = rest.split("|", 2)
+    return ChatMessage(*head, reaction, "react" if on == "1" else "unreact", recipient, room, int(ref))
 
 
 def _room_name(field_text: str) -> str:
@@ -1471,6 +1607,11 @@ class ServerConfig:
     max_rooms: int = _key(MAX_ROOMS, "rooms the server keeps, empty ones included", min=1)
     max_rooms_per_user: int = _key(MAX_ROOMS_PER_USER, "rooms one connection may be in at once", min=1)
     max_topic: int = _key(MAX_TOPIC_CHARS, "longest room topic in characters", min=1, max=4096)
+    # Message actions: see docs/protocol.md, Replies, reactions, edits and deletions.
+    edit_window: float = _key(EDIT_WINDOW, "seconds after sending that its author may edit or delete a "
+                              "message (0: always; operators delete any message at any time)", min=0,
+                              max=MAX_SECONDS)
+    max_reactions: int = _key(MAX_REACTIONS, "different reactions one message may carry", min=1, max=1000)
     # IRC clients: see docs/irc.md.
     irc: bool = _key(True, "accept IRC clients too, on the same port (told apart by their first line)")
     irc_port: int = _key(0, "a port of its own for IRC clients (0: none); TLS is detected there too",
@@ -1816,7 +1957,7 @@ def load_config(section: str, flags: dict[str, object] | None = None,
 # index and scans the rows not yet in it.  WAL checkpoints and retention are
 # an upkeep thread's, off the commit path.
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 HISTORY_BATCH_MAX = 1024             # messages per commit at most
 HISTORY_PAGE_MAX = 500               # messages per HISTORY or SEARCH reply at most
 PRUNE_INTERVAL = 30.0                # seconds between retention passes
@@ -1891,6 +2032,31 @@ MIGRATIONS: dict[int, str] = {
             PRIMARY KEY (user_key, device)
         ) WITHOUT ROWID;
     """,
+    # Message actions: a reply names the message it answers (ref), an action the one it changes; a
+    # message keeps when it was last edited and when it was deleted; reactions are rows of their own.
+    # An edit or a deletion changes a row's text: the full-text index follows (its own trigger).
+    6: """
+        ALTER TABLE messages ADD COLUMN ref INTEGER;
+        ALTER TABLE messages ADD COLUMN edited REAL;
+        ALTER TABLE messages ADD COLUMN deleted REAL;
+        CREATE INDEX messages_by_ref ON messages(ref) WHERE ref IS NOT NULL;
+        CREATE TABLE reactions (
+            message INTEGER NOT NULL,
+            user_key TEXT NOT NULL,
+            reaction TEXT NOT NULL,
+            name TEXT NOT NULL,
+            id INTEGER NOT NULL,
+            PRIMARY KEY (message, reaction, user_key)
+        ) WITHOUT ROWID;
+        CREATE TRIGGER messages_fts_update AFTER UPDATE OF text ON messages
+        WHEN old.id <= (SELECT value FROM meta WHERE key = 'fts_upto') BEGIN
+            INSERT INTO messages_fts(messages_fts, rowid, text) VALUES ('delete', old.id, old.text);
+            INSERT INTO messages_fts(rowid, text) VALUES (new.id, new.text);
+        END;
+        CREATE TRIGGER messages_reactions_delete AFTER DELETE ON messages BEGIN
+            DELETE FROM reactions WHERE message = old.id;
+        END;
+    """,
 }
 
 # What a viewer sees of the history: a room's messages, or (no room) #main's and their own direct messages.
@@ -1900,11 +2066,13 @@ _IN_MAIN = "room = 'main'"
 _IN_ROOM = "room = :room AND room != 'main'"
 _MAIN_AND_DMS = ("(room = 'main' OR (recipient_key IS NOT NULL AND "
                  "(sender_key = :viewer OR recipient_key = :viewer)))")
-_INSERT = ("INSERT INTO messages (id, ts, sender, sender_key, recipient, recipient_key, kind, text, room) "
-           "VALUES ")
-_INSERT_ONE = _INSERT + "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_INSERT_MANY = _INSERT + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * INSERT_ROWS)
-_COLUMNS = "id, ts, sender, text, kind, recipient, coalesce(room, 'main')"
+_INSERT = ("INSERT INTO messages (id, ts, sender, sender_key, recipient, recipient_key, kind, text, room, "
+           "ref) VALUES ")
+_INSERT_ONE = _INSERT + "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_MANY = _INSERT + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * INSERT_ROWS)
+_COLUMNS = ("id, ts, sender, text, kind, recipient, coalesce(room, 'main'), coalesce(ref, 0), "
+            "coalesce(edited, 0), coalesce(deleted, 0)")
+_NOT_ACTION = "kind NOT IN ('edit', 'delete', 'react', 'unreact')"  # messages, not the actions on them
 
 
 def private_dir(path: Path) -> Path:
@@ -2063,6 +2231,7 @@ class HistoryStore:
         # NORMAL: a commit is in the WAL file (the OS has it) before MSG_OK, so it survives
         # a crash of the server process; only a power cut can lose the last commits.
         db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA secure_delete=ON")  # a deleted message's bytes are overwritten, not left behind
         return db
 
     def _migrate(self) -> None:
@@ -2106,13 +2275,16 @@ class HistoryStore:
         # sender_key and recipient_key serve only to find direct messages: NULL for the rest
         flat: list = []  # every row's values in one list: INSERT_ROWS rows a statement
         add = flat.extend
+        actions = []
         for m in (p.message for p in batch):
             if m.recipient is None:
-                add((m.id, m.ts, m.sender, None, None, None, m.kind, m.text, m.room))
+                add((m.id, m.ts, m.sender, None, None, None, m.kind, m.text, m.room, m.ref or None))
             else:
                 add((m.id, m.ts, m.sender, confusable_key(m.sender), m.recipient, confusable_key(m.recipient),
-                     m.kind, m.text, None))
-        width = 9 * INSERT_ROWS
+                     m.kind, m.text, None, m.ref or None))
+            if m.kind in ACTION_KINDS:
+                actions.append(m)
+        width = 10 * INSERT_ROWS
         whole = len(flat) - len(flat) % width
         db = self._writer
         db.execute("BEGIN")
@@ -2120,12 +2292,41 @@ class HistoryStore:
             if whole:
                 db.executemany(_INSERT_MANY, [flat[i:i + width] for i in range(0, whole, width)])
             if whole < len(flat):
-                db.executemany(_INSERT_ONE, [flat[i:i + 9] for i in range(whole, len(flat), 9)])
+                db.executemany(_INSERT_ONE, [flat[i:i + 10] for i in range(whole, len(flat), 10)])
+            for action in actions:
+                self._apply(db, action)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         self.last_id = batch[-1].message.id
+
+    @staticmethod
+    def _apply(db, action: ChatMessage) -> None:
+        """An action's change to the message it names, in the commit's transaction (so a server applies
+        the log's actions in its order).  A reaction toggles: one its sender had given already is taken
+        back, and the action becomes an ``unreact`` (its row and the message delivered say so)."""
+        target = action.ref
+        if action.kind == "edit":
+            db.execute("UPDATE messages SET text = ?, edited = ? WHERE id = ? AND deleted IS NULL",
+                       (action.text, action.ts, target))
+        elif action.kind == "delete":
+            # its text goes from the row, from every edit of it and from the index (the update trigger);
+            # secure_delete overwrites the freed bytes, so a backup made afterwards does not hold them
+            db.execute("UPDATE messages SET text = '', deleted = ? WHERE id = ?", (action.ts, target))
+            db.execute("UPDATE messages SET text = '' WHERE ref = ? AND kind = 'edit'", (target,))
+            db.execute("DELETE FROM reactions WHERE message = ?", (target,))
+        else:
+            key = confusable_key(action.sender)
+            gone = db.execute("DELETE FROM reactions WHERE message = ? AND reaction = ? AND user_key = ?",
+                              (target, action.text, key)).rowcount
+            if gone:
+                action.kind = "unreact"
+                db.execute("UPDATE messages SET kind = 'unreact' WHERE id = ?", (action.id,))
+            elif action.kind == "react":
+                db.execute("INSERT INTO reactions (message, user_key, reaction, name, id) "
+                           "VALUES (?, ?, ?, ?, ?)",
+                           (target, key, action.text, action.sender, action.id))
 
     @property
     def index_lag(self) -> int:
@@ -2194,6 +2395,8 @@ class HistoryStore:
         an id, the first) are kept.  Also returns whether more were left out.
         """
         where = [_room_filter(room)]
+        if after is None:  # a page back shows messages as they are now; a page on replays the actions too
+            where.append(_NOT_ACTION)
         params: dict[str, object] = {"viewer": confusable_key(viewer) if viewer else None, "limit": limit,
                                      "room": room}
         if before is not None:
@@ -2232,7 +2435,7 @@ class HistoryStore:
         params = {"viewer": confusable_key(viewer) if viewer else None, "limit": limit, "room": room,
                   "match": " ".join('"' + w + '"' for w in words), "words": " ".join(words),
                   "upto": upto if upto is not None else self.last_id}
-        visible = _room_filter(room)
+        visible = f"{_room_filter(room)} AND {_NOT_ACTION} AND deleted IS NULL"
         tail = (f"SELECT {_COLUMNS} FROM messages WHERE id > (SELECT value FROM meta WHERE key = 'fts_upto') "
                 f"AND {visible} AND id <= :upto AND has_words(text, :words) "
                 "ORDER BY id DESC LIMIT :limit")
@@ -2260,7 +2463,7 @@ class HistoryStore:
             "SELECT r.name, r.created_by, r.created_ts, r.topic, r.topic_by, r.topic_ts, "
             "coalesce(m.n, 0), coalesce(m.last, 0), coalesce(m.last_id, 0) FROM rooms r LEFT JOIN "
             "(SELECT room, count(*) AS n, max(ts) AS last, max(id) AS last_id FROM messages "
-            "WHERE room IS NOT NULL "
+            f"WHERE room IS NOT NULL AND {_NOT_ACTION} "
             "GROUP BY room) m ON m.room = r.name", {})
         return [RoomRecord(*row) for row in rows]
 
@@ -2297,6 +2500,13 @@ class HistoryStore:
                      "ON CONFLICT (user_key, device) DO UPDATE SET last_id = max(last_id, excluded.last_id), "
                      "seen = excluded.seen", (user_key, device, last_id, time.time())))
 
+    def find(self, message_id: int) -> ChatMessage | None:
+        """Message ``message_id`` as it is now (its reactions too), or None: no such message (an action
+        is no message)."""
+        (found, _), = self._query([f"SELECT {_COLUMNS} FROM messages WHERE id = :id AND {_NOT_ACTION}"],
+                                  {"id": message_id})
+        return found[0] if found else None
+
     def message_ts(self, message_id: int) -> float | None:
         """When message ``message_id`` was sent (None: no such message kept)."""
         rows = self._read_rows("SELECT ts FROM messages WHERE id = :id", {"id": message_id})
@@ -2307,7 +2517,8 @@ class HistoryStore:
         both counted to UNREAD_MAX at most."""
         rows = self._read_rows(
             "SELECT count(*), coalesce(sum(mentions(text, :name) AND sender != :name), 0) FROM "
-            f"(SELECT text, sender FROM messages WHERE {_room_filter(room)} AND id > :after AND id <= :upto "
+            f"(SELECT text, sender FROM messages WHERE {_room_filter(room)} AND {_NOT_ACTION} "
+            "AND id > :after AND id <= :upto "
             "ORDER BY id LIMIT :most)",
             {"room": room, "after": after, "upto": upto, "name": name, "most": UNREAD_MAX})
         return rows[0]
@@ -2358,12 +2569,29 @@ class HistoryStore:
                                 break
                             rows.append(message)
                         results.append((rows, more))
+                    self._add_reactions([m for rows, _ in results for m in rows])
                 finally:
                     self._reader.execute("COMMIT")
         except sqlite3.Error as exc:
             log.error("history read failed: %s", exc)
             raise ProtocolError("history-failed", "the history could not be read") from None
         return results
+
+    def _add_reactions(self, messages: list[ChatMessage]) -> None:
+        """Fill in the reactions of ``messages`` (the reader's connection, in its transaction)."""
+        ids = {m.id: m for m in messages if m.kind not in ACTION_KINDS and not m.deleted}
+        if not ids:
+            return
+        given: dict[int, dict[str, list[str]]] = {}
+        for start in range(0, len(ids), 500):
+            chunk = list(ids)[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._reader.execute("SELECT message, reaction, name FROM reactions "
+                                        f"WHERE message IN ({marks}) ORDER BY id", chunk)
+            for message, reaction, name in rows:
+                given.setdefault(message, {}).setdefault(reaction, []).append(name)
+        for message, reactions in given.items():
+            ids[message].reactions = tuple((r, tuple(names)) for r, names in reactions.items())
 
     def _query_value(self, sql: str):
         with self._reader_lock:
@@ -3745,14 +3973,21 @@ def _stream_id(entry_id: bytes | str) -> tuple[int, int]:
 
 
 def encode_bus_message(token: str, msg: ChatMessage) -> str:
-    """A message as the shared log holds it: ``token|kind|room|sender|recipient|ts|text``."""
-    return (f"{token}|{msg.kind}|{msg.room}|{msg.sender}|{msg.recipient or ''}|{msg.ts!r}|"
-            f"{escape_text(msg.text)}")
+    """A message as the shared log holds it: ``token|kind|room|sender|recipient|ts|text``; a reply's or an
+    action's kind is ``kind>ref`` (the message it names), and an action's quote follows its text after a
+    newline (text never holds one raw)."""
+    kind = f"{msg.kind}>{msg.ref}" if msg.ref else msg.kind
+    about = f"\n{msg.about}" if msg.about else ""
+    return (f"{token}|{kind}|{msg.room}|{msg.sender}|{msg.recipient or ''}|{msg.ts!r}|"
+            f"{escape_text(msg.text)}{about}")
 
 
 def decode_bus_message(mid: int, payload: str) -> tuple[str, ChatMessage]:
     token, kind, room, sender, recipient, ts, text = payload.split("|", 6)
-    return token, ChatMessage(mid, float(ts), sender, unescape_text(text), kind, recipient or None, room)
+    kind, _, ref = kind.partition(">")
+    text, _, about = text.partition("\n")
+    return token, ChatMessage(mid, float(ts), sender, unescape_text(text), kind, recipient or None, room,
+                              int(ref or 0), about=about)
 
 
 @dataclass(slots=True)
@@ -5793,7 +6028,8 @@ class ClientSession:
             self.quiet = True
         self.extended = True
         if self.encoding in (SEED_LINES, CHATCTL_LINES):  # (a gateway's HELLO for its client: its own)
-            self.encoding = CHATCTL_MARKED_LINES if "bots" in options else CHATCTL_LINES
+            self.encoding = (CHATCTL_ACTION_LINES if "actions" in options else
+                             CHATCTL_MARKED_LINES if "bots" in options else CHATCTL_LINES)
         self.tell(Welcome(PROTOCOL_NAME, f"chatctl {__version__}"))
 
     def handle_pass(self, arg: str | None) -> None:
@@ -6011,7 +6247,8 @@ class ClientSession:
         self.wait_pending()  # its last messages go out before its LEAVE (no words from someone gone)
         self.leave("quit" + (f": {reason}" if reason else ""), Goodbye("goodbye"))
 
-    def _publish(self, kind: str, room: str | None, arg: str | None, recipient: str | None = None) -> None:
+    def _publish(self, kind: str, room: str | None, arg: str | None, recipient: str | None = None, *,
+                 ref: int = 0, about: str = "") -> None:
         if self.name is None:
             raise ProtocolError("not-registered", "register first: USER|<name>")
         self.server.check_quiet_name(self)
@@ -6021,7 +6258,69 @@ class ClientSession:
         if not self.server.address_budget.charge(self.host, fan_out_cost(self.name, text)):
             raise ProtocolError("rate-limited", f"too many bytes from {self.host} too fast; "
                                 "this message was dropped")
-        self.server.fanout.publish(self, kind, text, room=room, recipient=recipient)
+        self.server.fanout.publish(self, kind, text, room=room, recipient=recipient, ref=ref, about=about)
+        self.last_spoke = time.monotonic()
+
+    # --- message actions: replies, reactions, edits and deletions ----------------------------------
+
+    def handle_reply(self, arg: str | None) -> None:
+        """``REPLY|id|text``: a message that answers message ``id``, where that one was (its room, or the
+        direct messages with its other party)."""
+        ref, text = self._action_args(arg, "REPLY|<id>|<text>")
+        target = self.server.action_target(self, ref)
+        if target.recipient is None:
+            self._publish("msg", target.room, text, ref=target.id)
+        else:
+            self._publish("dm", None, text, self._other_party(target), ref=target.id)
+
+    def handle_edit(self, arg: str | None) -> None:
+        """``EDIT|id|text``: the new text of one of this name's messages; its readers get ``EDIT`` (or
+        ``(edited) text``), the history keeps the new text and when it changed."""
+        ref, text = self._action_args(arg, "EDIT|<id>|<text>")
+        target = self.server.action_target(self, ref)
+        self.server.check_author(self, target, "edit")
+        self._publish("edit", target.room, text, self._other_party(target), ref=target.id,
+                      about=self.server.about(target))
+
+    def handle_delete(self, arg: str | None) -> None:
+        """``DELETE|id``: one of this name's messages (an operator: anyone's) goes; its text leaves the
+        history, the search index and every backup made from now on; its readers get ``DELETE``."""
+        ref = _parse_number((arg or "").strip(), "DELETE")
+        target = self.server.action_target(self, ref)
+        self.server.check_author(self, target, "delete")
+        self._act("delete", target, "")
+
+    def handle_react(self, arg: str | None) -> None:
+        """``REACT|id|reaction``: give a reaction to message ``id``, or take back the same one given
+        before (a toggle); its readers get ``REACT|...|1`` or ``|0``."""
+        ref, text = self._action_args(arg, "REACT|<id>|<reaction>")
+        reaction = validate_reaction(text)
+        target = self.server.action_target(self, ref)
+        known = {r for r, _ in target.reactions}
+        if reaction not in known and len(known) >= self.server.config.max_reactions:
+            raise ProtocolError("too-many-reactions", f"message {ref} has {len(known)} different reactions, "
+                                "the most it may")
+        self._act("react", target, reaction)
+
+    def _action_args(self, arg: str | None, usage: str) -> tuple[int, str]:
+        number, sep, text = (arg or "").partition("|")
+        if not sep:
+            raise ProtocolError("missing-argument", f"use {usage}")
+        return _parse_number(number.strip(), usage.split("|")[0]), text
+
+    def _other_party(self, target: ChatMessage) -> str | None:
+        """A direct message's other party, seen from this session (None: a room's message)."""
+        if target.recipient is None:
+            return None
+        return target.recipient if confusable_key(target.sender) == self.key else target.sender
+
+    def _act(self, kind: str, target: ChatMessage, text: str) -> None:
+        """Publish a reaction or a deletion (no text of its own to check)."""
+        if not self.server.address_budget.charge(self.host, fan_out_cost(self.name, text or kind)):
+            raise ProtocolError("rate-limited", f"too many bytes from {self.host} too fast; "
+                                "this was dropped")
+        self.server.fanout.publish(self, kind, text, room=target.room, recipient=self._other_party(target),
+                                   ref=target.id, about=self.server.about(target))
         self.last_spoke = time.monotonic()
 
     def handle_history(self, arg: str | None) -> None:
@@ -6224,6 +6523,10 @@ COMMAND_HANDLERS: dict[str, Handler] = {
     "BOT": ClientSession.handle_bot,
     "HOOK": ClientSession.handle_hook,
     "BACKUP": ClientSession.handle_backup,
+    "REPLY": ClientSession.handle_reply,
+    "EDIT": ClientSession.handle_edit,
+    "DELETE": ClientSession.handle_delete,
+    "REACT": ClientSession.handle_react,
 }
 
 BEFORE_PASS_COMMANDS = frozenset({"HELLO", "PASS", "PING", "QUIT"})
@@ -6411,7 +6714,8 @@ class FanOut:
         self._delivered = threading.Condition()
 
     def publish(self, sender: ClientSession, kind: str, text: str, *, room: str | None = MAIN_ROOM,
-                recipient: str | None = None, author: str | None = None) -> None:
+                recipient: str | None = None, author: str | None = None, ref: int = 0,
+                about: str = "") -> None:
         """The one place every accepted message passes.
 
         Here it gets its audience, fixed now: the room's members (every
@@ -6421,16 +6725,22 @@ class FanOut:
         the batch out and acknowledges it: each reader gets a whole batch in
         one queue write, and the reader threads never wait for one another's
         fan-out.  ``author``: a webhook's post, from its bot's name (its caller checked the hook's right
-        to post in ``room``), through a connection that holds no name.
+        to post in ``room``), through a connection that holds no name.  ``ref``: the message a reply
+        answers, or an action (ACTION_KINDS) changes; an action on a direct message reaches its other
+        party only if online, and ``about`` is its plain form's quote.
         """
         if recipient is not None:
             registry = self.server.registry
             target = registry.holder(confusable_key(recipient))
-            if target is None:
+            own = tuple(d for d in registry.devices(sender.key) if d.extended)
+            if target is None and kind in ACTION_KINDS:
+                audience = own
+            elif target is None:
                 raise ProtocolError("unknown-user", f"no user named {sanitise_line(recipient)!r} is online")
-            audience = tuple(dict.fromkeys((*(registry.devices(target.key) or (target,)),
-                                            *(d for d in registry.devices(sender.key) if d.extended))))
-            recipient, room, where = target.name, MAIN_ROOM, None
+            else:
+                audience = tuple(dict.fromkeys((*(registry.devices(target.key) or (target,)), *own)))
+                recipient = target.name
+            room, where = MAIN_ROOM, None
         else:
             where = self.server.room(room)
             if room not in sender.rooms and not sender.quiet and author is None:
@@ -6438,7 +6748,7 @@ class FanOut:
             audience = where.members
         if sender.in_flight >= self.server.config.max_in_flight:
             self._wait_in_flight(sender)
-        draft = ChatMessage(0, 0.0, author or sender.name, text, kind, recipient, room)
+        draft = ChatMessage(0, 0.0, author or sender.name, text, kind, recipient, room, ref, about=about)
         pending = PendingMessage(draft, sender, audience)
         if where is None:
             self._accept(pending)
@@ -6511,8 +6821,8 @@ class FanOut:
             run = batch[start:end]
             deliveries += len(run) * len(audience)
             last = run[-1].message
-            if last.kind != "dm" and (room := rooms.get(last.room)) is not None:  # a run is in one room
-                room.messages += len(run)
+            if last.recipient is None and (room := rooms.get(last.room)) is not None:  # a run is in one room
+                room.messages += sum(p.message.kind not in ACTION_KINDS for p in run)
                 room.last_ts, room.last_id = last.ts, last.id
             forms: dict[object, tuple[list[bytes], bytes]] = {}  # the run in each encoding: made once
             run_senders = []  # (session, its list, its form of each message)
@@ -7791,6 +8101,49 @@ class ChatServer:
     def room(self, name: str) -> Room:
         return self.registry.room(name)
 
+    # --- message actions ----------------------------------------------------------------------
+
+    def action_target(self, session: ClientSession, message_id: int) -> ChatMessage:
+        """The message a reply, reaction, edit or deletion names, as it is now: one of a room the session
+        is in, or one of its own direct messages.  Any other (another room's, someone else's direct
+        message, none at all) is refused alike: nobody learns what is where."""
+        if session.name is None:
+            raise ProtocolError("not-registered", "register first: USER|<name>")
+        if self.history is None:
+            raise ProtocolError("history-off", "message actions need the history, and this server keeps none")
+        target = self.history.find(message_id) if 0 < message_id <= self.fanout.delivered_upto else None
+        if target is not None and target.recipient is None:
+            visible = target.room in session.rooms
+        else:
+            visible = target is not None and session.key in (confusable_key(target.sender),
+                                                             confusable_key(target.recipient or ""))
+        if not visible:
+            raise ProtocolError("unknown-message",
+                                f"no message {message_id} in your rooms or direct messages")
+        if target.deleted:
+            raise ProtocolError("message-deleted", f"message {message_id} was deleted")
+        return target
+
+    def check_author(self, session: ClientSession, target: ChatMessage, verb: str) -> None:
+        """Only its author edits a message, and deletes it (an operator deletes any), within edit_window
+        of sending it (0: always; an operator's deletion: always)."""
+        author = confusable_key(target.sender) == session.key
+        if verb == "delete" and session.operator:
+            return
+        if not author:
+            raise ProtocolError("not-author", f"message {target.id} is {target.sender}'s: "
+                                + ("only its author may edit it" if verb == "edit" else
+                                   "only its author or an operator may delete it"))
+        window = self.config.edit_window
+        if window and time.time() - target.ts > window:
+            raise ProtocolError("too-late", f"messages may be {verb}ed for {window:g} seconds after "
+                                "they are sent")
+
+    @staticmethod
+    def about(target: ChatMessage) -> str:
+        """How an action's plain form names its message: ``bob's "deploy done"``."""
+        return f'{target.sender}\'s "{quote(target.text)}"'
+
     def make_operator(self, session: ClientSession, password: str) -> None:
         expected = self.config.operator_password
         if not expected:
@@ -8097,7 +8450,7 @@ IRC_SERVER = "chatctl"               # the server's name in IRC prefixes
 IRC_HOST = "chatctl"                 # every nick's host part: addresses are not shown
 IRC_LINE_BYTES = 512                 # an IRC line with its CR LF, tags apart
 IRC_CAPABILITIES = ("server-time", "message-tags", "echo-message", "sasl", "batch", "draft/chathistory",
-                    "multi-prefix", "draft/read-marker")
+                    "multi-prefix", "draft/read-marker", "draft/message-redaction")
 IRC_CACHE_LINES = 4096               # room messages whose IRC form is kept for their next IRC reader
 IRC_MAX_TARGETS = 4                  # targets of one PRIVMSG or NOTICE (TARGMAX), each a message of its own
 IRC_SASL_CHUNK = 400                 # AUTHENTICATE sends its data in pieces of this many bytes
@@ -8178,6 +8531,19 @@ def irc_chunks(text: str, most: int) -> list[str]:
     return pieces
 
 
+def irc_msgid(text: str) -> int:
+    """A msgid as we give them (``42``, or ``42.2`` for the second line of message 42) to the message's
+    id; 0 if it is none of ours."""
+    number = whole_number(text.split(".", 1)[0]) if text else None
+    return number or 0
+
+
+def irc_tag_value(text: str) -> str:
+    """A tag's value unescaped (IRCv3 message-tags: ``\\:`` is ``;``, ``\\s`` a space)."""
+    return re.sub(r"\\(.)?", lambda m: {":": ";", "s": " ", "r": "\r", "n": "\n"}.get(m.group(1) or "",
+                                                                                  m.group(1) or ""), text)
+
+
 def source(name: str) -> str:
     """A user as the source of an IRC line: ``:ana!ana@chatctl``."""
     return f":{name}!{name}@{IRC_HOST}"
@@ -8209,6 +8575,7 @@ class IrcGate(Encoding):
         self.away = ""
         self.pinged = False                  # the server's own PING is out (keep_alive)
         self.caps: set[str] = set()
+        self.tags: dict[str, str] = {}  # the tags of the line being handled (its reader's)
         self._lock = threading.Lock()
         self._list_more, self._list_last = False, ""  # LIST's pages: another is to come, after this room
         self._parting: dict[str, str] = {}            # rooms leaving: the reason, for the PART line
@@ -8232,6 +8599,7 @@ class IrcGate(Encoding):
         if self.session.name is None and message.command not in IRC_PRE_REGISTRATION:
             self.numeric("451", "You have not registered")
             return
+        self.tags = dict(message.tags)
         handler(self, message.params)
 
     def send(self, *lines: str) -> None:
@@ -8421,6 +8789,7 @@ class IrcGate(Encoding):
                      "NETWORK=chatctl", f"CHATHISTORY={IRC_HISTORY_MAX}", "MSGREFTYPES=msgid,timestamp",
                      f"CHANLIMIT=#:{config.max_rooms_per_user}",
                      f"TARGMAX=PRIVMSG:{IRC_MAX_TARGETS},NOTICE:{IRC_MAX_TARGETS}", "BOT=B",
+                     "CLIENTTAGDENY=*,-draft/reply,-draft/react,-draft/unreact",
                      "are supported by this server")
         if config.motd:
             self.numeric("375", f"- {IRC_SERVER} Message of the day -")
@@ -8520,6 +8889,13 @@ class IrcGate(Encoding):
                 return  # other CTCP (VERSION, PING, ...): nobody here answers them
             kind, text = "ME", body[6:].lstrip(" ")
         text = sanitise_text(strip_irc_formatting(text))  # as stored and sent: what echo-message returns
+        reply_to = irc_msgid(self.tags.get("+draft/reply", ""))
+        if reply_to and kind == "MSG" and len(targets) == 1 and not notice:  # +draft/reply: an answer
+            try:
+                self.call("REPLY", f"{reply_to}|{escape_text(text)}")
+            except ProtocolError as exc:
+                self.send(f":{IRC_SERVER} FAIL PRIVMSG INVALID_REFERENCE {targets[0][:40]} :{exc.text}")
+            return
         for target in targets:
             try:
                 if target.startswith("#"):
@@ -8541,6 +8917,54 @@ class IrcGate(Encoding):
                     self.notice(f"not sent: {exc.text}")
                 else:
                     raise
+
+    def irc_tagmsg(self, params: tuple[str, ...]) -> None:
+        """``@+draft/react=👍;+draft/reply=<msgid> TAGMSG #room`` gives a reaction (``+draft/unreact``
+        takes one back); other client tags are dropped (CLIENTTAGDENY says so)."""
+        ref = irc_msgid(self.tags.get("+draft/reply", ""))
+        reaction = self.tags.get("+draft/react") or self.tags.get("+draft/unreact")
+        if not params or not ref or not reaction:
+            return
+        reaction = irc_tag_value(reaction)
+        try:
+            if "+draft/react" not in self.tags:  # a take-back of a reaction we do not have is nothing
+                target = self.session.server.action_target(self.session, ref)
+                if not any(r == reaction and any(name_key(n) == name_key(self.nick) for n in names)
+                           for r, names in target.reactions):
+                    return
+            self.call("REACT", f"{ref}|{reaction}")
+        except ProtocolError as exc:
+            self.send(f":{IRC_SERVER} FAIL TAGMSG INVALID_REFERENCE {params[0][:40]} :{exc.text}")
+
+    def irc_redact(self, params: tuple[str, ...]) -> None:
+        """``REDACT <target> <msgid> [:reason]`` (draft/message-redaction): delete a message."""
+        if len(params) < 2:
+            self.numeric("461", "REDACT", "Not enough parameters")
+            return
+        ref = irc_msgid(params[1])
+        try:
+            if not ref:
+                raise ProtocolError("unknown-message", f"{params[1][:20]!r} is no message id here")
+            self.call("DELETE", str(ref))
+        except ProtocolError as exc:
+            why = {"unknown-message": "UNKNOWN_MSGID", "not-author": "REDACT_FORBIDDEN",
+                   "too-late": "REDACT_WINDOW_EXPIRED"}.get(exc.code, "UNKNOWN_MSGID")
+            self.send(f":{IRC_SERVER} FAIL REDACT {why} {params[0][:40]} {params[1][:20]} :{exc.text}")
+
+    def irc_edit(self, params: tuple[str, ...]) -> None:
+        """``EDIT <target> <msgid> :text``: edit one of your messages (chatctl's own: IRC has no edits yet;
+        send it raw, as ``/quote EDIT #main 42 :the new text``)."""
+        if len(params) < 3 or not params[2]:
+            self.numeric("461", "EDIT", "Not enough parameters")
+            return
+        ref = irc_msgid(params[1])
+        try:
+            if not ref:
+                raise ProtocolError("unknown-message", f"{params[1][:20]!r} is no message id here")
+            self.call("EDIT", f"{ref}|{escape_text(sanitise_text(strip_irc_formatting(params[2])))}")
+        except ProtocolError as exc:
+            self.send(f":{IRC_SERVER} FAIL EDIT {exc.code.upper().replace('-', '_')} {params[0][:40]} "
+                      f"{params[1][:20]} :{exc.text}")
 
     def irc_notice(self, params: tuple[str, ...]) -> None:
         self.irc_privmsg(params, notice=True)
@@ -8723,14 +9147,31 @@ class IrcGate(Encoding):
     def shared(self) -> tuple:
         """A room message's or a presence event's IRC form depends on these alone, not on the reader."""
         caps = self.caps
-        return ("irc", "server-time" in caps, "message-tags" in caps, MAIN_ROOM in self.session.rooms)
+        return ("irc", "server-time" in caps, "message-tags" in caps, MAIN_ROOM in self.session.rooms,
+                "draft/message-redaction" in caps)
 
     def _delivery(self, msg: ChatMessage, batch: str = "") -> list[str]:
-        """A message as this client's PRIVMSG lines: to its room, or a DM to us (ours: to its recipient)."""
-        if msg.kind != "dm":
-            return self._privmsgs(msg, f"#{msg.room}", batch)  # (a room's lines go to its members only)
-        own = name_key(msg.sender) == name_key(self.nick)
-        return self._privmsgs(msg, msg.recipient if own else self.nick, batch)
+        """A message as this client's PRIVMSG lines: to its room, or a DM to us (ours: to its recipient).
+        An action: a reaction as TAGMSG (+draft/react), a deletion as REDACT (draft/message-redaction),
+        each as a NOTICE in its plain form for a client without them; an edit as a NOTICE ``(edited) ...``."""
+        if msg.recipient is None:
+            target = f"#{msg.room}"  # (a room's lines go to its members only)
+        else:
+            own = name_key(msg.sender) == name_key(self.nick)
+            target = msg.recipient if own else self.nick
+        if msg.kind not in ACTION_KINDS:
+            return self._privmsgs(plain_form(msg) if msg.deleted else msg, target, batch)
+        tagged = "message-tags" in self.caps
+        if msg.kind in ("react", "unreact") and tagged:
+            tag = "+draft/react" if msg.kind == "react" else "+draft/unreact"
+            return [self._tags(msg, batch, extra=f"{tag}={msg.text};+draft/reply={msg.ref}")
+                    + f"{source(msg.sender)} TAGMSG {target}"]
+        if msg.kind == "delete" and "draft/message-redaction" in self.caps:
+            return [self._tags(msg, batch) + f"{source(msg.sender)} REDACT {target} {msg.ref}"]
+        text = plain_form(msg).text  # (a NOTICE shows its sender: "-ana- reacted 👍 to bob's ...")
+        head = self._tags(msg, batch, extra=f"+draft/reply={msg.ref}" if tagged else "")
+        return [head + f"{source(msg.sender)} NOTICE {target} :{piece}"
+                for line in text.split("\n") for piece in irc_chunks(line or " ", IRC_LINE_BYTES // 2)]
 
     def message(self, msg: ChatMessage) -> bytes:
         return b"".join(map(self._fit, self._delivery(msg)))
@@ -8764,8 +9205,9 @@ class IrcGate(Encoding):
             return lines
         return [f"BATCH +{batch} chathistory {target}", *lines, f"BATCH -{batch}"]
 
-    def _tags(self, msg: ChatMessage | None, batch: str, part: int = 0, ts: float | None = None) -> str:
-        tags = []
+    def _tags(self, msg: ChatMessage | None, batch: str, part: int = 0, ts: float | None = None,
+              extra: str = "") -> str:
+        tags = [extra] if extra else []
         if batch:
             tags.append(f"batch={batch}")
         if "server-time" in self.caps:
@@ -8775,6 +9217,8 @@ class IrcGate(Encoding):
             bots = self.session.server.bots
             if bots and confusable_key(msg.sender) in bots:
                 tags.append("bot")  # IRCv3 bot mode
+            if msg.ref and msg.kind not in ACTION_KINDS and not part:
+                tags.append(f"+draft/reply={msg.ref}")
         return "@" + ";".join(tags) + " " if tags else ""
 
     def _privmsgs(self, msg: ChatMessage, target: str, batch: str) -> list[str]:
@@ -9014,6 +9458,7 @@ IRC_COMMANDS: dict[str, IrcHandler] = {
     "WHOWAS": IrcGate.irc_whowas, "MARKREAD": IrcGate.irc_markread,
     "AWAY": IrcGate.irc_away, "MODE": IrcGate.irc_mode, "MOTD": IrcGate.irc_motd, "ISON": IrcGate.irc_ison,
     "USERHOST": IrcGate.irc_userhost, "CHATHISTORY": IrcGate.irc_chathistory,
+    "TAGMSG": IrcGate.irc_tagmsg, "REDACT": IrcGate.irc_redact, "EDIT": IrcGate.irc_edit,
 }
 register_gateway(Gateway("irc", sniff=looks_like_irc, enabled=lambda config: config.irc,
                          port=lambda config: config.irc_port, attach=IrcGate))
@@ -9983,10 +10428,14 @@ def event_json(event: ServerEvent) -> bytes:
 
 
 def message_json(msg: ChatMessage) -> bytes:
-    """``Delivered`` as event_json writes it, made directly: it is made for every message."""
-    return json.dumps({"type": "Delivered", "message": {
-        "id": msg.id, "ts": msg.ts, "sender": msg.sender, "text": msg.text, "kind": msg.kind,
-        "recipient": msg.recipient, "room": msg.room}}, separators=(",", ":")).encode()
+    """``Delivered`` as event_json writes it, made directly: it is made for every message (a reply's,
+    an action's or a changed message's fields only where they are set)."""
+    record = {"id": msg.id, "ts": msg.ts, "sender": msg.sender, "text": msg.text, "kind": msg.kind,
+              "recipient": msg.recipient, "room": msg.room}
+    if msg.ref or msg.edited or msg.deleted or msg.reactions or msg.about:
+        record.update(ref=msg.ref, edited=msg.edited, deleted=msg.deleted, reactions=_jsonable(msg.reactions),
+                      about=msg.about)
+    return json.dumps({"type": "Delivered", "message": record}, separators=(",", ":")).encode()
 
 
 class WebJson(Encoding):
@@ -10675,7 +11124,7 @@ class ChatConnection:
         as the account's device list shows it); a seed server answers ERR and we keep to the seed's
         protocol."""
         try:
-            self.request("HELLO", PROTOCOL_NAME, "bots", *(["quiet"] if quiet else []),
+            self.request("HELLO", PROTOCOL_NAME, "actions", *(["quiet"] if quiet else []),
                          *([f"client={client}"] if client else []), expect=(Welcome,))
         except RejectedError as exc:
             if exc.code in REFUSALS:
@@ -12772,19 +13221,49 @@ def render_history_table(messages: list[ChatMessage], bots: frozenset[str] = fro
     table.add_column("To")
     table.add_column("Text", overflow="fold")
     for m in messages:
-        text = "\n".join(display_text(line) for line in m.text.split("\n"))
-        bot = " [dim](bot)[/]" if confusable_key(m.sender) in bots else ""
-        table.add_row(str(m.id), local_time(m.ts, with_date=True), display_text(m.sender) + bot,
-                      display_text(m.recipient) if m.recipient else f"#{m.room}",
-                      f"* {display_text(m.sender)} {text}" if m.kind == "me" else text)
+        table.add_row(str(m.id), local_time(m.ts, with_date=True),
+                      display_text(m.sender) + (" [dim](bot)[/]" if confusable_key(m.sender) in bots else ""),
+                      display_text(m.recipient) if m.recipient else f"#{m.room}", message_markup(m))
     print_table(table)
 
 
+def message_markup(m: ChatMessage) -> str:
+    """A message's text as the history table shows it, with what was done to it; an action says what it
+    did to which message."""
+    text = "\n".join(display_text(line) for line in m.text.split("\n"))
+    if m.kind == "edit":
+        return f"[dim]edited #{m.ref}:[/] {text}"
+    if m.kind == "delete":
+        return f"[dim]deleted #{m.ref}[/]"
+    if m.kind in ("react", "unreact"):
+        return f"[dim]{'reacted' if m.kind == 'react' else 'took back'} {text} on #{m.ref}[/]"
+    if m.deleted:
+        return "[dim italic](message deleted)[/]"
+    if m.kind == "me":
+        text = f"* {display_text(m.sender)} {text}"
+    if m.ref:
+        text = f"[dim]↳ #{m.ref}[/] {text}"
+    if m.edited:
+        text += " [dim](edited)[/]"
+    if m.reactions:
+        text += "\n[dim]" + "  ".join(f"{display_text(r)} {len(names)}" for r, names in m.reactions) + "[/]"
+    return text
+
+
 def message_as_json(m: ChatMessage, bots: frozenset[str] = frozenset()) -> str:
-    room = None if m.kind == "dm" else f"#{m.room}"  # the room as rooms --json and people write it
-    return json.dumps({"id": m.id, "ts": format_timestamp(m.ts), "kind": m.kind, "from": m.sender,
-                       "bot": confusable_key(m.sender) in bots, "to": m.recipient, "room": room,
-                       "text": m.text})
+    """One message of history --json: its reply_to (the id it answers), reactions (each with who gave it),
+    edited and deleted (when, or null); an action's kind (edit, delete, react, unreact) and ref (the id
+    it changes)."""
+    room = None if m.recipient else f"#{m.room}"  # the room as rooms --json and people write it
+    record = {"id": m.id, "ts": format_timestamp(m.ts), "kind": m.kind, "from": m.sender,
+              "bot": confusable_key(m.sender) in bots, "to": m.recipient, "room": room, "text": m.text}
+    if m.kind in ACTION_KINDS:
+        record["ref"] = m.ref
+    else:
+        record.update({"reply_to": m.ref or None, "reactions": {r: list(names) for r, names in m.reactions},
+                       "edited": format_timestamp(m.edited) if m.edited else None,
+                       "deleted": format_timestamp(m.deleted) if m.deleted else None})
+    return json.dumps(record)
 
 
 def rooms_as_json(rooms: list[RoomInfo], with_unread: bool = True) -> str:

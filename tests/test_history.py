@@ -314,7 +314,8 @@ def test_history_command_table_json_search_and_paging(server, user, isolated_hom
     listing = run_cli("history", "-p", port, "--json", env=isolated_home)
     rows = [json.loads(x) for x in listing.stdout.splitlines()]
     assert [r["text"] for r in rows] == ["first [bold]not bold[/bold]", "second", "third deploy"]
-    assert set(rows[0]) == {"id", "ts", "kind", "from", "bot", "to", "room", "text"}
+    assert set(rows[0]) == {"id", "ts", "kind", "from", "bot", "to", "room", "text", "reply_to", "reactions",
+                            "edited", "deleted"}
     assert rows[0]["room"] == "#main" and rows[0]["bot"] is False
     older = run_cli("history", "-p", port, "--json", "--before", str(rows[2]["id"]), "-n", "1",
                     env=isolated_home)
