@@ -11528,6 +11528,10 @@ JOIN_COMMANDS = {
     "/msg": "/msg USER TEXT    a direct message to USER",
     "/reply": "/reply TEXT       a direct message to whoever last sent you one",
     "/me": "/me ACTION        an action: * you ACTION",
+    "/re": "/re ID TEXT       reply to message ID (the #number beside it)",
+    "/react": "/react ID EMOJI   react to message ID (the same again takes it back)",
+    "/edit": "/edit ID TEXT     change your message ID (Up on an empty line: your last one)",
+    "/delete": "/delete ID        delete your message ID (an operator: anyone's)",
     "/search": "/search WORDS     messages of this room that contain WORDS",
     "/who": "/who              who is online",
     "/ignore": "/ignore [USER]    hide USER's messages (no USER: list who is ignored)",
@@ -11570,6 +11574,11 @@ def parse_input(line: str) -> InputCommand:
         return InputCommand("msg-to", target, text)
     if action in ("reply", "me", "unignore", "nick", "join", "search", "logout") and not rest.strip():
         return InputCommand("usage", text=JOIN_COMMANDS[word])
+    if action in ("re", "react", "edit", "delete"):  # a message's number first: #42 or 42
+        number, _, text = rest.strip().partition(" ")
+        if whole_number(number.lstrip("#")) is None or (action != "delete") != bool(text.strip()):
+            return InputCommand("usage", text=JOIN_COMMANDS[word])
+        return InputCommand(action, number.lstrip("#"), text if action != "react" else text.strip())
     if action in ("ignore", "unignore"):
         return InputCommand(action, rest.strip() or None)
     return InputCommand(action, text=rest)
@@ -12151,6 +12160,10 @@ class ClientFrontEnd:
     def notice(self, markup: str, style: str = "dim", room: str | None = None) -> None:
         """A line from chatctl itself; ``room``: about that room (None: wherever the person is)."""
 
+    def message_changed(self, target: ChatMessage | None, action: ChatMessage, own: bool) -> None:
+        """A message was edited, deleted or reacted to (``action``); ``target`` is it as it is now, or None
+        when this client never had it (ChatClient.known keeps the last KNOWN_MESSAGES)."""
+
     def users(self, users: tuple[UserInfo, ...]) -> None:
         """The answer to /who."""
 
@@ -12170,6 +12183,26 @@ class ClientFrontEnd:
     def confirm_password(self, what: str, then: Callable[[str], None]) -> None:
         """Ask for the name's password, hidden, to do ``what`` (/logout, /unregister); then call
         ``then`` with it (nothing if the person gives none)."""
+
+
+KNOWN_MESSAGES = 5000                # messages a client keeps by id: what replies quote and actions change
+
+
+def apply_action(target: ChatMessage, action: ChatMessage) -> ChatMessage:
+    """``target`` after ``action`` (an edit, a deletion, a reaction given or taken back), as a new message."""
+    if action.kind == "edit":
+        return target if target.deleted else dataclasses.replace(target, text=action.text, edited=action.ts)
+    if action.kind == "delete":
+        return dataclasses.replace(target, text="", deleted=action.ts or time.time(), reactions=())
+    reactions = dict(target.reactions)
+    names = [n for n in reactions.get(action.text, ()) if name_key(n) != name_key(action.sender)]
+    if action.kind == "react":
+        names.append(action.sender)
+    if names:
+        reactions[action.text] = tuple(names)
+    else:
+        reactions.pop(action.text, None)
+    return dataclasses.replace(target, reactions=tuple(reactions.items()))
 
 
 class ChatClient:
@@ -12216,10 +12249,14 @@ class ChatClient:
         self.online: dict[str, str] = {}          # key -> name, in join order
         self.ignored: dict[str, str] = {}
         self.last_dm_from: str | None = None
-        self.outbox: list[tuple[str, str | None, str, str]] = []  # (kind, to, text, room) awaiting MSG_OK/ERR
+        # (verb, to, text, room, the message it names) awaiting MSG_OK or ERR
+        self.outbox: list[tuple[str, str | None, str, str, int]] = []
         self.failures = 0
         self.quit_reason = ""  # what /quit said; sent with QUIT
         self._shown_ids: set[int] = set()  # a message is never shown twice (backlog, then live)
+        # the last messages by id, as they are now: what a reply quotes and an action changes
+        self.known: collections.OrderedDict[int, ChatMessage] = collections.OrderedDict()
+        self.last_own: dict[str, int] = {}  # conversation -> the id of our last message there (Up edits it)
         self._lock = threading.RLock()
         self._settled = threading.Condition(self._lock)
         self._rooms_in = threading.Condition(self._lock)  # a quiet room list was taken in
@@ -12234,9 +12271,40 @@ class ChatClient:
 
     def conversation(self, msg: ChatMessage) -> str:
         """Where a message belongs: its room, or ``@name`` of the other person of a direct message."""
-        if msg.kind != "dm":
+        if msg.recipient is None:
             return msg.room
-        return "@" + (msg.recipient or "" if self.is_me(msg.sender) else msg.sender)
+        return "@" + (msg.recipient if self.is_me(msg.sender) else msg.sender)
+
+    def quoted(self, msg: ChatMessage) -> ChatMessage | None:
+        """The message a reply answers, if this client has it."""
+        with self._lock:
+            return self.known.get(msg.ref) if msg.ref and msg.kind not in ACTION_KINDS else None
+
+    def remember(self, msg: ChatMessage) -> None:
+        """Keep a message by id (the last KNOWN_MESSAGES), and our own last one of each conversation."""
+        if msg.kind in ACTION_KINDS or not msg.id:
+            return
+        with self._lock:
+            self.known[msg.id] = msg
+            self.known.move_to_end(msg.id)
+            while len(self.known) > KNOWN_MESSAGES:
+                self.known.popitem(last=False)
+            if self.is_me(msg.sender) and not msg.deleted:
+                conversation = self.conversation(msg)
+                self.last_own[conversation] = max(self.last_own.get(conversation, 0), msg.id)
+
+    def last_own_message(self) -> ChatMessage | None:
+        """Our last message in the current conversation that is still there (what Up edits)."""
+        with self._lock:
+            msg = self.known.get(self.last_own.get(self.model.current, 0))
+            return msg if msg is not None and not msg.deleted else None
+
+    def _apply_action(self, action: ChatMessage, own: bool) -> None:
+        with self._lock:
+            target = self.known.get(action.ref)
+            if target is not None:
+                target = self.known[action.ref] = apply_action(target, action)
+        self.front.message_changed(target, action, own)
 
     def room_tag(self, msg: ChatMessage) -> str | None:
         """The room to show beside a message in one stream (join): its own, unless it is the current one."""
@@ -12331,6 +12399,10 @@ class ChatClient:
     def _delivered(self, msg: ChatMessage) -> None:
         if name_key(msg.sender) in self.ignored or not self._first_sight(msg):
             return
+        if msg.kind in ACTION_KINDS:
+            self._apply_action(msg, self.is_me(msg.sender))
+            return
+        self.remember(msg)
         if msg.kind != "dm":
             self.model.spoke(msg.room, msg.sender)
         own = self.is_me(msg.sender)
@@ -12361,8 +12433,11 @@ class ChatClient:
         return self.model.arrived(msg.room, msg.id, mention, own=own)
 
     def _backlog(self, backlog: Backlog) -> None:
-        messages = [m for m in backlog.messages
-                    if self._first_sight(m) and name_key(m.sender) not in self.ignored]
+        every = [m for m in backlog.messages
+                 if self._first_sight(m) and name_key(m.sender) not in self.ignored]
+        messages = [m for m in every if m.kind not in ACTION_KINDS]
+        for msg in messages:
+            self.remember(msg)
         if backlog.missed:
             self.note(f"missed while away: {len(messages)} message(s)"
                       + (" and more: chatctl history --after "
@@ -12380,6 +12455,9 @@ class ChatClient:
             self.front.message(msg, own=own, backlog=True)
         if messages and not backlog.missed and not self.conversations:
             self.note("end of history")
+        for action in every:  # what was done to messages while we were away (or to the ones above)
+            if action.kind in ACTION_KINDS:
+                self._apply_action(action, self.is_me(action.sender))
         self.front.changed()
 
     def _settle(self, event: Acknowledged | ErrorReply) -> None:
@@ -12391,10 +12469,23 @@ class ChatClient:
         if isinstance(event, ErrorReply):
             prefix = "not sent: " if sent else "server: "
             self.warn(prefix + display_text(f"{event.text} ({event.code})"))
+        elif sent is not None and sent[0] in ("EDIT", "DELETE", "REACT"):
+            verb, target, text, room, ref = sent
+            kind = verb.lower()
+            with self._lock:
+                if kind == "react" and (known := self.known.get(ref)) is not None and any(
+                        r == text and any(self.is_me(n) for n in names) for r, names in known.reactions):
+                    kind = "unreact"  # the same reaction again took ours back
+            if event.id:
+                self._first_sight(ChatMessage(event.id, 0.0, self.name, ""))
+            self._apply_action(ChatMessage(event.id or 0, event.ts or time.time(), self.name, text, kind,
+                                           target, room, ref), own=True)
         elif sent is not None and self.echo_own:
-            kind, target, text, room = sent
+            kind, target, text, room, ref = sent
+            kind = kind.lower() if kind != "REPLY" else "dm" if target else "msg"
             msg = ChatMessage(event.id or 0, event.ts or time.time(), self.name, text,
-                              kind.lower(), target, room)
+                              kind, target, room, ref)
+            self.remember(msg)
             if event.id:
                 self._first_sight(msg)
                 if self._arrived(msg, False):
@@ -12629,6 +12720,12 @@ class ChatClient:
         if listing.conversation.startswith("@"):  # HISTORY without a room: #main and our DMs
             listing.messages = [m for m in listing.messages if self.conversation(m) == listing.conversation]
         listing.messages = [m for m in listing.messages if name_key(m.sender) not in self.ignored]
+        actions = [m for m in listing.messages if m.kind in ACTION_KINDS]
+        listing.messages = [m for m in listing.messages if m.kind not in ACTION_KINDS]
+        for msg in listing.messages:
+            self.remember(msg)
+        for action in actions:
+            self._apply_action(action, self.is_me(action.sender))
         if listing.purpose == "entered":  # a joined room's last lines: shown as the backlog is
             for msg in listing.messages:
                 if self._first_sight(msg):
@@ -12645,9 +12742,21 @@ class ChatClient:
             room = self.model.current
             if target is None and room.startswith("@"):  # a DM conversation (tui)
                 kind, target = "DM" if kind == "MSG" else kind, room[1:]
-            self.outbox.append((kind, target, text, room))
+            self.outbox.append((kind, target, text, room, 0))
             fields = (target, escape_text(text)) if target is not None else (f"#{room}", escape_text(text))
             if not self.session.send(kind, *fields):
+                self.outbox.pop()
+                raise NotConnected("not connected")
+
+    def act(self, verb: str, ref: int, text: str = "") -> None:
+        """``REPLY``, ``EDIT``, ``DELETE`` or ``REACT`` on message ``ref`` (where it is: a reply goes to
+        the message's conversation, whatever is on screen)."""
+        with self._lock:
+            known = self.known.get(ref)
+            where = self.conversation(known) if known is not None else self.model.current
+            target, room = (where[1:], MAIN_ROOM) if where.startswith("@") else (None, where)
+            self.outbox.append((verb, target, text, room, ref))
+            if not self.session.send(verb, str(ref), *([escape_text(text)] if verb != "DELETE" else [])):
                 self.outbox.pop()
                 raise NotConnected("not connected")
 
@@ -12670,6 +12779,9 @@ class ChatClient:
                 self.warn("nobody has sent you a direct message yet")
             else:
                 self.post("DM", command.text, self.last_dm_from)
+        elif action in ("re", "react", "edit", "delete"):
+            verb = {"re": "REPLY", "react": "REACT", "edit": "EDIT", "delete": "DELETE"}[action]
+            self.act(verb, int(command.target or 0), command.text)
         elif action == "who":
             self._request("DIR")
         elif action == "join":
@@ -13424,11 +13536,12 @@ class ChatView:
 
     CONTINUATION = "      │ "
 
-    def __init__(self, color: bool, width: int | None = None, wrap: bool = False):
+    def __init__(self, color: bool, width: int | None = None, wrap: bool = False, ids: bool = False):
         from rich.console import Console
 
         self.color = color
         self.wrap = wrap  # fit every row to the terminal (interactive join)
+        self.ids = ids    # each message's number before it (what /re, /react, /edit and /delete take)
         self._console = Console(color_system="standard" if color else None, force_terminal=color,
                                 no_color=not color, width=width or 200, highlight=False,
                                 emoji=False, soft_wrap=True)
@@ -13443,8 +13556,10 @@ class ChatView:
         return f"[{style}]{display_text(name)}[/]"
 
     def message(self, msg: ChatMessage, own: bool = False, backlog: bool = False,
-                room: str | None = None, mention: bool = False) -> str:
+                room: str | None = None, mention: bool = False, quoted: ChatMessage | None = None) -> str:
         """One message; ``backlog`` ones (from the history) are dim and dated when not from today.
+        A reply starts with what it answers (``quoted``, if known), an edited one ends in (edited), a
+        deleted one says so, and the reactions follow on a line of their own.
 
         With ``wrap``, every row fits the terminal and each row after the
         first starts with the continuation mark: a message padded to the
@@ -13454,12 +13569,14 @@ class ChatView:
         from rich.text import Text
 
         mention = mention and not own and not backlog
-        lines = [neutralise(line) for line in msg.text.split("\n")]
+        lines = [neutralise(line) for line in ("(message deleted)" if msg.deleted else msg.text).split("\n")]
         today = time.localtime(msg.ts)[:3] == time.localtime()[:3]
         stamp = f"[dim]{local_time(msg.ts, with_date=backlog and not today)}[/]"
         mark = "[bold yellow]![/] " if mention else ""
         if room is not None:  # a line from a room other than the current one says which
             mark = f"[cyan]\\[#{room}][/] " + mark
+        if self.ids and msg.id:
+            mark = f"[dim]#{msg.id}[/] " + mark
         if msg.kind == "me":
             head = f"{stamp} {mark}* {self._name(msg.sender, own)} "
         elif msg.kind == "dm":
@@ -13468,6 +13585,11 @@ class ChatView:
             head = f"{stamp} {mark}{tag} <{self._name(msg.sender, own)}> "
         else:
             head = f"{stamp} {mark}<{self._name(msg.sender, own)}> "
+        if msg.ref and quoted is not None:
+            shown = escape_markup(neutralise(quote(quoted.text)))
+            head += f"[dim](↳ {display_text(quoted.sender)}: {shown})[/] "
+        elif msg.ref:
+            head += f"[dim](↳ #{msg.ref})[/] "
         first, continued = lines[0], lines[1:]
         if self.wrap:
             width = shutil.get_terminal_size((80, 24)).columns - 1
@@ -13478,7 +13600,17 @@ class ChatView:
         if mention:
             body = f"[bold yellow]{body}[/]"
         head += body
+        if msg.deleted:
+            head = head[:-len(body)] + f"[dim italic]{body}[/]"
         rest = [f"[dim]{self.CONTINUATION}[/]{escape_markup(line)}" for line in continued]
+        if msg.edited and not msg.deleted:
+            if rest:
+                rest[-1] += " [dim](edited)[/]"
+            else:
+                head += " [dim](edited)[/]"
+        if msg.reactions:
+            rest.append(f"[dim]{self.CONTINUATION}[/]" + "  ".join(
+                f"{escape_markup(neutralise(r))} {len(names)}" for r, names in msg.reactions))
         if backlog:
             return self._render("\n".join(f"[dim]{line}[/]" for line in [head, *rest]))
         return self._render("\n".join([head, *rest]))
@@ -13507,7 +13639,7 @@ class JoinClient(ClientFrontEnd):
         self.interactive = interactive
         self.chat = ChatClient(config, name, self, bell=bell, ask_password=ask_password, ask_trust=ask_trust,
                                room=room, echo_own=interactive)
-        self.view = ChatView(color, wrap=interactive)
+        self.view = ChatView(color, wrap=interactive, ids=interactive)
         self._prompt = None  # the PromptSession, while run_interactive runs
         self._out = threading.Lock()  # one line at a time, whichever thread writes it
 
@@ -13522,7 +13654,31 @@ class JoinClient(ClientFrontEnd):
 
     def message(self, msg: ChatMessage, own: bool, backlog: bool = False, ring: bool = False) -> None:
         self.show(self.view.message(msg, own=own, backlog=backlog, room=self.chat.room_tag(msg),
-                                    mention=self.chat.mentions_me(msg)), bell=ring and self.interactive)
+                                    mention=self.chat.mentions_me(msg), quoted=self.chat.quoted(msg)),
+                  bell=ring and self.interactive)
+
+    def message_changed(self, target: ChatMessage | None, action: ChatMessage, own: bool) -> None:
+        """A line can not be changed once printed: an edit prints the message again, marked (edited);
+        a deletion or a reaction is a notice naming the message's number."""
+        if action.kind == "edit" and target is not None:
+            self.message(target, own=self.chat.is_me(target.sender))
+            return
+        who = "you" if own else display_text(action.sender)
+        about = f"#{action.ref}"
+        if target is not None:
+            author = ("your" if self.chat.is_me(target.sender) else "their"
+                      if name_key(target.sender) == name_key(action.sender)
+                      else f"{display_text(target.sender)}'s")
+            shown = "" if action.kind == "delete" else f': "{escape_markup(neutralise(quote(target.text)))}"'
+            about = f"{author} message #{action.ref}{shown}"
+        if action.kind == "edit":
+            self.notice(f"{who} edited #{action.ref}: {escape_markup(neutralise(action.text))}")
+        elif action.kind == "delete":
+            self.notice(f"{who} deleted {about}")
+        else:
+            reaction = escape_markup(neutralise(action.text))
+            self.notice(f"{who} reacted {reaction} to {about}" if action.kind == "react"
+                        else f"{who} took back {reaction} from {about}")
 
     def notice(self, markup: str, style: str = "dim", room: str | None = None) -> None:
         self.show(self.view.notice(markup, style), data=False)
@@ -13605,6 +13761,8 @@ class JoinClient(ClientFrontEnd):
 
     def run_interactive(self) -> None:
         from prompt_toolkit import PromptSession
+        from prompt_toolkit.application.current import get_app
+        from prompt_toolkit.filters import Condition
         from prompt_toolkit.key_binding import KeyBindings
         from prompt_toolkit.patch_stdout import patch_stdout
 
@@ -13613,6 +13771,16 @@ class JoinClient(ClientFrontEnd):
         @keys.add("escape", "n")  # Alt-n: the room with the oldest unread line
         def _(event):
             self.chat.next_room()
+
+        def editable() -> bool:
+            return not get_app().current_buffer.text and self.chat.last_own_message() is not None
+
+        @keys.add("up", filter=Condition(editable))  # Up on an empty line: edit our last message
+        def _(event):
+            last = self.chat.last_own_message()
+            if last is not None:
+                event.current_buffer.text = f"/edit {last.id} {last.text}"
+                event.current_buffer.cursor_position = len(event.current_buffer.text)
 
         prompt = self._prompt = PromptSession(completer=name_completer(self.chat), key_bindings=keys,
                                               complete_while_typing=False, erase_when_done=True)
@@ -13741,6 +13909,7 @@ class TuiLine:
     style: str = "dim"
     ts: float = 0.0
     hit: bool = False          # the search hit shown in context
+    quoted: ChatMessage | None = None  # what a reply answers, if the client has it
 
     def when(self) -> float:
         return self.msg.ts if self.msg is not None else self.ts
@@ -13841,6 +14010,9 @@ class QueuedFrontEnd(ClientFrontEnd):
     def notice(self, markup, style="dim", room=None):
         self._put("notice", markup, style, room)
 
+    def message_changed(self, target, action, own):
+        self._put("message_changed", target, action, own)
+
     def users(self, users):
         self._put("users", users)
 
@@ -13892,6 +14064,8 @@ def tui_line_text(line: TuiLine, width: int):
     msg = line.msg
     name_style = "bold reverse" if line.own else f"bold {user_colour(msg.sender)}"
     head = Text(when + " ", style="dim")
+    if msg.id:
+        head.append(f"#{msg.id} ", style="dim")
     if line.hit:
         head.append("▶ ", style="bold reverse")
     if line.mention:
@@ -13907,17 +14081,28 @@ def tui_line_text(line: TuiLine, width: int):
         head.append("<")
         head.append(neutralise(msg.sender), style=name_style)
         head.append("> ")
+    if msg.ref:
+        head.append(f"(↳ {neutralise(line.quoted.sender)}: {neutralise(quote(line.quoted.text))}) "
+                    if line.quoted is not None else f"(↳ #{msg.ref}) ", style="dim")
     body_style = "reverse" if line.hit else "bold yellow" if line.mention else ("dim" if line.backlog else "")
+    if msg.deleted:
+        body_style = "dim italic"
     width = max(20, width)
     narrow = width - len(ChatView.CONTINUATION)
     rows: list[str] = []
-    for n, part in enumerate(neutralise(p) for p in msg.text.split("\n")):
+    body = "(message deleted)" if msg.deleted else msg.text
+    for n, part in enumerate(neutralise(p) for p in body.split("\n")):
         rows += wrap_cells(part, width - head.cell_len if n == 0 else narrow, narrow)
     text = head
     text.append(rows[0], style=body_style)
     for row in rows[1:]:
         text.append("\n" + ChatView.CONTINUATION, style="dim")
         text.append(row, style=body_style)
+    if msg.edited and not msg.deleted:
+        text.append(" (edited)", style="dim")
+    if msg.reactions:
+        text.append("\n" + ChatView.CONTINUATION, style="dim")
+        text.append("  ".join(f"{neutralise(r)} {len(names)}" for r, names in msg.reactions), style="dim")
     return text
 
 
@@ -14235,6 +14420,12 @@ def tui_app():
             self._recall = len(self.typed)
 
         def action_recall(self, step: int) -> None:
+            chat = self.app.chat
+            last = chat.last_own_message() if step < 0 and not self.value and chat is not None else None
+            if last is not None:  # Up on an empty line: edit our last message here
+                self.value = f"/edit {last.id} {last.text}".replace("\n", TUI_LINE_BREAK)
+                self.cursor_position = len(self.value)
+                return
             self._recall = max(0, min(len(self.typed), self._recall + step))
             line = self.typed[self._recall] if self._recall < len(self.typed) else ""
             self.value = line.replace("\n", TUI_LINE_BREAK)  # an Input shows one row: a break is marked
@@ -14458,11 +14649,13 @@ def tui_app():
             # new lines of the conversation on screen, drawn after the batch (unless a redraw in it,
             # a page of history say, has drawn them: then only those after it)
             self._fresh = []
+            redraw = False  # a message on screen was edited, deleted or reacted to
             for kind, *args in batch:
                 if kind == "message":
                     msg, own, backlog, ring = args
                     where = chat.conversation(msg)
-                    line = TuiLine(msg, own, not own and not backlog and chat.mentions_me(msg), backlog)
+                    line = TuiLine(msg, own, not own and not backlog and chat.mentions_me(msg), backlog,
+                                   quoted=chat.quoted(msg))
                     conversation = self.conversation(where)
                     conversation.loaded |= backlog
                     if conversation.add(line) and where == shown:
@@ -14471,6 +14664,8 @@ def tui_app():
                         self.bell()
                 elif kind == "notice":
                     self._fresh += self._notice(*args)
+                elif kind == "message_changed":
+                    redraw |= self._message_changed(*args)
                 elif kind == "users":
                     names = ", ".join(u.name for u in args[0])
                     self._fresh += self._notice(f"{len(args[0])} online: {display_text(names)}")
@@ -14485,8 +14680,8 @@ def tui_app():
                     what, then = args
                     self.push_screen(AskScreen(f"To {what}, the password of {chat.name}:", password=True),
                                      functools.partial(self._with_password, then))
-            if chat.model.current != shown:
-                self._show(chat.model.current)
+            if chat.model.current != shown or redraw:
+                self._show(chat.model.current, keep_scroll=redraw and chat.model.current == shown)
             else:
                 self._write(self._fresh)
             for name in [n for n in self.conversations if not chat.model.has(n) and n != self._shown]:
@@ -14497,6 +14692,23 @@ def tui_app():
             typing = self.query("#input")
             if typing and typing.first().waiting_for_rooms and not chat.rooms_pending:
                 typing.first().complete()
+
+        def _message_changed(self, target: ChatMessage | None, action: ChatMessage, own: bool) -> bool:
+            """An edit, a deletion or a reaction: the message's line shows it, where it is in a window;
+            returns whether that is the conversation on screen (to draw again).  Elsewhere: a notice."""
+            where = self.chat.conversation(action)
+            conversation = self.conversation(where)
+            line = next((line for line in conversation.lines if line.msg is not None
+                         and line.msg.id == action.ref), None)
+            if line is None or target is None:
+                who = "you" if own else display_text(action.sender)
+                reaction = display_text(action.text)
+                did = {"edit": "edited", "delete": "deleted", "react": f"reacted {reaction} to",
+                       "unreact": f"took back {reaction} from"}[action.kind]
+                self._fresh += self._notice(f"{who} {did} message #{action.ref}", room=where)
+                return False
+            line.msg = target
+            return where == self._shown
 
         def _notice(self, markup: str, style: str = "dim", room: str | None = None) -> list[TuiLine]:
             """A notice into its conversation; returns it if it is for the one on screen (to draw)."""
@@ -14546,10 +14758,15 @@ def tui_app():
             if texts:
                 log.write(Text("\n").join(texts), scroll_end=at_bottom if scroll is None else scroll)
 
-        def _show(self, name: str, at: int = 0, middle: bool = False) -> None:
+        def _show(self, name: str, at: int = 0, middle: bool = False, keep_scroll: bool = False) -> None:
             """Draw conversation ``name`` from its window, scrolled to the end, or to message ``at``
-            (at the top, or in the ``middle``)."""
+            (at the top, or in the ``middle``); ``keep_scroll``: where it was (a line changed)."""
             log = self._chat_log()
+            if keep_scroll and not log.is_vertical_scroll_end:
+                scrolled = log.scroll_y
+                self._show(name)
+                log.scroll_to(y=scrolled, animate=False, immediate=True)
+                return
             log.clear()
             self._fresh = []  # (drawn now with the rest)
             self._line_of.clear()
@@ -14586,8 +14803,8 @@ def tui_app():
             if listing.failed:
                 self.chat.warn(listing.failed)
                 return
-            lines = [TuiLine(m, self.chat.is_me(m.sender), self.chat.mentions_me(m), True)
-                     for m in listing.messages]
+            lines = [TuiLine(m, self.chat.is_me(m.sender), self.chat.mentions_me(m), True,
+                             quoted=self.chat.quoted(m)) for m in listing.messages]
             if listing.purpose == "search":
                 self._search_results(listing)
             elif listing.purpose == "context":

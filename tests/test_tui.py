@@ -612,7 +612,9 @@ def test_a_multi_line_paste_asks_then_goes_as_one_message(server):
         await until(pilot, lambda: "second line" in log_text(app), "our own lines are shown")
         assert bob.expect("MSG|#main|").endswith("|ana|first line\\nsecond line\\n[red]third[/red]")
         field = app.query_one("#input")
-        await pilot.press("up")  # recalled on the one-line input, its line breaks marked
+        await pilot.press("up")  # on an empty line: our last message, to edit
+        assert field.value == "/edit 1 first line⏎second line⏎[red]third[/red]"
+        await pilot.press("up")  # then what was typed, recalled on the one-line input, its breaks marked
         assert field.value == "first line⏎second line⏎[red]third[/red]"
         await pilot.press("enter")
         assert bob.expect("MSG|#main|").endswith("|ana|first line\\nsecond line\\n[red]third[/red]")
