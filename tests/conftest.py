@@ -183,10 +183,11 @@ def connect(server):
 def user(connect):
     """A raw client registered under ``name`` (USER_OK already read)."""
 
-    def factory(name: str, hello: bool = False) -> RawClient:
+    def factory(name: str, hello: bool | str = False) -> RawClient:
+        """``hello``: say HELLO|chatctl/1 first; a string: with those options (``actions``, say)."""
         client = connect()
         if hello:
-            client.send(b"HELLO|chatctl/1\n")
+            client.send(b"HELLO|chatctl/1" + (f"|{hello}" if isinstance(hello, str) else "").encode() + b"\n")
             assert client.line().startswith("HELLO|chatctl/1|")
         client.send(f"USER|{name}\n".encode())
         assert client.line() == "USER_OK"

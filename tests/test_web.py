@@ -196,6 +196,58 @@ def test_direct_messages_both_ways_and_shift_enter_keeps_lines(server, tabs, use
     ana.clean()
 
 
+def test_reply_react_edit_and_delete_from_the_browser_and_what_others_do_shows_in_place(server, tabs, user):
+    bob = user("bob", hello="actions")
+    bob.send(b"MSG|deploy done\n")
+    first = chatctl.parse_event(bob.expect("MSG_OK|")).id
+    ana = tabs(server.port).login("ana")
+    ana.sees("deploy done")
+    row = ana.page.locator(f'.msg[data-id="{first}"]')
+
+    row.hover()
+    row.get_by_role("button", name="Reply").click()
+    ana.sees("Replying to bob: deploy done", "#composing")
+    ana.say("great work")
+    reply = chatctl.parse_event(bob.expect("MSGX|")).message
+    assert (reply.sender, reply.ref, reply.text) == ("ana", first, "great work")
+    ana.page.locator(".msg", has_text="great work").locator(".quote", has_text="↳ bob: deploy done").wait_for()
+
+    row.hover()
+    row.get_by_role("button", name="React 👍").click()
+    assert bob.expect("REACT|").split("|")[5:] == [str(first), "👍", "1"]
+    bob.send(f"REACT|{first}|🎉\n".encode())
+    row.locator(".reaction", has_text="👍 1").wait_for()
+    row.locator(".reaction", has_text="🎉 1").wait_for()
+    assert row.locator(".reaction.mine").inner_text() == "👍 1"  # ours is marked; a click takes it back
+    row.locator(".reaction.mine").click()
+    assert bob.expect("REACT|").split("|")[5:] == [str(first), "👍", "0"]
+    wait_until(lambda: row.locator(".reaction").all_inner_texts() == ["🎉 1"])
+
+    ana.say("the fix is in prod")
+    mine = chatctl.parse_event(bob.expect("MSG|")).message.id
+    ana.page.press("#input", "ArrowUp")  # Up on an empty box: our last message, to edit
+    ana.sees("Editing your message", "#composing")
+    assert ana.page.input_value("#input") == "the fix is in prod"
+    ana.say("the fix is in staging")
+    assert bob.expect("EDIT|").split("|")[5:] == [str(mine), "the fix is in staging"]
+    ana.page.locator(".msg", has_text="the fix is in staging").locator(".edited").wait_for()
+
+    bob.send(f"DELETE|{first}\n".encode())  # bob's message goes: the reply's quote says so
+    row.locator(".gone", has_text="message deleted").wait_for()
+    assert "deploy done" not in ana.page.locator("#messages").inner_text()
+    ana.page.locator(".quote", has_text="↳ bob: message deleted").wait_for()
+    ana.say(f"/delete {mine}")
+    assert bob.expect("DELETE|").split("|")[5:] == [str(mine)]
+
+    ana.page.reload()  # as the history keeps it
+    ana.online()
+    ana.page.locator(f'.msg[data-id="{first}"] .gone').wait_for()
+    ana.page.locator(f'.msg[data-id="{mine}"] .gone').wait_for()
+    ana.page.locator(".msg", has_text="great work").locator(".quote").wait_for()
+    assert "the fix is in" not in ana.page.locator("#messages").inner_text()
+    ana.clean()
+
+
 def test_a_protected_name_logs_in_with_its_password_and_read_state_follows_its_other_device(server, tabs):
     protected_name(server.port, "ana", "correct horse")
     tab = tabs(server.port)

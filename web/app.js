@@ -1,7 +1,7 @@
 // The page: the login, then the chat drawn from the model (model.js), and what a person types and
 // clicks turned into the model's requests.  Chat text is only ever put in with textContent.
 
-import { ChatModel, MAIN } from "./model.js";
+import { ACTIONS, ChatModel, MAIN } from "./model.js";
 import { fullTime, linkPieces, localTime, mentions, nameColour } from "./text.js";
 
 const $ = (id) => document.getElementById(id);
@@ -18,6 +18,10 @@ const COMMANDS = {
   "/names": "/names  who is in this room",
   "/who": "/who  who is online",
   "/search": "/search words  find messages (Ctrl-K switches conversations)",
+  "/re": "/re ID text  reply to message ID (or Reply beside a message)",
+  "/react": "/react ID emoji  react to message ID (again: take it back)",
+  "/edit": "/edit ID text  change your message ID (or Up on an empty box: your last one)",
+  "/delete": "/delete ID  delete your message ID",
   "/nick": "/nick NAME  use another name (a free one)",
   "/register": "/register  protect your name with a password",
   "/logout": "/logout [--others]  log this browser out (or, with the password, every other device)",
@@ -27,6 +31,8 @@ const COMMANDS = {
 let model = null;
 let sessionInfo = null;
 let hit = { key: "", id: 0 };  // the search hit shown (highlighted until another is)
+let composing = null;  // {verb: "REPLY" or "EDIT", msg}: what the box's next Enter does, instead of a message
+const QUICK_REACTIONS = ["👍", "❤️", "😂", "🎉", "👀", "✅"];
 const notices = new Map();  // conversation -> notices shown after a message id: [{after, text, error}]
 
 // --- the login ------------------------------------------------------------------------------------
@@ -239,8 +245,19 @@ function messageRow(msg) {
   const sender = document.createElement("span");
   sender.className = "sender " + nameColour(msg.sender);
   sender.textContent = msg.kind === "me" ? `* ${msg.sender}` : msg.sender;
+  time.title = `${fullTime(msg.ts)} · #${msg.id}`;
   const text = document.createElement("span");
   text.className = "text";
+  if (msg.ref) text.append(quoteOf(msg.ref));
+  if (msg.deleted) {
+    row.classList.add("deleted");
+    const gone = document.createElement("span");
+    gone.className = "gone";
+    gone.textContent = "message deleted";
+    text.append(gone);
+    row.append(time, sender, text);
+    return row;
+  }
   for (const piece of linkPieces(msg.text)) {
     if (typeof piece === "string") {
       text.append(piece);
@@ -253,8 +270,84 @@ function messageRow(msg) {
       text.append(link);
     }
   }
-  row.append(time, sender, text);
+  if (msg.edited) {
+    const edited = document.createElement("span");
+    edited.className = "edited";
+    edited.textContent = " (edited)";
+    edited.title = `edited ${fullTime(msg.edited)}`;
+    text.append(edited);
+  }
+  if (msg.reactions && msg.reactions.length) {
+    const box = document.createElement("div");
+    box.className = "reactions";
+    for (const [reaction, names] of msg.reactions) {
+      const chip = document.createElement("button");
+      chip.type = "button";
+      chip.className = "reaction" + (names.includes(model.name) ? " mine" : "");
+      chip.textContent = `${reaction} ${names.length}`;
+      chip.title = names.join(", ");
+      chip.addEventListener("click", () => model.act("REACT", msg.id, reaction));
+      box.append(chip);
+    }
+    text.append(box);
+  }
+  row.append(time, sender, text, actionsOf(msg));
+  // a phone has no hover: a tap on a message shows its buttons
+  row.addEventListener("click", (e) => { if (NARROW.matches && !e.target.closest("button, a")) row.classList.toggle("picked"); });
   return row;
+}
+
+/** What a reply answers, above its text: "↳ bob: deploy done" (a click shows it). */
+function quoteOf(id) {
+  const target = model.find(id);
+  const quote = document.createElement("button");
+  quote.type = "button";
+  quote.className = "quote";
+  quote.textContent = !target ? "↳ an earlier message" : target.deleted ? `↳ ${target.sender}: message deleted`
+    : `↳ ${target.sender}: ${target.text.split("\n")[0].slice(0, 80)}`;
+  quote.addEventListener("click", () => highlight(id));
+  return quote;
+}
+
+/** The buttons a message shows on hover: reply, react, and for our own edit and delete. */
+function actionsOf(msg) {
+  const box = document.createElement("span");
+  box.className = "msg-actions";
+  const button = (label, title, then) => {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = label;
+    b.title = title;
+    b.setAttribute("aria-label", title);
+    b.addEventListener("click", then);
+    box.append(b);
+    return b;
+  };
+  button("↩", "Reply", () => compose("REPLY", msg));
+  for (const reaction of QUICK_REACTIONS.slice(0, 3)) button(reaction, `React ${reaction}`, () => model.act("REACT", msg.id, reaction));
+  button("☺+", "React with…", () => {
+    const reaction = prompt("React with (an emoji, or a short word):", QUICK_REACTIONS[3]);
+    if (reaction && reaction.trim()) model.act("REACT", msg.id, reaction.trim());
+  });
+  if (msg.sender === model.name && msg.kind !== "me") button("✎", "Edit", () => compose("EDIT", msg));
+  if (msg.sender === model.name) {
+    button("🗑", "Delete", () => { if (confirm("Delete this message for everyone?")) model.act("DELETE", msg.id); });
+  }
+  return box;
+}
+
+/** The box's next Enter replies to `msg`, or (EDIT) changes it; null: a plain message again. */
+function compose(verb, msg) {
+  composing = verb ? { verb, msg } : null;
+  const bar = $("composing");
+  bar.hidden = !composing;
+  if (composing) {
+    $("composing-text").textContent = verb === "REPLY" ? `Replying to ${msg.sender}: ${msg.text.split("\n")[0].slice(0, 80)}`
+      : "Editing your message (Escape: cancel)";
+    if (verb === "EDIT") $("input").value = msg.text;
+    resizeInput();
+    $("input").focus();
+  }
 }
 
 function noticeRow(notice) {
@@ -505,6 +598,20 @@ async function command(line) {
       if (args[0] === "--others") openSettings("others");
       else await logOut();
       break;
+    case "/re":
+    case "/react":
+    case "/edit":
+    case "/delete": {
+      const id = Number((args[0] || "").replace(/^#/, ""));
+      const rest = text.slice((args[0] || "").length).trim();
+      const verb = { "/re": "REPLY", "/react": "REACT", "/edit": "EDIT", "/delete": "DELETE" }[word.toLowerCase()];
+      if (!Number.isInteger(id) || id <= 0 || (verb === "DELETE") === Boolean(rest)) {
+        addNotice({ key: conv.key, text: COMMANDS[word.toLowerCase()], error: true });
+      } else {
+        model.act(verb, id, rest);
+      }
+      break;
+    }
     case "/help":
       addNotice({ key: conv.key, text: "commands: " + Object.values(COMMANDS).join(" · ") +
         " · keys: Enter sends, Shift-Enter a new line, Tab completes, Alt-1..9 and Ctrl-K switch" });
@@ -548,7 +655,11 @@ function submit(event) {
   input.value = "";
   resizeInput();
   hideSuggestions();
-  if (text.startsWith("/") && !text.startsWith("//")) {
+  if (composing) {
+    const { verb, msg } = composing;
+    compose(null);
+    model.act(verb, msg.id, text);
+  } else if (text.startsWith("/") && !text.startsWith("//")) {
     command(text.trim());
   } else {
     model.say(model.active, text.startsWith("//") ? text.slice(1) : text);
@@ -810,6 +921,10 @@ function keydown(event) {
     event.preventDefault();
     openSwitcher();
   } else if (event.key === "Escape") {
+    if (composing) {
+      if (composing.verb === "EDIT") $("input").value = "";
+      compose(null);
+    }
     closeOverlays();
     hideSuggestions();
     closeDrawers();
@@ -820,6 +935,9 @@ function keydown(event) {
 function inputKeydown(event) {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
     submit(event);
+  } else if (event.key === "ArrowUp" && !$("input").value && model.lastOwn(model.active)) {
+    event.preventDefault();  // Up on an empty box: edit our last message here
+    compose("EDIT", model.lastOwn(model.active));
   } else if (event.key === "Tab" && !event.shiftKey) {
     if (complete()) event.preventDefault();
   } else if (!["Shift", "Control", "Alt", "Meta"].includes(event.key)) {
@@ -863,6 +981,10 @@ function wire() {
   $("logout-others-form").addEventListener("submit", logOutOthers);
   $("protect-form").addEventListener("submit", protectName);
   $("latest-button").addEventListener("click", () => model.latest(model.active));
+  $("composing-cancel").addEventListener("click", () => {
+    if (composing && composing.verb === "EDIT") $("input").value = "";
+    compose(null);
+  });
   $("members-button").addEventListener("click", () => {
     $("members").hidden = !$("members").hidden;
     document.body.classList.toggle("members-open", !$("members").hidden);

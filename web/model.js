@@ -9,7 +9,9 @@ const PAGE = 50;             // messages asked for at a time
 const GAP_PAGE = 200;        // ... when filling the gap after a reconnect
 const KEEP = 2000;           // messages kept per conversation (older ones are asked for again)
 const SEND_ERRORS = new Set(["rate-limited", "storage-failed", "empty-message", "unknown-user",
-  "not-in-room", "bus-unavailable", "frame-too-long", "unknown-room", "invalid-room", "not-registered"]);
+  "not-in-room", "bus-unavailable", "frame-too-long", "unknown-room", "invalid-room", "not-registered",
+  "unknown-message", "not-author", "too-late", "message-deleted", "too-many-reactions", "history-off"]);
+export const ACTIONS = new Set(["edit", "delete", "react", "unreact"]);  // kinds that change an earlier message
 const HISTORY_ERRORS = new Set(["history-off", "history-failed"]);
 const BACKOFF = [1, 2, 4, 8, 15, 30];  // seconds between reconnects
 const FINAL = ["taken over", "logged out"];  // a Goodbye after which this tab does not reconnect by itself
@@ -192,6 +194,36 @@ export class ChatModel extends EventTarget {
     }
   }
 
+  /** REPLY, EDIT, DELETE or REACT on message `id`: where that message is (a reply goes there too). */
+  act(verb, id, text = "") {
+    const target = this.find(id);
+    const key = target ? this.keyOf(target) : this.active;
+    const conv = this.conversation(key);
+    const fields = verb === "DELETE" ? [id] : [id, verb === "REACT" ? text : escapeText(text)];
+    if (this.send(verb, ...fields)) {
+      this.sends.push({ key, text, kind: verb.toLowerCase(), ref: id,
+        recipient: conv.kind === "dm" ? conv.name : null, room: conv.kind === "dm" ? MAIN : conv.name });
+    }
+  }
+
+  /** A message this tab has, by id, as it is now (null: not here). */
+  find(id) {
+    for (const conv of this.conversations.values()) {
+      const msg = conv.messages.find((m) => m.id === id);
+      if (msg) return msg;
+    }
+    return null;
+  }
+
+  /** Our last message in a conversation that is still there (what Up edits). */
+  lastOwn(key) {
+    const messages = this.conversation(key).messages;
+    for (let i = messages.length - 1; i >= 0; i--) {
+      if (messages[i].sender === this.name && !messages[i].deleted && messages[i].kind !== "me") return messages[i];
+    }
+    return null;
+  }
+
   history(key, mode, anchor = 0, count = PAGE) {
     const conv = key ? this.conversation(key) : null;
     const room = conv && conv.kind === "room" ? [key] : [];
@@ -370,8 +402,14 @@ export class ChatModel extends EventTarget {
   onAcknowledged(event) {
     const send = this.sends.shift();
     if (!send) return;
-    const msg = { id: event.id, ts: event.ts, sender: this.name, text: send.text, kind: send.kind,
-      recipient: send.recipient, room: send.room };
+    let kind = send.kind === "reply" ? (send.recipient ? "dm" : "msg") : send.kind;
+    if (kind === "react") {  // the same reaction again takes ours back
+      const target = this.find(send.ref);
+      const given = target && (target.reactions || []).find(([r]) => r === send.text);
+      if (given && given[1].includes(this.name)) kind = "unreact";
+    }
+    const msg = { id: event.id, ts: event.ts, sender: this.name, text: send.text, kind,
+      recipient: send.recipient, room: send.room, ref: send.ref || 0 };
     this.deliver([msg], true);
   }
 
@@ -411,14 +449,44 @@ export class ChatModel extends EventTarget {
   }
 
   keyOf(msg) {
-    if (msg.kind === "dm") return "@" + (msg.sender === this.name ? msg.recipient : msg.sender);
+    if (msg.recipient) return "@" + (msg.sender === this.name ? msg.recipient : msg.sender);
     return "#" + msg.room;
+  }
+
+  /** An edit, a deletion or a reaction, applied to the message it names (if this tab has it). */
+  apply(action) {
+    const key = this.keyOf(action);
+    const target = this.conversation(key).messages.find((m) => m.id === action.ref);
+    this.lastId = Math.max(this.lastId, action.id);
+    if (!target) return null;
+    if (action.kind === "edit" && !target.deleted) {
+      target.text = action.text;
+      target.edited = action.ts;
+    } else if (action.kind === "delete") {
+      target.text = "";
+      target.deleted = action.ts;
+      target.reactions = [];
+    } else if (action.kind === "react" || action.kind === "unreact") {
+      const reactions = (target.reactions || []).map(([r, names]) => [r, names.filter((n) => n !== action.sender)]);
+      const given = reactions.find(([r]) => r === action.text);
+      if (action.kind === "react") {
+        if (given) given[1].push(action.sender);
+        else reactions.push([action.text, [action.sender]]);
+      }
+      target.reactions = reactions.filter(([, names]) => names.length);
+    }
+    return key;
   }
 
   /** Messages into their conversations; `live` ones (not history) count as unread where unseen. */
   deliver(messages, live) {
     const touched = new Set();
     for (const msg of messages) {
+      if (ACTIONS.has(msg.kind)) {
+        const key = this.apply(msg);
+        if (key) touched.add(key);
+        continue;
+      }
       const key = this.keyOf(msg);
       const conv = this.conversation(key);
       if (conv.kind === "dm") conv.joined = true;
