@@ -9192,8 +9192,10 @@ class IrcGate(Encoding):
         return b"".join(map(self._fit, self._delivery(msg)))
 
     def acknowledge(self, msg: ChatMessage) -> bytes:
-        """echo-message: our own message back, as stored (what the others got)."""
-        return b"".join(map(self._fit, self._delivery(msg))) if "echo-message" in self.caps else b""
+        """echo-message: our own message back, as stored (what the others got).  An edit, deletion or
+        reaction comes back to a client without tags too (its NOTICE): it has no other way to show it."""
+        echo = "echo-message" in self.caps or (msg.kind in ACTION_KINDS and "message-tags" not in self.caps)
+        return b"".join(map(self._fit, self._delivery(msg))) if echo else b""
 
     def event(self, event: ServerEvent) -> bytes:
         handler = IRC_EVENTS.get(type(event))

@@ -71,7 +71,7 @@ def test_each_action_reaches_every_kind_of_client_in_its_own_form(server, user):
     assert old.expect("MSG|#main|").endswith("|ana|(message deleted)")
 
 
-def test_a_message_keeps_its_latest_text_reactions_and_when_it_changed_across_a_restart(make_server, tmp_path):
+def test_a_message_keeps_its_latest_text_reactions_and_when_it_changed_after_a_restart(make_server, tmp_path):
     db = str(tmp_path / "kept.db")
     server = make_server(db=db)
     ana = RawClient(server.port)
@@ -108,8 +108,8 @@ def test_history_json_lists_replies_reactions_edits_and_deletions(server, user, 
     sent(ana, f"DELETE|{first}")
     out = run_cli("history", "-p", str(server.port), "--json", env=isolated_home)
     rows = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [(r["id"], r["text"], r["reply_to"], r["reactions"], r["edited"] is not None, r["deleted"] is not None)
-            for r in rows] == [(first, "", None, {}, False, True),
+    assert [(r["id"], r["text"], r["reply_to"], r["reactions"], r["edited"] is not None,
+             r["deleted"] is not None) for r in rows] == [(first, "", None, {}, False, True),
                                (reply, "fixed in 1f3b", first, {"✅": ["ana"]}, True, False)]
     table = run_cli("history", "-p", str(server.port), env=isolated_home).stdout
     assert "(message deleted)" in table and "(edited)" in table and "✅ 1" in table

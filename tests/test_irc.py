@@ -98,9 +98,9 @@ def irc(irc_server):
         client.close()
 
 
-def chatctl_user(port: int, name: str, *rooms: str) -> RawClient:
+def chatctl_user(port: int, name: str, *rooms: str, options: str = "") -> RawClient:
     client = RawClient(port)
-    client.send(f"HELLO|chatctl/1\nUSER|{name}\n".encode())
+    client.send(f"HELLO|chatctl/1{options}\nUSER|{name}\n".encode())
     client.expect("USER_OK")
     for room in rooms:
         client.send(f"JOIN|#{room}\n".encode())
@@ -384,6 +384,51 @@ def test_the_python_irc_library_talks_with_a_chatctl_user(irc_server):
     bob.close()
 
 
+# --- replies, reactions, edits and deletions --------------------------------------------------------
+
+
+def test_replies_reactions_edits_and_deletions_as_tags_for_who_asks_and_notices_for_the_rest(irc_server, irc):
+    tagged = irc("tagged", "message-tags draft/message-redaction echo-message")
+    plain = irc("plain")
+    bob = chatctl_user(irc_server.port, "bob", options="|actions")
+    bob.send(b"MSG|deploy done\n")
+    first = chatctl.parse_event(bob.expect("MSG_OK|")).id
+    tagged.expect(rf"msgid={first} :bob!\S+ PRIVMSG #main :deploy done")
+
+    tagged.send(f"@+draft/reply={first} PRIVMSG #main :great work")  # a reply, as Halloy or Goguma sends it
+    reply = chatctl.parse_event(bob.expect("MSGX|")).message
+    assert (reply.sender, reply.ref, reply.text) == ("tagged", first, "great work")
+    plain.expect(r":tagged!\S+ PRIVMSG #main :great work$")
+    tagged.send(f"@+draft/react=👍;+draft/reply={first} TAGMSG #main")
+    assert bob.expect("REACT|").split("|")[4:] == ["tagged", str(first), "👍", "1"]
+    plain.expect(r":tagged!\S+ NOTICE #main :reacted 👍 to bob's \"deploy done\"$")
+    tagged.send(f"@+draft/unreact=👍;+draft/reply={first} TAGMSG #main")
+    assert bob.expect("REACT|").split("|")[4:] == ["tagged", str(first), "👍", "0"]
+    tagged.send(f"@+draft/unreact=👍;+draft/reply={first} TAGMSG #main")  # not given: nothing to take back
+    assert bob.silent(0.2)
+
+    bob.send(f"REACT|{first}|🎉\nEDIT|{first}|deploy done (v2)\nREPLY|{reply.id}|thanks\n".encode())
+    tagged.expect(rf"\+draft/react=🎉;\+draft/reply={first}\b.* :bob!\S+ TAGMSG #main$")
+    tagged.expect(rf"\+draft/reply={first}\b.* :bob!\S+ NOTICE #main :\(edited\) deploy done \(v2\)$")
+    tagged.expect(rf"\+draft/reply={reply.id}\b.* :bob!\S+ PRIVMSG #main :thanks$")
+    plain.expect(r":bob!\S+ NOTICE #main :reacted 🎉 to bob's \"deploy done\"$")
+    plain.expect(r":bob!\S+ NOTICE #main :\(edited\) deploy done \(v2\)$")
+
+    tagged.send(f"REDACT #main {first} :not yours")
+    tagged.expect(rf"FAIL REDACT REDACT_FORBIDDEN #main {first} :")
+    plain.send(f"EDIT #main {reply.id} :great work!")  # chatctl's own command: not plain's message
+    plain.expect(r"FAIL EDIT NOT_AUTHOR ")
+    tagged.send(f"EDIT #main {reply.id} :great work!")
+    assert bob.expect("EDIT|").endswith(f"|tagged|{reply.id}|great work!")
+    tagged.send(f"REDACT #main {reply.id}")
+    assert bob.expect("DELETE|").endswith(f"|tagged|{reply.id}")
+    tagged.expect(rf":tagged!\S+ REDACT #main {reply.id}$")
+    plain.expect(r":tagged!\S+ NOTICE #main :deleted a message$")
+    plain.send("CHATHISTORY LATEST #main * 10")  # the history says so too
+    plain.expect(r":tagged!\S+ PRIVMSG #main :\(message deleted\)$")
+    bob.close()
+
+
 # --- real IRC clients in tmux ------------------------------------------------------------
 
 
@@ -422,6 +467,29 @@ def test_irssi_and_weechat_talk_with_join_users(irc_server, tmux_env, tmp_path):
     finally:
         irssi.close()
         weechat.close()
+
+
+def test_irssi_edits_and_deletes_its_message_and_sees_what_others_do_to_it(irc_server, tmux_env, tmp_path):
+    irssi = Tmux("irssi", [binary("irssi"), f"--home={tmp_path / 'irssi'}", "-c", "127.0.0.1",
+                           "-p", str(irc_server.port), "-n", "irssiuser"], tmux_env)
+    try:
+        wait_until(lambda: sessions_named(irc_server, "irssiuser"), timeout=20)
+        bob = chatctl_user(irc_server.port, "bob", options="|actions")
+        irssi.keys("/join #main", "Enter")
+        irssi.keys("the deploy is done", "Enter")
+        mine = chatctl.parse_event(bob.expect("MSG|#main|")).message.id
+        bob.send(f"REACT|{mine}|👍\nREPLY|{mine}|nice\n".encode())
+        irssi.wait_for("reacted 👍 to irssiuser's \"the deploy is done\"")
+        irssi.wait_for("nice")
+        irssi.keys(f"/quote EDIT #main {mine} :the deploy is done (v2)", "Enter")
+        assert bob.expect("EDIT|").endswith(f"|irssiuser|{mine}|the deploy is done (v2)")
+        irssi.wait_for("(edited) the deploy is done (v2)")
+        irssi.keys(f"/quote REDACT #main {mine}", "Enter")
+        assert bob.expect("DELETE|").endswith(f"|irssiuser|{mine}")
+        irssi.wait_for("deleted a message")
+        bob.close()
+    finally:
+        irssi.close()
 
 
 def test_the_server_pings_a_quiet_irc_client_and_its_pong_keeps_it(make_server):

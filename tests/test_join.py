@@ -28,6 +28,37 @@ def echoed(text: str) -> str:
     return _CSI.join(r"(?: |\x1b\[\d*C)" if ch == " " else re.escape(ch) for ch in text)
 
 
+def test_reply_react_edit_and_delete_by_number_and_up_edits_the_last_line(server, user, spawn_join):
+    bob = user("bob", hello="actions")
+    ana = spawn_join("ana", server.port)
+    bob.send(b"MSG|deploy done\n")
+    first = chatctl.parse_event(bob.expect("MSG_OK|")).id
+    ana.expect(f"#{first} <bob> deploy done")  # each line shows its number
+    ana.sendline(f"/re {first} great work")
+    reply = chatctl.parse_event(bob.expect("MSGX|")).message
+    assert (reply.ref, reply.text) == (first, "great work")
+    ana.expect(re.escape(f"#{reply.id} <ana> (↳ bob: deploy done) great work"))
+    ana.sendline(f"/react #{first} 👍")
+    assert bob.expect("REACT|").split("|")[5:] == [str(first), "👍", "1"]
+    ana.expect(re.escape('you reacted 👍 to bob\'s message #1: "deploy done"'))
+    bob.send(f"EDIT|{first}|deploy done (v2)\nREACT|{reply.id}|🎉\n".encode())
+    ana.expect(re.escape(f"#{first} <bob> deploy done (v2) (edited)"))  # printed again, marked
+    ana.expect(re.escape("👍 1"))
+    ana.expect(re.escape(f'bob reacted 🎉 to your message #{reply.id}: "great work"'))
+    ana.send("\x1b[A")  # Up on an empty line: our last message, to edit
+    ana.expect(echoed(f"/edit {reply.id} great work"))
+    ana.sendline(" indeed")
+    assert bob.expect("EDIT|").endswith(f"|ana|{reply.id}|great work indeed")
+    ana.expect(re.escape(f"#{reply.id} <ana> (↳ bob: deploy done (v2)) great work indeed (edited)"))
+    ana.sendline(f"/delete {first}")
+    ana.expect(re.escape("not sent: message 1 is bob's: only its author or an operator may delete it"))
+    ana.sendline(f"/delete {reply.id}")
+    assert bob.expect("DELETE|").endswith(f"|ana|{reply.id}")
+    ana.expect(re.escape(f"you deleted your message #{reply.id}"))
+    ana.sendline("/edit 12")
+    ana.expect(re.escape("usage: /edit ID TEXT"))
+
+
 def test_incoming_message_does_not_break_a_half_typed_line(server, user, spawn_join):
     bob = user("bob")
     ana = spawn_join("ana", server.port)

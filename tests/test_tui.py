@@ -823,3 +823,39 @@ def test_a_line_missed_while_out_of_a_room_is_shown_once_on_coming_back(server):
 
     run(scenario, client_config(server.port))
     bob.close()
+
+
+def test_reply_react_edit_and_delete_and_what_others_do_changes_the_line_in_place(server):
+    bob = RawClient(server.port)
+    bob.send(b"HELLO|chatctl/1|actions\nUSER|bob\n")
+    bob.expect("USER_OK")
+
+    async def scenario(app, pilot):
+        await connected(app, pilot)
+        bob.send(b"MSG|#main|deploy done\n")
+        first = chatctl.parse_event(bob.expect("MSG_OK|")).id
+        await until(pilot, lambda: f"#{first} <bob> deploy done" in log_text(app), "bob's line, numbered")
+        await type_line(pilot, f"/re {first} great work")
+        reply = chatctl.parse_event(bob.expect("MSGX|")).message
+        assert (reply.ref, reply.text) == (first, "great work")
+        await until(pilot, lambda: "(↳ bob: deploy done) great work" in log_text(app), "the reply quotes")
+        app.query_one("#input").value = f"/react {first} 👍"  # (the harness types no emoji: it is pasted)
+        await pilot.press("enter")
+        assert bob.expect("REACT|").split("|")[5:] == [str(first), "👍", "1"]
+        bob.send(f"REACT|{first}|🎉\nEDIT|{first}|deploy done (v2)\n".encode())
+        await until(pilot, lambda: f"#{first} <bob> deploy done (v2) (edited)" in log_text(app)
+                    and "👍 1  🎉 1" in log_text(app), "bob's edit and both reactions, on bob's line")
+        assert log_text(app).count("deploy done") == 2  # changed in place (and quoted once), not again
+        await pilot.press("up")  # on an empty line: our last message, to edit
+        assert app.query_one("#input").value == f"/edit {reply.id} great work"
+        await pilot.press(*" indeed", "enter")
+        assert bob.expect("EDIT|").endswith(f"|ana|{reply.id}|great work indeed")
+        await until(pilot, lambda: "great work indeed (edited)" in log_text(app), "our edit, marked")
+        bob.send(f"DELETE|{first}\n".encode())
+        await until(pilot, lambda: f"#{first} <bob> (message deleted)" in log_text(app), "bob's deletion")
+        assert "deploy done (v2)" not in log_text(app)
+        await type_line(pilot, f"/delete {first}")  # not ours, and gone anyway
+        await until(pilot, lambda: "was deleted (message-deleted)" in log_text(app), "refused, in one line")
+
+    run(scenario, client_config(server.port))
+    bob.close()

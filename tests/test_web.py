@@ -210,7 +210,8 @@ def test_reply_react_edit_and_delete_from_the_browser_and_what_others_do_shows_i
     ana.say("great work")
     reply = chatctl.parse_event(bob.expect("MSGX|")).message
     assert (reply.sender, reply.ref, reply.text) == ("ana", first, "great work")
-    ana.page.locator(".msg", has_text="great work").locator(".quote", has_text="↳ bob: deploy done").wait_for()
+    answer = ana.page.locator(".msg", has_text="great work")
+    answer.locator(".quote", has_text="↳ bob: deploy done").wait_for()
 
     row.hover()
     row.get_by_role("button", name="React 👍").click()
