@@ -69,13 +69,13 @@ def rss_kib(pid: int) -> int:
 
 @contextmanager
 def chatctl_server(workdir: Path, history: bool = False, sendq: int = 64 << 20, script: Path | None = None,
-                   extra: str = "", env: dict[str, str] | None = None):
+                   extra: str = "", env: dict[str, str] | None = None, db: Path | None = None):
     """``chatctl serve`` (``script``: another revision's chatctl.py) on a free port, pinned to core 0,
-    with LOAD_CONFIG and ``extra`` (more [server] keys, then other sections) and ``env``; yields
-    (pid, port)."""
+    with LOAD_CONFIG and ``extra`` (more [server] keys, then other sections) and ``env``, on history
+    database ``db`` (a new one if None); yields (pid, port)."""
     conf = workdir / "load.toml"
     conf.write_text(LOAD_CONFIG.replace("sendq = 67108864", f"sendq = {sendq}") + extra)
-    db = workdir / f"history-{time.monotonic_ns()}.db"
+    db = db or workdir / f"history-{time.monotonic_ns()}.db"
     # (a data directory of its own: each server starts with no accounts, as with no history)
     env = {**os.environ, "XDG_DATA_HOME": str(workdir / f"data-{time.monotonic_ns()}"), **(env or {})}
     log = workdir / f"serve-{time.monotonic_ns()}.log"  # a file, not a pipe: logging never waits for us

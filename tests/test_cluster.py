@@ -36,10 +36,11 @@ def node(redis_server, make_server, tmp_path):  # in this order: the servers sto
     return factory
 
 
-def member(port: int, name: str, password: str | None = None) -> RawClient:
-    """An extended client (HELLO) registered as ``name``."""
+def member(port: int, name: str, password: str | None = None, options: str = "") -> RawClient:
+    """An extended client (HELLO, with ``options``) registered as ``name``."""
     client = RawClient(port, timeout=10)
-    client.send(b"HELLO|chatctl/1\n" + f"USER|{name}{'|' + password if password else ''}\n".encode())
+    client.send(f"HELLO|chatctl/1{options}\n".encode()
+                + f"USER|{name}{'|' + password if password else ''}\n".encode())
     client.expect("USER_OK")
     return client
 
@@ -78,6 +79,25 @@ def test_a_message_from_a_reaches_b_and_c_in_one_order(node):
     with_ids = {int(f[2]): f[5] for f in (line.split("|") for line in cat.seen if line.startswith("MSG|"))}
     assert [with_ids[i] for i in seen["cat"] if with_ids[i].startswith("from a")] == \
         [f"from a {i}" for i in range(30)]  # each sender's messages in the order sent
+
+
+def test_replies_reactions_edits_and_deletions_reach_and_change_every_servers_history(node):
+    a, b = node("a"), node("b")
+    ana, bob = member(a.port, "ana", options="|actions"), member(b.port, "bob", options="|actions")
+    ana.send(b"MSG|the key is hunter2\n")
+    first = int(ana.expect("MSG_OK|").split("|")[1])
+    bob.expect("MSG|#main|")
+    bob.send(f"REPLY|{first}|careful\nREACT|{first}|👀\n".encode())
+    assert chatctl.parse_event(ana.expect("MSGX|")).message.ref == first
+    assert ana.expect("REACT|").split("|")[4:] == ["bob", str(first), "👀", "1"]
+    bob.send(f"REACT|{first}|👀\n".encode())  # the toggle is decided alike on both servers
+    assert ana.expect("REACT|").split("|")[4:] == ["bob", str(first), "👀", "0"]
+    ana.send(f"DELETE|{first}\n".encode())
+    assert bob.expect("DELETE|").endswith(f"|ana|{first}")
+    for server in (a, b):  # each server's own history took every action
+        wait_until(lambda: (found := server.history.find(first)) is not None and found.deleted)
+        assert server.history.find(first).text == "" and server.history.find(first).reactions == ()
+        assert server.history.search(None, "hunter2", 10)[0] == []
 
 
 def test_direct_messages_both_ways_across_servers(node):
