@@ -99,6 +99,7 @@ import contextlib
 import contextvars
 import dataclasses
 import datetime
+import fnmatch
 import functools
 import hashlib
 import heapq
@@ -242,6 +243,10 @@ MAX_ROOMS = 1000                     # rooms the server keeps, empty ones includ
 MAX_ROOMS_PER_USER = 50              # rooms one connection may be in at once
 MAX_TOPIC_CHARS = 300                # longest room topic
 UNREAD_MAX = 9999                    # unread and mention counts stop here ("9999+")
+MAX_ROOM_MEMBERS = 1000              # members (accounts) one private room may have
+MAX_BANS = 500                       # bans one room keeps (and the server, of its own)
+MAX_BAN_SECONDS = 10 * 365 * 86400   # the longest ban or mute with an end
+AUDIT_PAGE = 500                     # audit entries one AUDIT reply holds at most
 MAX_ROOMS_PAGES = 1000               # ROOMS replies a client asks for at most (a page holds dozens of rooms)
 ROOM_LIST_FRESH = 10.0               # join asks for the room list again when Tab needs one older than this
 ROOM_LIST_WAIT = 1.0                 # how long join's Tab waits for the room list it asked for
@@ -469,6 +474,11 @@ ERROR_CODES = {
     "too-late": "the time for editing or deleting that message is over",
     "message-deleted": "that message was deleted",
     "too-many-reactions": "that message has as many different reactions as it may",
+    "invite-only": "that room is invite-only: a member can invite you",
+    "banned": "you are banned",
+    "muted": "you are muted here",
+    "too-many-bans": "there are as many bans as there may be; lift one first",
+    "too-many-members": "that room has as many members as it may",
 }
 
 SEED_DIR_PREFIX = "Users logged in: "
@@ -1182,6 +1192,48 @@ class RoomJoined:
 
 
 @dataclass(frozen=True, slots=True)
+class Moderated:
+    """``MODERATED|#room|ts|by|action|target|until|reason``: something was done to a room or someone in it:
+    ``kick``, ``ban``, ``unban``, ``mute``, ``unmute``, ``op``, ``deop``, ``voice``, ``devoice``,
+    ``invite``, ``forget`` (left for good) or ``mode`` (``target``: the flags, ``+i``).  Told to its
+    members and to whom it was done ("you were removed from #ops by ana: spam")."""
+
+    room: str
+    ts: float
+    by: str
+    action: str
+    target: str
+    until: float = 0.0   # a ban's or a mute's end (0: until lifted)
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BanInfo:
+    """One line of a ban list: ``BAN|#room|pattern|until|by|reason`` (no room: a server-wide ban)."""
+
+    room: str
+    pattern: str
+    until: float
+    by: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One moderation action, as the history keeps it: ``AUDIT|id|ts|#room|actor|action|target|until|
+    reason`` (no room: the server's own, a server-wide ban), an operator's (``chatctl audit``)."""
+
+    id: int
+    ts: float
+    room: str
+    actor: str
+    action: str        # what Moderated says, and delete (an operator's deletion) and server-ban, server-unban
+    target: str
+    until: float = 0.0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class UnknownLine:
     line: str
 
@@ -1224,10 +1276,11 @@ ServerEvent = (
     Delivered | Acknowledged | Registered | Welcome | UserList | Joined | Left
     | ErrorReply | Pong | Goodbye | EndOfList | Confirmed | RoomInfo | ServerStatus | RoomNames | Topic
     | Entered | Exited | HistoryPage | TokenInfo | BotNames | DeviceInfo | RoomJoined | HookInfo | DataChunk
-    | UnknownLine
+    | Moderated | BanInfo | AuditEntry | UnknownLine
 )
 CONFIRMATIONS = ("PASS_OK", "REGISTER_OK", "UNREGISTER_OK", "JOIN_OK", "PART_OK", "MARK_OK", "CLOSE_OK",
-                 "TOKEN_OK", "BOT_OK", "LOGOUT_OK", "HOOK_OK", "OPER_OK")
+                 "TOKEN_OK", "BOT_OK", "LOGOUT_OK", "HOOK_OK", "OPER_OK", "MODE_OK", "FORGET_OK", "BAN_OK",
+                 "UNBAN_OK")
 
 
 # --- Encodings: events to bytes, one object per protocol ------------------------------------------
@@ -1308,6 +1361,14 @@ OUR_LINES: dict[type, Callable[[object], bytes]] = {
                                     format_timestamp(e.created), e.posts, e.failures,
                                     format_timestamp(e.last) if e.last else ""),
     DataChunk: lambda e: encode_line("DATA", e.data),
+    Moderated: lambda e: encode_line("MODERATED", f"#{e.room}", format_timestamp(e.ts), e.by, e.action,
+                                     e.target, format_timestamp(e.until) if e.until else "",
+                                     escape_text(e.reason)),
+    BanInfo: lambda e: encode_line("BAN", f"#{e.room}" if e.room else "", e.pattern,
+                                   format_timestamp(e.until) if e.until else "", e.by, escape_text(e.reason)),
+    AuditEntry: lambda e: encode_line("AUDIT", e.id, format_timestamp(e.ts), f"#{e.room}" if e.room else "",
+                                      e.actor, e.action, e.target,
+                                      format_timestamp(e.until) if e.until else "", escape_text(e.reason)),
 }
 
 
@@ -1460,6 +1521,18 @@ def _parse_event(line: str) -> ServerEvent:
                         int(posts), int(failures), parse_timestamp(last) if last else 0.0)
     if verb == "DATA":
         return DataChunk(rest)
+    if verb == "MODERATED":
+        room, ts, by, action, target, until, reason = rest.split("|", 6)
+        return Moderated(_room_name(room), parse_timestamp(ts), by, action, target,
+                         parse_timestamp(until) if until else 0.0, unescape_text(reason))
+    if verb == "BAN":
+        room, pattern, until, by, reason = rest.split("|", 4)
+        return BanInfo(_room_name(room) if room else "", pattern, parse_timestamp(until) if until else 0.0,
+                       by, unescape_text(reason))
+    if verb == "AUDIT":
+        entry, ts, room, actor, action, target, until, reason = rest.split("|", 7)
+        return AuditEntry(int(entry), parse_timestamp(ts), _room_name(room) if room else "", actor, action,
+                          target, parse_timestamp(until) if until else 0.0, unescape_text(reason))
     if verb == "SERVER":
         server_id, address, users, age, lag, this = rest.split("|", 5)
         return ServerStatus(server_id, address, int(users), float(age), int(lag), this == "1")
@@ -2056,6 +2129,25 @@ MIGRATIONS: dict[int, str] = {
         CREATE TRIGGER messages_reactions_delete AFTER DELETE ON messages BEGIN
             DELETE FROM reactions WHERE message = old.id;
         END;
+        ALTER TABLE rooms ADD COLUMN access TEXT NOT NULL DEFAULT '';
+        CREATE TABLE audit (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            room TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            until REAL NOT NULL DEFAULT 0,
+            reason TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX audit_by_room ON audit(room, id);
+        CREATE TABLE server_bans (
+            pattern TEXT PRIMARY KEY,
+            until REAL NOT NULL,
+            reason TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            ts REAL NOT NULL
+        );
     """,
 }
 
@@ -2461,16 +2553,43 @@ class HistoryStore:
         """Every stored room, with its message count and the time of its newest message."""
         rows = self._read_rows(
             "SELECT r.name, r.created_by, r.created_ts, r.topic, r.topic_by, r.topic_ts, "
-            "coalesce(m.n, 0), coalesce(m.last, 0), coalesce(m.last_id, 0) FROM rooms r LEFT JOIN "
+            "coalesce(m.n, 0), coalesce(m.last, 0), coalesce(m.last_id, 0), r.access FROM rooms r LEFT JOIN "
             "(SELECT room, count(*) AS n, max(ts) AS last, max(id) AS last_id FROM messages "
             f"WHERE room IS NOT NULL AND {_NOT_ACTION} "
             "GROUP BY room) m ON m.room = r.name", {})
         return [RoomRecord(*row) for row in rows]
 
     def save_room(self, record: RoomRecord) -> None:
-        self._write(("INSERT OR REPLACE INTO rooms (name, created_by, created_ts, topic, topic_by, topic_ts) "
-                     "VALUES (?, ?, ?, ?, ?, ?)", (record.name, record.created_by, record.created_ts,
-                                                   record.topic, record.topic_by, record.topic_ts)))
+        self._write(("INSERT OR REPLACE INTO rooms (name, created_by, created_ts, topic, topic_by, topic_ts, "
+                     "access) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (record.name, record.created_by, record.created_ts, record.topic, record.topic_by,
+                      record.topic_ts, record.access)))
+
+    # --- moderation: the audit log and server-wide bans ------------------------------------------
+
+    def audit(self, entry: AuditEntry) -> None:
+        self._write(("INSERT INTO audit (ts, room, actor, action, target, until, reason) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?)", (entry.ts, entry.room, entry.actor, entry.action,
+                                                      entry.target, entry.until, entry.reason)))
+
+    def audit_log(self, room: str | None, limit: int) -> list[AuditEntry]:
+        """The newest ``limit`` entries (of ``room``: '' the server's own), oldest first."""
+        where = "WHERE room = :room" if room is not None else ""
+        rows = self._read_rows("SELECT id, ts, room, actor, action, target, until, reason FROM audit "
+                               f"{where} ORDER BY id DESC LIMIT :limit", {"room": room, "limit": limit})
+        return [AuditEntry(*row) for row in reversed(rows)]
+
+    def server_bans(self) -> list[Ban]:
+        rows = self._read_rows("SELECT pattern, until, reason, actor, ts FROM server_bans", {})
+        return [Ban(*row) for row in rows]
+
+    def save_server_ban(self, ban: Ban | None, pattern: str) -> None:
+        """Keep ``ban`` (None: lift the ban of ``pattern``)."""
+        if ban is None:
+            self._write(("DELETE FROM server_bans WHERE pattern = ?", (pattern,)))
+        else:
+            self._write(("INSERT OR REPLACE INTO server_bans VALUES (?, ?, ?, ?, ?)",
+                         (ban.pattern, ban.until, ban.reason, ban.by, ban.ts)))
 
     def delete_room(self, name: str, upto: int, created_ts: float) -> None:
         """A closed room goes with its messages (up to id ``upto``) and read markers; a new room that
@@ -2611,6 +2730,112 @@ class RoomRecord:
     messages: int = 0
     last_ts: float = 0.0
     last_id: int = 0
+    access: str = ""         # its RoomAccess as JSON ('': a public room nobody moderates)
+
+
+def _names(value) -> dict[str, str]:
+    return dict(value or {})
+
+
+@dataclass(frozen=True)
+class Ban:
+    """A ban: of names matching ``pattern`` (a name, or a glob such as ``spam*``, compared by what names
+    look like), or (server-wide) of an IP address or network; until a time (0: until lifted)."""
+
+    pattern: str
+    until: float = 0.0
+    reason: str = ""
+    by: str = ""
+    ts: float = 0.0
+
+    def active(self, now: float) -> bool:
+        return not self.until or self.until > now
+
+    def matches(self, name: str, address: str = "") -> bool:
+        if address and _is_network(self.pattern):
+            try:
+                return ipaddress.ip_address(address) in ipaddress.ip_network(self.pattern, strict=False)
+            except ValueError:
+                return False
+        return fnmatch.fnmatchcase(confusable_key(name), self.key)
+
+    @property
+    def key(self) -> str:
+        """The pattern as names are compared: each name part by its confusable_key, wildcards kept."""
+        return "".join(part if part in "*?" else confusable_key(part) if part else ""
+                       for part in re.split(r"([*?])", self.pattern))
+
+
+def _is_network(pattern: str) -> bool:
+    try:
+        ipaddress.ip_network(pattern, strict=False)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class RoomAccess:
+    """Who may do what in a room: kept with the room (RoomRecord.access), and in a cluster shared with it.
+
+    ``private`` (+i): only ``members`` (accounts, by key) see it or join it.  Its owner (its creator, if
+    an account: RoomRecord.created_by) names its operators (``ops``, +o); operators invite, kick, ban
+    (``bans``), mute (``mutes``: key -> until, 0: until unmuted), lock the topic (``topic_lock``, +t) and
+    make it ``moderated`` (+m: only operators and ``voiced`` names speak).  Values are replaced whole,
+    never changed in place.
+    """
+
+    private: bool = False
+    topic_lock: bool = False
+    moderated: bool = False
+    members: dict = field(default_factory=dict)   # key -> name
+    ops: dict = field(default_factory=dict)       # key -> name
+    voiced: dict = field(default_factory=dict)    # key -> name
+    mutes: dict = field(default_factory=dict)     # key -> until (0: until unmuted)
+    bans: tuple = ()                              # Ban, ...
+
+    @classmethod
+    def from_json(cls, text: str) -> RoomAccess:
+        if not text:
+            return NO_ACCESS_RULES
+        data = json.loads(text)
+        return cls(bool(data.get("private")), bool(data.get("topic_lock")), bool(data.get("moderated")),
+                   _names(data.get("members")),
+                   _names(data.get("ops")), _names(data.get("voiced")),
+                   {k: float(v) for k, v in (data.get("mutes") or {}).items()},
+                   tuple(Ban(**ban) for ban in data.get("bans") or ()))
+
+    def to_json(self) -> str:
+        return "" if self == NO_ACCESS_RULES else json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @property
+    def modes(self) -> str:
+        """Its flags as IRC writes them: ``+imt``, or ``+`` for none."""
+        return "+" + "i" * self.private + "m" * self.moderated + "t" * self.topic_lock
+
+    def banned(self, name: str, now: float) -> Ban | None:
+        return next((ban for ban in self.bans if ban.active(now) and ban.matches(name)), None)
+
+    def muted(self, key: str, now: float) -> bool:
+        until = self.mutes.get(key)
+        return until is not None and (not until or until > now)
+
+    @property
+    def kept(self) -> bool:
+        """Worth keeping a room for, with no member, message or topic in it."""
+        return self != NO_ACCESS_RULES and (self.private or self.topic_lock or self.moderated or bool(
+            self.ops or self.voiced or self.mutes or self.bans))
+
+    def tidy(self, now: float) -> RoomAccess:
+        """Without the bans and mutes that have run out."""
+        bans = tuple(b for b in self.bans if b.active(now))
+        mutes = {k: v for k, v in self.mutes.items() if not v or v > now}
+        return self if bans == self.bans and mutes == self.mutes else dataclasses.replace(self, bans=bans,
+                                                                                          mutes=mutes)
+
+
+NO_ACCESS_RULES = RoomAccess()
+
 
 
 def mentions(text: str, name: str) -> bool:
@@ -4613,6 +4838,12 @@ class SharedState:
         record_json = json.dumps(dataclasses.asdict(record))
         return _stream_id(self._script("room", record.name, record_json, event))
 
+    def set_access(self, record: RoomRecord) -> tuple[int, int]:
+        """Who may do what in a room, changed here (RoomRecord.access): in the shared rooms, and an event
+        for the others; returns the event's place in the log (the newest place wins everywhere)."""
+        record_json = json.dumps(dataclasses.asdict(record))
+        return _stream_id(self._script("room", record.name, record_json, f"a|{record_json}"))
+
     def close_room(self, name: str) -> bool:
         """Close ``name`` cluster-wide, unless someone on any server is in it (False)."""
         closed, _ = self._script("close", name)
@@ -5204,8 +5435,9 @@ class Room:
     is accepted into the room: after that no message can enter it.
     """
 
-    __slots__ = ("_cache", "_lock", "_members", "closed", "created_by", "created_ts", "last_id", "last_ts",
-                 "messages", "name", "posting", "topic", "topic_by", "topic_seq", "topic_ts")
+    __slots__ = ("_cache", "_lock", "_members", "access", "access_seq", "closed", "created_by", "created_ts",
+                 "last_id", "last_ts", "messages", "name", "posting", "topic", "topic_by", "topic_seq",
+                 "topic_ts")
 
     def __init__(self, record: RoomRecord):
         self.name = record.name
@@ -5213,6 +5445,8 @@ class Room:
         self.topic, self.topic_by, self.topic_ts = record.topic, record.topic_by, record.topic_ts
         self.topic_seq = (0, 0)  # with a bus: the place in the log of the topic's event (the newest wins)
         self.messages, self.last_ts, self.last_id = record.messages, record.last_ts, record.last_id
+        self.access = RoomAccess.from_json(record.access)  # replaced whole, under the registry lock
+        self.access_seq = (0, 0)  # with a bus: the place in the log of the access's event (the newest wins)
         self._members: dict[ClientSession, None] = {}
         self._cache: tuple[ClientSession, ...] | None = ()
         self._lock = threading.Lock()
@@ -5223,7 +5457,7 @@ class Room:
     def unused(self) -> bool:
         """Nothing to keep: no member, no message, no topic (#main is never unused)."""
         return (self.name != MAIN_ROOM and not self._members and not self.messages and not self.last_id
-                and not self.topic)
+                and not self.topic and not self.access.kept)
 
     def __repr__(self) -> str:
         return f"<Room #{self.name}>"
@@ -5242,7 +5476,7 @@ class Room:
 
     def record(self) -> RoomRecord:
         return RoomRecord(self.name, self.created_by, self.created_ts, self.topic, self.topic_by,
-                          self.topic_ts)
+                          self.topic_ts, access=self.access.to_json())
 
     @property
     def people(self) -> int:
@@ -5528,11 +5762,12 @@ class Registry:
             return (session,)
         return tuple(d for d in devices if d.extended or d is session)
 
-    def enter(self, session: ClientSession, name: str,
-              create: Callable[[Room], None]) -> tuple[Room, tuple[ClientSession, ...]]:
+    def enter(self, session: ClientSession, name: str, create: Callable[[Room], None],
+              admit: Callable[[Room], None] = lambda room: None) -> tuple[Room, tuple[ClientSession, ...]]:
         """Put ``session`` in room ``name``, made if missing (``create`` stores it, under the lock), and
         with it the other devices of its account; returns the room and the devices new to it (none:
-        it was in the room already)."""
+        it was in the room already).  ``admit`` raises if ``session`` may not enter the room (under the
+        lock: a ban or an invitation taken back meanwhile counts)."""
         config = self.config
         with self.lock:
             if session.leave_reason is not None:
@@ -5540,6 +5775,8 @@ class Registry:
             room = self.rooms.get(name)
             if room is not None and name in session.rooms:
                 return room, ()
+            if room is not None:
+                admit(room)
             if len(session.rooms) >= config.max_rooms_per_user:
                 raise ProtocolError("too-many-rooms", f"you are in {len(session.rooms)} rooms, the most "
                                     f"one connection may be in; PART one first")
@@ -5614,6 +5851,19 @@ class Registry:
                                     "an empty room can be closed")
             self.rooms = {k: v for k, v in self.rooms.items() if k != name}
             return room
+
+    def set_access(self, room: Room, access: RoomAccess, store: Callable[[Room], None],
+                   seq: tuple[int, int] | None = None) -> bool:
+        """Replace who may do what in ``room``, unless ``seq`` (its place in the shared log) is older than
+        the access's; stored by ``store`` under the lock."""
+        with self.lock:
+            if seq is not None:
+                if seq <= room.access_seq:
+                    return False
+                room.access_seq = seq
+            room.access = access
+            store(room)
+            return True
 
     def set_topic(self, room: Room, setter: str, text: str, store: Callable[[Room], None],
                   ts: float | None = None, seq: tuple[int, int] | None = None) -> bool:
@@ -6382,13 +6632,18 @@ class ClientSession:
                                 "with MSG|#room|text without joining it")
 
     def handle_join(self, arg: str | None) -> None:
-        """``JOIN|#a|#b`` (or ``#a,#b``): for each room its topic (if set), NAMES, then ``JOIN_OK|#room``."""
+        """``JOIN|#a|#b`` (or ``#a,#b``): for each room its topic (if set), NAMES, then ``JOIN_OK|#room``;
+        ``JOIN|#hiring|+i`` makes a new room private."""
         self._room_command("JOIN")
-        names = [validate_room(part) for part in re.split(r"[|,]", arg or "") if part.strip()]
+        parts = [part.strip() for part in re.split(r"[|,]", arg or "") if part.strip()]
+        flags = {part for part in parts if part.startswith("+")}
+        if flags - {"+i"}:
+            raise ProtocolError("bad-argument", "JOIN takes rooms, and +i to make a new one private")
+        names = [validate_room(part) for part in parts if not part.startswith("+")]
         if not names:
             raise ProtocolError("missing-argument", "use JOIN|#room")
         for name in dict.fromkeys(names):
-            self.server.rooms.enter(self, name)
+            self.server.rooms.enter(self, name, private="+i" in flags)
 
     def handle_part(self, arg: str | None) -> None:
         """``PART|#room[|reason]``: ``PART_OK|#room``, and ``EXIT`` to the members still there."""
@@ -6450,14 +6705,14 @@ class ClientSession:
     def handle_names(self, arg: str | None) -> None:
         """``NAMES[|#room]``: who is in a room (#main without one)."""
         self._room_command("NAMES", named=False)
-        room = self.server.room(validate_room(arg) if arg else MAIN_ROOM)
+        room = self.server.moderation.visible(self, validate_room(arg) if arg else MAIN_ROOM)
         self.tell(RoomNames(room.name, tuple(self.server.users(room.members))))
 
     def handle_topic(self, arg: str | None) -> None:
         """``TOPIC|#room`` asks; ``TOPIC|#room|text`` sets it (members), and every member hears it."""
         self._room_command("TOPIC", named=arg is not None and "|" in arg)
         name, sep, text = (arg or "").partition("|")
-        room = self.server.room(validate_room(name))
+        room = self.server.moderation.visible(self, validate_room(name))
         if not sep:
             self.tell(room.topic_event())
             return
@@ -6477,7 +6732,7 @@ class ClientSession:
             self.server.rooms.mark_read(self, marker, f"@{other}", upto)
             self.tell(Confirmed("MARK", f"@{other}|{self.markers.get(marker, 0)}"))
             return
-        room = self.server.room(validate_room(name))
+        room = self.server.moderation.visible(self, validate_room(name))
         self.server.rooms.mark_read(self, room.name, f"#{room.name}", upto)
         self.tell(Confirmed("MARK", f"#{room.name}|{self.markers.get(room.name, 0)}"))
 
@@ -6487,6 +6742,133 @@ class ClientSession:
         name = validate_room(arg)
         self.server.rooms.close(self, name)
         self.tell(Confirmed("CLOSE", f"#{name}"))
+
+
+# --- private rooms and moderation: requests that name a room (after HELLO) ---------------------------
+
+
+def _room_and_rest(session: ClientSession, arg: str | None, verb: str, usage: str) -> tuple[Room, list[str]]:
+    session._room_command(verb)
+    room, *rest = (arg or "").split("|")
+    if not room_field(room):
+        raise ProtocolError("missing-argument", f"use {usage}")
+    return session.server.moderation.visible(session, validate_room(room)), rest
+
+
+def handle_invite(session: ClientSession, arg: str | None) -> None:
+    """``INVITE|#room|name``: a private room's operator makes an account a member (it may join now); in a
+    public room, a word to someone online."""
+    room, rest = _room_and_rest(session, arg, "INVITE", "INVITE|#room|name")
+    if len(rest) != 1 or not rest[0]:
+        raise ProtocolError("missing-argument", "use INVITE|#room|name")
+    session.server.moderation.invite(session, room, validate_name(rest[0], session.server.config.max_name))
+
+
+def handle_kick(session: ClientSession, arg: str | None) -> None:
+    """``KICK|#room|name[|reason]``: out of the room (out of #main: off the server); from a private room,
+    no longer a member."""
+    room, rest = _room_and_rest(session, arg, "KICK", "KICK|#room|name[|reason]")
+    if not rest or not rest[0]:
+        raise ProtocolError("missing-argument", "use KICK|#room|name[|reason]")
+    session.server.moderation.kick(session, room, rest[0], _reason(rest[1:]))
+
+
+def handle_mute(session: ClientSession, arg: str | None) -> None:
+    """``MUTE|#room|name[|duration]`` (30s, 10m, 2h, 7d; none: until UNMUTE) and ``UNMUTE|#room|name``."""
+    room, rest = _room_and_rest(session, arg, "MUTE", "MUTE|#room|name[|duration]")
+    if not rest or not rest[0]:
+        raise ProtocolError("missing-argument", "use MUTE|#room|name[|duration]")
+    session.server.moderation.mute(session, room, rest[0], parse_duration(rest[1] if len(rest) > 1 else ""),
+                                   True)
+
+
+def handle_unmute(session: ClientSession, arg: str | None) -> None:
+    room, rest = _room_and_rest(session, arg, "UNMUTE", "UNMUTE|#room|name")
+    if not rest or not rest[0]:
+        raise ProtocolError("missing-argument", "use UNMUTE|#room|name")
+    session.server.moderation.mute(session, room, rest[0], 0.0, False)
+
+
+def handle_mode(session: ClientSession, arg: str | None) -> None:
+    """``MODE|#room`` asks (``MODE_OK|#room|+it``); ``MODE|#room|+i`` (or -i, +t, -t, +m, -m) sets a flag;
+    ``MODE|#room|+o|name`` (-o, +v, -v) gives or takes a role; ``MODE|#room|+b`` lists the bans;
+    ``MODE|#room|+b|pattern[|duration[|reason]]`` bans, ``MODE|#room|-b|pattern`` lifts one."""
+    room, rest = _room_and_rest(session, arg, "MODE", "MODE|#room|+i")
+    moderation = session.server.moderation
+    if not rest:
+        session.tell(Confirmed("MODE", f"#{room.name}|{room.access.modes}"))
+        return
+    change, *args = rest
+    if len(change) != 2 or change[0] not in "+-":
+        raise ProtocolError("bad-argument", "a mode is +i, -i, +t, -t, +m, -m, +o, -o, +v, -v, +b or -b")
+    on, letter = change[0] == "+", change[1]
+    if letter in MODE_FLAGS and not args:
+        moderation.flag(session, room, letter, on)
+    elif letter in ROLE_MODES and len(args) == 1 and args[0]:
+        moderation.role(session, room, letter, validate_name(args[0], session.server.config.max_name), on)
+    elif letter == "b" and on and not args:
+        now = time.time()
+        bans = [BanInfo(room.name, b.pattern, b.until, b.by, b.reason)
+                for b in room.access.bans if b.active(now)]
+        session.tell(*bans, EndOfList("BANS", len(bans)))
+    elif letter == "b" and args and args[0]:
+        if on:
+            moderation.ban(session, room, args[0], parse_duration(args[1] if len(args) > 1 else ""),
+                           _reason(args[2:]))
+        else:
+            moderation.unban(session, room, args[0])
+    else:
+        raise ProtocolError("bad-argument", "MODE|#room|+i, MODE|#room|+o|name, MODE|#room|+b|pattern|"
+                            "duration|reason, MODE|#room|-b|pattern, MODE|#room|+b (the bans)")
+
+
+def handle_forget(session: ClientSession, arg: str | None) -> None:
+    """``FORGET|#room``: leave a room for good (a private room's member no longer is one)."""
+    room, _ = _room_and_rest(session, arg, "FORGET", "FORGET|#room")
+    session.server.moderation.forget(session, room)
+    if room.name not in session.rooms:
+        session.tell(Confirmed("FORGET", f"#{room.name}"))
+
+
+def handle_ban(session: ClientSession, arg: str | None) -> None:
+    """``BAN`` lists the server-wide bans; ``BAN|pattern|duration|reason`` bans a name (or a pattern such
+    as spam*) or an IP address or network from the whole server; an operator's (OPER)."""
+    if not session.operator:
+        raise ProtocolError("not-operator", ERROR_CODES["not-operator"])
+    if not arg:
+        bans = [BanInfo("", b.pattern, b.until, b.by, b.reason)
+                for b in session.server.moderation.server_bans()]
+        session.tell(*bans, EndOfList("BANS", len(bans)))
+        return
+    pattern, *rest = arg.split("|")
+    session.server.moderation.server_ban(session, pattern.strip(),
+                                         parse_duration(rest[0] if rest else ""), _reason(rest[1:]))
+    session.tell(Confirmed("BAN", pattern.strip()))
+
+
+def handle_unban(session: ClientSession, arg: str | None) -> None:
+    """``UNBAN|pattern``: lift a server-wide ban; an operator's."""
+    if not session.operator:
+        raise ProtocolError("not-operator", ERROR_CODES["not-operator"])
+    session.server.moderation.server_unban(session, (arg or "").strip())
+    session.tell(Confirmed("UNBAN", (arg or "").strip()))
+
+
+def handle_audit(session: ClientSession, arg: str | None) -> None:
+    """``AUDIT[|#room][|n]``: the newest n (AUDIT_PAGE at most) moderation actions, oldest first, as
+    ``AUDIT|id|ts|#room|actor|action|target|until|reason`` lines and ``END|AUDIT|n``; an operator's."""
+    if not session.operator:
+        raise ProtocolError("not-operator", ERROR_CODES["not-operator"])
+    if session.server.history is None:
+        raise ProtocolError("history-off", "the audit log is kept in the history, and this server keeps none")
+    room, rest = _optional_room(arg)
+    limit = min(_parse_number(rest, "AUDIT"), AUDIT_PAGE) if rest else AUDIT_PAGE
+    entries = session.server.history.audit_log(room, limit)
+    session.tell(*entries, EndOfList("AUDIT", len(entries)))
+
+
+def _reason(fields: list[str]) -> str:
+    return sanitise_line(unescape_text("|".join(fields)))[:MAX_QUIT_REASON].strip()
 
 
 def _optional_room(arg: str | None) -> tuple[str | None, str | None]:
@@ -6542,6 +6924,15 @@ COMMAND_HANDLERS: dict[str, Handler] = {
     "EDIT": ClientSession.handle_edit,
     "DELETE": ClientSession.handle_delete,
     "REACT": ClientSession.handle_react,
+    "INVITE": handle_invite,
+    "KICK": handle_kick,
+    "MUTE": handle_mute,
+    "UNMUTE": handle_unmute,
+    "MODE": handle_mode,
+    "FORGET": handle_forget,
+    "BAN": handle_ban,
+    "UNBAN": handle_unban,
+    "AUDIT": handle_audit,
 }
 
 BEFORE_PASS_COMMANDS = frozenset({"HELLO", "PASS", "PING", "QUIT"})
@@ -6757,9 +7148,14 @@ class FanOut:
                 recipient = target.name
             room, where = MAIN_ROOM, None
         else:
-            where = self.server.room(room)
+            moderation = self.server.moderation
+            where = moderation.visible(sender, room) if author is None else self.server.room(room)
             if room not in sender.rooms and not sender.quiet and author is None:
                 raise ProtocolError("not-in-room", f"you are not in #{room}; join it first")
+            if author is None:
+                if room not in sender.rooms:  # a script posting without joining: as if it joined
+                    moderation.admit(sender, where)
+                moderation.check_speaking(sender, where)
             audience = where.members
         if sender.in_flight >= self.server.config.max_in_flight:
             self._wait_in_flight(sender)
@@ -6914,7 +7310,7 @@ class FanOut:
         if self.server.history is None:
             raise ProtocolError("history-off", ERROR_CODES["history-off"])
         if room is not None:
-            self.server.room(room)
+            self.server.moderation.visible(session, room)
         if session.name is not None:
             self.server.check_quiet_name(session)
         if session.outbound.size > session.outbound.limit:  # it has not read what it asked for before
@@ -7037,6 +7433,10 @@ class ClusterMirror:
             text = unescape_text("|".join(fields[3:]))
             self.server.rooms.change_topic(room, fields[2], text, ts=float(fields[1]), seq=at)
 
+    def _event_access(self, fields: list[str], at) -> None:
+        """``a|record (JSON)``: who may do what in a room, changed on another server."""
+        self.server.moderation.apply(RoomRecord(**json.loads("|".join(fields))), at)
+
     def _event_room(self, fields: list[str], at) -> None:
         """``r|record (JSON)``: a room Redis had lost, given back by another server."""
         record = RoomRecord(**json.loads("|".join(fields)))
@@ -7047,6 +7447,8 @@ class ClusterMirror:
                 self.server.history.save_room(room.record())
         elif record.topic_ts > room.topic_ts:
             self.server.rooms.change_topic(room, record.topic_by, record.topic, ts=record.topic_ts)
+        if record.access != room.access.to_json():
+            self.server.moderation.apply(record, at)
 
     def _event_protect(self, fields: list[str], at) -> None:
         """``p|key|name|hash|created|restored?``"""
@@ -7121,6 +7523,8 @@ class ClusterMirror:
             elif record.get("topic_ts", 0) > room.topic_ts:
                 self.server.rooms.change_topic(room, record["topic_by"], record["topic"],
                                                ts=record["topic_ts"])
+            if record.get("access", "") != room.access.to_json():  # (changed while we were away)
+                self.server.moderation.apply(RoomRecord(**record), None)
         in_use = {room for entry in names.values() for room in entry.get("rooms") or ()}
         self.server.registry.forget_unused(set(rooms) | in_use)  # forgotten by the others while we were away
         registry = self.server.registry
@@ -7239,14 +7643,20 @@ class Rooms:
     def __init__(self, server: ChatServer):
         self.server = server
 
-    def enter(self, session: ClientSession, name: str) -> None:
-        """Put ``session`` in a room (made if new), and reply with its topic, its names and ``JOIN_OK``.
+    def enter(self, session: ClientSession, name: str, private: bool = False) -> None:
+        """Put ``session`` in a room (made if new; ``private``: made invite-only, its creator its first
+        member), and reply with its topic, its names and ``JOIN_OK``.
 
         The reply waits (at most JOIN_WAIT) for messages accepted before the
         join to go out, so a HISTORY asked after JOIN_OK and the live stream
         leave no gap between them.
         """
         def create(room: Room) -> None:
+            if private:
+                if not session.owner:
+                    raise ProtocolError("not-owner", "only a protected name can make a private room (its "
+                                        "members are accounts): chatctl register first")
+                room.access = RoomAccess(private=True, members={session.key: session.name})
             if not self.server.room_budget.charge(session.host, 1):
                 made = self.server.config.room_creations
                 raise ProtocolError("rate-limited", f"{session.host} has made {made} "
@@ -7259,7 +7669,15 @@ class Rooms:
                 session.host, 2 * fan_out_cost(session.name, "")):
             # its ENTER and its EXIT reach every member: joining and parting in a loop is a flood too
             raise ProtocolError("rate-limited", f"too many joins from {session.host} too fast")
-        room, devices = self.server.registry.enter(session, name, create)
+        moderation = self.server.moderation
+
+        def admit(room: Room) -> None:
+            if private:
+                raise ProtocolError("bad-argument", f"#{name} exists already: its operators make it private "
+                                    "(MODE|#room|+i)")
+            moderation.admit(session, room)
+
+        room, devices = self.server.registry.enter(session, name, create, admit)
         if devices:
             if self.server.bus is not None:
                 self.server.shared.moved(session, "n", room)
@@ -7301,6 +7719,7 @@ class Rooms:
     def set_topic(self, session: ClientSession, room: Room, text: str) -> None:
         if room.name not in session.rooms and not session.operator:
             raise ProtocolError("not-in-room", f"join #{room.name} to set its topic")
+        self.server.moderation.check_topic(session, room)
         text = text[:self.server.config.max_topic]
         session.wait_pending()  # its messages before the new topic
         if not self.server.address_budget.charge(session.host, fan_out_cost(session.name, text)):
@@ -7350,13 +7769,15 @@ class Rooms:
 
     def close(self, session: ClientSession, name: str) -> None:
         def allowed(room: Room) -> None:
+            if not self.server.moderation.may_see(session, room):
+                raise ProtocolError("unknown-room", f"there is no room #{name}")
             if name == MAIN_ROOM:
                 raise ProtocolError("not-allowed", "#main is where everyone starts; it cannot be closed")
             if not session.operator and not (room.created_by and room.created_by == session.key):
                 raise ProtocolError("not-allowed", ERROR_CODES["not-allowed"])
 
         if self.server.bus is not None:  # empty here, then empty everywhere, at one point in the log
-            room = self.server.room(name)
+            room = self.server.moderation.visible(session, name)
             allowed(room)
             if room.members or not self.server.shared.close_room(name):
                 raise ProtocolError("room-not-empty", f"#{name} has members; only an empty room can be "
@@ -7388,8 +7809,9 @@ class Rooms:
         (by name), then END; at most a reply's bytes, with ``|more`` when some were left out."""
         infos, size, more = [], 0, False
         upto = self.server.fanout.delivered_upto
-        rooms = sorted((r for r in self.server.registry.rooms.values() if r.name > after),
-                       key=lambda r: r.name)
+        may_see = self.server.moderation.may_see
+        rooms = sorted((r for r in self.server.registry.rooms.values()
+                        if r.name > after and may_see(session, r)), key=lambda r: r.name)
         devices = self.server.registry.devices(session.key) if session.quiet and session.owner else ()
         ours = devices[0].rooms if devices else session.rooms  # (a script of a name online: the name's)
         for room in rooms:
@@ -7407,6 +7829,339 @@ class Rooms:
                 break
             infos.append(info)
         session.tell(*infos, EndOfList("ROOMS", len(infos), more))
+
+
+MODE_FLAGS = {"i": "private", "t": "topic_lock", "m": "moderated"}  # a room's flags, as IRC names them
+ROLE_MODES = {"o": ("ops", "op", "deop"), "v": ("voiced", "voice", "devoice")}
+
+
+class Moderation:
+    """Who may do what in a room, and doing it: invitations, kicks, bans, mutes, operators and the room's
+    flags (each a new RoomAccess: Registry.set_access), the server-wide bans, and the audit log of all of
+    them.  Reader threads call it, and the cluster mirror (``apply``) with what other servers did.
+
+    Owns ``_bans`` (the server-wide bans, a tuple replaced whole under ``_lock``, a leaf); the rooms'
+    access is the Registry's.
+    """
+
+    def __init__(self, server: ChatServer):
+        self.server = server
+        self._lock = threading.Lock()
+        history = server.history
+        self._bans: tuple[Ban, ...] = tuple(history.server_bans()) if history is not None else ()
+
+    # --- who may ------------------------------------------------------------------------------
+
+    @staticmethod
+    def is_operator(session, room: Room) -> bool:
+        """A server operator, the room's owner (its creator, an account) or one of its operators."""
+        if session.operator:
+            return True
+        return bool(session.owner and session.key and (session.key == room.created_by
+                                                       or session.key in room.access.ops))
+
+    @staticmethod
+    def may_see(session, room: Room) -> bool:
+        """A private room is seen (listed, read, searched) by its members alone (and server operators)."""
+        access = room.access
+        return (not access.private or session.operator or room.name in session.rooms
+                or bool(session.owner and (session.key in access.members or session.key == room.created_by)))
+
+    def visible(self, session, name: str) -> Room:
+        """Room ``name`` if ``session`` may see it; otherwise what a room that does not exist answers."""
+        room = self.server.registry.rooms.get(name)
+        if room is None or not self.may_see(session, room):
+            raise ProtocolError("unknown-room", f"there is no room #{name}")
+        return room
+
+    def admit(self, session, room: Room) -> None:
+        """Raise unless ``session`` may enter ``room``: a private room's members (and its owner), and
+        nobody a ban of the room names (its owner and server operators excepted)."""
+        if session.operator or (session.owner and session.key == room.created_by):
+            return
+        access = room.access
+        if access.private and not (session.owner and session.key in access.members):
+            raise ProtocolError("invite-only", f"#{room.name} is invite-only: a member can /invite you")
+        ban = access.banned(session.name, time.time())
+        if ban is not None:
+            raise ProtocolError("banned", ban_text(f"banned from #{room.name}", ban))
+
+    def check_speaking(self, session, room: Room) -> None:
+        """Raise if ``session`` is muted in ``room``, or the room is moderated (+m) and it has no voice."""
+        access = room.access
+        if not (access.mutes or access.moderated) or self.is_operator(session, room):
+            return
+        if access.muted(session.key, time.time()):
+            until = access.mutes[session.key]
+            raise ProtocolError("muted", f"you are muted in #{room.name}"
+                                + (f" until {format_timestamp(until)}" if until else ""))
+        if access.moderated and session.key not in access.voiced:
+            raise ProtocolError("muted", f"#{room.name} is moderated (+m): only its operators and those they "
+                                "give a voice speak")
+
+    def check_topic(self, session, room: Room) -> None:
+        if room.access.topic_lock and not self.is_operator(session, room):
+            raise ProtocolError("not-allowed", f"the topic of #{room.name} is locked (+t): only its "
+                                "operators set it")
+
+    def _acting(self, session, room: Room, target_key: str = "") -> None:
+        """Raise unless ``session`` may moderate ``room`` (and act on ``target_key``: nobody but a server
+        operator acts on the owner, and only the owner on another operator)."""
+        if not self.is_operator(session, room):
+            raise ProtocolError("not-allowed", f"only an operator of #{room.name} may do that")
+        if not target_key or session.operator or target_key == session.key:
+            return
+        if target_key == room.created_by:
+            raise ProtocolError("not-allowed", f"the owner of #{room.name} is out of its operators' reach")
+        if target_key in room.access.ops and session.key != room.created_by:
+            raise ProtocolError("not-allowed", f"only the owner of #{room.name} acts on its operators")
+
+    # --- doing ----------------------------------------------------------------------------------
+
+    def change(self, session, room: Room, access: RoomAccess, action: str, target: str,
+               until: float = 0.0, reason: str = "") -> None:
+        """Make ``access`` the room's (stored, shared with the cluster), keep it in the audit log, tell the
+        room's members (and ``target``, if it is not one), and put out whoever may no longer be in it."""
+        access = access.tidy(time.time())
+        seq = None
+        if self.server.bus is not None:
+            record = dataclasses.replace(room.record(), access=access.to_json())
+            seq = self.server.shared.set_access(record)
+        self._store(room, access, seq)
+        self.record(room.name, session.name or "", action, target, until, reason)
+        event = Moderated(room.name, time.time(), session.name or "", action, target, until, reason)
+        self.tell(room, event, target)
+        if session not in room.members and session.extended:  # (a server operator, from outside it)
+            session.tell(event)
+        self.enforce(room, f"{action} by {session.name}")
+
+    def apply(self, record: RoomRecord, seq: tuple[int, int] | None) -> None:
+        """Another server changed who may do what in a room (its record, at ``seq`` in the log)."""
+        room = self.server.registry.rooms.get(record.name)
+        if room is not None and self._store(room, RoomAccess.from_json(record.access), seq):
+            self.enforce(room, "by an operator")
+
+    def _store(self, room: Room, access: RoomAccess, seq: tuple[int, int] | None) -> bool:
+        history = self.server.history
+        return self.server.registry.set_access(
+            room, access, lambda r: history is not None and history.save_room(r.record()), seq)
+
+    def tell(self, room: Room, event: Moderated, target: str = "") -> None:
+        key = confusable_key(target) if target and ":" not in target and "*" not in target else ""
+        told = [s for s in room.members if s.extended]
+        told += [d for d in self.server.registry.devices(key) if d.extended and d not in told] if key else []
+        for session in told:
+            session.tell(event)
+
+    def enforce(self, room: Room, why: str) -> None:
+        """Put this server's connections out of ``room`` that its access no longer lets in."""
+        now = time.time()
+        access = room.access
+        out = {s.key: s for s in room.members if not isinstance(s, RemoteMember)
+               and not s.operator and not (s.owner and s.key == room.created_by)
+               and ((access.private and not (s.owner and s.key in access.members))
+                    or access.banned(s.name or "", now) is not None)}
+        for session in out.values():
+            self.remove(session, room, why)
+
+    def remove(self, session, room: Room, why: str) -> None:
+        """Take ``session`` (every device of its account) out of ``room``; out of #main: off the server."""
+        if room.name == MAIN_ROOM:
+            for device in self.server.registry.devices(session.key) or (session,):
+                if not isinstance(device, RemoteMember):
+                    device.disconnect(f"removed from #main: {why}")
+            return
+        try:
+            forgotten, devices = self.server.registry.part(session, room.name, why)
+        except ProtocolError:
+            return  # gone meanwhile
+        if self.server.bus is not None:
+            self.server.shared.moved(session, "x", room, why)
+        for device in devices:
+            device.tell(Confirmed("PART", f"#{room.name}"))
+        if forgotten is not None:
+            self.server.rooms.retire(forgotten, closing=False)
+
+    def record(self, room: str, actor: str, action: str, target: str, until: float = 0.0,
+               reason: str = "") -> None:
+        log.info("moderation: %s %s %s in #%s%s", actor, action, target, room or "(server)",
+                 f": {sanitise_line(reason)}" if reason else "")
+        if self.server.history is not None:
+            self.server.history.audit(AuditEntry(0, time.time(), room, actor, action, target, until, reason))
+
+    # --- the requests ------------------------------------------------------------------------------
+
+    def kick(self, session, room: Room, name: str, reason: str) -> None:
+        key = confusable_key(name)
+        self._acting(session, room, key)
+        holder = self.server.registry.holder(key)
+        if holder is None or room.name not in holder.rooms:
+            raise ProtocolError("unknown-user", f"{sanitise_line(name)!r} is not in #{room.name}")
+        access = room.access
+        if access.private and key in access.members:  # removed from a private room: no longer a member
+            access = dataclasses.replace(access, members={k: v for k, v in access.members.items()
+                                                          if k != key})
+        if isinstance(holder, RemoteMember):
+            raise ProtocolError("not-allowed", f"{holder.name} is on another server of the cluster: ban them "
+                                "for a while instead")
+        self.change(session, room, access, "kick", holder.name, reason=reason)
+        self.remove(holder, room, f"kicked by {session.name}" + (f": {reason}" if reason else ""))
+
+    def ban(self, session, room: Room, pattern: str, seconds: float, reason: str) -> None:
+        check_pattern(pattern)
+        ban = Ban(pattern, time.time() + seconds if seconds else 0.0, reason, session.name or "", time.time())
+        if room.created_by and fnmatch.fnmatchcase(room.created_by, ban.key) and not session.operator:
+            raise ProtocolError("not-allowed", f"{pattern!r} would ban the owner of #{room.name}")
+        self._acting(session, room, "" if any(c in pattern for c in "*?") else confusable_key(pattern))
+        bans = (*(b for b in room.access.bans if b.pattern != pattern), ban)
+        if len(bans) > MAX_BANS:
+            raise ProtocolError("too-many-bans", f"#{room.name} has {MAX_BANS} bans, the most it may")
+        self.change(session, room, dataclasses.replace(room.access, bans=bans), "ban", pattern, ban.until,
+                    reason)
+
+    def unban(self, session, room: Room, pattern: str) -> None:
+        self._acting(session, room)
+        bans = tuple(b for b in room.access.bans if b.pattern != pattern)
+        if bans == room.access.bans:
+            raise ProtocolError("bad-argument", f"#{room.name} has no ban {pattern!r}")
+        self.change(session, room, dataclasses.replace(room.access, bans=bans), "unban", pattern)
+
+    def mute(self, session, room: Room, name: str, seconds: float, muted: bool) -> None:
+        key = confusable_key(name)
+        self._acting(session, room, key)
+        mutes = {k: v for k, v in room.access.mutes.items() if k != key}
+        if muted:
+            mutes[key] = time.time() + seconds if seconds else 0.0
+        self.change(session, room, dataclasses.replace(room.access, mutes=mutes),
+                    "mute" if muted else "unmute", name, mutes.get(key, 0.0))
+
+    def role(self, session, room: Room, letter: str, name: str, given: bool) -> None:
+        """+o/-o (operators: the owner's to give), +v/-v (a voice in a moderated room: any operator's)."""
+        field_name, on, off = ROLE_MODES[letter]
+        key = confusable_key(name)
+        if letter == "o" and not (session.operator or (session.owner and session.key == room.created_by)):
+            raise ProtocolError("not-allowed", f"only the owner of #{room.name} makes operators")
+        self._acting(session, room, key if letter == "v" else "")
+        if given and self.server.accounts.password_hash(key) is None and letter == "o":
+            raise ProtocolError("not-owner", f"{sanitise_line(name)!r} is not a protected name: only an "
+                                "account can be an operator")
+        names = {k: v for k, v in getattr(room.access, field_name).items() if k != key}
+        if given:
+            names[key] = name
+        self.change(session, room, dataclasses.replace(room.access, **{field_name: names}),
+                    on if given else off, name)
+
+    def flag(self, session, room: Room, letter: str, on: bool) -> None:
+        """+i/-i (private), +t/-t (topic locked), +m/-m (moderated)."""
+        self._acting(session, room)
+        if room.name == MAIN_ROOM and letter in "im":
+            raise ProtocolError("not-allowed", "#main is everyone's: it is never private or moderated")
+        access = dataclasses.replace(room.access, **{MODE_FLAGS[letter]: on})
+        if letter == "i" and on:  # who is in it now stays in it: its accounts become its members
+            if any(not s.owner for s in room.members if not s.operator):
+                raise ProtocolError("not-allowed", f"#{room.name} has members without a protected name: "
+                                    "a private room's members are accounts")
+            access = dataclasses.replace(access, members={**access.members, **{
+                s.key: s.name for s in room.members if s.owner}})
+        self.change(session, room, access, "mode", ("+" if on else "-") + letter)
+
+    def invite(self, session, room: Room, name: str) -> None:
+        key = confusable_key(name)
+        if room.access.private:
+            self._acting(session, room)
+            if self.server.accounts.password_hash(key) is None:
+                raise ProtocolError("not-owner", f"{sanitise_line(name)!r} is not a protected name: a "
+                                    "private room's members are accounts")
+            if len(room.access.members) >= MAX_ROOM_MEMBERS:
+                raise ProtocolError("too-many-members", f"#{room.name} has {MAX_ROOM_MEMBERS} members")
+            access = dataclasses.replace(room.access, members={**room.access.members, key: name})
+            self.change(session, room, access, "invite", name)
+            return
+        if room.name not in session.rooms:  # a public room's invitation is only a word to someone online
+            raise ProtocolError("not-in-room", f"join #{room.name} first")
+        if self.server.registry.holder(key) is None:
+            raise ProtocolError("unknown-user", f"no user named {sanitise_line(name)!r} is online")
+        self.tell(room, Moderated(room.name, time.time(), session.name or "", "invite", name), name)
+
+    def forget(self, session, room: Room) -> None:
+        """Leave a room for good: out of it, and (a private room) no longer one of its members."""
+        if room.name in session.rooms:
+            self.server.rooms.part(session, room.name, "left for good")
+        access = room.access
+        if session.key in access.members:
+            access = dataclasses.replace(access, members={k: v for k, v in access.members.items()
+                                                          if k != session.key})
+            self.change(session, room, access, "forget", session.name or "")
+
+    # --- server-wide bans ------------------------------------------------------------------------
+
+    def server_ban(self, session, pattern: str, seconds: float, reason: str) -> None:
+        if not _is_network(pattern):
+            check_pattern(pattern)
+        ban = Ban(pattern, time.time() + seconds if seconds else 0.0, reason, session.name or "operator",
+                  time.time())
+        with self._lock:
+            bans = tuple(b for b in self._bans if b.pattern != pattern and b.active(time.time()))
+            if len(bans) >= MAX_BANS:
+                raise ProtocolError("too-many-bans", f"the server has {MAX_BANS} bans, the most it keeps")
+            self._bans = (*bans, ban)
+        if self.server.history is not None:
+            self.server.history.save_server_ban(ban, pattern)
+        self.record("", ban.by, "server-ban", pattern, ban.until, reason)
+        for s in self.server.registry.sessions():
+            if not isinstance(s, RemoteMember) and not s.operator and ban.matches(s.name or "", s.host):
+                s.disconnect(ban_text("banned from this server", ban))
+
+    def server_unban(self, session, pattern: str) -> None:
+        with self._lock:
+            bans = tuple(b for b in self._bans if b.pattern != pattern)
+            if bans == self._bans:
+                raise ProtocolError("bad-argument", f"the server has no ban {pattern!r}")
+            self._bans = bans
+        if self.server.history is not None:
+            self.server.history.save_server_ban(None, pattern)
+        self.record("", session.name or "operator", "server-unban", pattern)
+
+    def server_bans(self) -> tuple[Ban, ...]:
+        now = time.time()
+        return tuple(b for b in self._bans if b.active(now))
+
+    def check_server_ban(self, name: str, address: str) -> None:
+        for ban in self.server_bans():
+            if ban.matches(name, address):
+                raise ProtocolError("banned", ban_text("banned from this server", ban), closes=True)
+
+
+def check_pattern(pattern: str) -> None:
+    """A ban's pattern: a name, or one with ``*`` and ``?`` standing for any letters (not only those)."""
+    if not pattern or len(pattern) > MAX_NAME_CHARS + 8 or not pattern.strip("*?"):
+        raise ProtocolError("bad-argument", "a ban names someone: a name, or a pattern such as spam* (not * "
+                            "alone)")
+    for part in re.split(r"[*?]", pattern):
+        if part:
+            validate_name(part, MAX_NAME_CHARS + 8)
+
+
+def ban_text(what: str, ban: Ban) -> str:
+    """``banned from #ops until 2026-12-07T10:00:00Z by ana: spam``."""
+    return (what + (f" until {format_timestamp(ban.until)}" if ban.until else "") + f" by {ban.by}"
+            + (f": {ban.reason}" if ban.reason else ""))
+
+
+def parse_duration(text: str) -> float:
+    """``30s``, ``10m``, ``2h``, ``7d``, ``1w`` (or a number of seconds) to seconds; 0 for ``0`` or
+    ``forever``; ProtocolError for anything else or more than MAX_BAN_SECONDS."""
+    text = text.strip().lower()
+    if text in ("", "0", "forever", "permanent"):
+        return 0.0
+    match = re.fullmatch(r"(\d{1,9})([smhdw]?)", text)
+    if not match:
+        raise ProtocolError("bad-argument", f"{text[:20]!r} is no duration: 30s, 10m, 2h, 7d, 1w, or forever")
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
+    seconds = int(match.group(1)) * unit
+    if seconds > MAX_BAN_SECONDS:
+        raise ProtocolError("bad-argument", "a ban or a mute lasts ten years at the most")
+    return float(seconds)
 
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")  # a URL's host: a name, IPv4 or IPv6 (no %)
@@ -7615,6 +8370,7 @@ class ChatServer:
         # where a protected name's read markers are kept
         self.marker_store = self.shared if self.shared is not None else self.history
         self.fanout = FanOut(self, self.log.last_id)
+        self.moderation = Moderation(self)  # who may do what in each room; server-wide bans; the audit log
         self._load_rooms()
         self.hooks = Hooks(HookStore(self.local_accounts.path), self.config.http)
         self.web_logins = WebSessionStore(self.local_accounts.path)  # browsers' sessions (section 11)
@@ -7954,6 +8710,7 @@ class ChatServer:
         online holds, or as its own protected name beside its owner's session.
         """
         key = confusable_key(name)
+        self.moderation.check_server_ban(name, session.host)
         owner = self._check_owner(session, name, key, password)
         if not session.quiet and not self.address_budget.charge(session.host, 2 * fan_out_cost(name, "")):
             # a JOIN and a LEAVE for every member: joining and leaving in a loop is a flood too
@@ -8143,7 +8900,11 @@ class ChatServer:
         """Only its author edits a message, and deletes it (an operator deletes any), within edit_window
         of sending it (0: always; an operator's deletion: always)."""
         author = confusable_key(target.sender) == session.key
-        if verb == "delete" and session.operator:
+        if verb == "delete" and not author and (session.operator or (
+                target.recipient is None and (room := self.registry.rooms.get(target.room)) is not None
+                and self.moderation.is_operator(session, room))):
+            self.moderation.record(target.room if target.recipient is None else "", session.name or "",
+                                   "delete", f"message {target.id} of {target.sender}")
             return
         if not author:
             raise ProtocolError("not-author", f"message {target.id} is {target.sender}'s: "
@@ -8374,7 +9135,7 @@ ClusterMirror.CLUSTER_EVENTS = {  # the first field of a bus event -> its handle
     "x": ClusterMirror._event_exit, "t": ClusterMirror._event_topic, "r": ClusterMirror._event_room,
     "p": ClusterMirror._event_protect, "u": ClusterMirror._event_unprotect, "c": ClusterMirror._event_close,
     "d": ClusterMirror._event_device, "dl": ClusterMirror._event_device_left,
-    "m": ClusterMirror._event_marker, "o": ClusterMirror._event_logout,
+    "m": ClusterMirror._event_marker, "o": ClusterMirror._event_logout, "a": ClusterMirror._event_access,
 }
 
 
@@ -8481,7 +9242,8 @@ _IRC_FIRST_WORDS = (b"CAP ", b"NICK ", b"PASS ", b"AUTHENTICATE ")
 IRC_NUMERICS = {"name-taken": "433", "invalid-name": "432", "unknown-user": "401", "invalid-room": "479",
                 "unknown-room": "403", "not-in-room": "442", "too-many-rooms": "405",
                 "bad-password": "464", "password-required": "464", "not-registered": "451",
-                "missing-argument": "461", "not-allowed": "482"}
+                "missing-argument": "461", "not-allowed": "482", "invite-only": "473", "banned": "474",
+                "muted": "404"}
 
 
 def looks_like_irc(frame: bytes) -> bool:
@@ -9048,6 +9810,8 @@ class IrcGate(Encoding):
             name = holder.name
             self.numeric("311", name, name, IRC_HOST, "*", name)
             rooms = getattr(holder, "rooms", {}) or {}
+            may_see = server.moderation.may_see
+            rooms = [r for r, room in rooms.items() if may_see(self.session, room)]  # (not private ones)
             if rooms:
                 self.numeric("319", name, " ".join(f"#{r}" for r in rooms))
             self.numeric("312", name, IRC_SERVER, "chatctl")
@@ -9087,18 +9851,87 @@ class IrcGate(Encoding):
         if not params:
             self.numeric("461", "MODE", "Not enough parameters")
         elif params[0].startswith("#"):
-            if len(params) == 1:
-                self.numeric("324", params[0], "+nt")
-            elif params[1] in ("b", "+b"):
-                self.numeric("368", params[0], "End of channel ban list")
-            else:
-                self.numeric("482", params[0], "Channel modes cannot be changed here")
+            self._channel_mode(params)
         elif name_key(params[0]) != name_key(self.nick):
             self.numeric("502", "Cannot change mode for other users")
         elif len(params) == 1:
             self.numeric("221", "+i")
         else:  # a client setting +i on itself: everyone is invisible here already
             self.send(f"{source(self.nick)} MODE {self.nick} :+i")
+
+    def _channel_mode(self, params: tuple[str, ...]) -> None:
+        """``MODE #room`` (324), ``MODE #room +b`` (the ban list), and changes: ``+i -t +m``, ``+o nick``,
+        ``+v nick``, ``+b mask`` (``nick!*@*``: its nick part) and ``-b mask``, one call each."""
+        room = validate_room(params[0])
+        if len(params) == 1:
+            found = self.session.server.moderation.visible(self.session, room)
+            self.numeric("324", f"#{room}", found.access.modes + "n")
+            return
+        changes, args = params[1], list(params[2:])
+        if changes in ("b", "+b") and not args:
+            found = self.session.server.moderation.visible(self.session, room)
+            now = time.time()
+            for ban in found.access.bans:
+                if ban.active(now):
+                    self.numeric("367", f"#{room}", f"{ban.pattern}!*@*", ban.by, str(int(ban.ts)))
+            self.numeric("368", f"#{room}", "End of channel ban list")
+            return
+        sign = "+"
+        for letter in changes:
+            if letter in "+-":
+                sign = letter
+                continue
+            arg = ""
+            if letter in "ovb":
+                if not args:
+                    self.numeric("461", "MODE", "Not enough parameters")
+                    return
+                arg = args.pop(0).split("!", 1)[0]  # a mask's nick part: bans are of names here
+            elif letter not in MODE_FLAGS:
+                self.numeric("472", letter, "is an unknown mode char here (i t m o v b)")
+                continue
+            if not self._room_call("MODE", room, f"#{room}|{sign}{letter}" + (f"|{arg}" if arg else "")):
+                return
+
+    def irc_kick(self, params: tuple[str, ...]) -> None:
+        """``KICK #room nick [:reason]``."""
+        if len(params) < 2:
+            self.numeric("461", "KICK", "Not enough parameters")
+            return
+        room = validate_room(params[0])
+        reason = sanitise_line(strip_irc_formatting(params[2])) if len(params) > 2 else ""
+        self._room_call("KICK", room, f"#{room}|{params[1]}|{escape_text(reason)}")
+
+    def irc_invite(self, params: tuple[str, ...]) -> None:
+        """``INVITE nick #room``: 341 to the one who invites, INVITE to the invited."""
+        if len(params) < 2:
+            self.numeric("461", "INVITE", "Not enough parameters")
+            return
+        room = validate_room(params[1])
+        if self._room_call("INVITE", room, f"#{room}|{params[0]}"):
+            self.numeric("341", params[0], f"#{room}")
+
+    def out_moderated(self, event: Moderated, batch: str) -> list[str]:
+        """A kick as KICK, roles, bans and flags as MODE, an invitation as INVITE (to whom it names);
+        the rest as a NOTICE."""
+        by, room, target = source(event.by), f"#{event.room}", event.target
+        me = name_key(target) == name_key(self.nick or "")
+        if event.action == "kick":
+            return [f"{by} KICK {room} {target} :{event.reason or event.by}"]
+        if event.action in ("op", "deop", "voice", "devoice"):
+            return [f"{by} MODE {room} {'+' if event.action in ('op', 'voice') else '-'}{event.action[-1]} "
+                    f"{target}"]
+        if event.action in ("ban", "unban"):
+            return [f"{by} MODE {room} {'+' if event.action == 'ban' else '-'}b {target}!*@*"]
+        if event.action == "mode":
+            return [f"{by} MODE {room} {target}"]
+        if event.action == "invite":
+            return [f"{by} INVITE {target} {room}"] if me else []
+        if event.action == "forget":
+            return []
+        until = f" until {format_timestamp(event.until)}" if event.until else ""
+        return [f":{IRC_SERVER} NOTICE {room} :{event.by} {event.action}d {target} in {room}{until}"
+                + (f": {event.reason}" if event.reason else "")]
 
     def irc_motd(self, params: tuple[str, ...]) -> None:
         motd = self.session.server.config.motd
@@ -9476,11 +10309,12 @@ IRC_COMMANDS: dict[str, IrcHandler] = {
     "AWAY": IrcGate.irc_away, "MODE": IrcGate.irc_mode, "MOTD": IrcGate.irc_motd, "ISON": IrcGate.irc_ison,
     "USERHOST": IrcGate.irc_userhost, "CHATHISTORY": IrcGate.irc_chathistory,
     "TAGMSG": IrcGate.irc_tagmsg, "REDACT": IrcGate.irc_redact, "EDIT": IrcGate.irc_edit,
+    "KICK": IrcGate.irc_kick, "INVITE": IrcGate.irc_invite,
 }
 register_gateway(Gateway("irc", sniff=looks_like_irc, enabled=lambda config: config.irc,
                          port=lambda config: config.irc_port, attach=IrcGate))
 IRC_EVENTS: dict[type, Callable[[IrcGate, object, str], list[str]]] = {
-    Registered: IrcGate.out_registered, HistoryPage: IrcGate.out_history,
+    Registered: IrcGate.out_registered, HistoryPage: IrcGate.out_history, Moderated: IrcGate.out_moderated,
     Joined: IrcGate.out_joined, Left: IrcGate.out_left, Entered: IrcGate.out_entered,
     Exited: IrcGate.out_exited, Topic: IrcGate.out_topic, RoomNames: IrcGate.out_names,
     Confirmed: IrcGate.out_confirmed, RoomInfo: IrcGate.out_room, EndOfList: IrcGate.out_end,
@@ -11536,8 +12370,8 @@ def fetch_history(config: ClientConfig, name: str | None = None, limit: int = 20
 # --- join: input lines and a connection that outlives the server's restarts ----------
 
 JOIN_COMMANDS = {
-    "/join": "/join #ROOM...    join rooms (a new one is made) and switch to the first",
-    "/part": "/part [#ROOM]     leave a room (this one without #ROOM)",
+    "/join": "/join #ROOM... [--private]  join rooms (a new one is made; --private: invite-only)",
+    "/part": "/part [#ROOM] [--forget]  leave a room (--forget: for good, a member no more)",
     "/rooms": "/rooms            every room, with your unread lines and mentions",
     "/next": "/next             switch to the room with the oldest unread line (Alt-n too)",
     "/topic": "/topic [TEXT]     show this room's topic, or set it",
@@ -11551,6 +12385,15 @@ JOIN_COMMANDS = {
     "/delete": "/delete ID        delete your message ID (an operator: anyone's)",
     "/search": "/search WORDS     messages of this room that contain WORDS",
     "/who": "/who              who is online",
+    "/invite": "/invite NAME      let NAME into this private room (or tell NAME of this room)",
+    "/kick": "/kick NAME [WHY]  put NAME out of this room (an operator's)",
+    "/ban": "/ban NAME|PATTERN [FOR] [WHY]  keep NAME (or spam*) out, FOR 10m, 2h, 7d (none: ever)",
+    "/unban": "/unban PATTERN    lift a ban (/mode +b lists them)",
+    "/mute": "/mute NAME [FOR]  NAME may not speak here (FOR 10m, 2h; none: until /unmute)",
+    "/unmute": "/unmute NAME      NAME may speak again",
+    "/op": "/op NAME          make NAME an operator of this room (its owner's)",
+    "/deop": "/deop NAME        NAME is an operator no more",
+    "/mode": "/mode [+i|-i|+t|-t|+m|-m|+b]  this room's flags: private, topic locked, moderated; +b: bans",
     "/ignore": "/ignore [USER]    hide USER's messages (no USER: list who is ignored)",
     "/unignore": "/unignore USER    show USER's messages again",
     "/register": "/register         protect your name with a password, or change it (asked twice, hidden)",
@@ -11589,7 +12432,8 @@ def parse_input(line: str) -> InputCommand:
         if not target or not text.strip():
             return InputCommand("usage", text=JOIN_COMMANDS[word])
         return InputCommand("msg-to", target, text)
-    if action in ("reply", "me", "unignore", "nick", "join", "search", "logout") and not rest.strip():
+    if action in ("reply", "me", "unignore", "nick", "join", "search", "logout", "invite", "kick", "ban",
+                  "unban", "mute", "unmute", "op", "deop") and not rest.strip():
         return InputCommand("usage", text=JOIN_COMMANDS[word])
     if action in ("re", "react", "edit", "delete"):  # a message's number first: #42 or 42
         number, _, text = rest.strip().partition(" ")
@@ -12203,6 +13047,38 @@ class ClientFrontEnd:
 
 
 KNOWN_MESSAGES = 5000                # messages a client keeps by id: what replies quote and actions change
+MODE_WORDS = {"i": "private (invite-only)", "t": "topic locked", "m": "moderated"}
+
+
+def describe_modes(modes: str) -> str:
+    """``+it`` as words: ``private (invite-only), topic locked``; ``+`` as ``public, open``."""
+    words = [MODE_WORDS[c] for c in modes if c in MODE_WORDS]
+    return ", ".join(words) if words else "public, anyone may set the topic"
+
+
+def moderation_text(event: Moderated, me: str) -> str:
+    """A Moderated event as one line of markup (its network text escaped): what was done, by whom, why."""
+    by, room = display_text(event.by), f"#{display_text(event.room)}"
+    target = "you" if name_key(event.target) == name_key(me) else display_text(event.target)
+    until = f" until {local_time(event.until, with_date=True)}" if event.until else ""
+    why = f": {display_text(event.reason)}" if event.reason else ""
+    said = {
+        "kick": f"{by} removed {target} from {room}{why}",
+        "ban": f"{by} banned {target} from {room}{until}{why}",
+        "unban": f"{by} lifted the ban on {target} in {room}",
+        "mute": f"{by} muted {target} in {room}{until}",
+        "unmute": f"{by} let {target} speak again in {room}",
+        "op": f"{by} made {target} an operator of {room}",
+        "deop": f"{by} took {room}'s operator rights from {target}",
+        "voice": f"{by} gave {target} a voice in {room}",
+        "devoice": f"{by} took {target}'s voice in {room}",
+        "invite": f"{by} invited {target} to {room}" + (f" (/join {room})" if target == "you" else ""),
+        "forget": f"{target} left {room} for good",
+        "mode": f"{by} set {room} {display_text(event.target)}: "
+                + display_text(", ".join(("" if event.target.startswith("+") else "not ") + MODE_WORDS[c]
+                                         for c in event.target[1:] if c in MODE_WORDS)),
+    }
+    return said.get(event.action, f"{by} {display_text(event.action)} {target} in {room}{why}")
 
 
 def apply_action(target: ChatMessage, action: ChatMessage) -> ChatMessage:
@@ -12401,14 +13277,31 @@ class ChatClient:
             protected = event.verb == "REGISTER"
             self.note(f"the name {display_text(event.arg)} is "
                       + ("now protected by your password" if protected else "no longer protected"))
+        elif isinstance(event, Moderated):
+            self._moderated(event)
+        elif isinstance(event, BanInfo):
+            until = f" until {format_timestamp(event.until)}" if event.until else ""
+            why = f": {display_text(event.reason)}" if event.reason else ""
+            self.note(f"banned in #{display_text(event.room)}: {display_text(event.pattern)}{until} by "
+                      f"{display_text(event.by)}{why}", room=event.room or None)
+        elif isinstance(event, Confirmed) and event.verb == "MODE":
+            room, _, modes = event.arg.partition("|")
+            self.note(f"{display_text(room)}: {display_text(describe_modes(modes))}", room=room.lstrip("#"))
         elif isinstance(event, ErrorReply):
-            if event.code in ("invalid-room", "too-many-rooms"):  # a /join refused: no switch to wait for
+            if event.code in ("invalid-room", "too-many-rooms", "invite-only", "banned"):  # a /join refused
                 with self._lock:
                     self._switch_on_join = None
                     self._settled.notify_all()
             self.warn("server: " + display_text(f"{event.text} ({event.code})"))
         elif isinstance(event, UnknownLine):
             self.note(display_text(event.line))
+
+    def _moderated(self, event: Moderated) -> None:
+        mine = self.is_me(event.target)
+        if mine and event.action in ("kick", "ban") and self.model.has(event.room):
+            with self._lock:
+                self._parting[event.room] = True  # its PART_OK follows: no "another device of yours left"
+        self.note(moderation_text(event, self.name), "bold yellow" if mine else "dim", room=event.room)
 
     def _presence_hidden(self, room: str, name: str) -> bool:
         return self.model.presence_hidden(room, name, self.quiet_joins, self.quiet_joins_after)
@@ -12796,6 +13689,8 @@ class ChatClient:
                 self.warn("nobody has sent you a direct message yet")
             else:
                 self.post("DM", command.text, self.last_dm_from)
+        elif action in ("invite", "kick", "ban", "unban", "mute", "unmute", "op", "deop", "mode"):
+            self._moderate(action, command.text)
         elif action in ("re", "react", "edit", "delete"):
             verb = {"re": "REPLY", "react": "REACT", "edit": "EDIT", "delete": "DELETE"}[action]
             self.act(verb, int(command.target or 0), command.text)
@@ -12858,8 +13753,9 @@ class ChatClient:
             raise NotConnected("not connected")
 
     def _join(self, words: list[str]) -> None:
+        private = "--private" in words
         try:
-            rooms = [validate_room(w) for w in words]
+            rooms = [validate_room(w) for w in words if w != "--private"]
         except ProtocolError as exc:
             self.warn(display_text(exc.text))
             return
@@ -12872,10 +13768,11 @@ class ChatClient:
         else:
             self._switch_on_join = rooms[0]
         self._joining.update(dict.fromkeys(rooms, True))
-        self._request("JOIN", *(f"#{r}" for r in rooms))
+        self._request("JOIN", *(f"#{r}" for r in rooms), *(["+i"] if private else []))
 
     def _part(self, text: str) -> None:
-        word, _, reason = text.strip().partition(" ")
+        forget = "--forget" in text.split()
+        word, _, reason = " ".join(w for w in text.split() if w != "--forget").partition(" ")
         if not word and self.model.current.startswith("@"):  # closing a DM conversation is ours alone
             self.switch(self.model.close(self.model.current), quiet=True)
             return
@@ -12888,7 +13785,34 @@ class ChatClient:
             self.warn(f"#{display_text(room)} is the only room you are in: /join another first, or /quit")
             return
         self._parting[room] = True
-        self._request("PART", f"#{room}", *([sanitise_line(reason)] if reason.strip() else []))
+        if forget:
+            self._request("FORGET", f"#{room}")
+        else:
+            self._request("PART", f"#{room}", *([sanitise_line(reason)] if reason.strip() else []))
+
+    def _moderate(self, action: str, text: str) -> None:
+        """/invite /kick /ban /unban /mute /unmute /op /deop /mode, in the room on screen."""
+        room = self.model.current
+        if room.startswith("@"):
+            self.warn(f"/{action} works in rooms; this is a conversation with {display_text(room[1:])}")
+            return
+        words = text.split()
+        where = f"#{room}"
+        if action == "mode":
+            self._request("MODE", where, *words[:1])
+        elif action in ("kick", "invite"):
+            self._request(action.upper(), where, words[0], *([escape_text(" ".join(words[1:]))]
+                                                            if action == "kick" and words[1:] else []))
+        elif action == "ban":  # /ban NAME [FOR] [WHY]: a second word that is a duration is one
+            duration = words[1] if len(words) > 1 and re.fullmatch(r"\d+[smhdw]?|forever", words[1]) else ""
+            reason = " ".join(words[2:] if duration else words[1:])
+            self._request("MODE", where, "+b", words[0], duration, escape_text(reason))
+        elif action == "unban":
+            self._request("MODE", where, "-b", words[0])
+        elif action in ("mute", "unmute"):
+            self._request(action.upper(), where, words[0], *words[1:2] if action == "mute" else ())
+        else:  # op, deop
+            self._request("MODE", where, "+o" if action == "op" else "-o", words[0])
 
     def _logout(self, which: str) -> None:
         """``/logout N`` or ``/logout others`` (``--others`` too): the front-end asks for the name's

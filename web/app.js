@@ -10,13 +10,22 @@ const GROUP_SECONDS = 300;
 const NAME = /^[\p{L}\p{N}_.-]{1,32}$/u;
 const ROOM = /^#?[a-z0-9][a-z0-9_-]{0,29}$/;
 const COMMANDS = {
-  "/join": "/join #room…  join rooms (a new one is made) and switch to the first",
-  "/part": "/part [#room] [reason]  leave a room (this one without #room)",
+  "/join": "/join #room… [--private]  join rooms (a new one is made; --private: invite-only)",
+  "/part": "/part [#room] [--forget] [reason]  leave a room (--forget: for good, a member no more)",
   "/msg": "/msg NAME [text]  a direct message (or open the conversation)",
   "/me": "/me action  an action: * you action",
   "/topic": "/topic [text]  show this room's topic, or set it",
   "/names": "/names  who is in this room",
   "/who": "/who  who is online",
+  "/invite": "/invite NAME  let NAME into this private room (or tell NAME of it)",
+  "/kick": "/kick NAME [why]  put NAME out of this room (an operator's)",
+  "/ban": "/ban NAME|PATTERN [for] [why]  keep NAME (or spam*) out, for 10m, 2h, 7d (none: ever)",
+  "/unban": "/unban PATTERN  lift a ban (/mode +b lists them)",
+  "/mute": "/mute NAME [for]  NAME may not speak here",
+  "/unmute": "/unmute NAME  NAME may speak again",
+  "/op": "/op NAME  make NAME an operator of this room (its owner's)",
+  "/deop": "/deop NAME  NAME is an operator no more",
+  "/mode": "/mode [+i|-i|+t|-t|+m|-m|+b]  this room's flags: private, topic locked, moderated; +b: bans",
   "/search": "/search words  find messages (Ctrl-K switches conversations)",
   "/re": "/re ID text  reply to message ID (or Reply beside a message)",
   "/react": "/react ID emoji  react to message ID (again: take it back)",
@@ -517,7 +526,7 @@ function roomName(word) {
   return ROOM.test(name) ? name : null;
 }
 
-function joinRooms(words) {
+function joinRooms(words, privately = false) {
   const names = words.map(roomName);
   if (!names.length || names.includes(null)) {
     addNotice({ key: model.active, text: "room names are # and 1-30 of a-z, 0-9, '_' or '-'", error: true });
@@ -527,7 +536,7 @@ function joinRooms(words) {
   if (known && known.joined) switchTo(known.key);
   else model.pendingSwitch = names[0];
   $("input").focus();
-  model.send("JOIN", ...names.map((n) => "#" + n));
+  model.send("JOIN", ...names.map((n) => "#" + n), ...(privately ? ["+i"] : []));
 }
 
 async function command(line) {
@@ -538,19 +547,34 @@ async function command(line) {
   switch (word.toLowerCase()) {
     case "/join":
     case "/j":
-      joinRooms(args);
+      joinRooms(args.filter((a) => a !== "--private"), args.includes("--private"));
       break;
     case "/part":
     case "/leave": {
-      const room = args[0] && args[0].startsWith("#") ? roomName(args[0]) : conv.kind === "room" ? conv.name : null;
-      const reason = args[0] && args[0].startsWith("#") ? args.slice(1).join(" ") : args.join(" ");
+      const forget = args.includes("--forget");
+      const words = args.filter((a) => a !== "--forget");
+      const room = words[0] && words[0].startsWith("#") ? roomName(words[0]) : conv.kind === "room" ? conv.name : null;
+      const reason = words[0] && words[0].startsWith("#") ? words.slice(1).join(" ") : words.join(" ");
       if (!room || room === MAIN) {
         addNotice({ key: conv.key, text: "#main is where everyone is; it cannot be left", error: true });
+      } else if (forget) {
+        model.send("FORGET", "#" + room);
       } else {
         model.send("PART", "#" + room, ...(reason ? [reason] : []));
       }
       break;
     }
+    case "/invite":
+    case "/kick":
+    case "/ban":
+    case "/unban":
+    case "/mute":
+    case "/unmute":
+    case "/op":
+    case "/deop":
+    case "/mode":
+      moderate(word.toLowerCase().slice(1), args, conv);
+      break;
     case "/msg":
     case "/query": {
       const name = args[0];
@@ -619,6 +643,29 @@ async function command(line) {
     default:
       addNotice({ key: conv.key, text: `unknown command ${word}: /help lists them`, error: true });
   }
+}
+
+/** /invite /kick /ban /unban /mute /unmute /op /deop /mode, in the room on screen. */
+function moderate(action, args, conv) {
+  if (conv.kind !== "room") {
+    addNotice({ key: conv.key, text: `/${action} works in rooms`, error: true });
+    return;
+  }
+  if (action !== "mode" && !args.length) {
+    addNotice({ key: conv.key, text: COMMANDS["/" + action], error: true });
+    return;
+  }
+  const where = conv.key;
+  if (action === "mode") model.send("MODE", where, ...args.slice(0, 1));
+  else if (action === "kick") model.send("KICK", where, args[0], ...(args.length > 1 ? [args.slice(1).join(" ")] : []));
+  else if (action === "invite") model.send("INVITE", where, args[0]);
+  else if (action === "ban") {
+    const timed = args.length > 1 && /^(\d+[smhdw]?|forever)$/.test(args[1]);
+    model.send("MODE", where, "+b", args[0], timed ? args[1] : "", args.slice(timed ? 2 : 1).join(" "));
+  } else if (action === "unban") model.send("MODE", where, "-b", args[0]);
+  else if (action === "mute") model.send("MUTE", where, args[0], ...(args[1] ? [args[1]] : []));
+  else if (action === "unmute") model.send("UNMUTE", where, args[0]);
+  else model.send("MODE", where, action === "op" ? "+o" : "-o", args[0]);
 }
 
 async function rename(name) {

@@ -10,12 +10,43 @@ const GAP_PAGE = 200;        // ... when filling the gap after a reconnect
 const KEEP = 2000;           // messages kept per conversation (older ones are asked for again)
 const SEND_ERRORS = new Set(["rate-limited", "storage-failed", "empty-message", "unknown-user",
   "not-in-room", "bus-unavailable", "frame-too-long", "unknown-room", "invalid-room", "not-registered",
-  "unknown-message", "not-author", "too-late", "message-deleted", "too-many-reactions", "history-off"]);
+  "unknown-message", "not-author", "too-late", "message-deleted", "too-many-reactions", "history-off", "muted"]);
 export const ACTIONS = new Set(["edit", "delete", "react", "unreact"]);  // kinds that change an earlier message
 const HISTORY_ERRORS = new Set(["history-off", "history-failed"]);
 const BACKOFF = [1, 2, 4, 8, 15, 30];  // seconds between reconnects
 const FINAL = ["taken over", "logged out"];  // a Goodbye after which this tab does not reconnect by itself
 const REFUSALS = new Set(["name-taken", "name-protected", "too-many-devices", "bad-password"]);
+
+const MODE_WORDS = { i: "private (invite-only)", t: "topic locked", m: "moderated" };
+
+export function describeModes(modes) {
+  const words = [...modes].filter((c) => MODE_WORDS[c]).map((c) => MODE_WORDS[c]);
+  return words.length ? words.join(", ") : "public, anyone may set the topic";
+}
+
+/** A moderation event as one line: what was done, by whom, why. */
+export function moderationText(e, me) {
+  const target = e.target === me ? "you" : e.target;
+  const room = "#" + e.room;
+  const until = e.until ? ` until ${new Date(e.until * 1000).toLocaleString()}` : "";
+  const why = e.reason ? `: ${e.reason}` : "";
+  const said = {
+    kick: `${e.by} removed ${target} from ${room}${why}`,
+    ban: `${e.by} banned ${target} from ${room}${until}${why}`,
+    unban: `${e.by} lifted the ban on ${target} in ${room}`,
+    mute: `${e.by} muted ${target} in ${room}${until}`,
+    unmute: `${e.by} let ${target} speak again in ${room}`,
+    op: `${e.by} made ${target} an operator of ${room}`,
+    deop: `${e.by} took ${room}'s operator rights from ${target}`,
+    voice: `${e.by} gave ${target} a voice in ${room}`,
+    devoice: `${e.by} took ${target}'s voice in ${room}`,
+    invite: `${e.by} invited ${target} to ${room}` + (target === "you" ? ` (/join ${room})` : ""),
+    forget: `${target} left ${room} for good`,
+    mode: `${e.by} set ${room} ${e.target}: ` + [...e.target.slice(1)].filter((c) => MODE_WORDS[c])
+      .map((c) => (e.target[0] === "+" ? "" : "not ") + MODE_WORDS[c]).join(", "),
+  };
+  return said[e.action] || `${e.by} ${e.action} ${target} in ${room}${why}`;
+}
 
 export class Conversation {
   constructor(key) {
@@ -378,6 +409,7 @@ export class ChatModel extends EventTarget {
   }
 
   onErrorReply(event) {
+    if (event.code === "invite-only" || event.code === "banned") this.pendingSwitch = null;  // a /join refused
     if (SEND_ERRORS.has(event.code) && this.sends.length) {
       const send = this.sends.shift();
       this.changed("notice", { key: send.key, text: `not sent: ${event.text}`, error: true, unsent: send.text });
@@ -618,6 +650,9 @@ export class ChatModel extends EventTarget {
     } else if (event.verb === "REGISTER") {  // this tab protected its name: its login proves it now
       this.protected = true;
       this.changed("protected");
+    } else if (event.verb === "MODE") {
+      const [room, modes] = event.arg.split("|");
+      this.changed("notice", { key: room, text: `${room}: ${describeModes(modes)}` });
     } else if (event.verb === "PART") {
       const conv = this.conversation(event.arg);
       conv.joined = false;
@@ -630,6 +665,18 @@ export class ChatModel extends EventTarget {
   }
 
   onPong() {}
+
+  onModerated(event) {
+    const key = "#" + event.room;
+    this.changed("notice", { key: this.conversations.has(key) ? key : this.active, text: moderationText(event, this.name),
+      error: event.target === this.name && ["kick", "ban", "mute"].includes(event.action) });
+  }
+
+  onBanInfo(event) {
+    const until = event.until ? ` until ${new Date(event.until * 1000).toLocaleString()}` : "";
+    this.changed("notice", { key: event.room ? "#" + event.room : this.active,
+      text: `banned: ${event.pattern}${until} by ${event.by}${event.reason ? ": " + event.reason : ""}` });
+  }
 
   // --- what this browser keeps of the chat: rooms joined, read markers, the open conversation ----------
   // (a free name's are nobody's but the browser's; a protected name's markers are the account's too)
