@@ -8039,7 +8039,9 @@ class Moderation:
         """+o/-o (operators: the owner's to give), +v/-v (a voice in a moderated room: any operator's)."""
         field_name, on, off = ROLE_MODES[letter]
         key = confusable_key(name)
-        if letter == "o" and not (session.operator or (session.owner and session.key == room.created_by)):
+        stepping_down = letter == "o" and not given and key == session.key and key in room.access.ops
+        if letter == "o" and not stepping_down and not (session.operator or (session.owner
+                                                                            and session.key == room.created_by)):
             raise ProtocolError("not-allowed", f"only the owner of #{room.name} makes operators")
         self._acting(session, room, key if letter == "v" else "")
         if given and self.server.accounts.password_hash(key) is None and letter == "o":
@@ -12082,6 +12084,10 @@ class ChatConnection:
     def remove_hook(self, hook_id: int) -> None:
         self.request("HOOK", "RM", str(hook_id), expect=(Confirmed,))
 
+    def audit(self, room: str | None, limit: int) -> list[AuditEntry]:
+        """The newest ``limit`` moderation actions (of ``room``), oldest first: an operator's."""
+        return self._listing_of(AuditEntry, "AUDIT", *room_fields(room), str(limit))
+
     def backup(self, what: str, out: io.BufferedIOBase) -> int:
         """Write the server's copy of its ``what`` database (history or accounts) to ``out``; its size."""
         self.send("BACKUP", what)
@@ -14407,6 +14413,27 @@ def render_hooks_table(hooks: list[HookInfo]) -> None:
     print_table(table)
 
 
+def audit_as_json(entry: AuditEntry) -> str:
+    return json.dumps({"id": entry.id, "ts": format_timestamp(entry.ts),
+                       "room": f"#{entry.room}" if entry.room else None, "actor": entry.actor,
+                       "action": entry.action, "target": entry.target,
+                       "until": format_timestamp(entry.until) if entry.until else None,
+                       "reason": entry.reason or None})
+
+
+def render_audit_table(entries: list[AuditEntry]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{len(entries)} moderation action(s)", title_justify="left")
+    for column in ("#", "When", "Room", "Who", "Did", "To", "Until", "Why"):
+        table.add_column(column, overflow="fold")
+    for e in entries:
+        table.add_row(str(e.id), local_time(e.ts, with_date=True), f"#{e.room}" if e.room else "(server)",
+                      display_text(e.actor), display_text(e.action), display_text(e.target),
+                      local_time(e.until, with_date=True) if e.until else "", display_text(e.reason))
+    print_table(table)
+
+
 def users_as_json(users: tuple[UserInfo, ...]) -> str:
     return json.dumps([{"name": u.name, "since": format_timestamp(u.since) if u.since else None,
                         "idle": u.idle, "bot": u.bot, "devices": u.devices} for u in users])
@@ -16238,6 +16265,32 @@ def hook_rm(host, port, config_file, tls, cafile, tls_fingerprint, hook_id) -> N
     config = operator_config(host, port, config_file, tls, cafile, tls_fingerprint)
     as_operator(config, ask_operator_password, lambda conn: conn.remove_hook(hook_id))
     click.echo(f"webhook {hook_id} removed.", err=True)
+
+
+@cli.command(epilog=exit_codes_help(*CLIENT_EXITS))
+@operator_options
+@room_option("Only the actions in ROOM.")
+@click.option("--limit", "-n", default=100, show_default=True, type=click.IntRange(1, AUDIT_PAGE),
+              help="How many of the newest actions.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line on stdout.")
+def audit(host, port, config_file, tls, cafile, tls_fingerprint, room, limit, as_json) -> None:
+    """Show the moderation log: kicks, bans, mutes, operators, room flags, deletions by operators and
+    server-wide bans, with who did them, when and why (an operator's).
+
+    \b
+    Example:
+      CHATCTL_OPERATOR_PASSWORD=... chatctl audit --room hiring
+      chatctl audit --json -n 500
+    """
+    config = operator_config(host, port, config_file, tls, cafile, tls_fingerprint)
+    entries = as_operator(config, ask_operator_password, lambda conn: conn.audit(room, limit))
+    if as_json:
+        for entry in entries:
+            click.echo(audit_as_json(entry))
+    elif entries:
+        render_audit_table(entries)
+    else:
+        click.echo("No moderation actions.", err=True)
 
 
 @cli.command(epilog=exit_codes_help(*CLIENT_EXITS))

@@ -1,0 +1,224 @@
+"""Private rooms and moderation: a private room is nothing to a non-member however it asks (our protocol,
+the CLI, IRC, a webhook, after a restart, a look-alike name); owners, operators and server operators kick,
+ban, mute, lock topics and delete, each kept in the audit log; nobody reaches the owner."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+import chatctl
+from conftest import RawClient, protected_name, run_cli, wait_until
+from test_irc import IrcClient
+
+OPERATOR = "op-secret-77"
+
+
+@pytest.fixture
+def moderated(make_server):
+    """A server with an operator password, no password delays, and protected ana, bob and carl."""
+    server = make_server(operator_password=OPERATOR, auth_delay=0, irc=True)
+    for name in ("ana", "bob", "carl"):
+        protected_name(server.port, name, f"password-{name}")
+    return server
+
+
+def account(port: int, name: str, options: str = "|actions") -> RawClient:
+    """``name`` logged in with its password, after HELLO."""
+    client = RawClient(port)
+    client.send(f"HELLO|chatctl/1{options}\nUSER|{name}|password-{name}\n".encode())
+    client.expect("USER_OK")
+    return client
+
+
+def guest(port: int, name: str) -> RawClient:
+    client = RawClient(port)
+    client.send(f"HELLO|chatctl/1|actions\nUSER|{name}\n".encode())
+    client.expect("USER_OK")
+    return client
+
+
+def answer(client: RawClient, line: str) -> str:
+    """The first line a request gets that is not someone's presence or message, or news of moderation."""
+    client.send(line.encode() + b"\n")
+    while True:
+        got = client.line()
+        if not got.startswith(("JOIN|", "LEAVE|", "ENTER|", "EXIT|", "MODERATED|", "MSG|", "ME|", "DM|")):
+            return got
+
+
+def acted(client: RawClient, line: str, action: str) -> list[str]:
+    """Send a moderation request; once done, its MODERATED line (fields after the room) comes back to its
+    sender (a member of the room): returns those fields."""
+    client.send(line.encode() + b"\n")
+    while (fields := client.expect("MODERATED|").split("|"))[4] != action:
+        pass
+    return fields[3:]
+
+
+def joined(client: RawClient, room: str) -> bool:
+    """Ask to join ``room``: whether it worked (its reply read to its end)."""
+    client.send(f"JOIN|#{room}\n".encode())
+    return client.expect(("JOIN_OK|", "ERR|")).startswith("JOIN_OK|")
+
+
+def test_a_private_room_is_nothing_to_a_non_member_however_it_asks(moderated, isolated_home):
+    port = moderated.port
+    ana, eve = account(port, "ana"), guest(port, "eve")
+    ana.send(b"JOIN|#hiring|+i\nTOPIC|#hiring|offers and interviews\n")
+    ana.expect("JOIN_OK|#hiring")
+    ana.send(b"MSG|#hiring|the offer for carl is 100k\n")
+    ana.expect("MSG_OK|")
+    nothing = "ERR|unknown-room|there is no room #hiring"
+    for line in ("NAMES|#hiring", "TOPIC|#hiring", "HISTORY|#hiring|LAST|10", "SEARCH|#hiring|10|offer",
+                 "MSG|#hiring|hello?", "MARK|#hiring|1", "MODE|#hiring", "CLOSE|#hiring",
+                 "KICK|#hiring|ana", "INVITE|#hiring|eve", f"REACT|{1}|👍"):
+        got = answer(eve, line)
+        assert got in (nothing, "ERR|unknown-message|no message 1 in your rooms or direct messages"), (line, got)
+    assert answer(eve, "ROOMS").startswith("ROOM|#main|") and eve.expect("END|ROOMS") == "END|ROOMS|1"
+    assert answer(eve, "JOIN|#hiring") == "ERR|invite-only|#hiring is invite-only: a member can /invite you"
+    assert answer(eve, "SEARCH|10|offer") == "END|SEARCH|0"  # not among #main's and eve's own
+
+    env = isolated_home  # the command line asks the same server
+    assert "hiring" not in run_cli("rooms", "-p", str(port), "--json", env=env).stdout
+    for args in (("history", "--room", "hiring"), ("who", "--room", "hiring"),
+                 ("send", "-u", "mallory", "--room", "hiring", "psst")):
+        out = run_cli(*args, "-p", str(port), env=env)
+        assert out.returncode == chatctl.EXIT_REJECTED and "there is no room #hiring" in out.stderr, args
+        assert "offer" not in out.stdout + out.stderr
+
+    irc = IrcClient(port)  # IRC's ways in
+    irc.register("ircuser")
+    irc.send("LIST", "NAMES #hiring", "WHO #hiring", "CHATHISTORY LATEST #hiring * 10", "WHOIS ana", "JOIN #hiring",
+             "TOPIC #hiring", "MODE #hiring", "PRIVMSG #hiring :hi")
+    irc.expect(r" 473 ircuser #hiring ")
+    irc.send("PING :done")
+    irc.expect("PONG")
+    assert not any("hiring" in line and (" 322 " in line or " 319 " in line or "offer" in line or " 352 " in line)
+                   for line in irc.seen)
+    assert [line for line in irc.seen if " 403 " in line]
+    irc.close()
+
+
+def test_members_are_accounts_invited_kept_across_restarts_and_removed_for_good(make_server, tmp_path):
+    db, accounts = str(tmp_path / "h.db"), str(tmp_path / "a.db")
+    server = make_server(db=db, accounts_db=accounts, auth_delay=0)
+    for name in ("ana", "bob"):
+        protected_name(server.port, name, f"password-{name}")
+    ana, bob = account(server.port, "ana"), account(server.port, "bob")
+    free = guest(server.port, "freddy")
+    assert answer(free, "JOIN|#solo|+i").startswith("ERR|not-owner|only a protected name can make a private")
+    ana.send(b"JOIN|#hiring|+i\nMSG|#hiring|first round on monday\n")
+    ana.expect("MSG_OK|")
+    assert answer(ana, "INVITE|#hiring|freddy").startswith("ERR|not-owner|")  # members are accounts
+    ana.send(b"INVITE|#hiring|bob\n")
+    assert bob.expect("MODERATED|").split("|")[3:6] == ["ana", "invite", "bob"]
+    assert joined(bob, "hiring")
+    bob.close()
+    ana.close()
+    server.shutdown()
+
+    server = make_server(db=db, accounts_db=accounts, auth_delay=0)  # kept: the room, its flag, its members
+    bob, eve = account(server.port, "bob"), guest(server.port, "eve")
+    bob.send(b"JOIN|#hiring\nHISTORY|#hiring|LAST|5\n")
+    assert bob.expect("MSG|#hiring|").endswith("|ana|first round on monday")
+    bob.expect("END|HISTORY|")
+    assert answer(eve, "NAMES|#hiring") == "ERR|unknown-room|there is no room #hiring"
+    assert answer(bob, "FORGET|#hiring") == "PART_OK|#hiring"  # for good: no longer a member
+    bob.expect("FORGET_OK|#hiring")
+    assert answer(bob, "HISTORY|#hiring|LAST|5") == "ERR|unknown-room|there is no room #hiring"
+    assert answer(bob, "JOIN|#hiring").startswith("ERR|invite-only|")
+
+
+def test_a_look_alike_name_is_not_a_member(moderated):
+    ana = account(moderated.port, "ana")
+    ana.send(b"JOIN|#hiring|+i\nINVITE|#hiring|bob\n")
+    ana.expect("MODERATED|")
+    fake = RawClient(moderated.port)  # all Cyrillic: looks like bob, and bob's name is protected
+    fake.send("HELLO|chatctl/1\nUSER|ЬоЬ\n".encode())
+    assert fake.expect("ERR|").startswith("ERR|name-protected|")
+    imposter = RawClient(moderated.port)  # a zero for an o: the same
+    imposter.send(b"HELLO|chatctl/1\nUSER|B0B\n")
+    assert imposter.expect("ERR|").startswith("ERR|name-protected|")
+    other = guest(moderated.port, "bobby")  # a name of its own: not bob's membership
+    assert answer(other, "JOIN|#hiring").startswith("ERR|invite-only|")
+
+
+def test_operators_kick_ban_mute_and_lock_and_every_action_is_audited(moderated, isolated_home):
+    port = moderated.port
+    ana, bob, carl = account(port, "ana"), account(port, "bob"), account(port, "carl")
+    spam1, spam2 = guest(port, "spammer1"), guest(port, "spammer2")
+    for client in (ana, bob, carl, spam1, spam2):
+        client.send(b"JOIN|#ops\n")
+        client.expect("JOIN_OK|#ops")
+    assert answer(bob, "KICK|#ops|spammer1").startswith("ERR|not-allowed|only an operator of #ops")
+    acted(ana, "MODE|#ops|+o|bob", "op")
+    assert answer(bob, "KICK|#ops|ana|coup").startswith("ERR|not-allowed|the owner of #ops is out of")
+    assert answer(bob, "MODE|#ops|+b|an*").startswith("ERR|not-allowed|'an*' would ban the owner")
+    assert acted(bob, "MODE|#ops|-o|bob", "deop")[:3] == ["bob", "deop", "bob"]  # (one may step down)
+    acted(ana, "MODE|#ops|+o|bob", "op")
+
+    bob.send(b"KICK|#ops|spammer1|buy cheap watches\n")  # told why, in one line, and out
+    while (line := spam1.expect("MODERATED|")).split("|")[4] != "kick":
+        pass
+    assert line.split("|")[3:] == ["bob", "kick", "spammer1", "", "buy cheap watches"]
+    spam1.expect("PART_OK|#ops")
+    acted(bob, "MODE|#ops|+b|spammer*|1s|spam", "ban")  # a pattern, for a second: spammer2 is out too
+    spam2.expect("PART_OK|#ops")
+    assert answer(spam1, "JOIN|#ops").startswith("ERR|banned|banned from #ops until ")
+    wait_until(lambda: joined(spam1, "ops"), timeout=5, interval=0.3)  # the ban runs out
+
+    acted(bob, "MUTE|#ops|carl|1h", "mute")
+    assert answer(carl, "MSG|#ops|hello?").startswith("ERR|muted|you are muted in #ops until ")
+    acted(bob, "UNMUTE|#ops|carl", "unmute")
+    assert answer(carl, "MSG|#ops|thanks").startswith("MSG_OK|")
+    acted(ana, "MODE|#ops|+t", "mode")
+    assert answer(carl, "TOPIC|#ops|mine now").startswith("ERR|not-allowed|the topic of #ops is locked")
+    acted(ana, "MODE|#ops|+m", "mode")
+    acted(ana, "MODE|#ops|+v|carl", "voice")
+    assert answer(spam1, "MSG|#ops|hi").startswith("ERR|muted|#ops is moderated")
+    assert answer(carl, "MSG|#ops|I have a voice").startswith("MSG_OK|")
+    assert answer(ana, "MODE|#ops") == "MODE_OK|#ops|+mt"
+
+    carl.send(b"MSG|#ops|my password is hunter2\n")  # a leaked password, deleted by an operator
+    leak = chatctl.parse_event(carl.expect("MSG_OK|")).id
+    assert answer(bob, f"DELETE|{leak}").startswith("MSG_OK|")
+
+    out = run_cli("audit", "-p", str(port), "--room", "ops", "--json", env={**isolated_home,
+                  "CHATCTL_OPERATOR_PASSWORD": OPERATOR})
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    did = [(r["actor"], r["action"], r["target"]) for r in rows]
+    assert did == [("ana", "op", "bob"), ("bob", "deop", "bob"), ("ana", "op", "bob"),
+                   ("bob", "kick", "spammer1"), ("bob", "ban", "spammer*"), ("bob", "mute", "carl"),
+                   ("bob", "unmute", "carl"), ("ana", "mode", "+t"), ("ana", "mode", "+m"),
+                   ("ana", "voice", "carl"), ("bob", "delete", f"message {leak} of carl")]
+    assert rows[3]["reason"] == "buy cheap watches" and rows[4]["until"] is not None
+    assert all(r["room"] == "#ops" for r in rows)
+    guesser = run_cli("audit", "-p", str(port), env={**isolated_home, "CHATCTL_OPERATOR_PASSWORD": "nope"})
+    assert guesser.returncode == chatctl.EXIT_REJECTED and "rows" not in guesser.stdout
+
+
+def test_a_kick_from_main_ends_the_connection_and_server_bans_keep_names_and_addresses_out(moderated):
+    port = moderated.port
+    oper, spam = guest(port, "oper"), guest(port, "spammer")
+    oper.send(f"OPER|{OPERATOR}\n".encode())
+    oper.expect("OPER_OK")
+    oper.send(b"KICK|#main|spammer|flooding\n")
+    assert spam.wait_closed()[-1] == "BYE|removed from #main: kicked by oper: flooding"
+    oper.send(b"BAN|spam*|1h|spam wave\n")
+    oper.expect("BAN_OK|spam*")
+    late = RawClient(port)
+    late.send(b"HELLO|chatctl/1\nUSER|spambot\n")
+    assert late.expect("ERR|").startswith("ERR|banned|banned from this server until ")
+    oper.send(b"BAN|127.0.0.0/8|2s|everyone here\n")  # an address: even the operator's own address's
+    oper.expect("BAN_OK|")                             # other connections go (not the operator)
+    refused = RawClient(port)
+    refused.send(b"HELLO|chatctl/1\nUSER|innocent\n")
+    assert refused.expect("ERR|").startswith("ERR|banned|")
+    wait_until(lambda: (c := RawClient(port)).send(b"HELLO|chatctl/1\nUSER|innocent2\n")
+               or c.expect(("USER_OK", "ERR|")) == "USER_OK", timeout=8, interval=0.5)
+    oper.send(b"UNBAN|spam*\nBAN\n")
+    oper.expect("UNBAN_OK|spam*")
+    assert oper.expect("END|BANS") == "END|BANS|0"  # the address's ban ran out, spam*'s was lifted
