@@ -4825,7 +4825,8 @@ class SharedState:
     def moved(self, session, verb: str, room: Room, reason: str = "") -> None:
         """``session`` entered (``verb`` 'n') or left ('x') ``room``."""
         if verb == "n":
-            event = f"n|{session.key}|{session.token}|{room.name}|{room.created_by}|{room.created_ts!r}"
+            event = (f"n|{session.key}|{session.token}|{room.name}|{room.created_by}|{room.created_ts!r}|"
+                     f"{room.access.to_json()}")  # (a new private room is private everywhere at once)
             record = json.dumps(dataclasses.asdict(room.record()))
         else:
             event, record = f"x|{session.key}|{session.token}|{room.name}|{reason.replace('|', '/')}", ""
@@ -4838,11 +4839,14 @@ class SharedState:
         record_json = json.dumps(dataclasses.asdict(record))
         return _stream_id(self._script("room", record.name, record_json, event))
 
-    def set_access(self, record: RoomRecord) -> tuple[int, int]:
-        """Who may do what in a room, changed here (RoomRecord.access): in the shared rooms, and an event
-        for the others; returns the event's place in the log (the newest place wins everywhere)."""
+    def set_access(self, record: RoomRecord, told: Moderated) -> tuple[int, int]:
+        """Who may do what in a room, changed here (RoomRecord.access) as ``told`` says: in the shared
+        rooms, and an event for the others; returns the event's place in the log (the newest place wins
+        everywhere)."""
         record_json = json.dumps(dataclasses.asdict(record))
-        return _stream_id(self._script("room", record.name, record_json, f"a|{record_json}"))
+        event = (f"a|{told.by}|{told.action}|{told.target}|{told.until!r}|{told.reason.replace('|', '/')}|"
+                 f"{record_json}")
+        return _stream_id(self._script("room", record.name, record_json, event))
 
     def close_room(self, name: str) -> bool:
         """Close ``name`` cluster-wide, unless someone on any server is in it (False)."""
@@ -7373,12 +7377,14 @@ class ClusterMirror:
             self.cluster_drop(member, "left")
 
     def _event_enter(self, fields: list[str], at) -> None:
-        """``n|key|token|room|created by|created ts``: the account's devices here are told."""
+        """``n|key|token|room|created by|created ts|access (JSON)``: the account's devices here are told."""
         key, token, room_name, created_by, created_ts = fields[:5]
+        access = "|".join(fields[5:])
         member = self._remote(key, token)
         if member is not None:
             room, devices = self.server.registry.enter(
-                member, room_name, lambda r: self._made_elsewhere(r, created_by, float(created_ts or 0)))
+                member, room_name,
+                lambda r: self._made_elsewhere(r, created_by, float(created_ts or 0), access))
             if any(not isinstance(d, RemoteMember) for d in devices):
                 joined = self.server.rooms.joined_event(room)
                 for device in devices:
@@ -7434,8 +7440,12 @@ class ClusterMirror:
             self.server.rooms.change_topic(room, fields[2], text, ts=float(fields[1]), seq=at)
 
     def _event_access(self, fields: list[str], at) -> None:
-        """``a|record (JSON)``: who may do what in a room, changed on another server."""
-        self.server.moderation.apply(RoomRecord(**json.loads("|".join(fields))), at)
+        """``a|by|action|target|until|reason|record (JSON)``: who may do what in a room, changed on another
+        server (its members and whom it names here are told)."""
+        by, action, target, until, reason = fields[:5]
+        record = RoomRecord(**json.loads("|".join(fields[5:])))
+        self.server.moderation.apply(record, at, Moderated(record.name, time.time(), by, action, target,
+                                                           float(until), reason))
 
     def _event_room(self, fields: list[str], at) -> None:
         """``r|record (JSON)``: a room Redis had lost, given back by another server."""
@@ -7481,8 +7491,9 @@ class ClusterMirror:
             ready = self.server.presence.flush(members)
         self.server.writer.schedule_many(ready)
 
-    def _made_elsewhere(self, room: Room, created_by: str, created_ts: float) -> None:
+    def _made_elsewhere(self, room: Room, created_by: str, created_ts: float, access: str = "") -> None:
         room.created_by, room.created_ts = created_by, created_ts or room.created_ts
+        room.access = RoomAccess.from_json(access)
         if self.server.history is not None:
             self.server.history.save_room(room.record())
 
@@ -7923,23 +7934,26 @@ class Moderation:
         """Make ``access`` the room's (stored, shared with the cluster), keep it in the audit log, tell the
         room's members (and ``target``, if it is not one), and put out whoever may no longer be in it."""
         access = access.tidy(time.time())
+        event = Moderated(room.name, time.time(), session.name or "", action, target, until, reason)
         seq = None
         if self.server.bus is not None:
             record = dataclasses.replace(room.record(), access=access.to_json())
-            seq = self.server.shared.set_access(record)
+            seq = self.server.shared.set_access(record, event)
         self._store(room, access, seq)
         self.record(room.name, session.name or "", action, target, until, reason)
-        event = Moderated(room.name, time.time(), session.name or "", action, target, until, reason)
         self.tell(room, event, target)
         if session not in room.members and session.extended:  # (a server operator, from outside it)
             session.tell(event)
         self.enforce(room, f"{action} by {session.name}")
 
-    def apply(self, record: RoomRecord, seq: tuple[int, int] | None) -> None:
-        """Another server changed who may do what in a room (its record, at ``seq`` in the log)."""
+    def apply(self, record: RoomRecord, seq: tuple[int, int] | None, told: Moderated | None = None) -> None:
+        """Another server changed who may do what in a room (its record, at ``seq`` in the log; ``told``:
+        what its members here and whom it names are told)."""
         room = self.server.registry.rooms.get(record.name)
         if room is not None and self._store(room, RoomAccess.from_json(record.access), seq):
-            self.enforce(room, "by an operator")
+            if told is not None:
+                self.tell(room, told, told.target)
+            self.enforce(room, f"{told.action} by {told.by}" if told is not None else "by an operator")
 
     def _store(self, room: Room, access: RoomAccess, seq: tuple[int, int] | None) -> bool:
         history = self.server.history
@@ -8040,8 +8054,8 @@ class Moderation:
         field_name, on, off = ROLE_MODES[letter]
         key = confusable_key(name)
         stepping_down = letter == "o" and not given and key == session.key and key in room.access.ops
-        if letter == "o" and not stepping_down and not (session.operator or (session.owner
-                                                                            and session.key == room.created_by)):
+        owner = session.operator or (session.owner and session.key == room.created_by)
+        if letter == "o" and not stepping_down and not owner:
             raise ProtocolError("not-allowed", f"only the owner of #{room.name} makes operators")
         self._acting(session, room, key if letter == "v" else "")
         if given and self.server.accounts.password_hash(key) is None and letter == "o":

@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import chatctl  # noqa: E402
 from bench_performance import chatctl_server  # noqa: E402
+
+import chatctl  # noqa: E402
 
 WORDS = ("deploy build green red staging prod rollback fix merge review ticket alert disk cpu lunch "
          "coffee standup retro release hotfix").split()

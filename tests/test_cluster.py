@@ -94,10 +94,39 @@ def test_replies_reactions_edits_and_deletions_reach_and_change_every_servers_hi
     assert ana.expect("REACT|").split("|")[4:] == ["bob", str(first), "👀", "0"]
     ana.send(f"DELETE|{first}\n".encode())
     assert bob.expect("DELETE|").endswith(f"|ana|{first}")
-    for server in (a, b):  # each server's own history took every action
-        wait_until(lambda: (found := server.history.find(first)) is not None and found.deleted)
-        assert server.history.find(first).text == "" and server.history.find(first).reactions == ()
-        assert server.history.search(None, "hunter2", 10)[0] == []
+    for history in (a.history, b.history):  # each server's own history took every action
+        wait_until(lambda h=history: (found := h.find(first)) is not None and found.deleted)
+        assert history.find(first).text == "" and history.find(first).reactions == ()
+        assert history.search(None, "hunter2", 10)[0] == []
+
+
+def test_a_private_room_is_private_on_every_server_and_a_ban_on_one_reaches_the_others(node):
+    a, b = node("a", auth_delay=0), node("b", auth_delay=0)
+    for name in ("ana", "bob"):
+        protect = member(a.port, name)
+        protect.send(f"REGISTER|password-{name}\n".encode())
+        protect.expect("REGISTER_OK|")
+        protect.close()
+    wait_until(lambda: names_on(b.port) == [])
+    ana = member(a.port, "ana", "password-ana")
+    bob, eve = member(b.port, "bob", "password-bob"), member(b.port, "eve")
+    ana.send(b"JOIN|#hiring|+i\nMSG|#hiring|offer for carl\n")
+    ana.expect("MSG_OK|")
+    eve.send(b"ROOMS\nNAMES|#hiring\nHISTORY|#hiring|LAST|5\nJOIN|#hiring\n")
+    assert eve.expect("END|ROOMS") == "END|ROOMS|1"  # #main alone
+    assert eve.expect("ERR|") == "ERR|unknown-room|there is no room #hiring"
+    assert eve.expect("ERR|") == "ERR|unknown-room|there is no room #hiring"
+    assert eve.expect("ERR|").startswith("ERR|invite-only|")
+    ana.send(b"INVITE|#hiring|bob\n")  # on server a: bob, on server b, may join now
+    bob.expect("MODERATED|")
+    wait_until(lambda: bob.send(b"JOIN|#hiring\n") or bob.expect(("JOIN_OK|", "ERR|")).startswith("JOIN_OK"),
+               interval=0.2)
+    bob.send(b"HISTORY|#hiring|LAST|5\n")
+    assert bob.expect("MSG|#hiring|").endswith("|ana|offer for carl")
+    ana.send(b"MODE|#hiring|+b|bob|1h|left the company\n")  # a ban on a puts bob out on b
+    bob.expect("PART_OK|#hiring")
+    bob.send(b"JOIN|#hiring\n")
+    assert bob.expect("ERR|").startswith("ERR|banned|banned from #hiring until ")
 
 
 def test_direct_messages_both_ways_across_servers(node):

@@ -5,13 +5,13 @@ ban, mute, lock topics and delete, each kept in the audit log; nobody reaches th
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
+from test_irc import IrcClient
 
 import chatctl
 from conftest import RawClient, protected_name, run_cli, wait_until
-from test_irc import IrcClient
+from conftest import http_request
 
 OPERATOR = "op-secret-77"
 
@@ -76,7 +76,8 @@ def test_a_private_room_is_nothing_to_a_non_member_however_it_asks(moderated, is
                  "MSG|#hiring|hello?", "MARK|#hiring|1", "MODE|#hiring", "CLOSE|#hiring",
                  "KICK|#hiring|ana", "INVITE|#hiring|eve", f"REACT|{1}|👍"):
         got = answer(eve, line)
-        assert got in (nothing, "ERR|unknown-message|no message 1 in your rooms or direct messages"), (line, got)
+        no_message = "ERR|unknown-message|no message 1 in your rooms or direct messages"
+        assert got in (nothing, no_message), (line, got)
     assert answer(eve, "ROOMS").startswith("ROOM|#main|") and eve.expect("END|ROOMS") == "END|ROOMS|1"
     assert answer(eve, "JOIN|#hiring") == "ERR|invite-only|#hiring is invite-only: a member can /invite you"
     assert answer(eve, "SEARCH|10|offer") == "END|SEARCH|0"  # not among #main's and eve's own
@@ -91,12 +92,12 @@ def test_a_private_room_is_nothing_to_a_non_member_however_it_asks(moderated, is
 
     irc = IrcClient(port)  # IRC's ways in
     irc.register("ircuser")
-    irc.send("LIST", "NAMES #hiring", "WHO #hiring", "CHATHISTORY LATEST #hiring * 10", "WHOIS ana", "JOIN #hiring",
-             "TOPIC #hiring", "MODE #hiring", "PRIVMSG #hiring :hi")
+    irc.send("LIST", "NAMES #hiring", "WHO #hiring", "CHATHISTORY LATEST #hiring * 10", "WHOIS ana",
+             "JOIN #hiring", "TOPIC #hiring", "MODE #hiring", "PRIVMSG #hiring :hi")
     irc.expect(r" 473 ircuser #hiring ")
     irc.send("PING :done")
     irc.expect("PONG")
-    assert not any("hiring" in line and (" 322 " in line or " 319 " in line or "offer" in line or " 352 " in line)
+    assert not any("hiring" in line and any(mark in line for mark in (" 322 ", " 319 ", "offer", " 352 "))
                    for line in irc.seen)
     assert [line for line in irc.seen if " 403 " in line]
     irc.close()
@@ -222,3 +223,19 @@ def test_a_kick_from_main_ends_the_connection_and_server_bans_keep_names_and_add
     oper.send(b"UNBAN|spam*\nBAN\n")
     oper.expect("UNBAN_OK|spam*")
     assert oper.expect("END|BANS") == "END|BANS|0"  # the address's ban ran out, spam*'s was lifted
+
+
+def test_a_webhooks_posts_to_a_private_room_reach_its_members_alone(moderated):
+    ana, eve = account(moderated.port, "ana"), guest(moderated.port, "eve")
+    ana.send(b"JOIN|#incident-42|+i\n")
+    ana.expect("JOIN_OK|#incident-42")
+    with chatctl.ChatConnection("127.0.0.1", moderated.port) as conn:  # the operator makes the hook
+        conn.hello(quiet=True)
+        conn.oper(OPERATOR)
+        _, token = conn.add_hook("incident-42", "alertbot")
+    status, _, _ = http_request(moderated.port, "POST", f"/hooks/{token}", b'{"text": "db01 disk 95%"}',
+                                {"Content-Type": "application/json"})
+    assert status == 200
+    assert ana.expect("MSG|#incident-42|").endswith("|alertbot|db01 disk 95%")
+    assert eve.silent(0.3)  # nothing of it reached anyone else
+    assert answer(eve, "HISTORY|#incident-42|LAST|5") == "ERR|unknown-room|there is no room #incident-42"
