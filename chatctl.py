@@ -13321,7 +13321,9 @@ class ChatClient:
         if mine and event.action in ("kick", "ban") and self.model.has(event.room):
             with self._lock:
                 self._parting[event.room] = True  # its PART_OK follows: no "another device of yours left"
-        self.note(moderation_text(event, self.name), "bold yellow" if mine else "dim", room=event.room)
+        out = mine and event.action in ("kick", "ban")  # put out of the room: said where one goes
+        self.note(moderation_text(event, self.name), "bold yellow" if mine else "dim",
+                  room=MAIN_ROOM if out else event.room)
 
     def _presence_hidden(self, room: str, name: str) -> bool:
         return self.model.presence_hidden(room, name, self.quiet_joins, self.quiet_joins_after)

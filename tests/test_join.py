@@ -59,6 +59,37 @@ def test_reply_react_edit_and_delete_by_number_and_up_edits_the_last_line(server
     ana.expect(re.escape("usage: /edit ID TEXT"))
 
 
+def test_a_private_room_its_invitation_and_a_kick_in_one_line_each(make_server, user, spawn_join,
+                                                                     isolated_home):
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", "anapass123")
+    protected_name(server.port, "bob", "bobpass123")
+    isolated_home["CHATCTL_USER_PASSWORD"] = "anapass123"
+    ana = spawn_join("ana", server.port)
+    bob = RawClient(server.port)
+    bob.send(b"HELLO|chatctl/1|actions\nUSER|bob|bobpass123\n")
+    bob.expect("USER_OK")
+    ana.sendline("/join #hiring --private")
+    ana.expect(r"#hiring>")
+    ana.sendline("/invite bob")
+    ana.expect(re.escape("ana invited bob to #hiring"))
+    assert bob.expect("MODERATED|").split("|")[3:6] == ["ana", "invite", "bob"]
+    bob.send(b"JOIN|#hiring\nMODE|#hiring\n")
+    bob.expect("JOIN_OK|#hiring")
+    ana.expect("bob joined #hiring")
+    ana.sendline("/op bob")
+    ana.expect(re.escape("ana made bob an operator of #hiring"))
+    ana.sendline("/mode")
+    ana.expect(re.escape("#hiring: private (invite-only)"))
+    ana.sendline("/ban spam* 2h bots")
+    ana.expect(r"ana banned spam\* from #hiring until .*: bots")
+    ana.sendline("/kick bob")  # (the owner may)
+    ana.expect(re.escape("ana removed bob from #hiring"))
+    bob.expect("PART_OK|#hiring")
+    ana.sendline("/part --forget")
+    ana.expect(r"you left #hiring; now in #main")
+
+
 def test_incoming_message_does_not_break_a_half_typed_line(server, user, spawn_join):
     bob = user("bob")
     ana = spawn_join("ana", server.port)

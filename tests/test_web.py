@@ -249,6 +249,31 @@ def test_reply_react_edit_and_delete_from_the_browser_and_what_others_do_shows_i
     ana.clean()
 
 
+def test_a_private_room_from_the_browser_and_a_kick_said_in_one_line(server, tabs, user):
+    protected_name(server.port, "ana", "correct horse")
+    protected_name(server.port, "bob", "battery staple")
+    bob = RawClient(server.port)
+    bob.send(b"HELLO|chatctl/1|actions\nUSER|bob|battery staple\nJOIN|#ops\n")
+    bob.expect("JOIN_OK|#ops")
+    eve = user("eve", hello=True)
+    ana = tabs(server.port).login("ana", "correct horse")
+    ana.say("/join #hiring --private")
+    ana.shows("#hiring")
+    ana.say("/invite bob")
+    ana.sees("ana invited bob to #hiring")
+    eve.send(b"ROOMS\n")
+    assert eve.expect("END|ROOMS") == "END|ROOMS|2"  # #main and #ops: not #hiring
+    assert not [line for line in eve.seen if "hiring" in line]
+
+    ana.say("/join #ops")
+    ana.shows("#ops")
+    bob.send(b"KICK|#ops|ana|wrong room\n")
+    ana.sees("bob removed you from #ops: wrong room", "#messages")
+    ana.shows("#main")  # out of it: back in #main, #ops no longer among the rooms
+    wait_until(lambda: ana.page.locator("#conversations .conv", has_text="#ops").count() == 0)
+    ana.clean()
+
+
 def test_a_protected_name_logs_in_with_its_password_and_read_state_follows_its_other_device(server, tabs):
     protected_name(server.port, "ana", "correct horse")
     tab = tabs(server.port)

@@ -667,7 +667,8 @@ export class ChatModel extends EventTarget {
   onPong() {}
 
   onModerated(event) {
-    const key = "#" + event.room;
+    const out = event.target === this.name && (event.action === "kick" || event.action === "ban");
+    const key = out ? "#" + MAIN : "#" + event.room;  // (put out of a room: said where one goes)
     this.changed("notice", { key: this.conversations.has(key) ? key : this.active, text: moderationText(event, this.name),
       error: event.target === this.name && ["kick", "ban", "mute"].includes(event.action) });
   }
