@@ -10,8 +10,7 @@ import pytest
 from test_irc import IrcClient
 
 import chatctl
-from conftest import RawClient, protected_name, run_cli, wait_until
-from conftest import http_request
+from conftest import RawClient, http_request, protected_name, run_cli, wait_until
 
 OPERATOR = "op-secret-77"
 
