@@ -18,14 +18,16 @@ Contents, in dependency order (search for the banner to jump):
     3. Protocol codec         bytes in, dataclasses out; events, and Encodings (chatctl/1, the seed's
                               form) that write them; no sockets
     4. Config                 chatctl.toml, CHATCTL_* and flags, in one place
-    5. Storage                HistoryStore (SQLite: messages, rooms, read markers), AccountStore,
+    5. Storage                HistoryStore (SQLite: messages and what was done to them, rooms, read
+                              markers, the audit log), RoomAccess (who may do what in a room), AccountStore,
                               CommitLog and LocalLog (where a message gets its id and order)
     6. Security               passwords (AuthThrottle, PasswordHasher), rate limits, certificates, TLS, pins
     7. Cluster                RedisBus (--bus: the shared log in Redis), SharedState (names, rooms,
                               accounts, markers, password tries, on the same pool), SharedAuthThrottle
     8. Server                 OutboundQueue, Writer, ReaderPool, ReadPoller, Room, RemoteMember, Registry,
                               Gateway (other protocols register here), ClientSession (its SessionState),
-                              Presence, FanOut, ClusterMirror, Rooms, ChatServer (wires them)
+                              Presence, FanOut, ClusterMirror, Rooms, Moderation (private rooms, bans,
+                              the audit log), ChatServer (wires them)
     9. IRC gateway            IrcGate: IRC clients as ClientSessions, the IRC Encoding; registered as a
                               Gateway
    10. HTTP gateway           HttpGate (h11 on the same poller): Slack-style webhooks, /healthz, /readyz,
@@ -65,8 +67,8 @@ Threads and locks (the server's; each class docstring says the same of its own f
 
     Locks, outermost first; a thread holding one takes only locks of a later tier:
       0. ChatServer.logouts   one LOGOUT at a time: which devices it ends (ending them takes the rest)
-      1. Registry.lock        who holds which name, who is in which room (Presence.announce is
-                              called under it)
+      1. Registry.lock        who holds which name, who is in which room, each room's access
+                              (Presence.announce is called under it)
       2. Room.posting         a room taking messages (closing it takes it too)
       3. FanOut.lock          every client's stream in id order: deliveries, MSG_OKs, replies
                               queued behind them, presence flushed before a subject's message
@@ -75,7 +77,7 @@ Threads and locks (the server's; each class docstring says the same of its own f
          ReadPoller._lock, LocalLog._lock, AddressBudget._lock, AuthThrottle._lock,
          PasswordHasher._lock, HistoryStore's, AccountStore's, HookStore's and WebSessionStore's
          locks, RedisBus._lock,
-         ClusterMirror._lock, Hooks._lock, ServerStats._lock, OutgoingHooks._lock
+         ClusterMirror._lock, Hooks._lock, ServerStats._lock, OutgoingHooks._lock, Moderation._lock
 
     The clients: LiveSession's reader thread (chatctl-join-reader) hands events to ChatClient,
     whose _lock (an RLock) guards what it and the front-end's thread share; RoomsModel._lock is
