@@ -208,6 +208,7 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1  # about 16 MiB and 50 ms per hash
 TLS_HANDSHAKE_BYTE = 0x16            # the first byte of every TLS ClientHello
 TAKEN_OVER = "taken over"            # BYE reason prefix: the owner logged in elsewhere; do not reconnect
 LOGGED_OUT = "logged out"            # BYE reason prefix: another device of the account ended this one
+REMOVED = "removed: "                # EXIT reason prefix: a kick or a ban put one out (MODERATED said so)
 MAX_DEVICES = 10                     # connections one protected name (an account) may have at once
 LOGGED_OUT_KEPT = 10000              # devices logged out across a cluster that a server remembers
 CLIENT_KINDS = ("join", "tui", "web", "bot")  # what our clients say they are (HELLO|chatctl/1|client=tui)
@@ -2250,6 +2251,7 @@ class HistoryStore:
         self._next_prune = time.monotonic() + PRUNE_INTERVAL
         self.pruned = self.prune_runs = 0  # retention's work since the start (the upkeep thread's)
         self.failing = False  # the last write of messages failed (the commit log's thread writes it)
+        self.scrub_due = False  # a message was deleted: its words are to leave the file (the upkeep's job)
         self._writer.execute("PRAGMA wal_autocheckpoint=0")  # the upkeep thread's job
         self._closing = threading.Event()
         self._upkeep_thread: threading.Thread | None = None
@@ -2266,6 +2268,9 @@ class HistoryStore:
     def upkeep(self) -> None:
         """Checkpoint the WAL; apply retention when due (the upkeep thread)."""
 
+        if self.scrub_due:
+            self.scrub_due = False
+            self.scrub()
         try:
             self._upkeep_db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as exc:
@@ -2274,6 +2279,18 @@ class HistoryStore:
             self._next_prune = time.monotonic() + PRUNE_INTERVAL
             self.pruned += self.prune()
             self.prune_runs += 1
+
+    def scrub(self) -> None:
+        """Leave no trace of deleted messages' words in the files: the full-text index keeps a deleted
+        row's words (behind a marker that hides them) until its segments merge, so merge it whole
+        (a quarter of a second at a million messages, done after a deletion only), then checkpoint the
+        WAL and truncate it (its old frames hold the old pages); secure_delete zeroes freed pages."""
+        db = self._upkeep_db
+        try:
+            db.execute("INSERT INTO messages_fts(messages_fts) VALUES ('optimize')")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("history scrub after a deletion failed: %s", exc)
 
     def _take_lock(self):
         """One server per database file: an exclusive lock on ``<db>.lock`` for as long as it runs."""
@@ -2395,8 +2412,7 @@ class HistoryStore:
             raise
         self.last_id = batch[-1].message.id
 
-    @staticmethod
-    def _apply(db, action: ChatMessage) -> None:
+    def _apply(self, db, action: ChatMessage) -> None:
         """An action's change to the message it names, in the commit's transaction (so a server applies
         the log's actions in its order).  A reaction toggles: one its sender had given already is taken
         back, and the action becomes an ``unreact`` (its row and the message delivered say so)."""
@@ -2408,6 +2424,7 @@ class HistoryStore:
             # its text goes from the row, from every edit of it and from the index (the update trigger);
             # secure_delete overwrites the freed bytes, so a backup made afterwards does not hold them
             db.execute("UPDATE messages SET text = '', deleted = ? WHERE id = ?", (action.ts, target))
+            self.scrub_due = True
             db.execute("UPDATE messages SET text = '' WHERE ref = ? AND kind = 'edit'", (target,))
             db.execute("DELETE FROM reactions WHERE message = ?", (target,))
         else:
@@ -7987,8 +8004,8 @@ class Moderation:
                 if not isinstance(device, RemoteMember):
                     device.disconnect(f"removed from #main: {why}")
             return
-        try:
-            forgotten, devices = self.server.registry.part(session, room.name, why)
+        try:  # (its EXIT's reason starts REMOVED: clients said it already, with the MODERATED line)
+            forgotten, devices = self.server.registry.part(session, room.name, REMOVED + why)
         except ProtocolError:
             return  # gone meanwhile
         if self.server.bus is not None:
@@ -8145,9 +8162,14 @@ class Moderation:
         return tuple(b for b in self._bans if b.active(now))
 
     def check_server_ban(self, name: str, address: str) -> None:
+        """Refuse a name (or an address) banned from the server, or from #main (where everyone is)."""
         for ban in self.server_bans():
             if ban.matches(name, address):
                 raise ProtocolError("banned", ban_text("banned from this server", ban), closes=True)
+        main = self.server.registry.rooms.get(MAIN_ROOM)
+        ban = main.access.banned(name, time.time()) if main is not None else None
+        if ban is not None:
+            raise ProtocolError("banned", ban_text(f"banned from #{MAIN_ROOM}", ban), closes=True)
 
 
 def check_pattern(pattern: str) -> None:
@@ -9736,15 +9758,7 @@ class IrcGate(Encoding):
         if len(params) < 2:
             self.numeric("461", "REDACT", "Not enough parameters")
             return
-        ref = irc_msgid(params[1])
-        try:
-            if not ref:
-                raise ProtocolError("unknown-message", f"{params[1][:20]!r} is no message id here")
-            self.call("DELETE", str(ref))
-        except ProtocolError as exc:
-            why = {"unknown-message": "UNKNOWN_MSGID", "not-author": "REDACT_FORBIDDEN",
-                   "too-late": "REDACT_WINDOW_EXPIRED"}.get(exc.code, "UNKNOWN_MSGID")
-            self.send(f":{IRC_SERVER} FAIL REDACT {why} {params[0][:40]} {params[1][:20]} :{exc.text}")
+        self._message_action("REDACT", params, "DELETE")
 
     def irc_edit(self, params: tuple[str, ...]) -> None:
         """``EDIT <target> <msgid> :text``: edit one of your messages (chatctl's own: IRC has no edits yet;
@@ -9752,14 +9766,23 @@ class IrcGate(Encoding):
         if len(params) < 3 or not params[2]:
             self.numeric("461", "EDIT", "Not enough parameters")
             return
+        text = escape_text(sanitise_text(strip_irc_formatting(params[2])))
+        self._message_action("EDIT", params, "EDIT", text)
+
+    def _message_action(self, command: str, params: tuple[str, ...], verb: str,
+                        text: str | None = None) -> None:
+        """Our ``verb`` (DELETE, EDIT) on the message ``params[1]`` names (a msgid); refused: ``FAIL``."""
         ref = irc_msgid(params[1])
         try:
             if not ref:
                 raise ProtocolError("unknown-message", f"{params[1][:20]!r} is no message id here")
-            self.call("EDIT", f"{ref}|{escape_text(sanitise_text(strip_irc_formatting(params[2])))}")
+            self.call(verb, str(ref) if text is None else f"{ref}|{text}")
         except ProtocolError as exc:
-            self.send(f":{IRC_SERVER} FAIL EDIT {exc.code.upper().replace('-', '_')} {params[0][:40]} "
-                      f"{params[1][:20]} :{exc.text}")
+            why = exc.code.upper().replace("-", "_")
+            if command == "REDACT":  # (draft/message-redaction's codes)
+                why = {"not-author": "REDACT_FORBIDDEN", "too-late": "REDACT_WINDOW_EXPIRED"}.get(exc.code,
+                                                                                                 "UNKNOWN_MSGID")
+            self.send(f":{IRC_SERVER} FAIL {command} {why} {params[0][:40]} {params[1][:20]} :{exc.text}")
 
     def irc_notice(self, params: tuple[str, ...]) -> None:
         self.irc_privmsg(params, notice=True)
@@ -9934,8 +9957,8 @@ class IrcGate(Encoding):
         the rest as a NOTICE."""
         by, room, target = source(event.by), f"#{event.room}", event.target
         me = name_key(target) == name_key(self.nick or "")
-        if event.action == "kick":
-            return [f"{by} KICK {room} {target} :{event.reason or event.by}"]
+        if event.action == "kick":  # (to the others, the EXIT that follows is the KICK, as a ban's)
+            return [f"{by} KICK {room} {target} :{event.reason or event.by}"] if me else []
         if event.action in ("op", "deop", "voice", "devoice"):
             return [f"{by} MODE {room} {'+' if event.action in ('op', 'voice') else '-'}{event.action[-1]} "
                     f"{target}"]
@@ -10121,6 +10144,9 @@ class IrcGate(Encoding):
         return [self._tags(None, "", ts=event.ts) + f"{source(event.name)} JOIN #{event.room}"]
 
     def out_exited(self, event: Exited, batch: str) -> list[str]:
+        if event.reason.startswith(REMOVED):  # put out by a kick or a ban
+            return [self._tags(None, "", ts=event.ts)
+                    + f":{IRC_SERVER} KICK #{event.room} {event.name} :{event.reason[len(REMOVED):]}"]
         reason = f" :{event.reason}" if event.reason else ""  # (irssi shows an empty one as "[]")
         return [self._tags(None, "", ts=event.ts) + f"{source(event.name)} PART #{event.room}{reason}"]
 
@@ -12199,7 +12225,7 @@ def room_fields(room: str | None) -> tuple[str, ...]:
 
 PasswordPrompt = Callable[[str], str]   # asked for the password of a protected name
 REFUSALS = ("too-many-connections", "tls-required", "auth-locked")  # ERRs that answer any first frame
-FINAL_REFUSALS = ("bad-password", "name-protected", "password-required", "tls-required")
+FINAL_REFUSALS = ("bad-password", "name-protected", "password-required", "tls-required", "banned")
 
 
 def connect(config: ClientConfig, ask_trust: Callable[[str, str], bool] | None = None,
@@ -12290,7 +12316,7 @@ def as_operator(config: ClientConfig, ask_password: Callable[[], str] | None,
     if not password and ask_password is not None:
         password = ask_password()
     if not password:
-        raise ClientError("this needs the server's operator password: set CHATCTL_OPERATOR_PASSWORD")
+        raise ConfigError("this needs the server's operator password: set CHATCTL_OPERATOR_PASSWORD")
     with connect(config, notify=client_notice, quiet=True) as conn:
         conn.oper(password)
         return action(conn)
@@ -12423,6 +12449,7 @@ JOIN_COMMANDS = {
     "/unregister": "/unregister       drop the protection of your name",
     "/devices": "/devices          where your protected name is online (each device, numbered)",
     "/logout": "/logout N|others  end device N, or all your other devices (a lost phone)",
+    "/oper": "/oper             become a server operator (asks for the operator password, hidden)",
     "/quit": "/quit [REASON]    leave (Ctrl-D and Ctrl-C too)",
     "/help": "/help             this list",
 }
@@ -13063,9 +13090,9 @@ class ClientFrontEnd:
         """/register: ask for a new password, twice and hidden (and, for a protected name, its current
         one), then call ``ChatClient.protect``."""
 
-    def confirm_password(self, what: str, then: Callable[[str], None]) -> None:
-        """Ask for the name's password, hidden, to do ``what`` (/logout, /unregister); then call
-        ``then`` with it (nothing if the person gives none)."""
+    def confirm_password(self, what: str, then: Callable[[str], None], whose: str = "") -> None:
+        """Ask for the name's password (``whose``: another, the server operator's), hidden, to do ``what``
+        (/logout, /unregister, /oper); then call ``then`` with it (nothing if the person gives none)."""
 
 
 KNOWN_MESSAGES = 5000                # messages a client keeps by id: what replies quote and actions change
@@ -13091,7 +13118,8 @@ def moderation_text(event: Moderated, me: str) -> str:
         "mute": f"{by} muted {target} in {room}{until}",
         "unmute": f"{by} let {target} speak again in {room}",
         "op": f"{by} made {target} an operator of {room}",
-        "deop": f"{by} took {room}'s operator rights from {target}",
+        "deop": (f"{by} stepped down as an operator of {room}" if name_key(event.by) == name_key(event.target)
+                 else f"{by} took {room}'s operator rights from {target}"),
         "voice": f"{by} gave {target} a voice in {room}",
         "devoice": f"{by} took {target}'s voice in {room}",
         "invite": f"{by} invited {target} to {room}" + (f" (/join {room})" if target == "you" else ""),
@@ -13167,6 +13195,7 @@ class ChatClient:
         # (verb, to, text, room, the message it names) awaiting MSG_OK or ERR
         self.outbox: list[tuple[str, str | None, str, str, int]] = []
         self.failures = 0
+        self.join_refused = False  # the server refused the room a /join would switch to
         self.quit_reason = ""  # what /quit said; sent with QUIT
         self._shown_ids: set[int] = set()  # a message is never shown twice (backlog, then live)
         # the last messages by id, as they are now: what a reply quotes and an action changes
@@ -13306,12 +13335,19 @@ class ChatClient:
             why = f": {display_text(event.reason)}" if event.reason else ""
             self.note(f"banned in #{display_text(event.room)}: {display_text(event.pattern)}{until} by "
                       f"{display_text(event.by)}{why}", room=event.room or None)
+        elif isinstance(event, Confirmed) and event.verb == "OPER":
+            self.note("you are a server operator now, on this connection: you act in every room")
+        elif isinstance(event, Confirmed) and event.verb in ("BAN", "UNBAN"):
+            what = "ban of" if event.verb == "BAN" else "ban lifted:"
+            self.note(f"server-wide {what} {display_text(event.arg)}")
         elif isinstance(event, Confirmed) and event.verb == "MODE":
             room, _, modes = event.arg.partition("|")
             self.note(f"{display_text(room)}: {display_text(describe_modes(modes))}", room=room.lstrip("#"))
         elif isinstance(event, ErrorReply):
             if event.code in ("invalid-room", "too-many-rooms", "invite-only", "banned"):  # a /join refused
                 with self._lock:
+                    self.join_refused = self._switch_on_join is not None
+                    self.failures += self.join_refused
                     self._switch_on_join = None
                     self._settled.notify_all()
             self.warn("server: " + display_text(f"{event.text} ({event.code})"))
@@ -13319,7 +13355,7 @@ class ChatClient:
             self.note(display_text(event.line))
 
     def _moderated(self, event: Moderated) -> None:
-        mine = self.is_me(event.target)
+        mine = self.is_me(event.target) or (event.action == "ban" and Ban(event.target).matches(self.name))
         if mine and event.action in ("kick", "ban") and self.model.has(event.room):
             with self._lock:
                 self._parting[event.room] = True  # its PART_OK follows: no "another device of yours left"
@@ -13496,7 +13532,7 @@ class ChatClient:
                 self.note(f"{display_text(event.name)} joined #{display_text(event.room)}", room=event.room)
             self.model.member_entered(event.room, event.name)
         elif isinstance(event, Exited):
-            if not self._presence_hidden(event.room, event.name):
+            if not self._presence_hidden(event.room, event.name) and not event.reason.startswith(REMOVED):
                 why = f" ({display_text(event.reason)})" if event.reason else ""
                 text = f"{display_text(event.name)} left #{display_text(event.room)}{why}"
                 self.note(text, room=event.room)
@@ -13757,6 +13793,10 @@ class ChatClient:
                                                                            one_line_secret(password)))
             else:
                 self._request("UNREGISTER")
+        elif action == "oper":
+            self.front.confirm_password("act as a server operator",
+                                        lambda password: self._request("OPER", one_line_secret(password)),
+                                        whose="the server's operator password")
         elif action == "devices":
             self._request("DEVICES")
         elif action == "logout":
@@ -14721,12 +14761,13 @@ class JoinClient(ClientFrontEnd):
         except ConfigError as exc:
             self.chat.warn(display_text(str(exc)))
 
-    def confirm_password(self, what: str, then: Callable[[str], None]) -> None:
+    def confirm_password(self, what: str, then: Callable[[str], None], whose: str = "") -> None:
         if self._prompt is None:
             self.chat.warn(f"that needs a terminal to ask for the password (to {what})")
             return
         try:
-            password = self._prompt.prompt(f"to {what}, the password of {self.chat.name}: ", is_password=True)
+            password = self._prompt.prompt(f"to {what}, {whose or 'the password of ' + self.chat.name}: ",
+                                           is_password=True)
         except (EOFError, KeyboardInterrupt):
             self.chat.note("nothing done")
             return
@@ -14831,6 +14872,9 @@ class JoinClient(ClientFrontEnd):
                     break
                 if line.lstrip().startswith("/join "):  # the lines after it go to that room
                     self.chat.wait_switched(timeout)
+                    if self.chat.join_refused:  # ... or nowhere: never to the room before it
+                        self.chat.note("the rest of the input was not sent: the /join was refused")
+                        break
             if not self.chat.wait_settled(timeout):
                 raise ServerTimeout("the server did not acknowledge every message in time")
         finally:
@@ -15014,8 +15058,8 @@ class QueuedFrontEnd(ClientFrontEnd):
     def protect_name(self):
         self._put("protect")
 
-    def confirm_password(self, what: str, then: Callable[[str], None]) -> None:
-        self._put("password", what, then)
+    def confirm_password(self, what: str, then: Callable[[str], None], whose: str = "") -> None:
+        self._put("password", what, then, whose)
 
 
 def one_row(text: str, width: int) -> str:
@@ -15663,9 +15707,9 @@ def tui_app():
                 elif kind == "protect":
                     self.push_screen(NewPasswordScreen(current=bool(chat.session.password)), self._protect)
                 elif kind == "password":
-                    what, then = args
-                    self.push_screen(AskScreen(f"To {what}, the password of {chat.name}:", password=True),
-                                     functools.partial(self._with_password, then))
+                    what, then, whose = args
+                    self.push_screen(AskScreen(f"To {what}, {whose or 'the password of ' + chat.name}:",
+                                               password=True), functools.partial(self._with_password, then))
             if chat.model.current != shown or redraw:
                 self._show(chat.model.current, keep_scroll=redraw and chat.model.current == shown)
             else:
@@ -15694,6 +15738,9 @@ def tui_app():
                 self._fresh += self._notice(f"{who} {did} message #{action.ref}", room=where)
                 return False
             line.msg = target
+            for reply in conversation.lines:  # the replies that quote it quote it as it is now
+                if reply.quoted is not None and reply.quoted.id == target.id:
+                    reply.quoted = target
             return where == self._shown
 
         def _notice(self, markup: str, style: str = "dim", room: str | None = None) -> list[TuiLine]:

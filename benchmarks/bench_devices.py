@@ -20,11 +20,13 @@ account's device with the password.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import selectors
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,7 +66,11 @@ class DeviceLoad(chatctl.LoadGenerator):
             clients.append(conn)
             conn.hello()
             conn.register(self.name(i), PASSWORD if self.accounts else None)
+            self.registered(i, conn)
         return self._settle([chatctl._BenchClient(i, conn) for i, conn in enumerate(clients)])
+
+    def registered(self, i: int, conn: chatctl.ChatConnection) -> None:
+        """A hook: client ``i`` has its name (a subclass joins rooms here)."""
 
     def _settle(self, clients: list) -> list:
         """Read what registering brought (JOIN lines) until every connection has been quiet for a while."""
@@ -98,33 +104,40 @@ ROWS = [  # label, clients, senders, accounts
 ]
 
 
+def run_rows(loads: dict[str, Callable[[chatctl.ClientConfig], DeviceLoad]], rounds: int) -> dict[str, float]:
+    """Each row's load (made by its function for a fresh server), ``rounds`` times, rows alternating so the
+    machine's moods fall on all alike; prints every row's medians; returns their deliveries per second."""
+    if len(os.sched_getaffinity(0)) >= 2:
+        os.sched_setaffinity(0, {1})
+    results: dict[str, list[chatctl.BenchResult]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(rounds):
+            for label, make in loads.items():
+                with server(Path(tmp)) as port:
+                    load = make(chatctl.ClientConfig(host="127.0.0.1", port=port, timeout=30.0))
+                    load.protect()
+                    results.setdefault(label, []).append(load.run())
+    print(machine_line())
+    print(f"{'':26} {'deliveries/s':>13} {'p99 ms':>8} {'lost':>5} {'dup':>4}")
+    rate = {}
+    for label, rows in results.items():
+        rate[label] = median(r.deliveries_per_s for r in rows)
+        p99 = median(r.latency_ms.get("p99", 0.0) for r in rows)
+        print(f"{label:26} {mega(rate[label]):>13} {p99:8.1f} {sum(r.lost for r in rows):5} "
+              f"{sum(r.duplicates for r in rows):4}")
+    return rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--messages", type=int, default=1000, help="messages per sender")
     args = parser.parse_args()
-    if len(os.sched_getaffinity(0)) >= 2:
-        os.sched_setaffinity(0, {1})
-    results: dict[str, list[chatctl.BenchResult]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.rounds):
-            for label, clients, senders, accounts in ROWS:
-                with server(Path(tmp)) as port:
-                    config = chatctl.ClientConfig(host="127.0.0.1", port=port, timeout=30.0)
-                    load = DeviceLoad(config, clients, senders, args.messages, accounts)
-                    load.protect()
-                    results.setdefault(label, []).append(load.run())
-    print(machine_line())
     print(f"# deliveries/s, medians of {args.rounds}; chatctl with history on; "
           f"{args.messages} messages a sender")
-    print(f"{'':26} {'deliveries/s':>13} {'p99 ms':>8} {'lost':>5} {'dup':>4}")
-    rate = {}
-    for label, *_ in ROWS:
-        rows = results[label]
-        rate[label] = median(r.deliveries_per_s for r in rows)
-        p99 = median(r.latency_ms.get("p99", 0.0) for r in rows)
-        print(f"{label:26} {mega(rate[label]):>13} {p99:8.1f} {sum(r.lost for r in rows):5} "
-              f"{sum(r.duplicates for r in rows):4}")
+    rate = run_rows({label: functools.partial(DeviceLoad, clients=clients, senders=senders,
+                                              messages=args.messages, accounts=accounts)
+                     for label, clients, senders, accounts in ROWS}, args.rounds)
     print(f"300 connections: 100 accounts x 3 devices / 300 plain names "
           f"{rate['100 accounts x 3 devices'] / rate['300 plain names']:.2f}")
     print(f"100 connections: 100 accounts x 1 device / 100 plain names "

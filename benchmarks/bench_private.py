@@ -14,17 +14,15 @@ rounds, and private / public: the target is that a private room costs what a pub
 from __future__ import annotations
 
 import argparse
-import os
+import functools
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_devices import PASSWORD, DeviceLoad, server
-from bench_performance import machine_line, median, mega
+from bench_devices import DeviceLoad, run_rows
 
 import chatctl
 
@@ -39,22 +37,15 @@ class RoomLoad(DeviceLoad):
         super().__init__(config, clients, senders, messages, clients)
         self.private = private
 
-    def connect(self, progress=None) -> list:
-        clients = []
-        for i in range(self.result.clients):
-            conn = chatctl.ChatConnection(self.config.host, self.config.port, self.config.timeout)
-            clients.append(conn)
-            conn.hello()
-            conn.register(self.name(i), PASSWORD)
-            if i == 0:  # the room's owner makes it, and (private) lets the others in
-                conn.send("JOIN", f"#{ROOM}", *(["+i"] if self.private else []))
-                for j in range(1, self.result.clients):
-                    if self.private:
-                        conn.send("INVITE", f"#{ROOM}", self.name(j))
-                time.sleep(0.5)
-            else:
-                conn.send("JOIN", f"#{ROOM}")
-        return self._settle([chatctl._BenchClient(i, conn) for i, conn in enumerate(clients)])
+    def registered(self, i: int, conn: chatctl.ChatConnection) -> None:
+        if i == 0:  # the room's owner makes it, and (private) lets the others in
+            conn.send("JOIN", f"#{ROOM}", *(["+i"] if self.private else []))
+            for j in range(1, self.result.clients):
+                if self.private:
+                    conn.send("INVITE", f"#{ROOM}", self.name(j))
+            time.sleep(0.5)
+        else:
+            conn.send("JOIN", f"#{ROOM}")
 
     def _message(self, sender: int, seq: int) -> bytes:
         return f"MSG|#{ROOM}|".encode() + super()._message(sender, seq)[4:]
@@ -70,28 +61,11 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=100)
     parser.add_argument("--senders", type=int, default=10)
     args = parser.parse_args()
-    if len(os.sched_getaffinity(0)) >= 2:
-        os.sched_setaffinity(0, {1})
-    results: dict[str, list[chatctl.BenchResult]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.rounds):
-            for label, private in ROWS:  # alternating, so the machine's moods fall on both alike
-                with server(Path(tmp)) as port:
-                    config = chatctl.ClientConfig(host="127.0.0.1", port=port, timeout=30.0)
-                    load = RoomLoad(config, args.members, args.senders, args.messages, private)
-                    load.protect()
-                    results.setdefault(label, []).append(load.run())
-    print(machine_line())
     print(f"# {args.members} members of #{ROOM}, {args.senders} senders, {args.messages} messages a sender; "
           f"deliveries/s, medians of {args.rounds}; chatctl with history on")
-    print(f"{'':14} {'deliveries/s':>13} {'p99 ms':>8} {'lost':>5} {'dup':>4}")
-    rate = {}
-    for label, _ in ROWS:
-        rows = results[label]
-        rate[label] = median(r.deliveries_per_s for r in rows)
-        p99 = median(r.latency_ms.get("p99", 0.0) for r in rows)
-        print(f"{label:14} {mega(rate[label]):>13} {p99:8.1f} {sum(r.lost for r in rows):5} "
-              f"{sum(r.duplicates for r in rows):4}")
+    rate = run_rows({label: functools.partial(RoomLoad, clients=args.members, senders=args.senders,
+                                              messages=args.messages, private=private)
+                     for label, private in ROWS}, args.rounds)
     print(f"private / public: {rate['private room'] / rate['public room']:.2f}")
 
 

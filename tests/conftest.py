@@ -312,6 +312,14 @@ def protected_name(port: int, name: str, password: str) -> None:
     assert f"REGISTER_OK|{name}" in lines, lines
 
 
+def login(port: int, name: str, password: str | None = None, options: str = "|actions") -> RawClient:
+    """``name`` (with its password, if given) logged in after ``HELLO|chatctl/1`` and ``options``."""
+    client = RawClient(port)
+    client.send(f"HELLO|chatctl/1{options}\nUSER|{name}{'|' + password if password else ''}\n".encode())
+    client.expect("USER_OK")
+    return client
+
+
 def chatctl_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("chatctl-")]
 

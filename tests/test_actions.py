@@ -137,6 +137,9 @@ def test_a_deleted_message_leaves_search_the_index_and_backups_made_afterwards(m
     assert search("alpha") == [] and search("bravo") == [edited]  # the index follows an edit
     sent(ana, f"DELETE|{leak}")
     assert search("zebracorn42") == []
+    files = [server.history.path, server.history.path.with_name(server.history.path.name + "-wal")]
+    wait_until(lambda: not any(b"zebracorn42" in f.read_bytes() for f in files if f.exists()), timeout=10,
+               interval=0.2)  # the live files too, once the upkeep has merged the index
     ana.send(b"OPER|op-secret-1\nBACKUP|history\n")
     ana.expect("OPER_OK")
     data = b""

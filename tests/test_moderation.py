@@ -10,7 +10,7 @@ import pytest
 from test_irc import IrcClient
 
 import chatctl
-from conftest import RawClient, http_request, protected_name, run_cli, wait_until
+from conftest import RawClient, http_request, login, protected_name, run_cli, wait_until
 
 OPERATOR = "op-secret-77"
 
@@ -24,19 +24,14 @@ def moderated(make_server):
     return server
 
 
-def account(port: int, name: str, options: str = "|actions") -> RawClient:
-    """``name`` logged in with its password, after HELLO."""
-    client = RawClient(port)
-    client.send(f"HELLO|chatctl/1{options}\nUSER|{name}|password-{name}\n".encode())
-    client.expect("USER_OK")
-    return client
+def account(port: int, name: str) -> RawClient:
+    """``name`` logged in with its password (``password-<name>``)."""
+    return login(port, name, f"password-{name}")
 
 
 def guest(port: int, name: str) -> RawClient:
-    client = RawClient(port)
-    client.send(f"HELLO|chatctl/1|actions\nUSER|{name}\n".encode())
-    client.expect("USER_OK")
-    return client
+    """A free name."""
+    return login(port, name)
 
 
 def answer(client: RawClient, line: str) -> str:

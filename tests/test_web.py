@@ -226,6 +226,7 @@ def test_reply_react_edit_and_delete_from_the_browser_and_what_others_do_shows_i
 
     ana.say("the fix is in prod")
     mine = chatctl.parse_event(bob.expect("MSG|")).message.id
+    ana.page.locator(f'.msg[data-id="{mine}"]').wait_for()  # (acknowledged: shown, with its number)
     ana.page.press("#input", "ArrowUp")  # Up on an empty box: our last message, to edit
     ana.sees("Editing your message", "#composing")
     assert ana.page.input_value("#input") == "the fix is in prod"

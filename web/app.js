@@ -17,6 +17,7 @@ const COMMANDS = {
   "/topic": "/topic [text]  show this room's topic, or set it",
   "/names": "/names  who is in this room",
   "/who": "/who  who is online",
+  "/rooms": "/rooms  every room (the switcher, as Ctrl-K)",
   "/invite": "/invite NAME  let NAME into this private room (or tell NAME of it)",
   "/kick": "/kick NAME [why]  put NAME out of this room (an operator's)",
   "/ban": "/ban NAME|PATTERN [for] [why]  keep NAME (or spam*) out, for 10m, 2h, 7d (none: ever)",
@@ -602,6 +603,9 @@ async function command(line) {
       break;
     case "/who":
       model.send("DIR");
+      break;
+    case "/rooms":
+      openSwitcher();  // every room, with the ones joined first
       break;
     case "/search":
       if (text.trim()) {  // everywhere, as the ⌕ button; "only this conversation" narrows it

@@ -15,7 +15,7 @@ export const ACTIONS = new Set(["edit", "delete", "react", "unreact"]);  // kind
 const HISTORY_ERRORS = new Set(["history-off", "history-failed"]);
 const BACKOFF = [1, 2, 4, 8, 15, 30];  // seconds between reconnects
 const FINAL = ["taken over", "logged out"];  // a Goodbye after which this tab does not reconnect by itself
-const REFUSALS = new Set(["name-taken", "name-protected", "too-many-devices", "bad-password"]);
+const REFUSALS = new Set(["name-taken", "name-protected", "too-many-devices", "bad-password", "banned"]);
 
 const MODE_WORDS = { i: "private (invite-only)", t: "topic locked", m: "moderated" };
 
@@ -37,7 +37,7 @@ export function moderationText(e, me) {
     mute: `${e.by} muted ${target} in ${room}${until}`,
     unmute: `${e.by} let ${target} speak again in ${room}`,
     op: `${e.by} made ${target} an operator of ${room}`,
-    deop: `${e.by} took ${room}'s operator rights from ${target}`,
+    deop: e.by === e.target ? `${e.by} stepped down as an operator of ${room}` : `${e.by} took ${room}'s operator rights from ${target}`,
     voice: `${e.by} gave ${target} a voice in ${room}`,
     devoice: `${e.by} took ${target}'s voice in ${room}`,
     invite: `${e.by} invited ${target} to ${room}` + (target === "you" ? ` (/join ${room})` : ""),
@@ -616,6 +616,7 @@ export class ChatModel extends EventTarget {
     const conv = this.conversation("#" + event.room);
     conv.members.delete(event.name);
     this.changed("members", { key: conv.key });
+    if (event.reason.startsWith("removed: ")) return;  // a kick or a ban: its moderation line said it
     this.changed("notice", { key: conv.key, text: `${event.name} left #${event.room}` +
       (event.reason ? ` (${event.reason})` : ""), quiet: true });
   }
