@@ -315,6 +315,19 @@ def test_piped_lines_after_a_join_go_to_that_room(server, isolated_home):
     assert in_deploys == ["deploy 42 started"]
 
 
+def test_piped_lines_after_a_refused_join_go_nowhere_and_the_exit_code_says_so(make_server, isolated_home):
+    server = make_server(auth_delay=0)
+    protected_name(server.port, "ana", "anapass123")
+    ana = RawClient(server.port)
+    ana.send(b"HELLO|chatctl/1\nUSER|ana|anapass123\nJOIN|#hiring|+i\n")
+    ana.expect("JOIN_OK|#hiring")
+    result = run_cli("join", "-u", "bot", "-p", str(server.port),
+                     input="/join #hiring\nthe build log, for #hiring only\n", env=isolated_home)
+    assert result.returncode == chatctl.EXIT_REJECTED
+    assert "invite-only" in result.stderr and "the rest of the input was not sent" in result.stderr
+    assert [m.text for m in server.history.recent(None, 50)[0] if m.sender == "bot"] == []  # not in #main
+
+
 def test_a_long_pipe_is_paced_under_the_rate_limit_and_nothing_is_lost(server, isolated_home):
     lines = "".join(f"step {i}\n" for i in range(250))  # past the default burst (100) at 20 a second
     result = run_cli("join", "-u", "bot", "-p", str(server.port), input=lines, env=isolated_home, timeout=60)
