@@ -116,7 +116,7 @@ def test_history_json_lists_replies_reactions_edits_and_deletions(server, user, 
     assert "the build is red" not in table
 
 
-def test_a_deleted_message_leaves_search_the_index_and_backups_made_afterwards(make_server):
+def test_a_deleted_message_leaves_search_the_index_and_backups_made_afterwards(make_server, isolated_home):
     server = make_server(operator_password="op-secret-1")
     ana = RawClient(server.port)
     ana.send(b"HELLO|chatctl/1|actions\nUSER|ana\n")
@@ -147,6 +147,9 @@ def test_a_deleted_message_leaves_search_the_index_and_backups_made_afterwards(m
         data += base64.b64decode(line.split("|", 1)[1])
     assert b"zebracorn42" not in data  # not in a row, an edit, the index or a free page
     assert b"deploy note bravo" in data
+    export = run_cli("export", "-p", str(server.port), env=isolated_home)
+    assert export.returncode == 0 and "deploy note bravo" in export.stdout
+    assert "zebracorn42" not in export.stdout
     path = server.history.path.with_name("copy.db")
     path.write_bytes(data)
     with sqlite3.connect(path) as copy:
