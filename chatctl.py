@@ -982,6 +982,7 @@ class UserInfo:
     idle: int      # seconds since the user last sent anything
     bot: bool = False  # a bot's name (in chatctl/1, only to clients that said HELLO|chatctl/1|bots)
     devices: int = 1   # connections of the name (an account online from a laptop and a phone: 2), ditto
+    role: str = ""     # in a room's NAMES: owner, op or voice (ditto)
 
 
 def encode_users(users: Iterable[UserInfo], structured: bool, room: str | None = None,
@@ -994,7 +995,7 @@ def encode_users(users: Iterable[UserInfo], structured: bool, room: str | None =
         return (SEED_DIR_PREFIX + ", ".join(u.name for u in users) + "\n").encode("utf-8")
     fields = [f"{u.name} {format_timestamp(u.since)} {u.idle}"
               + ((" bot" if u.bot else "") + (f" devices={u.devices}" if u.devices > 1 else "")
-                 if marks else "")
+                 + (f" {u.role}" if u.role else "") if marks else "")
               for u in users]
     return encode_line("USERS", *fields) if room is None else encode_line("NAMES", f"#{room}", *fields)
 
@@ -1586,7 +1587,8 @@ def _parse_users(entries: str) -> tuple[UserInfo, ...]:
     for entry in entries.split("|") if entries else ():
         name, since, idle, *marks = entry.split(" ")
         devices = next((int(m[8:]) for m in marks if m.startswith("devices=") and m[8:].isdigit()), 1)
-        users.append(UserInfo(name, parse_timestamp(since), int(idle), "bot" in marks, devices))
+        role = next((m for m in marks if m in ("owner", "op", "voice")), "")
+        users.append(UserInfo(name, parse_timestamp(since), int(idle), "bot" in marks, devices, role))
     return tuple(users)
 
 
@@ -6729,7 +6731,7 @@ class ClientSession:
         """``NAMES[|#room]``: who is in a room (#main without one)."""
         self._room_command("NAMES", named=False)
         room = self.server.moderation.visible(self, validate_room(arg) if arg else MAIN_ROOM)
-        self.tell(RoomNames(room.name, tuple(self.server.users(room.members))))
+        self.tell(RoomNames(room.name, tuple(self.server.users(room.members, room))))
 
     def handle_topic(self, arg: str | None) -> None:
         """``TOPIC|#room`` asks; ``TOPIC|#room|text`` sets it (members), and every member hears it."""
@@ -7723,7 +7725,7 @@ class Rooms:
     def joined_event(self, room: Room) -> RoomJoined:
         """What a device joining ``room`` is told: its topic, its names, JOIN_OK."""
         return RoomJoined(room.topic_event() if room.topic else None,
-                          RoomNames(room.name, tuple(self.server.users(room.members))))
+                          RoomNames(room.name, tuple(self.server.users(room.members, room))))
 
     def tell_rooms(self, session: ClientSession) -> None:
         """A new device of an account is told the account's rooms (besides #main), as if it had asked."""
@@ -8884,9 +8886,11 @@ class ChatServer:
         """Each name online once (an account's first device), in join order."""
         return self.registry.holders()
 
-    def users(self, sessions: Iterable[ClientSession] | None = None) -> list[UserInfo]:
-        """What DIR (everyone online) or NAMES (``sessions``: a room's members) shows of each name, once
-        however many devices it is online from (idle: since any of them last spoke)."""
+    def users(self, sessions: Iterable[ClientSession] | None = None,
+              room: Room | None = None) -> list[UserInfo]:
+        """What DIR (everyone online) or NAMES (``sessions``: a room's members, ``room``'s owner and
+        operators marked) shows of each name, once however many devices it is online from (idle: since
+        any of them last spoke)."""
         now = time.monotonic()
         bots, devices_of = self.bots, self.registry.devices
         users, seen = [], set()
@@ -8897,8 +8901,10 @@ class ChatServer:
             devices = devices_of(s.key)
             spoke = max(d.last_spoke for d in devices) if len(devices) > 1 else s.last_spoke
             first = devices[0] if devices else s
+            role = "" if room is None or not s.owner else "owner" if s.key == room.created_by else (
+                "op" if s.key in room.access.ops else "voice" if s.key in room.access.voiced else "")
             users.append(UserInfo(first.name, first.registered_at, int(now - spoke), s.key in bots,
-                                  max(1, len(devices))))
+                                  max(1, len(devices)), role))
         return users
 
     # --- rooms --------------------------------------------------------------------------
@@ -9267,6 +9273,7 @@ IRC_HOST = "chatctl"                 # every nick's host part: addresses are not
 IRC_LINE_BYTES = 512                 # an IRC line with its CR LF, tags apart
 IRC_CAPABILITIES = ("server-time", "message-tags", "echo-message", "sasl", "batch", "draft/chathistory",
                     "multi-prefix", "draft/read-marker", "draft/message-redaction")
+IRC_ROLE_PREFIX = {"owner": "@", "op": "@", "voice": "+"}  # NAMES and WHO: a room's operators, voices
 IRC_CACHE_LINES = 4096               # room messages whose IRC form is kept for their next IRC reader
 IRC_MAX_TARGETS = 4                  # targets of one PRIVMSG or NOTICE (TARGMAX), each a message of its own
 IRC_SASL_CHUNK = 400                 # AUTHENTICATE sends its data in pieces of this many bytes
@@ -9602,7 +9609,7 @@ class IrcGate(Encoding):
         self.numeric("003", "This server speaks chatctl's protocol and IRC on one port")
         self.send(f":{IRC_SERVER} 004 {me} {IRC_SERVER} chatctl-{__version__} i nt")
         self.numeric("005", "CHANTYPES=#", "CASEMAPPING=ascii", f"NICKLEN={config.max_name}",
-                     "CHANNELLEN=31", f"TOPICLEN={config.max_topic}", "PREFIX=()", "CHANMODES=,,,nt",
+                     "CHANNELLEN=31", f"TOPICLEN={config.max_topic}", "PREFIX=(ov)@+", "CHANMODES=b,,,imnt",
                      "NETWORK=chatctl", f"CHATHISTORY={IRC_HISTORY_MAX}", "MSGREFTYPES=msgid,timestamp",
                      f"CHANLIMIT=#:{config.max_rooms_per_user}",
                      f"TARGMAX=PRIVMSG:{IRC_MAX_TARGETS},NOTICE:{IRC_MAX_TARGETS}", "BOT=B",
@@ -10179,7 +10186,7 @@ class IrcGate(Encoding):
             purpose = asked.pop(0) if asked else "names"
         if purpose == "who":
             who = [f":{IRC_SERVER} 352 {me} {channel} {u.name} {IRC_HOST} {IRC_SERVER} {u.name} "
-                   f"{'HB' if u.bot else 'H'} :0 {u.name}"
+                   f"{'HB' if u.bot else 'H'}{IRC_ROLE_PREFIX.get(u.role, '')} :0 {u.name}"
                    for u in event.users]
             return [*who, f":{IRC_SERVER} 315 {me} {channel} :End of WHO list"]
         return self._names_lines(event)
@@ -10188,7 +10195,7 @@ class IrcGate(Encoding):
         me, channel = self.nick, f"#{event.room}"
         lines, row, width = [], [], 0
         for user in event.users:  # several 353 lines, each within IRC's length
-            row.append(user.name)
+            row.append(IRC_ROLE_PREFIX.get(user.role, "") + user.name)
             width += len(user.name) + 1  # (kept as it grows: a room of a thousand is joined a thousand times)
             if width > 400:
                 lines.append(f":{IRC_SERVER} 353 {me} = {channel} :{' '.join(row)}")
@@ -13523,7 +13530,8 @@ class ChatClient:
                 if quietly:
                     self._names_quietly[event.room] -= 1
             if not quietly:
-                names = ", ".join(u.name + (" (bot)" if u.bot else "") for u in event.users) or "nobody"
+                names = ", ".join(u.name + (" (bot)" if u.bot else "") + (f" ({u.role})" if u.role else "")
+                                  for u in event.users) or "nobody"
                 self.note(f"in #{display_text(event.room)}: {display_text(names)}", room=event.room)
         elif isinstance(event, RoomInfo):
             self._room_list.append(event)

@@ -150,6 +150,15 @@ def test_operators_kick_ban_mute_and_lock_and_every_action_is_audited(moderated,
         client.expect("JOIN_OK|#ops")
     assert answer(bob, "KICK|#ops|spammer1").startswith("ERR|not-allowed|only an operator of #ops")
     acted(ana, "MODE|#ops|+o|bob", "op")
+    names = chatctl.parse_event(answer(carl, "NAMES|#ops")).users  # who is who, for all to see
+    assert {u.name: u.role for u in names} == {"ana": "owner", "bob": "op", "carl": "", "spammer1": "",
+                                               "spammer2": ""}
+    irc = IrcClient(port)
+    irc.register("watcher")
+    irc.send("NAMES #ops")
+    shown = set(irc.expect(r" 353 watcher = #ops :(.*)$").group(1).split())
+    assert shown == {"@ana", "@bob", "carl", "spammer1", "spammer2"}
+    irc.close()
     assert answer(bob, "KICK|#ops|ana|coup").startswith("ERR|not-allowed|the owner of #ops is out of")
     assert answer(bob, "MODE|#ops|+b|an*").startswith("ERR|not-allowed|'an*' would ban the owner")
     assert acted(bob, "MODE|#ops|-o|bob", "deop")[:3] == ["bob", "deop", "bob"]  # (one may step down)

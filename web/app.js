@@ -229,6 +229,7 @@ function drawMembers() {
     who.title = `Message ${name}`;
     who.addEventListener("click", () => openDm(name));
     item.append(who);
+    if (info.role) item.append(tag(info.role));  // the room's owner, an operator, a voice
     if (info.bot) item.append(tag("bot"));
     if (info.devices > 1) item.append(tag(`${info.devices} devices`));
     list.append(item);

@@ -595,7 +595,7 @@ export class ChatModel extends EventTarget {
   }
 
   setMembers(conv, users) {
-    conv.members = new Map(users.map((u) => [u.name, { bot: u.bot, devices: u.devices }]));
+    conv.members = new Map(users.map((u) => [u.name, { bot: u.bot, devices: u.devices, role: u.role }]));
   }
 
   onTopic(event) {
@@ -668,6 +668,13 @@ export class ChatModel extends EventTarget {
   onPong() {}
 
   onModerated(event) {
+    const roles = { op: "op", deop: "", voice: "voice", devoice: "" };
+    const conv = this.conversations.get("#" + event.room);
+    const member = conv && conv.members.get(event.target);
+    if (member && event.action in roles && member.role !== "owner") {  // the member list shows it at once
+      member.role = roles[event.action];
+      this.changed("members", { key: conv.key });
+    }
     const out = event.target === this.name && (event.action === "kick" || event.action === "ban");
     const key = out ? "#" + MAIN : "#" + event.room;  // (put out of a room: said where one goes)
     this.changed("notice", { key: this.conversations.has(key) ? key : this.active, text: moderationText(event, this.name),
