@@ -599,12 +599,23 @@ def validate_reaction(text: str | None) -> str:
     reaction = unicodedata.normalize("NFC", (text or "").strip())
     if not reaction:
         raise ProtocolError("missing-argument", "a reaction is needed: an emoji such as 👍")
-    if len(reaction) > MAX_REACTION_CHARS or not reaction.isprintable() \
-            or any(ch.isspace() or ch in "|,;=" for ch in reaction) or sanitise_text(reaction) != reaction:
+    categories = [unicodedata.category(ch) for ch in reaction]
+    if not any(c[0] in "LNPS" for c in categories) or sum(c[0] == "M" for c in categories) > 4 \
+            or any(c == "Cf" and ch != "\u200d" for c, ch in zip(categories, reaction, strict=True)):
+        raise ProtocolError("bad-argument", "a reaction is one emoji or word that shows")
+    joined = reaction.replace("\u200d", "")  # (a zero-width joiner makes one emoji of several: 👨‍👩‍👧)
+    if len(reaction) > MAX_REACTION_CHARS or not joined.isprintable() \
+            or any(ch.isspace() or ch in "|,;=" for ch in reaction) or sanitise_text(joined) != joined:
         raise ProtocolError("bad-argument", "a reaction is one emoji or word of at most "
-                            f"{MAX_REACTION_CHARS} "
-                            "characters, without spaces or | , ; =")
+                            f"{MAX_REACTION_CHARS} characters, without spaces or | , ; =")
     return reaction
+
+
+def is_blank(text: str) -> bool:
+    """Nothing that shows: spaces, or characters of no width (U+200B, joiners, marks on nothing)."""
+    if text.isascii():
+        return not text.strip()
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Mn", "Me", "Zs") for ch in text)
 
 
 def quote(text: str) -> str:
@@ -2254,6 +2265,7 @@ class HistoryStore:
         self.pruned = self.prune_runs = 0  # retention's work since the start (the upkeep thread's)
         self.failing = False  # the last write of messages failed (the commit log's thread writes it)
         self.scrub_due = False  # a message was deleted: its words are to leave the file (the upkeep's job)
+        self.max_reactions = MAX_REACTIONS  # different reactions a message may carry (the server's config)
         self._writer.execute("PRAGMA wal_autocheckpoint=0")  # the upkeep thread's job
         self._closing = threading.Event()
         self._upkeep_thread: threading.Thread | None = None
@@ -2433,6 +2445,10 @@ class HistoryStore:
             key = confusable_key(action.sender)
             gone = db.execute("DELETE FROM reactions WHERE message = ? AND reaction = ? AND user_key = ?",
                               (target, action.text, key)).rowcount
+            if not gone and action.kind == "react" and db.execute(
+                    "SELECT count(DISTINCT reaction) FROM reactions WHERE message = ?",
+                    (target,)).fetchone()[0] >= self.max_reactions:
+                gone = True  # one reaction too many, sent before the others were in: nothing, as a take-back
             if gone:
                 action.kind = "unreact"
                 db.execute("UPDATE messages SET kind = 'unreact' WHERE id = ?", (action.id,))
@@ -2639,6 +2655,12 @@ class HistoryStore:
         self._write(("INSERT INTO device_seen (user_key, device, last_id, seen) VALUES (?, ?, ?, ?) "
                      "ON CONFLICT (user_key, device) DO UPDATE SET last_id = max(last_id, excluded.last_id), "
                      "seen = excluded.seen", (user_key, device, last_id, time.time())))
+
+    def referring(self, message_id: int) -> list[int]:
+        """The ids of the edits and reactions of message ``message_id``."""
+        rows = self._read_rows("SELECT id FROM messages WHERE ref = :id "
+                               "AND kind IN ('edit', 'react', 'unreact')", {"id": message_id})
+        return [row[0] for row in rows]
 
     def find(self, message_id: int) -> ChatMessage | None:
         """Message ``message_id`` as it is now (its reactions too), or None: no such message (an action
@@ -4333,6 +4355,7 @@ class RedisBus(CommitLog):
                                                       "accounts", "logbytes")]
         self.log_caps = f"{self.config.bus_log_length}:{self.config.bus_log_bytes}"  # each script's ARGV[1]
         self.markers_prefix, self.epoch_key = f"{prefix}:markers:", f"{prefix}:epoch"
+        self.forgotten_key = f"{prefix}:forgotten"  # ids of entries taken out of the log (deleted messages)
         self.auth_prefix = f"{prefix}:auth:"  # password tries, per address and per target
         try:
             # At most BUS_CONNECTIONS, and a call waits for a free one rather than fail (a burst of
@@ -4492,6 +4515,23 @@ class RedisBus(CommitLog):
         except self._redis_errors as exc:
             self._lost(exc)
             raise ProtocolError("bus-unavailable", ERROR_CODES["bus-unavailable"]) from None
+
+    def forget(self, ids: list[int]) -> None:
+        """A deleted message's entry, and its edits' and reactions' (which quote it), leave the shared log
+        now rather than when it is trimmed; their ids are kept, so that a server reading behind does not
+        take the hole for a gap."""
+        if ids:
+            self.call(self.redis.xdel, self.keys[1], *(f"{i}-0" for i in ids))
+            self.call(self.redis.sadd, self.forgotten_key, *ids)
+
+    def _forgotten(self, first: int, last: int) -> bool:
+        """Whether ids ``first`` to ``last``, missing from the log, were all taken out of it (forget)."""
+        if last - first >= 1000:
+            return False
+        try:
+            return all(self.redis.smismember(self.forgotten_key, list(range(first, last + 1))))
+        except self._redis_errors:
+            return False
 
     # --- the commit log ------------------------------------------------------------
 
@@ -4681,7 +4721,7 @@ class RedisBus(CommitLog):
                     presence = False
                 if mid <= self.last_id:
                     continue  # we have it (read before a reconnect): never delivered twice
-                if mid > self.last_id + 1 and self.last_id:
+                if mid > self.last_id + 1 and self.last_id and not self._forgotten(self.last_id + 1, mid - 1):
                     log.error("messages %d to %d are not in the log (trimmed, or lost by Redis) and not "
                               "in this server's history: a gap", self.last_id + 1, mid - 1)
                 pending = self._pending(mid, payload.decode(), live=(mid, sub) > self._live_from)
@@ -6543,7 +6583,7 @@ class ClientSession:
             raise ProtocolError("not-registered", "register first: USER|<name>")
         self.server.check_quiet_name(self)
         text = sanitise_text(unescape_text(arg or ""))
-        if not text.strip():
+        if is_blank(text):
             raise ProtocolError("empty-message", "the message is empty")
         if not self.server.address_budget.charge(self.host, fan_out_cost(self.name, text)):
             raise ProtocolError("rate-limited", f"too many bytes from {self.host} too fast; "
@@ -6569,8 +6609,7 @@ class ClientSession:
         ref, text = self._action_args(arg, "EDIT|<id>|<text>")
         target = self.server.action_target(self, ref)
         self.server.check_author(self, target, "edit")
-        self._publish("edit", target.room, text, self._other_party(target), ref=target.id,
-                      about=self.server.about(target))
+        self._publish("edit", target.room, text, self._other_party(target), ref=target.id)
 
     def handle_delete(self, arg: str | None) -> None:
         """``DELETE|id``: one of this name's messages (an operator: anyone's) goes; its text leaves the
@@ -6610,7 +6649,7 @@ class ClientSession:
             raise ProtocolError("rate-limited", f"too many bytes from {self.host} too fast; "
                                 "this was dropped")
         self.server.fanout.publish(self, kind, text, room=target.room, recipient=self._other_party(target),
-                                   ref=target.id, about=self.server.about(target))
+                                   ref=target.id, about=self.server.about(target) if kind == "react" else "")
         self.last_spoke = time.monotonic()
 
     def handle_history(self, arg: str | None) -> None:
@@ -7232,6 +7271,10 @@ class FanOut:
                                                                   if p.accepted_at))
         for service in self.server.services:  # (outgoing webhooks look for their trigger words)
             service.committed(batch)
+        if self.server.bus is not None:  # a deletion here: its text leaves the shared log too
+            for pending in batch:
+                if pending.message.kind == "delete" and pending.accepted_at:
+                    self.server.forget_in_log(pending.message.ref)
 
     def _fan_out_batch(self, batch: list[PendingMessage]) -> list[ClientSession]:
         """A committed batch: each reader gets its part of it in one queue write; returns the
@@ -7495,6 +7538,7 @@ class ClusterMirror:
     def _event_unprotect(self, fields: list[str], at) -> None:
         """``u|key``: no longer an account: its devices here go (it stays on the one that dropped it)."""
         self.server.local_accounts.unprotect(fields[0])
+        self.server.moderation.forget_account(fields[0])
         for device in self.server.registry.devices(fields[0]):
             if not isinstance(device, RemoteMember):
                 device.leave(LOGGED_OUT, Goodbye(f"{LOGGED_OUT}: the name's protection was dropped from "
@@ -7889,15 +7933,20 @@ class Moderation:
         """A server operator, the room's owner (its creator, an account) or one of its operators."""
         if session.operator:
             return True
-        return bool(session.owner and session.key and (session.key == room.created_by
-                                                       or session.key in room.access.ops))
+        if not session.owner or not session.key:
+            return False
+        access = room.access
+        return session.key == room.created_by or (session.key in access.ops and not (
+            access.bans and access.banned(session.name or "", time.time())))
 
     @staticmethod
     def may_see(session, room: Room) -> bool:
         """A private room is seen (listed, read, searched) by its members alone (and server operators)."""
         access = room.access
-        return (not access.private or session.operator or room.name in session.rooms
-                or bool(session.owner and (session.key in access.members or session.key == room.created_by)))
+        if not access.private or session.operator or (session.owner and session.key == room.created_by):
+            return True
+        return bool(session.owner and (session.key in access.members or room.name in session.rooms)
+                    and not (access.bans and access.banned(session.name or "", time.time())))
 
     def visible(self, session, name: str) -> Room:
         """Room ``name`` if ``session`` may see it; otherwise what a room that does not exist answers."""
@@ -7962,10 +8011,31 @@ class Moderation:
             seq = self.server.shared.set_access(record, event)
         self._store(room, access, seq)
         self.record(room.name, session.name or "", action, target, until, reason)
-        self.tell(room, event, target)
-        if session not in room.members and session.extended:  # (a server operator, from outside it)
+        told = self.tell(room, event, target)
+        if session not in told and session.extended:  # (a server operator, from outside it)
             session.tell(event)
         self.enforce(room, f"{action} by {session.name}")
+
+    def forget_account(self, key: str) -> None:
+        """An account is no more (its name's protection dropped): whoever takes the name next is somebody
+        else, so it owns no room and is nobody's member or operator now.  Every server does this itself
+        (for the same event), so nothing goes on the bus."""
+        history = self.server.history
+        for room in list(self.server.registry.rooms.values()):
+            access = room.access
+            if room.created_by != key and key not in access.members and key not in access.ops \
+                    and key not in access.voiced:
+                continue
+            access = dataclasses.replace(access, **{name: {k: v for k, v in getattr(access, name).items()
+                                                           if k != key}
+                                                    for name in ("members", "ops", "voiced")})
+            with self.server.registry.lock:
+                if room.created_by == key:
+                    room.created_by = ""
+                room.access = access
+                if history is not None:
+                    history.save_room(room.record())
+            self.enforce(room, "the account is no more")
 
     def apply(self, record: RoomRecord, seq: tuple[int, int] | None, told: Moderated | None = None) -> None:
         """Another server changed who may do what in a room (its record, at ``seq`` in the log; ``told``:
@@ -7981,12 +8051,14 @@ class Moderation:
         return self.server.registry.set_access(
             room, access, lambda r: history is not None and history.save_room(r.record()), seq)
 
-    def tell(self, room: Room, event: Moderated, target: str = "") -> None:
+    def tell(self, room: Room, event: Moderated, target: str = "") -> list:
+        """Tell ``room``'s members (and ``target``'s devices); returns who was told."""
         key = confusable_key(target) if target and ":" not in target and "*" not in target else ""
         told = [s for s in room.members if s.extended]
         told += [d for d in self.server.registry.devices(key) if d.extended and d not in told] if key else []
         for session in told:
             session.tell(event)
+        return told
 
     def enforce(self, room: Room, why: str) -> None:
         """Put this server's connections out of ``room`` that its access no longer lets in."""
@@ -8027,27 +8099,36 @@ class Moderation:
     # --- the requests ------------------------------------------------------------------------------
 
     def kick(self, session, room: Room, name: str, reason: str) -> None:
+        """Out of the room; from a private room, a member no more, online or not (on another server of
+        the cluster too: its server puts them out when the membership goes)."""
         key = confusable_key(name)
         self._acting(session, room, key)
         holder = self.server.registry.holder(key)
-        if holder is None or room.name not in holder.rooms:
-            raise ProtocolError("unknown-user", f"{sanitise_line(name)!r} is not in #{room.name}")
+        present = holder is not None and room.name in holder.rooms
         access = room.access
-        if access.private and key in access.members:  # removed from a private room: no longer a member
+        member = access.private and key in access.members
+        if not present and not member:
+            raise ProtocolError("unknown-user", f"{sanitise_line(name)!r} is not in #{room.name}")
+        if member:
             access = dataclasses.replace(access, members={k: v for k, v in access.members.items()
                                                           if k != key})
-        if isinstance(holder, RemoteMember):
+        elif isinstance(holder, RemoteMember):
             raise ProtocolError("not-allowed", f"{holder.name} is on another server of the cluster: ban them "
                                 "for a while instead")
-        self.change(session, room, access, "kick", holder.name, reason=reason)
-        self.remove(holder, room, f"kicked by {session.name}" + (f": {reason}" if reason else ""))
+        self.change(session, room, access, "kick", holder.name if present else name, reason=reason)
+        if present and not isinstance(holder, RemoteMember):
+            self.remove(holder, room, f"kicked by {session.name}" + (f": {reason}" if reason else ""))
 
     def ban(self, session, room: Room, pattern: str, seconds: float, reason: str) -> None:
         check_pattern(pattern)
         ban = Ban(pattern, time.time() + seconds if seconds else 0.0, reason, session.name or "", time.time())
+        self._acting(session, room, "" if any(c in pattern for c in "*?") else confusable_key(pattern))
         if room.created_by and fnmatch.fnmatchcase(room.created_by, ban.key) and not session.operator:
             raise ProtocolError("not-allowed", f"{pattern!r} would ban the owner of #{room.name}")
-        self._acting(session, room, "" if any(c in pattern for c in "*?") else confusable_key(pattern))
+        if session.key != room.created_by and not session.operator and any(
+                fnmatch.fnmatchcase(key, ban.key) for key in room.access.ops if key != session.key):
+            raise ProtocolError("not-allowed", f"{pattern!r} would ban an operator of #{room.name}: only its "
+                                "owner acts on its operators")
         bans = (*(b for b in room.access.bans if b.pattern != pattern), ban)
         if len(bans) > MAX_BANS:
             raise ProtocolError("too-many-bans", f"#{room.name} has {MAX_BANS} bans, the most it may")
@@ -8066,6 +8147,8 @@ class Moderation:
         self._acting(session, room, key)
         mutes = {k: v for k, v in room.access.mutes.items() if k != key}
         if muted:
+            if len(mutes) >= MAX_BANS:
+                raise ProtocolError("too-many-bans", f"#{room.name} has {MAX_BANS} mutes, the most it keeps")
             mutes[key] = time.time() + seconds if seconds else 0.0
         self.change(session, room, dataclasses.replace(room.access, mutes=mutes),
                     "mute" if muted else "unmute", name, mutes.get(key, 0.0))
@@ -8084,6 +8167,9 @@ class Moderation:
                                 "account can be an operator")
         names = {k: v for k, v in getattr(room.access, field_name).items() if k != key}
         if given:
+            if len(names) >= MAX_ROOM_MEMBERS:
+                raise ProtocolError("too-many-members", f"#{room.name} has {len(names)} of those, the most "
+                                    "it keeps")
             names[key] = name
         self.change(session, room, dataclasses.replace(room.access, **{field_name: names}),
                     on if given else off, name)
@@ -8135,6 +8221,9 @@ class Moderation:
     def server_ban(self, session, pattern: str, seconds: float, reason: str) -> None:
         if not _is_network(pattern):
             check_pattern(pattern)
+        elif ipaddress.ip_network(pattern, strict=False).prefixlen < (8 if ":" not in pattern else 16):
+            raise ProtocolError("bad-argument", f"{pattern!r} is too wide a network to ban (everyone, or "
+                                "most of the internet)")
         ban = Ban(pattern, time.time() + seconds if seconds else 0.0, reason, session.name or "operator",
                   time.time())
         with self._lock:
@@ -8196,8 +8285,8 @@ def parse_duration(text: str) -> float:
     text = text.strip().lower()
     if text in ("", "0", "forever", "permanent"):
         return 0.0
-    match = re.fullmatch(r"(\d{1,9})([smhdw]?)", text)
-    if not match:
+    match = re.fullmatch(r"([0-9]{1,9})([smhdw]?)", text)
+    if not match or not int(match.group(1)):
         raise ProtocolError("bad-argument", f"{text[:20]!r} is no duration: 30s, 10m, 2h, 7d, 1w, or forever")
     unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
     seconds = int(match.group(1)) * unit
@@ -8434,7 +8523,9 @@ class ChatServer:
             return None
         db = self.config.db
         path = Path(db).expanduser() if db else private_dir(user_data_dir()) / "history.db"
-        return HistoryStore(path, self.config.history_max_messages, self.config.history_max_days)
+        store = HistoryStore(path, self.config.history_max_messages, self.config.history_max_days)
+        store.max_reactions = self.config.max_reactions  # (a SIGHUP's reload sets it again)
+        return store
 
     def _open_accounts(self) -> AccountStore:
         path = self.config.accounts_db
@@ -8739,6 +8830,7 @@ class ChatServer:
             if device is not session and not isinstance(device, RemoteMember):  # (theirs: the u event)
                 device.disconnect(f"{LOGGED_OUT}: the name's protection was dropped from another device")
         session.owner = False
+        self.moderation.forget_account(session.key)
         log.info("%s dropped the protection of their name", session.name)
 
     # --- the registry ------------------------------------------------------------------
@@ -8961,6 +9053,14 @@ class ChatServer:
             raise ProtocolError("too-late", f"messages may be {verb}ed for {window:g} seconds after "
                                 "they are sent")
 
+    def forget_in_log(self, message_id: int) -> None:
+        """Take a deleted message, its edits and its reactions out of the shared log (with a bus)."""
+        try:
+            self.bus.forget([message_id, *self.history.referring(message_id)])
+        except ChatError as exc:
+            log.warning("message %d is deleted, but still in the shared log until it is trimmed: %s",
+                        message_id, exc)
+
     @staticmethod
     def about(target: ChatMessage) -> str:
         """How an action's plain form names its message: ``bob's "deploy done"``."""
@@ -9118,6 +9218,8 @@ class ChatServer:
         for f in dataclasses.fields(HttpConfig):
             if f.name not in ("enabled", "port", "files"):
                 setattr(self.config.http, f.name, getattr(config.http, f.name))
+        if self.history is not None:
+            self.history.max_reactions = self.config.max_reactions
         self._make_budgets()
         self.hooks.reload()
         if self.history is not None:
@@ -9937,7 +10039,7 @@ class IrcGate(Encoding):
                 arg = args.pop(0).split("!", 1)[0]  # a mask's nick part: bans are of names here
             elif letter not in MODE_FLAGS:
                 self.numeric("472", letter, "is an unknown mode char here (i t m o v b)")
-                continue
+                return
             if not self._room_call("MODE", room, f"#{room}|{sign}{letter}" + (f"|{arg}" if arg else "")):
                 return
 

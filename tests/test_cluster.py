@@ -81,7 +81,7 @@ def test_a_message_from_a_reaches_b_and_c_in_one_order(node):
         [f"from a {i}" for i in range(30)]  # each sender's messages in the order sent
 
 
-def test_replies_reactions_edits_and_deletions_reach_and_change_every_servers_history(node):
+def test_replies_reactions_edits_and_deletions_reach_and_change_every_servers_history(node, caplog):
     a, b = node("a"), node("b")
     ana, bob = member(a.port, "ana", options="|actions"), member(b.port, "bob", options="|actions")
     ana.send(b"MSG|the key is hunter2\n")
@@ -98,6 +98,11 @@ def test_replies_reactions_edits_and_deletions_reach_and_change_every_servers_hi
         wait_until(lambda h=history: (found := h.find(first)) is not None and found.deleted)
         assert history.find(first).text == "" and history.find(first).reactions == ()
         assert history.search(None, "hunter2", 10)[0] == []
+    log = a.bus.keys[1]  # and the shared log in Redis: the message and its reactions (which quote it) are out
+    wait_until(lambda: not any(b"hunter2" in b"".join(f.values()) for _, f in a.bus.redis.xrange(log)))
+    late = node("c")  # a server reading the log from its start takes the hole for no gap, and has it deleted
+    wait_until(lambda: (found := late.history.find(first)) is None or found.deleted)
+    assert "a gap" not in caplog.text
 
 
 def test_a_private_room_is_private_on_every_server_and_a_ban_on_one_reaches_the_others(node):

@@ -242,3 +242,90 @@ def test_a_webhooks_posts_to_a_private_room_reach_its_members_alone(moderated):
     assert ana.expect("MSG|#incident-42|").endswith("|alertbot|db01 disk 95%")
     assert eve.silent(0.3)  # nothing of it reached anyone else
     assert answer(eve, "HISTORY|#incident-42|LAST|5") == "ERR|unknown-room|there is no room #incident-42"
+
+
+# --- what an attack run found (each seen failing before its fix) ------------------------------------
+
+
+def test_a_dropped_name_takes_none_of_its_rooms_to_whoever_protects_it_next(moderated):
+    port = moderated.port
+    protected_name(port, "dropme", "password-dropme")
+    ana, dropme = account(port, "ana"), account(port, "dropme")
+    dropme.send(b"JOIN|#own|+i\n")
+    dropme.expect("JOIN_OK|#own")
+    ana.send(b"JOIN|#secret|+i\nINVITE|#secret|dropme\nMSG|#secret|the secret plan\n")
+    ana.expect("MSG_OK|")
+    dropme.send(b"UNREGISTER|password-dropme\n")
+    dropme.expect("UNREGISTER_OK|dropme")
+    dropme.close()
+    newcomer = guest(port, "dropme")
+    assert answer(newcomer, "REGISTER|attacker-password").startswith("REGISTER_OK|")
+    for line in ("HISTORY|#secret|LAST|5", "HISTORY|#own|LAST|5", "NAMES|#own"):
+        assert answer(newcomer, line).startswith("ERR|unknown-room|"), line
+    assert answer(newcomer, "JOIN|#secret").startswith("ERR|invite-only|")
+    assert answer(newcomer, "JOIN|#own").startswith("ERR|invite-only|")  # and no owner's way in
+
+
+def test_operators_remove_absent_members_and_bans_shut_the_door_on_members_and_operators(moderated):
+    port = moderated.port
+    ana, bob, carl = account(port, "ana"), account(port, "bob"), account(port, "carl")
+    ana.send(b"JOIN|#secret|+i\n")
+    ana.expect("JOIN_OK|#secret")
+    acted(ana, "INVITE|#secret|bob", "invite")
+    acted(ana, "INVITE|#secret|carl", "invite")
+    assert joined(bob, "secret") and joined(carl, "secret")
+    bob.close()  # away: removed all the same, a member no more
+    wait_until(lambda: "bob" not in [u.name for u in moderated.users()])
+    acted(ana, "KICK|#secret|bob|left the team", "kick")
+    bob = account(port, "bob")
+    assert answer(bob, "HISTORY|#secret|LAST|5").startswith("ERR|unknown-room|")
+    acted(ana, "MODE|#secret|+b|carl|1h", "ban")  # a banned member reads nothing either
+    carl.expect("PART_OK|#secret")
+    ana.send(b"MSG|#secret|after the ban\n")
+    ana.expect("MSG_OK|")
+    for line in ("HISTORY|#secret|LAST|5", "SEARCH|#secret|5|ban", "TOPIC|#secret", "NAMES|#secret"):
+        assert answer(carl, line).startswith("ERR|unknown-room|"), line
+
+    assert joined(ana, "ops") and joined(bob, "ops") and joined(carl, "ops")  # (ana's: she made it)
+    acted(ana, "MODE|#ops|+o|bob", "op")
+    acted(ana, "MODE|#ops|+o|carl", "op")
+    assert answer(bob, "MODE|#ops|+b|car?").startswith("ERR|not-allowed|'car?' would ban an operator")
+    acted(ana, "MODE|#ops|+b|carl|1h", "ban")  # the owner may; a banned operator is one no more
+    carl.expect("PART_OK|#ops")
+    assert answer(carl, "MODE|#ops|+b|bob*").startswith("ERR|not-allowed|only an operator of #ops")
+
+
+def test_odd_values_are_refused_in_one_line(moderated):
+    port = moderated.port
+    ana, oper = account(port, "ana"), guest(port, "oper")
+    ana.send(b"JOIN|#r\n")
+    ana.expect("JOIN_OK|#r")
+    for line in ("MODE|#r|+b|spam3|0s", "MODE|#r|+b|spam3|١h", "MUTE|#r|carl|0m"):
+        assert answer(ana, line).startswith("ERR|bad-argument|"), line
+    for reaction in ("\ufe0f", "\u0301" * 7, "\u200b"):
+        ana.send(b"MSG|#r|vote\n")
+        mid = chatctl.parse_event(ana.expect("MSG_OK|")).id
+        assert answer(ana, f"REACT|{mid}|{reaction}").startswith("ERR|bad-argument|"), repr(reaction)
+    assert answer(ana, "MSG|#r|\u200b\u200d").startswith("ERR|empty-message|")
+    oper.send(f"OPER|{OPERATOR}\n".encode())
+    oper.expect("OPER_OK")
+    for network in ("0.0.0.0/0", "::/0", "10.0.0.0/4"):
+        assert answer(oper, f"BAN|{network}|1m").startswith("ERR|bad-argument|"), network
+    irc = IrcClient(port)
+    irc.register("modes")
+    irc.send("JOIN #r", "MODE #r " + "q" * 400, "PING :end")
+    irc.expect("PONG")
+    assert len([line for line in irc.seen if " 472 " in line]) == 1
+    irc.close()
+
+
+def test_pipelined_reactions_stay_within_the_limit(make_server):
+    server = make_server(max_reactions=5, rate=0)
+    ana = login(server.port, "ana")
+    ana.send(b"MSG|vote\n")
+    mid = chatctl.parse_event(ana.expect("MSG_OK|")).id
+    ana.send(b"".join(f"REACT|{mid}|r{i}\n".encode() for i in range(30)))  # all before any is stored
+    for _ in range(30):
+        ana.expect(("MSG_OK|", "ERR|"))
+    wait_until(lambda: server.history.find(mid) is not None)
+    assert len(server.history.find(mid).reactions) == 5
