@@ -258,6 +258,7 @@ def test_a_dropped_name_takes_none_of_its_rooms_to_whoever_protects_it_next(mode
     dropme.send(b"UNREGISTER|password-dropme\n")
     dropme.expect("UNREGISTER_OK|dropme")
     dropme.close()
+    wait_until(lambda: "dropme" not in [u.name for u in moderated.users()])  # (the name is free)
     newcomer = guest(port, "dropme")
     assert answer(newcomer, "REGISTER|attacker-password").startswith("REGISTER_OK|")
     for line in ("HISTORY|#secret|LAST|5", "HISTORY|#own|LAST|5", "NAMES|#own"):
