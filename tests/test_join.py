@@ -11,7 +11,7 @@ import pexpect
 import pytest
 
 import chatctl
-from conftest import CHATCTL, RawClient, default_sigint, protected_name, read_line, run_cli, wait_until
+from conftest import CHATCTL, RawClient, default_sigint, login, protected_name, read_line, run_cli, wait_until
 
 PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
 _CSI = r"(?:\x1b\[[0-9;?]*[A-Za-z])*"
@@ -318,8 +318,8 @@ def test_piped_lines_after_a_join_go_to_that_room(server, isolated_home):
 def test_piped_lines_after_a_refused_join_go_nowhere_and_the_exit_code_says_so(make_server, isolated_home):
     server = make_server(auth_delay=0)
     protected_name(server.port, "ana", "anapass123")
-    ana = RawClient(server.port)
-    ana.send(b"HELLO|chatctl/1\nUSER|ana|anapass123\nJOIN|#hiring|+i\n")
+    ana = login(server.port, "ana", "anapass123")
+    ana.send(b"JOIN|#hiring|+i\n")
     ana.expect("JOIN_OK|#hiring")
     result = run_cli("join", "-u", "bot", "-p", str(server.port),
                      input="/join #hiring\nthe build log, for #hiring only\n", env=isolated_home)
