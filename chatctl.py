@@ -502,6 +502,7 @@ _NAME_PUNCTUATION = frozenset("_-.")
 RESERVED_NAMES = ("chatctl", "NickServ", "ChanServ", "MemoServ", "OperServ", "HostServ", "BotServ",
                   "SaslServ", "Global")
 NAME_INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u17b4\u17b5")
+INVISIBLE_LETTERS = NAME_INVISIBLE | {"\u2800"}  # ... and the blank Braille pattern: no reaction of them
 # The scripts one name may mix; any single script is fine.  TR39's "highly restrictive" level also
 # lets Latin go with these, but 一 ー ㅡ 丨 ㅇ then pass for - - - l o: here they do not.
 _SCRIPT_MIXES = ({"HAN", "HIRAGANA", "KATAKANA"}, {"HAN", "BOPOMOFO"}, {"HAN", "HANGUL"})
@@ -600,8 +601,12 @@ def validate_reaction(text: str | None) -> str:
     if not reaction:
         raise ProtocolError("missing-argument", "a reaction is needed: an emoji such as 👍")
     categories = [unicodedata.category(ch) for ch in reaction]
-    if not any(c[0] in "LNPS" for c in categories) or sum(c[0] == "M" for c in categories) > 4 \
-            or any(c == "Cf" and ch != "\u200d" for c, ch in zip(categories, reaction, strict=True)):
+    pairs = list(zip(categories, reaction, strict=True))
+    shows = any(c[0] in "LNPS" and ch not in INVISIBLE_LETTERS for c, ch in pairs)
+    if not shows or sum(c[0] == "M" for c in categories) > 4 \
+            or any(c == "Cf" and ch != "\u200d" for c, ch in pairs) \
+            or reaction.startswith("\u200d") or reaction.endswith("\u200d") \
+            or "\u200d\u200d" in reaction or "\ufe0f\ufe0f" in reaction:
         raise ProtocolError("bad-argument", "a reaction is one emoji or word that shows")
     joined = reaction.replace("\u200d", "")  # (a zero-width joiner makes one emoji of several: 👨‍👩‍👧)
     if len(reaction) > MAX_REACTION_CHARS or not joined.isprintable() \
@@ -8181,7 +8186,7 @@ class Moderation:
             raise ProtocolError("not-allowed", "#main is everyone's: it is never private or moderated")
         access = dataclasses.replace(room.access, **{MODE_FLAGS[letter]: on})
         if letter == "i" and on:  # who is in it now stays in it: its accounts become its members
-            if any(not s.owner for s in room.members if not s.operator):
+            if any(not s.owner for s in room.members if not getattr(s, "operator", False)):  # (remote: none)
                 raise ProtocolError("not-allowed", f"#{room.name} has members without a protected name: "
                                     "a private room's members are accounts")
             access = dataclasses.replace(access, members={**access.members, **{

@@ -132,6 +132,18 @@ def test_a_private_room_is_private_on_every_server_and_a_ban_on_one_reaches_the_
     bob.expect("PART_OK|#hiring")
     bob.send(b"JOIN|#hiring\n")
     assert bob.expect("ERR|").startswith("ERR|banned|banned from #hiring until ")
+    ana.send(b"JOIN|#open\n")  # a public room with someone on the other server becomes private
+    ana.expect("JOIN_OK|#open")
+    wait_until(lambda: "open" in b.registry.rooms)
+    eve.send(b"JOIN|#open\n")
+    eve.expect("JOIN_OK|#open")
+    wait_until(lambda: len(a.registry.rooms["open"].members) == 2)
+    ana.send(b"MODE|#open|+i\n")
+    assert ana.expect("ERR|").startswith("ERR|not-allowed|#open has members without a protected name")
+    eve.send(b"PART|#open\n")
+    eve.expect("PART_OK|#open")
+    wait_until(lambda: ana.send(b"MODE|#open|+i\n")
+               or ana.expect(("MODERATED|", "ERR|")).startswith("MODERATED"), interval=0.2)
 
 
 def test_direct_messages_both_ways_across_servers(node):

@@ -303,7 +303,7 @@ def test_odd_values_are_refused_in_one_line(moderated):
     ana.expect("JOIN_OK|#r")
     for line in ("MODE|#r|+b|spam3|0s", "MODE|#r|+b|spam3|١h", "MUTE|#r|carl|0m"):
         assert answer(ana, line).startswith("ERR|bad-argument|"), line
-    for reaction in ("\ufe0f", "\u0301" * 7, "\u200b"):
+    for reaction in ("\ufe0f", "\u0301" * 7, "\u200b", "\u3164", "\u2800", "👍\u200d", "👨\u200d\u200d👩"):
         ana.send(b"MSG|#r|vote\n")
         mid = chatctl.parse_event(ana.expect("MSG_OK|")).id
         assert answer(ana, f"REACT|{mid}|{reaction}").startswith("ERR|bad-argument|"), repr(reaction)
