@@ -4738,6 +4738,8 @@ class RedisBus(CommitLog):
                 self._commit(batch)
                 batch = []
             origin = fields.get(b"o", b"").decode()
+            if origin == self.server_id and b"e" in fields:
+                self.host.cluster_own_event(fields[b"e"].decode().split("|"), (mid, sub))
             if origin == self.server_id or (mid, sub) <= self._presence_from:
                 continue  # ours (applied when we made it), or in the snapshot we started from
             try:
@@ -7416,6 +7418,13 @@ class ClusterMirror:
         if handler is None:
             raise ValueError(f"unknown event {fields[0]!r}")
         handler(self, fields[1:], at)
+
+    def cluster_own_event(self, fields: list[str], at: tuple[int, int]) -> None:
+        """One of this server's own events, met in the log's order (it was applied when it was made):
+        a logout's place is noted here too, before any later event is read, as its maker notes it only
+        once Redis has answered, and another server's logout later in the log may be read first."""
+        if fields[0] == "o" and len(fields) > 2:
+            self.logged_out(fields[2], at)
 
     def _event_join(self, fields: list[str], at) -> None:
         """``j|key|name|token|server|since|owner|token it replaces``"""
