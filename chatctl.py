@@ -8075,13 +8075,15 @@ class Moderation:
         return told
 
     def enforce(self, room: Room, why: str) -> None:
-        """Put this server's connections out of ``room`` that its access no longer lets in."""
-        now = time.time()
-        access = room.access
-        out = {s.key: s for s in room.members if not isinstance(s, RemoteMember)
-               and not s.operator and not (s.owner and s.key == room.created_by)
-               and ((access.private and not (s.owner and s.key in access.members))
-                    or access.banned(s.name or "", now) is not None)}
+        """Put this server's connections out of ``room`` that its access no longer lets in (``admit``
+        would refuse them now)."""
+        out = {}
+        for s in room.members:
+            if not isinstance(s, RemoteMember):
+                try:
+                    self.admit(s, room)
+                except ProtocolError:
+                    out[s.key] = s
         for session in out.values():
             self.remove(session, room, why)
 
